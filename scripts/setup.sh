@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Set up everything flowscope's demo and test suite need, on Debian bookworm, as root.
+#
+# Idempotent: system packages are installed only when one is missing, and the Python
+# environment (.venv) is reinstalled only when pyproject.toml changed since the last run,
+# so scripts/test.sh and scripts/demo.sh can call this every time.
+#
+# It never leaves a daemon running: Debian's clickhouse-server, prometheus, nfdump,
+# pmacct and softflowd packages ship services that would take ports (9000, 9090, 2055,
+# ...). Tests start their own instances on ports they choose, so during installation a
+# policy-rc.d forbids service starts, and on a systemd host the services this run
+# installed are disabled.
+#
+# Environment: FLOWSCOPE_SETUP_FORCE=1 reinstalls the Python packages even if unchanged.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+EXTRAS="agent,operator,collector,test"
+START=$SECONDS
+
+# Debian packages used by the demo and the tests (real parts), one per purpose.
+APT_PACKAGES=(
+    python3 python3-venv python3-dev gcc   # the venv; gcc for any sdist with C code
+    ca-certificates curl git procps        # fetching, process tools (pgrep, sysctl)
+    iproute2 nftables conntrack            # network namespaces, conntrack in them
+    iputils-ping openssl                   # traffic in test namespaces; TLS material
+    tshark pmacct softflowd nfdump         # independent IPFIX peers
+    clickhouse-server clickhouse-client    # the ClickHouse sink against a real server
+    prometheus                             # scraping the /metrics endpoints
+    chromium fonts-liberation              # rendering the dashboards headless
+)
+# Packages whose services must not be left running (see the header).
+DAEMON_PACKAGES=(clickhouse-server prometheus nfdump pmacct softflowd)
+
+LOG="$(mktemp "${TMPDIR:-/tmp}/flowscope-setup.XXXXXX.log")"
+POLICY_RC=/usr/sbin/policy-rc.d
+OWN_POLICY_RC=0
+
+say() { printf 'setup: %s\n' "$*"; }
+die() {
+    printf 'setup: ERROR: %s\n' "$*" >&2
+    exit 1
+}
+cleanup() {
+    local rc=$?
+    if [[ $OWN_POLICY_RC == 1 ]]; then rm -f "$POLICY_RC"; fi
+    if [[ $rc != 0 ]]; then
+        if [[ -s $LOG ]]; then
+            printf 'setup: FAILED (exit %s); last lines of %s:\n' "$rc" "$LOG" >&2
+            tail -n 40 "$LOG" >&2
+        else
+            printf 'setup: FAILED (exit %s)\n' "$rc" >&2
+        fi
+    else
+        rm -f "$LOG"
+    fi
+}
+trap cleanup EXIT
+
+# run DESCRIPTION CMD...: run quietly into the log; on failure the trap shows the log.
+run() {
+    local what=$1
+    shift
+    printf '%s\n--- %s: %s\n' "" "$what" "$*" >>"$LOG"
+    if ! "$@" >>"$LOG" 2>&1; then
+        die "$what failed: $*"
+    fi
+}
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
+}
+
+# --- 1. system packages -----------------------------------------------------------
+wanted=("${APT_PACKAGES[@]}")
+# Debian's kubernetes-client and the google-cloud-cli kubectl both own /usr/bin/kubectl:
+# only install Debian's when no kubectl is there at all.
+if ! command -v kubectl >/dev/null 2>&1; then
+    wanted+=(kubernetes-client)
+fi
+
+missing=()
+if command -v dpkg-query >/dev/null 2>&1; then
+    for pkg in "${wanted[@]}"; do
+        is_installed "$pkg" || missing+=("$pkg")
+    done
+else
+    die "dpkg-query not found: this script sets up Debian bookworm (apt); install the packages listed in APT_PACKAGES of $0 by hand"
+fi
+
+if ((${#missing[@]} == 0)); then
+    say "[1/3] system packages: all ${#wanted[@]} present"
+else
+    [[ $EUID == 0 ]] || die "${#missing[@]} system packages missing (${missing[*]}); run as root so apt-get can install them"
+    say "[1/3] system packages: installing ${#missing[@]} (${missing[*]}) ..."
+    export DEBIAN_FRONTEND=noninteractive
+    # tshark asks whether non-root users may capture; answer it before it is asked.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+    if [[ ! -e $POLICY_RC ]]; then
+        printf '#!/bin/sh\n# flowscope setup.sh: no service starts while installing\nexit 101\n' >"$POLICY_RC"
+        chmod 755 "$POLICY_RC"
+        OWN_POLICY_RC=1
+    fi
+    run "apt-get update" apt-get update -q
+    run "apt-get install" apt-get install -y -q --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}"
+    if [[ $OWN_POLICY_RC == 1 ]]; then
+        rm -f "$POLICY_RC"
+        OWN_POLICY_RC=0
+    fi
+    # On a systemd host, services of packages installed just now would start at the next
+    # boot and hold their ports: disable those (only those: a daemon the operator of
+    # this machine installed before is theirs).
+    if [[ -d /run/systemd/system ]]; then
+        for pkg in "${DAEMON_PACKAGES[@]}"; do
+            [[ " ${missing[*]} " == *" $pkg "* ]] || continue
+            for unit in $(dpkg -L "$pkg" | sed -n 's#^/lib/systemd/system/\([^@]*\.service\)$#\1#p'); do
+                run "disable $unit" systemctl disable --now "$unit"
+            done
+        done
+    fi
+    say "      installed in $((SECONDS - START))s"
+fi
+
+for tool in python3 ip nft conntrack tshark nfacctd softflowd nfcapd nfdump \
+    clickhouse-server prometheus chromium kubectl curl git; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool is still not on PATH after installing packages"
+done
+for daemon in prometheus clickhouse-server nfcapd nfacctd softflowd; do
+    if pgrep -x "$daemon" >/dev/null 2>&1; then
+        say "      note: a $daemon process is running on this machine; the tests use their own ports"
+    fi
+done
+
+# --- 2. Python environment --------------------------------------------------------
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "python3 is $(python3 -V 2>&1); flowscope needs 3.11 or newer (Debian bookworm has 3.11)"
+
+if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    say "[2/3] python: creating $VENV"
+    rm -rf "$VENV"
+    run "python3 -m venv" python3 -m venv "$VENV"
+else
+    say "[2/3] python: $VENV exists"
+fi
+
+# --- 3. flowscope and its Python dependencies ----------------------------------------
+STAMP="$VENV/.flowscope-setup"
+want_stamp="$(cat "$REPO/pyproject.toml" <("$VENV/bin/python" -V 2>&1) | sha256sum | cut -d' ' -f1) $EXTRAS"
+if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]] &&
+    "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
+    say "[3/3] flowscope: installed, pyproject.toml unchanged"
+else
+    say "[3/3] flowscope: pip install -e '.[$EXTRAS]' (first run downloads ~600 MB) ..."
+    t=$SECONDS
+    rm -f "$STAMP"
+    run "pip install" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -e "$REPO[$EXTRAS]"
+    "$VENV/bin/flowscope" --help >/dev/null 2>>"$LOG" || die "flowscope was installed but 'flowscope --help' fails"
+    printf '%s\n' "$want_stamp" >"$STAMP"
+    say "      installed in $((SECONDS - t))s"
+fi
+
+say "ready in $((SECONDS - START))s ($VENV/bin/flowscope)"
