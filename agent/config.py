@@ -1,0 +1,246 @@
+"""The agent's configuration: one YAML file, parsed once, at start, into typed objects.
+
+docs/configuration.md (Agent section) is the contract with the operator, which renders
+this file into a ConfigMap; this module implements exactly those keys. Every value is
+checked here, so that the rest of the agent never sees a string where it expects a
+duration or an address: a bad value raises :class:`ConfigError` naming the key, the
+value and what is allowed, and the agent refuses to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from flowscope.durations import DurationError, parse_duration
+from flowscope.ipfix.address import Address, AddressError, parse_address
+
+__all__ = ["AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config"]
+
+DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
+TLS_DIR = "/etc/flowscope/tls"
+MetadataKind = Literal["kubernetes", "static", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration value the agent cannot run with; the message names key, value and fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    ca_file: str = f"{TLS_DIR}/ca.crt"
+    cert_file: str = f"{TLS_DIR}/tls.crt"
+    key_file: str = f"{TLS_DIR}/tls.key"
+    server_name: str | None = None  # None: the host of flowCollectorAddr
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataConfig:
+    source: MetadataKind = "none"
+    static_file: str | None = None
+    # Watch every Pod of the cluster (slimmed to IP, name, namespace, labels, ports) so that
+    # policy peers on other nodes can be matched by label; False keeps only this node's Pods.
+    watch_remote_pods: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    flow_collector: Address = field(default_factory=lambda: parse_address(DEFAULT_COLLECTOR))
+    poll_interval: float = 5.0
+    active_timeout: float = 60.0
+    idle_timeout: float = 15.0
+    node_name: str = ""
+    tls: TLSFiles = field(default_factory=TLSFiles)
+    conntrack_zones: tuple[int, ...] = ()  # empty: every zone
+    max_connections: int = 200_000
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", 9390)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    export_queue_size: int = 100_000
+
+    @property
+    def tls_server_name(self) -> str:
+        return self.tls.server_name or self.flow_collector.host
+
+
+_TOP_KEYS = {
+    "flowCollectorAddr", "flowPollInterval", "activeFlowExportTimeout", "idleFlowExportTimeout",
+    "nodeName", "tls", "conntrackZones", "maxConnections", "metricsAddress", "metadata",
+    "exportQueueSize",
+}
+_TLS_KEYS = {"caFile", "certFile", "keyFile", "serverName"}
+_META_KEYS = {"source", "staticFile", "watchRemotePods"}
+
+
+def _unknown(section: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+    extra = sorted(str(k) for k in section if k not in allowed)
+    if extra:
+        raise ConfigError(
+            f"{prefix}{extra[0]}: unknown key; allowed keys are {', '.join(sorted(allowed))}"
+        )
+
+
+def _duration(raw: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
+    if raw.get(key) is None:
+        return default
+    value = raw[key]
+    try:
+        seconds = parse_duration(value, field=key)
+    except DurationError as exc:
+        raise ConfigError(str(exc)) from None
+    if seconds < minimum:
+        raise ConfigError(f"{key}: {value!r} is below the {minimum:g}s minimum")
+    return seconds
+
+
+def _string(raw: Mapping[str, Any], key: str, default: str, prefix: str = "") -> str:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{prefix}{key}: {value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _int(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = raw.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value!r} must be a whole number from {lo} to {hi}")
+    return value
+
+
+def _listen_address(value: Any) -> tuple[str, int] | None:
+    key = "metricsAddress"
+    if value is None:
+        return ("0.0.0.0", 9390)
+    if value == "":
+        return None
+    hint = 'write it as HOST:PORT, e.g. "0.0.0.0:9390" or "[::]:9390", or "" to disable'
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port_s = text[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host not in ("", "localhost"):
+            raise ConfigError(f"{key}: host {host!r} in {value!r} must be an IP address; {hint}") from None
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"{key}: port {port_s!r} in {value!r} must be a number from 0 to 65535")
+    return (host or "0.0.0.0", int(port_s))
+
+
+def _default_node_name(env: Mapping[str, str]) -> str:
+    return env.get("NODE_NAME") or socket.gethostname()
+
+
+def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Turn the YAML document (already loaded) into an :class:`AgentConfig`.
+
+    ``env`` stands for the process environment (NODE_NAME, KUBERNETES_SERVICE_HOST).
+    """
+    env = os.environ if env is None else env
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"the agent configuration must be a YAML mapping of keys, not {type(raw).__name__}")
+    _unknown(raw, _TOP_KEYS, "")
+
+    addr_text = raw.get("flowCollectorAddr")
+    try:
+        collector = parse_address(
+            DEFAULT_COLLECTOR if addr_text in (None, "") else addr_text,
+            default_protocol="tls",
+            field="flowCollectorAddr",
+        )
+    except AddressError as exc:
+        raise ConfigError(str(exc)) from None
+
+    poll = _duration(raw, "flowPollInterval", 5.0, 1.0)
+    active = _duration(raw, "activeFlowExportTimeout", 60.0, 1.0)
+    idle = _duration(raw, "idleFlowExportTimeout", 15.0, 1.0)
+
+    node_name = _string(raw, "nodeName", "") or _default_node_name(env)
+
+    tls_raw = raw.get("tls") or {}
+    if not isinstance(tls_raw, Mapping):
+        raise ConfigError(f"tls: {tls_raw!r} must be a mapping with caFile, certFile, keyFile, serverName")
+    _unknown(tls_raw, _TLS_KEYS, "tls.")
+    tls = TLSFiles(
+        ca_file=_string(tls_raw, "caFile", f"{TLS_DIR}/ca.crt", "tls."),
+        cert_file=_string(tls_raw, "certFile", f"{TLS_DIR}/tls.crt", "tls."),
+        key_file=_string(tls_raw, "keyFile", f"{TLS_DIR}/tls.key", "tls."),
+        server_name=tls_raw.get("serverName") and _string(tls_raw, "serverName", "", "tls."),
+    )
+
+    zones_raw = raw.get("conntrackZones") or []
+    if not isinstance(zones_raw, list):
+        raise ConfigError(f"conntrackZones: {zones_raw!r} must be a list of zone numbers (0-65535); [] reads all zones")
+    for z in zones_raw:
+        if isinstance(z, bool) or not isinstance(z, int) or not 0 <= z <= 65535:
+            raise ConfigError(f"conntrackZones: {z!r} is not a zone number; zones are whole numbers from 0 to 65535")
+    zones = tuple(sorted(set(zones_raw)))
+
+    max_conns = _int(raw, "maxConnections", 200_000, 1, 50_000_000)
+    queue_size = _int(raw, "exportQueueSize", 100_000, 1, 50_000_000)
+    metrics = _listen_address(raw.get("metricsAddress"))
+
+    meta_raw = raw.get("metadata") or {}
+    if not isinstance(meta_raw, Mapping):
+        raise ConfigError(f"metadata: {meta_raw!r} must be a mapping with source and staticFile")
+    _unknown(meta_raw, _META_KEYS, "metadata.")
+    default_source: MetadataKind = "kubernetes" if env.get("KUBERNETES_SERVICE_HOST") else "none"
+    source = meta_raw.get("source") or default_source
+    if source not in ("kubernetes", "static", "none"):
+        raise ConfigError(f"metadata.source: {source!r} is not one of kubernetes, static, none")
+    static_file = meta_raw.get("staticFile")
+    if source == "static":
+        if not isinstance(static_file, str) or not static_file.strip():
+            raise ConfigError(
+                f"metadata.staticFile: {static_file!r} must name the inventory YAML file when metadata.source is static"
+            )
+    elif static_file is not None and not isinstance(static_file, str):
+        raise ConfigError(f"metadata.staticFile: {static_file!r} must be a file path")
+    watch_remote = meta_raw.get("watchRemotePods", True)
+    if not isinstance(watch_remote, bool):
+        raise ConfigError(f"metadata.watchRemotePods: {watch_remote!r} must be true or false")
+
+    return AgentConfig(
+        flow_collector=collector,
+        poll_interval=poll,
+        active_timeout=active,
+        idle_timeout=idle,
+        node_name=node_name,
+        tls=tls,
+        conntrack_zones=zones,
+        max_connections=max_conns,
+        metrics_address=metrics,
+        metadata=MetadataConfig(source=source, static_file=static_file, watch_remote_pods=watch_remote),
+        export_queue_size=queue_size,
+    )
+
+
+def load_config(path: str, *, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read and parse the YAML file at ``path``; unreadable or invalid YAML is a ConfigError too."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {path!r} is not valid YAML: {exc}") from None
+    return parse_config(raw, env=env)
