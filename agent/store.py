@@ -1,0 +1,276 @@
+"""The connection store: which connections to export, when, and with which counters.
+
+Theory of operation
+-------------------
+Each poll hands :meth:`ConnectionStore.update` the entries of one conntrack dump. The
+store keeps one :class:`Connection` per conntrack entry (keyed by zone and original
+tuple) and a priority queue of deadlines; nothing here reads a clock or a socket: the
+caller passes ``now`` (seconds since the epoch) to every call, so tests drive time.
+
+A connection's deadline is the earlier of
+- its *active* deadline, ``last_export + activeFlowExportTimeout``: a connection whose
+  counters moved since its last export is exported with flowEndReason 2 (active timeout);
+- its *idle* deadline, ``last_activity + idleFlowExportTimeout``: a connection without
+  new packets for that long is exported once with flowEndReason 1 (idle timeout) and
+  then waits, out of the queue, until it moves again or ends.
+
+:meth:`expire` pops only the deadlines that are due, so a poll costs one dictionary
+pass over the dump plus work proportional to the exports, not to the table. The queue
+is lazy: a deadline that moved is re-pushed when popped, stale items are skipped.
+
+A connection *ends* when it leaves the table, is dying, or is a TCP connection in
+TIME_WAIT or CLOSE: it gets a final export with flowEndReason 3 (end of flow). An
+ended connection still in the table stays as a tombstone (no more exports) until the
+kernel forgets it, so that a TIME_WAIT entry is not mistaken for a new connection.
+When conntrack reuses a tuple for a new connection (another conntrack id or start
+time), the old one gets its final export and the new one starts from zero. On shutdown
+:meth:`flush` exports every live connection with flowEndReason 4 (forced end).
+
+Delta counters are the conntrack totals minus the totals at the last export; they are
+never negative: totals that went down mean a new connection, whose delta is its total.
+
+The store holds at most ``max_connections``. Entries beyond the cap are not held; each
+one is counted once in :attr:`dropped_total` (the previous poll's overflow keys are kept
+to tell a new overflow from one counted already), so nothing is lost silently and
+memory stays bounded by the cap plus one dump.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+from flowscope.agent.conntrack import ConnKey, ConntrackEntry
+
+__all__ = ["ConnectionStore", "FlowExport", "FlowEndReason", "Connection"]
+
+
+class FlowEndReason(IntEnum):
+    """RFC 5102 flowEndReason values."""
+
+    IDLE_TIMEOUT = 1
+    ACTIVE_TIMEOUT = 2
+    END_OF_FLOW = 3
+    FORCED_END = 4
+    LACK_OF_RESOURCES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class FlowExport:
+    """One record to export: the connection as last seen, the reason, the deltas."""
+
+    entry: ConntrackEntry
+    reason: FlowEndReason
+    packet_delta: int
+    octet_delta: int
+    reverse_packet_delta: int
+    reverse_octet_delta: int
+    start_time: float  # epoch seconds
+    end_time: float  # epoch seconds
+    denied: bool = False
+
+
+class Connection:
+    """The store's mutable state for one conntrack entry."""
+
+    __slots__ = (
+        "entry", "first_seen", "last_activity", "last_export", "exported",
+        "idle_exported", "ended", "denied", "queued_at",
+    )
+
+    def __init__(self, entry: ConntrackEntry, now: float) -> None:
+        self.entry = entry
+        self.first_seen = now
+        self.last_activity = now
+        self.last_export = now
+        self.exported = (0, 0, 0, 0)  # totals at the last export
+        self.idle_exported = False
+        self.ended = False
+        self.denied = False
+        self.queued_at: float | None = None  # the deadline this connection is queued with
+
+
+def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
+    if old.ct_id and new.ct_id and old.ct_id != new.ct_id:
+        return False
+    if old.start_ns and new.start_ns and old.start_ns != new.start_ns:
+        return False
+    return not (
+        new.orig_packets < old.orig_packets
+        or new.orig_bytes < old.orig_bytes
+        or new.reply_packets < old.reply_packets
+        or new.reply_bytes < old.reply_bytes
+    )
+
+
+class ConnectionStore:
+    """Connections of the conntrack table and their export schedule (see the module docstring).
+
+    ``is_denied(entry)`` is asked about each new connection that has seen no reply; when
+    it answers True the connection is exported once at once (flowEndReason 3, marked
+    denied) and not again.
+    """
+
+    def __init__(
+        self,
+        *,
+        active_timeout: float,
+        idle_timeout: float,
+        max_connections: int,
+        is_denied: Callable[[ConntrackEntry], bool] | None = None,
+    ) -> None:
+        if active_timeout <= 0 or idle_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        self.active_timeout = active_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.is_denied = is_denied
+        self._conns: dict[ConnKey, Connection] = {}
+        self._heap: list[tuple[float, int, Connection]] = []
+        self._seq = itertools.count()
+        self._overflow: set[ConnKey] = set()
+        self.dropped_total = 0
+        self.denied_total = 0
+        self.overflow_now = 0  # entries of the last dump not held because of the cap
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def get(self, key: ConnKey) -> Connection | None:
+        return self._conns.get(key)
+
+    # --- scheduling -------------------------------------------------------------------
+    def _deadline(self, c: Connection) -> float | None:
+        if c.ended:
+            return None
+        idle_at = c.last_activity + self.idle_timeout
+        if c.idle_exported:
+            return None
+        return min(c.last_export + self.active_timeout, idle_at)
+
+    def _schedule(self, c: Connection) -> None:
+        at = self._deadline(c)
+        if at is None or c.queued_at == at:
+            return
+        if c.queued_at is not None and c.queued_at < at:
+            return  # the earlier queue item will re-schedule when it pops
+        c.queued_at = at
+        heapq.heappush(self._heap, (at, next(self._seq), c))
+
+    def _export(self, c: Connection, reason: FlowEndReason, now: float, *, end_time: float | None = None) -> FlowExport:
+        e = c.entry
+        totals = (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes)
+        last = c.exported
+        deltas = [t - p if t >= p else t for t, p in zip(totals, last)]
+        c.exported = totals
+        c.last_export = now
+        start = e.start_ns / 1e9 if e.start_ns else c.first_seen
+        if end_time is None:
+            end_time = e.stop_ns / 1e9 if (e.stop_ns and reason == FlowEndReason.END_OF_FLOW) else now
+        return FlowExport(e, reason, deltas[0], deltas[1], deltas[2], deltas[3], start, max(start, end_time), c.denied)
+
+    # --- the three entry points -------------------------------------------------------
+    def update(self, entries: Iterable[ConntrackEntry], now: float) -> list[FlowExport]:
+        """Merge one dump; returns the exports it causes (ends, reuses, denials)."""
+        current = {e.key: e for e in entries}
+        conns = self._conns
+        out: list[FlowExport] = []
+        for key in conns.keys() - current.keys():
+            c = conns.pop(key)
+            c.queued_at = None
+            if not c.ended:
+                c.ended = True
+                out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+        overflow: set[ConnKey] = set()
+        cap = self.max_connections
+        prev_overflow = self._overflow
+        for key, e in current.items():
+            c = conns.get(key)
+            if c is not None:
+                old = c.entry
+                if old is e or old == e:
+                    continue
+                if not _same_connection(old, e):
+                    if not c.ended:
+                        out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+                    c.ended = True
+                    del conns[key]
+                    c = None
+                else:
+                    if c.ended:
+                        c.entry = e
+                        continue
+                    if (
+                        e.orig_packets != old.orig_packets
+                        or e.reply_packets != old.reply_packets
+                        or e.orig_bytes != old.orig_bytes
+                        or e.reply_bytes != old.reply_bytes
+                    ):
+                        c.last_activity = now
+                        c.idle_exported = False
+                    c.entry = e
+                    if e.ended:
+                        c.ended = True
+                        out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+                    else:
+                        self._schedule(c)
+                    continue
+            # a connection the store does not hold yet
+            if len(conns) >= cap:
+                overflow.add(key)
+                if key not in prev_overflow:
+                    self.dropped_total += 1
+                continue
+            c = Connection(e, now)
+            conns[key] = c
+            if e.ended:
+                c.ended = True
+                out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+            elif not e.replied and self.is_denied is not None and self.is_denied(e):
+                c.denied = True
+                c.ended = True
+                self.denied_total += 1
+                out.append(self._export(c, FlowEndReason.END_OF_FLOW, now, end_time=now))
+            else:
+                self._schedule(c)
+        self._overflow = overflow
+        self.overflow_now = len(overflow)
+        return out
+
+    def expire(self, now: float) -> list[FlowExport]:
+        """Exports whose active or idle deadline is due at ``now``."""
+        heap = self._heap
+        out: list[FlowExport] = []
+        while heap and heap[0][0] <= now:
+            at, _, c = heapq.heappop(heap)
+            if c.queued_at != at or c.ended:
+                continue  # stale: re-queued later, or ended meanwhile
+            c.queued_at = None
+            if c.idle_exported:
+                continue
+            if c.last_activity + self.idle_timeout <= now:
+                out.append(self._export(c, FlowEndReason.IDLE_TIMEOUT, now))
+                c.idle_exported = True
+                continue
+            if c.last_export + self.active_timeout <= now:
+                e = c.entry
+                if (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes) != c.exported:
+                    out.append(self._export(c, FlowEndReason.ACTIVE_TIMEOUT, now))
+                else:
+                    c.last_export = now  # nothing new: wait for the idle deadline
+            self._schedule(c)
+        return out
+
+    def flush(self, now: float) -> list[FlowExport]:
+        """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
+        out = [self._export(c, FlowEndReason.FORCED_END, now) for c in self._conns.values() if not c.ended]
+        self._conns.clear()
+        self._heap.clear()
+        self._overflow.clear()
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._heap[0][0] if self._heap else None

@@ -1,0 +1,44 @@
+"""Conntrack entries for the agent's unit tests, built without a kernel."""
+
+from __future__ import annotations
+
+import socket
+
+from flowscope.agent.conntrack import IPS_SEEN_REPLY, ConnKey, ConntrackEntry
+
+
+def ip(text: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+
+
+def entry(
+    src: str = "10.244.0.11",
+    dst: str = "10.244.0.12",
+    sport: int = 40000,
+    dport: int = 80,
+    *,
+    proto: int = 6,
+    reply_src: str | None = None,
+    reply_sport: int | None = None,
+    packets: int = 0,
+    octets: int = 0,
+    rpackets: int = 0,
+    roctets: int = 0,
+    status: int = IPS_SEEN_REPLY,
+    tcp_state: int | None = None,
+    ct_id: int = 1,
+    start_ns: int = 1_700_000_000_000_000_000,
+    stop_ns: int = 0,
+    zone: int = 0,
+    mark: int = 0,
+) -> ConntrackEntry:
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+    if tcp_state is None:
+        tcp_state = 3 if proto == 6 else -1
+    rs = reply_src or dst
+    rsp = reply_sport if reply_sport is not None else dport
+    key = ConnKey(zone, proto, ip(src), ip(dst), sport, dport, 0)
+    return ConntrackEntry(
+        key, family, proto, ip(src), ip(dst), sport, dport, ip(rs), ip(src), rsp, sport, zone,
+        packets, octets, rpackets, roctets, start_ns, stop_ns, status, tcp_state, mark, b"", ct_id, 0, 0, 0,
+    )
