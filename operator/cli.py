@@ -1,0 +1,142 @@
+"""``flowscope operator`` (kopf under the hood) and ``flowscope render`` (offline manifests).
+
+kopf, the kubernetes client and cryptography are imported inside the command functions,
+so that ``flowscope --help`` stays fast and the data-plane commands never load them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowscope import __version__
+
+DEFAULT_IMAGE = os.environ.get("FLOWSCOPE_IMAGE") or f"ghcr.io/flowscope/flowscope:{__version__}"
+
+
+def register(subparsers: Any) -> None:
+    op = subparsers.add_parser(
+        "operator", help="run the operator (kopf) reconciling FlowAggregator and FlowExporterConfig",
+        description="Reconcile flowscope's custom resources into agents and aggregators.",
+    )
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true", default=True,
+                       help="watch every namespace (the default)")
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", metavar="NS",
+                       help="watch only this namespace (repeatable)")
+    op.add_argument("--image", default=DEFAULT_IMAGE,
+                    help="image for agents and aggregators whose CR names none (env FLOWSCOPE_IMAGE)")
+    op.add_argument("--resync", default="60s", help="period of the per-resource resync (Go duration, >= 1s)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint ('' disables)")
+    op.add_argument("--context", help="kubeconfig context (outside a cluster)")
+    op.add_argument("--verbose", action="store_true")
+    op.set_defaults(func=run_operator)
+
+    render = subparsers.add_parser(
+        "render", help="print the manifests the operator would create for custom resources, without a cluster",
+        description="Render FlowAggregator / FlowExporterConfig files into Kubernetes manifests (GitOps, reviews).",
+    )
+    render.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                        help="a YAML file or directory of them, '-' for stdin (repeatable)")
+    render.add_argument("--no-secrets", action="store_true",
+                        help="leave Secrets (TLS material) out; the output is then deterministic")
+    render.add_argument("--image", default=DEFAULT_IMAGE, help="image for CRs that name none")
+    render.add_argument("-n", "--namespace", default="default", help="namespace of CRs that name none")
+    render.set_defaults(func=run_render)
+
+
+def _read_documents(names: list[str]) -> list[dict[str, Any]]:
+    import yaml
+
+    texts: list[tuple[str, str]] = []
+    for name in names:
+        if name == "-":
+            texts.append(("<stdin>", sys.stdin.read()))
+            continue
+        path = Path(name)
+        if path.is_dir():
+            texts += [(str(p), p.read_text()) for p in sorted(path.iterdir()) if p.suffix in (".yaml", ".yml", ".json")]
+        elif path.is_file():
+            texts.append((name, path.read_text()))
+        else:
+            raise SystemExit(f"flowscope render: -f {name}: no such file or directory")
+    docs = []
+    for origin, text in texts:
+        try:
+            for doc in yaml.safe_load_all(text):
+                if doc is None:
+                    continue
+                if not isinstance(doc, dict):
+                    raise SystemExit(f"flowscope render: {origin}: a document is not a mapping: {doc!r:.80}")
+                if doc.get("kind") == "List":
+                    docs += [d for d in doc.get("items") or [] if isinstance(d, dict)]
+                else:
+                    docs.append(doc)
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"flowscope render: {origin}: not valid YAML: {exc}") from None
+    return docs
+
+
+def run_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from flowscope.operator.render import render_documents
+    from flowscope.operator.spec import SpecError
+
+    docs = _read_documents(args.filename)
+    try:
+        objects = render_documents(docs, image=args.image, secrets=not args.no_secrets,
+                                   default_namespace=args.namespace)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(f"flowscope render: {problem}", file=sys.stderr)
+        return 1
+    sys.stdout.write(yaml.dump_all(objects, Dumper=_BlockDumper(yaml), sort_keys=False, default_flow_style=False))
+    return 0
+
+
+def _BlockDumper(yaml: Any) -> Any:
+    """A SafeDumper writing multi-line strings (config files, PEM) as readable ``|`` blocks."""
+
+    class Dumper(yaml.SafeDumper):  # type: ignore[name-defined,misc]
+        pass
+
+    def text(dumper: Any, value: str) -> Any:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    return Dumper
+
+
+def run_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import kopf
+
+    from flowscope.durations import DurationError, parse_duration
+    from flowscope.operator.handlers import build_registry
+    from flowscope.operator.kube import Connection
+
+    try:
+        resync = parse_duration(args.resync, field="--resync")
+    except DurationError as exc:
+        raise SystemExit(f"flowscope operator: {exc}") from None
+    if resync < 1:
+        raise SystemExit(f"flowscope operator: --resync: {args.resync!r} is below the 1s minimum")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    connection = Connection.detect(args.context)
+    registry = build_registry(connection, image=args.image, resync=resync)
+    settings = kopf.OperatorSettings()
+    settings.posting.level = logging.WARNING
+    asyncio.run(kopf.operator(
+        registry=registry, settings=settings, standalone=True,
+        clusterwide=not args.namespaces, namespaces=args.namespaces or (),
+        liveness_endpoint=args.liveness or None,
+    ))
+    return 0

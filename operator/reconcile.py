@@ -1,0 +1,270 @@
+"""Reconcile: fetch what is, build what should be, write only the difference.
+
+Theory of operation. A reconcile of a FlowAggregator or a FlowExporterConfig is
+level-triggered and idempotent, so kopf may call it for any reason (an event on the
+resource or on a child, a periodic resync, an operator restart):
+
+1. Parse and validate the whole spec (spec.py). Any problem, a reference to a missing
+   FlowAggregator, or a transport that disagrees with it ends the reconcile *before any
+   write*: the status gets ``Ready=False`` with a reason and a message saying what to
+   change, and what was applied before keeps running (never a half-applied state).
+2. TLS (FlowAggregator, transport tls): read the three Secrets and keep their material
+   unless missing, wrong or due for rotation (tls.ensure with the injected clock).
+3. Build the desired objects with the pure builders (manifests.py).
+4. For each object: create it when absent; when present, compare the desired fields with
+   the live object (``contains``: only fields we set count, so server-filled defaults do
+   not); merge-patch only when they differ. Someone's edit of a field we own (drift) is
+   therefore undone on the next reconcile, and a reconcile with nothing changed writes
+   nothing at all.
+5. Status: ``observedGeneration``, ``Ready`` (with reason/message) and a few facts,
+   patched through the status subresource only when it changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flowscope.operator import manifests, tls
+from flowscope.operator.kube import ApiError, KubeApi
+from flowscope.operator.manifests import AgentTLS, Owner
+from flowscope.operator.spec import (
+    API_VERSION, FlowAggregatorSpec, SpecError, parse_flow_aggregator, parse_flow_exporter_config,
+)
+
+__all__ = ["Reconciler", "Outcome", "contains", "condition"]
+
+log = logging.getLogger("flowscope.operator")
+Clock = Callable[[], dt.datetime]
+
+
+def contains(live: Any, desired: Any) -> bool:
+    """Does ``live`` already hold every field of ``desired``? Lists must match item by item."""
+    if isinstance(desired, Mapping):
+        if not isinstance(live, Mapping):
+            return False
+        return all(k in live and contains(live[k], v) for k, v in desired.items() if v is not None) and all(
+            k not in live or live[k] is None for k, v in desired.items() if v is None
+        )
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(
+            contains(a, b) for a, b in zip(live, desired)
+        )
+    if isinstance(desired, (int, float)) and isinstance(live, str) or isinstance(desired, str) and isinstance(
+        live, (int, float)
+    ):
+        return str(live) == str(desired)
+    return bool(live == desired)
+
+
+def condition(type_: str, ok: bool, reason: str, message: str, generation: int | None,
+              now: dt.datetime, previous: list[Mapping[str, Any]] | None) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    since = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    for old in previous or []:
+        if old.get("type") == type_ and old.get("status") == status and old.get("lastTransitionTime"):
+            since = old["lastTransitionTime"]
+    cond = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ready: bool
+    reason: str
+    message: str
+    writes: int  # objects created or patched (the status patch not counted)
+
+
+def _b64d(data: Mapping[str, Any] | None, key: str) -> bytes | None:
+    value = (data or {}).get(key)
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value)
+    except ValueError:
+        return None
+
+
+class Reconciler:
+    """Reconciles both custom resources through a KubeApi; the clock is injected."""
+
+    def __init__(self, api: KubeApi, *, image: str, clock: Clock | None = None):
+        self.api = api
+        self.image = image
+        self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+
+    # -- shared ---------------------------------------------------------------------------
+    async def apply(self, desired: Mapping[str, Any]) -> str:
+        meta = desired["metadata"]
+        key = (desired["apiVersion"], desired["kind"], meta.get("namespace"), meta["name"])
+        live = await self.api.get(*key)
+        if live is None:
+            try:
+                await self.api.create(desired)
+                return "created"
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+                live = await self.api.get(*key)  # created concurrently: fall through to compare
+                if live is None:
+                    raise
+        if contains(live, desired):
+            return "unchanged"
+        await self.api.patch(*key, desired)
+        return "updated"
+
+    async def _apply_all(self, objects: list[dict[str, Any]]) -> int:
+        writes = 0
+        for obj in objects:
+            result = await self.apply(obj)
+            if result != "unchanged":
+                writes += 1
+                log.info("%s %s %s/%s", result, obj["kind"], obj["metadata"].get("namespace", ""),
+                         obj["metadata"]["name"])
+        return writes
+
+    async def _set_status(self, body: Mapping[str, Any], ready: bool, reason: str, message: str,
+                          extra: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        old = body.get("status") or {}
+        generation = meta.get("generation")
+        cond = condition("Ready", ready, reason, message, generation, self.clock(), old.get("conditions"))
+        status: dict[str, Any] = {"conditions": [cond], **extra}
+        if generation is not None:
+            status["observedGeneration"] = generation
+        if contains(old, status) and len(old.get("conditions") or []) == 1:
+            return
+        await self.api.patch(API_VERSION, body["kind"], meta.get("namespace"), meta["name"],
+                             {"status": status}, subresource="status")
+
+    async def _fail(self, body: Mapping[str, Any], reason: str, message: str, extra: Mapping[str, Any] | None = None
+                    ) -> Outcome:
+        log.warning("%s %s/%s not ready: %s: %s", body.get("kind"), body["metadata"].get("namespace"),
+                    body["metadata"].get("name"), reason, message)
+        await self._set_status(body, False, reason, message, extra or {})
+        return Outcome(False, reason, message, 0)
+
+    @staticmethod
+    def _owner(body: Mapping[str, Any]) -> Owner | None:
+        meta = body.get("metadata") or {}
+        return Owner(body["kind"], meta["name"], meta["uid"]) if meta.get("uid") else None
+
+    # -- FlowAggregator -------------------------------------------------------------------
+    async def tls_material(self, spec: FlowAggregatorSpec) -> tls.TLSMaterial:
+        async def pair(secret: str) -> tls.KeyPair | None:
+            obj = await self.api.get("v1", "Secret", spec.namespace, f"{spec.name}-{secret}")
+            data = (obj or {}).get("data")
+            return tls.load(_b64d(data, "tls.crt"), _b64d(data, "tls.key"))
+
+        stored = {"ca": await pair("ca"), "server": await pair("server-tls"), "client": await pair("client-tls")}
+        names = tuple(dict.fromkeys((*spec.service_dns_names, spec.flow_aggregator_address)))
+        return tls.ensure(
+            stored, now=self.clock(), server_names=names, lifetime=spec.certificates.lifetime,
+            ca_lifetime=spec.certificates.ca_lifetime, margin=spec.certificates.rotation_margin,
+            ca_name=f"flowscope-ca {spec.namespace}/{spec.name}",
+        )
+
+    async def aggregator(self, body: Mapping[str, Any]) -> Outcome:
+        try:
+            spec = parse_flow_aggregator(body)
+        except SpecError as exc:
+            return await self._fail(body, "InvalidSpec", str(exc))
+        material = await self.tls_material(spec) if spec.transport == "tls" else None
+        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=self._owner(body))
+        try:
+            writes = await self._apply_all(objects)
+        except ApiError as exc:
+            if exc.retryable:
+                raise
+            return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
+        extra: dict[str, Any] = {"collectorAddress": spec.collector_address}
+        if material is not None:
+            extra["serverCertificateNotAfter"] = material.server.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        deployment = await self.api.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
+        available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
+        if available < spec.replicas:
+            message = (f"applied; waiting for Deployment {spec.namespace}/{spec.name}: "
+                       f"{available} of {spec.replicas} replicas available")
+            await self._set_status(body, False, "Deploying", message, extra)
+            return Outcome(False, "Deploying", message, writes)
+        message = f"aggregator listening on {spec.collector_address}"
+        await self._set_status(body, True, "Running", message, extra)
+        return Outcome(True, "Running", message, writes)
+
+    # -- FlowExporterConfig ---------------------------------------------------------------
+    async def exporter(self, body: Mapping[str, Any]) -> Outcome:
+        try:
+            spec = parse_flow_exporter_config(body)
+        except SpecError as exc:
+            return await self._fail(body, "InvalidSpec", str(exc))
+        aggregator: FlowAggregatorSpec | None = None
+        agent_tls: AgentTLS | None = None
+        if spec.aggregator_ref is not None:
+            ref = spec.aggregator_ref
+            fa_body = await self.api.get(API_VERSION, "FlowAggregator", ref.namespace, ref.name)
+            if fa_body is not None:
+                try:
+                    aggregator = parse_flow_aggregator(fa_body)
+                except SpecError as exc:
+                    return await self._fail(
+                        body, "AggregatorInvalid",
+                        f"FlowAggregator {ref.namespace}/{ref.name} has an invalid spec; fix it first: {exc}")
+        try:
+            collector, server_name = manifests.resolve_collector(spec, aggregator)
+        except SpecError as exc:
+            reason = "AggregatorNotFound" if aggregator is None else "TransportMismatch"
+            return await self._fail(body, reason, str(exc))
+        if aggregator is not None and aggregator.transport == "tls":
+            secret = await self.api.get("v1", "Secret", aggregator.namespace, f"{aggregator.name}-client-tls")
+            data = (secret or {}).get("data")
+            client = tls.load(_b64d(data, "tls.crt"), _b64d(data, "tls.key"))
+            ca_pem = _b64d(data, "ca.crt")
+            if client is None or ca_pem is None:
+                return await self._fail(
+                    body, "WaitingForAggregator",
+                    f"FlowAggregator {aggregator.namespace}/{aggregator.name} has not issued the agents' client "
+                    "certificate yet; it will be picked up on the next reconcile")
+            agent_tls = AgentTLS(ca_pem, client)
+        if collector.protocol == "tls" and agent_tls is None and spec.tls_secret:
+            user_secret = await self.api.get("v1", "Secret", spec.namespace, spec.tls_secret)
+            missing = [k for k in ("ca.crt", "tls.crt", "tls.key") if not (user_secret or {}).get("data", {}).get(k)]
+            if missing:
+                return await self._fail(
+                    body, "TLSSecretInvalid",
+                    f"spec.tlsSecretName: Secret {spec.namespace}/{spec.tls_secret} "
+                    f"{'does not exist' if user_secret is None else 'lacks ' + ', '.join(missing)}; "
+                    "it must hold ca.crt, tls.crt and tls.key")
+        objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
+                                        tls=agent_tls, owner=self._owner(body))
+        try:
+            writes = await self._apply_all(objects)
+        except ApiError as exc:
+            if exc.retryable:
+                raise
+            return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
+        extra = {"collectorAddress": str(collector)}
+        ds = await self.api.get("apps/v1", "DaemonSet", spec.namespace, spec.name) or {}
+        st = ds.get("status") or {}
+        desired_n, ready_n = int(st.get("desiredNumberScheduled") or 0), int(st.get("numberReady") or 0)
+        if desired_n == 0 or ready_n < desired_n:
+            message = (f"applied; waiting for DaemonSet {spec.namespace}/{spec.name}: {ready_n} of {desired_n} "
+                       "agents ready" + (" (no node matches spec.nodeSelector yet)" if desired_n == 0 else ""))
+            await self._set_status(body, False, "Deploying", message, extra)
+            return Outcome(False, "Deploying", message, writes)
+        message = f"{ready_n} agents exporting to {collector}"
+        await self._set_status(body, True, "Running", message, extra)
+        return Outcome(True, "Running", message, writes)
+
+    async def exporter_cleanup(self, body: Mapping[str, Any]) -> None:
+        """Delete the cluster-scoped objects (owner references cannot cover them)."""
+        meta = body["metadata"]
+        name = f"flowscope-agent-{meta.get('namespace') or 'default'}-{meta['name']}"
+        for kind in ("ClusterRoleBinding", "ClusterRole"):
+            await self.api.delete("rbac.authorization.k8s.io/v1", kind, None, name)

@@ -1,0 +1,455 @@
+"""The two custom resources, parsed once into typed, validated specs.
+
+The CRD schemas (crds/) reject most bad input at the apiserver, but the operator cannot
+rely on that: ``flowscope render`` runs without an apiserver, a CRD may be older than the
+operator, and some rules (the 1s minimum of a duration, the address syntax, the
+transport agreement between agents and aggregator) are only partly expressible in
+OpenAPI. So every spec goes through this module before anything is rendered. Parsing
+collects *all* problems of a spec, each naming the field, the bad value and what is
+allowed, and raises one ``SpecError``; the reconciler turns that into a ``Ready=False``
+condition instead of applying half of a configuration.
+
+Defaults live here as constants; a test checks that the CRD schemas carry the same ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flowscope.durations import DurationError, parse_duration
+from flowscope.ipfix.address import Address, AddressError, parse_address
+
+__all__ = [
+    "GROUP", "VERSION", "API_VERSION", "SpecError", "ClickHouseSink", "FlowLogSink", "Certificates",
+    "FlowAggregatorSpec", "FlowExporterConfigSpec", "AggregatorRef",
+    "parse_flow_aggregator", "parse_flow_exporter_config", "DEFAULTS",
+]
+
+GROUP = "flowscope.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Transport = Literal["tls", "tcp", "udp"]
+TRANSPORTS: tuple[Transport, ...] = ("tls", "tcp", "udp")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+# The design's defaults (network-flow-visibility.txt) plus flowscope's own.
+DEFAULTS: dict[str, Any] = {
+    "transport": "tls",
+    "port": 4739,
+    "replicas": 1,
+    "flowExportInterval": "60s",
+    "correlationTimeout": "30s",
+    "inactiveFlowTimeout": "90s",
+    "externalFlowCollectorAddr": "",
+    "maxFlows": 500000,
+    "flowPollInterval": "5s",
+    "activeFlowExportTimeout": "60s",
+    "idleFlowExportTimeout": "15s",
+    "maxConnections": 200000,
+    "imagePullPolicy": "IfNotPresent",
+    "certificates.lifetime": "8760h",
+    "certificates.caLifetime": "87600h",
+    "certificates.rotationMargin": "720h",
+    "flowLog.path": "/var/log/flowscope/flows.jsonl",
+    "flowLog.maxSizeMB": 100,
+    "flowLog.maxBackups": 3,
+    "clickhouse.address": "tcp://clickhouse:9000",
+    "clickhouse.database": "flowscope",
+    "clickhouse.table": "flows",
+    "clickhouse.commitInterval": "8s",
+}
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
+
+
+class SpecError(ValueError):
+    """One or more problems of a custom resource's spec, each a line a human can act on."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Certificates:
+    lifetime: float
+    ca_lifetime: float
+    rotation_margin: float
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLogSink:
+    enabled: bool
+    path: str
+    max_size_mb: int
+    max_backups: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClickHouseSink:
+    enabled: bool
+    address: str
+    database: str
+    table: str
+    commit_interval: str
+    credentials_secret: str | None
+    username_key: str
+    password_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowAggregatorSpec:
+    """A FlowAggregator, validated and with every default filled in."""
+
+    name: str
+    namespace: str
+    image: str | None
+    image_pull_policy: str
+    replicas: int
+    transport: Transport
+    port: int
+    flow_aggregator_address: str
+    external_flow_collector_addr: str
+    flow_export_interval: str
+    correlation_timeout: str
+    inactive_flow_timeout: str
+    max_flows: int
+    ipfix_sink: bool
+    flow_log: FlowLogSink
+    clickhouse: ClickHouseSink
+    certificates: Certificates
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def service_dns_names(self) -> tuple[str, ...]:
+        """Every name a Pod may use to reach the Service (the server certificate's SANs)."""
+        n, ns = self.name, self.namespace
+        return (n, f"{n}.{ns}", f"{n}.{ns}.svc", f"{n}.{ns}.svc.cluster.local")
+
+    @property
+    def collector_address(self) -> str:
+        """The ``flowCollectorAddr`` agents use to reach this aggregator."""
+        return str(Address(self.flow_aggregator_address, self.port, self.transport))
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorRef:
+    name: str
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class FlowExporterConfigSpec:
+    """A FlowExporterConfig, validated; the collector is either a reference or an address."""
+
+    name: str
+    namespace: str
+    image: str | None
+    image_pull_policy: str
+    node_selector: Mapping[str, str]
+    tolerations: tuple[Mapping[str, Any], ...]
+    flow_poll_interval: str
+    active_flow_export_timeout: str
+    idle_flow_export_timeout: str
+    conntrack_zones: tuple[int, ...]
+    max_connections: int
+    aggregator_ref: AggregatorRef | None
+    flow_collector_addr: Address | None
+    transport: Transport | None
+    tls_secret: str | None
+    resources: Mapping[str, Any] = field(default_factory=dict)
+
+
+class _Reader:
+    """Reads fields of a spec mapping, collecting problems instead of stopping at the first."""
+
+    def __init__(self, spec: Any, prefix: str = "spec"):
+        self.problems: list[str] = []
+        self.prefix = prefix
+        if spec is None:
+            spec = {}
+        if not isinstance(spec, Mapping):
+            self.problems.append(f"{prefix}: must be a mapping, got {type(spec).__name__}")
+            spec = {}
+        self.spec = spec
+
+    def path(self, key: str) -> str:
+        return f"{self.prefix}.{key}"
+
+    def raw(self, key: str) -> Any:
+        node: Any = self.spec
+        for part in key.split("."):
+            if not isinstance(node, Mapping):
+                return None
+            node = node.get(part)
+        return node
+
+    def string(self, key: str, default: str | None = None, *, allowed: tuple[str, ...] | None = None) -> str | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            self.problems.append(f"{self.path(key)}: {value!r} must be a string")
+            return default
+        if allowed is not None and value not in allowed:
+            self.problems.append(f"{self.path(key)}: {value!r} is not one of {', '.join(allowed)}")
+            return default
+        return value
+
+    def integer(self, key: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problems.append(f"{self.path(key)}: {value!r} must be an integer")
+            return default
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+            self.problems.append(f"{self.path(key)}: {value} is out of range; it must be {bound}")
+            return default
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.problems.append(f"{self.path(key)}: {value!r} must be true or false")
+            return default
+        return value
+
+    def duration(self, key: str, default: str, *, minimum: float = 1.0) -> str:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value, field=self.path(key))
+        except DurationError as exc:
+            self.problems.append(str(exc))
+            return default
+        if seconds < minimum:
+            self.problems.append(f"{self.path(key)}: {value!r} is below the {minimum:g}s minimum")
+            return default
+        return str(value)
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        value = self.raw(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problems.append(f"{self.path(key)}: must be a mapping, got {value!r}")
+            return {}
+        return value
+
+
+def _meta(body: Mapping[str, Any], kind: str) -> tuple[str, str, list[str]]:
+    meta = body.get("metadata") or {}
+    problems = []
+    if body.get("kind") not in (None, kind):
+        problems.append(f"kind: {body.get('kind')!r} is not {kind}")
+    if body.get("apiVersion") not in (None, API_VERSION):
+        problems.append(f"apiVersion: {body.get('apiVersion')!r} is not {API_VERSION}")
+    name = meta.get("name")
+    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > 52:
+        problems.append(
+            f"metadata.name: {name!r} must be a DNS label (lower case letters, digits, '-') "
+            "of at most 52 characters, so that the derived object names stay valid"
+        )
+        name = "invalid"
+    namespace = meta.get("namespace") or "default"
+    return name, namespace, problems
+
+
+def _host_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_DNS_NAME.match(host))
+
+
+def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
+    """Validate a FlowAggregator object (the whole body) and fill every default."""
+    name, namespace, problems = _meta(body, "FlowAggregator")
+    r = _Reader(body.get("spec"))
+    transport = r.string("transport", DEFAULTS["transport"], allowed=TRANSPORTS)
+    replicas = r.integer("replicas", DEFAULTS["replicas"], minimum=1, maximum=1)
+    port = r.integer("port", DEFAULTS["port"], minimum=1, maximum=65535)
+    address = r.string("flowAggregatorAddress", f"{name}.{namespace}.svc") or ""
+    if not _host_ok(address):
+        r.problems.append(f"spec.flowAggregatorAddress: {address!r} is neither a DNS name nor an IP address")
+    external = r.string("externalFlowCollectorAddr", DEFAULTS["externalFlowCollectorAddr"]) or ""
+    if external:
+        try:
+            ext = parse_address(external, default_protocol="tcp", field="spec.externalFlowCollectorAddr")
+            if ext.protocol == "tls":
+                r.problems.append(
+                    f"spec.externalFlowCollectorAddr: {external!r} asks for tls, but the aggregator exports "
+                    "over tcp or udp only; end it with :tcp or :udp"
+                )
+        except AddressError as exc:
+            r.problems.append(str(exc))
+    r.mapping("sinks")
+    ipfix_enabled = r.boolean("sinks.ipfix.enabled", bool(external))
+    if ipfix_enabled and not external:
+        r.problems.append(
+            "spec.sinks.ipfix.enabled: true needs spec.externalFlowCollectorAddr; set the collector's "
+            "address or disable the IPFIX sink"
+        )
+    flow_log = FlowLogSink(
+        enabled=r.boolean("sinks.flowLog.enabled", False),
+        path=r.string("sinks.flowLog.path", DEFAULTS["flowLog.path"]) or DEFAULTS["flowLog.path"],
+        max_size_mb=r.integer("sinks.flowLog.maxSizeMB", DEFAULTS["flowLog.maxSizeMB"], minimum=1),
+        max_backups=r.integer("sinks.flowLog.maxBackups", DEFAULTS["flowLog.maxBackups"], minimum=0),
+    )
+    if not flow_log.path.startswith("/"):
+        r.problems.append(f"spec.sinks.flowLog.path: {flow_log.path!r} must be an absolute path")
+    ch_address = r.string("sinks.clickhouse.address", DEFAULTS["clickhouse.address"]) or ""
+    if not re.match(r"^(tcp|clickhouse)://[^\s/]+(:\d+)?/?$", ch_address):
+        r.problems.append(
+            f"spec.sinks.clickhouse.address: {ch_address!r} must look like tcp://HOST:9000"
+        )
+    clickhouse = ClickHouseSink(
+        enabled=r.boolean("sinks.clickhouse.enabled", False),
+        address=ch_address,
+        database=r.string("sinks.clickhouse.database", DEFAULTS["clickhouse.database"]) or "",
+        table=r.string("sinks.clickhouse.table", DEFAULTS["clickhouse.table"]) or "",
+        commit_interval=r.duration("sinks.clickhouse.commitInterval", DEFAULTS["clickhouse.commitInterval"]),
+        credentials_secret=r.string("sinks.clickhouse.credentialsSecretRef.name"),
+        username_key=r.string("sinks.clickhouse.credentialsSecretRef.usernameKey", "username") or "username",
+        password_key=r.string("sinks.clickhouse.credentialsSecretRef.passwordKey", "password") or "password",
+    )
+    for key, value in (("database", clickhouse.database), ("table", clickhouse.table)):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+            r.problems.append(f"spec.sinks.clickhouse.{key}: {value!r} must be an identifier (letters, digits, _)")
+    lifetime = r.duration("certificates.lifetime", DEFAULTS["certificates.lifetime"], minimum=3600)
+    ca_lifetime = r.duration("certificates.caLifetime", DEFAULTS["certificates.caLifetime"], minimum=3600)
+    margin = r.duration("certificates.rotationMargin", DEFAULTS["certificates.rotationMargin"], minimum=60)
+    certs = Certificates(
+        parse_duration(lifetime), parse_duration(ca_lifetime), parse_duration(margin)
+    )
+    if certs.rotation_margin >= certs.lifetime:
+        r.problems.append(
+            f"spec.certificates.rotationMargin: {margin!r} must be shorter than spec.certificates.lifetime "
+            f"({lifetime!r}), or certificates would be rotated on every reconcile"
+        )
+    if certs.lifetime > certs.ca_lifetime:
+        r.problems.append(
+            f"spec.certificates.lifetime: {lifetime!r} must not exceed spec.certificates.caLifetime ({ca_lifetime!r})"
+        )
+    spec = FlowAggregatorSpec(
+        name=name,
+        namespace=namespace,
+        image=r.string("image"),
+        image_pull_policy=r.string("imagePullPolicy", DEFAULTS["imagePullPolicy"], allowed=PULL_POLICIES) or "",
+        replicas=replicas,
+        transport=transport,  # type: ignore[arg-type]
+        port=port,
+        flow_aggregator_address=address,
+        external_flow_collector_addr=external,
+        flow_export_interval=r.duration("flowExportInterval", DEFAULTS["flowExportInterval"]),
+        correlation_timeout=r.duration("correlationTimeout", DEFAULTS["correlationTimeout"]),
+        inactive_flow_timeout=r.duration("inactiveFlowTimeout", DEFAULTS["inactiveFlowTimeout"]),
+        max_flows=r.integer("maxFlows", DEFAULTS["maxFlows"], minimum=1),
+        ipfix_sink=ipfix_enabled,
+        flow_log=flow_log,
+        clickhouse=clickhouse,
+        certificates=certs,
+        resources=r.mapping("resources"),
+    )
+    problems += r.problems
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpec:
+    """Validate a FlowExporterConfig object (the whole body) and fill every default."""
+    name, namespace, problems = _meta(body, "FlowExporterConfig")
+    r = _Reader(body.get("spec"))
+    ref_raw = r.raw("flowAggregatorRef")
+    addr_raw = r.raw("flowCollectorAddr")
+    transport = r.string("transport", None, allowed=TRANSPORTS)
+    ref: AggregatorRef | None = None
+    addr: Address | None = None
+    if ref_raw is not None and addr_raw is not None:
+        r.problems.append(
+            "spec: set either flowAggregatorRef (the operator derives the address, transport and TLS) "
+            "or flowCollectorAddr (an explicit collector), not both"
+        )
+    elif ref_raw is None and addr_raw is None:
+        r.problems.append(
+            "spec: set flowAggregatorRef (e.g. {name: flow-aggregator, namespace: flow-aggregator}) "
+            "or flowCollectorAddr (e.g. \"10.0.0.5:4739:tcp\")"
+        )
+    if ref_raw is not None:
+        ref_name = r.string("flowAggregatorRef.name")
+        if not ref_name:
+            r.problems.append("spec.flowAggregatorRef.name: required, the FlowAggregator's name")
+        ref = AggregatorRef(ref_name or "", r.string("flowAggregatorRef.namespace", namespace) or namespace)
+    if addr_raw is not None:
+        try:
+            addr = parse_address(addr_raw, default_protocol=transport or "tls", field="spec.flowCollectorAddr")
+            if transport is not None and addr.protocol != transport:
+                r.problems.append(
+                    f"spec.transport: {transport!r} disagrees with the protocol of spec.flowCollectorAddr "
+                    f"({addr_raw!r}); make them the same or drop spec.transport"
+                )
+        except AddressError as exc:
+            r.problems.append(str(exc))
+    tls_secret = r.string("tlsSecretName")
+    if addr is not None and addr.protocol == "tls" and not tls_secret:
+        r.problems.append(
+            f"spec.tlsSecretName: required when spec.flowCollectorAddr ({addr_raw!r}) uses tls: name a Secret "
+            "in this namespace holding ca.crt, tls.crt and tls.key; or use flowAggregatorRef to let the "
+            "operator provide them"
+        )
+    zones_raw = r.raw("conntrackZones") or []
+    zones: list[int] = []
+    if not isinstance(zones_raw, list):
+        r.problems.append(f"spec.conntrackZones: {zones_raw!r} must be a list of zone numbers")
+    else:
+        for i, z in enumerate(zones_raw):
+            if isinstance(z, bool) or not isinstance(z, int) or not 0 <= z <= 65535:
+                r.problems.append(f"spec.conntrackZones[{i}]: {z!r} must be a zone number from 0 to 65535")
+            else:
+                zones.append(z)
+    node_selector = r.mapping("nodeSelector")
+    for k, v in node_selector.items():
+        if not isinstance(v, str):
+            r.problems.append(f"spec.nodeSelector.{k}: {v!r} must be a string")
+    tolerations = r.raw("tolerations") or []
+    if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
+        r.problems.append("spec.tolerations: must be a list of Kubernetes tolerations")
+        tolerations = []
+    poll = r.duration("flowPollInterval", DEFAULTS["flowPollInterval"])
+    active = r.duration("activeFlowExportTimeout", DEFAULTS["activeFlowExportTimeout"])
+    idle = r.duration("idleFlowExportTimeout", DEFAULTS["idleFlowExportTimeout"])
+    spec = FlowExporterConfigSpec(
+        name=name,
+        namespace=namespace,
+        image=r.string("image"),
+        image_pull_policy=r.string("imagePullPolicy", DEFAULTS["imagePullPolicy"], allowed=PULL_POLICIES) or "",
+        node_selector=dict(node_selector),
+        tolerations=tuple(tolerations),
+        flow_poll_interval=poll,
+        active_flow_export_timeout=active,
+        idle_flow_export_timeout=idle,
+        conntrack_zones=tuple(zones),
+        max_connections=r.integer("maxConnections", DEFAULTS["maxConnections"], minimum=1),
+        aggregator_ref=ref,
+        flow_collector_addr=addr,
+        transport=transport,  # type: ignore[arg-type]
+        tls_secret=tls_secret,
+        resources=r.mapping("resources"),
+    )
+    problems += r.problems
+    if problems:
+        raise SpecError(problems)
+    return spec

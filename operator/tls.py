@@ -1,0 +1,232 @@
+"""TLS material between agents and the aggregator: a CA, a server and a client certificate.
+
+The design secures the agent -> aggregator IPFIX stream with mutual TLS: the aggregator
+presents a server certificate for its Service name (and ``flowAggregatorAddress``), the
+agents present a client certificate, and both trust one CA. This module makes and keeps
+that material; it does no I/O. ``ensure`` takes what is stored in the Secrets now and
+the current time (an injected clock) and returns the material to store: the same bytes
+when everything is valid and far from expiry (so a reconcile writes nothing and
+operator restarts change nothing), fresh certificates when one is missing, damaged,
+issued for other names, signed by another CA, or within the rotation margin of its
+expiry. A new CA re-issues both leaves.
+
+Keys are ECDSA P-256: fast to generate and supported by every TLS stack we talk to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["KeyPair", "TLSMaterial", "ensure", "new_ca", "issue", "load", "fingerprint"]
+
+CLIENT_COMMON_NAME = "flowscope-agent"
+_BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between nodes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """A certificate and its private key, both PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMaterial:
+    ca: KeyPair
+    server: KeyPair
+    client: KeyPair
+
+    def fingerprint(self) -> str:
+        """Changes whenever any certificate changes; goes into the pods' config hash."""
+        h = hashlib.sha256()
+        for pair in (self.ca, self.server, self.client):
+            h.update(pair.cert_pem)
+        return h.hexdigest()
+
+
+def fingerprint(pem: bytes) -> str:
+    return hashlib.sha256(pem).hexdigest()
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def new_ca(now: dt.datetime, lifetime: float, common_name: str) -> KeyPair:
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + dt.timedelta(seconds=lifetime))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _san(names: Sequence[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            out.append(x509.DNSName(n))
+    return out
+
+
+def issue(
+    ca: KeyPair, now: dt.datetime, lifetime: float, common_name: str, *, server_names: Sequence[str] = (),
+    client: bool = False,
+) -> KeyPair:
+    """A leaf certificate signed by ``ca``: a server one when ``server_names`` is given, else a client one."""
+    ca_cert = ca.cert
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _new_key()
+    not_after = min(now + dt.timedelta(seconds=lifetime), ca_cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_encipherment=False, key_cert_sign=False, crl_sign=False,
+                content_commitment=False, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+    builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if server_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_names)), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def load(cert_pem: bytes | None, key_pem: bytes | None) -> KeyPair | None:
+    """A stored pair, or None when missing, unparsable, or the key does not match the certificate."""
+    if not cert_pem or not key_pem:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError):
+        return None
+    if key.public_key() != cert.public_key():
+        return None
+    return KeyPair(cert_pem, key_pem)
+
+
+def _fresh(pair: KeyPair, now: dt.datetime, margin: float) -> bool:
+    cert = pair.cert
+    return cert.not_valid_before_utc <= now + _BACKDATE and now < cert.not_valid_after_utc - dt.timedelta(
+        seconds=margin
+    )
+
+
+def _signed_by(pair: KeyPair, ca: KeyPair) -> bool:
+    try:
+        pair.cert.verify_directly_issued_by(ca.cert)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def _names(pair: KeyPair) -> set[str]:
+    try:
+        ext = pair.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(v) for v in ext.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in ext.get_values_for_type(x509.IPAddress)
+    }
+
+
+def ensure(
+    stored: Mapping[str, KeyPair | None],
+    *,
+    now: dt.datetime,
+    server_names: Sequence[str],
+    lifetime: float,
+    ca_lifetime: float,
+    margin: float,
+    ca_name: str,
+) -> TLSMaterial:
+    """Keep valid stored material, replace what is missing, wrong, or due for rotation.
+
+    ``stored`` maps "ca", "server" and "client" to what the Secrets hold (or None).
+    A certificate is due when ``now`` is within ``margin`` seconds of its expiry.
+    """
+    ca = stored.get("ca")
+    if ca is None or not _fresh(ca, now, margin):
+        ca = new_ca(now, ca_lifetime, ca_name)
+    server = stored.get("server")
+    if (
+        server is None
+        or not _fresh(server, now, margin)
+        or not _signed_by(server, ca)
+        or _names(server) != {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in server_names}
+    ):
+        server = issue(ca, now, lifetime, server_names[0], server_names=server_names)
+    client = stored.get("client")
+    if client is None or not _fresh(client, now, margin) or not _signed_by(client, ca):
+        client = issue(ca, now, lifetime, CLIENT_COMMON_NAME, client=True)
+    return TLSMaterial(ca, server, client)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
