@@ -11,8 +11,21 @@
 # policy-rc.d forbids service starts, and on a systemd host the services this run
 # installed are disabled.
 #
+#   bash scripts/setup.sh            # install what is missing
+#   bash scripts/setup.sh --check    # only report; exit 1 if anything is missing
+#
 # Environment: FLOWSCOPE_SETUP_FORCE=1 reinstalls the Python packages even if unchanged.
 set -euo pipefail
+
+CHECK=0
+case "${1:-}" in
+    "") ;;
+    --check) CHECK=1 ;;
+    *)
+        echo "usage: bash scripts/setup.sh [--check]" >&2
+        exit 2
+        ;;
+esac
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
@@ -92,6 +105,7 @@ fi
 if ((${#missing[@]} == 0)); then
     say "[1/3] system packages: all ${#wanted[@]} present"
 else
+    ((CHECK == 0)) || die "${#missing[@]} system packages missing: ${missing[*]} (run: bash scripts/setup.sh)"
     [[ $EUID == 0 ]] || die "${#missing[@]} system packages missing (${missing[*]}); run as root so apt-get can install them"
     say "[1/3] system packages: installing ${#missing[@]} (${missing[*]}) ..."
     export DEBIAN_FRONTEND=noninteractive
@@ -139,6 +153,7 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     die "python3 is $(python3 -V 2>&1); flowscope needs 3.11 or newer (Debian bookworm has 3.11)"
 
 if [[ ! -x $VENV/bin/python ]] || ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+    ((CHECK == 0)) || die "no working $VENV (run: bash scripts/setup.sh)"
     say "[2/3] python: creating $VENV"
     rm -rf "$VENV"
     run "python3 -m venv" python3 -m venv "$VENV"
@@ -153,6 +168,7 @@ if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$wa
     "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
     say "[3/3] flowscope: installed, pyproject.toml unchanged"
 else
+    ((CHECK == 0)) || die "flowscope is not installed in $VENV or pyproject.toml changed since (run: bash scripts/setup.sh)"
     say "[3/3] flowscope: pip install -e '.[$EXTRAS]' (first run downloads ~600 MB) ..."
     t=$SECONDS
     rm -f "$STAMP"
