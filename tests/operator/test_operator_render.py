@@ -1,0 +1,299 @@
+"""The pure half of the operator: specs, builders, templates, ``flowscope render``.
+
+Every manifest rendered from every sample is validated against the upstream Kubernetes
+schemas (kubernetes-validate, strict, 1.37); the CRDs validate as CRDs; the samples
+validate against their CRD's own schema; the rendered config files are read back by the
+agent's and the aggregator's own config parsers (the contract of docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import datetime as dt
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from flowscope.operator import manifests
+from flowscope.operator.render import material_for, render_documents
+from flowscope.operator.spec import DEFAULTS, SpecError, parse_flow_aggregator, parse_flow_exporter_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = sorted((ROOT / "config" / "samples").glob("*.yaml"))
+CRDS = {p.stem: yaml.safe_load(p.read_text()) for p in (ROOT / "crds").glob("*.yaml")}
+K8S_VERSION = "1.37.0"
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def load_docs(*paths: Path) -> list[dict]:
+    return [d for p in paths for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+ALL_SAMPLE_DOCS = load_docs(*SAMPLES)
+
+
+def crd_schema(kind: str) -> dict:
+    for crd in CRDS.values():
+        if crd["spec"]["names"]["kind"] == kind:
+            return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    raise KeyError(kind)
+
+
+def unknown_fields(obj, schema, path="") -> list[str]:
+    """Fields a structural schema would prune (the apiserver drops them silently)."""
+    out = []
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        for k, v in obj.items():
+            if props is not None and k in props:
+                out += unknown_fields(v, props[k], f"{path}.{k}")
+            elif isinstance(extra, dict):
+                out += unknown_fields(v, extra, f"{path}.{k}")
+            elif props is not None and not schema.get("x-kubernetes-preserve-unknown-fields") and k != "metadata":
+                out.append(f"{path}.{k}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, v in enumerate(obj):
+            out += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return out
+
+
+def test_samples_exist_for_the_common_setups():
+    kinds = {(d["kind"], d.get("spec", {}).get("transport")) for d in ALL_SAMPLE_DOCS}
+    assert ("FlowAggregator", "tls") in kinds and ("FlowAggregator", "tcp") in kinds
+    fecs = [d for d in ALL_SAMPLE_DOCS if d["kind"] == "FlowExporterConfig"]
+    assert any("flowAggregatorRef" in d["spec"] for d in fecs) and any("flowCollectorAddr" in d["spec"] for d in fecs)
+    assert any(d["spec"].get("sinks", {}).get("clickhouse", {}).get("enabled") for d in ALL_SAMPLE_DOCS
+               if d["kind"] == "FlowAggregator")
+
+
+@pytest.mark.parametrize("name", sorted(CRDS))
+def test_crds_validate_as_customresourcedefinitions(name):
+    crd = CRDS[name]
+    kubernetes_validate.validate(crd, K8S_VERSION, strict=True)
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Ready", "Age"}
+    assert crd["spec"]["names"]["shortNames"]
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert {"observedGeneration", "conditions"} <= set(status)
+
+
+@pytest.mark.parametrize("doc", [d for d in ALL_SAMPLE_DOCS if d["apiVersion"].startswith("flowscope.dev")],
+                         ids=lambda d: f"{d['kind']}-{d['metadata']['name']}")
+def test_samples_validate_against_their_crd_schema(doc):
+    schema = crd_schema(doc["kind"])
+    jsonschema.validate(doc, schema)
+    assert unknown_fields(doc, schema) == []
+
+
+def test_crd_schema_refuses_bad_values():
+    schema = crd_schema("FlowAggregator")
+    good = next(d for d in ALL_SAMPLE_DOCS if d["kind"] == "FlowAggregator")
+    for path, value in [("transport", "sctp"), ("flowExportInterval", "60"), ("port", 70000), ("replicas", 2),
+                        ("externalFlowCollectorAddr", "collector:4739:tls")]:
+        bad = copy.deepcopy(good)
+        bad["spec"][path] = value
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_crd_defaults_are_the_operators_defaults():
+    fa = crd_schema("FlowAggregator")["properties"]["spec"]["properties"]
+    fec = crd_schema("FlowExporterConfig")["properties"]["spec"]["properties"]
+    for key in ("transport", "port", "replicas", "flowExportInterval", "correlationTimeout", "inactiveFlowTimeout",
+                "externalFlowCollectorAddr", "maxFlows", "imagePullPolicy"):
+        assert fa[key]["default"] == DEFAULTS[key], key
+    for key in ("flowPollInterval", "activeFlowExportTimeout", "idleFlowExportTimeout", "maxConnections"):
+        assert fec[key]["default"] == DEFAULTS[key], key
+    certs = fa["certificates"]["properties"]
+    assert certs["lifetime"]["default"] == DEFAULTS["certificates.lifetime"]
+    assert certs["rotationMargin"]["default"] == DEFAULTS["certificates.rotationMargin"]
+    ch = fa["sinks"]["properties"]["clickhouse"]["properties"]
+    assert ch["commitInterval"]["default"] == DEFAULTS["clickhouse.commitInterval"]
+    # the design's defaults
+    assert (DEFAULTS["flowPollInterval"], DEFAULTS["activeFlowExportTimeout"], DEFAULTS["idleFlowExportTimeout"]) == (
+        "5s", "60s", "15s")
+    assert (DEFAULTS["flowExportInterval"], DEFAULTS["transport"]) == ("60s", "tls")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict]:
+    return render_documents(ALL_SAMPLE_DOCS, image="flowscope:test", now=NOW)
+
+
+def test_every_rendered_manifest_validates_strictly(rendered):
+    kinds = {d["kind"] for d in rendered}
+    assert {"Deployment", "DaemonSet", "Service", "ConfigMap", "Secret", "ServiceAccount", "ClusterRole",
+            "ClusterRoleBinding"} <= kinds
+    for doc in rendered:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def by(rendered, kind, name, namespace=None):
+    for d in rendered:
+        if d["kind"] == kind and d["metadata"]["name"] == name and (
+                namespace is None or d["metadata"].get("namespace") == namespace):
+            return d
+    raise KeyError((kind, name))
+
+
+def test_aggregator_objects_follow_the_design(rendered):
+    svc = by(rendered, "Service", "flow-aggregator", "flow-aggregator")
+    assert {(p["protocol"], p["port"]) for p in svc["spec"]["ports"]} == {("TCP", 4739), ("TCP", 10348)}
+    dep = by(rendered, "Deployment", "flow-aggregator")
+    pod = dep["spec"]["template"]["spec"]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["containers"][0]["args"] == ["aggregator", "--config", "/etc/flowscope/aggregator.yaml"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "flow-aggregator-server-tls"
+    assert len(dep["spec"]["template"]["metadata"]["annotations"]["flowscope.dev/config-hash"]) == 16
+    lab = by(rendered, "Deployment", "lab-aggregator")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in lab["env"]}
+    assert env["CLICKHOUSE_PASSWORD"] == {"name": "clickhouse-credentials", "key": "password"}
+
+
+def test_agent_daemonset_has_what_conntrack_needs(rendered):
+    ds = by(rendered, "DaemonSet", "flowscope-agent", "kube-system")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["containers"][0]["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    init = " ".join(pod["initContainers"][0]["command"])
+    assert "nf_conntrack_acct" in init and "nf_conntrack_timestamp" in init
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "flowscope-agent-client-tls"
+    role = by(rendered, "ClusterRole", "flowscope-agent-kube-system-flowscope-agent")
+    watched = {r for rule in role["rules"] for r in rule["resources"]}
+    assert {"pods", "services", "networkpolicies"} <= watched
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in role["rules"])
+
+
+def test_agents_get_the_aggregators_client_certificate(rendered):
+    agg_client = by(rendered, "Secret", "flow-aggregator-client-tls", "flow-aggregator")["data"]
+    agent = by(rendered, "Secret", "flowscope-agent-client-tls", "kube-system")["data"]
+    assert agent == agg_client
+
+
+def test_rendered_configs_are_read_by_the_components(rendered):
+    agg_config = pytest.importorskip("flowscope.aggregator.config")
+    cm = by(rendered, "ConfigMap", "flow-aggregator-config")
+    cfg = agg_config.parse_config(yaml.safe_load(cm["data"]["aggregator.yaml"]))
+    assert cfg is not None
+    raw = yaml.safe_load(cm["data"]["aggregator.yaml"])
+    assert raw["aggregatorTransportProtocol"] == "tls" and raw["flowAggregatorAddress"] == "flow-aggregator.flow-aggregator.svc"
+    lab = yaml.safe_load(by(rendered, "ConfigMap", "lab-aggregator-config")["data"]["aggregator.yaml"])
+    agg_config.parse_config(lab)
+    assert lab["externalFlowCollectorAddr"] == "ipfix-collector.flowscope-lab.svc:4739:tcp"
+    agent_config = pytest.importorskip("flowscope.agent.config")
+    for name in ("flowscope-agent-config", "lab-agents-config", "direct-agents-config"):
+        raw = yaml.safe_load(by(rendered, "ConfigMap", name)["data"]["agent.yaml"])
+        agent_config.parse_config(raw, env={"NODE_NAME": "node-1"})
+    raw = yaml.safe_load(by(rendered, "ConfigMap", "flowscope-agent-config")["data"]["agent.yaml"])
+    assert raw["flowCollectorAddr"] == "flow-aggregator.flow-aggregator.svc:4739:tls"
+    assert raw["tls"]["serverName"] == "flow-aggregator.flow-aggregator.svc"
+    lab_agents = yaml.safe_load(by(rendered, "ConfigMap", "lab-agents-config")["data"]["agent.yaml"])
+    assert lab_agents["flowCollectorAddr"] == "lab-aggregator.flowscope-lab.svc:4739:tcp" and "tls" not in lab_agents
+
+
+def fa(**spec):
+    return {"apiVersion": "flowscope.dev/v1alpha1", "kind": "FlowAggregator",
+            "metadata": {"name": "fa", "namespace": "ns"}, "spec": spec}
+
+
+def fec(**spec):
+    return {"apiVersion": "flowscope.dev/v1alpha1", "kind": "FlowExporterConfig",
+            "metadata": {"name": "agents", "namespace": "ns"}, "spec": spec}
+
+
+@pytest.mark.parametrize("body, expected", [
+    (fa(flowExportInterval="500ms"), "spec.flowExportInterval: '500ms' is below the 1s minimum"),
+    (fa(flowExportInterval="60"), "spec.flowExportInterval: '60' is not a valid duration"),
+    (fa(transport="sctp"), "spec.transport: 'sctp' is not one of tls, tcp, udp"),
+    (fa(port=0), "spec.port: 0 is out of range; it must be from 1 to 65535"),
+    (fa(replicas=3), "spec.replicas: 3 is out of range"),
+    (fa(externalFlowCollectorAddr="c:4739:tls"), "asks for tls, but the aggregator exports over tcp or udp only"),
+    (fa(externalFlowCollectorAddr="c:99999"), "port '99999'"),
+    (fa(sinks={"ipfix": {"enabled": True}}), "needs spec.externalFlowCollectorAddr"),
+    (fa(certificates={"lifetime": "24h", "rotationMargin": "48h"}), "must be shorter than spec.certificates.lifetime"),
+    (fec(), "set flowAggregatorRef"),
+    (fec(flowAggregatorRef={"name": "fa"}, flowCollectorAddr="x:1:tcp"), "not both"),
+    (fec(flowCollectorAddr="x:1:tcp", transport="udp"), "spec.transport: 'udp' disagrees"),
+    (fec(flowCollectorAddr="x:4739"), "spec.tlsSecretName: required"),
+    (fec(flowCollectorAddr="x:1:tcp", conntrackZones=[70000]), "spec.conntrackZones[0]: 70000"),
+    (fec(flowAggregatorRef={"name": "fa"}, flowPollInterval="0.5s"), "spec.flowPollInterval: '0.5s' is below"),
+])
+def test_invalid_specs_name_the_field_and_the_fix(body, expected):
+    parse = parse_flow_aggregator if body["kind"] == "FlowAggregator" else parse_flow_exporter_config
+    with pytest.raises(SpecError) as err:
+        parse(body)
+    assert expected in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(SpecError) as err:
+        parse_flow_aggregator(fa(transport="x", port="4739", flowExportInterval="1ms"))
+    assert len(err.value.problems) == 3
+
+
+def test_transport_mismatch_with_the_referenced_aggregator():
+    agg = parse_flow_aggregator(fa(transport="tls"))
+    exp = parse_flow_exporter_config(fec(flowAggregatorRef={"name": "fa"}, transport="udp"))
+    with pytest.raises(SpecError) as err:
+        manifests.resolve_collector(exp, agg)
+    assert "'udp' does not match FlowAggregator ns/fa, which listens with 'tls'" in str(err.value)
+    with pytest.raises(SpecError, match="FlowAggregator ns/fa does not exist"):
+        manifests.resolve_collector(exp, None)
+    ok = parse_flow_exporter_config(fec(flowAggregatorRef={"name": "fa"}))
+    addr, server = manifests.resolve_collector(ok, agg)
+    assert str(addr) == "fa.ns.svc:4739:tls" and server == "fa.ns.svc"
+
+
+def test_values_cannot_change_the_yaml_structure():
+    evil = 'img"\n  injected: true\n#'
+    spec = parse_flow_aggregator(fa(transport="tcp", image=evil, sinks={"flowLog": {"enabled": True,
+                                                                                    "path": "/x: y/\"z\n"}}))
+    objs = manifests.build_aggregator(spec, image="unused", tls=None)
+    dep = by(objs, "Deployment", "fa")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == evil
+    assert "injected" not in dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_config_hash_rolls_pods_on_config_or_certificate_change():
+    spec = parse_flow_aggregator(fa())
+    material = material_for(spec, NOW)
+
+    def hash_of(s, m):
+        dep = by(manifests.build_aggregator(s, image="i", tls=m), "Deployment", "fa")
+        return dep["spec"]["template"]["metadata"]["annotations"]["flowscope.dev/config-hash"]
+
+    base = hash_of(spec, material)
+    assert hash_of(spec, material) == base  # deterministic
+    assert hash_of(parse_flow_aggregator(fa(flowExportInterval="30s")), material) != base
+    assert hash_of(spec, material_for(spec, NOW)) != base  # new certificates
+
+
+def test_render_cli_prints_manifests_and_refuses_bad_input(tmp_path):
+    cmd = [sys.executable, "-m", "flowscope", "render"]
+    a = subprocess.run(cmd + ["-f", str(ROOT / "config/samples"), "--no-secrets"], capture_output=True, text=True)
+    b = subprocess.run(cmd + ["-f", str(ROOT / "config/samples"), "--no-secrets"], capture_output=True, text=True)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout  # deterministic without secrets, fit for GitOps diffs
+    docs = list(yaml.safe_load_all(a.stdout))
+    assert not [d for d in docs if d["kind"] == "Secret" and "managed-by" in str(d["metadata"])]
+    full = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/aggregator-tls.yaml")], capture_output=True,
+                          text=True)
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(full.stdout) if d["kind"] == "Secret"}
+    assert set(secrets) == {"flow-aggregator-ca", "flow-aggregator-server-tls", "flow-aggregator-client-tls"}
+    assert base64.b64decode(secrets["flow-aggregator-server-tls"]["data"]["tls.crt"]).startswith(b"-----BEGIN CERT")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(fa(transport="sctp", flowExportInterval="1ms")))
+    res = subprocess.run(cmd + ["-f", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert "FlowAggregator ns/fa: spec.transport: 'sctp' is not one of tls, tcp, udp" in res.stderr
+    assert "spec.flowExportInterval: '1ms' is below the 1s minimum" in res.stderr
+    orphan = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/agents.yaml")], capture_output=True, text=True)
+    assert orphan.returncode == 1 and "pass its file with another -f" in orphan.stderr
