@@ -1,0 +1,464 @@
+"""The IPFIX message codec (RFC 7011), sans-IO: bytes in, messages out, and back.
+
+Nothing here opens a socket, reads a clock, starts a thread or counts a metric: callers
+pass the export time and the current time in, and get bytes or :class:`Message` objects
+out. The transports (``process.py``), the agent and the aggregator wrap these objects.
+
+Exporting side: an :class:`ExportSession` is one exporter's view of one transport
+session and observation domain. It owns the templates it announced and the sequence
+number, which counts the data records sent before each message (RFC 7011 section 3.1),
+and it cuts records into messages no larger than the path allows.
+
+Collecting side: a :class:`Decoder` is the collector's state for one transport session.
+Templates are scoped per (transport session, observation domain) (section 8), so each
+session gets its own Decoder. It honours what a peer may send: several sets per message
+and several records per set, set padding (3.3.1), reduced-size integers (6.2),
+variable-length fields with the 255 escape (7), options templates (3.4.2), template
+withdrawals including withdraw-all with ids 2 and 3 (8.1), and enterprise elements,
+unknown ones kept as raw bytes. Over UDP withdrawals are ignored (8.4) and templates
+expire after a lifetime unless refreshed (8.4); a data set whose template is unknown is
+skipped and counted, since over UDP that happens whenever a collector restarts. Over
+TCP and TLS it is a protocol error.
+
+A stream transport needs message boundaries: :class:`MessageFramer` cuts a byte stream
+into messages using the length field of each header.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import MalformedMessage, UsageError
+from .registry import Registry, default_registry
+from .template import FieldSpecifier, Record, Template
+
+__all__ = [
+    "VERSION",
+    "HEADER",
+    "MAX_MESSAGE_SIZE",
+    "TEMPLATE_SET_ID",
+    "OPTIONS_TEMPLATE_SET_ID",
+    "DataSet",
+    "TemplateSet",
+    "Message",
+    "ExportSession",
+    "Decoder",
+    "MessageFramer",
+    "Transport",
+]
+
+VERSION = 10
+HEADER = struct.Struct("!HHIII")  # version, length, export time, sequence number, domain
+SET_HEADER = struct.Struct("!HH")
+MAX_MESSAGE_SIZE = 65535
+TEMPLATE_SET_ID = 2
+OPTIONS_TEMPLATE_SET_ID = 3
+MIN_DATA_SET_ID = 256
+
+Transport = Literal["udp", "tcp", "tls", "sctp"]
+
+
+@dataclass(slots=True)
+class DataSet:
+    """A data set: its template and the records decoded with it."""
+
+    template: Template
+    records: list[Record]
+
+    @property
+    def set_id(self) -> int:
+        return self.template.template_id
+
+
+@dataclass(slots=True)
+class TemplateSet:
+    """A template or options template set: new templates and withdrawn template ids."""
+
+    set_id: int
+    templates: list[Template] = field(default_factory=list)
+    withdrawals: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Message:
+    """One decoded IPFIX message."""
+
+    export_time: int
+    sequence_number: int
+    observation_domain_id: int
+    sets: list[DataSet | TemplateSet]
+    length: int = 0
+    unknown_template_sets: int = 0  # data sets skipped because their template is unknown
+    ignored_withdrawals: int = 0  # withdrawals received over UDP, ignored per RFC 7011 8.4
+
+    def data_records(self) -> Iterator[tuple[Template, Record]]:
+        for s in self.sets:
+            if isinstance(s, DataSet):
+                for record in s.records:
+                    yield s.template, record
+
+    @property
+    def record_count(self) -> int:
+        return sum(len(s.records) for s in self.sets if isinstance(s, DataSet))
+
+
+# --------------------------------------------------------------------------- exporting
+
+
+class ExportSession:
+    """The exporting half of one transport session and observation domain."""
+
+    def __init__(
+        self,
+        observation_domain_id: int = 0,
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        registry: Registry | None = None,
+    ) -> None:
+        if not 0 <= observation_domain_id <= 0xFFFFFFFF:
+            raise UsageError(f"observation domain id {observation_domain_id} is outside 0..4294967295")
+        if not HEADER.size + SET_HEADER.size + 1 <= max_message_size <= MAX_MESSAGE_SIZE:
+            raise UsageError(f"max message size {max_message_size} is outside 21..{MAX_MESSAGE_SIZE}")
+        self.observation_domain_id = observation_domain_id
+        self.max_message_size = max_message_size
+        self.registry = registry or default_registry()
+        self.templates: dict[int, Template] = {}
+        self.sequence_number = 0  # data records sent so far in this domain, modulo 2**32
+
+    def add_template(self, template: Template) -> None:
+        old = self.templates.get(template.template_id)
+        if old is not None and old != template:
+            raise UsageError(
+                f"template id {template.template_id} is already in use with other fields; "
+                "withdraw it first (or pick another id)"
+            )
+        if template.wire_length() + HEADER.size + SET_HEADER.size > self.max_message_size:
+            raise UsageError(f"template {template.template_id} does not fit in a {self.max_message_size}-octet message")
+        self.templates[template.template_id] = template
+
+    def _header(self, length: int, export_time: int) -> bytes:
+        if not 0 <= export_time <= 0xFFFFFFFF:
+            raise UsageError(f"export time {export_time} is outside the 32-bit range of seconds")
+        return HEADER.pack(VERSION, length, export_time, self.sequence_number, self.observation_domain_id)
+
+    def encode_templates(self, export_time: int, template_ids: Sequence[int] | None = None) -> list[bytes]:
+        """Messages announcing the templates (all of them by default), for the start of a
+        session and for periodic refreshes over UDP."""
+        ids = list(self.templates) if template_ids is None else list(template_ids)
+        by_set: dict[int, list[bytes]] = {TEMPLATE_SET_ID: [], OPTIONS_TEMPLATE_SET_ID: []}
+        for tid in ids:
+            t = self._template(tid)
+            by_set[OPTIONS_TEMPLATE_SET_ID if t.is_options else TEMPLATE_SET_ID].append(t.to_bytes())
+        return self._pack_sets(by_set, export_time)
+
+    def encode_withdrawal(self, template_ids: Sequence[int] | None, export_time: int) -> list[bytes]:
+        """Template withdrawal messages (RFC 7011 8.1): the given ids, or all templates
+        (ids 2 and 3) when ``template_ids`` is None. Never send these over UDP (8.4)."""
+        by_set: dict[int, list[bytes]] = {TEMPLATE_SET_ID: [], OPTIONS_TEMPLATE_SET_ID: []}
+        if template_ids is None:
+            by_set[TEMPLATE_SET_ID].append(struct.pack("!HH", TEMPLATE_SET_ID, 0))
+            by_set[OPTIONS_TEMPLATE_SET_ID].append(struct.pack("!HH", OPTIONS_TEMPLATE_SET_ID, 0))
+            self.templates.clear()
+        else:
+            for tid in template_ids:
+                t = self._template(tid)
+                set_id = OPTIONS_TEMPLATE_SET_ID if t.is_options else TEMPLATE_SET_ID
+                by_set[set_id].append(struct.pack("!HH", tid, 0))
+                del self.templates[tid]
+        return self._pack_sets(by_set, export_time)
+
+    def _pack_sets(self, by_set: dict[int, list[bytes]], export_time: int) -> list[bytes]:
+        limit = self.max_message_size - HEADER.size - SET_HEADER.size
+        messages: list[bytes] = []
+        for set_id, items in by_set.items():
+            chunk: list[bytes] = []
+            size = 0
+            for item in items:
+                if chunk and size + len(item) > limit:
+                    messages.append(self._message([(set_id, chunk)], export_time))
+                    chunk, size = [], 0
+                chunk.append(item)
+                size += len(item)
+            if chunk:
+                messages.append(self._message([(set_id, chunk)], export_time))
+        return messages
+
+    def _message(self, sets: list[tuple[int, list[bytes]]], export_time: int) -> bytes:
+        body = []
+        for set_id, items in sets:
+            payload = b"".join(items)
+            body.append(SET_HEADER.pack(set_id, SET_HEADER.size + len(payload)))
+            body.append(payload)
+        data = b"".join(body)
+        return self._header(HEADER.size + len(data), export_time) + data
+
+    def _template(self, template_id: int) -> Template:
+        try:
+            return self.templates[template_id]
+        except KeyError:
+            raise UsageError(f"template {template_id} was never added to this export session") from None
+
+    def encode_records(self, template_id: int, records: Sequence[Record], export_time: int) -> list[bytes]:
+        """Data records in as few messages as fit ``max_message_size``; each message's
+        sequence number counts the data records sent before it."""
+        t = self._template(template_id)
+        if not records:
+            return []
+        encode = t.encode_record
+        limit = self.max_message_size - HEADER.size - SET_HEADER.size
+        set_head = SET_HEADER.pack
+        fixed = t.fixed_record_length
+        messages: list[bytes] = []
+        if fixed is not None:
+            per_message = limit // fixed
+            if per_message == 0:
+                raise UsageError(f"a record of template {template_id} ({fixed} octets) does not fit in a message")
+            for start in range(0, len(records), per_message):
+                chunk = records[start : start + per_message]
+                payload = b"".join([encode(r) for r in chunk])
+                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
+                self.sequence_number = (self.sequence_number + len(chunk)) & 0xFFFFFFFF
+            return messages
+        encoded = [encode(r) for r in records]
+        start = 0
+        size = 0
+        for i, item in enumerate(encoded):
+            n = len(item)
+            if n > limit:
+                raise UsageError(
+                    f"a record of template {template_id} is {n} octets, more than fits in a "
+                    f"{self.max_message_size}-octet message"
+                )
+            if size + n > limit:
+                payload = b"".join(encoded[start:i])
+                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
+                self.sequence_number = (self.sequence_number + i - start) & 0xFFFFFFFF
+                start, size = i, 0
+            size += n
+        payload = b"".join(encoded[start:])
+        messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
+        self.sequence_number = (self.sequence_number + len(encoded) - start) & 0xFFFFFFFF
+        return messages
+
+    def _data_message(self, set_header: bytes, payload: bytes, export_time: int) -> bytes:
+        length = HEADER.size + len(set_header) + len(payload)
+        return self._header(length, export_time) + set_header + payload
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+@dataclass(slots=True)
+class _DomainState:
+    templates: dict[int, tuple[Template, float]] = field(default_factory=dict)
+    expected_sequence: int | None = None
+
+
+class Decoder:
+    """The collecting half of one transport session: templates per observation domain.
+
+    ``transport`` decides the RFC 7011 rules that differ between UDP and streams.
+    ``template_lifetime`` (seconds) expires UDP templates not refreshed in time; it is
+    ignored for streams, whose templates live as long as the session. ``max_templates``
+    bounds what one session can make us hold.
+    """
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        *,
+        transport: Transport = "tcp",
+        template_lifetime: float | None = None,
+        max_templates: int = 4096,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.registry = registry or default_registry()
+        self.transport = transport
+        self.template_lifetime = template_lifetime if transport == "udp" else None
+        self.max_templates = max_templates
+        self.max_message_size = max_message_size
+        self.domains: dict[int, _DomainState] = {}
+        self.lost_records = 0  # data records the sequence numbers say we never saw
+
+    @property
+    def template_count(self) -> int:
+        return sum(len(d.templates) for d in self.domains.values())
+
+    def templates(self, observation_domain_id: int = 0) -> dict[int, Template]:
+        d = self.domains.get(observation_domain_id)
+        return {tid: t for tid, (t, _) in d.templates.items()} if d else {}
+
+    def expire(self, now: float) -> int:
+        """Drop UDP templates past their lifetime; returns how many were dropped."""
+        if self.template_lifetime is None:
+            return 0
+        dropped = 0
+        for d in self.domains.values():
+            stale = [tid for tid, (_, until) in d.templates.items() if until <= now]
+            for tid in stale:
+                del d.templates[tid]
+            dropped += len(stale)
+        return dropped
+
+    def decode(self, data: bytes, now: float = 0.0) -> Message:
+        """Decode one complete message. Raises :class:`MalformedMessage` for a peer's error."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        n = len(data)
+        if n < HEADER.size:
+            raise MalformedMessage(f"message of {n} octets is shorter than the 16-octet header")
+        version, length, export_time, sequence, domain = HEADER.unpack_from(data, 0)
+        if version != VERSION:
+            raise MalformedMessage(f"version {version} is not IPFIX (10)")
+        if length != n:
+            raise MalformedMessage(f"header says {length} octets but the message has {n}")
+        if length > self.max_message_size:
+            raise MalformedMessage(f"message of {length} octets exceeds the {self.max_message_size}-octet limit")
+        state = self.domains.get(domain)
+        if state is None:
+            state = self.domains[domain] = _DomainState()
+        if self.template_lifetime is not None:
+            self.expire(now)
+        msg = Message(export_time, sequence, domain, [], length)
+        off = HEADER.size
+        while off < n:
+            if n - off < SET_HEADER.size:
+                raise MalformedMessage(f"{n - off} stray octets after the last set")
+            set_id, set_length = SET_HEADER.unpack_from(data, off)
+            if set_length < SET_HEADER.size:
+                raise MalformedMessage(f"set {set_id} claims a length of {set_length} octets")
+            end = off + set_length
+            if end > n:
+                raise MalformedMessage(f"set {set_id} of {set_length} octets runs past the end of the message")
+            body = off + SET_HEADER.size
+            if set_id >= MIN_DATA_SET_ID:
+                entry = state.templates.get(set_id)
+                if entry is None:
+                    if self.transport != "udp":
+                        raise MalformedMessage(f"data set for unknown template {set_id} in domain {domain}")
+                    msg.unknown_template_sets += 1
+                else:
+                    msg.sets.append(DataSet(entry[0], entry[0].decode_records(data, body, end)))
+            elif set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
+                msg.sets.append(self._template_set(set_id, data, body, end, state, msg, now))
+            # set ids 0, 1 and 4..255 are reserved (RFC 7011 3.3.2): skipped
+            off = end
+        self._count_sequence(state, msg)
+        return msg
+
+    def _count_sequence(self, state: _DomainState, msg: Message) -> None:
+        expected = state.expected_sequence
+        if expected is not None:
+            gap = (msg.sequence_number - expected) & 0xFFFFFFFF
+            if 0 < gap < 0x80000000:  # ahead of what we expected: records went missing
+                self.lost_records += gap
+        state.expected_sequence = (msg.sequence_number + msg.record_count) & 0xFFFFFFFF
+
+    def _template_set(
+        self, set_id: int, data: bytes, off: int, end: int, state: _DomainState, msg: Message, now: float
+    ) -> TemplateSet:
+        ts = TemplateSet(set_id)
+        options = set_id == OPTIONS_TEMPLATE_SET_ID
+        head = 6 if options else 4
+        lookup = self.registry.lookup
+        while end - off >= head:
+            if options:
+                template_id, count, scope = struct.unpack_from("!HHH", data, off)
+            else:
+                template_id, count = struct.unpack_from("!HH", data, off)
+                scope = 0
+            if count == 0:
+                # A withdrawal has the 4-octet header even in an options template set.
+                off += 4
+                self._withdraw(set_id, template_id, state, ts, msg)
+                continue
+            if template_id < MIN_DATA_SET_ID:
+                raise MalformedMessage(f"template id {template_id} is reserved (ids start at 256)")
+            if options and not 1 <= scope <= count:
+                raise MalformedMessage(f"options template {template_id}: scope field count {scope} of {count} fields")
+            off += head
+            fields = []
+            for _ in range(count):
+                if end - off < 4:
+                    raise MalformedMessage(f"template {template_id} is truncated: {count} fields announced")
+                element_id, length = struct.unpack_from("!HH", data, off)
+                off += 4
+                pen = 0
+                if element_id & 0x8000:
+                    if end - off < 4:
+                        raise MalformedMessage(f"template {template_id} is truncated inside an enterprise field")
+                    (pen,) = struct.unpack_from("!I", data, off)
+                    off += 4
+                    element_id &= 0x7FFF
+                if length == 0:
+                    raise MalformedMessage(f"template {template_id}: field ({pen}/{element_id}) has length 0")
+                fields.append(FieldSpecifier(lookup(pen, element_id), length))
+            try:
+                template = Template(template_id, fields, scope)
+            except Exception as exc:  # a template we cannot represent is the peer's error
+                raise MalformedMessage(f"template {template_id}: {exc}") from None
+            old = state.templates.get(template_id)
+            if old is None and self.template_count >= self.max_templates:
+                raise MalformedMessage(f"more than {self.max_templates} templates in one session")
+            if old is not None and old[0] != template and self.transport != "udp":
+                raise MalformedMessage(
+                    f"template {template_id} redefined without a withdrawal (RFC 7011 8.1) in domain {msg.observation_domain_id}"
+                )
+            until = now + self.template_lifetime if self.template_lifetime is not None else float("inf")
+            state.templates[template_id] = (template, until)
+            ts.templates.append(template)
+        return ts
+
+    def _withdraw(self, set_id: int, template_id: int, state: _DomainState, ts: TemplateSet, msg: Message) -> None:
+        if self.transport == "udp":
+            msg.ignored_withdrawals += 1  # RFC 7011 8.4: not used over UDP, ignored
+            return
+        ts.withdrawals.append(template_id)
+        if template_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):  # withdraw all (8.1)
+            want_options = template_id == OPTIONS_TEMPLATE_SET_ID
+            for tid in [tid for tid, (t, _) in state.templates.items() if t.is_options == want_options]:
+                del state.templates[tid]
+        elif template_id >= MIN_DATA_SET_ID:
+            state.templates.pop(template_id, None)
+        else:
+            raise MalformedMessage(f"withdrawal of reserved template id {template_id}")
+
+
+class MessageFramer:
+    """Cuts an IPFIX byte stream (TCP, TLS) into messages by their header length."""
+
+    def __init__(self, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._buf = bytearray()
+        self.max_message_size = max_message_size
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the complete messages now available."""
+        buf = self._buf
+        buf += data
+        out: list[bytes] = []
+        off = 0
+        n = len(buf)
+        while n - off >= 4:
+            version, length = struct.unpack_from("!HH", buf, off)
+            if version != VERSION:
+                raise MalformedMessage(f"stream lost sync: version {version} where an IPFIX header should start")
+            if length < HEADER.size:
+                raise MalformedMessage(f"message length {length} is shorter than the header")
+            if length > self.max_message_size:
+                raise MalformedMessage(f"message of {length} octets exceeds the {self.max_message_size}-octet limit")
+            if n - off < length:
+                break
+            out.append(bytes(buf[off : off + length]))
+            off += length
+        if off:
+            del buf[:off]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Octets of an incomplete message still buffered (a truncated stream if the session ends now)."""
+        return len(self._buf)
+
