@@ -147,8 +147,9 @@ def issue(
     )
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
     builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    if server_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_names)), critical=False)
+    # Client certificates name the agent in a SAN too: strict verifiers (RFC 5280 profiles) require one.
+    sans = list(server_names) or [common_name]
+    builder = builder.add_extension(x509.SubjectAlternativeName(_san(sans)), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
