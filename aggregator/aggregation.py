@@ -1,0 +1,641 @@
+"""Correlation and aggregation of agent flow records: the heart of the Flow Aggregator.
+
+Sans-IO: :class:`AggregationProcess` takes decoded agent records (plain dicts keyed by IE
+name, as ``flowscope.ipfix`` decodes them) with the time passed in, and hands back the
+aggregated records to export. It knows nothing of sockets, queues or sinks, so every
+timeout is driven by the caller's clock and tested without sleeping.
+
+Theory of operation
+-------------------
+*Store.* One :class:`Flow` per connection, in a dict keyed by the 5-tuple (source IP,
+destination IP, source port, destination port, protocol). Past ``max_flows`` a record of a
+new connection is dropped and counted (``dropped["flow_cap"]``); memory stays flat.
+
+*Sides.* Each agent record comes from the source node (it has ``sourcePodName``, or
+``sourceNodeName``) or the destination node (``destinationPodName`` /
+``destinationNodeName``). A flow keeps the statistics of each side apart, 8 numbers per
+side (4 totals, 4 accumulated deltas) in one flat ``array('Q')``, and each side's
+Kubernetes fields as one interned tuple (the same Pod talks on many connections, so the
+tuples are shared), which is what keeps a flow under a kilobyte.
+
+*Correlation.* flowType 1 (intra-node), 3 (to-external) and 4 (from-external) records are
+complete on arrival: one node saw both ends. An inter-node flow (flowType 2) waits for
+its twin from the other node; when both halves are there they are merged: each field is
+taken from the node that owns it (source Pod, source node, Service and egress policy
+from the source node; destination Pod, destination node and ingress policy from the
+destination node), falling back to the other half when the owner left it empty. A half
+that is still alone after ``correlation_timeout`` is exported alone, marked
+``correlation="uncorrelated"`` (and its missing node's name stays empty in the record),
+and counted. A half whose twin shows up later is merged then (``late_correlated``).
+A denied flow (ingress or egress rule action 2 Drop or 3 Reject) is exported at the next
+tick after its first record, without waiting for the twin.
+
+*Aggregation.* Totals take the newest value. Deltas are computed from the totals (robust
+to a lost record: the next one carries the difference) and accumulate between exports;
+an export resets them. The first record of a side contributes its own delta fields (the
+agent's delta since its last export), so an aggregator restart does not re-count a
+connection's history. A total that goes backwards means conntrack reused the 5-tuple for
+a new connection: its totals are taken as the new connection's delta (never a wrapped
+huge difference) and counted (``counter_resets``). The flow's own counters
+(packetTotalCount...) are the source node's when it reported, else the destination
+node's; the 16 ``...FromSourceNode`` / ``...FromDestinationNode`` elements carry each
+node's numbers (an intra-node flow's one node is both). flowStartSeconds,
+flowEndSeconds, flowEndReason and tcpState come from the newest record.
+originalExporterIPv4Address (or ...IPv6Address) and originalObservationDomainId name
+the agent of the source side (else the destination side).
+
+*Export.* ``tick(now)`` returns what is due: every ``export_interval`` each ready flow
+that changed since its last export (nothing when nothing changed); at once, lone halves
+whose correlation wait is over, denied flows' first records, and flows that ended
+(flowEndReason 3 end of flow, 4 forced end, 5 lack of resources; an inter-node flow ends
+when both nodes said so, or ``correlation_timeout`` after the first did). A flow without
+records for ``inactive_timeout`` is exported a last time (if it changed) and dropped.
+Timers are a FIFO: every wait has the same length, so deadlines arrive in order and the
+tick only looks at the head; the periodic scan is the one O(flows) step, once per
+interval.
+"""
+
+from __future__ import annotations
+
+from array import array
+from operator import itemgetter
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
+    "KUBERNETES_FIELDS", "COUNTER_FIELDS", "NODE_COUNTER_FIELDS", "output_names",
+]
+
+# flowType values of the Antrea agent.
+INTRA_NODE, INTER_NODE, TO_EXTERNAL, FROM_EXTERNAL = 1, 2, 3, 4
+# Network policy rule actions meaning the connection was denied.
+DENY_ACTIONS = frozenset((2, 3))  # 2 Drop, 3 Reject
+# flowEndReason values (RFC 5102) that mean the connection is over.
+END_REASONS = frozenset((3, 4, 5))  # end of flow, forced end, lack of resources
+
+SRC, DST = 0, 1
+
+
+
+def _kubernetes_fields(fam: str) -> tuple[str, ...]:
+    return (
+        # owned by the source node
+        "sourcePodNamespace", "sourcePodName", "sourceNodeName",
+        f"destinationClusterIP{fam}", "destinationServicePort", "destinationServicePortName",
+        "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
+        "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
+        # owned by the destination node
+        "destinationPodNamespace", "destinationPodName", "destinationNodeName",
+        "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
+        "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
+    )
+
+
+# The Kubernetes and policy fields of agent records, each owned by one side; the Service
+# cluster IP is the flow's family (a side keeps them as one tuple in this order).
+KUBERNETES_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (_kubernetes_fields("v4"), _kubernetes_fields("v6"))
+_N_SRC_OWNED = 11
+_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION = 1, 2, 10
+_I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION = 12, 13, 18
+_INT_FIELDS = frozenset((
+    "destinationServicePort", "egressNetworkPolicyType", "egressNetworkPolicyRuleAction",
+    "ingressNetworkPolicyType", "ingressNetworkPolicyRuleAction",
+))
+_META_DEFAULTS: tuple[tuple[Any, ...], tuple[Any, ...]] = tuple(  # type: ignore[assignment]
+    tuple(0 if n in _INT_FIELDS else ("0.0.0.0" if n == "destinationClusterIPv4" else "::" if n == "destinationClusterIPv6" else "")
+          for n in names)
+    for names in KUBERNETES_FIELDS
+)
+_FLOW_FIELDS = (
+    "sourceTransportPort", "destinationTransportPort", "protocolIdentifier",
+    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
+    "flowStartSeconds", "flowEndSeconds", "flowEndReason", "flowType", "tcpState",
+)
+_GET_V4 = itemgetter("sourceIPv4Address", "destinationIPv4Address", *_FLOW_FIELDS)
+_GET_V6 = itemgetter("sourceIPv6Address", "destinationIPv6Address", *_FLOW_FIELDS)
+_GET_META = (itemgetter(*KUBERNETES_FIELDS[0]), itemgetter(*KUBERNETES_FIELDS[1]))
+
+
+def _extract(rec: Mapping[str, Any], v6: bool) -> tuple[Any, ...]:
+    """The slow path of ``ingest``: the same fields as ``_GET_V4/6``, with defaults."""
+    g = rec.get
+    fam = "IPv6" if v6 else "IPv4"
+    src_ip, dst_ip, proto = g(f"source{fam}Address"), g(f"destination{fam}Address"), g("protocolIdentifier")
+    if src_ip is None or dst_ip is None or proto is None:
+        raise ValueError("a record without the flow key")
+    pt = g("packetTotalCount")
+    return (
+        src_ip, dst_ip, g("sourceTransportPort") or 0, g("destinationTransportPort") or 0, proto,
+        pt, g("octetTotalCount") or 0, g("reversePacketTotalCount") or 0, g("reverseOctetTotalCount") or 0,
+        g("flowStartSeconds") or 0, g("flowEndSeconds") or 0, g("flowEndReason") or 0, g("flowType") or 0,
+        g("tcpState"), tuple(map(g, KUBERNETES_FIELDS[v6])),
+    )
+
+
+COUNTER_FIELDS: tuple[str, ...] = (
+    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
+    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
+)
+
+
+def _node_names(suffix: str) -> tuple[str, ...]:
+    return (
+        f"packetTotalCount{suffix}", f"octetTotalCount{suffix}",
+        f"reversePacketTotalCount{suffix}", f"reverseOctetTotalCount{suffix}",
+        f"packetDeltaCount{suffix}", f"octetDeltaCount{suffix}",
+        f"reversePacketDeltaCount{suffix}", f"reverseOctetDeltaCount{suffix}",
+    )
+
+
+# Same layout as a side's 8 slots in Flow.c: totals then deltas, forward then reverse.
+NODE_COUNTER_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (
+    _node_names("FromSourceNode"), _node_names("FromDestinationNode"),
+)
+
+
+def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """The IE names of an aggregated record, in template order (4 shapes: flow and exporter family)."""
+    fam = "IPv6" if ipv6 else "IPv4"
+    return (
+        "flowStartSeconds", "flowEndSeconds", "flowEndReason",
+        f"source{fam}Address", f"destination{fam}Address",
+        "sourceTransportPort", "destinationTransportPort", "protocolIdentifier",
+        *COUNTER_FIELDS,
+        *KUBERNETES_FIELDS[ipv6],
+        "flowType", "tcpState",
+        "originalExporterIPv6Address" if exporter_ipv6 else "originalExporterIPv4Address",
+        "originalObservationDomainId",
+        *NODE_COUNTER_FIELDS[SRC], *NODE_COUNTER_FIELDS[DST],
+    )
+
+
+_OUTPUT_NAMES = {(v6, e6): output_names(v6, e6) for v6 in (False, True) for e6 in (False, True)}
+
+
+# Flow.flags bits.
+HAS_SRC, HAS_DST = 1, 2
+SEEN = (HAS_SRC, HAS_DST)
+READY = 4  # may be exported (complete, denied, or its correlation wait is over)
+CORRELATED = 8  # both halves of an inter-node flow have arrived
+LONE = 16  # exported alone after the correlation timeout
+DIRTY = 32  # changed since the last export
+ENDED_SRC, ENDED_DST = 64, 128
+ENDED = (ENDED_SRC, ENDED_DST)
+DENIED = 256
+QUEUED = 512  # in the urgent list
+REMOVED = 1024
+IPV6 = 2048
+EXPORTED = 4096
+END_WAIT = 8192  # an end timer is pending
+
+_CORRELATE_TIMER, _END_TIMER = 0, 1
+
+
+class Flow:
+    """The state of one connection. Slots only; counters in one flat unsigned array."""
+
+    __slots__ = (
+        "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
+        "start", "end", "reason", "tcp_state", "last_seen",
+    )
+
+    def __init__(self, key: tuple[Any, ...], flow_type: int, now: float) -> None:
+        self.key = key
+        self.flow_type = flow_type
+        self.flags = 0
+        # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same]
+        self.c = array("Q", bytes(128))
+        # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
+        self.smeta: tuple[Any, ...] | None = None
+        self.dmeta: tuple[Any, ...] | None = None
+        self.sexp: str | None = None
+        self.dexp: str | None = None
+        self.sdom = 0
+        self.ddom = 0
+        self.start = 0
+        self.end = 0
+        self.reason = 0
+        self.tcp_state = ""
+        self.last_seen = now
+
+    @property
+    def correlation(self) -> str:
+        """How complete the record is: intra-node, external, correlated, uncorrelated or pending."""
+        ft, f = self.flow_type, self.flags
+        if ft == INTRA_NODE or (f & HAS_SRC and f & HAS_DST and ft != INTER_NODE):
+            return "intra-node"
+        if ft in (TO_EXTERNAL, FROM_EXTERNAL):
+            return "external"
+        if f & CORRELATED:
+            return "correlated"
+        if f & LONE:
+            return "uncorrelated"
+        return "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedFlow:
+    """One aggregated record handed to the sinks."""
+
+    record: dict[str, Any]
+    correlation: str  # intra-node | external | correlated | uncorrelated | pending (denied, twin not yet seen)
+    final: bool  # the flow ended or expired: no more records for it
+
+
+@dataclass(slots=True)
+class AggregationStats:
+    records_received: int = 0
+    records_exported: int = 0
+    flows_created: int = 0
+    flows_correlated: int = 0  # inter-node flows whose two halves met in time
+    flows_late_correlated: int = 0  # ...that met only after the lone half was exported
+    flows_uncorrelated: int = 0  # lone halves exported at the correlation timeout
+    flows_expired: int = 0  # removed after inactive_timeout
+    flows_ended: int = 0  # removed after their end
+    counter_resets: int = 0
+    dropped_flow_cap: int = 0
+    dropped_invalid: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    """A partial 5-tuple: None matches anything."""
+
+    src_ip: str | None = None
+    dst_ip: str | None = None
+    src_port: int | None = None
+    dst_port: int | None = None
+    protocol: int | None = None
+
+    def matches(self, key: tuple[Any, ...]) -> bool:
+        for want, have in zip((self.src_ip, self.dst_ip, self.src_port, self.dst_port, self.protocol), key):
+            if want is not None and want != have:
+                return False
+        return True
+
+
+class _Interner:
+    """A bounded dict of shared values; cleared when full (live flows keep their references)."""
+
+    __slots__ = ("table", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.table: dict[Any, Any] = {}
+        self.limit = limit
+
+    def __call__(self, value: Any) -> Any:
+        t = self.table
+        got = t.get(value)
+        if got is None:
+            if len(t) >= self.limit:
+                t.clear()
+            t[value] = value
+            return value
+        return got
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == "" or v == 0 or v == "0.0.0.0" or v == "::"
+
+
+class AggregationProcess:
+    """Correlate and aggregate agent records; ``ingest`` them, ``tick`` for exports."""
+
+    def __init__(
+        self,
+        *,
+        export_interval: float = 60.0,
+        correlation_timeout: float = 30.0,
+        inactive_timeout: float = 90.0,
+        max_flows: int = 500_000,
+        start: float = 0.0,
+    ) -> None:
+        if export_interval <= 0 or correlation_timeout <= 0 or inactive_timeout <= 0 or max_flows < 1:
+            raise ValueError("intervals must be positive and max_flows at least 1")
+        self.export_interval = export_interval
+        self.correlation_timeout = correlation_timeout
+        self.inactive_timeout = inactive_timeout
+        self.max_flows = max_flows
+        self.flows: dict[tuple[Any, ...], Flow] = {}
+        self.stats = AggregationStats()
+        self._timers: deque[tuple[float, Flow, int]] = deque()
+        self._urgent: list[Flow] = []
+        self._next_scan = start + export_interval
+        self._intern = _Interner(65536)
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
+        """Take one agent record; False when it was dropped (counted in ``stats``)."""
+        stats = self.stats
+        stats.records_received += 1
+        v6 = "sourceIPv4Address" not in rec
+        try:  # one C-level call for every field an agent record has
+            src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp = (
+                _GET_V6 if v6 else _GET_V4)(rec)
+            meta = _GET_META[v6](rec)
+        except KeyError:  # a record without some of them (a foreign or older exporter)
+            try:
+                (src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp,
+                 meta) = _extract(rec, v6)
+            except ValueError:
+                stats.dropped_invalid += 1
+                return False
+        key = (src_ip, dst_ip, sport, dport, proto)
+        flow = self.flows.get(key)
+        if flow is None:
+            if len(self.flows) >= self.max_flows:
+                stats.dropped_flow_cap += 1
+                return False
+            intern = self._intern
+            key = (intern(src_ip), intern(dst_ip), sport, dport, proto)
+            if not ft:  # a foreign exporter without flowType: guess from what the record knows
+                ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
+            flow = Flow(key, ft, now)
+            if v6:
+                flow.flags = IPV6
+            self.flows[key] = flow
+            stats.flows_created += 1
+            new_flow = True
+        else:
+            new_flow = False
+            if not ft:
+                ft = flow.flow_type
+        flags = flow.flags
+        g = rec.get
+
+        # Which node sent it.
+        if ft == INTER_NODE:
+            if meta[_I_SRC_POD] and meta[_I_DST_POD]:
+                side = SRC  # an agent that knows both Pods: the record is complete
+                ft = INTRA_NODE
+            elif meta[_I_SRC_POD]:
+                side = SRC
+            elif meta[_I_DST_POD]:
+                side = DST
+            elif meta[_I_DST_NODE] and not meta[_I_SRC_NODE]:
+                side = DST
+            else:
+                side = SRC
+        elif ft == FROM_EXTERNAL:
+            side = DST
+        else:
+            side = SRC
+        if ft != flow.flow_type and ft == INTRA_NODE:
+            flow.flow_type = INTRA_NODE
+        o = side * 8
+        seen = SEEN[side]
+
+        # Counters.
+        c = flow.c
+        if pt is None:  # an exporter that sends deltas only
+            dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
+                                g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
+            pt, ot, rpt, rot = c[o] + dp, c[o + 1] + do, c[o + 2] + drp, c[o + 3] + dro
+        elif not flags & seen:
+            dp = g("packetDeltaCount", pt)
+            do = g("octetDeltaCount", ot)
+            drp = g("reversePacketDeltaCount", rpt)
+            dro = g("reverseOctetDeltaCount", rot)
+        else:
+            p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
+            if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
+                dp, do, drp, dro = pt, ot, rpt, rot
+                stats.counter_resets += 1
+            else:
+                dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
+        try:
+            c[o] = pt
+            c[o + 1] = ot
+            c[o + 2] = rpt
+            c[o + 3] = rot
+            c[o + 4] += dp
+            c[o + 5] += do
+            c[o + 6] += drp
+            c[o + 7] += dro
+        except (OverflowError, TypeError):
+            stats.dropped_invalid += 1
+            if new_flow:
+                del self.flows[key]
+            return False
+        changed = dp or do or drp or dro or not flags & seen
+
+        # Kubernetes fields: intern a side's tuple only when it changed.
+        if side:
+            if flow.dmeta != meta:
+                flow.dmeta = self._intern(meta)
+                changed = True
+            flow.dexp = exporter
+            flow.ddom = domain
+        else:
+            if flow.smeta != meta:
+                flow.smeta = self._intern(meta)
+                changed = True
+            flow.sexp = exporter
+            flow.sdom = domain
+
+        # Times and state from the newest record.
+        if end >= flow.end:
+            flow.end = end
+            if start:
+                flow.start = start
+            if reason != flow.reason:
+                flow.reason = reason
+                changed = True
+            if tcp is not None and tcp != flow.tcp_state:
+                flow.tcp_state = self._intern(tcp)
+                changed = True
+        flow.last_seen = now
+        flags |= seen
+        if changed:
+            flags |= DIRTY
+
+        ft = flow.flow_type
+        if ft == INTER_NODE and not flags & CORRELATED:
+            if flags & HAS_SRC and flags & HAS_DST:
+                flags |= CORRELATED | READY
+                if flags & LONE:
+                    stats.flows_late_correlated += 1
+                else:
+                    stats.flows_correlated += 1
+            elif new_flow:
+                self._timers.append((now + self.correlation_timeout, flow, _CORRELATE_TIMER))
+        elif not flags & READY:
+            flags |= READY
+        if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
+            flags |= DENIED | READY
+            if not flags & EXPORTED and not flags & QUEUED:
+                flags |= QUEUED
+                self._urgent.append(flow)
+        if reason in END_REASONS:
+            flags |= ENDED[side]
+            if ft != INTER_NODE or flags & LONE or (flags & ENDED_SRC and flags & ENDED_DST):
+                if not flags & QUEUED:
+                    flags |= QUEUED
+                    self._urgent.append(flow)
+            elif flags & CORRELATED and not flags & END_WAIT:
+                flags |= END_WAIT
+                self._timers.append((now + self.correlation_timeout, flow, _END_TIMER))
+            # else: a lone half waits for its correlation timer, which exports it as final
+        flow.flags = flags
+        return True
+
+    # -------------------------------------------------------------------- tick
+    def tick(self, now: float) -> list[ExportedFlow]:
+        """Everything due at ``now``: expired timers, urgent flows, and the periodic export."""
+        out: list[ExportedFlow] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, flow, what = timers.popleft()
+            f = flow.flags
+            if f & REMOVED:
+                continue
+            if what == _CORRELATE_TIMER:
+                if f & CORRELATED or flow.flow_type != INTER_NODE:
+                    continue
+                flow.flags = f | LONE | READY
+                self.stats.flows_uncorrelated += 1
+                if f & (ENDED_SRC | ENDED_DST):
+                    self._finish(flow, out, ended=True)
+                elif f & DIRTY or not f & EXPORTED:
+                    out.append(self._export(flow, final=False))
+            else:  # the other node never said the flow ended: end it now
+                self._finish(flow, out, ended=True)
+        if self._urgent:
+            urgent, self._urgent = self._urgent, []
+            for flow in urgent:
+                f = flow.flags
+                flow.flags = f & ~QUEUED
+                if f & REMOVED:
+                    continue
+                if f & (ENDED_SRC | ENDED_DST) and (
+                    flow.flow_type != INTER_NODE or f & LONE or (f & ENDED_SRC and f & ENDED_DST)
+                ):
+                    self._finish(flow, out, ended=True)
+                elif not f & EXPORTED:  # a denied flow's first record
+                    out.append(self._export(flow, final=False))
+        if now >= self._next_scan:
+            self._next_scan += self.export_interval
+            if self._next_scan <= now:  # ticks came late: realign instead of bursting
+                self._next_scan = now + self.export_interval
+            out.extend(self._scan(now))
+        return out
+
+    def _scan(self, now: float) -> Iterator[ExportedFlow]:
+        horizon = now - self.inactive_timeout
+        gone: list[Flow] = []
+        for flow in self.flows.values():
+            f = flow.flags
+            if flow.last_seen <= horizon:
+                gone.append(flow)
+            elif f & READY and f & DIRTY:
+                yield self._export(flow, final=False)
+        for flow in gone:
+            f = flow.flags
+            if f & DIRTY or not f & EXPORTED:
+                if flow.flow_type == INTER_NODE and not f & (CORRELATED | LONE):
+                    flow.flags = f | LONE
+                    self.stats.flows_uncorrelated += 1
+                yield self._export(flow, final=True)
+            self._remove(flow, ended=False)
+
+    def _finish(self, flow: Flow, out: list[ExportedFlow], *, ended: bool) -> None:
+        if flow.flags & DIRTY or not flow.flags & EXPORTED:
+            out.append(self._export(flow, final=True))
+        self._remove(flow, ended=ended)
+
+    def _remove(self, flow: Flow, *, ended: bool) -> None:
+        flow.flags |= REMOVED
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        if ended:
+            self.stats.flows_ended += 1
+        else:
+            self.stats.flows_expired += 1
+
+    def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
+        record = build_record(flow)
+        c = flow.c
+        for i in (4, 5, 6, 7, 12, 13, 14, 15):
+            c[i] = 0
+        flow.flags = (flow.flags & ~DIRTY) | EXPORTED
+        self.stats.records_exported += 1
+        return ExportedFlow(record, flow.correlation, final)
+
+    # -------------------------------------------------------------- inspection
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def snapshot(self, flt: FlowFilter | None = None, limit: int | None = None) -> list[ExportedFlow]:
+        """Current records without touching deltas (for the HTTP API)."""
+        out = []
+        for flow in self.flows.values():
+            if flt is None or flt.matches(flow.key):
+                out.append(ExportedFlow(build_record(flow), flow.correlation, False))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def drain(self) -> list[ExportedFlow]:
+        """Export every flow with unexported changes (shutdown), and forget them all."""
+        out = [self._export(f, final=True) for f in self.flows.values() if f.flags & DIRTY]
+        for flow in self.flows.values():
+            flow.flags |= REMOVED
+        self.flows.clear()
+        self._timers.clear()
+        self._urgent.clear()
+        return out
+
+
+_merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_ZERO8 = (0,) * 8
+
+
+def _merged(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bool) -> tuple[Any, ...]:
+    """Both sides' Kubernetes fields merged, each from its owner first (cached: tuples are shared)."""
+    ck = (smeta, dmeta, v6)
+    got = _merge_cache.get(ck)
+    if got is not None:
+        return got
+    defaults = _META_DEFAULTS[v6]
+    out = []
+    for i, default in enumerate(defaults):
+        own, other = (smeta, dmeta) if i < _N_SRC_OWNED else (dmeta, smeta)
+        v = own[i] if own is not None else None
+        if _empty(v) and other is not None and not _empty(other[i]):
+            v = other[i]
+        out.append(default if v is None else v)
+    merged = tuple(out)
+    if len(_merge_cache) >= 65536:
+        _merge_cache.clear()
+    _merge_cache[ck] = merged
+    return merged
+
+
+def build_record(flow: Flow) -> dict[str, Any]:
+    """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order."""
+    f = flow.flags
+    cl = flow.c.tolist()
+    has_src = bool(f & HAS_SRC)
+    has_dst = bool(f & HAS_DST)
+    v6 = bool(f & IPV6)
+    own = cl[0:8] if has_src else cl[8:16]
+    srcc = cl[0:8] if has_src else None
+    dstc = cl[8:16] if has_dst else None
+    if flow.flow_type == INTRA_NODE:  # one node is both the source and the destination node
+        srcc = srcc or dstc
+        dstc = dstc or srcc
+    exporter = (flow.sexp if has_src else flow.dexp) or "0.0.0.0"
+    smeta, dmeta = flow.smeta, flow.dmeta
+    values = (
+        flow.start, flow.end, flow.reason, *flow.key, *own,
+        *_merged(smeta, dmeta, v6),
+        flow.flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
+        *(srcc or _ZERO8), *(dstc or _ZERO8),
+    )
+    return dict(zip(_OUTPUT_NAMES[(v6, ":" in exporter)], values))

@@ -1,0 +1,320 @@
+"""The aggregator's configuration: one YAML file, parsed once, at start, into typed objects.
+
+docs/configuration.md (Aggregator section) is the contract with the operator, which
+renders this file into a ConfigMap; this module implements exactly those keys, with the
+Antrea design's names and defaults. Every value is checked here, so that the rest of the
+aggregator never sees a string where it expects a duration or an address: a bad value
+raises :class:`ConfigError` naming the key, the value and what is allowed, and the
+aggregator refuses to start. Unknown keys are refused too (a typo such as
+``flowExportIntreval`` would otherwise silently keep the default).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from flowscope.durations import DurationError, parse_duration
+from flowscope.ipfix.address import Address, AddressError, parse_address
+
+__all__ = [
+    "AggregatorConfig", "TLSFiles", "IPFIXSinkConfig", "FlowLogSinkConfig", "ClickHouseSinkConfig",
+    "SinksConfig", "ConfigError", "load_config", "parse_config", "parse_listen_address",
+]
+
+TLS_DIR = "/etc/flowscope/tls"
+Transport = Literal["tls", "tcp", "udp"]
+DEFAULT_QUEUE_SIZE = 10_000
+
+
+class ConfigError(ValueError):
+    """A configuration value the aggregator cannot run with; the message names key, value and fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFiles:
+    ca_file: str = f"{TLS_DIR}/ca.crt"
+    cert_file: str = f"{TLS_DIR}/tls.crt"
+    key_file: str = f"{TLS_DIR}/tls.key"
+
+
+@dataclass(frozen=True, slots=True)
+class IPFIXSinkConfig:
+    enabled: bool = False
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class FlowLogSinkConfig:
+    enabled: bool = False
+    path: str = "/var/log/flowscope/flows.jsonl"
+    max_size_mb: float = 100.0
+    max_backups: int = 3
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class ClickHouseSinkConfig:
+    enabled: bool = False
+    address: str = "tcp://clickhouse:9000"
+    database: str = "flowscope"
+    table: str = "flows"
+    commit_interval: float = 8.0
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class SinksConfig:
+    ipfix: IPFIXSinkConfig = field(default_factory=IPFIXSinkConfig)
+    flow_log: FlowLogSinkConfig = field(default_factory=FlowLogSinkConfig)
+    clickhouse: ClickHouseSinkConfig = field(default_factory=ClickHouseSinkConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorConfig:
+    external_collector: Address | None = None  # None: storage sinks only
+    export_interval: float = 60.0
+    transport: Transport = "tls"
+    aggregator_address: str = "flow-aggregator.flow-aggregator.svc"
+    listen_port: int = 4739
+    tls: TLSFiles = field(default_factory=TLSFiles)
+    correlation_timeout: float = 30.0
+    inactive_timeout: float = 90.0
+    max_flows: int = 500_000
+    api_address: tuple[str, int] | None = ("0.0.0.0", 10348)  # None: no HTTP API / metrics
+    sinks: SinksConfig = field(default_factory=SinksConfig)
+
+
+_TOP_KEYS = (
+    "externalFlowCollectorAddr", "flowExportInterval", "aggregatorTransportProtocol",
+    "flowAggregatorAddress", "listenPort", "tls", "correlationTimeout", "inactiveFlowTimeout",
+    "maxFlows", "apiAddress", "sinks",
+)
+_TLS_KEYS = ("caFile", "certFile", "keyFile")
+_SINK_KEYS = {
+    "ipfix": ("enabled", "queueSize"),
+    "flowLog": ("enabled", "path", "maxSizeMB", "maxBackups", "queueSize"),
+    "clickhouse": ("enabled", "address", "database", "table", "commitInterval", "queueSize"),
+}
+
+
+def _check_keys(section: Mapping[str, Any], allowed: tuple[str, ...], prefix: str) -> None:
+    for key in section:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f'; did you mean "{prefix}{close[0]}"?' if close else f"; allowed keys: {', '.join(allowed)}"
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+
+
+def _section(raw: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: {value!r} must be a mapping of keys to values")
+    return value
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} must be true or false")
+    return value
+
+
+def _int(value: Any, name: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: {value!r} must be a whole number")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{name}: {value} is out of range; it must be {allowed}")
+    return value
+
+
+def _str(value: Any, name: str, *, empty_ok: bool = False) -> str:
+    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+        raise ConfigError(f"{name}: {value!r} must be a non-empty string")
+    return value.strip()
+
+
+def _duration(value: Any, name: str, minimum: float) -> float:
+    try:
+        seconds = parse_duration(value, field=name)
+    except DurationError as exc:
+        raise ConfigError(str(exc)) from None
+    if seconds < minimum:
+        from flowscope.durations import format_duration
+
+        raise ConfigError(f"{name}: {value!r} is below the {format_duration(minimum)} minimum")
+    return seconds
+
+
+def parse_listen_address(text: Any, name: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (IPv6 host in brackets) for a listening socket; empty disables it."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    hint = 'write it as HOST:PORT, e.g. "0.0.0.0:10348" or "[::]:10348", or "" to disable'
+    if not isinstance(text, str):
+        raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
+    s = text.strip()
+    if s.startswith("["):
+        host, sep, port_s = s[1:].partition("]:")
+        if not sep:
+            raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
+    else:
+        host, sep, port_s = s.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
+    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
+        raise ConfigError(f"{name}: port {port_s!r} in {text!r} must be a number from 0 to 65535")
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ConfigError(f"{name}: host {host!r} in {text!r} must be an IP address; {hint}") from None
+    return (host or "0.0.0.0", int(port_s))
+
+
+def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
+    """Check every key of the aggregator YAML and build the typed configuration."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"the configuration must be a YAML mapping of keys to values, not {type(raw).__name__}")
+    _check_keys(raw, _TOP_KEYS, "")
+    d = AggregatorConfig()
+
+    collector: Address | None = None
+    addr = raw.get("externalFlowCollectorAddr", "")
+    if addr is None:
+        addr = ""
+    if not isinstance(addr, str):
+        raise ConfigError(f"externalFlowCollectorAddr: {addr!r} must be a string like \"10.0.0.5:4739:tcp\"")
+    if addr.strip():
+        try:
+            collector = parse_address(addr, default_protocol="tcp", field="externalFlowCollectorAddr")
+        except AddressError as exc:
+            raise ConfigError(str(exc)) from None
+        if collector.protocol == "tls":
+            raise ConfigError(
+                f"externalFlowCollectorAddr: protocol tls in {addr!r} is not supported for the external "
+                "collector; use tcp or udp (the design's <IP>:<port>[:<proto>] with proto tcp or udp)"
+            )
+
+    export_interval = d.export_interval
+    if "flowExportInterval" in raw:
+        export_interval = _duration(raw["flowExportInterval"], "flowExportInterval", 1.0)
+
+    transport: Transport = d.transport
+    if "aggregatorTransportProtocol" in raw:
+        t = raw["aggregatorTransportProtocol"]
+        if not isinstance(t, str) or t.strip().lower() not in ("tls", "tcp", "udp"):
+            raise ConfigError(
+                f"aggregatorTransportProtocol: {t!r} is not one of tls, tcp, udp "
+                "(it must match the protocol of the agents' flowCollectorAddr)"
+            )
+        transport = t.strip().lower()  # type: ignore[assignment]
+
+    agg_address = d.aggregator_address
+    if "flowAggregatorAddress" in raw:
+        agg_address = _str(raw["flowAggregatorAddress"], "flowAggregatorAddress")
+
+    listen_port = d.listen_port
+    if "listenPort" in raw:
+        listen_port = _int(raw["listenPort"], "listenPort", 0, 65535)
+
+    tls_raw = _section(raw, "tls", "tls")
+    _check_keys(tls_raw, _TLS_KEYS, "tls.")
+    tls = TLSFiles(
+        ca_file=_str(tls_raw.get("caFile", d.tls.ca_file), "tls.caFile"),
+        cert_file=_str(tls_raw.get("certFile", d.tls.cert_file), "tls.certFile"),
+        key_file=_str(tls_raw.get("keyFile", d.tls.key_file), "tls.keyFile"),
+    )
+
+    correlation = d.correlation_timeout
+    if "correlationTimeout" in raw:
+        correlation = _duration(raw["correlationTimeout"], "correlationTimeout", 1.0)
+    inactive = d.inactive_timeout
+    if "inactiveFlowTimeout" in raw:
+        inactive = _duration(raw["inactiveFlowTimeout"], "inactiveFlowTimeout", 1.0)
+    max_flows = d.max_flows
+    if "maxFlows" in raw:
+        max_flows = _int(raw["maxFlows"], "maxFlows", 1)
+
+    api = d.api_address
+    if "apiAddress" in raw:
+        api = parse_listen_address(raw["apiAddress"], "apiAddress")
+
+    sinks = _parse_sinks(_section(raw, "sinks", "sinks"), collector, addr)
+    return AggregatorConfig(
+        external_collector=collector, export_interval=export_interval, transport=transport,
+        aggregator_address=agg_address, listen_port=listen_port, tls=tls,
+        correlation_timeout=correlation, inactive_timeout=inactive, max_flows=max_flows,
+        api_address=api, sinks=sinks,
+    )
+
+
+def _parse_sinks(raw: Mapping[str, Any], collector: Address | None, addr: str) -> SinksConfig:
+    _check_keys(raw, tuple(_SINK_KEYS), "sinks.")
+    sections = {}
+    for name, keys in _SINK_KEYS.items():
+        sec = _section(raw, name, f"sinks.{name}")
+        _check_keys(sec, keys, f"sinks.{name}.")
+        sections[name] = sec
+
+    def queue(sec: Mapping[str, Any], name: str) -> int:
+        return _int(sec.get("queueSize", DEFAULT_QUEUE_SIZE), f"sinks.{name}.queueSize", 1)
+
+    ip = sections["ipfix"]
+    ipfix_enabled = _bool(ip.get("enabled", collector is not None), "sinks.ipfix.enabled")
+    if ipfix_enabled and collector is None:
+        raise ConfigError(
+            f"sinks.ipfix.enabled: true needs externalFlowCollectorAddr, which is {addr!r}; "
+            "set the collector address or disable the IPFIX sink"
+        )
+    ipfix = IPFIXSinkConfig(enabled=ipfix_enabled, queue_size=queue(ip, "ipfix"))
+
+    fl = sections["flowLog"]
+    fd = FlowLogSinkConfig()
+    size = fl.get("maxSizeMB", fd.max_size_mb)
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
+        raise ConfigError(f"sinks.flowLog.maxSizeMB: {size!r} must be a positive number of megabytes")
+    flow_log = FlowLogSinkConfig(
+        enabled=_bool(fl.get("enabled", False), "sinks.flowLog.enabled"),
+        path=_str(fl.get("path", fd.path), "sinks.flowLog.path"),
+        max_size_mb=float(size),
+        max_backups=_int(fl.get("maxBackups", fd.max_backups), "sinks.flowLog.maxBackups", 0),
+        queue_size=queue(fl, "flowLog"),
+    )
+
+    ch = sections["clickhouse"]
+    cd = ClickHouseSinkConfig()
+    commit = cd.commit_interval
+    if "commitInterval" in ch:
+        commit = _duration(ch["commitInterval"], "sinks.clickhouse.commitInterval", 0.001)
+    clickhouse = ClickHouseSinkConfig(
+        enabled=_bool(ch.get("enabled", False), "sinks.clickhouse.enabled"),
+        address=_str(ch.get("address", cd.address), "sinks.clickhouse.address"),
+        database=_str(ch.get("database", cd.database), "sinks.clickhouse.database"),
+        table=_str(ch.get("table", cd.table), "sinks.clickhouse.table"),
+        commit_interval=commit,
+        queue_size=queue(ch, "clickhouse"),
+    )
+    return SinksConfig(ipfix=ipfix, flow_log=flow_log, clickhouse=clickhouse)
+
+
+def load_config(path: str) -> AggregatorConfig:
+    """Read and check the YAML file; every problem becomes a :class:`ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config: {path!r} is not valid YAML: {exc}") from None
+    return parse_config(raw)
