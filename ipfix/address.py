@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 __all__ = ["Address", "AddressError", "parse_address", "IPFIX_PORT", "PROTOCOLS"]
 
@@ -80,5 +80,5 @@ def parse_address(
         p = proto_s.lower()
         if p not in PROTOCOLS:
             raise AddressError(f"{field}: protocol {proto_s!r} in {text!r} is not one of tls, tcp, udp")
-        protocol = cast(Protocol, p)
+        protocol = p
     return Address(host, port, protocol)
