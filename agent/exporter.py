@@ -1,0 +1,157 @@
+"""The Flow Exporter loop: poll conntrack, update the store, enrich, hand records to IPFIX.
+
+This is the thin asynchronous shell around the pure parts (the store decides what to
+export, :mod:`flowscope.agent.records` builds records, :mod:`flowscope.agent.metadata`
+enriches them). One :meth:`FlowExporter.poll_once` is one poll cycle: the conntrack
+dump runs in a worker thread (it blocks on netlink), everything after it on the event
+loop. Records go to a :class:`RecordSink`, the exporting process of flowscope.ipfix in
+production: its ``submit`` never blocks, keeps a bounded backlog while the collector is
+away, and counts what it has to drop; the agent keeps polling either way.
+
+The clock is injected (``clock`` returns epoch seconds) so that tests can drive the
+export deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from flowscope.agent.conntrack import ConntrackError, ConntrackSource
+from flowscope.agent.metadata import Enricher
+from flowscope.agent.metrics import AgentMetrics
+from flowscope.agent.records import build_record
+from flowscope.agent.store import ConnectionStore, FlowExport
+
+__all__ = ["FlowExporter", "RecordSink"]
+
+log = logging.getLogger(__name__)
+
+
+class RecordSink(Protocol):
+    """The part of flowscope.ipfix.process.ExportingProcess the agent uses."""
+
+    def submit(self, template_id: int, records: Sequence[dict[str, Any]]) -> bool: ...
+
+    async def flush(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def stats(self) -> Any: ...
+
+
+class FlowExporter:
+    def __init__(
+        self,
+        *,
+        conntrack: ConntrackSource,
+        sink: RecordSink,
+        enricher: Enricher,
+        active_timeout: float,
+        idle_timeout: float,
+        poll_interval: float,
+        max_connections: int,
+        metrics: AgentMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.conntrack = conntrack
+        self.sink = sink
+        self.enricher = enricher
+        self.poll_interval = poll_interval
+        self.metrics = metrics or AgentMetrics()
+        self.clock = clock
+        self.store = ConnectionStore(
+            active_timeout=active_timeout,
+            idle_timeout=idle_timeout,
+            max_connections=max_connections,
+            is_denied=enricher.is_denied,
+        )
+        self.records_submitted = 0
+        self.records_refused = 0  # submit() answered False: the backlog was full
+        self.polls = 0
+
+    # --- one cycle ------------------------------------------------------------------
+    async def poll_once(self) -> int:
+        """Dump, update, export; returns how many records were handed to the sink."""
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self.conntrack.dump)
+        except (ConntrackError, OSError) as exc:
+            self.metrics.poll_errors.inc()
+            log.error("conntrack dump failed (the agent keeps polling): %s", exc)
+            return 0
+        now = self.clock()
+        exports = self.store.update(result.entries, now)
+        exports += self.store.expire(now)
+        sent = self._submit(exports)
+        self.polls += 1
+        m = self.metrics
+        m.poll_duration.observe(time.perf_counter() - t0)
+        m.conntrack_total.set(result.total)
+        m.tracked.set(len(self.store))
+        m.denied.set(self.store.denied_total)
+        m.connections_dropped.set(self.store.dropped_total)
+        ct_max = self.conntrack.max_entries()
+        if ct_max is not None:
+            m.conntrack_max.set(ct_max)
+        self._sink_metrics()
+        return sent
+
+    def _submit(self, exports: list[FlowExport]) -> int:
+        if not exports:
+            return 0
+        by_template: dict[int, list[dict[str, Any]]] = {}
+        enrich = self.enricher.enrich
+        for fe in exports:
+            tid, rec = build_record(fe, enrich(fe.entry))
+            by_template.setdefault(tid, []).append(rec)
+        sent = 0
+        for tid, recs in by_template.items():
+            if self.sink.submit(tid, recs):
+                sent += len(recs)
+            else:
+                self.records_refused += len(recs)
+        self.records_submitted += sent
+        self.metrics.records_exported.inc(sent)
+        return sent
+
+    def _sink_metrics(self) -> None:
+        stats = getattr(self.sink, "stats", None)
+        if stats is None:
+            return
+        m = self.metrics
+        get = stats.get if isinstance(stats, dict) else lambda k, d=0: getattr(stats, k, d)
+        m.reconnections.set(get("reconnects", 0))
+        m.records_dropped.set(get("records_dropped", 0) or self.records_refused)
+        m.exporter_connected.set(1 if get("connected", False) else 0)
+
+    # --- the daemon ----------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every poll interval until ``stop`` is set; then final exports and close."""
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                await self.poll_once()
+                delay = max(0.0, self.poll_interval - (time.monotonic() - started))
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Export every live connection with flowEndReason 4 (forced end), flush, close."""
+        self._submit(self.store.flush(self.clock()))
+        try:
+            await asyncio.wait_for(self.sink.flush(), timeout=10.0)
+        except (asyncio.TimeoutError, OSError) as exc:
+            log.warning("could not flush the last records to the collector: %s", exc)
+        await self.sink.close()
+        self._sink_metrics()
+        self.conntrack.close()
