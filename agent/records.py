@@ -25,36 +25,17 @@ from typing import Any
 from flowscope.agent.metadata import Enrichment
 from flowscope.agent.store import FlowExport
 from flowscope.ipfix import Registry, Template
+from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
 
 __all__ = ["IPV4_TEMPLATE_ID", "IPV6_TEMPLATE_ID", "FIELDS_IPV4", "FIELDS_IPV6", "templates", "build_record"]
 
 IPV4_TEMPLATE_ID = 256
 IPV6_TEMPLATE_ID = 257
 
-_COMMON_HEAD = ("flowStartSeconds", "flowEndSeconds", "flowEndReason")
-_COMMON_TAIL = (
-    "sourceTransportPort", "destinationTransportPort", "protocolIdentifier",
-    "packetTotalCount", "octetTotalCount", "packetDeltaCount", "octetDeltaCount",
-    "reversePacketTotalCount", "reverseOctetTotalCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
-    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName",
-    "sourceNodeName", "destinationNodeName",
-)
-_SERVICE_TAIL = (
-    "destinationServicePort", "destinationServicePortName",
-    "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
-    "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
-    "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
-    "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
-    "tcpState", "flowType",
-)
-FIELDS_IPV4 = (
-    _COMMON_HEAD + ("sourceIPv4Address", "destinationIPv4Address") + _COMMON_TAIL
-    + ("destinationClusterIPv4",) + _SERVICE_TAIL
-)
-FIELDS_IPV6 = (
-    _COMMON_HEAD + ("sourceIPv6Address", "destinationIPv6Address") + _COMMON_TAIL
-    + ("destinationClusterIPv6",) + _SERVICE_TAIL
-)
+# The shared field lists (fixed-length first, strings last), so that the aggregator and
+# the conformance tests agree with what the agent sends.
+FIELDS_IPV4 = AGENT_IPV4_FIELDS
+FIELDS_IPV6 = AGENT_IPV6_FIELDS
 
 
 def templates(registry: Registry | None = None) -> list[Template]:
