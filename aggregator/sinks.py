@@ -1,0 +1,306 @@
+"""Where aggregated records go: one small interface, a bounded queue in front of each sink.
+
+A :class:`Sink` receives batches of :class:`~flowscope.aggregator.aggregation.ExportedFlow`
+(the aggregated record dict plus how complete it is and whether it is the flow's last).
+It knows nothing of correlation, and correlation knows nothing of sinks: a new store
+(the ClickHouse sink of the collector, for instance) implements ``start``, ``write`` and
+``close`` and plugs in through :func:`flowscope.aggregator.service.FlowAggregator`'s
+``sinks`` argument without touching anything else. A sink that buffers (ClickHouse
+commits every ``commitInterval``) does so inside ``write``/``close``.
+
+:class:`QueuedSink` is what keeps one slow sink from stalling collection: ``offer`` never
+blocks; it appends to a bounded queue (in records) that a worker task drains into the
+sink, and counts what did not fit (``dropped``) and what the sink failed to take
+(``failed``). Nothing is lost silently.
+
+Two sinks live here: :class:`IPFIXSink` (the design's exporting process to
+``externalFlowCollectorAddr``) and :class:`FlowLogSink` (JSON lines with size-based
+rotation, written by :class:`FlowLogWriter`, which is plain synchronous code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .aggregation import ExportedFlow, output_names
+
+__all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "record_to_json", "TEMPLATE_IDS"]
+
+log = logging.getLogger("flowscope.aggregator.sinks")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination of aggregated records."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def write(self, batch: Sequence[ExportedFlow]) -> None:
+        """Store or send a batch; raise to report a failure (the batch is counted as failed)."""
+
+    async def close(self) -> None:
+        """Flush what is buffered and release resources."""
+
+
+class QueuedSink:
+    """A sink behind its own bounded queue and worker task; ``offer`` never blocks."""
+
+    def __init__(self, sink: Sink, *, queue_size: int, batch_size: int = 1000) -> None:
+        self.sink = sink
+        self.name = sink.name
+        self.queue_size = queue_size
+        self.batch_size = batch_size
+        self._queue: deque[ExportedFlow] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.offered = 0
+        self.written = 0
+        self.dropped = 0  # did not fit in the queue
+        self.failed = 0  # the sink raised while writing them
+        self.last_error: str | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        await self.sink.start()
+        self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
+
+    def offer(self, batch: Sequence[ExportedFlow]) -> int:
+        """Queue what fits, count the rest as dropped; returns how many were queued."""
+        self.offered += len(batch)
+        room = self.queue_size - len(self._queue)
+        take = batch if len(batch) <= room else batch[: max(room, 0)]
+        if len(take) < len(batch):
+            lost = len(batch) - len(take)
+            if not self.dropped:
+                log.warning("sink %s: queue full (%d records); dropping and counting", self.name, self.queue_size)
+            self.dropped += lost
+        if take:
+            self._queue.extend(take)
+            self._idle.clear()
+            self._wakeup.set()
+        return len(take)
+
+    async def _run(self) -> None:
+        q = self._queue
+        while True:
+            if not q:
+                self._idle.set()
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            n = min(len(q), self.batch_size)
+            batch = [q.popleft() for _ in range(n)]
+            try:
+                await self.sink.write(batch)
+                self.written += n
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a sink's failure must not stop the others or collection
+                self.failed += n
+                if str(exc) != self.last_error:
+                    log.error("sink %s: write of %d records failed: %s", self.name, n, exc)
+                self.last_error = str(exc)
+                await asyncio.sleep(0)
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the queue is empty (True) or ``timeout`` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drain the queue (within ``timeout``), then close the sink."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                left = len(self._queue)
+                self._task.cancel()
+                self.failed += left
+                self._queue.clear()
+                log.error("sink %s: %d records not written before shutdown", self.name, left)
+            except Exception:  # the worker never raises, but never hang shutdown on it either
+                pass
+        await self.sink.close()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "offered": self.offered, "written": self.written, "dropped": self.dropped,
+            "failed": self.failed, "queued": len(self._queue), "queueSize": self.queue_size,
+        }
+        extra = getattr(self.sink, "stats", None)
+        if callable(extra):
+            out.update(extra())
+        return out
+
+
+def record_to_json(flow: ExportedFlow) -> dict[str, Any]:
+    """A flow log line: the IPFIX record's fields plus how complete it is and whether it is final."""
+    out = {k: (v.hex() if isinstance(v, (bytes, bytearray)) else v) for k, v in flow.record.items()}
+    out["correlation"] = flow.correlation
+    out["final"] = flow.final
+    return out
+
+
+class FlowLogWriter:
+    """Append JSON lines to a file, rotating by size: ``flows.jsonl`` -> ``.1`` -> ... ``.N``.
+
+    ``max_backups`` 0 keeps no old file (the log restarts when it is full). A batch is
+    never split across files; a single batch larger than ``max_bytes`` still goes whole
+    into a fresh file (the cap is about rotation, not about losing records).
+    """
+
+    def __init__(self, path: str, *, max_bytes: int, max_backups: int) -> None:
+        if max_bytes < 1 or max_backups < 0:
+            raise ValueError("max_bytes must be positive and max_backups not negative")
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_backups = max_backups
+        self.rotations = 0
+        self._fh: Any = None
+        self._size = 0
+
+    def _open(self) -> None:
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._fh = open(self.path, "ab")
+        self._size = self._fh.tell()
+
+    def rotate(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.max_backups == 0:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        else:
+            for i in range(self.max_backups - 1, 0, -1):
+                older = f"{self.path}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{i + 1}")
+            if os.path.exists(self.path):
+                os.replace(self.path, f"{self.path}.1")
+        self.rotations += 1
+        self._open()
+
+    def write_lines(self, lines: Sequence[str]) -> int:
+        """Write one JSON document per line; returns the bytes written."""
+        data = "".join(line + "\n" for line in lines).encode()
+        if self._fh is None:
+            self._open()
+        if self._size and self._size + len(data) > self.max_bytes:
+            self.rotate()
+        self._fh.write(data)
+        self._fh.flush()
+        self._size += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class FlowLogSink:
+    """The JSON-lines flow log (``sinks.flowLog``); file IO runs in a worker thread."""
+
+    name = "flowLog"
+
+    def __init__(self, path: str, *, max_size_mb: float, max_backups: int) -> None:
+        self.writer = FlowLogWriter(path, max_bytes=max(1, int(max_size_mb * 1024 * 1024)), max_backups=max_backups)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.writer._open)
+
+    async def write(self, batch: Sequence[ExportedFlow]) -> None:
+        lines = [json.dumps(record_to_json(f), separators=(",", ":")) for f in batch]
+        await asyncio.to_thread(self.writer.write_lines, lines)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.writer.close)
+
+    def stats(self) -> dict[str, Any]:
+        return {"rotations": self.writer.rotations}
+
+
+# Template ids of the aggregated records: (flow is IPv6, exporter is IPv6) -> id.
+TEMPLATE_IDS: dict[tuple[bool, bool], int] = {(False, False): 256, (True, False): 257, (False, True): 258, (True, True): 259}
+
+
+class IPFIXSink:
+    """The design's exporting process: aggregated records over IPFIX to the external collector.
+
+    Templates are announced by the :class:`flowscope.ipfix.process.ExportingProcess`, which
+    resends them on every reconnect and refresh; records go to its own bounded queue, and
+    what it refuses is counted here too (``exporterDropped``).
+    """
+
+    name = "ipfix"
+
+    def __init__(self, address: Any, *, observation_domain_id: int = 0, queue_size: int = 10_000) -> None:
+        self.address = address
+        self.observation_domain_id = observation_domain_id
+        self.queue_size = queue_size
+        self.process: Any = None
+        self.refused = 0
+
+    async def start(self) -> None:
+        from flowscope.ipfix import Template
+        from flowscope.ipfix.process import ExportingProcess
+
+        templates = [Template.build(tid, output_names(v6, e6)) for (v6, e6), tid in TEMPLATE_IDS.items()]
+        self.process = ExportingProcess(
+            self.address, tls=None, templates=templates, observation_domain_id=self.observation_domain_id,
+            queue_size=self.queue_size,
+        )
+        await self.process.start()
+
+    async def write(self, batch: Sequence[ExportedFlow]) -> None:
+        groups: dict[int, list[dict[str, Any]]] = {}
+        for f in batch:
+            rec = f.record
+            tid = TEMPLATE_IDS[("sourceIPv6Address" in rec, "originalExporterIPv6Address" in rec)]
+            groups.setdefault(tid, []).append(rec)
+        for tid, records in groups.items():
+            if not self.process.submit(tid, records):
+                self.refused += len(records)
+
+    async def close(self) -> None:
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.process.flush(), 5.0)
+            except (TimeoutError, OSError):
+                log.warning("ipfix sink: could not flush to %s before shutdown", self.address)
+            await self.process.close()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"exporterRefused": self.refused}
+        st = getattr(self.process, "stats", None)
+        if st is not None:
+            for name in ("records_sent", "records_dropped", "reconnects", "connected"):
+                if hasattr(st, name):
+                    out[name] = getattr(st, name)
+                elif isinstance(st, dict) and name in st:
+                    out[name] = st[name]
+        return out
