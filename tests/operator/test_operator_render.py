@@ -284,7 +284,7 @@ def test_render_cli_prints_manifests_and_refuses_bad_input(tmp_path):
     assert a.stdout == b.stdout  # deterministic without secrets, fit for GitOps diffs
     docs = list(yaml.safe_load_all(a.stdout))
     assert not [d for d in docs if d["kind"] == "Secret" and "managed-by" in str(d["metadata"])]
-    full = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/aggregator-tls.yaml")], capture_output=True,
+    full = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/01-aggregator-tls.yaml")], capture_output=True,
                           text=True)
     secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all(full.stdout) if d["kind"] == "Secret"}
     assert set(secrets) == {"flow-aggregator-ca", "flow-aggregator-server-tls", "flow-aggregator-client-tls"}
@@ -295,5 +295,5 @@ def test_render_cli_prints_manifests_and_refuses_bad_input(tmp_path):
     assert res.returncode == 1 and res.stdout == ""
     assert "FlowAggregator ns/fa: spec.transport: 'sctp' is not one of tls, tcp, udp" in res.stderr
     assert "spec.flowExportInterval: '1ms' is below the 1s minimum" in res.stderr
-    orphan = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/agents.yaml")], capture_output=True, text=True)
+    orphan = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/02-agents.yaml")], capture_output=True, text=True)
     assert orphan.returncode == 1 and "pass its file with another -f" in orphan.stderr
