@@ -364,17 +364,20 @@ class Decoder:
         options = set_id == OPTIONS_TEMPLATE_SET_ID
         head = 6 if options else 4
         lookup = self.registry.lookup
-        while end - off >= head:
-            if options:
-                template_id, count, scope = struct.unpack_from("!HHH", data, off)
-            else:
-                template_id, count = struct.unpack_from("!HH", data, off)
-                scope = 0
+        while end - off >= 4:  # anything shorter is padding
+            template_id, count = struct.unpack_from("!HH", data, off)
+            if template_id == 0 and not any(data[off:end]):
+                break  # zero padding at the end of the set (RFC 7011 3.3.1)
             if count == 0:
                 # A withdrawal has the 4-octet header even in an options template set.
                 off += 4
                 self._withdraw(set_id, template_id, state, ts, msg)
                 continue
+            scope = 0
+            if options:
+                if end - off < head:
+                    raise MalformedMessage(f"options template {template_id} is truncated before its scope count")
+                (scope,) = struct.unpack_from("!H", data, off + 4)
             if template_id < MIN_DATA_SET_ID:
                 raise MalformedMessage(f"template id {template_id} is reserved (ids start at 256)")
             if options and not 1 <= scope <= count:
