@@ -82,6 +82,7 @@ class AggregatorConfig:
     transport: Transport = "tls"
     aggregator_address: str = "flow-aggregator.flow-aggregator.svc"
     listen_port: int = 4739
+    listen_host: str = "0.0.0.0"
     tls: TLSFiles = field(default_factory=TLSFiles)
     correlation_timeout: float = 30.0
     inactive_timeout: float = 90.0
@@ -92,7 +93,7 @@ class AggregatorConfig:
 
 _TOP_KEYS = (
     "externalFlowCollectorAddr", "flowExportInterval", "aggregatorTransportProtocol",
-    "flowAggregatorAddress", "listenPort", "tls", "correlationTimeout", "inactiveFlowTimeout",
+    "flowAggregatorAddress", "listenPort", "listenAddress", "tls", "correlationTimeout", "inactiveFlowTimeout",
     "maxFlows", "apiAddress", "sinks",
 )
 _TLS_KEYS = ("caFile", "certFile", "keyFile")
@@ -228,6 +229,17 @@ def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
     if "listenPort" in raw:
         listen_port = _int(raw["listenPort"], "listenPort", 0, 65535)
 
+    listen_host = d.listen_host
+    if "listenAddress" in raw:
+        host = _str(raw["listenAddress"], "listenAddress").strip("[]")
+        try:
+            listen_host = str(ipaddress.ip_address(host))
+        except ValueError:
+            raise ConfigError(
+                f"listenAddress: {raw['listenAddress']!r} must be an IP address to listen on, "
+                'e.g. "0.0.0.0" (all IPv4) or "::" (all IPv6)'
+            ) from None
+
     tls_raw = _section(raw, "tls", "tls")
     _check_keys(tls_raw, _TLS_KEYS, "tls.")
     tls = TLSFiles(
@@ -253,7 +265,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
     sinks = _parse_sinks(_section(raw, "sinks", "sinks"), collector, addr)
     return AggregatorConfig(
         external_collector=collector, export_interval=export_interval, transport=transport,
-        aggregator_address=agg_address, listen_port=listen_port, tls=tls,
+        aggregator_address=agg_address, listen_port=listen_port, listen_host=listen_host, tls=tls,
         correlation_timeout=correlation, inactive_timeout=inactive, max_flows=max_flows,
         api_address=api, sinks=sinks,
     )

@@ -28,9 +28,9 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .aggregation import ExportedFlow, output_names
+from .aggregation import ExportedFlow
 
-__all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "record_to_json", "TEMPLATE_IDS"]
+__all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "record_to_json", "TEMPLATE_IDS", "template_names"]
 
 log = logging.getLogger("flowscope.aggregator.sinks")
 
@@ -244,6 +244,20 @@ class FlowLogSink:
         return {"rotations": self.writer.rotations}
 
 
+def template_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """The aggregated record's template: the shared Antrea field list (fixed fields first, strings last).
+
+    The exporter's address is originalExporterIPv4Address, or ...IPv6Address for an agent
+    that reached the aggregator over IPv6.
+    """
+    from flowscope.ipfix.antrea import aggregator_fields
+
+    names = aggregator_fields(6 if ipv6 else 4)
+    if exporter_ipv6:
+        names = tuple("originalExporterIPv6Address" if n == "originalExporterIPv4Address" else n for n in names)
+    return names
+
+
 # Template ids of the aggregated records: (flow is IPv6, exporter is IPv6) -> id.
 TEMPLATE_IDS: dict[tuple[bool, bool], int] = {(False, False): 256, (True, False): 257, (False, True): 258, (True, True): 259}
 
@@ -269,7 +283,7 @@ class IPFIXSink:
         from flowscope.ipfix import Template
         from flowscope.ipfix.process import ExportingProcess
 
-        templates = [Template.build(tid, output_names(v6, e6)) for (v6, e6), tid in TEMPLATE_IDS.items()]
+        templates = [Template.build(tid, template_names(v6, e6)) for (v6, e6), tid in TEMPLATE_IDS.items()]
         self.process = ExportingProcess(
             self.address, tls=None, templates=templates, observation_domain_id=self.observation_domain_id,
             queue_size=self.queue_size,

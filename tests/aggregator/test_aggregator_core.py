@@ -348,3 +348,15 @@ def test_memory_stays_flat_at_the_cap():
     tracemalloc.stop()
     assert agg.stats.dropped_flow_cap == 10000
     assert grown < 50_000, grown
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("e6", [False, True])
+def test_aggregated_record_has_exactly_the_shared_template_fields(v6, e6):
+    from flowscope.aggregator.sinks import template_names
+    from flowscope.ipfix.antrea import agent_fields
+
+    names = template_names(v6, e6)
+    assert sorted(output_names(v6, e6)) == sorted(names)
+    # every agent element is kept
+    assert set(agent_fields(6 if v6 else 4)) <= set(names)

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the Flow Aggregator, read from the counters the components already keep.
+
+The hot path never touches prometheus_client: the aggregation process, the sinks and the
+collecting side count in plain integers, and :class:`AggregatorCollector` turns them into
+metric families when ``/metrics`` is scraped. Metric names are prefixed
+``flowscope_aggregator_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["AggregatorCollector", "make_registry"]
+
+P = "flowscope_aggregator_"
+
+
+class AggregatorCollector(Collector):
+    """Builds every metric from ``snapshot()``, a dict the aggregator service assembles."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        s = self.snapshot()
+        agg = s["aggregation"]
+
+        by_exporter = CounterMetricFamily(
+            P + "records_received", "Agent records received, per exporting agent address.", labels=["exporter"])
+        for exporter, n in sorted(s["received_by_exporter"].items()):
+            by_exporter.add_metric([exporter], n)
+        yield by_exporter
+        yield GaugeMetricFamily(P + "flows", "Flows held in the flow store.", value=s["flows"])
+        yield GaugeMetricFamily(P + "flows_max", "Cap on flows held (maxFlows).", value=s["max_flows"])
+        yield GaugeMetricFamily(
+            P + "exporters_connected", "Agents connected to the collecting process (or heard from recently over UDP).",
+            value=s["exporters_connected"])
+
+        exported = CounterMetricFamily(
+            P + "records_exported", "Aggregated records written by each sink.", labels=["sink"])
+        for name, st in sorted(s["sinks"].items()):
+            exported.add_metric([name], st["written"])
+        yield exported
+        yield CounterMetricFamily(
+            P + "records_aggregated", "Aggregated records produced for the sinks.", value=agg["records_exported"])
+
+        corr = CounterMetricFamily(
+            P + "flows_correlation", "Inter-node flows by correlation outcome: correlated (both halves met in "
+            "time), late (met after the lone half was exported), uncorrelated (exported alone).", labels=["outcome"])
+        corr.add_metric(["correlated"], agg["flows_correlated"])
+        corr.add_metric(["late"], agg["flows_late_correlated"])
+        corr.add_metric(["uncorrelated"], agg["flows_uncorrelated"])
+        yield corr
+
+        removed = CounterMetricFamily(P + "flows_removed", "Flows removed from the store, by why.", labels=["reason"])
+        removed.add_metric(["ended"], agg["flows_ended"])
+        removed.add_metric(["inactive"], agg["flows_expired"])
+        yield removed
+        yield CounterMetricFamily(
+            P + "counter_resets", "Records whose totals went backwards (5-tuple reused by a new connection).",
+            value=agg["counter_resets"])
+
+        dropped = CounterMetricFamily(
+            P + "records_dropped", "Records dropped, by reason (flow_cap, invalid_record, malformed_message, "
+            "sink_queue_full, sink_error).", labels=["reason"])
+        dropped.add_metric(["flow_cap"], agg["dropped_flow_cap"])
+        dropped.add_metric(["invalid_record"], agg["dropped_invalid"])
+        dropped.add_metric(["malformed_message"], s.get("malformed_messages", 0))
+        dropped.add_metric(["sink_queue_full"], sum(st["dropped"] for st in s["sinks"].values()))
+        dropped.add_metric(["sink_error"], sum(st["failed"] for st in s["sinks"].values()))
+        yield dropped
+
+        sink_dropped = CounterMetricFamily(
+            P + "sink_records_dropped", "Records a sink lost, by sink and reason.", labels=["sink", "reason"])
+        queued = GaugeMetricFamily(P + "sink_queue_length", "Records waiting in each sink's queue.", labels=["sink"])
+        for name, st in sorted(s["sinks"].items()):
+            sink_dropped.add_metric([name, "queue_full"], st["dropped"])
+            sink_dropped.add_metric([name, "error"], st["failed"])
+            queued.add_metric([name], st["queued"])
+        yield sink_dropped
+        yield queued
+
+
+def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AggregatorCollector(snapshot))
+    return registry

@@ -1,0 +1,284 @@
+"""The Flow Aggregator daemon: collecting process -> aggregation -> sinks, plus API and metrics.
+
+This is the thin asynchronous shell around the sans-IO core. :class:`FlowAggregator`
+owns one :class:`~flowscope.aggregator.aggregation.AggregationProcess`, feeds it from
+the IPFIX collecting process (``on_message`` runs on the event loop, one call per
+message, no awaiting), calls ``tick`` once a second with its injected clock, and offers
+what is due to every sink's bounded queue (never blocking collection). On shutdown it
+exports every flow with unexported changes and drains the sinks.
+
+Sinks are built from the configuration (IPFIX to ``externalFlowCollectorAddr``, the
+JSON-lines flow log, ClickHouse when the collector provides it) or passed in; anything
+that implements :class:`~flowscope.aggregator.sinks.Sink` plugs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .aggregation import AggregationProcess, ExportedFlow, FlowFilter
+from .config import AggregatorConfig, ConfigError
+from .sinks import FlowLogSink, IPFIXSink, QueuedSink, Sink
+
+__all__ = ["FlowAggregator", "build_sinks", "exporter_address"]
+
+log = logging.getLogger("flowscope.aggregator")
+
+TICK_INTERVAL = 1.0
+CLICKHOUSE_SINK_MODULE = "flowscope.collector.aggregator_sink"
+
+
+def exporter_address(host: str) -> str:
+    """The agent's address as originalExporterIPv4/IPv6Address: IPv4-mapped IPv6 becomes IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def build_sinks(config: AggregatorConfig) -> list[tuple[Sink, int]]:
+    """The enabled sinks of the configuration, each with its queue size."""
+    out: list[tuple[Sink, int]] = []
+    sc = config.sinks
+    if sc.ipfix.enabled and config.external_collector is not None:
+        out.append((IPFIXSink(config.external_collector, queue_size=sc.ipfix.queue_size), sc.ipfix.queue_size))
+    if sc.flow_log.enabled:
+        fl = sc.flow_log
+        out.append((FlowLogSink(fl.path, max_size_mb=fl.max_size_mb, max_backups=fl.max_backups), fl.queue_size))
+    if sc.clickhouse.enabled:
+        import importlib
+
+        try:
+            module = importlib.import_module(CLICKHOUSE_SINK_MODULE)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                "sinks.clickhouse.enabled: true, but this build has no ClickHouse sink "
+                f"({CLICKHOUSE_SINK_MODULE}: {exc}); disable it or install flowscope[collector]"
+            ) from None
+        out.append((module.make_sink(sc.clickhouse), sc.clickhouse.queue_size))
+    return out
+
+
+class FlowAggregator:
+    """The running aggregator. ``clock`` is monotonic seconds (injected in tests)."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        sinks: Sequence[tuple[Sink, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        tick_interval: float = TICK_INTERVAL,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.tick_interval = tick_interval
+        self.process = AggregationProcess(
+            export_interval=config.export_interval,
+            correlation_timeout=config.correlation_timeout,
+            inactive_timeout=config.inactive_timeout,
+            max_flows=config.max_flows,
+            start=clock(),
+        )
+        pairs = build_sinks(config) if sinks is None else list(sinks)
+        self.sinks = [QueuedSink(sink, queue_size=size) for sink, size in pairs]
+        self.received_by_exporter: dict[str, int] = {}
+        self.exporter_seen: dict[str, float] = {}
+        self.messages = 0
+        self.collecting: Any = None
+        self.api_server: asyncio.Server | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._registry: Any = None
+        self.started_at = clock()
+
+    # ---------------------------------------------------------------- collection
+    def on_message(self, peer: Any, message: Any) -> None:
+        """Collecting process callback: every data record of one IPFIX message."""
+        exporter = exporter_address(peer.host)
+        domain = message.observation_domain_id
+        now = self.clock()
+        ingest = self.process.ingest
+        n = 0
+        for _template, record in message.data_records():
+            ingest(record, exporter, domain, now)
+            n += 1
+        self.messages += 1
+        self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + n
+        self.exporter_seen[exporter] = now
+
+    def ingest_records(self, records: Sequence[dict[str, Any]], exporter: str, domain: int = 0) -> None:
+        """Feed decoded records directly (tests, replays)."""
+        now = self.clock()
+        for record in records:
+            self.process.ingest(record, exporter, domain, now)
+        self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + len(records)
+        self.exporter_seen[exporter] = now
+
+    def tick(self) -> list[ExportedFlow]:
+        """Run the aggregation's timers and hand what is due to every sink; returns it."""
+        out = self.process.tick(self.clock())
+        if out:
+            self._dispatch(out)
+        return out
+
+    def _dispatch(self, out: list[ExportedFlow]) -> None:
+        for sink in self.sinks:
+            sink.offer(out)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self.tick()
+            except Exception:  # never let a bug stop exports; it is logged loudly
+                log.exception("aggregation tick failed")
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self, *, collect: bool = True, api: bool = True, ticker: bool = True) -> None:
+        for sink in self.sinks:
+            await sink.start()
+        if collect:
+            await self._start_collecting()
+        if api and self.config.api_address is not None:
+            from .api import serve
+
+            host, port = self.config.api_address
+            self.api_server = await serve(host, port, self)
+        if ticker:
+            self._ticker = asyncio.create_task(self._tick_loop(), name="aggregator-tick")
+        log.info(
+            "flow aggregator started: collecting %s on port %d, sinks %s, API %s",
+            self.config.transport, self.collecting_port or self.config.listen_port,
+            ", ".join(s.name for s in self.sinks) or "none", self.api_port,
+        )
+
+    async def _start_collecting(self) -> None:
+        from flowscope.ipfix.address import Address
+        from flowscope.ipfix.process import CollectingProcess, TLSConfig
+
+        c = self.config
+        tls = None
+        if c.transport == "tls":
+            for key, path in (("tls.caFile", c.tls.ca_file), ("tls.certFile", c.tls.cert_file),
+                              ("tls.keyFile", c.tls.key_file)):
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise ConfigError(
+                        f"{key}: cannot read {path!r} ({exc.strerror}); aggregatorTransportProtocol tls needs the "
+                        "CA, certificate and key the operator mounts at /etc/flowscope/tls/"
+                    ) from None
+            tls = TLSConfig(cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file)
+        self.collecting = CollectingProcess(
+            Address(c.listen_host, c.listen_port, c.transport), tls=tls, on_message=self.on_message,
+        )
+        await self.collecting.start()
+
+    @property
+    def collecting_port(self) -> int | None:
+        return getattr(self.collecting, "port", None)
+
+    @property
+    def api_port(self) -> int | None:
+        if self.api_server is None or not self.api_server.sockets:
+            return None
+        return int(self.api_server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop collecting, export what changed, drain and close the sinks."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        if self.collecting is not None:
+            await self.collecting.close()
+            self.collecting = None
+        self.tick()
+        final = self.process.drain()
+        if final:
+            self._dispatch(final)
+        for sink in self.sinks:
+            await sink.close()
+        if self.api_server is not None:
+            self.api_server.close()
+            await self.api_server.wait_closed()
+            self.api_server = None
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    # ------------------------------------------------------------ API backend
+    def flow_records(self, flt: FlowFilter, limit: int | None) -> list[ExportedFlow]:
+        return self.process.snapshot(flt, limit)
+
+    def exporters_connected(self) -> int:
+        peers = getattr(self.collecting, "peers", None)
+        if peers is not None and self.config.transport != "udp":
+            try:
+                return len(peers)
+            except TypeError:
+                pass
+        horizon = self.clock() - self.config.inactive_timeout
+        return sum(1 for t in self.exporter_seen.values() if t >= horizon)
+
+    def collecting_stats(self) -> dict[str, Any]:
+        st = getattr(self.collecting, "stats", None)
+        if st is None:
+            return {}
+        if isinstance(st, dict):
+            return dict(st)
+        return {k: getattr(st, k) for k in dir(st) if not k.startswith("_") and isinstance(getattr(st, k), int)}
+
+    def record_metrics(self) -> dict[str, Any]:
+        """antctl-style record metrics, plus the details behind them."""
+        st = self.process.stats
+        coll = self.collecting_stats()
+        return {
+            "numRecordsExported": st.records_exported,
+            "numRecordsReceived": st.records_received,
+            "numFlows": len(self.process),
+            "numConnToCollector": self.exporters_connected(),
+            "numRecordsDropped": st.dropped_flow_cap + st.dropped_invalid,
+            "aggregation": st.as_dict(),
+            "receivedByExporter": dict(self.received_by_exporter),
+            "messagesReceived": self.messages,
+            "collectingProcess": coll,
+            "sinks": {s.name: s.stats() for s in self.sinks},
+        }
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        coll = self.collecting_stats()
+        return {
+            "aggregation": self.process.stats.as_dict(),
+            "flows": len(self.process),
+            "max_flows": self.process.max_flows,
+            "received_by_exporter": dict(self.received_by_exporter),
+            "exporters_connected": self.exporters_connected(),
+            "malformed_messages": int(coll.get("malformed", coll.get("malformed_messages", 0)) or 0),
+            "sinks": {s.name: s.stats() for s in self.sinks},
+        }
+
+    def prometheus(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        if self._registry is None:
+            from .metrics import make_registry
+
+            self._registry = make_registry(self.metrics_snapshot)
+        return bytes(generate_latest(self._registry))
