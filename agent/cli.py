@@ -1,0 +1,121 @@
+"""``flowscope agent``: run the Flow Exporter on this node.
+
+Wiring only: read the configuration (a bad value stops here, with the key, the value
+and what is allowed), switch conntrack accounting on, pick the metadata source, start
+the exporting process and the metrics endpoint, then poll until SIGTERM or SIGINT, at
+which point every live connection gets its final record (flowEndReason 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import zlib
+from typing import Any
+
+log = logging.getLogger("flowscope.agent")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "agent",
+        help="run the Flow Exporter: conntrack -> connection store -> IPFIX",
+        description="Poll the kernel's conntrack table, enrich connections with Kubernetes "
+        "metadata and export them as IPFIX flow records.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="agent YAML configuration (docs/configuration.md)")
+    p.add_argument("--check", action="store_true", help="validate the configuration and the metadata source, then exit")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run_agent)
+
+
+def _metadata(cfg: Any) -> Any:
+    from flowscope.agent.metadata import NoMetadata, StaticMetadata
+
+    if cfg.metadata.source == "static":
+        return StaticMetadata(cfg.metadata.static_file)
+    if cfg.metadata.source == "kubernetes":
+        from flowscope.agent.kube import KubernetesMetadata
+
+        return KubernetesMetadata(node_name=cfg.node_name, watch_remote_pods=cfg.metadata.watch_remote_pods)
+    return NoMetadata()
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from flowscope.agent.config import ConfigError, load_config
+    from flowscope.agent.metadata import MetadataError
+
+    try:
+        cfg = load_config(args.config)
+        metadata = _metadata(cfg)
+    except (ConfigError, MetadataError) as exc:
+        print(f"flowscope agent: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"configuration OK: node {cfg.node_name}, collector {cfg.flow_collector}, metadata {cfg.metadata.source}")
+        return 0
+    import asyncio
+
+    return asyncio.run(_serve(cfg, metadata))
+
+
+async def _serve(cfg: Any, metadata: Any) -> int:
+    import asyncio
+    import signal
+
+    from flowscope.agent.conntrack import ConntrackError, NetlinkConntrack, enable_accounting
+    from flowscope.agent.exporter import FlowExporter
+    from flowscope.agent.metadata import Enricher
+    from flowscope.agent.metrics import AgentMetrics
+    from flowscope.agent.records import templates
+
+    try:
+        from flowscope.ipfix.process import ExportingProcess, TLSConfig
+    except ImportError as exc:
+        print(f"flowscope agent: the IPFIX exporting process is not available ({exc})", file=sys.stderr)
+        return 1
+
+    enable_accounting()
+    try:
+        conntrack = NetlinkConntrack(cfg.conntrack_zones)
+    except (ConntrackError, OSError) as exc:
+        print(f"flowscope agent: cannot open the conntrack netlink socket: {exc}", file=sys.stderr)
+        return 1
+    metrics = AgentMetrics()
+    if cfg.metrics_address is not None:
+        host, port = cfg.metrics_address
+        metrics.serve(host, port)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+    tls = None
+    if cfg.flow_collector.protocol == "tls":
+        tls = TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file, server_name=cfg.tls_server_name)
+    # A stable observation domain per node, so the aggregator tells exporters apart.
+    domain = zlib.crc32(cfg.node_name.encode()) & 0xFFFFFFFF
+    sink = ExportingProcess(
+        cfg.flow_collector, tls=tls, templates=templates(), observation_domain_id=domain,
+        queue_size=cfg.export_queue_size,
+    )
+    metadata.start()
+    await sink.start()
+    exporter = FlowExporter(
+        conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata),
+        active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
+        max_connections=cfg.max_connections, metrics=metrics,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "flow exporter on node %s: collector %s, poll %gs, active %gs, idle %gs",
+        cfg.node_name, cfg.flow_collector, cfg.poll_interval, cfg.active_timeout, cfg.idle_timeout,
+    )
+    try:
+        await exporter.run(stop)
+    finally:
+        metadata.close()
+    return 0
