@@ -96,7 +96,8 @@ else
     say "reusing $ROOTFS_TAR"
 fi
 
-"${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' "$ROOTFS_TAR" "$IMAGE" >/dev/null
+"${PODMAN[@]}" import --change 'CMD ["/bin/bash"]' "$ROOTFS_TAR" "$IMAGE" >/dev/null 2>"$WORK/import.log" ||
+    { cat "$WORK/import.log" >&2; die "podman import failed"; }
 say "image $IMAGE imported"
 
 git clone -q "$REPO" "$WORK/flowscope"
@@ -117,6 +118,7 @@ bash scripts/setup.sh
 echo "fresh-machine: SETUP_SECONDS=$((SECONDS - t0))"
 .venv/bin/flowscope --help
 .venv/bin/python -c "import flowscope.ipfix, flowscope.agent, flowscope.aggregator, flowscope.collector; print(\"imports ok\")"
+t0=$SECONDS
 bash scripts/setup.sh   # a second run must be a quick no-op
 echo "fresh-machine: SECOND_SETUP_SECONDS=$((SECONDS - t0))"
 '
