@@ -161,11 +161,7 @@ class FlowAggregator:
         )
 
     async def _start_collecting(self) -> None:
-        from flowscope.ipfix.address import Address
-        from flowscope.ipfix.process import CollectingProcess, TLSConfig
-
         c = self.config
-        tls = None
         if c.transport == "tls":
             for key, path in (("tls.caFile", c.tls.ca_file), ("tls.certFile", c.tls.cert_file),
                               ("tls.keyFile", c.tls.key_file)):
@@ -177,6 +173,11 @@ class FlowAggregator:
                         f"{key}: cannot read {path!r} ({exc.strerror}); aggregatorTransportProtocol tls needs the "
                         "CA, certificate and key the operator mounts at /etc/flowscope/tls/"
                     ) from None
+        from flowscope.ipfix.address import Address
+        from flowscope.ipfix.process import CollectingProcess, TLSConfig
+
+        tls = None
+        if c.transport == "tls":
             tls = TLSConfig(cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file)
         self.collecting = CollectingProcess(
             Address(c.listen_host, c.listen_port, c.transport), tls=tls, on_message=self.on_message,

@@ -39,7 +39,7 @@ def agent_record(
         "reversePacketTotalCount": rpkts, "reverseOctetTotalCount": roctets,
         "reversePacketDeltaCount": rpkts if drpkts is None else drpkts,
         "reverseOctetDeltaCount": roctets if droctets is None else droctets,
-        f"destinationClusterIP{fam}": "::" if v6 else "0.0.0.0",
+        ("destinationClusterIPv6" if v6 else "destinationClusterIPv4"): "::" if v6 else "0.0.0.0",
         "tcpState": tcp, "flowType": flow_type,
     }
     rec.update(_K8S_EMPTY)

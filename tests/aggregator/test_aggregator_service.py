@@ -1,0 +1,234 @@
+"""The aggregator service fed by two simulated agents through real IPFIX messages (codec level),
+its sinks, its HTTP API over a real loopback socket, its metrics and its CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+from agg_records import NODE_A, NODE_B, T0, agent_record, destination_half, source_half
+
+from flowscope.aggregator.config import parse_config
+from flowscope.aggregator.service import FlowAggregator, exporter_address
+from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names
+from flowscope.ipfix import Decoder, ExportSession, Template
+from flowscope.ipfix.antrea import agent_fields
+
+
+@dataclass
+class Peer:
+    host: str
+    port: int = 40000
+    protocol: str = "tcp"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class ListSink:
+    name = "list"
+
+    def __init__(self) -> None:
+        self.got = []
+
+    async def start(self) -> None:
+        pass
+
+    async def write(self, batch):
+        self.got.extend(batch)
+
+    async def close(self) -> None:
+        pass
+
+
+class Agent:
+    """A simulated agent: its own export session; messages go through the aggregator's decoder."""
+
+    def __init__(self, host: str, domain: int) -> None:
+        self.peer = Peer(host)
+        self.session = ExportSession(domain)
+        self.session.add_template(Template.build(256, agent_fields(4)))
+        self.session.add_template(Template.build(257, agent_fields(6)))
+        self.decoder = Decoder()  # the aggregator's per-session decoder
+        for msg in self.session.encode_templates(export_time=T0):
+            self.decoder.decode(msg)
+
+    def send(self, agg: FlowAggregator, records: list[dict]) -> int:
+        n = 0
+        for fam, tid in ((4, 256), (6, 257)):
+            batch = [r for r in records if ("sourceIPv6Address" in r) == (fam == 6)]
+            if not batch:
+                continue
+            for data in self.session.encode_records(tid, batch, export_time=T0):
+                msg = self.decoder.decode(data)
+                n += msg.record_count
+                agg.on_message(self.peer, msg)
+        return n
+
+
+def make_service(clock, **cfg) -> tuple[FlowAggregator, ListSink]:
+    raw = {"aggregatorTransportProtocol": "tcp", "apiAddress": "127.0.0.1:0", "flowExportInterval": "60s",
+           "correlationTimeout": "30s", "inactiveFlowTimeout": "90s"}
+    raw.update(cfg)
+    sink = ListSink()
+    return FlowAggregator(parse_config(raw), sinks=[(sink, 1000)], clock=clock), sink
+
+
+async def test_two_agents_through_the_codec_to_one_merged_record_and_back_over_ipfix():
+    clock = Clock()
+    agg, sink = make_service(clock)
+    await agg.start(collect=False, api=False, ticker=False)
+    a, b = Agent(NODE_A, 11), Agent(NODE_B, 22)
+    # inter-node (both orders), intra-node on B, to-external from A, IPv6 inter-node
+    a.send(agg, [source_half(sport=1, pkts=5, octets=500), source_half(sport=3, flow_type=3, dst="8.8.8.8",
+                                                                        dport=53, proto=17)])
+    b.send(agg, [destination_half(sport=2, pkts=6, octets=600),
+                 destination_half(sport=1, pkts=4, octets=400),
+                 agent_record(flow_type=1, sport=4, src="10.0.2.3", sourcePodName="x", destinationPodName="y",
+                              sourceNodeName="node-b", destinationNodeName="node-b"),
+                 destination_half(src="fd00::1", dst="fd00::2")])
+    a.send(agg, [source_half(sport=2, pkts=7, octets=700), source_half(src="fd00::1", dst="fd00::2", pkts=3)])
+    assert len(agg.process) == 5
+    clock.t += 60
+    agg.tick()
+    await agg.sinks[0].flush(2.0)
+    by_port = {(e.record["sourceTransportPort"], "sourceIPv6Address" in e.record): e for e in sink.got}
+    assert len(sink.got) == 5
+    e1 = by_port[(1, False)]
+    assert e1.correlation == "correlated"
+    assert (e1.record["packetTotalCountFromSourceNode"], e1.record["packetTotalCountFromDestinationNode"]) == (5, 4)
+    assert (e1.record["originalExporterIPv4Address"], e1.record["originalObservationDomainId"]) == (NODE_A, 11)
+    e2 = by_port[(2, False)]
+    assert (e2.record["sourcePodName"], e2.record["destinationPodName"]) == ("frontend-1", "backend-1")
+    assert (e2.record["octetTotalCountFromSourceNode"], e2.record["octetTotalCountFromDestinationNode"]) == (700, 600)
+    assert by_port[(3, False)].correlation == "external"
+    assert by_port[(4, False)].correlation == "intra-node"
+    assert by_port[(4, False)].record["originalObservationDomainId"] == 22
+    e6 = by_port[(40000, True)]
+    assert e6.correlation == "correlated" and e6.record["destinationIPv6Address"] == "fd00::2"
+    assert (e6.record["packetTotalCountFromSourceNode"], e6.record["packetTotalCountFromDestinationNode"]) == (3, 10)
+
+    # The aggregated records encode with the IPFIX sink's templates and decode back equal.
+    out = ExportSession(0)
+    for (v6, e6_), tid in TEMPLATE_IDS.items():
+        out.add_template(Template.build(tid, template_names(v6, e6_)))
+    dec = Decoder()
+    for data in out.encode_templates(export_time=T0):
+        dec.decode(data)
+    for e in sink.got:
+        tid = TEMPLATE_IDS[("sourceIPv6Address" in e.record, False)]
+        (data,) = out.encode_records(tid, [e.record], export_time=T0)
+        ((_, back),) = list(dec.decode(data).data_records())
+        assert back == e.record
+    assert agg.received_by_exporter == {NODE_A: 4, NODE_B: 4}
+    await agg.close()
+
+
+async def test_close_exports_unexported_changes():
+    clock = Clock()
+    agg, sink = make_service(clock)
+    await agg.start(collect=False, api=False, ticker=False)
+    agg.ingest_records([agent_record(flow_type=3, sourcePodName="p")], NODE_A)
+    await agg.close()
+    assert len(sink.got) == 1 and sink.got[0].final
+
+
+async def test_http_api_and_metrics_and_cli(capsys):
+    clock = Clock()
+    agg, _ = make_service(clock)
+    await agg.start(collect=False, api=True, ticker=False)
+    try:
+        agg.ingest_records([source_half(sport=1), source_half(sport=2, proto=17)], NODE_A, 3)
+        agg.ingest_records([destination_half(sport=1)], NODE_B, 4)
+        base = f"http://127.0.0.1:{agg.api_port}"
+
+        def get(path):
+            with urllib.request.urlopen(base + path, timeout=5) as r:
+                return r.status, r.headers.get("Content-Type"), r.read()
+
+        status, ctype, body = await asyncio.to_thread(get, "/flowrecords?proto=udp")
+        assert status == 200 and ctype == "application/json"
+        recs = json.loads(body)["flowRecords"]
+        assert [(r["sourceTransportPort"], r["protocolIdentifier"]) for r in recs] == [(2, 17)]
+        status, _, body = await asyncio.to_thread(get, "/flowrecords?srcport=1&dstip=10.0.2.7")
+        (r,) = json.loads(body)["flowRecords"]
+        assert (r["correlation"], r["sourcePodName"], r["destinationPodName"]) == ("correlated", "frontend-1",
+                                                                                   "backend-1")
+        status, _, body = await asyncio.to_thread(get, "/recordmetrics")
+        m = json.loads(body)
+        assert (m["numRecordsReceived"], m["numFlows"], m["numRecordsExported"]) == (3, 2, 0)
+        assert m["receivedByExporter"] == {NODE_A: 2, NODE_B: 1}
+        assert m["numConnToCollector"] == 2
+
+        def get_error(path):
+            try:
+                urllib.request.urlopen(base + path, timeout=5)
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())["error"]
+
+        assert await asyncio.to_thread(get_error, "/flowrecords?srcport=99999") == (
+            400, "srcport: '99999' must be a port number from 0 to 65535")
+        assert (await asyncio.to_thread(get_error, "/flowrecords?bogus=1"))[0] == 400
+        assert (await asyncio.to_thread(get_error, "/nothing"))[0] == 404
+
+        status, ctype, body = await asyncio.to_thread(get, "/metrics")
+        text = body.decode()
+        assert ctype.startswith("text/plain")
+        assert f'flowscope_aggregator_records_received_total{{exporter="{NODE_A}"}} 2.0' in text
+        assert "flowscope_aggregator_flows 2.0" in text
+        assert 'flowscope_aggregator_flows_correlation_total{outcome="correlated"} 1.0' in text
+        assert 'flowscope_aggregator_records_dropped_total{reason="flow_cap"} 0.0' in text
+        assert "flowscope_aggregator_exporters_connected 2.0" in text
+
+        # the CLI, against the same API
+        from flowscope.cli import main
+
+        rc = await asyncio.to_thread(main, ["aggregator", "flowrecords", "--server", base, "--srcport", "1",
+                                            "-o", "json"])
+        assert rc == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert [p["sourceTransportPort"] for p in printed] == [1]
+        rc = await asyncio.to_thread(main, ["aggregator", "flowrecords", "--server", base])
+        table = capsys.readouterr().out.splitlines()
+        assert rc == 0 and table[0].split()[:3] == ["SRC", "DST", "PROTO"] and len(table) == 3
+        assert any("shop/frontend-1" in ln and "shop/backend-1" in ln and "correlated" in ln for ln in table)
+        rc = await asyncio.to_thread(main, ["aggregator", "recordmetrics", "--server", base, "-o", "yaml"])
+        import yaml
+
+        assert rc == 0 and yaml.safe_load(capsys.readouterr().out)["numFlows"] == 2
+        with pytest.raises(SystemExit, match="proto: 'bogus' is not a protocol"):
+            await asyncio.to_thread(main, ["aggregator", "flowrecords", "--server", base, "--proto", "bogus"])
+    finally:
+        await agg.close()
+
+
+def test_cli_refuses_a_bad_config_naming_the_key(tmp_path, capsys):
+    from flowscope.cli import main
+
+    path = tmp_path / "a.yaml"
+    path.write_text("flowExportInterval: 100ms\n")
+    assert main(["aggregator", "--config", str(path)]) == 2
+    assert "flowExportInterval: '100ms' is below the 1s minimum" in capsys.readouterr().err
+
+
+async def test_missing_tls_files_name_the_key(tmp_path):
+    cfg = parse_config({"tls": {"caFile": str(tmp_path / "nope.crt")}, "apiAddress": ""})
+    agg = FlowAggregator(cfg, sinks=[])
+    from flowscope.aggregator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"tls.caFile: cannot read .*nope.crt"):
+        await agg._start_collecting()
+
+
+def test_exporter_address_unmaps_ipv4_in_ipv6():
+    assert exporter_address("::ffff:192.168.10.1") == "192.168.10.1"
+    assert exporter_address("fd00::0001") == "fd00::1"
+    assert exporter_address("10.0.0.1") == "10.0.0.1"
