@@ -1,0 +1,986 @@
+"""IPFIX collecting and exporting processes over UDP, TCP and TLS (RFC 7011 section 10), asyncio.
+
+The codec (``codec.py``) knows bytes and messages; this module knows sockets, time and
+failure. It is deliberately thin: each transport session owns one codec object
+(:class:`~flowscope.ipfix.codec.Decoder` on the collecting side,
+:class:`~flowscope.ipfix.codec.ExportSession` on the exporting side), and everything
+else here is about which session a byte belongs to, when templates are (re)sent or
+expire, and how the process survives peers that misbehave or vanish.
+
+Theory of operation, collecting side. One :class:`CollectingProcess` listens on one
+address with one protocol. A *transport session* is a TCP or TLS connection, or, for
+UDP, the stream of datagrams from one (address, port) of a peer (RFC 7011 section 10.3.3).
+Each session gets its own :class:`Decoder`, so templates are scoped per (session,
+observation domain) as section 8 wants. Every decoded message goes to ``on_message``
+with the :class:`Peer` it came from. Limits keep a peer from exhausting memory: a message
+is at most 65535 octets, a session holds at most ``max_templates`` templates, and at most
+``max_sessions`` sessions exist at once (new ones past the cap are refused and counted).
+A malformed message is counted and logged with the peer's address; over TCP and TLS the
+session is closed (the stream cannot be trusted to resynchronise), over UDP only the
+datagram is lost. Everyone else keeps being served. UDP templates expire after
+``template_lifetime`` seconds and idle UDP sessions after ``udp_session_timeout``, both
+judged by the injected ``clock``, so tests expire them without sleeping. TLS is 1.2 or
+newer with mutual authentication: a client without a certificate signed by the
+configured CA is refused (and counted) during the handshake.
+
+Theory of operation, exporting side. One :class:`ExportingProcess` sends to one
+collector. ``submit`` only appends a batch to a bounded queue, in records, and never
+blocks; a batch that does not fit is refused whole, counted in ``records_dropped``, and
+``submit`` returns False. A single sender task drains the queue: it groups what is
+queued by template, encodes with the session's :class:`ExportSession` (so sequence
+numbers count data records per session and domain) and writes. Over TCP and TLS every
+new connection is a new session that starts with all templates; a lost connection is
+retried with exponential backoff (a few quick attempts, then at most one per
+``backoff_max`` seconds, 60 by default, RFC 7011 section 10.4.4), while records wait in
+the queue. Records whose bytes were still in our write buffer when a connection broke
+are counted in ``records_lost``; TCP itself acknowledges nothing to the application, so
+that is as precise as an IPFIX exporter can be. Over UDP messages are cut to the path
+MTU (512 octets unless told) minus the IP and UDP headers, templates go out before the
+first data and again every ``template_refresh`` seconds of the injected clock, and no
+withdrawal is ever sent (section 8.4). ``flush`` waits until what was submitted has been
+written or dropped; ``close`` sends nothing more, counts what was still queued as
+dropped, and closes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .address import Address
+from .codec import MAX_MESSAGE_SIZE, Decoder, ExportSession, Message, MessageFramer, Transport
+from .errors import MalformedMessage, UsageError
+from .registry import Registry
+from .template import Record, Template
+
+__all__ = [
+    "TLSConfig",
+    "Peer",
+    "CollectorStats",
+    "ExporterStats",
+    "CollectingProcess",
+    "ExportingProcess",
+]
+
+log = logging.getLogger("flowscope.ipfix.process")
+
+IPV4_UDP_OVERHEAD = 20 + 8
+IPV6_UDP_OVERHEAD = 40 + 8
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """Paths of a PEM certificate, its private key and the CA that signs the peers.
+
+    Both ends authenticate each other: the collector requires a client certificate signed
+    by ``ca``, the exporter verifies the collector's certificate against ``ca`` and its
+    name against ``server_name`` (by default the host of the collector's address).
+    """
+
+    cert: str
+    key: str
+    ca: str
+    server_name: str | None = None
+
+    def _load(self, ctx: ssl.SSLContext) -> ssl.SSLContext:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_verify_locations(cafile=self.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"tls ca: cannot load CA certificates from {self.ca!r}: {exc}") from None
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"tls cert/key: cannot load certificate {self.cert!r} with key {self.key!r}: {exc} "
+                "(both must be PEM files and the key must match the certificate)"
+            ) from None
+        return ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        """Server side: TLS 1.2+, client certificate required and verified against ``ca``."""
+        ctx = self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """Client side: TLS 1.2+, server certificate and name verified against ``ca``."""
+        ctx = self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.check_hostname = True
+        return ctx
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The remote end of one transport session."""
+
+    host: str
+    port: int
+    protocol: Transport
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class _Counters:
+    """Counters readable as attributes or, for callers that prefer it, by key."""
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(slots=True)
+class CollectorStats(_Counters):
+    messages: int = 0  # messages decoded
+    records: int = 0  # data records decoded
+    octets: int = 0  # octets of decoded messages
+    malformed: int = 0  # messages (or stream tails) refused as malformed
+    sessions: int = 0  # transport sessions open now
+    sessions_total: int = 0  # transport sessions ever accepted
+    sessions_refused: int = 0  # refused because max_sessions were open
+    sessions_expired: int = 0  # idle UDP sessions dropped
+    tls_refused: int = 0  # TLS handshakes that failed (bad or missing client certificate, ...)
+    templates_expired: int = 0  # UDP templates not refreshed within their lifetime
+    unknown_template_sets: int = 0  # UDP data sets skipped: template not (yet) known
+    ignored_withdrawals: int = 0  # withdrawals received over UDP (RFC 7011 8.4)
+    lost_records: int = 0  # data records the peers' sequence numbers say never arrived
+    callback_errors: int = 0  # on_message raised
+
+
+class _LogLimiter:
+    """At most ``burst`` warnings per ``window`` seconds: a flood of garbage must not
+    turn into a flood of log lines. Suppressed lines are still counted in the stats."""
+
+    __slots__ = ("clock", "burst", "window", "start", "count", "suppressed")
+
+    def __init__(self, clock: Callable[[], float], burst: int = 20, window: float = 10.0) -> None:
+        self.clock, self.burst, self.window = clock, burst, window
+        self.start, self.count, self.suppressed = -window, 0, 0
+
+    def warn(self, msg: str, *args: object) -> None:
+        now = self.clock()
+        if now - self.start >= self.window:
+            if self.suppressed:
+                log.warning("%d similar warnings suppressed in the last %.0fs", self.suppressed, self.window)
+            self.start, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            log.warning(msg, *args)
+        else:
+            self.suppressed += 1
+
+
+class _Session:
+    """One transport session of the collecting process."""
+
+    __slots__ = ("peer", "decoder", "last_seen")
+
+    def __init__(self, peer: Peer, decoder: Decoder, now: float) -> None:
+        self.peer = peer
+        self.decoder = decoder
+        self.last_seen = now
+
+
+class CollectingProcess:
+    """Receives IPFIX messages on one address (UDP, TCP or TLS) from many exporters."""
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        tls: TLSConfig | None,
+        on_message: Callable[[Peer, Message], None],
+        registry: Registry | None = None,
+        template_lifetime: float = 1800.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_sessions: int = 1024,
+        max_templates: int = 4096,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        udp_session_timeout: float | None = None,
+        tls_handshake_timeout: float = 10.0,
+        on_session_closed: Callable[[Peer], None] | None = None,
+    ) -> None:
+        if address.protocol == "tls" and tls is None:
+            raise UsageError(f"listening on {address} needs a TLS configuration (certificate, key and CA)")
+        if address.protocol != "tls" and tls is not None:
+            raise UsageError(f"a TLS configuration was given but {address} is not a tls address; use HOST:PORT:tls")
+        if template_lifetime <= 0:
+            raise UsageError(f"template lifetime {template_lifetime!r} must be a positive number of seconds")
+        if max_sessions < 1 or max_templates < 1:
+            raise UsageError("max_sessions and max_templates must be at least 1")
+        if not 16 <= max_message_size <= MAX_MESSAGE_SIZE:
+            raise UsageError(f"max message size {max_message_size} is outside 16..{MAX_MESSAGE_SIZE}")
+        self.address = address
+        self.protocol: Transport = address.protocol
+        self.on_message = on_message
+        self.on_session_closed = on_session_closed
+        self.registry = registry
+        self.template_lifetime = float(template_lifetime)
+        self.udp_session_timeout = float(udp_session_timeout if udp_session_timeout is not None else template_lifetime)
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self.max_templates = max_templates
+        self.max_message_size = max_message_size
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.stats = CollectorStats()
+        self._ssl = tls.server_context() if tls is not None else None
+        self._limiter = _LogLimiter(clock)
+        self._server: asyncio.AbstractServer | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_sessions: dict[tuple[str, int], _Session] = {}
+        self._streams: set[_StreamSession] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._port = 0
+
+    # -- life cycle
+
+    async def start(self) -> None:
+        if self._server is not None or self._udp is not None:
+            raise UsageError("this collecting process is already started")
+        loop = asyncio.get_running_loop()
+        host = self.address.host
+        try:
+            if self.protocol == "udp":
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _DatagramListener(self), local_addr=(host, self.address.port)
+                )
+                self._udp = transport
+                sock = transport.get_extra_info("socket")
+                try:  # bursts from many exporters: a roomier receive buffer loses less
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+                except OSError:
+                    pass
+                self._port = sock.getsockname()[1]
+                self._sweeper = asyncio.create_task(self._sweep(), name="ipfix-udp-session-sweeper")
+            else:
+                server = await loop.create_server(lambda: _StreamSession(self), host, self.address.port)
+                self._server = server
+                self._port = server.sockets[0].getsockname()[1]
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {self.address}: {exc.strerror or exc}") from None
+        log.info("IPFIX collecting process listening on %s (port %d)", self.address, self._port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when listening on port 0)."""
+        return self._port
+
+    async def close(self) -> None:
+        """Stop listening and close every session."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+            self._sweeper = None
+        if self._server is not None:
+            self._server.close()
+            for stream in list(self._streams):
+                stream.shutdown()
+            await self._server.wait_closed()
+            self._server = None
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+            for key in list(self._udp_sessions):
+                self._end_udp_session(key)
+        # let transports run their connection_lost callbacks
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> CollectingProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def peers(self) -> list[Peer]:
+        """Peers with a session open now."""
+        return [s.peer for s in self._udp_sessions.values()] + [
+            s.session.peer for s in self._streams if s.session is not None
+        ]
+
+    # -- shared by the transports
+
+    def _new_decoder(self) -> Decoder:
+        return Decoder(
+            self.registry,
+            transport=self.protocol,
+            template_lifetime=self.template_lifetime if self.protocol == "udp" else None,
+            max_templates=self.max_templates,
+            max_message_size=self.max_message_size,
+        )
+
+    def _decode(self, session: _Session, data: bytes, now: float) -> Message:
+        decoder = session.decoder
+        lost = decoder.lost_records
+        if decoder.template_lifetime is not None:
+            expired = decoder.expire(now)
+            if expired:
+                self.stats.templates_expired += expired
+        msg = decoder.decode(data, now)
+        stats = self.stats
+        stats.messages += 1
+        stats.records += msg.record_count
+        stats.octets += msg.length
+        if msg.unknown_template_sets:
+            stats.unknown_template_sets += msg.unknown_template_sets
+        if msg.ignored_withdrawals:
+            stats.ignored_withdrawals += msg.ignored_withdrawals
+        if decoder.lost_records != lost:
+            stats.lost_records += decoder.lost_records - lost
+        return msg
+
+    def _deliver(self, peer: Peer, msg: Message) -> None:
+        try:
+            self.on_message(peer, msg)
+        except Exception:  # noqa: BLE001 - a bug in the consumer must not kill the listener
+            self.stats.callback_errors += 1
+            log.exception("on_message failed for a message from %s", peer)
+
+    def _malformed(self, peer: Peer, exc: Exception, closing: bool) -> None:
+        self.stats.malformed += 1
+        what = "; closing the session" if closing else "; datagram dropped"
+        self._limiter.warn("malformed IPFIX from %s (%s): %s%s", peer, peer.protocol, exc, what)
+
+    def _session_ended(self, peer: Peer) -> None:
+        self.stats.sessions -= 1
+        if self.on_session_closed is not None:
+            try:
+                self.on_session_closed(peer)
+            except Exception:  # noqa: BLE001
+                self.stats.callback_errors += 1
+                log.exception("on_session_closed failed for %s", peer)
+
+    # -- UDP
+
+    def _datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        now = self.clock()
+        key = (str(addr[0]), int(addr[1]))
+        session = self._udp_sessions.get(key)
+        if session is None:
+            if len(self._udp_sessions) >= self.max_sessions:
+                self.expire(now)
+            if len(self._udp_sessions) >= self.max_sessions:
+                self.stats.sessions_refused += 1
+                self._limiter.warn(
+                    "refusing IPFIX over UDP from %s:%d: %d sessions open (the limit)", key[0], key[1], self.max_sessions
+                )
+                return
+            session = _Session(Peer(key[0], key[1], "udp"), self._new_decoder(), now)
+            self._udp_sessions[key] = session
+            self.stats.sessions += 1
+            self.stats.sessions_total += 1
+        session.last_seen = now
+        try:
+            msg = self._decode(session, data, now)
+        except MalformedMessage as exc:
+            self._malformed(session.peer, exc, closing=False)
+            return
+        self._deliver(session.peer, msg)
+
+    def _end_udp_session(self, key: tuple[str, int]) -> None:
+        session = self._udp_sessions.pop(key, None)
+        if session is not None:
+            self._session_ended(session.peer)
+
+    def expire(self, now: float | None = None) -> int:
+        """Expire idle UDP sessions and stale UDP templates as of ``now`` (default: the
+        clock); returns how many sessions were dropped. Runs periodically by itself."""
+        if now is None:
+            now = self.clock()
+        dropped = 0
+        for key, session in list(self._udp_sessions.items()):
+            if now - session.last_seen >= self.udp_session_timeout:
+                self._end_udp_session(key)
+                dropped += 1
+            else:
+                self.stats.templates_expired += session.decoder.expire(now)
+        self.stats.sessions_expired += dropped
+        return dropped
+
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(60.0, self.udp_session_timeout / 4, self.template_lifetime / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
+
+    # -- TCP and TLS
+
+    def _accept(self, stream: _StreamSession, peer: Peer) -> bool:
+        if len(self._streams) >= self.max_sessions:
+            self.stats.sessions_refused += 1
+            self._limiter.warn(
+                "refusing IPFIX over %s from %s: %d sessions open (the limit)", peer.protocol, peer, self.max_sessions
+            )
+            return False
+        self._streams.add(stream)
+        self.stats.sessions += 1
+        self.stats.sessions_total += 1
+        return True
+
+
+class _DatagramListener(asyncio.DatagramProtocol):
+    def __init__(self, process: CollectingProcess) -> None:
+        self.process = process
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.process._datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP socket error on the collecting process: %s", exc)
+
+
+class _StreamSession(asyncio.Protocol):
+    """One TCP or TLS connection of the collecting process."""
+
+    def __init__(self, process: CollectingProcess) -> None:
+        self.process = process
+        self.session: _Session | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.framer = MessageFramer(process.max_message_size)
+        self.accepted = False
+        self.ended = False
+        self.failed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        process = self.process
+        self.transport = transport
+        peername = transport.get_extra_info("peername") or ("?", 0)
+        peer = Peer(str(peername[0]), int(peername[1]), process.protocol)
+        if not process._accept(self, peer):
+            transport.close()
+            return
+        self.accepted = True
+        self.session = _Session(peer, process._new_decoder(), process.clock())
+        if process._ssl is not None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # nothing may reach us before the TLS layer is in place
+            asyncio.ensure_future(self._handshake(transport, process._ssl))
+
+    async def _handshake(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(
+                raw, self, ctx, server_side=True, ssl_handshake_timeout=self.process.tls_handshake_timeout
+            )
+        except (OSError, asyncio.TimeoutError, EOFError) as exc:
+            self.process.stats.tls_refused += 1
+            reason = getattr(exc, "reason", None) or exc
+            self.process._limiter.warn("TLS handshake with %s refused: %s", self.session.peer, reason)
+            raw.abort()
+            self._end()
+            return
+        if tls is None:  # the peer went away during the handshake
+            self._end()
+            return
+        self.transport = tls
+        if self.ended:
+            tls.abort()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None or self.failed:
+            return
+        process = self.process
+        try:
+            messages = self.framer.feed(data)
+            if not messages:
+                return
+            now = process.clock()
+            session.last_seen = now
+            for raw in messages:
+                process._deliver(session.peer, process._decode(session, raw, now))
+        except MalformedMessage as exc:
+            self.failed = True
+            process._malformed(session.peer, exc, closing=True)
+            if self.transport is not None:
+                self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None and not self.failed and self.framer.pending:
+            self.process._malformed(
+                self.session.peer,
+                MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
+                closing=True,
+            )
+        self._end()
+
+    def shutdown(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.accepted:
+            self.process._streams.discard(self)
+            assert self.session is not None
+            self.process._session_ended(self.session.peer)
+
+
+# --------------------------------------------------------------------------- exporting
+
+
+@dataclass(slots=True)
+class ExporterStats(_Counters):
+    records_submitted: int = 0  # accepted by submit()
+    records_sent: int = 0  # handed to the socket
+    records_dropped: int = 0  # refused by a full queue, or still queued at close()
+    records_invalid: int = 0  # could not be encoded with their template (logged)
+    records_lost: int = 0  # still in our write buffer when a connection broke
+    messages_sent: int = 0  # data messages
+    template_messages_sent: int = 0
+    octets_sent: int = 0
+    oversize_messages: int = 0  # UDP: a single record larger than the path MTU allows
+    send_errors: int = 0  # UDP send errors (e.g. ICMP port unreachable)
+    connects: int = 0  # transport sessions established
+    reconnects: int = 0  # sessions established after the first
+    connect_failures: int = 0
+    connected: bool = False
+    queued: int = 0  # records waiting in the queue now
+
+
+class _ExportProtocol(asyncio.Protocol):
+    """The socket side of one exporting transport session: flow control and loss."""
+
+    def __init__(self, owner: ExportingProcess) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        # (cumulative octets written when the message ended, records in it): to count the
+        # records still in our buffer if the connection breaks
+        self.written = 0
+        self.in_buffer: collections.deque[tuple[int, int]] = collections.deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        pass  # collectors send nothing on an IPFIX session
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def write(self, messages: list[bytes], records: int) -> None:
+        assert self.transport is not None
+        data = b"".join(messages)
+        self.transport.write(data)
+        self.written += len(data)
+        if records:
+            if self.transport.get_write_buffer_size() == 0:
+                self.in_buffer.clear()
+            else:
+                self.in_buffer.append((self.written, records))
+
+    def unsent_records(self) -> int:
+        """Records of messages not yet (completely) accepted by the kernel."""
+        if self.transport is None or not self.in_buffer:
+            return 0
+        try:
+            pending = self.transport.get_write_buffer_size()
+        except Exception:  # noqa: BLE001 - a closed transport may not know any more
+            pending = 0
+        accepted = self.written - pending
+        return sum(n for end, n in self.in_buffer if end > accepted)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost:
+            self.lost = True
+            self.can_write.set()
+            self.owner._connection_lost(self, exc)
+
+
+class _DatagramExportProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: ExportingProcess) -> None:
+        self.owner = owner
+
+    def error_received(self, exc: Exception) -> None:
+        self.owner.stats.send_errors += 1
+        self.owner._limiter.warn("sending IPFIX to %s: %s", self.owner.address, exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+class ExportingProcess:
+    """Sends data records to one collector as IPFIX over UDP, TCP or TLS."""
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        tls: TLSConfig | None,
+        templates: Sequence[Template],
+        observation_domain_id: int = 0,
+        queue_size: int = 65536,
+        template_refresh: float = 600.0,
+        path_mtu: int = 512,
+        clock: Callable[[], float] = time.time,
+        registry: Registry | None = None,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 60.0,
+        quick_retries: int = 3,
+        connect_timeout: float = 10.0,
+        max_batch: int = 8192,
+    ) -> None:
+        if address.protocol == "tls" and tls is None:
+            raise UsageError(f"exporting to {address} needs a TLS configuration (certificate, key and CA)")
+        if address.protocol != "tls" and tls is not None:
+            raise UsageError(f"a TLS configuration was given but {address} is not a tls address; use HOST:PORT:tls")
+        if not templates:
+            raise UsageError("an exporting process needs at least one template")
+        if queue_size < 1:
+            raise UsageError(f"queue size {queue_size} must be at least 1 record")
+        if template_refresh <= 0:
+            raise UsageError(f"template refresh interval {template_refresh!r} must be a positive number of seconds")
+        if not 68 <= path_mtu <= 65535:
+            raise UsageError(f"path MTU {path_mtu} is outside 68..65535")
+        if backoff_initial <= 0 or backoff_max < backoff_initial:
+            raise UsageError("reconnect backoff: need 0 < backoff_initial <= backoff_max")
+        ids = [t.template_id for t in templates]
+        if len(set(ids)) != len(ids):
+            raise UsageError(f"template ids must be unique, got {ids}")
+        if not 0 <= observation_domain_id <= 0xFFFFFFFF:
+            raise UsageError(f"observation domain id {observation_domain_id} is outside 0..4294967295")
+        self.address = address
+        self.templates: dict[int, Template] = {t.template_id: t for t in templates}
+        self.observation_domain_id = observation_domain_id
+        self.queue_size = queue_size
+        self.template_refresh = float(template_refresh)
+        self.path_mtu = path_mtu
+        self.clock = clock
+        self.registry = registry
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.quick_retries = quick_retries
+        self.connect_timeout = connect_timeout
+        self.max_batch = max_batch
+        self.stats = ExporterStats()
+        self._ssl = tls.client_context() if tls is not None else None
+        self._server_name = (tls.server_name if tls is not None else None) or address.host
+        self._limiter = _LogLimiter(time.monotonic)
+        self._queue: collections.deque[tuple[int, list[Record]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._stream: _ExportProtocol | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._session: ExportSession | None = None
+        self._next_templates = 0.0
+        self._failures = 0
+        self._connected_once = False
+
+    # -- API
+
+    async def start(self) -> None:
+        """Connect (one attempt; on failure the sender keeps retrying with backoff)."""
+        if self._task is not None:
+            raise UsageError("this exporting process is already started")
+        if self.address.protocol == "udp":
+            await self._open_udp()
+        else:
+            await self._connect()
+        self._task = asyncio.create_task(self._run(), name=f"ipfix-export-{self.address}")
+
+    def submit(self, template_id: int, records: Sequence[Record]) -> bool:
+        """Queue records for export without blocking; False (and counted) if they do not fit."""
+        if template_id not in self.templates:
+            raise UsageError(f"template {template_id} is not one of this exporting process's templates {sorted(self.templates)}")
+        n = len(records)
+        if n == 0:
+            return True
+        if self._closing or self.stats.queued + n > self.queue_size:
+            self.stats.records_dropped += n
+            if not self._closing:
+                self._limiter.warn(
+                    "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
+                )
+            return False
+        self._queue.append((template_id, list(records)))
+        self.stats.queued += n
+        self.stats.records_submitted += n
+        self._idle.clear()
+        self._wake.set()
+        return True
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far was written to the socket or dropped.
+        Returns False if ``timeout`` (seconds) passed first."""
+        try:
+            await asyncio.wait_for(self._drained(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _drained(self) -> None:
+        await self._idle.wait()
+        stream = self._stream
+        while stream is not None and stream.transport is not None and not stream.lost:
+            if stream.transport.get_write_buffer_size() == 0:
+                break
+            await asyncio.sleep(0.001)
+
+    async def close(self) -> None:
+        """Send nothing more, count what was still queued as dropped, close the socket."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.stats.queued:
+            log.warning("closing the export to %s with %d records unsent: counted as dropped", self.address, self.stats.queued)
+            self.stats.records_dropped += self.stats.queued
+            self.stats.queued = 0
+            self._queue.clear()
+        self._idle.set()
+        if self._stream is not None and self._stream.transport is not None:
+            self._stream.transport.close()
+        if self._udp is not None:
+            self._udp.close()
+        self._stream = None
+        self._udp = None
+        self.stats.connected = False
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> ExportingProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.flush(timeout=self.connect_timeout)
+        await self.close()
+
+    # -- connections
+
+    def _new_session(self, max_message_size: int) -> ExportSession:
+        session = ExportSession(self.observation_domain_id, max_message_size=max_message_size, registry=self.registry)
+        for t in self.templates.values():
+            session.add_template(t)
+        return session
+
+    async def _open_udp(self) -> None:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DatagramExportProtocol(self), remote_addr=(self.address.host, self.address.port)
+        )
+        self._udp = transport
+        family = transport.get_extra_info("socket").family
+        overhead = IPV6_UDP_OVERHEAD if family == socket.AF_INET6 else IPV4_UDP_OVERHEAD
+        self._session = self._new_session(self.path_mtu - overhead)
+        self._next_templates = float("-inf")  # templates go before the first data
+        self.stats.connected = True
+        self.stats.connects += 1
+
+    async def _connect(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _ExportProtocol(self),
+                    self.address.host,
+                    self.address.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_name if self._ssl is not None else None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as exc:
+            self._failures += 1
+            self.stats.connect_failures += 1
+            self._limiter.warn("cannot connect to the IPFIX collector %s: %s", self.address, exc)
+            return False
+        sock = proto.transport.get_extra_info("socket") if proto.transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self._stream = proto
+        self._session = self._new_session(MAX_MESSAGE_SIZE)
+        self._failures = 0
+        self.stats.connected = True
+        self.stats.connects += 1
+        if self._connected_once:
+            self.stats.reconnects += 1
+            log.info("reconnected to the IPFIX collector %s", self.address)
+        self._connected_once = True
+        # every new stream session starts with all templates
+        templates = self._session.encode_templates(int(self.clock()))
+        proto.write(templates, 0)
+        self.stats.template_messages_sent += len(templates)
+        self.stats.octets_sent += sum(map(len, templates))
+        return True
+
+    def _connection_lost(self, proto: _ExportProtocol, exc: Exception | None) -> None:
+        if proto is not self._stream:
+            return
+        lost = proto.unsent_records()
+        if lost:
+            self.stats.records_lost += lost
+            self.stats.records_sent -= lost
+        self.stats.connected = False
+        self._stream = None
+        self._session = None
+        if not self._closing:
+            self._limiter.warn(
+                "connection to the IPFIX collector %s lost (%s)%s",
+                self.address,
+                exc or "closed by the collector",
+                f"; {lost} records still in the send buffer are lost" if lost else "",
+            )
+        self._wake.set()
+
+    def _backoff(self) -> float:
+        if self._failures <= self.quick_retries:
+            return min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, self._failures - 1))
+        return self.backoff_max
+
+    # -- the sender
+
+    async def _run(self) -> None:
+        while not self._closing:
+            if not self._queue:
+                self._idle.set()
+            if self.address.protocol != "udp" and self._stream is None:
+                if self._failures:
+                    await asyncio.sleep(self._backoff())
+                if not await self._connect():
+                    continue
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            stream = self._stream
+            if stream is not None and not stream.can_write.is_set():
+                await stream.can_write.wait()
+                continue
+            self._send_batch()
+            await asyncio.sleep(0)  # let submitters and the socket run
+
+    def _take(self) -> Iterator[tuple[int, list[Record]]]:
+        """Queued batches, merged by template, up to max_batch records."""
+        taken = 0
+        queue = self._queue
+        while queue and taken < self.max_batch:
+            tid, records = queue.popleft()
+            while queue and queue[0][0] == tid and taken + len(records) < self.max_batch:
+                records = records + queue.popleft()[1]
+            taken += len(records)
+            self.stats.queued -= len(records)
+            yield tid, records
+
+    def _send_batch(self) -> None:
+        session = self._session
+        assert session is not None
+        now = self.clock()
+        export_time = int(now) & 0xFFFFFFFF
+        messages: list[bytes] = []
+        if self._udp is not None and now >= self._next_templates:
+            templates = session.encode_templates(export_time)
+            self._udp_send(templates, 0)
+            self.stats.template_messages_sent += len(templates)
+            self._next_templates = now + self.template_refresh
+        count = 0
+        for tid, records in list(self._take()):
+            encoded, n = self._encode(session, tid, records, export_time)
+            messages += encoded
+            count += n
+        if not messages:
+            return
+        if self._udp is not None:
+            self._udp_send(messages, count)
+        else:
+            assert self._stream is not None
+            self._stream.write(messages, count)
+            self.stats.messages_sent += len(messages)
+            self.stats.octets_sent += sum(map(len, messages))
+            self.stats.records_sent += count
+
+    def _udp_send(self, messages: list[bytes], records: int) -> None:
+        assert self._udp is not None
+        for m in messages:
+            self._udp.sendto(m)
+        self.stats.octets_sent += sum(map(len, messages))
+        if records:
+            self.stats.messages_sent += len(messages)
+            self.stats.records_sent += records
+
+    def _encode(self, session: ExportSession, tid: int, records: list[Record], export_time: int) -> tuple[list[bytes], int]:
+        try:
+            return session.encode_records(tid, records, export_time), len(records)
+        except UsageError:
+            pass
+        # One record at a time: keep the good ones, count and log the bad ones (the error
+        # names the element and the value), and send an oversize record alone.
+        out: list[bytes] = []
+        good = 0
+        for record in records:
+            try:
+                out += session.encode_records(tid, [record], export_time)
+                good += 1
+                continue
+            except UsageError as exc:
+                error = exc
+            if "does not fit" in str(error) or "more than fits" in str(error):
+                limit = session.max_message_size
+                session.max_message_size = MAX_MESSAGE_SIZE
+                try:
+                    out += session.encode_records(tid, [record], export_time)
+                    good += 1
+                    self.stats.oversize_messages += 1
+                    continue
+                except UsageError as exc:
+                    error = exc
+                finally:
+                    session.max_message_size = limit
+            self.stats.records_invalid += 1
+            self._limiter.warn("record not exported to %s: %s", self.address, error)
+        return out, good
