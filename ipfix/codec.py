@@ -29,6 +29,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Literal
 
 from .errors import MalformedMessage, UsageError
@@ -97,8 +98,7 @@ class Message:
     def data_records(self) -> Iterator[tuple[Template, Record]]:
         for s in self.sets:
             if isinstance(s, DataSet):
-                for record in s.records:
-                    yield s.template, record
+                yield from zip(repeat(s.template), s.records)
 
     @property
     def record_count(self) -> int:

@@ -55,23 +55,24 @@ class FieldSpecifier:
 # --- value conversions used by the generated code --------------------------------------
 
 
-class _Intern(dict[bytes, Any]):
-    """Decoded values by their raw bytes: flow records repeat the same addresses, Pod,
+class _Intern(dict[Any, Any]):
+    """Converted values by their source: flow records repeat the same addresses, Pod,
     Namespace, Node and policy names over and over, and a dict hit is cheaper than a
-    conversion. Bounded: emptied when it reaches ``limit`` entries."""
+    conversion, both ways. Bounded: emptied when it reaches ``limit`` entries. A value
+    that fails to convert raises and is not cached."""
 
     __slots__ = ("convert", "limit")
 
-    def __init__(self, convert: Callable[[bytes], Any], limit: int = 65536) -> None:
+    def __init__(self, convert: Callable[[Any], Any], limit: int = 65536) -> None:
         super().__init__()
         self.convert = convert
         self.limit = limit
 
-    def __missing__(self, raw: bytes) -> Any:
-        value = self.convert(raw)
+    def __missing__(self, key: Any) -> Any:
+        value = self.convert(key)
         if len(self) >= self.limit:
             self.clear()
-        self[raw] = value
+        self[key] = value
         return value
 
 
@@ -144,6 +145,20 @@ def _to_utf8(v: Any) -> bytes:
     return v.encode("utf-8")
 
 
+def _length_prefixed(payload: bytes) -> bytes:
+    """A variable-length field: one length octet, or 255 and two (RFC 7011 section 7)."""
+    n = len(payload)
+    if n < 255:
+        return bytes((n,)) + payload
+    if n > 65535:
+        raise ValueError(f"{n} octets do not fit a variable-length field (at most 65535)")
+    return b"\xff" + n.to_bytes(2, "big") + payload
+
+
+def _varlen_utf8(v: Any) -> bytes:
+    return _length_prefixed(_to_utf8(v))
+
+
 _INT_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _SINT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
 _UNSIGNED = {DataType.unsigned8, DataType.unsigned16, DataType.unsigned32, DataType.unsigned64}
@@ -168,7 +183,10 @@ _HELPERS: dict[str, Any] = {
     "_int_from": int.from_bytes,
     "_MalformedMessage": MalformedMessage,
     "_struct_error": struct.error,
-    "_PREFIX": [bytes([n]) for n in range(255)],
+    "_ENC_IP4": _Intern(_aton4),
+    "_ENC_IP6": _Intern(_aton6),
+    "_ENC_VSTR": _Intern(_varlen_utf8),  # str -> length prefix + UTF-8
+    "_length_prefixed": _length_prefixed,
 }
 
 
@@ -178,7 +196,7 @@ class _Plan:
 
     code: str | None  # struct format for a fixed-length field, None for variable length
     decode: str  # expression of "{v}" giving the Python value
-    encode: str  # expression of "{v}" giving what goes into struct.pack / the raw bytes
+    encode: str  # expression of "{v}": what goes into struct.pack, or the length-prefixed bytes
     text: bool = False  # variable-length payload is UTF-8 text
 
 
@@ -211,16 +229,16 @@ def _plan(ie: InformationElement, length: int) -> _Plan:
     if dt in (DataType.dateTimeMicroseconds, DataType.dateTimeNanoseconds):
         return _Plan("Q", "_from_ntp({v})", "_to_ntp({v})")
     if dt is DataType.ipv4Address:
-        return _Plan("4s", "_IP4[{v}]", "_aton4({v})")
+        return _Plan("4s", "_IP4[{v}]", "_ENC_IP4[{v}]")
     if dt is DataType.ipv6Address:
-        return _Plan("16s", "_IP6[{v}]", "_aton6({v})")
+        return _Plan("16s", "_IP6[{v}]", "_ENC_IP6[{v}]")
     if dt is DataType.string:
         if variable:
-            return _Plan(None, "_STR[{v}]", "_to_utf8({v})", text=True)
+            return _Plan(None, "_STR[{v}]", "_ENC_VSTR[{v}]", text=True)
         return _Plan(raw, "_STR[{v}.rstrip(b'\\0')]", "_to_utf8({v}).ljust(" + str(length) + ", b'\\0')")
     # octetArray, structured lists (RFC 6313, kept raw) and anything unknown
     if variable:
-        return _Plan(None, "{v}", "_to_bytes({v})")
+        return _Plan(None, "{v}", "_length_prefixed(_to_bytes({v}))")
     return _Plan(raw, "{v}", "_to_bytes({v})")
 
 
@@ -356,11 +374,7 @@ def _compile(layout: Layout, mode: str = FAST) -> _Codec:
             parts.append(f"_S{run_no}.pack({args})")
             run_no += 1
         else:
-            i = item
-            enc.append(f"    b{i} = {plans[i].encode.format(v=f'r[{keys[i]!r}]')}")
-            enc.append(f"    n{i} = len(b{i})")
-            parts.append(f"(_PREFIX[n{i}] if n{i} < 255 else b'\\xff' + n{i}.to_bytes(2, 'big'))")
-            parts.append(f"b{i}")
+            parts.append(plans[item].encode.format(v=f"r[{keys[item]!r}]"))  # length prefix included
     if len(parts) == 1:
         enc.append(f"    return {parts[0]}")
     else:
