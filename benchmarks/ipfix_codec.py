@@ -26,32 +26,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flowscope.ipfix import DataType, Decoder, ExportSession, Template, default_registry
-
-IANA_AND_REVERSE = [
-    "flowStartSeconds", "flowEndSeconds", "flowEndReason", "sourceTransportPort", "destinationTransportPort",
-    "protocolIdentifier", "packetTotalCount", "octetTotalCount", "packetDeltaCount", "octetDeltaCount",
-    "reversePacketTotalCount", "reverseOctetTotalCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
-]  # fmt: skip
-ANTREA = [
-    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName", "sourceNodeName",
-    "destinationNodeName", "destinationServicePort", "destinationServicePortName", "ingressNetworkPolicyName",
-    "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType", "ingressNetworkPolicyRuleName",
-    "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
-    "egressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction", "egressNetworkPolicyRuleAction", "tcpState",
-    "flowType",
-]  # fmt: skip
-FAMILY = {
-    4: ["sourceIPv4Address", "destinationIPv4Address", "destinationClusterIPv4"],
-    6: ["sourceIPv6Address", "destinationIPv6Address", "destinationClusterIPv6"],
-}
-
+from flowscope.ipfix import ANTREA_PEN, DataType, Decoder, ExportSession, Template, default_registry
+from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
 
 def agent_fields(family: int) -> list[str]:
-    """Fixed-length fields first, then strings: the order the agent's templates use."""
-    reg = default_registry()
-    names = IANA_AND_REVERSE + FAMILY[family] + ANTREA
-    return sorted(names, key=lambda n: reg.get(n).data_type is DataType.string)
+    """Every IE of the design's agent tables for one family, in the agent's template order."""
+    return list(AGENT_IPV4_FIELDS if family == 4 else AGENT_IPV6_FIELDS)
 
 
 def make_records(names: list[str], n: int, family: int) -> list[dict[str, Any]]:
@@ -112,13 +92,11 @@ def peer(names: list[str], records: list[dict[str, Any]]) -> tuple[Callable[[], 
     ipfix.ie.use_iana_default()
     ipfix.ie.use_5103_default()
     reg = default_registry()
-    for name in ANTREA:
+    for name in names:  # declare Antrea's enterprise elements to the package
         ie = reg.get(name)
-        length = 65535 if ie.data_type is DataType.string else ie.data_type.default_length
-        ipfix.ie.for_spec(f"{name}({ie.pen}/{ie.element_id})<{ie.data_type.name}>[{length}]")
-    for name in ("destinationClusterIPv4", "destinationClusterIPv6"):
-        ie = reg.get(name)
-        ipfix.ie.for_spec(f"{name}({ie.pen}/{ie.element_id})<{ie.data_type.name}>[{ie.data_type.default_length}]")
+        if ie.pen == ANTREA_PEN:
+            length = 65535 if ie.data_type is DataType.string else ie.data_type.default_length
+            ipfix.ie.for_spec(f"{name}({ie.pen}/{ie.element_id})<{ie.data_type.name}>[{length}]")
     template = ipfix.template.from_ielist(256, ipfix.ie.spec_list(names))
 
     # The package wants its own value types: addresses as ipaddress objects, dateTimeSeconds as datetimes.
