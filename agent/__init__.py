@@ -1,0 +1,1 @@
+"""The Flow Exporter: one per node, conntrack -> connection store -> enriched IPFIX records (see docs/agent.md)."""
