@@ -111,6 +111,65 @@ def test_every_module_opens_with_a_docstring_saying_why_it_exists() -> None:
     assert not missing, f"modules without a docstring at the top: {missing}"
 
 
+def _clean_copy(dest: Path) -> Path:
+    """The files a fresh clone would have (tracked and new, not ignored): no stale build/."""
+    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    assert listed.returncode == 0, listed.stderr
+    for name in filter(None, listed.stdout.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    return dest
+
+
+@pytest.mark.slow
+def test_the_wheel_lays_out_every_module_and_runs_outside_the_checkout(tmp_path: Path) -> None:
+    # Editable installs hide packaging mistakes (the import hook finds any file in the
+    # folders); the image the operator deploys installs the wheel. Build it from a clean
+    # copy, install it into a private directory, and use it from elsewhere.
+    import zipfile
+
+    source = _clean_copy(tmp_path / "src")
+    built = run(PY, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "dist", source, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("flowscope-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = set()
+    for package, folder in PACKAGE_DIR.items():
+        root = source / folder
+        prefix = package.replace(".", "/")
+        expected |= {f"{prefix}/{p.relative_to(root)}" for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+    for package, globs in PYPROJECT["tool"]["setuptools"].get("package-data", {}).items():
+        root = source / PACKAGE_DIR[package]
+        prefix = package.replace(".", "/")
+        for pattern in globs:
+            expected |= {f"{prefix}/{p.relative_to(root)}" for p in root.glob(pattern)}
+    assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
+    stray = sorted(n for n in names if n.endswith(".py") and n not in expected)
+    assert not stray, f"in the wheel but not in the source: {stray}"
+
+    site = tmp_path / "site"
+    installed = run(PY, "-m", "pip", "install", "-q", "--no-deps", "--target", site, wheel, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "import json, operator, importlib, flowscope\n"
+        f"mods = {sorted(PACKAGE_DIR)!r}\n"
+        "paths = {m: list(importlib.import_module(m).__path__) for m in mods}\n"
+        "print(json.dumps({'operator': operator.__file__, 'paths': paths}))\n"
+    )
+    proc = run(PY, "-c", code, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    for package, paths in found["paths"].items():
+        assert paths == [str(site.joinpath(*package.split(".")))], (package, paths)
+    assert Path(found["operator"]).resolve() == (Path(sysconfig.get_paths()["stdlib"]) / "operator.py").resolve()
+    helped = run(PY, "-m", "flowscope", "--help", cwd=tmp_path, env=env)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: flowscope"), helped.stderr
+
+
 # --- layering (import-linter) ----------------------------------------------------------
 
 
