@@ -159,7 +159,10 @@ class ConntrackError(OSError):
 class ConntrackSource(Protocol):
     """What the agent needs from conntrack; tests implement it with a list."""
 
-    def dump(self) -> DumpResult: ...
+    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+        """The table's entries of the configured zones. With ``consumer``, entries are
+        handed over in batches as they arrive and ``DumpResult.entries`` stays empty."""
+        ...
 
     def max_entries(self) -> int | None: ...
 
@@ -398,7 +401,7 @@ class NetlinkConntrack:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._sock.bind((0, 0))
 
-    def dump(self) -> DumpResult:
+    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
         self._seq += 1
         self._sock.send(_dump_request(self._seq))
         out: list[ConntrackEntry] = []
@@ -419,6 +422,9 @@ class NetlinkConntrack:
                 done, count, intr = parse(buf, n, out)
                 total += count
                 interrupted = interrupted or intr
+                if consumer is not None and out:
+                    consumer(out)
+                    out = []
                 if done:
                     return DumpResult(out, total, interrupted)
         finally:
@@ -439,7 +445,10 @@ class StaticConntrack:
         self.entries = list(entries)
         self._max = max_entries
 
-    def dump(self) -> DumpResult:
+    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+        if consumer is not None:
+            consumer(list(self.entries))
+            return DumpResult([], len(self.entries))
         return DumpResult(list(self.entries), len(self.entries))
 
     def max_entries(self) -> int | None:

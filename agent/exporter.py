@@ -15,12 +15,13 @@ export deadlines.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from flowscope.agent.conntrack import ConntrackError, ConntrackSource
+from flowscope.agent.conntrack import ConntrackError, ConntrackSource, DumpResult
 from flowscope.agent.metadata import Enricher
 from flowscope.agent.metrics import AgentMetrics
 from flowscope.agent.records import build_record
@@ -73,6 +74,7 @@ class FlowExporter:
         self.records_submitted = 0
         self.records_refused = 0  # submit() answered False: the backlog was full
         self.polls = 0
+        self._carry: list[FlowExport] = []
 
     # --- one cycle ------------------------------------------------------------------
     async def poll_once(self) -> int:
@@ -80,14 +82,11 @@ class FlowExporter:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(None, self.conntrack.dump)
+            result, exports = await loop.run_in_executor(None, self.cycle, self.clock())
         except (ConntrackError, OSError) as exc:
             self.metrics.poll_errors.inc()
             log.error("conntrack dump failed (the agent keeps polling): %s", exc)
             return 0
-        now = self.clock()
-        exports = self.store.update(result.entries, now)
-        exports += self.store.expire(now)
         sent = self._submit(exports)
         self.polls += 1
         m = self.metrics
@@ -101,6 +100,36 @@ class FlowExporter:
             m.conntrack_max.set(ct_max)
         self._sink_metrics()
         return sent
+
+    def cycle(self, now: float) -> tuple[DumpResult, list[FlowExport]]:
+        """Dump and merge (batch by batch, never two copies of the table), then expire.
+
+        Runs in a worker thread; the event loop does not touch the store meanwhile.
+        The garbage collector is paused: a poll makes 100k short-lived tuples without
+        reference cycles, and full collections over them cost more than the poll.
+        """
+        store = self.store
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            store.begin(now)
+            try:
+                result = self.conntrack.dump(store.feed)
+            except BaseException:
+                # A partial dump says nothing about which connections are gone: close the
+                # poll without end-of-flow decisions. Exports already decided are kept
+                # for the next cycle rather than lost.
+                self._carry = store.finish(complete=False)
+                raise
+            if result.interrupted:
+                log.info("the conntrack table changed during the dump; end-of-flow decisions wait for the next poll")
+            exports = self._carry + store.finish(complete=not result.interrupted)
+            self._carry = []
+            exports += store.expire(now)
+        finally:
+            if gc_was_on:
+                gc.enable()
+        return result, exports
 
     def _submit(self, exports: list[FlowExport]) -> int:
         if not exports:

@@ -78,7 +78,7 @@ class Connection:
 
     __slots__ = (
         "entry", "first_seen", "last_activity", "last_export", "exported",
-        "idle_exported", "ended", "denied", "queued_at",
+        "idle_exported", "ended", "denied", "queued_at", "seen",
     )
 
     def __init__(self, entry: ConntrackEntry, now: float) -> None:
@@ -91,6 +91,7 @@ class Connection:
         self.ended = False
         self.denied = False
         self.queued_at: float | None = None  # the deadline this connection is queued with
+        self.seen = 0  # the last poll whose dump listed it
 
 
 def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
@@ -135,6 +136,10 @@ class ConnectionStore:
         self.dropped_total = 0
         self.denied_total = 0
         self.overflow_now = 0  # entries of the last dump not held because of the cap
+        self._poll = 0
+        self._now = 0.0
+        self._out: list[FlowExport] = []
+        self._new_overflow: set[ConnKey] = set()
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -174,32 +179,41 @@ class ConnectionStore:
 
     # --- the three entry points -------------------------------------------------------
     def update(self, entries: Iterable[ConntrackEntry], now: float) -> list[FlowExport]:
-        """Merge one dump; returns the exports it causes (ends, reuses, denials)."""
-        current = {e.key: e for e in entries}
+        """Merge one whole dump; returns the exports it causes (ends, reuses, denials)."""
+        self.begin(now)
+        self.feed(entries)
+        return self.finish()
+
+    # A dump can also be merged as it arrives, one netlink datagram at a time, so that
+    # the agent never holds a second copy of a large table: begin(), feed()..., finish().
+    def begin(self, now: float) -> None:
+        self._poll += 1
+        self._now = now
+        self._out = []
+        self._new_overflow = set()
+
+    def feed(self, entries: Iterable[ConntrackEntry]) -> None:
         conns = self._conns
-        out: list[FlowExport] = []
-        for key in conns.keys() - current.keys():
-            c = conns.pop(key)
-            c.queued_at = None
-            if not c.ended:
-                c.ended = True
-                out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
-        overflow: set[ConnKey] = set()
+        out = self._out
+        now = self._now
+        poll = self._poll
         cap = self.max_connections
         prev_overflow = self._overflow
-        for key, e in current.items():
+        for e in entries:
+            key = e.key
             c = conns.get(key)
             if c is not None:
                 old = c.entry
-                if old is e or old == e:
+                if old == e:
+                    c.seen = poll
                     continue
                 if not _same_connection(old, e):
                     if not c.ended:
                         out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     c.ended = True
                     del conns[key]
-                    c = None
                 else:
+                    c.seen = poll
                     if c.ended:
                         c.entry = e
                         continue
@@ -220,11 +234,12 @@ class ConnectionStore:
                     continue
             # a connection the store does not hold yet
             if len(conns) >= cap:
-                overflow.add(key)
+                self._new_overflow.add(key)
                 if key not in prev_overflow:
                     self.dropped_total += 1
                 continue
             c = Connection(e, now)
+            c.seen = poll
             conns[key] = c
             if e.ended:
                 c.ended = True
@@ -236,8 +251,32 @@ class ConnectionStore:
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now, end_time=now))
             else:
                 self._schedule(c)
-        self._overflow = overflow
-        self.overflow_now = len(overflow)
+
+    def finish(self, *, complete: bool = True) -> list[FlowExport]:
+        """Connections not seen in this dump are gone: their final exports, and all of the poll's.
+
+        ``complete=False`` (the dump failed or was interrupted) closes the poll without
+        deciding that anything is gone.
+        """
+        conns = self._conns
+        poll = self._poll
+        out = self._out
+        now = self._now
+        if not complete:
+            self._overflow |= self._new_overflow
+            self._new_overflow = set()
+            self._out = []
+            return out
+        for key in [k for k, c in conns.items() if c.seen != poll]:
+            c = conns.pop(key)
+            c.queued_at = None
+            if not c.ended:
+                c.ended = True
+                out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+        self._overflow = self._new_overflow
+        self._new_overflow = set()
+        self.overflow_now = len(self._overflow)
+        self._out = []
         return out
 
     def expire(self, now: float) -> list[FlowExport]:

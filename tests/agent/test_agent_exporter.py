@@ -161,3 +161,17 @@ async def test_shutdown_exports_forced_end(agent):
     await fx.shutdown()
     (_, [rec]), = sink.batches
     assert rec["flowEndReason"] == 4 and rec["packetDeltaCount"] == 4
+
+
+async def test_a_failed_dump_is_counted_and_ends_nothing(agent):
+    fx, ct, sink, clock = agent
+    ct.entries = [entry(packets=1)]
+    await fx.poll_once()
+
+    def broken(consumer=None):
+        raise OSError(105, "No buffer space available")
+
+    ct.dump = broken
+    clock.t += 5
+    assert await fx.poll_once() == 0
+    assert fx.metrics.poll_errors._value.get() == 1 and len(fx.store) == 1 and sink.batches == []

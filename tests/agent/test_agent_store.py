@@ -163,3 +163,14 @@ def test_sum_of_deltas_is_the_conntrack_total(steps):
         exported_p += r.packet_delta
         exported_o += r.octet_delta
     assert (exported_p, exported_o) == (packets, octets)
+
+
+def test_an_incomplete_dump_ends_nothing():
+    s = store()
+    s.update([entry(sport=1, packets=1), entry(sport=2, packets=1)], T0)
+    s.begin(T0 + 5)
+    s.feed([entry(sport=1, packets=2)])
+    assert s.finish(complete=False) == []
+    assert len(s) == 2
+    out = s.update([entry(sport=1, packets=2)], T0 + 10)
+    assert [(r.entry.orig_sport, r.reason) for r in out] == [(2, FlowEndReason.END_OF_FLOW)]
