@@ -192,6 +192,7 @@ EXPORTED = 4096
 END_WAIT = 8192  # an end timer is pending
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
+_ZERO16 = array("Q", bytes(128))
 
 
 class Flow:
@@ -207,7 +208,7 @@ class Flow:
         self.flow_type = flow_type
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same]
-        self.c = array("Q", bytes(128))
+        self.c = _ZERO16[:]
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -280,26 +281,6 @@ class FlowFilter:
         return True
 
 
-class _Interner:
-    """A bounded dict of shared values; cleared when full (live flows keep their references)."""
-
-    __slots__ = ("table", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.table: dict[Any, Any] = {}
-        self.limit = limit
-
-    def __call__(self, value: Any) -> Any:
-        t = self.table
-        got = t.get(value)
-        if got is None:
-            if len(t) >= self.limit:
-                t.clear()
-            t[value] = value
-            return value
-        return got
-
-
 def _empty(v: Any) -> bool:
     return v is None or v == "" or v == 0 or v == "0.0.0.0" or v == "::"
 
@@ -327,7 +308,10 @@ class AggregationProcess:
         self._timers: deque[tuple[float, Flow, int]] = deque()
         self._urgent: list[Flow] = []
         self._next_scan = start + export_interval
-        self._intern = _Interner(65536)
+        # Shared values (IP strings, Kubernetes field tuples, TCP states): one copy for many flows.
+        # Bounded: cleared when full (live flows keep their references).
+        self._shared: dict[Any, Any] = {}
+        self._shared_limit = 65536
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
@@ -352,8 +336,10 @@ class AggregationProcess:
             if len(self.flows) >= self.max_flows:
                 stats.dropped_flow_cap += 1
                 return False
-            intern = self._intern
-            key = (intern(src_ip), intern(dst_ip), sport, dport, proto)
+            shared = self._shared
+            if len(shared) >= self._shared_limit:
+                shared.clear()
+            key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
             if not ft:  # a foreign exporter without flowType: guess from what the record knows
                 ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
             flow = Flow(key, ft, now)
@@ -428,13 +414,13 @@ class AggregationProcess:
         # Kubernetes fields: intern a side's tuple only when it changed.
         if side:
             if flow.dmeta != meta:
-                flow.dmeta = self._intern(meta)
+                flow.dmeta = self._shared.setdefault(meta, meta)
                 changed = True
             flow.dexp = exporter
             flow.ddom = domain
         else:
             if flow.smeta != meta:
-                flow.smeta = self._intern(meta)
+                flow.smeta = self._shared.setdefault(meta, meta)
                 changed = True
             flow.sexp = exporter
             flow.sdom = domain
@@ -448,7 +434,7 @@ class AggregationProcess:
                 flow.reason = reason
                 changed = True
             if tcp is not None and tcp != flow.tcp_state:
-                flow.tcp_state = self._intern(tcp)
+                flow.tcp_state = self._shared.setdefault(tcp, tcp)
                 changed = True
         flow.last_seen = now
         flags |= seen

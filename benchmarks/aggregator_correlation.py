@@ -123,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rounds = [make_records(args.flows, r) for r in range(args.rounds)]
     n_records = sum(len(r) for r in rounds)
+    # The pre-built input (400k record dicts) is a benchmark artifact: in the daemon each
+    # decoded record is garbage a moment later. Freeze it so the collector's full passes do
+    # not walk it; the aggregator's own objects are still collected with default settings.
+    gc.collect()
+    gc.freeze()
 
     def ours() -> AggregationProcess:
         return AggregationProcess(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0,
@@ -178,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer_bytes_per_flow": round(peer_mem),
         "ratio_throughput_vs_peer": round(peer_t / ours_t, 2),
         "ratio_memory_vs_peer": round(ours_mem / peer_mem, 2),
+        "gc": "default thresholds; benchmark input frozen (gc.freeze) as it would be transient in the daemon",
         "target": {"records_per_s": 200_000, "bytes_per_flow": 1024, "go_ipfix_records_per_s": 160_000},
     }
     print(json.dumps(result, indent=2))
