@@ -710,6 +710,7 @@ class ExportingProcess:
         self._udp: asyncio.DatagramTransport | None = None
         self._session: ExportSession | None = None
         self._next_templates = 0.0
+        self._pending_templates: list[int] = []  # added since the session announced its templates
         self._failures = 0
         self._connected_once = False
 
@@ -745,6 +746,18 @@ class ExportingProcess:
         self._idle.clear()
         self._wake.set()
         return True
+
+    def add_template(self, template: Template) -> None:
+        """Add a template after start; it is announced before the next data that uses it."""
+        old = self.templates.get(template.template_id)
+        if old is not None:
+            if old == template:
+                return
+            raise UsageError(f"template id {template.template_id} is already in use with other fields")
+        self.templates[template.template_id] = template
+        if self._session is not None:
+            self._session.add_template(template)
+            self._pending_templates.append(template.template_id)
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far was written to the socket or dropped.
@@ -803,6 +816,7 @@ class ExportingProcess:
         session = ExportSession(self.observation_domain_id, max_message_size=max_message_size, registry=self.registry)
         for t in self.templates.values():
             session.add_template(t)
+        self._pending_templates.clear()  # a new session announces all of them
         return session
 
     async def _open_udp(self) -> None:
@@ -912,7 +926,7 @@ class ExportingProcess:
         while queue and taken < self.max_batch:
             tid, records = queue.popleft()
             while queue and queue[0][0] == tid and taken + len(records) < self.max_batch:
-                records = records + queue.popleft()[1]
+                records.extend(queue.popleft()[1])  # our own copy, made by submit()
             taken += len(records)
             self.stats.queued -= len(records)
             yield tid, records
@@ -928,6 +942,17 @@ class ExportingProcess:
             self._udp_send(templates, 0)
             self.stats.template_messages_sent += len(templates)
             self._next_templates = now + self.template_refresh
+            self._pending_templates.clear()
+        if self._pending_templates:
+            templates = session.encode_templates(export_time, self._pending_templates)
+            self._pending_templates.clear()
+            self.stats.template_messages_sent += len(templates)
+            if self._udp is not None:
+                self._udp_send(templates, 0)
+            else:
+                assert self._stream is not None
+                self._stream.write(templates, 0)
+                self.stats.octets_sent += sum(map(len, templates))
         count = 0
         for tid, records in list(self._take()):
             encoded, n = self._encode(session, tid, records, export_time)

@@ -1,0 +1,513 @@
+"""``flowscope collector`` and ``flowscope export``: IPFIX in and out of JSON Lines.
+
+``flowscope collector --listen HOST:PORT[:PROTO]`` does the go-ipfix collector's job:
+it decodes every data record any exporter sends and prints it, one JSON object per line
+(see :mod:`flowscope.collector.records` for the value forms) or as a readable table.
+``flowscope export --to HOST:PORT[:PROTO] < records.jsonl`` does the reverse: it reads
+records in the same form and sends them as IPFIX, so a collector's output can be
+replayed into any collector, the aggregator included.
+
+Both default to TCP, both speak UDP and mutual TLS, and both stop cleanly on SIGINT or
+SIGTERM: the collector after printing what it decoded, the exporter after flushing what
+it had queued. Exit codes: 0 success; 1 some input was rejected or some records were not
+delivered (each counted on stderr); 2 a usage error (bad option, unreadable TLS file);
+3 the collector could not be reached or could not listen; 128+N stopped by signal N
+(export only: the collector's normal way to end is a signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+__all__ = ["register"]
+
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def register(subparsers: Any) -> None:
+    c = subparsers.add_parser(
+        "collector",
+        help="receive IPFIX and print every data record (JSON Lines or a table)",
+        description="Receive IPFIX over UDP, TCP or mutual TLS from any number of exporters and print every "
+        "data record: one JSON object per line keyed by information element names, plus _exporter, "
+        "_observationDomainId and _templateId.",
+    )
+    c.add_argument("--listen", required=True, metavar="HOST:PORT[:PROTO]",
+                   help="address to listen on; PROTO is tcp (default), udp or tls; IPv6 in brackets")
+    _tls_options(c)
+    c.add_argument("--format", choices=("jsonl", "table"), default="jsonl", help="output format (default jsonl)")
+    c.add_argument("--template-lifetime", default="30m", metavar="DURATION",
+                   help="UDP only: forget templates not refreshed for this long (default 30m)")
+    c.add_argument("--max-sessions", type=int, default=1024, metavar="N",
+                   help="refuse new transport sessions past this many (default 1024)")
+    c.set_defaults(func=_collector)
+
+    e = subparsers.add_parser(
+        "export",
+        help="send JSON Lines records (stdin) as IPFIX",
+        description="Read JSON records, one object per line (the collector's output form), and send them as IPFIX. "
+        "Records with the same set of keys share one template; --template names a predefined one instead.",
+    )
+    e.add_argument("--to", required=True, metavar="HOST:PORT[:PROTO]",
+                   help="collector address; PROTO is tcp (default), udp or tls; IPv6 in brackets")
+    _tls_options(e)
+    e.add_argument("--template", metavar="NAME",
+                   help="use a predefined template: agent-ipv4, agent-ipv6, aggregator-ipv4, aggregator-ipv6")
+    e.add_argument("--observation-domain", type=int, default=0, metavar="N", help="observation domain id (default 0)")
+    e.add_argument("--path-mtu", type=int, default=512, metavar="OCTETS",
+                   help="UDP only: path MTU that messages must fit (default 512)")
+    e.add_argument("--connect-timeout", default="10s", metavar="DURATION",
+                   help="give up when the collector cannot be reached for this long (default 10s)")
+    e.add_argument("--input", metavar="FILE", help="read records from FILE instead of standard input")
+    e.set_defaults(func=_export)
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (tls)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of the certificate (tls)")
+    p.add_argument("--tls-ca", metavar="FILE", help="PEM CA certificate that signs the peer's certificate (tls)")
+    p.add_argument("--tls-server-name", metavar="NAME", help=argparse.SUPPRESS)
+
+
+class _Usage(Exception):
+    """A command-line mistake: printed as is, exit code 2."""
+
+
+def _err(command: str, message: str) -> None:
+    print(f"flowscope {command}: {message}", file=sys.stderr)
+
+
+def _address(text: str, option: str) -> Any:
+    from flowscope.ipfix.address import AddressError, parse_address
+
+    try:
+        return parse_address(text, default_protocol="tcp", field=option)
+    except AddressError as exc:
+        raise _Usage(str(exc)) from None
+
+
+def _tls(args: argparse.Namespace, address: Any) -> Any:
+    from flowscope.ipfix.process import TLSConfig
+
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    if address.protocol != "tls":
+        named = [k for k, v in given.items() if v]
+        if named:
+            raise _Usage(f"{', '.join(named)} given but {address} is not a tls address; end it with :tls")
+        return None
+    missing = [k for k, v in given.items() if not v]
+    if missing:
+        raise _Usage(f"{address} is a tls address: {', '.join(missing)} must be given (mutual TLS needs all three)")
+    return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+
+
+def _duration(text: str, option: str) -> float:
+    from flowscope.durations import DurationError, parse_duration
+
+    try:
+        seconds = parse_duration(text, field=option)
+    except DurationError as exc:
+        raise _Usage(str(exc)) from None
+    if seconds <= 0:
+        raise _Usage(f"{option}: {text!r} must be longer than 0")
+    return seconds
+
+
+def _install_signals(loop: Any, stop: Any) -> dict[str, int]:
+    import signal
+
+    got: dict[str, int] = {}
+
+    def handler(signum: int) -> None:
+        got.setdefault("signal", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler, sig)
+    return got
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="flowscope: %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+# --------------------------------------------------------------------------- collector
+
+
+class _TableWriter:
+    """Readable columns for flow records; other records as key=value pairs."""
+
+    HEADER = f"{'EXPORTER':<22} {'DOM':>5} {'TPL':>5} {'SOURCE':<28} {'DESTINATION':<28} {'PROTO':>5} " \
+             f"{'PACKETS':>9} {'OCTETS':>11} {'R-PACKETS':>9} {'R-OCTETS':>11}  DETAILS"
+    CORE = {
+        "sourceIPv4Address", "sourceIPv6Address", "destinationIPv4Address", "destinationIPv6Address",
+        "sourceTransportPort", "destinationTransportPort", "protocolIdentifier", "packetTotalCount",
+        "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
+    }
+
+    def __init__(self) -> None:
+        self.header_done = False
+
+    @staticmethod
+    def _endpoint(ip: Any, port: Any) -> str:
+        if ip is None:
+            return "-"
+        host = f"[{ip}]" if ":" in str(ip) else str(ip)
+        return f"{host}:{port}" if port is not None else host
+
+    def lines(self, record: dict[str, Any], exporter: str, domain: int, template_id: int) -> list[str]:
+        from .records import record_to_json
+
+        out = []
+        if not self.header_done:
+            out.append(self.HEADER)
+            self.header_done = True
+        r = record_to_json(record)
+        src = self._endpoint(r.get("sourceIPv4Address", r.get("sourceIPv6Address")), r.get("sourceTransportPort"))
+        dst = self._endpoint(
+            r.get("destinationIPv4Address", r.get("destinationIPv6Address")), r.get("destinationTransportPort")
+        )
+        proto = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}.get(
+            r.get("protocolIdentifier", -1), str(r.get("protocolIdentifier", "-"))
+        )
+        details = " ".join(f"{k}={v}" for k, v in r.items() if k not in self.CORE and v not in ("", None))
+
+        def num(key: str) -> str:
+            v = r.get(key)
+            return "-" if v is None else str(v)
+
+        out.append(
+            f"{exporter:<22} {domain:>5} {template_id:>5} {src:<28} {dst:<28} {proto:>5} "
+            f"{num('packetTotalCount'):>9} {num('octetTotalCount'):>11} "
+            f"{num('reversePacketTotalCount'):>9} {num('reverseOctetTotalCount'):>11}  {details}"
+        )
+        return out
+
+
+def _collector(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        address = _address(args.listen, "--listen")
+        lifetime = _duration(args.template_lifetime, "--template-lifetime")
+        if args.max_sessions < 1:
+            raise _Usage(f"--max-sessions: {args.max_sessions} must be at least 1")
+        tls = _tls(args, address)
+    except _Usage as exc:
+        _err("collector", str(exc))
+        return EXIT_USAGE
+    _logging()
+    try:
+        return asyncio.run(_collect(address, tls, args.format, lifetime, args.max_sessions))
+    except _Usage as exc:
+        _err("collector", str(exc))
+        return EXIT_USAGE
+
+
+async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessions: int) -> int:
+    import asyncio
+
+    from flowscope.ipfix import UsageError
+    from flowscope.ipfix.process import CollectingProcess
+
+    from .records import dumps_record
+
+    out = sys.stdout
+    table = _TableWriter() if fmt == "table" else None
+    broken = asyncio.Event()
+
+    def on_message(peer: Any, msg: Any) -> None:
+        if broken.is_set():
+            return
+        exporter = str(peer)
+        domain = msg.observation_domain_id
+        lines: list[str] = []
+        for template, record in msg.data_records():
+            if table is None:
+                lines.append(dumps_record(record, exporter=exporter, domain=domain, template_id=template.template_id))
+            else:
+                lines += table.lines(record, exporter, domain, template.template_id)
+        if lines:
+            try:
+                out.write("\n".join(lines) + "\n")
+                out.flush()
+            except BrokenPipeError:  # the reader went away (| head): stop quietly
+                broken.set()
+
+    try:
+        process = CollectingProcess(
+            address, tls=tls, on_message=on_message, template_lifetime=lifetime, max_sessions=max_sessions
+        )
+    except UsageError as exc:
+        raise _Usage(str(exc)) from None
+    try:
+        await process.start()
+    except OSError as exc:
+        _err("collector", str(exc))
+        return EXIT_UNREACHABLE
+    print(f"flowscope collector: listening on {address} (port {process.port})", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    _install_signals(asyncio.get_running_loop(), stop)
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(broken.wait())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    await process.close()
+    s = process.stats
+    print(
+        f"flowscope collector: {s.records} records in {s.messages} messages from {s.sessions_total} sessions; "
+        f"{s.malformed} malformed, {s.sessions_refused} sessions refused, {s.tls_refused} TLS handshakes refused, "
+        f"{s.lost_records} records lost in transit (sequence numbers)",
+        file=sys.stderr,
+    )
+    if broken.is_set():
+        try:
+            sys.stdout = None  # type: ignore[assignment]  # no flush of a dead pipe at exit
+        except Exception:  # noqa: BLE001
+            pass
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        address = _address(args.to, "--to")
+        timeout = _duration(args.connect_timeout, "--connect-timeout")
+        tls = _tls(args, address)
+        if not 0 <= args.observation_domain <= 0xFFFFFFFF:
+            raise _Usage(f"--observation-domain: {args.observation_domain} is outside 0..4294967295")
+        if not 68 <= args.path_mtu <= 65535:
+            raise _Usage(f"--path-mtu: {args.path_mtu} is outside 68..65535")
+        if args.template is not None:
+            from flowscope.ipfix.antrea import TEMPLATES
+
+            if args.template not in TEMPLATES:
+                raise _Usage(f"--template: {args.template!r} is not one of {', '.join(TEMPLATES)}")
+        source = sys.stdin.buffer
+        if args.input:
+            try:
+                source = open(args.input, "rb")  # noqa: SIM115 - read by a thread until EOF
+            except OSError as exc:
+                raise _Usage(f"--input: cannot read {args.input!r}: {exc.strerror}") from None
+    except _Usage as exc:
+        _err("export", str(exc))
+        return EXIT_USAGE
+    _logging()
+    try:
+        return asyncio.run(_send(args, address, tls, timeout, source))
+    except _Usage as exc:
+        _err("export", str(exc))
+        return EXIT_USAGE
+
+
+def _reader(source: Any, loop: Any, queue: Any, batch: int = 1000) -> None:
+    """Thread: hand lines to the event loop in batches; None marks the end."""
+    import asyncio
+
+    lines: list[bytes] = []
+    try:
+        for raw in source:
+            lines.append(raw)
+            if len(lines) >= batch:
+                asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
+                lines = []
+    except Exception as exc:  # noqa: BLE001 - reported by the consumer
+        lines.append(exc)  # type: ignore[arg-type]
+    try:
+        if lines:
+            asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
+        asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+    except RuntimeError:  # the loop is gone: we were stopped
+        pass
+
+
+class _Templates:
+    """Template ids by key set, or the one predefined template."""
+
+    def __init__(self, registry: Any, predefined: str | None) -> None:
+        from flowscope.ipfix import Template
+        from flowscope.ipfix.antrea import TEMPLATES
+
+        self.registry = registry
+        self.by_keys: dict[frozenset[str], Any] = {}
+        self.predefined = predefined
+        self.fixed = None
+        if predefined is not None:
+            self.fixed = Template.build(256, TEMPLATES[predefined], registry)
+            self.fixed_keys = frozenset(self.fixed.names)
+
+    def for_record(self, record: dict[str, Any], line: int) -> tuple[Any, bool]:
+        """(template, new?) for a record; RecordError when it does not fit the predefined one."""
+        from flowscope.ipfix import Template
+
+        from .records import RecordError, template_order
+
+        if self.fixed is not None:
+            keys = frozenset(record)
+            if keys != self.fixed_keys:
+                missing = sorted(self.fixed_keys - keys)
+                extra = sorted(keys - self.fixed_keys)
+                if missing:
+                    raise RecordError(
+                        f"line {line}: field {missing[0]!r} is missing"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                        + f"; template {self.predefined} needs all of its {len(self.fixed_keys)} fields"
+                    )
+                raise RecordError(f"line {line}: field {extra[0]!r} is not part of template {self.predefined}")
+            return self.fixed, False
+        keys = frozenset(record)
+        t = self.by_keys.get(keys)
+        if t is not None:
+            return t, False
+        tid = 256 + len(self.by_keys)
+        if tid > 65535:
+            raise RecordError(f"line {line}: more than 65280 different key sets; no template id is left")
+        t = Template.build(tid, template_order(record, self.registry), self.registry)
+        self.by_keys[keys] = t
+        return t, True
+
+
+async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float, source: Any) -> int:
+    import asyncio
+    import threading
+    import time
+
+    from flowscope.ipfix import UsageError, default_registry
+    from flowscope.ipfix.process import ExportingProcess
+
+    from .records import RecordError, parse_line
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = _install_signals(loop, stop)
+    registry = default_registry().copy()
+    templates = _Templates(registry, args.template)
+    lines_q: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=8)
+    threading.Thread(target=_reader, args=(source, loop, lines_q), name="export-input", daemon=True).start()
+
+    exporter: ExportingProcess | None = None
+    rejected = 0
+    line_no = 0
+    unreachable = False
+    queue_size = 65536
+
+    async def open_exporter(first: Any) -> ExportingProcess | None:
+        try:
+            exp = ExportingProcess(
+                address, tls=tls, templates=[first], observation_domain_id=args.observation_domain,
+                path_mtu=args.path_mtu, queue_size=queue_size, backoff_initial=0.25,
+                backoff_max=max(0.25, min(5.0, timeout / 4)), connect_timeout=timeout,
+            )
+        except UsageError as exc:
+            raise _Usage(str(exc)) from None
+        await exp.start()
+        deadline = time.monotonic() + timeout
+        while not exp.stats.connected and time.monotonic() < deadline and not stop.is_set():
+            await asyncio.sleep(0.05)
+        if not exp.stats.connected:
+            _err("export", f"cannot reach the collector at {address} (gave up after {timeout:g}s)")
+            await exp.close()
+            return None
+        return exp
+
+    async def room(exp: ExportingProcess, n: int) -> bool:
+        """Wait until n more records fit the queue; False if the collector stays away."""
+        gone_since: float | None = None
+        while exp.stats.queued + n > queue_size:
+            if await exp.flush(timeout=0.5):
+                break
+            if exp.stats.connected:
+                gone_since = None
+            else:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > timeout:
+                    return False
+        return True
+
+    shown = 0
+    try:
+        while not stop.is_set():
+            get = asyncio.ensure_future(lines_q.get())
+            halt = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([get, halt], return_when=asyncio.FIRST_COMPLETED)
+            halt.cancel()
+            if not get.done():
+                get.cancel()
+                break
+            batch = get.result()
+            if batch is None:
+                break
+            groups: dict[int, list[dict[str, Any]]] = {}
+            for raw in batch:
+                line_no += 1
+                if isinstance(raw, Exception):
+                    _err("export", f"reading input failed after line {line_no - 1}: {raw}")
+                    rejected += 1
+                    break
+                try:
+                    record = parse_line(raw.decode("utf-8", "replace"), registry, line_no)
+                    if record is None:
+                        continue
+                    template, new = templates.for_record(record, line_no)
+                except (RecordError, UsageError) as exc:
+                    rejected += 1
+                    if shown < 20:
+                        _err("export", str(exc))
+                        shown += 1
+                    continue
+                if exporter is None:
+                    exporter = await open_exporter(template)
+                    if exporter is None:
+                        unreachable = True
+                        return EXIT_UNREACHABLE
+                elif new:
+                    exporter.add_template(template)
+                groups.setdefault(template.template_id, []).append(record)
+            if exporter is not None:
+                for tid, records in groups.items():
+                    if not await room(exporter, len(records)):
+                        _err("export", f"lost the collector at {address} and could not reconnect within {timeout:g}s")
+                        unreachable = True
+                        stop.set()
+                        break
+                    exporter.submit(tid, records)
+        # drain: wait for what was queued, as long as the collector is there
+        if exporter is not None and not unreachable:
+            gone_since: float | None = None
+            while not await exporter.flush(timeout=0.5):
+                if exporter.stats.connected:
+                    gone_since = None
+                    continue
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > timeout:
+                    _err("export", f"lost the collector at {address}; records still queued are dropped")
+                    unreachable = True
+                    break
+    finally:
+        if exporter is not None:
+            await exporter.close()
+    if shown < rejected:
+        _err("export", f"... and {rejected - shown} more rejected lines")
+    s = exporter.stats if exporter is not None else None
+    sent = s.records_sent if s else 0
+    failed = (s.records_dropped + s.records_invalid + s.records_lost) if s else 0
+    n_templates = 1 if templates.fixed is not None else len(templates.by_keys)
+    print(
+        f"flowscope export: {sent} records sent to {address} with {n_templates} templates; "
+        f"{rejected} input lines rejected, {failed} records not delivered"
+        + (f" ({s.records_dropped} dropped, {s.records_invalid} invalid, {s.records_lost} lost on a broken connection)" if s and failed else ""),
+        file=sys.stderr,
+    )
+    if "signal" in signals:
+        return 128 + signals["signal"]
+    if unreachable:
+        return EXIT_UNREACHABLE
+    return EXIT_DATA if rejected or failed else EXIT_OK
