@@ -28,7 +28,9 @@ that is still alone after ``correlation_timeout`` is exported alone, marked
 ``correlation="uncorrelated"`` (and its missing node's name stays empty in the record),
 and counted. A half whose twin shows up later is merged then (``late_correlated``).
 A denied flow (ingress or egress rule action 2 Drop or 3 Reject) is exported at the next
-tick after its first record, without waiting for the twin.
+tick after its first record, without waiting for the twin. A flow the source node's
+egress policy denied never reaches the destination node: it is complete with its one
+half (``correlation="denied"``) and not counted as uncorrelated.
 
 *Aggregation.* Totals take the newest value. Deltas are computed from the totals (robust
 to a lost record: the next one carries the difference) and accumulate between exports;
@@ -190,6 +192,8 @@ REMOVED = 1024
 IPV6 = 2048
 EXPORTED = 4096
 END_WAIT = 8192  # an end timer is pending
+NO_TWIN = 16384  # denied by the source node's egress policy: the destination node never sees it
+SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
 _ZERO16 = array("Q", bytes(128))
@@ -232,6 +236,8 @@ class Flow:
             return "external"
         if f & CORRELATED:
             return "correlated"
+        if f & NO_TWIN:
+            return "denied"
         if f & LONE:
             return "uncorrelated"
         return "pending"
@@ -242,7 +248,9 @@ class ExportedFlow:
     """One aggregated record handed to the sinks."""
 
     record: dict[str, Any]
-    correlation: str  # intra-node | external | correlated | uncorrelated | pending (denied, twin not yet seen)
+    # intra-node | external | correlated | uncorrelated (the twin never came) | denied (dropped by the
+    # source's egress policy: no twin exists) | pending (denied at the destination, source half not yet seen)
+    correlation: str
     final: bool  # the flow ended or expired: no more records for it
 
 
@@ -455,12 +463,14 @@ class AggregationProcess:
             flags |= READY
         if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
             flags |= DENIED | READY
+            if side == SRC and meta[_I_EGRESS_ACTION] in DENY_ACTIONS and not flags & CORRELATED:
+                flags |= NO_TWIN
             if not flags & EXPORTED and not flags & QUEUED:
                 flags |= QUEUED
                 self._urgent.append(flow)
         if reason in END_REASONS:
             flags |= ENDED[side]
-            if ft != INTER_NODE or flags & LONE or (flags & ENDED_SRC and flags & ENDED_DST):
+            if ft != INTER_NODE or flags & SINGLE or (flags & ENDED_SRC and flags & ENDED_DST):
                 if not flags & QUEUED:
                     flags |= QUEUED
                     self._urgent.append(flow)
@@ -482,7 +492,7 @@ class AggregationProcess:
             if f & REMOVED:
                 continue
             if what == _CORRELATE_TIMER:
-                if f & CORRELATED or flow.flow_type != INTER_NODE:
+                if f & (CORRELATED | NO_TWIN) or flow.flow_type != INTER_NODE:
                     continue
                 flow.flags = f | LONE | READY
                 self.stats.flows_uncorrelated += 1
@@ -500,7 +510,7 @@ class AggregationProcess:
                 if f & REMOVED:
                     continue
                 if f & (ENDED_SRC | ENDED_DST) and (
-                    flow.flow_type != INTER_NODE or f & LONE or (f & ENDED_SRC and f & ENDED_DST)
+                    flow.flow_type != INTER_NODE or f & SINGLE or (f & ENDED_SRC and f & ENDED_DST)
                 ):
                     self._finish(flow, out, ended=True)
                 elif not f & EXPORTED:  # a denied flow's first record
@@ -524,7 +534,7 @@ class AggregationProcess:
         for flow in gone:
             f = flow.flags
             if f & DIRTY or not f & EXPORTED:
-                if flow.flow_type == INTER_NODE and not f & (CORRELATED | LONE):
+                if flow.flow_type == INTER_NODE and not f & (CORRELATED | SINGLE):
                     flow.flags = f | LONE
                     self.stats.flows_uncorrelated += 1
                 yield self._export(flow, final=True)

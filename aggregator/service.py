@@ -77,10 +77,12 @@ class FlowAggregator:
         sinks: Sequence[tuple[Sink, int]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick_interval: float = TICK_INTERVAL,
+        template_lifetime: float = 1800.0,
     ) -> None:
         self.config = config
         self.clock = clock
         self.tick_interval = tick_interval
+        self.template_lifetime = template_lifetime
         self.process = AggregationProcess(
             export_interval=config.export_interval,
             correlation_timeout=config.correlation_timeout,
@@ -176,12 +178,18 @@ class FlowAggregator:
         from flowscope.ipfix.address import Address
         from flowscope.ipfix.process import CollectingProcess, TLSConfig
 
-        tls = None
-        if c.transport == "tls":
-            tls = TLSConfig(cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file)
-        self.collecting = CollectingProcess(
-            Address(c.listen_host, c.listen_port, c.transport), tls=tls, on_message=self.on_message,
-        )
+        from flowscope.ipfix.errors import UsageError
+
+        try:
+            tls = None
+            if c.transport == "tls":
+                tls = TLSConfig(cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file)
+            self.collecting = CollectingProcess(
+                Address(c.listen_host, c.listen_port, c.transport), tls=tls, on_message=self.on_message,
+                template_lifetime=self.template_lifetime,
+            )
+        except UsageError as exc:  # unreadable or mismatched TLS material
+            raise ConfigError(f"tls.certFile / tls.keyFile / tls.caFile: {exc}") from None
         await self.collecting.start()
 
     @property
@@ -242,9 +250,9 @@ class FlowAggregator:
         st = getattr(self.collecting, "stats", None)
         if st is None:
             return {}
-        if isinstance(st, dict):
-            return dict(st)
-        return {k: getattr(st, k) for k in dir(st) if not k.startswith("_") and isinstance(getattr(st, k), int)}
+        if hasattr(st, "as_dict"):
+            return dict(st.as_dict())
+        return dict(st) if isinstance(st, dict) else {}
 
     def record_metrics(self) -> dict[str, Any]:
         """antctl-style record metrics, plus the details behind them."""
@@ -271,7 +279,7 @@ class FlowAggregator:
             "max_flows": self.process.max_flows,
             "received_by_exporter": dict(self.received_by_exporter),
             "exporters_connected": self.exporters_connected(),
-            "malformed_messages": int(coll.get("malformed", coll.get("malformed_messages", 0)) or 0),
+            "malformed_messages": int(coll.get("malformed", 0) or 0),
             "sinks": {s.name: s.stats() for s in self.sinks},
         }
 

@@ -277,7 +277,6 @@ class IPFIXSink:
         self.observation_domain_id = observation_domain_id
         self.queue_size = queue_size
         self.process: Any = None
-        self.refused = 0
 
     async def start(self) -> None:
         from flowscope.ipfix import Template
@@ -297,8 +296,7 @@ class IPFIXSink:
             tid = TEMPLATE_IDS[("sourceIPv6Address" in rec, "originalExporterIPv6Address" in rec)]
             groups.setdefault(tid, []).append(rec)
         for tid, records in groups.items():
-            if not self.process.submit(tid, records):
-                self.refused += len(records)
+            self.process.submit(tid, records)  # refusals are counted by the process (records_dropped)
 
     async def close(self) -> None:
         if self.process is not None:
@@ -309,12 +307,10 @@ class IPFIXSink:
             await self.process.close()
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"exporterRefused": self.refused}
         st = getattr(self.process, "stats", None)
-        if st is not None:
-            for name in ("records_sent", "records_dropped", "reconnects", "connected"):
-                if hasattr(st, name):
-                    out[name] = getattr(st, name)
-                elif isinstance(st, dict) and name in st:
-                    out[name] = st[name]
-        return out
+        if st is None:
+            return {}
+        d = st.as_dict() if hasattr(st, "as_dict") else {}
+        keep = ("records_sent", "records_dropped", "records_lost", "records_invalid", "connects", "reconnects",
+                "connected", "queued")
+        return {f"exporter_{k}": d[k] for k in keep if k in d}

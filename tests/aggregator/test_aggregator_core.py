@@ -114,10 +114,14 @@ def test_denied_flow_is_exported_from_its_first_record(where, action):
                                          roctets=0), NODE_B
     agg.ingest(rec, exporter, 1, now=0.0)
     out = only(agg.tick(0.5))  # at the next tick, not after correlationTimeout nor the export interval
-    assert out.correlation == "pending"
+    # denied at the source's egress: no twin will ever come; at the destination's ingress the
+    # source node has a record of the attempt too, still to come
+    assert out.correlation == ("denied" if where == "egress" else "pending")
     assert out.record[f"{where}NetworkPolicyRuleAction"] == action
     assert out.record["packetTotalCount"] == 1
     assert agg.tick(1.0) == []  # not again while nothing changed
+    agg.tick(31.0)  # past the correlation timeout
+    assert agg.stats.flows_uncorrelated == (0 if where == "egress" else 1)
 
 
 def test_lost_half_is_exported_alone_at_the_correlation_timeout_and_counted():
