@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "flowscope.agent.cli",  # agent
     "flowscope.aggregator.cli",  # aggregator (flowrecords, recordmetrics)
     "flowscope.operator.cli",  # operator, render
+    "flowscope.demo",  # demo
 )
 
 

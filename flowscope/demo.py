@@ -1,0 +1,394 @@
+"""``flowscope demo``: the whole pipeline, for real, on one machine, in under a minute.
+
+It shows what flowscope does without a cluster, using real parts only: a lab of network
+namespaces shaped like a two-Node cluster (:mod:`flowscope.lab`), the kernel's conntrack
+in each Node, one Flow Exporter agent per Node reading it, mutual TLS to a Flow
+Aggregator that correlates the two halves of every inter-Node connection, and the
+collector printing what the aggregator exports. The Kubernetes metadata comes from a
+static inventory (Pods, Nodes, a Service, a NetworkPolicy), the same objects the agent
+would watch through the API in a cluster.
+
+The traffic is chosen so that every kind of flow appears: Pod to Service (ClusterIP
+DNAT, inter-Node), Pod to Pod on one Node, Pod to an external host, a connection a
+NetworkPolicy denies, and UDP. At the end the demo prints the correlated records as a
+table, next to the bytes each program actually sent, and removes everything it made.
+Root is required (network namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowscope.lab import Lab, Pod
+
+SERVICE_IP = "10.96.0.10"
+AGGREGATOR_NAME = "flow-aggregator.flow-aggregator.svc"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on this machine: netns Nodes, agents, aggregator, collector",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--workdir", help="keep configs, logs and records here (default: a temporary directory, removed)")
+    p.add_argument("--json", action="store_true", help="print the correlated records as JSON lines, not a table")
+    p.set_defaults(func=run_demo)
+
+
+# --------------------------------------------------------------------------- inventory
+
+
+def _inventory(lab: Lab, pods: dict[str, Pod]) -> list[dict[str, Any]]:
+    objs: list[dict[str, Any]] = []
+    for name, node in lab.nodes.items():
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name},
+                "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+                "status": {"addresses": [{"type": "InternalIP", "address": node.underlay_ip}]},
+            }
+        )
+    for ns in sorted({p.namespace for p in pods.values()}):
+        objs.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}})
+    for pod in pods.values():
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": pod.labels},
+                "spec": {"nodeName": pod.node, "containers": [{"name": "app", "image": "demo", "ports": _ports(pod)}]},
+                "status": {"phase": "Running", "podIP": pod.ip, "podIPs": [{"ip": pod.ip}]},
+            }
+        )
+    objs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "backend", "namespace": "shop"},
+            "spec": {
+                "clusterIP": SERVICE_IP,
+                "clusterIPs": [SERVICE_IP],
+                "selector": {"app": "backend"},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            },
+        }
+    )
+    objs.append(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "db-from-backend-only", "namespace": "data"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "db"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {
+                        "from": [
+                            {
+                                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                                "podSelector": {"matchLabels": {"app": "backend"}},
+                            }
+                        ],
+                        "ports": [{"protocol": "TCP", "port": 5432}],
+                    }
+                ],
+            },
+        }
+    )
+    return objs
+
+
+def _ports(pod: Pod) -> list[dict[str, Any]]:
+    ports = {"backend": [("http", 8080, "TCP"), ("dns", 5353, "UDP")], "cache": [("redis", 6379, "TCP")], "db": [("pg", 5432, "TCP")]}
+    return [{"name": n, "containerPort": p, "protocol": proto} for n, p, proto in ports.get(pod.labels.get("app", ""), [])]
+
+
+# --------------------------------------------------------------------------- configs and TLS
+
+
+def _tls(workdir: Path, ctl_ip: str) -> dict[str, Path]:
+    from flowscope.operator.tls import ensure
+
+    now = dt.datetime.now(dt.timezone.utc)
+    material = ensure(
+        {}, now=now, server_names=[AGGREGATOR_NAME, ctl_ip], lifetime=86400.0, ca_lifetime=86400.0 * 2,
+        margin=3600.0, ca_name="flowscope-demo-ca",
+    )  # fmt: skip
+    files = {
+        "ca": material.ca.cert_pem,
+        "server.crt": material.server.cert_pem,
+        "server.key": material.server.key_pem,
+        "client.crt": material.client.cert_pem,
+        "client.key": material.client.key_pem,
+    }
+    out = {}
+    for name, data in files.items():
+        path = workdir / "tls" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o600)
+        out[name] = path
+    return out
+
+
+def _write(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Child processes of the demo, each logging to a file, all stopped on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], stdout: Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        out = open(stdout, "wb") if stdout else log  # noqa: SIM115
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=log, stdin=subprocess.DEVNULL)
+        self.children.append((name, proc))
+        return proc
+
+    def stop(self, name: str, timeout: float = 15.0) -> int | None:
+        for n, proc in self.children:
+            if n == name and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    return proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    return proc.wait()
+        return None
+
+    def check_alive(self) -> None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with status {proc.returncode}:\n{tail}")
+
+    def stop_all(self) -> None:
+        for name, _ in reversed(self.children):
+            self.stop(name, timeout=5.0)
+
+
+def _flowscope(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flowscope", *args]
+
+
+def _wait_listening(netns: str, port: int, procs: Processes, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hlnt", f"sport = :{port}"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return
+        procs.check_alive()
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} in {netns} after {timeout:g}s")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("flowscope demo: needs root (it creates network namespaces)", file=sys.stderr)
+        return 2
+    for tool in ("ip", "nft", "ss"):
+        if shutil.which(tool) is None:
+            print(f"flowscope demo: {tool} is not installed; scripts/setup.sh installs it", file=sys.stderr)
+            return 2
+    keep = args.workdir is not None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="flowscope-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with Lab() as lab:
+            return _run(lab, workdir, args)
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def _run(lab: Lab, workdir: Path, args: argparse.Namespace) -> int:
+    _say("building the lab: 2 Nodes, 5 Pods, a Service, a NetworkPolicy, a control-plane and an external host")
+    lab.add_node("node-a")
+    lab.add_node("node-b")
+    ctl = lab.add_host("ctl")
+    ext = lab.add_host("ext")
+    pods = {
+        "frontend": lab.add_pod("node-a", "frontend-6d4f8", "shop", {"app": "frontend"}),
+        "cache": lab.add_pod("node-a", "cache-0", "shop", {"app": "cache"}),
+        "backend": lab.add_pod("node-b", "backend-5c7b9", "shop", {"app": "backend"}),
+        "db": lab.add_pod("node-b", "db-0", "data", {"app": "db"}),
+    }
+    lab.add_service(SERVICE_IP, 80, pods["backend"], 8080)
+    lab.deny_ingress(pods["db"], [pods["backend"].ip], 5432)
+    inventory = workdir / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump_all(_inventory(lab, pods), sort_keys=False))
+    tls = _tls(workdir, ctl.underlay_ip)
+
+    aggregator_cfg = _write(
+        workdir / "aggregator.yaml",
+        {
+            "externalFlowCollectorAddr": "127.0.0.1:4740:tcp",
+            "flowExportInterval": "2s",
+            "aggregatorTransportProtocol": "tls",
+            "flowAggregatorAddress": AGGREGATOR_NAME,
+            "listenPort": 4739,
+            "tls": {"caFile": str(tls["ca"]), "certFile": str(tls["server.crt"]), "keyFile": str(tls["server.key"])},
+            "correlationTimeout": "6s",
+            "apiAddress": "127.0.0.1:10348",
+            "sinks": {"flowLog": {"enabled": True, "path": str(workdir / "flows.jsonl")}},
+        },
+    )
+    procs = Processes(workdir)
+    records_file = workdir / "collector.jsonl"
+    try:
+        _say("starting the collector and the Flow Aggregator (mutual TLS) on the control-plane host")
+        procs.start("collector", ["ip", "netns", "exec", ctl.netns, *_flowscope("collector", "--listen", "127.0.0.1:4740:tcp")], stdout=records_file)
+        _wait_listening(ctl.netns, 4740, procs)
+        procs.start("aggregator", ["ip", "netns", "exec", ctl.netns, *_flowscope("aggregator", "--config", str(aggregator_cfg))])
+        _wait_listening(ctl.netns, 4739, procs)
+
+        _say("starting one Flow Exporter agent per Node, reading that Node's conntrack")
+        for name, node in lab.nodes.items():
+            cfg = _write(
+                workdir / f"agent-{name}.yaml",
+                {
+                    "flowCollectorAddr": f"{ctl.underlay_ip}:4739:tls",
+                    "flowPollInterval": "1s",
+                    "activeFlowExportTimeout": "4s",
+                    "idleFlowExportTimeout": "2s",
+                    "nodeName": name,
+                    "tls": {
+                        "caFile": str(tls["ca"]), "certFile": str(tls["client.crt"]), "keyFile": str(tls["client.key"]),
+                        "serverName": AGGREGATOR_NAME,
+                    },  # fmt: skip
+                    "metricsAddress": "127.0.0.1:9390",
+                    "metadata": {"source": "static", "staticFile": str(inventory)},
+                },
+            )
+            procs.start(f"agent-{name}", ["ip", "netns", "exec", node.netns, *_flowscope("agent", "--config", str(cfg))])
+        time.sleep(1.5)
+        procs.check_alive()
+
+        _say("starting servers in the Pods and on the external host")
+        lab_serve = [sys.executable, "-m", "flowscope.lab", "serve"]
+        procs.start("srv-backend", pods["backend"].exec_args(*lab_serve, "--tcp", "8080", "--udp", "5353", "--reply", "4000"))
+        procs.start("srv-cache", pods["cache"].exec_args(*lab_serve, "--tcp", "6379", "--reply", "200"))
+        procs.start("srv-db", pods["db"].exec_args(*lab_serve, "--tcp", "5432", "--reply", "800"))
+        procs.start("srv-ext", ext.exec_args(*lab_serve, "--tcp", "443", "--reply", "30000"))
+        for netns, port in ((pods["backend"].netns, 8080), (pods["cache"].netns, 6379), (pods["db"].netns, 5432), (ext.netns, 443)):
+            _wait_listening(netns, port, procs)
+
+        _say("sending traffic")
+        sent = []
+        plan = [
+            ("frontend", f"{SERVICE_IP}:80", "tcp", 200_000, 1, "Pod -> Service (ClusterIP, inter-Node)"),
+            ("frontend", f"{pods['cache'].ip}:6379", "tcp", 50_000, 1, "Pod -> Pod (same Node)"),
+            ("frontend", f"{ext.underlay_ip}:443", "tcp", 20_000, 1, "Pod -> external host"),
+            ("backend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, allowed by NetworkPolicy"),
+            ("frontend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, denied by NetworkPolicy"),
+            ("frontend", f"{pods['backend'].ip}:5353", "udp", 512, 5, "Pod -> Pod over UDP (inter-Node)"),
+        ]
+        for src, target, proto, size, packets, what in plan:
+            cmd = pods[src].exec_args(sys.executable, "-m", "flowscope.lab", "send", target, "--bytes", str(size), "--packets", str(packets), "--timeout", "1.5")
+            if proto == "udp":
+                cmd.append("--udp")
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            answer = out.stdout.strip()
+            print(f"    {what:42s} {pods[src].ip} -> {target:22s} sent {size * packets:>7} B, got back: {answer}")
+            sent.append((what, pods[src].ip, target, proto, size * packets))
+
+        _say("waiting for idle exports and the aggregator's export interval")
+        time.sleep(7)
+        procs.check_alive()
+        flowrecords = subprocess.run(
+            ["ip", "netns", "exec", ctl.netns, *_flowscope("aggregator", "flowrecords", "--server", "http://127.0.0.1:10348", "-o", "table")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        _say("stopping agents (final records), aggregator and collector")
+        for name in lab.nodes:
+            procs.stop(f"agent-{name}")
+        time.sleep(3)
+        procs.stop("aggregator")
+        procs.stop("collector")
+    finally:
+        procs.stop_all()
+
+    records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+    _say(f"the collector received {len(records)} aggregated records; the latest per connection:")
+    latest: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in records:
+        key = (r.get("sourceIPv4Address"), r.get("destinationIPv4Address"), r.get("sourceTransportPort"), r.get("destinationTransportPort"), r.get("protocolIdentifier"))
+        latest[key] = r
+    pod_ips = {p.ip for p in pods.values()}
+    shown = [r for r in latest.values() if r.get("sourceIPv4Address") in pod_ips]
+    if args.json:
+        for r in shown:
+            print(json.dumps(r, sort_keys=True))
+    else:
+        _table(shown)
+    if flowrecords.returncode == 0 and flowrecords.stdout.strip():
+        _say("what `flowscope aggregator flowrecords` showed while the flows were live:")
+        print(flowrecords.stdout.rstrip())
+    return 0 if shown else 1
+
+
+FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}
+ACTIONS = {0: "", 1: "Allow", 2: "Drop", 3: "Reject"}
+
+
+def _table(records: list[dict[str, Any]]) -> None:
+    rows = [("source", "destination", "service", "type", "octets(src node)", "octets(dst node)", "rev octets", "policy")]
+    for r in sorted(records, key=lambda r: (r.get("flowType", 0), r.get("destinationTransportPort", 0))):
+        src = f"{r.get('sourcePodNamespace')}/{r.get('sourcePodName')}" if r.get("sourcePodName") else r.get("sourceIPv4Address", "")
+        dst = (
+            f"{r.get('destinationPodNamespace')}/{r.get('destinationPodName')}"
+            if r.get("destinationPodName")
+            else r.get("destinationIPv4Address", "")
+        )
+        policy = ""
+        if r.get("ingressNetworkPolicyName") or r.get("ingressNetworkPolicyRuleAction"):
+            policy = f"{ACTIONS.get(r.get('ingressNetworkPolicyRuleAction', 0), '?')} {r.get('ingressNetworkPolicyNamespace', '')}/{r.get('ingressNetworkPolicyName', '')}".strip()
+        rows.append(
+            (
+                f"{src}:{r.get('sourceTransportPort')}",
+                f"{dst}:{r.get('destinationTransportPort')}/{'tcp' if r.get('protocolIdentifier') == 6 else 'udp' if r.get('protocolIdentifier') == 17 else r.get('protocolIdentifier')}",
+                r.get("destinationServicePortName", ""),
+                FLOW_TYPES.get(r.get("flowType", 0), "?"),
+                str(r.get("octetTotalCountFromSourceNode", "")),
+                str(r.get("octetTotalCountFromDestinationNode", "")),
+                str(r.get("reverseOctetTotalCount", "")),
+                policy,
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for n, row in enumerate(rows):
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
