@@ -73,12 +73,22 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     from flowscope.agent.metrics import AgentMetrics
     from flowscope.agent.records import templates
 
-    try:
-        from flowscope.ipfix.process import ExportingProcess, TLSConfig
-    except ImportError as exc:
-        print(f"flowscope agent: the IPFIX exporting process is not available ({exc})", file=sys.stderr)
-        return 1
+    from flowscope.ipfix import UsageError
+    from flowscope.ipfix.process import ExportingProcess, TLSConfig
 
+    tls = None
+    if cfg.flow_collector.protocol == "tls":
+        tls = TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file, server_name=cfg.tls_server_name)
+    # A stable observation domain per node, so the aggregator tells exporters apart.
+    domain = zlib.crc32(cfg.node_name.encode()) & 0xFFFFFFFF
+    try:
+        sink = ExportingProcess(
+            cfg.flow_collector, tls=tls, templates=templates(), observation_domain_id=domain,
+            queue_size=cfg.export_queue_size,
+        )
+    except UsageError as exc:  # unreadable or mismatched certificate files
+        print(f"flowscope agent: {exc} (keys tls.caFile, tls.certFile, tls.keyFile)", file=sys.stderr)
+        return 2
     enable_accounting()
     try:
         conntrack = NetlinkConntrack(cfg.conntrack_zones)
@@ -90,15 +100,6 @@ async def _serve(cfg: Any, metadata: Any) -> int:
         host, port = cfg.metrics_address
         metrics.serve(host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
-    tls = None
-    if cfg.flow_collector.protocol == "tls":
-        tls = TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file, server_name=cfg.tls_server_name)
-    # A stable observation domain per node, so the aggregator tells exporters apart.
-    domain = zlib.crc32(cfg.node_name.encode()) & 0xFFFFFFFF
-    sink = ExportingProcess(
-        cfg.flow_collector, tls=tls, templates=templates(), observation_domain_id=domain,
-        queue_size=cfg.export_queue_size,
-    )
     metadata.start()
     await sink.start()
     exporter = FlowExporter(

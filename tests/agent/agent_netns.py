@@ -48,6 +48,9 @@ class Topology:
         sh("ip", "netns", "add", name)
         self.namespaces.append(name)
         sh("ip", "link", "set", "lo", "up", ns=name)
+        # no duplicate address detection: link-local addresses usable at once, so that
+        # neighbour discovery works from the first IPv6 packet
+        sh("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0", ns=name)
         return name
 
     def add_pod(self, name: str, index: int) -> tuple[str, str, str]:
@@ -87,7 +90,7 @@ def topology(pods: tuple[str, ...] = ()) -> Iterator[Topology]:
         topo.add_ns(topo.node)
         conntrack_on(topo.node)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=topo.node)
-        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", ns=topo.node)
+        sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1", "net.ipv6.conf.default.forwarding=1", ns=topo.node)
         for i, name in enumerate(pods, start=1):
             topo.add_pod(name, i)
         yield topo

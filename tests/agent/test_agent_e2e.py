@@ -1,0 +1,244 @@
+"""End to end: `flowscope agent` in a node namespace, real conntrack, mutual TLS to our
+collecting process, Prometheus metrics, tshark as an independent decoder over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from agent_netns import in_netns, sh, topology
+from agent_tls import make_pki
+from conftest import require_root, require_tool
+from test_agent_netns import INVENTORY, conntrack_cli, find, udp_exchange
+
+from flowscope.ipfix import Address
+from flowscope.ipfix.process import CollectingProcess, TLSConfig
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+@pytest.fixture
+def topo():
+    require_root()
+    require_tool("ip", "nft", "conntrack")
+    with topology(("a", "b")) as t:
+        yield t
+
+
+def write_config(tmp_path, port, proto, pki=None, metrics="127.0.0.1:9390"):
+    inv = tmp_path / "inv.yaml"
+    inv.write_text(INVENTORY)
+    lines = [
+        f'flowCollectorAddr: "127.0.0.1:{port}:{proto}"',
+        "flowPollInterval: 1s",
+        "activeFlowExportTimeout: 30s",
+        "idleFlowExportTimeout: 1s",
+        "nodeName: node-a",
+        f'metricsAddress: "{metrics}"',
+        f"metadata: {{source: static, staticFile: {inv}}}",
+    ]
+    if pki:
+        lines.append(f"tls: {{caFile: {pki['ca']}, certFile: {pki['client_cert']}, keyFile: {pki['client_key']}}}")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+async def start_agent(node: str, cfg) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", node, sys.executable, "-m", "flowscope", "agent", "--config", str(cfg),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_for(cond, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def stop_agent(proc) -> str:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    except asyncio.TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+    return out.decode(errors="replace")
+
+
+def tcp_transfer(a_ns, b_ns, host, port, send):
+    with in_netns(b_ns):
+        srv = socket.socket()
+    srv.bind((host, port))
+    srv.listen()
+    with in_netns(a_ns):
+        cli = socket.socket()
+    cli.connect((host, port))
+    conn, _ = srv.accept()
+    cli.sendall(b"t" * send)
+    cli.shutdown(socket.SHUT_WR)
+    got = 0
+    while True:
+        d = conn.recv(65536)
+        if not d:
+            break
+        got += len(d)
+    conn.close()
+    cli.close()
+    srv.close()
+    return got
+
+
+async def test_flowscope_agent_exports_over_mutual_tls_with_metrics(topo, tmp_path):
+    a_ns, a4, a6 = topo.pods["a"]
+    b_ns, b4, b6 = topo.pods["b"]
+    pki = make_pki(tmp_path)
+    received = []
+
+    def on_message(peer, msg):
+        received.extend(rec for _, rec in msg.data_records())
+
+    with in_netns(topo.node):  # the collector listens on the node namespace's loopback
+        coll = CollectingProcess(
+            Address("127.0.0.1", 0, "tls"), tls=TLSConfig(pki["server_cert"], pki["server_key"], pki["ca"]),
+            on_message=on_message,
+        )
+        await coll.start()
+    proc = await start_agent(topo.node, write_config(tmp_path, coll.port, "tls", pki))
+    log = ""
+    try:
+        udp_exchange(a_ns, b_ns, b4, 5353, count=6, size=200)
+        udp_exchange(a_ns, b_ns, b6, 5354, count=4, size=100, family=socket.AF_INET6)
+        assert tcp_transfer(a_ns, b_ns, b4, 8080, 50_000) == 50_000
+
+        def have():
+            ports = {(r["destinationTransportPort"], r["flowEndReason"]) for r in received}
+            return {(5353, 1), (5354, 1), (8080, 3)} <= ports
+
+        ok = await wait_for(have, 20)
+        rows = conntrack_cli(topo.node)
+        with in_netns(topo.node):
+            metrics = urllib.request.urlopen("http://127.0.0.1:9390/metrics", timeout=5).read().decode()
+    finally:
+        log = await stop_agent(proc)
+        await asyncio.sleep(0.5)
+        await coll.close()
+    assert ok, f"records: {received}\nagent log:\n{log}"
+    assert proc.returncode == 0, log
+
+    def rec(port, reason):
+        return next(r for r in received if r["destinationTransportPort"] == port and r["flowEndReason"] == reason)
+
+    u = rec(5353, 1)
+    assert (u["packetDeltaCount"], u["octetDeltaCount"]) == (6, 6 * 228)
+    assert (u["reversePacketDeltaCount"], u["reverseOctetDeltaCount"]) == (6, 6 * 128)
+    f = find(rows, a4, b4, 5353)["fields"]
+    assert (u["packetTotalCount"], u["octetTotalCount"]) == (int(f["packets"][0]), int(f["bytes"][0]))
+    assert (u["sourcePodName"], u["destinationPodName"], u["flowType"]) == ("client", "server", 1)
+    u6 = rec(5354, 1)
+    assert u6["sourceIPv6Address"] == a6 and (u6["packetDeltaCount"], u6["octetDeltaCount"]) == (4, 4 * 148)
+    t = rec(8080, 3)
+    f = find(rows, a4, b4, 8080)["fields"]
+    assert (t["packetTotalCount"], t["octetTotalCount"]) == (int(f["packets"][0]), int(f["bytes"][0]))
+    assert (t["reversePacketTotalCount"], t["reverseOctetTotalCount"]) == (int(f["packets"][1]), int(f["bytes"][1]))
+    assert t["ingressNetworkPolicyRuleAction"] == 1 and t["ingressNetworkPolicyName"] == "server-web"
+    # SIGTERM: the live UDP connections got a final forced-end record (nothing new since their idle export)
+    forced = [r for r in received if r["flowEndReason"] == 4]
+    assert {r["destinationTransportPort"] for r in forced} >= {5353, 5354}
+    assert all(r["packetDeltaCount"] == 0 for r in forced if r["destinationTransportPort"] in (5353, 5354))
+    # metrics: the design's four and the exporter's
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert values["flowscope_agent_conntrack_total_connection_count"] == len(rows)
+    assert values["flowscope_agent_conntrack_connection_count"] == len(rows)
+    assert values["flowscope_agent_conntrack_max_connection_count"] > 0
+    assert values["flowscope_agent_denied_connection_count"] == 0
+    assert values["flowscope_agent_records_exported_total"] >= 3
+    assert values["flowscope_agent_exporter_connected"] == 1
+    assert values["flowscope_agent_poll_duration_seconds_count"] >= 2
+
+
+async def test_backlog_and_reconnect_while_the_collector_is_away_seen_by_tshark(topo, tmp_path):
+    """Collector down at start: the agent polls on, keeps its records, reconnects when the
+    collector comes up, and counts the reconnection. tshark decodes the TCP stream."""
+    require_tool("tshark")
+    a_ns, a4, _ = topo.pods["a"]
+    b_ns, b4, _ = topo.pods["b"]
+    with in_netns(topo.node):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    pcap = tmp_path / "ipfix.pcap"
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", topo.node, "tshark", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    proc = await start_agent(topo.node, write_config(tmp_path, port, "tcp"))
+    received = []
+    coll = None
+    try:
+        await asyncio.sleep(1.0)
+        udp_exchange(a_ns, b_ns, b4, 6000, count=9, size=300)
+        await asyncio.sleep(3.5)  # idle export decided while nobody listens: it waits in the backlog
+        with in_netns(topo.node):
+            coll = CollectingProcess(
+                Address("127.0.0.1", port, "tcp"), tls=None,
+                on_message=lambda peer, msg: received.extend(r for _, r in msg.data_records()),
+            )
+            await coll.start()
+        ok = await wait_for(lambda: any(r["destinationTransportPort"] == 6000 for r in received), 20)
+        row = find(conntrack_cli(topo.node), a4, b4, 6000)["fields"]
+        # the collector restarts: the agent reconnects and counts it
+        await coll.close()
+        udp_exchange(a_ns, b_ns, b4, 6001, count=2, size=10)
+        await asyncio.sleep(2.5)
+        with in_netns(topo.node):
+            coll = CollectingProcess(
+                Address("127.0.0.1", port, "tcp"), tls=None,
+                on_message=lambda peer, msg: received.extend(r for _, r in msg.data_records()),
+            )
+            await coll.start()
+        ok2 = await wait_for(lambda: any(r["destinationTransportPort"] == 6001 for r in received), 20)
+        await asyncio.sleep(1.5)  # one more poll refreshes the exporter gauges
+        with in_netns(topo.node):
+            metrics = urllib.request.urlopen("http://127.0.0.1:9390/metrics", timeout=5).read().decode()
+    finally:
+        log = await stop_agent(proc)
+        await asyncio.sleep(0.5)
+        if coll is not None:
+            await coll.close()
+        cap.send_signal(signal.SIGINT)
+        cap.wait(10)
+    assert ok and ok2, log
+    r = next(r for r in received if r["destinationTransportPort"] == 6000)
+    assert (r["packetDeltaCount"], r["octetDeltaCount"]) == (9, 9 * 328) == (int(row["packets"][0]), int(row["bytes"][0]))
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line and not line.startswith("#")}
+    assert values["flowscope_agent_poll_duration_seconds_count"] >= 4  # it kept polling meanwhile
+    assert values["flowscope_agent_exporter_connected"] == 1
+    assert values["flowscope_agent_exporter_reconnections"] >= 1
+    # tshark, an independent decoder, reads the same record from the wire
+    out = subprocess.run(
+        ["tshark", "-r", str(pcap), "-d", f"tcp.port=={port},cflow", "-Y", "cflow.dstport == 6000",
+         "-T", "fields", "-e", "cflow.srcaddr", "-e", "cflow.dstaddr", "-e", "cflow.dstport",
+         "-e", "cflow.packets", "-e", "cflow.octets"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip(), f"tshark saw no IPFIX record for port 6000; agent log:\n{log}"
+    src, dst, dport, packets, octets = (x.split(",") for x in out.strip().splitlines()[0].split("\t"))
+    # the first record of that message: forward then reverse delta counts (RFC 5103)
+    assert (src[0], dst[0], dport[0]) == (a4, b4, "6000")
+    assert [int(x) for x in packets[:2]] == [9, 9]
+    assert [int(x) for x in octets[:2]] == [9 * 328, 9 * 178]
