@@ -663,6 +663,7 @@ class ExportingProcess:
         quick_retries: int = 3,
         connect_timeout: float = 10.0,
         max_batch: int = 8192,
+        tls_accept_wait: float = 2.0,
     ) -> None:
         if address.protocol == "tls" and tls is None:
             raise UsageError(f"exporting to {address} needs a TLS configuration (certificate, key and CA)")
@@ -696,6 +697,7 @@ class ExportingProcess:
         self.quick_retries = quick_retries
         self.connect_timeout = connect_timeout
         self.max_batch = max_batch
+        self.tls_accept_wait = tls_accept_wait
         self.stats = ExporterStats()
         self._ssl = tls.client_context() if tls is not None else None
         self._server_name = (tls.server_name if tls is not None else None) or address.host
@@ -850,6 +852,17 @@ class ExportingProcess:
             self.stats.connect_failures += 1
             self._limiter.warn("cannot connect to the IPFIX collector %s: %s", self.address, exc)
             return False
+        if self._ssl is not None and not await self._tls_accepted(proto):
+            self._failures += 1
+            self.stats.connect_failures += 1
+            self._limiter.warn(
+                "the IPFIX collector %s closed the TLS session right after the handshake: it does not accept "
+                "our client certificate (is it signed by the collector's CA?)",
+                self.address,
+            )
+            if proto.transport is not None:
+                proto.transport.abort()
+            return False
         sock = proto.transport.get_extra_info("socket") if proto.transport is not None else None
         if sock is not None:
             try:
@@ -871,6 +884,27 @@ class ExportingProcess:
         self.stats.template_messages_sent += len(templates)
         self.stats.octets_sent += sum(map(len, templates))
         return True
+
+    async def _tls_accepted(self, proto: _ExportProtocol) -> bool:
+        """In TLS 1.3 the client finishes its handshake before the server has checked the
+        client's certificate; a refusal arrives as an alert just after. Wait for the
+        server's first session ticket (sent once it accepted us) or for the connection to
+        drop, so that no record is counted as sent into a session that was refused. A
+        server that sends no tickets costs ``tls_accept_wait`` seconds once per connection."""
+        transport = proto.transport
+        if transport is None:
+            return False
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None or ssl_object.version() != "TLSv1.3":
+            return not proto.lost  # TLS 1.2 verified the client inside the handshake
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.tls_accept_wait
+        while not proto.lost and loop.time() < end:
+            session = ssl_object.session
+            if session is not None and session.has_ticket:
+                return True
+            await asyncio.sleep(0.005)
+        return not proto.lost
 
     def _connection_lost(self, proto: _ExportProtocol, exc: Exception | None) -> None:
         if proto is not self._stream:
