@@ -233,121 +233,156 @@ def _say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def _run(lab: Lab, workdir: Path, args: argparse.Namespace) -> int:
-    _say("building the lab: 2 Nodes, 5 Pods, a Service, a NetworkPolicy, a control-plane and an external host")
-    lab.add_node("node-a")
-    lab.add_node("node-b")
-    ctl = lab.add_host("ctl")
-    ext = lab.add_host("ext")
-    pods = {
-        "frontend": lab.add_pod("node-a", "frontend-6d4f8", "shop", {"app": "frontend"}),
-        "cache": lab.add_pod("node-a", "cache-0", "shop", {"app": "cache"}),
-        "backend": lab.add_pod("node-b", "backend-5c7b9", "shop", {"app": "backend"}),
-        "db": lab.add_pod("node-b", "db-0", "data", {"app": "db"}),
-    }
-    lab.add_service(SERVICE_IP, 80, pods["backend"], 8080)
-    lab.deny_ingress(pods["db"], [pods["backend"].ip], 5432)
-    inventory = workdir / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump_all(_inventory(lab, pods), sort_keys=False))
-    tls = _tls(workdir, ctl.underlay_ip)
+class Pipeline:
+    """The demo's cluster: the lab, its inventory and TLS material, and the running
+    collector, aggregator and agents. The end-to-end tests drive the same class."""
 
-    aggregator_cfg = _write(
-        workdir / "aggregator.yaml",
-        {
-            "externalFlowCollectorAddr": "127.0.0.1:4740:tcp",
-            "flowExportInterval": "2s",
-            "aggregatorTransportProtocol": "tls",
-            "flowAggregatorAddress": AGGREGATOR_NAME,
-            "listenPort": 4739,
-            "tls": {"caFile": str(tls["ca"]), "certFile": str(tls["server.crt"]), "keyFile": str(tls["server.key"])},
-            "correlationTimeout": "6s",
-            "apiAddress": "127.0.0.1:10348",
-            "sinks": {"flowLog": {"enabled": True, "path": str(workdir / "flows.jsonl")}},
-        },
-    )
-    procs = Processes(workdir)
-    records_file = workdir / "collector.jsonl"
-    try:
-        _say("starting the collector and the Flow Aggregator (mutual TLS) on the control-plane host")
-        procs.start("collector", ["ip", "netns", "exec", ctl.netns, *_flowscope("collector", "--listen", "127.0.0.1:4740:tcp")], stdout=records_file)
-        _wait_listening(ctl.netns, 4740, procs)
-        procs.start("aggregator", ["ip", "netns", "exec", ctl.netns, *_flowscope("aggregator", "--config", str(aggregator_cfg))])
-        _wait_listening(ctl.netns, 4739, procs)
+    def __init__(self, lab: Lab, workdir: Path, *, active_timeout: str = "4s", idle_timeout: str = "2s") -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.procs = Processes(workdir)
+        self.records_file = workdir / "collector.jsonl"
+        lab.add_node("node-a")
+        lab.add_node("node-b")
+        self.ctl = lab.add_host("ctl")
+        self.ext = lab.add_host("ext")
+        self.pods = {
+            "frontend": lab.add_pod("node-a", "frontend-6d4f8", "shop", {"app": "frontend"}),
+            "cache": lab.add_pod("node-a", "cache-0", "shop", {"app": "cache"}),
+            "backend": lab.add_pod("node-b", "backend-5c7b9", "shop", {"app": "backend"}),
+            "db": lab.add_pod("node-b", "db-0", "data", {"app": "db"}),
+        }
+        lab.add_service(SERVICE_IP, 80, self.pods["backend"], 8080)
+        lab.deny_ingress(self.pods["db"], [self.pods["backend"].ip], 5432)
+        self.inventory = workdir / "inventory.yaml"
+        self.inventory.write_text(yaml.safe_dump_all(_inventory(lab, self.pods), sort_keys=False))
+        self.tls = _tls(workdir, self.ctl.underlay_ip)
+        self.active_timeout = active_timeout
+        self.idle_timeout = idle_timeout
 
-        _say("starting one Flow Exporter agent per Node, reading that Node's conntrack")
-        for name, node in lab.nodes.items():
+    def start(self) -> None:
+        tls, ctl = self.tls, self.ctl
+        aggregator_cfg = _write(
+            self.workdir / "aggregator.yaml",
+            {
+                "externalFlowCollectorAddr": "127.0.0.1:4740:tcp",
+                "flowExportInterval": "2s",
+                "aggregatorTransportProtocol": "tls",
+                "flowAggregatorAddress": AGGREGATOR_NAME,
+                "listenPort": 4739,
+                "tls": {"caFile": str(tls["ca"]), "certFile": str(tls["server.crt"]), "keyFile": str(tls["server.key"])},
+                "correlationTimeout": "6s",
+                "apiAddress": "127.0.0.1:10348",
+                "sinks": {"flowLog": {"enabled": True, "path": str(self.workdir / "flows.jsonl")}},
+            },
+        )
+        collector = _flowscope("collector", "--listen", "127.0.0.1:4740:tcp")
+        self.procs.start("collector", ["ip", "netns", "exec", ctl.netns, *collector], stdout=self.records_file)
+        _wait_listening(ctl.netns, 4740, self.procs)
+        self.procs.start("aggregator", ["ip", "netns", "exec", ctl.netns, *_flowscope("aggregator", "--config", str(aggregator_cfg))])
+        _wait_listening(ctl.netns, 4739, self.procs)
+        for name, node in self.lab.nodes.items():
             cfg = _write(
-                workdir / f"agent-{name}.yaml",
+                self.workdir / f"agent-{name}.yaml",
                 {
                     "flowCollectorAddr": f"{ctl.underlay_ip}:4739:tls",
                     "flowPollInterval": "1s",
-                    "activeFlowExportTimeout": "4s",
-                    "idleFlowExportTimeout": "2s",
+                    "activeFlowExportTimeout": self.active_timeout,
+                    "idleFlowExportTimeout": self.idle_timeout,
                     "nodeName": name,
                     "tls": {
                         "caFile": str(tls["ca"]), "certFile": str(tls["client.crt"]), "keyFile": str(tls["client.key"]),
                         "serverName": AGGREGATOR_NAME,
                     },  # fmt: skip
                     "metricsAddress": "127.0.0.1:9390",
-                    "metadata": {"source": "static", "staticFile": str(inventory)},
+                    "metadata": {"source": "static", "staticFile": str(self.inventory)},
                 },
             )
-            procs.start(f"agent-{name}", ["ip", "netns", "exec", node.netns, *_flowscope("agent", "--config", str(cfg))])
-        time.sleep(1.5)
-        procs.check_alive()
-
-        _say("starting servers in the Pods and on the external host")
-        lab_serve = [sys.executable, "-m", "flowscope.lab", "serve"]
-        procs.start("srv-backend", pods["backend"].exec_args(*lab_serve, "--tcp", "8080", "--udp", "5353", "--reply", "4000"))
-        procs.start("srv-cache", pods["cache"].exec_args(*lab_serve, "--tcp", "6379", "--reply", "200"))
-        procs.start("srv-db", pods["db"].exec_args(*lab_serve, "--tcp", "5432", "--reply", "800"))
-        procs.start("srv-ext", ext.exec_args(*lab_serve, "--tcp", "443", "--reply", "30000"))
+            self.procs.start(f"agent-{name}", ["ip", "netns", "exec", node.netns, *_flowscope("agent", "--config", str(cfg))])
+        serve = [sys.executable, "-m", "flowscope.lab", "serve"]
+        pods, ext = self.pods, self.ext
+        self.procs.start("srv-backend", pods["backend"].exec_args(*serve, "--tcp", "8080", "--udp", "5353", "--reply", "4000"))
+        self.procs.start("srv-cache", pods["cache"].exec_args(*serve, "--tcp", "6379", "--reply", "200"))
+        self.procs.start("srv-db", pods["db"].exec_args(*serve, "--tcp", "5432", "--reply", "800"))
+        self.procs.start("srv-ext", ext.exec_args(*serve, "--tcp", "443", "--reply", "30000"))
         for netns, port in ((pods["backend"].netns, 8080), (pods["cache"].netns, 6379), (pods["db"].netns, 5432), (ext.netns, 443)):
-            _wait_listening(netns, port, procs)
+            _wait_listening(netns, port, self.procs)
+        time.sleep(1.0)  # the agents' first poll and TLS session
+        self.procs.check_alive()
 
-        _say("sending traffic")
-        sent = []
-        plan = [
+    def plan(self) -> list[tuple[str, str, str, int, int, str]]:
+        """(source pod, target, protocol, octets per packet or stream, packets, what) of the demo traffic."""
+        pods = self.pods
+        return [
             ("frontend", f"{SERVICE_IP}:80", "tcp", 200_000, 1, "Pod -> Service (ClusterIP, inter-Node)"),
             ("frontend", f"{pods['cache'].ip}:6379", "tcp", 50_000, 1, "Pod -> Pod (same Node)"),
-            ("frontend", f"{ext.underlay_ip}:443", "tcp", 20_000, 1, "Pod -> external host"),
+            ("frontend", f"{self.ext.underlay_ip}:443", "tcp", 20_000, 1, "Pod -> external host"),
             ("backend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, allowed by NetworkPolicy"),
             ("frontend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, denied by NetworkPolicy"),
             ("frontend", f"{pods['backend'].ip}:5353", "udp", 512, 5, "Pod -> Pod over UDP (inter-Node)"),
         ]
-        for src, target, proto, size, packets, what in plan:
-            cmd = pods[src].exec_args(sys.executable, "-m", "flowscope.lab", "send", target, "--bytes", str(size), "--packets", str(packets), "--timeout", "1.5")
-            if proto == "udp":
-                cmd.append("--udp")
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            answer = out.stdout.strip()
-            print(f"    {what:42s} {pods[src].ip} -> {target:22s} sent {size * packets:>7} B, got back: {answer}")
-            sent.append((what, pods[src].ip, target, proto, size * packets))
 
-        _say("waiting for idle exports and the aggregator's export interval")
-        time.sleep(7)
-        procs.check_alive()
-        flowrecords = subprocess.run(
-            ["ip", "netns", "exec", ctl.netns, *_flowscope("aggregator", "flowrecords", "--server", "http://127.0.0.1:10348", "-o", "table")],
-            capture_output=True, text=True,
+    def send(self, src: str, target: str, proto: str, size: int, packets: int) -> str:
+        cmd = self.pods[src].exec_args(
+            sys.executable, "-m", "flowscope.lab", "send", target, "--bytes", str(size), "--packets", str(packets),
+            "--timeout", "1.5",
         )  # fmt: skip
-        _say("stopping agents (final records), aggregator and collector")
-        for name in lab.nodes:
-            procs.stop(f"agent-{name}")
-        time.sleep(3)
-        procs.stop("aggregator")
-        procs.stop("collector")
-    finally:
-        procs.stop_all()
+        if proto == "udp":
+            cmd.append("--udp")
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
-    records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
-    _say(f"the collector received {len(records)} aggregated records; the latest per connection:")
+    def flowrecords(self) -> subprocess.CompletedProcess[str]:
+        query = _flowscope("aggregator", "flowrecords", "--server", "http://127.0.0.1:10348", "-o", "table")
+        return subprocess.run(["ip", "netns", "exec", self.ctl.netns, *query], capture_output=True, text=True)
+
+    def stop(self) -> None:
+        """Agents first (their final records), then the aggregator, then the collector."""
+        for name in self.lab.nodes:
+            self.procs.stop(f"agent-{name}")
+        time.sleep(3)
+        self.procs.stop("aggregator")
+        self.procs.stop("collector")
+        self.procs.stop_all()
+
+    def records(self) -> list[dict[str, Any]]:
+        text = self.records_file.read_text() if self.records_file.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def latest_per_connection(records: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, Any]]:
     latest: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in records:
-        key = (r.get("sourceIPv4Address"), r.get("destinationIPv4Address"), r.get("sourceTransportPort"), r.get("destinationTransportPort"), r.get("protocolIdentifier"))
+        key = (
+            r.get("sourceIPv4Address"), r.get("destinationIPv4Address"), r.get("sourceTransportPort"),
+            r.get("destinationTransportPort"), r.get("protocolIdentifier"),
+        )  # fmt: skip
         latest[key] = r
-    pod_ips = {p.ip for p in pods.values()}
-    shown = [r for r in latest.values() if r.get("sourceIPv4Address") in pod_ips]
+    return latest
+
+
+def _run(lab: Lab, workdir: Path, args: argparse.Namespace) -> int:
+    _say("building the lab: 2 Nodes, 4 Pods, a Service, a NetworkPolicy, a control-plane and an external host")
+    pipeline = Pipeline(lab, workdir)
+    try:
+        _say("starting the collector and the Flow Aggregator (mutual TLS) on the control-plane host,")
+        _say("one Flow Exporter agent per Node reading that Node's conntrack, and servers in the Pods")
+        pipeline.start()
+        _say("sending traffic")
+        for src, target, proto, size, packets, what in pipeline.plan():
+            answer = pipeline.send(src, target, proto, size, packets)
+            ip = pipeline.pods[src].ip
+            print(f"    {what:42s} {ip} -> {target:22s} sent {size * packets:>7} B, got back: {answer}")
+        _say("waiting for idle exports and the aggregator's export interval")
+        time.sleep(7)
+        pipeline.procs.check_alive()
+        flowrecords = pipeline.flowrecords()
+        _say("stopping agents (final records), aggregator and collector")
+    finally:
+        pipeline.stop()
+    records = pipeline.records()
+    _say(f"the collector received {len(records)} aggregated records; the latest per connection:")
+    pod_ips = {p.ip for p in pipeline.pods.values()}
+    shown = [r for r in latest_per_connection(records).values() if r.get("sourceIPv4Address") in pod_ips]
     if args.json:
         for r in shown:
             print(json.dumps(r, sort_keys=True))
