@@ -30,7 +30,8 @@ and counted. A half whose twin shows up later is merged then (``late_correlated`
 A denied flow (ingress or egress rule action 2 Drop or 3 Reject) is exported at the next
 tick after its first record, without waiting for the twin. A flow the source node's
 egress policy denied never reaches the destination node: it is complete with its one
-half (``correlation="denied"``) and not counted as uncorrelated.
+half (``correlation="denied"``) and not counted as uncorrelated. So is a record that names
+no Pod and no Node at all (host traffic): ``correlation="unattributed"``.
 
 *Aggregation.* Totals take the newest value. Deltas are computed from the totals (robust
 to a lost record: the next one carries the difference) and accumulate between exports;
@@ -192,7 +193,7 @@ REMOVED = 1024
 IPV6 = 2048
 EXPORTED = 4096
 END_WAIT = 8192  # an end timer is pending
-NO_TWIN = 16384  # denied by the source node's egress policy: the destination node never sees it
+NO_TWIN = 16384  # no twin will come: denied by the source's egress policy, or no Pod/Node to correlate
 SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
@@ -237,7 +238,7 @@ class Flow:
         if f & CORRELATED:
             return "correlated"
         if f & NO_TWIN:
-            return "denied"
+            return "denied" if f & DENIED else "unattributed"
         if f & LONE:
             return "uncorrelated"
         return "pending"
@@ -249,7 +250,8 @@ class ExportedFlow:
 
     record: dict[str, Any]
     # intra-node | external | correlated | uncorrelated (the twin never came) | denied (dropped by the
-    # source's egress policy: no twin exists) | pending (denied at the destination, source half not yet seen)
+    # source's egress policy: no twin exists) | unattributed (no Pod or Node on either end)
+    # | pending (denied at the destination, source half not yet seen)
     correlation: str
     final: bool  # the flow ended or expired: no more records for it
 
@@ -376,6 +378,10 @@ class AggregationProcess:
                 side = DST
             else:
                 side = SRC
+                if not meta[_I_SRC_NODE] and new_flow:
+                    # No Pod and no Node on either end (host traffic an agent reported): there is
+                    # nothing to correlate, so no twin to wait for.
+                    flags |= NO_TWIN
         elif ft == FROM_EXTERNAL:
             side = DST
         else:
@@ -457,9 +463,11 @@ class AggregationProcess:
                     stats.flows_late_correlated += 1
                 else:
                     stats.flows_correlated += 1
-            elif new_flow:
+            elif new_flow and not flags & NO_TWIN:
                 self._timers.append((now + self.correlation_timeout, flow, _CORRELATE_TIMER))
         elif not flags & READY:
+            flags |= READY
+        if flags & NO_TWIN and not flags & READY:
             flags |= READY
         if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
             flags |= DENIED | READY

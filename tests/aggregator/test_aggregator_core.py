@@ -364,3 +364,13 @@ def test_aggregated_record_has_exactly_the_shared_template_fields(v6, e6):
     assert sorted(output_names(v6, e6)) == sorted(names)
     # every agent element is kept
     assert set(agent_fields(6 if v6 else 4)) <= set(names)
+
+
+def test_record_without_pods_or_nodes_is_complete_and_not_counted_uncorrelated():
+    """Host traffic an agent reported (no Pod, no Node on either end): nothing to correlate."""
+    agg = make()
+    agg.ingest(agent_record(src="172.31.250.10", dst="172.31.250.12", dport=4739), NODE_A, 1, now=0.0)
+    assert agg.tick(30.0) == []  # no lone-half export at the correlation timeout
+    out = only(agg.tick(60.0))
+    assert out.correlation == "unattributed" and out.record["packetTotalCount"] == 10
+    assert agg.stats.flows_uncorrelated == 0
