@@ -262,3 +262,43 @@ async def test_udp_transport_and_records_per_exporter():
     finally:
         await agent.close()
         await agg.close()
+
+
+async def test_ipfix_sink_resends_templates_when_the_collector_comes_back():
+    received: list[dict] = []
+
+    def on_message(peer, msg):
+        received.extend(r for _, r in msg.data_records())
+
+    first = CollectingProcess(Address("127.0.0.1", 0, "tcp"), tls=None, on_message=on_message)
+    await first.start()
+    port = first.port
+    sink = IPFIXSink(Address("127.0.0.1", port, "tcp"), queue_size=100)
+    await sink.start()
+    from flowscope.aggregator.aggregation import AggregationProcess
+
+    agg = AggregationProcess(export_interval=1, correlation_timeout=30, inactive_timeout=90, max_flows=100)
+    try:
+        agg.ingest(agent_record(flow_type=3, sport=1, sourcePodName="p"), "10.0.0.1", 1, 0.0)
+        await sink.write(agg.tick(1.0))
+        await until(lambda: len(received) == 1, what="first record")
+        await first.close()  # the collector restarts: a new session knows no templates
+        second = CollectingProcess(Address("127.0.0.1", port, "tcp"), tls=None, on_message=on_message)
+        await second.start()
+        try:
+            agg.ingest(agent_record(flow_type=3, sport=1, pkts=25, sourcePodName="p"), "10.0.0.1", 1, 1.0)
+            # the first write after the break may be lost with the old connection (counted);
+            # keep offering the changed flow until the new session decodes it
+            deadline = asyncio.get_running_loop().time() + 20
+            while len(received) < 2 and asyncio.get_running_loop().time() < deadline:
+                out = agg.snapshot()
+                await sink.write(out)
+                await asyncio.sleep(0.2)
+            assert len(received) >= 2, sink.stats()
+            assert received[-1]["packetTotalCount"] == 25
+            assert second.stats.unknown_template_sets == 0
+            assert sink.stats()["exporter_reconnects"] >= 1
+        finally:
+            await second.close()
+    finally:
+        await sink.close()
