@@ -252,7 +252,7 @@ def template_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
     """
     from flowscope.ipfix.antrea import aggregator_fields
 
-    names = aggregator_fields(6 if ipv6 else 4)
+    names: tuple[str, ...] = tuple(aggregator_fields(6 if ipv6 else 4))
     if exporter_ipv6:
         names = tuple("originalExporterIPv6Address" if n == "originalExporterIPv4Address" else n for n in names)
     return names
