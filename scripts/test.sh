@@ -41,7 +41,9 @@ stage() {
 
 pytest_stage() {
     local rc=0
-    .venv/bin/python -m pytest tests -q -ra --strict-markers --durations=15 "$@" || rc=$?
+    # Not `python -m pytest`: that puts the repository root on sys.path, where the ipfix/
+    # folder would shadow the PyPI ipfix package the peer tests use.
+    .venv/bin/pytest tests -q -ra --strict-markers --durations=15 "$@" || rc=$?
     if ((rc == 5)); then
         echo "test: pytest collected no tests: that is a failure, not a pass" >&2
     fi

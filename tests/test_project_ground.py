@@ -63,6 +63,18 @@ def test_import_operator_from_the_repository_root_loads_the_standard_library() -
     assert probe == "b"
 
 
+def test_the_pypi_ipfix_peer_is_not_shadowed_by_the_ipfix_folder() -> None:
+    # The peer tests decode with PyPI's `ipfix` package; the repository's ipfix/ folder
+    # would shadow it if the repository root were on sys.path (as `python -m pytest`
+    # from the root puts it): scripts/test.sh runs the pytest script instead.
+    import ipfix
+
+    assert Path(ipfix.__file__).resolve().parent != (REPO / "ipfix").resolve(), (
+        "the repository root is on sys.path: run .venv/bin/pytest, not python -m pytest"
+    )
+    assert hasattr(ipfix, "ie")
+
+
 @pytest.mark.parametrize("package", sorted(PACKAGE_DIR))
 def test_each_component_folder_imports_as_its_flowscope_package(package: str) -> None:
     folder = (REPO / PACKAGE_DIR[package]).resolve()
