@@ -35,7 +35,7 @@ __all__ = ["build_registry"]
 log = logging.getLogger("flowscope.operator")
 
 
-def build_registry(connection: Connection, *, image: str, resync: float = 60.0,
+def build_registry(connection: Connection, *, image: str, resync: float | None = 60.0,
                    reconciler: Reconciler | None = None) -> kopf.OperatorRegistry:
     """A kopf registry whose handlers reconcile through one shared Reconciler."""
     registry = kopf.OperatorRegistry()
@@ -74,6 +74,10 @@ def build_registry(connection: Connection, *, image: str, resync: float = 60.0,
             private_key_path=connection.key_file,
         )
 
+    @kopf.on.cleanup(registry=registry)
+    async def close(**_: Any) -> None:
+        await rec.api.close()
+
     @kopf.on.event(GROUP, VERSION, "flowaggregators", registry=registry)
     async def aggregator_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
         if type != "DELETED":
@@ -86,13 +90,15 @@ def build_registry(connection: Connection, *, image: str, resync: float = 60.0,
         if type != "DELETED":
             await run("FlowExporterConfig", namespace, name)
 
-    @kopf.timer(GROUP, VERSION, "flowaggregators", interval=resync, initial_delay=resync, registry=registry)
-    async def aggregator_resync(namespace: str, name: str, **_: Any) -> None:
-        await run("FlowAggregator", namespace, name)
+    if resync:  # None: no timers (tests drive reconciles by events and injected clocks)
+        @kopf.timer(GROUP, VERSION, "flowaggregators", interval=resync, initial_delay=resync, registry=registry)
+        async def aggregator_resync(namespace: str, name: str, **_: Any) -> None:
+            await run("FlowAggregator", namespace, name)
 
-    @kopf.timer(GROUP, VERSION, "flowexporterconfigs", interval=resync, initial_delay=resync, registry=registry)
-    async def exporter_resync(namespace: str, name: str, **_: Any) -> None:
-        await run("FlowExporterConfig", namespace, name)
+        @kopf.timer(GROUP, VERSION, "flowexporterconfigs", interval=resync, initial_delay=resync,
+                    registry=registry)
+        async def exporter_resync(namespace: str, name: str, **_: Any) -> None:
+            await run("FlowExporterConfig", namespace, name)
 
     @kopf.on.delete(GROUP, VERSION, "flowexporterconfigs", registry=registry)
     async def exporter_deleted(body: Mapping[str, Any], **_: Any) -> None:

@@ -24,11 +24,13 @@ from urllib.parse import urlencode
 
 import aiohttp
 
+from flowscope import __version__
 from flowscope.operator.spec import API_VERSION
 
 __all__ = ["Connection", "KubeApi", "ApiError", "KINDS", "resource_path"]
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+USER_AGENT = f"flowscope-operator/{__version__}"
 
 # (apiVersion, kind) -> (plural, namespaced)
 KINDS: dict[tuple[str, str], tuple[str, bool]] = {
@@ -143,7 +145,7 @@ class KubeApi:
                 connector=aiohttp.TCPConnector(ssl=self.connection.ssl_context()),
                 timeout=aiohttp.ClientTimeout(total=30),
             )
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         token = self.connection.bearer()
         if token:
             headers["Authorization"] = f"Bearer {token}"

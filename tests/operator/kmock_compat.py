@@ -21,7 +21,7 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
 8. kubectl's strategic-merge patches carry ``$setElementOrder``/``$patch`` directives the
    emulator would store as fields: stripped (the emulator then merges like a JSON
    merge patch, which is what our objects need).
-9. No garbage collector: after every deletion, objects whose controller owner (by uid)
+9. No garbage collector: after every write, objects whose controller owner (by uid)
    no longer exists are deleted too, recursively (kube-controller-manager's job).
 10. No server-side defaulting: a few defaults a real apiserver fills in (Deployment
     revisionHistoryLimit, progressDeadlineSeconds; pod restartPolicy, dnsPolicy,
@@ -31,8 +31,15 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
 11. ``kubectl get`` asks for ``as=Table``: answered with a ``meta.k8s.io/v1`` Table built
     from the CRD's ``additionalPrinterColumns`` (JSONPath subset: ``.a.b`` and
     ``.a[?(@.k=="v")].b``), or Name/Age for built-ins.
-12. No ``/openapi/v2|v3``: kubectl needs ``--validate=false``.
-13. No controllers run: Deployments and DaemonSets never get a status. Tests that need a
+12. A JSON patch (kopf adds finalizers with one, guarded by a ``test`` of the
+    resourceVersion) whose test fails crashes with HTTP 500; a real server answers 422
+    Unprocessable Entity, which kopf handles by retrying on the next event: answered 422 here. JSON
+    patches bump the resourceVersion too.
+13. No ``/openapi/v2|v3``: kubectl needs ``--validate=false``.
+14. Watch streams are served as ``application/octet-stream`` (kubectl refuses them) and
+    ignore ``fieldSelector=metadata.name=…`` (``kubectl delete`` waits with one): served
+    here as JSON lines, filtered by name.
+15. No controllers run: Deployments and DaemonSets never get a status. Tests that need a
     ready workload patch the status themselves (``simulate_rollout``).
 
 Not closed (not needed by these tests): PUT, watch bookmarks and resourceVersion
@@ -43,6 +50,7 @@ validation and CEL rules are not enforced, which the schema tests cover offline)
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime as dt
 import itertools
@@ -52,6 +60,7 @@ import uuid
 from typing import Any
 
 import aiohttp.web
+import jsonpatch
 import kmock
 from kmock._internal import dicts as kdicts
 from kmock._internal import enums
@@ -198,6 +207,8 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                     return self._status(404, "NotFound", f'{res.plural} "{request.name}" not found')
                 return self._table([obj], res)
             return self._table(self._live_list(res, request.namespace), res)
+        if res is not None and request.action == enums.action.WATCH:
+            return await self._watch(request)
         if res is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
             ns = request.namespace or (request.data.get("metadata") or {}).get("namespace")
             if ns and self.resources[res].namespaced and ns not in self.namespaces:
@@ -205,11 +216,34 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self._on_create(request)
         elif res is not None and request.action == enums.action.UPDATE and isinstance(request.data, dict):
             self._on_patch(request)
-        response = await super()._handle(request)
+        elif res is not None and request.action == enums.action.UPDATE and isinstance(request.data, list):
+            request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(_rv))})
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:  # gap 12: a failed "test" is a conflict, not a crash
+            return self._status(422, "Invalid", f"the server rejected our request due to an error in our "
+                                                f"request: {exc}")
         if res is not None and request.action == enums.action.LIST and response.status == 200:
             response = self._fix_list(response, request)
-        if res is not None and request.action in (enums.action.DELETE, enums.action.UPDATE):
+        if res is not None and request.action in (enums.action.DELETE, enums.action.UPDATE, enums.action.CREATE):
             await self._collect_garbage()
+        return response
+
+    # gap 14: watch streams as JSON lines, filtered by metadata.name field selectors
+    async def _watch(self, request: Any) -> aiohttp.web.StreamResponse:
+        selector = request.params.get("fieldSelector", "")
+        name = selector.split("=", 1)[1] if selector.startswith("metadata.name=") else request.name
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request._raw_request)
+        try:
+            async for event in self._serve_watch(request):
+                if not isinstance(event, dict):
+                    continue
+                if name and event.get("object", {}).get("metadata", {}).get("name") != name:
+                    continue
+                await response.write(json.dumps(event).encode() + b"\n")
+        except (ConnectionError, asyncio.CancelledError):
+            pass
         return response
 
     def _live(self, key: Any) -> dict[str, Any] | None:
@@ -320,7 +354,7 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
 
 
 async def simulate_rollout(emulator: CompatEmulator, kind: str, namespace: str, name: str, ready: int) -> None:
-    """Play the Deployment/DaemonSet controller (gap 13): report ``ready`` pods as available."""
+    """Play the Deployment/DaemonSet controller (gap 15): report ``ready`` pods as available."""
     plural = {"Deployment": "deployments", "DaemonSet": "daemonsets"}[kind]
     key = (kmock.resource("apps", "v1", plural), namespace, name)
     status = ({"replicas": ready, "readyReplicas": ready, "availableReplicas": ready} if kind == "Deployment" else

@@ -1,0 +1,386 @@
+"""The operator against an API server over HTTP, driven by the real kubectl.
+
+kopf runs the operator's handlers in this test's event loop against kmock's
+KubernetesEmulator, made to behave like a kube-apiserver by kmock_compat.py (every gap
+between the two is listed there, next to its fix). ``/usr/bin/kubectl`` (Debian's
+kubernetes-client 1.32) applies the CRDs and samples, reads the printer columns and
+deletes. The emulator runs no controllers, so tests play the Deployment/DaemonSet
+controller with ``simulate_rollout`` where readiness matters, and kubectl needs
+``--validate=false`` (no OpenAPI endpoint).
+
+Waiting: ``eventually`` polls for what the operator does in reaction to an event; no
+test waits for a timer (resync is set to an hour; rotation uses an injected clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import kmock
+import kopf
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.x509 import DNSName
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from conftest import require_tool
+from kmock_compat import CompatEmulator, simulate_rollout
+from flowscope.operator.handlers import build_registry
+from flowscope.operator.kube import Connection, KubeApi
+from flowscope.operator.reconcile import Reconciler
+
+ROOT = Path(__file__).resolve().parents[2]
+WRITES = ("POST", "PATCH", "PUT", "DELETE")
+
+
+class Cluster:
+    def __init__(self, emu: CompatEmulator, url: str, kubeconfig: Path):
+        self.emu, self.url, self.kubeconfig = emu, url, kubeconfig
+        self.api = KubeApi(Connection(server=url))
+
+    async def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            "kubectl", "--kubeconfig", str(self.kubeconfig), *args, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin else None), 60)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {err.decode()}")
+        return out.decode()
+
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict | None:
+        return await self.api.get(api_version, kind, namespace, name)
+
+    def writes(self) -> list[str]:
+        """Writes by the operator's own client (kopf's bookkeeping, kubectl and tests excluded)."""
+        return [f"{getattr(r.method, 'value', r.method)} {r.url.path}" for r in list(self.emu)
+                if getattr(r.method, "value", r.method) in WRITES
+                and r.headers.get("User-Agent", "").startswith("flowscope-operator/")]
+
+
+async def eventually(check, timeout: float = 15.0):
+    """Poll ``check`` (async, returns a truthy value when done) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = None
+    while True:
+        try:
+            last = await check()
+            if last:
+                return last
+        except (AssertionError, KeyError, TypeError) as exc:
+            last = exc
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {timeout}s; last: {last!r}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    require_tool("kubectl")
+    async with CompatEmulator() as emu, kmock.Server(emu) as srv:
+        url = str(srv.url).rstrip("/")
+        kubeconfig = tmp_path / f"kubeconfig-{uuid.uuid4().hex[:8]}"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+            "clusters": [{"name": "emu", "cluster": {"server": url}}],
+            "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": "default"}}],
+            "users": [{"name": "u", "user": {"token": "test"}}],
+        }))
+        c = Cluster(emu, url, kubeconfig)
+        await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds"))
+        yield c
+        await c.api.close()
+
+
+@pytest.fixture
+async def operator(cluster):
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    registry = build_registry(Connection(server=cluster.url), image="flowscope:test", resync=None)
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 300
+    settings.batching.idle_timeout = 0.5  # per-object workers exit soon, so the operator stops fast
+    settings.batching.exit_timeout = 0.5
+    settings.batching.batch_window = 0.02
+    settings.posting.enabled = False  # k8s Events would only slow the stop down
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
+                                             clusterwide=True, stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    yield cluster
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError):  # kopf ends its root task by cancellation
+        await asyncio.wait_for(task, 30)
+
+
+def ready_condition(obj: dict | None) -> dict:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == "Ready":
+            return cond
+    return {}
+
+
+async def apply_samples(c: Cluster) -> None:
+    out = await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config" / "samples"))
+    assert "flowaggregator.flowscope.dev/flow-aggregator created" in out
+
+    async def deployed():
+        return (await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+                and await c.get("apps/v1", "Deployment", "flowscope-lab", "lab-aggregator")
+                and await c.get("apps/v1", "DaemonSet", "flowscope-lab", "direct-agents"))
+    await eventually(deployed)
+
+
+def b64(secret: dict, key: str) -> bytes:
+    return base64.b64decode(secret["data"][key])
+
+
+async def test_samples_become_a_ready_pipeline(operator):
+    c = operator
+    await apply_samples(c)
+    fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+    dep = await c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator")
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "FlowAggregator", "flow-aggregator", fa["metadata"]["uid"], True)
+    for kind, name in [("Service", "flow-aggregator"), ("ConfigMap", "flow-aggregator-config"),
+                       ("Secret", "flow-aggregator-server-tls"), ("ServiceAccount", "flow-aggregator")]:
+        obj = await c.get("v1", kind, "flow-aggregator", name)
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == fa["metadata"]["uid"], (kind, name)
+    assert ready_condition(fa)["reason"] == "Deploying"  # no pods yet
+
+    await simulate_rollout(c.emu, "Deployment", "flow-aggregator", "flow-aggregator", 1)
+    await simulate_rollout(c.emu, "DaemonSet", "kube-system", "flowscope-agent", 3)
+
+    async def both_ready():
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+        fec = await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system", "flowscope-agent")
+        return ready_condition(fa).get("status") == "True" and ready_condition(fec).get("status") == "True" and (fa, fec)
+    fa, fec = await eventually(both_ready)
+    assert fa["status"]["observedGeneration"] == fa["metadata"]["generation"]
+    assert fec["status"]["collectorAddress"] == "flow-aggregator.flow-aggregator.svc:4739:tls"
+    assert ready_condition(fec)["message"] == "3 agents exporting to flow-aggregator.flow-aggregator.svc:4739:tls"
+
+    table = await c.kubectl("get", "flowaggregators", "-A")
+    header, *rows = table.splitlines()
+    assert header.split() == ["NAMESPACE", "NAME", "TRANSPORT", "PORT", "READY", "REASON", "AGE"]
+    assert ["flow-aggregator", "flow-aggregator", "tls", "4739", "True", "Running"] in [r.split()[:6] for r in rows]
+    assert ["flowscope-lab", "lab-aggregator", "tcp", "4739", "False", "Deploying"] in [r.split()[:6] for r in rows]
+    short = await c.kubectl("get", "fec", "-n", "kube-system")
+    assert "flow-aggregator.flow-aggregator.svc:4739:tls" in short and "True" in short
+
+    # TLS material: the server certificate verifies for the Service name against the CA bundle
+    bundle = await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle")
+    ca = x509.load_pem_x509_certificate(bundle["data"]["ca.crt"].encode())
+    server = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls")
+    cert = x509.load_pem_x509_certificate(b64(server, "tls.crt"))
+    PolicyBuilder().store(Store([ca])).time(dt.datetime.now(dt.timezone.utc)).build_server_verifier(
+        DNSName("flow-aggregator.flow-aggregator.svc")).verify(cert, [])
+    agents = await c.get("v1", "Secret", "kube-system", "flowscope-agent-client-tls")
+    agg_client = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-client-tls")
+    assert agents["data"] == agg_client["data"]
+    config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
+    assert config["flowCollectorAddr"] == "flow-aggregator.flow-aggregator.svc:4739:tls"
+
+
+async def test_invalid_specs_become_conditions_and_nothing_is_half_applied(operator):
+    c = operator
+    await apply_samples(c)
+    bad = """
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: mismatched, namespace: kube-system}
+spec:
+  flowAggregatorRef: {name: flow-aggregator, namespace: flow-aggregator}
+  transport: udp
+---
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: dangling, namespace: kube-system}
+spec:
+  flowAggregatorRef: {name: nowhere}
+---
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowAggregator
+metadata: {name: too-fast, namespace: default}
+spec:
+  flowExportInterval: 500ms
+  transport: tls
+"""
+    await c.kubectl("apply", "--validate=false", "-f", "-", stdin=bad)
+
+    async def conditions():
+        out = {}
+        for kind, ns, name in [("FlowExporterConfig", "kube-system", "mismatched"),
+                               ("FlowExporterConfig", "kube-system", "dangling"),
+                               ("FlowAggregator", "default", "too-fast")]:
+            cond = ready_condition(await c.get("flowscope.dev/v1alpha1", kind, ns, name))
+            if not cond:
+                return None
+            out[name] = cond
+        return out
+    conds = await eventually(conditions)
+    assert conds["mismatched"]["status"] == "False" and conds["mismatched"]["reason"] == "TransportMismatch"
+    assert "spec.transport: 'udp' does not match FlowAggregator flow-aggregator/flow-aggregator, which listens " \
+           "with 'tls'; remove spec.transport" in conds["mismatched"]["message"]
+    assert conds["dangling"]["reason"] == "AggregatorNotFound"
+    assert "FlowAggregator kube-system/nowhere does not exist" in conds["dangling"]["message"]
+    assert conds["too-fast"]["reason"] == "InvalidSpec"
+    assert "spec.flowExportInterval: '500ms' is below the 1s minimum" in conds["too-fast"]["message"]
+    # never half-applied: nothing at all was created for them
+    for kind, api, ns, name in [("DaemonSet", "apps/v1", "kube-system", "mismatched"),
+                                ("ConfigMap", "v1", "kube-system", "mismatched-config"),
+                                ("ServiceAccount", "v1", "kube-system", "dangling"),
+                                ("Deployment", "apps/v1", "default", "too-fast"),
+                                ("Secret", "v1", "default", "too-fast-ca")]:
+        assert await c.get(api, kind, ns, name) is None, (kind, name)
+    table = await c.kubectl("get", "fec", "-n", "kube-system")
+    assert any(line.split()[:1] == ["mismatched"] and "TransportMismatch" in line for line in table.splitlines())
+
+    # fixing the spec recovers without operator restart
+    await c.kubectl("patch", "fec", "mismatched", "-n", "kube-system", "--type=merge", "-p",
+                    '{"spec": {"transport": "tls"}}')
+    await eventually(lambda: c.get("apps/v1", "DaemonSet", "kube-system", "mismatched"))
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "mismatched", "Deploying"))
+    assert fec["status"]["observedGeneration"] == 2
+
+
+async def _reason_is(c, kind, ns, name, reason):
+    obj = await c.get("flowscope.dev/v1alpha1", kind, ns, name)
+    return obj if ready_condition(obj).get("reason") == reason else None
+
+
+async def test_second_reconcile_and_restart_write_nothing(operator):
+    c = operator
+    await apply_samples(c)
+    await simulate_rollout(c.emu, "Deployment", "flow-aggregator", "flow-aggregator", 1)
+    await eventually(lambda: _reason_is(c, "FlowAggregator", "flow-aggregator", "flow-aggregator", "Running"))
+    for ns, name in [("kube-system", "flowscope-agent"), ("flowscope-lab", "lab-agents"),
+                     ("flowscope-lab", "direct-agents")]:
+        await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, name, "Deploying"))
+    secret_before = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls")
+    await asyncio.sleep(0.5)  # let the operator's own event echoes settle before counting
+    before = len(c.writes())
+    # a fresh Reconciler is what an operator restart sees: no memory, only the cluster
+    fresh = Reconciler(KubeApi(Connection(server=c.url)), image="flowscope:test")
+    try:
+        for kind, ns, name in [("FlowAggregator", "flow-aggregator", "flow-aggregator"),
+                               ("FlowAggregator", "flowscope-lab", "lab-aggregator"),
+                               ("FlowExporterConfig", "kube-system", "flowscope-agent"),
+                               ("FlowExporterConfig", "flowscope-lab", "lab-agents"),
+                               ("FlowExporterConfig", "flowscope-lab", "direct-agents")]:
+            body = await c.get("flowscope.dev/v1alpha1", kind, ns, name)
+            outcome = await (fresh.aggregator(body) if kind == "FlowAggregator" else fresh.exporter(body))
+            assert outcome.writes == 0, (kind, name)
+    finally:
+        await fresh.api.close()
+    assert c.writes()[before:] == []  # not even a status patch
+    assert await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls") == secret_before
+    # server-filled defaults exist (the emulator adds them) and did not count as differences
+    dep = await c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator")
+    assert dep["spec"]["revisionHistoryLimit"] == 10
+
+
+async def test_drift_is_corrected_and_config_changes_roll_pods(operator):
+    c = operator
+    await apply_samples(c)
+    ds = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+    await c.kubectl("patch", "daemonset", "flowscope-agent", "-n", "kube-system", "--type=merge", "-p",
+                    '{"spec": {"template": {"spec": {"hostNetwork": false}}}}')
+
+    async def corrected():
+        now = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+        return now["spec"]["template"]["spec"]["hostNetwork"] is True and now
+    await eventually(corrected)
+
+    def hash_of(obj):
+        return obj["spec"]["template"]["metadata"]["annotations"]["flowscope.dev/config-hash"]
+    dep = await c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator")
+    await c.kubectl("patch", "flowaggregator", "flow-aggregator", "-n", "flow-aggregator", "--type=merge", "-p",
+                    '{"spec": {"flowExportInterval": "30s"}}')
+
+    async def rolled():
+        now = await c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator")
+        return hash_of(now) != hash_of(dep) and now
+    await eventually(rolled)
+    cm = await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-config")
+    assert yaml.safe_load(cm["data"]["aggregator.yaml"])["flowExportInterval"] == "30s"
+    fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+    assert fa["metadata"]["generation"] == 2
+    await eventually(lambda: _generation_observed(c, "flow-aggregator", "flow-aggregator", 2))
+    # the agents' config does not depend on the export interval: their pods do not roll
+    assert hash_of(await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")) == hash_of(ds)
+
+
+async def _generation_observed(c, ns, name, generation):
+    fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", ns, name)
+    return fa["status"].get("observedGeneration") == generation
+
+
+async def test_certificates_rotate_before_expiry_and_reach_the_agents(cluster):
+    # Without the kopf operator: a live operator on the real clock would (rightly) replace
+    # certificates that are not valid yet by its clock. Reconcilers with two clocks instead.
+    c = cluster
+    await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/01-aggregator-tls.yaml"),
+                    "-f", str(ROOT / "config/samples/02-agents.yaml"))
+    today = Reconciler(KubeApi(Connection(server=c.url)), image="flowscope:test")
+    try:
+        await today.aggregator(await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator",
+                                           "flow-aggregator"))
+        await today.exporter(await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system",
+                                         "flowscope-agent"))
+    finally:
+        await today.api.close()
+    server0 = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls")
+    cert0 = x509.load_pem_x509_certificate(b64(server0, "tls.crt"))
+    ds0 = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+    # 1h into the rotation margin (720h before the 8760h lifetime ends), per an injected clock
+    due = cert0.not_valid_after_utc - dt.timedelta(hours=720) + dt.timedelta(hours=1)
+    later = Reconciler(KubeApi(Connection(server=c.url)), image="flowscope:test", clock=lambda: due)
+    try:
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+        assert (await later.aggregator(fa)).writes >= 3  # two Secrets, the Deployment (hash)
+        fec = await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system", "flowscope-agent")
+        await later.exporter(fec)
+    finally:
+        await later.api.close()
+    server1 = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls")
+    cert1 = x509.load_pem_x509_certificate(b64(server1, "tls.crt"))
+    assert cert1.serial_number != cert0.serial_number
+    assert cert1.not_valid_after_utc > cert0.not_valid_after_utc and due < cert0.not_valid_after_utc
+    assert b64(server1, "ca.crt") == b64(server0, "ca.crt")  # the CA is far from expiry: kept
+    agents = await c.get("v1", "Secret", "kube-system", "flowscope-agent-client-tls")
+    client = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-client-tls")
+    assert agents["data"] == client["data"]
+    ds1 = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+    key = "flowscope.dev/config-hash"
+    assert ds1["spec"]["template"]["metadata"]["annotations"][key] != ds0["spec"]["template"]["metadata"]["annotations"][key]
+
+
+async def test_kubectl_delete_cleans_everything_up(operator):
+    c = operator
+    await apply_samples(c)
+    assert await c.get("rbac.authorization.k8s.io/v1", "ClusterRole", None,
+                       "flowscope-agent-kube-system-flowscope-agent")
+    await c.kubectl("delete", "flowexporterconfig", "flowscope-agent", "-n", "kube-system", "--timeout=20s")
+    assert await c.get("rbac.authorization.k8s.io/v1", "ClusterRole", None,
+                       "flowscope-agent-kube-system-flowscope-agent") is None  # the finalizer ran
+    assert await c.get("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", None,
+                       "flowscope-agent-kube-system-flowscope-agent") is None
+    assert await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent") is None
+    assert await c.get("v1", "Secret", "kube-system", "flowscope-agent-client-tls") is None
+    await c.kubectl("delete", "flowaggregator", "flow-aggregator", "-n", "flow-aggregator", "--timeout=20s")
+
+    async def gone():
+        for api, kind, name in [("apps/v1", "Deployment", "flow-aggregator"), ("v1", "Service", "flow-aggregator"),
+                                ("v1", "Secret", "flow-aggregator-ca"), ("v1", "ConfigMap", "flow-aggregator-config")]:
+            if await c.get(api, kind, "flow-aggregator", name) is not None:
+                return False
+        return True
+    await eventually(gone)
+    left = await c.kubectl("get", "flowaggregators", "-A")
+    assert "flow-aggregator " not in left and "lab-aggregator" in left
