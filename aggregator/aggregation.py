@@ -63,7 +63,7 @@ from __future__ import annotations
 from array import array
 from operator import itemgetter
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -318,6 +318,8 @@ class AggregationProcess:
         self._timers: deque[tuple[float, Flow, int]] = deque()
         self._urgent: list[Flow] = []
         self._next_scan = start + export_interval
+        self._scan_list: list[Flow] | None = None  # the flows of the periodic export under way
+        self._scan_pos = 0
         # Shared values (IP strings, Kubernetes field tuples, TCP states): one copy for many flows.
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
@@ -362,54 +364,54 @@ class AggregationProcess:
             new_flow = False
             if not ft:
                 ft = flow.flow_type
-        flags = flow.flags
-        g = rec.get
+        try:  # a value of an unexpected type (a foreign exporter) drops the record, not the process
+            flags = flow.flags
+            g = rec.get
 
-        # Which node sent it.
-        if ft == INTER_NODE:
-            if meta[_I_SRC_POD] and meta[_I_DST_POD]:
-                side = SRC  # an agent that knows both Pods: the record is complete
-                ft = INTRA_NODE
-            elif meta[_I_SRC_POD]:
-                side = SRC
-            elif meta[_I_DST_POD]:
-                side = DST
-            elif meta[_I_DST_NODE] and not meta[_I_SRC_NODE]:
+            # Which node sent it.
+            if ft == INTER_NODE:
+                if meta[_I_SRC_POD] and meta[_I_DST_POD]:
+                    side = SRC  # an agent that knows both Pods: the record is complete
+                    ft = INTRA_NODE
+                elif meta[_I_SRC_POD]:
+                    side = SRC
+                elif meta[_I_DST_POD]:
+                    side = DST
+                elif meta[_I_DST_NODE] and not meta[_I_SRC_NODE]:
+                    side = DST
+                else:
+                    side = SRC
+                    if not meta[_I_SRC_NODE] and new_flow:
+                        # No Pod and no Node on either end (host traffic an agent reported): there is
+                        # nothing to correlate, so no twin to wait for.
+                        flags |= NO_TWIN
+            elif ft == FROM_EXTERNAL:
                 side = DST
             else:
                 side = SRC
-                if not meta[_I_SRC_NODE] and new_flow:
-                    # No Pod and no Node on either end (host traffic an agent reported): there is
-                    # nothing to correlate, so no twin to wait for.
-                    flags |= NO_TWIN
-        elif ft == FROM_EXTERNAL:
-            side = DST
-        else:
-            side = SRC
-        if ft != flow.flow_type and ft == INTRA_NODE:
-            flow.flow_type = INTRA_NODE
-        o = side * 8
-        seen = SEEN[side]
+            if ft != flow.flow_type and ft == INTRA_NODE:
+                flow.flow_type = INTRA_NODE
+            o = side * 8
+            seen = SEEN[side]
 
-        # Counters.
-        c = flow.c
-        if pt is None:  # an exporter that sends deltas only
-            dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
-                                g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
-            pt, ot, rpt, rot = c[o] + dp, c[o + 1] + do, c[o + 2] + drp, c[o + 3] + dro
-        elif not flags & seen:
-            dp = g("packetDeltaCount", pt)
-            do = g("octetDeltaCount", ot)
-            drp = g("reversePacketDeltaCount", rpt)
-            dro = g("reverseOctetDeltaCount", rot)
-        else:
-            p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
-            if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
-                dp, do, drp, dro = pt, ot, rpt, rot
-                stats.counter_resets += 1
+            # Counters.
+            c = flow.c
+            if pt is None:  # an exporter that sends deltas only
+                dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
+                                    g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
+                pt, ot, rpt, rot = c[o] + dp, c[o + 1] + do, c[o + 2] + drp, c[o + 3] + dro
+            elif not flags & seen:
+                dp = g("packetDeltaCount", pt)
+                do = g("octetDeltaCount", ot)
+                drp = g("reversePacketDeltaCount", rpt)
+                dro = g("reverseOctetDeltaCount", rot)
             else:
-                dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
-        try:
+                p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
+                if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
+                    dp, do, drp, dro = pt, ot, rpt, rot
+                    stats.counter_resets += 1
+                else:
+                    dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
             c[o] = pt
             c[o + 1] = ot
             c[o + 2] = rpt
@@ -418,80 +420,88 @@ class AggregationProcess:
             c[o + 5] += do
             c[o + 6] += drp
             c[o + 7] += dro
-        except (OverflowError, TypeError):
-            stats.dropped_invalid += 1
-            if new_flow:
-                del self.flows[key]
-            return False
-        changed = dp or do or drp or dro or not flags & seen
+            changed = dp or do or drp or dro or not flags & seen
 
-        # Kubernetes fields: intern a side's tuple only when it changed.
-        if side:
-            if flow.dmeta != meta:
-                flow.dmeta = self._shared.setdefault(meta, meta)
-                changed = True
-            flow.dexp = exporter
-            flow.ddom = domain
-        else:
-            if flow.smeta != meta:
-                flow.smeta = self._shared.setdefault(meta, meta)
-                changed = True
-            flow.sexp = exporter
-            flow.sdom = domain
+            # Kubernetes fields: intern a side's tuple only when it changed.
+            if side:
+                if flow.dmeta != meta:
+                    flow.dmeta = self._shared.setdefault(meta, meta)
+                    changed = True
+                flow.dexp = exporter
+                flow.ddom = domain
+            else:
+                if flow.smeta != meta:
+                    flow.smeta = self._shared.setdefault(meta, meta)
+                    changed = True
+                flow.sexp = exporter
+                flow.sdom = domain
 
-        # Times and state from the newest record.
-        if end >= flow.end:
-            flow.end = end
-            if start:
-                flow.start = start
-            if reason != flow.reason:
-                flow.reason = reason
-                changed = True
-            if tcp is not None and tcp != flow.tcp_state:
-                flow.tcp_state = self._shared.setdefault(tcp, tcp)
-                changed = True
-        flow.last_seen = now
-        flags |= seen
-        if changed:
-            flags |= DIRTY
+            # Times and state from the newest record.
+            if end >= flow.end:
+                flow.end = end
+                if start:
+                    flow.start = start
+                if reason != flow.reason:
+                    if reason in END_REASONS:  # idle (1) vs active (2) timeout alone is no news
+                        changed = True
+                    flow.reason = reason
+                if tcp is not None and tcp != flow.tcp_state:
+                    flow.tcp_state = self._shared.setdefault(tcp, tcp)
+                    changed = True
+            flow.last_seen = now
+            flags |= seen
+            if changed:
+                flags |= DIRTY
 
-        ft = flow.flow_type
-        if ft == INTER_NODE and not flags & CORRELATED:
-            if flags & HAS_SRC and flags & HAS_DST:
-                flags |= CORRELATED | READY
-                if flags & LONE:
-                    stats.flows_late_correlated += 1
-                else:
-                    stats.flows_correlated += 1
-            elif new_flow and not flags & NO_TWIN:
-                self._timers.append((now + self.correlation_timeout, flow, _CORRELATE_TIMER))
-        elif not flags & READY:
-            flags |= READY
-        if flags & NO_TWIN and not flags & READY:
-            flags |= READY
-        if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
-            flags |= DENIED | READY
-            if side == SRC and meta[_I_EGRESS_ACTION] in DENY_ACTIONS and not flags & CORRELATED:
-                flags |= NO_TWIN
-            if not flags & EXPORTED and not flags & QUEUED:
-                flags |= QUEUED
-                self._urgent.append(flow)
-        if reason in END_REASONS:
-            flags |= ENDED[side]
-            if ft != INTER_NODE or flags & SINGLE or (flags & ENDED_SRC and flags & ENDED_DST):
-                if not flags & QUEUED:
+            ft = flow.flow_type
+            if ft == INTER_NODE and not flags & CORRELATED:
+                if flags & HAS_SRC and flags & HAS_DST:
+                    flags |= CORRELATED | READY
+                    if flags & LONE:
+                        stats.flows_late_correlated += 1
+                    else:
+                        stats.flows_correlated += 1
+                elif new_flow and not flags & NO_TWIN:
+                    self._timers.append((now + self.correlation_timeout, flow, _CORRELATE_TIMER))
+            elif not flags & READY:
+                flags |= READY
+            if flags & NO_TWIN and not flags & READY:
+                flags |= READY
+            if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
+                flags |= DENIED | READY
+                if side == SRC and meta[_I_EGRESS_ACTION] in DENY_ACTIONS and not flags & CORRELATED:
+                    flags |= NO_TWIN
+                if not flags & EXPORTED and not flags & QUEUED:
                     flags |= QUEUED
                     self._urgent.append(flow)
-            elif flags & CORRELATED and not flags & END_WAIT:
-                flags |= END_WAIT
-                self._timers.append((now + self.correlation_timeout, flow, _END_TIMER))
-            # else: a lone half waits for its correlation timer, which exports it as final
-        flow.flags = flags
-        return True
+            if reason in END_REASONS:
+                flags |= ENDED[side]
+                if ft != INTER_NODE or flags & SINGLE or (flags & ENDED_SRC and flags & ENDED_DST):
+                    if not flags & QUEUED:
+                        flags |= QUEUED
+                        self._urgent.append(flow)
+                elif flags & CORRELATED and not flags & END_WAIT:
+                    flags |= END_WAIT
+                    self._timers.append((now + self.correlation_timeout, flow, _END_TIMER))
+                # else: a lone half waits for its correlation timer, which exports it as final
+            flow.flags = flags
+            return True
+        except (TypeError, ValueError, OverflowError):
+            stats.dropped_invalid += 1
+            if new_flow:  # forget what this record started
+                flow.flags |= REMOVED
+                del self.flows[key]
+                stats.flows_created -= 1
+            return False
 
     # -------------------------------------------------------------------- tick
-    def tick(self, now: float) -> list[ExportedFlow]:
-        """Everything due at ``now``: expired timers, urgent flows, and the periodic export."""
+    def tick(self, now: float, max_scan: int | None = None) -> list[ExportedFlow]:
+        """Everything due at ``now``: expired timers, urgent flows, and the periodic export.
+
+        ``max_scan`` bounds how many flows this call visits for the periodic export, so a
+        caller on an event loop can spread the scan of a large store over several calls
+        (``scan_pending`` says whether to call again); None scans everything at once.
+        """
         out: list[ExportedFlow] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -523,30 +533,50 @@ class AggregationProcess:
                     self._finish(flow, out, ended=True)
                 elif not f & EXPORTED:  # a denied flow's first record
                     out.append(self._export(flow, final=False))
-        if now >= self._next_scan:
+        if self._scan_list is None and now >= self._next_scan:
             self._next_scan += self.export_interval
             if self._next_scan <= now:  # ticks came late: realign instead of bursting
                 self._next_scan = now + self.export_interval
-            out.extend(self._scan(now))
+            self._scan_list = list(self.flows.values())
+            self._scan_pos = 0
+        if self._scan_list is not None:
+            self._scan(now, max_scan, out)
         return out
 
-    def _scan(self, now: float) -> Iterator[ExportedFlow]:
+    @property
+    def scan_pending(self) -> bool:
+        """A periodic scan started and is not finished (``tick(now, max_scan=...)`` continues it)."""
+        return self._scan_list is not None
+
+    def _scan(self, now: float, max_scan: int | None, out: list[ExportedFlow]) -> None:
+        """The periodic export over the flows that existed when the interval came, in slices.
+
+        A flow created since waits for the next interval; one removed since is skipped.
+        """
+        flows = self._scan_list
+        assert flows is not None
+        start = self._scan_pos
+        stop = len(flows) if max_scan is None else min(len(flows), start + max_scan)
         horizon = now - self.inactive_timeout
-        gone: list[Flow] = []
-        for flow in self.flows.values():
+        for i in range(start, stop):
+            flow = flows[i]
             f = flow.flags
+            if f & REMOVED:
+                continue
             if flow.last_seen <= horizon:
-                gone.append(flow)
+                if f & DIRTY or not f & EXPORTED:
+                    if flow.flow_type == INTER_NODE and not f & (CORRELATED | SINGLE):
+                        flow.flags = f | LONE
+                        self.stats.flows_uncorrelated += 1
+                    out.append(self._export(flow, final=True))
+                self._remove(flow, ended=False)
             elif f & READY and f & DIRTY:
-                yield self._export(flow, final=False)
-        for flow in gone:
-            f = flow.flags
-            if f & DIRTY or not f & EXPORTED:
-                if flow.flow_type == INTER_NODE and not f & (CORRELATED | SINGLE):
-                    flow.flags = f | LONE
-                    self.stats.flows_uncorrelated += 1
-                yield self._export(flow, final=True)
-            self._remove(flow, ended=False)
+                out.append(self._export(flow, final=False))
+        if stop >= len(flows):
+            self._scan_list = None
+            self._scan_pos = 0
+        else:
+            self._scan_pos = stop
 
     def _finish(self, flow: Flow, out: list[ExportedFlow], *, ended: bool) -> None:
         if flow.flags & DIRTY or not flow.flags & EXPORTED:
@@ -593,6 +623,7 @@ class AggregationProcess:
         self.flows.clear()
         self._timers.clear()
         self._urgent.clear()
+        self._scan_list = None
         return out
 
 

@@ -168,13 +168,29 @@ def test_nothing_is_exported_when_nothing_changed():
     agg.ingest(source_half(), NODE_A, 1, now=0.0)
     agg.ingest(destination_half(), NODE_B, 1, now=0.0)
     assert len(agg.tick(60.0)) == 1
-    # an idle report with the same totals changes nothing
+    # idle reports with the same totals (reason 2 -> 1: idle instead of active timeout) change nothing
     agg.ingest(source_half(reason=1), NODE_A, 1, now=61.0)
-    agg.ingest(source_half(reason=1), NODE_A, 1, now=62.0)
-    exported = agg.tick(120.0)
-    # the end reason changed (2 -> 1), which is worth one record; then silence
-    assert [e.record["flowEndReason"] for e in exported] == [1]
-    assert agg.tick(180.0) == []
+    agg.ingest(destination_half(reason=1), NODE_B, 1, now=62.0)
+    assert agg.tick(120.0) == []
+    # a new TCP state is news
+    agg.ingest(source_half(reason=1, tcp="FIN_WAIT"), NODE_A, 1, now=130.0)
+    assert [e.record["tcpState"] for e in agg.tick(180.0)] == ["FIN_WAIT"]
+    assert agg.tick(240.0) == []
+
+
+def test_periodic_scan_in_slices_sees_each_flow_once():
+    agg = make()
+    for port in range(10):
+        agg.ingest(agent_record(flow_type=3, sport=port, sourcePodName="p"), NODE_A, 1, now=0.0)
+    out = agg.tick(60.0, max_scan=4)
+    assert len(out) == 4 and agg.scan_pending
+    # a flow created while the scan is under way waits for the next interval
+    agg.ingest(agent_record(flow_type=3, sport=99, sourcePodName="p"), NODE_A, 1, now=60.5)
+    out += agg.tick(61.0, max_scan=4)
+    out += agg.tick(61.0, max_scan=4)
+    assert not agg.scan_pending
+    assert sorted(e.record["sourceTransportPort"] for e in out) == list(range(10))
+    assert [e.record["sourceTransportPort"] for e in agg.tick(120.0)] == [99]
 
 
 def test_counter_going_backwards_is_a_new_connection_not_a_huge_delta():

@@ -232,3 +232,22 @@ def test_exporter_address_unmaps_ipv4_in_ipv6():
     assert exporter_address("::ffff:192.168.10.1") == "192.168.10.1"
     assert exporter_address("fd00::0001") == "fd00::1"
     assert exporter_address("10.0.0.1") == "10.0.0.1"
+
+
+def test_an_odd_record_costs_only_itself():
+    clock = Clock()
+    agg, _ = make_service(clock)
+
+    class Msg:
+        observation_domain_id = 1
+
+        def data_records(self):
+            bad = agent_record(flow_type=3, sport=1, sourcePodName="p")
+            bad["flowEndSeconds"] = "tomorrow"  # a type no registry would decode
+            yield None, bad
+            yield None, agent_record(flow_type=3, sport=2, sourcePodName="p")
+
+    agg.on_message(Peer(NODE_A), Msg())
+    assert agg.received_by_exporter == {NODE_A: 2}
+    assert agg.process.stats.dropped_invalid == 1 and agg.process.stats.flows_created == 1
+    assert [f.key[2] for f in agg.process.flows.values()] == [2]
