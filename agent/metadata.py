@@ -270,6 +270,40 @@ class Inventory:
             return PeerInfo(addr)
         return PeerInfo(addr, pod.namespace, pod.labels, self.namespace_labels.get(pod.namespace, {}), pod.ports)
 
+    # --- bookkeeping for watchers: what is held, by kind ----------------------------
+    @staticmethod
+    def key_of(kind: str, obj: Mapping[str, Any]) -> Any:
+        meta = obj.get("metadata") or {}
+        if kind in ("Node", "Namespace"):
+            return meta.get("name")
+        return (meta.get("namespace") or "default", meta.get("name"))
+
+    def keys(self, kind: str) -> set[Any]:
+        with self._lock:
+            if kind == "Pod":
+                return set(self.pods)
+            if kind == "Service":
+                return set(self.services)
+            if kind == "Node":
+                return set(self.node_cidrs)
+            if kind == "Namespace":
+                return set(self.namespace_labels)
+            if kind == "NetworkPolicy":
+                return set(self.policies)
+        raise MetadataError(f"kind {kind!r} is not part of an inventory")
+
+    def delete(self, kind: str, key: Any) -> None:
+        if kind == "Pod":
+            self.delete_pod(*key)
+        elif kind == "Service":
+            self.delete_service(*key)
+        elif kind == "Node":
+            self.delete_node(key)
+        elif kind == "Namespace":
+            self.delete_namespace(key)
+        elif kind == "NetworkPolicy":
+            self.delete_policy(*key)
+
     # --- loading from Kubernetes-shaped objects --------------------------------------
     def apply(self, obj: Mapping[str, Any], deleted: bool = False) -> None:
         """Add, replace or (``deleted``) remove one object of a supported kind."""
