@@ -25,7 +25,7 @@ from .aggregation import AggregationProcess, ExportedFlow, FlowFilter
 from .config import AggregatorConfig, ConfigError
 from .sinks import FlowLogSink, IPFIXSink, QueuedSink, Sink
 
-__all__ = ["FlowAggregator", "build_sinks", "exporter_address"]
+__all__ = ["FlowAggregator", "build_sinks", "exporter_address", "certificate_name_problem"]
 
 log = logging.getLogger("flowscope.aggregator")
 
@@ -66,6 +66,44 @@ def build_sinks(config: AggregatorConfig) -> list[tuple[Sink, int]]:
             ) from None
         out.append((module.make_sink(sc.clickhouse), sc.clickhouse.queue_size))
     return out
+
+
+def certificate_name_problem(cert_file: str, name: str) -> str | None:
+    """Why agents checking ``name`` would refuse the server certificate, or None.
+
+    flowAggregatorAddress is the name agents verify (their flowCollectorAddr host); a
+    certificate that does not carry it fails every agent's handshake, which is the most
+    common TLS deployment mistake, so the aggregator says so at start. Needs the
+    ``cryptography`` package; without it nothing is checked.
+    """
+    try:
+        from cryptography import x509
+    except ImportError:
+        return None
+    try:
+        with open(cert_file, "rb") as fh:
+            cert = x509.load_pem_x509_certificate(fh.read())
+    except (OSError, ValueError) as exc:
+        return f"tls.certFile: cannot read {cert_file!r} as a PEM certificate: {exc}"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return f"tls.certFile: {cert_file!r} has no subjectAltName; agents cannot verify it as {name!r}"
+    dns = san.get_values_for_type(x509.DNSName)
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    try:
+        if str(ipaddress.ip_address(name)) in ips:
+            return None
+    except ValueError:
+        lowered = name.lower().rstrip(".")
+        for d in dns:
+            d = d.lower().rstrip(".")
+            if d == lowered or (d.startswith("*.") and lowered.split(".", 1)[-1] == d[2:] and "." in lowered):
+                return None
+    return (
+        f"flowAggregatorAddress: {name!r} is not among the names of tls.certFile {cert_file!r} "
+        f"({', '.join(dns + ips) or 'none'}); agents that verify this name will fail the TLS handshake"
+    )
 
 
 class FlowAggregator:
@@ -191,10 +229,12 @@ class FlowAggregator:
                         f"{key}: cannot read {path!r} ({exc.strerror}); aggregatorTransportProtocol tls needs the "
                         "CA, certificate and key the operator mounts at /etc/flowscope/tls/"
                     ) from None
+            problem = certificate_name_problem(c.tls.cert_file, c.aggregator_address)
+            if problem:
+                log.warning("%s", problem)
         from flowscope.ipfix.address import Address
-        from flowscope.ipfix.process import CollectingProcess, TLSConfig
-
         from flowscope.ipfix.errors import UsageError
+        from flowscope.ipfix.process import CollectingProcess, TLSConfig
 
         try:
             tls = None

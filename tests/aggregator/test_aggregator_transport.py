@@ -302,3 +302,17 @@ async def test_ipfix_sink_resends_templates_when_the_collector_comes_back():
             await second.close()
     finally:
         await sink.close()
+
+
+def test_server_certificate_names_are_checked_against_flow_aggregator_address(pki, tmp_path):
+    from flowscope.aggregator.service import certificate_name_problem
+
+    cert, _ = pki["server"]
+    assert certificate_name_problem(cert, "flow-aggregator.flow-aggregator.svc") is None
+    assert certificate_name_problem(cert, "127.0.0.1") is None
+    problem = certificate_name_problem(cert, "flow-aggregator.other.svc")
+    assert problem.startswith("flowAggregatorAddress: 'flow-aggregator.other.svc' is not among the names")
+    assert "flow-aggregator.flow-aggregator.svc, 127.0.0.1" in problem
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    assert certificate_name_problem(str(garbage), "x").startswith("tls.certFile: cannot read")
