@@ -15,7 +15,8 @@ resource or on a child, a periodic resync, an operator restart):
    the live object (``contains``: only fields we set count, so server-filled defaults do
    not); merge-patch only when they differ. Someone's edit of a field we own (drift) is
    therefore undone on the next reconcile, and a reconcile with nothing changed writes
-   nothing at all.
+   nothing at all. Secrets and ConfigMaps this resource controlled earlier but no longer
+   needs (TLS material after a switch to tcp) are deleted.
 5. Status: ``observedGeneration``, ``Ready`` (with reason/message) and a few facts,
    patched through the status subresource only when it changed.
 """
@@ -31,7 +32,7 @@ from typing import Any
 
 from flowscope.operator import manifests, tls
 from flowscope.operator.kube import ApiError, KubeApi
-from flowscope.operator.manifests import AgentTLS, Owner
+from flowscope.operator.manifests import MANAGED_BY, AgentTLS, Owner
 from flowscope.operator.spec import (
     API_VERSION, FlowAggregatorSpec, SpecError, parse_flow_aggregator, parse_flow_exporter_config,
 )
@@ -39,6 +40,8 @@ from flowscope.operator.spec import (
 __all__ = ["Reconciler", "Outcome", "contains", "condition"]
 
 log = logging.getLogger("flowscope.operator")
+# Kinds whose presence depends on the spec (TLS material, per-transport objects).
+PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"))
 Clock = Callable[[], dt.datetime]
 
 
@@ -120,7 +123,7 @@ class Reconciler:
         await self.api.patch(*key, desired)
         return "updated"
 
-    async def _apply_all(self, objects: list[dict[str, Any]]) -> int:
+    async def _apply_all(self, objects: list[dict[str, Any]], owner: Owner | None) -> int:
         writes = 0
         for obj in objects:
             result = await self.apply(obj)
@@ -128,7 +131,29 @@ class Reconciler:
                 writes += 1
                 log.info("%s %s %s/%s", result, obj["kind"], obj["metadata"].get("namespace", ""),
                          obj["metadata"]["name"])
+        if owner is not None:
+            writes += await self._prune(objects, owner)
         return writes
+
+    async def _prune(self, desired: list[dict[str, Any]], owner: Owner) -> int:
+        """Delete what this owner created before and no longer needs (e.g. TLS material after a
+        switch to tcp). Only objects controlled by this very owner (uid) are candidates."""
+        namespaces = {o["metadata"].get("namespace") for o in desired} - {None}
+        keep = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in desired}
+        deleted = 0
+        for namespace in namespaces:
+            for api_version, kind in PRUNABLE:
+                for live in await self.api.list(api_version, kind, namespace, {"app.kubernetes.io/managed-by": MANAGED_BY}):
+                    meta = live.get("metadata") or {}
+                    refs = meta.get("ownerReferences") or []
+                    if not any(r.get("uid") == owner.uid and r.get("controller") for r in refs):
+                        continue
+                    if (kind, meta.get("namespace"), meta.get("name")) in keep:
+                        continue
+                    if await self.api.delete(api_version, kind, meta.get("namespace"), meta["name"]):
+                        log.info("pruned %s %s/%s", kind, meta.get("namespace"), meta["name"])
+                        deleted += 1
+        return deleted
 
     async def _set_status(self, body: Mapping[str, Any], ready: bool, reason: str, message: str,
                           extra: Mapping[str, Any]) -> None:
@@ -177,14 +202,15 @@ class Reconciler:
         except SpecError as exc:
             return await self._fail(body, "InvalidSpec", str(exc))
         material = await self.tls_material(spec) if spec.transport == "tls" else None
-        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=self._owner(body))
+        owner = self._owner(body)
+        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner)
         try:
-            writes = await self._apply_all(objects)
+            writes = await self._apply_all(objects, owner)
         except ApiError as exc:
             if exc.retryable:
                 raise
             return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
-        extra: dict[str, Any] = {"collectorAddress": spec.collector_address}
+        extra: dict[str, Any] = {"collectorAddress": spec.collector_address, "serverCertificateNotAfter": None}
         if material is not None:
             extra["serverCertificateNotAfter"] = material.server.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
         deployment = await self.api.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
@@ -241,10 +267,11 @@ class Reconciler:
                     f"spec.tlsSecretName: Secret {spec.namespace}/{spec.tls_secret} "
                     f"{'does not exist' if user_secret is None else 'lacks ' + ', '.join(missing)}; "
                     "it must hold ca.crt, tls.crt and tls.key")
+        owner = self._owner(body)
         objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
-                                        tls=agent_tls, owner=self._owner(body))
+                                        tls=agent_tls, owner=owner)
         try:
-            writes = await self._apply_all(objects)
+            writes = await self._apply_all(objects, owner)
         except ApiError as exc:
             if exc.retryable:
                 raise

@@ -384,3 +384,34 @@ async def test_kubectl_delete_cleans_everything_up(operator):
     await eventually(gone)
     left = await c.kubectl("get", "flowaggregators", "-A")
     assert "flow-aggregator " not in left and "lab-aggregator" in left
+
+
+async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
+    c = operator
+    await apply_samples(c)
+    await eventually(lambda: c.get("v1", "Secret", "kube-system", "flowscope-agent-client-tls"))
+    await c.kubectl("patch", "fa", "flow-aggregator", "-n", "flow-aggregator", "--type=merge", "-p",
+                    '{"spec": {"transport": "tcp"}}')
+
+    async def switched():
+        fec = await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system", "flowscope-agent")
+        return fec["status"].get("collectorAddress") == "flow-aggregator.flow-aggregator.svc:4739:tcp" and fec
+    await eventually(switched)
+    for ns, name in [("flow-aggregator", "flow-aggregator-ca"), ("flow-aggregator", "flow-aggregator-server-tls"),
+                     ("flow-aggregator", "flow-aggregator-client-tls"), ("kube-system", "flowscope-agent-client-tls")]:
+        await eventually(lambda: _absent(c, "v1", "Secret", ns, name))
+    assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle") is None
+    ds = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
+    assert "tls" not in {v["name"] for v in ds["spec"]["template"]["spec"]["volumes"]}
+    config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
+    assert config["flowCollectorAddr"].endswith(":tcp") and "tls" not in config
+    svc = await c.get("v1", "Service", "flow-aggregator", "flow-aggregator")
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["ipfix-tcp", "api"]
+    fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+    assert "serverCertificateNotAfter" not in fa["status"]
+    # unrelated objects of the same namespace are never pruned
+    assert await c.get("v1", "Secret", "flowscope-lab", "clickhouse-credentials") is not None
+
+
+async def _absent(c, api, kind, ns, name):
+    return await c.get(api, kind, ns, name) is None
