@@ -62,7 +62,7 @@ class AggregatorCollector(Collector):
         removed.add_metric(["inactive"], agg["flows_expired"])
         yield removed
         yield CounterMetricFamily(
-            P + "counter_resets", "Records whose totals went backwards (5-tuple reused by a new connection).",
+            P + "tuple_reuses", "Records whose totals went backwards: the 5-tuple was reused by a new connection.",
             value=agg["counter_resets"])
 
         dropped = CounterMetricFamily(
