@@ -323,7 +323,7 @@ class AggregationProcess:
         # Shared values (IP strings, Kubernetes field tuples, TCP states): one copy for many flows.
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
-        self._shared_limit = 65536
+        self._shared_limit = max(65536, max_flows)
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:

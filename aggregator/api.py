@@ -5,7 +5,8 @@ Like Antrea's flow-aggregator API behind ``antctl get flowrecords`` and
 
 * ``GET /flowrecords?srcip=&dstip=&srcport=&dstport=&proto=&limit=`` - the records held
   now (a partial 5-tuple filter; ``proto`` by number or name), as JSON
-  ``{"flowRecords": [...]}``; reading them does not reset any delta.
+  ``{"flowRecords": [...], "truncated": bool}`` (at most ``limit``, default 10000);
+  reading them does not reset any delta.
 * ``GET /recordmetrics`` - record and flow counters, as JSON.
 * ``GET /metrics`` - Prometheus text; ``GET /healthz`` - "ok".
 
@@ -32,6 +33,9 @@ log = logging.getLogger("flowscope.aggregator.api")
 
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132}
 MAX_REQUEST_HEAD = 8192
+# Without ?limit=, at most this many records: a store of 500k flows would otherwise be a
+# gigabyte of JSON built on the event loop. The response says "truncated": true.
+DEFAULT_LIMIT = 10_000
 
 class ApiError(ValueError):
     """A bad query parameter; the message names it and what is allowed."""
@@ -108,8 +112,10 @@ def handle(method: str, target: str, backend: ApiBackend) -> Response:
     try:
         if path == "/flowrecords":
             flt, limit = parse_filter(query)
-            records = [record_to_json(f) for f in backend.flow_records(flt, limit)]
-            return _json(200, {"flowRecords": records})
+            cap = DEFAULT_LIMIT if limit is None else limit
+            found = backend.flow_records(flt, cap + 1)
+            records = [record_to_json(f) for f in found[:cap]]
+            return _json(200, {"flowRecords": records, "truncated": len(found) > cap})
         if path == "/recordmetrics":
             return _json(200, backend.record_metrics())
         if path == "/metrics":

@@ -147,6 +147,9 @@ def _flowrecords(args: argparse.Namespace) -> int:
     }
     doc = _get(args, "/flowrecords", params)
     records = doc["flowRecords"]
+    if doc.get("truncated"):
+        print(f"flowscope aggregator: showing the first {len(records)} matching records; "
+              "narrow the filter or raise --limit", file=sys.stderr)
     if args.output != "table":
         _emit(records, args.output)
         return 0

@@ -251,3 +251,16 @@ def test_an_odd_record_costs_only_itself():
     assert agg.received_by_exporter == {NODE_A: 2}
     assert agg.process.stats.dropped_invalid == 1 and agg.process.stats.flows_created == 1
     assert [f.key[2] for f in agg.process.flows.values()] == [2]
+
+
+def test_flowrecords_are_capped_and_say_so():
+    from flowscope.aggregator import api
+
+    clock = Clock()
+    agg, _ = make_service(clock)
+    agg.ingest_records([agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 6)], NODE_A)
+    doc = json.loads(api.handle("GET", "/flowrecords?limit=3", agg).body)
+    assert len(doc["flowRecords"]) == 3 and doc["truncated"] is True
+    doc = json.loads(api.handle("GET", "/flowrecords?limit=5", agg).body)
+    assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
+    assert api.handle("POST", "/flowrecords", agg).status == 405
