@@ -384,6 +384,30 @@ async def test_kubectl_delete_cleans_everything_up(operator):
     await eventually(gone)
     left = await c.kubectl("get", "flowaggregators", "-A")
     assert "flow-aggregator " not in left and "lab-aggregator" in left
+    assert_operator_rbac_covers(c)
+
+
+def assert_operator_rbac_covers(c: Cluster) -> None:
+    """Every request the operator (our client and kopf) made is allowed by config/operator/rbac.yaml."""
+    rules = next(d for d in yaml.safe_load_all((ROOT / "config/operator/rbac.yaml").read_text())
+                 if d["kind"] == "ClusterRole")["rules"]
+    seen = set()
+    for r in list(c.emu):
+        agent = r.headers.get("User-Agent", "")
+        if not (agent.startswith("flowscope-operator/") or agent.startswith("kopf/")) or r.resource is None:
+            continue
+        if not r.resource.plural:
+            continue  # discovery
+        method = getattr(r.method, "value", r.method)
+        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}.get(method)
+        if verb is None:
+            verb = "watch" if r.params.get("watch") == "true" else "get" if r.name else "list"
+        resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        seen.add((r.resource.group, resource, verb))
+    assert ("apps", "daemonsets", "create") in seen and ("flowscope.dev", "flowaggregators/status", "patch") in seen
+    denied = [s for s in seen if not any(s[0] in rule["apiGroups"] and s[1] in rule["resources"]
+                                         and s[2] in rule["verbs"] for rule in rules)]
+    assert denied == []
 
 
 async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):

@@ -297,3 +297,32 @@ def test_render_cli_prints_manifests_and_refuses_bad_input(tmp_path):
     assert "spec.flowExportInterval: '1ms' is below the 1s minimum" in res.stderr
     orphan = subprocess.run(cmd + ["-f", str(ROOT / "config/samples/02-agents.yaml")], capture_output=True, text=True)
     assert orphan.returncode == 1 and "pass its file with another -f" in orphan.stderr
+
+
+OPERATOR_DOCS = load_docs(*sorted((ROOT / "config" / "operator").glob("*.yaml")))
+
+
+def rules_allow(rules, group, resource, verb) -> bool:
+    return any(group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+               for r in rules)
+
+
+def test_operator_deployment_manifests_validate():
+    kinds = {d["kind"] for d in OPERATOR_DOCS}
+    assert kinds == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"}
+    for doc in OPERATOR_DOCS:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    dep = next(d for d in OPERATOR_DOCS if d["kind"] == "Deployment")
+    assert dep["spec"]["template"]["spec"]["containers"][0]["args"][0] == "operator"
+
+
+def test_operator_can_grant_the_agents_role_without_escalation(rendered):
+    operator_rules = next(d for d in OPERATOR_DOCS if d["kind"] == "ClusterRole")["rules"]
+    agent_rules = by(rendered, "ClusterRole", "flowscope-agent-kube-system-flowscope-agent")["rules"]
+    for rule in agent_rules:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert rules_allow(operator_rules, group, resource, verb), (group, resource, verb)
+    assert not any({"escalate", "bind", "*"} & set(r["verbs"]) for r in operator_rules)
+    assert not any("*" in r["resources"] or "*" in r["apiGroups"] for r in operator_rules)
