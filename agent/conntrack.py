@@ -38,7 +38,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "ConntrackEntry",
@@ -228,7 +228,7 @@ class MalformedEntry(ValueError):
 # The headers are checked with one big-integer operation over the whole message: the
 # message read as an integer, ANDed with a mask that keeps only the attribute header
 # bytes, must equal the same for the message the layout was compiled from.
-_Layout = tuple
+_Layout = tuple[Callable[..., tuple[Any, ...]], int, int, Callable[[tuple[Any, ...]], ConntrackEntry]]
 
 
 def _compile(buf: bytes | bytearray | memoryview, off: int, length: int) -> _Layout:
@@ -288,7 +288,7 @@ def _compile(buf: bytes | bytearray | memoryview, off: int, length: int) -> _Lay
     src = f"def build(v):\n    return _new(_Entry, ({key}, {body}))\n"
     ns: dict[str, object] = {"_new": tuple.__new__, "_Entry": ConntrackEntry, "_Key": ConnKey}
     exec(compile(src, "<conntrack layout>", "exec"), ns)  # generated from the constants above only
-    return (st.unpack_from, mask_int, expected, ns["build"])
+    return (st.unpack_from, mask_int, expected, ns["build"])  # type: ignore[return-value]
 
 
 class EntryParser:

@@ -51,6 +51,6 @@ class AgentMetrics:
             "Time of one poll cycle: dump, parse, store update, export decisions",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=r)
 
-    def serve(self, host: str, port: int):  # pragma: no cover - thin wrapper
+    def serve(self, host: str, port: int) -> object:  # pragma: no cover - thin wrapper
         """Start the /metrics HTTP server in a daemon thread; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
