@@ -101,6 +101,12 @@ async def _serve(cfg: Any, metadata: Any) -> int:
         metrics.serve(host, port)
         log.info("metrics on http://%s:%d/metrics", host, port)
     metadata.start()
+    wait_synced = getattr(metadata, "wait_synced", None)
+    if wait_synced is not None:
+        # Denials are judged when a connection is first seen: give the watches a moment
+        # to list the policies first. The agent starts anyway if the API is slow.
+        if not await asyncio.to_thread(wait_synced, 30.0):
+            log.warning("Kubernetes metadata not fully listed after 30s; exporting meanwhile with what is known")
     await sink.start()
     exporter = FlowExporter(
         conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata),

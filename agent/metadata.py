@@ -504,8 +504,19 @@ class Enricher:
         )
 
     def is_denied(self, e: ConntrackEntry) -> bool:
-        """For the store: an unreplied new connection that the policies drop."""
-        return self.enrich(e).denied
+        """For the store: an unreplied new connection that the policies drop.
+
+        Asked for every new unreplied connection (a first poll may bring 100k), so it
+        looks only at what can isolate: a Pod of this node whose namespace has policies.
+        """
+        inv = self.source.inventory()
+        if inv is None:
+            return False
+        for ip in (e.reply_src, e.orig_src):
+            pod = inv.pod_by_ip.get(ip)
+            if pod is not None and pod.node == self.node_name and inv.policies_by_ns.get(pod.namespace):
+                return self.enrich(e).denied
+        return False
 
 
 def _text(raw: bytes) -> str:
