@@ -153,3 +153,14 @@ def test_corrupt_attributes_are_skipped_and_counted_never_crash(seed, pos, junk)
     assert len(out) + p.malformed == 2
     # whatever the corrupt message did, the good one after it parses exactly
     assert out[-1] == parse(good)[1][0]
+
+
+def test_enable_accounting_switches_on_and_reports_what_it_could_not(tmp_path, caplog):
+    from flowscope.agent.conntrack import enable_accounting
+
+    (tmp_path / "nf_conntrack_acct").write_text("0\n")
+    (tmp_path / "nf_conntrack_timestamp").mkdir()  # cannot be written: stands for a read-only /proc/sys
+    got = enable_accounting(str(tmp_path))
+    assert got == {"nf_conntrack_acct": True, "nf_conntrack_timestamp": False}
+    assert (tmp_path / "nf_conntrack_acct").read_text().strip() == "1"
+    assert "cannot set nf_conntrack_timestamp=1" in caplog.text and "flow start/stop times" in caplog.text

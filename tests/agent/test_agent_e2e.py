@@ -242,3 +242,59 @@ async def test_backlog_and_reconnect_while_the_collector_is_away_seen_by_tshark(
     assert (src[0], dst[0], dport[0]) == (a4, b4, "6000")
     assert [int(x) for x in packets[:2]] == [9, 9]
     assert [int(x) for x in octets[:2]] == [9 * 328, 9 * 178]
+
+
+async def test_pipeline_agent_to_flowscope_aggregator_over_tls(topo, tmp_path):
+    """The whole data plane: `flowscope agent` -> mutual TLS -> `flowscope aggregator`,
+    whose /flowrecords API shows the connection with conntrack's counters."""
+    a_ns, a4, _ = topo.pods["a"]
+    b_ns, b4, _ = topo.pods["b"]
+    pki = make_pki(tmp_path)
+    with in_netns(topo.node):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    agg_cfg = tmp_path / "aggregator.yaml"
+    agg_cfg.write_text(
+        "aggregatorTransportProtocol: tls\nlistenAddress: 127.0.0.1\n"
+        f"listenPort: {port}\nflowAggregatorAddress: 127.0.0.1\napiAddress: 127.0.0.1:10348\n"
+        f"tls: {{caFile: {pki['ca']}, certFile: {pki['server_cert']}, keyFile: {pki['server_key']}}}\n"
+    )
+    agg = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", topo.node, sys.executable, "-m", "flowscope", "aggregator", "--config", str(agg_cfg),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    agent = None
+    records = []
+    try:
+        def api_up():
+            try:
+                with in_netns(topo.node):
+                    urllib.request.urlopen("http://127.0.0.1:10348/healthz", timeout=1).read()
+                return True
+            except OSError:
+                return False
+
+        assert await wait_for(api_up, 15), "the aggregator did not come up"
+        agent = await start_agent(topo.node, write_config(tmp_path, port, "tls", pki))
+        await asyncio.sleep(1.2)
+        udp_exchange(a_ns, b_ns, b4, 5353, count=5, size=400)
+
+        def fetch():
+            with in_netns(topo.node):
+                body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=2).read()
+            records[:] = json.loads(body)["flowRecords"]
+            return any(r.get("packetTotalCount") == 5 for r in records)
+
+        ok = await wait_for(fetch, 20)
+        row = find(conntrack_cli(topo.node), a4, b4, 5353)["fields"]
+    finally:
+        agent_log = await stop_agent(agent) if agent is not None else ""
+        agg_log = await stop_agent(agg)
+    assert ok, f"records {records}\nagent:\n{agent_log}\naggregator:\n{agg_log}"
+    r = next(r for r in records if r.get("packetTotalCount") == 5)
+    assert (r["sourceIPv4Address"], r["destinationIPv4Address"]) == (a4, b4)
+    assert (r["packetTotalCount"], r["octetTotalCount"]) == (int(row["packets"][0]), int(row["bytes"][0])) == (5, 5 * 428)
+    assert (r["reversePacketTotalCount"], r["reverseOctetTotalCount"]) == (int(row["packets"][1]), int(row["bytes"][1]))
+    assert (r["sourcePodName"], r["destinationPodName"]) == ("client", "server")
