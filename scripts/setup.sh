@@ -116,8 +116,10 @@ else
         chmod 755 "$POLICY_RC"
         OWN_POLICY_RC=1
     fi
-    run "apt-get update" apt-get update -q
-    run "apt-get install" apt-get install -y -q --no-install-recommends \
+    # A fresh cloud machine often runs unattended-upgrades at first boot: wait for its lock.
+    lock=(-o DPkg::Lock::Timeout=600)
+    run "apt-get update" apt-get "${lock[@]}" update -q
+    run "apt-get install" apt-get "${lock[@]}" install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${missing[@]}"
     if [[ $OWN_POLICY_RC == 1 ]]; then
