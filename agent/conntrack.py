@@ -392,16 +392,31 @@ class NetlinkConntrack:
         self.parser = EntryParser(zones)
         self.proc_root = proc_root
         self._seq = 0
+        self._rcvbuf = rcvbuf
         self._buf = bytearray(1 << 20)
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock = self._open()
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             # SO_RCVBUFFORCE (root) ignores rmem_max; fall back to the capped SO_RCVBUF.
-            self._sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)
+            sock.setsockopt(socket.SOL_SOCKET, 33, self._rcvbuf)
         except OSError:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._sock.bind((0, 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+        sock.bind((0, 0))
+        return sock
 
     def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+        try:
+            return self._dump(consumer)
+        except BaseException:
+            # The rest of a broken dump may still be queued on the socket; a fresh socket
+            # keeps it from being read as the next dump.
+            self._sock.close()
+            self._sock = self._open()
+            raise
+
+    def _dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None) -> DumpResult:
         self._seq += 1
         self._sock.send(_dump_request(self._seq))
         out: list[ConntrackEntry] = []

@@ -31,6 +31,8 @@ __all__ = ["FlowExporter", "RecordSink"]
 
 log = logging.getLogger(__name__)
 
+SUBMIT_BATCH = 1000
+
 
 class RecordSink(Protocol):
     """The part of flowscope.ipfix.process.ExportingProcess the agent uses."""
@@ -73,6 +75,7 @@ class FlowExporter:
         )
         self.records_submitted = 0
         self.records_refused = 0  # submit() answered False: the backlog was full
+        self.records_failed = 0  # could not be built (a bug: logged with the connection)
         self.polls = 0
         self._carry: list[FlowExport] = []
 
@@ -137,14 +140,22 @@ class FlowExporter:
         by_template: dict[int, list[dict[str, Any]]] = {}
         enrich = self.enricher.enrich
         for fe in exports:
-            tid, rec = build_record(fe, enrich(fe.entry))
+            try:
+                tid, rec = build_record(fe, enrich(fe.entry))
+            except Exception:  # noqa: BLE001 - one odd connection must not cost the others
+                self.records_failed += 1
+                log.exception("could not build the record of %s", fe.entry)
+                continue
             by_template.setdefault(tid, []).append(rec)
         sent = 0
         for tid, recs in by_template.items():
-            if self.sink.submit(tid, recs):
-                sent += len(recs)
-            else:
-                self.records_refused += len(recs)
+            # in slices, so that a nearly full backlog still takes what fits
+            for i in range(0, len(recs), SUBMIT_BATCH):
+                part = recs[i : i + SUBMIT_BATCH]
+                if self.sink.submit(tid, part):
+                    sent += len(part)
+                else:
+                    self.records_refused += len(part)
         self.records_submitted += sent
         self.metrics.records_exported.inc(sent)
         return sent
@@ -165,7 +176,11 @@ class FlowExporter:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                await self.poll_once()
+                try:
+                    await self.poll_once()
+                except Exception:  # noqa: BLE001 - a daemon logs, counts and polls on
+                    self.metrics.poll_errors.inc()
+                    log.exception("poll cycle failed; polling on")
                 delay = max(0.0, self.poll_interval - (time.monotonic() - started))
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=delay)

@@ -175,3 +175,32 @@ async def test_a_failed_dump_is_counted_and_ends_nothing(agent):
     clock.t += 5
     assert await fx.poll_once() == 0
     assert fx.metrics.poll_errors._value.get() == 1 and len(fx.store) == 1 and sink.batches == []
+
+
+async def test_a_record_that_cannot_be_built_costs_only_itself(agent, monkeypatch):
+    fx, ct, sink, clock = agent
+    ct.entries = [entry(sport=1, packets=1), entry(sport=2, packets=1)]
+    await fx.poll_once()
+    real = fx.enricher.enrich
+
+    def flaky(e):
+        if e.orig_sport == 1:
+            raise ValueError("odd connection")
+        return real(e)
+
+    monkeypatch.setattr(fx.enricher, "enrich", flaky)
+    ct.entries = []
+    clock.t += 5
+    assert await fx.poll_once() == 1
+    assert fx.records_failed == 1 and sink.batches[0][1][0]["sourceTransportPort"] == 2
+
+
+async def test_large_export_batches_are_submitted_in_slices(agent):
+    fx, ct, sink, clock = agent
+    fx.store.max_connections = 5000
+    ct.entries = [entry(sport=i, packets=1) for i in range(2500)]
+    await fx.poll_once()
+    ct.entries = []
+    clock.t += 5
+    assert await fx.poll_once() == 2500
+    assert [len(b) for _, b in sink.batches] == [1000, 1000, 500]
