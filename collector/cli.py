@@ -308,25 +308,41 @@ def _export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
 
-def _reader(source: Any, loop: Any, queue: Any, batch: int = 1000) -> None:
-    """Thread: hand lines to the event loop in batches; None marks the end."""
+def _reader(source: Any, loop: Any, queue: Any, chunk: int = 1 << 16) -> None:
+    """Thread: hand complete lines to the event loop as soon as they can be read (a pipe
+    that stays open must not hold back what it already delivered); None marks the end."""
     import asyncio
 
-    lines: list[bytes] = []
+    def put(item: Any) -> None:
+        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+    import os
+
+    # os.read on the descriptor, not the buffered file: a daemon thread blocked inside a
+    # BufferedReader holds its lock, and interpreter shutdown aborts on that lock
+    fd = source.fileno()
+    tail = b""
     try:
-        for raw in source:
-            lines.append(raw)
-            if len(lines) >= batch:
-                asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
-                lines = []
-    except Exception as exc:  # noqa: BLE001 - reported by the consumer
-        lines.append(exc)  # type: ignore[arg-type]
-    try:
-        if lines:
-            asyncio.run_coroutine_threadsafe(queue.put(lines), loop).result()
-        asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()
+        while True:
+            data = os.read(fd, chunk)
+            if not data:
+                break
+            data = tail + data
+            cut = data.rfind(b"\n") + 1
+            tail = data[cut:]
+            if cut:
+                put(data[:cut].splitlines())
+        if tail:
+            put([tail])
+        put(None)
     except RuntimeError:  # the loop is gone: we were stopped
         pass
+    except Exception as exc:  # noqa: BLE001 - reported by the consumer
+        try:
+            put([exc])
+            put(None)
+        except RuntimeError:
+            pass
 
 
 class _Templates:
@@ -390,7 +406,7 @@ async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float
     signals = _install_signals(loop, stop)
     registry = default_registry().copy()
     templates = _Templates(registry, args.template)
-    lines_q: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=8)
+    lines_q: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=4)
     threading.Thread(target=_reader, args=(source, loop, lines_q), name="export-input", daemon=True).start()
 
     exporter: ExportingProcess | None = None
@@ -445,7 +461,7 @@ async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float
             batch = get.result()
             if batch is None:
                 break
-            groups: dict[int, list[dict[str, Any]]] = {}
+            runs: list[tuple[int, list[dict[str, Any]]]] = []  # consecutive records of one template, in input order
             for raw in batch:
                 line_no += 1
                 if isinstance(raw, Exception):
@@ -470,9 +486,12 @@ async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float
                         return EXIT_UNREACHABLE
                 elif new:
                     exporter.add_template(template)
-                groups.setdefault(template.template_id, []).append(record)
+                if runs and runs[-1][0] == template.template_id:
+                    runs[-1][1].append(record)
+                else:
+                    runs.append((template.template_id, [record]))
             if exporter is not None:
-                for tid, records in groups.items():
+                for tid, records in runs:
                     if not await room(exporter, len(records)):
                         _err("export", f"lost the collector at {address} and could not reconnect within {timeout:g}s")
                         unreachable = True
