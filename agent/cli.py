@@ -89,18 +89,29 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     except UsageError as exc:  # unreadable or mismatched certificate files
         print(f"flowscope agent: {exc} (keys tls.caFile, tls.certFile, tls.keyFile)", file=sys.stderr)
         return 2
+    from flowscope.agent.metadata import MetadataError
+
+    try:
+        metadata.start()
+    except MetadataError as exc:
+        print(f"flowscope agent: {exc}", file=sys.stderr)
+        return 2
+    metrics = AgentMetrics()
+    if cfg.metrics_address is not None:
+        host, port = cfg.metrics_address
+        try:
+            metrics.serve(host, port)
+        except OSError as exc:
+            print(f"flowscope agent: metricsAddress: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+            return 2
+        log.info("metrics on http://%s:%d/metrics", host, port)
+    # Only now touch the node: the sysctls, then the netlink socket.
     enable_accounting()
     try:
         conntrack = NetlinkConntrack(cfg.conntrack_zones)
     except (ConntrackError, OSError) as exc:
         print(f"flowscope agent: cannot open the conntrack netlink socket: {exc}", file=sys.stderr)
         return 1
-    metrics = AgentMetrics()
-    if cfg.metrics_address is not None:
-        host, port = cfg.metrics_address
-        metrics.serve(host, port)
-        log.info("metrics on http://%s:%d/metrics", host, port)
-    metadata.start()
     wait_synced = getattr(metadata, "wait_synced", None)
     if wait_synced is not None:
         # Denials are judged when a connection is first seen: give the watches a moment

@@ -80,7 +80,13 @@ class KubernetesMetadata:
     # --- MetadataSource -------------------------------------------------------------
     def start(self) -> None:
         if self._api is None:
-            self._api = _default_client()
+            try:
+                self._api = _default_client()
+            except Exception as exc:  # noqa: BLE001 - ConfigException, missing files, bad YAML
+                raise MetadataError(
+                    f"metadata.source: kubernetes needs the in-cluster service account or a kubeconfig "
+                    f"($KUBECONFIG, ~/.kube/config): {exc}; use source static or none outside a cluster"
+                ) from None
         for kind in RESOURCES:
             t = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}", daemon=True)
             t.start()

@@ -114,3 +114,13 @@ def test_cli_refuses_unreadable_tls_files(tmp_path):
     cfg.write_text(f"flowCollectorAddr: 127.0.0.1:4739:tls\ntls: {{caFile: {tmp_path}/nope.crt}}\nmetricsAddress: ''\n")
     proc = run_cli("--config", str(cfg))
     assert proc.returncode == 2 and "nope.crt" in proc.stderr and "tls.caFile" in proc.stderr
+
+
+def test_cli_kubernetes_source_without_a_cluster_says_so(tmp_path):
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("flowCollectorAddr: 127.0.0.1:4739:tcp\nmetricsAddress: ''\nmetadata: {source: kubernetes}\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, "-m", "flowscope", "agent", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "metadata.source: kubernetes needs the in-cluster service account or a kubeconfig" in proc.stderr
