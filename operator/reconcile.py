@@ -201,6 +201,17 @@ class Reconciler:
             spec = parse_flow_aggregator(body)
         except SpecError as exc:
             return await self._fail(body, "InvalidSpec", str(exc))
+        ch = spec.clickhouse
+        if ch.enabled and ch.credentials_secret:
+            secret = await self.api.get("v1", "Secret", spec.namespace, ch.credentials_secret)
+            data = {**((secret or {}).get("data") or {}), **((secret or {}).get("stringData") or {})}
+            missing = [k for k in (ch.username_key, ch.password_key) if k not in data]
+            if secret is None or missing:
+                what = "does not exist" if secret is None else f"has no key {', '.join(missing)}"
+                return await self._fail(
+                    body, "ClickHouseSecretInvalid",
+                    f"spec.sinks.clickhouse.credentialsSecretRef: Secret {spec.namespace}/{ch.credentials_secret} "
+                    f"{what}; create it with keys {ch.username_key} and {ch.password_key}")
         material = await self.tls_material(spec) if spec.transport == "tls" else None
         owner = self._owner(body)
         objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner)

@@ -68,6 +68,28 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
 
 
+_QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$")
+
+
+def _check_resources(r: "_Reader", key: str = "resources") -> Mapping[str, Any]:
+    """Container resources: requests/limits of Kubernetes quantities, checked here so that a
+    typo becomes a condition instead of a half-applied set of objects refused at the end."""
+    value = r.mapping(key)
+    for section, entries in value.items():
+        if section not in ("requests", "limits"):
+            r.problems.append(f"spec.{key}.{section}: unknown; only requests and limits are allowed")
+            continue
+        if not isinstance(entries, Mapping):
+            r.problems.append(f"spec.{key}.{section}: must be a mapping like {{cpu: 100m, memory: 128Mi}}")
+            continue
+        for name, q in entries.items():
+            if isinstance(q, bool) or not isinstance(q, (int, float, str)) or not _QUANTITY.match(str(q)):
+                r.problems.append(
+                    f"spec.{key}.{section}.{name}: {q!r} is not a Kubernetes quantity; write it like 100m, 0.5, 128Mi or 1G"
+                )
+    return value
+
+
 class SpecError(ValueError):
     """One or more problems of a custom resource's spec, each a line a human can act on."""
 
@@ -361,8 +383,13 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
         flow_log=flow_log,
         clickhouse=clickhouse,
         certificates=certs,
-        resources=r.mapping("resources"),
+        resources=_check_resources(r),
     )
+    if spec.clickhouse.enabled and not spec.clickhouse.credentials_secret:
+        r.problems.append(
+            "spec.sinks.clickhouse.credentialsSecretRef.name: required when the ClickHouse sink is enabled; "
+            "name a Secret in this namespace with the user name and password"
+        )
     problems += r.problems
     if problems:
         raise SpecError(problems)
@@ -447,7 +474,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         flow_collector_addr=addr,
         transport=transport,  # type: ignore[arg-type]
         tls_secret=tls_secret,
-        resources=r.mapping("resources"),
+        resources=_check_resources(r),
     )
     problems += r.problems
     if problems:

@@ -210,6 +210,13 @@ metadata: {name: too-fast, namespace: default}
 spec:
   flowExportInterval: 500ms
   transport: tls
+---
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowAggregator
+metadata: {name: no-creds, namespace: default}
+spec:
+  sinks:
+    clickhouse: {enabled: true, credentialsSecretRef: {name: missing-creds}}
 """
     await c.kubectl("apply", "--validate=false", "-f", "-", stdin=bad)
 
@@ -217,7 +224,8 @@ spec:
         out = {}
         for kind, ns, name in [("FlowExporterConfig", "kube-system", "mismatched"),
                                ("FlowExporterConfig", "kube-system", "dangling"),
-                               ("FlowAggregator", "default", "too-fast")]:
+                               ("FlowAggregator", "default", "too-fast"),
+                               ("FlowAggregator", "default", "no-creds")]:
             cond = ready_condition(await c.get("flowscope.dev/v1alpha1", kind, ns, name))
             if not cond:
                 return None
@@ -231,12 +239,16 @@ spec:
     assert "FlowAggregator kube-system/nowhere does not exist" in conds["dangling"]["message"]
     assert conds["too-fast"]["reason"] == "InvalidSpec"
     assert "spec.flowExportInterval: '500ms' is below the 1s minimum" in conds["too-fast"]["message"]
+    assert conds["no-creds"]["reason"] == "ClickHouseSecretInvalid"
+    assert "Secret default/missing-creds does not exist; create it with keys username and password" in \
+        conds["no-creds"]["message"]
     # never half-applied: nothing at all was created for them
     for kind, api, ns, name in [("DaemonSet", "apps/v1", "kube-system", "mismatched"),
                                 ("ConfigMap", "v1", "kube-system", "mismatched-config"),
                                 ("ServiceAccount", "v1", "kube-system", "dangling"),
                                 ("Deployment", "apps/v1", "default", "too-fast"),
-                                ("Secret", "v1", "default", "too-fast-ca")]:
+                                ("Secret", "v1", "default", "too-fast-ca"),
+                                ("ConfigMap", "v1", "default", "no-creds-config")]:
         assert await c.get(api, kind, ns, name) is None, (kind, name)
     table = await c.kubectl("get", "fec", "-n", "kube-system")
     assert any(line.split()[:1] == ["mismatched"] and "TransportMismatch" in line for line in table.splitlines())

@@ -326,3 +326,20 @@ def test_operator_can_grant_the_agents_role_without_escalation(rendered):
                     assert rules_allow(operator_rules, group, resource, verb), (group, resource, verb)
     assert not any({"escalate", "bind", "*"} & set(r["verbs"]) for r in operator_rules)
     assert not any("*" in r["resources"] or "*" in r["apiGroups"] for r in operator_rules)
+
+
+@pytest.mark.parametrize("resources, expected", [
+    ({"requests": {"cpu": "lots"}}, "spec.resources.requests.cpu: 'lots' is not a Kubernetes quantity"),
+    ({"limit": {"cpu": "1"}}, "spec.resources.limit: unknown; only requests and limits are allowed"),
+    ({"limits": {"memory": "1Gb"}}, "spec.resources.limits.memory: '1Gb'"),
+])
+def test_bad_resource_quantities_are_caught_before_anything_is_applied(resources, expected):
+    with pytest.raises(SpecError, match=expected.replace(".", r"\.").replace("[", r"\[")):
+        parse_flow_aggregator(fa(resources=resources))
+    ok = parse_flow_aggregator(fa(resources={"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"cpu": 2}}))
+    assert ok.resources["limits"]["cpu"] == 2
+
+
+def test_clickhouse_sink_needs_its_credentials_secret():
+    with pytest.raises(SpecError, match="credentialsSecretRef.name: required"):
+        parse_flow_aggregator(fa(sinks={"clickhouse": {"enabled": True}}))
