@@ -451,3 +451,58 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
 
 async def _absent(c, api, kind, ns, name):
     return await c.get(api, kind, ns, name) is None
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_the_flowscope_operator_command_runs_from_a_kubeconfig(cluster):
+    """The real entry point: `flowscope operator` in its own process, kubeconfig login, liveness."""
+    import os
+    import signal
+    import sys
+
+    import aiohttp
+
+    c = cluster
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    env["KUBECONFIG"] = str(c.kubeconfig)
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flowscope", "operator", "--resync", "1h", "--image", "flowscope:cli",
+        "--liveness", f"http://127.0.0.1:{port}/healthz", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/01-aggregator-tls.yaml"))
+        dep = await eventually(lambda: c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator"), 60)
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "flowscope:cli"
+
+        async def alive():
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                return r.status == 200
+        await eventually(alive, 30)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 20)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+    output = (await proc.stdout.read()).decode()
+    assert "created Deployment flow-aggregator/flow-aggregator" in output
+    assert proc.returncode == 0, output[-2000:]
+
+
+async def test_the_operator_command_refuses_a_bad_resync():
+    import sys
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "flowscope", "operator", "--resync", "500ms",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 1
+    assert "--resync: '500ms' is below the 1s minimum" in err.decode()
