@@ -63,7 +63,7 @@ from __future__ import annotations
 from array import array
 from operator import itemgetter
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -328,171 +328,189 @@ class AggregationProcess:
     # ------------------------------------------------------------------ ingest
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
         """Take one agent record; False when it was dropped (counted in ``stats``)."""
+        return self.ingest_many((rec,), exporter, domain, now) == 1
+
+    def ingest_many(self, records: Iterable[Mapping[str, Any]], exporter: str, domain: int, now: float) -> int:
+        """Take the records of one message (one exporter, one observation domain); returns how
+        many were kept. The hot path: everything it touches is bound to a local once per batch."""
         stats = self.stats
-        stats.records_received += 1
-        v6 = "sourceIPv4Address" not in rec
-        try:  # one C-level call for every field an agent record has
-            src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp = (
-                _GET_V6 if v6 else _GET_V4)(rec)
-            meta = _GET_META[v6](rec)
-        except KeyError:  # a record without some of them (a foreign or older exporter)
-            try:
-                (src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp,
-                 meta) = _extract(rec, v6)
-            except ValueError:
-                stats.dropped_invalid += 1
-                return False
-        key = (src_ip, dst_ip, sport, dport, proto)
-        flow = self.flows.get(key)
-        if flow is None:
-            if len(self.flows) >= self.max_flows:
-                stats.dropped_flow_cap += 1
-                return False
-            shared = self._shared
-            if len(shared) >= self._shared_limit:
-                shared.clear()
-            key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
-            if not ft:  # a foreign exporter without flowType: guess from what the record knows
-                ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
-            flow = Flow(key, ft, now)
-            if v6:
-                flow.flags = IPV6
-            self.flows[key] = flow
-            stats.flows_created += 1
-            new_flow = True
-        else:
-            new_flow = False
-            if not ft:
-                ft = flow.flow_type
-        try:  # a value of an unexpected type (a foreign exporter) drops the record, not the process
-            flags = flow.flags
-            g = rec.get
-
-            # Which node sent it.
-            if ft == INTER_NODE:
-                if meta[_I_SRC_POD] and meta[_I_DST_POD]:
-                    side = SRC  # an agent that knows both Pods: the record is complete
-                    ft = INTRA_NODE
-                elif meta[_I_SRC_POD]:
-                    side = SRC
-                elif meta[_I_DST_POD]:
-                    side = DST
-                elif meta[_I_DST_NODE] and not meta[_I_SRC_NODE]:
-                    side = DST
-                else:
-                    side = SRC
-                    if not meta[_I_SRC_NODE] and new_flow:
-                        # No Pod and no Node on either end (host traffic an agent reported): there is
-                        # nothing to correlate, so no twin to wait for.
-                        flags |= NO_TWIN
-            elif ft == FROM_EXTERNAL:
-                side = DST
+        flows = self.flows
+        shared = self._shared
+        shared_limit = self._shared_limit
+        timers = self._timers
+        urgent = self._urgent
+        corr_timeout = self.correlation_timeout
+        max_flows = self.max_flows
+        get_v4, get_v6, get_meta = _GET_V4, _GET_V6, _GET_META
+        taken = 0
+        n = 0
+        for rec in records:
+            n += 1
+            v6 = "sourceIPv4Address" not in rec
+            try:  # one C-level call for every field an agent record has
+                src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp = (
+                    get_v6 if v6 else get_v4)(rec)
+                meta = get_meta[v6](rec)
+            except KeyError:  # a record without some of them (a foreign or older exporter)
+                try:
+                    (src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp,
+                     meta) = _extract(rec, v6)
+                except ValueError:
+                    stats.dropped_invalid += 1
+                    continue
+            key = (src_ip, dst_ip, sport, dport, proto)
+            flow = flows.get(key)
+            if flow is None:
+                if len(flows) >= max_flows:
+                    stats.dropped_flow_cap += 1
+                    continue
+                if len(shared) >= shared_limit:
+                    shared.clear()
+                key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
+                if not ft:  # a foreign exporter without flowType: guess from what the record knows
+                    ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
+                flow = Flow(key, ft, now)
+                if v6:
+                    flow.flags = IPV6
+                flows[key] = flow
+                stats.flows_created += 1
+                new_flow = True
             else:
-                side = SRC
-            if ft != flow.flow_type and ft == INTRA_NODE:
-                flow.flow_type = INTRA_NODE
-            o = side * 8
-            seen = SEEN[side]
+                new_flow = False
+                if not ft:
+                    ft = flow.flow_type
+            try:  # a value of an unexpected type (a foreign exporter) drops the record, not the process
+                flags = flow.flags
+                g = rec.get
 
-            # Counters.
-            c = flow.c
-            if pt is None:  # an exporter that sends deltas only
-                dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
-                                    g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
-                pt, ot, rpt, rot = c[o] + dp, c[o + 1] + do, c[o + 2] + drp, c[o + 3] + dro
-            elif not flags & seen:
-                dp = g("packetDeltaCount", pt)
-                do = g("octetDeltaCount", ot)
-                drp = g("reversePacketDeltaCount", rpt)
-                dro = g("reverseOctetDeltaCount", rot)
-            else:
-                p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
-                if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
-                    dp, do, drp, dro = pt, ot, rpt, rot
-                    stats.counter_resets += 1
-                else:
-                    dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
-            c[o] = pt
-            c[o + 1] = ot
-            c[o + 2] = rpt
-            c[o + 3] = rot
-            c[o + 4] += dp
-            c[o + 5] += do
-            c[o + 6] += drp
-            c[o + 7] += dro
-            changed = dp or do or drp or dro or not flags & seen
-
-            # Kubernetes fields: intern a side's tuple only when it changed.
-            if side:
-                if flow.dmeta != meta:
-                    flow.dmeta = self._shared.setdefault(meta, meta)
-                    changed = True
-                flow.dexp = exporter
-                flow.ddom = domain
-            else:
-                if flow.smeta != meta:
-                    flow.smeta = self._shared.setdefault(meta, meta)
-                    changed = True
-                flow.sexp = exporter
-                flow.sdom = domain
-
-            # Times and state from the newest record.
-            if end >= flow.end:
-                flow.end = end
-                if start:
-                    flow.start = start
-                if reason != flow.reason:
-                    if reason in END_REASONS:  # idle (1) vs active (2) timeout alone is no news
-                        changed = True
-                    flow.reason = reason
-                if tcp is not None and tcp != flow.tcp_state:
-                    flow.tcp_state = self._shared.setdefault(tcp, tcp)
-                    changed = True
-            flow.last_seen = now
-            flags |= seen
-            if changed:
-                flags |= DIRTY
-
-            ft = flow.flow_type
-            if ft == INTER_NODE and not flags & CORRELATED:
-                if flags & HAS_SRC and flags & HAS_DST:
-                    flags |= CORRELATED | READY
-                    if flags & LONE:
-                        stats.flows_late_correlated += 1
+                # Which node sent it.
+                if ft == INTER_NODE:
+                    if meta[_I_SRC_POD] and meta[_I_DST_POD]:
+                        side = SRC  # an agent that knows both Pods: the record is complete
+                        ft = INTRA_NODE
+                    elif meta[_I_SRC_POD]:
+                        side = SRC
+                    elif meta[_I_DST_POD]:
+                        side = DST
+                    elif meta[_I_DST_NODE] and not meta[_I_SRC_NODE]:
+                        side = DST
                     else:
-                        stats.flows_correlated += 1
-                elif new_flow and not flags & NO_TWIN:
-                    self._timers.append((now + self.correlation_timeout, flow, _CORRELATE_TIMER))
-            elif not flags & READY:
-                flags |= READY
-            if flags & NO_TWIN and not flags & READY:
-                flags |= READY
-            if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
-                flags |= DENIED | READY
-                if side == SRC and meta[_I_EGRESS_ACTION] in DENY_ACTIONS and not flags & CORRELATED:
-                    flags |= NO_TWIN
-                if not flags & EXPORTED and not flags & QUEUED:
-                    flags |= QUEUED
-                    self._urgent.append(flow)
-            if reason in END_REASONS:
-                flags |= ENDED[side]
-                if ft != INTER_NODE or flags & SINGLE or (flags & ENDED_SRC and flags & ENDED_DST):
-                    if not flags & QUEUED:
+                        side = SRC
+                        if not meta[_I_SRC_NODE] and new_flow:
+                            # No Pod and no Node on either end (host traffic an agent reported): there is
+                            # nothing to correlate, so no twin to wait for.
+                            flags |= NO_TWIN
+                elif ft == FROM_EXTERNAL:
+                    side = DST
+                else:
+                    side = SRC
+                if ft != flow.flow_type and ft == INTRA_NODE:
+                    flow.flow_type = INTRA_NODE
+                o = side * 8
+                seen = SEEN[side]
+
+                # Counters.
+                c = flow.c
+                if pt is None:  # an exporter that sends deltas only
+                    dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
+                                        g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
+                    pt, ot, rpt, rot = c[o] + dp, c[o + 1] + do, c[o + 2] + drp, c[o + 3] + dro
+                elif not flags & seen:
+                    dp = g("packetDeltaCount", pt)
+                    do = g("octetDeltaCount", ot)
+                    drp = g("reversePacketDeltaCount", rpt)
+                    dro = g("reverseOctetDeltaCount", rot)
+                else:
+                    p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
+                    if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
+                        dp, do, drp, dro = pt, ot, rpt, rot
+                        stats.counter_resets += 1
+                    else:
+                        dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
+                c[o] = pt
+                c[o + 1] = ot
+                c[o + 2] = rpt
+                c[o + 3] = rot
+                c[o + 4] += dp
+                c[o + 5] += do
+                c[o + 6] += drp
+                c[o + 7] += dro
+                changed = dp or do or drp or dro or not flags & seen
+
+                # Kubernetes fields: intern a side's tuple only when it changed.
+                if side:
+                    if flow.dmeta != meta:
+                        flow.dmeta = shared.setdefault(meta, meta)
+                        changed = True
+                    flow.dexp = exporter
+                    flow.ddom = domain
+                else:
+                    if flow.smeta != meta:
+                        flow.smeta = shared.setdefault(meta, meta)
+                        changed = True
+                    flow.sexp = exporter
+                    flow.sdom = domain
+
+                # Times and state from the newest record.
+                if end >= flow.end:
+                    flow.end = end
+                    if start:
+                        flow.start = start
+                    if reason != flow.reason:
+                        if reason in END_REASONS:  # idle (1) vs active (2) timeout alone is no news
+                            changed = True
+                        flow.reason = reason
+                    if tcp is not None and tcp != flow.tcp_state:
+                        flow.tcp_state = shared.setdefault(tcp, tcp)
+                        changed = True
+                flow.last_seen = now
+                flags |= seen
+                if changed:
+                    flags |= DIRTY
+
+                ft = flow.flow_type
+                if ft == INTER_NODE and not flags & CORRELATED:
+                    if flags & HAS_SRC and flags & HAS_DST:
+                        flags |= CORRELATED | READY
+                        if flags & LONE:
+                            stats.flows_late_correlated += 1
+                        else:
+                            stats.flows_correlated += 1
+                    elif new_flow and not flags & NO_TWIN:
+                        timers.append((now + corr_timeout, flow, _CORRELATE_TIMER))
+                elif not flags & READY:
+                    flags |= READY
+                if flags & NO_TWIN and not flags & READY:
+                    flags |= READY
+                if (meta[_I_EGRESS_ACTION] in DENY_ACTIONS or meta[_I_INGRESS_ACTION] in DENY_ACTIONS) and not flags & DENIED:
+                    flags |= DENIED | READY
+                    if side == SRC and meta[_I_EGRESS_ACTION] in DENY_ACTIONS and not flags & CORRELATED:
+                        flags |= NO_TWIN
+                    if not flags & EXPORTED and not flags & QUEUED:
                         flags |= QUEUED
-                        self._urgent.append(flow)
-                elif flags & CORRELATED and not flags & END_WAIT:
-                    flags |= END_WAIT
-                    self._timers.append((now + self.correlation_timeout, flow, _END_TIMER))
-                # else: a lone half waits for its correlation timer, which exports it as final
-            flow.flags = flags
-            return True
-        except (TypeError, ValueError, OverflowError):
-            stats.dropped_invalid += 1
-            if new_flow:  # forget what this record started
-                flow.flags |= REMOVED
-                del self.flows[key]
-                stats.flows_created -= 1
-            return False
+                        urgent.append(flow)
+                if reason in END_REASONS:
+                    flags |= ENDED[side]
+                    if ft != INTER_NODE or flags & SINGLE or (flags & ENDED_SRC and flags & ENDED_DST):
+                        if not flags & QUEUED:
+                            flags |= QUEUED
+                            urgent.append(flow)
+                    elif flags & CORRELATED and not flags & END_WAIT:
+                        flags |= END_WAIT
+                        timers.append((now + corr_timeout, flow, _END_TIMER))
+                    # else: a lone half waits for its correlation timer, which exports it as final
+                flow.flags = flags
+                taken += 1
+            except (TypeError, ValueError, OverflowError):
+                stats.dropped_invalid += 1
+                if new_flow:  # forget what this record started
+                    flow.flags |= REMOVED
+                    del flows[key]
+                    stats.flows_created -= 1
+                continue
+
+        stats.records_received += n
+        return taken
 
     # -------------------------------------------------------------------- tick
     def tick(self, now: float, max_scan: int | None = None) -> list[ExportedFlow]:

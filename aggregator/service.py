@@ -147,29 +147,26 @@ class FlowAggregator:
         exporter = exporter_address(peer.host)
         domain = message.observation_domain_id
         now = self.clock()
-        ingest = self.process.ingest
-        n = 0
-        for _template, record in message.data_records():
-            n += 1
-            try:
-                ingest(record, exporter, domain, now)
-            except Exception as exc:  # one odd record must not cost the rest of the message
-                self._bad_record(exporter, exc)
+        records = [record for _template, record in message.data_records()]
+        n = len(records)
+        try:
+            self.process.ingest_many(records, exporter, domain, now)
+        except Exception as exc:  # a bug must not take the collecting process down; it is counted
+            self._bad_record(exporter, exc)
         self.messages += 1
         self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + n
         self.exporter_seen[exporter] = now
 
     def _bad_record(self, exporter: str, exc: Exception) -> None:
-        self.process.stats.dropped_invalid += 1
         self.ingest_errors += 1
         if self.ingest_errors <= 10 or self.ingest_errors % 10000 == 0:
-            log.warning("record from %s dropped (%d so far): %r", exporter, self.ingest_errors, exc)
+            log.error("records from %s lost to an internal error (%d so far): %r", exporter, self.ingest_errors, exc,
+                      exc_info=self.ingest_errors == 1)
 
     def ingest_records(self, records: Sequence[dict[str, Any]], exporter: str, domain: int = 0) -> None:
         """Feed decoded records directly (tests, replays)."""
         now = self.clock()
-        for record in records:
-            self.process.ingest(record, exporter, domain, now)
+        self.process.ingest_many(records, exporter, domain, now)
         self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + len(records)
         self.exporter_seen[exporter] = now
 
