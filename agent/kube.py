@@ -10,8 +10,8 @@ What is watched, and why:
 - Pods: the Pods of this node for names and for the policies that isolate them, and
   (``watchRemotePods``, default on) the Pods of every node, because NetworkPolicy peers
   are selected by label and the far end of a connection may live elsewhere. Each Pod
-  is kept slim (namespace, name, node, IPs, labels, named ports: a few hundred bytes),
-  so 100k Pods cost some tens of MB; without remote Pods, peers on other nodes only
+  is kept slim (namespace, name, node, IPs, labels, named ports: about 0.9 KB measured
+  with five labels), so 100k Pods cost about 90 MB; without remote Pods, peers on other nodes only
   match ipBlock rules. Pods that finished (Succeeded/Failed) released their IPs and are
   dropped.
 - Nodes: their podCIDRs tell a Pod on another node from an external address (flowType).
