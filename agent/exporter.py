@@ -78,6 +78,7 @@ class FlowExporter:
         self.records_failed = 0  # could not be built (a bug: logged with the connection)
         self.polls = 0
         self._carry: list[FlowExport] = []
+        self._interrupted = 0  # consecutive interrupted dumps
 
     # --- one cycle ------------------------------------------------------------------
     async def poll_once(self) -> int:
@@ -124,9 +125,16 @@ class FlowExporter:
                 # for the next cycle rather than lost.
                 self._carry = store.finish(complete=False)
                 raise
-            if result.interrupted:
+            # An interrupted dump may miss entries, so it decides no end of flow; but a
+            # table so busy that every dump is interrupted must not keep ended
+            # connections forever: the third interrupted dump in a row decides anyway.
+            self._interrupted = self._interrupted + 1 if result.interrupted else 0
+            trusted = self._interrupted == 0 or self._interrupted >= 3
+            if not trusted:
                 log.info("the conntrack table changed during the dump; end-of-flow decisions wait for the next poll")
-            exports = self._carry + store.finish(complete=not result.interrupted)
+            else:
+                self._interrupted = 0
+            exports = self._carry + store.finish(complete=trusted)
             self._carry = []
             exports += store.expire(now)
         finally:

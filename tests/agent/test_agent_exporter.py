@@ -204,3 +204,24 @@ async def test_large_export_batches_are_submitted_in_slices(agent):
     clock.t += 5
     assert await fx.poll_once() == 2500
     assert [len(b) for _, b in sink.batches] == [1000, 1000, 500]
+
+
+async def test_interrupted_dumps_decide_no_end_until_the_third_in_a_row(agent):
+    from flowscope.agent.conntrack import DumpResult
+
+    fx, ct, sink, clock = agent
+    ct.entries = [entry(sport=1, packets=1), entry(sport=2, packets=1)]
+    await fx.poll_once()
+    ct.entries = [entry(sport=1, packets=1)]
+
+    def interrupted(consumer=None):
+        consumer(list(ct.entries))
+        return DumpResult([], len(ct.entries), interrupted=True)
+
+    ct.dump = interrupted
+    for _ in range(2):
+        clock.t += 5
+        assert await fx.poll_once() == 0
+    clock.t += 5
+    assert await fx.poll_once() == 1  # the third: sport 2 is gone after all
+    assert sink.batches[0][1][0]["sourceTransportPort"] == 2
