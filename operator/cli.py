@@ -101,7 +101,7 @@ def run_render(args: argparse.Namespace) -> int:
 def _BlockDumper(yaml: Any) -> Any:
     """A SafeDumper writing multi-line strings (config files, PEM) as readable ``|`` blocks."""
 
-    class Dumper(yaml.SafeDumper):  # type: ignore[name-defined,misc]
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc]
         pass
 
     def text(dumper: Any, value: str) -> Any:

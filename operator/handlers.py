@@ -79,34 +79,35 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
         await rec.api.close()
 
     @kopf.on.event(GROUP, VERSION, "flowaggregators", registry=registry)
-    async def aggregator_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    async def aggregator_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        ns0 = namespace or "default"
         if type != "DELETED":
-            await run("FlowAggregator", namespace, name)
-        for ns, n in await referencing(namespace, name):
+            await run("FlowAggregator", ns0, name)
+        for ns, n in await referencing(ns0, name):
             await run("FlowExporterConfig", ns, n)
 
     @kopf.on.event(GROUP, VERSION, "flowexporterconfigs", registry=registry)
-    async def exporter_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    async def exporter_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
         if type != "DELETED":
-            await run("FlowExporterConfig", namespace, name)
+            await run("FlowExporterConfig", namespace or "default", name)
 
     if resync:  # None: no timers (tests drive reconciles by events and injected clocks)
         @kopf.timer(GROUP, VERSION, "flowaggregators", interval=resync, initial_delay=resync, registry=registry)
-        async def aggregator_resync(namespace: str, name: str, **_: Any) -> None:
-            await run("FlowAggregator", namespace, name)
+        async def aggregator_resync(namespace: str | None, name: str, **_: Any) -> None:
+            await run("FlowAggregator", namespace or "default", name)
 
         @kopf.timer(GROUP, VERSION, "flowexporterconfigs", interval=resync, initial_delay=resync,
                     registry=registry)
-        async def exporter_resync(namespace: str, name: str, **_: Any) -> None:
-            await run("FlowExporterConfig", namespace, name)
+        async def exporter_resync(namespace: str | None, name: str, **_: Any) -> None:
+            await run("FlowExporterConfig", namespace or "default", name)
 
     @kopf.on.delete(GROUP, VERSION, "flowexporterconfigs", registry=registry)
     async def exporter_deleted(body: Mapping[str, Any], **_: Any) -> None:
         await rec.exporter_cleanup(body)
 
-    async def child_event(body: Mapping[str, Any], namespace: str, **_: Any) -> None:
-        for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
-            if ref.get("apiVersion") == API_VERSION and ref.get("controller"):
+    async def child_event(body: kopf.Body, namespace: str | None, **_: Any) -> None:
+        for ref in body.get("metadata", {}).get("ownerReferences") or []:
+            if ref.get("apiVersion") == API_VERSION and ref.get("controller") and namespace:
                 await run(ref["kind"], namespace, ref["name"])
 
     managed = {"app.kubernetes.io/managed-by": MANAGED_BY}

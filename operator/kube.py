@@ -95,9 +95,10 @@ class Connection:
         from kubernetes import client, config  # heavy; only outside a Pod
 
         cfg = client.Configuration()
-        config.load_kube_config(context=context, client_configuration=cfg)
-        token = (cfg.api_key or {}).get("authorization", "") or (cfg.api_key or {}).get("BearerToken", "")
-        token = token.removeprefix("Bearer ").strip() or None
+        config.load_kube_config(context=context, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        keys = cfg.api_key or {}
+        raw = str(keys.get("authorization") or keys.get("BearerToken") or "")
+        token = raw.removeprefix("Bearer ").strip() or None
         return cls(cfg.host, token=token, ca_file=cfg.ssl_ca_cert, cert_file=cfg.cert_file,
                    key_file=cfg.key_file, insecure=not cfg.verify_ssl)
 

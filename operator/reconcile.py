@@ -71,7 +71,7 @@ def condition(type_: str, ok: bool, reason: str, message: str, generation: int |
     for old in previous or []:
         if old.get("type") == type_ and old.get("status") == status and old.get("lastTransitionTime"):
             since = old["lastTransitionTime"]
-    cond = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+    cond: dict[str, Any] = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
     if generation is not None:
         cond["observedGeneration"] = generation
     return cond

@@ -288,6 +288,13 @@ def _meta(body: Mapping[str, Any], kind: str) -> tuple[str, str, list[str]]:
     return name, namespace, problems
 
 
+def _transport(value: str | None) -> Transport:
+    for t in TRANSPORTS:
+        if value == t:
+            return t
+    return "tls"
+
+
 def _host_ok(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -422,7 +429,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         ref = AggregatorRef(ref_name or "", r.string("flowAggregatorRef.namespace", namespace) or namespace)
     if addr_raw is not None:
         try:
-            addr = parse_address(addr_raw, default_protocol=transport or "tls", field="spec.flowCollectorAddr")
+            addr = parse_address(addr_raw, default_protocol=_transport(transport), field="spec.flowCollectorAddr")
             if transport is not None and addr.protocol != transport:
                 r.problems.append(
                     f"spec.transport: {transport!r} disagrees with the protocol of spec.flowCollectorAddr "

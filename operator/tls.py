@@ -150,7 +150,7 @@ def issue(
     # Client certificates name the agent in a SAN too: strict verifiers (RFC 5280 profiles) require one.
     sans = list(server_names) or [common_name]
     builder = builder.add_extension(x509.SubjectAlternativeName(_san(sans)), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    cert = builder.sign(ca_key, hashes.SHA256())
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
