@@ -55,9 +55,15 @@ die() {
     printf 'setup: ERROR: %s\n' "$*" >&2
     exit 1
 }
+drop_policy_rc() {
+    if [[ $OWN_POLICY_RC == 1 ]]; then
+        rm -f "$POLICY_RC"
+        OWN_POLICY_RC=0
+    fi
+}
 cleanup() {
     local rc=$?
-    if [[ $OWN_POLICY_RC == 1 ]]; then rm -f "$POLICY_RC"; fi
+    drop_policy_rc
     if [[ $rc != 0 ]]; then
         if [[ -s $LOG ]]; then
             printf 'setup: FAILED (exit %s); last lines of %s:\n' "$rc" "$LOG" >&2
@@ -87,11 +93,18 @@ is_installed() {
 
 # --- 1. system packages -----------------------------------------------------------
 wanted=("${APT_PACKAGES[@]}")
-# Debian's kubernetes-client and the google-cloud-cli kubectl both own /usr/bin/kubectl:
-# only install Debian's when no kubectl is there at all.
-if ! command -v kubectl >/dev/null 2>&1; then
-    wanted+=(kubernetes-client)
-fi
+# kubectl: the tests drive an in-memory API server with it and were written against 1.32.
+# Machines of this project's kind come with one (google-cloud-cli's, 1.32). Without any,
+# the official Kubernetes apt repository provides 1.32; where it cannot be reached,
+# Debian's kubernetes-client (kubectl 1.20, which also owns /usr/bin/kubectl and so is
+# only installed when there is no kubectl at all) is the fallback.
+KUBECTL_MINOR=1.32
+KUBE_REPO="https://pkgs.k8s.io/core:/stable:/v$KUBECTL_MINOR/deb/"
+KUBE_KEY=/etc/apt/keyrings/flowscope-kubernetes.asc
+KUBE_SOURCES=/etc/apt/sources.list.d/flowscope-kubernetes.sources
+NEED_KUBECTL=0
+APT_UPDATED=0
+command -v kubectl >/dev/null 2>&1 || NEED_KUBECTL=1
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
@@ -102,8 +115,12 @@ else
     die "dpkg-query not found: this script sets up Debian bookworm (apt); install the packages listed in APT_PACKAGES of $0 by hand"
 fi
 
-if ((${#missing[@]} == 0)); then
+if ((${#missing[@]} == 0 && NEED_KUBECTL == 0)); then
     say "[1/3] system packages: all ${#wanted[@]} present"
+elif ((${#missing[@]} == 0)); then
+    ((CHECK == 0)) || die "kubectl is missing (run: bash scripts/setup.sh)"
+    [[ $EUID == 0 ]] || die "kubectl is missing; run as root so apt-get can install it"
+    say "[1/3] system packages: all ${#wanted[@]} present, kubectl missing"
 else
     ((CHECK == 0)) || die "${#missing[@]} system packages missing: ${missing[*]} (run: bash scripts/setup.sh)"
     [[ $EUID == 0 ]] || die "${#missing[@]} system packages missing (${missing[*]}); run as root so apt-get can install them"
@@ -119,13 +136,11 @@ else
     # A fresh cloud machine often runs unattended-upgrades at first boot: wait for its lock.
     lock=(-o DPkg::Lock::Timeout=600)
     run "apt-get update" apt-get "${lock[@]}" update -q
+    APT_UPDATED=1
     run "apt-get install" apt-get "${lock[@]}" install -y -q --no-install-recommends \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "${missing[@]}"
-    if [[ $OWN_POLICY_RC == 1 ]]; then
-        rm -f "$POLICY_RC"
-        OWN_POLICY_RC=0
-    fi
+    drop_policy_rc
     # On a systemd host, services of packages installed just now would start at the next
     # boot and hold their ports: disable those (only those: a daemon the operator of
     # this machine installed before is theirs).
@@ -138,6 +153,35 @@ else
         done
     fi
     say "      installed in $((SECONDS - START))s"
+fi
+
+if ((NEED_KUBECTL)); then
+    ((CHECK == 0)) || die "kubectl is missing (run: bash scripts/setup.sh)"
+    export DEBIAN_FRONTEND=noninteractive
+    lock=(-o DPkg::Lock::Timeout=600)
+    if curl -fsSL --max-time 20 "${KUBE_REPO}Release.key" -o "$LOG.key" 2>>"$LOG"; then
+        say "      kubectl $KUBECTL_MINOR from the Kubernetes apt repository ..."
+        install -d -m 755 /etc/apt/keyrings
+        install -m 644 "$LOG.key" "$KUBE_KEY"
+        printf 'Types: deb\nURIs: %s\nSuites: /\nSigned-By: %s\n' "$KUBE_REPO" "$KUBE_KEY" >"$KUBE_SOURCES"
+        APT_UPDATED=1
+        if ! { apt-get "${lock[@]}" update -q && apt-get "${lock[@]}" install -y -q kubectl; } >>"$LOG" 2>&1; then
+            tail -n 5 "$LOG" | sed 's/^/      | /'
+            say "      that failed; removing the repository again"
+            rm -f "$KUBE_SOURCES" "$KUBE_KEY"
+            run "apt-get update" apt-get "${lock[@]}" update -q
+        fi
+    fi
+    rm -f "$LOG.key"
+    if ! command -v kubectl >/dev/null 2>&1; then
+        say "      kubectl: the Kubernetes apt repository is out of reach; Debian's kubernetes-client (1.20) instead"
+        ((APT_UPDATED)) || run "apt-get update" apt-get "${lock[@]}" update -q
+        run "apt-get install kubernetes-client" apt-get "${lock[@]}" install -y -q --no-install-recommends kubernetes-client
+    fi
+fi
+kubectl_version="$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": *"v\([0-9]*\.[0-9]*\).*/\1/p' | head -n1)"
+if [[ -n $kubectl_version ]] && (( ${kubectl_version#*.} < ${KUBECTL_MINOR#*.} - 6 )); then
+    say "      WARNING: kubectl $kubectl_version is far older than the $KUBECTL_MINOR the operator's tests are written against; they may fail"
 fi
 
 for tool in python3 ip nft conntrack tshark nfacctd softflowd nfcapd nfdump \
