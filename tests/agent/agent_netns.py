@@ -53,12 +53,15 @@ class Topology:
         sh("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0", ns=name)
         return name
 
-    def add_pod(self, name: str, index: int) -> tuple[str, str, str]:
+    def add_pod(
+        self, name: str, index: int, node: str | None = None, v4: str | None = None, v6: str | None = None
+    ) -> tuple[str, str, str]:
+        node = node or self.node
         ns = self.add_ns(f"fs-{name}-{self.suffix}")
         host_if, pod_if = f"h{index}{self.suffix}"[:15], f"p{index}{self.suffix}"[:15]
-        sh("ip", "link", "add", host_if, "netns", self.node, "type", "veth", "peer", "name", pod_if, "netns", ns)
-        v4, v6 = f"10.244.0.{10 + index}", f"fd00:244::{10 + index:x}"
-        gw4, gw6 = f"10.244.{index}.1", f"fd00:244:{index:x}::1"
+        sh("ip", "link", "add", host_if, "netns", node, "type", "veth", "peer", "name", pod_if, "netns", ns)
+        v4, v6 = v4 or f"10.244.0.{10 + index}", v6 or f"fd00:244::{10 + index:x}"
+        gw4, gw6 = f"169.254.{index}.1", f"fd00:ffff:{index:x}::1"
         sh("ip", "addr", "add", f"{v4}/32", "dev", pod_if, ns=ns)
         sh("ip", "-6", "addr", "add", f"{v6}/128", "dev", pod_if, "nodad", ns=ns)
         sh("ip", "link", "set", pod_if, "up", ns=ns)
@@ -66,11 +69,11 @@ class Topology:
         sh("ip", "route", "add", "default", "via", gw4, "dev", pod_if, ns=ns)
         sh("ip", "-6", "route", "add", f"{gw6}/128", "dev", pod_if, ns=ns)
         sh("ip", "-6", "route", "add", "default", "via", gw6, "dev", pod_if, ns=ns)
-        sh("ip", "addr", "add", f"{gw4}/32", "dev", host_if, ns=self.node)
-        sh("ip", "-6", "addr", "add", f"{gw6}/128", "dev", host_if, "nodad", ns=self.node)
-        sh("ip", "link", "set", host_if, "up", ns=self.node)
-        sh("ip", "route", "add", f"{v4}/32", "dev", host_if, ns=self.node)
-        sh("ip", "-6", "route", "add", f"{v6}/128", "dev", host_if, ns=self.node)
+        sh("ip", "addr", "add", f"{gw4}/32", "dev", host_if, ns=node)
+        sh("ip", "-6", "addr", "add", f"{gw6}/128", "dev", host_if, "nodad", ns=node)
+        sh("ip", "link", "set", host_if, "up", ns=node)
+        sh("ip", "route", "add", f"{v4}/32", "dev", host_if, ns=node)
+        sh("ip", "-6", "route", "add", f"{v6}/128", "dev", host_if, ns=node)
         self.pods[name] = (ns, v4, v6)
         return self.pods[name]
 
@@ -121,3 +124,33 @@ def in_netns(name: str) -> Iterator[None]:
         _setns(own)
         os.close(own)
         os.close(target)
+
+
+@contextlib.contextmanager
+def two_nodes() -> Iterator[Topology]:
+    """Two node namespaces linked by a veth (192.168.77.1 and .2), Pod "a" (10.244.0.11)
+    on the first and Pod "b" (10.244.1.12) on the second; ``topo.node`` is the first and
+    ``topo.node2`` the second."""
+    suffix = secrets.token_hex(3)
+    topo = Topology(suffix=suffix, node=f"fs-nodea-{suffix}")
+    try:
+        node2 = f"fs-nodeb-{suffix}"
+        for n in (topo.node, node2):
+            topo.add_ns(n)
+            conntrack_on(n)
+            sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=n)
+        ia, ib = f"na{suffix}", f"nb{suffix}"
+        sh("ip", "link", "add", ia, "netns", topo.node, "type", "veth", "peer", "name", ib, "netns", node2)
+        sh("ip", "addr", "add", "192.168.77.1/24", "dev", ia, ns=topo.node)
+        sh("ip", "addr", "add", "192.168.77.2/24", "dev", ib, ns=node2)
+        sh("ip", "link", "set", ia, "up", ns=topo.node)
+        sh("ip", "link", "set", ib, "up", ns=node2)
+        sh("ip", "route", "add", "10.244.1.0/24", "via", "192.168.77.2", ns=topo.node)
+        sh("ip", "route", "add", "10.244.0.0/24", "via", "192.168.77.1", ns=node2)
+        topo.add_pod("a", 1, node=topo.node, v4="10.244.0.11")
+        topo.add_pod("b", 2, node=node2, v4="10.244.1.12")
+        topo.node2 = node2  # type: ignore[attr-defined]
+        yield topo
+    finally:
+        for ns in reversed(topo.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)

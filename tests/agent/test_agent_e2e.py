@@ -298,3 +298,86 @@ async def test_pipeline_agent_to_flowscope_aggregator_over_tls(topo, tmp_path):
     assert (r["packetTotalCount"], r["octetTotalCount"]) == (int(row["packets"][0]), int(row["bytes"][0])) == (5, 5 * 428)
     assert (r["reversePacketTotalCount"], r["reverseOctetTotalCount"]) == (int(row["packets"][1]), int(row["bytes"][1]))
     assert (r["sourcePodName"], r["destinationPodName"]) == ("client", "server")
+
+
+INVENTORY_TWO_NODES = """
+kind: List
+items:
+- {kind: Node, metadata: {name: node-a}, spec: {podCIDRs: [10.244.0.0/24]}}
+- {kind: Node, metadata: {name: node-b}, spec: {podCIDRs: [10.244.1.0/24]}}
+- {kind: Namespace, metadata: {name: shop}}
+- {kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: node-a},
+   status: {podIP: 10.244.0.11}}
+- {kind: Pod, metadata: {name: server, namespace: shop, labels: {app: server}}, spec: {nodeName: node-b},
+   status: {podIP: 10.244.1.12}}
+- kind: NetworkPolicy
+  metadata: {name: server-dns, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {app: server}}
+    ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{protocol: UDP, port: 5353}]}]
+"""
+
+
+async def test_two_nodes_two_agents_one_correlated_record_at_the_aggregator(tmp_path):
+    """An inter-node flow: each node's agent sees its half (names of its own Pod only);
+    `flowscope aggregator` joins them into one record with both names and both counts."""
+    require_root()
+    require_tool("ip", "nft", "conntrack")
+    from agent_netns import two_nodes
+
+    with two_nodes() as topo:
+        a_ns, a4, _ = topo.pods["a"]
+        b_ns, b4, _ = topo.pods["b"]
+        pki = make_pki(tmp_path, server_names=("192.168.77.1",))
+        inv = tmp_path / "inv.yaml"
+        inv.write_text(INVENTORY_TWO_NODES)
+        agg_cfg = tmp_path / "aggregator.yaml"
+        agg_cfg.write_text(
+            "aggregatorTransportProtocol: tls\nlistenAddress: 192.168.77.1\nlistenPort: 4739\n"
+            "flowAggregatorAddress: 192.168.77.1\napiAddress: 127.0.0.1:10348\n"
+            f"tls: {{caFile: {pki['ca']}, certFile: {pki['server_cert']}, keyFile: {pki['server_key']}}}\n"
+        )
+        procs = [await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", topo.node, sys.executable, "-m", "flowscope", "aggregator", "--config", str(agg_cfg),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+        records: list = []
+        ok = False
+        try:
+            for node, name in ((topo.node, "node-a"), (topo.node2, "node-b")):
+                cfg = tmp_path / f"{name}.yaml"
+                cfg.write_text(
+                    'flowCollectorAddr: "192.168.77.1:4739:tls"\nflowPollInterval: 1s\nidleFlowExportTimeout: 1s\n'
+                    f"nodeName: {name}\nmetricsAddress: 127.0.0.1:9390\n"
+                    f"metadata: {{source: static, staticFile: {inv}}}\n"
+                    f"tls: {{caFile: {pki['ca']}, certFile: {pki['client_cert']}, keyFile: {pki['client_key']}}}\n"
+                )
+                procs.append(await start_agent(node, cfg))
+            await asyncio.sleep(1.5)
+            udp_exchange(a_ns, b_ns, b4, 5353, count=5, size=400)
+
+            def fetch():
+                try:
+                    with in_netns(topo.node):
+                        body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=2).read()
+                except OSError:
+                    return False
+                records[:] = json.loads(body)["flowRecords"]
+                return any(r.get("sourcePodName") and r.get("destinationPodName") for r in records)
+
+            ok = await wait_for(fetch, 25)
+            row_a = find(conntrack_cli(topo.node), a4, b4, 5353)["fields"]
+            row_b = find(conntrack_cli(topo.node2), a4, b4, 5353)["fields"]
+        finally:
+            logs = [await stop_agent(p) for p in reversed(procs)]
+        assert ok, f"records: {records}\n" + "\n----\n".join(logs)
+        r = next(r for r in records if r.get("sourcePodName") and r.get("destinationPodName"))
+        assert (r["sourcePodName"], r["destinationPodName"]) == ("client", "server")
+        assert (r["sourceNodeName"], r["destinationNodeName"]) == ("node-a", "node-b")
+        assert r["flowType"] == 2
+        assert (r["ingressNetworkPolicyName"], r["ingressNetworkPolicyRuleAction"]) == ("server-dns", 1)
+        # each node's conntrack counted the same 5 packets; the aggregator keeps both
+        assert int(row_a["packets"][0]) == int(row_b["packets"][0]) == 5
+        assert r["packetTotalCountFromSourceNode"] == int(row_a["packets"][0])
+        assert r["packetTotalCountFromDestinationNode"] == int(row_b["packets"][0])
+        assert r["octetTotalCountFromSourceNode"] == int(row_a["bytes"][0]) == 5 * 428
+        assert r["reverseOctetTotalCountFromDestinationNode"] == int(row_b["bytes"][1]) == 5 * 228
