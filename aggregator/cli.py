@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
         description="Collect agent flow records over IPFIX, correlate and aggregate them, export them.",
     )
     p.add_argument("--config", metavar="FILE", help="aggregator YAML (see docs/configuration.md)")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration (keys, TLS files and names, sinks), then exit")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="aggregator_command", metavar="QUERY")
@@ -70,7 +72,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"flowscope aggregator: {exc}", file=sys.stderr)
         return 2
 
-    from .service import FlowAggregator
+    from .service import FlowAggregator, build_sinks, check_tls
+
+    if args.check:
+        try:
+            warnings = check_tls(config)
+            sinks = build_sinks(config)
+        except ConfigError as exc:
+            print(f"flowscope aggregator: {exc}", file=sys.stderr)
+            return 2
+        for w in warnings:
+            print(f"flowscope aggregator: warning: {w}", file=sys.stderr)
+        names = ", ".join(s.name for s, _ in sinks) or "none (API only)"
+        print(f"{args.config}: OK; collecting {config.transport} on {config.listen_host}:{config.listen_port}, "
+              f"sinks: {names}")
+        return 0
 
     async def main() -> int:
         try:

@@ -25,7 +25,7 @@ from .aggregation import AggregationProcess, ExportedFlow, FlowFilter
 from .config import AggregatorConfig, ConfigError
 from .sinks import FlowLogSink, IPFIXSink, QueuedSink, Sink
 
-__all__ = ["FlowAggregator", "build_sinks", "exporter_address", "certificate_name_problem"]
+__all__ = ["FlowAggregator", "build_sinks", "check_tls", "exporter_address", "certificate_name_problem"]
 
 log = logging.getLogger("flowscope.aggregator")
 
@@ -104,6 +104,24 @@ def certificate_name_problem(cert_file: str, name: str) -> str | None:
         f"flowAggregatorAddress: {name!r} is not among the names of tls.certFile {cert_file!r} "
         f"({', '.join(dns + ips) or 'none'}); agents that verify this name will fail the TLS handshake"
     )
+
+
+def check_tls(config: AggregatorConfig) -> list[str]:
+    """With tls transport: raise ConfigError for unreadable TLS files; return warnings."""
+    if config.transport != "tls":
+        return []
+    tls = config.tls
+    for key, path in (("tls.caFile", tls.ca_file), ("tls.certFile", tls.cert_file), ("tls.keyFile", tls.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot read {path!r} ({exc.strerror}); aggregatorTransportProtocol tls needs the "
+                "CA, certificate and key the operator mounts at /etc/flowscope/tls/"
+            ) from None
+    problem = certificate_name_problem(tls.cert_file, config.aggregator_address)
+    return [problem] if problem else []
 
 
 class FlowAggregator:
@@ -215,20 +233,8 @@ class FlowAggregator:
 
     async def _start_collecting(self) -> None:
         c = self.config
-        if c.transport == "tls":
-            for key, path in (("tls.caFile", c.tls.ca_file), ("tls.certFile", c.tls.cert_file),
-                              ("tls.keyFile", c.tls.key_file)):
-                try:
-                    with open(path, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ConfigError(
-                        f"{key}: cannot read {path!r} ({exc.strerror}); aggregatorTransportProtocol tls needs the "
-                        "CA, certificate and key the operator mounts at /etc/flowscope/tls/"
-                    ) from None
-            problem = certificate_name_problem(c.tls.cert_file, c.aggregator_address)
-            if problem:
-                log.warning("%s", problem)
+        for problem in check_tls(c):
+            log.warning("%s", problem)
         from flowscope.ipfix.address import Address
         from flowscope.ipfix.errors import UsageError
         from flowscope.ipfix.process import CollectingProcess, TLSConfig

@@ -264,3 +264,24 @@ def test_flowrecords_are_capped_and_say_so():
     doc = json.loads(api.handle("GET", "/flowrecords?limit=5", agg).body)
     assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
     assert api.handle("POST", "/flowrecords", agg).status == 405
+
+
+def test_cli_check(tmp_path, capsys):
+    from flowscope.cli import main
+
+    path = tmp_path / "a.yaml"
+    path.write_text("aggregatorTransportProtocol: tcp\nsinks: {flowLog: {enabled: true, path: /tmp/x.jsonl}}\n")
+    assert main(["aggregator", "--config", str(path), "--check"]) == 0
+    assert "OK; collecting tcp on 0.0.0.0:4739, sinks: flowLog" in capsys.readouterr().out
+    path.write_text(f"tls: {{caFile: {tmp_path}/ca.crt}}\n")
+    assert main(["aggregator", "--config", str(path), "--check"]) == 2
+    assert "tls.caFile: cannot read" in capsys.readouterr().err
+    path.write_text("aggregatorTransportProtocol: tcp\nsinks: {clickhouse: {enabled: true}}\n")
+    rc = main(["aggregator", "--config", str(path), "--check"])
+    err = capsys.readouterr().err
+    import importlib.util
+
+    if importlib.util.find_spec("flowscope.collector.aggregator_sink") is None:
+        assert rc == 2 and "sinks.clickhouse.enabled: true, but this build has no ClickHouse sink" in err
+    else:
+        assert rc == 0
