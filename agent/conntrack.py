@@ -14,13 +14,14 @@ many ``IPCTNL_MSG_CT_NEW`` messages, ended by ``NLMSG_DONE``.
 Entries of the same shape (family, protocol, which attributes are present, the sizes of
 variable ones) share one attribute layout byte for byte. The first time the parser meets
 a message it walks its attributes recursively and *compiles a layout*: one big-endian
-``struct.Struct`` that unpacks every attribute header and every leaf value of the message
-in a single call, the positions of the headers inside the unpacked tuple, and a generated
-function that turns the unpacked tuple into a :class:`ConntrackEntry`. Later messages of
-the same length try the layouts compiled for that length: a layout applies only if all
-attribute headers (length and type, at every nesting level) are equal to the ones it was
-compiled from, so a layout is never applied to a message of another shape. Attributes
-the agent does not use (helpers, NAT sequence adjustment, secmark...) are part of the
+``struct.Struct`` that unpacks every leaf value the agent reads in a single call, a mask
+covering the bytes of every attribute header (length and type, at every nesting level),
+and a generated function that turns the unpacked tuple into a :class:`ConntrackEntry`.
+Later messages of the same length try the layouts compiled for that length: the message
+read as one big integer, ANDed with the mask, must equal the compiled-from message's
+headers, so a layout is never applied to a message of another shape (one C-level
+big-integer operation instead of a Python walk). Attributes the agent does not use
+(helpers, NAT sequence adjustment, secmark, timeout, use count...) are part of the
 headers that must match and are skipped as padding.
 
 Everything here is synchronous and blocking on a netlink socket; the agent runs the
