@@ -9,7 +9,10 @@ Theory of operation
 -------------------
 *Store.* One :class:`Flow` per connection, in a dict keyed by the 5-tuple (source IP,
 destination IP, source port, destination port, protocol). Past ``max_flows`` a record of a
-new connection is dropped and counted (``dropped["flow_cap"]``); memory stays flat.
+new connection is dropped and counted (``stats.dropped_flow_cap``); memory stays flat. A
+record without a flow key, or with a value of a type no agent sends, is dropped and
+counted (``stats.dropped_invalid``), never raised. ``ingest_many`` takes the records of
+one IPFIX message in one call (the hot path); ``ingest`` takes one.
 
 *Sides.* Each agent record comes from the source node (it has ``sourcePodName``, or
 ``sourceNodeName``) or the destination node (``destinationPodName`` /
@@ -48,23 +51,25 @@ originalExporterIPv4Address (or ...IPv6Address) and originalObservationDomainId 
 the agent of the source side (else the destination side).
 
 *Export.* ``tick(now)`` returns what is due: every ``export_interval`` each ready flow
-that changed since its last export (nothing when nothing changed); at once, lone halves
+that changed since its last export (nothing when nothing changed: new counts, new
+Kubernetes fields, a new TCP state or an end are changes; an idle/active timeout flip of
+flowEndReason alone is not); at once, lone halves
 whose correlation wait is over, denied flows' first records, and flows that ended
 (flowEndReason 3 end of flow, 4 forced end, 5 lack of resources; an inter-node flow ends
 when both nodes said so, or ``correlation_timeout`` after the first did). A flow without
 records for ``inactive_timeout`` is exported a last time (if it changed) and dropped.
 Timers are a FIFO: every wait has the same length, so deadlines arrive in order and the
 tick only looks at the head; the periodic scan is the one O(flows) step, once per
-interval.
+interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
 """
 
 from __future__ import annotations
 
 from array import array
-from operator import itemgetter
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from operator import itemgetter
 from typing import Any
 
 __all__ = [
