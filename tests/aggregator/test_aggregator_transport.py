@@ -179,6 +179,21 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
             assert (r["originalExporterIPv4Address"], r["originalObservationDomainId"]) == ("127.0.0.1", 11)
         r = periodic[("10.0.1.5", 1001)].record
         assert counts(r, "FromSourceNode") == counts(r, "FromDestinationNode") == (10, 1000, 8, 800, 10, 1000, 8, 800)
+        # every field of the merged record, against one built by hand from what each agent sent
+        src_sent = source_half(sport=1001, pkts=10, octets=1000, rpkts=8, roctets=800)
+        dst_sent = destination_half(sport=1001, pkts=10, octets=1000, rpkts=8, roctets=800)
+        expected = dict(src_sent)
+        for name in ("destinationPodNamespace", "destinationPodName", "destinationNodeName",
+                     "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
+                     "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction"):
+            expected[name] = dst_sent[name]
+        expected["originalExporterIPv4Address"] = "127.0.0.1"
+        expected["originalObservationDomainId"] = 11
+        for suffix, sent in (("FromSourceNode", src_sent), ("FromDestinationNode", dst_sent)):
+            for name in ("packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
+                         "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"):
+                expected[name + suffix] = sent[name]
+        assert r == expected
         r = periodic[("10.0.1.5", 1006)].record
         assert counts(r, "FromSourceNode") == (9, 900, 9, 9000, 9, 900, 9, 9000)
         e = periodic[("10.0.1.5", 1002)]
