@@ -381,3 +381,74 @@ async def test_two_nodes_two_agents_one_correlated_record_at_the_aggregator(tmp_
         assert r["packetTotalCountFromDestinationNode"] == int(row_b["packets"][0])
         assert r["octetTotalCountFromSourceNode"] == int(row_a["bytes"][0]) == 5 * 428
         assert r["reverseOctetTotalCountFromDestinationNode"] == int(row_b["bytes"][1]) == 5 * 228
+
+
+async def test_flowscope_agent_with_the_kubernetes_source(topo, tmp_path):
+    """`metadata.source: kubernetes` end to end: the agent reads Pods, Services and
+    NetworkPolicies from an API server (kmock's emulator, listening in the node
+    namespace, reached through a kubeconfig) and names them in its records."""
+    import contextlib
+
+    kmock = pytest.importorskip("kmock")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "operator"))
+    from kmock_compat import CompatEmulator
+    from test_agent_kube import OBJECTS, api_client, call
+
+    a_ns, a4, _ = topo.pods["a"]
+    b_ns, b4, _ = topo.pods["b"]
+    objects = [
+        (path, obj) for path, obj in OBJECTS if obj["kind"] in ("Namespace", "Service", "NetworkPolicy")
+    ] + [
+        ("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}, "spec": {"podCIDRs": ["10.244.0.0/24"]}}),
+        ("/api/v1/namespaces/shop/pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client", "namespace": "shop", "labels": {"app": "client"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "x"}]}, "status": {"podIPs": [{"ip": a4}]}}),
+        ("/api/v1/namespaces/shop/pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "server", "namespace": "shop", "labels": {"app": "server"}},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "c", "image": "x", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIPs": [{"ip": b4}]}}),
+    ]
+    received = []
+    async with contextlib.AsyncExitStack() as stack:
+        emu = await stack.enter_async_context(CompatEmulator())
+        with in_netns(topo.node):  # the API server and the collector listen in the node namespace
+            srv = await stack.enter_async_context(kmock.Server(emu))
+            coll = CollectingProcess(Address("127.0.0.1", 0, "tcp"), tls=None,
+                                     on_message=lambda peer, msg: received.extend(r for _, r in msg.data_records()))
+            await coll.start()
+        stack.push_async_callback(coll.close)
+
+        def populate():
+            with in_netns(topo.node):
+                api = api_client(srv.url)
+                for path, obj in objects:
+                    assert call(api, "POST", path, obj) in (200, 201)
+
+        await asyncio.to_thread(populate)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+            f"clusters: [{{name: k, cluster: {{server: '{str(srv.url).rstrip('/')}'}}}}]\n"
+            "users: [{name: u, user: {token: test}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        )
+        cfg = tmp_path / "agent.yaml"
+        cfg.write_text(
+            f'flowCollectorAddr: "127.0.0.1:{coll.port}:tcp"\nflowPollInterval: 1s\nidleFlowExportTimeout: 1s\n'
+            "nodeName: node-a\nmetricsAddress: ''\nmetadata: {source: kubernetes}\n"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", topo.node, "env", f"KUBECONFIG={kubeconfig}", sys.executable, "-m", "flowscope",
+            "agent", "--config", str(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.sleep(1.5)
+            assert tcp_transfer(a_ns, b_ns, b4, 8080, 10_000) == 10_000
+            ok = await wait_for(lambda: any(r["destinationTransportPort"] == 8080 for r in received), 20)
+        finally:
+            log = await stop_agent(proc)
+    assert ok, log
+    r = next(r for r in received if r["destinationTransportPort"] == 8080)
+    assert (r["sourcePodName"], r["destinationPodName"], r["sourcePodNamespace"]) == ("client", "server", "shop")
+    assert (r["ingressNetworkPolicyName"], r["ingressNetworkPolicyRuleName"], r["ingressNetworkPolicyRuleAction"]) == (
+        "server-web", "ingress-0", 1)
+    assert r["flowType"] == 1 and r["flowEndReason"] == 3
