@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
+import threading
 import datetime as dt
 import uuid
 from pathlib import Path
@@ -99,22 +99,33 @@ async def cluster(tmp_path):
 
 @pytest.fixture
 async def operator(cluster):
-    stop = asyncio.Event()
-    ready = asyncio.Event()
+    """kopf in its own thread and event loop, as in a real process: kopf cancels every task
+    of its loop it did not start when it stops, which would include the test's own."""
+    stop = threading.Event()
+    ready = threading.Event()
     registry = build_registry(Connection(server=cluster.url), image="flowscope:test", resync=None)
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 300
-    settings.batching.idle_timeout = 0.5  # per-object workers exit soon, so the operator stops fast
-    settings.batching.exit_timeout = 0.5
-    settings.batching.batch_window = 0.02
-    settings.posting.enabled = False  # k8s Events would only slow the stop down
-    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, standalone=True,
-                                             clusterwide=True, stop_flag=stop, ready_flag=ready))
-    await asyncio.wait_for(ready.wait(), 10)
+    settings.queueing.idle_timeout = 0.5  # per-object workers exit soon, so the operator stops fast
+    settings.queueing.exit_timeout = 0.5
+    settings.posting.enabled = False  # no k8s Events: nothing to assert on them here
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(registry=registry, settings=settings, standalone=True, clusterwide=True,
+                                      stop_flag=stop, ready_flag=ready))
+        except BaseException as exc:  # surfaced at teardown
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
+    thread.start()
+    assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
     yield cluster
     stop.set()
-    with contextlib.suppress(asyncio.CancelledError):  # kopf ends its root task by cancellation
-        await asyncio.wait_for(task, 30)
+    await asyncio.to_thread(thread.join, 30)
+    assert not thread.is_alive(), "the operator did not stop within 30s"
+    assert not errors, errors
 
 
 def ready_condition(obj: dict | None) -> dict:
