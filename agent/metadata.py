@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,8 +117,11 @@ def pod_from_k8s(obj: Mapping[str, Any]) -> PodInfo:
         for p in c.get("ports") or []:
             if p.get("name") and p.get("containerPort"):
                 ports.append((str(p["name"]), int(p["containerPort"]), str(p.get("protocol") or "TCP").upper()))
-    labels = dict((obj.get("metadata") or {}).get("labels") or {})
-    return PodInfo(ns, name, str(spec.get("nodeName") or ""), tuple(ips), labels, tuple(ports))
+    # Namespaces, node names and most labels repeat across thousands of Pods: interned,
+    # they are stored once (the inventory may hold every Pod of a large cluster).
+    labels = {sys.intern(str(k)): sys.intern(str(v)) for k, v in ((obj.get("metadata") or {}).get("labels") or {}).items()}
+    node = sys.intern(str(spec.get("nodeName") or ""))
+    return PodInfo(sys.intern(ns), name, node, tuple(ips), labels, tuple(ports))
 
 
 def service_from_k8s(obj: Mapping[str, Any]) -> ServiceInfo:
