@@ -42,7 +42,10 @@ an export resets them. The first record of a side contributes its own delta fiel
 agent's delta since its last export), so an aggregator restart does not re-count a
 connection's history. A total that goes backwards means conntrack reused the 5-tuple for
 a new connection: its totals are taken as the new connection's delta (never a wrapped
-huge difference) and counted (``counter_resets``). The flow's own counters
+huge difference) and counted (``counter_resets``) - unless the record is also older than
+the side's last report (its flowEndSeconds is earlier): then it is a report overtaken by a
+newer one on the way (UDP reordering), dropped and counted (``dropped_stale``), never
+counted twice. The flow's own counters
 (packetTotalCount...) are the source node's when it reported, else the destination
 node's; the 16 ``...FromSourceNode`` / ``...FromDestinationNode`` elements carry each
 node's numbers (an intra-node flow's one node is both). flowStartSeconds,
@@ -202,7 +205,7 @@ NO_TWIN = 16384  # no twin will come: denied by the source's egress policy, or n
 SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
-_ZERO16 = array("Q", bytes(128))
+_ZERO18 = array("Q", bytes(144))
 
 
 class Flow:
@@ -217,8 +220,8 @@ class Flow:
         self.key = key
         self.flow_type = flow_type
         self.flags = 0
-        # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same]
-        self.c = _ZERO16[:]
+        # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
+        self.c = _ZERO18[:]
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -274,6 +277,7 @@ class AggregationStats:
     counter_resets: int = 0
     dropped_flow_cap: int = 0
     dropped_invalid: int = 0
+    dropped_stale: int = 0  # a side's older report arriving after a newer one (UDP reordering)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -428,7 +432,10 @@ class AggregationProcess:
                 else:
                     p0, o0, rp0, ro0 = c[o], c[o + 1], c[o + 2], c[o + 3]
                     if pt < p0 or ot < o0 or rpt < rp0 or rot < ro0:
-                        dp, do, drp, dro = pt, ot, rpt, rot
+                        if end < c[16 + side]:  # an older report overtaken by a newer one (UDP)
+                            stats.dropped_stale += 1
+                            continue
+                        dp, do, drp, dro = pt, ot, rpt, rot  # the 5-tuple reused by a new connection
                         stats.counter_resets += 1
                     else:
                         dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
@@ -440,6 +447,8 @@ class AggregationProcess:
                 c[o + 5] += do
                 c[o + 6] += drp
                 c[o + 7] += dro
+                if end > c[16 + side]:
+                    c[16 + side] = int(end)
                 changed = dp or do or drp or dro or not flags & seen
 
                 # Kubernetes fields: intern a side's tuple only when it changed.

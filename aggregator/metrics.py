@@ -66,10 +66,11 @@ class AggregatorCollector(Collector):
             value=agg["counter_resets"])
 
         dropped = CounterMetricFamily(
-            P + "records_dropped", "Records dropped, by reason (flow_cap, invalid_record, malformed_message, "
-            "sink_queue_full, sink_error).", labels=["reason"])
+            P + "records_dropped", "Records dropped, by reason (flow_cap, invalid_record, stale_record, "
+            "malformed_message, sink_queue_full, sink_error).", labels=["reason"])
         dropped.add_metric(["flow_cap"], agg["dropped_flow_cap"])
         dropped.add_metric(["invalid_record"], agg["dropped_invalid"])
+        dropped.add_metric(["stale_record"], agg["dropped_stale"])
         dropped.add_metric(["malformed_message"], s.get("malformed_messages", 0))
         dropped.add_metric(["sink_queue_full"], sum(st["dropped"] for st in s["sinks"].values()))
         dropped.add_metric(["sink_error"], sum(st["failed"] for st in s["sinks"].values()))

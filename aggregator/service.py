@@ -322,7 +322,7 @@ class FlowAggregator:
             "numRecordsReceived": st.records_received,
             "numFlows": len(self.process),
             "numConnToCollector": self.exporters_connected(),
-            "numRecordsDropped": st.dropped_flow_cap + st.dropped_invalid,
+            "numRecordsDropped": st.dropped_flow_cap + st.dropped_invalid + st.dropped_stale,
             "aggregation": st.as_dict(),
             "receivedByExporter": dict(self.received_by_exporter),
             "messagesReceived": self.messages,

@@ -390,3 +390,15 @@ def test_record_without_pods_or_nodes_is_complete_and_not_counted_uncorrelated()
     out = only(agg.tick(60.0))
     assert out.correlation == "unattributed" and out.record["packetTotalCount"] == 10
     assert agg.stats.flows_uncorrelated == 0
+
+
+def test_a_report_overtaken_on_the_way_is_dropped_not_counted_twice():
+    agg = make()
+    agg.ingest(agent_record(flow_type=3, pkts=10, octets=1000, end=T0 + 5, sourcePodName="p"), NODE_A, 1, now=0.0)
+    agg.ingest(agent_record(flow_type=3, pkts=30, octets=3000, end=T0 + 15, sourcePodName="p"), NODE_A, 1, now=1.0)
+    # the report of T0+10 arrives last (UDP reordering): its totals are lower, and it is older
+    assert not agg.ingest(agent_record(flow_type=3, pkts=20, octets=2000, end=T0 + 10, sourcePodName="p"),
+                          NODE_A, 1, now=2.0)
+    r = only(agg.tick(60.0)).record
+    assert (r["packetTotalCount"], r["packetDeltaCount"], r["octetDeltaCount"]) == (30, 30, 3000)
+    assert agg.stats.dropped_stale == 1 and agg.stats.counter_resets == 0

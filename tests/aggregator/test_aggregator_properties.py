@@ -94,7 +94,7 @@ def test_no_record_makes_ingest_raise(records, start):
     kept = agg.ingest_many(records, NODE_A, 1, float(start))
     st_ = agg.stats
     assert st_.records_received == len(records)
-    assert kept + st_.dropped_invalid + st_.dropped_flow_cap == len(records)
+    assert kept + st_.dropped_invalid + st_.dropped_flow_cap + st_.dropped_stale == len(records)
     # and whatever was kept can be exported, snapshotted and drained
     for t in (10.0, 20.0):
         agg.tick(t)
