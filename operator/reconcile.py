@@ -26,8 +26,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from flowscope.operator import manifests, tls
@@ -45,18 +47,46 @@ PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"))
 Clock = Callable[[], dt.datetime]
 
 
-def contains(live: Any, desired: Any) -> bool:
-    """Does ``live`` already hold every field of ``desired``? Lists must match item by item."""
+_SUFFIX = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+           "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12,
+           "P": Decimal(10) ** 15, "E": Decimal(10) ** 18, "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20,
+           "Gi": Decimal(2) ** 30, "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+_QTY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE])?$")
+
+
+def quantity(value: Any) -> Decimal | None:
+    """A Kubernetes quantity as a number ("500m" -> 0.5, "1Gi" -> 1073741824), else None."""
+    m = _QTY.match(str(value).strip())
+    if m is None:
+        return None
+    try:
+        return Decimal(m.group(1)) * _SUFFIX[m.group(2) or ""]
+    except InvalidOperation:
+        return None
+
+
+def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
+    """Does ``live`` already hold every field of ``desired``? Lists must match item by item.
+
+    Values under ``requests``/``limits`` compare as quantities, because the apiserver
+    rewrites them in canonical form ("0.5" becomes "500m"): comparing text there would
+    patch on every reconcile, and every patch would trigger the next reconcile.
+    """
     if isinstance(desired, Mapping):
         if not isinstance(live, Mapping):
             return False
-        return all(k in live and contains(live[k], v) for k, v in desired.items() if v is not None) and all(
-            k not in live or live[k] is None for k, v in desired.items() if v is None
-        )
+        return all(
+            k in live and contains(live[k], v, quantities=quantities or k in ("requests", "limits"))
+            for k, v in desired.items() if v is not None
+        ) and all(k not in live or live[k] is None for k, v in desired.items() if v is None)
     if isinstance(desired, list):
         return isinstance(live, list) and len(live) == len(desired) and all(
             contains(a, b) for a, b in zip(live, desired)
         )
+    if quantities and not isinstance(desired, bool):
+        a, b = quantity(live), quantity(desired)
+        if a is not None and b is not None:
+            return a == b
     if isinstance(desired, (int, float)) and isinstance(live, str) or isinstance(desired, str) and isinstance(
         live, (int, float)
     ):

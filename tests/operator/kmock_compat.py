@@ -26,7 +26,8 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
 10. No server-side defaulting: a few defaults a real apiserver fills in (Deployment
     revisionHistoryLimit, progressDeadlineSeconds; pod restartPolicy, dnsPolicy,
     terminationGracePeriodSeconds; container terminationMessagePath; Service clusterIP,
-    sessionAffinity) are added on create, so that "a second reconcile writes nothing" is
+    sessionAffinity) are added on create, and container quantities are rewritten in
+    canonical form (2 -> "2", "0.5" -> "500m") on create and patch, so that "a second reconcile writes nothing" is
     proven against server-filled fields and not only against our own echo.
 11. ``kubectl get`` asks for ``as=Table``: answered with a ``meta.k8s.io/v1`` Table built
     from the CRD's ``additionalPrinterColumns`` (JSONPath subset: ``.a.b`` and
@@ -78,6 +79,16 @@ def _strip_directives(node: Any) -> Any:
     if isinstance(node, list):
         return [_strip_directives(v) for v in node]
     return node
+
+
+def _canonical_quantities(resources: dict[str, Any]) -> None:
+    """Rewrite quantities the way the apiserver stores them: 2 -> "2", "0.5" -> "500m"."""
+    for section in ("requests", "limits"):
+        for name, value in list((resources.get(section) or {}).items()):
+            text = str(value)
+            if re.fullmatch(r"\d*\.\d+", text):
+                text = f"{round(float(text) * 1000)}m"
+            resources[section][name] = text
 
 
 def jsonpath(obj: Any, path: str) -> Any:
@@ -286,6 +297,7 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             for c in pod.get("containers", []) + pod.get("initContainers", []):
                 c.setdefault("terminationMessagePath", "/dev/termination-log")
                 c.setdefault("terminationMessagePolicy", "File")
+                _canonical_quantities(c.get("resources") or {})
         if kind == "Service":
             spec.setdefault("clusterIP", "10.96.0.%d" % (next(_rv) % 250 + 2))
             spec.setdefault("sessionAffinity", "None")
@@ -327,6 +339,9 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         meta = dict(data.get("metadata") or {})
         for fixed in ("uid", "creationTimestamp", "generation", "resourceVersion"):
             meta.pop(fixed, None)
+        pod = ((data.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for c in (pod.get("containers") or []) + (pod.get("initContainers") or []):
+            _canonical_quantities(c.get("resources") or {})
         after = kdicts.patch_dict(copy.deepcopy(live), data)
         meta["resourceVersion"] = str(next(_rv))
         if after.get("spec") != live.get("spec"):

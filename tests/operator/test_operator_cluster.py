@@ -280,6 +280,15 @@ async def _reason_is(c, kind, ns, name, reason):
 async def test_second_reconcile_and_restart_write_nothing(operator):
     c = operator
     await apply_samples(c)
+    # quantities the apiserver rewrites ("0.5" is stored as "500m") must not look like drift
+    await c.kubectl("patch", "fa", "lab-aggregator", "-n", "flowscope-lab", "--type=merge", "-p",
+                    '{"spec": {"resources": {"requests": {"cpu": "0.5"}, "limits": {"cpu": 2}}}}')
+
+    async def canonical():
+        dep = await c.get("apps/v1", "Deployment", "flowscope-lab", "lab-aggregator")
+        return dep["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+            "requests": {"cpu": "500m"}, "limits": {"cpu": "2"}}
+    await eventually(canonical)
     await simulate_rollout(c.emu, "Deployment", "flow-aggregator", "flow-aggregator", 1)
     await eventually(lambda: _reason_is(c, "FlowAggregator", "flow-aggregator", "flow-aggregator", "Running"))
     for ns, name in [("kube-system", "flowscope-agent"), ("flowscope-lab", "lab-agents"),

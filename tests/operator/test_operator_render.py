@@ -343,3 +343,20 @@ def test_bad_resource_quantities_are_caught_before_anything_is_applied(resources
 def test_clickhouse_sink_needs_its_credentials_secret():
     with pytest.raises(SpecError, match="credentialsSecretRef.name: required"):
         parse_flow_aggregator(fa(sinks={"clickhouse": {"enabled": True}}))
+
+
+def test_live_objects_compare_by_the_fields_we_set_and_quantities_by_value():
+    from flowscope.operator.reconcile import contains
+    live = {"spec": {"replicas": 1, "revisionHistoryLimit": 10, "template": {"spec": {"containers": [
+        {"name": "a", "image": "i", "terminationMessagePath": "/dev/termination-log",
+         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "2"}}}]}}}}
+    desired = {"spec": {"replicas": 1, "template": {"spec": {"containers": [
+        {"name": "a", "image": "i", "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": 2}}}]}}}}
+    assert contains(live, desired)  # server defaults and canonical quantities are not differences
+    assert not contains(live, {"spec": {"replicas": 2}})
+    assert not contains(live, {"spec": {"template": {"spec": {"containers": [{"name": "a"}, {"name": "b"}]}}}})
+    more = {"spec": {"template": {"spec": {"containers": [{"resources": {"requests": {"cpu": "0.6"}}}]}}}}
+    assert not contains(live, more)
+    assert not contains({"a": "0.5"}, {"a": "500m"})  # outside resources, text is text
+    assert contains({"status": {"x": 1}}, {"status": {"gone": None}})
+    assert not contains({"status": {"gone": 1}}, {"status": {"gone": None}})
