@@ -61,7 +61,7 @@ class AgentConfig:
     max_connections: int = 200_000
     metrics_address: tuple[str, int] | None = ("0.0.0.0", 9390)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
-    export_queue_size: int = 100_000
+    export_queue_size: int = 50_000
 
     @property
     def tls_server_name(self) -> str:
@@ -196,7 +196,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
     zones = tuple(sorted(set(zones_raw)))
 
     max_conns = _int(raw, "maxConnections", 200_000, 1, 50_000_000)
-    queue_size = _int(raw, "exportQueueSize", 100_000, 1, 50_000_000)
+    queue_size = _int(raw, "exportQueueSize", 50_000, 1, 50_000_000)
     metrics = _listen_address(raw.get("metricsAddress"))
 
     meta_raw = raw.get("metadata") or {}
