@@ -1,11 +1,10 @@
 """TLS material: verification against the CA, a real mutual-TLS handshake, rotation.
 
-The handshake test runs a server with Python's ssl module configured the way the
-aggregator's TLS listener must be (server certificate and key from the operator's
-Secret, client certificates required and verified against the operator's CA) on a
-loopback port, because flowscope.ipfix has no TLS collecting process yet at the time of
-writing. A client with the agents' certificate is accepted; one with a certificate from
-another CA is refused. Rotation uses an injected clock: no sleeping.
+The handshake test runs flowscope's IPFIX TLS collecting process (what the aggregator
+listens with) on loopback with the server certificate, key and CA exactly as the operator
+stores them, and exporting processes with the agents' client certificate: records from
+the agent arrive; a certificate from another CA is refused in the handshake and counted.
+Rotation uses an injected clock: no sleeping.
 """
 
 from __future__ import annotations
@@ -55,57 +54,67 @@ def write(tmp: Path, name: str, pair: tls.KeyPair) -> tuple[str, str]:
     return str(tmp / f"{name}.crt"), str(tmp / f"{name}.key")
 
 
-async def test_mutual_tls_handshake_accepts_agents_and_refuses_another_ca(tmp_path):
+async def until(pred, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_aggregator_listener_accepts_the_agents_certificate_and_refuses_another_ca(tmp_path):
+    """flowscope's own IPFIX TLS collecting process (what the aggregator listens with),
+    loaded with the files exactly as the operator mounts them (ca.crt, tls.crt, tls.key of
+    the server Secret), and exporting processes loaded like the agents' Secret."""
+    from flowscope.ipfix import Address, Template
+    from flowscope.ipfix.process import CollectingProcess, ExportingProcess, TLSConfig
+
     now = dt.datetime.now(dt.timezone.utc)
     m = material_for(spec(), now)
-    other = material_for(spec(), now)  # same names, a different CA
+    other = material_for(spec(), now)  # same names, another CA
     (tmp_path / "ca.crt").write_bytes(m.ca.cert_pem)
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
-    server_ctx.load_cert_chain(*write(tmp_path, "server", m.server))
-    server_ctx.verify_mode = ssl.CERT_REQUIRED
-    received: list[bytes] = []
+    server_cert, server_key = write(tmp_path, "server", m.server)
+    template = Template.build(256, ["sourceIPv4Address", "destinationIPv4Address", "octetDeltaCount"])
+    received: list[dict] = []
 
-    async def handle(reader, writer):
-        try:
-            received.append(await reader.read(64))
-            writer.write(b"ok")
-            await writer.drain()
-        except (ssl.SSLError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def on_message(peer, message) -> None:
+        received.extend(r for _, r in message.data_records())
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
+    server_tls = TLSConfig(server_cert, server_key, str(tmp_path / "ca.crt"))
+    async with CollectingProcess(Address("127.0.0.1", 0, "tls"), tls=server_tls, on_message=on_message) as collector:
+        addr = Address("127.0.0.1", collector.port, "tls")
+        # the agent checks the name the operator puts in agent.yaml's tls.serverName
+        agent_tls = TLSConfig(*write(tmp_path, "agent", m.client), str(tmp_path / "ca.crt"),
+                              server_name="flow-aggregator.flow-aggregator.svc")
+        sent = [{"sourceIPv4Address": "10.0.0.1", "destinationIPv4Address": f"10.0.1.{i}", "octetDeltaCount": 1000 + i}
+                for i in range(1, 6)]
+        agent = ExportingProcess(addr, tls=agent_tls, templates=[template])
+        await agent.start()
+        assert agent.submit(256, sent)
+        await until(lambda: len(received) == len(sent))
+        assert sorted(r["octetDeltaCount"] for r in received) == [r["octetDeltaCount"] for r in sent]
+        await agent.close()
 
-    async def connect(client_pair: tls.KeyPair, name: str) -> bytes:
+        stranger_tls = TLSConfig(*write(tmp_path, "stranger", other.client), str(tmp_path / "ca.crt"),
+                                 server_name="flow-aggregator.flow-aggregator.svc")
+        stranger = ExportingProcess(addr, tls=stranger_tls, templates=[template], backoff_initial=0.05,
+                                    backoff_max=0.05)
+        await stranger.start()
+        stranger.submit(256, [{"sourceIPv4Address": "10.9.9.9", "destinationIPv4Address": "10.9.9.8",
+                               "octetDeltaCount": 666}])
+        await until(lambda: collector.stats.tls_refused >= 1)
+        await stranger.close()
+        assert len(received) == len(sent)  # nothing from the stranger got through
+
+    # and an agent refuses a listener whose certificate another CA signed
+    evil_tls = TLSConfig(*write(tmp_path, "evil", other.server), str(tmp_path / "ca.crt"))
+    # (the evil listener trusts our agents' CA so that only the agent's check can refuse)
+    async with CollectingProcess(Address("127.0.0.1", 0, "tls"), tls=evil_tls, on_message=on_message) as evil:
         ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
-        ctx.load_cert_chain(*write(tmp_path, name, client_pair))
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="flow-aggregator.flow-aggregator.svc")
-        writer.write(b"ipfix-hello")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(2), 5)
-        writer.close()
-        return answer
-
-    async with server:
-        assert await connect(m.client, "agent") == b"ok"
-        assert received == [b"ipfix-hello"]
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            answer = await connect(other.client, "stranger")
-            if answer != b"ok":  # TLS 1.3: the refusal may only show on the first read
-                raise ConnectionError("refused")
-        assert received == [b"ipfix-hello"]  # nothing from the stranger got through
-        # and the agent refuses a server of another CA (its serverName check passes, the chain does not)
-        evil_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        evil_ctx.load_cert_chain(*write(tmp_path, "evil", other.server))
-        evil = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=evil_ctx)
-        async with evil:
-            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
-            with pytest.raises(ssl.SSLCertVerificationError):
-                await asyncio.open_connection("127.0.0.1", evil.sockets[0].getsockname()[1], ssl=ctx,
-                                              server_hostname="flow-aggregator.flow-aggregator.svc")
+        ctx.load_cert_chain(*write(tmp_path, "agent2", m.client))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.open_connection("127.0.0.1", evil.port, ssl=ctx,
+                                          server_hostname="flow-aggregator.flow-aggregator.svc")
 
 
 def ensure(stored, now, names=("fa.ns.svc",), lifetime=30 * 24 * HOUR, margin=7 * 24 * HOUR):
