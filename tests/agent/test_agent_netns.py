@@ -385,3 +385,43 @@ async def test_active_and_idle_exports_happen_on_time_with_real_timeouts(topo):
     assert t_stop + idle - 0.3 <= idle_t <= t_stop + idle + 2 * poll + 0.5
     assert sum(r["packetDeltaCount"] for _, r in recs) == int(row["fields"]["packets"][0]) == sent
     assert sum(r["octetDeltaCount"] for _, r in recs) == int(row["fields"]["bytes"][0]) == sent * 128
+
+
+def test_parser_on_a_mixed_kernel_table_equals_conntrack_cli(topo):
+    """Five entry shapes the kernel lays out itself (TCP with protocol info, UDP, IPv6,
+    marks, zones), 5000 entries: every one parsed as `conntrack -L` prints it."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+    import agent_poll
+
+    sh(sys.executable, agent_poll.CTFILL, "2000", ns=topo.node)
+    with in_netns(topo.node):
+        agent_poll.fill_mixed(3000)
+        src = NetlinkConntrack()
+    try:
+        result = src.dump()
+    finally:
+        src.close()
+    out = sh("conntrack", "-L", "-f", "ipv4", ns=topo.node) + sh("conntrack", "-L", "-f", "ipv6", ns=topo.node)
+    cli = set()
+    for line in out.splitlines():
+        f: dict[str, list[str]] = {}
+        for k, v in _CT_LINE.findall(line):
+            f.setdefault(k, []).append(v)
+        if "src" not in f:
+            continue
+        state = line.split()[3] if line.startswith("tcp") else ""
+        cli.add((f["src"][0], f["dst"][0], int(f["sport"][0]), int(f["dport"][0]), line.split()[0],
+                 int(f.get("mark", ["0"])[0]), int(f.get("zone", ["0"])[0]), state))
+    names = {6: "tcp", 17: "udp"}
+    ours = {
+        (format_address(e.orig_src), format_address(e.orig_dst), e.orig_sport, e.orig_dport, names[e.protocol],
+         e.mark, e.zone, e.tcp_state_name if e.protocol == 6 else "")
+        for e in result.entries
+    }
+    assert len(result.entries) == result.total == 5000
+    assert ours == cli
+    assert src.parser.layouts_compiled >= 5
+    assert {e.zone for e in result.entries} == {0, 3} and 0x1234 in {e.mark for e in result.entries}
