@@ -170,6 +170,9 @@ def test_agent_daemonset_has_what_conntrack_needs(rendered):
     watched = {r for rule in role["rules"] for r in rule["resources"]}
     assert {"pods", "services", "networkpolicies"} <= watched
     assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in role["rules"])
+    assert pod["priorityClassName"] == "system-node-critical"  # kube-system may use it
+    lab = by(rendered, "DaemonSet", "lab-agents", "flowscope-lab")["spec"]["template"]["spec"]
+    assert "priorityClassName" not in lab  # elsewhere the admission quota would refuse the pods
 
 
 def test_agents_get_the_aggregators_client_certificate(rendered):
