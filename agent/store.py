@@ -2,7 +2,10 @@
 
 Theory of operation
 -------------------
-Each poll hands :meth:`ConnectionStore.update` the entries of one conntrack dump. The
+Each poll merges one conntrack dump, either whole (:meth:`ConnectionStore.update`) or
+as it arrives (:meth:`begin`, :meth:`feed` per netlink datagram, :meth:`finish`), which
+is what the agent does so as never to hold two copies of a large table. Every entry
+fed marks its connection seen in this poll; :meth:`finish` ends those not seen. The
 store keeps one :class:`Connection` per conntrack entry (keyed by zone and original
 tuple) and a priority queue of deadlines; nothing here reads a clock or a socket: the
 caller passes ``now`` (seconds since the epoch) to every call, so tests drive time.
@@ -32,7 +35,8 @@ never negative: totals that went down mean a new connection, whose delta is its 
 The store holds at most ``max_connections``. Entries beyond the cap are not held; each
 one is counted once in :attr:`dropped_total` (the previous poll's overflow keys are kept
 to tell a new overflow from one counted already), so nothing is lost silently and
-memory stays bounded by the cap plus one dump.
+memory stays bounded by the cap. Room freed by connections that ended in this poll is
+available from the next poll on.
 """
 
 from __future__ import annotations
