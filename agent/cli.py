@@ -69,10 +69,9 @@ async def _serve(cfg: Any, metadata: Any) -> int:
 
     from flowscope.agent.conntrack import ConntrackError, NetlinkConntrack, enable_accounting
     from flowscope.agent.exporter import FlowExporter
-    from flowscope.agent.metadata import Enricher
+    from flowscope.agent.metadata import Enricher, MetadataError
     from flowscope.agent.metrics import AgentMetrics
     from flowscope.agent.records import templates
-
     from flowscope.ipfix import UsageError
     from flowscope.ipfix.process import ExportingProcess, TLSConfig
 
@@ -89,8 +88,6 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     except UsageError as exc:  # unreadable or mismatched certificate files
         print(f"flowscope agent: {exc} (keys tls.caFile, tls.certFile, tls.keyFile)", file=sys.stderr)
         return 2
-    from flowscope.agent.metadata import MetadataError
-
     try:
         metadata.start()
     except MetadataError as exc:
