@@ -31,6 +31,7 @@ log = logging.getLogger("flowscope.aggregator")
 
 TICK_INTERVAL = 1.0
 SCAN_SLICE = 5000  # flows per slice of the periodic export (~30 ms)
+SLICE_WAIT = 1.0  # at most this long for a slow sink to make room for the next slice
 CLICKHOUSE_SINK_MODULE = "flowscope.collector.aggregator_sink"
 
 
@@ -149,6 +150,8 @@ class FlowAggregator:
         )
         pairs = build_sinks(config) if sinks is None else list(sinks)
         self.sinks = [QueuedSink(sink, queue_size=size) for sink, size in pairs]
+        # A slice of the periodic export never holds more records than the smallest sink queue.
+        self.scan_slice = min([SCAN_SLICE, *(s.queue_size for s in self.sinks)])
         self.received_by_exporter: dict[str, int] = {}
         self.exporter_seen: dict[str, float] = {}
         self.messages = 0
@@ -199,16 +202,24 @@ class FlowAggregator:
         for sink in self.sinks:
             sink.offer(out)
 
+    async def _paced(self) -> None:
+        """Between slices of a periodic export: let the sinks make room (each at most
+        SLICE_WAIT), so that exporting many flows at once is paced, not dropped."""
+        if self.sinks:
+            await asyncio.gather(*(s.wait_room(self.scan_slice, SLICE_WAIT) for s in self.sinks))
+        else:
+            await asyncio.sleep(0)
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.tick_interval)
             try:
                 # The periodic scan of a large store runs in slices, letting the collecting
                 # process read its sockets in between (a 100k-flow scan takes ~0.5 s).
-                self.tick(SCAN_SLICE)
+                self.tick(self.scan_slice)
                 while self.process.scan_pending:
-                    await asyncio.sleep(0)
-                    self.tick(SCAN_SLICE)
+                    await self._paced()
+                    self.tick(self.scan_slice)
             except Exception:  # never let a bug stop exports; it is logged loudly
                 log.exception("aggregation tick failed")
 

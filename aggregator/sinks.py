@@ -62,6 +62,7 @@ class QueuedSink:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._taken = asyncio.Event()  # set whenever the worker takes a batch off the queue
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.offered = 0
@@ -106,6 +107,7 @@ class QueuedSink:
                 continue
             n = min(len(q), self.batch_size)
             batch = [q.popleft() for _ in range(n)]
+            self._taken.set()
             try:
                 await self.sink.write(batch)
                 self.written += n
@@ -117,6 +119,28 @@ class QueuedSink:
                     log.error("sink %s: write of %d records failed: %s", self.name, n, exc)
                 self.last_error = str(exc)
                 await asyncio.sleep(0)
+
+    @property
+    def room(self) -> int:
+        return self.queue_size - len(self._queue)
+
+    async def wait_room(self, n: int, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until ``n`` records fit; the exporter paces its bursts
+        with this, so that a periodic export of many flows is not dropped by a sink that
+        keeps up on average. False: still no room (the next ``offer`` will count drops)."""
+        n = min(n, self.queue_size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.room < n:
+            left = deadline - loop.time()
+            if left <= 0 or self._task is None or self._task.done():
+                return False
+            self._taken.clear()
+            try:
+                await asyncio.wait_for(self._taken.wait(), left)
+            except TimeoutError:
+                return self.room >= n
+        return True
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the queue is empty (True) or ``timeout`` passed (False)."""
@@ -272,8 +296,10 @@ class IPFIXSink:
 
     name = "ipfix"
 
-    def __init__(self, address: Any, *, observation_domain_id: int = 0, queue_size: int = 10_000) -> None:
+    def __init__(self, address: Any, *, observation_domain_id: int = 0, queue_size: int = 10_000,
+                 submit_wait: float = 5.0) -> None:
         self.address = address
+        self.submit_wait = submit_wait
         self.observation_domain_id = observation_domain_id
         self.queue_size = queue_size
         self.process: Any = None
@@ -295,8 +321,15 @@ class IPFIXSink:
             rec = f.record
             tid = TEMPLATE_IDS[("sourceIPv6Address" in rec, "originalExporterIPv6Address" in rec)]
             groups.setdefault(tid, []).append(rec)
+        loop = asyncio.get_running_loop()
         for tid, records in groups.items():
-            self.process.submit(tid, records)  # refusals are counted by the process (records_dropped)
+            # Backpressure: wait (a bounded time) for the exporting process's queue to take the
+            # batch, so that this sink's own queue absorbs bursts and counts what overflows.
+            deadline = loop.time() + self.submit_wait
+            st = self.process.stats
+            while st.queued + len(records) > self.process.queue_size and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            self.process.submit(tid, records)  # a refusal is counted by the process (records_dropped)
 
     async def close(self) -> None:
         if self.process is not None:

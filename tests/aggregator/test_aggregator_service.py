@@ -285,3 +285,33 @@ def test_cli_check(tmp_path, capsys):
         assert rc == 2 and "sinks.clickhouse.enabled: true, but this build has no ClickHouse sink" in err
     else:
         assert rc == 0
+
+
+async def test_a_large_periodic_export_is_paced_to_the_sinks_not_dropped():
+    """20k flows due at once, sink queues of 3000: the scan waits for room between slices."""
+    class SlowishSink(ListSink):
+        name = "slowish"
+
+        async def write(self, batch):
+            await asyncio.sleep(0.002)  # ~500k records/s at most, but in small steps
+            self.got.extend(batch)
+
+    clock = Clock()
+    fast, slow = ListSink(), SlowishSink()
+    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "apiAddress": "",
+                                       "flowExportInterval": "60s"}),
+                         sinks=[(fast, 3000), (slow, 3000)], clock=clock, tick_interval=0.01)
+    await agg.start(collect=False, api=False, ticker=True)
+    try:
+        agg.ingest_records([agent_record(flow_type=3, sport=p % 60000, src=f"10.1.{p // 60000}.{p % 200}",
+                                         sourcePodName="p") for p in range(20_000)], NODE_A)
+        assert len(agg.process) == 20_000
+        clock.t += 60
+        for _ in range(500):
+            await asyncio.sleep(0.02)
+            if len(slow.got) == 20_000 and not agg.process.scan_pending:
+                break
+        assert len(fast.got) == len(slow.got) == 20_000
+        assert all(s.dropped == 0 for s in agg.sinks)
+    finally:
+        await agg.close()
