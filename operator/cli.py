@@ -119,7 +119,7 @@ def run_operator(args: argparse.Namespace) -> int:
     import kopf
 
     from flowscope.durations import DurationError, parse_duration
-    from flowscope.operator.handlers import build_registry
+    from flowscope.operator.handlers import build_registry, configure
     from flowscope.operator.kube import Connection
 
     try:
@@ -132,7 +132,7 @@ def run_operator(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     connection = Connection.detect(args.context)
     registry = build_registry(connection, image=args.image, resync=resync)
-    settings = kopf.OperatorSettings()
+    settings = configure(kopf.OperatorSettings())
     settings.posting.level = logging.WARNING
     asyncio.run(kopf.operator(
         registry=registry, settings=settings, standalone=True,

@@ -30,9 +30,18 @@ from flowscope.operator.manifests import MANAGED_BY
 from flowscope.operator.reconcile import Reconciler
 from flowscope.operator.spec import API_VERSION, GROUP, VERSION
 
-__all__ = ["build_registry"]
+__all__ = ["build_registry", "configure"]
 
 log = logging.getLogger("flowscope.operator")
+
+
+def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
+    """Watch only our own Deployments and DaemonSets, filtered by the API server, not all of
+    a large cluster's (the handlers' label filters alone would be applied client-side)."""
+    selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+    settings.watching.label_selectors["apps", "deployments"] = selector
+    settings.watching.label_selectors["apps", "daemonsets"] = selector
+    return settings
 
 
 def build_registry(connection: Connection, *, image: str, resync: float | None = 60.0,

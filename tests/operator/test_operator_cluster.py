@@ -31,7 +31,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from conftest import require_tool
 from kmock_compat import CompatEmulator, simulate_rollout
-from flowscope.operator.handlers import build_registry
+from flowscope.operator.handlers import build_registry, configure
 from flowscope.operator.kube import Connection, KubeApi
 from flowscope.operator.reconcile import Reconciler
 
@@ -104,7 +104,7 @@ async def operator(cluster):
     stop = threading.Event()
     ready = threading.Event()
     registry = build_registry(Connection(server=cluster.url), image="flowscope:test", resync=None)
-    settings = kopf.OperatorSettings()
+    settings = configure(kopf.OperatorSettings())
     settings.watching.server_timeout = 300
     settings.queueing.idle_timeout = 0.5  # per-object workers exit soon, so the operator stops fast
     settings.queueing.exit_timeout = 0.5
@@ -196,6 +196,11 @@ async def test_samples_become_a_ready_pipeline(operator):
     assert agents["data"] == agg_client["data"]
     config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
     assert config["flowCollectorAddr"] == "flow-aggregator.flow-aggregator.svc:4739:tls"
+    # kopf asks the server for our workloads only (a large cluster has many Deployments)
+    watched = [r for r in list(c.emu) if r.resource is not None and r.resource.plural in ("deployments", "daemonsets")
+               and r.headers.get("User-Agent", "").startswith("kopf/")]
+    assert watched and {r.params.get("labelSelector") for r in watched} == {
+        "app.kubernetes.io/managed-by=flowscope-operator"}
 
 
 async def test_invalid_specs_become_conditions_and_nothing_is_half_applied(operator):
