@@ -258,8 +258,10 @@ class FlowLogSink:
         await asyncio.to_thread(self.writer._open)
 
     async def write(self, batch: Sequence[ExportedFlow]) -> None:
-        lines = [json.dumps(record_to_json(f), separators=(",", ":")) for f in batch]
-        await asyncio.to_thread(self.writer.write_lines, lines)
+        await asyncio.to_thread(self._write, batch)  # serializing too: off the event loop
+
+    def _write(self, batch: Sequence[ExportedFlow]) -> None:
+        self.writer.write_lines([json.dumps(record_to_json(f), separators=(",", ":")) for f in batch])
 
     async def close(self) -> None:
         await asyncio.to_thread(self.writer.close)
