@@ -157,6 +157,9 @@ class QueuedSink:
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except asyncio.CancelledError:
+                if not self._task.cancelled():  # we are being cancelled, not the worker
+                    raise
             except TimeoutError:
                 left = len(self._queue)
                 self._task.cancel()

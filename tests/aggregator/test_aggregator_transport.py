@@ -331,3 +331,38 @@ def test_server_certificate_names_are_checked_against_flow_aggregator_address(pk
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("not a certificate")
     assert certificate_name_problem(str(garbage), "x").startswith("tls.certFile: cannot read")
+
+
+async def test_a_stuck_sink_stalls_neither_collection_nor_the_other_sinks():
+    release = asyncio.Event()
+
+    class StuckSink(ListSink):
+        name = "stuck"
+
+        async def write(self, batch):
+            await release.wait()  # stuck until the test ends
+
+    clock = Clock()
+    config = parse_config({"aggregatorTransportProtocol": "tcp", "listenAddress": "127.0.0.1", "listenPort": 0,
+                           "apiAddress": "", "flowExportInterval": "60s"})
+    healthy = ListSink()
+    agg = FlowAggregator(config, sinks=[(StuckSink(), 1000), (healthy, 1000)], clock=clock, tick_interval=0.01)
+    await agg.start(api=False, ticker=True)
+    agent = ExportingProcess(Address("127.0.0.1", agg.collecting_port, "tcp"), tls=None, templates=agent_templates())
+    try:
+        await agent.start()
+        await send(agent, [agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 3001)])
+        await until(lambda: agg.process.stats.records_received == 3000, what="first batch")
+        clock.t += 60  # 3000 flows due: 3 slices of 1000; the stuck sink makes each wait 1 s
+        await until(lambda: agg.process.scan_pending, what="the scan under way")
+        # collection goes on while the export waits for the stuck sink
+        await send(agent, [agent_record(flow_type=3, sport=p, sourcePodName="q") for p in range(5001, 5101)])
+        await until(lambda: agg.process.stats.records_received == 3100, timeout=0.9, what="collection during the scan")
+        await until(lambda: len(healthy.got) == 3000, timeout=10, what="the healthy sink's records")
+        stuck = next(s for s in agg.sinks if s.name == "stuck")
+        assert stuck.dropped == 3000 - 1000 - stuck.queued  # one batch in flight, the queue full, the rest counted
+        assert stuck.dropped > 0
+    finally:
+        await agent.close()
+        release.set()
+        await agg.close()
