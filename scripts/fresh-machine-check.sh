@@ -9,6 +9,9 @@
 #
 #   bash scripts/fresh-machine-check.sh          # setup + smoke (flowscope --help, imports)
 #   bash scripts/fresh-machine-check.sh --full   # setup + the whole test suite (CI=true)
+#   ... --host-kubectl   # lend the host's kubectl binary, as machines of this project's
+#                        # kind come with one (google-cloud-cli's 1.32); without it the
+#                        # container has no kubectl and setup.sh must install one
 #
 # Needs root, podman, runc and debootstrap on the host (Debian: apt-get install podman
 # runc debootstrap). The root filesystem tarball is kept in $FRESH_DIR (default
@@ -24,7 +27,17 @@ WORK="$(mktemp -d /tmp/ffc.XXXXXX)"   # short: podman refuses a runroot over 50 
 IMAGE="localhost/flowscope-fresh-base:$RUN_ID"
 CONTAINER="flowscope-fresh-$RUN_ID"
 FULL=0
-[[ ${1:-} == --full ]] && FULL=1
+HOST_KUBECTL=0
+for arg in "$@"; do
+    case "$arg" in
+        --full) FULL=1 ;;
+        --host-kubectl) HOST_KUBECTL=1 ;;
+        *)
+            echo "usage: bash scripts/fresh-machine-check.sh [--full] [--host-kubectl]" >&2
+            exit 2
+            ;;
+    esac
+done
 
 say() { printf 'fresh-machine: %s\n' "$*"; }
 die() {
@@ -109,6 +122,15 @@ extra=()
 host_ca="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
 if [[ -s $host_ca ]]; then
     extra+=(-v "$host_ca:/run/host-ca.crt:ro" -e PIP_CERT=/run/host-ca.crt)
+fi
+
+if ((HOST_KUBECTL)); then
+    # google-cloud-cli's kubectl is a dispatcher beside versioned static binaries: lend
+    # the 1.32 one if it is there, else whatever kubectl resolves to.
+    kubectl_bin="$(readlink -f "$(command -v kubectl)")" || die "--host-kubectl: no kubectl on this host"
+    [[ -x ${kubectl_bin}.1.32 ]] && kubectl_bin="${kubectl_bin}.1.32"
+    extra+=(-v "$kubectl_bin:/usr/local/bin/kubectl:ro")
+    say "lending the host's $kubectl_bin as /usr/local/bin/kubectl"
 fi
 
 inner='set -euo pipefail
