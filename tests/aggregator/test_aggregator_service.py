@@ -315,3 +315,26 @@ async def test_a_large_periodic_export_is_paced_to_the_sinks_not_dropped():
         assert all(s.dropped == 0 for s in agg.sinks)
     finally:
         await agg.close()
+
+
+def test_clickhouse_sink_plugs_in_through_the_collector_module(monkeypatch):
+    """The contract for the collector's ClickHouse sink: a module with make_sink(config)."""
+    import sys
+    import types
+
+    from flowscope.aggregator.service import CLICKHOUSE_SINK_MODULE, build_sinks
+
+    made = []
+
+    def make_sink(cfg):
+        made.append(cfg)
+        sink = ListSink()
+        sink.name = "clickhouse"
+        return sink
+
+    monkeypatch.setitem(sys.modules, CLICKHOUSE_SINK_MODULE, types.SimpleNamespace(make_sink=make_sink))
+    cfg = parse_config({"sinks": {"clickhouse": {"enabled": True, "table": "f2", "commitInterval": "2s",
+                                                 "queueSize": 77}}})
+    ((sink, size),) = build_sinks(cfg)
+    assert (sink.name, size) == ("clickhouse", 77)
+    assert (made[0].table, made[0].commit_interval, made[0].address) == ("f2", 2.0, "tcp://clickhouse:9000")
