@@ -119,6 +119,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     exporter = FlowExporter(
         conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata),
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
+        export_host_flows=cfg.export_host_flows,
         max_connections=cfg.max_connections, metrics=metrics,
     )
     stop = asyncio.Event()

@@ -62,6 +62,7 @@ class AgentConfig:
     metrics_address: tuple[str, int] | None = ("0.0.0.0", 9390)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     export_queue_size: int = 50_000
+    export_host_flows: bool = False
 
     @property
     def tls_server_name(self) -> str:
@@ -71,7 +72,7 @@ class AgentConfig:
 _TOP_KEYS = {
     "flowCollectorAddr", "flowPollInterval", "activeFlowExportTimeout", "idleFlowExportTimeout",
     "nodeName", "tls", "conntrackZones", "maxConnections", "metricsAddress", "metadata",
-    "exportQueueSize",
+    "exportQueueSize", "exportHostFlows",
 }
 _TLS_KEYS = {"caFile", "certFile", "keyFile", "serverName"}
 _META_KEYS = {"source", "staticFile", "watchRemotePods"}
@@ -198,6 +199,9 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
     max_conns = _int(raw, "maxConnections", 200_000, 1, 50_000_000)
     queue_size = _int(raw, "exportQueueSize", 50_000, 1, 50_000_000)
     metrics = _listen_address(raw.get("metricsAddress"))
+    host_flows = raw.get("exportHostFlows", False)
+    if not isinstance(host_flows, bool):
+        raise ConfigError(f"exportHostFlows: {host_flows!r} must be true or false")
 
     meta_raw = raw.get("metadata") or {}
     if not isinstance(meta_raw, Mapping):
@@ -231,6 +235,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
         metrics_address=metrics,
         metadata=MetadataConfig(source=source, static_file=static_file, watch_remote_pods=watch_remote),
         export_queue_size=queue_size,
+        export_host_flows=host_flows,
     )
 
 

@@ -60,8 +60,14 @@ class FlowExporter:
         max_connections: int,
         metrics: AgentMetrics | None = None,
         clock: Callable[[], float] = time.time,
+        export_host_flows: bool = False,
     ) -> None:
         self.conntrack = conntrack
+        # With a metadata inventory, connections with no Pod at either end (kubelet, the
+        # agent's own export stream) are the Node's traffic, not the cluster's: skipped,
+        # as Antrea's agent never sees them, unless asked for.
+        self.export_host_flows = export_host_flows
+        self.host_flows_skipped = 0
         self.sink = sink
         self.enricher = enricher
         self.poll_interval = poll_interval
@@ -155,7 +161,11 @@ class FlowExporter:
             by_template: dict[int, list[dict[str, Any]]] = {}
             for fe in exports[i : i + SUBMIT_BATCH]:
                 try:
-                    tid, rec = build_record(fe, enrich(fe.entry))
+                    k8s = enrich(fe.entry)
+                    if k8s.host_only and not self.export_host_flows:
+                        self.host_flows_skipped += 1
+                        continue
+                    tid, rec = build_record(fe, k8s)
                 except Exception:  # noqa: BLE001 - one odd connection must not cost the others
                     self.records_failed += 1
                     log.exception("could not build the record of %s", fe.entry)
@@ -170,6 +180,7 @@ class FlowExporter:
             await asyncio.sleep(0)
         self.records_submitted += sent
         self.metrics.records_exported.inc(sent)
+        self.metrics.host_flows_skipped.set(self.host_flows_skipped)
         return sent
 
     def _sink_metrics(self) -> None:

@@ -429,6 +429,8 @@ class Enrichment:
     flow_type: int = FLOW_TYPE_UNKNOWN
     ingress: Verdict | None = None
     egress: Verdict | None = None
+    # The inventory knows neither end as a Pod (nor a Pod CIDR): the Node's own traffic.
+    host_only: bool = False
 
     @property
     def denied(self) -> bool:
@@ -505,6 +507,7 @@ class Enricher:
             flow_type=flow_type,
             ingress=ingress,
             egress=egress,
+            host_only=flow_type == FLOW_TYPE_UNKNOWN,
         )
 
     def is_denied(self, e: ConntrackEntry) -> bool:

@@ -42,6 +42,9 @@ class AgentMetrics:
         self.connections_dropped = Gauge(
             "flowscope_agent_connections_dropped",
             "New connections not tracked because the store was at maxConnections", registry=r)
+        self.host_flows_skipped = Gauge(
+            "flowscope_agent_host_flow_records_skipped",
+            "Records not exported because neither end is a Pod (exportHostFlows: false)", registry=r)
         self.exporter_connected = Gauge(
             "flowscope_agent_exporter_connected", "1 while the collector connection is up", registry=r)
         self.poll_errors = Counter(

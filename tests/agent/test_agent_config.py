@@ -65,6 +65,7 @@ def test_every_key_parses():
         ({"tls": {"caFile": ""}}, "tls.caFile: '' must be a non-empty string"),
         ({"flowPollIntervall": "5s"}, "flowPollIntervall: unknown key; allowed keys are"),
         ({"tls": {"ca": "/x"}}, "tls.ca: unknown key"),
+        ({"exportHostFlows": "yes"}, "exportHostFlows: 'yes' must be true or false"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(raw, message):

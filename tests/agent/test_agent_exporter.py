@@ -226,3 +226,25 @@ async def test_interrupted_dumps_decide_no_end_until_the_third_in_a_row(agent):
     await fx.poll_once()  # the third: sport 2 is gone after all (and sport 1 is now idle)
     got = {(r["sourceTransportPort"], r["flowEndReason"]) for _, b in sink.batches for r in b}
     assert got == {(2, 3), (1, 1)}
+
+
+async def test_node_traffic_is_skipped_with_an_inventory_unless_asked_for(agent):
+    fx, ct, sink, clock = agent
+    pod = entry("10.244.0.11", "10.244.0.12", 40000, 8080, packets=2, octets=120, rpackets=1, roctets=60)
+    host = entry("192.0.2.10", "192.0.2.20", 51000, 4739, packets=5, octets=900, rpackets=4, roctets=700)
+    ct.entries = [pod, host]
+    await fx.poll_once()
+    clock.t += 15
+    ct.entries = []
+    assert await fx.poll_once() == 1  # the Pod connection only
+    sent = [r for _, batch in sink.batches for r in batch]
+    assert [r["sourceIPv4Address"] for r in sent] == ["10.244.0.11"]
+    assert fx.host_flows_skipped == 1
+    fx.export_host_flows = True
+    ct.entries = [host]
+    await fx.poll_once()
+    clock.t += 15
+    ct.entries = []
+    assert await fx.poll_once() == 1
+    assert sink.batches[-1][1][0]["sourceIPv4Address"] == "192.0.2.10"
+    assert sink.batches[-1][1][0]["flowType"] == 0

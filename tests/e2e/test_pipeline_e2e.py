@@ -135,6 +135,15 @@ def test_network_policy_attribution_allow_and_drop(run) -> None:
     assert denied["reversePacketTotalCount"] == 0  # nothing ever came back
 
 
+def test_only_pod_traffic_is_exported(run) -> None:
+    # The agents' own TLS sessions to the aggregator cross the Nodes' conntrack too: with an
+    # inventory they are Node traffic and never reach the collector.
+    pipeline, _, records, _ = run
+    pod_ips = {p.ip for p in pipeline.pods.values()}
+    assert records and all(r["sourceIPv4Address"] in pod_ips or r["destinationIPv4Address"] in pod_ips for r in records.values())
+    assert all(r.get("flowType") in (1, 2, 3, 4) for r in records.values())
+
+
 def test_udp_inter_node_flow(run) -> None:
     pipeline, _, records, counters = run
     fe, be = pipeline.pods["frontend"], pipeline.pods["backend"]
