@@ -934,24 +934,39 @@ class ExportingProcess:
 
     async def _run(self) -> None:
         while not self._closing:
-            if not self._queue:
-                self._idle.set()
-            if self.address.protocol != "udp" and self._stream is None:
-                if self._failures:
-                    await asyncio.sleep(self._backoff())
-                if not await self._connect():
-                    continue
-            if not self._queue:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            stream = self._stream
-            if stream is not None and not stream.can_write.is_set():
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the sender must outlive any bug: log, count, go on
+                self.stats.send_errors += 1
+                log.exception("IPFIX exporting process to %s: unexpected error in the sender", self.address)
+                await asyncio.sleep(1.0)
+
+    async def _step(self) -> None:
+        if not self._queue:
+            self._idle.set()
+        if self.address.protocol != "udp" and self._stream is None:
+            if self._failures:
+                await asyncio.sleep(self._backoff())
+            await self._connect()
+            return
+        if not self._queue:
+            self._idle.set()
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        stream = self._stream
+        if stream is not None:
+            if stream.transport is None or stream.transport.is_closing():
+                # broken or closing: connection_lost is on its way; take nothing from the queue
+                await asyncio.sleep(0.01)
+                return
+            if not stream.can_write.is_set():
                 await stream.can_write.wait()
-                continue
-            self._send_batch()
-            await asyncio.sleep(0)  # let submitters and the socket run
+                return
+        self._send_batch()
+        await asyncio.sleep(0)  # let submitters and the socket run
 
     def _take(self) -> Iterator[tuple[int, list[Record]]]:
         """Queued batches, merged by template, up to max_batch records."""
