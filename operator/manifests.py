@@ -62,7 +62,7 @@ class AgentTLS:
 
     @classmethod
     def from_material(cls, tls: TLSMaterial) -> AgentTLS:
-        return cls(tls.ca.cert_pem, tls.client)
+        return cls(tls.bundle, tls.client)
 
 
 @functools.cache
@@ -173,8 +173,12 @@ def resolve_collector(spec: FlowExporterConfigSpec, aggregator: FlowAggregatorSp
 
 @dataclass(frozen=True, slots=True)
 class _TLSValues:
-    ca_pem: str
+    ca_pem: str  # the bundle (current + previous CA) every peer trusts
     ca_b64: str
+    ca_cert_b64: str
+    previous_b64: str
+    next_b64: str
+    next_key_b64: str
     ca_key_b64: str
     server_b64: str
     server_key_b64: str
@@ -184,7 +188,9 @@ class _TLSValues:
 
 def _tls_values(tls: TLSMaterial) -> _TLSValues:
     return _TLSValues(
-        tls.ca.cert_pem.decode(), _b64(tls.ca.cert_pem), _b64(tls.ca.key_pem), _b64(tls.server.cert_pem),
+        tls.bundle.decode(), _b64(tls.bundle), _b64(tls.ca.cert_pem), _b64(tls.previous_ca or b""),
+        _b64(tls.next_ca.cert_pem if tls.next_ca else b""), _b64(tls.next_ca.key_pem if tls.next_ca else b""),
+        _b64(tls.ca.key_pem), _b64(tls.server.cert_pem),
         _b64(tls.server.key_pem), _b64(tls.client.cert_pem), _b64(tls.client.key_pem),
     )
 

@@ -218,12 +218,16 @@ class Reconciler:
             data = (obj or {}).get("data")
             return tls.load(_b64d(data, "tls.crt"), _b64d(data, "tls.key"))
 
-        stored = {"ca": await pair("ca"), "server": await pair("server-tls"), "client": await pair("client-tls")}
+        ca_secret = await self.api.get("v1", "Secret", spec.namespace, f"{spec.name}-ca")
+        ca_data = (ca_secret or {}).get("data")
+        stored = {"ca": tls.load(_b64d(ca_data, "tls.crt"), _b64d(ca_data, "tls.key")),
+                  "next_ca": tls.load(_b64d(ca_data, "next.crt"), _b64d(ca_data, "next.key")),
+                  "server": await pair("server-tls"), "client": await pair("client-tls")}
         names = tuple(dict.fromkeys((*spec.service_dns_names, spec.flow_aggregator_address)))
         return tls.ensure(
             stored, now=self.clock(), server_names=names, lifetime=spec.certificates.lifetime,
             ca_lifetime=spec.certificates.ca_lifetime, margin=spec.certificates.rotation_margin,
-            ca_name=f"flowscope-ca {spec.namespace}/{spec.name}",
+            ca_name=f"flowscope-ca {spec.namespace}/{spec.name}", previous_ca=_b64d(ca_data, "previous.crt"),
         )
 
     async def aggregator(self, body: Mapping[str, Any]) -> Outcome:

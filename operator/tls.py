@@ -10,6 +10,12 @@ operator restarts change nothing), fresh certificates when one is missing, damag
 issued for other names, signed by another CA, or within the rotation margin of its
 expiry. A new CA re-issues both leaves.
 
+A CA rotation must not cut agents off while pods roll one by one, so it has two phases
+(see ``ensure``): the next CA is first only trusted (``bundle``, what goes into every
+``ca.crt``, holds it), and signs only later, when every pod has had time to roll; the
+old CA stays trusted until it expires. Peers holding the old bundle or the new one, old
+certificates or new ones, verify each other throughout.
+
 Keys are ECDSA P-256: fast to generate and supported by every TLS stack we talk to.
 """
 
@@ -54,12 +60,20 @@ class TLSMaterial:
     ca: KeyPair
     server: KeyPair
     client: KeyPair
+    previous_ca: bytes | None = None  # the CA certificate before the last rotation, while still valid
+    next_ca: KeyPair | None = None  # the CA that will sign after the rotation in progress
+
+    @property
+    def bundle(self) -> bytes:
+        """The trusted CAs: the current one, plus the next and the previous during a rotation."""
+        nxt = self.next_ca.cert_pem if self.next_ca else b""
+        return self.ca.cert_pem + nxt + (self.previous_ca or b"")
 
     def fingerprint(self) -> str:
         """Changes whenever any certificate changes; goes into the pods' config hash."""
         h = hashlib.sha256()
-        for pair in (self.ca, self.server, self.client):
-            h.update(pair.cert_pem)
+        for pem in (self.bundle, self.server.cert_pem, self.client.cert_pem):
+            h.update(pem)
         return h.hexdigest()
 
 
@@ -193,6 +207,27 @@ def _names(pair: KeyPair) -> set[str]:
     }
 
 
+def _still_valid(cert_pem: bytes | None, now: dt.datetime) -> bytes | None:
+    if not cert_pem:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return None
+    return cert_pem if now < cert.not_valid_after_utc else None
+
+
+def _leaf_due(leaf: KeyPair, ca: KeyPair, now: dt.datetime, margin: float) -> bool:
+    """A leaf is renewed ``margin`` before it expires, unless its life was capped at the CA's
+    end: renewing it under the same CA would not extend it, the CA switch will."""
+    cert, ca_end = leaf.cert, ca.cert.not_valid_after_utc
+    if cert.not_valid_before_utc > now + _BACKDATE:
+        return True  # issued by a clock ahead of ours
+    if cert.not_valid_after_utc >= ca_end - dt.timedelta(seconds=1):
+        return now >= ca_end
+    return now >= cert.not_valid_after_utc - dt.timedelta(seconds=margin)
+
+
 def ensure(
     stored: Mapping[str, KeyPair | None],
     *,
@@ -202,27 +237,47 @@ def ensure(
     ca_lifetime: float,
     margin: float,
     ca_name: str,
+    previous_ca: bytes | None = None,
 ) -> TLSMaterial:
     """Keep valid stored material, replace what is missing, wrong, or due for rotation.
 
-    ``stored`` maps "ca", "server" and "client" to what the Secrets hold (or None).
-    A certificate is due when ``now`` is within ``margin`` seconds of its expiry.
+    ``stored`` maps "ca", "next_ca", "server" and "client" to what the Secrets hold (or
+    None); ``previous_ca`` is the CA certificate kept from the last rotation (PEM).
+
+    Leaves are renewed ``margin`` before they expire. The CA rotates in two phases, so
+    that no peer ever meets a certificate it does not trust yet:
+
+    1. from ``margin`` before the CA expires: a next CA is made and joins the bundle,
+       leaves are still signed by the current CA; pods roll and learn the next CA;
+    2. from ``margin / 2`` before expiry: the next CA becomes the signing CA, leaves are
+       re-issued by it, the old CA stays in the bundle (as previous) until it expires.
     """
     ca = stored.get("ca")
-    if ca is None or not _fresh(ca, now, margin):
-        ca = new_ca(now, ca_lifetime, ca_name)
+    nxt = stored.get("next_ca")
+    previous = _still_valid(previous_ca, now)
+    if ca is None or ca.cert.not_valid_before_utc > now + _BACKDATE:
+        ca, nxt, previous = new_ca(now, ca_lifetime, ca_name), None, None
+    else:
+        end = ca.cert.not_valid_after_utc
+        if now >= end - dt.timedelta(seconds=margin):
+            if nxt is None or not _fresh(nxt, now, margin):
+                nxt = new_ca(now, ca_lifetime, ca_name)  # phase 1
+            if now >= end - dt.timedelta(seconds=margin / 2):
+                previous, ca, nxt = _still_valid(ca.cert_pem, now), nxt, None  # phase 2
+        elif nxt is not None and not _fresh(nxt, now, margin):
+            nxt = None
     server = stored.get("server")
     if (
         server is None
-        or not _fresh(server, now, margin)
         or not _signed_by(server, ca)
+        or _leaf_due(server, ca, now, margin)
         or _names(server) != {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in server_names}
     ):
         server = issue(ca, now, lifetime, server_names[0], server_names=server_names)
     client = stored.get("client")
-    if client is None or not _fresh(client, now, margin) or not _signed_by(client, ca):
+    if client is None or not _signed_by(client, ca) or _leaf_due(client, ca, now, margin):
         client = issue(ca, now, lifetime, CLIENT_COMMON_NAME, client=True)
-    return TLSMaterial(ca, server, client)
+    return TLSMaterial(ca, server, client, previous, nxt)
 
 
 def _is_ip(name: str) -> bool:

@@ -141,13 +141,56 @@ def test_material_is_reused_while_fresh_and_rotated_within_the_margin():
     assert rotated.server.not_after - later > dt.timedelta(days=29)  # rotated *before* expiry, full lifetime
 
 
-def test_a_due_ca_reissues_everything():
-    first = ensure({}, NOW)
-    later = NOW + dt.timedelta(days=360)
-    fresh = ensure(stored(first), later)
-    assert fresh.ca != first.ca
-    fresh.server.cert.verify_directly_issued_by(fresh.ca.cert)
-    fresh.client.cert.verify_directly_issued_by(fresh.ca.cert)
+def certs_in(bundle: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(bundle)
+
+
+def verifies(leaf: tls.KeyPair, bundle: bytes, at: dt.datetime, server: bool) -> bool:
+    builder = PolicyBuilder().store(Store(certs_in(bundle))).time(at)
+    try:
+        if server:
+            builder.build_server_verifier(DNSName("fa.ns.svc")).verify(leaf.cert, [])
+        else:
+            builder.build_client_verifier().verify(leaf.cert, [])
+        return True
+    except VerificationError:
+        return False
+
+
+def test_the_ca_rotates_in_two_phases_without_breaking_trust():
+    day = dt.timedelta(days=1)
+
+    def at(m, days):  # CA 365 days, leaves 30, margin 7: phase 1 from day 358, phase 2 from day 361.5
+        return tls.ensure({"ca": m.ca, "next_ca": m.next_ca, "server": m.server, "client": m.client},
+                          now=NOW + days * day, server_names=("fa.ns.svc",), lifetime=30 * 24 * HOUR,
+                          ca_lifetime=365 * 24 * HOUR, margin=7 * 24 * HOUR, ca_name="test-ca",
+                          previous_ca=m.previous_ca)
+
+    m0 = ensure({}, NOW)
+    m = m0
+    for d in range(23, 358, 20):  # leaf renewals under the same CA, no CA change
+        m = at(m, d)
+    assert m.ca == m0.ca and m.next_ca is None and len(certs_in(m.bundle)) == 1
+    before = m
+    phase1 = at(before, 358.5)
+    assert phase1.ca == before.ca and phase1.next_ca is not None  # the next CA is only trusted
+    assert (phase1.server, phase1.client) == (before.server, before.client)
+    assert len(certs_in(phase1.bundle)) == 2
+    assert at(phase1, 359) == phase1  # stable: no churn while pods roll
+    phase2 = at(phase1, 362)
+    assert phase2.ca == phase1.next_ca and phase2.next_ca is None
+    assert phase2.previous_ca == before.ca.cert_pem
+    t = NOW + 362 * day
+    # every mix of old and new peers still verifies: old bundle (phase 1) trusts new leaves,
+    # new bundle trusts old leaves
+    assert verifies(phase2.server, phase1.bundle, t, server=True)
+    assert verifies(phase2.client, phase1.bundle, t, server=False)
+    assert verifies(phase1.server, phase2.bundle, t, server=True)
+    assert verifies(phase1.client, phase2.bundle, t, server=False)
+    # while a bundle of the old CA alone (no two phases) would not have trusted the new leaves
+    assert not verifies(phase2.server, before.bundle, t, server=True)
+    after = at(phase2, 366)  # the old CA expired: no longer trusted
+    assert after.previous_ca is None and len(certs_in(after.bundle)) == 1
 
 
 def test_changed_names_damaged_or_foreign_material_is_replaced():
