@@ -421,6 +421,12 @@ async def test_kubectl_delete_cleans_everything_up(operator):
     await eventually(gone)
     left = await c.kubectl("get", "flowaggregators", "-A")
     assert "flow-aggregator " not in left and "lab-aggregator" in left
+    # agents whose aggregator is deleted say so (and keep what was applied)
+    await c.kubectl("delete", "flowaggregator", "lab-aggregator", "-n", "flowscope-lab", "--timeout=20s")
+    lab = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "flowscope-lab", "lab-agents",
+                                              "AggregatorNotFound"))
+    assert "FlowAggregator flowscope-lab/lab-aggregator does not exist" in ready_condition(lab)["message"]
+    assert await c.get("apps/v1", "DaemonSet", "flowscope-lab", "lab-agents") is not None
     assert_operator_rbac_covers(c)
 
 
