@@ -573,7 +573,18 @@ class ExporterStats(_Counters):
 
 
 class _ExportProtocol(asyncio.Protocol):
-    """The socket side of one exporting transport session: flow control and loss."""
+    """The socket side of one exporting transport session: flow control and loss.
+
+    asyncio's transport buffers whatever the kernel does not take at once and, when the
+    connection breaks, silently discards that buffer. So the write buffer's high-water
+    mark is zero: the sender writes only into an empty buffer and waits for it to drain
+    before writing again. After each write we note which data messages the kernel did
+    not take in full (their record counts come from the header sequence numbers); if
+    the connection breaks before the buffer drained, those records are counted as lost.
+    It is an upper bound: part of them may have reached the kernel meanwhile. What the
+    kernel accepted and the peer never read, TCP does not tell; the collector sees those
+    as sequence-number gaps.
+    """
 
     def __init__(self, owner: ExportingProcess) -> None:
         self.owner = owner
@@ -581,14 +592,12 @@ class _ExportProtocol(asyncio.Protocol):
         self.lost = False
         self.can_write = asyncio.Event()
         self.can_write.set()
-        # (cumulative octets written when the message ended, records in it): to count the
-        # records still in our buffer if the connection breaks
-        self.written = 0
-        self.in_buffer: collections.deque[tuple[int, int]] = collections.deque()
+        self.unsent = 0  # records in data messages still (partly) in our write buffer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
         pass  # collectors send nothing on an IPFIX session
@@ -600,35 +609,39 @@ class _ExportProtocol(asyncio.Protocol):
         self.can_write.clear()
 
     def resume_writing(self) -> None:
+        self.unsent = 0  # the buffer drained: the kernel took everything
         self.can_write.set()
 
     def write(self, messages: list[bytes], records: int) -> None:
         assert self.transport is not None
-        data = b"".join(messages)
-        self.transport.write(data)
-        self.written += len(data)
-        if records:
-            if self.transport.get_write_buffer_size() == 0:
-                self.in_buffer.clear()
-            else:
-                self.in_buffer.append((self.written, records))
-
-    def unsent_records(self) -> int:
-        """Records of messages not yet (completely) accepted by the kernel."""
-        if self.transport is None or not self.in_buffer:
-            return 0
-        try:
-            pending = self.transport.get_write_buffer_size()
-        except Exception:  # noqa: BLE001 - a closed transport may not know any more
-            pending = 0
-        accepted = self.written - pending
-        return sum(n for end, n in self.in_buffer if end > accepted)
+        self.transport.write(b"".join(messages))
+        pending = self.transport.get_write_buffer_size()
+        if not pending:
+            self.unsent = 0
+        elif records:
+            self.unsent += _records_in_tail(messages, records, pending)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost:
             self.lost = True
             self.can_write.set()
             self.owner._connection_lost(self, exc)
+
+
+def _records_in_tail(messages: list[bytes], records: int, pending: int) -> int:
+    """Data records of the messages that end inside the last ``pending`` octets written.
+    Each message's header holds the sequence number, the count of records before it."""
+    seqs = [int.from_bytes(m[8:12], "big") for m in messages]
+    counts = [(seqs[i + 1] - seqs[i]) & 0xFFFFFFFF for i in range(len(messages) - 1)]
+    counts.append(records - sum(counts))
+    unsent = 0
+    tail = 0
+    for m, n in zip(reversed(messages), reversed(counts)):
+        if tail >= pending:
+            break
+        unsent += n
+        tail += len(m)
+    return unsent
 
 
 class _DatagramExportProtocol(asyncio.DatagramProtocol):
@@ -909,7 +922,7 @@ class ExportingProcess:
     def _connection_lost(self, proto: _ExportProtocol, exc: Exception | None) -> None:
         if proto is not self._stream:
             return
-        lost = proto.unsent_records()
+        lost = proto.unsent
         if lost:
             self.stats.records_lost += lost
             self.stats.records_sent -= lost

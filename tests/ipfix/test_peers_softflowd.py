@@ -112,7 +112,7 @@ def processed(ctl: Path, ns: str) -> int:
 
 def test_collector_decodes_softflowd_ipfix_flows_from_a_namespace(tmp_path: Path) -> None:
     require_root()
-    require_tool("softflowd", "softflowctl", "ip")
+    require_tool("softflowd", "softflowctl", "ip", "ping")
     v4_sizes = [100, 200, 300, 400, 1000]
     v6_sizes = [64, 128, 256]
     measured = [

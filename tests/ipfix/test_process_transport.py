@@ -448,3 +448,76 @@ async def test_udp_session_cap_refuses_new_peers() -> None:
         finally:
             for s in socks:
                 s.close()
+
+
+async def test_records_stuck_in_the_send_buffer_of_a_broken_connection_are_counted_lost() -> None:
+    """A collector that stops reading and then resets the connection: whatever was still in
+    our own send buffer is counted in records_lost, never reported as sent."""
+    loop = asyncio.get_running_loop()
+    peers: list[asyncio.Transport] = []
+
+    class Stalled(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()  # never reads: the kernel buffers fill, then ours
+            peers.append(transport)
+
+    server = await loop.create_server(Stalled, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    e = ExportingProcess(
+        Address("127.0.0.1", port, "tcp"), tls=None, templates=[T4], queue_size=200_000, backoff_initial=30, backoff_max=30
+    )
+    await e.start()
+    records = [agent_record(i) for i in range(1000)]
+    for _ in range(100):
+        e.submit(256, records)
+    stream = e._stream
+    assert stream is not None and stream.transport is not None
+    await until(lambda: stream.transport is not None and stream.transport.get_write_buffer_size() > 0, 10, "our buffer to fill")
+    await until(lambda: not stream.can_write.is_set(), 10, "flow control to pause the sender")
+    server.close()  # no reconnect: the next attempt is 30 s away and would be refused
+    peers[0].abort()  # RST
+    await until(lambda: not e.stats.connected, 5, "the exporter to notice")
+    s = e.stats
+    assert s.records_lost > 0 and s.connects == 1
+    assert s.records_sent + s.records_lost + s.queued == s.records_submitted == 100_000
+    await e.close()
+    assert e.stats.records_sent + e.stats.records_lost + e.stats.records_dropped == 100_000
+
+
+async def test_udp_sequence_gaps_count_lost_records_and_withdrawals_are_ignored() -> None:
+    sink = Sink()
+    async with CollectingProcess(Address("127.0.0.1", 0, "udp"), tls=None, on_message=sink) as collector:
+        s = ExportSession()
+        s.add_template(T4)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(("127.0.0.1", collector.port))
+        try:
+            sock.send(s.encode_templates(1)[0])
+            sock.send(s.encode_records(256, [agent_record(i) for i in range(2)], 1)[0])
+            s.encode_records(256, [agent_record(i) for i in range(3)], 1)  # "lost in the network"
+            sock.send(s.encode_records(256, [agent_record(9)], 1)[0])
+            sock.send(s.encode_withdrawal([256], 1)[0])  # never valid over UDP: ignored
+            s.add_template(T4)
+            sock.send(s.encode_records(256, [agent_record(10)], 1)[0])  # the template still holds
+            await until(lambda: len(sink.records) == 4)
+            assert collector.stats.lost_records == 3
+            assert collector.stats.ignored_withdrawals == 1 and collector.stats.unknown_template_sets == 0
+        finally:
+            sock.close()
+
+
+async def test_udp_over_ipv6_fits_the_ipv6_path_mtu() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    sink = Sink()
+    async with CollectingProcess(Address("::1", 0, "udp"), tls=None, on_message=sink) as collector:
+        e = ExportingProcess(Address("::1", collector.port, "udp"), tls=None, templates=[T6])
+        await e.start()
+        sent = [agent_record(i, 6) for i in range(60)]
+        e.submit(257, sent)
+        await e.flush()
+        await until(lambda: len(sink.records) == 60)
+        assert max(sink.lengths) <= 512 - 48  # IPv6 and UDP headers
+        assert [r for _, _, r in sink.records] == sent and sink.records[0][0].host == "::1"
+        await e.close()
