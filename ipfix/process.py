@@ -735,10 +735,7 @@ class ExportingProcess:
         """Connect (one attempt; on failure the sender keeps retrying with backoff)."""
         if self._task is not None:
             raise UsageError("this exporting process is already started")
-        if self.address.protocol == "udp":
-            await self._open_udp()
-        else:
-            await self._connect()
+        await self._open()
         self._task = asyncio.create_task(self._run(), name=f"ipfix-export-{self.address}")
 
     def submit(self, template_id: int, records: Sequence[Record]) -> bool:
@@ -834,11 +831,21 @@ class ExportingProcess:
         self._pending_templates.clear()  # a new session announces all of them
         return session
 
-    async def _open_udp(self) -> None:
+    async def _open(self) -> bool:
+        return await (self._open_udp() if self.address.protocol == "udp" else self._connect())
+
+    async def _open_udp(self) -> bool:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DatagramExportProtocol(self), remote_addr=(self.address.host, self.address.port)
-        )
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _DatagramExportProtocol(self), remote_addr=(self.address.host, self.address.port)
+            )
+        except OSError as exc:  # e.g. the name does not resolve (yet): retried with backoff
+            self._failures += 1
+            self.stats.connect_failures += 1
+            self._limiter.warn("cannot open UDP export to %s: %s", self.address, exc)
+            return False
+        self._failures = 0
         self._udp = transport
         family = transport.get_extra_info("socket").family
         overhead = IPV6_UDP_OVERHEAD if family == socket.AF_INET6 else IPV4_UDP_OVERHEAD
@@ -846,6 +853,7 @@ class ExportingProcess:
         self._next_templates = float("-inf")  # templates go before the first data
         self.stats.connected = True
         self.stats.connects += 1
+        return True
 
     async def _connect(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -959,10 +967,10 @@ class ExportingProcess:
     async def _step(self) -> None:
         if not self._queue:
             self._idle.set()
-        if self.address.protocol != "udp" and self._stream is None:
+        if self._session is None:  # no transport session: (re)connect, or open the UDP socket
             if self._failures:
                 await asyncio.sleep(self._backoff())
-            await self._connect()
+            await self._open()
             return
         if not self._queue:
             self._idle.set()
