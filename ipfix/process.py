@@ -467,6 +467,7 @@ class _StreamSession(asyncio.Protocol):
         self.accepted = False
         self.ended = False
         self.failed = False
+        self.handshake: asyncio.Future[None] | None = None  # referenced, so it is not collected mid-flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         process = self.process
@@ -481,7 +482,7 @@ class _StreamSession(asyncio.Protocol):
         if process._ssl is not None:
             assert isinstance(transport, asyncio.Transport)
             transport.pause_reading()  # nothing may reach us before the TLS layer is in place
-            asyncio.ensure_future(self._handshake(transport, process._ssl))
+            self.handshake = asyncio.ensure_future(self._handshake(transport, process._ssl))
 
     async def _handshake(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
         assert self.session is not None
@@ -490,7 +491,7 @@ class _StreamSession(asyncio.Protocol):
             tls = await loop.start_tls(
                 raw, self, ctx, server_side=True, ssl_handshake_timeout=self.process.tls_handshake_timeout
             )
-        except (OSError, asyncio.TimeoutError, EOFError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the handshake refuses this peer only
             self.process.stats.tls_refused += 1
             reason = getattr(exc, "reason", None) or exc
             self.process._limiter.warn("TLS handshake with %s refused: %s", self.session.peer, reason)
@@ -536,6 +537,8 @@ class _StreamSession(asyncio.Protocol):
         self._end()
 
     def shutdown(self) -> None:
+        if self.handshake is not None and not self.handshake.done():
+            self.handshake.cancel()
         if self.transport is not None:
             self.transport.close()
         self._end()
