@@ -62,6 +62,8 @@ async def seed(api: KubeApi, url: str) -> list[dict]:
         for doc in DOCS:
             if doc["apiVersion"].startswith("flowscope.dev"):
                 bodies.append(await api.create(doc))
+            elif doc["kind"] != "Namespace":
+                await api.create(doc)  # e.g. the ClickHouse credentials Secret
     return bodies
 
 
@@ -115,7 +117,7 @@ def main() -> None:
     import datetime as dt
     now = dt.datetime.now(dt.timezone.utc)
     objects = render_documents(DOCS, image="flowscope:bench", now=now)
-    rendered = [o for o in objects if o["kind"] not in ("Namespace",) and o.get("apiVersion") != "flowscope.dev/v1alpha1"]
+    rendered = [o for o in objects if o not in DOCS]  # what the operator creates, not the inputs
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         manifest = tmp / "rendered.yaml"
