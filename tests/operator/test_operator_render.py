@@ -363,3 +363,17 @@ def test_live_objects_compare_by_the_fields_we_set_and_quantities_by_value():
     assert not contains({"a": "0.5"}, {"a": "500m"})  # outside resources, text is text
     assert contains({"status": {"x": 1}}, {"status": {"gone": None}})
     assert not contains({"status": {"gone": 1}}, {"status": {"gone": None}})
+
+
+def test_explicit_tls_collector_mounts_the_users_secret():
+    spec = parse_flow_exporter_config(fec(flowCollectorAddr="collector.example.org:4740", tlsSecretName="my-tls"))
+    addr, server = manifests.resolve_collector(spec, None)
+    assert str(addr) == "collector.example.org:4740:tls" and server is None
+    objs = manifests.build_agent(spec, image="i", collector=addr, server_name=server, tls=None)
+    assert not [o for o in objs if o["kind"] == "Secret"]  # the user's, not ours
+    pod = by(objs, "DaemonSet", "agents")["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "my-tls"
+    config = yaml.safe_load(by(objs, "ConfigMap", "agents-config")["data"]["agent.yaml"])
+    assert config["tls"]["serverName"] == "collector.example.org"
+    for doc in objs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
