@@ -133,3 +133,14 @@ def test_unreadable_tls_files_name_the_file(tmp_path: Path, pki: dict[str, Any])
         TLSConfig(pki["server"].cert, pki["server"].key, missing).server_context()
     with pytest.raises(UsageError, match="key must match"):
         TLSConfig(pki["server"].cert, pki["client"].key, pki["good"].path).client_context()
+
+
+async def test_a_silent_client_is_dropped_after_the_handshake_timeout(pki: dict[str, Any]) -> None:
+    server_tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["good"].path)
+    async with CollectingProcess(
+        Address("127.0.0.1", 0, "tls"), tls=server_tls, on_message=lambda p, m: None, tls_handshake_timeout=0.2
+    ) as collector:
+        reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)  # says nothing
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert collector.stats.tls_refused == 1 and collector.stats.sessions == 0

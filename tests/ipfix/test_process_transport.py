@@ -521,3 +521,24 @@ async def test_udp_over_ipv6_fits_the_ipv6_path_mtu() -> None:
         assert max(sink.lengths) <= 512 - 48  # IPv6 and UDP headers
         assert [r for _, _, r in sink.records] == sent and sink.records[0][0].host == "::1"
         await e.close()
+
+
+async def test_a_failing_on_message_is_counted_and_the_session_goes_on() -> None:
+    seen: list[int] = []
+
+    def on_message(peer: Peer, msg: Any) -> None:
+        seen.append(msg.record_count)
+        if len(seen) == 2:
+            raise RuntimeError("consumer bug")
+
+    async with CollectingProcess(Address("127.0.0.1", 0, "tcp"), tls=None, on_message=on_message) as collector:
+        e = ExportingProcess(Address("127.0.0.1", collector.port, "tcp"), tls=None, templates=[T4])
+        await e.start()
+        for i in range(3):
+            e.submit(256, [agent_record(i)])
+            await e.flush()
+            await until(lambda: sum(seen) == i + 1)
+        assert collector.stats.callback_errors == 1 and collector.stats.sessions == 1
+        assert collector.stats.records == 3
+        await e.close()
+    assert collector.stats.sessions == 0
