@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
     )
     e.add_argument("--to", required=True, metavar="HOST:PORT[:PROTO]",
                    help="collector address; PROTO is tcp (default), udp or tls; IPv6 in brackets")
-    _tls_options(e)
+    _tls_options(e, client=True)
     e.add_argument("--template", metavar="NAME",
                    help="use a predefined template: agent-ipv4, agent-ipv6, aggregator-ipv4, aggregator-ipv6")
     e.add_argument("--observation-domain", type=int, default=0, metavar="N", help="observation domain id (default 0)")
@@ -64,11 +64,13 @@ def register(subparsers: Any) -> None:
     e.set_defaults(func=_export)
 
 
-def _tls_options(p: argparse.ArgumentParser) -> None:
+def _tls_options(p: argparse.ArgumentParser, *, client: bool = False) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate (tls)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of the certificate (tls)")
     p.add_argument("--tls-ca", metavar="FILE", help="PEM CA certificate that signs the peer's certificate (tls)")
-    p.add_argument("--tls-server-name", metavar="NAME", help=argparse.SUPPRESS)
+    if client:
+        p.add_argument("--tls-server-name", metavar="NAME",
+                       help="name the collector's certificate must carry (default: the host of --to)")
 
 
 class _Usage(Exception):
@@ -100,7 +102,7 @@ def _tls(args: argparse.Namespace, address: Any) -> Any:
     missing = [k for k, v in given.items() if not v]
     if missing:
         raise _Usage(f"{address} is a tls address: {', '.join(missing)} must be given (mutual TLS needs all three)")
-    return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=args.tls_server_name)
+    return TLSConfig(args.tls_cert, args.tls_key, args.tls_ca, server_name=getattr(args, "tls_server_name", None))
 
 
 def _duration(text: str, option: str) -> float:

@@ -168,8 +168,8 @@ def test_mutual_tls_from_the_command_line(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{port}:tls"
     with Collector("--listen", listen, "--tls-cert", server.cert, "--tls-key", server.key, "--tls-ca", good.path) as c:
         sent = [agent_record(i) for i in range(20)]
-        r = export(["--to", listen, "--tls-cert", client.cert, "--tls-key", client.key, "--tls-ca", good.path],
-                   [json.dumps(x) for x in sent])
+        r = export(["--to", listen, "--tls-cert", client.cert, "--tls-key", client.key, "--tls-ca", good.path,
+                    "--tls-server-name", "collector"], [json.dumps(x) for x in sent])
         assert r.returncode == 0, r.stderr
         c.wait(lambda: len(c.records()) == 20, "records over TLS")
         assert [strip_meta(x) for x in c.records()] == sent
