@@ -227,3 +227,21 @@ def test_collector_stdout_closed_early_ends_quietly() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_export_streams_more_records_than_its_queue_holds_without_losing_any(tmp_path: Path) -> None:
+    n = 150_000  # more than the exporter's 65536-record queue: backpressure, not drops
+    src = tmp_path / "many.jsonl"
+    with src.open("w") as fh:
+        for i in range(n):
+            fh.write(f'{{"sourceTransportPort": {i % 65536}, "octetDeltaCount": {i}, "sourceIPv4Address": "10.1.{i // 256 % 256}.{i % 256}"}}\n')
+    port = free_port()
+    with Collector("--listen", f"127.0.0.1:{port}") as c:
+        r = subprocess.run([FLOWSCOPE, "export", "--to", f"127.0.0.1:{port}", "--input", str(src)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"{n} records sent" in r.stderr and "0 records not delivered" in r.stderr
+        c.wait(lambda: len(c.lines) >= n, "every record", timeout=60)
+        got = sorted(json.loads(x)["octetDeltaCount"] for x in c.lines)
+        assert got == list(range(n))
+        c.stop()
