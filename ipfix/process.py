@@ -786,10 +786,13 @@ class ExportingProcess:
     async def _drained(self) -> None:
         await self._idle.wait()
         stream = self._stream
+        # the write buffer's high-water mark is 0: anything in it pauses writing, and
+        # resume_writing (or connection_lost) sets can_write once it is empty (or gone)
         while stream is not None and stream.transport is not None and not stream.lost:
             if stream.transport.get_write_buffer_size() == 0:
                 break
-            await asyncio.sleep(0.001)
+            stream.can_write.clear()
+            await stream.can_write.wait()
 
     async def close(self) -> None:
         """Send nothing more, count what was still queued as dropped, close the socket."""
