@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
 # Set everything up and run the demo: the README's demo command.
 #
-# Starts an IPFIX collector on loopback (`flowscope collector`), sends it the example
-# Antrea agent flow records of scripts/demo-flows.jsonl as IPFIX over TCP
-# (`flowscope export`), shows what the collector decoded, checks every field against what
-# was sent, and stops the collector. Nothing leaves the machine: all traffic is on
-# 127.0.0.1.
+#   bash scripts/demo.sh [--json]    # the whole pipeline (flowscope demo), as root
+#   bash scripts/demo.sh --replay    # only the IPFIX wire: collector + export on loopback
 #
-# Environment: FLOWSCOPE_DEMO_PORT (default 4739; a free port is used when it is taken),
-# FLOWSCOPE_DEMO_FLOWS (default scripts/demo-flows.jsonl).
+# The default runs `flowscope demo`: a two-Node lab of network namespaces with real
+# conntrack, one Flow Exporter agent per Node, mutual TLS to a Flow Aggregator that
+# correlates both halves of every inter-Node connection, and a collector printing what
+# the aggregator exports (see flowscope/demo.py). It removes everything it made.
+#
+# --replay starts an IPFIX collector on loopback (`flowscope collector`), sends it the
+# example Antrea agent flow records of scripts/demo-flows.jsonl as IPFIX over TCP
+# (`flowscope export`), shows what the collector decoded, checks every field against
+# what was sent, and stops the collector.
+#
+# Nothing leaves the machine: all traffic is on 127.0.0.1 or inside the demo's own
+# network namespaces.
+#
+# Environment (--replay): FLOWSCOPE_DEMO_PORT (default 4739; a free port is used when it
+# is taken), FLOWSCOPE_DEMO_FLOWS (default scripts/demo-flows.jsonl).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +26,11 @@ cd "$REPO"
 FLOWS="${FLOWSCOPE_DEMO_FLOWS:-$REPO/scripts/demo-flows.jsonl}"
 PY="$REPO/.venv/bin/python"
 FLOWSCOPE="$REPO/.venv/bin/flowscope"
+MODE=pipeline
+if [[ ${1:-} == --replay ]]; then
+    MODE=replay
+    shift
+fi
 
 say() { printf 'demo: %s\n' "$*"; }
 die() {
@@ -23,7 +38,20 @@ die() {
     exit 1
 }
 
+if [[ $MODE == replay ]] && (($#)); then
+    die "--replay takes no other arguments"
+fi
+if [[ $MODE == pipeline && $EUID != 0 ]]; then
+    die "run as root (sudo bash scripts/demo.sh): the demo builds network namespaces"
+fi
+
 bash scripts/setup.sh
+
+if [[ $MODE == pipeline ]]; then
+    echo
+    exec "$FLOWSCOPE" demo "$@"
+fi
+
 [[ -s $FLOWS ]] || die "no flow records in $FLOWS"
 
 TMP="$(mktemp -d "${TMPDIR:-/tmp}/flowscope-demo.XXXXXX")"

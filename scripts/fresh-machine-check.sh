@@ -113,8 +113,14 @@ fi
     { cat "$WORK/import.log" >&2; die "podman import failed"; }
 say "image $IMAGE imported"
 
-git clone -q "$REPO" "$WORK/flowscope"
-say "cloned $(git -C "$WORK/flowscope" rev-parse --short HEAD) ($(git -C "$WORK/flowscope" log -1 --format=%s | cut -c1-60))"
+# As CI lays it out: a fresh clone, with a read-only copy of shared/ beside it.
+mkdir -p "$WORK/ci"
+git clone -q "$REPO" "$WORK/ci/flowscope"
+say "cloned $(git -C "$WORK/ci/flowscope" rev-parse --short HEAD) ($(git -C "$WORK/ci/flowscope" log -1 --format=%s | cut -c1-60))"
+if [[ -d $REPO/../shared ]]; then
+    cp -r "$REPO/../shared" "$WORK/ci/shared"
+    chmod -R a-w "$WORK/ci/shared"
+fi
 
 # This machine reaches PyPI through a TLS-intercepting proxy: hand pip the host's CA
 # bundle (a real fresh machine does not need this).
@@ -134,7 +140,7 @@ if ((HOST_KUBECTL)); then
 fi
 
 inner='set -euo pipefail
-cd /src
+cd /ci/flowscope
 t0=$SECONDS
 bash scripts/setup.sh
 echo "fresh-machine: SETUP_SECONDS=$((SECONDS - t0))"
@@ -150,15 +156,20 @@ bash scripts/test.sh
 echo "fresh-machine: TEST_SECONDS=$((SECONDS - t1))"
 '
 fi
+# Trust the exit status and also this last line: only a run that got to the end passed.
+inner+='echo "fresh-machine: INNER-DONE"
+'
 
 say "running in a fresh bookworm container (privileged, host network) ..."
 t=$SECONDS
 set +e
 "${PODMAN[@]}" run --name "$CONTAINER" --privileged --network host \
     --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 \
-    -e CI=true -v "$WORK/flowscope:/src" "${extra[@]}" \
+    -e CI=true -v "$WORK/ci:/ci" "${extra[@]}" \
     "$IMAGE" bash -c "$inner" </dev/null 2>&1 | tee "$WORK/container.log"
 rc=${PIPESTATUS[0]}
 set -e
 ((rc == 0)) || die "the container run failed (exit $rc)"
+grep -q '^fresh-machine: INNER-DONE' "$WORK/container.log" ||
+    die "the container run stopped before its end, although podman reported exit 0"
 say "PASSED in $((SECONDS - t))s: $(grep -o 'SETUP_SECONDS=[0-9]*' "$WORK/container.log" | head -n1)"
