@@ -23,6 +23,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import kopf
 
 from flowscope.operator.kube import ApiError, Connection, KubeApi
@@ -51,19 +52,23 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
     rec = reconciler or Reconciler(KubeApi(connection), image=image)
     locks: dict[tuple[str, str, str], asyncio.Lock] = {}
 
-    async def run(kind: str, namespace: str, name: str, body: Mapping[str, Any] | None = None) -> None:
+    async def run(kind: str, namespace: str, name: str) -> None:
         """Reconcile one resource, serialised per resource, always from a fresh read."""
-        lock = locks.setdefault((kind, namespace, name), asyncio.Lock())
-        async with lock:
-            fresh = await rec.api.get(API_VERSION, kind, namespace, name)
-            if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
-                return
+        key = (kind, namespace, name)
+        async with locks.setdefault(key, asyncio.Lock()):
             try:
+                fresh = await rec.api.get(API_VERSION, kind, namespace, name)
+                if fresh is None:
+                    locks.pop(key, None)
+                    return
+                if (fresh.get("metadata") or {}).get("deletionTimestamp"):
+                    return
                 if kind == "FlowAggregator":
                     await rec.aggregator(fresh)
                 else:
                     await rec.exporter(fresh)
-            except ApiError as exc:
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # level-triggered: the next event or the resync timer tries again
                 log.warning("reconcile of %s %s/%s will be retried: %s", kind, namespace, name, exc)
 
     async def referencing(namespace: str, name: str) -> list[tuple[str, str]]:
