@@ -7,7 +7,9 @@ records) through ``ExportingProcess.submit``/``flush``; one collector process de
 them with ``CollectingProcess`` and counts them in ``on_message``. The rate is N over the
 time from the first submit to the last record counted by the collector, and a run only
 counts if the collector counted exactly N records and the exporter dropped none. Medians
-of several runs are printed.
+of several runs are printed. Each process also reports the CPU time it spent; N over the
+larger of the two is what the pair sustains with a core each, a figure that other load
+on the machine does not distort (wall-clock rates do drop when other jobs share the CPUs).
 
 Peer measured in the same run: the PyPI ``ipfix`` package (python-ipfix 0.9.7), its
 stream writer in one process and its stream reader in another, over the same kind of
@@ -69,12 +71,15 @@ def collector_main(expected: int, conn: Any) -> None:
         c = CollectingProcess(Address("127.0.0.1", 0, "tcp"), tls=None, on_message=on_message)
         await c.start()
         conn.send(c.port)
+        cpu0 = time.process_time()
         try:
             await asyncio.wait_for(done.wait(), 300)
         except asyncio.TimeoutError:
             pass
+        cpu = time.process_time() - cpu0
         await asyncio.sleep(0.2)  # anything beyond N would be a bug: count it too
-        conn.send({"count": count, "last": last, "malformed": c.stats.malformed, "lost": c.stats.lost_records})
+        conn.send({"count": count, "last": last, "malformed": c.stats.malformed, "lost": c.stats.lost_records,
+                   "cpu": cpu})
         await c.close()
 
     asyncio.run(run())
@@ -89,6 +94,7 @@ def exporter_main(port: int, n: int, conn: Any) -> None:
         await e.start()
         conn.recv()  # go
         start = time.monotonic()
+        cpu0 = time.process_time()
         sent = 0
         while sent < n:
             k = min(BATCH, n - sent)
@@ -100,8 +106,9 @@ def exporter_main(port: int, n: int, conn: Any) -> None:
             if e.stats.queued >= 8 * BATCH:
                 await asyncio.sleep(0)
         await e.flush()
+        cpu = time.process_time() - cpu0
         conn.send({"start": start, "submitted": e.stats.records_submitted, "dropped": e.stats.records_dropped,
-                   "sent": e.stats.records_sent})
+                   "sent": e.stats.records_sent, "cpu": cpu})
         await e.close()
 
     asyncio.run(run())
@@ -125,7 +132,10 @@ def run_flowscope(n: int) -> dict[str, Any]:
     elapsed = co["last"] - ex["start"]
     ok = co["count"] == n and ex["dropped"] == 0 and co["malformed"] == 0 and co["lost"] == 0
     return {"records_per_s": n / elapsed if ok else 0.0, "seconds": elapsed, "received": co["count"],
-            "dropped": ex["dropped"], "lost_by_sequence": co["lost"], "complete": ok}
+            "dropped": ex["dropped"], "lost_by_sequence": co["lost"], "complete": ok,
+            "exporter_cpu_s": round(ex["cpu"], 3), "collector_cpu_s": round(co["cpu"], 3),
+            # what the pair sustains when each process has a core to itself (load-independent)
+            "cpu_bound_records_per_s": n / max(ex["cpu"], co["cpu"]) if ok else 0.0}
 
 
 # --------------------------------------------------------------------------- python-ipfix
@@ -241,6 +251,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "records_per_run": args.records,
         "flowscope_records_per_s_median": round(med),
+        "flowscope_cpu_bound_records_per_s_median": round(statistics.median(r["cpu_bound_records_per_s"] for r in ours)),
+        "load_average_at_end": os.getloadavg()[0],
         "all_runs_complete_no_loss": all(r["complete"] for r in ours),
         "flowscope_runs": ours,
         "peer": "python-ipfix 0.9.7 writer -> reader over TCP loopback",
