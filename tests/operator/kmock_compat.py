@@ -121,6 +121,7 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.printer_columns: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.status_subresources: set[tuple[str, str]] = set()
+        self.failures: list[list[Any]] = []
         for ns in ("default", "kube-system"):
             self._ensure_namespace(ns)
 
@@ -136,7 +137,18 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             self.namespaces[name] = obj
         return self.namespaces[name]
 
+    def inject_failure(self, method: str, path_suffix: str, status: int, message: str, times: int = 1) -> None:
+        """Test helper, not a gap: answer the next ``times`` matching requests with an error
+        (an apiserver hiccup, an admission webhook's denial)."""
+        self.failures.append([method.upper(), path_suffix, status, message, times])
+
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        for failure in self.failures:
+            method, suffix, status, message, left = failure
+            if left > 0 and raw_request.method == method and raw_request.path.endswith(suffix):
+                failure[4] -= 1
+                await raw_request.read()
+                return self._status(status, "InternalError" if status >= 500 else "Invalid", message)
         m = re.fullmatch(r"/api/v1/namespaces(?:/([^/]+))?", raw_request.path)
         if m is None:
             return await super().__call__(raw_request)

@@ -537,3 +537,25 @@ async def test_the_operator_command_refuses_a_bad_resync():
     _, err = await proc.communicate()
     assert proc.returncode == 1
     assert "--resync: '500ms' is below the 1s minimum" in err.decode()
+
+
+async def test_api_errors_neither_crash_nor_stick(operator):
+    c = operator
+    # an apiserver hiccup on the Deployment, an admission webhook refusing the DaemonSet
+    c.emu.inject_failure("POST", "/namespaces/flow-aggregator/deployments", 500, "etcdserver: request timed out")
+    c.emu.inject_failure("POST", "/namespaces/kube-system/daemonsets", 422,
+                         'admission webhook "policy.example.org" denied the request: privileged containers are '
+                         "not allowed")
+    await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/01-aggregator-tls.yaml"),
+                    "-f", str(ROOT / "config/samples/02-agents.yaml"))
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "flowscope-agent",
+                                              "ApplyFailed"))
+    message = ready_condition(fec)["message"]
+    assert "daemonsets" in message and "privileged containers are not allowed" in message
+    assert [f[4] for f in c.emu.failures] == [0, 0]  # both errors were really served
+    # the transient 500 left no condition behind; the next event applies everything
+    await c.kubectl("annotate", "fa", "flow-aggregator", "-n", "flow-aggregator", "example.org/poke=1")
+    await eventually(lambda: c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator"))
+    await c.kubectl("annotate", "fec", "flowscope-agent", "-n", "kube-system", "example.org/poke=1")
+    await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "flowscope-agent", "Deploying"))
+    assert await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent") is not None
