@@ -136,7 +136,9 @@ def ready_condition(obj: dict | None) -> dict:
 
 
 async def apply_samples(c: Cluster) -> None:
-    out = await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config" / "samples"))
+    # the README's command: CRDs and samples in one go (the CRDs are already there: unchanged)
+    out = await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "crds"), "-f", str(ROOT / "config" / "samples"))
+    assert "customresourcedefinition.apiextensions.k8s.io/flowaggregators.flowscope.dev unchanged" in out
     assert "flowaggregator.flowscope.dev/flow-aggregator created" in out
 
     async def deployed():
