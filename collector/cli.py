@@ -471,7 +471,11 @@ async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float
                     rejected += 1
                     break
                 try:
-                    record = parse_line(raw.decode("utf-8", "replace"), registry, line_no)
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise RecordError(f"line {line_no}: not UTF-8 text (octet {exc.start + 1})") from None
+                    record = parse_line(text, registry, line_no)
                     if record is None:
                         continue
                     template, new = templates.for_record(record, line_no)
