@@ -377,3 +377,44 @@ def test_explicit_tls_collector_mounts_the_users_secret():
     assert config["tls"]["serverName"] == "collector.example.org"
     for doc in objs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def cel_rules(schema: dict, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """Every x-kubernetes-validations rule of a schema, with the path of the value it judges."""
+    out = [(path, r["rule"]) for r in schema.get("x-kubernetes-validations", [])]
+    for key, sub in (schema.get("properties") or {}).items():
+        out += cel_rules(sub, path + (key,))
+    return out
+
+
+def cel_check(rule: str, value) -> bool:
+    import celpy  # the test extra installs it
+    env = celpy.Environment()
+    return bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(value)}))
+
+
+def at_path(doc, path):
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def test_crd_cel_rules_accept_the_samples_and_refuse_what_the_operator_refuses():
+    rules = {kind: cel_rules(crd_schema(kind)) for kind in ("FlowAggregator", "FlowExporterConfig")}
+    assert len(rules["FlowAggregator"]) >= 4 and len(rules["FlowExporterConfig"]) >= 4
+    checked = 0
+    for doc in ALL_SAMPLE_DOCS:
+        for path, rule in rules.get(doc["kind"], []):
+            value = at_path(doc, path)
+            if value is not None:  # the apiserver evaluates a rule only where the value is set
+                assert cel_check(rule, value), (doc["metadata"]["name"], path, rule)
+                checked += 1
+    assert checked >= 8
+    minimum = next(r for p, r in rules["FlowAggregator"] if p == ("spec", "flowExportInterval"))
+    assert not cel_check(minimum, "500ms") and cel_check(minimum, "1s") and cel_check(minimum, "1m30s")
+    one_of = next(r for p, r in rules["FlowExporterConfig"] if p == ("spec",))
+    assert not cel_check(one_of, {}) and not cel_check(one_of, {"flowAggregatorRef": {"name": "a"},
+                                                                 "flowCollectorAddr": "x:1"})
+    assert cel_check(one_of, {"flowCollectorAddr": "x:1:udp"})
