@@ -151,7 +151,10 @@ def test_aggregator_objects_follow_the_design(rendered):
     pod = dep["spec"]["template"]["spec"]
     assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
     assert pod["containers"][0]["args"] == ["aggregator", "--config", "/etc/flowscope/aggregator.yaml"]
-    assert {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]["secretName"] == "flow-aggregator-server-tls"
+    tls_volume = {v["name"]: v for v in pod["volumes"]}["tls"]["secret"]
+    assert tls_volume["secretName"] == "flow-aggregator-server-tls"
+    # the unprivileged aggregator reads its key through the group (fsGroup), nobody else can
+    assert tls_volume["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 65532
     assert len(dep["spec"]["template"]["metadata"]["annotations"]["flowscope.dev/config-hash"]) == 16
     lab = by(rendered, "Deployment", "lab-aggregator")["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in lab["env"]}
