@@ -402,6 +402,10 @@ class CollectingProcess:
         except MalformedMessage as exc:
             self._malformed(session.peer, exc, closing=False)
             return
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the listener
+            log.exception("unexpected error decoding a datagram from %s", session.peer)
+            self._malformed(session.peer, exc, closing=False)
+            return
         self._deliver(session.peer, msg)
 
     def _end_udp_session(self, key: tuple[str, int]) -> None:
@@ -518,8 +522,10 @@ class _StreamSession(asyncio.Protocol):
             session.last_seen = now
             for raw in messages:
                 process._deliver(session.peer, process._decode(session, raw, now))
-        except MalformedMessage as exc:
+        except Exception as exc:  # noqa: BLE001 - MalformedMessage, or a decoder bug: this session only
             self.failed = True
+            if not isinstance(exc, MalformedMessage):
+                log.exception("unexpected error decoding a message from %s", session.peer)
             process._malformed(session.peer, exc, closing=True)
             if self.transport is not None:
                 self.transport.close()
