@@ -7,7 +7,13 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
+from flowscope.ipfix.antrea import (
+    AGENT_IPV4_FIELDS,
+    AGENT_IPV6_FIELDS,
+    AGGREGATOR_EXTRA_FIELDS,
+    AGGREGATOR_IPV4_FIELDS,
+    AGGREGATOR_IPV6_FIELDS,
+)
 
 BASE_TIME = 1795716000
 
@@ -62,5 +68,17 @@ def agent_record(i: int, family: int = 4, *, unicode_names: bool = False) -> dic
         fields = AGENT_IPV6_FIELDS
     if unicode_names:
         r["sourcePodName"] = f"fröntend-ßü-{i}"
+    assert set(r) == set(fields), set(r) ^ set(fields)
+    return r
+
+
+def aggregator_record(i: int, family: int = 4) -> dict[str, Any]:
+    """An aggregated record: the agent's fields plus every field the aggregator adds."""
+    r = agent_record(i, family)
+    r["originalExporterIPv4Address"] = f"192.168.{i % 4}.{i % 250 + 1}"
+    r["originalObservationDomainId"] = 1000 + i
+    for n, name in enumerate(AGGREGATOR_EXTRA_FIELDS[2:]):
+        r[name] = (i + 1) * 1000 + n
+    fields = AGGREGATOR_IPV4_FIELDS if family == 4 else AGGREGATOR_IPV6_FIELDS
     assert set(r) == set(fields), set(r) ^ set(fields)
     return r

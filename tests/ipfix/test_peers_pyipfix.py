@@ -5,7 +5,9 @@ RFC 7011 implementation), both ways, over loopback TCP and UDP:
   RFC 5103 reverse and Antrea enterprise ones, IPv4 and IPv6) is captured off the socket
   and decoded by python-ipfix, field for field equal to what was submitted;
 * what python-ipfix encodes (enterprise strings included) and sends to our collecting
-  process is decoded field for field.
+  process is decoded field for field;
+* the aggregator's records (every field it adds, PEN 56506 ids 120-135, IANA 403 and
+  405) go through python-ipfix both ways as well.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import ipfix.reader
 import ipfix.template
 import ipfix.writer
 import pytest
-from ipfix_samples import agent_record
+from ipfix_samples import agent_record, aggregator_record
 
 from flowscope.ipfix import Address, Template, default_registry
-from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
+from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS, AGGREGATOR_IPV4_FIELDS, AGGREGATOR_IPV6_FIELDS
 from flowscope.ipfix.process import CollectingProcess, ExportingProcess
 
 pytestmark = pytest.mark.peer
@@ -40,7 +42,7 @@ def python_ipfix_model() -> None:
     ipfix.ie.use_iana_default()
     ipfix.ie.use_5103_default()
     reg = default_registry()
-    for name in set(AGENT_IPV4_FIELDS) | set(AGENT_IPV6_FIELDS):
+    for name in set(AGGREGATOR_IPV4_FIELDS) | set(AGGREGATOR_IPV6_FIELDS):
         ie = reg.get(name)
         if ie.pen == 56506:
             length = 65535 if ie.data_type.name == "string" else ie.data_type.default_length
@@ -183,3 +185,42 @@ async def test_we_decode_what_python_ipfix_exports(protocol: str, family: int) -
         assert collector.stats.malformed == 0 and collector.stats.lost_records == 0
     assert [r for _, _, r in got] == records
     assert {(d, t) for d, t, _ in got} == {(4242, 400)}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+async def test_aggregated_records_both_ways(family: int) -> None:
+    fields = AGGREGATOR_IPV4_FIELDS if family == 4 else AGGREGATOR_IPV6_FIELDS
+    sent = [aggregator_record(i, family) for i in range(50)]
+    # ours -> python-ipfix
+    loop = asyncio.get_running_loop()
+    cap = Capture()
+    server = await loop.create_server(lambda: cap, "127.0.0.1", 0)
+    t = Template.build(500, fields)
+    e = ExportingProcess(Address("127.0.0.1", server.sockets[0].getsockname()[1], "tcp"), tls=None, templates=[t])
+    await e.start()
+    e.submit(500, sent)
+    assert await e.flush(timeout=5)
+    await e.close()
+    await until(lambda: len(cap.stream) >= e.stats.octets_sent)
+    server.close()
+    theirs = [{k: from_pyipfix(v) for k, v in r.items()} for r in ipfix.reader.from_stream(io.BytesIO(bytes(cap.stream))).namedict_iterator()]
+    assert theirs == sent
+    # python-ipfix -> ours
+    got: list[dict[str, Any]] = []
+    async with CollectingProcess(
+        Address("127.0.0.1", 0, "tcp"), tls=None, on_message=lambda p, m: got.extend(r for _, r in m.data_records())
+    ) as collector:
+        out = io.BytesIO()
+        w = ipfix.writer.to_stream(out)
+        w.set_domain(5)
+        w.add_template(ipfix.template.from_ielist(501, ipfix.ie.spec_list(list(fields))))
+        w.set_export_template(501)
+        for r in sent:
+            w.export_namedict({k: to_pyipfix(k, v) for k, v in r.items()})
+        w.flush()
+        reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)
+        writer.write(out.getvalue())
+        await writer.drain()
+        await until(lambda: len(got) == len(sent))
+        writer.close()
+    assert got == sent
