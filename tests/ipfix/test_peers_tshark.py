@@ -1,6 +1,7 @@
 """Conformance with Wireshark's IPFIX dissector: what our exporting process sends over
 loopback (UDP and TCP, IPv4 and IPv6 records with every element of the design's agent
-tables) is captured by dumpcap and decoded by tshark, field for field.
+tables, and aggregated records with every element the aggregator adds) is captured by
+dumpcap and decoded by tshark, field for field.
 
 tshark names the IANA elements itself (srcaddr, permanent_octets, ...), marks the
 RFC 5103 reverse ones "(Reverse Type N ...)" and shows Antrea's (PEN 56506, "Project
@@ -24,10 +25,10 @@ from typing import Any
 
 import pytest
 from conftest import require_tool
-from ipfix_samples import agent_record
+from ipfix_samples import agent_record, aggregator_record
 
 from flowscope.ipfix import Address, Template, default_registry
-from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
+from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS, AGGREGATOR_IPV4_FIELDS
 from flowscope.ipfix.process import CollectingProcess, ExportingProcess
 
 pytestmark = pytest.mark.peer
@@ -48,6 +49,8 @@ TSHARK_IANA = {
     "cflow.permanent_octets": 85,
     "cflow.packets": 2,
     "cflow.octets": 1,
+    "cflow.original_exporter_ipv4_address": 403,
+    "cflow.original_observation_domain_id": 405,
 }
 _REVERSE = re.compile(r"\(Reverse Type (\d+)")
 _ENTERPRISE = re.compile(r"\(Project Antrea\) Type (\d+)")
@@ -161,23 +164,26 @@ async def test_tshark_decodes_every_agent_field_we_export(protocol: str, tmp_pat
             v6 = [agent_record(i, 6) for i in range(40, 80)]
             for r in (v4 + v6)[::4]:  # empty strings amid the others, as for external peers
                 r["destinationPodName"] = r["destinationPodNamespace"] = ""
-            e = ExportingProcess(Address("127.0.0.1", collector.port, protocol), tls=None, templates=[t4, t6])  # type: ignore[arg-type]
+            ta = Template.build(258, AGGREGATOR_IPV4_FIELDS)
+            agg = [aggregator_record(i) for i in range(80, 100)]
+            e = ExportingProcess(Address("127.0.0.1", collector.port, protocol), tls=None, templates=[t4, t6, ta])  # type: ignore[arg-type]
             await e.start()
             e.submit(256, v4)
             e.submit(257, v6)
+            e.submit(258, agg)
             assert await e.flush(timeout=5)
             await e.close()
             loop = asyncio.get_running_loop()
             end = loop.time() + 5
-            while sum(got) < 80 and loop.time() < end:  # our collector saw it all: so did lo
+            while sum(got) < 100 and loop.time() < end:  # our collector saw it all: so did lo
                 await asyncio.sleep(0.01)
-            assert sum(got) == 80
+            assert sum(got) == 100
             await capture.sync()
         finally:
             capture.stop(pcap)
     decoded = tshark_records(pcap, collector.port, protocol)
-    assert len(decoded) == 80
-    # tshark keeps capture order: v4 records first, then v6. It shows no entry for a
-    # zero-length string, but the fields after one must still be delimited right.
-    for sent, theirs in zip(v4 + v6, decoded):
+    assert len(decoded) == 100
+    # tshark keeps capture order: v4 records, v6 records, aggregated records. It shows no
+    # entry for a zero-length string, but the fields after one must still be delimited right.
+    for sent, theirs in zip(v4 + v6 + agg, decoded):
         assert theirs == {k: v for k, v in sent.items() if v != ""}
