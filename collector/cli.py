@@ -42,6 +42,8 @@ def register(subparsers: Any) -> None:
                    help="UDP only: forget templates not refreshed for this long (default 30m)")
     c.add_argument("--max-sessions", type=int, default=1024, metavar="N",
                    help="refuse new transport sessions past this many (default 1024)")
+    c.add_argument("--idle-timeout", metavar="DURATION",
+                   help="TCP/TLS only: close sessions that send nothing for this long (default: never)")
     c.set_defaults(func=_collector)
 
     e = subparsers.add_parser(
@@ -196,6 +198,7 @@ def _collector(args: argparse.Namespace) -> int:
     try:
         address = _address(args.listen, "--listen")
         lifetime = _duration(args.template_lifetime, "--template-lifetime")
+        idle = _duration(args.idle_timeout, "--idle-timeout") if args.idle_timeout else None
         if args.max_sessions < 1:
             raise _Usage(f"--max-sessions: {args.max_sessions} must be at least 1")
         tls = _tls(args, address)
@@ -204,13 +207,13 @@ def _collector(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _logging()
     try:
-        return asyncio.run(_collect(address, tls, args.format, lifetime, args.max_sessions))
+        return asyncio.run(_collect(address, tls, args.format, lifetime, args.max_sessions, idle))
     except _Usage as exc:
         _err("collector", str(exc))
         return EXIT_USAGE
 
 
-async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessions: int) -> int:
+async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessions: int, idle: float | None) -> int:
     import asyncio
 
     from flowscope.ipfix import UsageError
@@ -242,7 +245,8 @@ async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessio
 
     try:
         process = CollectingProcess(
-            address, tls=tls, on_message=on_message, template_lifetime=lifetime, max_sessions=max_sessions
+            address, tls=tls, on_message=on_message, template_lifetime=lifetime, max_sessions=max_sessions,
+            stream_idle_timeout=idle,
         )
     except UsageError as exc:
         raise _Usage(str(exc)) from None

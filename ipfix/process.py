@@ -220,6 +220,7 @@ class CollectingProcess:
         max_templates: int = 4096,
         max_message_size: int = MAX_MESSAGE_SIZE,
         udp_session_timeout: float | None = None,
+        stream_idle_timeout: float | None = None,
         tls_handshake_timeout: float = 10.0,
         on_session_closed: Callable[[Peer], None] | None = None,
     ) -> None:
@@ -240,6 +241,11 @@ class CollectingProcess:
         self.registry = registry
         self.template_lifetime = float(template_lifetime)
         self.udp_session_timeout = float(udp_session_timeout if udp_session_timeout is not None else template_lifetime)
+        if stream_idle_timeout is not None and stream_idle_timeout <= 0:
+            raise UsageError(f"stream idle timeout {stream_idle_timeout!r} must be a positive number of seconds or None")
+        # TCP/TLS sessions that send nothing for this long are closed (None: never), so
+        # that silent or half-open peers cannot hold sessions forever
+        self.stream_idle_timeout = stream_idle_timeout
         self.clock = clock
         self.max_sessions = max_sessions
         self.max_templates = max_templates
@@ -274,11 +280,13 @@ class CollectingProcess:
                 except OSError:
                     pass
                 self._port = sock.getsockname()[1]
-                self._sweeper = asyncio.create_task(self._sweep(), name="ipfix-udp-session-sweeper")
+                self._sweeper = asyncio.create_task(self._sweep(), name="ipfix-session-sweeper")
             else:
                 server = await loop.create_server(lambda: _StreamSession(self), host, self.address.port)
                 self._server = server
                 self._port = server.sockets[0].getsockname()[1]
+                if self.stream_idle_timeout is not None:
+                    self._sweeper = asyncio.create_task(self._sweep(), name="ipfix-session-sweeper")
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {self.address}: {exc.strerror or exc}") from None
         log.info("IPFIX collecting process listening on %s (port %d)", self.address, self._port)
@@ -414,11 +422,19 @@ class CollectingProcess:
             self._session_ended(session.peer)
 
     def expire(self, now: float | None = None) -> int:
-        """Expire idle UDP sessions and stale UDP templates as of ``now`` (default: the
-        clock); returns how many sessions were dropped. Runs periodically by itself."""
+        """Expire idle UDP sessions and stale UDP templates, and close TCP/TLS sessions
+        idle past ``stream_idle_timeout``, as of ``now`` (default: the clock); returns how
+        many sessions were ended. Runs periodically by itself."""
         if now is None:
             now = self.clock()
         dropped = 0
+        if self.stream_idle_timeout is not None:
+            for stream in list(self._streams):
+                session = stream.session
+                if session is not None and now - session.last_seen >= self.stream_idle_timeout:
+                    log.info("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
+                    stream.shutdown()
+                    dropped += 1
         for key, session in list(self._udp_sessions.items()):
             if now - session.last_seen >= self.udp_session_timeout:
                 self._end_udp_session(key)
@@ -429,7 +445,10 @@ class CollectingProcess:
         return dropped
 
     async def _sweep(self) -> None:
-        interval = max(0.05, min(60.0, self.udp_session_timeout / 4, self.template_lifetime / 4))
+        limits = [self.udp_session_timeout, self.template_lifetime] if self.protocol == "udp" else []
+        if self.stream_idle_timeout is not None:
+            limits.append(self.stream_idle_timeout)
+        interval = max(0.05, min([60.0] + [x / 4 for x in limits]))
         while True:
             await asyncio.sleep(interval)
             self.expire()
@@ -515,11 +534,11 @@ class _StreamSession(asyncio.Protocol):
             return
         process = self.process
         try:
+            now = process.clock()
+            session.last_seen = now
             messages = self.framer.feed(data)
             if not messages:
                 return
-            now = process.clock()
-            session.last_seen = now
             for raw in messages:
                 process._deliver(session.peer, process._decode(session, raw, now))
         except Exception as exc:  # noqa: BLE001 - MalformedMessage, or a decoder bug: this session only

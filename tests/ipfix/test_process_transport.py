@@ -542,3 +542,25 @@ async def test_a_failing_on_message_is_counted_and_the_session_goes_on() -> None
         assert collector.stats.records == 3
         await e.close()
     assert collector.stats.sessions == 0
+
+
+async def test_silent_tcp_sessions_are_closed_after_the_idle_timeout_by_the_clock() -> None:
+    clock = FakeClock(100.0)
+    sink = Sink()
+    async with CollectingProcess(
+        Address("127.0.0.1", 0, "tcp"), tls=None, on_message=sink, stream_idle_timeout=300, clock=clock
+    ) as collector:
+        silent_r, silent_w = await asyncio.open_connection("127.0.0.1", collector.port)
+        e = ExportingProcess(Address("127.0.0.1", collector.port, "tcp"), tls=None, templates=[T4])
+        await e.start()
+        await until(lambda: collector.stats.sessions == 2)
+        clock.now += 200
+        e.submit(256, [agent_record(1)])  # the exporter speaks, the other peer does not
+        await e.flush()
+        await until(lambda: len(sink.records) == 1)
+        clock.now += 100  # 300 s after the silent one connected, 100 s after the exporter spoke
+        assert collector.expire() == 1
+        assert await asyncio.wait_for(silent_r.read(), 5) == b""  # closed
+        silent_w.close()
+        assert collector.stats.sessions == 1 and collector.stats.sessions_expired == 1
+        await e.close()
