@@ -38,6 +38,7 @@ worker thread. Both share the query API dashboards and the CLI use: :meth:`FlowS
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -490,6 +491,11 @@ class ServerStore(FlowStore):
     def _conn(self) -> Any:
         if self._client is None:
             from clickhouse_driver import Client
+
+            # The driver logs every failed connect with a traceback; the sink logs one line per attempt.
+            quiet = logging.getLogger("clickhouse_driver.connection")
+            if quiet.level == logging.NOTSET:
+                quiet.setLevel(logging.ERROR)
 
             # No database in the connection: it may not exist yet (open() creates it).
             self._client = Client(

@@ -1,0 +1,155 @@
+"""The ClickHouse sink into chDB (ClickHouse in-process): rows written through the sink to a
+directory read back field for field by a fresh chDB session on that directory (they survive
+the sink closing), and the query API's numbers (top talkers by Pod, namespace, Node and
+Service; policy verdicts) equal sums computed from what was written. ``check_query_api``
+runs unchanged against the real server in test_clickhouse_server.py."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from flowscope.aggregator.aggregation import ExportedFlow
+from flowscope.aggregator.config import parse_config
+from flowscope.collector.aggregator_sink import make_sink
+from flowscope.collector.clickhouse import COLUMN_NAMES, COLUMNS, PolicyVerdict, Talker, row_to_record
+
+pytestmark = [pytest.mark.timeout(120)]
+
+
+def chdb_config(address: str):
+    return parse_config({"sinks": {"clickhouse": {"enabled": True, "address": address}}}).sinks.clickhouse
+
+
+def talker_flows() -> list[ExportedFlow]:
+    """Flows of 6 Pods in 2 namespaces on 3 Nodes, some through Services, some policed; the same
+    connection exported twice (two rows, one flow)."""
+    from test_clickhouse_sink import aggregated
+
+    out = []
+    for i in range(24):
+        ns = ("shop", "web")[i % 2]
+        over = dict(
+            sourceTransportPort=40000 + i, destinationTransportPort=80, protocolIdentifier=6,
+            sourceIPv4Address=f"10.0.{i % 6}.5", destinationIPv4Address="10.0.9.9",
+            sourcePodNamespace=ns, sourcePodName=f"pod-{i % 6}", sourceNodeName=f"node-{i % 3}",
+            destinationPodNamespace="db", destinationPodName="pg-0" if i % 4 else "", destinationNodeName="node-9",
+            destinationServicePortName="db/pg:5432" if i % 3 == 0 else "",
+            octetDeltaCount=1000 * (i + 1), reverseOctetDeltaCount=10 * (i + 1),
+            packetDeltaCount=i + 1, reversePacketDeltaCount=1,
+            ingressNetworkPolicyRuleAction=(0, 1, 2)[i % 3], ingressNetworkPolicyNamespace="db" if i % 3 else "",
+            ingressNetworkPolicyName="pg-allow" if i % 3 == 1 else ("pg-deny" if i % 3 == 2 else ""),
+            ingressNetworkPolicyRuleName="r1" if i % 3 else "",
+            egressNetworkPolicyRuleAction=3 if i == 5 else 0, egressNetworkPolicyNamespace="web" if i == 5 else "",
+            egressNetworkPolicyName="no-egress" if i == 5 else "", egressNetworkPolicyRuleName="r9" if i == 5 else "",
+        )
+        out.append(ExportedFlow(aggregated(i, **over), "correlated", False))
+    again = dict(out[0].record, octetDeltaCount=500, reverseOctetDeltaCount=5, packetDeltaCount=2,
+                 reversePacketDeltaCount=0)
+    out.append(ExportedFlow(again, "correlated", True))
+    return out
+
+
+def expected_talkers(flows, keys) -> list[Talker]:
+    acc: dict = defaultdict(lambda: [0, 0, set()])
+    for f in flows:
+        r = f.record
+        key = tuple(r[k] for k in keys)
+        if not key[-1]:
+            continue
+        a = acc[key]
+        a[0] += r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+        a[1] += r["packetDeltaCount"] + r["reversePacketDeltaCount"]
+        a[2].add((r["sourceIPv4Address"], r["destinationIPv4Address"], r["sourceTransportPort"],
+                  r["destinationTransportPort"], r["protocolIdentifier"]))
+    out = [Talker(k, v[0], v[1], len(v[2])) for k, v in acc.items()]
+    return sorted(out, key=lambda t: (-t.octets, -t.packets))
+
+
+async def check_query_api(sink) -> None:
+    """Write talker_flows() through the sink and compare every query with Python's own sums."""
+    flows = talker_flows()
+    await sink.start()
+    await sink.write(flows)
+    assert await sink.commit() == len(flows)
+    store = sink.store
+    cases = [("pod", "source", ("sourcePodNamespace", "sourcePodName")),
+             ("pod", "destination", ("destinationPodNamespace", "destinationPodName")),
+             ("namespace", "source", ("sourcePodNamespace",)), ("node", "source", ("sourceNodeName",)),
+             ("service", "destination", ("destinationServicePortName",))]
+    for by, side, keys in cases:
+        want = expected_talkers(flows, keys)
+        got = store.top_talkers(by, side, limit=100)
+        assert got == want, (by, side)
+        assert store.top_talkers(by, side, limit=2) == want[:2]
+    assert store.top_talkers("pod", since=int(sink.wall()) + 3600) == []  # nothing inserted in the future
+    with pytest.raises(ValueError, match="side: 'source' is not one of destination"):
+        store.top_talkers("service", "source")
+    with pytest.raises(ValueError, match="by: 'rack'"):
+        store.top_talkers("rack")
+
+    verdicts = store.policy_verdicts()
+    acc: dict = defaultdict(lambda: [set(), 0])
+    for f in flows:
+        r = f.record
+        for d in ("ingress", "egress"):
+            act = r[f"{d}NetworkPolicyRuleAction"]
+            if act:
+                k = (d, r[f"{d}NetworkPolicyNamespace"], r[f"{d}NetworkPolicyName"], r[f"{d}NetworkPolicyRuleName"],
+                     {1: "Allow", 2: "Drop", 3: "Reject"}[act])
+                acc[k][0].add((r["sourceIPv4Address"], r["sourceTransportPort"]))
+                acc[k][1] += r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+    want_v = sorted((PolicyVerdict(*k, len(v[0]), v[1]) for k, v in acc.items()),
+                    key=lambda v: (-v.flows, v.direction, v.namespace, v.name, v.rule, v.action))
+    assert verdicts == want_v
+    assert {v.action for v in verdicts} == {"Allow", "Drop", "Reject"}
+
+    recent = store.recent_flows(limit=5)
+    assert len(recent) == 5 and all(r.correlation == "correlated" for r in recent)
+    assert {json.dumps(r.record, sort_keys=True) for r in store.recent_flows(limit=100)} == {
+        json.dumps(f.record, sort_keys=True) for f in flows}
+
+
+async def test_rows_survive_in_a_chdb_directory_field_for_field(tmp_path):
+    from chdb import session
+
+    from test_clickhouse_sink import aggregated
+
+    path = tmp_path / "store"
+    sink = make_sink(chdb_config(f"chdb://{path}"))
+    await sink.start()
+    flows = [ExportedFlow(aggregated(i, v6=bool(i & 1), e6=bool(i & 2)), ("correlated", "uncorrelated")[i % 2],
+                          bool(i % 3)) for i in range(64)]
+    await sink.write(flows[:40])
+    await sink.write(flows[40:])
+    await sink.close()
+    assert (sink.committed_rows, sink.commit_failures, sink.lost_at_close) == (64, 0, 0)
+
+    select = ", ".join(f"toUInt32({c.name})" if c.type == "DateTime" else c.name for c in COLUMNS)
+    s = session.Session(str(path))
+    try:
+        res = s.query(f"SELECT {select} FROM flowscope.flows SETTINGS output_format_json_quote_64bit_integers = 0",
+                      "JSONCompact")
+        rows = json.loads(res.bytes())["data"]
+        engine = s.query("SELECT engine, sorting_key FROM system.tables WHERE database = 'flowscope' AND name = 'flows'",
+                         "CSV").bytes().decode()
+    finally:
+        s.close()
+    assert len(rows) == 64
+    by_key = {(f.record["flowStartSeconds"], f.record["sourceTransportPort"]): f for f in flows}
+    for row in rows:
+        d = dict(zip(COLUMN_NAMES, row))
+        f = by_key[(d["flowStartSeconds"], d["sourceTransportPort"])]
+        assert row_to_record(d) == f.record
+        assert (d["correlation"], d["final"]) == (f.correlation, int(f.final))
+    assert engine.strip() == '"MergeTree","timeInserted, flowEndSeconds"'
+
+
+async def test_query_api_on_chdb_in_memory():
+    sink = make_sink(chdb_config("chdb://"))
+    try:
+        await check_query_api(sink)
+    finally:
+        await sink.close()
