@@ -19,9 +19,11 @@ A malformed message is counted and logged with the peer's address; over TCP and 
 session is closed (the stream cannot be trusted to resynchronise), over UDP only the
 datagram is lost. Everyone else keeps being served. UDP templates expire after
 ``template_lifetime`` seconds and idle UDP sessions after ``udp_session_timeout``, both
-judged by the injected ``clock``, so tests expire them without sleeping. TLS is 1.2 or
+judged by the injected ``clock``, so tests expire them without sleeping; so are TCP/TLS
+sessions that stay silent past ``stream_idle_timeout`` (off unless set). TLS is 1.2 or
 newer with mutual authentication: a client without a certificate signed by the
-configured CA is refused (and counted) during the handshake.
+configured CA is refused (and counted) during the handshake, which must finish within
+``tls_handshake_timeout``.
 
 Theory of operation, exporting side. One :class:`ExportingProcess` sends to one
 collector. ``submit`` only appends a batch to a bounded queue, in records, and never
@@ -33,8 +35,10 @@ new connection is a new session that starts with all templates; a lost connectio
 retried with exponential backoff (a few quick attempts, then at most one per
 ``backoff_max`` seconds, 60 by default, RFC 7011 section 10.4.4), while records wait in
 the queue. Records whose bytes were still in our write buffer when a connection broke
-are counted in ``records_lost``; TCP itself acknowledges nothing to the application, so
-that is as precise as an IPFIX exporter can be. Over UDP messages are cut to the path
+are counted in ``records_lost`` (see :class:`_ExportProtocol`); TCP itself acknowledges
+nothing to the application, so that is as precise as an IPFIX exporter can be. Under
+TLS 1.3 the client's handshake ends before the server has judged the client's
+certificate, so a new session sends nothing until the server has shown it accepted us. Over UDP messages are cut to the path
 MTU (512 octets unless told) minus the IP and UDP headers, templates go out before the
 first data and again every ``template_refresh`` seconds of the injected clock, and no
 withdrawal is ever sent (section 8.4). ``flush`` waits until what was submitted has been
