@@ -1,6 +1,7 @@
 """Our collector decodes what a foreign exporter sends: softflowd (Debian), watching a
 veth inside a network namespace this test creates, exports IPFIX (``-v 10``) over UDP
-to ``flowscope collector`` running in the same namespace on its loopback. We send
+and over TCP (``-P``) to ``flowscope collector`` running in the same namespace on its
+loopback. We send
 known UDP datagrams over IPv4 and IPv6 between two namespaces and compare the flow
 records the collector prints (ports, addresses, protocol, packets, octets) with what was
 sent. Nothing leaves the two namespaces; both are removed afterwards, also on failure.
@@ -110,7 +111,8 @@ def processed(ctl: Path, ns: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def test_collector_decodes_softflowd_ipfix_flows_from_a_namespace(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_collector_decodes_softflowd_ipfix_flows_from_a_namespace(transport: str, tmp_path: Path) -> None:
     require_root()
     require_tool("softflowd", "softflowctl", "ip", "ping")
     v4_sizes = [100, 200, 300, 400, 1000]
@@ -121,13 +123,14 @@ def test_collector_decodes_softflowd_ipfix_flows_from_a_namespace(tmp_path: Path
     ]
     with two_namespaces() as (a, b, _va, vb):
         collector = subprocess.Popen(
-            ["ip", "netns", "exec", b, FLOWSCOPE, "collector", "--listen", "127.0.0.1:4739:udp"],
+            ["ip", "netns", "exec", b, FLOWSCOPE, "collector", "--listen", f"127.0.0.1:4739:{transport}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         out = Lines(collector)
+        assert collector.stderr is not None and "listening on" in collector.stderr.readline()
         ctl, pid = tmp_path / "softflowd.ctl", tmp_path / "softflowd.pid"
         softflowd = subprocess.Popen(
-            ["ip", "netns", "exec", b, "softflowd", "-d", "-6", "-v", "10", "-i", vb,
+            ["ip", "netns", "exec", b, "softflowd", "-d", "-6", "-v", "10", "-P", transport, "-i", vb,
              "-n", "127.0.0.1:4739", "-c", str(ctl), "-p", str(pid)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
