@@ -43,6 +43,7 @@ import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -224,7 +225,23 @@ def _value_ok(col: Column, v: Any) -> bool:
     return type(v) is str
 
 
-def _record_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+def _shape_names(v6: bool, e6: bool) -> tuple[str, ...]:
+    """The element names of the record columns for one record shape (flow family, exporter family)."""
+    out = []
+    for col in _RECORD_COLUMNS:
+        if len(col.elements) == 2:
+            out.append(col.elements[1 if (e6 if col.name == "originalExporterIP" else v6) else 0])
+        else:
+            out.append(col.elements[0])
+    return tuple(out)
+
+
+# Per record shape, one C-level getter per column.
+_SHAPE_GETTERS = {(v6, e6): tuple(itemgetter(n) for n in _shape_names(v6, e6)) for v6 in (False, True) for e6 in (False, True)}
+
+
+def _slow_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Columns of records that may lack elements (defaults: 0, empty text)."""
     out: list[list[Any]] = []
     for col in _RECORD_COLUMNS:
         if len(col.elements) == 2:
@@ -237,14 +254,31 @@ def _record_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     return out
 
 
-def _columns_ok(values: list[list[Any]]) -> bool:
+def _record_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Columns of records of one shape; the aggregator's carry every element of theirs (fast path)."""
+    if not recs:
+        return [[] for _ in _RECORD_COLUMNS]
+    r0 = recs[0]
+    getters = _SHAPE_GETTERS["sourceIPv6Address" in r0, "originalExporterIPv6Address" in r0]
+    try:
+        return [list(map(g, recs)) for g in getters]
+    except KeyError:
+        return _slow_columns(recs)
+
+
+def _shape(flow: Any) -> tuple[bool, bool]:
+    r = flow.record
+    return "sourceIPv6Address" in r, "originalExporterIPv6Address" in r
+
+
+def _columns_ok(values: list[Sequence[Any]]) -> bool:
     for col, vals in zip(_RECORD_COLUMNS, values):
         if not vals:
             continue
         if col.is_int:
-            if not all(type(v) is int for v in vals) or min(vals) < 0 or max(vals) > col.maximum:
+            if set(map(type, vals)) != {int} or min(vals) < 0 or max(vals) > col.maximum:  # bool is no counter
                 return False
-        elif not all(type(v) is str for v in vals):
+        elif set(map(type, vals)) != {str}:
             return False
     return True
 
@@ -252,33 +286,48 @@ def _columns_ok(values: list[list[Any]]) -> bool:
 def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int) -> tuple[list[list[Any]], int]:
     """Columns (in :data:`COLUMNS` order) of a batch of ExportedFlows, and how many were left out.
 
-    The fast path builds each column with one comprehension and checks it as a whole; only
-    when a column fails is the batch checked record by record, so one bad record costs
-    only itself.
+    Records are taken a shape (flow family, exporter family) at a time, each column with
+    one C-level ``map``, and each column is checked as a whole; only when a column fails
+    are its records checked one by one, so one bad record costs only itself. Rows may
+    come out grouped by shape (a table has no row order).
     """
-    recs = [f.record for f in flows]
-    values = _record_columns(recs)
-    kept = list(flows)
-    invalid = 0
-    if not _columns_ok(values):
-        good = []
-        for f, r in zip(flows, recs):
-            row = _record_columns([r])
-            if all(_value_ok(col, vals[0]) for col, vals in zip(_RECORD_COLUMNS, row)) and isinstance(
-                    f.correlation, str):
-                good.append(f)
-        invalid = len(kept) - len(good)
-        kept = good
-        values = _record_columns([f.record for f in kept])
-    correlation = [f.correlation for f in kept]
-    if not all(type(c) is str for c in correlation):
-        good = [f for f in kept if isinstance(f.correlation, str)]
-        invalid += len(kept) - len(good)
-        kept = good
-        values = _record_columns([f.record for f in kept])
-        correlation = [f.correlation for f in kept]
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for f in flows:
+        try:
+            key = _shape(f)
+        except (AttributeError, TypeError):
+            key = (False, False)  # not a record mapping: the row check below leaves it out
+        groups.setdefault(key, []).append(f)
+    parts = [_checked(g) for g in groups.values()]
+    kept = [f for part in parts for f in part[0]]
+    invalid = sum(part[2] for part in parts)
+    values: list[list[Any]] = [[] for _ in _RECORD_COLUMNS]
+    for _, vals, _ in parts:
+        for acc, v in zip(values, vals):
+            acc.extend(v)
     n = len(kept)
-    return [[time_inserted] * n, *values, correlation, [1 if f.final else 0 for f in kept], [commit_id] * n], invalid
+    return [[time_inserted] * n, *values, [f.correlation for f in kept], [1 if f.final else 0 for f in kept],
+            [commit_id] * n], invalid
+
+
+def _row_ok(f: Any) -> bool:
+    try:
+        row = _slow_columns([f.record])
+    except (AttributeError, TypeError):
+        return False
+    return type(f.correlation) is str and all(_value_ok(col, vals[0]) for col, vals in zip(_RECORD_COLUMNS, row))
+
+
+def _checked(flows: list[Any]) -> tuple[list[Any], list[list[Any]], int]:
+    """(flows kept, their record columns, how many were left out) for flows of one shape."""
+    try:
+        values = _record_columns([f.record for f in flows])
+        if _columns_ok(values) and set(type(f.correlation) for f in flows) == {str}:
+            return flows, values, 0
+    except (AttributeError, TypeError):
+        pass
+    good = [f for f in flows if _row_ok(f)]
+    return good, _record_columns([f.record for f in good]), len(flows) - len(good)
 
 
 def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
