@@ -41,6 +41,7 @@ import importlib.util
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ class ClickHouseSink:
         self._buffer: list[ExportedFlow] = []
         self._inflight: _Chunk | None = None
         self._lock = asyncio.Lock()
+        self._send_lock = threading.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._opened = False
@@ -175,7 +177,8 @@ class ClickHouseSink:
             return
         self._closed = True
         if self._task is not None:
-            self._task.cancel()
+            async with self._lock:  # never cancel the timer mid-commit
+                self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
@@ -232,7 +235,15 @@ class ClickHouseSink:
         return _Chunk(cid, int(self.wall()), flows, rows=len(flows))
 
     def _send(self, chunk: _Chunk) -> int:
-        """In a worker thread: convert once, then insert unless an earlier attempt landed. Rows stored."""
+        """In a worker thread: convert once, then insert unless an earlier attempt landed. Rows stored.
+
+        Serialized by a thread lock: an attempt abandoned by a timeout at shutdown may still be
+        running in its thread, and the next one must see its insert before deciding.
+        """
+        with self._send_lock:
+            return self._send_locked(chunk)
+
+    def _send_locked(self, chunk: _Chunk) -> int:
         if chunk.columns is None:
             chunk.columns, chunk.invalid = flows_to_columns(
                 chunk.flows or (), time_inserted=chunk.time_inserted, commit_id=chunk.commit_id)

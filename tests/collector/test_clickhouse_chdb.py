@@ -153,3 +153,37 @@ async def test_query_api_on_chdb_in_memory():
         await check_query_api(sink)
     finally:
         await sink.close()
+
+
+def doc_queries() -> list[str]:
+    """The ``sql`` blocks of docs/clickhouse.md's "Example queries" section."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "clickhouse.md").read_text()
+    section = text.split("## Example queries", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, re.S)
+    assert len(blocks) >= 5
+    return blocks
+
+
+async def check_doc_queries(sink) -> None:
+    """Every example query of the docs runs on this backend; the first one equals top_talkers."""
+    await sink.start()
+    await sink.write(talker_flows())
+    assert await sink.commit() == len(talker_flows())
+    store = sink.store
+    results = [store.select(q.replace("flowscope.flows", store.qualified)) for q in doc_queries()]
+    by_ns = [(t.key[0], t.octets) for t in store.top_talkers("namespace")]
+    assert [(r[0], int(r[1])) for r in results[0]] == by_ns and len(by_ns) == 2
+    denied = sum(1 for f in talker_flows() if f.record["ingressNetworkPolicyRuleAction"] in (2, 3)
+                 or f.record["egressNetworkPolicyRuleAction"] in (2, 3))
+    assert sum(int(r[-1]) for r in results[1]) == denied > 0
+
+
+async def test_the_docs_example_queries_run_on_chdb():
+    sink = make_sink(chdb_config("chdb://"))
+    try:
+        await check_doc_queries(sink)
+    finally:
+        await sink.close()

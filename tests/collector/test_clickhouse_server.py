@@ -342,3 +342,13 @@ async def test_an_aggregator_whose_clickhouse_is_unreachable_starts_and_counts(e
     st = agg.sinks[0].stats()
     assert (st["written"], st["lostAtClose"], st["committedRows"]) == (7, 7, 0)
     assert st["commitFailures"] >= 2 and "refused" in st["lastCommitError"].lower()
+
+
+async def test_the_docs_example_queries_run_on_18_16(server, env):
+    from test_clickhouse_chdb import check_doc_queries
+
+    sink = make_sink(sink_config(server.address, unique_db()))
+    try:
+        await check_doc_queries(sink)
+    finally:
+        await sink.close()
