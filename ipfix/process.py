@@ -609,13 +609,14 @@ class _ExportProtocol(asyncio.Protocol):
 
     asyncio's transport buffers whatever the kernel does not take at once and, when the
     connection breaks, silently discards that buffer. So the write buffer's high-water
-    mark is zero: the sender writes only into an empty buffer and waits for it to drain
-    before writing again. After each write we note which data messages the kernel did
+    mark is (nearly) zero: the sender writes only into an empty buffer and waits for it
+    to drain before writing again. After each write we note which data messages the kernel did
     not take in full (their record counts come from the header sequence numbers); if
     the connection breaks before the buffer drained, those records are counted as lost.
-    It is an upper bound: part of them may have reached the kernel meanwhile. What the
-    kernel accepted and the peer never read, TCP does not tell; the collector sees those
-    as sequence-number gaps.
+    It is an upper bound: part of them may have reached the kernel meanwhile. Over TLS
+    the count covers the TLS layer's buffer, not the one beneath it. What the kernel
+    accepted and the peer never read, TCP does not tell; the collector sees those as
+    sequence-number gaps.
     """
 
     def __init__(self, owner: ExportingProcess) -> None:
@@ -629,7 +630,9 @@ class _ExportProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=0)
+        # Pause as soon as anything stays buffered. Not high=0: the TLS transport pauses
+        # when its buffer is >= high, i.e. always at 0, and would never resume.
+        transport.set_write_buffer_limits(high=1, low=0)
 
     def data_received(self, data: bytes) -> None:
         pass  # collectors send nothing on an IPFIX session
@@ -815,13 +818,12 @@ class ExportingProcess:
     async def _drained(self) -> None:
         await self._idle.wait()
         stream = self._stream
-        # the write buffer's high-water mark is 0: anything in it pauses writing, and
-        # resume_writing (or connection_lost) sets can_write once it is empty (or gone)
+        # Polled, not awaited on can_write: a TLS transport counts octets in its buffer
+        # that do not always pause the protocol, and can_write belongs to the sender.
         while stream is not None and stream.transport is not None and not stream.lost:
             if stream.transport.get_write_buffer_size() == 0:
                 break
-            stream.can_write.clear()
-            await stream.can_write.wait()
+            await asyncio.sleep(0.001)
 
     async def close(self) -> None:
         """Send nothing more, count what was still queued as dropped, close the socket."""

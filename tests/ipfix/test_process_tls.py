@@ -144,3 +144,26 @@ async def test_a_silent_client_is_dropped_after_the_handshake_timeout(pki: dict[
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
         assert collector.stats.tls_refused == 1 and collector.stats.sessions == 0
+
+
+async def test_tls_export_keeps_flowing_over_many_submit_and_flush_rounds(pki: dict[str, Any]) -> None:
+    """Regression: the TLS transport's flow control must resume the sender after every
+    write, small or large (it once paused for good after the first one)."""
+    sink = Sink()
+    server_tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["good"].path)
+    async with CollectingProcess(Address("127.0.0.1", 0, "tls"), tls=server_tls, on_message=sink) as collector:
+        e = ExportingProcess(
+            Address("127.0.0.1", collector.port, "tls"),
+            tls=TLSConfig(pki["client"].cert, pki["client"].key, pki["good"].path), templates=[T4],
+        )
+        await e.start()
+        sent: list[dict[str, Any]] = []
+        for n in (1, 1, 3, 5000, 1, 20000, 2):
+            batch = [agent_record(len(sent) + i) for i in range(n)]
+            sent += batch
+            assert e.submit(256, batch)
+            assert await e.flush(timeout=10)
+            await until(lambda: len(sink) == len(sent))
+        assert [r for _, r in sink] == sent
+        assert e.stats.records_sent == len(sent) and e.stats.records_lost == 0
+        await e.close()
