@@ -352,3 +352,88 @@ async def test_the_docs_example_queries_run_on_18_16(server, env):
         await check_doc_queries(sink)
     finally:
         await sink.close()
+
+
+async def test_the_operators_sample_config_runs_the_aggregator_process_into_clickhouse(server, tmp_path):
+    """The operator renders sample 03 (ClickHouse enabled) into a ConfigMap and a Deployment
+    whose env takes the Secret's keys; the ``flowscope aggregator`` process run with that
+    config (only the addresses changed for loopback) and that env stores what agents send."""
+    import yaml
+    from agg_records import destination_half, source_half
+
+    from flowscope.ipfix import Address, Template
+    from flowscope.ipfix.antrea import agent_fields
+    from flowscope.ipfix.process import ExportingProcess
+    from flowscope.operator.manifests import build_aggregator
+    from flowscope.operator.spec import parse_flow_aggregator
+
+    root = Path(__file__).resolve().parents[2]
+    sample = next(root.glob("config/samples/03-*clickhouse*.yaml"))
+    docs = list(yaml.safe_load_all(sample.read_text()))
+    fa = next(d for d in docs if d["kind"] == "FlowAggregator")
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    objs = build_aggregator(parse_flow_aggregator(fa), image="flowscope:test", tls=None)
+    config = yaml.safe_load(next(o for o in objs if o["kind"] == "ConfigMap")["data"]["aggregator.yaml"])
+    deployment = next(o for o in objs if o["kind"] == "Deployment")
+    env_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+                if e["name"].startswith("CLICKHOUSE_")}
+    assert {r["name"] for r in env_refs.values()} == {secret["metadata"]["name"]}
+    assert {r["key"] for r in env_refs.values()} <= set(secret["stringData"])
+    ours = {"username": USER, "password": PASSWORD}  # this server's credentials, in the Secret's keys
+    env = dict(os.environ, **{name: ours[ref["key"]] for name, ref in env_refs.items()})
+
+    ch = config["sinks"]["clickhouse"]
+    assert ch["enabled"] is True and ch["address"].startswith("tcp://")
+    ch["address"] = server.address  # loopback instead of the cluster Service; database, table, interval as rendered
+    config.pop("externalFlowCollectorAddr")
+    config["sinks"]["ipfix"]["enabled"] = False
+    config.update(listenAddress="127.0.0.1", listenPort=0, apiAddress="127.0.0.1:0")
+    cfg_file = tmp_path / "aggregator.yaml"
+    cfg_file.write_text(yaml.safe_dump(config))
+
+    proc = subprocess.Popen([sys.executable, "-m", "flowscope", "aggregator", "--config", str(cfg_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    agent = None
+    try:
+        seen = []
+        while True:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            assert line, "".join(seen)
+            seen.append(line)
+            if "collecting tcp on port" in line:
+                break
+        port = int(line.split("collecting tcp on port ")[1].split(",")[0])
+        assert "sinks clickhouse" in line
+        agent = ExportingProcess(Address("127.0.0.1", port, "tcp"), tls=None,
+                                 templates=[Template.build(256, agent_fields(4))], observation_domain_id=9)
+        await agent.start()
+        records = [source_half(sport=100 + i, pkts=50 + i, octets=5000 + i) for i in range(12)]
+        records += [destination_half(sport=100 + i, pkts=40 + i, octets=4000 + i) for i in range(12)]
+        assert agent.submit(256, records)
+        await agent.flush()
+        await agent.close()
+        agent = None
+        # The aggregator exports unexported changes at SIGTERM and the sink commits on close;
+        # wait until it has the 24 records (its API) before stopping it.
+        api_port = int(line.rsplit("API ", 1)[1].split()[0])
+        deadline = time.monotonic() + 15
+        while True:
+            rc = subprocess.run([sys.executable, "-m", "flowscope", "aggregator", "recordmetrics", "--server",
+                                 f"http://127.0.0.1:{api_port}", "-o", "json"], capture_output=True, text=True)
+            if rc.returncode == 0 and '"numRecordsReceived": 24' in rc.stdout:
+                break
+            assert time.monotonic() < deadline, rc.stdout + rc.stderr
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        err = (await asyncio.to_thread(proc.communicate, timeout=30))[1]
+        assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM), err
+    finally:
+        if agent is not None:
+            await agent.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    rows = server.client().execute(
+        f"SELECT sourceTransportPort, correlation, packetTotalCountFromSourceNode, packetTotalCountFromDestinationNode, "
+        f"octetTotalCount FROM {ch['database']}.{ch['table']} ORDER BY sourceTransportPort")
+    assert rows == [(100 + i, "correlated", 50 + i, 40 + i, 5000 + i) for i in range(12)], err
