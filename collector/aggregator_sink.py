@@ -44,7 +44,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from flowscope.aggregator.aggregation import ExportedFlow
@@ -83,7 +83,8 @@ class _Chunk:
     columns: list[list[Any]] | None = None
     invalid: int = 0
     attempts: int = 0
-    rows: int = field(default=0)
+    rows: int = 0
+    invalid_counted: bool = False
 
 
 class ClickHouseSink:
@@ -141,6 +142,7 @@ class ClickHouseSink:
         self.refused_records = 0
         self.lost_at_close = 0
         self.already_stored = 0  # retried chunks found already in the table (not inserted twice)
+        self.missing_rows = 0  # rows of a chunk found only in part (one block a chunk: not expected)
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ Sink
@@ -165,9 +167,10 @@ class ClickHouseSink:
         held = self.held
         if held + len(batch) > self.max_buffer:
             self.refused_records += len(batch)
+            # The text stays the same while the outage lasts: QueuedSink logs a failure when its text changes.
             raise BufferFull(
-                f"{len(batch)} records not stored: {held} rows already wait for ClickHouse at {self.store.address} "
-                f"(sinks.clickhouse.queueSize {self.max_buffer}); last error: {self.last_error or 'none, it is slow'}")
+                f"records not stored: the rows waiting for ClickHouse at {self.store.address} reached "
+                f"sinks.clickhouse.queueSize ({self.max_buffer}); last error: {self.last_error or 'none, it is slow'}")
         self._buffer.extend(batch)
         if len(self._buffer) >= self.chunk_rows and self.clock() >= self._retry_at:
             await self.commit()
@@ -205,8 +208,8 @@ class ClickHouseSink:
         return {
             "committedRows": self.committed_rows, "commits": self.commits, "commitFailures": self.commit_failures,
             "bufferedRows": self.held, "invalidRecords": self.invalid_records, "refusedRecords": self.refused_records,
-            "lostAtClose": self.lost_at_close, "alreadyStored": self.already_stored, "connected": self._opened,
-            "lastCommitError": self.last_error,
+            "lostAtClose": self.lost_at_close, "alreadyStored": self.already_stored, "missingRows": self.missing_rows,
+            "connected": self._opened, "lastCommitError": self.last_error,
         }
 
     # ------------------------------------------------------------------ commits
@@ -276,20 +279,17 @@ class ClickHouseSink:
                     if self._inflight is None:
                         self._inflight = self._take_chunk()
                     chunk = self._inflight
-                    converted = chunk.columns is not None
-                    n = await asyncio.to_thread(self._send, chunk)
-                    if not converted:
-                        self.invalid_records += chunk.invalid
-                        if chunk.invalid:
-                            log.warning("clickhouse sink: %d records with values the table cannot hold left out",
-                                        chunk.invalid)
+                    try:
+                        n = await asyncio.to_thread(self._send, chunk)
+                    finally:
+                        self._count_invalid(chunk)
                     if n < 0:
                         self.already_stored += 1
                         n = -n
                         if n != chunk.rows:  # cannot happen with one block a chunk; say so if it does
                             log.error("clickhouse sink: commit %d found with %d of %d rows", chunk.commit_id, n,
                                       chunk.rows)
-                            self.lost_at_close += max(0, chunk.rows - n)
+                            self.missing_rows += max(0, chunk.rows - n)
                     self._inflight = None
                     stored += n
                     self.committed_rows += n
@@ -304,6 +304,14 @@ class ClickHouseSink:
                 self._retry_at = float("-inf")
             self.last_error = None
             return stored
+
+    def _count_invalid(self, chunk: _Chunk) -> None:
+        """Count a chunk's left-out records once, as soon as it is converted (even if its insert failed)."""
+        if chunk.columns is not None and not chunk.invalid_counted:
+            chunk.invalid_counted = True
+            self.invalid_records += chunk.invalid
+            if chunk.invalid:
+                log.warning("clickhouse sink: %d records with values the table cannot hold left out", chunk.invalid)
 
     async def _failed(self, exc: Exception, final: bool) -> None:
         self.failures += 1

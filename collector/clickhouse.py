@@ -198,7 +198,6 @@ def _build_columns() -> tuple[Column, ...]:
 COLUMNS: tuple[Column, ...] = _build_columns()
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
 _RECORD_COLUMNS = tuple(c for c in COLUMNS if c.elements)
-_BY_NAME = {c.name: c for c in COLUMNS}
 
 
 def _q(ident: str) -> str:
@@ -237,7 +236,9 @@ def _shape_names(v6: bool, e6: bool) -> tuple[str, ...]:
 
 
 # Per record shape, one C-level getter per column.
-_SHAPE_GETTERS = {(v6, e6): tuple(itemgetter(n) for n in _shape_names(v6, e6)) for v6 in (False, True) for e6 in (False, True)}
+_SHAPE_GETTERS = {
+    (v6, e6): tuple(itemgetter(n) for n in _shape_names(v6, e6)) for v6 in (False, True) for e6 in (False, True)
+}
 
 
 def _slow_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:

@@ -258,7 +258,7 @@ async def test_past_queue_size_batches_are_refused_and_counted_exactly():
     q.offer(batch(0, 100))  # 5 batches of 20: two fit in 50 rows, the other three are refused
     assert await q.flush(2.0)
     assert (q.written, q.failed) == (40, 60) and sink.refused_records == 60
-    assert "60" not in q.last_error and "40 rows already wait" in q.last_error
+    assert "reached sinks.clickhouse.queueSize (50)" in q.last_error and "Connection refused" in q.last_error
     store.down = False
     await q.close()  # close commits what is held
     assert stored_ports(store) == sorted(f.record["sourceTransportPort"] for f in batch(0, 40))
@@ -288,3 +288,18 @@ async def test_the_timer_commits_on_the_interval_and_never_blocks_the_loop():
     assert len(store.rows) == 3
     await sink.close()
     assert sink.commits >= 1 and store.closed == 1
+
+
+async def test_bad_records_are_counted_once_even_when_their_first_insert_fails(caplog):
+    store, clock = ScriptedStore(), Clock()
+    sink = ClickHouseSink(store, commit_interval=8, max_buffer=100, clock=clock, timer=False)
+    await sink.commit()  # connected
+    await sink.write(batch(0, 4) + [ExportedFlow(aggregated(50, destinationTransportPort=-80), "correlated", False)])
+    store.down = True
+    await sink.commit()
+    assert (sink.invalid_records, sink.held) == (1, 4)  # converted once: the bad record is out, and counted
+    store.down = False
+    clock.t = sink.next_due()
+    assert await sink.commit() == 4
+    assert sink.invalid_records == 1 and len(store.rows) == 4
+    assert caplog.text.count("1 records with values the table cannot hold left out") == 1
