@@ -437,3 +437,80 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
         f"SELECT sourceTransportPort, correlation, packetTotalCountFromSourceNode, packetTotalCountFromDestinationNode, "
         f"octetTotalCount FROM {ch['database']}.{ch['table']} ORDER BY sourceTransportPort")
     assert rows == [(100 + i, "correlated", 50 + i, 40 + i, 5000 + i) for i in range(12)], err
+
+
+class CuttingProxy:
+    """A loopback TCP relay to the server that, once armed, swallows the first answer the
+    server sends after the client has sent ``threshold`` more bytes, and cuts the link: an
+    insert that landed but whose answer never arrived."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.client_bytes = 0
+        self.armed_at: int | None = None
+        self.threshold = 0
+        self.cuts = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    def arm(self, threshold: int) -> None:
+        self.armed_at, self.threshold = self.client_bytes, threshold
+
+    async def _relay(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def up() -> None:
+            while data := await cr.read(65536):
+                self.client_bytes += len(data)
+                sw.write(data)
+                await sw.drain()
+            sw.close()
+
+        async def down() -> None:
+            while data := await sr.read(65536):
+                if self.armed_at is not None and self.client_bytes - self.armed_at >= self.threshold:
+                    self.armed_at = None
+                    self.cuts += 1
+                    cw.transport.abort()
+                    sw.transport.abort()
+                    return
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_an_insert_whose_answer_is_lost_is_not_stored_twice(server, env):
+    proxy = CuttingProxy(server.tcp)
+    port = await proxy.start()
+    db = unique_db()
+    now = [0.0]
+    sink = make_sink(sink_config(f"tcp://127.0.0.1:{port}", db))
+    sink.timer, sink.clock = False, (lambda: now[0])
+    sink.store.timeout = 5.0
+    try:
+        await sink.start()
+        assert await sink.commit() == 0 and sink.stats()["connected"]  # the table exists
+        flows = [ExportedFlow(full_record(i, v6=bool(i & 1), e6=False), "correlated", False) for i in range(2000)]
+        await sink.write(flows)
+        proxy.arm(threshold=200_000)  # well inside the insert's data (about 0.8 MB)
+        assert await sink.commit() == 0  # the answer was lost: a failure, rows kept
+        assert proxy.cuts == 1 and sink.commit_failures == 1 and sink.held == 2000
+        assert server.client().execute(f"SELECT count() FROM {db}.flows")[0][0] == 2000  # yet it landed
+        now[0] = sink.next_due()
+        assert await sink.commit() == 2000  # found by its commitId, not inserted again
+        assert sink.already_stored == 1 and sink.committed_rows == 2000
+        assert server.client().execute(f"SELECT count(), uniqExact(flowStartSeconds, sourceTransportPort) "
+                                       f"FROM {db}.flows")[0] == (2000, 2000)
+    finally:
+        await sink.close()
+        await proxy.close()
