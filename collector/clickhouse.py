@@ -29,7 +29,7 @@ value the column cannot hold is left out and counted, never sent to fail the who
 
 *Two backends behind one interface* (:class:`FlowStore`): a ClickHouse server over the
 native protocol (clickhouse-driver; ``tcp://HOST[:PORT][/DATABASE]``, also spelled
-``clickhouse://``), and chDB, ClickHouse in-process (``chdb://`` in memory,
+``clickhouse://``), and chDB, ClickHouse in-process (``chdb://`` a temporary directory,
 ``chdb:///DIR`` on disk). Methods are blocking; the aggregator's sink calls them from a
 worker thread. Both share the query API dashboards and the CLI use: :meth:`FlowStore.recent_flows`,
 :meth:`FlowStore.top_talkers`, :meth:`FlowStore.policy_verdicts`.
@@ -57,7 +57,8 @@ __all__ = [
     "PolicyVerdict", "TALKER_KEYS",
 ]
 
-ADDRESS_FORMS = "tcp://HOST[:PORT][/DATABASE], clickhouse://HOST[:PORT][/DATABASE], chdb:// (in memory) or chdb:///DIR"
+ADDRESS_FORMS = \
+    "tcp://HOST[:PORT][/DATABASE], clickhouse://HOST[:PORT][/DATABASE], chdb:// (temporary) or chdb:///DIR"
 DEFAULT_PORT = 9000
 
 
@@ -83,7 +84,7 @@ class StoreAddress:
     host: str = ""
     port: int = DEFAULT_PORT
     database: str | None = None  # from the address path; None: the configured database
-    path: str | None = None  # chDB directory; None: in memory
+    path: str | None = None  # chDB directory; None: a temporary one
 
     def __str__(self) -> str:
         if self.kind == "chdb":

@@ -85,6 +85,8 @@ async def check_query_api(sink) -> None:
         assert got == want, (by, side)
         assert store.top_talkers(by, side, limit=2) == want[:2]
     assert store.top_talkers("pod", since=int(sink.wall()) + 3600) == []  # nothing inserted in the future
+    assert store.top_talkers("pod", since=int(sink.wall()) - 3600, limit=100) == expected_talkers(
+        flows, ("sourcePodNamespace", "sourcePodName"))
     with pytest.raises(ValueError, match="side: 'source' is not one of destination"):
         store.top_talkers("service", "source")
     with pytest.raises(ValueError, match="by: 'rack'"):
@@ -187,3 +189,27 @@ async def test_the_docs_example_queries_run_on_chdb():
         await check_doc_queries(sink)
     finally:
         await sink.close()
+
+
+async def test_a_table_of_another_shape_is_named_not_written(tmp_path):
+    from chdb import session
+
+    from test_clickhouse_sink import aggregated
+
+    path = tmp_path / "store"
+    s = session.Session(str(path))
+    s.query("CREATE DATABASE flowscope")
+    s.query("CREATE TABLE flowscope.flows (timeInserted DateTime, sourceIP UInt32) ENGINE = MergeTree() "
+            "ORDER BY timeInserted")
+    s.close()
+    sink = make_sink(chdb_config(f"chdb://{path}"))
+    sink.timer = False
+    await sink.start()
+    await sink.write([ExportedFlow(aggregated(1), "correlated", False)])
+    assert await sink.commit() == 0
+    err = sink.stats()["lastCommitError"]
+    assert err.startswith("SchemaError: table flowscope.flows exists but lacks")
+    assert "sourceIP String" in err and "flowEndSeconds DateTime" in err and "sinks.clickhouse.table" in err
+    assert (sink.commit_failures, sink.held) == (1, 1)
+    await sink.close()
+    assert sink.lost_at_close == 1
