@@ -213,3 +213,53 @@ async def test_a_table_of_another_shape_is_named_not_written(tmp_path):
     assert (sink.commit_failures, sink.held) == (1, 1)
     await sink.close()
     assert sink.lost_at_close == 1
+
+
+async def test_a_large_periodic_export_is_paced_into_chdb_none_dropped(tmp_path):
+    """50,000 flows due at once: the aggregator's slices wait for the ClickHouse sink's queue,
+    the sink commits a chunk whenever one is full; every record ends in the table."""
+    import asyncio
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "aggregator"))
+    from agg_records import agent_record
+
+    from flowscope.aggregator.service import FlowAggregator
+
+    n = 50_000
+    now = [0.0]
+    cfg = parse_config({"aggregatorTransportProtocol": "tcp", "apiAddress": "", "flowExportInterval": "60s",
+                        "sinks": {"clickhouse": {"enabled": True, "address": f"chdb://{tmp_path}/store",
+                                                 "queueSize": 10_000}}})
+    agg = FlowAggregator(cfg, clock=lambda: now[0], tick_interval=0.01)
+    base = agent_record(flow_type=3, dst="203.0.113.9", sourcePodNamespace="shop", sourcePodName="p",
+                        sourceNodeName="node-a")
+    records = [dict(base, sourceTransportPort=i % 60000 + 1, sourceIPv4Address=f"10.1.{i // 60000}.1",
+                    packetTotalCount=i + 1, packetDeltaCount=i + 1) for i in range(n)]
+    await agg.start(collect=False, api=False)
+    ch = agg.sinks[0]
+    try:
+        agg.ingest_records(records, "192.168.1.1")
+        while len(agg.process) < n:
+            await asyncio.sleep(0.01)
+        now[0] += 61
+        deadline = time.monotonic() + 60
+        while ch.written + ch.dropped + ch.failed < n:
+            assert time.monotonic() < deadline, ch.stats()
+            await asyncio.sleep(0.02)
+    finally:
+        await agg.close()
+    st = ch.stats()
+    assert (st["written"], st["dropped"], st["failed"]) == (n, 0, 0), st
+    assert st["committedRows"] == n and st["invalidRecords"] == 0 and st["commits"] >= n // 5000
+    from chdb import session
+
+    s = session.Session(f"{tmp_path}/store")
+    try:
+        got = s.query("SELECT count(), sum(packetTotalCount), uniqExact(sourceIP, sourceTransportPort) "
+                      "FROM flowscope.flows", "CSV").bytes().decode().strip()
+    finally:
+        s.close()
+    assert got == f"{n},{n * (n + 1) // 2},{n}"
