@@ -41,6 +41,7 @@ import json
 import logging
 import re
 import threading
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -164,8 +165,7 @@ class Column:
 
     @property
     def maximum(self) -> int:
-        bits = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}[self.type]
-        return (1 << bits) - 1
+        return (1 << _BITS[self.type]) - 1
 
 
 _TYPES = {
@@ -221,7 +221,7 @@ def create_statements(database: str, table: str) -> tuple[str, str]:
 
 def _value_ok(col: Column, v: Any) -> bool:
     if col.is_int:
-        return type(v) is int and 0 <= v <= col.maximum  # bool is not a counter
+        return isinstance(v, int) and 0 <= v <= col.maximum
     return type(v) is str
 
 
@@ -273,12 +273,24 @@ def _shape(flow: Any) -> tuple[bool, bool]:
     return "sourceIPv6Address" in r, "originalExporterIPv6Address" in r
 
 
+_ARRAY_CODES = {"UInt8": "B", "UInt16": "H", "UInt32": "I", "UInt64": "Q", "DateTime": "I"}
+_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
+# Types whose array code is wider than the column on this platform (then the maximum is checked too).
+_WIDER = frozenset(t for t, code in _ARRAY_CODES.items() if array(code).itemsize * 8 > _BITS[t])
+
+
 def _columns_ok(values: list[Sequence[Any]]) -> bool:
+    """Every value fits its column: an ``array`` of the column's width takes an int column in
+    one C pass (a non-int, a negative or too large a value raises); text must be str."""
     for col, vals in zip(_RECORD_COLUMNS, values):
         if not vals:
             continue
         if col.is_int:
-            if set(map(type, vals)) != {int} or min(vals) < 0 or max(vals) > col.maximum:  # bool is no counter
+            try:
+                array(_ARRAY_CODES[col.type], vals)
+            except (TypeError, OverflowError):
+                return False
+            if col.type in _WIDER and max(vals) > col.maximum:
                 return False
         elif set(map(type, vals)) != {str}:
             return False
