@@ -52,6 +52,11 @@ pytest_stage() {
 
 printf '== setup\n'
 bash scripts/setup.sh # without a working environment nothing else can run: fail here
+# One line of versions, for reading a CI log later.
+printf 'test: %s, kernel %s, kubectl %s, tshark %s, %s cores, CI=%s\n' \
+    "$(.venv/bin/python -V 2>&1)" "$(uname -r)" \
+    "$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | head -n1)" \
+    "$(tshark -v 2>/dev/null | head -n1 | awk '{print $3}')" "$(nproc)" "${CI:-unset}"
 
 stage "import-linter (pyproject.toml contracts)" .venv/bin/python scripts/checks.py imports
 stage "mypy --strict flowscope.ipfix" .venv/bin/python scripts/checks.py types
