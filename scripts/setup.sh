@@ -184,8 +184,11 @@ if [[ -n $kubectl_version ]] && (( ${kubectl_version#*.} < ${KUBECTL_MINOR#*.} -
     say "      WARNING: kubectl $kubectl_version is far older than the $KUBECTL_MINOR the operator's tests are written against; they may fail"
 fi
 
-for tool in python3 ip nft conntrack tshark nfacctd softflowd nfcapd nfdump \
-    clickhouse-server prometheus chromium kubectl curl git; do
+# Every executable the tests ask for with require_tool() (tests/test_project_ground.py
+# checks that this list covers them).
+for tool in python3 ip ss ping nft conntrack tshark dumpcap nfacctd softflowd softflowctl \
+    nfcapd nfdump clickhouse-server clickhouse-client prometheus promtool chromium kubectl \
+    openssl curl git; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is still not on PATH after installing packages"
 done
 for daemon in prometheus clickhouse-server nfcapd nfacctd softflowd; do

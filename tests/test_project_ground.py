@@ -301,6 +301,21 @@ def test_setup_check_reports_this_machine_ready() -> None:
     assert "flowscope: installed, pyproject.toml unchanged" in proc.stdout
 
 
+def test_setup_provides_every_tool_the_tests_require() -> None:
+    # CI on a machine of this kind may have a tool preinstalled that a fresh machine
+    # lacks: every name a test passes to require_tool() must be one setup.sh verifies.
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    loop = re.search(r"^for tool in (.*?); do$", setup, re.M | re.S)
+    assert loop, "setup.sh lost its `for tool in ...; do` check"
+    provided = set(loop[1].replace("\\", " ").split())
+    required = set()
+    for path in (REPO / "tests").rglob("*.py"):
+        for call in re.findall(r"\b(?:require_tool|tool)\(([^)]*)\)", path.read_text(encoding="utf-8")):
+            required |= set(re.findall(r"[\"']([\w.+-]+)[\"']", call))
+    assert {"tshark", "conntrack", "kubectl"} <= required  # the scan itself works
+    assert required <= provided, f"tests require tools setup.sh does not provide: {sorted(required - provided)}"
+
+
 def test_readme_shows_exactly_the_two_commands() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"^```([\w-]*)\n(.*?)^```", readme, re.M | re.S)
