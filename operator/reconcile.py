@@ -107,6 +107,10 @@ def condition(type_: str, ok: bool, reason: str, message: str, generation: int |
     return cond
 
 
+class OwnershipConflict(Exception):
+    """An object we would write exists and is controlled by someone else."""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     ready: bool
@@ -134,10 +138,46 @@ class Reconciler:
         self.clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
 
     # -- shared ---------------------------------------------------------------------------
-    async def apply(self, desired: Mapping[str, Any]) -> str:
-        meta = desired["metadata"]
-        key = (desired["apiVersion"], desired["kind"], meta.get("namespace"), meta["name"])
-        live = await self.api.get(*key)
+    @staticmethod
+    def _check_ownership(live: Mapping[str, Any], desired: Mapping[str, Any]) -> None:
+        """Never take over an object someone else owns: a user's ConfigMap that happens to
+        carry our name, or the objects of another custom resource of the same name (a
+        FlowAggregator and a FlowExporterConfig both called X in one namespace)."""
+        want = desired["metadata"]
+        have = live.get("metadata") or {}
+        desc = f"{desired['kind']} {want.get('namespace') + '/' if want.get('namespace') else ''}{want['name']}"
+        mine = [r for r in want.get("ownerReferences") or [] if r.get("controller")]
+        if mine:
+            theirs = [r for r in have.get("ownerReferences") or [] if r.get("controller")]
+            if not theirs:
+                raise OwnershipConflict(f"{desc} already exists and no custom resource controls it (created by "
+                                        "hand or by another tool); delete or rename it, or rename this resource")
+            t, m = theirs[0], mine[0]
+            # the same resource re-created (a new uid after an orphaning delete) may adopt its objects
+            if t.get("uid") != m["uid"] and (t.get("kind"), t.get("name")) != (m["kind"], m["name"]):
+                raise OwnershipConflict(f"{desc} belongs to {t.get('kind')} {t.get('name')}; give this "
+                                        f"{m['kind']} another name")
+            return
+        labels = want.get("labels") or {}
+        if "flowscope.dev/owner-name" in labels:  # cluster-scoped: ownership is in the labels
+            live_labels = have.get("labels") or {}
+            for key in ("flowscope.dev/owner-namespace", "flowscope.dev/owner-name"):
+                if live_labels.get(key) != labels[key]:
+                    raise OwnershipConflict(f"{desc} already exists and is not this resource's (label {key} is "
+                                            f"{live_labels.get(key)!r}); delete it or rename this resource")
+
+    @staticmethod
+    def _key(obj: Mapping[str, Any]) -> tuple[str, str, str | None, str]:
+        meta = obj["metadata"]
+        return obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"]
+
+    async def apply(self, desired: Mapping[str, Any], live: Mapping[str, Any] | None = None,
+                    *, fetched: bool = False) -> str:
+        """Create ``desired`` or patch the live object where it differs; "created",
+        "updated" or "unchanged". ``fetched`` says ``live`` was just read (None: absent)."""
+        key = self._key(desired)
+        if not fetched:
+            live = await self.api.get(*key)
         if live is None:
             try:
                 await self.api.create(desired)
@@ -148,15 +188,22 @@ class Reconciler:
                 live = await self.api.get(*key)  # created concurrently: fall through to compare
                 if live is None:
                     raise
+        self._check_ownership(live, desired)
         if contains(live, desired):
             return "unchanged"
         await self.api.patch(*key, desired)
         return "updated"
 
     async def _apply_all(self, objects: list[dict[str, Any]], owner: Owner | None) -> int:
+        """Apply every object, but only after checking that none of them belongs to someone
+        else: an ownership conflict writes nothing at all."""
+        lives = [await self.api.get(*self._key(obj)) for obj in objects]
+        for obj, live in zip(objects, lives):
+            if live is not None:
+                self._check_ownership(live, obj)
         writes = 0
-        for obj in objects:
-            result = await self.apply(obj)
+        for obj, live in zip(objects, lives):
+            result = await self.apply(obj, live, fetched=True)
             if result != "unchanged":
                 writes += 1
                 log.info("%s %s %s/%s", result, obj["kind"], obj["metadata"].get("namespace", ""),
@@ -251,6 +298,8 @@ class Reconciler:
         objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner)
         try:
             writes = await self._apply_all(objects, owner)
+        except OwnershipConflict as exc:
+            return await self._fail(body, "NameConflict", str(exc))
         except ApiError as exc:
             if exc.retryable:
                 raise
@@ -317,6 +366,8 @@ class Reconciler:
                                         tls=agent_tls, owner=owner)
         try:
             writes = await self._apply_all(objects, owner)
+        except OwnershipConflict as exc:
+            return await self._fail(body, "NameConflict", str(exc))
         except ApiError as exc:
             if exc.retryable:
                 raise

@@ -561,3 +561,43 @@ async def test_api_errors_neither_crash_nor_stick(operator):
     await c.kubectl("annotate", "fec", "flowscope-agent", "-n", "kube-system", "example.org/poke=1")
     await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "flowscope-agent", "Deploying"))
     assert await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent") is not None
+
+
+async def test_objects_of_someone_else_are_never_taken_over(operator):
+    c = operator
+    await apply_samples(c)
+    fa_config = await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-config")
+    # a FlowExporterConfig named like the FlowAggregator, in its namespace: same object names
+    await c.kubectl("apply", "--validate=false", "-f", "-", stdin="""
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: flow-aggregator, namespace: flow-aggregator}
+spec:
+  flowAggregatorRef: {name: flow-aggregator}
+""")
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "flow-aggregator", "flow-aggregator",
+                                              "NameConflict"))
+    assert "belongs to FlowAggregator flow-aggregator; give this FlowExporterConfig another name" in \
+        ready_condition(fec)["message"]
+    assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-config") == fa_config
+    assert await c.get("apps/v1", "DaemonSet", "flow-aggregator", "flow-aggregator") is None  # nothing written
+    # a hand-made ConfigMap that happens to carry a name the operator wants
+    await c.kubectl("apply", "--validate=false", "-f", "-", stdin="""
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: mine-config, namespace: kube-system}
+data: {agent.yaml: x}
+""")
+    await c.kubectl("apply", "--validate=false", "-f", "-", stdin="""
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: mine, namespace: kube-system}
+spec:
+  flowCollectorAddr: "10.0.0.5:4739:udp"
+""")
+    mine = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "mine", "NameConflict"))
+    assert "ConfigMap kube-system/mine-config already exists and no custom resource controls it" in \
+        ready_condition(mine)["message"]
+    cm = await c.get("v1", "ConfigMap", "kube-system", "mine-config")
+    assert cm["data"] == {"agent.yaml": "x"}
+    assert await c.get("v1", "ServiceAccount", "kube-system", "mine") is None
