@@ -43,7 +43,8 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
 15. No controllers run: Deployments and DaemonSets never get a status. Tests that need a
     ready workload patch the status themselves (``simulate_rollout``).
 
-Not closed (not needed by these tests): PUT, watch bookmarks and resourceVersion
+Not closed (not needed by these tests): protobuf bodies (``kubectl create configmap …``
+sends one for built-in kinds; answered 415 here; ``kubectl apply -f`` sends JSON), PUT, watch bookmarks and resourceVersion
 semantics (a new watch replays everything as ADDED, stale versions are accepted),
 field and label selectors (the operator filters lists itself), admission (CRD schema
 validation and CEL rules are not enforced, which the schema tests cover offline).
@@ -232,6 +233,8 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             return self._table(self._live_list(res, request.namespace), res)
         if res is not None and request.action == enums.action.WATCH:
             return await self._watch(request)
+        if res is not None and request.action in (enums.action.CREATE, enums.action.UPDATE) and request.data is None:
+            return self._status(415, "UnsupportedMediaType", "only JSON bodies are understood here")
         if res is not None and request.action == enums.action.CREATE and isinstance(request.data, dict):
             ns = request.namespace or (request.data.get("metadata") or {}).get("namespace")
             if ns and self.resources[res].namespaced and ns not in self.namespaces:
