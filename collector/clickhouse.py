@@ -44,7 +44,7 @@ import threading
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -268,6 +268,13 @@ def _record_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         return _slow_columns(recs)
 
 
+_get_record = attrgetter("record")
+_get_correlation = attrgetter("correlation")
+_get_final = attrgetter("final")
+_HAS_V6 = methodcaller("__contains__", "sourceIPv6Address")
+_HAS_E6 = methodcaller("__contains__", "originalExporterIPv6Address")
+
+
 def _shape(flow: Any) -> tuple[bool, bool]:
     r = flow.record
     return "sourceIPv6Address" in r, "originalExporterIPv6Address" in r
@@ -279,7 +286,7 @@ _BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
 _WIDER = frozenset(t for t, code in _ARRAY_CODES.items() if array(code).itemsize * 8 > _BITS[t])
 
 
-def _columns_ok(values: list[Sequence[Any]]) -> bool:
+def _columns_ok(values: Sequence[Sequence[Any]]) -> bool:
     """Every value fits its column: an ``array`` of the column's width takes an int column in
     one C pass (a non-int, a negative or too large a value raises); text must be str."""
     for col, vals in zip(_RECORD_COLUMNS, values):
@@ -306,22 +313,34 @@ def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int
     come out grouped by shape (a table has no row order).
     """
     groups: dict[tuple[bool, bool], list[Any]] = {}
-    for f in flows:
-        try:
-            key = _shape(f)
-        except (AttributeError, TypeError):
-            key = (False, False)  # not a record mapping: the row check below leaves it out
-        groups.setdefault(key, []).append(f)
+    try:  # usually one shape (an IPv4 cluster): two C-level passes tell, no loop in Python
+        recs = list(map(_get_record, flows))
+        v6 = set(map(_HAS_V6, recs))
+        e6 = set(map(_HAS_E6, recs))
+        if len(v6) == 1 and len(e6) == 1:
+            groups[v6.pop(), e6.pop()] = list(flows)
+    except (AttributeError, TypeError):
+        pass
+    if not groups:
+        for f in flows:
+            try:
+                key = _shape(f)
+            except (AttributeError, TypeError):
+                key = (False, False)  # not a record mapping: the row check below leaves it out
+            groups.setdefault(key, []).append(f)
     parts = [_checked(g) for g in groups.values()]
     kept = [f for part in parts for f in part[0]]
     invalid = sum(part[2] for part in parts)
-    values: list[list[Any]] = [[] for _ in _RECORD_COLUMNS]
-    for _, vals, _ in parts:
-        for acc, v in zip(values, vals):
-            acc.extend(v)
+    if len(parts) == 1:
+        values = parts[0][1]
+    else:
+        values = [[] for _ in _RECORD_COLUMNS]
+        for _, vals, _ in parts:
+            for acc, v in zip(values, vals):
+                acc.extend(v)
     n = len(kept)
-    return [[time_inserted] * n, *values, [f.correlation for f in kept], [1 if f.final else 0 for f in kept],
-            [commit_id] * n], invalid
+    final = [1 if x else 0 for x in map(_get_final, kept)]
+    return [[time_inserted] * n, *values, list(map(_get_correlation, kept)), final, [commit_id] * n], invalid
 
 
 def _row_ok(f: Any) -> bool:
@@ -335,8 +354,8 @@ def _row_ok(f: Any) -> bool:
 def _checked(flows: list[Any]) -> tuple[list[Any], list[list[Any]], int]:
     """(flows kept, their record columns, how many were left out) for flows of one shape."""
     try:
-        values = _record_columns([f.record for f in flows])
-        if _columns_ok(values) and set(type(f.correlation) for f in flows) == {str}:
+        values = _record_columns(list(map(_get_record, flows)))
+        if _columns_ok(values) and set(map(type, map(_get_correlation, flows))) == {str}:
             return flows, values, 0
     except (AttributeError, TypeError):
         pass
@@ -611,7 +630,8 @@ class ChdbStore(FlowStore):
                 import os
 
                 os.makedirs(self.address.path, exist_ok=True)
-            self._session = session.Session(self.address.path)  # None: a temporary directory, removed on close
+            # None: a temporary directory, removed on close
+            self._session = session.Session(self.address.path)  # type: ignore[no-untyped-call,unused-ignore]
         return self._session
 
     def _execute(self, sql: str) -> None:
