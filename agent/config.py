@@ -9,7 +9,6 @@ value and what is allowed, and the agent refuses to start.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import yaml
 
 from flowscope.durations import DurationError, parse_duration
 from flowscope.ipfix.address import Address, AddressError, parse_address
+from flowscope.listen import ListenAddressError, parse_listen_address
 
 __all__ = ["AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config"]
 
@@ -118,31 +118,12 @@ def _int(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> in
 
 
 def _listen_address(value: Any) -> tuple[str, int] | None:
-    key = "metricsAddress"
     if value is None:
         return ("0.0.0.0", 9390)
-    if value == "":
-        return None
-    hint = 'write it as HOST:PORT, e.g. "0.0.0.0:9390" or "[::]:9390", or "" to disable'
-    if not isinstance(value, str):
-        raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port_s = text[1:].partition("]:")
-        if not sep:
-            raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep or ":" in host:
-            raise ConfigError(f"{key}: {value!r} is not an address; {hint}")
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host not in ("", "localhost"):
-            raise ConfigError(f"{key}: host {host!r} in {value!r} must be an IP address; {hint}") from None
-    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-        raise ConfigError(f"{key}: port {port_s!r} in {value!r} must be a number from 0 to 65535")
-    return (host or "0.0.0.0", int(port_s))
+        return parse_listen_address(value, "metricsAddress", example_port=9390)
+    except ListenAddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _default_node_name(env: Mapping[str, str]) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from flowscope import listen
 from flowscope.durations import DurationError, parse_duration
 from flowscope.ipfix.address import Address, AddressError, parse_address
 
@@ -156,29 +157,10 @@ def _duration(value: Any, name: str, minimum: float) -> float:
 
 def parse_listen_address(text: Any, name: str) -> tuple[str, int] | None:
     """``HOST:PORT`` (IPv6 host in brackets) for a listening socket; empty disables it."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return None
-    hint = 'write it as HOST:PORT, e.g. "0.0.0.0:10348" or "[::]:10348", or "" to disable'
-    if not isinstance(text, str):
-        raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
-    s = text.strip()
-    if s.startswith("["):
-        host, sep, port_s = s[1:].partition("]:")
-        if not sep:
-            raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
-    else:
-        host, sep, port_s = s.rpartition(":")
-        if not sep or ":" in host:
-            raise ConfigError(f"{name}: {text!r} is not an address; {hint}")
-    if not port_s.isdigit() or not 0 <= int(port_s) < 65536:
-        raise ConfigError(f"{name}: port {port_s!r} in {text!r} must be a number from 0 to 65535")
-    if host:
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if host != "localhost":
-                raise ConfigError(f"{name}: host {host!r} in {text!r} must be an IP address; {hint}") from None
-    return (host or "0.0.0.0", int(port_s))
+    try:
+        return listen.parse_listen_address(text, name, example_port=10348)
+    except listen.ListenAddressError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
