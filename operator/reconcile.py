@@ -81,7 +81,7 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
         ) and all(k not in live or live[k] is None for k, v in desired.items() if v is None)
     if isinstance(desired, list):
         return isinstance(live, list) and len(live) == len(desired) and all(
-            contains(a, b) for a, b in zip(live, desired)
+            contains(a, b) for a, b in zip(live, desired, strict=True)
         )
     if quantities and not isinstance(desired, bool):
         a, b = quantity(live), quantity(desired)
@@ -198,11 +198,11 @@ class Reconciler:
         """Apply every object, but only after checking that none of them belongs to someone
         else: an ownership conflict writes nothing at all."""
         lives = [await self.api.get(*self._key(obj)) for obj in objects]
-        for obj, live in zip(objects, lives):
+        for obj, live in zip(objects, lives, strict=True):
             if live is not None:
                 self._check_ownership(live, obj)
         writes = 0
-        for obj, live in zip(objects, lives):
+        for obj, live in zip(objects, lives, strict=True):
             result = await self.apply(obj, live, fetched=True)
             if result != "unchanged":
                 writes += 1

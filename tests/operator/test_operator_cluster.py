@@ -300,7 +300,7 @@ async def test_second_reconcile_and_restart_write_nothing(operator):
     await eventually(lambda: _reason_is(c, "FlowAggregator", "flow-aggregator", "flow-aggregator", "Running"))
     for ns, name in [("kube-system", "flowscope-agent"), ("flowscope-lab", "lab-agents"),
                      ("flowscope-lab", "direct-agents")]:
-        await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, name, "Deploying"))
+        await eventually(lambda ns=ns, name=name: _reason_is(c, "FlowExporterConfig", ns, name, "Deploying"))
     secret_before = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-server-tls")
     await asyncio.sleep(0.5)  # let the operator's own event echoes settle before counting
     before = len(c.writes())
@@ -468,7 +468,7 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
     await eventually(switched)
     for ns, name in [("flow-aggregator", "flow-aggregator-ca"), ("flow-aggregator", "flow-aggregator-server-tls"),
                      ("flow-aggregator", "flow-aggregator-client-tls"), ("kube-system", "flowscope-agent-client-tls")]:
-        await eventually(lambda: _absent(c, "v1", "Secret", ns, name))
+        await eventually(lambda ns=ns, name=name: _absent(c, "v1", "Secret", ns, name))
     assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle") is None
     ds = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
     assert "tls" not in {v["name"] for v in ds["spec"]["template"]["spec"]["volumes"]}
