@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -30,11 +31,14 @@ import subprocess
 import tempfile
 import time
 
-import logging
-
 from flowscope.aggregator.aggregation import ExportedFlow, output_names
 from flowscope.collector.aggregator_sink import ClickHouseSink
-from flowscope.collector.clickhouse import COLUMN_NAMES, FlowStore, flows_to_columns, open_store
+from flowscope.collector.clickhouse import (
+    COLUMN_NAMES,
+    FlowStore,
+    flows_to_columns,
+    open_store,
+)
 
 T0 = 1_780_000_000
 

@@ -50,9 +50,16 @@ from typing import Any
 from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import ClickHouseSinkConfig, ConfigError
 
-from .clickhouse import FlowStore, StoreError, check_identifier, flows_to_columns, open_store, parse_store_address
+from .clickhouse import (
+    FlowStore,
+    StoreError,
+    check_identifier,
+    flows_to_columns,
+    open_store,
+    parse_store_address,
+)
 
-__all__ = ["ClickHouseSink", "BufferFull", "make_sink", "backoff_delay"]
+__all__ = ["BufferFull", "ClickHouseSink", "backoff_delay", "make_sink"]
 
 log = logging.getLogger("flowscope.collector.clickhouse")
 
@@ -201,7 +208,7 @@ class ClickHouseSink:
             self._inflight = None
         try:
             await asyncio.to_thread(self.store.close)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the backend raises
             log.warning("clickhouse sink: closing %s: %s", self.store.address, exc)
 
     def stats(self) -> dict[str, Any]:
@@ -296,7 +303,7 @@ class ClickHouseSink:
                     self.commits += 1
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure keeps the rows and is counted
                 await self._failed(exc, final)
                 return stored
             if self.failures:
@@ -328,8 +335,8 @@ class ClickHouseSink:
                         self.store.address, kind, self.failures, self.last_error, self.held, delay)
         try:
             await asyncio.to_thread(self.store.reset)
-        except Exception:
-            pass
+        except Exception as reset_exc:  # noqa: BLE001 - the next attempt reconnects anyway
+            log.debug("clickhouse sink: dropping the connection: %s", reset_exc)
 
 
 def make_sink(config: ClickHouseSinkConfig, *, env: Mapping[str, str] | None = None) -> ClickHouseSink:

@@ -52,10 +52,27 @@ from flowscope.ipfix import DataType, default_registry
 from flowscope.ipfix.antrea import aggregator_fields
 
 __all__ = [
-    "StoreAddress", "StoreError", "AddressError", "SchemaError", "Column", "COLUMNS", "COLUMN_NAMES",
-    "ADDRESS_FORMS", "parse_store_address", "check_identifier", "flows_to_columns", "row_to_record",
-    "create_statements", "FlowStore", "ServerStore", "ChdbStore", "open_store", "StoredFlow", "Talker",
-    "PolicyVerdict", "TALKER_KEYS",
+    "ADDRESS_FORMS",
+    "COLUMNS",
+    "COLUMN_NAMES",
+    "TALKER_KEYS",
+    "AddressError",
+    "ChdbStore",
+    "Column",
+    "FlowStore",
+    "PolicyVerdict",
+    "SchemaError",
+    "ServerStore",
+    "StoreAddress",
+    "StoreError",
+    "StoredFlow",
+    "Talker",
+    "check_identifier",
+    "create_statements",
+    "flows_to_columns",
+    "open_store",
+    "parse_store_address",
+    "row_to_record",
 ]
 
 ADDRESS_FORMS = \
@@ -212,8 +229,8 @@ def create_statements(database: str, table: str) -> tuple[str, str]:
     cols = ",\n    ".join(f"{_q(c.name)} {c.type}" for c in COLUMNS)
     return (
         f"CREATE DATABASE IF NOT EXISTS {_q(database)}",
-        f"CREATE TABLE IF NOT EXISTS {_q(database)}.{_q(table)} (\n    {cols}\n) ENGINE = MergeTree() "
-        "PARTITION BY toYYYYMMDD(timeInserted) ORDER BY (timeInserted, flowEndSeconds)",
+        (f"CREATE TABLE IF NOT EXISTS {_q(database)}.{_q(table)} (\n    {cols}\n) ENGINE = MergeTree() "
+         "PARTITION BY toYYYYMMDD(timeInserted) ORDER BY (timeInserted, flowEndSeconds)"),
     )
 
 
@@ -602,8 +619,8 @@ class ServerStore(FlowStore):
         if client is not None:
             try:
                 client.disconnect()
-            except Exception:  # a broken connection may fail to close; it is dropped either way
-                pass
+            except Exception as exc:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                logging.getLogger("flowscope.collector.clickhouse").debug("disconnect: %s", exc)
 
     def close(self) -> None:
         self.reset()

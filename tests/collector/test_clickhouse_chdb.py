@@ -10,11 +10,16 @@ import json
 from collections import defaultdict
 
 import pytest
-
 from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import parse_config
 from flowscope.collector.aggregator_sink import make_sink
-from flowscope.collector.clickhouse import COLUMN_NAMES, COLUMNS, PolicyVerdict, Talker, row_to_record
+from flowscope.collector.clickhouse import (
+    COLUMN_NAMES,
+    COLUMNS,
+    PolicyVerdict,
+    Talker,
+    row_to_record,
+)
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -31,7 +36,7 @@ def talker_flows() -> list[ExportedFlow]:
     out = []
     for i in range(24):
         ns = ("shop", "web")[i % 2]
-        over = dict(
+        over = dict(  # noqa: C408 - keyword form: these are IE names
             sourceTransportPort=40000 + i, destinationTransportPort=80, protocolIdentifier=6,
             sourceIPv4Address=f"10.0.{i % 6}.5", destinationIPv4Address="10.0.9.9",
             sourcePodNamespace=ns, sourcePodName=f"pod-{i % 6}", sourceNodeName=f"node-{i % 3}",
@@ -116,7 +121,6 @@ async def check_query_api(sink) -> None:
 
 async def test_rows_survive_in_a_chdb_directory_field_for_field(tmp_path):
     from chdb import session
-
     from test_clickhouse_sink import aggregated
 
     path = tmp_path / "store"
@@ -164,7 +168,7 @@ def doc_queries() -> list[str]:
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "clickhouse.md").read_text()
     section = text.split("## Example queries", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```sql\n(.*?)```", section, re.S)
+    blocks = re.findall(r"```sql\n(.*?)```", section, re.DOTALL)
     assert len(blocks) >= 5
     return blocks
 
@@ -193,7 +197,6 @@ async def test_the_docs_example_queries_run_on_chdb():
 
 async def test_a_table_of_another_shape_is_named_not_written(tmp_path):
     from chdb import session
-
     from test_clickhouse_sink import aggregated
 
     path = tmp_path / "store"
@@ -225,7 +228,6 @@ async def test_a_large_periodic_export_is_paced_into_chdb_none_dropped(tmp_path)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "aggregator"))
     from agg_records import agent_record
-
     from flowscope.aggregator.service import FlowAggregator
 
     n = 50_000

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 from conftest import require_tool
-
 from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import parse_config
 from flowscope.aggregator.service import FlowAggregator
@@ -94,10 +93,9 @@ class ClickHouseServer:
     def start(self, timeout: float = 30.0) -> None:
         from clickhouse_driver import Client
 
-        out = open(self.root / "stdout.log", "ab")
-        self.proc = subprocess.Popen(["clickhouse-server", f"--config-file={self.root / 'config.xml'}"],
-                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        out.close()
+        with open(self.root / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(["clickhouse-server", f"--config-file={self.root / 'config.xml'}"],
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -214,7 +212,6 @@ async def test_the_aggregator_fed_over_ipfix_ends_with_correlated_rows(server, e
     """Two agents send their halves of 30 inter-node connections (and 5 intra-node ones) over
     IPFIX/TCP to the real FlowAggregator, whose configuration enables the sink."""
     from agg_records import agent_record, destination_half, source_half
-
     from flowscope.ipfix import Address, Template
     from flowscope.ipfix.antrea import agent_fields
     from flowscope.ipfix.process import ExportingProcess
@@ -360,7 +357,6 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
     config (only the addresses changed for loopback) and that env stores what agents send."""
     import yaml
     from agg_records import destination_half, source_half
-
     from flowscope.ipfix import Address, Template
     from flowscope.ipfix.antrea import agent_fields
     from flowscope.ipfix.process import ExportingProcess
@@ -391,8 +387,9 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
     cfg_file = tmp_path / "aggregator.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
 
-    proc = subprocess.Popen([sys.executable, "-m", "flowscope", "aggregator", "--config", str(cfg_file)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block; its stderr is read in a thread
+        [sys.executable, "-m", "flowscope", "aggregator", "--config", str(cfg_file)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     agent = None
     try:
         seen = []
@@ -418,8 +415,10 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
         api_port = int(line.rsplit("API ", 1)[1].split()[0])
         deadline = time.monotonic() + 15
         while True:
-            rc = subprocess.run([sys.executable, "-m", "flowscope", "aggregator", "recordmetrics", "--server",
-                                 f"http://127.0.0.1:{api_port}", "-o", "json"], capture_output=True, text=True)
+            rc = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "flowscope", "aggregator", "recordmetrics", "--server",
+                                 f"http://127.0.0.1:{api_port}", "-o", "json"], capture_output=True, text=True,
+                check=False)
             if rc.returncode == 0 and '"numRecordsReceived": 24' in rc.stdout:
                 break
             assert time.monotonic() < deadline, rc.stdout + rc.stderr

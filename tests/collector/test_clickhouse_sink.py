@@ -14,15 +14,25 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from flowscope.aggregator.aggregation import ExportedFlow, output_names
 from flowscope.aggregator.config import ConfigError, parse_config
 from flowscope.aggregator.service import build_sinks
 from flowscope.aggregator.sinks import QueuedSink
-from flowscope.collector.aggregator_sink import BufferFull, ClickHouseSink, backoff_delay, make_sink
+from flowscope.collector.aggregator_sink import (
+    ClickHouseSink,
+    backoff_delay,
+    make_sink,
+)
 from flowscope.collector.clickhouse import (
-    COLUMN_NAMES, COLUMNS, AddressError, FlowStore, StoreAddress, create_statements, flows_to_columns,
-    parse_store_address, row_to_record,
+    COLUMN_NAMES,
+    COLUMNS,
+    AddressError,
+    FlowStore,
+    StoreAddress,
+    create_statements,
+    flows_to_columns,
+    parse_store_address,
+    row_to_record,
 )
 from flowscope.ipfix.antrea import aggregator_fields
 
@@ -92,7 +102,7 @@ def test_schema_has_every_element_of_both_families_and_18_16_sql():
     for fam in (4, 6):
         assert set(aggregator_fields(fam)) <= held
     assert {"originalExporterIPv6Address", "originalExporterIPv4Address"} <= held
-    types = dict((c.name, c.type) for c in COLUMNS)
+    types = {c.name: c.type for c in COLUMNS}
     assert types["flowStartSeconds"] == types["flowEndSeconds"] == types["timeInserted"] == "DateTime"
     assert types["octetDeltaCountFromDestinationNode"] == "UInt64" and types["sourcePodName"] == "String"
     assert types["sourceIP"] == "String" and types["correlation"] == "String"
