@@ -19,7 +19,8 @@ QueuedSink's bounded queue absorbs it); ``close`` commits what is left.
 
 *Failures.* A commit that fails (server down, refused, timed out) keeps its rows: the
 chunk in flight stays in flight and the buffer keeps filling, the connection is dropped,
-and the next attempt waits an exponential backoff (1 s doubling to 30 s). The table is
+and the next attempt waits an exponential backoff (1 s doubling to 30 s; the timer waits
+at least ``commitInterval``, a full chunk only the backoff). The table is
 created again on reconnect (a server that lost its data gets it back). Nothing is lost
 while the rows held stay within ``queueSize``; past that, ``write`` refuses the new
 batch and raises, and the QueuedSink counts exactly those records as failed. So every
@@ -324,8 +325,8 @@ class ClickHouseSink:
         self.failures += 1
         self.commit_failures += 1
         self._opened = False
-        delay = backoff_delay(self.failures, self.backoff_initial, self.backoff_max)
-        self._retry_at = self.clock() + delay
+        self._retry_at = self.clock() + backoff_delay(self.failures, self.backoff_initial, self.backoff_max)
+        delay = self.next_due() - self.clock()  # the longer of the backoff and the commit interval
         kind = "cannot be used" if isinstance(exc, StoreError) else "failed"
         self.last_error = f"{type(exc).__name__}: {exc}".strip()
         if final:

@@ -321,7 +321,7 @@ async def test_an_aggregator_whose_clickhouse_is_unreachable_starts_and_counts(e
     port = free_port()  # nothing listens there
     cfg = parse_config({
         "aggregatorTransportProtocol": "tcp", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
-        "sinks": {"clickhouse": {"enabled": True, "address": f"tcp://127.0.0.1:{port}", "commitInterval": "1h"}},
+        "sinks": {"clickhouse": {"enabled": True, "address": f"tcp://127.0.0.1:{port}", "commitInterval": "1s"}},
     })
     now = [0.0]
     agg = FlowAggregator(cfg, clock=lambda: now[0])
