@@ -93,15 +93,10 @@ is_installed() {
 
 # --- 1. system packages -----------------------------------------------------------
 wanted=("${APT_PACKAGES[@]}")
-# kubectl: the tests drive an in-memory API server with it and were written against 1.32.
-# Machines of this project's kind come with one (google-cloud-cli's, 1.32). Without any,
-# the official Kubernetes apt repository provides 1.32; where it cannot be reached,
-# Debian's kubernetes-client (kubectl 1.20, which also owns /usr/bin/kubectl and so is
-# only installed when there is no kubectl at all) is the fallback.
-KUBECTL_MINOR=1.32
-KUBE_REPO="https://pkgs.k8s.io/core:/stable:/v$KUBECTL_MINOR/deb/"
-KUBE_KEY=/etc/apt/keyrings/flowscope-kubernetes.asc
-KUBE_SOURCES=/etc/apt/sources.list.d/flowscope-kubernetes.sources
+# kubectl: the tests drive an in-memory API server with the real kubectl. Machines of this
+# project's kind come with one (google-cloud-cli's, 1.32); without any, Debian's
+# kubernetes-client (kubectl 1.20) is installed. It owns /usr/bin/kubectl too, so it is
+# only installed when there is no kubectl at all. The tests pass with both.
 NEED_KUBECTL=0
 APT_UPDATED=0
 command -v kubectl >/dev/null 2>&1 || NEED_KUBECTL=1
@@ -159,29 +154,9 @@ if ((NEED_KUBECTL)); then
     ((CHECK == 0)) || die "kubectl is missing (run: bash scripts/setup.sh)"
     export DEBIAN_FRONTEND=noninteractive
     lock=(-o DPkg::Lock::Timeout=600)
-    if curl -fsSL --max-time 20 "${KUBE_REPO}Release.key" -o "$LOG.key" 2>>"$LOG"; then
-        say "      kubectl $KUBECTL_MINOR from the Kubernetes apt repository ..."
-        install -d -m 755 /etc/apt/keyrings
-        install -m 644 "$LOG.key" "$KUBE_KEY"
-        printf 'Types: deb\nURIs: %s\nSuites: /\nSigned-By: %s\n' "$KUBE_REPO" "$KUBE_KEY" >"$KUBE_SOURCES"
-        APT_UPDATED=1
-        if ! { apt-get "${lock[@]}" update -q && apt-get "${lock[@]}" install -y -q kubectl; } >>"$LOG" 2>&1; then
-            tail -n 5 "$LOG" | sed 's/^/      | /'
-            say "      that failed; removing the repository again"
-            rm -f "$KUBE_SOURCES" "$KUBE_KEY"
-            run "apt-get update" apt-get "${lock[@]}" update -q
-        fi
-    fi
-    rm -f "$LOG.key"
-    if ! command -v kubectl >/dev/null 2>&1; then
-        say "      kubectl: the Kubernetes apt repository is out of reach; Debian's kubernetes-client (1.20) instead"
-        ((APT_UPDATED)) || run "apt-get update" apt-get "${lock[@]}" update -q
-        run "apt-get install kubernetes-client" apt-get "${lock[@]}" install -y -q --no-install-recommends kubernetes-client
-    fi
-fi
-kubectl_version="$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": *"v\([0-9]*\.[0-9]*\).*/\1/p' | head -n1)"
-if [[ -n $kubectl_version ]] && (( ${kubectl_version#*.} < ${KUBECTL_MINOR#*.} - 6 )); then
-    say "      WARNING: kubectl $kubectl_version is far older than the $KUBECTL_MINOR the operator's tests are written against; they may fail"
+    say "      kubectl: Debian's kubernetes-client"
+    ((APT_UPDATED)) || run "apt-get update" apt-get "${lock[@]}" update -q
+    run "apt-get install kubernetes-client" apt-get "${lock[@]}" install -y -q --no-install-recommends kubernetes-client
 fi
 
 # Every executable the tests ask for with require_tool() (tests/test_project_ground.py

@@ -42,6 +42,10 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     here as JSON lines, filtered by name.
 15. No controllers run: Deployments and DaemonSets never get a status. Tests that need a
     ready workload patch the status themselves (``simulate_rollout``).
+16. A missing object's 404 carries the reason "Object Not Found" instead of "NotFound"
+    (and a conflict "Object Already Exists" instead of "AlreadyExists");
+    kubectl 1.32 goes by the status code, Debian's kubectl 1.20 by the reason (``apply``
+    fails with "Object Not Found"). Answered with an apiserver's NotFound Status.
 
 Not closed (not needed by these tests): protobuf bodies (``kubectl create configmap …``
 sends one for built-in kinds; answered 415 here; ``kubectl apply -f`` sends JSON), PUT, watch bookmarks and resourceVersion
@@ -66,6 +70,7 @@ import jsonpatch
 import kmock
 from kmock._internal import dicts as kdicts
 from kmock._internal import enums
+from kmock._internal import k8s as kk8s
 
 _rv = itertools.count(1000)
 
@@ -246,6 +251,13 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(_rv))})
         try:
             response = await super()._handle(request)
+        except kk8s.KubernetesObjectNotFoundError:
+            # gap 16: an apiserver's reason is "NotFound", which older clients (Debian's kubectl 1.20) rely on
+            plural = res.plural if res is not None else "objects"
+            return self._status(404, "NotFound", f'{plural} "{request.name}" not found')
+        except kk8s.KubernetesObjectConflictError:
+            plural = res.plural if res is not None else "objects"
+            return self._status(409, "AlreadyExists", f'{plural} "{request.name}" already exists')
         except jsonpatch.JsonPatchTestFailed as exc:  # gap 12: a failed "test" is a conflict, not a crash
             return self._status(422, "Invalid", f"the server rejected our request due to an error in our "
                                                 f"request: {exc}")
