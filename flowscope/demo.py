@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,35 @@ def _say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+@dataclass(frozen=True, slots=True)
+class Send:
+    """One connection of the traffic plan and what its record must show."""
+
+    src: str  # the Pod that connects
+    target: str  # IP:PORT it connects to (a ClusterIP for the Service)
+    proto: str  # tcp or udp
+    size: int  # payload octets (per datagram for UDP)
+    packets: int  # datagrams (UDP)
+    what: str
+    expect_dst: tuple[str, int]  # the destination after DNAT, as the record carries it
+    denied: bool = False
+
+
+def _complete(send: Send, src_ip: str, r: dict[str, Any]) -> bool:
+    """Whether record ``r`` is ``send``'s connection with everything it moved counted."""
+    proto = 6 if send.proto == "tcp" else 17
+    if (r.get("sourceIPv4Address"), r.get("destinationIPv4Address"), r.get("destinationTransportPort"), r.get("protocolIdentifier")) != (
+        src_ip, *send.expect_dst, proto,
+    ):
+        return False
+    if send.denied:
+        return r.get("ingressNetworkPolicyRuleAction") == 2
+    sides = ["FromSourceNode"] + (["FromDestinationNode"] if r.get("flowType") == 2 else [])
+    if send.proto == "udp":
+        return all(r.get(f"packetTotalCount{side}", 0) >= send.packets for side in sides)
+    return all(r.get(f"octetTotalCount{side}", 0) >= send.size for side in sides)
+
+
 class Pipeline:
     """The demo's cluster: the lab, its inventory and TLS material, and the running
     collector, aggregator and agents. The end-to-end tests drive the same class."""
@@ -310,19 +340,39 @@ class Pipeline:
         time.sleep(1.0)  # the agents' first poll and TLS session
         self.procs.check_alive()
 
-    def plan(self) -> list[tuple[str, str, str, int, int, str]]:
-        """(source pod, target, protocol, octets per packet or stream, packets, what) of the demo traffic."""
-        pods = self.pods
+    def plan(self) -> list[Send]:
+        """The demo's traffic: one connection of every kind."""
+        pods, backend, db = self.pods, self.pods["backend"].ip, self.pods["db"].ip
         return [
-            ("frontend", f"{SERVICE_IP}:80", "tcp", 200_000, 1, "Pod -> Service (ClusterIP, inter-Node)"),
-            ("frontend", f"{pods['cache'].ip}:6379", "tcp", 50_000, 1, "Pod -> Pod (same Node)"),
-            ("frontend", f"{self.ext.underlay_ip}:443", "tcp", 20_000, 1, "Pod -> external host"),
-            ("backend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, allowed by NetworkPolicy"),
-            ("frontend", f"{pods['db'].ip}:5432", "tcp", 10_000, 1, "Pod -> Pod, denied by NetworkPolicy"),
-            ("frontend", f"{pods['backend'].ip}:5353", "udp", 512, 5, "Pod -> Pod over UDP (inter-Node)"),
+            Send("frontend", f"{SERVICE_IP}:80", "tcp", 200_000, 1, "Pod -> Service (ClusterIP, inter-Node)", (backend, 8080)),
+            Send("frontend", f"{pods['cache'].ip}:6379", "tcp", 50_000, 1, "Pod -> Pod (same Node)", (pods["cache"].ip, 6379)),
+            Send("frontend", f"{self.ext.underlay_ip}:443", "tcp", 20_000, 1, "Pod -> external host", (self.ext.underlay_ip, 443)),
+            Send("backend", f"{db}:5432", "tcp", 10_000, 1, "Pod -> Pod, allowed by NetworkPolicy", (db, 5432)),
+            Send("frontend", f"{db}:5432", "tcp", 10_000, 1, "Pod -> Pod, denied by NetworkPolicy", (db, 5432), denied=True),
+            Send("frontend", f"{backend}:5353", "udp", 512, 5, "Pod -> Pod over UDP (inter-Node)", (backend, 5353)),
         ]
 
+    def wait_settled(self, plan: Sequence[Send], *, timeout: float = 60.0, quiet: float = 4.0) -> list[Send]:
+        """Wait until every connection of ``plan`` has reached the collector with all it
+        moved counted by every Node it crossed, and nothing new has arrived for ``quiet``
+        seconds (so the last record holds the final counters). Returns what never did."""
+        deadline = time.monotonic() + timeout
+        size, changed = -1, time.monotonic()
+        missing = list(plan)
+        while time.monotonic() < deadline:
+            now_size = self.records_file.stat().st_size if self.records_file.exists() else 0
+            if now_size != size:
+                size, changed = now_size, time.monotonic()
+                latest = latest_per_connection(self.records())
+                missing = [s for s in plan if not any(_complete(s, self.pods[s.src].ip, r) for r in latest.values())]
+            if not missing and time.monotonic() - changed >= quiet:
+                return []
+            self.procs.check_alive()
+            time.sleep(0.2)
+        return missing
+
     def send(self, src: str, target: str, proto: str, size: int, packets: int) -> str:
+        """Run the traffic program in Pod ``src``; returns what it printed (octets answered)."""
         cmd = self.pods[src].exec_args(
             sys.executable, "-m", "flowscope.lab", "send", target, "--bytes", str(size), "--packets", str(packets),
             "--timeout", "1.5",
@@ -330,6 +380,9 @@ class Pipeline:
         if proto == "udp":
             cmd.append("--udp")
         return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+
+    def run_plan(self, plan: Sequence[Send]) -> dict[str, str]:
+        return {s.what: self.send(s.src, s.target, s.proto, s.size, s.packets) for s in plan}
 
     def flowrecords(self) -> subprocess.CompletedProcess[str]:
         query = _flowscope("aggregator", "flowrecords", "--server", "http://127.0.0.1:10348", "-o", "table")
@@ -368,13 +421,13 @@ def _run(lab: Lab, workdir: Path, args: argparse.Namespace) -> int:
         _say("one Flow Exporter agent per Node reading that Node's conntrack, and servers in the Pods")
         pipeline.start()
         _say("sending traffic")
-        for src, target, proto, size, packets, what in pipeline.plan():
-            answer = pipeline.send(src, target, proto, size, packets)
-            ip = pipeline.pods[src].ip
-            print(f"    {what:42s} {ip} -> {target:22s} sent {size * packets:>7} B, got back: {answer}")
-        _say("waiting for idle exports and the aggregator's export interval")
-        time.sleep(7)
-        pipeline.procs.check_alive()
+        plan = pipeline.plan()
+        for s in plan:
+            answer = pipeline.send(s.src, s.target, s.proto, s.size, s.packets)
+            ip = pipeline.pods[s.src].ip
+            print(f"    {s.what:42s} {ip} -> {s.target:22s} sent {s.size * s.packets:>7} B, got back: {answer}")
+        _say("waiting until every connection reached the collector, fully counted by every Node it crossed")
+        missing = pipeline.wait_settled(plan)
         flowrecords = pipeline.flowrecords()
         _say("stopping agents (final records), aggregator and collector")
     finally:
@@ -391,7 +444,14 @@ def _run(lab: Lab, workdir: Path, args: argparse.Namespace) -> int:
     if flowrecords.returncode == 0 and flowrecords.stdout.strip():
         _say("what `flowscope aggregator flowrecords` showed while the flows were live:")
         print(flowrecords.stdout.rstrip())
-    return 0 if shown else 1
+    if missing:
+        for s in missing:
+            print(f"flowscope demo: no complete record for: {s.what} ({s.target})", file=sys.stderr)
+        print(f"flowscope demo: logs and records are in {workdir}" if args.workdir else
+              "flowscope demo: run with --workdir DIR to keep the logs", file=sys.stderr)
+        return 1
+    _say(f"all {len(plan)} connections arrived, each counted by every Node it crossed")
+    return 0
 
 
 FLOW_TYPES = {1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -47,10 +46,11 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         pipeline = Pipeline(lab, workdir)
         try:
             pipeline.start()
-            answers = {what: pipeline.send(src, target, proto, size, packets) for src, target, proto, size, packets, what in pipeline.plan()}
-            time.sleep(4)  # idle timeout (2s) passes, a poll sees every connection closed
+            plan = pipeline.plan()
+            answers = pipeline.run_plan(plan)
+            assert pipeline.wait_settled(plan) == []
             counters = {}
-            for r in latest_per_connection(_records_so_far(pipeline)).values():
+            for r in latest_per_connection(pipeline.records()).values():
                 src, sport = r.get("sourceIPv4Address"), r.get("sourceTransportPort")
                 if src in {p.ip for p in pipeline.pods.values()}:
                     for node in lab.nodes.values():
@@ -61,11 +61,6 @@ def run(tmp_path_factory: pytest.TempPathFactory):
         finally:
             pipeline.stop()
         yield pipeline, answers, latest_per_connection(pipeline.records()), counters
-
-
-def _records_so_far(pipeline: Pipeline) -> list[dict]:
-    time.sleep(3)  # one aggregator export interval (2s) after the agents' idle exports
-    return pipeline.records()
 
 
 def _one(records: dict, **match: object) -> dict:
