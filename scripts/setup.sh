@@ -41,7 +41,6 @@ APT_PACKAGES=(
     tshark pmacct softflowd nfdump         # independent IPFIX peers
     clickhouse-server clickhouse-client    # the ClickHouse sink against a real server
     prometheus                             # scraping the /metrics endpoints
-    chromium fonts-liberation              # rendering the dashboards headless
 )
 # Packages whose services must not be left running (see the header).
 DAEMON_PACKAGES=(clickhouse-server prometheus nfdump pmacct softflowd)
@@ -162,7 +161,7 @@ fi
 # Every executable the tests ask for with require_tool() (tests/test_project_ground.py
 # checks that this list covers them).
 for tool in python3 ip ss ping nft conntrack tshark dumpcap nfacctd softflowd softflowctl \
-    nfcapd nfdump clickhouse-server clickhouse-client prometheus promtool chromium kubectl \
+    nfcapd nfdump clickhouse-server clickhouse-client prometheus promtool kubectl \
     openssl curl git; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is still not on PATH after installing packages"
 done

@@ -1,7 +1,7 @@
 """Shared test plumbing.
 
 Real-part tests need tools from Debian (tshark, nfacctd, softflowd, conntrack, nft,
-kubectl, clickhouse-server, prometheus, chromium) and root for network namespaces.
+kubectl, clickhouse-server, prometheus) and root for network namespaces.
 Locally a missing tool skips the test with the install hint; in CI (CI=true) nothing is
 skipped for a missing tool: the test fails, because a green run that skipped its
 real-part tests would prove nothing.
