@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from agent_netns import in_netns, sh, topology
-from agent_tls import make_pki
+from pki import make_pki
 from conftest import require_root, require_tool
 from test_agent_netns import INVENTORY, conntrack_cli, find, udp_exchange
 

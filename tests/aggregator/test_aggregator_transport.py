@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from agg_pki import CA
+from pki import CA
 from agg_records import T0, agent_record, destination_half, source_half
 
 from flowscope.aggregator.config import parse_config
@@ -72,13 +72,13 @@ async def send(agent: ExportingProcess, records: list[dict]) -> None:
 @pytest.fixture
 def pki(tmp_path):
     ca = CA(tmp_path, "flowscope-ca")
-    server = ca.issue("aggregator", "flow-aggregator", ("127.0.0.1", "flow-aggregator.flow-aggregator.svc"),
+    server = ca.issue("aggregator", cn="flow-aggregator", names=("127.0.0.1", "flow-aggregator.flow-aggregator.svc"),
                       server=True)
-    node_a = ca.issue("node-a", "node-a", ("node-a",), server=False)
-    node_b = ca.issue("node-b", "node-b", ("node-b",), server=False)
+    node_a = ca.issue("node-a", names=("node-a",), server=False)
+    node_b = ca.issue("node-b", names=("node-b",), server=False)
     rogue_ca = CA(tmp_path, "rogue-ca")
-    rogue = rogue_ca.issue("rogue", "node-a", ("node-a",), server=False)
-    return {"ca": ca.ca_file, "server": server, "node-a": node_a, "node-b": node_b, "rogue": rogue}
+    rogue = rogue_ca.issue("rogue", cn="node-a", names=("node-a",), server=False)
+    return {"ca": ca.path, "server": server, "node-a": node_a, "node-b": node_b, "rogue": rogue}
 
 
 def by_key(exported):

@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ipfix"))
 from ipfix_samples import agent_record  # noqa: E402
-from tls_material import CA  # noqa: E402
+from pki import CA  # noqa: E402
 
 FLOWSCOPE = str(Path(sys.executable).with_name("flowscope"))
 

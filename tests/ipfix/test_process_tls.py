@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from ipfix_samples import agent_record
-from tls_material import CA
+from pki import CA
 
 from flowscope.ipfix import Address, ExportSession, Template, UsageError
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS
