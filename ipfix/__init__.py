@@ -11,7 +11,7 @@ This package imports nothing else of flowscope's (checked by import-linter).
 
 from .address import Address, AddressError, parse_address
 from .codec import DataSet, Decoder, ExportSession, Message, MessageFramer, TemplateSet
-from .errors import InvalidValue, IPFIXError, MalformedMessage, UnknownElement, UsageError
+from .errors import InvalidValue, IPFIXError, MalformedMessage, RecordTooLarge, UnknownElement, UsageError
 from .registry import (
     ANTREA_PEN,
     IANA_PEN,
@@ -37,6 +37,7 @@ __all__ = [
     "InvalidValue",
     "IPFIXError",
     "MalformedMessage",
+    "RecordTooLarge",
     "UnknownElement",
     "UsageError",
     "ANTREA_PEN",

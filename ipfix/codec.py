@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Literal
 
-from .errors import MalformedMessage, UsageError
+from .errors import MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry, default_registry
 from .template import FieldSpecifier, Record, Template
 
@@ -201,21 +201,29 @@ class ExportSession:
         except KeyError:
             raise UsageError(f"template {template_id} was never added to this export session") from None
 
-    def encode_records(self, template_id: int, records: Sequence[Record], export_time: int) -> list[bytes]:
-        """Data records in as few messages as fit ``max_message_size``; each message's
-        sequence number counts the data records sent before it."""
+    def encode_records(
+        self, template_id: int, records: Sequence[Record], export_time: int, *, max_message_size: int | None = None
+    ) -> list[bytes]:
+        """Data records in as few messages as fit ``max_message_size`` (the session's unless
+        given for this call); each message's sequence number counts the data records sent
+        before it. A record too long for one message raises :class:`RecordTooLarge`."""
         t = self._template(template_id)
         if not records:
             return []
         encode = t.encode_record
-        limit = self.max_message_size - HEADER.size - SET_HEADER.size
+        size = self.max_message_size if max_message_size is None else max_message_size
+        if not HEADER.size + SET_HEADER.size + 1 <= size <= MAX_MESSAGE_SIZE:
+            raise UsageError(f"max message size {size} is outside 21..{MAX_MESSAGE_SIZE}")
+        limit = size - HEADER.size - SET_HEADER.size
         set_head = SET_HEADER.pack
         fixed = t.fixed_record_length
         messages: list[bytes] = []
         if fixed is not None:
             per_message = limit // fixed
             if per_message == 0:
-                raise UsageError(f"a record of template {template_id} ({fixed} octets) does not fit in a message")
+                raise RecordTooLarge(
+                    f"a record of template {template_id} ({fixed} octets) does not fit in a {size}-octet message"
+                )
             for start in range(0, len(records), per_message):
                 chunk = records[start : start + per_message]
                 payload = b"".join([encode(r) for r in chunk])
@@ -228,9 +236,8 @@ class ExportSession:
         for i, item in enumerate(encoded):
             n = len(item)
             if n > limit:
-                raise UsageError(
-                    f"a record of template {template_id} is {n} octets, more than fits in a "
-                    f"{self.max_message_size}-octet message"
+                raise RecordTooLarge(
+                    f"a record of template {template_id} is {n} octets, more than fits in a {size}-octet message"
                 )
             if size + n > limit:
                 payload = b"".join(encoded[start:i])

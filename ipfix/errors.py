@@ -13,7 +13,7 @@ calling code, not a condition to survive.
 
 from __future__ import annotations
 
-__all__ = ["IPFIXError", "MalformedMessage", "UsageError", "UnknownElement", "InvalidValue"]
+__all__ = ["IPFIXError", "MalformedMessage", "UsageError", "UnknownElement", "InvalidValue", "RecordTooLarge"]
 
 
 class IPFIXError(Exception):
@@ -37,3 +37,8 @@ class UnknownElement(UsageError, KeyError):
 
 class InvalidValue(UsageError, ValueError):
     """A record value that cannot be encoded as its information element's type."""
+
+
+class RecordTooLarge(UsageError):
+    """A data record longer than fits in one message of the session's maximum size (over
+    UDP, the path MTU); an exporter may send it alone in a larger message instead."""

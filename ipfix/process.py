@@ -60,7 +60,7 @@ from typing import Any
 
 from .address import Address
 from .codec import MAX_MESSAGE_SIZE, Decoder, ExportSession, Message, MessageFramer, Transport
-from .errors import MalformedMessage, UsageError
+from .errors import MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry
 from .template import Record, Template
 
@@ -1099,20 +1099,16 @@ class ExportingProcess:
                 out += session.encode_records(tid, [record], export_time)
                 good += 1
                 continue
-            except UsageError as exc:
-                error = exc
-            if "does not fit" in str(error) or "more than fits" in str(error):
-                limit = session.max_message_size
-                session.max_message_size = MAX_MESSAGE_SIZE
-                try:
-                    out += session.encode_records(tid, [record], export_time)
+            except RecordTooLarge:
+                try:  # alone, in a message as large as IPFIX allows (IP fragments it)
+                    out += session.encode_records(tid, [record], export_time, max_message_size=MAX_MESSAGE_SIZE)
                     good += 1
                     self.stats.oversize_messages += 1
                     continue
                 except UsageError as exc:
                     error = exc
-                finally:
-                    session.max_message_size = limit
+            except UsageError as exc:
+                error = exc
             self.stats.records_invalid += 1
             self._limiter.warn("record not exported to %s: %s", self.address, error)
         return out, good

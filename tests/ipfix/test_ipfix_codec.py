@@ -426,3 +426,19 @@ def test_framer_cuts_a_stream_into_messages_and_refuses_a_desynchronised_one() -
         MessageFramer().feed(b"\x00\x09\x00\x20" + b"\x00" * 28)
     with pytest.raises(MalformedMessage, match="shorter than the header"):
         MessageFramer().feed(b"\x00\x0a\x00\x08")
+
+
+def test_a_record_longer_than_a_message_is_its_own_error_and_can_go_alone_in_a_larger_one() -> None:
+    from flowscope.ipfix import RecordTooLarge
+
+    exporter = ExportSession(1, max_message_size=512)
+    exporter.add_template(Template.build(256, ["sourcePodName"]))
+    big = {"sourcePodName": "p" * 600}
+    with pytest.raises(RecordTooLarge, match="more than fits in a 512-octet message"):
+        exporter.encode_records(256, [big], 0)
+    assert exporter.sequence_number == 0  # nothing was counted as sent
+    (data,) = exporter.encode_records(256, [big], 0, max_message_size=65535)
+    decoder = Decoder()
+    decoder.decode(exporter.encode_templates(0)[0])
+    assert [r for _, r in decoder.decode(data).data_records()] == [big]
+    assert exporter.max_message_size == 512
