@@ -211,10 +211,10 @@ class ExportSession:
         if not records:
             return []
         encode = t.encode_record
-        size = self.max_message_size if max_message_size is None else max_message_size
-        if not HEADER.size + SET_HEADER.size + 1 <= size <= MAX_MESSAGE_SIZE:
-            raise UsageError(f"max message size {size} is outside 21..{MAX_MESSAGE_SIZE}")
-        limit = size - HEADER.size - SET_HEADER.size
+        msg_size = self.max_message_size if max_message_size is None else max_message_size
+        if not HEADER.size + SET_HEADER.size + 1 <= msg_size <= MAX_MESSAGE_SIZE:
+            raise UsageError(f"max message size {msg_size} is outside 21..{MAX_MESSAGE_SIZE}")
+        limit = msg_size - HEADER.size - SET_HEADER.size
         set_head = SET_HEADER.pack
         fixed = t.fixed_record_length
         messages: list[bytes] = []
@@ -222,7 +222,7 @@ class ExportSession:
             per_message = limit // fixed
             if per_message == 0:
                 raise RecordTooLarge(
-                    f"a record of template {template_id} ({fixed} octets) does not fit in a {size}-octet message"
+                    f"a record of template {template_id} ({fixed} octets) does not fit in a {msg_size}-octet message"
                 )
             for start in range(0, len(records), per_message):
                 chunk = records[start : start + per_message]
@@ -237,7 +237,7 @@ class ExportSession:
             n = len(item)
             if n > limit:
                 raise RecordTooLarge(
-                    f"a record of template {template_id} is {n} octets, more than fits in a {size}-octet message"
+                    f"a record of template {template_id} is {n} octets, more than fits in a {msg_size}-octet message"
                 )
             if size + n > limit:
                 payload = b"".join(encoded[start:i])
