@@ -34,7 +34,8 @@ A denied flow (ingress or egress rule action 2 Drop or 3 Reject) is exported at 
 tick after its first record, without waiting for the twin. A flow the source node's
 egress policy denied never reaches the destination node: it is complete with its one
 half (``correlation="denied"``) and not counted as uncorrelated. So is a record that names
-no Pod and no Node at all (host traffic): ``correlation="unattributed"``.
+no Pod and no Node at all (host traffic): ``correlation="unattributed"``, exported with
+flowType 0 as the agent sent it (unknown), not as an inter-node flow.
 
 *Aggregation.* Totals take the newest value. Deltas are computed from the totals (robust
 to a lost record: the next one carries the difference) and accumulate between exports;
@@ -699,10 +700,13 @@ def build_record(flow: Flow) -> dict[str, Any]:
         dstc = dstc or srcc
     exporter = (flow.sexp if has_src else flow.dexp) or "0.0.0.0"
     smeta, dmeta = flow.smeta, flow.dmeta
+    # An unattributed flow (no Pod, no Node: the agent said flowType 0) stays 0, unknown,
+    # not the inter-node type it is filed under here so as to wait for no twin.
+    flow_type = 0 if f & NO_TWIN and not f & DENIED else flow.flow_type
     values = (
         flow.start, flow.end, flow.reason, *flow.key, *own,
         *_merged(smeta, dmeta, v6),
-        flow.flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
+        flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
     )
     return dict(zip(_OUTPUT_NAMES[(v6, ":" in exporter)], values))
