@@ -61,6 +61,11 @@ def parse_address(
             raise AddressError(f"{field}: unexpected {rest!r} after ']' in {text!r}; {hint}")
         parts = rest[1:].split(":") if rest else []
     else:
+        if s.count(":") >= 2 and _is_ipv6(s):
+            raise AddressError(
+                f"{field}: {text!r} reads as an IPv6 address, and an IPv6 address must be in brackets so that "
+                f"its ':' are not taken for PORT and PROTO; write it as \"[{s}]:{default_port}\""
+            )
         host, *parts = s.split(":")
         if len(parts) > 2:
             raise AddressError(f"{field}: {text!r} has too many ':'; an IPv6 address must be in brackets; {hint}")
@@ -82,3 +87,11 @@ def parse_address(
             raise AddressError(f"{field}: protocol {proto_s!r} in {text!r} is not one of tls, tcp, udp")
         protocol = p
     return Address(host, port, protocol)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
