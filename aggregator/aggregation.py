@@ -204,6 +204,7 @@ EXPORTED = 4096
 END_WAIT = 8192  # an end timer is pending
 NO_TWIN = 16384  # no twin will come: denied by the source's egress policy, or no Pod/Node to correlate
 SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
+UNTYPED = 32768  # its first record had flowType 0 (host traffic) or none: the type here is a guess
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
 _ZERO18 = array("Q", bytes(144))
@@ -377,11 +378,14 @@ class AggregationProcess:
                 if len(shared) >= shared_limit:
                     shared.clear()
                 key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
-                if not ft:  # a foreign exporter without flowType: guess from what the record knows
+                if not ft:  # flowType 0 (or none, a foreign exporter): guess from what the record knows
                     ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
-                flow = Flow(key, ft, now)
-                if v6:
-                    flow.flags = IPV6
+                    flow = Flow(key, ft, now)
+                    flow.flags = UNTYPED | IPV6 if v6 else UNTYPED
+                else:
+                    flow = Flow(key, ft, now)
+                    if v6:
+                        flow.flags = IPV6
                 flows[key] = flow
                 stats.flows_created += 1
                 new_flow = True
@@ -702,7 +706,7 @@ def build_record(flow: Flow) -> dict[str, Any]:
     smeta, dmeta = flow.smeta, flow.dmeta
     # An unattributed flow (no Pod, no Node: the agent said flowType 0) stays 0, unknown,
     # not the inter-node type it is filed under here so as to wait for no twin.
-    flow_type = 0 if f & NO_TWIN and not f & DENIED else flow.flow_type
+    flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
     values = (
         flow.start, flow.end, flow.reason, *flow.key, *own,
         *_merged(smeta, dmeta, v6),

@@ -24,6 +24,14 @@ def test_host_traffic_keeps_the_agents_flow_type_zero_and_waits_for_no_twin() ->
     assert p.stats.flows_uncorrelated == 0
 
 
+def test_a_record_that_says_inter_node_keeps_its_type_even_without_names() -> None:
+    p = _process()
+    p.ingest(agent_record(flow_type=2, src="fd00::1", dst="fd00::2"), NODE_A, 0, T0)
+    out = p.tick(T0 + 10)
+    assert [(e.correlation, e.record["flowType"]) for e in out] == [("unattributed", 2)]
+    assert out[0].record["sourceIPv6Address"] == "fd00::1"
+
+
 def test_a_correlated_inter_node_flow_still_exports_flow_type_two() -> None:
     p = _process()
     p.ingest(source_half(), NODE_A, 1, T0)
