@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from agg_records import NODE_A, T0, agent_record, destination_half, source_half
-
 from flowscope.aggregator.aggregation import AggregationProcess
 
 

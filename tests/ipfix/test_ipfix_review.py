@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from flowscope.ipfix.address import Address, AddressError, parse_address
 
 
