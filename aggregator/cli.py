@@ -184,7 +184,8 @@ def _flowrecords(args: argparse.Namespace) -> int:
             _pod(r["sourcePodNamespace"], r["sourcePodName"]), _pod(r["destinationPodNamespace"], r["destinationPodName"]),
             r["sourceNodeName"] or "-", r["destinationNodeName"] or "-",
             str(r["packetTotalCount"]), str(r["octetTotalCount"]), str(r["reverseOctetTotalCount"]),
-            {1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}.get(r["flowType"], str(r["flowType"])),
+            {0: "host", 1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}.get(
+                r["flowType"], str(r["flowType"])),
             r.get("correlation", ""),
         ])
     print(_table(rows, headers))

@@ -38,3 +38,22 @@ def test_a_correlated_inter_node_flow_still_exports_flow_type_two() -> None:
     out = p.tick(T0 + 10)
     assert [(e.correlation, e.record["flowType"]) for e in out] == [("correlated", 2)]
     assert out[0].record["sourcePodName"] == "frontend-1"
+
+
+def test_flowrecords_table_names_every_flow_type_the_agent_sends(monkeypatch, capsys) -> None:
+    import argparse
+
+    from flowscope.aggregator import cli
+    from flowscope.aggregator.sinks import record_to_json
+
+    p = _process()
+    p.ingest(agent_record(flow_type=0, src="192.168.10.1", dst="192.168.10.9", sport=1), NODE_A, 0, T0)
+    p.ingest(source_half(sport=2), NODE_A, 0, T0)
+    docs = {"flowRecords": [record_to_json(e) for e in p.snapshot()], "truncated": False}
+    monkeypatch.setattr(cli, "_get", lambda args, path, params=None: docs)
+    args = argparse.Namespace(srcip=None, dstip=None, proto=None, srcport=None, dstport=None, limit=None,
+                              output="table", server="http://unused", timeout=1.0)
+    assert cli._flowrecords(args) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    types = {row.split()[0]: row.split()[-2] for row in rows}
+    assert types == {"192.168.10.1:1": "host", "10.0.1.5:2": "inter-node"}
