@@ -84,7 +84,8 @@ def _run(args: argparse.Namespace) -> int:
         for w in warnings:
             print(f"flowscope aggregator: warning: {w}", file=sys.stderr)
         names = ", ".join(s.name for s, _ in sinks) or "none (API only)"
-        print(f"{args.config}: OK; collecting {config.transport} on {config.listen_host}:{config.listen_port}, "
+        where = f"[{config.listen_host}]" if ":" in config.listen_host else config.listen_host
+        print(f"{args.config}: OK; collecting {config.transport} on {where}:{config.listen_port}, "
               f"sinks: {names}")
         return 0
 

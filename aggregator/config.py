@@ -83,7 +83,7 @@ class AggregatorConfig:
     transport: Transport = "tls"
     aggregator_address: str = "flow-aggregator.flow-aggregator.svc"
     listen_port: int = 4739
-    listen_host: str = "0.0.0.0"
+    listen_host: str = "::"  # dual stack: IPv4 and IPv6 agents on one port (IPv4 only where IPv6 is off)
     tls: TLSFiles = field(default_factory=TLSFiles)
     correlation_timeout: float = 30.0
     inactive_timeout: float = 90.0
@@ -219,7 +219,7 @@ def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
         except ValueError:
             raise ConfigError(
                 f"listenAddress: {raw['listenAddress']!r} must be an IP address to listen on, "
-                'e.g. "0.0.0.0" (all IPv4) or "::" (all IPv6)'
+                'e.g. "::" (IPv4 and IPv6, the default) or "0.0.0.0" (IPv4 only)'
             ) from None
 
     tls_raw = _section(raw, "tls", "tls")

@@ -49,6 +49,7 @@ dropped, and closes the socket.
 from __future__ import annotations
 
 import asyncio
+import errno
 import collections
 import logging
 import socket
@@ -273,10 +274,17 @@ class CollectingProcess:
         loop = asyncio.get_running_loop()
         host = self.address.host
         try:
+            dual = _dual_stack_socket(self.address.port, udp=self.protocol == "udp") if host == "::" else None
+            if dual is None and host == "::":
+                log.warning("IPv6 is not available here: listening on 0.0.0.0 (IPv4 only) instead of ::")
+                host = "0.0.0.0"
             if self.protocol == "udp":
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: _DatagramListener(self), local_addr=(host, self.address.port)
-                )
+                if dual is not None:
+                    transport, _ = await loop.create_datagram_endpoint(lambda: _DatagramListener(self), sock=dual)
+                else:
+                    transport, _ = await loop.create_datagram_endpoint(
+                        lambda: _DatagramListener(self), local_addr=(host, self.address.port)
+                    )
                 self._udp = transport
                 sock = transport.get_extra_info("socket")
                 try:  # bursts from many exporters: a roomier receive buffer loses less
@@ -286,7 +294,10 @@ class CollectingProcess:
                 self._port = sock.getsockname()[1]
                 self._sweeper = asyncio.create_task(self._sweep(), name="ipfix-session-sweeper")
             else:
-                server = await loop.create_server(lambda: _StreamSession(self), host, self.address.port)
+                if dual is not None:
+                    server = await loop.create_server(lambda: _StreamSession(self), sock=dual)
+                else:
+                    server = await loop.create_server(lambda: _StreamSession(self), host, self.address.port)
                 self._server = server
                 self._port = server.sockets[0].getsockname()[1]
                 if self.stream_idle_timeout is not None:
@@ -393,7 +404,7 @@ class CollectingProcess:
 
     def _datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         now = self.clock()
-        key = (str(addr[0]), int(addr[1]))
+        key = (_unmapped(str(addr[0])), int(addr[1]))
         session = self._udp_sessions.get(key)
         if session is None:
             if len(self._udp_sessions) >= self.max_sessions:
@@ -500,7 +511,7 @@ class _StreamSession(asyncio.Protocol):
         process = self.process
         self.transport = transport
         peername = transport.get_extra_info("peername") or ("?", 0)
-        peer = Peer(str(peername[0]), int(peername[1]), process.protocol)
+        peer = Peer(_unmapped(str(peername[0])), int(peername[1]), process.protocol)
         if not process._accept(self, peer):
             transport.close()
             return
@@ -661,6 +672,35 @@ class _ExportProtocol(asyncio.Protocol):
             self.lost = True
             self.can_write.set()
             self.owner._connection_lost(self, exc)
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4 peer of a dual-stack socket shows as ``::ffff:a.b.c.d``: name it by its IPv4 address."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def _dual_stack_socket(port: int, *, udp: bool) -> socket.socket | None:
+    """A socket bound to ``[::]:port`` that takes IPv4 too (IPV6_V6ONLY off), so that one
+    listener serves IPv4, IPv6 and dual-stack clusters alike; None where the host has no
+    IPv6 (the caller falls back to 0.0.0.0)."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if not udp:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            return None
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def _records_in_tail(messages: list[bytes], records: int, pending: int) -> int:

@@ -272,7 +272,7 @@ def test_cli_check(tmp_path, capsys):
     path = tmp_path / "a.yaml"
     path.write_text("aggregatorTransportProtocol: tcp\nsinks: {flowLog: {enabled: true, path: /tmp/x.jsonl}}\n")
     assert main(["aggregator", "--config", str(path), "--check"]) == 0
-    assert "OK; collecting tcp on 0.0.0.0:4739, sinks: flowLog" in capsys.readouterr().out
+    assert "OK; collecting tcp on [::]:4739, sinks: flowLog" in capsys.readouterr().out
     path.write_text(f"tls: {{caFile: {tmp_path}/ca.crt}}\n")
     assert main(["aggregator", "--config", str(path), "--check"]) == 2
     assert "tls.caFile: cannot read" in capsys.readouterr().err
