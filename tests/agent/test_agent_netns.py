@@ -122,6 +122,21 @@ def find(rows, src, dst, dport=None):
     raise AssertionError(f"no conntrack entry {src} -> {dst}:{dport} in {rows}")
 
 
+def wait_conntrack(ns: str, what: str, match, timeout: float = 30.0) -> dict:
+    """The first row of ``conntrack -L`` in ``ns`` that ``match`` accepts, polled for until
+    it appears: the kernel may defer the packets of a veth to its softirq thread, which a
+    loaded machine runs late. ``timeout`` only matters when the packet never comes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = conntrack_cli(ns)
+        for r in rows:
+            if match(r):
+                return r
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no conntrack entry for {what} in {ns} after {timeout:g}s: {rows}")
+        time.sleep(0.02)
+
+
 def test_dump_equals_conntrack_cli_and_what_was_sent(topo):
     a_ns, a4, a6 = topo.pods["a"]
     b_ns, b4, b6 = topo.pods["b"]
@@ -135,6 +150,10 @@ def test_dump_equals_conntrack_cli_and_what_was_sent(topo):
     udp_sport = udp_exchange(a_ns, b_ns, b4, 5353, count=7, size=200)
     udp6_sport = udp_exchange(a_ns, b_ns, b6, 5354, count=5, size=300, family=socket.AF_INET6)
     sh("ping", "-c", "3", "-i", "0.05", "-s", "100", b4, ns=a_ns)
+    # the last ACKs of both TCP connections crossed the node: nothing is still in flight
+    for port in (8080, 8081):
+        wait_conntrack(topo.node, f"TIME_WAIT of port {port}", lambda r, p=str(port): r["proto"] == "tcp"
+                       and r["fields"]["dport"][0] == p and r["state"] == "TIME_WAIT")
 
     with in_netns(topo.node):
         src = NetlinkConntrack()
@@ -274,7 +293,8 @@ table ip fs_policy { chain c_in { type filter hook input priority 0; tcp dport 9
         denied = socket.socket()
     denied.setblocking(False)
     denied.connect_ex((b4, 9090))
-    time.sleep(0.3)  # let the SYN cross the node namespace before the dump
+    # the SYN crossed the node namespace before the dump
+    wait_conntrack(topo.node, "the denied SYN", lambda r: r["fields"].get("dport", [""])[0] == "9090")
     try:
         assert await fx.poll_once() == 1  # the denied connection, at once
         cli.sendall(b"y" * 3000)
@@ -285,7 +305,9 @@ table ip fs_policy { chain c_in { type filter hook input priority 0; tcp dport 9
         assert await fx.poll_once() == 1  # active timeout of the Service connection
         cli.close()
         conn.close()
-        time.sleep(0.2)
+        # both FINs and the last ACK crossed the node: conntrack says the connection ended
+        wait_conntrack(topo.node, "the closed Service connection", lambda r: r["fields"]["dst"][0] == "10.96.0.10"
+                       and r["state"] in ("TIME_WAIT", "CLOSE"))
         now[0] += 5
         assert await fx.poll_once() == 1  # TIME_WAIT: end of flow
     finally:
