@@ -59,7 +59,9 @@ async def start_agent(node: str, cfg) -> asyncio.subprocess.Process:
     )
 
 
-async def wait_for(cond, timeout=15.0):
+async def wait_for(cond, timeout=60.0):
+    """Poll ``cond`` until it holds; False after ``timeout`` seconds, a bound that only
+    matters when something is broken (a loaded 2-core CI machine is slow, not broken)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -68,12 +70,52 @@ async def wait_for(cond, timeout=15.0):
     return False
 
 
+def agent_metrics(node: str, address: str = "127.0.0.1:9390") -> dict[str, float]:
+    """The agent's /metrics in namespace ``node`` as {name: value}; {} while nothing answers."""
+    try:
+        with in_netns(node):
+            body = urllib.request.urlopen(f"http://{address}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    return {line.split()[0]: float(line.split()[1]) for line in body.splitlines() if line and not line.startswith("#")}
+
+
+async def wait_metric(node: str, name: str, at_least: float, timeout: float = 60.0) -> bool:
+    """Wait until the agent in ``node`` reports ``name`` >= ``at_least``: how the tests
+    know the agent is up (``poll_duration_seconds_count`` >= 1: it polls, its signal
+    handlers are in place) or has decided an export (``records_exported_total``)."""
+    return await wait_for(lambda: agent_metrics(node).get(name, -1.0) >= at_least, timeout)
+
+
+async def wait_log(proc: asyncio.subprocess.Process, text: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """Read the agent's output until a line holds ``text``; returns (seen, what was read)
+    so that the caller keeps it for the log it prints on failure."""
+    assert proc.stdout is not None
+    read = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), left)
+        except TimeoutError:
+            break
+        if not line:
+            break
+        read.append(line.decode(errors="replace"))
+        if text in read[-1]:
+            return True, "".join(read)
+    return False, "".join(read)
+
+
+POLLS = "flowscope_agent_poll_duration_seconds_count"
+EXPORTED = "flowscope_agent_records_exported_total"
+
+
 async def stop_agent(proc) -> str:
     if proc.returncode is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    except asyncio.TimeoutError:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
         proc.kill()
         out, _ = await proc.communicate()
     return out.decode(errors="replace")
@@ -128,13 +170,16 @@ async def test_flowscope_agent_exports_over_mutual_tls_with_metrics(topo, tmp_pa
             ports = {(r["destinationTransportPort"], r["flowEndReason"]) for r in received}
             return {(5353, 1), (5354, 1), (8080, 3)} <= ports
 
-        ok = await wait_for(have, 20)
+        ok = await wait_for(have)
         rows = conntrack_cli(topo.node)
         with in_netns(topo.node):
             metrics = urllib.request.urlopen("http://127.0.0.1:9390/metrics", timeout=5).read().decode()
     finally:
         log = await stop_agent(proc)
-        await asyncio.sleep(0.5)
+        # the agent flushed its forced-end records before exiting: wait until the
+        # collector (this event loop) has read them off the socket
+        await wait_for(lambda: {5353, 5354} <= {r["destinationTransportPort"] for r in received
+                                                if r["flowEndReason"] == 4}, 10)
         await coll.close()
     assert ok, f"records: {received}\nagent log:\n{log}"
     assert proc.returncode == 0, log
@@ -170,6 +215,20 @@ async def test_flowscope_agent_exports_over_mutual_tls_with_metrics(topo, tmp_pa
     assert values["flowscope_agent_poll_duration_seconds_count"] >= 2
 
 
+async def wait_capturing(cap: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Return once tshark says it captures (its start takes seconds on a loaded machine);
+    the packets the test reads come seconds after that."""
+    assert cap.stderr is not None
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while b"Capturing on" not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"tshark did not start capturing within {timeout:g}s: {seen.decode(errors='replace')}"
+        line = await asyncio.wait_for(asyncio.to_thread(cap.stderr.readline), left)
+        assert line, f"tshark exited ({cap.wait()}): {seen.decode(errors='replace')}"
+        seen += line
+
+
 async def test_backlog_and_reconnect_while_the_collector_is_away_seen_by_tshark(topo, tmp_path):
     """Collector down at start: the agent polls on, keeps its records, reconnects when the
     collector comes up, and counts the reconnection. tshark decodes the TCP stream."""
@@ -186,38 +245,50 @@ async def test_backlog_and_reconnect_while_the_collector_is_away_seen_by_tshark(
         ["ip", "netns", "exec", topo.node, "tshark", "-q", "-i", "lo", "-f", f"tcp port {port}", "-w", str(pcap)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
+    try:
+        await wait_capturing(cap)
+    except BaseException:
+        cap.kill()
+        cap.wait()
+        raise
     proc = await start_agent(topo.node, write_config(tmp_path, port, "tcp"))
     received = []
     coll = None
     try:
-        await asyncio.sleep(1.0)
+        assert await wait_metric(topo.node, POLLS, 1), "the agent never polled"
         udp_exchange(a_ns, b_ns, b4, 6000, count=9, size=300)
-        await asyncio.sleep(3.5)  # idle export decided while nobody listens: it waits in the backlog
+        # idle export decided while nobody listens: it waits in the backlog
+        assert await wait_metric(topo.node, EXPORTED, 1), "the agent never decided the idle export"
         with in_netns(topo.node):
             coll = CollectingProcess(
                 Address("127.0.0.1", port, "tcp"), tls=None,
                 on_message=lambda peer, msg: received.extend(r for _, r in msg.data_records()),
             )
             await coll.start()
-        ok = await wait_for(lambda: any(r["destinationTransportPort"] == 6000 for r in received), 20)
+        # The agent's reconnect backoff (1, 2, 4 s, then 60 s) may have passed its quick
+        # retries on a loaded machine: the overall wait covers the long one.
+        ok = await wait_for(lambda: any(r["destinationTransportPort"] == 6000 for r in received), 90)
         row = find(conntrack_cli(topo.node), a4, b4, 6000)["fields"]
         # the collector restarts: the agent reconnects and counts it
         await coll.close()
         udp_exchange(a_ns, b_ns, b4, 6001, count=2, size=10)
-        await asyncio.sleep(2.5)
+        # the record of 6001 is decided while the collector is away
+        assert await wait_metric(topo.node, EXPORTED, 2), "the agent never decided the export of 6001"
         with in_netns(topo.node):
             coll = CollectingProcess(
                 Address("127.0.0.1", port, "tcp"), tls=None,
                 on_message=lambda peer, msg: received.extend(r for _, r in msg.data_records()),
             )
             await coll.start()
-        ok2 = await wait_for(lambda: any(r["destinationTransportPort"] == 6001 for r in received), 20)
-        await asyncio.sleep(1.5)  # one more poll refreshes the exporter gauges
+        ok2 = await wait_for(lambda: any(r["destinationTransportPort"] == 6001 for r in received), 90)
+        # a poll that began after the reconnection refreshes the exporter gauges
+        # (two more completed polls: the one running now may have begun before)
+        polls = agent_metrics(topo.node).get(POLLS, 0.0)
+        await wait_metric(topo.node, POLLS, polls + 2)
         with in_netns(topo.node):
             metrics = urllib.request.urlopen("http://127.0.0.1:9390/metrics", timeout=5).read().decode()
     finally:
         log = await stop_agent(proc)
-        await asyncio.sleep(0.5)
         if coll is not None:
             await coll.close()
         cap.send_signal(signal.SIGINT)
@@ -276,18 +347,21 @@ async def test_pipeline_agent_to_flowscope_aggregator_over_tls(topo, tmp_path):
             except OSError:
                 return False
 
-        assert await wait_for(api_up, 15), "the aggregator did not come up"
+        assert await wait_for(api_up), "the aggregator did not come up"
         agent = await start_agent(topo.node, write_config(tmp_path, port, "tls", pki))
-        await asyncio.sleep(1.2)
+        assert await wait_metric(topo.node, POLLS, 1), "the agent never polled"
         udp_exchange(a_ns, b_ns, b4, 5353, count=5, size=400)
 
         def fetch():
-            with in_netns(topo.node):
-                body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=2).read()
+            try:
+                with in_netns(topo.node):
+                    body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=5).read()
+            except OSError:  # a slow answer on a loaded machine: ask again
+                return False
             records[:] = json.loads(body)["flowRecords"]
             return any(r.get("packetTotalCount") == 5 for r in records)
 
-        ok = await wait_for(fetch, 20)
+        ok = await wait_for(fetch)
         row = find(conntrack_cli(topo.node), a4, b4, 5353)["fields"]
     finally:
         agent_log = await stop_agent(agent) if agent is not None else ""
@@ -352,19 +426,20 @@ async def test_two_nodes_two_agents_one_correlated_record_at_the_aggregator(tmp_
                     f"tls: {{caFile: {pki['ca']}, certFile: {pki['client_cert']}, keyFile: {pki['client_key']}}}\n"
                 )
                 procs.append(await start_agent(node, cfg))
-            await asyncio.sleep(1.5)
+            for node in (topo.node, topo.node2):
+                assert await wait_metric(node, POLLS, 1), f"the agent in {node} never polled"
             udp_exchange(a_ns, b_ns, b4, 5353, count=5, size=400)
 
             def fetch():
                 try:
                     with in_netns(topo.node):
-                        body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=2).read()
+                        body = urllib.request.urlopen("http://127.0.0.1:10348/flowrecords?dstport=5353", timeout=5).read()
                 except OSError:
                     return False
                 records[:] = json.loads(body)["flowRecords"]
                 return any(r.get("sourcePodName") and r.get("destinationPodName") for r in records)
 
-            ok = await wait_for(fetch, 25)
+            ok = await wait_for(fetch)
             row_a = find(conntrack_cli(topo.node), a4, b4, 5353)["fields"]
             row_b = find(conntrack_cli(topo.node2), a4, b4, 5353)["fields"]
         finally:
@@ -440,12 +515,15 @@ async def test_flowscope_agent_with_the_kubernetes_source(topo, tmp_path):
             "ip", "netns", "exec", topo.node, "env", f"KUBECONFIG={kubeconfig}", sys.executable, "-m", "flowscope",
             "agent", "--config", str(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
+        started = ""
         try:
-            await asyncio.sleep(1.5)
+            # the agent lists the API before it polls: its records name what it listed
+            up, started = await wait_log(proc, "flow exporter on node")
+            assert up, f"the agent did not start:\n{started}"
             assert tcp_transfer(a_ns, b_ns, b4, 8080, 10_000) == 10_000
-            ok = await wait_for(lambda: any(r["destinationTransportPort"] == 8080 for r in received), 20)
+            ok = await wait_for(lambda: any(r["destinationTransportPort"] == 8080 for r in received))
         finally:
-            log = await stop_agent(proc)
+            log = started + await stop_agent(proc)
     assert ok, log
     r = next(r for r in received if r["destinationTransportPort"] == 8080)
     assert (r["sourcePodName"], r["destinationPodName"], r["sourcePodNamespace"]) == ("client", "server", "shop")
