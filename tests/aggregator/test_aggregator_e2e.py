@@ -69,7 +69,6 @@ def test_real_agents_one_correlated_flow_per_connection_counters_match_each_node
                 answer = pipe.send(src, target, proto, size, packets)
                 assert answer and not answer.startswith("refused"), (target, answer)
             # The agents' idle export (2s after the last packet, 1s polls), then the aggregator's 2s interval.
-            deadline = time.monotonic() + 30
             flow_log = tmp_path / "flows.jsonl"
             frontend, backend = pods["frontend"].ip, pods["backend"].ip
 
@@ -80,14 +79,30 @@ def test_real_agents_one_correlated_flow_per_connection_counters_match_each_node
                         if x.strip() and json.loads(x).get("sourceIPv4Address") == frontend
                         and json.loads(x).get("destinationIPv4Address") == backend]
 
+            def counted(r):
+                """Both Nodes have counted all the payload the connection moved."""
+                if r["protocolIdentifier"] == 17:
+                    return all(r.get(f"packetTotalCount{s}", 0) >= 4 for s in ("FromSourceNode", "FromDestinationNode"))
+                size = 150_000 if r.get("destinationClusterIPv4") != SERVICE_IP else 60_000
+                return all(r.get(f"octetTotalCount{s}", 0) >= size for s in ("FromSourceNode", "FromDestinationNode"))
+
+            # Settled: three correlated connections, each fully counted by both Nodes, and
+            # then one more idle export + interval without news, so that the last record
+            # holds the final counters. 60 s only matter when something is broken.
+            deadline, size, changed = time.monotonic() + 60, -1, time.monotonic()
             while time.monotonic() < deadline:
-                recs = ours()
-                keys = {(r["sourceTransportPort"], r["destinationTransportPort"], r["protocolIdentifier"])
-                        for r in recs if r["correlation"] == "correlated"}
-                if len(keys) == 3:
+                now_size = flow_log.stat().st_size if flow_log.exists() else 0
+                if now_size != size:
+                    size, changed = now_size, time.monotonic()
+                    latest = {}
+                    for r in ours():
+                        if r["correlation"] == "correlated":
+                            latest[(r["sourceTransportPort"], r["destinationTransportPort"], r["protocolIdentifier"])] = r
+                    settled = len(latest) == 3 and all(counted(r) for r in latest.values())
+                if settled and time.monotonic() - changed >= 4:
                     break
-                time.sleep(0.5)
-            time.sleep(4)  # one more idle export + interval, so the last record holds the final counters
+                pipe.procs.check_alive()
+                time.sleep(0.2)
             tables = {name: conntrack(node.netns) for name, node in lab.nodes.items()}
         finally:
             pipe.stop()
