@@ -251,6 +251,9 @@ def _serve(tcp_ports: Sequence[int], udp_ports: Sequence[int], reply: int) -> No
                     sock.close()
 
 
+ANSWER_TIMEOUT = 60.0  # seconds a connected TCP client waits for the server's answer
+
+
 def _send(target: str, protocol: str, count: int, packets: int, timeout: float) -> int:
     """Send ``count`` octets of payload (TCP) or ``packets`` datagrams of ``count`` octets (UDP);
     print what came back. Exit status 0 when answered, 1 when refused or unanswered."""
@@ -275,6 +278,9 @@ def _send(target: str, protocol: str, count: int, packets: int, timeout: float) 
     except OSError as exc:
         print(f"refused: {exc}")
         return 1
+    # ``timeout`` tells a dropped SYN (a denied connection) from an answer; a server that
+    # answers slowly (a loaded machine) is waited for, up to a bound of its own.
+    s.settimeout(max(timeout, ANSWER_TIMEOUT))
     s.sendall(b"q" * count)
     s.shutdown(socket.SHUT_WR)
     got = 0
