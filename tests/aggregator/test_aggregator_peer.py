@@ -10,7 +10,7 @@ import ipaddress
 
 import pytest
 from agg_records import NODE_A, NODE_B, T0, destination_half, source_half
-
+from design_ies import AGGREGATOR_SPECS, ANTREA_SPECS
 from flowscope.aggregator.aggregation import AggregationProcess
 from flowscope.aggregator.sinks import IPFIXSink
 from flowscope.ipfix.address import Address
@@ -18,26 +18,7 @@ from flowscope.ipfix.address import Address
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(60)]
 
 # The design's tables, written out independently of flowscope.ipfix's registry.
-SPECS = [
-    "sourcePodNamespace(56506/100)<string>[65535]", "sourcePodName(56506/101)<string>[65535]",
-    "destinationPodNamespace(56506/102)<string>[65535]", "destinationPodName(56506/103)<string>[65535]",
-    "sourceNodeName(56506/104)<string>[65535]", "destinationNodeName(56506/105)<string>[65535]",
-    "destinationClusterIPv4(56506/106)<ipv4Address>[4]", "destinationClusterIPv6(56506/107)<ipv6Address>[16]",
-    "destinationServicePort(56506/108)<unsigned16>[2]", "destinationServicePortName(56506/109)<string>[65535]",
-    "ingressNetworkPolicyName(56506/110)<string>[65535]", "ingressNetworkPolicyNamespace(56506/111)<string>[65535]",
-    "ingressNetworkPolicyType(56506/115)<unsigned8>[1]", "ingressNetworkPolicyRuleName(56506/141)<string>[65535]",
-    "egressNetworkPolicyName(56506/112)<string>[65535]", "egressNetworkPolicyNamespace(56506/113)<string>[65535]",
-    "egressNetworkPolicyType(56506/118)<unsigned8>[1]", "egressNetworkPolicyRuleName(56506/142)<string>[65535]",
-    "ingressNetworkPolicyRuleAction(56506/139)<unsigned8>[1]", "egressNetworkPolicyRuleAction(56506/140)<unsigned8>[1]",
-    "tcpState(56506/136)<string>[65535]", "flowType(56506/137)<unsigned8>[1]",
-    "originalExporterIPv4Address(403)<ipv4Address>[4]", "originalExporterIPv6Address(404)<ipv6Address>[16]",
-    "originalObservationDomainId(405)<unsigned32>[4]",
-]
-for i, side in enumerate(("SourceNode", "DestinationNode")):
-    for j, name in enumerate(("packetTotalCount", "octetTotalCount", "packetDeltaCount", "octetDeltaCount",
-                              "reversePacketTotalCount", "reverseOctetTotalCount", "reversePacketDeltaCount",
-                              "reverseOctetDeltaCount")):
-        SPECS.append(f"{name}From{side}(56506/{120 + 8 * i + j})<unsigned64>[8]")
+SPECS = ANTREA_SPECS + AGGREGATOR_SPECS
 
 
 def pypi_decode(stream: bytes) -> list[dict]:
