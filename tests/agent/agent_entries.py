@@ -1,4 +1,4 @@
-"""Conntrack entries for the agent's unit tests, built without a kernel."""
+"""Conntrack entries and an inventory for the agent's tests, built without a kernel."""
 
 from __future__ import annotations
 
@@ -42,3 +42,23 @@ def entry(
         key, family, proto, ip(src), ip(dst), sport, dport, ip(rs), ip(src), rsp, sport, zone,
         packets, octets, rpackets, roctets, start_ns, stop_ns, status, tcp_state, mark, b"", ct_id, 0, 0, 0,
     )
+
+
+# One node, a client and a server Pod, a Service and a policy admitting the client on 8080:
+# the inventory of the exporter tests and of the netns tests (whose Pods have these addresses).
+INVENTORY = """
+kind: List
+items:
+- {kind: Node, metadata: {name: node-a}, spec: {podCIDRs: [10.244.0.0/24, "fd00:244::/64"]}}
+- {kind: Namespace, metadata: {name: shop}}
+- {kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: node-a},
+   status: {podIPs: [{ip: 10.244.0.11}, {ip: "fd00:244::b"}]}}
+- {kind: Pod, metadata: {name: server, namespace: shop, labels: {app: server}}, spec: {nodeName: node-a},
+   status: {podIPs: [{ip: 10.244.0.12}, {ip: "fd00:244::c"}]}}
+- {kind: Service, metadata: {name: server, namespace: shop}, spec: {clusterIPs: [10.96.0.10], ports: [{name: web, port: 80}]}}
+- kind: NetworkPolicy
+  metadata: {name: server-web, namespace: shop}
+  spec:
+    podSelector: {matchLabels: {app: server}}
+    ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]
+"""

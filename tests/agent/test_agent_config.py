@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from flowscope.agent.config import ConfigError, load_config, parse_config
 
 

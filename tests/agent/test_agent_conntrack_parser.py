@@ -9,10 +9,9 @@ import socket
 import struct
 
 import pytest
+from flowscope.agent.conntrack import ConntrackError, EntryParser, format_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from flowscope.agent.conntrack import ConntrackError, EntryParser, format_address
 
 NESTED = 0x8000
 

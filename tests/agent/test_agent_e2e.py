@@ -14,13 +14,13 @@ import time
 import urllib.request
 
 import pytest
-from agent_netns import in_netns, sh, topology
-from pki import make_pki
+from agent_entries import INVENTORY
+from agent_netns import in_netns, topology
 from conftest import require_root, require_tool
-from test_agent_netns import INVENTORY, conntrack_cli, find, udp_exchange
-
 from flowscope.ipfix import Address
 from flowscope.ipfix.process import CollectingProcess, TLSConfig
+from pki import make_pki
+from test_agent_netns import conntrack_cli, find, udp_exchange
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

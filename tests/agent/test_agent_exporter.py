@@ -5,30 +5,17 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from agent_entries import entry
+from agent_entries import INVENTORY, entry
 from agent_peers import decode_ours, decode_pypi, encode
-
 from flowscope.agent.conntrack import StaticConntrack
 from flowscope.agent.exporter import FlowExporter
 from flowscope.agent.metadata import Enricher, StaticMetadata
-from flowscope.agent.records import FIELDS_IPV4, FIELDS_IPV6, IPV4_TEMPLATE_ID, IPV6_TEMPLATE_ID
-
-INVENTORY = """
-kind: List
-items:
-- {kind: Node, metadata: {name: node-a}, spec: {podCIDRs: [10.244.0.0/24, "fd00:244::/64"]}}
-- {kind: Namespace, metadata: {name: shop}}
-- {kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: node-a},
-   status: {podIPs: [{ip: 10.244.0.11}, {ip: "fd00:244::b"}]}}
-- {kind: Pod, metadata: {name: server, namespace: shop, labels: {app: server}}, spec: {nodeName: node-a},
-   status: {podIPs: [{ip: 10.244.0.12}, {ip: "fd00:244::c"}]}}
-- {kind: Service, metadata: {name: server, namespace: shop}, spec: {clusterIPs: [10.96.0.10], ports: [{name: web, port: 80}]}}
-- kind: NetworkPolicy
-  metadata: {name: server-web, namespace: shop}
-  spec:
-    podSelector: {matchLabels: {app: server}}
-    ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]
-"""
+from flowscope.agent.records import (
+    FIELDS_IPV4,
+    FIELDS_IPV6,
+    IPV4_TEMPLATE_ID,
+    IPV6_TEMPLATE_ID,
+)
 
 
 class ListSink:

@@ -15,10 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 kmock = pytest.importorskip("kmock")
 kubernetes = pytest.importorskip("kubernetes")
-from kmock_compat import CompatEmulator  # noqa: E402
-
 from flowscope.agent.kube import KubernetesMetadata  # noqa: E402
 from flowscope.agent.metadata import Enricher  # noqa: E402
+from kmock_compat import CompatEmulator  # noqa: E402
 
 OBJECTS = [
     ("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}, "spec": {"podCIDRs": ["10.244.0.0/24"]}}),

@@ -14,10 +14,10 @@ import threading
 import time
 
 import pytest
+from agent_entries import INVENTORY
 from agent_netns import in_netns, sh, topology
 from agent_peers import decode_ours, decode_pypi, encode
 from conftest import require_root, require_tool
-
 from flowscope.agent.conntrack import NetlinkConntrack, format_address
 from flowscope.agent.exporter import FlowExporter
 from flowscope.agent.metadata import Enricher, StaticMetadata
@@ -215,24 +215,6 @@ table inet fs_zone { chain pre { type filter hook prerouting priority -300; udp 
     assert [(e.orig_dport, e.zone) for e in r7.entries] == [(7000, 7)]
     assert sorted(e.orig_dport for e in rall.entries) == [7000, 7001]
     assert r7.total == rall.total == 2
-
-
-INVENTORY = """
-kind: List
-items:
-- {kind: Node, metadata: {name: node-a}, spec: {podCIDRs: [10.244.0.0/24, "fd00:244::/64"]}}
-- {kind: Namespace, metadata: {name: shop}}
-- {kind: Pod, metadata: {name: client, namespace: shop, labels: {app: client}}, spec: {nodeName: node-a},
-   status: {podIPs: [{ip: 10.244.0.11}, {ip: "fd00:244::b"}]}}
-- {kind: Pod, metadata: {name: server, namespace: shop, labels: {app: server}}, spec: {nodeName: node-a},
-   status: {podIPs: [{ip: 10.244.0.12}, {ip: "fd00:244::c"}]}}
-- {kind: Service, metadata: {name: server, namespace: shop}, spec: {clusterIPs: [10.96.0.10], ports: [{name: web, port: 80}]}}
-- kind: NetworkPolicy
-  metadata: {name: server-web, namespace: shop}
-  spec:
-    podSelector: {matchLabels: {app: server}}
-    ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]
-"""
 
 
 class ListSink:

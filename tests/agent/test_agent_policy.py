@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 from agent_entries import entry
-
 from flowscope.agent.metadata import (
     FLOW_TYPE_FROM_EXTERNAL,
     FLOW_TYPE_INTER_NODE,

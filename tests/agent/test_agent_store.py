@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from agent_entries import entry
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from flowscope.agent.conntrack import IPS_DYING
 from flowscope.agent.store import ConnectionStore, FlowEndReason
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 T0 = 1_700_000_000.0
 
