@@ -1,11 +1,14 @@
 """Information elements: the names, numbers and types every IPFIX record is made of.
 
 The registry is data, not code. ``data/iana.csv`` holds the IANA-assigned elements that
-flowscope knows by name, each marked reversible or not; their RFC 5103 reverse twins
-(PEN 29305, same element id, name prefixed with "reverse") are derived from that column.
-``data/antrea.csv`` holds Antrea's enterprise elements (PEN 56506) exactly as the Network
-Flow Visibility design lists them. Users add their own elements, under their own PEN, at
-run time with :meth:`Registry.add`.
+flowscope knows by name. Their RFC 5103 reverse twins (PEN 29305, same element id, name
+prefixed with "reverse") follow RFC 5103 section 6.1: every element is reversible except
+the few that describe the processes, the domain or the record as a whole, listed in
+``data/rfc5103.csv`` (go-ipfix, the library of Antrea's agent and aggregator, reads the
+section the same way). ``data/antrea.csv`` holds all of Antrea's enterprise elements
+(PEN 56506) with go-ipfix's names, ids and types, including the encoded length where it
+is not the type's default (the 16-octet UUIDs). Users add their own elements, under their
+own PEN, at run time with :meth:`Registry.add`.
 
 One correction to the design document: it gives originalObservationDomainId the IANA id
 151, which is flowEndSeconds. IANA assigns originalObservationDomainId the id 405 (next to
@@ -132,10 +135,16 @@ class InformationElement:
     pen: int
     element_id: int
     data_type: DataType
+    length: int | None = None  # the encoded length when it is not the type's default
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.pen, self.element_id)
+
+    @property
+    def default_length(self) -> int:
+        """The length a template gives this element unless told otherwise."""
+        return self.length if self.length is not None else self.data_type.default_length
 
     def __str__(self) -> str:
         return f"{self.name}({self.pen}/{self.element_id})<{self.data_type.name}>"
@@ -214,16 +223,23 @@ def reverse_name(name: str) -> str:
     return "reverse" + name[0].upper() + name[1:]
 
 
+def non_reversible() -> frozenset[str]:
+    """The IANA elements RFC 5103 section 6.1 gives no reverse twin (``data/rfc5103.csv``)."""
+    return frozenset(row["name"] for row in _rows("rfc5103.csv"))
+
+
 def load_builtin() -> Registry:
     """IANA + RFC 5103 reverse + Antrea elements from the CSV files in ``data/``."""
     reg = Registry()
+    fixed = non_reversible()
     for row in _rows("iana.csv"):
         ie = InformationElement(row["name"], IANA_PEN, int(row["elementId"]), DataType[row["dataType"]])
         reg.add(ie)
-        if row["reversible"] == "1":
+        if ie.name not in fixed:
             reg.add(InformationElement(reverse_name(ie.name), REVERSE_PEN, ie.element_id, ie.data_type))
     for row in _rows("antrea.csv"):
-        reg.add(InformationElement(row["name"], ANTREA_PEN, int(row["elementId"]), DataType[row["dataType"]]))
+        length = int(row["length"]) if row.get("length") else None
+        reg.add(InformationElement(row["name"], ANTREA_PEN, int(row["elementId"]), DataType[row["dataType"]], length))
     return reg
 
 

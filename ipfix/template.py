@@ -448,7 +448,7 @@ class Template:
             name, length = (item, None) if isinstance(item, str) else item
             ie = reg.get(name)
             if length is None:
-                length = ie.data_type.default_length
+                length = ie.default_length
             elif length != VARIABLE_LENGTH and ie.data_type.allowed_lengths and length not in ie.data_type.allowed_lengths:
                 allowed = ", ".join(str(n) for n in sorted(ie.data_type.allowed_lengths))
                 raise UsageError(f"{ie}: length {length} is not allowed for its type (allowed: {allowed})")
