@@ -117,6 +117,7 @@ class ExportSession:
         *,
         max_message_size: int = MAX_MESSAGE_SIZE,
         registry: Registry | None = None,
+        dense_templates: bool = False,
     ) -> None:
         if not 0 <= observation_domain_id <= 0xFFFFFFFF:
             raise UsageError(f"observation domain id {observation_domain_id} is outside 0..4294967295")
@@ -127,6 +128,13 @@ class ExportSession:
         self.registry = registry or default_registry()
         self.templates: dict[int, Template] = {}
         self.sequence_number = 0  # data records sent so far in this domain, modulo 2**32
+        # Packing. Every message this session encodes holds exactly one set, and by default
+        # every template set exactly one template record: RFC 7011 allows more of both, but
+        # go-ipfix (Antrea's agent, aggregator and collector) reads only the first set of a
+        # message and the first template of a set, and over TCP closes the session at data
+        # for a template it never learned. ``dense_templates`` packs as many templates into
+        # one set as fit, for peers that read all of them (fewer messages at session start).
+        self.dense_templates = dense_templates
 
     def add_template(self, template: Template) -> None:
         old = self.templates.get(template.template_id)
@@ -135,8 +143,11 @@ class ExportSession:
                 f"template id {template.template_id} is already in use with other fields; "
                 "withdraw it first (or pick another id)"
             )
-        if template.wire_length() + HEADER.size + SET_HEADER.size > self.max_message_size:
-            raise UsageError(f"template {template.template_id} does not fit in a {self.max_message_size}-octet message")
+        # A template longer than the session's messages (a wide template over UDP with a small
+        # path MTU) is announced alone in a longer message, which IP fragments; only one that
+        # no IPFIX message can hold is refused.
+        if template.wire_length() + HEADER.size + SET_HEADER.size > MAX_MESSAGE_SIZE:
+            raise UsageError(f"template {template.template_id} does not fit in a {MAX_MESSAGE_SIZE}-octet message")
         self.templates[template.template_id] = template
 
     def _header(self, length: int, export_time: int) -> bytes:
@@ -177,7 +188,7 @@ class ExportSession:
             chunk: list[bytes] = []
             size = 0
             for item in items:
-                if chunk and size + len(item) > limit:
+                if chunk and (not self.dense_templates or size + len(item) > limit):
                     messages.append(self._message([(set_id, chunk)], export_time))
                     chunk, size = [], 0
                 chunk.append(item)

@@ -35,8 +35,15 @@ new connection is a new session that starts with all templates; a lost connectio
 retried with exponential backoff (a few quick attempts, then at most one per
 ``backoff_max`` seconds, 60 by default, RFC 7011 section 10.4.4), while records wait in
 the queue. Records whose bytes were still in our write buffer when a connection broke
-are counted in ``records_lost`` (see :class:`_ExportProtocol`); TCP itself acknowledges
-nothing to the application, so that is as precise as an IPFIX exporter can be. Under
+are counted in ``records_lost`` (see :class:`_ExportProtocol`); so are the records written
+in the last ``peer_close_window`` seconds before the *peer* closed or reset the session: a
+collector that closes a session has usually given up on what it was reading (go-ipfix
+does so at data for a template it does not know), and TCP itself acknowledges nothing to
+the application, so a record written to a session the peer then closed is counted as
+lost, never as sent (an over-count, never an under-count, when the peer closed for
+another reason). Messages are packed for every peer to read: one set per message and,
+unless ``dense_templates``, one template per template set (see
+:class:`~flowscope.ipfix.codec.ExportSession`). Under
 TLS 1.3 the client's handshake ends before the server has judged the client's
 certificate, so a new session sends nothing until the server has shown it accepted us. Over UDP messages are cut to the path
 MTU (512 octets unless told) minus the IP and UDP headers, templates go out before the
@@ -602,7 +609,7 @@ class ExporterStats(_Counters):
     records_sent: int = 0  # handed to the socket
     records_dropped: int = 0  # refused by a full queue, or still queued at close()
     records_invalid: int = 0  # could not be encoded with their template (logged)
-    records_lost: int = 0  # still in our write buffer when a connection broke
+    records_lost: int = 0  # in our write buffer when a connection broke, or written just before the peer closed it
     messages_sent: int = 0  # data messages
     template_messages_sent: int = 0
     octets_sent: int = 0
@@ -637,6 +644,9 @@ class _ExportProtocol(asyncio.Protocol):
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.unsent = 0  # records in data messages still (partly) in our write buffer
+        # (loop time, records) of recent writes: what a peer that closes now may not have read
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.peer_closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -649,6 +659,7 @@ class _ExportProtocol(asyncio.Protocol):
         pass  # collectors send nothing on an IPFIX session
 
     def eof_received(self) -> bool | None:
+        self.peer_closed = True  # the collector closed its side: nothing more is written here
         return None
 
     def pause_writing(self) -> None:
@@ -666,10 +677,25 @@ class _ExportProtocol(asyncio.Protocol):
             self.unsent = 0
         elif records:
             self.unsent += _records_in_tail(messages, records, pending)
+        if records:
+            now = asyncio.get_running_loop().time()
+            recent = self.recent
+            recent.append((now, records))
+            horizon = now - self.owner.peer_close_window
+            while recent[0][0] < horizon:
+                recent.popleft()
+
+    def unread(self) -> int:
+        """Records the peer may not have read when it closes the session now: those still
+        in our buffer, or written within the last ``peer_close_window`` seconds."""
+        horizon = asyncio.get_running_loop().time() - self.owner.peer_close_window
+        return max(self.unsent, sum(n for t, n in self.recent if t >= horizon))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost:
             self.lost = True
+            if exc is not None:
+                self.peer_closed = True  # a reset or a broken pipe: the peer is gone
             self.can_write.set()
             self.owner._connection_lost(self, exc)
 
@@ -752,6 +778,8 @@ class ExportingProcess:
         connect_timeout: float = 10.0,
         max_batch: int = 8192,
         tls_accept_wait: float = 2.0,
+        dense_templates: bool = False,
+        peer_close_window: float = 1.0,
     ) -> None:
         if address.protocol == "tls" and tls is None:
             raise UsageError(f"exporting to {address} needs a TLS configuration (certificate, key and CA)")
@@ -786,6 +814,10 @@ class ExportingProcess:
         self.connect_timeout = connect_timeout
         self.max_batch = max_batch
         self.tls_accept_wait = tls_accept_wait
+        self.dense_templates = dense_templates  # several templates per set: only for peers that read them
+        if peer_close_window < 0:
+            raise UsageError(f"peer close window {peer_close_window!r} must be >= 0 seconds")
+        self.peer_close_window = peer_close_window
         self.stats = ExporterStats()
         self._ssl = tls.client_context() if tls is not None else None
         self._server_name = (tls.server_name if tls is not None else None) or address.host
@@ -902,7 +934,12 @@ class ExportingProcess:
     # -- connections
 
     def _new_session(self, max_message_size: int) -> ExportSession:
-        session = ExportSession(self.observation_domain_id, max_message_size=max_message_size, registry=self.registry)
+        session = ExportSession(
+            self.observation_domain_id,
+            max_message_size=max_message_size,
+            registry=self.registry,
+            dense_templates=self.dense_templates,
+        )
         for t in self.templates.values():
             session.add_template(t)
         self._pending_templates.clear()  # a new session announces all of them
@@ -1007,7 +1044,7 @@ class ExportingProcess:
     def _connection_lost(self, proto: _ExportProtocol, exc: Exception | None) -> None:
         if proto is not self._stream:
             return
-        lost = proto.unsent
+        lost = proto.unread() if proto.peer_closed else proto.unsent
         if lost:
             self.stats.records_lost += lost
             self.stats.records_sent -= lost
@@ -1019,7 +1056,8 @@ class ExportingProcess:
                 "connection to the IPFIX collector %s lost (%s)%s",
                 self.address,
                 exc or "closed by the collector",
-                f"; {lost} records still in the send buffer are lost" if lost else "",
+                f"; {lost} records {'it may not have read' if proto.peer_closed else 'still in the send buffer'} "
+                "are counted as lost" if lost else "",
             )
         self._wake.set()
 
