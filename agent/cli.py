@@ -82,7 +82,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     domain = zlib.crc32(cfg.node_name.encode()) & 0xFFFFFFFF
     try:
         sink = ExportingProcess(
-            cfg.flow_collector, tls=tls, templates=templates(), observation_domain_id=domain,
+            cfg.flow_collector, tls=tls, templates=templates(labels=cfg.pod_labels), observation_domain_id=domain,
             queue_size=cfg.export_queue_size,
         )
     except UsageError as exc:  # unreadable or mismatched certificate files
@@ -117,7 +117,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
             log.warning("Kubernetes metadata not fully listed after 30s; exporting meanwhile with what is known")
     await sink.start()
     exporter = FlowExporter(
-        conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata),
+        conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata, pod_labels=cfg.pod_labels),
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
         export_host_flows=cfg.export_host_flows,
         max_connections=cfg.max_connections, metrics=metrics,

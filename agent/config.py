@@ -63,6 +63,8 @@ class AgentConfig:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     export_queue_size: int = 50_000
     export_host_flows: bool = False
+    # recordContents.podLabels: add sourcePodLabels/destinationPodLabels (JSON), as Antrea can
+    pod_labels: bool = False
 
     @property
     def tls_server_name(self) -> str:
@@ -72,8 +74,9 @@ class AgentConfig:
 _TOP_KEYS = {
     "flowCollectorAddr", "flowPollInterval", "activeFlowExportTimeout", "idleFlowExportTimeout",
     "nodeName", "tls", "conntrackZones", "maxConnections", "metricsAddress", "metadata",
-    "exportQueueSize", "exportHostFlows",
+    "exportQueueSize", "exportHostFlows", "recordContents",
 }
+_RECORD_KEYS = {"podLabels"}
 _TLS_KEYS = {"caFile", "certFile", "keyFile", "serverName"}
 _META_KEYS = {"source", "staticFile", "watchRemotePods"}
 
@@ -184,6 +187,14 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
     if not isinstance(host_flows, bool):
         raise ConfigError(f"exportHostFlows: {host_flows!r} must be true or false")
 
+    contents = raw.get("recordContents") or {}
+    if not isinstance(contents, Mapping):
+        raise ConfigError(f"recordContents: {contents!r} must be a mapping with podLabels")
+    _unknown(contents, _RECORD_KEYS, "recordContents.")
+    pod_labels = contents.get("podLabels", False)
+    if not isinstance(pod_labels, bool):
+        raise ConfigError(f"recordContents.podLabels: {pod_labels!r} must be true or false")
+
     meta_raw = raw.get("metadata") or {}
     if not isinstance(meta_raw, Mapping):
         raise ConfigError(f"metadata: {meta_raw!r} must be a mapping with source and staticFile")
@@ -217,6 +228,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
         metadata=MetadataConfig(source=source, static_file=static_file, watch_remote_pods=watch_remote),
         export_queue_size=queue_size,
         export_host_flows=host_flows,
+        pod_labels=pod_labels,
     )
 
 

@@ -18,12 +18,16 @@ packed IP address, the form conntrack entries carry, so a lookup costs a dict ac
 :class:`Enricher` turns a conntrack entry into the Kubernetes fields of its record. It
 follows the design: Pod and Node names only for Pods on this Node (the aggregator
 correlates the two halves of an inter-node flow), the ClusterIP and Service port name
-from the original destination, policies from :mod:`flowscope.agent.policy`.
+from the original destination, policies from :mod:`flowscope.agent.policy`. With
+``pod_labels`` it also gives this Node's Pods' labels as JSON objects (keys sorted, no
+spaces: what Antrea writes into sourcePodLabels/destinationPodLabels), "" for an end that
+is no Pod of this Node.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import socket
 import sys
@@ -431,6 +435,9 @@ class Enrichment:
     egress: Verdict | None = None
     # The inventory knows neither end as a Pod (nor a Pod CIDR): the Node's own traffic.
     host_only: bool = False
+    # The Pods' labels as JSON (None: the agent does not export labels)
+    source_pod_labels: str | None = None
+    destination_pod_labels: str | None = None
 
     @property
     def denied(self) -> bool:
@@ -438,6 +445,12 @@ class Enrichment:
 
 
 EMPTY = Enrichment()
+EMPTY_WITH_LABELS = Enrichment(source_pod_labels="", destination_pod_labels="")
+
+
+def labels_json(labels: Mapping[str, str]) -> str:
+    """A Pod's labels as Antrea writes them: a JSON object, keys sorted, no spaces."""
+    return json.dumps(dict(labels), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass
@@ -446,11 +459,12 @@ class Enricher:
 
     node_name: str
     source: MetadataSource = field(default_factory=NoMetadata)
+    pod_labels: bool = False  # add the Pods' labels (recordContents.podLabels)
 
     def enrich(self, e: ConntrackEntry) -> Enrichment:
         inv = self.source.inventory()
         if inv is None:
-            return EMPTY
+            return EMPTY_WITH_LABELS if self.pod_labels else EMPTY
         src_ip, dst_ip = e.orig_src, e.reply_src  # the destination after DNAT
         src_pod = inv.pod_by_ip.get(src_ip)
         dst_pod = inv.pod_by_ip.get(dst_ip)
@@ -508,6 +522,9 @@ class Enricher:
             ingress=ingress,
             egress=egress,
             host_only=flow_type == FLOW_TYPE_UNKNOWN,
+            source_pod_labels=(labels_json(src_pod.labels) if local_src and src_pod else "") if self.pod_labels else None,
+            destination_pod_labels=(
+                (labels_json(dst_pod.labels) if local_dst and dst_pod else "") if self.pod_labels else None),
         )
 
     def is_denied(self, e: ConntrackEntry) -> bool:

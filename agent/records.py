@@ -14,7 +14,17 @@ Field choices, as in Antrea's agent:
 - flowStartSeconds/flowEndSeconds come from conntrack timestamps (when
   nf_conntrack_timestamp is on), else from when the agent first saw the connection and
   the export time;
-- the ICMP type and code go nowhere (the design has no ICMP element); ports are 0.
+- the ICMP type and code go nowhere (the design has no ICMP element); ports are 0;
+- destinationServiceIPv4/IPv6 repeats destinationClusterIPv4/IPv6 (Antrea deprecated the
+  latter for the former and sends both);
+- proxySnatIPv4/IPv6 and proxySnatPort come from conntrack's reply tuple when it shows
+  source NAT (its destination is not the original source, or its port not the original
+  port: a masqueraded to-external connection, or a Service's SNAT), as Antrea's agent
+  derives them; "0.0.0.0"/"::" and 0 when there was none;
+- egressName, egressIP and egressNodeName stay empty: flowscope knows no Egress objects
+  (Antrea sends them empty too when no Egress applied);
+- sourcePodLabels/destinationPodLabels only when the agent is told to (the second pair
+  of templates, :func:`templates` with ``labels``).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 from flowscope.agent.metadata import Enrichment
 from flowscope.agent.store import FlowExport
 from flowscope.ipfix import Registry, Template
-from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
+from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS, agent_fields
 
 __all__ = ["IPV4_TEMPLATE_ID", "IPV6_TEMPLATE_ID", "FIELDS_IPV4", "FIELDS_IPV6", "templates", "build_record"]
 
@@ -38,10 +48,11 @@ FIELDS_IPV4 = AGENT_IPV4_FIELDS
 FIELDS_IPV6 = AGENT_IPV6_FIELDS
 
 
-def templates(registry: Registry | None = None) -> list[Template]:
+def templates(registry: Registry | None = None, *, labels: bool = False) -> list[Template]:
+    """The IPv4 and IPv6 templates (with the Pod label elements if ``labels``)."""
     return [
-        Template.build(IPV4_TEMPLATE_ID, FIELDS_IPV4, registry),
-        Template.build(IPV6_TEMPLATE_ID, FIELDS_IPV6, registry),
+        Template.build(IPV4_TEMPLATE_ID, agent_fields(4, labels=labels), registry),
+        Template.build(IPV6_TEMPLATE_ID, agent_fields(6, labels=labels), registry),
     ]
 
 
@@ -84,10 +95,14 @@ def build_record(fe: FlowExport, k8s: Enrichment) -> tuple[int, dict[str, Any]]:
         sourceNodeName=k8s.source_node_name,
         destinationNodeName=k8s.destination_node_name,
     )
+    snat = e.reply_dst != e.orig_src or e.reply_dport != e.orig_sport
     if v6:
-        rec["destinationClusterIPv6"] = k8s.destination_cluster_ip or "::"
+        rec["destinationClusterIPv6"] = rec["destinationServiceIPv6"] = k8s.destination_cluster_ip or "::"
+        rec["proxySnatIPv6"] = _ntop(e.reply_dst) if snat else "::"
     else:
-        rec["destinationClusterIPv4"] = k8s.destination_cluster_ip or "0.0.0.0"
+        rec["destinationClusterIPv4"] = rec["destinationServiceIPv4"] = k8s.destination_cluster_ip or "0.0.0.0"
+        rec["proxySnatIPv4"] = _ntop(e.reply_dst) if snat else "0.0.0.0"
+    rec["proxySnatPort"] = e.reply_dport if snat else 0
     rec.update(
         destinationServicePort=k8s.destination_service_port,
         destinationServicePortName=k8s.destination_service_port_name,
@@ -103,5 +118,11 @@ def build_record(fe: FlowExport, k8s: Enrichment) -> tuple[int, dict[str, Any]]:
         egressNetworkPolicyRuleAction=egr.action if egr else 0,
         tcpState=e.tcp_state_name if e.protocol == 6 else "",
         flowType=k8s.flow_type,
+        egressName="",
+        egressIP="",
+        egressNodeName="",
     )
+    if k8s.source_pod_labels is not None:
+        rec["sourcePodLabels"] = k8s.source_pod_labels
+        rec["destinationPodLabels"] = k8s.destination_pod_labels or ""
     return (IPV6_TEMPLATE_ID if v6 else IPV4_TEMPLATE_ID), rec

@@ -92,35 +92,50 @@ SRC, DST = 0, 1
 
 
 
+_SRC_OWNED_V = (
+    "sourcePodNamespace", "sourcePodName", "sourceNodeName",
+    "destinationClusterIP{fam}", "destinationServicePort", "destinationServicePortName",
+    "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
+    "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
+    "destinationServiceIP{fam}", "proxySnatIP{fam}", "proxySnatPort", "egressName", "egressIP", "egressNodeName",
+)
+_DST_OWNED = (
+    "destinationPodNamespace", "destinationPodName", "destinationNodeName",
+    "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
+    "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
+)
+# The Pod labels, optional in agent records (Antrea's agents send them only when told to):
+# read apart from the rest so that a record without them stays on the fast path.
+LABEL_FIELDS = ("sourcePodLabels", "destinationPodLabels")
+
+
 def _kubernetes_fields(fam: str) -> tuple[str, ...]:
-    return (
-        # owned by the source node
-        "sourcePodNamespace", "sourcePodName", "sourceNodeName",
-        f"destinationClusterIP{fam}", "destinationServicePort", "destinationServicePortName",
-        "egressNetworkPolicyName", "egressNetworkPolicyNamespace", "egressNetworkPolicyType",
-        "egressNetworkPolicyRuleName", "egressNetworkPolicyRuleAction",
-        # owned by the destination node
-        "destinationPodNamespace", "destinationPodName", "destinationNodeName",
-        "ingressNetworkPolicyName", "ingressNetworkPolicyNamespace", "ingressNetworkPolicyType",
-        "ingressNetworkPolicyRuleName", "ingressNetworkPolicyRuleAction",
-    )
+    return tuple(n.format(fam=fam) for n in _SRC_OWNED_V) + _DST_OWNED
 
 
-# The Kubernetes and policy fields of agent records, each owned by one side; the Service
-# cluster IP is the flow's family (a side keeps them as one tuple in this order).
+# The Kubernetes, policy, Service, SNAT and Egress fields of agent records, each owned by
+# one side; addresses are the flow's family (a side keeps them as one tuple in this order,
+# followed by the two label fields).
 KUBERNETES_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (_kubernetes_fields("v4"), _kubernetes_fields("v6"))
-_N_SRC_OWNED = 11
-_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION = 1, 2, 10
-_I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION = 12, 13, 18
+_META_NAMES = (KUBERNETES_FIELDS[0] + LABEL_FIELDS, KUBERNETES_FIELDS[1] + LABEL_FIELDS)
+_N_SRC_OWNED = len(_SRC_OWNED_V)
+_N_META = len(KUBERNETES_FIELDS[0])
+# which side owns field i of a side's tuple: the source node (0) or the destination node (1)
+_OWNER = tuple(0 if i < _N_SRC_OWNED else 1 for i in range(_N_META)) + (0, 1)
+_idx = KUBERNETES_FIELDS[0].index
+_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION = _idx("sourcePodName"), _idx("sourceNodeName"), _idx("egressNetworkPolicyRuleAction")
+_I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION = (
+    _idx("destinationPodName"), _idx("destinationNodeName"), _idx("ingressNetworkPolicyRuleAction"))
 _INT_FIELDS = frozenset((
     "destinationServicePort", "egressNetworkPolicyType", "egressNetworkPolicyRuleAction",
-    "ingressNetworkPolicyType", "ingressNetworkPolicyRuleAction",
+    "ingressNetworkPolicyType", "ingressNetworkPolicyRuleAction", "proxySnatPort",
 ))
 _META_DEFAULTS: tuple[tuple[Any, ...], tuple[Any, ...]] = tuple(  # type: ignore[assignment]
-    tuple(0 if n in _INT_FIELDS else ("0.0.0.0" if n == "destinationClusterIPv4" else "::" if n == "destinationClusterIPv6" else "")
+    tuple(0 if n in _INT_FIELDS else "0.0.0.0" if n.endswith("IPv4") else "::" if n.endswith("IPv6") else ""
           for n in names)
-    for names in KUBERNETES_FIELDS
+    for names in _META_NAMES
 )
+_NO_LABELS = (None, None)
 _FLOW_FIELDS = (
     "sourceTransportPort", "destinationTransportPort", "protocolIdentifier",
     "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
@@ -143,7 +158,7 @@ def _extract(rec: Mapping[str, Any], v6: bool) -> tuple[Any, ...]:
         src_ip, dst_ip, g("sourceTransportPort") or 0, g("destinationTransportPort") or 0, proto,
         pt, g("octetTotalCount") or 0, g("reversePacketTotalCount") or 0, g("reverseOctetTotalCount") or 0,
         g("flowStartSeconds") or 0, g("flowEndSeconds") or 0, g("flowEndReason") or 0, g("flowType") or 0,
-        g("tcpState"), tuple(map(g, KUBERNETES_FIELDS[v6])),
+        g("tcpState"), tuple(map(g, _META_NAMES[v6])),
     )
 
 
@@ -162,6 +177,15 @@ def _node_names(suffix: str) -> tuple[str, ...]:
     )
 
 
+# What Antrea's Flow Aggregator adds beyond the per-node counters, in the order of Flow.c's
+# slots 16-23: each node's last flowEndSeconds, then the throughputs (bits per second).
+AGGREGATION_FIELDS: tuple[str, ...] = (
+    "flowEndSecondsFromSourceNode", "flowEndSecondsFromDestinationNode",
+    "throughputFromSourceNode", "reverseThroughputFromSourceNode",
+    "throughputFromDestinationNode", "reverseThroughputFromDestinationNode",
+    "throughput", "reverseThroughput",
+)
+
 # Same layout as a side's 8 slots in Flow.c: totals then deltas, forward then reverse.
 NODE_COUNTER_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (
     _node_names("FromSourceNode"), _node_names("FromDestinationNode"),
@@ -176,11 +200,12 @@ def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
         f"source{fam}Address", f"destination{fam}Address",
         "sourceTransportPort", "destinationTransportPort", "protocolIdentifier",
         *COUNTER_FIELDS,
-        *KUBERNETES_FIELDS[ipv6],
+        *_META_NAMES[ipv6],
         "flowType", "tcpState",
         "originalExporterIPv6Address" if exporter_ipv6 else "originalExporterIPv4Address",
         "originalObservationDomainId",
         *NODE_COUNTER_FIELDS[SRC], *NODE_COUNTER_FIELDS[DST],
+        *AGGREGATION_FIELDS,
     )
 
 
@@ -207,7 +232,7 @@ SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
 UNTYPED = 32768  # its first record had flowType 0 (host traffic) or none: the type here is a guess
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
-_ZERO18 = array("Q", bytes(144))
+_ZERO24 = array("Q", bytes(192))
 
 
 class Flow:
@@ -223,7 +248,8 @@ class Flow:
         self.flow_type = flow_type
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
-        self.c = _ZERO18[:]
+        # [src: throughput, reverse][dst: same][the newest record's: same]
+        self.c = _ZERO24[:]
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -362,6 +388,10 @@ class AggregationProcess:
                 src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp = (
                     get_v6 if v6 else get_v4)(rec)
                 meta = get_meta[v6](rec)
+                if "sourcePodLabels" in rec or "destinationPodLabels" in rec:
+                    meta += (rec.get("sourcePodLabels"), rec.get("destinationPodLabels"))
+                else:
+                    meta += _NO_LABELS
             except KeyError:  # a record without some of them (a foreign or older exporter)
                 try:
                     (src_ip, dst_ip, sport, dport, proto, pt, ot, rpt, rot, start, end, reason, ft, tcp,
@@ -425,6 +455,8 @@ class AggregationProcess:
 
                 # Counters.
                 c = flow.c
+                first = not flags & seen
+                prev_end = c[16 + side]
                 if pt is None:  # an exporter that sends deltas only
                     dp, do, drp, dro = (g("packetDeltaCount") or 0, g("octetDeltaCount") or 0,
                                         g("reversePacketDeltaCount") or 0, g("reverseOctetDeltaCount") or 0)
@@ -455,6 +487,17 @@ class AggregationProcess:
                 if end > c[16 + side]:
                     c[16 + side] = int(end)
                 changed = dp or do or drp or dro or not flags & seen
+
+                # Throughput as Antrea's aggregator defines it: octets * 8 over the seconds since
+                # the node's previous record (its first: since flowStartSeconds, with its totals).
+                span = end - (start if first else prev_end)
+                if span > 0:
+                    th, rth = (ot if first else do) * 8 // span, (rot if first else dro) * 8 // span
+                    c[18 + 2 * side] = th
+                    c[19 + 2 * side] = rth
+                    if end >= flow.end:
+                        c[22] = th
+                        c[23] = rth
 
                 # Kubernetes fields: intern a side's tuple only when it changed.
                 if side:
@@ -632,7 +675,7 @@ class AggregationProcess:
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
         record = build_record(flow)
         c = flow.c
-        for i in (4, 5, 6, 7, 12, 13, 14, 15):
+        for i in (4, 5, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23):
             c[i] = 0
         flow.flags = (flow.flags & ~DIRTY) | EXPORTED
         self.stats.records_exported += 1
@@ -677,7 +720,7 @@ def _merged(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bo
     defaults = _META_DEFAULTS[v6]
     out = []
     for i, default in enumerate(defaults):
-        own, other = (smeta, dmeta) if i < _N_SRC_OWNED else (dmeta, smeta)
+        own, other = (smeta, dmeta) if not _OWNER[i] else (dmeta, smeta)
         v = own[i] if own is not None else None
         if _empty(v) and other is not None and not _empty(other[i]):
             v = other[i]
@@ -699,9 +742,13 @@ def build_record(flow: Flow) -> dict[str, Any]:
     own = cl[0:8] if has_src else cl[8:16]
     srcc = cl[0:8] if has_src else None
     dstc = cl[8:16] if has_dst else None
+    ends = [cl[16] if has_src else 0, cl[17] if has_dst else 0]
+    sth, dth = (cl[18:20] if has_src else [0, 0]), (cl[20:22] if has_dst else [0, 0])
     if flow.flow_type == INTRA_NODE:  # one node is both the source and the destination node
         srcc = srcc or dstc
         dstc = dstc or srcc
+        ends = [max(ends)] * 2
+        sth, dth = (sth, sth) if has_src else (dth, dth)
     exporter = (flow.sexp if has_src else flow.dexp) or "0.0.0.0"
     smeta, dmeta = flow.smeta, flow.dmeta
     # An unattributed flow (no Pod, no Node: the agent said flowType 0) stays 0, unknown,
@@ -712,5 +759,6 @@ def build_record(flow: Flow) -> dict[str, Any]:
         *_merged(smeta, dmeta, v6),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
+        *ends, *sth, *dth, cl[22], cl[23],
     )
     return dict(zip(_OUTPUT_NAMES[(v6, ":" in exporter)], values))

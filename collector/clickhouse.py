@@ -195,6 +195,8 @@ _FOLDED = {
     "sourceIPv4Address": ("sourceIP", "sourceIPv6Address"),
     "destinationIPv4Address": ("destinationIP", "destinationIPv6Address"),
     "destinationClusterIPv4": ("destinationClusterIP", "destinationClusterIPv6"),
+    "destinationServiceIPv4": ("destinationServiceIP", "destinationServiceIPv6"),
+    "proxySnatIPv4": ("proxySnatIP", "proxySnatIPv6"),
     "originalExporterIPv4Address": ("originalExporterIP", "originalExporterIPv6Address"),
 }
 

@@ -8,12 +8,32 @@ Network Flow Visibility design (IANA, RFC 5103 reverse and Antrea PEN 56506 elem
 Order matters for speed, not for meaning: every fixed-length field comes first and the
 variable-length strings last, so a decoder reads all fixed fields of a record with one
 precompiled struct and then walks the strings. Within each group the order follows the
-design's tables. The IPv4 record leaves out destinationClusterIPv6 and the IPv6 record
-destinationClusterIPv4, each carrying the addresses of its own family only.
+design's tables. The IPv4 record leaves out the IPv6 addresses and the IPv6 record the
+IPv4 ones, each carrying the addresses of its own family only.
+
+Beyond the design's tables the agent record carries every element a current Antrea agent
+(v2.7) puts in its templates: destinationServiceIPv4/IPv6 (the Service's address; the
+older destinationClusterIPv4/IPv6 stays beside it with the same value), proxySnatIPv4/
+IPv6 and proxySnatPort (the source NAT that conntrack's reply tuple shows), and
+egressName, egressIP and egressNodeName (the Egress that applied, empty when unknown).
+Pod labels (sourcePodLabels, destinationPodLabels: JSON objects, as Antrea writes them)
+are optional, off by default (``agent_fields(family, labels=True)``).
 
 The aggregator adds :data:`AGGREGATOR_EXTRA_FIELDS` (fixed-length, appended before the
-strings by :func:`aggregator_fields`). originalObservationDomainId is IANA element 405;
-the design's "151" is flowEndSeconds.
+strings by :func:`aggregator_fields`): the original exporter, the per-node counters, the
+per-node flow end times and the six throughput elements as Antrea's Flow Aggregator
+computes them; its record always has the two label fields (empty when the agents sent
+none). originalObservationDomainId is IANA element 405; the design's "151" is
+flowEndSeconds.
+
+One deliberate difference from Antrea's aggregator: the aggregated record's own counters
+(packetTotalCount ... reverseOctetDeltaCount) are the source node's whenever it reported
+(else the destination node's), where Antrea takes them from whichever record came last.
+Ours is deterministic (the same records in any order give the same record); each node's
+own numbers are in the ``...FromSourceNode`` / ``...FromDestinationNode`` elements either
+way. The throughput elements follow Antrea exactly: octets times 8 over the seconds
+between a node's consecutive flowEndSeconds (its first record: since flowStartSeconds),
+``throughput`` / ``reverseThroughput`` from the newest record, all reset after an export.
 """
 
 from __future__ import annotations
@@ -21,6 +41,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 __all__ = [
+    "AGENT_LABEL_FIELDS",
     "AGENT_IPV4_FIELDS",
     "AGENT_IPV6_FIELDS",
     "AGENT_STRING_FIELDS",
@@ -56,6 +77,7 @@ _ANTREA_FIXED: Final = (
     "egressNetworkPolicyType",
     "egressNetworkPolicyRuleAction",
     "flowType",
+    "proxySnatPort",
 )
 
 #: Antrea's variable-length string elements (PEN 56506), in the design's order.
@@ -74,16 +96,25 @@ AGENT_STRING_FIELDS: Final[tuple[str, ...]] = (
     "egressNetworkPolicyNamespace",
     "egressNetworkPolicyRuleName",
     "tcpState",
+    "egressName",
+    "egressIP",
+    "egressNodeName",
 )
+
+#: The Pod labels (JSON objects), sent only when the agent is told to (``podLabels: true``).
+AGENT_LABEL_FIELDS: Final[tuple[str, ...]] = ("sourcePodLabels", "destinationPodLabels")
+
+_IPV4_ANTREA: Final = ("destinationClusterIPv4", "destinationServiceIPv4", "proxySnatIPv4")
+_IPV6_ANTREA: Final = ("destinationClusterIPv6", "destinationServiceIPv6", "proxySnatIPv6")
 
 #: Every element of the agent's IPv4 flow record: fixed-length fields first, then strings.
 AGENT_IPV4_FIELDS: Final[tuple[str, ...]] = (
-    _COMMON_HEAD + _IPV4_ADDRESSES + _COMMON_FIXED + ("destinationClusterIPv4",) + _ANTREA_FIXED + AGENT_STRING_FIELDS
+    _COMMON_HEAD + _IPV4_ADDRESSES + _COMMON_FIXED + _IPV4_ANTREA + _ANTREA_FIXED + AGENT_STRING_FIELDS
 )
 
 #: Every element of the agent's IPv6 flow record: fixed-length fields first, then strings.
 AGENT_IPV6_FIELDS: Final[tuple[str, ...]] = (
-    _COMMON_HEAD + _IPV6_ADDRESSES + _COMMON_FIXED + ("destinationClusterIPv6",) + _ANTREA_FIXED + AGENT_STRING_FIELDS
+    _COMMON_HEAD + _IPV6_ADDRESSES + _COMMON_FIXED + _IPV6_ANTREA + _ANTREA_FIXED + AGENT_STRING_FIELDS
 )
 
 #: What the Flow Aggregator adds to an agent record (all fixed-length).
@@ -106,23 +137,34 @@ AGGREGATOR_EXTRA_FIELDS: Final[tuple[str, ...]] = (
     "reverseOctetTotalCountFromDestinationNode",
     "reversePacketDeltaCountFromDestinationNode",
     "reverseOctetDeltaCountFromDestinationNode",
+    "flowEndSecondsFromSourceNode",
+    "flowEndSecondsFromDestinationNode",
+    "throughput",
+    "reverseThroughput",
+    "throughputFromSourceNode",
+    "reverseThroughputFromSourceNode",
+    "throughputFromDestinationNode",
+    "reverseThroughputFromDestinationNode",
 )
 
 
-def agent_fields(family: Literal[4, 6]) -> tuple[str, ...]:
-    """The agent record's elements for IP version 4 or 6."""
+def agent_fields(family: Literal[4, 6], *, labels: bool = False) -> tuple[str, ...]:
+    """The agent record's elements for IP version 4 or 6 (with the Pod labels if ``labels``)."""
     if family == 4:
-        return AGENT_IPV4_FIELDS
-    if family == 6:
-        return AGENT_IPV6_FIELDS
-    raise ValueError(f"IP family {family!r} is not 4 or 6")
+        base = AGENT_IPV4_FIELDS
+    elif family == 6:
+        base = AGENT_IPV6_FIELDS
+    else:
+        raise ValueError(f"IP family {family!r} is not 4 or 6")
+    return base + AGENT_LABEL_FIELDS if labels else base
 
 
 def aggregator_fields(family: Literal[4, 6]) -> tuple[str, ...]:
-    """The aggregated record: the agent's fixed fields, the aggregator's, then the strings."""
+    """The aggregated record: the agent's fixed fields, the aggregator's, then the strings
+    (the Pod labels included)."""
     base = agent_fields(family)
     fixed = tuple(name for name in base if name not in AGENT_STRING_FIELDS)
-    return fixed + AGGREGATOR_EXTRA_FIELDS + AGENT_STRING_FIELDS
+    return fixed + AGGREGATOR_EXTRA_FIELDS + AGENT_STRING_FIELDS + AGENT_LABEL_FIELDS
 
 
 AGGREGATOR_IPV4_FIELDS: Final[tuple[str, ...]] = aggregator_fields(4)

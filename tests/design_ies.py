@@ -17,6 +17,13 @@ ANTREA_SPECS = [
     "egressNetworkPolicyType(56506/118)<unsigned8>[1]", "egressNetworkPolicyRuleName(56506/142)<string>[65535]",
     "ingressNetworkPolicyRuleAction(56506/139)<unsigned8>[1]", "egressNetworkPolicyRuleAction(56506/140)<unsigned8>[1]",
     "tcpState(56506/136)<string>[65535]", "flowType(56506/137)<unsigned8>[1]",
+    # beyond the design: what a current Antrea agent (v2.7) adds, from go-ipfix's registry table
+    "egressName(56506/153)<string>[65535]", "egressIP(56506/154)<string>[65535]",
+    "egressNodeName(56506/157)<string>[65535]",
+    "destinationServiceIPv4(56506/168)<ipv4Address>[4]", "destinationServiceIPv6(56506/169)<ipv6Address>[16]",
+    "proxySnatIPv4(56506/170)<ipv4Address>[4]", "proxySnatIPv6(56506/171)<ipv6Address>[16]",
+    "proxySnatPort(56506/172)<unsigned16>[2]",
+    "sourcePodLabels(56506/143)<string>[65535]", "destinationPodLabels(56506/144)<string>[65535]",
 ]
 
 # What the Flow Aggregator adds: IANA 403/404/405 and the per-Node counters 120-135.
@@ -30,4 +37,12 @@ AGGREGATOR_SPECS = [
         "packetTotalCount", "octetTotalCount", "packetDeltaCount", "octetDeltaCount",
         "reversePacketTotalCount", "reverseOctetTotalCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
     ))
+] + [
+    # Antrea's Flow Aggregator today: throughput (145-150) and each node's flow end (151-152)
+    "throughput(56506/145)<unsigned64>[8]", "reverseThroughput(56506/146)<unsigned64>[8]",
+    "throughputFromSourceNode(56506/147)<unsigned64>[8]", "throughputFromDestinationNode(56506/148)<unsigned64>[8]",
+    "reverseThroughputFromSourceNode(56506/149)<unsigned64>[8]",
+    "reverseThroughputFromDestinationNode(56506/150)<unsigned64>[8]",
+    "flowEndSecondsFromSourceNode(56506/151)<dateTimeSeconds>[4]",
+    "flowEndSecondsFromDestinationNode(56506/152)<dateTimeSeconds>[4]",
 ]

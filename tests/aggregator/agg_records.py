@@ -15,6 +15,7 @@ _K8S_EMPTY: dict[str, Any] = {
     "ingressNetworkPolicyRuleName": "", "ingressNetworkPolicyRuleAction": 0,
     "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "", "egressNetworkPolicyType": 0,
     "egressNetworkPolicyRuleName": "", "egressNetworkPolicyRuleAction": 0,
+    "proxySnatPort": 0, "egressName": "", "egressIP": "", "egressNodeName": "",
 }
 
 
@@ -26,7 +27,7 @@ def agent_record(
     start: int = T0, end: int = T0 + 5, reason: int = 2, tcp: str = "ESTABLISHED", flow_type: int = 2,
     **k8s: Any,
 ) -> dict[str, Any]:
-    """A record like the agent's: the 34 design IEs; deltas default to the totals (first export)."""
+    """A record like the agent's: the 34 design IEs and Antrea v2.7's six more; deltas default to the totals (first export)."""
     v6 = ":" in src
     fam = "IPv6" if v6 else "IPv4"
     rec: dict[str, Any] = {
@@ -40,6 +41,8 @@ def agent_record(
         "reversePacketDeltaCount": rpkts if drpkts is None else drpkts,
         "reverseOctetDeltaCount": roctets if droctets is None else droctets,
         ("destinationClusterIPv6" if v6 else "destinationClusterIPv4"): "::" if v6 else "0.0.0.0",
+        f"destinationServiceIP{'v6' if v6 else 'v4'}": "::" if v6 else "0.0.0.0",
+        f"proxySnatIP{'v6' if v6 else 'v4'}": "::" if v6 else "0.0.0.0",
         "tcpState": tcp, "flowType": flow_type,
     }
     rec.update(_K8S_EMPTY)

@@ -193,6 +193,13 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
             for name in ("packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
                          "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"):
                 expected[name + suffix] = sent[name]
+        # Antrea's definitions: each node's last flowEndSeconds; throughput in bit/s over the
+        # seconds since flowStartSeconds for a node's first record (1000 octets in 5 s)
+        expected.update(sourcePodLabels="", destinationPodLabels="",
+                        flowEndSecondsFromSourceNode=T0 + 5, flowEndSecondsFromDestinationNode=T0 + 5)
+        for suffix in ("", "FromSourceNode", "FromDestinationNode"):
+            expected["throughput" + suffix] = 1000 * 8 // 5
+            expected["reverseThroughput" + suffix] = 800 * 8 // 5
         assert r == expected
         r = periodic[("10.0.1.5", 1006)].record
         assert counts(r, "FromSourceNode") == (9, 900, 9, 9000, 9, 900, 9, 9000)

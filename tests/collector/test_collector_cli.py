@@ -130,7 +130,7 @@ def test_predefined_template_and_errors_naming_line_and_field() -> None:
         done = export(["--to", listen, "--template", "agent-ipv4"], lines)
         assert done.returncode == 1, done.stderr  # some input rejected
         err = done.stderr
-        assert "line 2: field 'tcpState' is missing; template agent-ipv4 needs all of its 37 fields" in err
+        assert "line 2: field 'tcpState' is missing; template agent-ipv4 needs all of its 43 fields" in err
         assert "line 5: field 'sourceIPv6Address' is not part of template agent-ipv4" in err
         assert "line 6: not valid JSON" in err
         assert "line 7: field 'flowType': 300 is out of range for unsigned8 (0..255)" in err

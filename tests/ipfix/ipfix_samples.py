@@ -55,16 +55,23 @@ def agent_record(i: int, family: int = 4, *, unicode_names: bool = False) -> dic
         "egressNetworkPolicyNamespace": "shop",
         "egressNetworkPolicyRuleName": "allow-db",
         "tcpState": "ESTABLISHED" if i % 3 else "",
+        "proxySnatPort": 40000 + i % 20000 if i % 4 == 3 else 0,
+        "egressName": "egress-prod" if i % 4 == 3 else "",
+        "egressIP": f"172.18.0.{i % 200 + 1}" if i % 4 == 3 else "",
+        "egressNodeName": f"k8s-node-{i % 5}" if i % 4 == 3 else "",
     }
     if family == 4:
         r["sourceIPv4Address"] = f"10.10.{i // 250 % 250}.{i % 250 + 1}"
         r["destinationIPv4Address"] = f"10.20.{i // 250 % 250}.{(i * 7) % 250 + 1}"
-        r["destinationClusterIPv4"] = f"10.96.0.{i % 200 + 10}"
+        r["destinationClusterIPv4"] = r["destinationServiceIPv4"] = f"10.96.0.{i % 200 + 10}"
+        r["proxySnatIPv4"] = f"192.168.{i % 5}.1" if i % 4 == 3 else "0.0.0.0"
         fields = AGENT_IPV4_FIELDS
     else:
         r["sourceIPv6Address"] = str(ipaddress.IPv6Address((0xFD00_0010 << 96) | (i + 1)))
         r["destinationIPv6Address"] = str(ipaddress.IPv6Address((0xFD00_0020 << 96) | (i * 7 % 65000 + 1)))
         r["destinationClusterIPv6"] = str(ipaddress.IPv6Address((0xFD00_0096 << 96) | (i % 200 + 10)))
+        r["destinationServiceIPv6"] = r["destinationClusterIPv6"]
+        r["proxySnatIPv6"] = f"fd00:192:168:{i % 5 + 1}::1" if i % 4 == 3 else "::"
         fields = AGENT_IPV6_FIELDS
     if unicode_names:
         r["sourcePodName"] = f"fröntend-ßü-{i}"
@@ -79,6 +86,8 @@ def aggregator_record(i: int, family: int = 4) -> dict[str, Any]:
     r["originalObservationDomainId"] = 1000 + i
     for n, name in enumerate(AGGREGATOR_EXTRA_FIELDS[2:]):
         r[name] = (i + 1) * 1000 + n
+    r["sourcePodLabels"] = '{"app":"frontend"}' if i % 2 else ""
+    r["destinationPodLabels"] = '{"app":"cart","tier":"db"}' if i % 2 else ""
     fields = AGGREGATOR_IPV4_FIELDS if family == 4 else AGGREGATOR_IPV6_FIELDS
     assert set(r) == set(fields), set(r) ^ set(fields)
     return r

@@ -71,7 +71,9 @@ def interpret(data_type: str, raw: bytes) -> Any:
 def tshark_records(pcap: Path, port: int, protocol: str) -> list[dict[str, Any]]:
     """Data records as tshark decodes them, in capture order, keyed by our IE names."""
     pdml = subprocess.run(
-        ["tshark", "-r", str(pcap), "-d", f"{protocol}.port=={port},cflow", "-T", "pdml"],
+        # the aggregated record has more than tshark's default limit of 60 fields a template
+        ["tshark", "-r", str(pcap), "-d", f"{protocol}.port=={port},cflow", "-o", "cflow.max_template_fields:200",
+         "-T", "pdml"],
         check=True, capture_output=True, timeout=60,
     ).stdout
     reg = default_registry()
