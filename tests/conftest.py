@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,19 @@ def require_tool(*names: str) -> None:
     for name in names:
         if shutil.which(name) is None:
             _missing(f"{name} is not installed; scripts/setup.sh installs it")
+
+
+def shared_tool(relative: str) -> str:
+    """A tool from the project's shared folder (``shared/tools/...``): beside the clone in CI
+    (``../shared``), or further up for a worktree; FLOWSCOPE_SHARED names it elsewhere.
+    Missing: skip locally, fail in CI."""
+    repo = Path(__file__).resolve().parent.parent
+    roots = [os.environ.get("FLOWSCOPE_SHARED", ""), str(repo.parent / "shared"), str(repo.parent.parent / "shared")]
+    for root in roots:
+        if root and os.access(Path(root) / relative, os.X_OK):
+            return str(Path(root) / relative)
+    _missing(f"{relative} is not in ../shared (looked in {', '.join(r for r in roots if r)})")
+    raise AssertionError("unreachable")
 
 
 def require_root() -> None:
