@@ -206,7 +206,9 @@ def check_readable_by_go_ipfix(messages: list[bytes]) -> dict[str, int]:
 
 class RecordingProxy:
     """Forwards an exporter's IPFIX (TCP or UDP) to ``upstream`` on loopback and keeps every
-    octet it passed, per TCP connection or per datagram, for :func:`check_readable_by_go_ipfix`."""
+    octet it passed, per TCP connection or per datagram, for :func:`check_readable_by_go_ipfix`.
+    Started inside a network namespace (``with in_netns(...)``), it listens there and still
+    forwards to the upstream port on the test's own loopback."""
 
     def __init__(self, proto: str, upstream_port: int) -> None:
         self.proto, self.upstream_port = proto, upstream_port
@@ -222,15 +224,15 @@ class RecordingProxy:
 
         loop = asyncio.get_running_loop()
         if self.proto == "udp":
-            up_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            up_sock.connect(("127.0.0.1", self.upstream_port))
-            self._up = up_sock
             proxy = self
 
             class _Datagrams(asyncio.DatagramProtocol):
                 def datagram_received(self, data: bytes, addr: Any) -> None:
                     proxy.datagrams.append(data)
-                    up_sock.send(data)
+                    if proxy._up is None:  # made here, not in start(): in the test's own namespace
+                        proxy._up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                        proxy._up.connect(("127.0.0.1", proxy.upstream_port))
+                    proxy._up.send(data)
 
             self._udp, _ = await loop.create_datagram_endpoint(_Datagrams, local_addr=("127.0.0.1", 0))
             self.port = self._udp.get_extra_info("socket").getsockname()[1]
@@ -273,3 +275,15 @@ class RecordingProxy:
             self._udp.close()
         if self._up is not None:
             self._up.close()
+
+    def records(self) -> list[tuple[int, dict[str, Any]]]:
+        """What went through, decoded by our decoder: (template id, record)."""
+        from flowscope.ipfix import Decoder
+
+        out: list[tuple[int, dict[str, Any]]] = []
+        sessions = [[d for d in self.datagrams]] if self.proto == "udp" else [framed(bytes(s)) for s in self.streams]
+        for messages in sessions:
+            decoder = Decoder()
+            for m in messages:
+                out += [(t.template_id, r) for t, r in decoder.decode(m).data_records()]
+        return out
