@@ -81,10 +81,22 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     # A stable observation domain per node, so the aggregator tells exporters apart.
     domain = zlib.crc32(cfg.node_name.encode()) & 0xFFFFFFFF
     try:
-        sink = ExportingProcess(
-            cfg.flow_collector, tls=tls, templates=templates(labels=cfg.pod_labels), observation_domain_id=domain,
-            queue_size=cfg.export_queue_size,
-        )
+        if cfg.grpc:  # Antrea's Flow messages over gRPC, mutual TLS
+            from flowscope.agent.grpc_exporter import GrpcExportingProcess
+
+            try:
+                sink: Any = GrpcExportingProcess(
+                    cfg.flow_collector.host, cfg.flow_collector.port, cert=cfg.tls.cert_file, key=cfg.tls.key_file,
+                    ca=cfg.tls.ca_file, server_name=cfg.tls.server_name, observation_domain_id=domain,
+                    queue_size=cfg.export_queue_size,
+                )
+            except OSError as exc:
+                raise UsageError(f"cannot read {exc.filename!r}: {exc.strerror}") from None
+        else:
+            sink = ExportingProcess(
+                cfg.flow_collector, tls=tls, templates=templates(labels=cfg.pod_labels), observation_domain_id=domain,
+                queue_size=cfg.export_queue_size,
+            )
     except UsageError as exc:  # unreadable or mismatched certificate files
         print(f"flowscope agent: {exc} (keys tls.caFile, tls.certFile, tls.keyFile)", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from flowscope.listen import ListenAddressError, parse_listen_address
 __all__ = ["AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config"]
 
 DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
+GRPC_PORT = 14739  # Antrea's Flow Aggregator gRPC port
 TLS_DIR = "/etc/flowscope/tls"
 MetadataKind = Literal["kubernetes", "static", "none"]
 
@@ -65,6 +66,9 @@ class AgentConfig:
     export_host_flows: bool = False
     # recordContents.podLabels: add sourcePodLabels/destinationPodLabels (JSON), as Antrea can
     pod_labels: bool = False
+    # flowCollectorAddr HOST:PORT:grpc: Antrea's Flow messages over gRPC (mutual TLS with the
+    # tls files; flow_collector then holds the host and port, its protocol says tls)
+    grpc: bool = False
 
     @property
     def tls_server_name(self) -> str:
@@ -146,10 +150,14 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
     _unknown(raw, _TOP_KEYS, "")
 
     addr_text = raw.get("flowCollectorAddr")
+    grpc = isinstance(addr_text, str) and addr_text.strip().lower().endswith(":grpc")
+    if grpc:
+        addr_text = addr_text.strip()[: -len(":grpc")] + ":tls"
     try:
         collector = parse_address(
             DEFAULT_COLLECTOR if addr_text in (None, "") else addr_text,
             default_protocol="tls",
+            default_port=GRPC_PORT if grpc else 4739,
             field="flowCollectorAddr",
         )
     except AddressError as exc:
@@ -229,6 +237,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
         export_queue_size=queue_size,
         export_host_flows=host_flows,
         pod_labels=pod_labels,
+        grpc=grpc,
     )
 
 

@@ -196,10 +196,11 @@ def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
     transport: Transport = d.transport
     if "aggregatorTransportProtocol" in raw:
         t = raw["aggregatorTransportProtocol"]
-        if not isinstance(t, str) or t.strip().lower() not in ("tls", "tcp", "udp"):
+        if not isinstance(t, str) or t.strip().lower() not in ("tls", "tcp", "udp", "grpc"):
             raise ConfigError(
-                f"aggregatorTransportProtocol: {t!r} is not one of tls, tcp, udp "
-                "(it must match the protocol of the agents' flowCollectorAddr)"
+                f"aggregatorTransportProtocol: {t!r} is not one of tls, tcp, udp, grpc "
+                "(it must match the protocol of the agents' flowCollectorAddr; grpc is Antrea's default "
+                "since v2.4, always over mutual TLS)"
             )
         transport = t.strip().lower()  # type: ignore[assignment]
 

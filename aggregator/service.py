@@ -108,8 +108,8 @@ def certificate_name_problem(cert_file: str, name: str) -> str | None:
 
 
 def check_tls(config: AggregatorConfig) -> list[str]:
-    """With tls transport: raise ConfigError for unreadable TLS files; return warnings."""
-    if config.transport != "tls":
+    """With tls or grpc transport: raise ConfigError for unreadable TLS files; return warnings."""
+    if config.transport not in ("tls", "grpc"):
         return []
     tls = config.tls
     for key, path in (("tls.caFile", tls.ca_file), ("tls.certFile", tls.cert_file), ("tls.keyFile", tls.key_file)):
@@ -250,6 +250,18 @@ class FlowAggregator:
         from flowscope.ipfix.errors import UsageError
         from flowscope.ipfix.process import CollectingProcess, TLSConfig
 
+        if c.transport == "grpc":  # Antrea agents' Flow messages over gRPC, mutual TLS
+            from .grpc_collector import GrpcCollectingProcess
+
+            try:
+                self.collecting = GrpcCollectingProcess(
+                    c.listen_host, c.listen_port, cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file,
+                    on_records=self.ingest_records,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"tls.certFile / tls.keyFile / tls.caFile: {exc}") from None
+            await self.collecting.start()
+            return
         try:
             tls = None
             if c.transport == "tls":
