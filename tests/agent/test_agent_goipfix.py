@@ -1,4 +1,4 @@
-"""The real agent exporting to go-ipfix's real collector, over TCP and UDP.
+"""The real agent exporting to go-ipfix's real collector over TCP and UDP, and to our aggregator over gRPC.
 
 `flowscope agent` runs in a node namespace of the netns lab with kernel conntrack; two
 Pods talk over IPv4 and IPv6 (UDP and TCP), and the client also reaches an external host
@@ -103,3 +103,65 @@ async def test_agent_to_go_ipfix_every_record_every_field(lab, tmp_path, protoco
         assert json.loads(r["sourcePodLabels"]) == {"app": "client"}
         assert json.loads(r["destinationPodLabels"]) == {"app": "server"}
         assert s4["destinationPodLabels"] == ""
+
+
+async def test_agent_exports_over_grpc_to_the_aggregator(lab, tmp_path):
+    """`flowCollectorAddr: HOST:PORT:grpc`: the real agent sends Antrea's Flow messages over
+    mutual TLS to the aggregator's gRPC collecting process; the records it aggregates are
+    the agent's connections, Pod names, Service and SNAT fields included."""
+    from pki import make_pki
+
+    from flowscope.aggregator.config import parse_config
+    from flowscope.aggregator.service import FlowAggregator
+
+    topo = lab
+    a_ns, a4, a6 = topo.pods["a"]
+    b_ns, b4, b6 = topo.pods["b"]
+    ext_ns = topo.pods["ext"][0]
+    pki = make_pki(tmp_path)
+    config = parse_config({
+        "aggregatorTransportProtocol": "grpc", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
+        "tls": {"caFile": pki["ca"], "certFile": pki["server_cert"], "keyFile": pki["server_key"]},
+        "flowExportInterval": "1h", "inactiveFlowTimeout": "5m",
+    })
+
+    class Sink:
+        name = "list"
+        got: list = []
+
+        async def start(self):
+            pass
+
+        async def write(self, batch):
+            self.got.extend(batch)
+
+        async def close(self):
+            pass
+
+    sink = Sink()
+    agg = FlowAggregator(config, sinks=[(sink, 1000)])
+    with in_netns(topo.node):  # the agent's aggregator is its node's loopback
+        await agg.start(api=False, ticker=False)
+    cfg = write_config(tmp_path, agg.collecting_port, "tls", pki, metrics="127.0.0.1:9393")
+    cfg.write_text(cfg.read_text().replace(f":{agg.collecting_port}:tls", f":{agg.collecting_port}:grpc")
+                   .replace('metricsAddress: "127.0.0.1:9390"', 'metricsAddress: "127.0.0.1:9393"'))
+    proc = await start_agent(topo.node, cfg)
+    try:
+        udp_exchange(a_ns, b_ns, b4, 7201, count=3, size=100)
+        udp_exchange(a_ns, b_ns, b6, 7202, count=3, size=100, family=socket.AF_INET6)
+        snat = udp_exchange(a_ns, ext_ns, EXT4, 7203, count=2, size=60)
+        ok = await wait_for(lambda: agg.process.stats.records_received >= 3
+                            and {7201, 7202, 7203} <= {f.key[3] for f in agg.process.flows.values()})
+    finally:
+        log = await stop_agent(proc)
+        grpc_stats = agg.collecting.stats
+        await agg.close()
+    assert ok, f"aggregator saw {agg.process.stats.records_received} records\nagent log:\n{log}"
+    assert grpc_stats.malformed == 0 and grpc_stats.sessions_total >= 1
+    by_port = {e.record["destinationTransportPort"]: e.record for e in sink.got}
+    u4, u6, s4 = by_port[7201], by_port[7202], by_port[7203]
+    assert (u4["sourceIPv4Address"], u4["sourcePodName"], u4["destinationPodName"], u4["flowType"]) == (
+        a4, "client", "server", 1)
+    assert (u4["packetTotalCount"], u4["octetTotalCount"]) == (3, 3 * 128)
+    assert (u6["sourceIPv6Address"], u6["destinationIPv6Address"]) == (a6, b6)
+    assert (s4["flowType"], s4["proxySnatIPv4"], s4["proxySnatPort"]) == (3, "169.254.3.1", snat)
