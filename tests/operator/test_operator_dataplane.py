@@ -65,6 +65,8 @@ def agent_record(i: int) -> dict:
         "destinationServicePortName": "", "ingressNetworkPolicyName": "", "ingressNetworkPolicyNamespace": "",
         "ingressNetworkPolicyRuleName": "", "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "",
         "egressNetworkPolicyRuleName": "", "tcpState": "ESTABLISHED",
+        "destinationServiceIPv4": "0.0.0.0", "proxySnatIPv4": "0.0.0.0", "proxySnatPort": 0,
+        "egressName": "", "egressIP": "", "egressNodeName": "",
     }
     assert set(r) == set(AGENT_IPV4_FIELDS)
     return r
