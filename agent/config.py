@@ -151,8 +151,8 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
 
     addr_text = raw.get("flowCollectorAddr")
     grpc = isinstance(addr_text, str) and addr_text.strip().lower().endswith(":grpc")
-    if grpc:
-        addr_text = addr_text.strip()[: -len(":grpc")] + ":tls"
+    if grpc:  # HOST[:PORT]:grpc: the host and port are read as for tls
+        addr_text = addr_text.strip()[: -len(":grpc")]
     try:
         collector = parse_address(
             DEFAULT_COLLECTOR if addr_text in (None, "") else addr_text,

@@ -124,3 +124,17 @@ def test_cli_kubernetes_source_without_a_cluster_says_so(tmp_path):
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "metadata.source: kubernetes needs the in-cluster service account or a kubeconfig" in proc.stderr
+
+
+def test_grpc_collector_address_and_pod_labels_as_antrea_configures_them():
+    cfg = parse_config({"flowCollectorAddr": "flow-aggregator.flow-aggregator.svc:grpc"}, env={"NODE_NAME": "n"})
+    assert cfg.grpc and (cfg.flow_collector.host, cfg.flow_collector.port) == ("flow-aggregator.flow-aggregator.svc", 14739)
+    cfg = parse_config({"flowCollectorAddr": "[fd00::1]:9000:GRPC"}, env={"NODE_NAME": "n"})
+    assert cfg.grpc and (cfg.flow_collector.host, cfg.flow_collector.port) == ("fd00::1", 9000)
+    assert not parse_config({}, env={"NODE_NAME": "n"}).grpc
+    assert not parse_config({}, env={"NODE_NAME": "n"}).pod_labels  # off by default
+    assert parse_config({"recordContents": {"podLabels": True}}, env={"NODE_NAME": "n"}).pod_labels
+    with pytest.raises(ConfigError, match=r"recordContents.podLabels: 'yes' must be true or false"):
+        parse_config({"recordContents": {"podLabels": "yes"}})
+    with pytest.raises(ConfigError, match=r"recordContents.labels: unknown key; allowed keys are podLabels"):
+        parse_config({"recordContents": {"labels": True}})

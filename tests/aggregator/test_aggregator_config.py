@@ -67,7 +67,7 @@ def test_external_collector_defaults_to_tcp_and_port_4739():
     ({"flowExportInterval": "500ms"}, r"flowExportInterval: '500ms' is below the 1s minimum"),
     ({"flowExportInterval": "60"}, r"flowExportInterval: '60' is not a valid duration"),
     ({"flowExportInterval": 60}, r"flowExportInterval: 60 has no unit"),
-    ({"aggregatorTransportProtocol": "quic"}, r"aggregatorTransportProtocol: 'quic' is not one of tls, tcp, udp"),
+    ({"aggregatorTransportProtocol": "quic"}, r"aggregatorTransportProtocol: 'quic' is not one of tls, tcp, udp, grpc"),
     ({"externalFlowCollectorAddr": "10.0.0.5:99999"}, r"externalFlowCollectorAddr: port '99999'"),
     ({"externalFlowCollectorAddr": "10.0.0.5:4739:tls"}, r"externalFlowCollectorAddr: protocol tls .* use tcp or udp"),
     ({"externalFlowCollectorAddr": "fd00::5:4739"}, r"externalFlowCollectorAddr: .*IPv6 address must be in brackets"),
