@@ -267,3 +267,40 @@ async def test_grpc_collector_wants_a_client_certificate_from_its_ca(pki):
         assert agg.collecting.stats.malformed == 1 and agg.process.stats.records_received == 1
     finally:
         await agg.close()
+
+
+async def test_grpc_export_counts_a_broken_stream_as_lost_and_reconnects(pki):
+    """Records written to an Export stream the aggregator never answered are counted as lost,
+    never as sent; the exporter reconnects with backoff and delivers what waited."""
+    clock = Clock()
+    conns = [r for _, r in connections()]
+    first, _ = await aggregator(pki, "grpc", clock)
+    port = first.collecting_port
+    cert, key = pki["node"]
+    e = GrpcExportingProcess("127.0.0.1", port, cert=cert, key=key, ca=pki["ca"], backoff_initial=0.05,
+                             backoff_max=0.2)
+    await e.start()
+    second = None
+    try:
+        assert e.submit(0, conns[:2]) and await e.flush(timeout=10)
+        assert (e.stats.records_sent, e.stats.records_lost) == (2, 0)
+        assert e.submit(0, conns[2:4])
+        await until(lambda: e.stats.records_sent == 4, what="the records written to the open stream")
+        await first.close()  # the stream breaks before it was answered
+        await until(lambda: e.stats.records_lost == 2, what="the loss to be counted")
+        assert e.stats.records_sent == 2
+        cert_s, key_s = pki["server"]
+        config = parse_config({
+            "aggregatorTransportProtocol": "grpc", "listenAddress": "127.0.0.1", "listenPort": port, "apiAddress": "",
+            "tls": {"caFile": pki["ca"], "certFile": cert_s, "keyFile": key_s}})
+        second = FlowAggregator(config, sinks=[(ListSink(), 100)], clock=clock)
+        await second.start(api=False, ticker=False)
+        assert e.submit(0, conns[4:])
+        assert await e.flush(timeout=15)
+        await until(lambda: second.process.stats.records_received == 2, what="the reconnect")
+        s = e.stats
+        assert (s.records_sent, s.records_lost, s.records_submitted) == (4, 2, 6) and s.reconnects >= 1
+    finally:
+        await e.close()
+        if second is not None:
+            await second.close()
