@@ -111,7 +111,7 @@ class FlowKey:
 # Kubernetes generates name suffixes and template hashes from an alphabet without vowels
 # (so they never spell words): "cache" is a name, "x2x5z" a suffix.
 _SAFE = "[bcdfghjklmnpqrstvwxz2456789]"
-_HASHED = re.compile(rf"^(?P<base>.+?)(?:-{_SAFE}{{6,10}})?-{_SAFE}{{5}}$")
+_HASHED = re.compile(rf"^(?P<base>.+?)(?:-{_SAFE}{{5,10}})?-{_SAFE}{{5}}$")
 _ORDINAL = re.compile(r"^(?P<base>.+)-\d+$")
 
 
@@ -310,7 +310,7 @@ def recommend(keys: Iterable[FlowKey], namespace: str) -> tuple[list[dict[str, A
             warnings.append(f"{src.workload} -> {dst.workload}: protocol {key.protocol} has no NetworkPolicy form; left out")
             continue
         if not _resolved(key):
-            warnings.append(f"{src.workload} -> {dst.workload}:{key.port}: a Pod end has no known labels; left out")
+            warnings.append(f"{_label(src)} -> {_label(dst)}:{key.port}: a Pod end has no known labels; left out")
             continue
         kept.append(key)
         for e in (src, dst):
@@ -372,6 +372,10 @@ def recommend(keys: Iterable[FlowKey], namespace: str) -> tuple[list[dict[str, A
             "spec": spec,
         })
     return out, warnings
+
+
+def _label(e: Endpoint) -> str:
+    return f"{e.namespace}/{e.pod}" if e.is_pod else e.ip
 
 
 def _dns_name(text: str) -> str:
