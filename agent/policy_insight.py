@@ -5,7 +5,7 @@ This is the pure engine behind ``flowscope policy what-if`` and ``flowscope poli
 recommend``. It knows nothing of stores, files or clusters: it takes an iterable of
 :class:`FlowKey` (one distinct connection shape of the history: source and destination
 endpoint with their Pod labels, destination port and protocol, with the octets, the
-number of connections and the last time seen, and whether the stored record said it
+number of flow records and the last time seen, and whether the stored record said it
 was denied) and the policies as parsed by :mod:`flowscope.agent.policy`. It evaluates
 with the agent's own evaluator (:func:`~flowscope.agent.policy.evaluate_tiers`), so a
 what-if answers exactly what the agents would have recorded.
@@ -103,7 +103,7 @@ class FlowKey:
     port: int  # destination port after DNAT
     protocol: int  # IP protocol number
     octets: int = 0  # both directions
-    flows: int = 0  # connections (or rows, if the store cannot tell)
+    records: int = 0  # flow records stored for the key
     last_seen: int = 0  # epoch seconds
     denied: bool = False  # the stored record said Drop or Reject
 
@@ -144,13 +144,20 @@ class Decision:
         return self.ingress or self.egress
 
 
-def decide(policies: PolicySet, key: FlowKey) -> Decision:
-    """The verdicts the agent would record for ``key`` under ``policies``."""
-    src, dst = key.source.peer(), key.destination.peer()
-    egress = ingress = None
-    if key.source.is_pod:
+def decide(policies: PolicySet, key: FlowKey, peers: tuple[PeerInfo, PeerInfo] | None = None,
+           directions: tuple[bool, bool] = (True, True), known: Decision | None = None) -> Decision:
+    """The verdicts the agent would record for ``key`` under ``policies``.
+
+    ``peers``: the two ends already as PeerInfo (a caller evaluating many keys converts
+    each endpoint once); ``directions``: (egress, ingress) to evaluate, the others taken
+    from ``known``.
+    """
+    src, dst = peers or (key.source.peer(), key.destination.peer())
+    egress = known.egress if known is not None else None
+    ingress = known.ingress if known is not None else None
+    if key.source.is_pod and directions[0]:
         egress = evaluate_tiers(policies, ingress=False, pod=src, other=dst, dest=dst, port=key.port, protocol=key.protocol)
-    if key.destination.is_pod:
+    if key.destination.is_pod and directions[1]:
         ingress = evaluate_tiers(policies, ingress=True, pod=dst, other=src, dest=dst, port=key.port, protocol=key.protocol)
     return Decision(egress, ingress)
 
@@ -195,7 +202,7 @@ class WhatIf:
             out.append({
                 "source": src, "destination": dst,
                 "octets": sum(c.key.octets for c in changes),
-                "flows": sum(c.key.flows for c in changes),
+                "records": sum(c.key.records for c in changes),
                 "lastSeen": max(c.key.last_seen for c in changes),
                 "changes": [_change_json(c) for c in sorted(changes, key=_change_order)],
             })
@@ -230,7 +237,7 @@ def _key_json(k: FlowKey) -> dict[str, Any]:
         return {"namespace": e.namespace, "pod": e.pod, "ip": e.ip}
 
     return {"source": end(k.source), "destination": end(k.destination), "port": k.port,
-            "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)), "octets": k.octets, "flows": k.flows,
+            "protocol": PROTOCOL_NAMES.get(k.protocol, str(k.protocol)), "octets": k.octets, "records": k.records,
             "lastSeen": k.last_seen, "storedVerdict": "denied" if k.denied else "allowed"}
 
 
@@ -251,15 +258,39 @@ def what_if(
     """Which keys change verdict when ``proposed`` is applied (see the module docstring)."""
     before_set = PolicySet.of(list(current))
     after_set = PolicySet.of(list(proposed) if replace else [*current, *proposed])
+    # Added namespaced policies can change only the verdicts of Pods of their namespaces:
+    # the other directions keep their verdict and are not evaluated twice.
+    touched: set[str] | None = None
+    if not replace and all(isinstance(p, NetworkPolicy) for p in proposed):
+        touched = {p.namespace for p in proposed if isinstance(p, NetworkPolicy)}
+    peers: dict[int, PeerInfo] = {}  # by endpoint identity: the resolver shares Endpoint objects
+
+    def peer(e: Endpoint) -> PeerInfo:
+        p = peers.get(id(e))
+        if p is None:
+            p = peers[id(e)] = e.peer()
+            held.append(e)  # keep it alive, so its id is not reused
+        return p
+
+    held: list[Endpoint] = []
     result = WhatIf()
     for key in keys:
-        if not (key.source.is_pod or key.destination.is_pod):
+        src, dst = key.source, key.destination
+        if not (src.is_pod or dst.is_pod):
             continue  # no Pod end: no policy applies
         if not _resolved(key):
             result.unresolved.append(key)
             continue
         result.evaluated += 1
-        before, after = decide(before_set, key), decide(after_set, key)
+        ends = (peer(src), peer(dst))
+        before = decide(before_set, key, ends)
+        if touched is None:
+            after = decide(after_set, key, ends)
+        else:
+            dirs = (src.namespace in touched, dst.namespace in touched)
+            if not (dirs[0] or dirs[1]):
+                continue
+            after = decide(after_set, key, ends, dirs, before)
         if before.allowed != after.allowed:
             result.changes.append(Change(key, before, after))
     return result

@@ -10,7 +10,7 @@ gives their Pods labels, reads policy files, and prints or returns the answers.
 is queried. It reads the current store API (:class:`~flowscope.collector.clickhouse.FlowStore`,
 chDB or a server) with one GROUP BY over the window, so the engine sees distinct
 (source Pod, destination, port, protocol, stored verdict) keys with their octets,
-connection count and last-seen time, never the rows. When the store gains its query
+number of flow records and last-seen time, never the rows. When the store gains its query
 layer, only this function changes.
 
 *Labels*: the store keeps Pod names, not labels (IEs 143/144 exist but are off by
@@ -62,7 +62,7 @@ class PolicyInputError(ValueError):
 
 StoredKey = tuple[str, str, str, str, str, str, int, int, bool, int, int, int, str, str]
 """(source namespace, source Pod, source IP, destination namespace, destination Pod,
-destination IP, destination port, protocol, denied, octets, flows, last seen, source
+destination IP, destination port, protocol, denied, octets, records, last seen, source
 labels JSON, destination labels JSON); the labels are "" when the store has none."""
 
 
@@ -84,15 +84,18 @@ def stored_flow_keys(store: Any, *, since: int | None = None, namespace: str | N
     have = {r[0] for r in store.select(
         f"SELECT name FROM system.columns WHERE database = '{store.database}' AND table = '{store.table}'")}
     labels = ", ".join(f"any({c})" if c in have else "''" for c in _LABEL_COLUMNS)
+    # Grouping on one 64-bit hash of the key's eight columns, not on the columns (six of
+    # them strings), is what keeps this under a few seconds at 10M rows (benchmarks/
+    # policy_whatif.py); the columns themselves come back through any().
+    key = ("sourcePodNamespace, sourcePodName, sourceIP, destinationPodNamespace, destinationPodName, "
+           "destinationIP, destinationTransportPort, protocolIdentifier")
     sql = (
-        "SELECT sourcePodNamespace, sourcePodName, sourceIP, destinationPodNamespace, destinationPodName, "
-        "destinationIP, destinationTransportPort, protocolIdentifier, "
+        f"SELECT {', '.join(f'any({c.strip()})' for c in key.split(','))}, "
         "(ingressNetworkPolicyRuleAction IN (2, 3) OR egressNetworkPolicyRuleAction IN (2, 3)) AS denied, "
-        "sum(octetDeltaCount + reverseOctetDeltaCount), uniq(sourceTransportPort, flowStartSeconds), "
-        f"toUInt32(max(flowEndSeconds)), {labels} FROM {store.qualified}"
+        "sum(octetDeltaCount + reverseOctetDeltaCount), count(), "
+        f"toUInt32(max(flowEndSeconds)), {labels}, cityHash64({key}) AS k FROM {store.qualified}"
         + (" WHERE " + " AND ".join(where) if where else "")
-        + " GROUP BY sourcePodNamespace, sourcePodName, sourceIP, destinationPodNamespace, destinationPodName, "
-        "destinationIP, destinationTransportPort, protocolIdentifier, denied"
+        + " GROUP BY k, denied"
     )
     return [(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), int(r[6]), int(r[7]), bool(int(r[8])),
              int(r[9]), int(r[10]), int(r[11]), str(r[12] or ""), str(r[13] or "")) for r in store.select(sql)]
@@ -131,7 +134,7 @@ def resolve_keys(rows: Iterable[StoredKey], inventory: Inventory | None) -> Iter
 
     for r in rows:
         yield FlowKey(end(r[0], r[1], r[2], r[12]), end(r[3], r[4], r[5], r[13]), r[6], r[7],
-                      octets=r[9], flows=r[10], last_seen=r[11], denied=r[8])
+                      octets=r[9], records=r[10], last_seen=r[11], denied=r[8])
 
 
 # --------------------------------------------------------------------------- policies
@@ -343,7 +346,7 @@ def _print_table(report: Mapping[str, Any]) -> None:
           f"({report['breaks']} of them flowed), {report['newlyAllowed']} would be allowed")
     for g in report["groups"]:
         last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(g["lastSeen"]))
-        print(f"\n{g['source']} -> {g['destination']}  ({g['flows']} connections, {g['octets']} octets, last {last})")
+        print(f"\n{g['source']} -> {g['destination']}  ({g['records']} flow records, {g['octets']} octets, last {last})")
         for c in g["changes"]:
             after = c["after"]
             why = f"{after['action']} by {after['tier']} {after['namespace'] + '/' if after['namespace'] else ''}" \

@@ -58,8 +58,8 @@ ROWS = [
 ]
 
 
-def _write(store_dir: Path) -> None:
-    store = open_store(f"chdb://{store_dir}")
+def _write(store_dir: Path | None, address: str | None = None) -> None:
+    store = open_store(address or f"chdb://{store_dir}")
     store.open()
     cols: dict[str, list] = {c.name: [] for c in COLUMNS}
     for r in ROWS:
@@ -101,10 +101,32 @@ def test_the_seam_reads_distinct_keys_with_what_was_written(world):
     by = {(k[1], k[5], k[6], k[7], k[8]): k for k in keys}
     assert len(keys) == 7  # two rows of one connection are one key
     fe_be = by[("frontend-6d4f8-x2x5z", BE, 8080, 6, False)]
-    assert (fe_be[9], fe_be[10], fe_be[11]) == (1000 + 4000 + 500 + 100, 1, T0 + 20)
+    assert (fe_be[9], fe_be[10], fe_be[11]) == (1000 + 4000 + 500 + 100, 2, T0 + 20)  # octets, records, last seen
     assert by[("frontend-6d4f8-x2x5z", DB, 5432, 6, True)][9] == 60
     assert {k[5] for k in shop_only} == {DB}
     assert {k[6] for k in recent} == {443, 5432, 8080}
+
+
+def test_the_seam_answers_the_same_on_clickhouse_server_18_16(world, tmp_path):
+    from conftest import require_tool
+    from test_clickhouse_server import ClickHouseServer
+
+    require_tool("clickhouse-server")
+    srv = ClickHouseServer(tmp_path)
+    srv.start()
+    try:
+        _write(None, srv.address + "/policy_seam")
+        server, local = open_store(srv.address + "/policy_seam"), open_store(f"chdb://{world / 'store'}")
+        server.open()
+        local.open()
+        try:
+            for kw in ({}, {"namespace": "data"}, {"since": T0 + 45}):
+                assert sorted(stored_flow_keys(server, **kw)) == sorted(stored_flow_keys(local, **kw)), kw
+        finally:
+            server.close()
+            local.close()
+    finally:
+        srv.kill()
 
 
 def test_what_if_of_a_default_deny_lists_what_breaks_and_exits_1(world, tmp_path):
