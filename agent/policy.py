@@ -466,7 +466,8 @@ def _admin_port(raw: Any, where: str) -> PortSpec:
         return PortSpec(proto(val), port)
     if key == "portRange":
         start, end = val.get("start"), val.get("end")
-        if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)) or not 1 <= start < end <= 65535:
+        if (not isinstance(start, int) or not isinstance(end, int) or isinstance(start, bool) or isinstance(end, bool)
+                or not 1 <= start < end <= 65535):
             raise PolicyError(f"{where}.portRange: start {start!r} and end {end!r} must be ports with start < end")
         return PortSpec(proto(val), start, end)
     raise PolicyError(f"{where}: {key!r} is not one of portNumber, portRange, namedPort")

@@ -200,7 +200,7 @@ def recommend_report(store: Any, namespace: str, *, inventory: Inventory | None,
 def validate_manifests(objs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Errors from the upstream schema (kubernetes-validate, when installed; else one note)."""
     try:
-        import kubernetes_validate
+        import kubernetes_validate  # type: ignore[import-untyped]
     except ImportError:
         return ["kubernetes-validate is not installed: the recommendation was not checked against the schema"]
     errors = []
