@@ -168,6 +168,7 @@ class Verdict:
     rule_name: str
     action: int
     policy_type: int = POLICY_TYPE_K8S
+    kind: str = "NetworkPolicy"  # or AdminNetworkPolicy, BaselineAdminNetworkPolicy (type 4 for both)
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,7 +605,8 @@ def _admin_rule_matches(rule: AdminRule, other: PeerInfo, port: int, protocol: s
 
 
 def _cluster_verdict(pol: ClusterPolicy, rule: AdminRule) -> Verdict:
-    return Verdict(pol.name, "", rule.name, ACTION_ALLOW if rule.action == "Allow" else ACTION_DROP, POLICY_TYPE_K8S_CLUSTER)
+    return Verdict(pol.name, "", rule.name, ACTION_ALLOW if rule.action == "Allow" else ACTION_DROP,
+                   POLICY_TYPE_K8S_CLUSTER, pol.kind)
 
 
 def evaluate_tiers(

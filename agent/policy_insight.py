@@ -43,7 +43,8 @@ from typing import Any
 
 from flowscope.agent.policy import (
     ACTION_DROP,
-    POLICY_TYPE_K8S_CLUSTER,
+    ANP_KIND,
+    BANP_KIND,
     PROTOCOL_NAMES,
     ClusterPolicy,
     NetworkPolicy,
@@ -226,9 +227,8 @@ def _change_order(c: Change) -> tuple[Any, ...]:
 def _verdict_json(v: Verdict | None) -> dict[str, Any] | None:
     if v is None:
         return None
-    tier = "admin" if v.policy_type == POLICY_TYPE_K8S_CLUSTER and v.policy_name != "default" else (
-        "baseline" if v.policy_type == POLICY_TYPE_K8S_CLUSTER else "namespaced")
-    return {"name": v.policy_name, "namespace": v.policy_namespace, "rule": v.rule_name,
+    tier = {ANP_KIND: "admin", BANP_KIND: "baseline"}.get(v.kind, "namespaced")
+    return {"name": v.policy_name, "namespace": v.policy_namespace, "rule": v.rule_name, "kind": v.kind,
             "action": "Allow" if v.action == 1 else "Drop", "policyType": v.policy_type, "tier": tier}
 
 

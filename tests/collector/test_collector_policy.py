@@ -147,7 +147,7 @@ def test_what_if_of_a_default_deny_lists_what_breaks_and_exits_1(world, tmp_path
     assert (group["source"], group["destination"], group["octets"], group["lastSeen"]) == (
         "shop/frontend", "shop/backend", 5600 + 600 + 128, T0 + 40)
     assert group["changes"][0]["after"] == {"name": "default-deny", "namespace": "shop", "rule": "", "action": "Drop",
-                                            "policyType": 1, "tier": "namespaced"}
+                                            "policyType": 1, "tier": "namespaced", "kind": "NetworkPolicy"}
     assert report["breaks"] == 3
     assert [u["source"]["pod"] for u in report["unresolved"]] == ["gone-7f9c8-zzzzz"]
     table = _cli("what-if", "-f", str(deny), "--store", f"chdb://{world / 'store'}",
