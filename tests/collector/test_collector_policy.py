@@ -235,3 +235,24 @@ def test_recommend_uses_stored_labels_when_the_inventory_has_none():
     policies, warnings = recommend([FlowKey(src, dst, 80, 6)], "ns")
     assert [p["metadata"]["name"] for p in policies] == ["default-deny"]
     assert warnings and "no known labels" in warnings[0]
+
+
+def test_the_dashboards_functions_return_what_the_cli_prints(world):
+    from flowscope.collector.policy import PolicyInputError, recommend_report, what_if_report
+
+    inv = load_inventory_file(str(world / "inventory.yaml"))
+    deny = yaml.safe_dump({"kind": "NetworkPolicy", "metadata": {"name": "default-deny", "namespace": "shop"},
+                           "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}})
+    store = open_store(f"chdb://{world / 'store'}")
+    store.open()
+    try:
+        report = what_if_report(store, deny, inventory=inv)
+        rec = recommend_report(store, "shop", inventory=inv, since=T0)
+        with pytest.raises(PolicyInputError, match="not valid YAML"):
+            what_if_report(store, "kind: [", inventory=inv)
+    finally:
+        store.close()
+    out = _cli("what-if", "-f", "-", "--store", f"chdb://{world / 'store'}", "--inventory",
+               str(world / "inventory.yaml"), "-o", "json", stdin=deny)
+    assert json.loads(out.stdout) == json.loads(json.dumps(report))
+    assert [p["metadata"]["name"] for p in rec["policies"]] == ["default-deny", "backend-observed", "frontend-observed"]
