@@ -258,11 +258,27 @@ def what_if(
     """Which keys change verdict when ``proposed`` is applied (see the module docstring)."""
     before_set = PolicySet.of(list(current))
     after_set = PolicySet.of(list(proposed) if replace else [*current, *proposed])
-    # Added namespaced policies can change only the verdicts of Pods of their namespaces:
-    # the other directions keep their verdict and are not evaluated twice.
-    touched: set[str] | None = None
-    if not replace and all(isinstance(p, NetworkPolicy) for p in proposed):
-        touched = {p.namespace for p in proposed if isinstance(p, NetworkPolicy)}
+    # A direction at a Pod can change only if a policy that differs between the two sets
+    # (a proposed one, or the current one it replaces) applies there: a NetworkPolicy of
+    # the Pod's namespace for that direction, a cluster policy whose subject selects the
+    # Pod and that has rules for that direction. Every other direction keeps its verdict
+    # and is not evaluated twice. With ``replace`` everything may change.
+    delta: list[NetworkPolicy | ClusterPolicy] | None = None
+    if not replace:
+        replaced = {_policy_key(p) for p in proposed}
+        delta = [*proposed, *(p for p in current if _policy_key(p) in replaced)]
+    applies: dict[tuple[int, bool], bool] = {}
+
+    def may_change(e: Endpoint, p: PeerInfo, ingress: bool) -> bool:
+        if not e.is_pod:
+            return False
+        if delta is None:
+            return True
+        hit = applies.get((id(e), ingress))
+        if hit is None:
+            hit = applies[(id(e), ingress)] = any(_may_apply(d, p, ingress) for d in delta)
+        return hit
+
     peers: dict[int, PeerInfo] = {}  # by endpoint identity: the resolver shares Endpoint objects
 
     def peer(e: Endpoint) -> PeerInfo:
@@ -283,17 +299,25 @@ def what_if(
             continue
         result.evaluated += 1
         ends = (peer(src), peer(dst))
+        dirs = (may_change(src, ends[0], False), may_change(dst, ends[1], True))
+        if not (dirs[0] or dirs[1]):
+            continue
         before = decide(before_set, key, ends)
-        if touched is None:
-            after = decide(after_set, key, ends)
-        else:
-            dirs = (src.namespace in touched, dst.namespace in touched)
-            if not (dirs[0] or dirs[1]):
-                continue
-            after = decide(after_set, key, ends, dirs, before)
+        after = decide(after_set, key, ends, dirs, before)
         if before.allowed != after.allowed:
             result.changes.append(Change(key, before, after))
     return result
+
+
+def _policy_key(p: NetworkPolicy | ClusterPolicy) -> tuple[str, str, str]:
+    return ("NetworkPolicy", p.namespace, p.name) if isinstance(p, NetworkPolicy) else (p.kind, "", p.name)
+
+
+def _may_apply(p: NetworkPolicy | ClusterPolicy, pod: PeerInfo, ingress: bool) -> bool:
+    """Whether ``p`` can take part in deciding the direction at ``pod``."""
+    if isinstance(p, NetworkPolicy):
+        return p.namespace == pod.namespace and (p.affects_ingress if ingress else p.affects_egress)
+    return bool(p.ingress if ingress else p.egress) and p.selects(pod)
 
 
 # --------------------------------------------------------------------------- recommendation
