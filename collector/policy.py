@@ -23,9 +23,10 @@ it is reported as unresolved rather than guessed.
 For the dashboards, :func:`what_if_report` and :func:`recommend_report` return JSON-ready
 dicts for a store and policy text, the same answers the CLI prints.
 
-Exit codes: 0 nothing that flowed would be denied (what-if) / the recommendation was
-written; 1 something that flowed would be denied; 2 a usage error (bad file, bad
-option, unreachable store).
+Exit codes: 0 nothing that flowed would be denied (what-if) / the recommendation covers
+every observed flow; 1 something that flowed would be denied (what-if) / some observed
+flows could not be covered (Pods without known labels; the policies are still written);
+2 a usage error (bad file, bad option, unreachable store, no labels at all).
 """
 
 from __future__ import annotations
@@ -193,8 +194,12 @@ def recommend_report(store: Any, namespace: str, *, inventory: Inventory | None,
                      since: int | None = None) -> dict[str, Any]:
     """The least-privilege NetworkPolicies for ``namespace`` and the warnings, JSON-ready."""
     rows = stored_flow_keys(store, since=since, namespace=namespace)
-    policies, warnings = recommend(resolve_keys(rows, inventory), namespace)
-    return {"namespace": namespace, "policies": policies, "warnings": warnings, "keys": len(rows)}
+    keys = list(resolve_keys(rows, inventory))
+    policies, warnings = recommend(keys, namespace)
+    # observed traffic the recommendation could not cover: its default-deny would block it
+    unlabelled = [k for k in keys if any(e.is_pod and e.labels is None for e in (k.source, k.destination))]
+    return {"namespace": namespace, "policies": policies, "warnings": warnings, "keys": len(rows),
+            "unlabelled": len(unlabelled), "uncovered": sum(1 for k in unlabelled if not k.denied)}
 
 
 def validate_manifests(objs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -369,6 +374,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
             store.close()
     except PolicyInputError as exc:
         return _err(str(exc))
+    if report["keys"] and report["unlabelled"] == report["keys"]:
+        return _err(f"none of the {report['keys']} stored flows of {args.namespace} has Pod labels: the store keeps "
+                    "none; give --inventory FILE or --kube")
     problems = validate_manifests(report["policies"])
     for w in [*report["warnings"], *problems]:
         print(f"flowscope policy recommend: {w}", file=sys.stderr)
@@ -376,4 +384,8 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(yaml.safe_dump_all(report["policies"], sort_keys=False), end="")
+    if report["uncovered"]:
+        print(f"flowscope policy recommend: {report['uncovered']} observed flows are not covered (see above); "
+              "the default-deny would block them", file=sys.stderr)
+        return EXIT_BREAKS
     return EXIT_USAGE if any("not installed" not in p for p in problems) else EXIT_OK

@@ -178,6 +178,8 @@ def test_bad_input_gets_one_clear_line(world, tmp_path):
     assert out.returncode == 2 and "priority: 5000 must be an integer 0-1000" in out.stderr
     out = _cli("recommend", "--namespace", "Shop;DROP", "--store", f"chdb://{world / 'store'}")
     assert out.returncode == 2 and "is not a Kubernetes namespace name" in out.stderr
+    out = _cli("recommend", "--namespace", "shop", "--store", f"chdb://{world / 'store'}")  # no labels anywhere
+    assert out.returncode == 2 and "give --inventory FILE or --kube" in out.stderr and out.stdout == ""
     good = tmp_path / "good.yaml"
     good.write_text("kind: NetworkPolicy\nmetadata: {name: x, namespace: shop}\nspec: {podSelector: {}}\n")
     out = _cli("what-if", "-f", str(good), "--store", "tcp://127.0.0.1:1", "--since", "yesterday")
@@ -190,7 +192,8 @@ def test_recommendation_validates_keeps_what_flowed_and_closes_the_rest(world, t
     kv = pytest.importorskip("kubernetes_validate")
     out = _cli("recommend", "--namespace", "shop", "--store", f"chdb://{world / 'store'}",
                "--inventory", str(world / "inventory.yaml"))
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr  # the gone Pod's flow is not covered, and that is said
+    assert "1 observed flows are not covered" in out.stderr
     policies = list(yaml.safe_load_all(out.stdout))
     for p in policies:
         kv.validate(p, "1.32", strict=True)
