@@ -6,6 +6,8 @@ Pods (tests/e2e/policy_nft.py, a translator written apart from the evaluator).
   really drops it, and the correlated record names the admin policy (type 4, its rule).
 - ``flowscope policy what-if`` of a default-deny for ``shop`` over the stored history
   names exactly the connections that then really fail once the default-deny is applied.
+- A what-if of a policy that opens frontend -> db names exactly the connection that then
+  really works.
 - ``flowscope policy recommend --namespace shop`` validates against the upstream schema;
   applied, every observed connection still works, and one never observed is blocked.
 """
@@ -83,6 +85,10 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory):
     store_dir = workdir / "store"
     with Lab() as lab:
         pipeline = Pipeline(lab, workdir, store=f"chdb://{store_dir}")
+        # every policy of the inventory is realized by the translator below, the lab's own
+        # drop rule for the db Pod (the same db-from-backend-only) included: remove the lab's
+        subprocess.run(pipeline.pods["db"].exec_args("nft", "delete", "table", "inet", "flowscope_lab_policy"),
+                       check=True, capture_output=True)
         with pipeline.inventory.open("a") as fh:
             fh.write("---\n" + EXTRA)
         inventory = load_inventory_file(str(pipeline.inventory))
@@ -185,3 +191,32 @@ def test_recommended_policies_keep_what_was_observed_and_block_what_was_not(lab_
     assert len(kept) == 5 and not any(_failed(a) for a in kept.values()), kept
     assert all(_failed(after[s.what]) for s in plan if _failed(before[s.what]))
     assert _failed(blocked), blocked
+
+
+def test_what_if_of_an_opening_names_exactly_what_then_works(lab_run):
+    pipeline, plan, before = lab_run["pipeline"], lab_run["plan"], lab_run["before"]
+    opening = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": "db-from-frontend", "namespace": "data"},
+               "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                        "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                                               "podSelector": {"matchLabels": {"app": "frontend"}}}],
+                                     "ports": [{"protocol": "TCP", "port": 5432}]}]}}
+    proposed = lab_run["workdir"] / "opening.yaml"
+    proposed.write_text(yaml.safe_dump(opening))
+    out = _cli("what-if", "-f", str(proposed), "--store", lab_run["store"], "--inventory", str(pipeline.inventory),
+               "-o", "json")
+    assert out.returncode == 0, out.stderr  # it only opens
+    report = json.loads(out.stdout)
+    predicted = {(c["source"]["pod"], c["destination"]["ip"], c["port"], c["protocol"].lower())
+                 for g in report["groups"] for c in g["changes"] if c["change"] == "denied->allowed"}
+    assert report["newlyDenied"] == 0
+    lab_run["realize"]([parse_policy(opening)])
+    try:
+        after = pipeline.run_plan(plan)
+    finally:
+        lab_run["realize"]([])
+    opened = {(pipeline.pods[s.src].name, s.expect_dst[0], s.expect_dst[1], s.proto)
+              for s in plan if _failed(before[s.what]) and not _failed(after[s.what])}
+    assert opened == predicted == {(pipeline.pods["frontend"].name, pipeline.pods["db"].ip, 5432, "tcp")}
+    # the admin Deny still wins over any namespaced opening: cache -> backend stays blocked
+    assert _failed(after["cache -> backend (admin Deny)"])
