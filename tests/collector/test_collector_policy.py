@@ -301,3 +301,25 @@ async def test_what_if_reads_pods_and_current_policies_from_the_cluster(world, t
     assert proc.returncode == 0, err.decode()
     report = json.loads(out)
     assert (report["changed"], report["evaluated"], len(report["unresolved"])) == (0, 6, 1), report
+
+
+def test_stored_labels_stand_in_for_pods_the_inventory_lacks():
+    """When the table carries sourcePodLabels / destinationPodLabels (IEs 56506/143-144, JSON
+    objects as Antrea sends them), a Pod gone from the inventory is still evaluated."""
+    inv = load_inventory_file_text(INVENTORY)
+    row = ("shop", "gone-7f9c8-zzzzz", "10.244.1.99", "shop", "backend-0", BE, 8080, 6, False, 10, 1, T0,
+           '{"app": "frontend"}', "")
+    (key,) = resolve_keys([row], inv)
+    assert key.source.labels == {"app": "frontend"}  # stored, the inventory has no such Pod
+    assert key.destination.labels == {"app": "backend"}  # the inventory's, preferred
+    (bad,) = resolve_keys([(*row[:12], "not json", "")], None)
+    assert bad.source.labels is None and bad.destination.labels is None
+
+
+def load_inventory_file_text(text: str):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as fh:
+        fh.write(text)
+        fh.flush()
+        return load_inventory_file(fh.name)
