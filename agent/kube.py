@@ -18,6 +18,9 @@ What is watched, and why:
 - Services: ClusterIPs and ports, for destinationClusterIP and destinationServicePortName.
   Endpoints are not needed: conntrack already names the Pod a ClusterIP was translated to.
 - Namespaces (labels, for namespaceSelector) and NetworkPolicies.
+- AdminNetworkPolicies and the BaselineAdminNetworkPolicy (``policy.networking.k8s.io/
+  v1alpha1``), when the cluster serves them: a cluster without those CRDs answers 404,
+  which counts as listed (nothing to know) and is asked again every minute, quietly.
 
 HTTP goes through the official ``kubernetes`` client's ApiClient (in-cluster service
 account or kubeconfig), reading raw JSON so that no model objects are built.
@@ -44,7 +47,16 @@ RESOURCES: dict[str, str] = {
     "Service": "/api/v1/services",
     "Namespace": "/api/v1/namespaces",
     "NetworkPolicy": "/apis/networking.k8s.io/v1/networkpolicies",
+    "AdminNetworkPolicy": "/apis/policy.networking.k8s.io/v1alpha1/adminnetworkpolicies",
+    "BaselineAdminNetworkPolicy": "/apis/policy.networking.k8s.io/v1alpha1/baselineadminnetworkpolicies",
 }
+# Kinds of CRDs a cluster may not have: 404 means "none", not an error.
+OPTIONAL_KINDS = frozenset({"AdminNetworkPolicy", "BaselineAdminNetworkPolicy"})
+OPTIONAL_RETRY = 60.0
+
+
+class _NotServed(Exception):
+    """The API server does not serve this resource (its CRD is not installed)."""
 
 
 class _Gone(Exception):
@@ -132,6 +144,8 @@ class KubernetesMetadata:
             text = resp.read()[:300]
             if resp.status == 410:
                 raise _Gone()
+            if resp.status == 404:
+                raise _NotServed(path)
             raise RuntimeError(f"GET {path}: HTTP {resp.status}: {text!r}")
         return resp
 
@@ -147,6 +161,20 @@ class KubernetesMetadata:
             except _Gone:
                 self.relists += 1
                 continue
+            except _NotServed:
+                if kind not in OPTIONAL_KINDS:
+                    self.errors += 1
+                    log.warning("watching %s failed (retrying in %.0fs): the API server does not serve %s",
+                                kind, backoff, RESOURCES[kind])
+                    if self._stop.wait(backoff):
+                        return
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                for key in self._inv.keys(kind):  # the CRD went away: so did its objects
+                    self._inv.delete(kind, key)
+                self._synced[kind].set()
+                if self._stop.wait(OPTIONAL_RETRY):
+                    return
             except Exception as exc:  # noqa: BLE001 - the API may fail in any way; we retry
                 if self._stop.is_set():
                     return  # close() shut the stream down

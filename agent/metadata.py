@@ -5,7 +5,8 @@ NetworkPolicy attribution. Where that information comes from is behind the small
 :class:`MetadataSource` interface:
 
 - :class:`StaticMetadata` reads a YAML inventory (Kubernetes manifests of Pods, Nodes,
-  Services, Namespaces and NetworkPolicies) for machines outside a cluster and tests;
+  Services, Namespaces, NetworkPolicies and the cluster-scoped AdminNetworkPolicies and
+  BaselineAdminNetworkPolicy) for machines outside a cluster and tests;
 - ``flowscope.agent.kube.KubernetesMetadata`` watches the same kinds through the API;
 - :class:`NoMetadata` is the agent without a source: connections are exported with the
   Kubernetes fields empty.
@@ -41,11 +42,16 @@ import yaml
 from flowscope.agent.conntrack import ConntrackEntry
 from flowscope.agent.policy import (
     ACTION_DROP,
+    ANP_KIND,
+    BANP_KIND,
+    ClusterPolicy,
     NetworkPolicy,
     PeerInfo,
     PolicyError,
+    PolicySet,
     Verdict,
-    evaluate,
+    evaluate_tiers,
+    parse_cluster_policy,
     parse_network_policy,
 )
 
@@ -179,6 +185,9 @@ class Inventory:
         self.namespace_labels: dict[str, Mapping[str, str]] = {}
         self.policies: dict[tuple[str, str], NetworkPolicy] = {}
         self.policies_by_ns: dict[str, tuple[NetworkPolicy, ...]] = {}
+        # AdminNetworkPolicies and the BaselineAdminNetworkPolicy, keyed (kind, name)
+        self.cluster_policies: dict[tuple[str, str], ClusterPolicy] = {}
+        self.policy_set = PolicySet(self.policies_by_ns)
         self._cidr_cache: dict[bytes, str | None] = {}
 
     # --- updates (the key is (namespace, name)) --------------------------------------
@@ -254,6 +263,20 @@ class Inventory:
     def _reindex_policies(self, ns: str) -> None:
         self.policies_by_ns[ns] = tuple(p for k, p in sorted(self.policies.items()) if k[0] == ns)
 
+    def set_cluster_policy(self, pol: ClusterPolicy) -> None:
+        with self._lock:
+            self.cluster_policies[(pol.kind, pol.name)] = pol
+            self._reindex_cluster()
+
+    def delete_cluster_policy(self, kind: str, name: str) -> None:
+        with self._lock:
+            self.cluster_policies.pop((kind, name), None)
+            self._reindex_cluster()
+
+    def _reindex_cluster(self) -> None:
+        tiers = PolicySet.of(list(self.cluster_policies.values()))
+        self.policy_set = PolicySet(self.policies_by_ns, tiers.admin, tiers.baseline)
+
     # --- lookups ----------------------------------------------------------------------
     def node_of_ip(self, ip: bytes) -> str | None:
         """The Node whose podCIDR holds ``ip`` (a Pod we may not know), or None."""
@@ -276,7 +299,9 @@ class Inventory:
         addr = ipaddress.ip_address(ip)
         if pod is None:
             return PeerInfo(addr)
-        return PeerInfo(addr, pod.namespace, pod.labels, self.namespace_labels.get(pod.namespace, {}), pod.ports)
+        # Kubernetes gives every Namespace its name as a label, known to the inventory or not
+        ns_labels = self.namespace_labels.get(pod.namespace) or {"kubernetes.io/metadata.name": pod.namespace}
+        return PeerInfo(addr, pod.namespace, pod.labels, ns_labels, pod.ports)
 
     # --- bookkeeping for watchers: what is held, by kind ----------------------------
     @staticmethod
@@ -284,6 +309,8 @@ class Inventory:
         meta = obj.get("metadata") or {}
         if kind in ("Node", "Namespace"):
             return meta.get("name")
+        if kind in (ANP_KIND, BANP_KIND):
+            return (kind, meta.get("name"))
         return (meta.get("namespace") or "default", meta.get("name"))
 
     def keys(self, kind: str) -> set[Any]:
@@ -298,6 +325,8 @@ class Inventory:
                 return set(self.namespace_labels)
             if kind == "NetworkPolicy":
                 return set(self.policies)
+            if kind in (ANP_KIND, BANP_KIND):
+                return {k for k in self.cluster_policies if k[0] == kind}
         raise MetadataError(f"kind {kind!r} is not part of an inventory")
 
     def delete(self, kind: str, key: Any) -> None:
@@ -311,6 +340,8 @@ class Inventory:
             self.delete_namespace(key)
         elif kind == "NetworkPolicy":
             self.delete_policy(*key)
+        elif kind in (ANP_KIND, BANP_KIND):
+            self.delete_cluster_policy(*key)
 
     # --- loading from Kubernetes-shaped objects --------------------------------------
     def apply(self, obj: Mapping[str, Any], deleted: bool = False) -> None:
@@ -343,9 +374,19 @@ class Inventory:
                     self.set_policy(parse_network_policy(obj))
                 except PolicyError as exc:
                     raise MetadataError(str(exc)) from None
+        elif kind in (ANP_KIND, BANP_KIND):
+            name = (obj.get("metadata") or {}).get("name")
+            if deleted:
+                self.delete_cluster_policy(str(kind), str(name))
+            else:
+                try:
+                    self.set_cluster_policy(parse_cluster_policy(obj))
+                except PolicyError as exc:
+                    raise MetadataError(str(exc)) from None
         else:
             raise MetadataError(
-                f"kind {kind!r} is not part of an inventory; use Pod, Node, Service, Namespace or NetworkPolicy"
+                f"kind {kind!r} is not part of an inventory; use Pod, Node, Service, Namespace, NetworkPolicy, "
+                f"{ANP_KIND} or {BANP_KIND}"
             )
 
 
@@ -494,19 +535,14 @@ class Enricher:
         if local_dst or local_src:
             src_peer, dst_peer = inv.peer_info(src_ip), inv.peer_info(dst_ip)
             port = e.reply_sport
+            policies = inv.policy_set
             if local_dst:
-                assert dst_pod is not None
-                ingress = evaluate(
-                    inv.policies_by_ns.get(dst_pod.namespace, ()), ingress=True,
-                    pod_namespace=dst_pod.namespace, pod_labels=dst_pod.labels,
-                    other=src_peer, dest=dst_peer, port=port, protocol=e.protocol,
+                ingress = evaluate_tiers(
+                    policies, ingress=True, pod=dst_peer, other=src_peer, dest=dst_peer, port=port, protocol=e.protocol,
                 )
             if local_src:
-                assert src_pod is not None
-                egress = evaluate(
-                    inv.policies_by_ns.get(src_pod.namespace, ()), ingress=False,
-                    pod_namespace=src_pod.namespace, pod_labels=src_pod.labels,
-                    other=dst_peer, dest=dst_peer, port=port, protocol=e.protocol,
+                egress = evaluate_tiers(
+                    policies, ingress=False, pod=src_peer, other=dst_peer, dest=dst_peer, port=port, protocol=e.protocol,
                 )
         return Enrichment(
             source_pod_namespace=src_pod.namespace if local_src and src_pod else "",
@@ -538,7 +574,7 @@ class Enricher:
             return False
         for ip in (e.reply_src, e.orig_src):
             pod = inv.pod_by_ip.get(ip)
-            if pod is not None and pod.node == self.node_name and inv.policies_by_ns.get(pod.namespace):
+            if pod is not None and pod.node == self.node_name and inv.policy_set.isolates(pod.namespace):
                 return self.enrich(e).denied
         return False
 

@@ -116,7 +116,9 @@ class ConnectionStore:
 
     ``is_denied(entry)`` is asked about each new connection that has seen no reply; when
     it answers True the connection is exported once at once (flowEndReason 3, marked
-    denied) and not again.
+    denied). A denied connection whose entry later shows a reply (the policy changed, or
+    the denial was wrong) is revisited: it becomes a live connection again and is
+    exported as usual, so its next record carries the verdict that holds then.
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class ConnectionStore:
         self._overflow: set[ConnKey] = set()
         self.dropped_total = 0
         self.denied_total = 0
+        self.revived_total = 0  # connections exported as denied that later got an answer
         self.overflow_now = 0  # entries of the last dump not held because of the cap
         self._poll = 0
         self._now = 0.0
@@ -219,7 +222,10 @@ class ConnectionStore:
                 else:
                     c.seen = poll
                     if c.ended:
-                        c.entry = e
+                        if c.denied and e.replied:
+                            self._revive(c, e, now)
+                        else:
+                            c.entry = e
                         continue
                     if (
                         e.orig_packets != old.orig_packets
@@ -255,6 +261,22 @@ class ConnectionStore:
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now, end_time=now))
             else:
                 self._schedule(c)
+
+    def _revive(self, c: Connection, e: ConntrackEntry, now: float) -> None:
+        """A connection exported as denied got an answer: the policy (or the dataplane) lets it
+        through after all, so it is a live connection again, exported on its usual schedule
+        with the verdict it has then; its counters continue from the denied export."""
+        c.denied = False
+        c.ended = False
+        c.entry = e
+        c.last_activity = now
+        c.idle_exported = False
+        self.revived_total += 1
+        if e.ended:
+            c.ended = True
+            self._out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+        else:
+            self._schedule(c)
 
     def finish(self, *, complete: bool = True) -> list[FlowExport]:
         """Connections not seen in this dump are gone: their final exports, and all of the poll's.

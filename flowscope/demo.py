@@ -267,8 +267,10 @@ class Pipeline:
     """The demo's cluster: the lab, its inventory and TLS material, and the running
     collector, aggregator and agents. The end-to-end tests drive the same class."""
 
-    def __init__(self, lab: Lab, workdir: Path, *, active_timeout: str = "4s", idle_timeout: str = "2s") -> None:
+    def __init__(self, lab: Lab, workdir: Path, *, active_timeout: str = "4s", idle_timeout: str = "2s",
+                 store: str | None = None) -> None:
         self.lab = lab
+        self.store = store  # a ClickHouse store address the aggregator also writes to (e.g. chdb:///DIR)
         self.workdir = workdir
         self.procs = Processes(workdir)
         self.records_file = workdir / "collector.jsonl"
@@ -303,7 +305,11 @@ class Pipeline:
                 "tls": {"caFile": str(tls["ca"]), "certFile": str(tls["server.crt"]), "keyFile": str(tls["server.key"])},
                 "correlationTimeout": "6s",
                 "apiAddress": "127.0.0.1:10348",
-                "sinks": {"flowLog": {"enabled": True, "path": str(self.workdir / "flows.jsonl")}},
+                "sinks": {
+                    "flowLog": {"enabled": True, "path": str(self.workdir / "flows.jsonl")},
+                    **({"clickhouse": {"enabled": True, "address": self.store, "commitInterval": "1s"}}
+                       if self.store else {}),
+                },
             },
         )
         collector = _flowscope("collector", "--listen", "127.0.0.1:4740:tcp")
@@ -329,6 +335,12 @@ class Pipeline:
                 },
             )
             self.procs.start(f"agent-{name}", ["ip", "netns", "exec", node.netns, *_flowscope("agent", "--config", str(cfg))])
+        self.start_servers()
+        time.sleep(1.0)  # the agents' first poll and TLS session
+        self.procs.check_alive()
+
+    def start_servers(self) -> None:
+        """The traffic servers in the Pods and the external host (again, after :meth:`stop`)."""
         serve = [sys.executable, "-m", "flowscope.lab", "serve"]
         pods, ext = self.pods, self.ext
         self.procs.start("srv-backend", pods["backend"].exec_args(*serve, "--tcp", "8080", "--udp", "5353", "--reply", "4000"))
@@ -337,8 +349,6 @@ class Pipeline:
         self.procs.start("srv-ext", ext.exec_args(*serve, "--tcp", "443", "--reply", "30000"))
         for netns, port in ((pods["backend"].netns, 8080), (pods["cache"].netns, 6379), (pods["db"].netns, 5432), (ext.netns, 443)):
             _wait_listening(netns, port, self.procs)
-        time.sleep(1.0)  # the agents' first poll and TLS session
-        self.procs.check_alive()
 
     def plan(self) -> list[Send]:
         """The demo's traffic: one connection of every kind."""
