@@ -37,6 +37,23 @@ one is counted once in :attr:`dropped_total` (the previous poll's overflow keys 
 to tell a new overflow from one counted already), so nothing is lost silently and
 memory stays bounded by the cap. Room freed by connections that ended in this poll is
 available from the next poll on.
+
+Conntrack events (:mod:`flowscope.agent.ctevents`) make endings exact. After each dump
+the caller hands the DESTROY events announced until then to :meth:`apply_events`,
+before :meth:`finish`. A DESTROY carries the kernel's final counters and stop time:
+- for a connection the store holds (same conntrack id), it is the final export
+  (flowEndReason 3) with those counters, and the connection leaves the store; for a
+  tombstone (already exported as ended) it only removes the tombstone;
+- for a connection the store never held (it began and ended between two dumps), it is
+  the one and only export, from the event alone;
+- with events on, a tuple reused by a new connection does not end the old one at once:
+  the old one waits, keyed by its conntrack id, for its DESTROY (already queued, since
+  the kernel deleted it before the new one could take the tuple).
+Only what the events lost (``ENOBUFS``) is left for :meth:`finish`: a connection that
+vanished without an event, or an old one still waiting, is exported from the last
+dump's counters, as without events. Each connection is exported once either way: an
+event and the dump never both end the same connection, because the dump decides only
+after the events announced before its end were applied.
 """
 
 from __future__ import annotations
@@ -48,6 +65,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from flowscope.agent.conntrack import ConnKey, ConntrackEntry
+
+EVENT_DESTROY = 0x102  # flowscope.agent.ctevents.EVENT_DESTROY (the ctnetlink message type)
 
 __all__ = ["ConnectionStore", "FlowExport", "FlowEndReason", "Connection"]
 
@@ -144,6 +163,12 @@ class ConnectionStore:
         self._now = 0.0
         self._out: list[FlowExport] = []
         self._new_overflow: set[ConnKey] = set()
+        # conntrack events (see the module docstring)
+        self.events_enabled = False
+        self._awaiting_destroy: dict[int, Connection] = {}  # conntrack id -> replaced connection
+        self.ended_by_event = 0  # final exports with the kernel's final counters
+        self.ended_by_dump = 0  # connections that vanished without an event (events lost or off)
+        self.event_only = 0  # of ended_by_event: connections no dump ever saw
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -212,7 +237,12 @@ class ConnectionStore:
                     c.seen = poll
                     continue
                 if not _same_connection(old, e):
-                    if not c.ended:
+                    if self.events_enabled and old.ct_id and not c.ended:
+                        # its DESTROY event is on its way with the final counters
+                        c.queued_at = None
+                        self._awaiting_destroy[old.ct_id] = c
+                    elif not c.ended:
+                        self.ended_by_dump += 1
                         out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     c.ended = True
                     del conns[key]
@@ -271,16 +301,53 @@ class ConnectionStore:
             self._new_overflow = set()
             self._out = []
             return out
+        # replaced connections whose DESTROY never came: the event was lost
+        for c in self._awaiting_destroy.values():
+            self.ended_by_dump += 1
+            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+        self._awaiting_destroy.clear()
         for key in [k for k, c in conns.items() if c.seen != poll]:
             c = conns.pop(key)
             c.queued_at = None
             if not c.ended:
                 c.ended = True
+                self.ended_by_dump += 1
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
         self._overflow = self._new_overflow
         self._new_overflow = set()
         self.overflow_now = len(self._overflow)
         self._out = []
+        return out
+
+    def apply_events(self, events: Iterable[tuple[int, ConntrackEntry]], now: float) -> list[FlowExport]:
+        """Final exports for the DESTROY events among ``events`` (NEW events are ignored
+        here: the next dump brings those connections in with fresher counters)."""
+        conns = self._conns
+        awaiting = self._awaiting_destroy
+        out: list[FlowExport] = []
+        for mtype, e in events:
+            if mtype != EVENT_DESTROY:
+                continue
+            c = awaiting.pop(e.ct_id, None) if e.ct_id else None
+            if c is None:
+                held = conns.get(e.key)
+                if held is not None and (not e.ct_id or not held.entry.ct_id or held.entry.ct_id == e.ct_id):
+                    del conns[e.key]
+                    held.queued_at = None
+                    if held.ended:
+                        continue  # a tombstone: exported when it reached TIME_WAIT or CLOSE
+                    c = held
+            if c is None:
+                # born and gone between two dumps: this event is all there is of it
+                c = Connection(e, now)
+                if not e.replied and self.is_denied is not None and self.is_denied(e):
+                    c.denied = True
+                    self.denied_total += 1
+                self.event_only += 1
+            c.entry = e
+            c.ended = True
+            self.ended_by_event += 1
+            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
         return out
 
     def expire(self, now: float) -> list[FlowExport]:
@@ -310,6 +377,8 @@ class ConnectionStore:
     def flush(self, now: float) -> list[FlowExport]:
         """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
         out = [self._export(c, FlowEndReason.FORCED_END, now) for c in self._conns.values() if not c.ended]
+        out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
+        self._awaiting_destroy.clear()
         self._conns.clear()
         self._heap.clear()
         self._overflow.clear()
