@@ -96,7 +96,7 @@ class ConntrackEvents:
         self,
         zones: Iterable[int] = (),
         *,
-        buffer_size: int = 8 << 20,
+        buffer_size: int = 32 << 20,
         new: bool = False,
         max_pending: int = 1_000_000,
     ) -> None:

@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--rates", default="10000", help="comma-separated connection rates (per second)")
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--workers", type=int, default=2, help="sender and server processes")
-    ap.add_argument("--buffer-size", type=int, default=8 << 20, help="the agent's conntrackEvents.bufferSize")
+    ap.add_argument("--buffer-size", type=int, default=32 << 20, help="the agent's conntrackEvents.bufferSize")
     ap.add_argument("--udp", type=float, default=0.5, help="share of UDP connections")
     args = ap.parse_args()
     if os.geteuid() != 0:

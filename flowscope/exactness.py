@@ -75,6 +75,7 @@ class BurstResult:
     reasons: dict[str, int]
     agent_cpu_seconds: float  # user + system, from the burst's start to the last record
     agent_cpu_share: float  # of one core over that time
+    agent_cpu_share_burst: float  # of one core while the sender was sending
     agent_peak_rss_mb: float
     events_lost: float  # the agent's flowscope_agent_conntrack_events_lost
     event_overruns: float
@@ -150,7 +151,7 @@ def measure(
     duration: float,
     udp_share: float = 0.5,
     workers: int = 2,
-    buffer_size: int = 8 << 20,
+    buffer_size: int = 32 << 20,
     poll_interval: str = "5s",
     datagrams: int = 2,
     request: int = 100,
@@ -255,6 +256,7 @@ async def _measure(
             out, _ = await sender.communicate()
             summary = json.loads(out.decode().strip().splitlines()[-1])
             t_sent = time.monotonic()
+            cpu_sent = _cpu_seconds(agent.pid)
             sent: dict[tuple[str, int, int], tuple[int, int, int, int]] = {}
             failed = 0
             with open(sent_csv, newline="") as fh:
@@ -344,6 +346,7 @@ async def _measure(
         reasons=dict(reasons),
         agent_cpu_seconds=round(cpu1 - cpu0, 2),
         agent_cpu_share=round((cpu1 - cpu0) / span, 3),
+        agent_cpu_share_burst=round((cpu_sent - cpu0) / max(t_sent - t0, 1e-9), 3),
         agent_peak_rss_mb=round(peak[0], 1),
         events_lost=metrics.get("flowscope_agent_conntrack_events_lost", -1),
         event_overruns=metrics.get("flowscope_agent_conntrack_event_overruns", -1),
