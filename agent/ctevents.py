@@ -132,6 +132,12 @@ class ConntrackEvents:
             raise
         self._sock = sock
         self._inode = os.fstat(sock.fileno()).st_ino
+        # /proc/net/netlink lists the sockets of the namespace it was opened in: opened
+        # now, by the thread that made the socket, it keeps showing that namespace.
+        try:
+            self._netlink_table: Any = open("/proc/thread-self/net/netlink")
+        except OSError:
+            self._netlink_table = None
 
     # --- reading ------------------------------------------------------------------------
     def _drain_locked(self) -> None:
@@ -198,15 +204,18 @@ class ConntrackEvents:
 
     # --- loss accounting ----------------------------------------------------------------
     def kernel_drops(self) -> int | None:
-        """The ``Drops`` column of this socket's line in ``/proc/self/net/netlink``."""
+        """The ``Drops`` column of this socket's line in ``/proc/net/netlink``."""
+        fh = self._netlink_table
+        if fh is None:
+            return None
         try:
-            with open("/proc/self/net/netlink") as fh:
-                header = fh.readline().split()
-                idx_drops, idx_inode = header.index("Drops"), header.index("Inode")
-                for line in fh:
-                    cols = line.split()
-                    if len(cols) > max(idx_drops, idx_inode) and int(cols[idx_inode]) == self._inode:
-                        return int(cols[idx_drops])
+            fh.seek(0)
+            header = fh.readline().split()
+            idx_drops, idx_inode = header.index("Drops"), header.index("Inode")
+            for line in fh:
+                cols = line.split()
+                if len(cols) > max(idx_drops, idx_inode) and int(cols[idx_inode]) == self._inode:
+                    return int(cols[idx_drops])
         except (OSError, ValueError):
             return None
         return None
@@ -218,6 +227,9 @@ class ConntrackEvents:
         self._closed = True
         with self._lock:
             self._sock.close()
+        if self._netlink_table is not None:
+            self._netlink_table.close()
+            self._netlink_table = None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2.0)
 

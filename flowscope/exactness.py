@@ -83,6 +83,7 @@ class BurstResult:
     ended_without_event: float
     sender_cpu_seconds: float
     settle_seconds: float  # from the burst's end to the last record
+    mismatches: list[Any]  # a few (connection, record, peer, sender) that differ, to look at
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,18 +315,24 @@ async def _measure(
     once = sum(1 for k in sent if per_key.get(k) == 1)
     dup = sum(1 for k in sent if per_key.get(k, 0) > 1)
     eq_peer = cmp_peer = eq_sender = cmp_sender = 0
+    mismatches: list[Any] = []
     for k, (s_oct, s_dgr, r_oct, r_dgr) in sent.items():
         rec = first.get(k)
         if rec is None:
             continue
+        ok_peer = ok_sender = True
         if k in peers:
             cmp_peer += 1
-            eq_peer += tuple(rec) == peers[k]
+            ok_peer = tuple(rec) == peers[k]
+            eq_peer += ok_peer
         cmp_sender += 1
         if k[0] == "udp":
-            eq_sender += tuple(rec) == (s_dgr, s_oct + 28 * s_dgr, r_dgr, r_oct + 28 * r_dgr)
-        else:
-            eq_sender += rec[1] >= s_oct + 40 * rec[0] and rec[3] >= r_oct + 40 * rec[2]
+            ok_sender = tuple(rec) == (s_dgr, s_oct + 28 * s_dgr, r_dgr, r_oct + 28 * r_dgr)
+        else:  # every TCP segment carries at least 40 octets of IP and TCP header
+            ok_sender = rec[1] >= s_oct + 40 * rec[0] and rec[3] >= r_oct + 40 * rec[2]
+        eq_sender += ok_sender
+        if not (ok_peer and ok_sender) and len(mismatches) < 5:
+            mismatches.append({"connection": k, "record": rec, "peer": peers.get(k), "sender": (s_oct, s_dgr, r_oct, r_dgr)})
     reasons = Counter(str(r[7]) for r in records)
     span = max(t_done - t0, 1e-9)
     return BurstResult(
@@ -354,4 +361,5 @@ async def _measure(
         ended_without_event=metrics.get("flowscope_agent_connections_ended_without_event", -1),
         sender_cpu_seconds=round(summary.get("cpu_seconds", 0.0), 2),
         settle_seconds=round(t_done - t_sent, 1),
+        mismatches=mismatches,
     )
