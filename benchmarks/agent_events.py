@@ -13,6 +13,11 @@ record) and peak RSS; then the lowest rate at which the agent lost events.
     sudo .venv/bin/python benchmarks/agent_events.py                      # 10000/s for 30 s
     sudo .venv/bin/python benchmarks/agent_events.py --rates 2000,5000,10000,20000 --duration 10
 
+It also times the parsing of DESTROY events, ours (the dump's compiled layouts) against
+pyroute2's ``nfct_msg`` decoder, on the same datagrams (``--parse N`` of them, made with
+shared/tools/ctfill.py and one bulk ``conntrack -D``): the issue asked for pyroute2's
+event subscription if its speed holds at the burst.
+
 conntrack -E (conntrack-tools 1.4.7) is an imperfect peer: its event socket keeps the
 default receive buffer whatever ``-b`` says (the option sizes another socket of it), so
 it loses events in the bursts of DESTROYs the kernel's garbage collector makes; the
@@ -25,9 +30,60 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import statistics
+import subprocess
 import sys
+import time
 
 from flowscope.exactness import measure
+
+CTFILL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "ctfill.py")
+
+
+def parser_rates(n: int, rounds: int = 5) -> dict[str, float]:
+    """DESTROY events parsed a second: ours and pyroute2's, medians of ``rounds``."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
+
+    from flowscope.agent.conntrack import NETLINK_NETFILTER, EntryParser
+    from flowscope.lab import Lab
+
+    fill = CTFILL if os.path.exists(CTFILL) else "/work/shared/tools/ctfill.py"
+    with Lab() as lab:
+        node = lab.add_node("node-a")
+        with lab.inside(node):
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE: keep every event
+        sock.bind((0, 0))
+        sock.setsockopt(270, 1, 3)  # NETLINK_ADD_MEMBERSHIP NFNLGRP_CONNTRACK_DESTROY
+        subprocess.run(node.exec_args("python3", fill, str(n)), check=True, capture_output=True)
+        subprocess.run(node.exec_args("conntrack", "-D", "-p", "udp"), capture_output=True)
+        dgrams = []
+        while True:
+            try:
+                dgrams.append(sock.recv(65536, socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                break
+        sock.close()
+    ours, theirs = [], []
+    for _ in range(rounds):
+        parser, out = EntryParser(), []
+        t = time.perf_counter()
+        for d in dgrams:
+            parser.parse_events(d, len(d), out)
+        ours.append(len(dgrams) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        for d in dgrams:
+            m = nfct_msg(d)
+            m.decode()
+            m.get_attr("CTA_COUNTERS_ORIG")
+        theirs.append(len(dgrams) / (time.perf_counter() - t))
+    return {
+        "events": len(dgrams),
+        "ours_per_s": round(statistics.median(ours)),
+        "pyroute2_per_s": round(statistics.median(theirs)),
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 1),
+    }
 
 
 def main() -> int:
@@ -37,10 +93,13 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="sender and server processes")
     ap.add_argument("--buffer-size", type=int, default=32 << 20, help="the agent's conntrackEvents.bufferSize")
     ap.add_argument("--udp", type=float, default=0.5, help="share of UDP connections")
+    ap.add_argument("--parse", type=int, default=20000, help="DESTROY events for the parser comparison (0: skip)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces, conntrack)", file=sys.stderr)
         return 2
+    parsers = parser_rates(args.parse) if args.parse else None
+    print(json.dumps({"parsers": parsers}), file=sys.stderr, flush=True)
     runs = []
     for rate in (float(r) for r in args.rates.split(",")):
         res = measure(
@@ -54,6 +113,7 @@ def main() -> int:
         "benchmark": "agent_events",
         "duration_s": args.duration,
         "buffer_size": args.buffer_size,
+        "parsers": parsers,
         "runs": runs,
         "lowest_rate_losing_events": min(losing) if losing else None,
         "cpus": os.cpu_count(),
