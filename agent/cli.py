@@ -69,7 +69,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     import signal
 
     from flowscope.agent.conntrack import ConntrackError, NetlinkConntrack, enable_accounting
-    from flowscope.agent.ctevents import ConntrackEvents, enable_events
+    from flowscope.agent.ctevents import ConntrackEvents, enable_events, table_statistics
     from flowscope.agent.exporter import Destination, FlowExporter, FlowFilter
     from flowscope.agent.metadata import Enricher, MetadataError
     from flowscope.agent.metrics import AgentMetrics
@@ -149,6 +149,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
         export_host_flows=cfg.export_host_flows,
         max_connections=cfg.max_connections, metrics=metrics, destinations=extra, events=events,
+        table_statistics=table_statistics,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ cannot afford; pyroute2 serves the table statistics instead (:func:`table_statis
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -269,12 +270,17 @@ STAT_FIELDS = ("found", "invalid", "insert", "insert_failed", "drop", "early_dro
 def table_statistics() -> dict[str, int] | None:
     """Conntrack's own counters of this namespace, summed over CPUs (``conntrack -S``),
     read through pyroute2's ``NFCTSocket.stat()``; None when pyroute2 or the kernel
-    cannot answer. ``early_drop`` counts entries evicted because the table was full,
+    cannot answer, or when called from a thread running an asyncio loop. ``early_drop`` counts entries evicted because the table was full,
     ``drop`` packets dropped for lack of an entry."""
     try:
         from pyroute2 import NFCTSocket  # type: ignore[import-untyped]
     except ImportError:
         return None
+    try:
+        asyncio.get_running_loop()
+        return None  # pyroute2's synchronous API runs a loop of its own: call from a worker thread
+    except RuntimeError:
+        pass
     try:
         with NFCTSocket() as nfct:
             rows: Any = nfct.stat()

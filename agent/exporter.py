@@ -130,9 +130,14 @@ class FlowExporter:
         export_host_flows: bool = False,
         destinations: Sequence[Destination] = (),
         events: EventSource | None = None,
+        table_statistics: Callable[[], dict[str, int] | None] | None = None,
     ) -> None:
         self.conntrack = conntrack
         self.events = events
+        # conntrack's own counters (early drops when the table is full...), read in the
+        # worker thread after each dump: flowscope.agent.ctevents.table_statistics
+        self.table_statistics = table_statistics
+        self._table_stats: dict[str, int] | None = None
         # With a metadata inventory, connections with no Pod at either end (kubelet, the
         # agent's own export stream) are the Node's traffic, not the cluster's: skipped,
         # as Antrea's agent never sees them, unless asked for.
@@ -193,6 +198,10 @@ class FlowExporter:
         ct_max = self.conntrack.max_entries()
         if ct_max is not None:
             m.conntrack_max.set(ct_max)
+        if self._table_stats is not None:
+            m.conntrack_early_drops.set(self._table_stats.get("early_drop", 0))
+            m.conntrack_insert_failed.set(self._table_stats.get("insert_failed", 0))
+            m.conntrack_drops.set(self._table_stats.get("drop", 0))
         self._sink_metrics()
         self._event_metrics()
         return sent
@@ -243,6 +252,8 @@ class FlowExporter:
             # every ending the kernel announced until the end of the dump, before the
             # dump decides what vanished without an event
             events = self.events.take() if self.events is not None else []
+            if self.table_statistics is not None:
+                self._table_stats = self.table_statistics()
             per_dest = []
             for d in dests:
                 exports = d.carry + self._apply_events(d, events, now)

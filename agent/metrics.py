@@ -79,6 +79,15 @@ class AgentMetrics:
             "flowscope_agent_connections_ended_without_event",
             "Connections that left the table without an event (events lost or off): exported with the last "
             "poll's counters", registry=r)
+        self.conntrack_early_drops = Gauge(
+            "flowscope_agent_conntrack_early_drops",
+            "Entries conntrack evicted because its table was full (conntrack -S early_drop)", registry=r)
+        self.conntrack_insert_failed = Gauge(
+            "flowscope_agent_conntrack_insert_failed",
+            "Entries conntrack failed to insert (conntrack -S insert_failed)", registry=r)
+        self.conntrack_drops = Gauge(
+            "flowscope_agent_conntrack_drops",
+            "Packets conntrack dropped for lack of an entry (conntrack -S drop)", registry=r)
         self.poll_duration = Histogram(
             "flowscope_agent_poll_duration_seconds",
             "Time of one poll cycle: dump, parse, store update, export decisions",

@@ -105,3 +105,28 @@ async def test_overflowing_the_event_socket_is_counted_and_the_dump_covers_once(
             assert m("flowscope_agent_connections_ended_without_event") == fx.store.ended_by_dump
         finally:
             await fx.shutdown()
+
+
+def test_table_statistics_through_pyroute2_equal_conntrack_s():
+    require_root()
+    require_tool("conntrack", "nft")
+    from flowscope.agent.ctevents import STAT_FIELDS, table_statistics
+
+    with topology(("a", "b")) as topo:
+        a_ns, _, _ = topo.pods["a"]
+        # some traffic through the node first: connections refused by a closed port
+        for _ in range(3):
+            subprocess.run(["ip", "netns", "exec", a_ns, "python3", "-c",
+                            "import socket; s=socket.socket(); s.settimeout(0.2)\n"
+                            "try: s.connect(('10.244.0.12', 9))\nexcept OSError: pass"], capture_output=True)
+        with in_netns(topo.node):
+            stats = table_statistics()
+        out = sh("conntrack", "-S", ns=topo.node)
+    assert stats is not None and set(stats) == set(STAT_FIELDS)
+    cli = dict.fromkeys(STAT_FIELDS, 0)
+    for line in out.splitlines():
+        for field in line.split():
+            k, _, v = field.partition("=")
+            if k in cli:
+                cli[k] += int(v)
+    assert stats == cli
