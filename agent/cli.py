@@ -141,9 +141,8 @@ async def _serve(cfg: Any, metadata: Any) -> int:
         # to list the policies first. The agent starts anyway if the API is slow.
         if not await asyncio.to_thread(wait_synced, 30.0):
             log.warning("Kubernetes metadata not fully listed after 30s; exporting meanwhile with what is known")
-    await sink.start()
-    for d in extra:
-        await d.sink.start()  # type: ignore[attr-defined]
+    # one connection attempt each, all at once: a slow or absent collector delays no other
+    await asyncio.gather(sink.start(), *(d.sink.start() for d in extra))  # type: ignore[attr-defined]
     exporter = FlowExporter(
         conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata),
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,

@@ -264,7 +264,9 @@ def enable_events(proc_root: str = "/proc/sys/net/netfilter") -> bool:
 
 
 # The per-CPU statistics of IPCTNL_MSG_CT_GET_STATS_CPU the agent exposes as metrics.
-STAT_FIELDS = ("found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error", "search_restart")
+STAT_FIELDS = (
+    "found", "invalid", "insert", "insert_failed", "drop", "early_drop", "error", "search_restart", "clash_resolve",
+)
 
 
 def table_statistics() -> dict[str, int] | None:

@@ -72,6 +72,10 @@ class BurstResult:
     compared_to_peer: int
     equal_to_sender: int  # UDP: counts equal; TCP: the payload fits
     compared_to_sender: int
+    # UDP connections whose sent side equals the sender's but whose replies the kernel
+    # counted short of what the sender received (conntrack -E says the same): the kernel's
+    # accounting (a reply taken by another entry), not the agent's
+    kernel_reply_short: int
     reasons: dict[str, int]
     agent_cpu_seconds: float  # user + system, from the burst's start to the last record
     agent_cpu_share: float  # of one core over that time
@@ -84,6 +88,7 @@ class BurstResult:
     sender_cpu_seconds: float
     settle_seconds: float  # from the burst's end to the last record
     mismatches: list[Any]  # a few (connection, record, peer, sender) that differ, to look at
+    node_conntrack_stats: dict[str, int] | None  # conntrack -S of the Node after the burst
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,6 +293,14 @@ async def _measure(
             sampler.join()
             await asyncio.sleep(2.5)  # conntrack -E writes its last lines
             metrics = _agent_metrics(lab, node)
+
+            def node_stats() -> dict[str, int] | None:
+                from flowscope.agent.ctevents import table_statistics
+
+                with lab.inside(node):
+                    return table_statistics()
+
+            ct_stats = await asyncio.to_thread(node_stats)
         finally:
             for p in (srv, agent):
                 if p.poll() is None:
@@ -314,7 +327,7 @@ async def _measure(
     exported = sum(1 for k in sent if k in per_key)
     once = sum(1 for k in sent if per_key.get(k) == 1)
     dup = sum(1 for k in sent if per_key.get(k, 0) > 1)
-    eq_peer = cmp_peer = eq_sender = cmp_sender = 0
+    eq_peer = cmp_peer = eq_sender = cmp_sender = reply_short = 0
     mismatches: list[Any] = []
     for k, (s_oct, s_dgr, r_oct, r_dgr) in sent.items():
         rec = first.get(k)
@@ -328,6 +341,10 @@ async def _measure(
         cmp_sender += 1
         if k[0] == "udp":
             ok_sender = tuple(rec) == (s_dgr, s_oct + 28 * s_dgr, r_dgr, r_oct + 28 * r_dgr)
+            if not ok_sender and tuple(rec[:2]) == (s_dgr, s_oct + 28 * s_dgr) and rec[2] < r_dgr and (
+                peers.get(k) in (None, tuple(rec))
+            ):
+                reply_short += 1
         else:  # every TCP segment carries at least 40 octets of IP and TCP header
             ok_sender = rec[1] >= s_oct + 40 * rec[0] and rec[3] >= r_oct + 40 * rec[2]
         eq_sender += ok_sender
@@ -350,6 +367,7 @@ async def _measure(
         compared_to_peer=cmp_peer,
         equal_to_sender=eq_sender,
         compared_to_sender=cmp_sender,
+        kernel_reply_short=reply_short,
         reasons=dict(reasons),
         agent_cpu_seconds=round(cpu1 - cpu0, 2),
         agent_cpu_share=round((cpu1 - cpu0) / span, 3),
@@ -362,4 +380,5 @@ async def _measure(
         sender_cpu_seconds=round(summary.get("cpu_seconds", 0.0), 2),
         settle_seconds=round(t_done - t_sent, 1),
         mismatches=mismatches,
+        node_conntrack_stats=ct_stats,
     )
