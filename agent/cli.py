@@ -128,7 +128,10 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     if cfg.conntrack_events.enabled and enable_events():
         try:
             # subscribed before the first dump, so that no ending falls between the two
-            events = ConntrackEvents(cfg.conntrack_zones, buffer_size=cfg.conntrack_events.buffer_size)
+            # between two polls it holds at most maxConnections events (about 400 bytes each)
+            events = ConntrackEvents(
+                cfg.conntrack_zones, buffer_size=cfg.conntrack_events.buffer_size, max_pending=cfg.max_connections,
+            )
             events.start()
         except OSError as exc:
             log.warning(
@@ -148,7 +151,7 @@ async def _serve(cfg: Any, metadata: Any) -> int:
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
         export_host_flows=cfg.export_host_flows,
         max_connections=cfg.max_connections, metrics=metrics, destinations=extra, events=events,
-        table_statistics=table_statistics,
+        table_statistics=table_statistics, wait_for_destroy=cfg.conntrack_events.wait_for_destroy,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

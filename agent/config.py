@@ -58,6 +58,9 @@ class EventsConfig:
 
     enabled: bool = True
     buffer_size: int = 32 << 20  # the event socket's receive buffer, bytes
+    # true: a TCP connection in TIME_WAIT is exported by its DESTROY (up to
+    # nf_conntrack_tcp_timeout_time_wait later), not at once by the dump that saw it closing
+    wait_for_destroy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +264,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
 
 # --- conntrackEvents and destinations (issue 13): parsed in their own functions ---------
 
-_EVENTS_KEYS = {"enabled", "bufferSize"}
+_EVENTS_KEYS = {"enabled", "bufferSize", "waitForDestroy"}
 _DEST_KEYS = {"name", "address", "activeFlowExportTimeout", "idleFlowExportTimeout", "queueSize", "filter"}
 _FILTER_KEYS = {"protocols", "namespaces", "flowTypes", "deniedOnly"}
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58}
@@ -284,7 +287,10 @@ def _events_config(raw: Any) -> EventsConfig:
             f"conntrackEvents.bufferSize: {size!r} must be a number of bytes from {lo} to {hi} "
             "(the kernel charges about 1.3 KB an event: the default 33554432 holds a burst of about 25000)"
         )
-    return EventsConfig(enabled=enabled, buffer_size=size)
+    wait = raw.get("waitForDestroy", False)
+    if not isinstance(wait, bool):
+        raise ConfigError(f"conntrackEvents.waitForDestroy: {wait!r} must be true or false")
+    return EventsConfig(enabled=enabled, buffer_size=size, wait_for_destroy=wait)
 
 
 def _names(raw: Any, key: str, table: Mapping[str, int], lo: int, hi: int) -> frozenset[int]:

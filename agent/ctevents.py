@@ -173,6 +173,17 @@ class ConntrackEvents:
                 del pending[self.max_pending :]
                 self.pending_dropped += extra
 
+    def pump(self) -> None:
+        """Drain the socket now if no one else is (the dump calls this between its
+        datagrams: walking the table, the kernel reaps expired entries, and their DESTROYs
+        arrive while the dump runs)."""
+        if self._closed or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._drain_locked()
+        finally:
+            self._lock.release()
+
     def take(self) -> list[ConntrackEvent]:
         """Every event announced until now (the socket drained first), in arrival order."""
         with self._lock:

@@ -131,6 +131,7 @@ class FlowExporter:
         destinations: Sequence[Destination] = (),
         events: EventSource | None = None,
         table_statistics: Callable[[], dict[str, int] | None] | None = None,
+        wait_for_destroy: bool = False,
     ) -> None:
         self.conntrack = conntrack
         self.events = events
@@ -138,6 +139,8 @@ class FlowExporter:
         # worker thread after each dump: flowscope.agent.ctevents.table_statistics
         self.table_statistics = table_statistics
         self._table_stats: dict[str, int] | None = None
+        # the dump makes DESTROYs as it reaps expired entries: drained between its datagrams
+        self._pump: Callable[[], None] | None = getattr(events, "pump", None)
         # With a metadata inventory, connections with no Pod at either end (kubelet, the
         # agent's own export stream) are the Node's traffic, not the cluster's: skipped,
         # as Antrea's agent never sees them, unless asked for.
@@ -158,6 +161,7 @@ class FlowExporter:
                 is_denied=enricher.is_denied,
             )
             d.store.events_enabled = events is not None
+            d.store.wait_for_destroy = events is not None and wait_for_destroy
         self.store = main.store
         self.records_failed = 0  # could not be built (a bug: logged with the connection)
         self.polls = 0
@@ -215,6 +219,8 @@ class FlowExporter:
         for d in self.destinations:
             protocols = d.filter.protocols
             d.store.feed(batch if not protocols else [e for e in batch if e.protocol in protocols])
+        if self._pump is not None:
+            self._pump()
 
     def cycle_all(self, now: float) -> tuple[DumpResult, list[list[FlowExport]]]:
         """Dump and merge into every destination's store (batch by batch, never two copies
@@ -231,7 +237,8 @@ class FlowExporter:
             for d in dests:
                 d.store.begin(now)
             try:
-                result = self.conntrack.dump(self._feed if len(dests) > 1 else dests[0].store.feed)
+                simple = len(dests) == 1 and self._pump is None
+                result = self.conntrack.dump(dests[0].store.feed if simple else self._feed)
             except BaseException:
                 # A partial dump says nothing about which connections are gone: close the
                 # poll without end-of-flow decisions. Exports already decided (and the

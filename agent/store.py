@@ -46,6 +46,11 @@ before :meth:`finish`. A DESTROY carries the kernel's final counters and stop ti
   tombstone (already exported as ended) it only removes the tombstone;
 - for a connection the store never held (it began and ended between two dumps), it is
   the one and only export, from the event alone;
+- by default a connection the dump finds in TIME_WAIT or CLOSE is exported then (the
+  kernel enters TIME_WAIT on the last ACK, so its counters are final; measured equal to
+  the DESTROY's) and its DESTROY only removes the tombstone; with ``wait_for_destroy``
+  it is not exported from the dump but by its DESTROY (when the kernel forgets it,
+  nf_conntrack_tcp_timeout_time_wait later), with no idle or active export meanwhile;
 - with events on, a tuple reused by a new connection does not end the old one at once:
   the old one waits, keyed by its conntrack id, for its DESTROY (already queued, since
   the kernel deleted it before the new one could take the tuple).
@@ -101,7 +106,7 @@ class Connection:
 
     __slots__ = (
         "entry", "first_seen", "last_activity", "last_export", "exported",
-        "idle_exported", "ended", "denied", "queued_at", "seen",
+        "idle_exported", "ended", "denied", "queued_at", "seen", "closing",
     )
 
     def __init__(self, entry: ConntrackEntry, now: float) -> None:
@@ -115,6 +120,7 @@ class Connection:
         self.denied = False
         self.queued_at: float | None = None  # the deadline this connection is queued with
         self.seen = 0  # the last poll whose dump listed it
+        self.closing = False  # ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended
 
 
 def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
@@ -165,6 +171,9 @@ class ConnectionStore:
         self._new_overflow: set[ConnKey] = set()
         # conntrack events (see the module docstring)
         self.events_enabled = False
+        # with events: a connection that reached TIME_WAIT or CLOSE (or is dying) is not
+        # exported from the dump but by its DESTROY, whose counters include the last ACKs
+        self.wait_for_destroy = False
         self._awaiting_destroy: dict[int, Connection] = {}  # conntrack id -> replaced connection
         self.ended_by_event = 0  # final exports with the kernel's final counters
         self.ended_by_dump = 0  # connections that vanished without an event (events lost or off)
@@ -178,7 +187,7 @@ class ConnectionStore:
 
     # --- scheduling -------------------------------------------------------------------
     def _deadline(self, c: Connection) -> float | None:
-        if c.ended:
+        if c.ended or c.closing:
             return None
         idle_at = c.last_activity + self.idle_timeout
         if c.idle_exported:
@@ -261,8 +270,12 @@ class ConnectionStore:
                         c.idle_exported = False
                     c.entry = e
                     if e.ended:
-                        c.ended = True
-                        out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+                        if self.wait_for_destroy:
+                            c.closing = True  # the last ACKs may still come: the DESTROY counts them
+                            c.queued_at = None
+                        else:
+                            c.ended = True
+                            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     else:
                         self._schedule(c)
                     continue
@@ -275,7 +288,9 @@ class ConnectionStore:
             c = Connection(e, now)
             c.seen = poll
             conns[key] = c
-            if e.ended:
+            if e.ended and self.wait_for_destroy:
+                c.closing = True
+            elif e.ended:
                 c.ended = True
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
             elif not e.replied and self.is_denied is not None and self.is_denied(e):
@@ -356,7 +371,7 @@ class ConnectionStore:
         out: list[FlowExport] = []
         while heap and heap[0][0] <= now:
             at, _, c = heapq.heappop(heap)
-            if c.queued_at != at or c.ended:
+            if c.queued_at != at or c.ended or c.closing:
                 continue  # stale: re-queued later, or ended meanwhile
             c.queued_at = None
             if c.idle_exported:
@@ -376,7 +391,10 @@ class ConnectionStore:
 
     def flush(self, now: float) -> list[FlowExport]:
         """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
-        out = [self._export(c, FlowEndReason.FORCED_END, now) for c in self._conns.values() if not c.ended]
+        out = [
+            self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
+            for c in self._conns.values() if not c.ended
+        ]
         out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
         self._awaiting_destroy.clear()
         self._conns.clear()

@@ -63,6 +63,23 @@ def test_a_tombstone_is_removed_by_its_destroy_without_a_second_export():
     assert len(s) == 0
 
 
+def test_time_wait_waits_for_the_destroy_whose_counters_include_the_last_acks():
+    s = store()
+    s.wait_for_destroy = True
+    s.update([entry(packets=3, octets=300)], T0)
+    assert s.update([entry(packets=5, octets=400, rpackets=4, roctets=416, tcp_state=7)], T0 + 5) == []
+    assert s.expire(T0 + 100) == []  # no idle export of a closing connection
+    final = entry(packets=6, octets=452, rpackets=5, roctets=468, tcp_state=7, stop_ns=STOP_NS)
+    (fe,) = s.apply_events([(DESTROY, final)], T0 + 125)
+    assert (fe.packet_delta, fe.octet_delta, fe.reverse_packet_delta, fe.reverse_octet_delta) == (6, 452, 5, 468)
+    assert fe.end_time == STOP_NS / 1e9
+    # a closing connection whose DESTROY was lost: the dump's counters, once
+    s.update([entry(sport=40001, packets=5, octets=400, tcp_state=7, ct_id=4)], T0 + 130)
+    (fe,) = s.update([], T0 + 135)
+    assert (fe.entry.sport if hasattr(fe.entry, "sport") else fe.entry.orig_sport, fe.packet_delta) == (40001, 5)
+    assert s.update([], T0 + 140) == []
+
+
 def test_a_reused_tuple_waits_for_the_old_connections_destroy():
     s = store()
     s.update([entry(packets=3, octets=300, ct_id=1)], T0)
