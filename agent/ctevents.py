@@ -286,7 +286,7 @@ def table_statistics() -> dict[str, int] | None:
     cannot answer, or when called from a thread running an asyncio loop. ``early_drop`` counts entries evicted because the table was full,
     ``drop`` packets dropped for lack of an entry."""
     try:
-        from pyroute2 import NFCTSocket  # type: ignore[import-untyped]
+        from pyroute2 import NFCTSocket
     except ImportError:
         return None
     try:

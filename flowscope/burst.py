@@ -35,6 +35,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "tuple_of"]
 
@@ -74,7 +75,7 @@ def serve(bind: str, base: int, ports: int, request: int, reply: int, workers: i
         udps[u.fileno()] = u
         ep.register(u.fileno(), select.EPOLLIN)
     answer = b"r" * reply
-    conns: dict[int, list] = {}  # fd -> [socket, octets still to read]
+    conns: dict[int, list[Any]] = {}  # fd -> [socket, octets still to read]
     print("ready", flush=True)
     while True:
         for fd, _ in ep.poll():
@@ -169,13 +170,13 @@ def send(
 def _send_worker(
     target: str, base: int, ports: int, rate: float, duration: float, udp_share: float,
     request: int, reply: int, datagrams: int, index: int, workers: int, max_inflight: int,
-) -> tuple[list[tuple], dict[str, float]]:
+) -> tuple[list[tuple[Any, ...]], dict[str, float]]:
     ep = select.epoll()
     payload = b"q" * request
     udp_every = round(udp_share * 100)
     # fd -> [socket, proto, sport, dport, sent octets, sent datagrams, recv octets, recv datagrams, deadline]
-    live: dict[int, list] = {}
-    rows: list[tuple] = []
+    live: dict[int, list[Any]] = {}
+    rows: list[tuple[Any, ...]] = []
     started = failed = 0
     n = index  # this worker's connections are index, index + workers, ...
     t0 = time.monotonic()
