@@ -1,9 +1,10 @@
 """``flowscope agent``: run the Flow Exporter on this node.
 
 Wiring only: read the configuration (a bad value stops here, with the key, the value
-and what is allowed), switch conntrack accounting on, pick the metadata source, start
-the exporting process and the metrics endpoint, then poll until SIGTERM or SIGINT, at
-which point every live connection gets its final record (flowEndReason 4).
+and what is allowed), switch conntrack accounting and events on, pick the metadata
+source, start one exporting process per destination and the metrics endpoint, subscribe
+to conntrack DESTROY events, then poll until SIGTERM or SIGINT, at which point every
+live connection gets its final record (flowEndReason 4).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     import signal
 
     from flowscope.agent.conntrack import ConntrackError, NetlinkConntrack, enable_accounting
-    from flowscope.agent.exporter import FlowExporter
+    from flowscope.agent.ctevents import ConntrackEvents, enable_events, table_statistics
+    from flowscope.agent.exporter import Destination, FlowExporter, FlowFilter
     from flowscope.agent.metadata import Enricher, MetadataError
     from flowscope.agent.metrics import AgentMetrics
     from flowscope.agent.records import templates
@@ -97,6 +99,19 @@ async def _serve(cfg: Any, metadata: Any) -> int:
                 cfg.flow_collector, tls=tls, templates=templates(labels=cfg.pod_labels), observation_domain_id=domain,
                 queue_size=cfg.export_queue_size,
             )
+        extra = []
+        for dc in cfg.destinations:
+            dtls = None
+            if dc.address.protocol == "tls":
+                dtls = TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file, server_name=dc.tls_server_name)
+            dsink = ExportingProcess(
+                dc.address, tls=dtls, templates=templates(labels=cfg.pod_labels), observation_domain_id=domain, queue_size=dc.queue_size,
+            )
+            f = dc.filter
+            extra.append(Destination(
+                dc.name, dsink, dc.active_timeout, dc.idle_timeout,
+                FlowFilter(f.protocols, f.namespaces, f.flow_types, f.denied_only),
+            ))
     except UsageError as exc:  # unreadable or mismatched certificate files
         print(f"flowscope agent: {exc} (keys tls.caFile, tls.certFile, tls.keyFile)", file=sys.stderr)
         return 2
@@ -121,27 +136,46 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     except (ConntrackError, OSError) as exc:
         print(f"flowscope agent: cannot open the conntrack netlink socket: {exc}", file=sys.stderr)
         return 1
+    events = None
+    if cfg.conntrack_events.enabled and enable_events():
+        try:
+            # subscribed before the first dump, so that no ending falls between the two
+            # between two polls it holds at most maxConnections events (about 400 bytes each)
+            events = ConntrackEvents(
+                cfg.conntrack_zones, buffer_size=cfg.conntrack_events.buffer_size, max_pending=cfg.max_connections,
+            )
+            events.start()
+        except OSError as exc:
+            log.warning(
+                "cannot subscribe to conntrack events (%s): connections ending between polls get the last poll's "
+                "counters; the agent runs on with the dump alone", exc,
+            )
     wait_synced = getattr(metadata, "wait_synced", None)
     if wait_synced is not None:
         # Denials are judged when a connection is first seen: give the watches a moment
         # to list the policies first. The agent starts anyway if the API is slow.
         if not await asyncio.to_thread(wait_synced, 30.0):
             log.warning("Kubernetes metadata not fully listed after 30s; exporting meanwhile with what is known")
-    await sink.start()
+    # one connection attempt each, all at once: a slow or absent collector delays no other
+    await asyncio.gather(sink.start(), *(d.sink.start() for d in extra))  # type: ignore[attr-defined]
     exporter = FlowExporter(
         conntrack=conntrack, sink=sink, enricher=Enricher(cfg.node_name, metadata, pod_labels=cfg.pod_labels),
         active_timeout=cfg.active_timeout, idle_timeout=cfg.idle_timeout, poll_interval=cfg.poll_interval,
         export_host_flows=cfg.export_host_flows,
-        max_connections=cfg.max_connections, metrics=metrics,
+        max_connections=cfg.max_connections, metrics=metrics, destinations=extra, events=events,
+        table_statistics=table_statistics, wait_for_destroy=cfg.conntrack_events.wait_for_destroy,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info(
-        "flow exporter on node %s: collector %s, poll %gs, active %gs, idle %gs",
+        "flow exporter on node %s: collector %s, poll %gs, active %gs, idle %gs, conntrack events %s",
         cfg.node_name, cfg.flow_collector, cfg.poll_interval, cfg.active_timeout, cfg.idle_timeout,
+        "on" if events is not None else "off",
     )
+    for dc in cfg.destinations:
+        log.info("destination %s: %s, active %gs, idle %gs", dc.name, dc.address, dc.active_timeout, dc.idle_timeout)
     try:
         await exporter.run(stop)
     finally:

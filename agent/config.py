@@ -21,7 +21,10 @@ from flowscope.durations import DurationError, parse_duration
 from flowscope.ipfix.address import Address, AddressError, parse_address
 from flowscope.listen import ListenAddressError, parse_listen_address
 
-__all__ = ["AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config"]
+__all__ = [
+    "AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config",
+    "EventsConfig", "DestinationConfig", "DestinationFilter",
+]
 
 DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
 GRPC_PORT = 14739  # Antrea's Flow Aggregator gRPC port
@@ -51,6 +54,41 @@ class MetadataConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """``conntrackEvents``: the DESTROY event subscription beside the dump."""
+
+    enabled: bool = True
+    buffer_size: int = 32 << 20  # the event socket's receive buffer, bytes
+    # true: a TCP connection in TIME_WAIT is exported by its DESTROY (up to
+    # nf_conntrack_tcp_timeout_time_wait later), not at once by the dump that saw it closing
+    wait_for_destroy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationFilter:
+    protocols: frozenset[int] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    flow_types: frozenset[int] = frozenset()
+    denied_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """One entry of ``destinations``: a collector beside flowCollectorAddr."""
+
+    name: str
+    address: Address
+    active_timeout: float
+    idle_timeout: float
+    queue_size: int
+    filter: DestinationFilter = field(default_factory=DestinationFilter)
+
+    @property
+    def tls_server_name(self) -> str:
+        return self.address.host
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     flow_collector: Address = field(default_factory=lambda: parse_address(DEFAULT_COLLECTOR))
     poll_interval: float = 5.0
@@ -69,6 +107,8 @@ class AgentConfig:
     # flowCollectorAddr HOST:PORT:grpc: Antrea's Flow messages over gRPC (mutual TLS with the
     # tls files; flow_collector then holds the host and port, its protocol says tls)
     grpc: bool = False
+    conntrack_events: EventsConfig = field(default_factory=EventsConfig)
+    destinations: tuple[DestinationConfig, ...] = ()
 
     @property
     def tls_server_name(self) -> str:
@@ -78,7 +118,7 @@ class AgentConfig:
 _TOP_KEYS = {
     "flowCollectorAddr", "flowPollInterval", "activeFlowExportTimeout", "idleFlowExportTimeout",
     "nodeName", "tls", "conntrackZones", "maxConnections", "metricsAddress", "metadata",
-    "exportQueueSize", "exportHostFlows", "recordContents",
+    "exportQueueSize", "exportHostFlows", "recordContents", "conntrackEvents", "destinations",
 }
 _RECORD_KEYS = {"podLabels"}
 _TLS_KEYS = {"caFile", "certFile", "keyFile", "serverName"}
@@ -238,7 +278,127 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
         export_host_flows=host_flows,
         pod_labels=pod_labels,
         grpc=grpc,
+        conntrack_events=_events_config(raw.get("conntrackEvents")),
+        destinations=_destinations_config(raw.get("destinations"), active, idle, queue_size),
     )
+
+
+# --- conntrackEvents and destinations (issue 13): parsed in their own functions ---------
+
+_EVENTS_KEYS = {"enabled", "bufferSize", "waitForDestroy"}
+_DEST_KEYS = {"name", "address", "activeFlowExportTimeout", "idleFlowExportTimeout", "queueSize", "filter"}
+_FILTER_KEYS = {"protocols", "namespaces", "flowTypes", "deniedOnly"}
+PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58}
+FLOW_TYPE_NUMBERS = {"Unknown": 0, "IntraNode": 1, "InterNode": 2, "ToExternal": 3, "FromExternal": 4}
+
+
+def _events_config(raw: Any) -> EventsConfig:
+    if raw is None:
+        return EventsConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"conntrackEvents: {raw!r} must be a mapping with enabled and bufferSize")
+    _unknown(raw, _EVENTS_KEYS, "conntrackEvents.")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"conntrackEvents.enabled: {enabled!r} must be true or false")
+    size = raw.get("bufferSize", 32 << 20)
+    lo, hi = 1 << 16, 1 << 30
+    if isinstance(size, bool) or not isinstance(size, int) or not lo <= size <= hi:
+        raise ConfigError(
+            f"conntrackEvents.bufferSize: {size!r} must be a number of bytes from {lo} to {hi} "
+            "(the kernel charges about 1.3 KB an event: the default 33554432 holds a burst of about 25000)"
+        )
+    wait = raw.get("waitForDestroy", False)
+    if not isinstance(wait, bool):
+        raise ConfigError(f"conntrackEvents.waitForDestroy: {wait!r} must be true or false")
+    return EventsConfig(enabled=enabled, buffer_size=size, wait_for_destroy=wait)
+
+
+def _names(raw: Any, key: str, table: Mapping[str, int], lo: int, hi: int) -> frozenset[int]:
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key}: {raw!r} must be a list of {', '.join(table)} (or numbers)")
+    out = set()
+    folded = {k.lower(): v for k, v in table.items()}
+    for item in raw:
+        if isinstance(item, str) and item.lower() in folded:
+            out.add(folded[item.lower()])
+        elif isinstance(item, int) and not isinstance(item, bool) and lo <= item <= hi:
+            out.add(item)
+        else:
+            raise ConfigError(f"{key}: {item!r} is not one of {', '.join(table)} nor a number from {lo} to {hi}")
+    return frozenset(out)
+
+
+def _destination_filter(raw: Any, prefix: str) -> DestinationFilter:
+    if raw is None:
+        return DestinationFilter()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: {raw!r} must be a mapping with protocols, namespaces, flowTypes, deniedOnly")
+    _unknown(raw, _FILTER_KEYS, f"{prefix}.")
+    namespaces = raw.get("namespaces")
+    if namespaces is not None and (
+        not isinstance(namespaces, list) or not all(isinstance(n, str) and n.strip() for n in namespaces)
+    ):
+        raise ConfigError(f"{prefix}.namespaces: {namespaces!r} must be a list of Kubernetes namespace names")
+    denied = raw.get("deniedOnly", False)
+    if not isinstance(denied, bool):
+        raise ConfigError(f"{prefix}.deniedOnly: {denied!r} must be true or false")
+    return DestinationFilter(
+        protocols=_names(raw.get("protocols"), f"{prefix}.protocols", PROTOCOL_NUMBERS, 0, 255),
+        namespaces=frozenset(n.strip() for n in namespaces or ()),
+        flow_types=_names(raw.get("flowTypes"), f"{prefix}.flowTypes", FLOW_TYPE_NUMBERS, 0, 4),
+        denied_only=denied,
+    )
+
+
+def _destinations_config(raw: Any, active: float, idle: float, queue_size: int) -> tuple[DestinationConfig, ...]:
+    """``destinations``: collectors beside flowCollectorAddr, each with its own timeouts
+    (default: the top-level ones), backlog and filter."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(
+            f"destinations: {raw!r} must be a list of mappings with name, address and optionally "
+            "activeFlowExportTimeout, idleFlowExportTimeout, queueSize, filter"
+        )
+    out: list[DestinationConfig] = []
+    seen: set[str] = {"main"}
+    for i, item in enumerate(raw):
+        prefix = f"destinations[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{prefix}: {item!r} must be a mapping with name and address")
+        _unknown(item, _DEST_KEYS, f"{prefix}.")
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{prefix}.name: {name!r} must be a non-empty string (it labels the metrics)")
+        name = name.strip()
+        if name in seen:
+            raise ConfigError(f"{prefix}.name: {name!r} is used twice (\"main\" is flowCollectorAddr's)")
+        seen.add(name)
+        addr_text = item.get("address")
+        if not isinstance(addr_text, str) or not addr_text.strip():
+            raise ConfigError(f"{prefix}.address: {addr_text!r} must be <HOST>:[<PORT>][:<PROTO>], e.g. 10.0.0.9:4739:udp")
+        try:
+            address = parse_address(addr_text, default_protocol="tls", field=f"{prefix}.address")
+        except AddressError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            sub_active = _duration(item, "activeFlowExportTimeout", active, 1.0)
+            sub_idle = _duration(item, "idleFlowExportTimeout", idle, 1.0)
+            sub_queue = _int(item, "queueSize", queue_size, 1, 50_000_000)
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}.{exc}") from None
+        out.append(DestinationConfig(
+            name=name,
+            address=address,
+            active_timeout=sub_active,
+            idle_timeout=sub_idle,
+            queue_size=sub_queue,
+            filter=_destination_filter(item.get("filter"), f"{prefix}.filter"),
+        ))
+    return tuple(out)
 
 
 def load_config(path: str, *, env: Mapping[str, str] | None = None) -> AgentConfig:

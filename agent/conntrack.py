@@ -377,6 +377,46 @@ class EntryParser:
             off = nxt
         return False, total, interrupted
 
+    def entry_at(self, buf: bytes | bytearray | memoryview, off: int, length: int) -> ConntrackEntry | None:
+        """The entry of the one conntrack message at ``buf[off:off+length]`` (a compiled
+        layout when one matches, else compiled now); None when malformed (counted)."""
+        candidates = self._layouts.get(length)
+        if candidates is not None:
+            whole = int.from_bytes(memoryview(buf)[off : off + length], "little")
+            for unpack, mask, expected, build in candidates:
+                if whole & mask == expected:
+                    return build(unpack(buf, off))
+        try:
+            lay = _compile(buf, off, length)
+        except MalformedEntry as exc:
+            self.malformed += 1
+            log.warning("skipping a malformed conntrack message: %s", exc)
+            return None
+        if self._count >= self.max_layouts:
+            self._layouts.clear()
+            self._count = 0
+        self._layouts.setdefault(length, []).append(lay)
+        self._count += 1
+        self.layouts_compiled += 1
+        return lay[3](lay[0](buf, off))
+
+    def parse_events(self, buf: bytes | bytearray | memoryview, n: int, out: list[tuple[int, ConntrackEntry]]) -> None:
+        """Parse a datagram of ctnetlink event messages (NEW 0x100, DESTROY 0x102),
+        appending ``(message type, entry)`` for the configured zones."""
+        off = 0
+        hdr = self._hdr
+        zones = self.zones
+        while off + 16 <= n:
+            length, mtype, _flags = hdr(buf, off)
+            if length < 16 or off + length > n:
+                self.malformed += 1
+                return
+            if (mtype == 0x100 or mtype == 0x102) and length >= 20:
+                entry = self.entry_at(buf, off, length)
+                if entry is not None and (not zones or entry[11] in zones):
+                    out.append((mtype, entry))
+            off += (length + 3) & ~3
+
 
 # --- the kernel side ---------------------------------------------------------------------
 

@@ -8,6 +8,17 @@ loop. Records go to a :class:`RecordSink`, the exporting process of flowscope.ip
 production: its ``submit`` never blocks, keeps a bounded backlog while the collector is
 away, and counts what it has to drop; the agent keeps polling either way.
 
+Several destinations (Antrea's FlowExporterDestination): besides the main sink, each
+:class:`Destination` has its own connection store (so its own active and idle timeouts
+and its own view of what was exported), its own sink (so its own queue and drop
+counter: a slow or absent collector holds back no other) and a :class:`FlowFilter` on
+protocols, namespaces, flow types and denial. Every store is fed the same dump, batch by
+batch, and the same conntrack events.
+
+With conntrack events (``events``, a :class:`flowscope.agent.ctevents.ConntrackEvents`)
+each cycle applies, after the dump and before the dump's end-of-flow decisions, every
+DESTROY the kernel announced until then (see :mod:`flowscope.agent.store`).
+
 The clock is injected (``clock`` returns epoch seconds) so that tests can drive the
 export deadlines.
 """
@@ -19,15 +30,16 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flowscope.agent.conntrack import ConntrackError, ConntrackSource, DumpResult
-from flowscope.agent.metadata import Enricher
+from flowscope.agent.metadata import Enricher, Enrichment
 from flowscope.agent.metrics import AgentMetrics
 from flowscope.agent.records import build_record
 from flowscope.agent.store import ConnectionStore, FlowExport
 
-__all__ = ["FlowExporter", "RecordSink"]
+__all__ = ["FlowExporter", "RecordSink", "Destination", "FlowFilter", "EventSource"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +59,61 @@ class RecordSink(Protocol):
     def stats(self) -> Any: ...
 
 
+class EventSource(Protocol):
+    """What the exporter needs of flowscope.agent.ctevents.ConntrackEvents."""
+
+    def take(self) -> list[tuple[int, Any]]: ...
+
+    def stats(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    """Which connections a destination receives; an empty set lets everything through.
+
+    ``namespaces`` matches the Kubernetes namespace of either Pod end (as the record
+    names it: a Pod of this node); ``denied_only`` keeps connections a NetworkPolicy
+    dropped (rule action Drop or Reject).
+    """
+
+    protocols: frozenset[int] = frozenset()
+    namespaces: frozenset[str] = frozenset()
+    flow_types: frozenset[int] = frozenset()
+    denied_only: bool = False
+
+    def admits(self, fe: FlowExport, k8s: Enrichment) -> bool:
+        if self.protocols and fe.entry.protocol not in self.protocols:
+            return False
+        if self.flow_types and k8s.flow_type not in self.flow_types:
+            return False
+        if self.namespaces and not (
+            k8s.source_pod_namespace in self.namespaces or k8s.destination_pod_namespace in self.namespaces
+        ):
+            return False
+        if self.denied_only and not (fe.denied or k8s.denied):
+            return False
+        return True
+
+
+@dataclass(eq=False)
+class Destination:
+    """One collector: its sink, timeouts and filter, and what happened to its records."""
+
+    name: str
+    sink: RecordSink
+    active_timeout: float
+    idle_timeout: float
+    filter: FlowFilter = field(default_factory=FlowFilter)
+    store: ConnectionStore = field(init=False)
+    records_submitted: int = 0
+    records_refused: int = 0  # submit() answered False: this destination's backlog was full
+    records_filtered: int = 0
+    host_flows_skipped: int = 0
+    carry: list[FlowExport] = field(default_factory=list)
+
+
 class FlowExporter:
     def __init__(
         self,
@@ -61,8 +128,19 @@ class FlowExporter:
         metrics: AgentMetrics | None = None,
         clock: Callable[[], float] = time.time,
         export_host_flows: bool = False,
+        destinations: Sequence[Destination] = (),
+        events: EventSource | None = None,
+        table_statistics: Callable[[], dict[str, int] | None] | None = None,
+        wait_for_destroy: bool = False,
     ) -> None:
         self.conntrack = conntrack
+        self.events = events
+        # conntrack's own counters (early drops when the table is full...), read in the
+        # worker thread after each dump: flowscope.agent.ctevents.table_statistics
+        self.table_statistics = table_statistics
+        self._table_stats: dict[str, int] | None = None
+        # the dump makes DESTROYs as it reaps expired entries: drained between its datagrams
+        self._pump: Callable[[], None] | None = getattr(events, "pump", None)
         # With a metadata inventory, connections with no Pod at either end (kubelet, the
         # agent's own export stream) are the Node's traffic, not the cluster's: skipped,
         # as Antrea's agent never sees them, unless asked for.
@@ -73,18 +151,30 @@ class FlowExporter:
         self.poll_interval = poll_interval
         self.metrics = metrics or AgentMetrics()
         self.clock = clock
-        self.store = ConnectionStore(
-            active_timeout=active_timeout,
-            idle_timeout=idle_timeout,
-            max_connections=max_connections,
-            is_denied=enricher.is_denied,
-        )
-        self.records_submitted = 0
-        self.records_refused = 0  # submit() answered False: the backlog was full
+        main = Destination("main", sink, active_timeout, idle_timeout)
+        self.destinations = [main, *destinations]
+        for d in self.destinations:
+            d.store = ConnectionStore(
+                active_timeout=d.active_timeout,
+                idle_timeout=d.idle_timeout,
+                max_connections=max_connections,
+                is_denied=enricher.is_denied,
+            )
+            d.store.events_enabled = events is not None
+            d.store.wait_for_destroy = events is not None and wait_for_destroy
+        self.store = main.store
         self.records_failed = 0  # could not be built (a bug: logged with the connection)
         self.polls = 0
-        self._carry: list[FlowExport] = []
         self._interrupted = 0  # consecutive interrupted dumps
+        self._event_stats_at = 0.0
+
+    @property
+    def records_submitted(self) -> int:
+        return self.destinations[0].records_submitted
+
+    @property
+    def records_refused(self) -> int:
+        return self.destinations[0].records_refused
 
     # --- one cycle ------------------------------------------------------------------
     async def poll_once(self) -> int:
@@ -92,12 +182,16 @@ class FlowExporter:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            result, exports = await loop.run_in_executor(None, self.cycle, self.clock())
+            result, per_dest = await loop.run_in_executor(None, self.cycle_all, self.clock())
         except (ConntrackError, OSError) as exc:
             self.metrics.poll_errors.inc()
             log.error("conntrack dump failed (the agent keeps polling): %s", exc)
             return 0
-        sent = await self._submit(exports)
+        sent = 0
+        for d, exports in zip(self.destinations, per_dest):
+            n = await self._submit(d, exports)
+            if d is self.destinations[0]:
+                sent = n
         self.polls += 1
         m = self.metrics
         m.poll_duration.observe(time.perf_counter() - t0)
@@ -108,28 +202,50 @@ class FlowExporter:
         ct_max = self.conntrack.max_entries()
         if ct_max is not None:
             m.conntrack_max.set(ct_max)
+        if self._table_stats is not None:
+            m.conntrack_early_drops.set(self._table_stats.get("early_drop", 0))
+            m.conntrack_insert_failed.set(self._table_stats.get("insert_failed", 0))
+            m.conntrack_drops.set(self._table_stats.get("drop", 0))
         self._sink_metrics()
+        self._event_metrics()
         return sent
 
     def cycle(self, now: float) -> tuple[DumpResult, list[FlowExport]]:
-        """Dump and merge (batch by batch, never two copies of the table), then expire.
+        """One cycle; the exports of the main destination (tests and benchmarks)."""
+        result, per_dest = self.cycle_all(now)
+        return result, per_dest[0]
 
-        Runs in a worker thread; the event loop does not touch the store meanwhile.
+    def _feed(self, batch: list[Any]) -> None:
+        for d in self.destinations:
+            protocols = d.filter.protocols
+            d.store.feed(batch if not protocols else [e for e in batch if e.protocol in protocols])
+        if self._pump is not None:
+            self._pump()
+
+    def cycle_all(self, now: float) -> tuple[DumpResult, list[list[FlowExport]]]:
+        """Dump and merge into every destination's store (batch by batch, never two copies
+        of the table), apply the conntrack events, then decide ends and expire.
+
+        Runs in a worker thread; the event loop does not touch the stores meanwhile.
         The garbage collector is paused: a poll makes 100k short-lived tuples without
         reference cycles, and full collections over them cost more than the poll.
         """
-        store = self.store
+        dests = self.destinations
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
-            store.begin(now)
+            for d in dests:
+                d.store.begin(now)
             try:
-                result = self.conntrack.dump(store.feed)
+                simple = len(dests) == 1 and self._pump is None
+                result = self.conntrack.dump(dests[0].store.feed if simple else self._feed)
             except BaseException:
                 # A partial dump says nothing about which connections are gone: close the
-                # poll without end-of-flow decisions. Exports already decided are kept
-                # for the next cycle rather than lost.
-                self._carry = store.finish(complete=False)
+                # poll without end-of-flow decisions. Exports already decided (and the
+                # exact ends the events announced) are kept for the next cycle.
+                events = self.events.take() if self.events is not None else []
+                for d in dests:
+                    d.carry += d.store.finish(complete=False) + self._apply_events(d, events, now)
                 raise
             # An interrupted dump may miss entries, so it decides no end of flow; but a
             # table so busy that every dump is interrupted must not keep ended
@@ -140,15 +256,33 @@ class FlowExporter:
                 log.info("the conntrack table changed during the dump; end-of-flow decisions wait for the next poll")
             else:
                 self._interrupted = 0
-            exports = self._carry + store.finish(complete=trusted)
-            self._carry = []
-            exports += store.expire(now)
+            # every ending the kernel announced until the end of the dump, before the
+            # dump decides what vanished without an event
+            events = self.events.take() if self.events is not None else []
+            if self.table_statistics is not None:
+                self._table_stats = self.table_statistics()
+            per_dest = []
+            for d in dests:
+                exports = d.carry + self._apply_events(d, events, now)
+                exports += d.store.finish(complete=trusted)
+                d.carry = []
+                exports += d.store.expire(now)
+                per_dest.append(exports)
         finally:
             if gc_was_on:
                 gc.enable()
-        return result, exports
+        return result, per_dest
 
-    async def _submit(self, exports: list[FlowExport]) -> int:
+    @staticmethod
+    def _apply_events(d: Destination, events: list[tuple[int, Any]], now: float) -> list[FlowExport]:
+        if not events:
+            return []
+        protocols = d.filter.protocols
+        if protocols:
+            events = [ev for ev in events if ev[1].protocol in protocols]
+        return d.store.apply_events(events, now)
+
+    async def _submit(self, d: Destination, exports: list[FlowExport]) -> int:
         """Build and hand over records a slice at a time, yielding to the event loop in
         between: the exporting process encodes each slice to bytes (about 150 octets a
         record) before the next slice of dicts (about 2 KB each) is built, so exporting
@@ -156,14 +290,21 @@ class FlowExporter:
         if not exports:
             return 0
         enrich = self.enricher.enrich
+        admits = d.filter.admits
         sent = 0
+        main = d is self.destinations[0]
         for i in range(0, len(exports), SUBMIT_BATCH):
             by_template: dict[int, list[dict[str, Any]]] = {}
             for fe in exports[i : i + SUBMIT_BATCH]:
                 try:
                     k8s = enrich(fe.entry)
                     if k8s.host_only and not self.export_host_flows:
-                        self.host_flows_skipped += 1
+                        d.host_flows_skipped += 1
+                        if main:
+                            self.host_flows_skipped += 1
+                        continue
+                    if not admits(fe, k8s):
+                        d.records_filtered += 1
                         continue
                     tid, rec = build_record(fe, k8s)
                 except Exception:  # noqa: BLE001 - one odd connection must not cost the others
@@ -173,25 +314,46 @@ class FlowExporter:
                 by_template.setdefault(tid, []).append(rec)
             # a slice refused by a full backlog is counted; later slices may still fit
             for tid, recs in by_template.items():
-                if self.sink.submit(tid, recs):
+                if d.sink.submit(tid, recs):
                     sent += len(recs)
                 else:
-                    self.records_refused += len(recs)
+                    d.records_refused += len(recs)
             await asyncio.sleep(0)
-        self.records_submitted += sent
-        self.metrics.records_exported.inc(sent)
-        self.metrics.host_flows_skipped.set(self.host_flows_skipped)
+        d.records_submitted += sent
+        m = self.metrics
+        m.destination_records_exported.labels(d.name).inc(sent)
+        if main:
+            m.records_exported.inc(sent)
+            m.host_flows_skipped.set(self.host_flows_skipped)
         return sent
 
     def _sink_metrics(self) -> None:
-        stats = getattr(self.sink, "stats", None)
-        if stats is None:
+        m = self.metrics
+        for d in self.destinations:
+            stats = getattr(d.sink, "stats", None)
+            if stats is None:
+                continue
+            get = stats.get if isinstance(stats, dict) else lambda k, dflt=0, s=stats: getattr(s, k, dflt)
+            dropped = get("records_dropped", 0) or d.records_refused
+            connected = 1 if get("connected", False) else 0
+            m.destination_records_dropped.labels(d.name).set(dropped)
+            m.destination_connected.labels(d.name).set(connected)
+            if d is self.destinations[0]:
+                m.reconnections.set(get("reconnects", 0))
+                m.records_dropped.set(dropped)
+                m.exporter_connected.set(connected)
+
+    def _event_metrics(self) -> None:
+        if self.events is None:
             return
         m = self.metrics
-        get = stats.get if isinstance(stats, dict) else lambda k, d=0: getattr(stats, k, d)
-        m.reconnections.set(get("reconnects", 0))
-        m.records_dropped.set(get("records_dropped", 0) or self.records_refused)
-        m.exporter_connected.set(1 if get("connected", False) else 0)
+        st = self.events.stats()
+        m.events_received.set(st.events)
+        m.events_overruns.set(st.overruns)
+        lost = (st.kernel_drops or 0) + st.pending_dropped
+        m.events_lost.set(lost)
+        m.ended_by_event.set(self.store.ended_by_event)
+        m.ended_without_event.set(self.store.ended_by_dump)
 
     # --- the daemon ----------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -213,12 +375,25 @@ class FlowExporter:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Export every live connection with flowEndReason 4 (forced end), flush, close."""
-        await self._submit(self.store.flush(self.clock()))
-        try:
-            await asyncio.wait_for(self.sink.flush(), timeout=10.0)
-        except (asyncio.TimeoutError, OSError) as exc:
-            log.warning("could not flush the last records to the collector: %s", exc)
-        await self.sink.close()
+        """The last events' exact ends, then every live connection with flowEndReason 4
+        (forced end); flush every destination at once (an absent one delays no other),
+        close."""
+        now = self.clock()
+        events = self.events.take() if self.events is not None else []
+        for d in self.destinations:
+            await self._submit(d, d.carry + self._apply_events(d, events, now) + d.store.flush(now))
+            d.carry = []
+
+        async def drain(d: Destination) -> None:
+            try:
+                await asyncio.wait_for(d.sink.flush(), timeout=10.0)
+            except (asyncio.TimeoutError, OSError) as exc:
+                log.warning("could not flush the last records to destination %s: %s", d.name, exc)
+            await d.sink.close()
+
+        await asyncio.gather(*(drain(d) for d in self.destinations))
         self._sink_metrics()
+        self._event_metrics()
+        if self.events is not None:
+            self.events.close()
         self.conntrack.close()

@@ -23,6 +23,21 @@ from the original destination, policies from :mod:`flowscope.agent.policy`. With
 ``pod_labels`` it also gives this Node's Pods' labels as JSON objects (keys sorted, no
 spaces: what Antrea writes into sourcePodLabels/destinationPodLabels), "" for an end that
 is no Pod of this Node.
+
+hostNetwork Pods and Nodes (Antrea issue #8260). A hostNetwork Pod has its Node's
+addresses, so its address alone names the Node, not the Pod; and a Node talking to a
+Pod may use its gateway address, the first of its Pod CIDR, which is no Pod either.
+The inventory therefore knows each Node's own addresses (status.addresses, the gateway
+of every podCIDR, and the podIPs of its hostNetwork Pods) and, by address, port and
+protocol, the hostNetwork Pods that declare a containerPort. An end of a connection is
+then a Pod, a hostNetwork Pod (its address and a declared port: the server end), a
+Node (its address, no declared port: a hostNetwork client, the kubelet...), or outside
+the cluster. The flowType follows from the Nodes of the two ends: intra-node when both
+are on this Node or the same one, inter-node when on two (both agents see it and the
+aggregator correlates the halves), to/from external with one end outside. Only when no
+end is a Pod of either kind is the connection the Nodes' own traffic (``host_only``).
+hostNetwork Pods are named in records but never judged by NetworkPolicies, which do not
+apply to them.
 """
 
 from __future__ import annotations
@@ -85,6 +100,8 @@ class PodInfo:
     ips: tuple[bytes, ...]  # packed
     labels: Mapping[str, str]
     ports: tuple[tuple[str, int, str], ...] = ()  # named container ports: (name, port, protocol)
+    host_network: bool = False  # spec.hostNetwork: ``ips`` are its Node's
+    host_ports: tuple[tuple[int, int], ...] = ()  # hostNetwork: every declared (containerPort, protocol number)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +131,7 @@ def pod_from_k8s(obj: Mapping[str, Any]) -> PodInfo:
     texts = [p.get("ip") for p in status.get("podIPs") or [] if p.get("ip")]
     if not texts and status.get("podIP"):
         texts = [status["podIP"]]
-    if spec.get("hostNetwork"):
-        texts = []  # a host-network Pod shares the Node's addresses: not a Pod endpoint
+    host_network = bool(spec.get("hostNetwork"))  # its podIPs are the Node's addresses
     ips = []
     for t in texts:
         try:
@@ -123,15 +139,20 @@ def pod_from_k8s(obj: Mapping[str, Any]) -> PodInfo:
         except ValueError:
             raise MetadataError(f"Pod {ns}/{name}: status.podIPs: {t!r} is not an IP address") from None
     ports = []
+    host_ports = []
     for c in spec.get("containers") or []:
         for p in c.get("ports") or []:
             if p.get("name") and p.get("containerPort"):
                 ports.append((str(p["name"]), int(p["containerPort"]), str(p.get("protocol") or "TCP").upper()))
+            if host_network and isinstance(p.get("containerPort"), int):
+                proto = _PROTO_NUM.get(str(p.get("protocol") or "TCP").upper())
+                if proto is not None:
+                    host_ports.append((p["containerPort"], proto))
     # Namespaces, node names and most labels repeat across thousands of Pods: interned,
     # they are stored once (the inventory may hold every Pod of a large cluster).
     labels = {sys.intern(str(k)): sys.intern(str(v)) for k, v in ((obj.get("metadata") or {}).get("labels") or {}).items()}
     node = sys.intern(str(spec.get("nodeName") or ""))
-    return PodInfo(sys.intern(ns), name, node, tuple(ips), labels, tuple(ports))
+    return PodInfo(sys.intern(ns), name, node, tuple(ips), labels, tuple(ports), host_network, tuple(host_ports))
 
 
 def service_from_k8s(obj: Mapping[str, Any]) -> ServiceInfo:
@@ -153,6 +174,24 @@ def service_from_k8s(obj: Mapping[str, Any]) -> ServiceInfo:
             raise MetadataError(f"Service {ns}/{name}: spec.ports[{i}]: {p!r} needs a numeric port and TCP/UDP/SCTP")
         ports.append((str(p.get("name") or ""), p["port"], _PROTO_NUM[proto]))
     return ServiceInfo(ns, name, tuple(ips), tuple(ports))
+
+
+def node_addresses_from_k8s(obj: Mapping[str, Any]) -> tuple[bytes, ...]:
+    """The Node's own addresses: status.addresses of type InternalIP and ExternalIP."""
+    out = []
+    for a in (obj.get("status") or {}).get("addresses") or []:
+        if a.get("type") in ("InternalIP", "ExternalIP") and a.get("address"):
+            try:
+                out.append(_packed(str(a["address"])))
+            except ValueError:
+                _, name = _meta(obj, "Node")
+                raise MetadataError(f"Node {name}: status.addresses: {a['address']!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _gateways(nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> tuple[bytes, ...]:
+    """The first address of each Pod CIDR: the Node's side of its Pods' links (antrea-gw0)."""
+    return tuple((n.network_address + 1).packed for n in nets if n.num_addresses > 2)
 
 
 def node_cidrs_from_k8s(obj: Mapping[str, Any]) -> tuple[str, list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
@@ -189,26 +228,65 @@ class Inventory:
         self.cluster_policies: dict[tuple[str, str], ClusterPolicy] = {}
         self.policy_set = PolicySet(self.policies_by_ns)
         self._cidr_cache: dict[bytes, str | None] = {}
+        # hostNetwork Pods and Nodes (see the module docstring)
+        self.node_addresses: dict[str, tuple[bytes, ...]] = {}  # node -> status.addresses
+        self.host_by_ip: dict[bytes, str] = {}  # a Node's address, gateway or hostNetwork podIP -> node
+        self.host_pod_by_port: dict[tuple[bytes, int, int], PodInfo] = {}  # (ip, port, proto) -> hostNetwork Pod
 
     # --- updates (the key is (namespace, name)) --------------------------------------
     def set_pod(self, pod: PodInfo) -> None:
         with self._lock:
             old = self.pods.get((pod.namespace, pod.name))
             if old is not None:
-                for ip in old.ips:
-                    if self.pod_by_ip.get(ip) is old:
-                        del self.pod_by_ip[ip]
+                self._unindex_pod(old)
             self.pods[(pod.namespace, pod.name)] = pod
-            for ip in pod.ips:
-                self.pod_by_ip[ip] = pod
+            if pod.host_network:
+                self._index_host_pod(pod)
+            else:
+                for ip in pod.ips:
+                    self.pod_by_ip[ip] = pod
 
     def delete_pod(self, namespace: str, name: str) -> None:
         with self._lock:
             old = self.pods.pop((namespace, name), None)
             if old is not None:
-                for ip in old.ips:
-                    if self.pod_by_ip.get(ip) is old:
-                        del self.pod_by_ip[ip]
+                self._unindex_pod(old)
+
+    def _unindex_pod(self, old: PodInfo) -> None:
+        for ip in old.ips:
+            if self.pod_by_ip.get(ip) is old:
+                del self.pod_by_ip[ip]
+            for port, proto in old.host_ports:
+                if self.host_pod_by_port.get((ip, port, proto)) is old:
+                    del self.host_pod_by_port[(ip, port, proto)]
+        if old.host_network:
+            self._reindex_hosts()
+
+    def _index_host_pod(self, pod: PodInfo) -> None:
+        for ip in pod.ips:
+            for port, proto in pod.host_ports:
+                self.host_pod_by_port[(ip, port, proto)] = pod
+        self._reindex_hosts()
+
+    def _reindex_hosts(self) -> None:
+        """host_by_ip from the Nodes' addresses and gateways and the hostNetwork Pods."""
+        hosts: dict[bytes, str] = {}
+        for p in self.pods.values():
+            if p.host_network and p.node:
+                for ip in p.ips:
+                    hosts[ip] = p.node
+        for node, addrs in self.node_addresses.items():
+            for ip in addrs:
+                hosts[ip] = node
+        for node, nets in self.node_cidrs.items():
+            for ip in _gateways(nets):
+                hosts[ip] = node
+        self.host_by_ip = hosts
+
+    def set_node_addresses(self, name: str, addresses: tuple[bytes, ...]) -> None:
+        with self._lock:
+            self.node_addresses[name] = addresses
+            self._reindex_hosts()
 
     def set_service(self, svc: ServiceInfo) -> None:
         with self._lock:
@@ -234,11 +312,14 @@ class Inventory:
         with self._lock:
             self.node_cidrs[name] = cidrs
             self._cidr_cache = {}
+            self._reindex_hosts()
 
     def delete_node(self, name: str) -> None:
         with self._lock:
             self.node_cidrs.pop(name, None)
+            self.node_addresses.pop(name, None)
             self._cidr_cache = {}
+            self._reindex_hosts()
 
     def set_namespace(self, name: str, labels: Mapping[str, str]) -> None:
         labels = dict(labels)
@@ -283,6 +364,8 @@ class Inventory:
         cache = self._cidr_cache
         if ip in cache:
             return cache[ip]
+        if ip in self.host_by_ip:
+            return None  # a Node's gateway address, inside its Pod CIDR but no Pod
         addr = ipaddress.ip_address(ip)
         found = None
         for node, nets in self.node_cidrs.items():
@@ -359,7 +442,11 @@ class Inventory:
                 self.set_service(service_from_k8s(obj))
         elif kind == "Node":
             name, cidrs = node_cidrs_from_k8s(obj)
-            self.delete_node(name) if deleted else self.set_node(name, cidrs)
+            if deleted:
+                self.delete_node(name)
+            else:
+                self.set_node(name, cidrs)
+                self.set_node_addresses(name, node_addresses_from_k8s(obj))
         elif kind == "Namespace":
             _, name = _meta(obj, "Namespace")
             if deleted:
@@ -512,16 +599,29 @@ class Enricher:
         src_node = src_pod.node if src_pod else inv.node_of_ip(src_ip)
         dst_node = dst_pod.node if dst_pod else inv.node_of_ip(dst_ip)
         src_is_pod, dst_is_pod = src_node is not None, dst_node is not None
-        if src_is_pod and dst_is_pod:
+        # hostNetwork Pods and Nodes: Pods of their Node when identified, else the Node
+        src_host = dst_host = None
+        if src_node is None and inv.host_by_ip:
+            src_host = inv.host_pod_by_port.get((src_ip, e.orig_sport, e.protocol))
+            src_node = src_host.node if src_host else inv.host_by_ip.get(src_ip)
+        if dst_node is None and inv.host_by_ip:
+            dst_host = inv.host_pod_by_port.get((dst_ip, e.reply_sport, e.protocol))
+            dst_node = dst_host.node if dst_host else inv.host_by_ip.get(dst_ip)
+        any_pod = src_is_pod or dst_is_pod or src_host is not None or dst_host is not None
+        if src_node is not None and dst_node is not None:
             flow_type = FLOW_TYPE_INTRA_NODE if src_node == dst_node else FLOW_TYPE_INTER_NODE
-        elif src_is_pod:
+        elif src_node is not None:
             flow_type = FLOW_TYPE_TO_EXTERNAL
-        elif dst_is_pod:
+        elif dst_node is not None:
             flow_type = FLOW_TYPE_FROM_EXTERNAL
         else:
             flow_type = FLOW_TYPE_UNKNOWN
+        if not any_pod:
+            flow_type = FLOW_TYPE_UNKNOWN  # Nodes and the outside only: the Nodes' own traffic
         local_src = src_pod is not None and src_pod.node == self.node_name
         local_dst = dst_pod is not None and dst_pod.node == self.node_name
+        name_src = src_pod if local_src else (src_host if src_host is not None and src_host.node == self.node_name else None)
+        name_dst = dst_pod if local_dst else (dst_host if dst_host is not None and dst_host.node == self.node_name else None)
 
         cluster_ip, svc_port, svc_port_name = "", 0, ""
         hit = inv.service_by_ip_port.get((e.orig_dst, e.orig_dport, e.protocol))
@@ -545,22 +645,23 @@ class Enricher:
                     policies, ingress=False, pod=src_peer, other=dst_peer, dest=dst_peer, port=port, protocol=e.protocol,
                 )
         return Enrichment(
-            source_pod_namespace=src_pod.namespace if local_src and src_pod else "",
-            source_pod_name=src_pod.name if local_src and src_pod else "",
-            destination_pod_namespace=dst_pod.namespace if local_dst and dst_pod else "",
-            destination_pod_name=dst_pod.name if local_dst and dst_pod else "",
-            source_node_name=self.node_name if local_src else "",
-            destination_node_name=self.node_name if local_dst else "",
+            source_pod_namespace=name_src.namespace if name_src else "",
+            source_pod_name=name_src.name if name_src else "",
+            destination_pod_namespace=name_dst.namespace if name_dst else "",
+            destination_pod_name=name_dst.name if name_dst else "",
+            source_node_name=self.node_name if name_src or (src_host is None and src_node == self.node_name
+                                                            and not src_is_pod and any_pod) else "",
+            destination_node_name=self.node_name if name_dst or (dst_host is None and dst_node == self.node_name
+                                                                 and not dst_is_pod and any_pod) else "",
             destination_cluster_ip=cluster_ip,
             destination_service_port=svc_port,
             destination_service_port_name=svc_port_name,
             flow_type=flow_type,
             ingress=ingress,
             egress=egress,
-            host_only=flow_type == FLOW_TYPE_UNKNOWN,
-            source_pod_labels=(labels_json(src_pod.labels) if local_src and src_pod else "") if self.pod_labels else None,
-            destination_pod_labels=(
-                (labels_json(dst_pod.labels) if local_dst and dst_pod else "") if self.pod_labels else None),
+            host_only=not any_pod,
+            source_pod_labels=(labels_json(name_src.labels) if name_src else "") if self.pod_labels else None,
+            destination_pod_labels=(labels_json(name_dst.labels) if name_dst else "") if self.pod_labels else None,
         )
 
     def is_denied(self, e: ConntrackEntry) -> bool:

@@ -4,7 +4,11 @@ The four connection metrics of the Antrea design keep their meaning under the
 flowscope prefix (antrea_agent_conntrack_total_connection_count becomes
 flowscope_agent_conntrack_total_connection_count, and so on); the rest say what the
 exporter did: records exported and dropped, reconnections, connections the store could
-not hold, and how long a poll cycle takes.
+not hold, and how long a poll cycle takes; per destination (label ``destination``: the
+main one is ``main``) records exported and dropped and whether it is connected; and what
+the conntrack events did: events read, events lost (netlink buffer overruns), and how
+many connections ended with the kernel's final counters or, without an event, with the
+last poll's.
 """
 
 from __future__ import annotations
@@ -49,6 +53,41 @@ class AgentMetrics:
             "flowscope_agent_exporter_connected", "1 while the collector connection is up", registry=r)
         self.poll_errors = Counter(
             "flowscope_agent_poll_errors", "Poll cycles that failed to dump conntrack", registry=r)
+        self.destination_records_exported = Counter(
+            "flowscope_agent_destination_records_exported",
+            "Flow records handed to a destination's exporting process", ["destination"], registry=r)
+        self.destination_records_dropped = Gauge(
+            "flowscope_agent_destination_records_dropped",
+            "Flow records a destination dropped (its backlog was full)", ["destination"], registry=r)
+        self.destination_connected = Gauge(
+            "flowscope_agent_destination_connected",
+            "1 while the destination's collector connection is up", ["destination"], registry=r)
+        self.events_received = Gauge(
+            "flowscope_agent_conntrack_events",
+            "Conntrack events read since the agent started", registry=r)
+        self.events_overruns = Gauge(
+            "flowscope_agent_conntrack_event_overruns",
+            "Times the conntrack event socket overflowed (ENOBUFS): events were lost", registry=r)
+        self.events_lost = Gauge(
+            "flowscope_agent_conntrack_events_lost",
+            "Conntrack events the kernel dropped for the agent's socket (netlink Drops) or the agent could not hold",
+            registry=r)
+        self.ended_by_event = Gauge(
+            "flowscope_agent_connections_ended_by_event",
+            "Connections exported at their end with the kernel's final counters (DESTROY events)", registry=r)
+        self.ended_without_event = Gauge(
+            "flowscope_agent_connections_ended_without_event",
+            "Connections that left the table without an event (events lost or off): exported with the last "
+            "poll's counters", registry=r)
+        self.conntrack_early_drops = Gauge(
+            "flowscope_agent_conntrack_early_drops",
+            "Entries conntrack evicted because its table was full (conntrack -S early_drop)", registry=r)
+        self.conntrack_insert_failed = Gauge(
+            "flowscope_agent_conntrack_insert_failed",
+            "Entries conntrack failed to insert (conntrack -S insert_failed)", registry=r)
+        self.conntrack_drops = Gauge(
+            "flowscope_agent_conntrack_drops",
+            "Packets conntrack dropped for lack of an entry (conntrack -S drop)", registry=r)
         self.poll_duration = Histogram(
             "flowscope_agent_poll_duration_seconds",
             "Time of one poll cycle: dump, parse, store update, export decisions",

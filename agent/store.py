@@ -37,6 +37,28 @@ one is counted once in :attr:`dropped_total` (the previous poll's overflow keys 
 to tell a new overflow from one counted already), so nothing is lost silently and
 memory stays bounded by the cap. Room freed by connections that ended in this poll is
 available from the next poll on.
+
+Conntrack events (:mod:`flowscope.agent.ctevents`) make endings exact. After each dump
+the caller hands the DESTROY events announced until then to :meth:`apply_events`,
+before :meth:`finish`. A DESTROY carries the kernel's final counters and stop time:
+- for a connection the store holds (same conntrack id), it is the final export
+  (flowEndReason 3) with those counters, and the connection leaves the store; for a
+  tombstone (already exported as ended) it only removes the tombstone;
+- for a connection the store never held (it began and ended between two dumps), it is
+  the one and only export, from the event alone;
+- by default a connection the dump finds in TIME_WAIT or CLOSE is exported then (the
+  kernel enters TIME_WAIT on the last ACK, so its counters are final; measured equal to
+  the DESTROY's) and its DESTROY only removes the tombstone; with ``wait_for_destroy``
+  it is not exported from the dump but by its DESTROY (when the kernel forgets it,
+  nf_conntrack_tcp_timeout_time_wait later), with no idle or active export meanwhile;
+- with events on, a tuple reused by a new connection does not end the old one at once:
+  the old one waits, keyed by its conntrack id, for its DESTROY (already queued, since
+  the kernel deleted it before the new one could take the tuple).
+Only what the events lost (``ENOBUFS``) is left for :meth:`finish`: a connection that
+vanished without an event, or an old one still waiting, is exported from the last
+dump's counters, as without events. Each connection is exported once either way: an
+event and the dump never both end the same connection, because the dump decides only
+after the events announced before its end were applied.
 """
 
 from __future__ import annotations
@@ -48,6 +70,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from flowscope.agent.conntrack import ConnKey, ConntrackEntry
+
+EVENT_DESTROY = 0x102  # flowscope.agent.ctevents.EVENT_DESTROY (the ctnetlink message type)
 
 __all__ = ["ConnectionStore", "FlowExport", "FlowEndReason", "Connection"]
 
@@ -82,7 +106,7 @@ class Connection:
 
     __slots__ = (
         "entry", "first_seen", "last_activity", "last_export", "exported",
-        "idle_exported", "ended", "denied", "queued_at", "seen",
+        "idle_exported", "ended", "denied", "queued_at", "seen", "closing",
     )
 
     def __init__(self, entry: ConntrackEntry, now: float) -> None:
@@ -96,6 +120,7 @@ class Connection:
         self.denied = False
         self.queued_at: float | None = None  # the deadline this connection is queued with
         self.seen = 0  # the last poll whose dump listed it
+        self.closing = False  # ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended
 
 
 def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
@@ -147,6 +172,15 @@ class ConnectionStore:
         self._now = 0.0
         self._out: list[FlowExport] = []
         self._new_overflow: set[ConnKey] = set()
+        # conntrack events (see the module docstring)
+        self.events_enabled = False
+        # with events: a connection that reached TIME_WAIT or CLOSE (or is dying) is not
+        # exported from the dump but by its DESTROY, whose counters include the last ACKs
+        self.wait_for_destroy = False
+        self._awaiting_destroy: dict[int, Connection] = {}  # conntrack id -> replaced connection
+        self.ended_by_event = 0  # final exports with the kernel's final counters
+        self.ended_by_dump = 0  # connections that vanished without an event (events lost or off)
+        self.event_only = 0  # of ended_by_event: connections no dump ever saw
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -156,7 +190,7 @@ class ConnectionStore:
 
     # --- scheduling -------------------------------------------------------------------
     def _deadline(self, c: Connection) -> float | None:
-        if c.ended:
+        if c.ended or c.closing:
             return None
         idle_at = c.last_activity + self.idle_timeout
         if c.idle_exported:
@@ -215,7 +249,12 @@ class ConnectionStore:
                     c.seen = poll
                     continue
                 if not _same_connection(old, e):
-                    if not c.ended:
+                    if self.events_enabled and old.ct_id and not c.ended:
+                        # its DESTROY event is on its way with the final counters
+                        c.queued_at = None
+                        self._awaiting_destroy[old.ct_id] = c
+                    elif not c.ended:
+                        self.ended_by_dump += 1
                         out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     c.ended = True
                     del conns[key]
@@ -237,8 +276,12 @@ class ConnectionStore:
                         c.idle_exported = False
                     c.entry = e
                     if e.ended:
-                        c.ended = True
-                        out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+                        if self.wait_for_destroy:
+                            c.closing = True  # the last ACKs may still come: the DESTROY counts them
+                            c.queued_at = None
+                        else:
+                            c.ended = True
+                            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     else:
                         self._schedule(c)
                     continue
@@ -251,7 +294,9 @@ class ConnectionStore:
             c = Connection(e, now)
             c.seen = poll
             conns[key] = c
-            if e.ended:
+            if e.ended and self.wait_for_destroy:
+                c.closing = True
+            elif e.ended:
                 c.ended = True
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
             elif not e.replied and self.is_denied is not None and self.is_denied(e):
@@ -293,16 +338,53 @@ class ConnectionStore:
             self._new_overflow = set()
             self._out = []
             return out
+        # replaced connections whose DESTROY never came: the event was lost
+        for c in self._awaiting_destroy.values():
+            self.ended_by_dump += 1
+            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
+        self._awaiting_destroy.clear()
         for key in [k for k, c in conns.items() if c.seen != poll]:
             c = conns.pop(key)
             c.queued_at = None
             if not c.ended:
                 c.ended = True
+                self.ended_by_dump += 1
                 out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
         self._overflow = self._new_overflow
         self._new_overflow = set()
         self.overflow_now = len(self._overflow)
         self._out = []
+        return out
+
+    def apply_events(self, events: Iterable[tuple[int, ConntrackEntry]], now: float) -> list[FlowExport]:
+        """Final exports for the DESTROY events among ``events`` (NEW events are ignored
+        here: the next dump brings those connections in with fresher counters)."""
+        conns = self._conns
+        awaiting = self._awaiting_destroy
+        out: list[FlowExport] = []
+        for mtype, e in events:
+            if mtype != EVENT_DESTROY:
+                continue
+            c = awaiting.pop(e.ct_id, None) if e.ct_id else None
+            if c is None:
+                held = conns.get(e.key)
+                if held is not None and (not e.ct_id or not held.entry.ct_id or held.entry.ct_id == e.ct_id):
+                    del conns[e.key]
+                    held.queued_at = None
+                    if held.ended:
+                        continue  # a tombstone: exported when it reached TIME_WAIT or CLOSE
+                    c = held
+            if c is None:
+                # born and gone between two dumps: this event is all there is of it
+                c = Connection(e, now)
+                if not e.replied and self.is_denied is not None and self.is_denied(e):
+                    c.denied = True
+                    self.denied_total += 1
+                self.event_only += 1
+            c.entry = e
+            c.ended = True
+            self.ended_by_event += 1
+            out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
         return out
 
     def expire(self, now: float) -> list[FlowExport]:
@@ -311,7 +393,7 @@ class ConnectionStore:
         out: list[FlowExport] = []
         while heap and heap[0][0] <= now:
             at, _, c = heapq.heappop(heap)
-            if c.queued_at != at or c.ended:
+            if c.queued_at != at or c.ended or c.closing:
                 continue  # stale: re-queued later, or ended meanwhile
             c.queued_at = None
             if c.idle_exported:
@@ -331,7 +413,12 @@ class ConnectionStore:
 
     def flush(self, now: float) -> list[FlowExport]:
         """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
-        out = [self._export(c, FlowEndReason.FORCED_END, now) for c in self._conns.values() if not c.ended]
+        out = [
+            self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
+            for c in self._conns.values() if not c.ended
+        ]
+        out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
+        self._awaiting_destroy.clear()
         self._conns.clear()
         self._heap.clear()
         self._overflow.clear()

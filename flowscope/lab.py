@@ -14,21 +14,40 @@ the collector run. This module builds exactly that, and removes it again.
     ext      a host outside the cluster
 
 Everything is named ``fsl-<role>-<suffix>`` with a random suffix, addresses are used only
-inside these namespaces, and :meth:`Lab.close` (also on errors, as a context manager)
-deletes every namespace it made, which removes their links, routes and conntrack tables.
-Root is required.
+inside these namespaces, and :meth:`Lab.close` (also on errors, as a context manager, and
+at interpreter exit) stops the processes left inside the lab's namespaces and deletes the
+namespaces, which removes their links, routes and conntrack tables. Root is required.
+
+A test that built a lab may crash past any cleanup (SIGKILL, a timeout, a lost CI
+runner). Each lab therefore writes a marker, ``/run/flowscope-lab/<suffix>.json``, with
+its owner's pid and start time and its namespaces, before it makes anything; every new
+:class:`Lab` first removes the labs whose owner is gone (:func:`reap_stale`). Labs of a
+live process are never touched.
+
+The plumbing speaks netlink through pyroute2 (namespaces, links, addresses, routes) and
+writes sysctls under ``/proc/sys`` from inside the namespace; nftables rules, which
+pyroute2 cannot express, still go through ``nft -f -``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import json
+import os
 import secrets
+import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Lab", "LabError", "Host", "Pod", "Node", "UNDERLAY_PREFIX"]
+__all__ = ["Lab", "LabError", "Host", "Pod", "Node", "UNDERLAY_PREFIX", "inside", "set_sysctl", "reap_stale"]
 
 UNDERLAY_PREFIX = "172.31.250"  # the fabric's /24, inside the lab's own namespaces only
+MARKER_DIR = "/run/flowscope-lab"
 NFT_CONNTRACK = """
 table inet flowscope_lab {
   chain output { type filter hook output priority 0; ct state new,established,related counter; }
@@ -39,7 +58,7 @@ table inet flowscope_lab {
 
 
 class LabError(RuntimeError):
-    """A command building the lab failed; the message carries the command and its stderr."""
+    """A step building the lab failed; the message names the step and the kernel's answer."""
 
 
 def run(args: Sequence[str], *, ns: str | None = None, input: str | None = None, check: bool = True) -> str:
@@ -48,6 +67,88 @@ def run(args: Sequence[str], *, ns: str | None = None, input: str | None = None,
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
+
+
+@contextlib.contextmanager
+def inside(netns: str) -> Iterator[None]:
+    """Run the body in network namespace ``netns`` (this thread only), then come back:
+    sockets made inside stay in that namespace."""
+    from pyroute2 import netns as pyroute2_netns
+
+    pyroute2_netns.pushns(netns)
+    try:
+        yield
+    finally:
+        pyroute2_netns.popns()
+
+
+def set_sysctl(netns: str, key: str, value: object) -> None:
+    """``sysctl -w key=value`` inside ``netns`` (``/proc/sys/net`` is per namespace and
+    resolved when the file is opened)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    try:
+        with inside(netns), open(path, "w") as fh:
+            fh.write(f"{value}\n")
+    except OSError as exc:
+        raise LabError(f"sysctl {key}={value} in {netns}: {exc.strerror}") from None
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _kill_inside(names: Sequence[str]) -> None:
+    """SIGKILL every process whose network namespace is one of ``names``."""
+    from pyroute2 import netns as pyroute2_netns
+
+    try:
+        pids = pyroute2_netns.ns_pids()
+    except OSError:
+        return
+    own = os.getpid()
+    for name in names:
+        for pid in pids.get(name, ()):
+            if pid != own:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _remove_namespaces(names: Sequence[str]) -> None:
+    from pyroute2 import netns as pyroute2_netns
+
+    _kill_inside(names)
+    for name in names:
+        with contextlib.suppress(OSError):
+            pyroute2_netns.remove(name)
+
+
+def reap_stale(marker_dir: str = MARKER_DIR) -> list[str]:
+    """Remove the labs whose owner process is gone; returns the namespaces removed."""
+    removed: list[str] = []
+    try:
+        markers = os.listdir(marker_dir)
+    except OSError:
+        return removed
+    for fname in markers:
+        path = os.path.join(marker_dir, fname)
+        try:
+            with open(path) as fh:
+                info = json.load(fh)
+            pid, started, names = int(info["pid"]), info.get("start_time"), list(info["namespaces"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _start_time(pid) is not None and _start_time(pid) == started:
+            continue  # its owner lives: not ours to clean
+        _remove_namespaces(names)
+        removed += names
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return removed
 
 
 @dataclass
@@ -70,6 +171,7 @@ class Pod:
     netns: str
     ip: str
     labels: dict[str, str] = field(default_factory=dict)
+    host_network: bool = False  # runs in its Node's namespace, with the Node's addresses
 
     def exec_args(self, *args: str) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *args]
@@ -81,19 +183,36 @@ class Node(Host):
     pod_cidr: str = ""
     pods: list[Pod] = field(default_factory=list)
 
+    @property
+    def gateway_ip(self) -> str:
+        """The Node's address on its Pods' side (the first of its Pod CIDR)."""
+        return self.pod_cidr.rsplit(".", 1)[0] + ".1"
+
 
 class Lab:
     """Build with :meth:`add_node`, :meth:`add_host`, :meth:`add_pod`, :meth:`add_service`."""
 
     def __init__(self, suffix: str | None = None) -> None:
+        reap_stale()
         self.suffix = suffix or secrets.token_hex(3)
         self.namespaces: list[str] = []
         self.nodes: dict[str, Node] = {}
         self.hosts: dict[str, Host] = {}
         self._next_underlay = 10
-        self.fabric = self._netns("fabric")
-        run(["ip", "link", "add", "br0", "type", "bridge"], ns=self.fabric)
-        run(["ip", "link", "set", "br0", "up"], ns=self.fabric)
+        self._marker = os.path.join(MARKER_DIR, f"{self.suffix}.json")
+        self._closed = False
+        atexit.register(self.close)
+        try:
+            self.fabric = self._netns("fabric")
+
+            def bridge(ipr: Any) -> None:
+                ipr.link("add", ifname="br0", kind="bridge")
+                ipr.link("set", index=ipr.link_lookup(ifname="br0")[0], state="up")
+
+            self._nl(self.fabric, "bridge br0", bridge)
+        except BaseException:
+            self.close()
+            raise
 
     # -- lifecycle
 
@@ -104,28 +223,97 @@ class Lab:
         self.close()
 
     def close(self) -> None:
-        for ns in reversed(self.namespaces):
-            run(["ip", "netns", "delete", ns], check=False)
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        _remove_namespaces(list(reversed(self.namespaces)))
         self.namespaces.clear()
+        with contextlib.suppress(OSError):
+            os.unlink(self._marker)
+
+    def _write_marker(self, pending: str) -> None:
+        """The marker lists a namespace before it exists, so a crash in between leaves
+        nothing unlisted."""
+        os.makedirs(MARKER_DIR, exist_ok=True)
+        info = {"pid": os.getpid(), "start_time": _start_time(os.getpid()), "namespaces": [*self.namespaces, pending]}
+        tmp = self._marker + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(info, fh)
+        os.replace(tmp, self._marker)
 
     # -- building
 
+    @staticmethod
+    def _nl(netns: str, what: str, work: Any) -> Any:
+        """``work(ipr)`` with a pyroute2 ``NetNS`` of ``netns``; netlink errors become a
+        LabError naming ``what``. pyroute2's synchronous API runs an asyncio loop of its
+        own, which a thread that already runs one (an async test) cannot: there the work
+        runs in a helper thread."""
+        from pyroute2 import NetNS
+
+        def call() -> Any:
+            try:
+                with NetNS(netns) as ipr:
+                    return work(ipr)
+            except Exception as exc:  # pyroute2's NetlinkError, OSError
+                raise LabError(f"{what} in {netns}: {exc}") from None
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return call()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(call).result()
+
     def _netns(self, role: str) -> str:
+        from pyroute2 import netns as pyroute2_netns
+
         name = f"fsl-{role}-{self.suffix}"
-        run(["ip", "netns", "add", name])
+        self._write_marker(name)
+        try:
+            pyroute2_netns.create(name)
+        except Exception as exc:
+            raise LabError(f"creating network namespace {name}: {exc}") from None
         self.namespaces.append(name)
-        run(["ip", "link", "set", "lo", "up"], ns=name)
+        self._nl(name, "lo up", lambda ipr: ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up"))
         return name
+
+    def _veth(self, outer_ns: str, outer: str, inner_ns: str, inner: str) -> None:
+        """A veth pair: ``outer`` in ``outer_ns``, ``inner`` in ``inner_ns``."""
+        self._nl(outer_ns, f"veth {outer} - {inner} ({inner_ns})", lambda ipr: ipr.link(
+            "add", ifname=outer, kind="veth", peer={"ifname": inner, "net_ns_fd": inner_ns}))
+
+    def _addr_up(self, netns: str, ifname: str, ip: str, prefixlen: int) -> None:
+        def work(ipr: Any) -> None:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+            ipr.link("set", index=idx, state="up")
+
+        self._nl(netns, f"address {ip}/{prefixlen} on {ifname}", work)
+
+    def _route(self, netns: str, dst: str, *, via: str | None = None, dev: str | None = None) -> None:
+        def work(ipr: Any) -> None:
+            kwargs: dict[str, Any] = {"dst": "0.0.0.0/0" if dst == "default" else dst}
+            if via is not None:
+                kwargs["gateway"] = via
+            if dev is not None:
+                kwargs["oif"] = ipr.link_lookup(ifname=dev)[0]
+                if via is None:
+                    kwargs["scope"] = 253  # link, as `ip route add ... dev` picks
+            ipr.route("add", **kwargs)
+
+        self._nl(netns, f"route {dst} via {via or dev}", work)
 
     def _plug(self, netns: str, role: str) -> str:
         """A veth from the fabric bridge into ``netns``, with the next underlay address."""
         ip = f"{UNDERLAY_PREFIX}.{self._next_underlay}"
         self._next_underlay += 1
         outer = f"u{self._next_underlay}{self.suffix}"[:15]
-        run(["ip", "link", "add", outer, "netns", self.fabric, "type", "veth", "peer", "name", "eth0", "netns", netns])
-        run(["ip", "link", "set", outer, "master", "br0", "up"], ns=self.fabric)
-        run(["ip", "addr", "add", f"{ip}/24", "dev", "eth0"], ns=netns)
-        run(["ip", "link", "set", "eth0", "up"], ns=netns)
+        self._veth(self.fabric, outer, netns, "eth0")
+        self._nl(self.fabric, f"{outer} into br0", lambda ipr: ipr.link(
+            "set", index=ipr.link_lookup(ifname=outer)[0], master=ipr.link_lookup(ifname="br0")[0], state="up"))
+        self._addr_up(netns, "eth0", ip, 24)
         return ip
 
     def add_host(self, role: str) -> Host:
@@ -133,43 +321,58 @@ class Lab:
         host = Host(role, netns, self._plug(netns, role))
         self.hosts[role] = host
         for node in self.nodes.values():  # hosts reach every Pod through its Node
-            run(["ip", "route", "add", node.pod_cidr, "via", node.underlay_ip], ns=netns)
+            self._route(netns, node.pod_cidr, via=node.underlay_ip)
         return host
 
     def add_node(self, role: str) -> Node:
         index = len(self.nodes) + 1
         netns = self._netns(role)
         node = Node(role, netns, self._plug(netns, role), index=index, pod_cidr=f"10.244.{index}.0/24")
-        run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], ns=netns)
+        set_sysctl(netns, "net.ipv4.ip_forward", 1)
         run(["nft", "-f", "-"], ns=netns, input=NFT_CONNTRACK)
-        run(["sysctl", "-qw", "net.netfilter.nf_conntrack_acct=1"], ns=netns)
-        run(["sysctl", "-qw", "net.netfilter.nf_conntrack_timestamp=1"], ns=netns)
+        set_sysctl(netns, "net.netfilter.nf_conntrack_acct", 1)
+        set_sysctl(netns, "net.netfilter.nf_conntrack_timestamp", 1)
         for other in self.nodes.values():
-            run(["ip", "route", "add", other.pod_cidr, "via", other.underlay_ip], ns=netns)
-            run(["ip", "route", "add", node.pod_cidr, "via", node.underlay_ip], ns=other.netns)
+            self._route(netns, other.pod_cidr, via=other.underlay_ip)
+            self._route(other.netns, node.pod_cidr, via=node.underlay_ip)
         for host in self.hosts.values():
-            run(["ip", "route", "add", node.pod_cidr, "via", node.underlay_ip], ns=host.netns)
+            self._route(host.netns, node.pod_cidr, via=node.underlay_ip)
         self.nodes[role] = node
         return node
 
     def add_pod(self, node_role: str, name: str, namespace: str, labels: dict[str, str] | None = None) -> Pod:
         node = self.nodes[node_role]
-        n = len(node.pods) + 10
+        n = len([p for p in node.pods if not p.host_network]) + 10
         ip = f"10.244.{node.index}.{n}"
         netns = self._netns(f"pod{node.index}{n}")
         host_if = f"v{node.index}x{n}{self.suffix}"[:15]
-        run(["ip", "link", "add", host_if, "netns", node.netns, "type", "veth", "peer", "name", "eth0", "netns", netns])
-        gateway = f"10.244.{node.index}.1"
-        run(["ip", "addr", "add", f"{ip}/32", "dev", "eth0"], ns=netns)
-        run(["ip", "link", "set", "eth0", "up"], ns=netns)
-        run(["ip", "route", "add", f"{gateway}/32", "dev", "eth0"], ns=netns)
-        run(["ip", "route", "add", "default", "via", gateway, "dev", "eth0"], ns=netns)
-        run(["ip", "addr", "add", f"{gateway}/32", "dev", host_if], ns=node.netns)
-        run(["ip", "link", "set", host_if, "up"], ns=node.netns)
-        run(["ip", "route", "add", f"{ip}/32", "dev", host_if], ns=node.netns)
+        self._veth(node.netns, host_if, netns, "eth0")
+        gateway = node.gateway_ip
+        self._addr_up(netns, "eth0", ip, 32)
+        self._route(netns, f"{gateway}/32", dev="eth0")
+        self._route(netns, "default", via=gateway, dev="eth0")
+        self._addr_up(node.netns, host_if, gateway, 32)
+        self._route(node.netns, f"{ip}/32", dev=host_if)
         pod = Pod(name, namespace, node_role, netns, ip, dict(labels or {}))
         node.pods.append(pod)
         return pod
+
+    def add_host_network_pod(self, node_role: str, name: str, namespace: str, labels: dict[str, str] | None = None) -> Pod:
+        """A hostNetwork Pod: it runs in its Node's namespace and has the Node's address
+        (status.podIP is the Node's InternalIP, as the kubelet reports it)."""
+        node = self.nodes[node_role]
+        pod = Pod(name, namespace, node_role, node.netns, node.underlay_ip, dict(labels or {}), host_network=True)
+        node.pods.append(pod)
+        return pod
+
+    def set_sysctl(self, host: Host, key: str, value: object) -> None:
+        set_sysctl(host.netns, key, value)
+
+    @contextlib.contextmanager
+    def inside(self, host: Host | Pod) -> Iterator[None]:
+        """Sockets made in the body belong to ``host``'s namespace."""
+        with inside(host.netns):
+            yield
 
     def add_service(self, cluster_ip: str, port: int, backend: Pod, target_port: int, protocol: str = "tcp") -> None:
         """DNAT ``cluster_ip:port`` to the backend on every Node, as kube-proxy would."""

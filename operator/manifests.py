@@ -142,6 +142,8 @@ def agent_config(spec: FlowExporterConfigSpec, collector: Address, server_name: 
             "caFile": f"{TLS_DIR}/ca.crt", "certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key",
             "serverName": server_name or collector.host,
         }
+    if spec.destinations:
+        config["destinations"] = [dict(d) for d in spec.destinations]
     return config
 
 

@@ -186,6 +186,8 @@ class FlowExporterConfigSpec:
     transport: Transport | None
     tls_secret: str | None
     resources: Mapping[str, Any] = field(default_factory=dict)
+    # extra collectors, passed to the agent's config as they are (it validates them again)
+    destinations: tuple[Mapping[str, Any], ...] = ()
 
 
 class _Reader:
@@ -482,8 +484,53 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         transport=transport,  # type: ignore[arg-type]
         tls_secret=tls_secret,
         resources=_check_resources(r),
+        destinations=_destinations(r),
     )
     problems += r.problems
     if problems:
         raise SpecError(problems)
     return spec
+
+
+_DESTINATION_KEYS = {"name", "address", "activeFlowExportTimeout", "idleFlowExportTimeout", "queueSize", "filter"}
+_FILTER_KEYS = {"protocols", "namespaces", "flowTypes", "deniedOnly"}
+
+
+def _destinations(r: _Reader) -> tuple[Mapping[str, Any], ...]:
+    """spec.destinations: the agent's ``destinations`` (docs/configuration.md), checked
+    here for what a user can fix in the resource: names, addresses, durations, keys."""
+    raw = r.raw("destinations")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.problems.append(f"spec.destinations: {raw!r} must be a list of {{name, address, ...}}")
+        return ()
+    out = []
+    names: set[str] = set()
+    for i, item in enumerate(raw):
+        sub = _Reader(item, f"spec.destinations[{i}]")
+        extra = sorted(str(k) for k in sub.spec if k not in _DESTINATION_KEYS)
+        extra += sorted(f"filter.{k}" for k in sub.mapping("filter") if k not in _FILTER_KEYS)
+        for key in extra:
+            sub.problems.append(f"{sub.path(key)}: unknown key; allowed: {', '.join(sorted(_DESTINATION_KEYS))}")
+        name = sub.string("name")
+        if not name:
+            sub.problems.append(f"{sub.path('name')}: required, a DNS label naming the destination in metrics")
+        elif name in names or name == "main":
+            sub.problems.append(f"{sub.path('name')}: {name!r} is used twice (\"main\" is the main destination's)")
+        names.add(name or "")
+        address = sub.string("address")
+        if not address:
+            sub.problems.append(f"{sub.path('address')}: required, e.g. \"10.0.0.9:4739:udp\"")
+        else:
+            try:
+                parse_address(address, default_protocol="tls", field=sub.path("address"))
+            except AddressError as exc:
+                sub.problems.append(str(exc))
+        sub.duration("activeFlowExportTimeout", "60s")
+        sub.duration("idleFlowExportTimeout", "15s")
+        sub.integer("queueSize", 1, minimum=1)
+        r.problems += sub.problems
+        if isinstance(item, Mapping):
+            out.append(dict(item))
+    return tuple(out)
