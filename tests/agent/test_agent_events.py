@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 from agent_netns import in_netns, sh, topology
-from conftest import require_root, require_tool
+from conftest import require_root, require_tool, shared_tool
 from flowscope.agent.conntrack import NetlinkConntrack
 from flowscope.agent.ctevents import ConntrackEvents, enable_events
 from flowscope.agent.exporter import FlowExporter
@@ -25,7 +25,6 @@ from flowscope.agent.metadata import Enricher
 
 pytestmark = pytest.mark.netns
 
-CTFILL = "/work/shared/tools/ctfill.py"
 
 
 def test_a_burst_of_short_connections_is_exported_exactly_once_with_the_kernels_counters():
@@ -67,13 +66,8 @@ class ListSink:
 
 
 def ctfill_source() -> str:
-    # the shared tool is outside the repository in CI too (a read-only copy beside it)
-    import os
-
-    for path in (CTFILL, os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "tools", "ctfill.py")):
-        if os.path.exists(path):
-            return path
-    pytest.skip("shared/tools/ctfill.py is not beside the repository")
+    """shared/tools/ctfill.py: beside the clone in CI (a read-only copy), found as every shared tool is."""
+    return shared_tool("tools/ctfill.py")
 
 
 async def test_overflowing_the_event_socket_is_counted_and_the_dump_covers_once():
