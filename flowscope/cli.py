@@ -19,6 +19,7 @@ from flowscope import __version__
 # Modules that contribute subcommands, in the order their commands are listed.
 COMMAND_MODULES = (
     "flowscope.collector.cli",  # collector, export
+    "flowscope.collector.ui.cli",  # ui
     "flowscope.agent.cli",  # agent
     "flowscope.aggregator.cli",  # aggregator (flowrecords, recordmetrics)
     "flowscope.operator.cli",  # operator, render

@@ -1,0 +1,254 @@
+"""The dashboards' web server: an aiohttp application serving the pages and their JSON.
+
+Two kinds of routes, and nothing else:
+
+* the page shell and its assets (``/``, ``/static/...``): HTML, CSS, the script and the
+  ECharts bundle vendored from the npm registry by ``scripts/setup.sh``; they carry no flow
+  data, so a browser may load them before it has a token;
+* the panels' JSON (``/ui/v1/<panel>``: summary, series, top, sankey, heatmap, flows,
+  values, complete), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
+  from the store's query layer, in a worker thread (the store's calls block).
+
+It is read-only: every route is GET. Who may read it follows :mod:`flowscope.webauth`:
+open on loopback, otherwise a bearer token, mutual TLS, or ``insecure`` said out loud
+(:func:`check_exposure` runs before anything listens). Bad input answers 400 with
+``{"error": ..., "field": ...}``, naming the parameter; no user text reaches SQL except
+through the filter language's parser, and no user text reaches HTML unescaped (the pages
+escape it; the Content-Security-Policy forbids inline and foreign scripts besides).
+
+:func:`add_ui_options` / :func:`ui_from_args` give any command the same ``--ui HOST:PORT``
+options (``flowscope collector --ui``, ``flowscope ui``, ``flowscope demo``);
+:func:`start_ui` runs the application on an event loop until :meth:`UIServer.close`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from flowscope.collector import query
+from flowscope.webauth import (
+    PUBLIC_PATHS,
+    WebAuth,
+    WebAuthError,
+    auth_middleware,
+    check_exposure,
+    read_token,
+    server_ssl_context,
+)
+
+from .dashboards import Dashboards, PanelError
+
+__all__ = ["STATIC", "UIConfig", "UIServer", "add_ui_options", "build_app", "start_ui", "ui_from_args"]
+
+STATIC: Final = Path(__file__).resolve().parent / "static"
+ASSETS: Final[dict[str, tuple[str, str]]] = {
+    "/static/app.js": ("app.js", "text/javascript"),
+    "/static/app.css": ("app.css", "text/css"),
+    "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/static/vendor/echarts.min.js": ("vendor/echarts.min.js", "text/javascript"),
+}
+PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete")
+DEFAULT_UI: Final = "127.0.0.1:8080"
+CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+              "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, separators=(",", ":"), allow_nan=False), status=status,
+                        content_type="application/json", headers=SECURITY_HEADERS)
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    fields = list(rows[0]) if rows else list(query._DISPLAY)
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        # A spreadsheet must not run a formula a flow's name happens to start with.
+        writer.writerow({k: (f"'{v}" if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v)
+                         for k, v in r.items()})
+    return out.getvalue()
+
+
+def build_app(store: query.Backend, auth: WebAuth | None = None, *, now: Callable[[], float] = time.time,
+              workers: int = 1) -> web.Application:
+    """The dashboards over ``store`` (any query-layer backend), protected by ``auth``."""
+    auth = auth or WebAuth()
+    public = set(PUBLIC_PATHS) | {"/"} | set(ASSETS)
+    app = web.Application(middlewares=[auth_middleware(auth, public)])
+    dashboards = Dashboards(store, now=now)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flowscope-ui")
+
+    async def on_cleanup(_: web.Application) -> None:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(on_cleanup)
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "index.html", headers={**SECURITY_HEADERS, "Content-Type": "text/html"})
+
+    async def asset(request: web.Request) -> web.StreamResponse:
+        name, ctype = ASSETS[request.path]
+        path = STATIC / name
+        if not path.is_file():
+            return web.Response(status=503, text=f"{name} is missing: run scripts/setup.sh (it vendors ECharts "
+                                                 "from the npm registry)", headers=SECURITY_HEADERS)
+        headers = {**SECURITY_HEADERS, "Content-Type": ctype, "Cache-Control": "public, max-age=300"}
+        return web.FileResponse(path, headers=headers)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", headers=SECURITY_HEADERS)
+
+    def panel(name: str) -> Callable[[web.Request], Any]:
+        method = getattr(dashboards, name)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            params: Mapping[str, str] = {}
+            duplicated = [k for k in request.query if len(request.query.getall(k)) > 1]
+            if duplicated:
+                return _json({"error": f"{duplicated[0]}: given more than once", "field": duplicated[0]}, 400)
+            params = dict(request.query)
+            loop = asyncio.get_running_loop()
+            try:
+                data = await loop.run_in_executor(executor, method, params)
+            except PanelError as exc:
+                return _json({"error": str(exc), "field": exc.field}, 400)
+            if name == "flows" and params.get("format") in ("csv", "json"):
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now()))
+                if params["format"] == "csv":
+                    body, ctype = _csv(data["rows"]), "text/csv"
+                else:
+                    body, ctype = json.dumps(data["rows"], indent=1), "application/json"
+                headers = {**SECURITY_HEADERS, "Content-Disposition":
+                           f'attachment; filename="flowscope-flows-{stamp}.{params["format"]}"'}
+                return web.Response(text=body, content_type=ctype, headers=headers)
+            return _json(data)
+
+        return handler
+
+    app.router.add_get("/", index)
+    for path in ASSETS:
+        app.router.add_get(path, asset)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", healthz)
+    for name in PANELS:
+        app.router.add_get(f"/ui/v1/{name}", panel(name))
+    return app
+
+
+# --------------------------------------------------------------------------- options and serving
+
+@dataclass(frozen=True, slots=True)
+class UIConfig:
+    """Where the dashboards listen and how they authenticate (parsed once, from options)."""
+
+    host: str
+    port: int
+    auth: WebAuth
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.auth.ssl_context is not None else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/"
+
+
+def add_ui_options(parser: argparse.ArgumentParser, *, default: str | None = None, flag: str = "--ui") -> None:
+    """``--ui HOST:PORT`` and its authentication options, the same on every command."""
+    what = f"(default {default})" if default else "(default: no dashboards)"
+    parser.add_argument(flag, default=default, metavar="HOST:PORT",
+                        help=f"serve the web dashboards here {what}; loopback is open, other addresses need "
+                             "--ui-token-file or --ui-tls-* with a client CA, or --ui-insecure")
+    parser.add_argument("--ui-token-file", metavar="FILE", help="require 'Authorization: Bearer <token in FILE>'")
+    parser.add_argument("--ui-tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
+    parser.add_argument("--ui-tls-key", metavar="FILE", help="the certificate's PEM private key")
+    parser.add_argument("--ui-tls-ca", metavar="FILE", help="require client certificates signed by this CA (mutual TLS)")
+    parser.add_argument("--ui-insecure", action="store_true",
+                        help="serve a non-loopback address without authentication (every flow to anyone)")
+
+
+def ui_from_args(args: argparse.Namespace, flag: str = "--ui") -> UIConfig | None:
+    """The parsed ``--ui`` options, or None when no dashboards were asked for; raises
+    :class:`WebAuthError` (or ValueError) with a message naming the option."""
+    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not text:
+        return None
+    host, port = parse_host_port(text, flag)
+    token = read_token(args.ui_token_file, "--ui-token-file") if args.ui_token_file else None
+    ctx = None
+    if args.ui_tls_cert or args.ui_tls_key or args.ui_tls_ca:
+        if not (args.ui_tls_cert and args.ui_tls_key):
+            raise WebAuthError("--ui-tls-cert and --ui-tls-key: give both to serve HTTPS")
+        ctx = server_ssl_context(args.ui_tls_cert, args.ui_tls_key, args.ui_tls_ca, "--ui-tls")
+    auth = WebAuth(token=token, ssl_context=ctx, client_certs=bool(ctx and args.ui_tls_ca), insecure=args.ui_insecure)
+    check_exposure(host, auth, flag)
+    return UIConfig(host, port, auth)
+
+
+def parse_host_port(text: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (port 0: any free one)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{flag}: {text!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{flag}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host, int(port)
+
+
+class UIServer:
+    """The dashboards listening on one address; :meth:`close` stops them."""
+
+    def __init__(self, runner: web.AppRunner, site: web.TCPSite, config: UIConfig) -> None:
+        self.runner = runner
+        self.site = site
+        self.config = config
+
+    @property
+    def port(self) -> int:
+        server = self.site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else self.config.port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        scheme = "https" if self.config.auth.ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}/"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_ui(store: query.Backend, config: UIConfig, *, now: Callable[[], float] = time.time) -> UIServer:
+    """Serve the dashboards over ``store`` on ``config``'s address (on the running loop)."""
+    app = build_app(store, config.auth, now=now)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, ssl_context=config.auth.ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"--ui: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    return UIServer(runner, site, config)
