@@ -33,6 +33,9 @@ and whose keys hold every column the question touches: then its answer is exactl
 raw table's.
 
 *Time.* A record belongs to the time of ``flowEndSeconds`` (when its deltas were counted).
+Retention (TTL) counts from when the store received a row (``timeInserted``; a roll-up
+row from the latest insert that touched it, ``inserted``), so a record from a skewed clock
+or a replay of old records is kept like any other rather than dropped on arrival.
 
 *Server generations* (:class:`Features`, from the server's version): ClickHouse 18.16
 (Debian's server) lacks ``TTL`` (19.6) and ``LowCardinality`` outside an experimental
@@ -297,19 +300,20 @@ def raw_table_sql(database: str, table: str, features: Features, retention: Rete
     return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(table)} (\n    {body}\n) ENGINE = MergeTree() "
             "PARTITION BY toYYYYMMDD(flowEndSeconds) "
             "ORDER BY (toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodNamespace, flowEndSeconds)"
-            + _ttl("flowEndSeconds", retention.raw, features))
+            + _ttl("timeInserted", retention.raw, features))
 
 
 def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention) -> str:
     """``CREATE TABLE IF NOT EXISTS`` for one roll-up's summing table."""
     cols = ["`timeBucket` UInt32"]
     cols += [f"{quote(k)} {_key_type(k, features)}" for k in ROLLUP_KEYS]
-    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS] + ["`records` UInt64"]
+    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS] + ["`records` UInt64", "`inserted` DateTime"]
     body = ",\n    ".join(cols)
     keys = ", ".join(("timeBucket",) + ROLLUP_KEYS)
+    sums = ", ".join(ROLLUP_SUMS + ("records",))
     return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(f'{table}_{rollup.suffix}')} (\n    {body}\n) "
-            f"ENGINE = SummingMergeTree() PARTITION BY {rollup.partition} ORDER BY ({keys})"
-            + _ttl("toDateTime(timeBucket)", retention.for_table(rollup.seconds), features))
+            f"ENGINE = SummingMergeTree(({sums})) PARTITION BY {rollup.partition} ORDER BY ({keys})"
+            + _ttl("inserted", retention.for_table(rollup.seconds), features))
 
 
 def rollup_select_sql(database: str, table: str, rollup: Rollup) -> str:
@@ -317,7 +321,8 @@ def rollup_select_sql(database: str, table: str, rollup: Rollup) -> str:
     keys = ", ".join(quote(k) for k in ROLLUP_KEYS)
     sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS)
     bucket = f"intDiv(toUInt32(flowEndSeconds), {rollup.seconds}) * {rollup.seconds}"
-    return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, toUInt64(count()) AS records "
+    return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, toUInt64(count()) AS records, "
+            "max(timeInserted) AS inserted "
             f"FROM {quote(database)}.{quote(table)} GROUP BY timeBucket, {keys}")
 
 

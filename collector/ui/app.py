@@ -28,6 +28,7 @@ import asyncio
 import csv
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +51,9 @@ from flowscope.webauth import (
 
 from .dashboards import Dashboards, PanelError
 
-__all__ = ["STATIC", "UIConfig", "UIServer", "add_ui_options", "build_app", "start_ui", "ui_from_args"]
+__all__ = ["STATIC", "UIConfig", "UIServer", "add_ui_options", "add_ui_routes", "build_app", "start_ui", "ui_from_args"]
+
+log = logging.getLogger("flowscope.collector.ui")
 
 STATIC: Final = Path(__file__).resolve().parent / "static"
 ASSETS: Final[dict[str, tuple[str, str]]] = {
@@ -90,11 +93,26 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def build_app(store: query.Backend, auth: WebAuth | None = None, *, now: Callable[[], float] = time.time,
-              workers: int = 1) -> web.Application:
-    """The dashboards over ``store`` (any query-layer backend), protected by ``auth``."""
+              api: bool = True) -> web.Application:
+    """The dashboards over ``store``, protected by ``auth``; with ``api``, the store's JSON
+    query API (:mod:`flowscope.collector.api`, ``/api/v1/...``) in the same application, so
+    one address serves both the pages and the scripts that read what they show."""
     auth = auth or WebAuth()
     public = set(PUBLIC_PATHS) | {"/"} | set(ASSETS)
     app = web.Application(middlewares=[auth_middleware(auth, public)])
+    if api:
+        from flowscope.collector.api import add_routes
+
+        add_routes(app, store)  # type: ignore[arg-type]  # any query-layer backend will do
+    add_ui_routes(app, store, now=now)
+    return app
+
+
+def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[], float] = time.time,
+                  workers: int = 2) -> None:
+    """Add the pages (``/``, ``/static/...``) and their panels (``/ui/v1/...``) to ``app``
+    (and /healthz, /readyz when nothing else answers them). The caller puts the
+    authentication middleware on ``app``: the pages are public, the panels are not."""
     dashboards = Dashboards(store, now=now)
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flowscope-ui")
 
@@ -122,16 +140,18 @@ def build_app(store: query.Backend, auth: WebAuth | None = None, *, now: Callabl
         method = getattr(dashboards, name)
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            params: Mapping[str, str] = {}
             duplicated = [k for k in request.query if len(request.query.getall(k)) > 1]
             if duplicated:
                 return _json({"error": f"{duplicated[0]}: given more than once", "field": duplicated[0]}, 400)
-            params = dict(request.query)
+            params: Mapping[str, str] = dict(request.query)
             loop = asyncio.get_running_loop()
             try:
                 data = await loop.run_in_executor(executor, method, params)
             except PanelError as exc:
                 return _json({"error": str(exc), "field": exc.field}, 400)
+            except Exception as exc:  # the store failed: say so, keep serving
+                log.warning("panel %s failed: %s", name, exc)
+                return _json({"error": f"the store failed: {exc}", "field": "store"}, 503)
             if name == "flows" and params.get("format") in ("csv", "json"):
                 stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now()))
                 if params["format"] == "csv":
@@ -148,11 +168,12 @@ def build_app(store: query.Backend, auth: WebAuth | None = None, *, now: Callabl
     app.router.add_get("/", index)
     for path in ASSETS:
         app.router.add_get(path, asset)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", healthz)
+    taken = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
+    for probe in ("/healthz", "/readyz"):
+        if probe not in taken:
+            app.router.add_get(probe, healthz)
     for name in PANELS:
         app.router.add_get(f"/ui/v1/{name}", panel(name))
-    return app
 
 
 # --------------------------------------------------------------------------- options and serving
@@ -240,9 +261,12 @@ class UIServer:
         await self.runner.cleanup()
 
 
-async def start_ui(store: query.Backend, config: UIConfig, *, now: Callable[[], float] = time.time) -> UIServer:
-    """Serve the dashboards over ``store`` on ``config``'s address (on the running loop)."""
-    app = build_app(store, config.auth, now=now)
+async def start_ui(store: query.Backend, config: UIConfig, *, now: Callable[[], float] = time.time,
+                   api: bool = True) -> UIServer:
+    """Serve the dashboards (and, with ``api``, the JSON query API) over ``store`` on
+    ``config``'s address, on the running loop. This is what ``flowscope collector --ui``
+    calls with the store it writes."""
+    app = build_app(store, config.auth, now=now, api=api)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=config.auth.ssl_context)
