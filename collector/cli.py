@@ -47,6 +47,9 @@ def register(subparsers: Any) -> None:
                    help="require 'Authorization: Bearer <token>' with the token in FILE (needed off loopback)")
     c.add_argument("--api-insecure", action="store_true",
                    help="serve --api on a non-loopback address without authentication")
+    from .ui.options import add_ui_options
+
+    add_ui_options(c)  # --ui HOST:PORT (with --store): the web dashboards, with the API on the same address
     c.add_argument("--batch-rows", type=int, default=50_000, metavar="N",
                    help="with --store: records per insert block (default 50000)")
     c.add_argument("--queue-rows", type=int, default=1_000_000, metavar="N",
@@ -238,12 +241,15 @@ class _StoreOptions:
     def __init__(self, url: str, api: Any, auth: Any, batch_rows: int, queue_rows: int, interval: float) -> None:
         self.url, self.api, self.auth = url, api, auth
         self.batch_rows, self.queue_rows, self.interval = batch_rows, queue_rows, interval
+        self.ui: Any = None  # the dashboards' UIConfig (flowscope.collector.ui.options), or None
 
 
 def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
     if args.store is None:
         if args.api or args.api_token_file or args.api_insecure:
             raise _Usage("--api serves the flow store: give --store too")
+        if args.ui:
+            raise _Usage("--ui serves the flow store's dashboards: give --store too")
         return None
     from .store import StoreError, parse_store_address
 
@@ -272,7 +278,17 @@ def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
             check_exposure(api[0], auth, "--api")
         except WebAuthError as exc:
             raise _Usage(str(exc)) from None
-    return _StoreOptions(args.store, api, auth, args.batch_rows, args.queue_rows, interval)
+    from flowscope.webauth import WebAuthError
+
+    from .ui.options import ui_from_args
+
+    try:
+        ui = ui_from_args(args)
+    except (WebAuthError, ValueError) as exc:
+        raise _Usage(str(exc)) from None
+    options = _StoreOptions(args.store, api, auth, args.batch_rows, args.queue_rows, interval)
+    options.ui = ui
+    return options
 
 
 async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max_sessions: int, idle: float | None,
@@ -389,9 +405,34 @@ async def _open_store(sink: _StoreOptions) -> tuple[Any, Any]:
             return None, None
         port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else sink.api[1]  # type: ignore[union-attr]
         print(f"flowscope collector: API on http://{sink.api[0]}:{port}/api/v1", file=sys.stderr, flush=True)
+    if sink.ui is not None:
+        from .ui.app import start_ui
+
+        try:
+            ui = await start_ui(store, sink.ui)
+        except OSError as exc:
+            _err("collector", str(exc.strerror or exc))
+            if runner is not None:
+                await runner.cleanup()
+            await asyncio.to_thread(writer.close)
+            store.close()
+            return None, None
+        print(f"flowscope collector: dashboards at {ui.url}", file=sys.stderr, flush=True)
+        runner = _Servers(runner, ui)
     print(f"flowscope collector: storing into {store.address} (schema {store.schema_version}, "
           f"ClickHouse {store.features.label if store.features else '?'})", file=sys.stderr, flush=True)
     return writer, runner
+
+
+class _Servers:
+    """The API's runner and the dashboards' server, cleaned up together."""
+
+    def __init__(self, *servers: Any) -> None:
+        self.servers = [s for s in servers if s is not None]
+
+    async def cleanup(self) -> None:
+        for s in self.servers:
+            await (s.cleanup() if hasattr(s, "cleanup") else s.close())
 
 
 async def _close_store(writer: Any, runner: Any) -> None:
