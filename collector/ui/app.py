@@ -16,14 +16,12 @@ open on loopback, otherwise a bearer token, mutual TLS, or ``insecure`` said out
 through the filter language's parser, and no user text reaches HTML unescaped (the pages
 escape it; the Content-Security-Policy forbids inline and foreign scripts besides).
 
-:func:`add_ui_options` / :func:`ui_from_args` give any command the same ``--ui HOST:PORT``
-options (``flowscope collector --ui``, ``flowscope ui``, ``flowscope demo``);
-:func:`start_ui` runs the application on an event loop until :meth:`UIServer.close`.
+:func:`start_ui` runs the application on an event loop until :meth:`UIServer.close`;
+the ``--ui`` options every command shares are in :mod:`.options`.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import csv
 import io
@@ -39,19 +37,13 @@ from typing import Any, Final
 from aiohttp import web
 
 from flowscope.collector import query
-from flowscope.webauth import (
-    PUBLIC_PATHS,
-    WebAuth,
-    WebAuthError,
-    auth_middleware,
-    check_exposure,
-    read_token,
-    server_ssl_context,
-)
+from flowscope.webauth import PUBLIC_PATHS, WebAuth, auth_middleware
 
 from .dashboards import Dashboards, PanelError
+from .options import DEFAULT_UI, UIConfig, add_ui_options, ui_from_args
 
-__all__ = ["STATIC", "UIConfig", "UIServer", "add_ui_options", "add_ui_routes", "build_app", "start_ui", "ui_from_args"]
+__all__ = ["DEFAULT_UI", "STATIC", "UIConfig", "UIServer", "add_ui_options", "add_ui_routes", "build_app", "start_ui",
+           "ui_from_args"]
 
 log = logging.getLogger("flowscope.collector.ui")
 
@@ -63,7 +55,6 @@ ASSETS: Final[dict[str, tuple[str, str]]] = {
     "/static/vendor/echarts.min.js": ("vendor/echarts.min.js", "text/javascript"),
 }
 PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete")
-DEFAULT_UI: Final = "127.0.0.1:8080"
 CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Final = {
@@ -177,65 +168,6 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
 
 
 # --------------------------------------------------------------------------- options and serving
-
-@dataclass(frozen=True, slots=True)
-class UIConfig:
-    """Where the dashboards listen and how they authenticate (parsed once, from options)."""
-
-    host: str
-    port: int
-    auth: WebAuth
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.auth.ssl_context is not None else "http"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}/"
-
-
-def add_ui_options(parser: argparse.ArgumentParser, *, default: str | None = None, flag: str = "--ui") -> None:
-    """``--ui HOST:PORT`` and its authentication options, the same on every command."""
-    what = f"(default {default})" if default else "(default: no dashboards)"
-    parser.add_argument(flag, default=default, metavar="HOST:PORT",
-                        help=f"serve the web dashboards here {what}; loopback is open, other addresses need "
-                             "--ui-token-file or --ui-tls-* with a client CA, or --ui-insecure")
-    parser.add_argument("--ui-token-file", metavar="FILE", help="require 'Authorization: Bearer <token in FILE>'")
-    parser.add_argument("--ui-tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate")
-    parser.add_argument("--ui-tls-key", metavar="FILE", help="the certificate's PEM private key")
-    parser.add_argument("--ui-tls-ca", metavar="FILE", help="require client certificates signed by this CA (mutual TLS)")
-    parser.add_argument("--ui-insecure", action="store_true",
-                        help="serve a non-loopback address without authentication (every flow to anyone)")
-
-
-def ui_from_args(args: argparse.Namespace, flag: str = "--ui") -> UIConfig | None:
-    """The parsed ``--ui`` options, or None when no dashboards were asked for; raises
-    :class:`WebAuthError` (or ValueError) with a message naming the option."""
-    text = getattr(args, flag.lstrip("-").replace("-", "_"))
-    if not text:
-        return None
-    host, port = parse_host_port(text, flag)
-    token = read_token(args.ui_token_file, "--ui-token-file") if args.ui_token_file else None
-    ctx = None
-    if args.ui_tls_cert or args.ui_tls_key or args.ui_tls_ca:
-        if not (args.ui_tls_cert and args.ui_tls_key):
-            raise WebAuthError("--ui-tls-cert and --ui-tls-key: give both to serve HTTPS")
-        ctx = server_ssl_context(args.ui_tls_cert, args.ui_tls_key, args.ui_tls_ca, "--ui-tls")
-    auth = WebAuth(token=token, ssl_context=ctx, client_certs=bool(ctx and args.ui_tls_ca), insecure=args.ui_insecure)
-    check_exposure(host, auth, flag)
-    return UIConfig(host, port, auth)
-
-
-def parse_host_port(text: str, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (port 0: any free one)."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{flag}: {text!r}: put an IPv6 address in brackets, e.g. [::1]:8080")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{flag}: {text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    return host, int(port)
-
 
 class UIServer:
     """The dashboards listening on one address; :meth:`close` stops them."""

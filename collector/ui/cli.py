@@ -19,7 +19,7 @@ __all__ = ["register", "run_ui"]
 
 
 def register(subparsers: Any) -> None:
-    from .app import DEFAULT_UI, add_ui_options
+    from .options import DEFAULT_UI, add_ui_options
 
     p = subparsers.add_parser(
         "ui",
@@ -41,7 +41,8 @@ def run_ui(args: argparse.Namespace) -> int:
     from flowscope.collector.store import StoreError, open_store
     from flowscope.webauth import WebAuthError
 
-    from .app import start_ui, ui_from_args
+    from .app import start_ui
+    from .options import ui_from_args
 
     try:
         config = ui_from_args(args)

@@ -129,7 +129,7 @@ def window_from_params(params: Mapping[str, str], *, now: Callable[[], float] = 
             try:
                 span = parse_duration(since, field="since")
             except (DurationError, ValueError) as exc:
-                raise PanelError("since", f"since: {since!r} is not a duration such as 15m or 6h ({exc})") from None
+                raise PanelError("since", str(exc)) from None
             if span <= 0:
                 raise PanelError("since", f"since: {since!r} must be longer than 0")
             end = int(now()) + 1
