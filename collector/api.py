@@ -54,7 +54,7 @@ log = logging.getLogger("flowscope.collector.api")
 API_PREFIX = "/api/v1"
 STORE_KEY: web.AppKey[FlowStore] = web.AppKey("flowscope_store", FlowStore)
 _QUERY_PARAMS = frozenset(("start", "end", "since", "until", "filter", "group", "by", "top", "limit", "offset",
-                           "resolution"))
+                           "resolution", "source"))
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

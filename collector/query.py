@@ -113,6 +113,7 @@ class FlowQuery:
     limit: int = 100  # raw records per page
     offset: int = 0
     resolution: int | None = None  # series bucket in seconds; None: about 120 buckets over the range
+    source: str = "auto"  # which table answers: auto (the coarsest exact one), raw, 1m or 1h (refused if inexact)
 
     def with_(self, **changes: Any) -> FlowQuery:
         """A copy with some fields changed (the same checks apply)."""
@@ -136,6 +137,8 @@ class FlowQuery:
         _bounded("offset", self.offset, 0, 1 << 40)
         if self.resolution is not None:
             _bounded("resolution", self.resolution, 1, 366 * 86400)
+        if self.source not in _SOURCES:
+            raise QueryError(f"source: {self.source!r} is not one of {', '.join(_SOURCES)}")
 
 
 def _bounded(name: str, v: Any, lo: int, hi: int) -> None:
@@ -256,13 +259,26 @@ def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
     return start, end
 
 
-def _source(store: Backend, columns: frozenset[str], start: int, end: int, step: int = 0) -> _Source:
-    """The coarsest table that answers exactly."""
-    if columns <= frozenset(ROLLUP_KEYS):
-        for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
-            if start % r.seconds == 0 and end % r.seconds == 0 and step % r.seconds == 0:
-                return _Source(f"{store.table}_{r.suffix}", r.seconds, "sum(records)")
-    return _Source(store.table, 0, "count()")
+_SOURCES: Final = ("auto", "raw") + tuple(r.suffix for r in ROLLUPS)
+
+
+def _source(store: Backend, columns: frozenset[str], start: int, end: int, step: int = 0,
+            wanted: str = "auto") -> _Source:
+    """The coarsest table that answers exactly (or the one asked for, if it can)."""
+    raw = _Source(store.table, 0, "count()")
+    if wanted == "raw":
+        return raw
+    for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
+        if wanted not in ("auto", r.suffix):
+            continue
+        exact = columns <= frozenset(ROLLUP_KEYS) and start % r.seconds == 0 and end % r.seconds == 0 \
+            and step % r.seconds == 0
+        if exact:
+            return _Source(f"{store.table}_{r.suffix}", r.seconds, "sum(records)")
+        if wanted != "auto":
+            raise QueryError(f"source: the {r.suffix} roll-up cannot answer this exactly (it needs a range and "
+                             f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
+    return raw
 
 
 def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
@@ -279,7 +295,7 @@ def _where(store: Backend, q: FlowQuery, extra: frozenset[str], now: Callable[[]
     params = Params()
     w = parse_filter(q.filter, params)
     start, end = _window(q, now)
-    src = _source(store, w.columns | extra, start, end, step)
+    src = _source(store, w.columns | extra, start, end, step, q.source)
     sql = _time_where(src, start, end, params)
     if w.sql != "1":
         sql = f"{sql} AND ({w.sql})"
@@ -325,8 +341,14 @@ def _records(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# A total order, so pages never overlap or skip: newest first, ties broken by the flow's key.
+_PAGE_ORDER: Final = ("flowEndSeconds DESC, timeInserted DESC, commitId DESC, sourceIP, destinationIP, "
+                      "sourceTransportPort, destinationTransportPort, protocolIdentifier, flowStartSeconds, "
+                      "octetDeltaCount, packetDeltaCount, reverseOctetDeltaCount, reversePacketDeltaCount")
+
+
 def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> FlowPage:
-    """One page of raw records matching the query, newest first."""
+    """One page of raw records matching the query, newest first (a total order: pages tile)."""
     params = Params()
     w = parse_filter(q.filter, params)
     start, end = _window(q, now)
@@ -334,8 +356,7 @@ def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time)
     where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
     rows = store.rows(
         f"SELECT {_SELECT} FROM {_table(store, src)} WHERE {where} "
-        f"ORDER BY flowEndSeconds DESC, timeInserted DESC, commitId DESC "
-        f"LIMIT {q.limit + 1:d} OFFSET {q.offset:d}", params.values)
+        f"ORDER BY {_PAGE_ORDER} LIMIT {q.limit + 1:d} OFFSET {q.offset:d}", params.values)
     return FlowPage(_records(rows[: q.limit]), q.offset, q.limit, len(rows) > q.limit)
 
 
@@ -572,8 +593,8 @@ _INT_PARAMS: Final = ("start", "end", "top", "limit", "offset", "resolution")
 def query_from_params(params: Mapping[str, str], *, now: Callable[[], float] = time.time) -> FlowQuery:
     """A FlowQuery from URL parameters (``start``/``end`` as epoch seconds, RFC 3339 or a
     Go duration before now such as ``15m``; ``filter``, ``group``, ``by``, ``top``, ``limit``,
-    ``offset``, ``resolution``). Unknown parameters are refused by name."""
-    known = set(_INT_PARAMS) | {"filter", "group", "by", "since", "until", "target", "field", "prefix"}
+    ``offset``, ``resolution``, ``source``). Unknown parameters are refused by name."""
+    known = set(_INT_PARAMS) | {"filter", "group", "by", "source", "since", "until", "target", "field", "prefix"}
     unknown = sorted(set(params) - known)
     if unknown:
         raise QueryError(f"{unknown[0]}: not a query parameter; known: {', '.join(sorted(known))}")
@@ -590,7 +611,7 @@ def query_from_params(params: Mapping[str, str], *, now: Callable[[], float] = t
     for name, key in (("since", "start"), ("until", "end")):
         if name in params:
             kw[key] = parse_time(params[name], name, now=now)
-    for name in ("filter", "group", "by"):
+    for name in ("filter", "group", "by", "source"):
         if name in params:
             kw[name] = params[name] or (None if name == "group" else "")
     return FlowQuery(**kw)
