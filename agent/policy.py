@@ -35,15 +35,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowscope.ipfix import antrea
+
 __all__ = [
     "PolicyError", "Selector", "NetworkPolicy", "Verdict", "PeerInfo", "parse_network_policy",
     "evaluate", "ACTION_ALLOW", "ACTION_DROP", "POLICY_TYPE_K8S", "PROTOCOL_NAMES",
 ]
 
-ACTION_ALLOW = 1
-ACTION_DROP = 2
-POLICY_TYPE_K8S = 1
-PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
+# Antrea's vocabulary, defined once in flowscope.ipfix.antrea.
+ACTION_ALLOW = antrea.RULE_ACTION_ALLOW
+ACTION_DROP = antrea.RULE_ACTION_DROP
+POLICY_TYPE_K8S = antrea.POLICY_TYPE_K8S
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}  # the spelling of NetworkPolicy ports
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address

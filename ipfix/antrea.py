@@ -206,9 +206,9 @@ END_REASONS: Final[dict[int, str]] = {
     END_REASON_FORCED_END: "forced end",
     END_REASON_LACK_OF_RESOURCES: "lack of resources",
 }
-#: The reasons after which no more records come for the connection.
+#: The reasons that mean the connection is over (an idle timeout only says it was quiet).
 ENDED_REASONS: Final[frozenset[int]] = frozenset(
-    (END_REASON_IDLE_TIMEOUT, END_REASON_END_OF_FLOW, END_REASON_FORCED_END, END_REASON_LACK_OF_RESOURCES))
+    (END_REASON_END_OF_FLOW, END_REASON_FORCED_END, END_REASON_LACK_OF_RESOURCES))
 
 #: IANA protocol numbers the CLI and filters name.
 PROTOCOLS: Final[dict[int, str]] = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}
