@@ -59,10 +59,19 @@ POLICY_PARAMS: Final[dict[str, tuple[str, str]]] = {
     "egressPolicyNamespace": ("egressPolicy", "namespace"),
     "egressPolicyName": ("egressPolicy", "name"),
 }
-#: Every URL parameter a panel reads (anything else is refused by name).
-DASHBOARD_PARAMS: Final = frozenset(
-    {"since", "from", "to", "filter", "scope", "metric", "group", "top", "n", "dir", "page", "limit", "format",
-     "id", "q", "pos", "field"} | set(POLICY_PARAMS))
+_COMMON: Final = frozenset({"since", "from", "to", "filter", "scope"} | set(POLICY_PARAMS))
+#: The URL parameters each panel reads (anything else is refused by name, never ignored).
+PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "summary": _COMMON,
+    "series": _COMMON | {"metric", "group", "top"},
+    "top": _COMMON | {"group", "n"},
+    "sankey": _COMMON | {"dir", "n"},
+    "heatmap": _COMMON | {"dir"},
+    "flows": _COMMON | {"page", "limit", "format"},
+    "values": _COMMON | {"field"},
+    "complete": frozenset({"since", "from", "to", "q", "pos"}),
+}
+DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
 
 MAX_TOP: Final = 50
 MAX_PAGE_LIMIT: Final = 500
@@ -227,11 +236,16 @@ class Dashboards:
 
     # ---- request -> query
 
-    def _query(self, params: Mapping[str, str], *, extra: str = "") -> tuple[query.FlowQuery, Window]:
-        unknown = sorted(set(params) - DASHBOARD_PARAMS)
+    @staticmethod
+    def check(panel: str, params: Mapping[str, str]) -> None:
+        """Refuse, by name, a parameter ``panel`` does not read."""
+        known = PANEL_PARAMS[panel]
+        unknown = sorted(set(params) - known)
         if unknown:
-            raise PanelError(unknown[0], f"{unknown[0]}: not a parameter of the dashboards; known: "
-                                         f"{', '.join(sorted(DASHBOARD_PARAMS))}")
+            raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of the {panel} panel; known: "
+                                         f"{', '.join(sorted(known))}")
+
+    def _query(self, params: Mapping[str, str], *, extra: str = "") -> tuple[query.FlowQuery, Window]:
         w = window_from_params(params, now=self.now)
         scope = _choice(params, "scope", "all", tuple(SCOPES))
         parts = []
@@ -256,15 +270,20 @@ class Dashboards:
             raise PanelError(_error_field(exc), str(exc)) from None
         return q, w
 
+    @staticmethod
+    def _check_policy_names(params: Mapping[str, str]) -> None:
+        for label in POLICY_PARAMS:
+            value = params.get(label, "").strip()
+            if len(value) > 253 or any(c in value for c in "/\n\r\t"):
+                raise PanelError(label, f"{label}: {value[:40]!r} is not a Kubernetes name")
+
     def _policy_filter(self, params: Mapping[str, str], w: Window) -> str:
         """The Network Policy page's namespace and name fields, as filter text."""
+        self._check_policy_names(params)
         parts = []
         for side in ("ingressPolicy", "egressPolicy"):
             ns = params.get(f"{side}Namespace", "").strip()
             name = params.get(f"{side}Name", "").strip()
-            for label, value in ((f"{side}Namespace", ns), (f"{side}Name", name)):
-                if len(value) > 253 or any(c in value for c in "/\n\r\t"):
-                    raise PanelError(label, f"{label}: {value[:40]!r} is not a Kubernetes name")
             if ns and name:
                 parts.append(f"{side} = {_quote(f'{ns}/{name}')}")
             elif name:
@@ -287,6 +306,7 @@ class Dashboards:
     # ---- panels
 
     def summary(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("summary", params)
         q, w = self._query(params)
         ov = self._run(lambda: query.overview(self.store, q, now=self.now))
         return {
@@ -298,6 +318,7 @@ class Dashboards:
         }
 
     def series(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("series", params)
         metric = _choice(params, "metric", "throughput", ("throughput", "flows", "denied"))
         group = params.get("group") or None
         top = _int(params, "top", 8, 1, MAX_TOP)
@@ -322,6 +343,7 @@ class Dashboards:
                 "series": lines, "table": s.table}
 
     def top(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("top", params)
         group = params.get("group") or "srcPod"
         n = _int(params, "n", 10, 1, MAX_TOP)
         q, _ = self._query(params)
@@ -353,6 +375,7 @@ class Dashboards:
         return _top_json(entries, n, ",".join(sorted(tables)))
 
     def sankey(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("sankey", params)
         scope = _choice(params, "scope", "pod-to-pod", ("pod-to-pod", "pod-to-service", "pod-to-external", "policy"))
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
         n = _int(params, "n", 15, 1, MAX_TOP)
@@ -441,6 +464,7 @@ class Dashboards:
         return {"nodes": list(nodes.values()), "links": out_links, "table": table}
 
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("heatmap", params)
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
         q, w = self._query(params)
         cells: dict[tuple[str, int], int] = {}
@@ -471,6 +495,7 @@ class Dashboards:
                 "step": w.step, "unit": "Mbps", "table": table}
 
     def flows(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("flows", params)
         fmt = _choice(params, "format", "page", ("page", "json", "csv"))
         q, _ = self._query(params)
         if fmt != "page":
@@ -485,6 +510,8 @@ class Dashboards:
 
     def values(self, params: Mapping[str, str]) -> dict[str, Any]:
         """Known values of one of the Network Policy page's fields, within the range."""
+        self.check("values", params)
+        self._check_policy_names(params)
         fld = _choice(params, "field", "", tuple(POLICY_PARAMS))
         side, part = POLICY_PARAMS[fld]
         clean = {k: v for k, v in params.items() if k != "field" and k not in POLICY_PARAMS}
@@ -498,6 +525,7 @@ class Dashboards:
     # ---- completion of the filter box
 
     def complete(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("complete", params)
         text = params.get("q", "")
         if len(text) > 4096:
             raise PanelError("q", "q: longer than 4096 characters")

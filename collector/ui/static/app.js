@@ -173,6 +173,8 @@ function chartIn(el, id) {
 function draw(div, option) {
   let chart = charts.get(div);
   if (!chart) {
+    div.innerHTML = "";
+    delete div.dataset.empty;
     chart = echarts.init(div, null, { renderer: "canvas" });
     charts.set(div, chart);
   }
@@ -317,6 +319,7 @@ async function panelLine(el, path, extra, opts) {
   const div = chartIn(el, extra.metric + ":" + (extra.group || ""));
   return async () => {
     const data = await api(path, extra);
+    div.dataset.series = JSON.stringify(data.series.map((s) => s.name));
     if (!data.series.length || data.series.every((s) => s.data.every((v) => !v))) return empty(div);
     draw(div, lineOption(data, opts));
   };
@@ -326,6 +329,7 @@ async function panelBar(el, extra, opts) {
   const div = chartIn(el, "top:" + extra.group);
   return async () => {
     const data = await api("top", extra);
+    div.dataset.rows = JSON.stringify(data.rows.map((r) => r.name));
     if (!data.rows.length) return empty(div);
     draw(div, barOption(data, opts));
   };
@@ -335,9 +339,9 @@ async function panelSankey(el, extra, opts = {}) {
   const div = chartIn(el, `sankey:${extra.scope}:${extra.dir || ""}`);
   return async () => {
     const data = await api("sankey", extra);
-    if (!data.links.length) return empty(div);
     div.dataset.nodes = JSON.stringify(data.nodes.map((n) => n.label));
     div.dataset.denied = String(data.links.filter((l) => l.denied).length);
+    if (!data.links.length) return empty(div);
     const chart = draw(div, sankeyOption(data, opts));
     chart.off("click");
     chart.on("click", (p) => {
@@ -351,8 +355,8 @@ async function panelHeatmap(el, extra) {
   const div = chartIn(el, "heatmap:" + extra.dir);
   return async () => {
     const data = await api("heatmap", extra);
-    if (!data.cells.length) return empty(div);
     div.dataset.nodes = JSON.stringify(data.nodes);
+    if (!data.cells.length) return empty(div);
     draw(div, heatmapOption(data));
   };
 }
