@@ -205,7 +205,9 @@ class Processes:
     def start(self, name: str, argv: Sequence[str], stdout: Path | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         out = open(stdout, "wb") if stdout else log  # noqa: SIM115
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=log, stdin=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C at the terminal reaches the demo, which stops its
+        # children in order (agents' final records first), not every process at once.
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         self.children.append((name, proc))
         return proc
 
@@ -577,8 +579,8 @@ def _run(lab: Lab, workdir: Path, args: argparse.Namespace, listener: Any, token
     started = time.monotonic()
     host, port = listener.getsockname()[:2]
     shutil.rmtree(workdir / "store", ignore_errors=True)  # a kept --workdir: each run starts empty
-    _say("building the lab: 2 Nodes, 4 Pods in 2 namespaces, a Service, 3 NetworkPolicies, "
-         "a control-plane host and an external host")
+    _say(f"building the lab (network namespaces fsl-*-{lab.suffix}): 2 Nodes, 4 Pods in 2 namespaces, a Service, "
+         "3 NetworkPolicies, a control-plane host and an external host")
     pipeline = Pipeline(lab, workdir, store=workdir / "store", showcase=True,
                         collector_args=["--ui", f"127.0.0.1:{port}", *(
                             ["--ui-token-file", args.ui_token_file] if args.ui_token_file else [])])
@@ -597,7 +599,7 @@ def _run(lab: Lab, workdir: Path, args: argparse.Namespace, listener: Any, token
                  "--to", f"127.0.0.1:{port}"]
         log = open(workdir / "relay.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(pipeline.ctl.exec_args(*relay), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                pass_fds=(listener.fileno(),))
+                                pass_fds=(listener.fileno(),), start_new_session=True)
         pipeline.procs.children.append(("relay", proc))
         _say("first round of traffic, one connection of every kind:")
         for s in plan:
@@ -609,7 +611,7 @@ def _run(lab: Lab, workdir: Path, args: argparse.Namespace, listener: Any, token
         _say(f"steady traffic: the same connections every {TRAFFIC_EVERY:g}s (sizes x1 to x2)")
         _say("waiting for the first flows to reach the store ...")
         summary = _wait_first_flows(dashboards, pipeline, stop, started)
-        url = dashboards.url
+        url = f"{dashboards.url}?d=overview&since=5m&refresh=5s"
         print(flush=True)
         _say(f"dashboards: {url}   (Overview; the filter box completes names with Tab)")
         _say(("stops by itself after " + (args.duration or "")) if duration is not None else "Ctrl-C stops the demo")

@@ -323,11 +323,14 @@ class Dashboards:
         group = params.get("group") or None
         top = _int(params, "top", 8, 1, MAX_TOP)
         q, w = self._query(params, extra=SCOPES["denied"] if metric == "denied" else "")
-        if group is not None and group not in DIMENSIONS:
-            raise PanelError("group", f"group: {group!r} is not one of {', '.join(DIMENSIONS)}")
+        if group is not None and group != "node" and group not in DIMENSIONS:
+            raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
         by = "throughput" if metric == "throughput" else "records"
-        s = self._run(lambda: query.series(self.store, q.with_(group=group, by=by, top=top, resolution=w.step),
-                                           now=self.now))
+        if group == "node":
+            s = self._node_series(q, by, top, w)
+        else:
+            s = self._run(lambda: query.series(self.store, q.with_(group=group, by=by, top=top, resolution=w.step),
+                                               now=self.now))
         unit = "B/s" if by == "throughput" else "1/s" if metric == "flows" else "count"
         lines = []
         for line in s.lines:
@@ -341,6 +344,28 @@ class Dashboards:
             lines.append({"name": name, "key": line.key, "data": values})
         return {"times": [t * 1000 for t in s.buckets], "step": s.resolution, "unit": unit,
                 "series": lines, "table": s.table}
+
+    def _node_series(self, q: query.FlowQuery, by: str, top: int, w: Window) -> query.Series:
+        """What went through each Node, as either end (an inter-Node flow counts for both)."""
+        merged: dict[str, list[float]] = {}
+        buckets: list[int] = []
+        table = ""
+        for dim in ("srcNode", "dstNode"):
+            part = self._run(lambda dim=dim: query.series(
+                self.store, q.with_(group=dim, by=by, top=query.MAX_TOP, resolution=w.step), now=self.now))
+            buckets, table = part.buckets, part.table
+            for line in part.lines:
+                if not line.key or line.key == OTHER:
+                    continue
+                acc = merged.setdefault(line.key, [0.0] * len(line.values))
+                for i, v in enumerate(line.values):
+                    acc[i] += v
+        ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
+        lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
+        if len(ranked) > top:
+            rest = [sum(vals) for vals in zip(*(merged[k] for k in ranked[top:]))]
+            lines.append(query.SeriesLine(OTHER, "(other)", list(rest)))
+        return query.Series("node", by, w.step, buckets, lines, table)
 
     def top(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("top", params)

@@ -555,8 +555,8 @@ const VIEWS = {
   },
   async nodes() {
     return [
-      await panelLine(card("w6", "Inter-Node traffic per Node", "bytes/s the Node sent to other Nodes"), "series", { metric: "throughput", group: "srcNode", scope: "inter-node", top: 10 }),
-      await panelLine(card("w6", "Intra-Node traffic per Node", "bytes/s between Pods of one Node"), "series", { metric: "throughput", group: "srcNode", scope: "intra-node", top: 10 }),
+      await panelLine(card("w6", "Inter-Node traffic per Node", "bytes/s to and from other Nodes, both directions"), "series", { metric: "throughput", group: "node", scope: "inter-node", top: 10 }),
+      await panelLine(card("w6", "Intra-Node traffic per Node", "bytes/s between Pods of one Node"), "series", { metric: "throughput", group: "node", scope: "intra-node", top: 10 }),
       await panelHeatmap(card("w6", "Tx Mbps per Node"), { dir: "tx" }),
       await panelHeatmap(card("w6", "Rx Mbps per Node"), { dir: "rx" }),
     ];
