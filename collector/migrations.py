@@ -190,7 +190,7 @@ def _ensure(store: FlowStore) -> None:
             if not fresh:
                 store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
             store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r)}")
-        store._execute(rollup_view_sql(db, table, r))
+        store._execute(rollup_view_sql(db, table, r, f))
     if f.ttl:
         _retention(store)
 

@@ -7,9 +7,8 @@ Records are taken a shape (flow family, exporter family) at a time, each column 
 C-level ``map``, and each integer column is checked as a whole by building an ``array`` of
 the column's width (a non-integer, a negative or too large a value raises); only when a
 column fails are its records checked one by one, so one bad record costs only itself and
-is left out and counted, never sent to fail the whole insert. :func:`typed_columns` then
-hands the backend the integer columns as those arrays (chDB reads them as numpy views, no
-per-value conversion).
+is left out and counted, never sent to fail the whole insert. Those arrays are the columns
+handed to the backend (chDB reads them as numpy views, no per-value conversion).
 
 :func:`row_to_record` rebuilds the original IE dict of a stored row: the family of the
 flow's addresses is the family of ``sourceIP`` (a ``:`` is IPv6), the exporter's that of
@@ -98,26 +97,30 @@ _BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
 _WIDER = frozenset(t for t, code in _ARRAY_CODES.items() if array(code).itemsize * 8 > _BITS[t])
 
 
-def _columns_ok(values: Sequence[Sequence[Any]]) -> bool:
-    """Every value fits its column: an ``array`` of the column's width takes an int column in
-    one C pass (a non-int, a negative or too large a value raises); text must be str."""
+def _typed(values: Sequence[Sequence[Any]]) -> list[Any] | None:
+    """The columns typed, or None if a value does not fit its column: an ``array`` of the
+    column's width takes an int column in one C pass (a non-int, a negative or too large a
+    value raises) and is the typed column itself; text must be str."""
+    out: list[Any] = []
     for col, vals in zip(_RECORD_COLUMNS, values):
-        if not vals:
-            continue
         if col.is_int:
             try:
-                array(_ARRAY_CODES[col.type], vals)
+                typed = array(_ARRAY_CODES[col.type], vals)
             except (TypeError, OverflowError):
-                return False
-            if col.type in _WIDER and max(vals) > col.maximum:
-                return False
-        elif set(map(type, vals)) != {str}:
-            return False
-    return True
+                return None
+            if vals and col.type in _WIDER and max(typed) > col.maximum:
+                return None
+            out.append(typed)
+        elif vals and set(map(type, vals)) != {str}:
+            return None
+        else:
+            out.append(vals)
+    return out
 
 
-def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int) -> tuple[list[list[Any]], int]:
-    """Columns (in :data:`COLUMNS` order) of a batch of ExportedFlows, and how many were left out.
+def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int) -> tuple[list[Any], int]:
+    """Typed columns (in :data:`COLUMNS` order: ``array``s of the column's width for
+    integers, lists of str for text) of a batch of ExportedFlows, and how many were left out.
 
     Records are taken a shape (flow family, exporter family) at a time, each column with
     one C-level ``map``, and each column is checked as a whole; only when a column fails
@@ -146,13 +149,14 @@ def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int
     if len(parts) == 1:
         values = parts[0][1]
     else:
-        values = [[] for _ in _RECORD_COLUMNS]
+        values = [array(_ARRAY_CODES[c.type]) if c.is_int else [] for c in _RECORD_COLUMNS]
         for _, vals, _ in parts:
             for acc, v in zip(values, vals):
                 acc.extend(v)
     n = len(kept)
-    final = [1 if x else 0 for x in map(_get_final, kept)]
-    return [[time_inserted] * n, *values, list(map(_get_correlation, kept)), final, [commit_id] * n], invalid
+    final = array("B", map(bool, map(_get_final, kept)))
+    return [array("I", (time_inserted,)) * n, *values, list(map(_get_correlation, kept)), final,
+            array("Q", (commit_id,)) * n], invalid
 
 
 def _row_ok(f: Any) -> bool:
@@ -163,16 +167,18 @@ def _row_ok(f: Any) -> bool:
     return type(f.correlation) is str and all(_value_ok(col, vals[0]) for col, vals in zip(_RECORD_COLUMNS, row))
 
 
-def _checked(flows: list[Any]) -> tuple[list[Any], list[list[Any]], int]:
-    """(flows kept, their record columns, how many were left out) for flows of one shape."""
+def _checked(flows: list[Any]) -> tuple[list[Any], list[Any], int]:
+    """(flows kept, their typed record columns, how many were left out) for flows of one shape."""
     try:
-        values = _record_columns(list(map(_get_record, flows)))
-        if _columns_ok(values) and set(map(type, map(_get_correlation, flows))) == {str}:
-            return flows, values, 0
+        typed = _typed(_record_columns(list(map(_get_record, flows))))
+        if typed is not None and (not flows or set(map(type, map(_get_correlation, flows))) == {str}):
+            return flows, typed, 0
     except (AttributeError, TypeError):
         pass
     good = [f for f in flows if _row_ok(f)]
-    return good, _record_columns([f.record for f in good]), len(flows) - len(good)
+    typed = _typed(_record_columns([f.record for f in good]))
+    assert typed is not None  # every value of every kept row was checked
+    return good, typed, len(flows) - len(good)
 
 
 def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,8 +200,8 @@ def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def typed_columns(columns: Sequence[Sequence[Any]]) -> list[Any]:
-    """The integer columns of :func:`flows_to_columns` output as ``array``s of their width
-    (already checked there, so this is one C pass each); text columns stay lists."""
+    """Columns with every integer column an ``array`` of its width (those of
+    :func:`flows_to_columns` already are; lists given by hand become arrays); text stays lists."""
     out: list[Any] = []
     for col, vals in zip(COLUMNS, columns):
         if col.is_int and not isinstance(vals, array):
