@@ -64,8 +64,8 @@ class ChdbStore(FlowStore):
         for c, v in zip(COLUMNS, columns):
             if isinstance(v, array):
                 arrays[c.name] = pa.array(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
-            elif isinstance(v, np.ndarray):
-                arrays[c.name] = pa.array(v)
+            elif isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
+                arrays[c.name] = v if not isinstance(v, np.ndarray) else pa.array(v)
             else:
                 arrays[c.name] = pa.array(v, type=getattr(pa, _ARROW_TYPES[c.type])())
         flowscope_block = pa.table(arrays)  # noqa: F841 - chDB's Python() table function finds it by name

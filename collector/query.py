@@ -248,9 +248,11 @@ _PACKETS: Final = "(packetDeltaCount + reversePacketDeltaCount)"
 
 @dataclass(frozen=True, slots=True)
 class _Source:
-    name: str  # the table name (no database)
+    name: str  # the table name (no database); "a+b" for segments
     seconds: int  # 0 raw
     records: str  # SQL of the records count
+    # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
+    segments: tuple[tuple[str, int, int], ...] = ()
 
 
 def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
@@ -268,6 +270,7 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
     raw = _Source(store.table, 0, "count()")
     if wanted == "raw":
         return raw
+    split_tried = False
     for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
         if wanted not in ("auto", r.suffix):
             continue
@@ -278,10 +281,39 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
         if wanted != "auto":
             raise QueryError(f"source: the {r.suffix} roll-up cannot answer this exactly (it needs a range and "
                              f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
+        if not split_tried:  # the coarsest cannot: whole coarse buckets from it, the edges from finer
+            split_tried = True
+            split = _split(store, columns, start, end, step)
+            if split.segments:
+                return split
     return raw
 
 
+def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: int) -> _Source:
+    """A range on finer boundaries than the coarsest roll-up's, answered piecewise: the whole
+    coarse buckets inside it from the coarse roll-up, the edges from the finer one (a day
+    on minute boundaries reads 22-23 hours from the 1-hour roll-up, not 1,440 minutes)."""
+    raw = _Source(store.table, 0, "count()")
+    if step or not columns <= frozenset(ROLLUP_KEYS) or len(ROLLUPS) < 2:
+        return raw
+    fine, coarse = ROLLUPS[0], ROLLUPS[-1]
+    if start % fine.seconds or end % fine.seconds:
+        return raw
+    c0 = -(-start // coarse.seconds) * coarse.seconds
+    c1 = end // coarse.seconds * coarse.seconds
+    if c1 <= c0:
+        return raw
+    f, c = f"{store.table}_{fine.suffix}", f"{store.table}_{coarse.suffix}"
+    segs = [(f, start, c0)] if start < c0 else []
+    segs.append((c, c0, c1))
+    if c1 < end:
+        segs.append((f, c1, end))
+    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs))
+
+
 def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
+    if src.segments:
+        return "1"  # each segment reads its own part of the range
     col = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
     conds = []
     if start > 0:
@@ -303,6 +335,10 @@ def _where(store: Backend, q: FlowQuery, extra: frozenset[str], now: Callable[[]
 
 
 def _table(store: Backend, src: _Source) -> str:
+    if src.segments:
+        parts = [f"SELECT * FROM {quote(store.database)}.{quote(t)} WHERE timeBucket >= {a:d} AND timeBucket < {b:d}"
+                 for t, a, b in src.segments]
+        return "(" + " UNION ALL ".join(parts) + ")"
     return f"{quote(store.database)}.{quote(src.name)}"
 
 
@@ -495,44 +531,46 @@ def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float
 
 # --------------------------------------------------------------------------- overview
 
-_TUPLE: Final = "sourceIP, destinationIP, sourceTransportPort, destinationTransportPort, protocolIdentifier"
-
-
 def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Overview:
-    """Totals of the range (always read from the raw table: connections are counted by 5-tuple)."""
-    params = Params()
-    w = parse_filter(q.filter, params)
-    start, end = _window(q, now)
-    src = _Source(store.table, 0, "count()")
-    where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
-    ended = ", ".join(str(r) for r in sorted(ENDED_REASONS))
-    deny = ", ".join(str(a) for a in sorted(DENY_ACTIONS))
+    """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
+    and Services come from the coarsest table that answers exactly; connections (distinct
+    5-tuples, counted over the raw table's ``connectionHash``) and how many of them ended
+    or were denied, from the raw table."""
+    src, where, params, start, end = _where(store, q, frozenset(), now)
+    tbl = _table(store, src)
     rows = store.rows(
-        f"SELECT count(), sum({_BYTES}), sum({_PACKETS}), uniqExact({_TUPLE}), "
-        f"uniqExactIf(({_TUPLE}), flowEndReason IN ({ended}) OR final = 1), "
-        f"uniqExactIf(({_TUPLE}), ingressNetworkPolicyRuleAction IN ({deny}) "
-        f"OR egressNetworkPolicyRuleAction IN ({deny})), "
-        "uniqExactIf(sourcePodNamespace, sourcePodNamespace != ''), "
-        "uniqExactIf(destinationPodNamespace, destinationPodNamespace != ''), "
+        f"SELECT {src.records}, sum({_BYTES}), sum({_PACKETS}), "
         "uniqExactIf((sourcePodNamespace, sourcePodName), sourcePodName != ''), "
         "uniqExactIf((destinationPodNamespace, destinationPodName), destinationPodName != ''), "
         "uniqExactIf(sourceNodeName, sourceNodeName != ''), "
         "uniqExactIf(destinationNodeName, destinationNodeName != ''), "
         "uniqExactIf(destinationServicePortName, destinationServicePortName != '') "
-        f"FROM {_table(store, src)} WHERE {where}", params.values)
-    r = rows[0] if rows else (0,) * 13
-    n, b, p, conns, ended_n, denied = (int(x or 0) for x in r[:6])
+        f"FROM {tbl} WHERE {where}", params.values)
+    r = rows[0] if rows else (0,) * 8
+    n, b, p = (int(x or 0) for x in r[:3])
+    names = store.rows(
+        f"SELECT uniqExact(x) FROM (SELECT sourcePodNamespace AS x FROM {tbl} WHERE {where} "
+        f"AND sourcePodNamespace != '' UNION ALL SELECT destinationPodNamespace AS x FROM {tbl} WHERE {where} "
+        "AND destinationPodNamespace != '')", params.values)
+    namespaces = int(names[0][0]) if names else 0
+    raw_params = Params()
+    w = parse_filter(q.filter, raw_params)
+    raw = _Source(store.table, 0, "count()")
+    raw_where = _time_where(raw, start, end, raw_params) + (f" AND ({w.sql})" if w.sql != "1" else "")
+    ended = ", ".join(str(x) for x in sorted(ENDED_REASONS))
+    deny = ", ".join(str(a) for a in sorted(DENY_ACTIONS))
+    conns = store.rows(
+        "SELECT uniqExact(connectionHash), "
+        f"uniqExactIf(connectionHash, flowEndReason IN ({ended}) OR final = 1), "
+        f"uniqExactIf(connectionHash, ingressNetworkPolicyRuleAction IN ({deny}) "
+        f"OR egressNetworkPolicyRuleAction IN ({deny})) "
+        f"FROM {_table(store, raw)} WHERE {raw_where}", raw_params.values)
+    c, ended_n, denied = (int(x or 0) for x in (conns[0] if conns else (0, 0, 0)))
     seconds = max(end - start, 1)
-    # The distinct counts of either end need one more pass (names shared by both ends count once).
-    extra = store.rows(
-        "SELECT uniqExact(x) FROM (SELECT sourcePodNamespace AS x FROM "
-        f"{_table(store, src)} WHERE {where} AND sourcePodNamespace != '' UNION ALL SELECT destinationPodNamespace "
-        f"FROM {_table(store, src)} WHERE {where} AND destinationPodNamespace != '')", params.values)
-    namespaces = int(extra[0][0]) if extra else 0
-    pods = int(r[8] or 0) + int(r[9] or 0)
-    nodes = max(int(r[10] or 0), int(r[11] or 0))
-    return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), conns,
-                    max(conns - ended_n, 0), ended_n, denied, namespaces, pods, nodes, int(r[12] or 0))
+    pods = int(r[3] or 0) + int(r[4] or 0)
+    nodes = max(int(r[5] or 0), int(r[6] or 0))
+    return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
+                    max(c - ended_n, 0), ended_n, denied, namespaces, pods, nodes, int(r[7] or 0))
 
 
 # --------------------------------------------------------------------------- completion

@@ -22,12 +22,15 @@ where the server has it (:class:`Features`).
 ``reverseThroughput`` (bits/s over the record's interval: the delta octets over
 ``flowEndSeconds - flowStartSeconds`` of this record, at least 1 s), and
 ``sourcePodWorkload`` / ``destinationPodWorkload`` (the Pod name without the
-ReplicaSet/StatefulSet/DaemonSet suffix: ``web-7d4b9c-x2x9k`` is ``web``).
+ReplicaSet/StatefulSet/DaemonSet suffix: ``web-7d4b9c-x2x9k`` is ``web``), and
+``connectionHash`` (the 5-tuple hashed, so distinct connections are counted over 8 bytes a row).
 
 *Roll-ups* (:data:`ROLLUPS`): SummingMergeTree tables at 1 minute and 1 hour, fed by
 materialized views, keyed by the bucket start (``timeBucket``, epoch seconds, timezone
 free) and :data:`ROLLUP_KEYS` (the dimensions the dashboards group by), carrying the four
-delta counters and ``records`` (how many flow records fell in the key and bucket). The
+delta counters, ``records`` (how many flow records fell in the key and bucket) and ``ended``
+(how many of them ended their connection: flowEndReason end of flow, forced end or lack of
+resources, or the aggregator's final record). The
 query layer reads the coarsest table whose resolution divides the question's time range
 and whose keys hold every column the question touches: then its answer is exactly the
 raw table's.
@@ -52,7 +55,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from flowscope.ipfix import DataType, default_registry
-from flowscope.ipfix.antrea import aggregator_fields
+from flowscope.ipfix.antrea import ENDED_REASONS, aggregator_fields
 
 __all__ = [
     "COLUMNS",
@@ -61,6 +64,7 @@ __all__ = [
     "DIMENSIONS",
     "ROLLUPS",
     "ROLLUP_KEYS",
+    "ROLLUP_COUNTS",
     "ROLLUP_SUMS",
     "RECORD_COLUMNS",
     "SCHEMA_VERSION",
@@ -236,6 +240,9 @@ DERIVED: Final[tuple[Derived, ...]] = (
     Derived("reverseThroughput", "Float64", _throughput("reverseOctetDeltaCount")),
     Derived("sourcePodWorkload", "String", f"replaceRegexpOne(sourcePodName, '{_WORKLOAD_RE}', '')", True),
     Derived("destinationPodWorkload", "String", f"replaceRegexpOne(destinationPodName, '{_WORKLOAD_RE}', '')", True),
+    # the connection (5-tuple) as one 64-bit hash: distinct connections counted over 8 bytes a row
+    Derived("connectionHash", "UInt64", "cityHash64(sourceIP, destinationIP, sourceTransportPort, "
+            "destinationTransportPort, protocolIdentifier)"),
 )
 DERIVED_NAMES: Final = tuple(d.name for d in DERIVED)
 
@@ -279,6 +286,8 @@ ROLLUP_KEYS: Final[tuple[str, ...]] = (
 ROLLUP_SUMS: Final[tuple[str, ...]] = (
     "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
 )
+#: Counts a roll-up keeps: records, and records that ended their connection.
+ROLLUP_COUNTS: Final[tuple[str, ...]] = ("records", "ended")
 
 
 def _key_type(name: str, features: Features) -> str:
@@ -310,10 +319,10 @@ def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Featur
     """``CREATE TABLE IF NOT EXISTS`` for one roll-up's summing table."""
     cols = ["`timeBucket` UInt32"]
     cols += [f"{quote(k)} {_key_type(k, features)}" for k in ROLLUP_KEYS]
-    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS] + ["`records` UInt64", "`inserted` DateTime"]
+    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS + ROLLUP_COUNTS] + ["`inserted` DateTime"]
     body = ",\n    ".join(cols)
     keys = ", ".join(("timeBucket",) + ROLLUP_KEYS)
-    sums = ", ".join(ROLLUP_SUMS + ("records",))
+    sums = ", ".join(ROLLUP_SUMS + ROLLUP_COUNTS)
     return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(f'{table}_{rollup.suffix}')} (\n    {body}\n) "
             f"ENGINE = SummingMergeTree(({sums})) PARTITION BY {rollup.partition} ORDER BY ({keys})"
             + _ttl("inserted", retention.for_table(rollup.seconds), features))
@@ -337,10 +346,11 @@ def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Featu
     if finer is None:
         sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS)
         bucket = f"intDiv(toUInt32(flowEndSeconds), {rollup.seconds}) * {rollup.seconds}"
+        ended = ", ".join(str(r) for r in sorted(ENDED_REASONS))
         return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, toUInt64(count()) AS records, "
-                "max(timeInserted) AS inserted "
+                f"toUInt64(countIf(flowEndReason IN ({ended}) OR final = 1)) AS ended, max(timeInserted) AS inserted "
                 f"FROM {quote(database)}.{quote(table)} GROUP BY timeBucket, {keys}")
-    sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS + ("records",))
+    sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS + ROLLUP_COUNTS)
     bucket = f"intDiv(timeBucket, {rollup.seconds}) * {rollup.seconds}"
     return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, max(inserted) AS inserted "
             f"FROM {quote(database)}.{quote(f'{table}_{finer.suffix}')} GROUP BY timeBucket, {keys}")

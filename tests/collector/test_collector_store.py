@@ -149,7 +149,17 @@ def rollup_answers_equal_raw(store) -> int:
     with pytest.raises(query.QueryError, match="source: the 1h roll-up cannot answer this exactly"):
         query.top(store, base.with_(group="srcPod", filter="port = 80", source="1h"))
     assert query.top(store, base.with_(group="srcPod")).table == "flows_1h"
-    assert query.top(store, base.with_(start=T_START + 60, group="srcPod")).table == "flows_1m"
+    assert query.top(store, base.with_(start=T_START + 60, group="srcPod")).table == "flows_1m+flows_1h"
+    # a range on minute boundaries: whole hours from the 1-hour roll-up, the edges from the 1-minute one
+    for f in FILTERS[:12]:
+        for g in ("srcPod", "dstNamespace", "policy"):
+            q = query.FlowQuery(start=T_START + 1260, end=T_END - 540, filter=f, group=g, top=5)
+            split, raw = query.top(store, q), query.top(store, q.with_(source="raw"))
+            assert split.to_json() | {"table": ""} == raw.to_json() | {"table": ""}, (f, g)
+            checked += split.table == "flows_1m+flows_1h"
+        q = query.FlowQuery(start=T_START + 1260, end=T_END - 540, filter=f)
+        assert query.overview(store, q) == query.overview(store, q.with_(source="raw"))
+        assert query.complete(store, "pod", "app", q=q) == query.complete(store, "pod", "app", q=q.with_(source="raw"))
     assert query.top(store, base.with_(start=T_START + 1, group="srcPod")).table == "flows"
     return checked
 
