@@ -3,9 +3,11 @@ every query the dashboards and ``flowscope flows --top`` issue timed, p50/p95, a
 store's bytes on disk per flow.
 
 The cluster (``--rows`` flows, 10M by default): 5,000 Pods in 50 namespaces on 50 Nodes,
-200 Services, 100 network policies (ingress and egress; 3% of flows dropped, 1% rejected),
-a day of history ending now; Pod popularity is skewed (a Zipf-like weight), a third of
-flows go through a Service, 8% leave the cluster, 4% come in from outside. Columns are
+200 Services, 100 network policies (ingress, and 10 cluster policies on egress), a day of
+history ending now; Pod popularity is skewed (a Zipf-like weight), a third of
+pairs go through a Service, 8% of flows leave the cluster, 4% come in from outside; each
+Pod talks to 6 peers, and a pair's policy verdict is fixed (3% of pairs dropped, 1%
+rejected, by the ingress policy of the destination). Columns are
 generated with numpy and handed to the store's insert as arrow arrays, in blocks of
 ``--block`` rows (the materialized views roll every block up as it lands).
 
@@ -35,6 +37,7 @@ from flowscope.collector.schema import COLUMNS
 from flowscope.collector.store import open_store
 
 PODS, NAMESPACES, NODES, SERVICES, POLICIES = 5000, 50, 50, 200, 100
+PEERS = 6  # destinations per source Pod
 
 
 def _strings(values: list[str], idx: np.ndarray) -> pa.Array:
@@ -47,11 +50,14 @@ def generate(n: int, end: int, seed: int) -> dict[str, Any]:
     weights = 1.0 / np.arange(1, PODS + 1) ** 0.6
     weights /= weights.sum()
     src = rng.choice(PODS, n, p=weights)
-    dst = rng.choice(PODS, n, p=weights)
+    # Each Pod talks to a few peers (its Services' backends), as in a real cluster: a Pod's
+    # connections repeat, which is what the roll-ups fold.
+    peers = (np.arange(PODS)[:, None] * 31 + np.arange(PEERS)[None, :] * 997 + 7) % PODS
+    dst = peers[src, rng.integers(0, PEERS, n)]
     kind = rng.random(n)
     to_ext, from_ext = kind < 0.08, (kind >= 0.08) & (kind < 0.12)
-    svc_hit = (kind >= 0.12) & (kind < 0.45)
-    svc = rng.integers(0, SERVICES, n)
+    svc = dst % SERVICES  # the Service in front of the destination Pod
+    svc_hit = ((src + dst) % 3 == 0) & ~to_ext & ~from_ext  # a third of the pairs go through it
     pod_ns = np.arange(PODS) % NAMESPACES
     pod_node = (np.arange(PODS) * 7) % NODES
     pod_names = [f"app{p % 400}-{(p * 2654435761) % 0xfffff:05x}{'abcdef'[p % 6]}-{p:05d}" for p in range(PODS)]
@@ -67,11 +73,11 @@ def generate(n: int, end: int, seed: int) -> dict[str, Any]:
     rpkts = rocts // 900
     same_node = pod_node[src] == pod_node[dst]
     flow_type = np.where(to_ext, 3, np.where(from_ext, 4, np.where(same_node, 1, 2))).astype(np.uint8)
-    pol = rng.integers(0, POLICIES, n)
-    has_in = rng.random(n) < 0.6
-    action_draw = rng.random(n)
-    in_action = np.where(has_in, np.where(action_draw < 0.03, 2, np.where(action_draw < 0.04, 3, 1)), 0).astype(np.uint8)
-    has_eg = rng.random(n) < 0.3
+    pol = dst % POLICIES  # the policy selecting the destination Pod
+    has_in = (dst % 5 < 3) & ~to_ext
+    pair = (src * 7919 + dst) % 100  # a pair's verdict is the same for each of its connections
+    in_action = np.where(has_in, np.where(pair < 3, 2, np.where(pair < 4, 3, 1)), 0).astype(np.uint8)
+    has_eg = (src % 10 < 3) & ~from_ext
     eg_action = np.where(has_eg, 1, 0).astype(np.uint8)
     empty = np.zeros(n, dtype=np.int64)
     blank = pa.array([""], type=pa.string())
@@ -97,8 +103,8 @@ def generate(n: int, end: int, seed: int) -> dict[str, Any]:
         timeInserted=np.full(n, end, dtype=np.uint32), flowEndSeconds=end_t.astype(np.uint32),
         flowStartSeconds=(end_t - dur).astype(np.uint32), flowEndReason=rng.choice([1, 2, 2, 3], n).astype(np.uint8),
         sourceTransportPort=rng.integers(30000, 61000, n).astype(np.uint16),
-        destinationTransportPort=rng.choice([80, 443, 8080, 5432, 6379, 53], n).astype(np.uint16),
-        protocolIdentifier=rng.choice([6, 6, 6, 17], n).astype(np.uint8),
+        destinationTransportPort=np.array([80, 443, 8080, 5432, 6379, 53], dtype=np.uint16)[dst % 6],
+        protocolIdentifier=np.where(dst % 6 == 5, 17, 6).astype(np.uint8),
         octetDeltaCount=octets, packetDeltaCount=pkts, reverseOctetDeltaCount=rocts, reversePacketDeltaCount=rpkts,
         octetTotalCount=octets, packetTotalCount=pkts, reverseOctetTotalCount=rocts, reversePacketTotalCount=rpkts,
         flowType=flow_type, ingressNetworkPolicyRuleAction=in_action, egressNetworkPolicyRuleAction=eg_action,

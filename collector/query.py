@@ -49,7 +49,7 @@ from typing import Any, Final, Literal, Protocol
 from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 from .filter import Params, parse_filter
-from .schema import COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_KEYS, ROLLUPS, quote
+from .schema import COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_COUNTS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUPS, quote
 
 __all__ = [
     "BY",
@@ -253,6 +253,7 @@ class _Source:
     records: str  # SQL of the records count
     # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
     segments: tuple[tuple[str, int, int], ...] = ()
+    columns: tuple[str, ...] = ()  # what the segments select (the query's columns, the sums and counts)
 
 
 def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
@@ -308,7 +309,8 @@ def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: 
     segs.append((c, c0, c1))
     if c1 < end:
         segs.append((f, c1, end))
-    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs))
+    cols = tuple(sorted(columns)) + ROLLUP_SUMS + ROLLUP_COUNTS
+    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs), cols)
 
 
 def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
@@ -336,8 +338,9 @@ def _where(store: Backend, q: FlowQuery, extra: frozenset[str], now: Callable[[]
 
 def _table(store: Backend, src: _Source) -> str:
     if src.segments:
-        parts = [f"SELECT * FROM {quote(store.database)}.{quote(t)} WHERE timeBucket >= {a:d} AND timeBucket < {b:d}"
-                 for t, a, b in src.segments]
+        cols = ", ".join(quote(c) for c in ("timeBucket",) + src.columns)
+        parts = [f"SELECT {cols} FROM {quote(store.database)}.{quote(t)} "
+                 f"WHERE timeBucket >= {a:d} AND timeBucket < {b:d}" for t, a, b in src.segments]
         return "(" + " UNION ALL ".join(parts) + ")"
     return f"{quote(store.database)}.{quote(src.name)}"
 
@@ -426,14 +429,27 @@ def _require_group(q: FlowQuery) -> str:
     return q.group
 
 
+_VALUE: Final = {"bytes": "sum(b)", "packets": "sum(p)", "records": "sum(r)", "throughput": "sum(b)"}
+
+
+def _inner(columns: Sequence[str], src: _Source, store: Backend, where: str, extra: Sequence[str] = ()) -> str:
+    """The aggregation by the dimension's own columns (LowCardinality groups fast); the outer
+    query builds the key text over the far fewer grouped rows."""
+    cols = list(dict.fromkeys(columns))
+    keys = ", ".join(cols + [e.rsplit(" AS ", 1)[1] for e in extra])
+    sel = ", ".join(cols + list(extra))
+    return (f"SELECT {sel + ', ' if sel else ''}sum({_BYTES}) AS b, sum({_PACKETS}) AS p, {src.records} AS r "
+            f"FROM {_table(store, src)} WHERE {where}" + (f" GROUP BY {keys}" if keys else ""))
+
+
 def top(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> TopResult:
     """The top ``q.top`` groups of ``q.group`` by ``q.by``, the remainder as "other", and the total."""
     group = _require_group(q)
     dim = DIMENSIONS[group]
     src, where, params, start, end = _where(store, q, frozenset(dim.columns), now)
     rows = store.rows(
-        f"SELECT {dim.sql} AS k, sum({_BYTES}) AS b, sum({_PACKETS}) AS p, {src.records} AS r "
-        f"FROM {_table(store, src)} WHERE {where} GROUP BY k", params.values)
+        f"SELECT {dim.sql} AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
+        f"{_inner(dim.columns, src, store, where)}) GROUP BY k", params.values)
     m = {"b": 1, "p": 2, "r": 3}[_metric(q.by)]
     rows.sort(key=lambda r: (-int(r[m]), -int(r[1]), str(r[0])))
     seconds = end - start
@@ -476,11 +492,10 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
     src, where, params, _, _ = _where(store, q, frozenset(dim.columns if dim else ()), now, step)
     tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
     key_sql = dim.sql if dim else "''"
-    value = {"bytes": f"sum({_BYTES})", "packets": f"sum({_PACKETS})", "records": src.records,
-             "throughput": f"sum({_BYTES})"}[q.by]
+    bucket = f"intDiv({tcol}, {step:d}) * {step:d}"
+    inner = _inner(dim.columns if dim else (), src, store, where, (f"{bucket} AS t",))
     rows = store.rows(
-        f"SELECT {key_sql} AS k, intDiv({tcol}, {step:d}) * {step:d} AS t, {value} AS v "
-        f"FROM {_table(store, src)} WHERE {where} GROUP BY k, t", params.values)
+        f"SELECT {key_sql} AS k, t, {_VALUE[q.by]} AS v FROM ({inner}) GROUP BY k, t", params.values)
     buckets = list(range(first, end, step))
     index = {t: i for i, t in enumerate(buckets)}
     totals: dict[str, int] = {}
@@ -515,9 +530,10 @@ def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float
         raise QueryError(f"target: {target!r} is not one of {', '.join(DIMENSIONS)}")
     a, b = DIMENSIONS[group], DIMENSIONS[target]
     src, where, params, _, _ = _where(store, q, frozenset(a.columns + b.columns), now)
+    cols = tuple(dict.fromkeys(a.columns + b.columns))
     rows = store.rows(
-        f"SELECT {a.sql} AS s, {b.sql} AS d, sum({_BYTES}) AS b, sum({_PACKETS}) AS p, {src.records} AS r "
-        f"FROM {_table(store, src)} WHERE {where} GROUP BY s, d", params.values)
+        f"SELECT {a.sql} AS s, {b.sql} AS d, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
+        f"{_inner(cols, src, store, where)}) GROUP BY s, d", params.values)
     m = {"b": 2, "p": 3, "r": 4}[_metric(q.by)]
     rows.sort(key=lambda r: (-int(r[m]), str(r[0]), str(r[1])))
     out = [SankeyLink(str(r[0]), str(r[1]), label(group, str(r[0])), label(target, str(r[1])),
@@ -531,12 +547,17 @@ def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float
 
 # --------------------------------------------------------------------------- overview
 
+_OVERVIEW_COLUMNS: Final = frozenset((
+    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName", "sourceNodeName",
+    "destinationNodeName", "destinationServicePortName"))
+
+
 def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Overview:
     """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
     and Services come from the coarsest table that answers exactly; connections (distinct
     5-tuples, counted over the raw table's ``connectionHash``) and how many of them ended
     or were denied, from the raw table."""
-    src, where, params, start, end = _where(store, q, frozenset(), now)
+    src, where, params, start, end = _where(store, q, _OVERVIEW_COLUMNS, now)
     tbl = _table(store, src)
     rows = store.rows(
         f"SELECT {src.records}, sum({_BYTES}), sum({_PACKETS}), "
