@@ -44,7 +44,7 @@ __all__ = [
 #: Filters that make a page what it is (filter-language text, ANDed with the user's).
 SCOPES: Final[dict[str, str]] = {
     "all": "",
-    "pod-to-pod": 'type in (intra-node, inter-node) and service = "" and dstPod != ""',
+    "pod-to-pod": 'type in (intra-node, inter-node) and service = "" and srcPod != "" and dstPod != ""',
     "pod-to-service": 'service != ""',
     "pod-to-external": "type = to-external",
     "inter-node": "type = inter-node",
@@ -230,9 +230,12 @@ def _label(dim: str, key: str) -> str:
 class Dashboards:
     """The panels of every page over one store (blocking: call from a worker thread)."""
 
-    def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time, source: str = "auto") -> None:
+        """``source``: which table answers (the query layer's choice by default; ``raw`` is
+        the benchmark's peer)."""
         self.store = store
         self.now = now
+        self.source = source
 
     # ---- request -> query
 
@@ -265,7 +268,7 @@ class Dashboards:
             if text:
                 parts.append(f"({text})")
         try:
-            q = query.FlowQuery(start=w.start, end=w.end, filter=" and ".join(parts))
+            q = query.FlowQuery(start=w.start, end=w.end, filter=" and ".join(parts), source=self.source)
         except query.QueryError as exc:
             raise PanelError(_error_field(exc), str(exc)) from None
         return q, w
