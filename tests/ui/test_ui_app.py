@@ -278,3 +278,75 @@ async def test_a_store_that_fails_is_a_503_and_the_server_keeps_serving(store) -
     finally:
         await client.close()
 
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _run(*argv: str, timeout: float = 60, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "flowscope", *argv], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def test_flowscope_ui_serves_a_store_directory_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import json as _json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    directory = tmp_path / "store"
+    # chDB is one engine per process (this one holds the module's store): fill it in another.
+    fill = (f"from ui_cluster import FLOWS, NOW\n"
+            f"from flowscope.collector.rows import flows_to_columns\n"
+            f"from flowscope.collector.store import open_store\n"
+            f"s = open_store('chdb://{directory}'); s.open()\n"
+            f"s.insert(flows_to_columns(FLOWS, time_inserted=NOW, commit_id=1)[0]); s.close()\n")
+    here = str(Path(__file__).resolve().parent)
+    filled = subprocess.run([sys.executable, "-c", fill], cwd=here, capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": here})
+    assert filled.returncode == 0, filled.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flowscope", "ui", "--store", f"chdb://{directory}",
+                             "--ui", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once it listens
+        assert f"http://127.0.0.1:{port}/" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        frm = str(NOW - 900)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui/v1/summary?from={frm}&to={NOW}", timeout=30) as r:
+            assert _json.loads(r.read())["flows"] == len(RECORDS)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
+            assert b"flowscope" in r.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_the_commands_refuse_an_open_non_loopback_ui_and_a_ui_without_a_store(tmp_path: Path) -> None:
+    done = _run("ui", "--store", f"chdb://{tmp_path}/s", "--ui", "0.0.0.0:8080")
+    assert done.returncode == 2 and "no client authentication" in done.stderr, done.stderr
+    done = _run("collector", "--listen", "127.0.0.1:4739:tcp", "--ui", "127.0.0.1:0")
+    assert done.returncode == 2 and "--ui serves the flow store's dashboards: give --store too" in done.stderr
+    done = _run("demo", "--ui", "0.0.0.0:8080")
+    assert done.returncode == 2 and "--ui" in done.stderr and "authentication" in done.stderr
+    done = _run("demo", "--duration", "soon")
+    assert done.returncode == 2 and "--duration" in done.stderr
+
+
+def test_the_demo_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from flowscope.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert main(["demo", "--duration", "5s"]) == 2
+    err = capsys.readouterr().err
+    assert "needs root" in err and "network namespaces" in err
