@@ -403,6 +403,7 @@ const COLUMNS = [
 const PROTOCOLS = { 1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP" };
 const FLOW_TYPES = { 0: "host", 1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external" };
 const ACTIONS = { 0: "", 1: "allow", 2: "drop", 3: "reject" };
+const END_REASONS = { 1: "idle timeout", 2: "active timeout", 3: "end of flow", 4: "forced end", 5: "lack of resources" };
 
 function endpoint(ns, pod, ip, port) {
   const where = pod ? `${ns}/${pod}` : ip || "";
@@ -498,7 +499,7 @@ async function showFlow(row) {
       ["Service", r.destinationServicePortName], ["ClusterIP", r.destinationClusterIP && `${r.destinationClusterIP}:${r.destinationServicePort || ""}`],
       ["protocol", PROTOCOLS[r.protocolIdentifier] || r.protocolIdentifier], ["flow type", FLOW_TYPES[r.flowType] ?? r.flowType],
       ["TCP state", r.tcpState], ["start", t(r.flowStartSeconds)], ["last seen", t(r.flowEndSeconds)],
-      ["end reason", r.flowEndReason], ["correlation", r.correlation], ["final record", r.final === undefined ? "" : String(!!r.final)],
+      ["end reason", r.flowEndReason ? `${END_REASONS[r.flowEndReason] || "?"} (${r.flowEndReason})` : ""], ["correlation", r.correlation], ["final record", r.final === undefined ? "" : String(!!r.final)],
     ])}
     <h3>Counters (both Nodes)</h3>${counters}
     <h3>Network policies</h3>${dl([
