@@ -22,7 +22,9 @@ prefixes); heatmaps are Mbit/s, as network engineers read a link's load.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -79,6 +81,7 @@ EXPORT_LIMIT: Final = query.MAX_LIMIT
 OTHER: Final = query.OTHER
 DEFAULT_SINCE: Final = "15m"
 MAX_SPAN: Final = 400 * 86400
+IP_WINDOW: Final = 900  # tooltips name the addresses seen in the range's last 15 minutes
 
 
 class PanelError(ValueError):
@@ -115,9 +118,11 @@ _NICE_STEPS: Final = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 1
 
 
 def _step(span: int) -> int:
-    """About 90 buckets over the span, at a step that divides a day."""
+    """About 90 buckets over the span, at a step that divides a day; past 6 hours, whole
+    hours (so the 1-hour roll-up answers: a day is 24 buckets, a week 84)."""
     raw = max(span / 90, 1)
-    return next((s for s in _NICE_STEPS if s >= raw), 86400 * math.ceil(raw / 86400))
+    step = next((s for s in _NICE_STEPS if s >= raw), 86400 * math.ceil(raw / 86400))
+    return max(step, 3600) if span > 6 * 3600 else step
 
 
 def window_from_params(params: Mapping[str, str], *, now: Callable[[], float] = time.time) -> Window:
@@ -201,16 +206,20 @@ def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, st
     columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
     src, where, params, _, _ = query._where(store, q, columns, now, step)  # the query layer's table choice
     tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
-    keys = [f"{DIMENSIONS[d].sql} AS k{i}" for i, d in enumerate(dims)]
-    if step:
-        keys.append(f"intDiv({tcol}, {int(step):d}) * {int(step):d} AS t")
+    # Group by the dimensions' own columns first (LowCardinality groups fast), then make the
+    # keys' text over the far fewer grouped rows.
+    raw_cols = list(dict.fromkeys(c for d in dims for c in DIMENSIONS[d].columns))
+    inner_keys = raw_cols + ([f"intDiv({tcol}, {int(step):d}) * {int(step):d} AS t"] if step else [])
+    inner_names = raw_cols + (["t"] if step else [])
+    inner = (f"SELECT {''.join(k + ', ' for k in inner_keys)}sum(octetDeltaCount) AS o, sum(reverseOctetDeltaCount) AS ro, "
+             f"sum(packetDeltaCount) AS p, sum(reversePacketDeltaCount) AS rp, {src.records} AS n "
+             f"FROM {query._table(store, src)} WHERE {where}"
+             + (f" GROUP BY {', '.join(inner_names)}" if inner_names else ""))
+    keys = [f"{DIMENSIONS[d].sql} AS k{i}" for i, d in enumerate(dims)] + (["t"] if step else [])
     names = [f"k{i}" for i in range(len(dims))] + (["t"] if step else [])
-    select = ", ".join(keys + [
-        "sum(octetDeltaCount)", "sum(reverseOctetDeltaCount)", "sum(packetDeltaCount)",
-        "sum(reversePacketDeltaCount)", src.records,
-    ])
+    select = ", ".join(keys + ["sum(o)", "sum(ro)", "sum(p)", "sum(rp)", "sum(n)"])
     group_by = f" GROUP BY {', '.join(names)}" if names else ""
-    rows = store.rows(f"SELECT {select} FROM {query._table(store, src)} WHERE {where}{group_by}", params.values)
+    rows = store.rows(f"SELECT {select} FROM ({inner}){group_by}", params.values)
     n = len(dims)
     out = []
     for r in rows:
@@ -227,13 +236,56 @@ def _label(dim: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- the panels
 
+class _Memo:
+    """The store's answers kept for a few seconds. A page's panels ask some questions twice
+    (the Tx and Rx sankeys, the two heatmaps, top Pods and the sankeys' tooltips) and a page
+    load sends them together: one runs, the others wait for its answer."""
+
+    def __init__(self, store: query.Backend, *, ttl: float = 3.0, size: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.database = store.database
+        self.table = store.table
+        self.ttl, self.size, self.clock = ttl, size, clock
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[tuple[Any, ...], tuple[float, list[tuple[Any, ...]]]] = OrderedDict()
+        self._flights: dict[tuple[Any, ...], threading.Lock] = {}
+
+    def _fresh(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        hit = self._answers.get(key)
+        if hit is not None and self.clock() - hit[0] < self.ttl:
+            return list(hit[1])
+        return None
+
+    def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        key = (sql, tuple(sorted(params.items())))
+        with self._lock:
+            rows = self._fresh(key)
+            if rows is not None:
+                return rows
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:
+            with self._lock:
+                rows = self._fresh(key)
+            if rows is not None:
+                return rows
+            rows = self.store.rows(sql, params)
+            with self._lock:
+                self._answers[key] = (self.clock(), rows)
+                self._answers.move_to_end(key)
+                while len(self._answers) > self.size:
+                    self._answers.popitem(last=False)
+                self._flights.pop(key, None)
+            return list(rows)
+
+
 class Dashboards:
     """The panels of every page over one store (blocking: call from a worker thread)."""
 
     def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time, source: str = "auto") -> None:
         """``source``: which table answers (the query layer's choice by default; ``raw`` is
         the benchmark's peer)."""
-        self.store = store
+        self.store: query.Backend = _Memo(store)
         self.now = now
         self.source = source
 
@@ -421,6 +473,8 @@ class Dashboards:
         """IP addresses behind the sankey's nodes, for the tooltips (from the raw table: the
         roll-ups keep no addresses)."""
         out: dict[tuple[str, str], set[str]] = {}
+        if q.start is not None and q.end is not None and q.end - q.start > IP_WINDOW:
+            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately: the raw table keeps them
         pairs = [("srcPod", "srcIP", "s")]
         if scope == "pod-to-pod":
             pairs.append(("dstPod", "dstIP", "d"))
@@ -533,7 +587,7 @@ class Dashboards:
         number = _int(params, "page", 1, 1, 1_000_000)
         page = self._run(lambda: query.flows(self.store, q.with_(limit=limit, offset=(number - 1) * limit),
                                              now=self.now))
-        total = self._run(lambda: query.overview(self.store, q, now=self.now)).records
+        total = self._run(lambda: query.top(self.store, q.with_(group="flowType", top=1), now=self.now)).total.records
         return {"rows": page.records, "page": number, "limit": limit, "more": page.more, "total": total}
 
     def values(self, params: Mapping[str, str]) -> dict[str, Any]:
