@@ -36,6 +36,7 @@ from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 __all__ = [
     "DASHBOARD_PARAMS",
+    "PAGES",
     "SCOPES",
     "Dashboards",
     "PanelError",
@@ -74,6 +75,34 @@ PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
     "complete": frozenset({"since", "from", "to", "q", "pos"}),
 }
 DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
+
+#: What each page asks, panel and parameters (the same requests as VIEWS in static/app.js):
+#: the benchmark and the tests that compare servers ask them too.
+PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
+    "overview": [("summary", {}), ("series", {"metric": "throughput", "group": "flowType"}),
+                 ("series", {"metric": "flows"}), ("top", {"group": "pod", "n": "10"}),
+                 ("top", {"group": "service", "n": "10"}), ("series", {"metric": "denied"})],
+    "pod-to-pod": [("sankey", {"scope": "pod-to-pod", "dir": "tx", "n": "15"}),
+                   ("sankey", {"scope": "pod-to-pod", "dir": "rx", "n": "15"}),
+                   ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-pod", "top": "8"}),
+                   ("series", {"metric": "throughput", "group": "dstPod", "scope": "pod-to-pod", "top": "8"})],
+    "pod-to-service": [("sankey", {"scope": "pod-to-service", "dir": "tx", "n": "15"}),
+                       ("sankey", {"scope": "pod-to-service", "dir": "rx", "n": "15"}),
+                       ("series", {"metric": "throughput", "group": "service", "scope": "pod-to-service", "top": "8"}),
+                       ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-service", "top": "8"})],
+    "pod-to-external": [("sankey", {"scope": "pod-to-external", "dir": "tx", "n": "15"}),
+                        ("sankey", {"scope": "pod-to-external", "dir": "rx", "n": "15"}),
+                        ("series", {"metric": "throughput", "group": "dstIP", "scope": "pod-to-external", "top": "8"}),
+                        ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-external", "top": "8"})],
+    "flows": [("series", {"metric": "flows", "group": "flowType"}), ("flows", {"page": "1", "limit": "50"})],
+    "nodes": [("series", {"metric": "throughput", "group": "node", "scope": "inter-node", "top": "10"}),
+              ("series", {"metric": "throughput", "group": "node", "scope": "intra-node", "top": "10"}),
+              ("heatmap", {"dir": "tx"}), ("heatmap", {"dir": "rx"})],
+    "policy": [("sankey", {"scope": "policy", "dir": "tx", "n": "20"}), ("top", {"group": "ingressPolicy", "n": "10"}),
+               ("series", {"metric": "denied", "group": "dstPod", "top": "8"}),
+               ("series", {"metric": "flows", "group": "ingressAction"}),
+               ("flows", {"scope": "denied", "limit": "10"})],
+}
 
 MAX_TOP: Final = 50
 MAX_PAGE_LIMIT: Final = 500
