@@ -350,3 +350,76 @@ def test_the_demo_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch,
     assert main(["demo", "--duration", "5s"]) == 2
     err = capsys.readouterr().err
     assert "needs root" in err and "network namespaces" in err
+
+
+# --------------------------------------------------------------------------- in a browser
+
+
+def test_in_chromium_a_token_is_asked_for_once_and_hostile_names_stay_text(store) -> None:
+    """A bearer-token endpoint in a browser: the page asks for the token, then draws; a Pod
+    whose name is markup shows as text in the table and the details (the page escapes it,
+    and the Content-Security-Policy would refuse an injected script anyway)."""
+    import asyncio
+    import threading
+
+    from conftest import require_tool
+
+    require_tool("chromium")
+    from aiohttp import web
+    from playwright.sync_api import sync_playwright
+    from ui_cluster import _record
+
+    from flowscope.collector.rows import flows_to_columns as to_columns
+
+    evil = '<img src=x onerror="window.pwned=1">'
+    hostile = _record("fe", "cache", NOW - 7200, 1234, 56, 6379, 1, sourcePodName=evil,
+                      destinationPodName="cache-0\"><script>window.pwned=2</script>")
+    store.insert(to_columns([hostile], time_inserted=NOW, commit_id=2)[0])
+    token = "browser-token-0123456789abcdef"
+    box: list = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            runner = web.AppRunner(build_app(store, WebAuth(token=token), now=lambda: float(NOW)), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            box.append(site._server.sockets[0].getsockname()[1])
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    url = f"http://127.0.0.1:{box[0]}/"
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            window = f"from={NOW - 7300}&to={NOW - 7000}"
+            page.goto(f"{url}?d=flows&{window}&refresh=0")
+            page.wait_for_selector("#token-dialog[open]", timeout=20_000)
+            page.fill("#token-input", token)
+            page.press("#token-input", "Enter")
+            page.wait_for_selector("table.flows tbody tr", timeout=20_000)
+            assert evil in page.text_content("table.flows tbody")
+            page.click("table.flows tbody tr")
+            page.wait_for_selector("#details .details", timeout=10_000)
+            assert evil in page.text_content("#details")
+            page.goto(f"{url}?d=pod-to-pod&{window}&refresh=0")  # the token is kept for the session
+            page.wait_for_selector("main[data-loaded]", state="attached", timeout=20_000)
+            assert not page.is_visible("#token-dialog")
+            assert page.evaluate("() => window.pwned") is None
+            assert not page.query_selector_all("main img, #details img")
+            assert errors == []
+            b.close()
+    finally:
+        stop.set()
+        thread.join(10)
