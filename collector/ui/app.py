@@ -94,7 +94,7 @@ def build_app(store: query.Backend, auth: WebAuth | None = None, *, now: Callabl
     if api:
         from flowscope.collector.api import add_routes
 
-        add_routes(app, store)  # type: ignore[arg-type]  # any query-layer backend will do
+        add_routes(app, store)  # type: ignore[arg-type,unused-ignore]  # any query-layer backend will do
     add_ui_routes(app, store, now=now)
     return app
 
