@@ -230,7 +230,7 @@ class Overview(_Json):
     bytes: int
     packets: int
     throughput: float  # bits/s
-    connections: int  # distinct 5-tuples
+    connections: int  # distinct 5-tuples (exact to 65,536, then within about 1%: see overview())
     active: int  # connections with no ending record in the range
     ended: int  # connections whose last record ended them (idle, end of flow, forced, resources)
     denied: int  # connections a rule dropped or rejected
@@ -295,9 +295,9 @@ def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: 
     coarse buckets inside it from the coarse roll-up, the edges from the finer one (a day
     on minute boundaries reads 22-23 hours from the 1-hour roll-up, not 1,440 minutes)."""
     raw = _Source(store.table, 0, "count()")
-    if step or not columns <= frozenset(ROLLUP_KEYS) or len(ROLLUPS) < 2:
-        return raw
     fine, coarse = ROLLUPS[0], ROLLUPS[-1]
+    if step % coarse.seconds or not columns <= frozenset(ROLLUP_KEYS) or len(ROLLUPS) < 2:
+        return raw  # a series' buckets must be whole coarse buckets (partial ones at the edges)
     if start % fine.seconds or end % fine.seconds:
         return raw
     c0 = -(-start // coarse.seconds) * coarse.seconds
@@ -393,6 +393,13 @@ def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time)
     start, end = _window(q, now)
     src = _Source(store.table, 0, "count()")
     where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
+    # First the end time of the page's last row, reading one column; then whole rows only
+    # from that time on (the sort key's hour prunes the rest), not every matching row.
+    edge = store.rows(
+        f"SELECT toUInt32(flowEndSeconds) FROM {_table(store, src)} WHERE {where} "
+        f"ORDER BY flowEndSeconds DESC LIMIT 1 OFFSET {q.offset + q.limit:d}", params.values)
+    if edge:
+        where += f" AND toUInt32(flowEndSeconds) >= {params.add(int(edge[0][0]), 'UInt32')}"
     rows = store.rows(
         f"SELECT {_SELECT} FROM {_table(store, src)} WHERE {where} "
         f"ORDER BY {_PAGE_ORDER} LIMIT {q.limit + 1:d} OFFSET {q.offset:d}", params.values)
@@ -471,9 +478,12 @@ def _resolution(q: FlowQuery, start: int, end: int) -> int:
     if q.resolution is not None:
         step = q.resolution
     else:
+        # About 120 buckets; from 12 hours on, whole hours (the 1-hour roll-up answers).
         raw = max((end - start) / 120, 1)
         nice = [1, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400]
         step = next((n for n in nice if n >= raw), 86400 * math.ceil(raw / 86400))
+        if end - start >= 12 * 3600:
+            step = max(step, 3600)
     if (end - start) / step > MAX_BUCKETS:
         raise QueryError(f"resolution: {step}s makes more than {MAX_BUCKETS} buckets over {end - start}s; "
                          "choose a coarser one")
@@ -556,21 +566,26 @@ def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.ti
     """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
     and Services come from the coarsest table that answers exactly; connections (distinct
     5-tuples, counted over the raw table's ``connectionHash``) and how many of them ended
-    or were denied, from the raw table."""
+    or were denied, from the raw table.
+
+    Distinct counts use ClickHouse's ``uniq``: exact up to 65,536 distinct values (every
+    namespace, Pod, Node and Service count of a cluster), past that an adaptive sample whose
+    error stays around 1% (connections of a busy day: 10M rows are counted in about a
+    tenth of the time ``uniqExact`` takes)."""
     src, where, params, start, end = _where(store, q, _OVERVIEW_COLUMNS, now)
     tbl = _table(store, src)
     rows = store.rows(
         f"SELECT {src.records}, sum({_BYTES}), sum({_PACKETS}), "
-        "uniqExactIf((sourcePodNamespace, sourcePodName), sourcePodName != ''), "
-        "uniqExactIf((destinationPodNamespace, destinationPodName), destinationPodName != ''), "
-        "uniqExactIf(sourceNodeName, sourceNodeName != ''), "
-        "uniqExactIf(destinationNodeName, destinationNodeName != ''), "
-        "uniqExactIf(destinationServicePortName, destinationServicePortName != '') "
+        "uniqIf((sourcePodNamespace, sourcePodName), sourcePodName != ''), "
+        "uniqIf((destinationPodNamespace, destinationPodName), destinationPodName != ''), "
+        "uniqIf(sourceNodeName, sourceNodeName != ''), "
+        "uniqIf(destinationNodeName, destinationNodeName != ''), "
+        "uniqIf(destinationServicePortName, destinationServicePortName != '') "
         f"FROM {tbl} WHERE {where}", params.values)
     r = rows[0] if rows else (0,) * 8
     n, b, p = (int(x or 0) for x in r[:3])
     names = store.rows(
-        f"SELECT uniqExact(x) FROM (SELECT sourcePodNamespace AS x FROM {tbl} WHERE {where} "
+        f"SELECT uniq(x) FROM (SELECT sourcePodNamespace AS x FROM {tbl} WHERE {where} "
         f"AND sourcePodNamespace != '' UNION ALL SELECT destinationPodNamespace AS x FROM {tbl} WHERE {where} "
         "AND destinationPodNamespace != '')", params.values)
     namespaces = int(names[0][0]) if names else 0
@@ -581,9 +596,9 @@ def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.ti
     ended = ", ".join(str(x) for x in sorted(ENDED_REASONS))
     deny = ", ".join(str(a) for a in sorted(DENY_ACTIONS))
     conns = store.rows(
-        "SELECT uniqExact(connectionHash), "
-        f"uniqExactIf(connectionHash, flowEndReason IN ({ended}) OR final = 1), "
-        f"uniqExactIf(connectionHash, ingressNetworkPolicyRuleAction IN ({deny}) "
+        "SELECT uniq(connectionHash), "
+        f"uniqIf(connectionHash, flowEndReason IN ({ended}) OR final = 1), "
+        f"uniqIf(connectionHash, ingressNetworkPolicyRuleAction IN ({deny}) "
         f"OR egressNetworkPolicyRuleAction IN ({deny})) "
         f"FROM {_table(store, raw)} WHERE {raw_where}", raw_params.values)
     c, ended_n, denied = (int(x or 0) for x in (conns[0] if conns else (0, 0, 0)))

@@ -133,7 +133,7 @@ def rollup_answers_equal_raw(store) -> int:
                 checked += 1
                 one_minute = query.top(store, q.with_(source="1m"))
                 assert one_minute.to_json() | {"table": ""} == raw.to_json() | {"table": ""}
-        for res in (600, 3600):
+        for res in (600, 3600, 7200):
             q = base.with_(filter=f, group="srcNamespace", resolution=res)
             try:
                 auto_s = query.series(store, q)
@@ -159,6 +159,10 @@ def rollup_answers_equal_raw(store) -> int:
             checked += split.table == "flows_1m+flows_1h"
         q = query.FlowQuery(start=T_START + 1260, end=T_END - 540, filter=f)
         assert query.overview(store, q) == query.overview(store, q.with_(source="raw"))
+        split_s = query.series(store, q.with_(group="dstNamespace", resolution=3600))
+        raw_s = query.series(store, q.with_(group="dstNamespace", resolution=3600, source="raw"))
+        assert split_s.lines == raw_s.lines and split_s.buckets == raw_s.buckets, f
+        checked += split_s.table == "flows_1m+flows_1h"
         assert query.complete(store, "pod", "app", q=q) == query.complete(store, "pod", "app", q=q.with_(source="raw"))
     assert query.top(store, base.with_(start=T_START + 1, group="srcPod")).table == "flows"
     return checked
