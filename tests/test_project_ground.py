@@ -203,6 +203,7 @@ def test_import_contracts_catch_a_violation(tmp_path: Path, capsys: pytest.Captu
     (tmp_path / "flowscope" / "aggregator" / "zz_planted.py").write_text(
         '"""planted"""\nfrom flowscope.operator import zz_target\n'
     )
+    (tmp_path / "flowscope" / "collector" / "zz_planted.py").write_text('"""planted"""\nimport flowscope.aggregator\n')
     with (tmp_path / "flowscope" / "durations.py").open("a") as fh:
         fh.write("import flowscope.cli\nimport flowscope.agent\n")
     rc = checks.lint_imports(tmp_path, placed, [])
@@ -213,6 +214,7 @@ def test_import_contracts_catch_a_violation(tmp_path: Path, capsys: pytest.Captu
     assert "flowscope.aggregator.zz_planted -> flowscope.operator.zz_target" in out
     assert "flowscope.durations -> flowscope.cli" in out
     assert "flowscope.durations -> flowscope.agent" in out
+    assert "flowscope.collector.zz_planted -> flowscope.aggregator" in out
 
 
 # --- the command line ------------------------------------------------------------------
