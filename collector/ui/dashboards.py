@@ -226,9 +226,12 @@ class GroupRow:
 
 
 def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, step: int = 0,
+            limit_by: tuple[int, int] | None = None,
             now: Callable[[], float] = time.time) -> tuple[list[GroupRow], str]:
     """One GROUP BY over ``dims`` (DIMENSIONS names), per ``step`` bucket when given, read from
-    the table the query layer would choose. Returns the rows and the table's name."""
+    the table the query layer would choose. Returns the rows and the table's name.
+    ``limit_by=(n, k)``: only the ``n`` largest groups (by bytes) for each value of the first
+    ``k`` dimensions (ClickHouse's LIMIT n BY)."""
     for d in dims:
         if d not in DIMENSIONS:
             raise PanelError("group", f"group: {d!r} is not one of {', '.join(DIMENSIONS)}")
@@ -248,6 +251,9 @@ def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, st
     names = [f"k{i}" for i in range(len(dims))] + (["t"] if step else [])
     select = ", ".join(keys + ["sum(o)", "sum(ro)", "sum(p)", "sum(rp)", "sum(n)"])
     group_by = f" GROUP BY {', '.join(names)}" if names else ""
+    if limit_by is not None:
+        n, k = int(limit_by[0]), int(limit_by[1])
+        group_by += f" ORDER BY sum(o) + sum(ro) DESC LIMIT {n:d} BY {', '.join(names[:k])}"
     rows = store.rows(f"SELECT {select} FROM ({inner}){group_by}", params.values)
     n = len(dims)
     out = []
@@ -517,21 +523,23 @@ class Dashboards:
         return {k: sorted(v)[:8] for k, v in out.items()}
 
     def _policy_sankey(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
-        dims = ["egressPolicy", "ingressPolicy", "egressAction", "ingressAction", "srcPod", "dstPod"]
+        # The links (policy pairs and their verdicts), then their largest Pod pairs for the tooltips.
+        dims = ["egressPolicy", "ingressPolicy", "egressAction", "ingressAction"]
         rows, table = self._run(lambda: grouped(self.store, q, dims, now=self.now))
         links: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
-            eg, ing, eg_act, in_act, sp, dp = r.keys
+            eg, ing, eg_act, in_act = r.keys
             link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0, "pairs": {}})
-            b = r.octets + r.reverse_octets
-            link["bytes"] += b
+            link["bytes"] += r.octets + r.reverse_octets
             link["records"] += r.records
-            denied = any(a.isdigit() and RULE_ACTIONS.get(int(a), "").lower() in ("drop", "reject")
-                         for a in (eg_act, in_act))
-            if denied:
+            if any(a.isdigit() and RULE_ACTIONS.get(int(a), "").lower() in ("drop", "reject") for a in (eg_act, in_act)):
                 link["denied"] += r.records
-            pair = link["pairs"].setdefault((sp, dp, eg_act, in_act), [0, 0])
-            pair[0] += b
+        pair_dims = dims + ["srcPod", "dstPod"]
+        pairs, _ = self._run(lambda: grouped(self.store, q, pair_dims, limit_by=(8, 4), now=self.now))
+        for r in pairs:
+            eg, ing, eg_act, in_act, sp, dp = r.keys
+            pair = links[(eg, ing)]["pairs"].setdefault((sp, dp, eg_act, in_act), [0, 0])
+            pair[0] += r.octets + r.reverse_octets
             pair[1] += r.records
         # Denied links first: they must show however small they are.
         ranked = sorted(links.items(), key=lambda kv: (0 if kv[1]["denied"] else 1, -kv[1]["bytes"], kv[0]))
@@ -552,7 +560,7 @@ class Dashboards:
 
         for (eg, ing), v in shown:
             detail = []
-            for (sp, dp, ea, ia), (b, recs) in sorted(v["pairs"].items(), key=lambda kv: -kv[1][0]):
+            for (sp, dp, ea, ia), (b, recs) in sorted(v["pairs"].items(), key=lambda kv: -kv[1][0])[:8]:
                 acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
                 detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(b)}, "
                               f"{recs} records ({acts})")
