@@ -55,6 +55,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--queue-rows", type=int, default=1_000_000, metavar="N",
                    help="with --store: records held while the store is slow or down; past it records are "
                         "refused and counted (default 1000000)")
+    c.add_argument("--retention", default="168h,720h,8760h", metavar="RAW,1M,1H",
+                   help="with --store: how long the raw table, the 1-minute and the 1-hour roll-ups keep rows, "
+                        "Go durations, 0 for forever (default 168h,720h,8760h; servers before 19.6 have no TTL)")
     c.add_argument("--commit-interval", default="1s", metavar="DURATION",
                    help="with --store: commit a partial batch after this long (default 1s)")
     c.add_argument("--template-lifetime", default="30m", metavar="DURATION",
@@ -242,6 +245,7 @@ class _StoreOptions:
         self.url, self.api, self.auth = url, api, auth
         self.batch_rows, self.queue_rows, self.interval = batch_rows, queue_rows, interval
         self.ui: Any = None  # the dashboards' UIConfig (flowscope.collector.ui.options), or None
+        self.retention: Any = None  # schema.Retention
 
 
 def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
@@ -261,6 +265,7 @@ def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
         raise _Usage(f"--queue-rows: {args.queue_rows} must be at least --batch-rows ({args.batch_rows}), "
                      "and --batch-rows at least 1")
     interval = _duration(args.commit_interval, "--commit-interval")
+    retention = _retention(args.retention)
     api = auth = None
     if args.api:
         from flowscope.listen import parse_listen_address
@@ -287,8 +292,30 @@ def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
     except (WebAuthError, ValueError) as exc:
         raise _Usage(str(exc)) from None
     options = _StoreOptions(args.store, api, auth, args.batch_rows, args.queue_rows, interval)
+    options.retention = retention
     options.ui = ui
     return options
+
+
+def _retention(text: str) -> Any:
+    """``RAW,1M,1H`` Go durations (0: forever) as a schema.Retention."""
+    from flowscope.durations import DurationError, parse_duration
+
+    from .schema import Retention
+
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise _Usage(f"--retention: {text!r} is not RAW,1M,1H (three Go durations, e.g. 168h,720h,8760h; 0 for forever)")
+    seconds = []
+    for name, part in zip(("raw", "1m", "1h"), parts):
+        try:
+            v = 0.0 if part == "0" else parse_duration(part, field=f"--retention ({name})")
+        except DurationError as exc:
+            raise _Usage(str(exc)) from None
+        if v and v < 3600:
+            raise _Usage(f"--retention ({name}): {part!r} is below the 1h minimum")
+        seconds.append(int(v))
+    return Retention(*seconds)
 
 
 async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max_sessions: int, idle: float | None,
@@ -374,7 +401,7 @@ async def _open_store(sink: _StoreOptions) -> tuple[Any, Any]:
     from .ingest import StoreWriter
     from .store import StoreError, open_store
 
-    store = open_store(sink.url)
+    store = open_store(sink.url, retention=sink.retention)
     try:
         await asyncio.to_thread(store.open)
     except StoreError as exc:

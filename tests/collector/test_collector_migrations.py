@@ -87,3 +87,26 @@ def test_a_new_element_of_the_record_joins_as_a_column(tmp_path, monkeypatch):
     assert "tcpState" in {r[0] for r in again.select(
         "SELECT name FROM system.columns WHERE database = 'flowscope' AND table = 'flows'")}
     again.close()
+
+
+def test_retention_is_each_tables_ttl_and_changes_in_place(tmp_path):
+    from flowscope.collector.schema import Retention
+
+    def ttls(store) -> dict:
+        rows = store.select("SELECT name, engine_full FROM system.tables WHERE database = 'flowscope'")
+        out = {}
+        for name, engine in rows:
+            if name in ("flows", "flows_1m", "flows_1h"):
+                out[name] = engine.split(" TTL ", 1)[1].split(" SETTINGS")[0] if " TTL " in engine else None
+        return out
+
+    store = open_store(f"chdb://{tmp_path}/s", retention=Retention(86400, 0, 2 * 86400))
+    store.open()
+    assert ttls(store) == {"flows": "timeInserted + toIntervalSecond(86400)", "flows_1m": None,
+                           "flows_1h": "inserted + toIntervalSecond(172800)"}
+    store.close()
+    again = open_store(f"chdb://{tmp_path}/s", retention=Retention(3600, 7200, 0))
+    again.open()
+    assert ttls(again) == {"flows": "timeInserted + toIntervalSecond(3600)",
+                           "flows_1m": "inserted + toIntervalSecond(7200)", "flows_1h": None}
+    again.close()
