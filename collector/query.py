@@ -32,10 +32,14 @@ Groups are the dimensions of :data:`flowscope.collector.schema.DIMENSIONS` (``sr
 ``packets``, ``records`` or ``throughput`` (bits/s over the query's time range). Counters
 are the records' deltas summed, both directions unless a function says otherwise.
 
-Which table answers: the coarsest roll-up (1 h, then 1 min) whose resolution divides the
-range's start and end (and the series' bucket) and whose keys hold every column the
-filter and the group read; otherwise the raw table. Either way the answer is the same
-(the tests compare them); :attr:`TopResult.table` says which one answered.
+Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
+then 1 min) whose resolution divides the range's start and end (and the series' bucket)
+and whose keys hold every column the filter and the group read; a range on minute
+boundaries spanning whole hours is answered piecewise (the hours from the 1-hour roll-up,
+the edges from the 1-minute one: ``flows_1m+flows_1h``); otherwise the raw table. Either
+way the answer is the same (the tests compare them on chDB and on 18.16);
+:attr:`TopResult.table` and :attr:`Series.table` say which answered. Distinct counts in
+:func:`overview` are ClickHouse's ``uniq`` (exact to 65,536 distinct values, about 1% past).
 """
 
 from __future__ import annotations
