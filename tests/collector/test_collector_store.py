@@ -240,6 +240,35 @@ def test_18_16_answers_like_chdb_and_its_rollups_like_its_raw_table(chdb_store, 
         assert json.dumps(a[key], sort_keys=True) == json.dumps(b[key], sort_keys=True), key
 
 
+def test_18_16_migrates_the_version_1_table_in_place_every_row_kept(server_store):
+    """The same migration as on chDB (test_collector_migrations.py), on the old server."""
+    from flowscope.collector.schema import COLUMNS as COLS
+
+    db = "fs_v1"
+    cols = ",\n    ".join(f"`{c.name}` {c.type}" for c in COLS)
+    server_store.execute(f"CREATE DATABASE {db}")
+    server_store.execute(f"CREATE TABLE {db}.flows (\n    {cols}\n) ENGINE = MergeTree() "
+                         "PARTITION BY toYYYYMMDD(timeInserted) ORDER BY (timeInserted, flowEndSeconds)")
+    old = open_store(server_store.address, database=db)
+    old.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=5)[0]))
+    before = old.select(f"SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort) FROM {db}.flows")
+    old.close()
+    store = open_store(server_store.address, database=db)
+    store.open()
+    try:
+        assert store.schema_version == 2
+        assert store.select(f"SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort) "
+                            f"FROM {db}.flows") == before
+        assert int(before[0][0]) == len(FLOWS)
+        assert store.count("flows_1h") > 0 and store.count("flows_1m") > 0
+        check_against_python(store)
+        base = query.FlowQuery(start=T_START, end=T_END, group="srcPod")
+        assert query.top(store, base).to_json() | {"table": ""} == \
+            query.top(store, base.with_(source="raw")).to_json() | {"table": ""}
+    finally:
+        store.close()
+
+
 INJECTIONS = [
     ("namespace = x; DROP TABLE flows", "unexpected ';'"),
     ("namespace = x -- comment", "unexpected '--'"),
