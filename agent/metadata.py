@@ -55,6 +55,7 @@ from typing import Any, Protocol
 import yaml
 
 from flowscope.agent.conntrack import ConntrackEntry
+from flowscope.ipfix import antrea
 from flowscope.agent.policy import (
     ACTION_DROP,
     ANP_KIND,
@@ -79,11 +80,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FLOW_TYPE_UNKNOWN = 0  # neither end is a Pod (host traffic, or no metadata source)
-FLOW_TYPE_INTRA_NODE = 1
-FLOW_TYPE_INTER_NODE = 2
-FLOW_TYPE_TO_EXTERNAL = 3
-FLOW_TYPE_FROM_EXTERNAL = 4
+# flowType values: Antrea's vocabulary, defined once in flowscope.ipfix.antrea.
+FLOW_TYPE_UNKNOWN = antrea.FLOW_TYPE_UNKNOWN  # neither end is a Pod (host traffic, or no metadata source)
+FLOW_TYPE_INTRA_NODE = antrea.FLOW_TYPE_INTRA_NODE
+FLOW_TYPE_INTER_NODE = antrea.FLOW_TYPE_INTER_NODE
+FLOW_TYPE_TO_EXTERNAL = antrea.FLOW_TYPE_TO_EXTERNAL
+FLOW_TYPE_FROM_EXTERNAL = antrea.FLOW_TYPE_FROM_EXTERNAL
 
 _PROTO_NUM = {"TCP": 6, "UDP": 17, "SCTP": 132}
 

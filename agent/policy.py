@@ -62,6 +62,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowscope.ipfix import antrea
+
 __all__ = [
     "PolicyError", "Selector", "NetworkPolicy", "Verdict", "PeerInfo", "parse_network_policy",
     "evaluate", "ACTION_ALLOW", "ACTION_DROP", "POLICY_TYPE_K8S", "PROTOCOL_NAMES",
@@ -70,18 +72,18 @@ __all__ = [
     "evaluate_tiers", "ANP_KIND", "BANP_KIND", "ADMIN_API_VERSION",
 ]
 
-ACTION_ALLOW = 1
-ACTION_DROP = 2
-ACTION_REJECT = 3
-# ingress/egressNetworkPolicyType (IEs 56506/115 and /118), as Antrea's registry defines them.
-POLICY_TYPE_K8S = 1
-POLICY_TYPE_ANTREA_NP = 2
-POLICY_TYPE_ANTREA_CNP = 3
-POLICY_TYPE_K8S_CLUSTER = 4  # AdminNetworkPolicy and BaselineAdminNetworkPolicy
+# Antrea's vocabulary, defined once in flowscope.ipfix.antrea.
+ACTION_ALLOW = antrea.RULE_ACTION_ALLOW
+ACTION_DROP = antrea.RULE_ACTION_DROP
+ACTION_REJECT = antrea.RULE_ACTION_REJECT
+POLICY_TYPE_K8S = antrea.POLICY_TYPE_K8S
+POLICY_TYPE_ANTREA_NP = antrea.POLICY_TYPE_ANTREA_NP
+POLICY_TYPE_ANTREA_CNP = antrea.POLICY_TYPE_ANTREA_CNP
+POLICY_TYPE_K8S_CLUSTER = antrea.POLICY_TYPE_K8S_CLUSTER  # AdminNetworkPolicy and BaselineAdminNetworkPolicy
 ADMIN_API_VERSION = "policy.networking.k8s.io/v1alpha1"
 ANP_KIND = "AdminNetworkPolicy"
 BANP_KIND = "BaselineAdminNetworkPolicy"
-PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}  # the spelling of NetworkPolicy ports
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -76,17 +76,19 @@ from dataclasses import dataclass, fields
 from operator import itemgetter
 from typing import Any
 
+from flowscope.ipfix import antrea
+
 __all__ = [
     "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
     "KUBERNETES_FIELDS", "COUNTER_FIELDS", "NODE_COUNTER_FIELDS", "output_names",
 ]
 
-# flowType values of the Antrea agent.
-INTRA_NODE, INTER_NODE, TO_EXTERNAL, FROM_EXTERNAL = 1, 2, 3, 4
-# Network policy rule actions meaning the connection was denied.
-DENY_ACTIONS = frozenset((2, 3))  # 2 Drop, 3 Reject
-# flowEndReason values (RFC 5102) that mean the connection is over.
-END_REASONS = frozenset((3, 4, 5))  # end of flow, forced end, lack of resources
+# Antrea's vocabulary, defined once in flowscope.ipfix.antrea: flowType values, the rule
+# actions that deny (Drop, Reject), the flowEndReasons that end a connection.
+INTRA_NODE, INTER_NODE = antrea.FLOW_TYPE_INTRA_NODE, antrea.FLOW_TYPE_INTER_NODE
+TO_EXTERNAL, FROM_EXTERNAL = antrea.FLOW_TYPE_TO_EXTERNAL, antrea.FLOW_TYPE_FROM_EXTERNAL
+DENY_ACTIONS = antrea.DENY_ACTIONS
+END_REASONS = antrea.ENDED_REASONS
 
 SRC, DST = 0, 1
 

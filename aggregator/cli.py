@@ -170,6 +170,8 @@ def _flowrecords(args: argparse.Namespace) -> int:
     if args.output != "table":
         _emit(records, args.output)
         return 0
+    from flowscope.ipfix.antrea import FLOW_TYPES
+
     headers = ["SRC", "DST", "PROTO", "SRC_POD", "DST_POD", "SRC_NODE", "DST_NODE", "PACKETS", "BYTES",
                "REV_BYTES", "TYPE", "CORRELATION"]
     names = {v: k for k, v in (("tcp", 6), ("udp", 17), ("icmp", 1), ("icmpv6", 58), ("sctp", 132))}
@@ -185,8 +187,7 @@ def _flowrecords(args: argparse.Namespace) -> int:
             _pod(r["sourcePodNamespace"], r["sourcePodName"]), _pod(r["destinationPodNamespace"], r["destinationPodName"]),
             r["sourceNodeName"] or "-", r["destinationNodeName"] or "-",
             str(r["packetTotalCount"]), str(r["octetTotalCount"]), str(r["reverseOctetTotalCount"]),
-            {0: "host", 1: "intra-node", 2: "inter-node", 3: "to-external", 4: "from-external"}.get(
-                r["flowType"], str(r["flowType"])),
+            FLOW_TYPES.get(r["flowType"], str(r["flowType"])),
             r.get("correlation", ""),
         ])
     print(_table(rows, headers))

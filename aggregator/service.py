@@ -32,7 +32,6 @@ log = logging.getLogger("flowscope.aggregator")
 TICK_INTERVAL = 1.0
 SCAN_SLICE = 5000  # flows per slice of the periodic export (~30 ms)
 SLICE_WAIT = 1.0  # at most this long for a slow sink to make room for the next slice
-CLICKHOUSE_SINK_MODULE = "flowscope.collector.aggregator_sink"
 
 
 def exporter_address(host: str) -> str:
@@ -56,16 +55,9 @@ def build_sinks(config: AggregatorConfig) -> list[tuple[Sink, int]]:
         fl = sc.flow_log
         out.append((FlowLogSink(fl.path, max_size_mb=fl.max_size_mb, max_backups=fl.max_backups), fl.queue_size))
     if sc.clickhouse.enabled:
-        import importlib
+        from .clickhouse_sink import make_sink
 
-        try:
-            module = importlib.import_module(CLICKHOUSE_SINK_MODULE)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(
-                "sinks.clickhouse.enabled: true, but this build has no ClickHouse sink "
-                f"({CLICKHOUSE_SINK_MODULE}: {exc}); disable it or install flowscope[collector]"
-            ) from None
-        out.append((module.make_sink(sc.clickhouse), sc.clickhouse.queue_size))
+        out.append((make_sink(sc.clickhouse), sc.clickhouse.queue_size))
     return out
 
 

@@ -32,15 +32,12 @@ import tempfile
 import time
 
 from flowscope.aggregator.aggregation import ExportedFlow, output_names
-from flowscope.collector.aggregator_sink import ClickHouseSink
-from flowscope.collector.clickhouse import (
-    COLUMN_NAMES,
-    FlowStore,
-    flows_to_columns,
-    open_store,
-)
+from flowscope.aggregator.clickhouse_sink import ClickHouseSink
+from flowscope.collector.rows import flows_to_columns, typed_columns
+from flowscope.collector.schema import COLUMN_NAMES
+from flowscope.collector.store import FlowStore, open_store
 
-T0 = 1_780_000_000
+T0 = (int(time.time()) // 3600 - 2) * 3600  # recent: older rows would fall to the raw TTL
 
 
 def make_flows(n: int, seed: int) -> list[ExportedFlow]:
@@ -123,7 +120,7 @@ def measure(address: str, flows_by_round: list[list[ExportedFlow]], peer_rows: b
     try:
         for flows in flows_by_round:
             sink_t.append(asyncio.run(sink_round(store, flows)))
-            cols, _ = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1)
+            cols = typed_columns(flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1)[0])
             t = time.perf_counter()
             store.insert(cols)
             raw_t.append(time.perf_counter() - t)

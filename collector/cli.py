@@ -37,7 +37,29 @@ def register(subparsers: Any) -> None:
     c.add_argument("--listen", required=True, metavar="HOST:PORT[:PROTO]",
                    help="address to listen on; PROTO is tcp (default), udp or tls; IPv6 in brackets")
     _tls_options(c)
-    c.add_argument("--format", choices=("jsonl", "table"), default="jsonl", help="output format (default jsonl)")
+    c.add_argument("--format", choices=("jsonl", "table"), default=None,
+                   help="print records in this format (default jsonl; with --store nothing is printed unless given)")
+    c.add_argument("--store", metavar="URL",
+                   help="store every record in the flow store: chdb:///DIR (in-process) or tcp://HOST:PORT/DB")
+    c.add_argument("--api", metavar="HOST:PORT",
+                   help="with --store: serve the store's queries over HTTP (flowscope flows --api, the dashboards)")
+    c.add_argument("--api-token-file", metavar="FILE",
+                   help="require 'Authorization: Bearer <token>' with the token in FILE (needed off loopback)")
+    c.add_argument("--api-insecure", action="store_true",
+                   help="serve --api on a non-loopback address without authentication")
+    from .ui.options import add_ui_options
+
+    add_ui_options(c)  # --ui HOST:PORT (with --store): the web dashboards, with the API on the same address
+    c.add_argument("--batch-rows", type=int, default=50_000, metavar="N",
+                   help="with --store: records per insert block (default 50000)")
+    c.add_argument("--queue-rows", type=int, default=1_000_000, metavar="N",
+                   help="with --store: records held while the store is slow or down; past it records are "
+                        "refused and counted (default 1000000)")
+    c.add_argument("--retention", default="168h,720h,8760h", metavar="RAW,1M,1H",
+                   help="with --store: how long the raw table, the 1-minute and the 1-hour roll-ups keep rows, "
+                        "Go durations, 0 for forever (default 168h,720h,8760h; servers before 19.6 have no TTL)")
+    c.add_argument("--commit-interval", default="1s", metavar="DURATION",
+                   help="with --store: commit a partial batch after this long (default 1s)")
     c.add_argument("--template-lifetime", default="30m", metavar="DURATION",
                    help="UDP only: forget templates not refreshed for this long (default 30m)")
     c.add_argument("--max-sessions", type=int, default=1024, metavar="N",
@@ -45,6 +67,9 @@ def register(subparsers: Any) -> None:
     c.add_argument("--idle-timeout", metavar="DURATION",
                    help="TCP/TLS only: close sessions that send nothing for this long (default: never)")
     c.set_defaults(func=_collector)
+    from .flows_cli import register as register_flows
+
+    register_flows(subparsers)
 
     e = subparsers.add_parser(
         "export",
@@ -202,18 +227,99 @@ def _collector(args: argparse.Namespace) -> int:
         if args.max_sessions < 1:
             raise _Usage(f"--max-sessions: {args.max_sessions} must be at least 1")
         tls = _tls(args, address)
+        sink = _store_options(args)
     except _Usage as exc:
         _err("collector", str(exc))
         return EXIT_USAGE
     _logging()
+    fmt = args.format or ("jsonl" if sink is None else None)
     try:
-        return asyncio.run(_collect(address, tls, args.format, lifetime, args.max_sessions, idle))
+        return asyncio.run(_collect(address, tls, fmt, lifetime, args.max_sessions, idle, sink))
     except _Usage as exc:
         _err("collector", str(exc))
         return EXIT_USAGE
 
 
-async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessions: int, idle: float | None) -> int:
+class _StoreOptions:
+    def __init__(self, url: str, api: Any, auth: Any, batch_rows: int, queue_rows: int, interval: float) -> None:
+        self.url, self.api, self.auth = url, api, auth
+        self.batch_rows, self.queue_rows, self.interval = batch_rows, queue_rows, interval
+        self.ui: Any = None  # the dashboards' UIConfig (flowscope.collector.ui.options), or None
+        self.retention: Any = None  # schema.Retention
+
+
+def _store_options(args: argparse.Namespace) -> _StoreOptions | None:
+    if args.store is None:
+        if args.api or args.api_token_file or args.api_insecure:
+            raise _Usage("--api serves the flow store: give --store too")
+        if args.ui:
+            raise _Usage("--ui serves the flow store's dashboards: give --store too")
+        return None
+    from .store import StoreError, parse_store_address
+
+    try:
+        parse_store_address(args.store, "--store")
+    except StoreError as exc:
+        raise _Usage(str(exc)) from None
+    if args.batch_rows < 1 or args.queue_rows < args.batch_rows:
+        raise _Usage(f"--queue-rows: {args.queue_rows} must be at least --batch-rows ({args.batch_rows}), "
+                     "and --batch-rows at least 1")
+    interval = _duration(args.commit_interval, "--commit-interval")
+    retention = _retention(args.retention)
+    api = auth = None
+    if args.api:
+        from flowscope.listen import parse_listen_address
+        from flowscope.webauth import WebAuth, WebAuthError, check_exposure, read_token
+
+        try:
+            api = parse_listen_address(args.api, "--api", example_port=8080)
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+        if api is None:
+            raise _Usage("--api: give HOST:PORT, e.g. 127.0.0.1:8080")
+        try:
+            token = read_token(args.api_token_file, "--api-token-file") if args.api_token_file else None
+            auth = WebAuth(token=token, insecure=args.api_insecure)
+            check_exposure(api[0], auth, "--api")
+        except WebAuthError as exc:
+            raise _Usage(str(exc)) from None
+    from flowscope.webauth import WebAuthError
+
+    from .ui.options import ui_from_args
+
+    try:
+        ui = ui_from_args(args)
+    except (WebAuthError, ValueError) as exc:
+        raise _Usage(str(exc)) from None
+    options = _StoreOptions(args.store, api, auth, args.batch_rows, args.queue_rows, interval)
+    options.retention = retention
+    options.ui = ui
+    return options
+
+
+def _retention(text: str) -> Any:
+    """``RAW,1M,1H`` Go durations (0: forever) as a schema.Retention."""
+    from flowscope.durations import DurationError, parse_duration
+
+    from .schema import Retention
+
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise _Usage(f"--retention: {text!r} is not RAW,1M,1H (three Go durations, e.g. 168h,720h,8760h; 0 for forever)")
+    seconds = []
+    for name, part in zip(("raw", "1m", "1h"), parts):
+        try:
+            v = 0.0 if part == "0" else parse_duration(part, field=f"--retention ({name})")
+        except DurationError as exc:
+            raise _Usage(str(exc)) from None
+        if v and v < 3600:
+            raise _Usage(f"--retention ({name}): {part!r} is below the 1h minimum")
+        seconds.append(int(v))
+    return Retention(*seconds)
+
+
+async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max_sessions: int, idle: float | None,
+                   sink: _StoreOptions | None = None) -> int:
     import asyncio
 
     from flowscope.ipfix import UsageError
@@ -224,9 +330,17 @@ async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessio
     out = sys.stdout
     table = _TableWriter() if fmt == "table" else None
     broken = asyncio.Event()
+    writer: Any = None
+    runner: Any = None
+    if sink is not None:
+        writer, runner = await _open_store(sink)
+        if writer is None:
+            return EXIT_UNREACHABLE
 
     def on_message(peer: Any, msg: Any) -> None:
-        if broken.is_set():
+        if writer is not None:
+            writer.offer([record for _, record in msg.data_records()])
+        if broken.is_set() or fmt is None:
             return
         exporter = str(peer)
         domain = msg.observation_domain_id
@@ -254,6 +368,7 @@ async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessio
         await process.start()
     except OSError as exc:
         _err("collector", str(exc))
+        await _close_store(writer, runner)
         return EXIT_UNREACHABLE
     print(f"flowscope collector: listening on {address} (port {process.port})", file=sys.stderr, flush=True)
     stop = asyncio.Event()
@@ -263,6 +378,7 @@ async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessio
     for w in waiters:
         w.cancel()
     await process.close()
+    await _close_store(writer, runner)
     s = process.stats
     print(
         f"flowscope collector: {s.records} records in {s.messages} messages from {s.sessions_total} sessions; "
@@ -276,6 +392,87 @@ async def _collect(address: Any, tls: Any, fmt: str, lifetime: float, max_sessio
         except Exception:  # noqa: BLE001
             pass
     return EXIT_OK
+
+
+async def _open_store(sink: _StoreOptions) -> tuple[Any, Any]:
+    """The store opened (migrated), its writer started, the API served; (None, None) if it cannot be."""
+    import asyncio
+
+    from .ingest import StoreWriter
+    from .store import StoreError, open_store
+
+    store = open_store(sink.url, retention=sink.retention)
+    try:
+        await asyncio.to_thread(store.open)
+    except StoreError as exc:
+        _err("collector", str(exc))
+        return None, None
+    except Exception as exc:  # noqa: BLE001 - unreachable server, locked chDB directory, ...
+        _err("collector", f"--store {sink.url}: cannot open the store: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}")
+        return None, None
+    writer = StoreWriter(store, batch_rows=sink.batch_rows, max_rows=sink.queue_rows, commit_interval=sink.interval)
+    writer.start()
+    runner = None
+    if sink.api is not None:
+        from aiohttp import web
+
+        from .api import make_app
+
+        runner = web.AppRunner(make_app(store, sink.auth), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, sink.api[0], sink.api[1])
+        try:
+            await site.start()
+        except OSError as exc:
+            _err("collector", f"--api {sink.api[0]}:{sink.api[1]}: {exc}")
+            await runner.cleanup()
+            await asyncio.to_thread(writer.close)
+            store.close()
+            return None, None
+        port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else sink.api[1]  # type: ignore[union-attr]
+        print(f"flowscope collector: API on http://{sink.api[0]}:{port}/api/v1", file=sys.stderr, flush=True)
+    if sink.ui is not None:
+        from .ui.app import start_ui
+
+        try:
+            ui = await start_ui(store, sink.ui)
+        except OSError as exc:
+            _err("collector", str(exc.strerror or exc))
+            if runner is not None:
+                await runner.cleanup()
+            await asyncio.to_thread(writer.close)
+            store.close()
+            return None, None
+        print(f"flowscope collector: dashboards at {ui.url}", file=sys.stderr, flush=True)
+        runner = _Servers(runner, ui)
+    print(f"flowscope collector: storing into {store.address} (schema {store.schema_version}, "
+          f"ClickHouse {store.features.label if store.features else '?'})", file=sys.stderr, flush=True)
+    return writer, runner
+
+
+class _Servers:
+    """The API's runner and the dashboards' server, cleaned up together."""
+
+    def __init__(self, *servers: Any) -> None:
+        self.servers = [s for s in servers if s is not None]
+
+    async def cleanup(self) -> None:
+        for s in self.servers:
+            await (s.cleanup() if hasattr(s, "cleanup") else s.close())
+
+
+async def _close_store(writer: Any, runner: Any) -> None:
+    import asyncio
+
+    if runner is not None:
+        await runner.cleanup()
+    if writer is not None:
+        await asyncio.to_thread(writer.close)
+        st = writer.stats()
+        print(f"flowscope collector: {st.committed} records stored in {st.commits} commits; {st.overflow} refused "
+              f"(queue full), {st.invalid} invalid, {st.lost_at_close} not stored at shutdown", file=sys.stderr)
+        writer.store.close()
 
 
 # --------------------------------------------------------------------------- export

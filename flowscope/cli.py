@@ -20,6 +20,7 @@ from flowscope import __version__
 COMMAND_MODULES = (
     "flowscope.collector.cli",  # collector, export
     "flowscope.collector.policy",  # policy (what-if, recommend)
+    "flowscope.collector.ui.cli",  # ui
     "flowscope.agent.cli",  # agent
     "flowscope.aggregator.cli",  # aggregator (flowrecords, recordmetrics)
     "flowscope.operator.cli",  # operator, render

@@ -406,8 +406,9 @@ table inet flowscope_lab_policy {{
 # --------------------------------------------------------------------------- traffic
 #
 # Small, dependency-free traffic programs run inside the lab's namespaces with
-# ``python -m flowscope.lab serve|send``: they move exactly the bytes they are told to, so
-# what the flow records say can be compared with what was sent.
+# ``python -m flowscope.lab serve|send|loop``: they move exactly the bytes they are told to, so
+# what the flow records say can be compared with what was sent. ``forward`` relays a
+# socket made on the host into a namespace (the demo's dashboards).
 
 
 def _serve(tcp_ports: Sequence[int], udp_ports: Sequence[int], reply: int) -> None:
@@ -494,6 +495,72 @@ def _send(target: str, protocol: str, count: int, packets: int, timeout: float) 
     return 0
 
 
+def _loop(targets: Sequence[str], every: float, rounds: int, timeout: float) -> int:
+    """Steady traffic: every ``every`` seconds, one connection to each target
+    (``IP:PORT/tcp/BYTES`` or ``IP:PORT/udp/BYTES/PACKETS``); sizes grow and shrink over
+    rounds (x1 to x2) so throughput lines move. Runs ``rounds`` rounds (0: until killed)."""
+    import contextlib
+    import io
+    import time
+
+    plan = []
+    for t in targets:
+        parts = t.split("/")
+        if len(parts) not in (3, 4) or parts[1] not in ("tcp", "udp"):
+            raise SystemExit(f"loop: {t!r} is not IP:PORT/tcp/BYTES or IP:PORT/udp/BYTES/PACKETS")
+        plan.append((parts[0], parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else 1))
+    n = 0
+    next_at = time.monotonic()
+    while rounds == 0 or n < rounds:
+        scale = 1 + (n % 5) / 4
+        for target, proto, size, packets in plan:
+            with contextlib.redirect_stdout(io.StringIO()):
+                _send(target, proto, int(size * scale), packets, timeout)
+        n += 1
+        next_at += every
+        time.sleep(max(next_at - time.monotonic(), 0))
+    return 0
+
+
+def _forward(fd: int, target: str) -> int:
+    """Accept on the inherited listening socket ``fd`` (made in another namespace, e.g. the
+    host's loopback) and relay each connection to ``target`` in this process's namespace:
+    how the demo shows a browser on the host the dashboards of a collector inside the lab."""
+    import asyncio
+    import socket
+
+    host, _, port_s = target.rpartition(":")
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection(host, int(port_s))
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    async def serve() -> None:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        server = await asyncio.start_server(relay, sock=sock)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -509,10 +576,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     send.add_argument("--bytes", type=int, default=1000)
     send.add_argument("--packets", type=int, default=1)
     send.add_argument("--timeout", type=float, default=2.0)
+    loop = sub.add_parser("loop")
+    loop.add_argument("targets", nargs="+", help="IP:PORT/tcp/BYTES or IP:PORT/udp/BYTES/PACKETS")
+    loop.add_argument("--every", type=float, default=3.0)
+    loop.add_argument("--rounds", type=int, default=0)
+    loop.add_argument("--timeout", type=float, default=1.0)
+    fwd = sub.add_parser("forward")
+    fwd.add_argument("--fd", type=int, required=True, help="an inherited listening socket")
+    fwd.add_argument("--to", required=True, help="IP:PORT to relay to, in this namespace")
     args = ap.parse_args(argv)
     if args.cmd == "serve":
         _serve(args.tcp, args.udp, args.reply)
         return 0
+    if args.cmd == "loop":
+        return _loop(args.targets, args.every, args.rounds, args.timeout)
+    if args.cmd == "forward":
+        return _forward(args.fd, args.to)
     return _send(args.target, "udp" if args.udp else "tcp", args.bytes, args.packets, args.timeout)
 
 

@@ -51,6 +51,13 @@ __all__ = [
     "TEMPLATES",
     "agent_fields",
     "aggregator_fields",
+    # vocabulary
+    "DENY_ACTIONS", "ENDED_REASONS", "END_REASONS", "FLOW_TYPES", "POLICY_TYPES", "PROTOCOLS", "RULE_ACTIONS",
+    "END_REASON_ACTIVE_TIMEOUT", "END_REASON_END_OF_FLOW", "END_REASON_FORCED_END", "END_REASON_IDLE_TIMEOUT",
+    "END_REASON_LACK_OF_RESOURCES", "FLOW_TYPE_FROM_EXTERNAL", "FLOW_TYPE_INTER_NODE", "FLOW_TYPE_INTRA_NODE",
+    "FLOW_TYPE_TO_EXTERNAL", "FLOW_TYPE_UNKNOWN", "POLICY_TYPE_ANTREA_CNP", "POLICY_TYPE_K8S_CLUSTER",
+    "POLICY_TYPE_ANTREA_NP", "POLICY_TYPE_K8S", "POLICY_TYPE_NONE",
+    "RULE_ACTION_ALLOW", "RULE_ACTION_DROP", "RULE_ACTION_NONE", "RULE_ACTION_REJECT",
 ]
 
 _COMMON_HEAD: Final = ("flowStartSeconds", "flowEndSeconds", "flowEndReason")
@@ -177,3 +184,74 @@ TEMPLATES: Final[dict[str, tuple[str, ...]]] = {
     "aggregator-ipv4": AGGREGATOR_IPV4_FIELDS,
     "aggregator-ipv6": AGGREGATOR_IPV6_FIELDS,
 }
+
+
+# --------------------------------------------------------------------------- vocabulary
+# Antrea's value vocabulary, defined once: the agent writes these numbers, the aggregator
+# correlates on them, the store and `flowscope flows` name them, the demo prints them.
+# Numbers are the IE values on the wire; names are the ones the CLI and filters accept.
+
+FLOW_TYPE_UNKNOWN: Final = 0  # neither end is a Pod (host traffic, or no metadata)
+FLOW_TYPE_INTRA_NODE: Final = 1
+FLOW_TYPE_INTER_NODE: Final = 2
+FLOW_TYPE_TO_EXTERNAL: Final = 3
+FLOW_TYPE_FROM_EXTERNAL: Final = 4
+#: flowType (56506/137) value -> name.
+FLOW_TYPES: Final[dict[int, str]] = {
+    FLOW_TYPE_UNKNOWN: "host",
+    FLOW_TYPE_INTRA_NODE: "intra-node",
+    FLOW_TYPE_INTER_NODE: "inter-node",
+    FLOW_TYPE_TO_EXTERNAL: "to-external",
+    FLOW_TYPE_FROM_EXTERNAL: "from-external",
+}
+
+RULE_ACTION_NONE: Final = 0  # no policy rule applied
+RULE_ACTION_ALLOW: Final = 1
+RULE_ACTION_DROP: Final = 2
+RULE_ACTION_REJECT: Final = 3
+#: ingress/egressNetworkPolicyRuleAction (56506/139, 140) value -> name.
+RULE_ACTIONS: Final[dict[int, str]] = {
+    RULE_ACTION_NONE: "",
+    RULE_ACTION_ALLOW: "Allow",
+    RULE_ACTION_DROP: "Drop",
+    RULE_ACTION_REJECT: "Reject",
+}
+#: The actions that deny a connection.
+DENY_ACTIONS: Final[frozenset[int]] = frozenset((RULE_ACTION_DROP, RULE_ACTION_REJECT))
+
+POLICY_TYPE_NONE: Final = 0
+POLICY_TYPE_K8S: Final = 1  # K8s NetworkPolicy
+POLICY_TYPE_ANTREA_NP: Final = 2  # Antrea-native NetworkPolicy
+POLICY_TYPE_ANTREA_CNP: Final = 3  # Antrea-native ClusterNetworkPolicy
+# Kubernetes' cluster-scoped policies (AdminNetworkPolicy and BaselineAdminNetworkPolicy of
+# policy.networking.k8s.io): one value for both, as Antrea's registry defines it; the rule's
+# policy name tells them apart (the baseline is always "default").
+POLICY_TYPE_K8S_CLUSTER: Final = 4
+#: ingress/egressNetworkPolicyType (56506/115, 118) value -> name.
+POLICY_TYPES: Final[dict[int, str]] = {
+    POLICY_TYPE_NONE: "",
+    POLICY_TYPE_K8S: "K8sNetworkPolicy",
+    POLICY_TYPE_ANTREA_NP: "AntreaNetworkPolicy",
+    POLICY_TYPE_ANTREA_CNP: "AntreaClusterNetworkPolicy",
+    POLICY_TYPE_K8S_CLUSTER: "K8sClusterNetworkPolicy",
+}
+
+END_REASON_IDLE_TIMEOUT: Final = 1
+END_REASON_ACTIVE_TIMEOUT: Final = 2
+END_REASON_END_OF_FLOW: Final = 3
+END_REASON_FORCED_END: Final = 4
+END_REASON_LACK_OF_RESOURCES: Final = 5
+#: flowEndReason (IANA 136, RFC 5102) value -> name.
+END_REASONS: Final[dict[int, str]] = {
+    END_REASON_IDLE_TIMEOUT: "idle timeout",
+    END_REASON_ACTIVE_TIMEOUT: "active timeout",
+    END_REASON_END_OF_FLOW: "end of flow",
+    END_REASON_FORCED_END: "forced end",
+    END_REASON_LACK_OF_RESOURCES: "lack of resources",
+}
+#: The reasons that mean the connection is over (an idle timeout only says it was quiet).
+ENDED_REASONS: Final[frozenset[int]] = frozenset(
+    (END_REASON_END_OF_FLOW, END_REASON_FORCED_END, END_REASON_LACK_OF_RESOURCES))
+
+#: IANA protocol numbers the CLI and filters name.
+PROTOCOLS: Final[dict[int, str]] = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp"}

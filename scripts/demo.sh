@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Set everything up and run the demo: the README's demo command.
 #
-#   bash scripts/demo.sh [--json]    # the whole pipeline (flowscope demo), as root
+#   bash scripts/demo.sh [--duration D] [--ui HOST:PORT] [--json]   # the whole pipeline, as root
 #   bash scripts/demo.sh --replay    # only the IPFIX wire: collector + export on loopback
 #
 # The default runs `flowscope demo`: a two-Node lab of network namespaces with real
 # conntrack, one Flow Exporter agent per Node, mutual TLS to a Flow Aggregator that
-# correlates both halves of every inter-Node connection, and a collector printing what
-# the aggregator exports (see flowscope/demo.py). It removes everything it made.
+# correlates both halves of every inter-Node connection, a collector storing what the
+# aggregator exports in chDB and serving the web dashboards (printed URL, 127.0.0.1:8080
+# by default), and steady traffic of every kind until Ctrl-C or --duration (see
+# flowscope/demo.py). It removes everything it made.
 #
 # --replay starts an IPFIX collector on loopback (`flowscope collector`), sends it the
 # example Antrea agent flow records of scripts/demo-flows.jsonl as IPFIX over TCP

@@ -41,6 +41,7 @@ APT_PACKAGES=(
     tshark pmacct softflowd nfdump         # independent IPFIX peers
     clickhouse-server clickhouse-client    # the ClickHouse sink against a real server
     prometheus                             # scraping the /metrics endpoints
+    chromium nodejs                        # the dashboards' browser tests; npm for ECharts
 )
 # Packages whose services must not be left running (see the header).
 DAEMON_PACKAGES=(clickhouse-server prometheus nfdump pmacct softflowd)
@@ -162,7 +163,7 @@ fi
 # checks that this list covers them).
 for tool in python3 ip ss ping nft conntrack tshark dumpcap nfacctd softflowd softflowctl \
     nfcapd nfdump clickhouse-server clickhouse-client prometheus promtool kubectl \
-    openssl curl git; do
+    openssl curl git chromium; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool is still not on PATH after installing packages"
 done
 for daemon in prometheus clickhouse-server nfcapd nfacctd softflowd; do
@@ -170,6 +171,33 @@ for daemon in prometheus clickhouse-server nfcapd nfacctd softflowd; do
         say "      note: a $daemon process is running on this machine; the tests use their own ports"
     fi
 done
+
+# --- 1b. the dashboards' chart library (npm registry, package-lock.json) ---------------
+# ECharts comes from the npm registry, pinned by package-lock.json, and is copied into the
+# collector's package data (collector/ui/static/vendor/), so the dashboards never reach a
+# CDN at run time. `npm ci` runs only when the lock file changed since the last copy.
+VENDOR="$REPO/collector/ui/static/vendor"
+NPM_STAMP="$VENDOR/.package-lock.sha256"
+want_npm="$(sha256sum "$REPO/package-lock.json" | cut -d' ' -f1)"
+if [[ -f $VENDOR/echarts.min.js && -f $NPM_STAMP && "$(cat "$NPM_STAMP")" == "$want_npm" ]]; then
+    say "      echarts: vendored, package-lock.json unchanged"
+else
+    ((CHECK == 0)) || die "ECharts is not vendored into $VENDOR (run: bash scripts/setup.sh)"
+    # Debian ships npm apart from nodejs; a NodeSource nodejs carries its own (and conflicts
+    # with Debian's npm), so the package is only installed when there is no npm at all.
+    if ! command -v npm >/dev/null 2>&1; then
+        ((CHECK == 0)) || die "npm is missing (run: bash scripts/setup.sh)"
+        [[ $EUID == 0 ]] || die "npm is missing; run as root so apt-get can install it"
+        ((APT_UPDATED)) || run "apt-get update" apt-get -o DPkg::Lock::Timeout=600 update -q
+        run "apt-get install npm" apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends npm
+    fi
+    run "npm ci" npm ci --prefix "$REPO" --ignore-scripts --no-audit --no-fund
+    mkdir -p "$VENDOR"
+    cp "$REPO/node_modules/echarts/dist/echarts.min.js" "$VENDOR/echarts.min.js"
+    cp "$REPO/node_modules/echarts/LICENSE" "$VENDOR/echarts.LICENSE"
+    printf '%s\n' "$want_npm" >"$NPM_STAMP"
+    say "      echarts: $(sed -n 's/.*"version": "\([^"]*\)".*/\1/p' "$REPO/node_modules/echarts/package.json" | head -n1) vendored from the npm registry"
+fi
 
 # --- 2. Python environment --------------------------------------------------------
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||

@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import sys
+from pathlib import Path
+
 import pytest
 from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import parse_config
-from flowscope.collector.aggregator_sink import make_sink
-from flowscope.collector.clickhouse import (
-    COLUMN_NAMES,
-    COLUMNS,
-    PolicyVerdict,
-    Talker,
-    row_to_record,
-)
+from flowscope.aggregator.clickhouse_sink import make_sink
+from flowscope.collector import query
+from flowscope.collector.rows import row_to_record
+from flowscope.collector.schema import COLUMN_NAMES, COLUMNS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "aggregator"))  # the sink tests' records
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -31,7 +32,7 @@ def chdb_config(address: str):
 def talker_flows() -> list[ExportedFlow]:
     """Flows of 6 Pods in 2 namespaces on 3 Nodes, some through Services, some policed; the same
     connection exported twice (two rows, one flow)."""
-    from test_clickhouse_sink import aggregated
+    from test_aggregator_clickhouse_sink import aggregated
 
     out = []
     for i in range(24):
@@ -57,71 +58,58 @@ def talker_flows() -> list[ExportedFlow]:
     return out
 
 
-def expected_talkers(flows, keys) -> list[Talker]:
-    acc: dict = defaultdict(lambda: [0, 0, set()])
+def expected_top(flows, keys) -> list[tuple[str, int, int, int]]:
+    """(key, bytes, packets, records) per key, as query.top orders them (bytes, then key)."""
+    acc: dict = defaultdict(lambda: [0, 0, 0])
     for f in flows:
         r = f.record
-        key = tuple(r[k] for k in keys)
-        if not key[-1]:
-            continue
+        vals = [r[k] for k in keys]
+        key = vals[-1] if len(vals) == 1 else ("" if not vals[1] else f"{vals[0]}/{vals[1]}" if vals[0] else vals[1])
         a = acc[key]
         a[0] += r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
         a[1] += r["packetDeltaCount"] + r["reversePacketDeltaCount"]
-        a[2].add((r["sourceIPv4Address"], r["destinationIPv4Address"], r["sourceTransportPort"],
-                  r["destinationTransportPort"], r["protocolIdentifier"]))
-    out = [Talker(k, v[0], v[1], len(v[2])) for k, v in acc.items()]
-    return sorted(out, key=lambda t: (-t.octets, -t.packets))
+        a[2] += 1
+    return sorted(((k, *v) for k, v in acc.items()), key=lambda t: (-t[1], -t[1], t[0]))
 
 
 async def check_query_api(sink) -> None:
-    """Write talker_flows() through the sink and compare every query with Python's own sums."""
+    """Write talker_flows() through the sink and compare the query layer's answers with Python's own sums."""
     flows = talker_flows()
     await sink.start()
     await sink.write(flows)
     assert await sink.commit() == len(flows)
     store = sink.store
-    cases = [("pod", "source", ("sourcePodNamespace", "sourcePodName")),
-             ("pod", "destination", ("destinationPodNamespace", "destinationPodName")),
-             ("namespace", "source", ("sourcePodNamespace",)), ("node", "source", ("sourceNodeName",)),
-             ("service", "destination", ("destinationServicePortName",))]
-    for by, side, keys in cases:
-        want = expected_talkers(flows, keys)
-        got = store.top_talkers(by, side, limit=100)
-        assert got == want, (by, side)
-        assert store.top_talkers(by, side, limit=2) == want[:2]
-    assert store.top_talkers("pod", since=int(sink.wall()) + 3600) == []  # nothing inserted in the future
-    assert store.top_talkers("pod", since=int(sink.wall()) - 3600, limit=100) == expected_talkers(
-        flows, ("sourcePodNamespace", "sourcePodName"))
-    with pytest.raises(ValueError, match="side: 'source' is not one of destination"):
-        store.top_talkers("service", "source")
-    with pytest.raises(ValueError, match="by: 'rack'"):
-        store.top_talkers("rack")
+    now = int(sink.wall())
+    q = query.FlowQuery(start=now - 86400 * 30, end=now + 3600)
+    cases = [("srcPod", ("sourcePodNamespace", "sourcePodName")),
+             ("dstPod", ("destinationPodNamespace", "destinationPodName")),
+             ("srcNamespace", ("sourcePodNamespace",)), ("srcNode", ("sourceNodeName",)),
+             ("service", ("destinationServicePortName",))]
+    for group, keys in cases:
+        want = expected_top(flows, keys)
+        got = query.top(store, q.with_(group=group, top=100))
+        assert [(e.key, e.bytes, e.packets, e.records) for e in got.entries] == want, group
+        assert got.other is None and got.total.bytes == sum(w[1] for w in want)
+        two = query.top(store, q.with_(group=group, top=2))
+        assert [(e.key, e.bytes) for e in two.entries] == [w[:2] for w in want[:2]]
+        if len(want) > 2:
+            assert two.other is not None and two.other.bytes == sum(w[1] for w in want[2:])
+    assert query.top(store, q.with_(start=now + 7200, end=now + 10800, group="srcPod")).entries == []
+    with pytest.raises(query.QueryError, match="group: 'rack' is not one of"):
+        q.with_(group="rack")
 
-    verdicts = store.policy_verdicts()
-    acc: dict = defaultdict(lambda: [set(), 0])
-    for f in flows:
-        r = f.record
-        for d in ("ingress", "egress"):
-            act = r[f"{d}NetworkPolicyRuleAction"]
-            if act:
-                k = (d, r[f"{d}NetworkPolicyNamespace"], r[f"{d}NetworkPolicyName"], r[f"{d}NetworkPolicyRuleName"],
-                     {1: "Allow", 2: "Drop", 3: "Reject"}[act])
-                acc[k][0].add((r["sourceIPv4Address"], r["sourceTransportPort"]))
-                acc[k][1] += r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
-    want_v = sorted((PolicyVerdict(*k, len(v[0]), v[1]) for k, v in acc.items()),
-                    key=lambda v: (-v.flows, v.direction, v.namespace, v.name, v.rule, v.action))
-    assert verdicts == want_v
-    assert {v.action for v in verdicts} == {"Allow", "Drop", "Reject"}
-
-    recent = store.recent_flows(limit=5)
-    assert len(recent) == 5 and all(r.correlation == "correlated" for r in recent)
-    assert {json.dumps(r.record, sort_keys=True) for r in store.recent_flows(limit=100)} == {
+    page = query.flows(store, q.with_(limit=5))
+    assert len(page.records) == 5 and page.more
+    assert {json.dumps(row_to_record(r), sort_keys=True) for r in query.flows(store, q.with_(limit=100)).records} == {
         json.dumps(f.record, sort_keys=True) for f in flows}
+    denied = query.flows(store, q.with_(filter="action in (drop, reject)", limit=100)).records
+    assert len(denied) == sum(1 for f in flows if {f.record["ingressNetworkPolicyRuleAction"],
+                                                    f.record["egressNetworkPolicyRuleAction"]} & {2, 3}) > 0
 
 
 async def test_rows_survive_in_a_chdb_directory_field_for_field(tmp_path):
     from chdb import session
-    from test_clickhouse_sink import aggregated
+    from test_aggregator_clickhouse_sink import aggregated
 
     path = tmp_path / "store"
     sink = make_sink(chdb_config(f"chdb://{path}"))
@@ -150,7 +138,7 @@ async def test_rows_survive_in_a_chdb_directory_field_for_field(tmp_path):
         f = by_key[(d["flowStartSeconds"], d["sourceTransportPort"])]
         assert row_to_record(d) == f.record
         assert (d["correlation"], d["final"]) == (f.correlation, int(f.final))
-    assert engine.strip() == '"MergeTree","timeInserted, flowEndSeconds"'
+    assert engine.strip().startswith('"MergeTree","toStartOfHour(flowEndSeconds), sourcePodNamespace')
 
 
 async def test_query_api_on_chdb_in_memory():
@@ -180,7 +168,9 @@ async def check_doc_queries(sink) -> None:
     assert await sink.commit() == len(talker_flows())
     store = sink.store
     results = [store.select(q.replace("flowscope.flows", store.qualified)) for q in doc_queries()]
-    by_ns = [(t.key[0], t.octets) for t in store.top_talkers("namespace")]
+    now = int(sink.wall())
+    top_ns = query.top(store, query.FlowQuery(start=now - 86400 * 30, end=now + 3600, group="srcNamespace"))
+    by_ns = [(e.key, e.bytes) for e in top_ns.entries if e.key]
     assert [(r[0], int(r[1])) for r in results[0]] == by_ns and len(by_ns) == 2
     denied = sum(1 for f in talker_flows() if f.record["ingressNetworkPolicyRuleAction"] in (2, 3)
                  or f.record["egressNetworkPolicyRuleAction"] in (2, 3))
@@ -197,7 +187,7 @@ async def test_the_docs_example_queries_run_on_chdb():
 
 async def test_a_table_of_another_shape_is_named_not_written(tmp_path):
     from chdb import session
-    from test_clickhouse_sink import aggregated
+    from test_aggregator_clickhouse_sink import aggregated
 
     path = tmp_path / "store"
     s = session.Session(str(path))
@@ -211,8 +201,7 @@ async def test_a_table_of_another_shape_is_named_not_written(tmp_path):
     await sink.write([ExportedFlow(aggregated(1), "correlated", False)])
     assert await sink.commit() == 0
     err = sink.stats()["lastCommitError"]
-    assert err.startswith("SchemaError: table flowscope.flows exists but lacks")
-    assert "sourceIP String" in err and "flowEndSeconds DateTime" in err and "sinks.clickhouse.table" in err
+    assert err.startswith("SchemaError: table flowscope.flows is not a flowscope flows table (no flowEndSeconds)")
     assert (sink.commit_failures, sink.held) == (1, 1)
     await sink.close()
     assert sink.lost_at_close == 1

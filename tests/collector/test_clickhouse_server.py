@@ -26,8 +26,9 @@ from conftest import require_tool
 from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import parse_config
 from flowscope.aggregator.service import FlowAggregator
-from flowscope.collector.aggregator_sink import make_sink
-from flowscope.collector.clickhouse import COLUMN_NAMES, COLUMNS, row_to_record
+from flowscope.aggregator.clickhouse_sink import make_sink
+from flowscope.collector.rows import row_to_record
+from flowscope.collector.schema import COLUMN_NAMES, COLUMNS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "aggregator"))  # agg_records
 
@@ -155,7 +156,7 @@ def sink_config(address: str, database: str, **extra):
 
 
 def full_record(i: int, v6: bool, e6: bool) -> dict:
-    from test_clickhouse_sink import aggregated
+    from test_aggregator_clickhouse_sink import aggregated
 
     return aggregated(i, v6=v6, e6=e6)
 
@@ -195,7 +196,7 @@ async def test_rows_read_back_field_for_field_with_the_driver_and_clickhouse_cli
         assert row_to_record(d) == f.record
     # The table is the one the docs describe: MergeTree, ordered by time.
     engine = server.cli(f"SELECT engine_full FROM system.tables WHERE database = '{db}' AND name = 'flows'")
-    assert engine.startswith("MergeTree() PARTITION BY toYYYYMMDD(timeInserted) ORDER BY (timeInserted, flowEndSeconds)")
+    assert engine.startswith("MergeTree() PARTITION BY toYYYYMMDD(flowEndSeconds) ORDER BY (toStartOfHour(flowEndSeconds)")
 
 
 async def test_query_api_numbers_equal_what_was_written(server, env):

@@ -84,7 +84,7 @@ def lab_run(tmp_path_factory: pytest.TempPathFactory):
     workdir: Path = tmp_path_factory.mktemp("policy-lab")
     store_dir = workdir / "store"
     with Lab() as lab:
-        pipeline = Pipeline(lab, workdir, store=f"chdb://{store_dir}")
+        pipeline = Pipeline(lab, workdir, store=store_dir)  # the collector writes it; free once stopped
         # every policy of the inventory is realized by the translator below, the lab's own
         # drop rule for the db Pod (the same db-from-backend-only) included: remove the lab's
         subprocess.run(pipeline.pods["db"].exec_args("nft", "delete", "table", "inet", "flowscope_lab_policy"),

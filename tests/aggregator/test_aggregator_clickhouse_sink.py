@@ -13,28 +13,26 @@ from __future__ import annotations
 
 import asyncio
 
+import time
+
 import pytest
 from flowscope.aggregator.aggregation import ExportedFlow, output_names
 from flowscope.aggregator.config import ConfigError, parse_config
 from flowscope.aggregator.service import build_sinks
 from flowscope.aggregator.sinks import QueuedSink
-from flowscope.collector.aggregator_sink import (
+from flowscope.aggregator.clickhouse_sink import (
     ClickHouseSink,
     backoff_delay,
     make_sink,
 )
-from flowscope.collector.clickhouse import (
-    COLUMN_NAMES,
-    COLUMNS,
-    AddressError,
-    FlowStore,
-    StoreAddress,
-    create_statements,
-    flows_to_columns,
-    parse_store_address,
-    row_to_record,
-)
+from flowscope.collector.rows import flows_to_columns, row_to_record
+from flowscope.collector.schema import COLUMN_NAMES, COLUMNS, Retention, features_for_version, raw_table_sql
+from flowscope.collector.store import AddressError, FlowStore, StoreAddress, parse_store_address
 from flowscope.ipfix.antrea import aggregator_fields
+
+
+# Recent times, so the roll-ups' buckets are today's.
+T_RECENT = (int(time.time()) // 86400 - 1) * 86400
 
 
 def aggregated(i: int = 0, *, v6: bool = False, e6: bool = False, **over) -> dict:
@@ -48,7 +46,7 @@ def aggregated(i: int = 0, *, v6: bool = False, e6: bool = False, **over) -> dic
             else:
                 rec[name] = f"{name[:6]}-{i}-ü"
         elif col.type == "DateTime":
-            rec[name] = 1_780_000_000 + i + n
+            rec[name] = T_RECENT + i + n
         else:
             rec[name] = (i * 7 + n) % (col.maximum + 1)
     rec["octetDeltaCount"] = 2**64 - 1 - i  # the full UInt64 range survives
@@ -106,12 +104,12 @@ def test_schema_has_every_element_of_both_families_and_18_16_sql():
     assert types["flowStartSeconds"] == types["flowEndSeconds"] == types["timeInserted"] == "DateTime"
     assert types["octetDeltaCountFromDestinationNode"] == "UInt64" and types["sourcePodName"] == "String"
     assert types["sourceIP"] == "String" and types["correlation"] == "String"
-    db, table = create_statements("flowscope", "flows")
-    assert db == "CREATE DATABASE IF NOT EXISTS `flowscope`"
+    table = raw_table_sql("flowscope", "flows", features_for_version("18.16.1"), Retention())
     assert "CREATE TABLE IF NOT EXISTS `flowscope`.`flows`" in table
-    assert "ORDER BY (timeInserted, flowEndSeconds)" in table
     for newer in ("LowCardinality", "IPv4", "IPv6", "TTL", "Nullable"):  # what 18.16 lacks or we avoid
         assert newer not in table.replace("IPv4Address", "").replace("IPv6Address", "")
+    current = raw_table_sql("flowscope", "flows", features_for_version("25.8"), Retention())
+    assert "`sourcePodName` LowCardinality(String)" in current and "TTL timeInserted + INTERVAL" in current
 
 
 def test_rows_give_the_record_back_for_all_four_shapes():
@@ -150,7 +148,7 @@ class ScriptedStore(FlowStore):
 
     def __init__(self) -> None:
         super().__init__(StoreAddress("server", "scripted", 9000), "flowscope", "flows")
-        self.rows: list[dict] = []
+        self.stored: list[dict] = []
         self.down = False
         self.lose_answer = 0  # the next N inserts land but raise
         self.opens = self.resets = self.closed = 0
@@ -163,7 +161,7 @@ class ScriptedStore(FlowStore):
     def insert(self, columns) -> None:
         if self.down:
             raise ConnectionRefusedError("Connection refused (scripted:9000)")
-        self.rows += [dict(zip(COLUMN_NAMES, r)) for r in zip(*columns)]
+        self.stored += [dict(zip(COLUMN_NAMES, r)) for r in zip(*columns)]
         if self.lose_answer:
             self.lose_answer -= 1
             raise EOFError("Unexpected EOF while reading bytes")
@@ -171,7 +169,7 @@ class ScriptedStore(FlowStore):
     def rows_of_commit(self, commit_id: int, time_inserted: int) -> int:
         if self.down:
             raise ConnectionRefusedError("Connection refused (scripted:9000)")
-        return sum(1 for r in self.rows if r["commitId"] == commit_id and r["timeInserted"] == time_inserted)
+        return sum(1 for r in self.stored if r["commitId"] == commit_id and r["timeInserted"] == time_inserted)
 
     def reset(self) -> None:
         self.resets += 1
@@ -193,7 +191,7 @@ def batch(start: int, n: int) -> list[ExportedFlow]:
 
 
 def stored_ports(store: ScriptedStore) -> list[int]:
-    return sorted(r["sourceTransportPort"] for r in store.rows)
+    return sorted(r["sourceTransportPort"] for r in store.stored)
 
 
 async def test_buffered_until_commit_then_one_insert_with_fixed_time_and_id():
@@ -203,10 +201,10 @@ async def test_buffered_until_commit_then_one_insert_with_fixed_time_and_id():
     await sink.start()
     await sink.write(batch(0, 10))
     await sink.write(batch(10, 5))
-    assert store.rows == [] and sink.held == 15
+    assert store.stored == [] and sink.held == 15
     assert await sink.commit() == 15
-    assert len(store.rows) == 15 and {r["timeInserted"] for r in store.rows} == {1_790_000_123}
-    assert len({r["commitId"] for r in store.rows}) == 1
+    assert len(store.stored) == 15 and {r["timeInserted"] for r in store.stored} == {1_790_000_123}
+    assert len({r["commitId"] for r in store.stored}) == 1
     assert sink.stats()["committedRows"] == 15 and sink.held == 0
     await sink.close()
     assert store.closed == 1 and sink.lost_at_close == 0
@@ -216,10 +214,10 @@ async def test_a_full_chunk_commits_from_write_in_chunks():
     store, clock = ScriptedStore(), Clock()
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=100, chunk_rows=30, clock=clock, timer=False)
     await sink.write(batch(0, 20))
-    assert store.rows == []
+    assert store.stored == []
     await sink.write(batch(20, 25))  # 45 >= 30: commits now, as chunks of 30 and 15
-    assert len(store.rows) == 45 and sink.commits == 2
-    assert len({r["commitId"] for r in store.rows}) == 2
+    assert len(store.stored) == 45 and sink.commits == 2
+    assert len({r["commitId"] for r in store.stored}) == 2
 
 
 async def test_outage_keeps_rows_backs_off_and_recovers_without_loss():
@@ -251,7 +249,7 @@ async def test_an_unanswered_insert_is_not_inserted_twice():
     await sink.write(batch(0, 25))
     store.lose_answer = 1
     assert await sink.commit() == 0
-    assert len(store.rows) == 25 and sink.held == 25  # it landed, but the sink could not know
+    assert len(store.stored) == 25 and sink.held == 25  # it landed, but the sink could not know
     await sink.write(batch(25, 5))
     assert await sink.commit() == 30
     assert stored_ports(store) == sorted(f.record["sourceTransportPort"] for f in batch(0, 30))
@@ -274,7 +272,7 @@ async def test_past_queue_size_batches_are_refused_and_counted_exactly():
     assert stored_ports(store) == sorted(f.record["sourceTransportPort"] for f in batch(0, 40))
     assert sink.lost_at_close == 0
     # Every record offered is in the store or counted.
-    assert len(store.rows) + q.failed + q.dropped + sink.invalid_records + sink.lost_at_close == q.offered
+    assert len(store.stored) + q.failed + q.dropped + sink.invalid_records + sink.lost_at_close == q.offered
 
 
 async def test_what_cannot_be_stored_at_shutdown_is_counted():
@@ -283,7 +281,7 @@ async def test_what_cannot_be_stored_at_shutdown_is_counted():
     await sink.write(batch(0, 12))
     store.down = True
     await sink.close()
-    assert (sink.lost_at_close, sink.held, store.rows) == (12, 0, [])
+    assert (sink.lost_at_close, sink.held, store.stored) == (12, 0, [])
 
 
 async def test_the_timer_commits_on_the_interval_and_never_blocks_the_loop():
@@ -292,10 +290,10 @@ async def test_the_timer_commits_on_the_interval_and_never_blocks_the_loop():
     await sink.start()
     await sink.write(batch(0, 3))
     for _ in range(200):
-        if store.rows:
+        if store.stored:
             break
         await asyncio.sleep(0.01)
-    assert len(store.rows) == 3
+    assert len(store.stored) == 3
     await sink.close()
     assert sink.commits >= 1 and store.closed == 1
 
@@ -311,5 +309,5 @@ async def test_bad_records_are_counted_once_even_when_their_first_insert_fails(c
     store.down = False
     clock.t = sink.next_due()
     assert await sink.commit() == 4
-    assert sink.invalid_records == 1 and len(store.rows) == 4
+    assert sink.invalid_records == 1 and len(store.stored) == 4
     assert caplog.text.count("1 records with values the table cannot hold left out") == 1

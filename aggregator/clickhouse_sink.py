@@ -1,9 +1,9 @@
 """The Flow Aggregator's ClickHouse sink: aggregated records into the flow store, on a commit interval.
 
-The aggregator finds this module by name (``CLICKHOUSE_SINK_MODULE``) when
-``sinks.clickhouse.enabled`` is true and calls :func:`make_sink` with the parsed
-:class:`~flowscope.aggregator.config.ClickHouseSinkConfig`; everything about ClickHouse
-stays on the collector's side.
+The aggregator builds it with :func:`make_sink` from the parsed
+:class:`~flowscope.aggregator.config.ClickHouseSinkConfig` when ``sinks.clickhouse.enabled``
+is true. The store itself (schema, migrations, backends) is the collector's
+(:mod:`flowscope.collector.store`): the aggregator writes the table the collector reads.
 
 Theory of operation
 -------------------
@@ -48,21 +48,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flowscope.aggregator.aggregation import ExportedFlow
-from flowscope.aggregator.config import ClickHouseSinkConfig, ConfigError
+from .aggregation import ExportedFlow
+from .config import ClickHouseSinkConfig, ConfigError
 
-from .clickhouse import (
-    FlowStore,
-    StoreError,
-    check_identifier,
-    flows_to_columns,
-    open_store,
-    parse_store_address,
-)
+from flowscope.collector.rows import flows_to_columns, typed_columns
+from flowscope.collector.store import FlowStore, StoreError, check_identifier, open_store, parse_store_address
 
 __all__ = ["BufferFull", "ClickHouseSink", "backoff_delay", "make_sink"]
 
-log = logging.getLogger("flowscope.collector.clickhouse")
+log = logging.getLogger("flowscope.aggregator.clickhouse")
 
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
@@ -256,8 +250,9 @@ class ClickHouseSink:
 
     def _send_locked(self, chunk: _Chunk) -> int:
         if chunk.columns is None:
-            chunk.columns, chunk.invalid = flows_to_columns(
+            columns, chunk.invalid = flows_to_columns(
                 chunk.flows or (), time_inserted=chunk.time_inserted, commit_id=chunk.commit_id)
+            chunk.columns = typed_columns(columns)
             chunk.flows = None
             chunk.rows = len(chunk.columns[0])
         if chunk.attempts:

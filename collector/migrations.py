@@ -1,0 +1,222 @@
+"""Versioned migrations of the flow store, applied by :meth:`FlowStore.open` on every start.
+
+The store's version lives in ``<database>.flowscope_schema`` (one row per applied
+version). Theory of operation:
+
+* **Which version is there.** The highest row of ``flowscope_schema``; without that table,
+  version 1 when the flows table exists (the table flowscope wrote before migrations
+  existed: every record column, ordered by ``(timeInserted, flowEndSeconds)``, no derived
+  columns, no roll-ups), else 0 (an empty database).
+* **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
+  is touched.
+* **0 -> 2**: the tables, the roll-ups and their views are created.
+* **1 -> 2, in place, rows kept**: a new table ``<table>__v2`` is created at version 2,
+  every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
+  are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
+  kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the
+  version recorded; then it is dropped). A start interrupted anywhere in between repeats
+  the step it was in: a leftover ``__v2`` (copy not finished) is dropped and the copy
+  redone; a leftover ``__v1`` with the new table in place means only the backfill and the
+  record are left.
+* **Every start, at the current version**: tables and views ``IF NOT EXISTS``; columns
+  of the aggregated record that the table lacks (a new IE added to
+  :func:`flowscope.ipfix.antrea.aggregator_fields`) are added with ``ALTER TABLE ADD
+  COLUMN``, and existing rows read the type's default; a column with another type is a
+  :class:`SchemaError` naming it. On servers with TTL the configured retention is applied
+  when it differs.
+
+The server's :class:`~flowscope.collector.schema.Features` are read from ``version()``
+first, so one code path serves chDB and ClickHouse 18.16.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from .schema import (
+    COLUMNS,
+    DERIVED,
+    ROLLUPS,
+    SCHEMA_VERSION,
+    Retention,
+    features_for_version,
+    quote,
+    raw_table_sql,
+    rollup_select_sql,
+    rollup_table_sql,
+    rollup_view_sql,
+)
+
+if TYPE_CHECKING:
+    from .store import FlowStore
+
+__all__ = ["current_version", "migrate"]
+
+log = logging.getLogger("flowscope.collector.store")
+META = "flowscope_schema"
+
+
+def _tables(store: FlowStore) -> set[str]:
+    rows = store._select(f"SELECT name FROM system.tables WHERE database = '{store.database}'")
+    return {str(r[0]) for r in rows}
+
+
+def _columns(store: FlowStore, table: str) -> dict[str, str]:
+    rows = store._select(
+        f"SELECT name, type FROM system.columns WHERE database = '{store.database}' AND table = '{table}'")
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def current_version(store: FlowStore) -> int:
+    """The schema version the store holds (0: nothing yet)."""
+    tables = _tables(store)
+    if META in tables:
+        rows = store._select(f"SELECT max(version) FROM {quote(store.database)}.{quote(META)}")
+        if rows and rows[0][0]:
+            return int(rows[0][0])
+    if store.table in tables or f"{store.table}__v1" in tables:
+        return 1
+    return 0
+
+
+def _record(store: FlowStore, version: int, note: str) -> None:
+    # INSERT ... SELECT: the native protocol takes inline VALUES as a data insert
+    store._execute(f"INSERT INTO {quote(store.database)}.{quote(META)} (version, note) "
+                   f"SELECT {int(version)}, '{note}'")
+
+
+def _count(store: FlowStore, table: str) -> int:
+    return int(store._select(f"SELECT count() FROM {quote(store.database)}.{quote(table)}")[0][0])
+
+
+def migrate(store: FlowStore) -> None:
+    """Bring the store to :data:`SCHEMA_VERSION` (called under the store's lock)."""
+    from .store import SchemaError
+
+    version = str(store._select("SELECT version()")[0][0])
+    store.features = features = features_for_version(version)
+    db = quote(store.database)
+    store._execute(f"CREATE DATABASE IF NOT EXISTS {db}")
+    have = current_version(store)
+    if have > SCHEMA_VERSION:
+        raise SchemaError(
+            f"store {store.address} database {store.database} has schema version {have}, newer than this "
+            f"flowscope's {SCHEMA_VERSION}; upgrade flowscope, or point --store at another database")
+    store._execute(f"CREATE TABLE IF NOT EXISTS {db}.{quote(META)} (version UInt32, "
+                   "applied DateTime DEFAULT now(), note String) ENGINE = MergeTree() ORDER BY version")
+    if have == 1:
+        _from_v1(store)
+    _ensure(store)
+    if have < SCHEMA_VERSION:
+        _record(store, SCHEMA_VERSION, "created" if have == 0 else f"migrated from {have}")
+        log.info("flow store %s: schema version %d (was %d)", store.database, SCHEMA_VERSION, have)
+    old = f"{store.table}__v1"
+    if old in _tables(store):
+        store._execute(f"DROP TABLE {db}.{quote(old)}")
+    store.schema_version = SCHEMA_VERSION
+    log.debug("flow store %s on ClickHouse %s (LowCardinality %s, TTL %s)", store.database, features.label,
+              features.low_cardinality, features.ttl)
+
+
+def _from_v1(store: FlowStore) -> None:
+    from .store import SchemaError
+
+    assert store.features is not None
+    db, table = store.database, store.table
+    new, old = f"{table}__v2", f"{table}__v1"
+    tables = _tables(store)
+    if table in tables and "sourcePodWorkload" in _columns(store, table):  # a v2 column
+        return  # swapped already: the backfill is what is left (ensure does it)
+    if new in tables:
+        store._execute(f"DROP TABLE {quote(db)}.{quote(new)}")  # a copy that did not finish
+    have = _columns(store, table)
+    common = [c.name for c in COLUMNS if c.name in have]
+    if not common or "flowEndSeconds" not in have:
+        raise SchemaError(f"table {db}.{table} is not a flowscope flows table (no flowEndSeconds); "
+                          "point the store at another table or database")
+    store._execute(raw_table_sql(db, new, store.features, _no_ttl(store)))
+    cols = ", ".join(quote(c) for c in common)
+    store._execute(f"INSERT INTO {quote(db)}.{quote(new)} ({cols}) SELECT {cols} FROM {quote(db)}.{quote(table)}")
+    before, after = _count(store, table), _count(store, new)
+    if before != after:
+        raise SchemaError(f"migrating {db}.{table} to version 2 copied {after} of {before} rows; "
+                          f"the table is unchanged ({db}.{new} holds the partial copy)")
+    store._execute(f"RENAME TABLE {quote(db)}.{quote(table)} TO {quote(db)}.{quote(old)}, "
+                   f"{quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
+    log.info("flow store %s.%s: %d rows migrated to schema version 2", db, table, after)
+
+
+def _no_ttl(store: FlowStore) -> Retention:
+    # The copy must keep every row: the TTL is applied after the swap (a row older than the
+    # retention goes when the server's TTL would have removed it anyway).
+    return Retention(0, 0, 0)
+
+
+def _ensure(store: FlowStore) -> None:
+    """Create what is missing at the current version, add new columns, apply the retention."""
+    from .store import SchemaError
+
+    assert store.features is not None
+    f, db, table = store.features, store.database, store.table
+    tables = _tables(store)
+    store._execute(raw_table_sql(db, table, f, store.retention))
+    have = _columns(store, table)
+    wrong = []
+    for c in COLUMNS:
+        t = have.get(c.name)
+        if t is None:
+            store._execute(f"ALTER TABLE {quote(db)}.{quote(table)} ADD COLUMN {quote(c.name)} {c.sql_type(f)}")
+            log.info("flow store %s.%s: added the column %s %s", db, table, c.name, c.sql_type(f))
+        elif _base(t) != c.type:
+            wrong.append(f"{c.name} is {t}, not {c.type}")
+    for d in DERIVED:
+        t = have.get(d.name)
+        if t is None:
+            store._execute(f"ALTER TABLE {quote(db)}.{quote(table)} ADD COLUMN {quote(d.name)} {d.sql_type(f)} "
+                           f"MATERIALIZED {d.expression}")
+        elif _base(t) != d.type:
+            wrong.append(f"{d.name} is {t}, not {d.type}")
+    if wrong:
+        raise SchemaError(f"table {db}.{table} has columns of other types ({'; '.join(wrong)}); "
+                          "point the store at another table or database")
+    for r in ROLLUPS:
+        name = f"{table}_{r.suffix}"
+        fresh = name not in tables
+        store._execute(rollup_table_sql(db, table, r, f, store.retention))
+        if fresh or f"{name}_mv" not in tables:
+            # backfill before the view exists: nothing is inserted meanwhile (open runs before any insert)
+            if not fresh:
+                store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
+            store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r)}")
+        store._execute(rollup_view_sql(db, table, r, f))
+    if f.ttl:
+        _retention(store)
+
+
+def _base(t: str) -> str:
+    m = re.fullmatch(r"LowCardinality\((.*)\)", t)
+    return m.group(1) if m else t
+
+
+def _retention(store: FlowStore) -> None:
+    assert store.features is not None
+    db = store.database
+    wanted = {store.table: ("timeInserted", store.retention.raw)}
+    for r in ROLLUPS:
+        wanted[f"{store.table}_{r.suffix}"] = ("inserted", store.retention.for_table(r.seconds))
+    rows = store._select(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'")
+    engines = {str(n): str(e) for n, e in rows}
+    for name, (col, seconds) in wanted.items():
+        engine = engines.get(name, "")
+        m = re.search(r"TTL .*?(?:INTERVAL (\d+) SECOND|toIntervalSecond\((\d+)\))", engine)
+        have = int(m.group(1) or m.group(2)) if m else 0
+        if have == seconds:
+            continue
+        target = f"{quote(db)}.{quote(name)}"
+        if seconds:
+            store._execute(f"ALTER TABLE {target} MODIFY TTL {col} + INTERVAL {int(seconds)} SECOND")
+        elif m:
+            store._execute(f"ALTER TABLE {target} REMOVE TTL")
+        log.info("flow store %s: retention %ss", name, seconds or "unlimited")

@@ -1,0 +1,722 @@
+"""The flow store's query layer: the one contract ``flowscope flows``, the collector's HTTP
+API and the web dashboards share.
+
+How to call it
+--------------
+Build a :class:`FlowQuery` (time range, filter expression, group, ranking, paging,
+resolution), then call one function with an open store (any object with the
+:class:`Backend` shape: :class:`flowscope.collector.store.FlowStore` is one)::
+
+    from flowscope.collector import query
+    from flowscope.collector.store import open_store
+
+    store = open_store("chdb:///var/lib/flowscope")
+    store.open()
+    q = query.FlowQuery(start=now - 900, end=now, filter='namespace = "shop" and action = drop')
+    page = query.flows(store, q)                          # FlowPage: raw records, newest first
+    top = query.top(store, q.with_(group="srcPod", by="bytes", top=10))   # TopResult (+ "other")
+    ts = query.series(store, q.with_(group="dstNamespace", resolution=60))  # Series per group
+    links = query.sankey(store, q.with_(group="srcNamespace"), "dstNamespace")  # SankeyLink list
+    ov = query.overview(store, q)                          # Overview totals
+    names = query.complete(store, "namespace", prefix="sh")  # completion for the filter box
+
+Every function is blocking (call it from a worker thread in async code) and returns
+frozen dataclasses of plain values (``to_json()`` gives their JSON form, which is what
+the HTTP API sends; :func:`query_from_params` reads a FlowQuery back from URL
+parameters, so a dashboard's URL is a shareable query). Bad input raises
+:class:`QueryError` (a :class:`ValueError`; :class:`flowscope.collector.filter.FilterError`
+is one too) whose message is one line naming the field and what is allowed.
+
+Groups are the dimensions of :data:`flowscope.collector.schema.DIMENSIONS` (``srcPod``,
+``dstNamespace``, ``service``, ``policy``, ``flowType`` ...); ``by`` is ``bytes``,
+``packets``, ``records`` or ``throughput`` (bits/s over the query's time range). Counters
+are the records' deltas summed, both directions unless a function says otherwise.
+
+Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
+then 1 min) whose resolution divides the range's start and end (and the series' bucket)
+and whose keys hold every column the filter and the group read; a range on minute
+boundaries spanning whole hours is answered piecewise (the hours from the 1-hour roll-up,
+the edges from the 1-minute one: ``flows_1m+flows_1h``); otherwise the raw table. Either
+way the answer is the same (the tests compare them on chDB and on 18.16);
+:attr:`TopResult.table` and :attr:`Series.table` say which answered. Distinct counts in
+:func:`overview` are ClickHouse's ``uniq`` (exact to 65,536 distinct values, about 1% past).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Final, Literal, Protocol
+
+from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
+
+from .filter import Params, parse_filter
+from .schema import COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_COUNTS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUPS, quote
+
+__all__ = [
+    "BY",
+    "Backend",
+    "COMPLETIONS",
+    "FlowPage",
+    "FlowQuery",
+    "Overview",
+    "QueryError",
+    "SankeyLink",
+    "Series",
+    "SeriesLine",
+    "TopEntry",
+    "TopResult",
+    "complete",
+    "flows",
+    "flows_since",
+    "overview",
+    "query_from_params",
+    "sankey",
+    "series",
+    "top",
+]
+
+OTHER: Final = "other"  # the key of the remainder past the top N
+MAX_LIMIT: Final = 10_000
+MAX_TOP: Final = 1000
+MAX_BUCKETS: Final = 2000
+
+By = Literal["bytes", "packets", "records", "throughput"]
+BY: Final[tuple[str, ...]] = ("bytes", "packets", "records", "throughput")
+
+
+class QueryError(ValueError):
+    """A query that cannot be answered as asked (the message names the field)."""
+
+
+class Backend(Protocol):
+    """What the query layer needs of a store."""
+
+    database: str
+    table: str
+
+    def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a SELECT with ``{name:Type}`` placeholders bound from ``params``."""
+        ...
+
+
+# --------------------------------------------------------------------------- the query
+
+@dataclass(frozen=True, slots=True)
+class FlowQuery:
+    """One question to the store. Times are epoch seconds of ``flowEndSeconds``: [start, end)."""
+
+    start: int | None = None  # None: the beginning of the store
+    end: int | None = None  # None: now (exclusive end: the records of this second and later are left out)
+    filter: str = ""  # the filter language (flowscope.collector.filter)
+    group: str | None = None  # a DIMENSIONS name, for top / series / sankey
+    by: By = "bytes"
+    top: int = 10  # top N groups (the rest summed as "other")
+    limit: int = 100  # raw records per page
+    offset: int = 0
+    resolution: int | None = None  # series bucket in seconds; None: about 120 buckets over the range
+    source: str = "auto"  # which table answers: auto (the coarsest exact one), raw, 1m or 1h (refused if inexact)
+
+    def with_(self, **changes: Any) -> FlowQuery:
+        """A copy with some fields changed (the same checks apply)."""
+        return replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > 0xFFFFFFFF):
+                raise QueryError(f"{name}: {v!r} is not epoch seconds (an integer 0..4294967295)")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise QueryError(f"end: {self.end} is not after start {self.start}")
+        if not isinstance(self.filter, str):
+            raise QueryError("filter: must be text")
+        if self.group is not None and self.group not in DIMENSIONS:
+            raise QueryError(f"group: {self.group!r} is not one of {', '.join(DIMENSIONS)}")
+        if self.by not in BY:
+            raise QueryError(f"by: {self.by!r} is not one of {', '.join(BY)}")
+        _bounded("top", self.top, 1, MAX_TOP)
+        _bounded("limit", self.limit, 1, MAX_LIMIT)
+        _bounded("offset", self.offset, 0, 1 << 40)
+        if self.resolution is not None:
+            _bounded("resolution", self.resolution, 1, 366 * 86400)
+        if self.source not in _SOURCES:
+            raise QueryError(f"source: {self.source!r} is not one of {', '.join(_SOURCES)}")
+
+
+def _bounded(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise QueryError(f"{name}: {v!r} is not a whole number in {lo}..{hi}")
+
+
+# --------------------------------------------------------------------------- results
+
+class _Json:
+    __slots__ = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowPage(_Json):
+    """One page of raw flow records, newest first (by flowEndSeconds, then commit time)."""
+
+    records: list[dict[str, Any]]  # column name -> value (see schema.COLUMN_NAMES + derived)
+    offset: int
+    limit: int
+    more: bool  # another page follows
+
+
+@dataclass(frozen=True, slots=True)
+class TopEntry(_Json):
+    """One group's traffic in the range."""
+
+    key: str  # the dimension's value ("" means none: an external end, no policy); "other" for the remainder
+    label: str  # for people: flowType / action / protocol numbers named, "" shown as "(none)"
+    bytes: int
+    packets: int
+    records: int
+    throughput: float  # bits/s over the range
+
+
+@dataclass(frozen=True, slots=True)
+class TopResult(_Json):
+    group: str
+    by: str
+    entries: list[TopEntry]  # the top N, largest first
+    other: TopEntry | None  # what the groups past N add up to (None when there are none)
+    total: TopEntry  # every group together
+    table: str  # which table answered (flows, flows_1m, flows_1h)
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesLine(_Json):
+    key: str
+    label: str
+    values: list[float]  # one per bucket, in the unit of ``by`` (throughput: bits/s in the bucket)
+
+
+@dataclass(frozen=True, slots=True)
+class Series(_Json):
+    """Time series per group (line charts, heatmaps): top N groups plus "other"."""
+
+    group: str | None
+    by: str
+    resolution: int
+    buckets: list[int]  # bucket starts, epoch seconds
+    lines: list[SeriesLine]
+    table: str
+
+
+@dataclass(frozen=True, slots=True)
+class SankeyLink(_Json):
+    source: str  # the source group's key ("" none)
+    target: str
+    source_label: str
+    target_label: str
+    bytes: int
+    packets: int
+    records: int
+
+
+@dataclass(frozen=True, slots=True)
+class Overview(_Json):
+    """Totals of the range for the Overview dashboard."""
+
+    start: int
+    end: int
+    records: int  # flow records
+    records_per_second: float
+    bytes: int
+    packets: int
+    throughput: float  # bits/s
+    connections: int  # distinct 5-tuples (exact to 65,536, then within about 1%: see overview())
+    active: int  # connections with no ending record in the range
+    ended: int  # connections whose last record ended them (idle, end of flow, forced, resources)
+    denied: int  # connections a rule dropped or rejected
+    namespaces: int
+    pods: int
+    nodes: int
+    services: int
+
+
+# --------------------------------------------------------------------------- table choice
+
+_BYTES: Final = "(octetDeltaCount + reverseOctetDeltaCount)"
+_PACKETS: Final = "(packetDeltaCount + reversePacketDeltaCount)"
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    name: str  # the table name (no database); "a+b" for segments
+    seconds: int  # 0 raw
+    records: str  # SQL of the records count
+    # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
+    segments: tuple[tuple[str, int, int], ...] = ()
+    columns: tuple[str, ...] = ()  # what the segments select (the query's columns, the sums and counts)
+
+
+def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
+    end = q.end if q.end is not None else int(now()) + 1
+    start = q.start if q.start is not None else 0
+    return start, end
+
+
+_SOURCES: Final = ("auto", "raw") + tuple(r.suffix for r in ROLLUPS)
+
+
+def _source(store: Backend, columns: frozenset[str], start: int, end: int, step: int = 0,
+            wanted: str = "auto") -> _Source:
+    """The coarsest table that answers exactly (or the one asked for, if it can)."""
+    raw = _Source(store.table, 0, "count()")
+    if wanted == "raw":
+        return raw
+    split_tried = False
+    for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
+        if wanted not in ("auto", r.suffix):
+            continue
+        exact = columns <= frozenset(ROLLUP_KEYS) and start % r.seconds == 0 and end % r.seconds == 0 \
+            and step % r.seconds == 0
+        if exact:
+            return _Source(f"{store.table}_{r.suffix}", r.seconds, "sum(records)")
+        if wanted != "auto":
+            raise QueryError(f"source: the {r.suffix} roll-up cannot answer this exactly (it needs a range and "
+                             f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
+        if not split_tried:  # the coarsest cannot: whole coarse buckets from it, the edges from finer
+            split_tried = True
+            split = _split(store, columns, start, end, step)
+            if split.segments:
+                return split
+    return raw
+
+
+def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: int) -> _Source:
+    """A range on finer boundaries than the coarsest roll-up's, answered piecewise: the whole
+    coarse buckets inside it from the coarse roll-up, the edges from the finer one (a day
+    on minute boundaries reads 22-23 hours from the 1-hour roll-up, not 1,440 minutes)."""
+    raw = _Source(store.table, 0, "count()")
+    fine, coarse = ROLLUPS[0], ROLLUPS[-1]
+    if step % coarse.seconds or not columns <= frozenset(ROLLUP_KEYS) or len(ROLLUPS) < 2:
+        return raw  # a series' buckets must be whole coarse buckets (partial ones at the edges)
+    if start % fine.seconds or end % fine.seconds:
+        return raw
+    c0 = -(-start // coarse.seconds) * coarse.seconds
+    c1 = end // coarse.seconds * coarse.seconds
+    if c1 <= c0:
+        return raw
+    f, c = f"{store.table}_{fine.suffix}", f"{store.table}_{coarse.suffix}"
+    segs = [(f, start, c0)] if start < c0 else []
+    segs.append((c, c0, c1))
+    if c1 < end:
+        segs.append((f, c1, end))
+    cols = tuple(sorted(columns)) + ROLLUP_SUMS + ROLLUP_COUNTS
+    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs), cols)
+
+
+def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
+    if src.segments:
+        return "1"  # each segment reads its own part of the range
+    col = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
+    conds = []
+    if start > 0:
+        conds.append(f"{col} >= {params.add(start, 'UInt32')}")
+    conds.append(f"{col} < {params.add(end, 'UInt32')}")
+    return " AND ".join(conds)
+
+
+def _where(store: Backend, q: FlowQuery, extra: frozenset[str], now: Callable[[], float], step: int = 0
+           ) -> tuple[_Source, str, Params, int, int]:
+    params = Params()
+    w = parse_filter(q.filter, params)
+    start, end = _window(q, now)
+    src = _source(store, w.columns | extra, start, end, step, q.source)
+    sql = _time_where(src, start, end, params)
+    if w.sql != "1":
+        sql = f"{sql} AND ({w.sql})"
+    return src, sql, params, start, end
+
+
+def _table(store: Backend, src: _Source) -> str:
+    if src.segments:
+        cols = ", ".join(quote(c) for c in ("timeBucket",) + src.columns)
+        parts = [f"SELECT {cols} FROM {quote(store.database)}.{quote(t)} "
+                 f"WHERE timeBucket >= {a:d} AND timeBucket < {b:d}" for t, a, b in src.segments]
+        return "(" + " UNION ALL ".join(parts) + ")"
+    return f"{quote(store.database)}.{quote(src.name)}"
+
+
+# --------------------------------------------------------------------------- labels
+
+_NUMERIC_LABELS: Final[dict[str, Mapping[int, str]]] = {
+    "flowType": FLOW_TYPES, "ingressAction": RULE_ACTIONS, "egressAction": RULE_ACTIONS, "protocol": PROTOCOLS,
+}
+
+
+def label(group: str | None, key: str) -> str:
+    """A group key for people: numbers named, the empty key "(none)"."""
+    if key == OTHER and group is not None:
+        return "(other)"
+    names = _NUMERIC_LABELS.get(group or "")
+    if names is not None and key.isdigit():
+        return names.get(int(key), key) or "(none)"
+    return key or "(none)"
+
+
+# --------------------------------------------------------------------------- raw records
+
+_DISPLAY: Final = tuple(COLUMN_NAMES) + tuple(DERIVED_NAMES)
+_SELECT: Final = ", ".join(
+    f"toUInt32({quote(c)})" if c in ("timeInserted", "flowStartSeconds", "flowEndSeconds") else quote(c)
+    for c in _DISPLAY)
+
+
+def _records(rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        d = dict(zip(_DISPLAY, r))
+        for k in ("recordThroughput", "reverseRecordThroughput"):
+            d[k] = float(d[k])
+        out.append(d)
+    return out
+
+
+# A total order, so pages never overlap or skip: newest first, ties broken by the flow's key.
+_PAGE_ORDER: Final = ("flowEndSeconds DESC, timeInserted DESC, commitId DESC, sourceIP, destinationIP, "
+                      "sourceTransportPort, destinationTransportPort, protocolIdentifier, flowStartSeconds, "
+                      "octetDeltaCount, packetDeltaCount, reverseOctetDeltaCount, reversePacketDeltaCount")
+
+
+def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> FlowPage:
+    """One page of raw records matching the query, newest first (a total order: pages tile)."""
+    params = Params()
+    w = parse_filter(q.filter, params)
+    start, end = _window(q, now)
+    src = _Source(store.table, 0, "count()")
+    where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
+    # First the end time of the page's last row, reading one column; then whole rows only
+    # from that time on (the sort key's hour prunes the rest), not every matching row.
+    edge = store.rows(
+        f"SELECT toUInt32(flowEndSeconds) FROM {_table(store, src)} WHERE {where} "
+        f"ORDER BY flowEndSeconds DESC LIMIT 1 OFFSET {q.offset + q.limit:d}", params.values)
+    if edge:
+        where += f" AND toUInt32(flowEndSeconds) >= {params.add(int(edge[0][0]), 'UInt32')}"
+    rows = store.rows(
+        f"SELECT {_SELECT} FROM {_table(store, src)} WHERE {where} "
+        f"ORDER BY {_PAGE_ORDER} LIMIT {q.limit + 1:d} OFFSET {q.offset:d}", params.values)
+    return FlowPage(_records(rows[: q.limit]), q.offset, q.limit, len(rows) > q.limit)
+
+
+def flows_since(store: Backend, q: FlowQuery, inserted_after: int, *, limit: int = MAX_LIMIT) -> list[dict[str, Any]]:
+    """Records committed after ``inserted_after`` (timeInserted, epoch seconds) that match the
+    filter, oldest first: what ``--follow`` prints next. The time range is ignored."""
+    params = Params()
+    w = parse_filter(q.filter, params)
+    where = f"toUInt32(timeInserted) > {params.add(inserted_after, 'UInt32')}"
+    if w.sql != "1":
+        where += f" AND ({w.sql})"
+    rows = store.rows(
+        f"SELECT {_SELECT} FROM {quote(store.database)}.{quote(store.table)} WHERE {where} "
+        f"ORDER BY timeInserted, flowEndSeconds LIMIT {int(limit):d}", params.values)
+    return _records(rows)
+
+
+# --------------------------------------------------------------------------- top N
+
+def _metric(by: str) -> str:
+    return {"bytes": "b", "packets": "p", "records": "r", "throughput": "b"}[by]
+
+
+def _entry(group: str | None, key: str, b: int, p: int, r: int, seconds: int) -> TopEntry:
+    return TopEntry(key, label(group, key), int(b), int(p), int(r), round(int(b) * 8 / max(seconds, 1), 3))
+
+
+def _require_group(q: FlowQuery) -> str:
+    if q.group is None:
+        raise QueryError(f"group: required here; one of {', '.join(DIMENSIONS)}")
+    return q.group
+
+
+_VALUE: Final = {"bytes": "sum(b)", "packets": "sum(p)", "records": "sum(r)", "throughput": "sum(b)"}
+
+
+def _inner(columns: Sequence[str], src: _Source, store: Backend, where: str, extra: Sequence[str] = ()) -> str:
+    """The aggregation by the dimension's own columns (LowCardinality groups fast); the outer
+    query builds the key text over the far fewer grouped rows."""
+    cols = list(dict.fromkeys(columns))
+    keys = ", ".join(cols + [e.rsplit(" AS ", 1)[1] for e in extra])
+    sel = ", ".join(cols + list(extra))
+    return (f"SELECT {sel + ', ' if sel else ''}sum({_BYTES}) AS b, sum({_PACKETS}) AS p, {src.records} AS r "
+            f"FROM {_table(store, src)} WHERE {where}" + (f" GROUP BY {keys}" if keys else ""))
+
+
+def top(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> TopResult:
+    """The top ``q.top`` groups of ``q.group`` by ``q.by``, the remainder as "other", and the total."""
+    group = _require_group(q)
+    dim = DIMENSIONS[group]
+    src, where, params, start, end = _where(store, q, frozenset(dim.columns), now)
+    rows = store.rows(
+        f"SELECT {dim.sql} AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
+        f"{_inner(dim.columns, src, store, where)}) GROUP BY k", params.values)
+    m = {"b": 1, "p": 2, "r": 3}[_metric(q.by)]
+    rows.sort(key=lambda r: (-int(r[m]), -int(r[1]), str(r[0])))
+    seconds = end - start
+    entries = [_entry(group, str(r[0]), r[1], r[2], r[3], seconds) for r in rows[: q.top]]
+    rest = rows[q.top:]
+    other = None
+    if rest:
+        other = _entry(group, OTHER, sum(int(r[1]) for r in rest), sum(int(r[2]) for r in rest),
+                       sum(int(r[3]) for r in rest), seconds)
+    total = _entry(None, "", sum(int(r[1]) for r in rows), sum(int(r[2]) for r in rows),
+                   sum(int(r[3]) for r in rows), seconds)
+    total = replace(total, label="total")
+    return TopResult(group, q.by, entries, other, total, src.name, start, end)
+
+
+# --------------------------------------------------------------------------- series
+
+def _resolution(q: FlowQuery, start: int, end: int) -> int:
+    if q.resolution is not None:
+        step = q.resolution
+    else:
+        # About 120 buckets; from 12 hours on, whole hours (the 1-hour roll-up answers).
+        raw = max((end - start) / 120, 1)
+        nice = [1, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400]
+        step = next((n for n in nice if n >= raw), 86400 * math.ceil(raw / 86400))
+        if end - start >= 12 * 3600:
+            step = max(step, 3600)
+    if (end - start) / step > MAX_BUCKETS:
+        raise QueryError(f"resolution: {step}s makes more than {MAX_BUCKETS} buckets over {end - start}s; "
+                         "choose a coarser one")
+    return step
+
+
+def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Series:
+    """Per-bucket values of the top ``q.top`` groups (by the range's total) plus "other";
+    without a group, one line "total". Buckets start at multiples of the resolution."""
+    start, end = _window(q, now)
+    if q.start is None:
+        raise QueryError("start: a series needs the start of its range")
+    step = _resolution(q, start, end)
+    first = start - start % step
+    dim = DIMENSIONS[q.group] if q.group else None
+    src, where, params, _, _ = _where(store, q, frozenset(dim.columns if dim else ()), now, step)
+    tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
+    key_sql = dim.sql if dim else "''"
+    bucket = f"intDiv({tcol}, {step:d}) * {step:d}"
+    inner = _inner(dim.columns if dim else (), src, store, where, (f"{bucket} AS t",))
+    rows = store.rows(
+        f"SELECT {key_sql} AS k, t, {_VALUE[q.by]} AS v FROM ({inner}) GROUP BY k, t", params.values)
+    buckets = list(range(first, end, step))
+    index = {t: i for i, t in enumerate(buckets)}
+    totals: dict[str, int] = {}
+    for k, _, v in rows:
+        totals[str(k)] = totals.get(str(k), 0) + int(v)
+    ranked = sorted(totals, key=lambda k: (-totals[k], k))
+    keep = set(ranked[: q.top])
+    lines: dict[str, list[float]] = {k: [0.0] * len(buckets) for k in ranked[: q.top]}
+    if len(ranked) > q.top:
+        lines[OTHER] = [0.0] * len(buckets)
+    for k, t, v in rows:
+        key = str(k) if str(k) in keep else OTHER
+        i = index.get(int(t))
+        if i is not None:
+            lines[key][i] += int(v)
+    if q.by == "throughput":
+        for vals in lines.values():
+            for i, v in enumerate(vals):
+                vals[i] = round(v * 8 / step, 3)
+    group = q.group
+    out = [SeriesLine(k if dim else "total", label(group, k) if dim else "total", v) for k, v in lines.items()]
+    return Series(group, q.by, step, buckets, out, src.name)
+
+
+# --------------------------------------------------------------------------- sankey
+
+def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float] = time.time) -> list[SankeyLink]:
+    """Links from ``q.group`` (source side) to ``target`` groups with their traffic, the
+    ``q.top`` largest by ``q.by`` (the rest summed into an "other" -> "other" link)."""
+    group = _require_group(q)
+    if target not in DIMENSIONS:
+        raise QueryError(f"target: {target!r} is not one of {', '.join(DIMENSIONS)}")
+    a, b = DIMENSIONS[group], DIMENSIONS[target]
+    src, where, params, _, _ = _where(store, q, frozenset(a.columns + b.columns), now)
+    cols = tuple(dict.fromkeys(a.columns + b.columns))
+    rows = store.rows(
+        f"SELECT {a.sql} AS s, {b.sql} AS d, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
+        f"{_inner(cols, src, store, where)}) GROUP BY s, d", params.values)
+    m = {"b": 2, "p": 3, "r": 4}[_metric(q.by)]
+    rows.sort(key=lambda r: (-int(r[m]), str(r[0]), str(r[1])))
+    out = [SankeyLink(str(r[0]), str(r[1]), label(group, str(r[0])), label(target, str(r[1])),
+                      int(r[2]), int(r[3]), int(r[4])) for r in rows[: q.top]]
+    rest = rows[q.top:]
+    if rest:
+        out.append(SankeyLink(OTHER, OTHER, "(other)", "(other)", sum(int(r[2]) for r in rest),
+                              sum(int(r[3]) for r in rest), sum(int(r[4]) for r in rest)))
+    return out
+
+
+# --------------------------------------------------------------------------- overview
+
+_OVERVIEW_COLUMNS: Final = frozenset((
+    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName", "sourceNodeName",
+    "destinationNodeName", "destinationServicePortName"))
+
+
+def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Overview:
+    """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
+    and Services come from the coarsest table that answers exactly; connections (distinct
+    5-tuples, counted over the raw table's ``connectionHash``) and how many of them ended
+    or were denied, from the raw table.
+
+    Distinct counts use ClickHouse's ``uniq``: exact up to 65,536 distinct values (every
+    namespace, Pod, Node and Service count of a cluster), past that an adaptive sample whose
+    error stays around 1% (connections of a busy day: 10M rows are counted in about a
+    tenth of the time ``uniqExact`` takes)."""
+    src, where, params, start, end = _where(store, q, _OVERVIEW_COLUMNS, now)
+    tbl = _table(store, src)
+    rows = store.rows(
+        f"SELECT {src.records}, sum({_BYTES}), sum({_PACKETS}), "
+        "uniqIf((sourcePodNamespace, sourcePodName), sourcePodName != ''), "
+        "uniqIf((destinationPodNamespace, destinationPodName), destinationPodName != ''), "
+        "uniqIf(sourceNodeName, sourceNodeName != ''), "
+        "uniqIf(destinationNodeName, destinationNodeName != ''), "
+        "uniqIf(destinationServicePortName, destinationServicePortName != '') "
+        f"FROM {tbl} WHERE {where}", params.values)
+    r = rows[0] if rows else (0,) * 8
+    n, b, p = (int(x or 0) for x in r[:3])
+    names = store.rows(
+        f"SELECT uniq(x) FROM (SELECT sourcePodNamespace AS x FROM {tbl} WHERE {where} "
+        f"AND sourcePodNamespace != '' UNION ALL SELECT destinationPodNamespace AS x FROM {tbl} WHERE {where} "
+        "AND destinationPodNamespace != '')", params.values)
+    namespaces = int(names[0][0]) if names else 0
+    raw_params = Params()
+    w = parse_filter(q.filter, raw_params)
+    raw = _Source(store.table, 0, "count()")
+    raw_where = _time_where(raw, start, end, raw_params) + (f" AND ({w.sql})" if w.sql != "1" else "")
+    ended = ", ".join(str(x) for x in sorted(ENDED_REASONS))
+    deny = ", ".join(str(a) for a in sorted(DENY_ACTIONS))
+    conns = store.rows(
+        "SELECT uniq(connectionHash), "
+        f"uniqIf(connectionHash, flowEndReason IN ({ended}) OR final = 1), "
+        f"uniqIf(connectionHash, ingressNetworkPolicyRuleAction IN ({deny}) "
+        f"OR egressNetworkPolicyRuleAction IN ({deny})) "
+        f"FROM {_table(store, raw)} WHERE {raw_where}", raw_params.values)
+    c, ended_n, denied = (int(x or 0) for x in (conns[0] if conns else (0, 0, 0)))
+    seconds = max(end - start, 1)
+    pods = int(r[3] or 0) + int(r[4] or 0)
+    nodes = max(int(r[5] or 0), int(r[6] or 0))
+    return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
+                    max(c - ended_n, 0), ended_n, denied, namespaces, pods, nodes, int(r[7] or 0))
+
+
+# --------------------------------------------------------------------------- completion
+
+#: Completion sources for the filter box: field -> the columns whose values complete it.
+COMPLETIONS: Final[dict[str, tuple[str, ...]]] = {
+    "namespace": ("sourcePodNamespace", "destinationPodNamespace"),
+    "pod": ("sourcePodName", "destinationPodName"),
+    "workload": ("sourcePodWorkload", "destinationPodWorkload"),
+    "node": ("sourceNodeName", "destinationNodeName"),
+    "service": ("destinationServicePortName",),
+    "policy": ("ingressNetworkPolicyName", "egressNetworkPolicyName"),
+}
+_COMPLETE_ROLLUP: Final = frozenset(ROLLUP_KEYS)
+
+
+def complete(store: Backend, field: str, prefix: str = "", *, limit: int = 50, q: FlowQuery | None = None,
+             now: Callable[[], float] = time.time) -> list[str]:
+    """Distinct values of a field starting with ``prefix`` (most frequent first), from the
+    1-hour roll-up when the field's columns are in it (pods, namespaces, nodes, services,
+    policies all are), within ``q``'s range and filter when given."""
+    if field not in COMPLETIONS:
+        raise QueryError(f"field: {field!r} has no completion; one of {', '.join(COMPLETIONS)}")
+    if not isinstance(prefix, str) or len(prefix) > 256:
+        raise QueryError("prefix: must be text of at most 256 characters")
+    _bounded("limit", limit, 1, 1000)
+    cols = COMPLETIONS[field]
+    q = q or FlowQuery()
+    base = q
+    if q.start is None and q.end is None:
+        # the whole store: the 1-hour roll-up answers, with an hour-aligned end
+        end = (int(now()) // 3600 + 1) * 3600
+        base = q.with_(start=None, end=end)
+    parts, all_params = [], Params()
+    for i, col in enumerate(cols):
+        params = Params(prefix=f"c{i}_")
+        w = parse_filter(base.filter, params)
+        start, end = _window(base, now)
+        src = _source(store, w.columns | {col}, start, end)
+        where = _time_where(src, start, end, params)
+        if w.sql != "1":
+            where += f" AND ({w.sql})"
+        where += f" AND {col} != '' AND startsWith({col}, {params.add(prefix, 'String')})"
+        weight = "sum(records)" if src.seconds else "count()"
+        parts.append(f"SELECT {col} AS v, {weight} AS n FROM {_table(store, src)} WHERE {where} GROUP BY v")
+        all_params.values.update(params.values)
+    rows = store.rows(
+        f"SELECT v, sum(n) AS total FROM ({' UNION ALL '.join(parts)}) GROUP BY v ORDER BY total DESC, v "
+        f"LIMIT {limit:d}", all_params.values)
+    return [str(r[0]) for r in rows]
+
+
+# --------------------------------------------------------------------------- URL parameters
+
+_INT_PARAMS: Final = ("start", "end", "top", "limit", "offset", "resolution")
+
+
+def query_from_params(params: Mapping[str, str], *, now: Callable[[], float] = time.time) -> FlowQuery:
+    """A FlowQuery from URL parameters (``start``/``end`` as epoch seconds, RFC 3339 or a
+    Go duration before now such as ``15m``; ``filter``, ``group``, ``by``, ``top``, ``limit``,
+    ``offset``, ``resolution``, ``source``). Unknown parameters are refused by name."""
+    known = set(_INT_PARAMS) | {"filter", "group", "by", "source", "since", "until", "target", "field", "prefix"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise QueryError(f"{unknown[0]}: not a query parameter; known: {', '.join(sorted(known))}")
+    kw: dict[str, Any] = {}
+    for name in _INT_PARAMS:
+        if name in params:
+            text = params[name]
+            if name in ("start", "end"):
+                kw[name] = parse_time(text, name, now=now)
+            else:
+                if not text.isdigit():
+                    raise QueryError(f"{name}: {text!r} is not a whole number")
+                kw[name] = int(text)
+    for name, key in (("since", "start"), ("until", "end")):
+        if name in params:
+            kw[key] = parse_time(params[name], name, now=now)
+    for name in ("filter", "group", "by", "source"):
+        if name in params:
+            kw[name] = params[name] or (None if name == "group" else "")
+    return FlowQuery(**kw)
+
+
+def parse_time(text: str, field: str, *, now: Callable[[], float] = time.time) -> int:
+    """Epoch seconds from ``1764582000``, RFC 3339 (``2026-12-01T09:00:00Z``) or a Go
+    duration before now (``15m``, ``1h30m``)."""
+    from datetime import datetime
+
+    from flowscope.durations import DurationError, parse_duration
+
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        seconds = parse_duration(text)
+    except (DurationError, ValueError):
+        pass
+    else:
+        return max(int(now() - seconds), 0)
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise QueryError(f"{field}: {text!r} is neither a duration (15m, 1h30m), RFC 3339 "
+                         "(2026-12-01T09:00:00Z) nor epoch seconds") from None
+    if dt.tzinfo is None:
+        raise QueryError(f"{field}: {text!r} has no time zone; end it with Z or +HH:MM")
+    return int(dt.timestamp())
+

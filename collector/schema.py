@@ -1,0 +1,425 @@
+"""The flow store's schema, defined once: the raw table, its derived columns, the roll-ups,
+the dimensions queries group and filter by, and the DDL for each server generation.
+
+Everything that knows a column name reads it from here: the row conversion
+(:mod:`flowscope.collector.rows`), the backends, the migrations, the query layer
+(:mod:`flowscope.collector.query`), the filter language (:mod:`flowscope.collector.filter`),
+the CLI and the dashboards. As in akvorado, one definition drives the table, the
+materialized views into the roll-ups and the consoles' dimensions.
+
+*Columns.* :data:`COLUMNS` has one column per element of the aggregated record, in
+:func:`flowscope.ipfix.antrea.aggregator_fields` order, typed from the IE registry. A new
+element added to that field list (and to the registry's CSV) becomes a column with no
+edit here; the migrations add missing columns to an existing table in place. IPv4 and
+IPv6 share one table: each family-specific address pair folds into one String column
+(``sourceIP``, ``destinationIP``, ``destinationClusterIP``, ``destinationServiceIP``,
+``proxySnatIP``, ``originalExporterIP``). Added
+by the store: ``timeInserted``, ``correlation``, ``final``, ``commitId``. Strings that
+repeat (namespaces, Pods, Nodes, Services, policies, rule names) are ``LowCardinality``
+where the server has it (:class:`Features`).
+
+*Derived columns* (:data:`DERIVED`) are computed by ClickHouse on insert
+(``MATERIALIZED``), so ingest pays nothing in Python: ``recordThroughput`` and
+``reverseRecordThroughput`` (bits/s over the record's interval: the delta octets over
+``flowEndSeconds - flowStartSeconds`` of this record, at least 1 s; every record has
+them, whoever exported it, where Antrea's own ``throughput`` elements, stored as they
+came, are there only in records of an aggregator that computes them), and
+``sourcePodWorkload`` / ``destinationPodWorkload`` (the Pod name without the
+ReplicaSet/StatefulSet/DaemonSet suffix: ``web-7d4b9c-x2x9k`` is ``web``), and
+``connectionHash`` (the 5-tuple hashed, so distinct connections are counted over 8 bytes a row).
+
+*Roll-ups* (:data:`ROLLUPS`): SummingMergeTree tables at 1 minute and 1 hour, fed by
+materialized views, keyed by the bucket start (``timeBucket``, epoch seconds, timezone
+free) and :data:`ROLLUP_KEYS` (the dimensions the dashboards group by), carrying the four
+delta counters, ``records`` (how many flow records fell in the key and bucket) and ``ended``
+(how many of them ended their connection: flowEndReason end of flow, forced end or lack of
+resources, or the aggregator's final record). The
+query layer reads the coarsest table whose resolution divides the question's time range
+and whose keys hold every column the question touches: then its answer is exactly the
+raw table's.
+
+*Time.* A record belongs to the time of ``flowEndSeconds`` (when its deltas were counted).
+Retention (TTL) counts from when the store received a row (``timeInserted``; a roll-up
+row from the latest insert that touched it, ``inserted``), so a record from a skewed clock
+or a replay of old records is kept like any other rather than dropped on arrival.
+
+*Server generations* (:class:`Features`, from the server's version): ClickHouse 18.16
+(Debian's server) lacks ``TTL`` (19.6) and ``LowCardinality`` outside an experimental
+setting (19.x); there retention is left to ``ALTER TABLE ... DROP PARTITION`` and repeated
+strings are plain ``String``. 18.16 also does not fire a materialized view on rows another
+view inserted, so there both roll-ups are fed from the raw insert (where views cascade, the
+1-hour roll-up is fed from the 1-minute one: half the grouping work per insert). chDB is a current engine and gets both.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from flowscope.ipfix import DataType, default_registry
+from flowscope.ipfix.antrea import ENDED_REASONS, aggregator_fields
+
+__all__ = [
+    "COLUMNS",
+    "COLUMN_NAMES",
+    "DERIVED",
+    "DIMENSIONS",
+    "ROLLUPS",
+    "ROLLUP_KEYS",
+    "ROLLUP_COUNTS",
+    "ROLLUP_SUMS",
+    "RECORD_COLUMNS",
+    "SCHEMA_VERSION",
+    "Column",
+    "Dimension",
+    "Features",
+    "Retention",
+    "Rollup",
+    "check_identifier",
+    "features_for_version",
+    "quote",
+    "raw_table_sql",
+    "rollup_table_sql",
+    "rollup_view_sql",
+    "rollup_select_sql",
+]
+
+#: The schema version this code writes (see :mod:`flowscope.collector.migrations`).
+SCHEMA_VERSION: Final = 2
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SchemaNameError(ValueError):
+    """A database or table name that is not a plain identifier."""
+
+
+def check_identifier(value: str, field: str) -> str:
+    """A database or table name: letters, digits and _, not starting with a digit."""
+    if not isinstance(value, str) or not _IDENT.match(value):
+        raise SchemaNameError(
+            f"{field}: {value!r} is not a valid name; use letters, digits and _ (not starting with a digit)")
+    return value
+
+
+def quote(ident: str) -> str:
+    """A column or table name in backquotes (every name here is checked or a constant)."""
+    return f"`{ident}`"
+
+
+# --------------------------------------------------------------------------- features
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What the server can do, told by its version."""
+
+    version: tuple[int, ...]
+    low_cardinality: bool  # LowCardinality(String) without experimental settings (19.x)
+    ttl: bool  # table TTL expressions (19.6)
+    cascading_views: bool  # a materialized view fires on rows another view inserted (not in 18.16)
+
+    @property
+    def label(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def features_for_version(version: str | tuple[int, ...]) -> Features:
+    """Features of a server from its version (``"18.16.1"``, ``"25.8.2.1"``)."""
+    if isinstance(version, str):
+        parts = tuple(int(p) for p in re.findall(r"\d+", version)[:4])
+    else:
+        parts = tuple(version)
+    if not parts:
+        raise ValueError(f"server version {version!r} has no number")
+    return Features(parts, low_cardinality=parts >= (19, 3), ttl=parts >= (19, 6), cascading_views=parts >= (20, 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long each table keeps rows, in seconds (0: forever). Defaults like akvorado's:
+    the raw table shortest, the 1-hour roll-up longest."""
+
+    raw: int = 7 * 86400
+    minute: int = 30 * 86400
+    hour: int = 365 * 86400
+
+    def for_table(self, seconds: int) -> int:
+        return {0: self.raw, 60: self.minute, 3600: self.hour}[seconds]
+
+
+# --------------------------------------------------------------------------- columns
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A table column and the record element(s) it holds (IPv4 name, IPv6 name for folded addresses)."""
+
+    name: str
+    type: str  # the base type: UInt8..UInt64, DateTime, String, Float64
+    elements: tuple[str, ...]
+    repeats: bool = False  # a repeating string: LowCardinality where the server has it
+
+    @property
+    def is_int(self) -> bool:
+        return self.type.startswith("UInt") or self.type == "DateTime"
+
+    @property
+    def maximum(self) -> int:
+        return (1 << _BITS[self.type]) - 1
+
+    def sql_type(self, features: Features) -> str:
+        if self.repeats and features.low_cardinality:
+            return f"LowCardinality({self.type})"
+        return self.type
+
+
+_BITS: Final = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
+_TYPES: Final = {
+    DataType.unsigned8: "UInt8", DataType.unsigned16: "UInt16", DataType.unsigned32: "UInt32",
+    DataType.unsigned64: "UInt64", DataType.dateTimeSeconds: "DateTime", DataType.string: "String",
+    DataType.ipv4Address: "String", DataType.ipv6Address: "String",
+}
+# Address elements of both families folded into one column.
+_FOLDED: Final = {
+    "sourceIPv4Address": ("sourceIP", "sourceIPv6Address"),
+    "destinationIPv4Address": ("destinationIP", "destinationIPv6Address"),
+    "destinationClusterIPv4": ("destinationClusterIP", "destinationClusterIPv6"),
+    "destinationServiceIPv4": ("destinationServiceIP", "destinationServiceIPv6"),
+    "proxySnatIPv4": ("proxySnatIP", "proxySnatIPv6"),
+    "originalExporterIPv4Address": ("originalExporterIP", "originalExporterIPv6Address"),
+}
+# Strings that repeat across rows (everything Antrea names, except free-form text).
+_NOT_REPEATING: Final = frozenset()
+
+
+def _build_columns() -> tuple[Column, ...]:
+    reg = default_registry()
+    cols = [Column("timeInserted", "DateTime", ())]
+    for name in aggregator_fields(4):
+        if name in _FOLDED:
+            col, v6 = _FOLDED[name]
+            cols.append(Column(col, "String", (name, v6)))
+        else:
+            t = _TYPES.get(reg.get(name).data_type, "String")
+            cols.append(Column(name, t, (name,), repeats=t == "String" and name not in _NOT_REPEATING))
+    cols += [Column("correlation", "String", (), repeats=True), Column("final", "UInt8", ()),
+             Column("commitId", "UInt64", ())]
+    return tuple(cols)
+
+
+#: The stored columns, in insert order.
+COLUMNS: Final[tuple[Column, ...]] = _build_columns()
+COLUMN_NAMES: Final[tuple[str, ...]] = tuple(c.name for c in COLUMNS)
+#: The columns that hold record elements (everything but what the store adds).
+RECORD_COLUMNS: Final[tuple[Column, ...]] = tuple(c for c in COLUMNS if c.elements)
+_BY_NAME: Final = {c.name: c for c in COLUMNS}
+
+# A Pod name's controller suffix: -<replicaset hash>-<5 chars> (Deployment), -<5 chars>
+# (DaemonSet, Job) or -<ordinal> (StatefulSet).
+_WORKLOAD_RE: Final = r"(-[a-z0-9]{6,10})?-[a-z0-9]{5}$|-[0-9]+$"
+
+
+def _throughput(octets: str) -> str:
+    return (f"toFloat64({octets}) * 8 / greatest(toFloat64(toUInt32(flowEndSeconds)) - "
+            "toFloat64(toUInt32(flowStartSeconds)), 1)")
+
+
+@dataclass(frozen=True, slots=True)
+class Derived:
+    """A column ClickHouse computes on insert from stored ones."""
+
+    name: str
+    type: str
+    expression: str
+    repeats: bool = False
+
+    def sql_type(self, features: Features) -> str:
+        if self.repeats and features.low_cardinality:
+            return f"LowCardinality({self.type})"
+        return self.type
+
+
+#: Derived columns (MATERIALIZED: computed on insert, read by name).
+DERIVED: Final[tuple[Derived, ...]] = (
+    Derived("recordThroughput", "Float64", _throughput("octetDeltaCount")),
+    Derived("reverseRecordThroughput", "Float64", _throughput("reverseOctetDeltaCount")),
+    Derived("sourcePodWorkload", "String", f"replaceRegexpOne(sourcePodName, '{_WORKLOAD_RE}', '')", True),
+    Derived("destinationPodWorkload", "String", f"replaceRegexpOne(destinationPodName, '{_WORKLOAD_RE}', '')", True),
+    # the connection (5-tuple) as one 64-bit hash: distinct connections counted over 8 bytes a row
+    Derived("connectionHash", "UInt64", "cityHash64(sourceIP, destinationIP, sourceTransportPort, "
+            "destinationTransportPort, protocolIdentifier)"),
+)
+DERIVED_NAMES: Final = tuple(d.name for d in DERIVED)
+
+
+def column_type(name: str) -> str:
+    """The base type of a stored or derived column."""
+    if name in _BY_NAME:
+        return _BY_NAME[name].type
+    for d in DERIVED:
+        if d.name == name:
+            return d.type
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- roll-ups
+
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """A summing table at one resolution."""
+
+    suffix: str  # the table is <table>_<suffix>
+    seconds: int
+    partition: str  # partition expression over timeBucket
+
+
+ROLLUPS: Final[tuple[Rollup, ...]] = (
+    Rollup("1m", 60, "toYYYYMMDD(toDateTime(timeBucket))"),
+    Rollup("1h", 3600, "toYYYYMM(toDateTime(timeBucket))"),
+)
+
+#: The dimensions a roll-up keeps (its ORDER BY after timeBucket): the columns the
+#: dashboards group by and filter on.
+ROLLUP_KEYS: Final[tuple[str, ...]] = (
+    "sourcePodNamespace", "destinationPodNamespace", "sourcePodName", "destinationPodName",
+    "sourcePodWorkload", "destinationPodWorkload", "sourceNodeName", "destinationNodeName",
+    "destinationServicePortName", "flowType", "protocolIdentifier",
+    "ingressNetworkPolicyNamespace", "ingressNetworkPolicyName", "ingressNetworkPolicyRuleAction",
+    "egressNetworkPolicyNamespace", "egressNetworkPolicyName", "egressNetworkPolicyRuleAction",
+)
+#: What a roll-up sums: the delta counters, and ``records`` (a count of flow records).
+ROLLUP_SUMS: Final[tuple[str, ...]] = (
+    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
+)
+#: Counts a roll-up keeps: records, and records that ended their connection.
+ROLLUP_COUNTS: Final[tuple[str, ...]] = ("records", "ended")
+
+
+def _key_type(name: str, features: Features) -> str:
+    if name in _BY_NAME:
+        return _BY_NAME[name].sql_type(features)
+    return next(d.sql_type(features) for d in DERIVED if d.name == name)
+
+
+def _ttl(column: str, seconds: int, features: Features) -> str:
+    if not features.ttl or seconds <= 0:
+        return ""
+    return f" TTL {column} + INTERVAL {int(seconds)} SECOND"
+
+
+def raw_table_sql(database: str, table: str, features: Features, retention: Retention) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for the raw flows table at :data:`SCHEMA_VERSION`."""
+    check_identifier(database, "database")
+    check_identifier(table, "table")
+    cols = [f"{quote(c.name)} {c.sql_type(features)}" for c in COLUMNS]
+    cols += [f"{quote(d.name)} {d.sql_type(features)} MATERIALIZED {d.expression}" for d in DERIVED]
+    body = ",\n    ".join(cols)
+    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(table)} (\n    {body}\n) ENGINE = MergeTree() "
+            "PARTITION BY toYYYYMMDD(flowEndSeconds) "
+            "ORDER BY (toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodNamespace, flowEndSeconds)"
+            + _ttl("timeInserted", retention.raw, features))
+
+
+def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for one roll-up's summing table."""
+    cols = ["`timeBucket` UInt32"]
+    cols += [f"{quote(k)} {_key_type(k, features)}" for k in ROLLUP_KEYS]
+    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS + ROLLUP_COUNTS] + ["`inserted` DateTime"]
+    body = ",\n    ".join(cols)
+    keys = ", ".join(("timeBucket",) + ROLLUP_KEYS)
+    sums = ", ".join(ROLLUP_SUMS + ROLLUP_COUNTS)
+    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(f'{table}_{rollup.suffix}')} (\n    {body}\n) "
+            f"ENGINE = SummingMergeTree(({sums})) PARTITION BY {rollup.partition} ORDER BY ({keys})"
+            + _ttl("inserted", retention.for_table(rollup.seconds), features))
+
+
+def rollup_source(rollup: Rollup, features: Features) -> Rollup | None:
+    """The finer roll-up a roll-up is fed from (None: the raw table). Where views cascade,
+    the 1-hour roll-up sums the 1-minute one's rows, so an insert is grouped once over the
+    raw rows, then over far fewer; 18.16 does not fire a view on another view's inserts, so
+    there every roll-up reads the raw insert."""
+    i = ROLLUPS.index(rollup)
+    return ROLLUPS[i - 1] if i > 0 and features.cascading_views else None
+
+
+def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Features | None = None) -> str:
+    """The SELECT that turns rows of the raw table (or, given ``features`` where views
+    cascade, of the finer roll-up) into roll-up rows: the view's body, and the backfill
+    (no ``features``: from the raw table)."""
+    keys = ", ".join(quote(k) for k in ROLLUP_KEYS)
+    finer = None if features is None else rollup_source(rollup, features)
+    if finer is None:
+        sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS)
+        bucket = f"intDiv(toUInt32(flowEndSeconds), {rollup.seconds}) * {rollup.seconds}"
+        ended = ", ".join(str(r) for r in sorted(ENDED_REASONS))
+        return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, toUInt64(count()) AS records, "
+                f"toUInt64(countIf(flowEndReason IN ({ended}) OR final = 1)) AS ended, max(timeInserted) AS inserted "
+                f"FROM {quote(database)}.{quote(table)} GROUP BY timeBucket, {keys}")
+    sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS + ROLLUP_COUNTS)
+    bucket = f"intDiv(timeBucket, {rollup.seconds}) * {rollup.seconds}"
+    return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, max(inserted) AS inserted "
+            f"FROM {quote(database)}.{quote(f'{table}_{finer.suffix}')} GROUP BY timeBucket, {keys}")
+
+
+def rollup_view_sql(database: str, table: str, rollup: Rollup, features: Features) -> str:
+    """The materialized view feeding one roll-up from every insert into the raw table (the
+    finest roll-up) or into the next finer roll-up (the views cascade)."""
+    name = f"{table}_{rollup.suffix}"
+    return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {quote(database)}.{quote(name + '_mv')} "
+            f"TO {quote(database)}.{quote(name)} AS {rollup_select_sql(database, table, rollup, features)}")
+
+
+# --------------------------------------------------------------------------- dimensions
+
+@dataclass(frozen=True, slots=True)
+class Dimension:
+    """Something queries group by: a name, the SQL that makes its key, the columns it reads."""
+
+    name: str
+    sql: str
+    columns: tuple[str, ...]
+    doc: str
+
+
+def _pair(ns: str, name: str) -> str:
+    # "namespace/name", or the name alone for cluster-scoped objects, "" when there is none
+    return f"if({name} = '', '', if({ns} = '', {name}, concat({ns}, '/', {name})))"
+
+
+def _dim(name: str, sql: str, columns: tuple[str, ...], doc: str) -> Dimension:
+    return Dimension(name, sql, columns, doc)
+
+
+_IN_POLICY = ("ingressNetworkPolicyNamespace", "ingressNetworkPolicyName")
+_EG_POLICY = ("egressNetworkPolicyNamespace", "egressNetworkPolicyName")
+
+#: Dimensions by name (the ``group`` of a query). Keys are text; empty means "none"
+#: (an external end, host traffic, no policy).
+DIMENSIONS: Final[dict[str, Dimension]] = {d.name: d for d in (
+    _dim("srcNamespace", "sourcePodNamespace", ("sourcePodNamespace",), "source Pod's namespace"),
+    _dim("dstNamespace", "destinationPodNamespace", ("destinationPodNamespace",), "destination Pod's namespace"),
+    _dim("srcPod", _pair("sourcePodNamespace", "sourcePodName"), ("sourcePodNamespace", "sourcePodName"),
+         "source Pod (namespace/name)"),
+    _dim("dstPod", _pair("destinationPodNamespace", "destinationPodName"),
+         ("destinationPodNamespace", "destinationPodName"), "destination Pod (namespace/name)"),
+    _dim("srcWorkload", _pair("sourcePodNamespace", "sourcePodWorkload"), ("sourcePodNamespace", "sourcePodWorkload"),
+         "source workload (namespace/name)"),
+    _dim("dstWorkload", _pair("destinationPodNamespace", "destinationPodWorkload"),
+         ("destinationPodNamespace", "destinationPodWorkload"), "destination workload (namespace/name)"),
+    _dim("srcNode", "sourceNodeName", ("sourceNodeName",), "source Node"),
+    _dim("dstNode", "destinationNodeName", ("destinationNodeName",), "destination Node"),
+    _dim("service", "destinationServicePortName", ("destinationServicePortName",), "destination Service port name"),
+    _dim("ingressPolicy", _pair(*_IN_POLICY), _IN_POLICY, "ingress network policy (namespace/name)"),
+    _dim("egressPolicy", _pair(*_EG_POLICY), _EG_POLICY, "egress network policy (namespace/name)"),
+    _dim("policy", f"if(ingressNetworkPolicyName != '', {_pair(*_IN_POLICY)}, {_pair(*_EG_POLICY)})",
+         _IN_POLICY + _EG_POLICY, "the ingress policy, else the egress policy"),
+    _dim("ingressAction", "toString(ingressNetworkPolicyRuleAction)", ("ingressNetworkPolicyRuleAction",),
+         "ingress rule action (Allow, Drop, Reject)"),
+    _dim("egressAction", "toString(egressNetworkPolicyRuleAction)", ("egressNetworkPolicyRuleAction",),
+         "egress rule action (Allow, Drop, Reject)"),
+    _dim("flowType", "toString(flowType)", ("flowType",), "intra-node, inter-node, to-external, from-external"),
+    _dim("protocol", "toString(protocolIdentifier)", ("protocolIdentifier",), "IP protocol"),
+    _dim("srcIP", "sourceIP", ("sourceIP",), "source IP address"),
+    _dim("dstIP", "destinationIP", ("destinationIP",), "destination IP address"),
+    _dim("dstPort", "toString(destinationTransportPort)", ("destinationTransportPort",), "destination port"),
+)}

@@ -1,0 +1,855 @@
+"""What each dashboard panel shows, computed from the store's query layer.
+
+The web pages ask for panels (a summary, a time series, a top-N bar, a sankey, a heatmap,
+a page of records, completions); this module answers each with plain JSON-ready dicts,
+reading only through :mod:`flowscope.collector.query`: its ``top``, ``series``,
+``overview``, ``flows`` and ``complete``, and, for the panels that need both directions
+apart (Tx/Rx sankeys, per-Node Tx/Rx heatmaps) or several dimensions at once (the policy
+sankey's links with their Pod pairs), :func:`grouped`, which asks the same table choice
+the query layer makes (the coarsest roll-up that answers exactly) for one GROUP BY.
+
+A dashboard's *scope* narrows every panel of a page the way Antrea's dashboards do
+(Pod-to-Pod: flows between Pods not through a Service, Pod-to-Service, Pod-to-External,
+...). Scopes, the Network Policy page's policy fields and the user's filter are all
+filter-language text joined with ``and``, so they go through the one parser and are
+never SQL. The time window is aligned to whole minutes (a little longer than asked, never
+shorter) so that every question can be answered from the roll-ups.
+
+Units: counters are bytes and packets; rates are bytes per second (the pages add SI
+prefixes); heatmaps are Mbit/s, as network engineers read a link's load.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from flowscope.collector import query
+from flowscope.collector.filter import FIELDS, FilterError
+from flowscope.collector.schema import DIMENSIONS
+from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
+
+__all__ = [
+    "DASHBOARD_PARAMS",
+    "PAGES",
+    "SCOPES",
+    "Dashboards",
+    "PanelError",
+    "Window",
+    "window_from_params",
+]
+
+#: Filters that make a page what it is (filter-language text, ANDed with the user's).
+SCOPES: Final[dict[str, str]] = {
+    "all": "",
+    "pod-to-pod": 'type in (intra-node, inter-node) and service = "" and srcPod != "" and dstPod != ""',
+    "pod-to-service": 'service != ""',
+    "pod-to-external": "type = to-external",
+    "inter-node": "type = inter-node",
+    "intra-node": "type = intra-node",
+    "denied": "action in (drop, reject)",
+    "policy": "",
+}
+#: The Network Policy page's fields: URL parameter -> (policy field, part).
+POLICY_PARAMS: Final[dict[str, tuple[str, str]]] = {
+    "ingressPolicyNamespace": ("ingressPolicy", "namespace"),
+    "ingressPolicyName": ("ingressPolicy", "name"),
+    "egressPolicyNamespace": ("egressPolicy", "namespace"),
+    "egressPolicyName": ("egressPolicy", "name"),
+}
+_COMMON: Final = frozenset({"since", "from", "to", "filter", "scope"} | set(POLICY_PARAMS))
+#: The URL parameters each panel reads (anything else is refused by name, never ignored).
+PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
+    "summary": _COMMON,
+    "series": _COMMON | {"metric", "group", "top"},
+    "top": _COMMON | {"group", "n"},
+    "sankey": _COMMON | {"dir", "n"},
+    "heatmap": _COMMON | {"dir"},
+    "flows": _COMMON | {"page", "limit", "format"},
+    "values": _COMMON | {"field"},
+    "complete": frozenset({"since", "from", "to", "q", "pos"}),
+}
+DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
+
+#: What each page asks, panel and parameters (the same requests as VIEWS in static/app.js):
+#: the benchmark and the tests that compare servers ask them too.
+PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
+    "overview": [("summary", {}), ("series", {"metric": "throughput", "group": "flowType"}),
+                 ("series", {"metric": "flows"}), ("top", {"group": "pod", "n": "10"}),
+                 ("top", {"group": "service", "n": "10"}), ("series", {"metric": "denied"})],
+    "pod-to-pod": [("sankey", {"scope": "pod-to-pod", "dir": "tx", "n": "15"}),
+                   ("sankey", {"scope": "pod-to-pod", "dir": "rx", "n": "15"}),
+                   ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-pod", "top": "8"}),
+                   ("series", {"metric": "throughput", "group": "dstPod", "scope": "pod-to-pod", "top": "8"})],
+    "pod-to-service": [("sankey", {"scope": "pod-to-service", "dir": "tx", "n": "15"}),
+                       ("sankey", {"scope": "pod-to-service", "dir": "rx", "n": "15"}),
+                       ("series", {"metric": "throughput", "group": "service", "scope": "pod-to-service", "top": "8"}),
+                       ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-service", "top": "8"})],
+    "pod-to-external": [("sankey", {"scope": "pod-to-external", "dir": "tx", "n": "15"}),
+                        ("sankey", {"scope": "pod-to-external", "dir": "rx", "n": "15"}),
+                        ("series", {"metric": "throughput", "group": "dstIP", "scope": "pod-to-external", "top": "8"}),
+                        ("series", {"metric": "throughput", "group": "srcPod", "scope": "pod-to-external", "top": "8"})],
+    "flows": [("series", {"metric": "flows", "group": "flowType"}), ("flows", {"page": "1", "limit": "50"})],
+    "nodes": [("series", {"metric": "throughput", "group": "node", "scope": "inter-node", "top": "10"}),
+              ("series", {"metric": "throughput", "group": "node", "scope": "intra-node", "top": "10"}),
+              ("heatmap", {"dir": "tx"}), ("heatmap", {"dir": "rx"})],
+    "policy": [("sankey", {"scope": "policy", "dir": "tx", "n": "20"}), ("top", {"group": "ingressPolicy", "n": "10"}),
+               ("series", {"metric": "denied", "group": "dstPod", "top": "8"}),
+               ("series", {"metric": "flows", "group": "ingressAction"}),
+               ("flows", {"scope": "denied", "limit": "10"})],
+}
+
+MAX_TOP: Final = 50
+MAX_PAGE_LIMIT: Final = 500
+EXPORT_LIMIT: Final = query.MAX_LIMIT
+OTHER: Final = query.OTHER
+DEFAULT_SINCE: Final = "15m"
+MAX_SPAN: Final = 400 * 86400
+IP_WINDOW: Final = 900  # tooltips name the addresses seen in the range's last 15 minutes
+
+
+class PanelError(ValueError):
+    """A panel request that cannot be answered; ``field`` names the URL parameter at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _error_field(exc: Exception) -> str:
+    if isinstance(exc, FilterError):
+        return "filter"
+    head = str(exc).split(":", 1)[0]
+    return head if head.isidentifier() else "query"
+
+
+# --------------------------------------------------------------------------- the window
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The time range of a page, aligned to whole minutes, and its series step."""
+
+    start: int
+    end: int
+    step: int
+
+    @property
+    def seconds(self) -> int:
+        return self.end - self.start
+
+
+_NICE_STEPS: Final = (5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+
+
+def _step(span: int) -> int:
+    """About 90 buckets over the span, at a step that divides a day; past 6 hours, whole
+    hours (so the 1-hour roll-up answers: a day is 24 buckets, a week 84)."""
+    raw = max(span / 90, 1)
+    step = next((s for s in _NICE_STEPS if s >= raw), 86400 * math.ceil(raw / 86400))
+    return max(step, 3600) if span > 6 * 3600 else step
+
+
+def window_from_params(params: Mapping[str, str], *, now: Callable[[], float] = time.time) -> Window:
+    """``since=15m`` (a Go duration back from now) or ``from=...&to=...`` (RFC 3339 or epoch
+    seconds; ``to`` defaults to now)."""
+    try:
+        if params.get("from"):
+            if params.get("since"):
+                raise PanelError("since", "since: give either since or from/to, not both")
+            start = query.parse_time(params["from"], "from", now=now)
+            end = query.parse_time(params["to"], "to", now=now) if params.get("to") else int(now()) + 1
+        else:
+            if params.get("to"):
+                raise PanelError("to", "to: only with from (since always ends now)")
+            since = params.get("since") or DEFAULT_SINCE
+            from flowscope.durations import DurationError, parse_duration
+
+            try:
+                span = parse_duration(since, field="since")
+            except (DurationError, ValueError) as exc:
+                raise PanelError("since", str(exc)) from None
+            if span <= 0:
+                raise PanelError("since", f"since: {since!r} must be longer than 0")
+            end = int(now()) + 1
+            start = max(int(end - span), 0)
+    except query.QueryError as exc:
+        raise PanelError(_error_field(exc), str(exc)) from None
+    if end <= start:
+        raise PanelError("to", f"to: {end} is not after from {start}")
+    if end - start > MAX_SPAN:
+        raise PanelError("from", f"from: the range is longer than {MAX_SPAN // 86400} days")
+    step = _step(end - start)
+    unit = 3600 if step % 3600 == 0 else 60
+    start -= start % unit
+    end = end + (-end) % unit
+    return Window(start, end, step)
+
+
+def _int(params: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    text = params.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not lo <= int(text) <= hi:
+        raise PanelError(name, f"{name}: {text!r} is not a whole number in {lo}..{hi}")
+    return int(text)
+
+
+def _choice(params: Mapping[str, str], name: str, default: str, allowed: Sequence[str]) -> str:
+    value = params.get(name) or default
+    if value not in allowed:
+        raise PanelError(name, f"{name}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --------------------------------------------------------------------------- grouping
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    """One group's counters, each direction apart."""
+
+    keys: tuple[str, ...]
+    bucket: int  # the bucket start (0 without buckets)
+    octets: int  # source -> destination
+    reverse_octets: int
+    packets: int
+    reverse_packets: int
+    records: int
+
+
+def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, step: int = 0,
+            limit_by: tuple[int, int] | None = None,
+            now: Callable[[], float] = time.time) -> tuple[list[GroupRow], str]:
+    """One GROUP BY over ``dims`` (DIMENSIONS names), per ``step`` bucket when given, read from
+    the table the query layer would choose. Returns the rows and the table's name.
+    ``limit_by=(n, k)``: only the ``n`` largest groups (by bytes) for each value of the first
+    ``k`` dimensions (ClickHouse's LIMIT n BY)."""
+    for d in dims:
+        if d not in DIMENSIONS:
+            raise PanelError("group", f"group: {d!r} is not one of {', '.join(DIMENSIONS)}")
+    columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
+    src, where, params, _, _ = query._where(store, q, columns, now, step)  # the query layer's table choice
+    tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
+    # Group by the dimensions' own columns first (LowCardinality groups fast), then make the
+    # keys' text over the far fewer grouped rows.
+    raw_cols = list(dict.fromkeys(c for d in dims for c in DIMENSIONS[d].columns))
+    inner_keys = raw_cols + ([f"intDiv({tcol}, {int(step):d}) * {int(step):d} AS t"] if step else [])
+    inner_names = raw_cols + (["t"] if step else [])
+    inner = (f"SELECT {''.join(k + ', ' for k in inner_keys)}sum(octetDeltaCount) AS o, sum(reverseOctetDeltaCount) AS ro, "
+             f"sum(packetDeltaCount) AS p, sum(reversePacketDeltaCount) AS rp, {src.records} AS n "
+             f"FROM {query._table(store, src)} WHERE {where}"
+             + (f" GROUP BY {', '.join(inner_names)}" if inner_names else ""))
+    keys = [f"{DIMENSIONS[d].sql} AS k{i}" for i, d in enumerate(dims)] + (["t"] if step else [])
+    names = [f"k{i}" for i in range(len(dims))] + (["t"] if step else [])
+    select = ", ".join(keys + ["sum(o)", "sum(ro)", "sum(p)", "sum(rp)", "sum(n)"])
+    group_by = f" GROUP BY {', '.join(names)}" if names else ""
+    if limit_by is not None:
+        n, k = int(limit_by[0]), int(limit_by[1])
+        group_by += f" ORDER BY sum(o) + sum(ro) DESC LIMIT {n:d} BY {', '.join(names[:k])}"
+    rows = store.rows(f"SELECT {select} FROM ({inner}){group_by}", params.values)
+    n = len(dims)
+    out = []
+    for r in rows:
+        bucket = int(r[n]) if step else 0
+        o = n + (1 if step else 0)
+        out.append(GroupRow(tuple(str(k) for k in r[:n]), bucket, int(r[o] or 0), int(r[o + 1] or 0),
+                            int(r[o + 2] or 0), int(r[o + 3] or 0), int(r[o + 4] or 0)))
+    return out, src.name
+
+
+def _label(dim: str, key: str) -> str:
+    return query.label(dim, key)
+
+
+# --------------------------------------------------------------------------- the panels
+
+class _Memo:
+    """The store's answers kept for a few seconds. A page's panels ask some questions twice
+    (the Tx and Rx sankeys, the two heatmaps, top Pods and the sankeys' tooltips) and a page
+    load sends them together: one runs, the others wait for its answer."""
+
+    def __init__(self, store: query.Backend, *, ttl: float = 3.0, size: int = 64,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.database = store.database
+        self.table = store.table
+        self.ttl, self.size, self.clock = ttl, size, clock
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[tuple[Any, ...], tuple[float, list[tuple[Any, ...]]]] = OrderedDict()
+        self._flights: dict[tuple[Any, ...], threading.Lock] = {}
+
+    def _fresh(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
+        hit = self._answers.get(key)
+        if hit is not None and self.clock() - hit[0] < self.ttl:
+            return list(hit[1])
+        return None
+
+    def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        key = (sql, tuple(sorted(params.items())))
+        with self._lock:
+            rows = self._fresh(key)
+            if rows is not None:
+                return rows
+            flight = self._flights.setdefault(key, threading.Lock())
+        with flight:
+            with self._lock:
+                rows = self._fresh(key)
+            if rows is not None:
+                return rows
+            rows = self.store.rows(sql, params)
+            with self._lock:
+                self._answers[key] = (self.clock(), rows)
+                self._answers.move_to_end(key)
+                while len(self._answers) > self.size:
+                    self._answers.popitem(last=False)
+                self._flights.pop(key, None)
+            return list(rows)
+
+
+class Dashboards:
+    """The panels of every page over one store (blocking: call from a worker thread)."""
+
+    def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time, source: str = "auto") -> None:
+        """``source``: which table answers (the query layer's choice by default; ``raw`` is
+        the benchmark's peer)."""
+        self.store: query.Backend = _Memo(store)
+        self.now = now
+        self.source = source
+
+    # ---- request -> query
+
+    @staticmethod
+    def check(panel: str, params: Mapping[str, str]) -> None:
+        """Refuse, by name, a parameter ``panel`` does not read."""
+        known = PANEL_PARAMS[panel]
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of the {panel} panel; known: "
+                                         f"{', '.join(sorted(known))}")
+
+    def _query(self, params: Mapping[str, str], *, extra: str = "") -> tuple[query.FlowQuery, Window]:
+        w = window_from_params(params, now=self.now)
+        scope = _choice(params, "scope", "all", tuple(SCOPES))
+        parts = []
+        user = params.get("filter", "")
+        if len(user) > 4096:
+            raise PanelError("filter", "filter: longer than 4096 characters")
+        if user.strip():
+            # Parsed alone first, so its errors name the user's own columns.
+            try:
+                from flowscope.collector.filter import parse_filter
+
+                parse_filter(user)
+            except FilterError as exc:
+                raise PanelError("filter", str(exc)) from None
+            parts.append(f"({user})")
+        for text in (SCOPES[scope], self._policy_filter(params, w), extra):
+            if text:
+                parts.append(f"({text})")
+        try:
+            q = query.FlowQuery(start=w.start, end=w.end, filter=" and ".join(parts), source=self.source)
+        except query.QueryError as exc:
+            raise PanelError(_error_field(exc), str(exc)) from None
+        return q, w
+
+    @staticmethod
+    def _check_policy_names(params: Mapping[str, str]) -> None:
+        for label in POLICY_PARAMS:
+            value = params.get(label, "").strip()
+            if len(value) > 253 or any(c in value for c in "/\n\r\t"):
+                raise PanelError(label, f"{label}: {value[:40]!r} is not a Kubernetes name")
+
+    def _policy_filter(self, params: Mapping[str, str], w: Window) -> str:
+        """The Network Policy page's namespace and name fields, as filter text."""
+        self._check_policy_names(params)
+        parts = []
+        for side in ("ingressPolicy", "egressPolicy"):
+            ns = params.get(f"{side}Namespace", "").strip()
+            name = params.get(f"{side}Name", "").strip()
+            if ns and name:
+                parts.append(f"{side} = {_quote(f'{ns}/{name}')}")
+            elif name:
+                parts.append(f"{side} = {_quote(name)}")
+            elif ns:
+                # No field holds a policy's namespace alone: name every policy of it seen in range.
+                keys = [e.key for e in query.top(self.store, query.FlowQuery(
+                    start=w.start, end=w.end, group=side, top=query.MAX_TOP), now=self.now).entries]
+                inside = [k for k in keys if k.startswith(f"{ns}/")]
+                values = ", ".join(_quote(k) for k in inside) or _quote(f"{ns}/")
+                parts.append(f"{side} in ({values})")
+        return " and ".join(parts)
+
+    def _run(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (query.QueryError, FilterError) as exc:
+            raise PanelError(_error_field(exc), str(exc)) from None
+
+    # ---- panels
+
+    def summary(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("summary", params)
+        q, w = self._query(params)
+        ov = self._run(lambda: query.overview(self.store, q, now=self.now))
+        return {
+            "start": w.start, "end": w.end,
+            "flows": ov.records, "flowsPerSecond": ov.records_per_second,
+            "octets": ov.bytes, "octetsPerSecond": ov.throughput / 8, "packets": ov.packets,
+            "connections": ov.connections, "active": ov.active, "ended": ov.ended, "denied": ov.denied,
+            "namespaces": ov.namespaces, "pods": ov.pods, "nodes": ov.nodes, "services": ov.services,
+        }
+
+    def series(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("series", params)
+        metric = _choice(params, "metric", "throughput", ("throughput", "flows", "denied"))
+        group = params.get("group") or None
+        top = _int(params, "top", 8, 1, MAX_TOP)
+        q, w = self._query(params, extra=SCOPES["denied"] if metric == "denied" else "")
+        if group is not None and group != "node" and group not in DIMENSIONS:
+            raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
+        by = "throughput" if metric == "throughput" else "records"
+        if group == "node":
+            s = self._node_series(q, by, top, w)
+        else:
+            s = self._run(lambda: query.series(self.store, q.with_(group=group, by=by, top=top, resolution=w.step),
+                                               now=self.now))
+        unit = "B/s" if by == "throughput" else "1/s" if metric == "flows" else "count"
+        lines = []
+        for line in s.lines:
+            if by == "throughput":
+                values = [v / 8 for v in line.values]  # bits/s -> bytes/s
+            elif metric == "flows":
+                values = [v / s.resolution for v in line.values]
+            else:
+                values = list(line.values)
+            name = "other" if line.key == OTHER else line.label
+            lines.append({"name": name, "key": line.key, "data": values})
+        return {"times": [t * 1000 for t in s.buckets], "step": s.resolution, "unit": unit,
+                "series": lines, "table": s.table}
+
+    def _node_series(self, q: query.FlowQuery, by: str, top: int, w: Window) -> query.Series:
+        """What went through each Node, as either end (an inter-Node flow counts for both)."""
+        merged: dict[str, list[float]] = {}
+        buckets: list[int] = []
+        table = ""
+        for dim in ("srcNode", "dstNode"):
+            part = self._run(lambda dim=dim: query.series(
+                self.store, q.with_(group=dim, by=by, top=query.MAX_TOP, resolution=w.step), now=self.now))
+            buckets, table = part.buckets, part.table
+            for line in part.lines:
+                if not line.key or line.key == OTHER:
+                    continue
+                acc = merged.setdefault(line.key, [0.0] * len(line.values))
+                for i, v in enumerate(line.values):
+                    acc[i] += v
+        ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
+        lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
+        if len(ranked) > top:
+            rest = [sum(vals) for vals in zip(*(merged[k] for k in ranked[top:]))]
+            lines.append(query.SeriesLine(OTHER, "(other)", list(rest)))
+        return query.Series("node", by, w.step, buckets, lines, table)
+
+    def top(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("top", params)
+        group = params.get("group") or "srcPod"
+        n = _int(params, "n", 10, 1, MAX_TOP)
+        q, _ = self._query(params)
+        if group == "pod":  # either end: what each Pod sent and received, as source or destination
+            return self._top_pods(q, n)
+        if group not in DIMENSIONS:
+            raise PanelError("group", f"group: {group!r} is not pod or one of {', '.join(DIMENSIONS)}")
+        rows, table = self._run(lambda: grouped(self.store, q, [group], now=self.now))
+        entries = [(_label(group, r.keys[0]), r.keys[0], r.octets, r.reverse_octets, r.packets + r.reverse_packets,
+                    r.records) for r in rows if r.keys[0] != ""]
+        return _top_json(entries, n, table)
+
+    def _top_pods(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
+        acc: dict[str, list[int]] = {}
+        tables = set()
+        for dim, swap in (("srcPod", False), ("dstPod", True)):
+            rows, table = self._run(lambda dim=dim: grouped(self.store, q, [dim], now=self.now))
+            tables.add(table)
+            for r in rows:
+                if not r.keys[0]:
+                    continue
+                a = acc.setdefault(r.keys[0], [0, 0, 0, 0])
+                sent, received = (r.reverse_octets, r.octets) if swap else (r.octets, r.reverse_octets)
+                a[0] += sent
+                a[1] += received
+                a[2] += r.packets + r.reverse_packets
+                a[3] += r.records
+        entries = [(k, k, v[0], v[1], v[2], v[3]) for k, v in acc.items()]
+        return _top_json(entries, n, ",".join(sorted(tables)))
+
+    def sankey(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("sankey", params)
+        scope = _choice(params, "scope", "pod-to-pod", ("pod-to-pod", "pod-to-service", "pod-to-external", "policy"))
+        direction = _choice(params, "dir", "tx", ("tx", "rx"))
+        n = _int(params, "n", 15, 1, MAX_TOP)
+        q, w = self._query(params)
+        if scope == "policy":
+            return self._policy_sankey(q, n)
+        target = {"pod-to-pod": "dstPod", "pod-to-service": "service", "pod-to-external": "dstIP"}[scope]
+        rows, table = self._run(lambda: grouped(self.store, q, ["srcPod", target], now=self.now))
+        value = (lambda r: r.octets) if direction == "tx" else (lambda r: r.reverse_octets)
+        links = [(r.keys[0], r.keys[1], value(r), r.records) for r in rows if value(r) > 0]
+        ips = self._ips(q, scope)
+        return _sankey_json(links, n, "srcPod", target, ips, table)
+
+    def _ips(self, q: query.FlowQuery, scope: str) -> dict[tuple[str, str], list[str]]:
+        """IP addresses behind the sankey's nodes, for the tooltips (from the raw table: the
+        roll-ups keep no addresses)."""
+        out: dict[tuple[str, str], set[str]] = {}
+        if q.start is not None and q.end is not None and q.end - q.start > IP_WINDOW:
+            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately: the raw table keeps them
+        pairs = [("srcPod", "srcIP", "s")]
+        if scope == "pod-to-pod":
+            pairs.append(("dstPod", "dstIP", "d"))
+        elif scope == "pod-to-service":
+            pairs.append(("service", "dstIP", "d"))
+        for dim, ip_dim, side in pairs:
+            rows, _ = self._run(lambda dim=dim, ip_dim=ip_dim: grouped(self.store, q, [dim, ip_dim], now=self.now))
+            for r in rows:
+                if r.keys[0] and r.keys[1]:
+                    out.setdefault((side, r.keys[0]), set()).add(r.keys[1])
+        return {k: sorted(v)[:8] for k, v in out.items()}
+
+    def _policy_sankey(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
+        # The links (policy pairs and their verdicts), then their largest Pod pairs for the tooltips.
+        dims = ["egressPolicy", "ingressPolicy", "egressAction", "ingressAction"]
+        rows, table = self._run(lambda: grouped(self.store, q, dims, now=self.now))
+        links: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            eg, ing, eg_act, in_act = r.keys
+            link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0, "pairs": {}})
+            link["bytes"] += r.octets + r.reverse_octets
+            link["records"] += r.records
+            if any(a.isdigit() and RULE_ACTIONS.get(int(a), "").lower() in ("drop", "reject") for a in (eg_act, in_act)):
+                link["denied"] += r.records
+        pair_dims = dims + ["srcPod", "dstPod"]
+        pairs, _ = self._run(lambda: grouped(self.store, q, pair_dims, limit_by=(8, 4), now=self.now))
+        for r in pairs:
+            eg, ing, eg_act, in_act, sp, dp = r.keys
+            pair = links[(eg, ing)]["pairs"].setdefault((sp, dp, eg_act, in_act), [0, 0])
+            pair[0] += r.octets + r.reverse_octets
+            pair[1] += r.records
+        # Denied links first: they must show however small they are.
+        ranked = sorted(links.items(), key=lambda kv: (0 if kv[1]["denied"] else 1, -kv[1]["bytes"], kv[0]))
+        shown, rest = ranked[:n], ranked[n:]
+        total = sum(v["bytes"] for v in links.values()) or 1
+        nodes: dict[str, dict[str, Any]] = {}
+        out_links = []
+
+        def node(side: str, key: str) -> str:
+            name = f"{side}:{key}"
+            if name not in nodes:
+                what = "egress" if side == "e" else "ingress"
+                label = key if key and key != OTHER else ("(other)" if key == OTHER else f"(no {what} policy)")
+                drill = (f"{what}Policy = {_quote(key)}" if key and key != OTHER else None)
+                nodes[name] = {"name": name, "label": label, "side": side, "detail": [f"{what} policy"],
+                               "filter": drill, "other": key == OTHER}
+            return name
+
+        for (eg, ing), v in shown:
+            detail = []
+            for (sp, dp, ea, ia), (b, recs) in sorted(v["pairs"].items(), key=lambda kv: -kv[1][0])[:8]:
+                acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
+                detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(b)}, "
+                              f"{recs} records ({acts})")
+            conds = [f"egressPolicy = {_quote(eg)}" if eg else 'egressPolicy = ""',
+                     f"ingressPolicy = {_quote(ing)}" if ing else 'ingressPolicy = ""']
+            s, t = node("e", eg), node("i", ing)
+            if v["denied"]:
+                nodes[t]["denied"] = True
+            out_links.append({
+                "source": s, "target": t,
+                # a floor so a denied link with a handful of bytes is still drawn
+                "value": max(v["bytes"], math.ceil(total * 0.04)), "bytes": v["bytes"], "records": v["records"],
+                "denied": v["denied"], "detail": detail, "filter": " and ".join(conds),
+            })
+        if rest:
+            b = sum(v["bytes"] for _, v in rest)
+            out_links.append({"source": node("e", OTHER), "target": node("i", OTHER),
+                              "value": max(b, 1), "bytes": b, "records": sum(v["records"] for _, v in rest),
+                              "denied": sum(v["denied"] for _, v in rest), "detail": [], "filter": None})
+        return {"nodes": list(nodes.values()), "links": out_links, "table": table}
+
+    def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("heatmap", params)
+        direction = _choice(params, "dir", "tx", ("tx", "rx"))
+        q, w = self._query(params)
+        cells: dict[tuple[str, int], int] = {}
+        table = ""
+        for dim, forward in (("srcNode", True), ("dstNode", False)):
+            rows, table = self._run(lambda dim=dim: grouped(self.store, q, [dim], step=w.step, now=self.now))
+            for r in rows:
+                if not r.keys[0]:
+                    continue
+                # what the Node sent: forward octets where it is the source, reverse where the destination
+                sent = r.octets if forward else r.reverse_octets
+                received = r.reverse_octets if forward else r.octets
+                key = (r.keys[0], r.bucket)
+                cells[key] = cells.get(key, 0) + (sent if direction == "tx" else received)
+        nodes = sorted({k[0] for k in cells})
+        first = w.start - w.start % w.step
+        buckets = list(range(first, w.end, w.step))
+        index = {t: i for i, t in enumerate(buckets)}
+        out = []
+        peak = 0.0
+        for (node, t), octets in cells.items():
+            if t not in index:
+                continue
+            mbps = round(octets * 8 / w.step / 1e6, 6)
+            peak = max(peak, mbps)
+            out.append([index[t], nodes.index(node), mbps])
+        return {"times": [t * 1000 for t in buckets], "nodes": nodes, "cells": sorted(out), "max": peak,
+                "step": w.step, "unit": "Mbps", "table": table}
+
+    def flows(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("flows", params)
+        fmt = _choice(params, "format", "page", ("page", "json", "csv"))
+        q, _ = self._query(params)
+        if fmt != "page":
+            page = self._run(lambda: query.flows(self.store, q.with_(limit=EXPORT_LIMIT), now=self.now))
+            return {"rows": page.records, "more": page.more, "total": len(page.records)}
+        limit = _int(params, "limit", 50, 1, MAX_PAGE_LIMIT)
+        number = _int(params, "page", 1, 1, 1_000_000)
+        page = self._run(lambda: query.flows(self.store, q.with_(limit=limit, offset=(number - 1) * limit),
+                                             now=self.now))
+        total = self._run(lambda: query.top(self.store, q.with_(group="flowType", top=1), now=self.now)).total.records
+        return {"rows": page.records, "page": number, "limit": limit, "more": page.more, "total": total}
+
+    def values(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """Known values of one of the Network Policy page's fields, within the range."""
+        self.check("values", params)
+        self._check_policy_names(params)
+        fld = _choice(params, "field", "", tuple(POLICY_PARAMS))
+        side, part = POLICY_PARAMS[fld]
+        clean = {k: v for k, v in params.items() if k != "field" and k not in POLICY_PARAMS}
+        q, _ = self._query(clean)
+        result = self._run(lambda: query.top(self.store, q.with_(group=side, top=query.MAX_TOP), now=self.now))
+        keys = [e.key for e in result.entries if e.key]
+        values = sorted({k.split("/", 1)[0] if part == "namespace" else k.split("/", 1)[-1] for k in keys if "/" in k}
+                        | ({k for k in keys if "/" not in k} if part == "name" else set()))
+        return {"field": fld, "values": values}
+
+    # ---- completion of the filter box
+
+    def complete(self, params: Mapping[str, str]) -> dict[str, Any]:
+        self.check("complete", params)
+        text = params.get("q", "")
+        if len(text) > 4096:
+            raise PanelError("q", "q: longer than 4096 characters")
+        pos = _int(params, "pos", len(text), 0, len(text))
+        clean = {k: v for k, v in params.items() if k in ("since", "from", "to")}
+        _, w = self._query(clean)
+        return complete_filter(self.store, text, pos, w, now=self.now)
+
+
+def _si_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _top_json(entries: list[tuple[str, str, int, int, int, int]], n: int, table: str) -> dict[str, Any]:
+    entries.sort(key=lambda e: (-(e[2] + e[3]), e[0]))
+
+    def row(e: tuple[str, str, int, int, int, int]) -> dict[str, Any]:
+        return {"name": e[0], "key": e[1], "octets": e[2], "reverseOctets": e[3], "packets": e[4], "flows": e[5]}
+
+    rest = entries[n:]
+    other = None
+    if rest:
+        other = {"name": "other", "key": OTHER, "octets": sum(e[2] for e in rest),
+                 "reverseOctets": sum(e[3] for e in rest), "packets": sum(e[4] for e in rest),
+                 "flows": sum(e[5] for e in rest), "groups": len(rest)}
+    return {"rows": [row(e) for e in entries[:n]], "other": other, "table": table}
+
+
+def _sankey_json(links: list[tuple[str, str, int, int]], n: int, source_dim: str, target_dim: str,
+                 ips: Mapping[tuple[str, str], list[str]], table: str) -> dict[str, Any]:
+    """Top ``n`` sources and targets by volume; the rest fold into "other" on each side."""
+    src_total: dict[str, int] = {}
+    dst_total: dict[str, int] = {}
+    for s, d, v, _ in links:
+        src_total[s] = src_total.get(s, 0) + v
+        dst_total[d] = dst_total.get(d, 0) + v
+    keep_s = set(sorted(src_total, key=lambda k: (-src_total[k], k))[:n])
+    keep_d = set(sorted(dst_total, key=lambda k: (-dst_total[k], k))[:n])
+    merged: dict[tuple[str, str], list[int]] = {}
+    for s, d, v, recs in links:
+        key = (s if s in keep_s else OTHER, d if d in keep_d else OTHER)
+        m = merged.setdefault(key, [0, 0])
+        m[0] += v
+        m[1] += recs
+    field = {"srcPod": "srcPod", "dstPod": "dstPod", "service": "service", "dstIP": "dstIP"}
+    nodes: dict[str, dict[str, Any]] = {}
+
+    def node(side: str, dim: str, key: str) -> str:
+        name = f"{side}:{key}"
+        if name not in nodes:
+            is_other = key == OTHER
+            label = "(other)" if is_other else _label(dim, key)
+            detail = [f"IP {', '.join(ips[(side, key)])}"] if (side, key) in ips else []
+            nodes[name] = {"name": name, "label": label, "side": side, "detail": detail, "other": is_other,
+                           "filter": None if is_other or not key else f"{field[dim]} = {_quote(key)}"}
+        return name
+
+    out = []
+    for (s, d), (v, recs) in sorted(merged.items(), key=lambda kv: -kv[1][0]):
+        a, b = node("s", source_dim, s), node("d", target_dim, d)
+        conds = [nodes[a]["filter"], nodes[b]["filter"]]
+        out.append({"source": a, "target": b, "value": v, "records": recs,
+                    "filter": " and ".join(c for c in conds if c) or None,
+                    "detail": [f"{recs} flow records"]})
+    return {"nodes": list(nodes.values()), "links": out, "table": table}
+
+
+# --------------------------------------------------------------------------- completion
+
+_OPERATORS: Final = ("=", "!=", "~", "in", "not in", "<", ">", "<=", ">=")
+_ENUM_VALUES: Final = {
+    "action": [n.lower() for n in RULE_ACTIONS.values() if n] + ["none"],
+    "type": [n for n in FLOW_TYPES.values() if n],
+    "protocol": list(PROTOCOLS.values()),
+}
+
+
+def _tokens(text: str) -> list[tuple[str, int, int]]:
+    """A forgiving split of the filter text into (token, start, end), quotes kept whole
+    (an unclosed quote runs to the end): enough to know what the cursor is completing."""
+    out = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace():
+            i += 1
+            continue
+        if c in "\"'":
+            j = i + 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            j = min(j + 1, len(text))
+        elif c in "(),":
+            j = i + 1
+        elif c in "=!<>~":
+            j = i + 1
+            while j < len(text) and text[j] in "=":
+                j += 1
+        else:
+            j = i
+            while j < len(text) and not text[j].isspace() and text[j] not in "()\"',=!<>~":
+                j += 1
+        out.append((text[i:j], i, j))
+        i = j
+    return out
+
+
+def complete_filter(store: query.Backend, text: str, pos: int, w: Window, *,
+                    now: Callable[[], float] = time.time, limit: int = 20) -> dict[str, Any]:
+    """Suggestions for the token at ``pos``: a field, an operator, a value (from the store:
+    namespaces, Pods, Nodes, Services, policies; names for enumerations) or a keyword.
+    Returns ``{"from", "to", "suggestions": [{"value", "kind"}]}``; ``from``/``to`` is the
+    span of the text a suggestion replaces."""
+    before = text[:pos]
+    toks = _tokens(before)
+    current = ""
+    start = pos
+    if toks and toks[-1][2] == pos and not before.endswith((" ", "(", ",")) and toks[-1][0] not in "(),":
+        current, start, _ = toks[-1]
+        toks = toks[:-1]
+    end = pos
+    while end < len(text) and not text[end].isspace() and text[end] not in "(),":
+        end += 1
+    words = [t[0] for t in toks]
+    expect = "field"
+    fld: str | None = None
+    i = 0
+    while i < len(words):
+        w_ = words[i]
+        if expect == "field":
+            if w_.lower() == "not" or w_ == "(":
+                pass
+            else:
+                fld = w_
+                expect = "operator"
+        elif expect == "operator":
+            if w_.lower() == "not":
+                pass
+            elif w_.lower() == "in":
+                expect = "list"
+            else:
+                expect = "value"
+        elif expect == "list":
+            if w_ == "(" or w_ == ",":
+                expect = "listvalue"
+            elif w_ == ")":
+                expect = "connective"
+        elif expect == "listvalue":
+            expect = "list"
+        elif expect == "value":
+            expect = "connective"
+        elif expect == "connective":
+            if w_.lower() in ("and", "or"):
+                expect = "field"
+            elif w_ == ")":
+                pass
+        i += 1
+    if expect == "listvalue" or (expect == "list" and words and words[-1] in ("(", ",")):
+        expect = "value"
+    suggestions: list[dict[str, str]] = []
+    low = current.lower()
+    if expect == "field":
+        suggestions = [{"value": f, "kind": "field"} for f in FIELDS if f.lower().startswith(low)]
+        if "not".startswith(low) and low:
+            suggestions.append({"value": "not", "kind": "keyword"})
+    elif expect == "operator":
+        suggestions = [{"value": op, "kind": "operator"} for op in _OPERATORS if op.startswith(low)]
+    elif expect == "connective":
+        suggestions = [{"value": k, "kind": "keyword"} for k in ("and", "or") if k.startswith(low)]
+    elif expect == "value" and fld in FIELDS:
+        suggestions = _value_suggestions(store, FIELDS[fld].name, FIELDS[fld].kind, current, w, now=now, limit=limit)
+    return {"from": start, "to": end, "suggestions": suggestions[:limit]}
+
+
+_COMPLETE_DIMS: Final = {
+    "namespace": ("srcNamespace", "dstNamespace"), "srcNamespace": ("srcNamespace",), "dstNamespace": ("dstNamespace",),
+    "pod": ("srcPod", "dstPod"), "srcPod": ("srcPod",), "dstPod": ("dstPod",),
+    "workload": ("srcWorkload", "dstWorkload"), "srcWorkload": ("srcWorkload",), "dstWorkload": ("dstWorkload",),
+    "node": ("srcNode", "dstNode"), "srcNode": ("srcNode",), "dstNode": ("dstNode",),
+    "service": ("service",),
+    "policy": ("ingressPolicy", "egressPolicy"), "ingressPolicy": ("ingressPolicy",), "egressPolicy": ("egressPolicy",),
+    "ip": ("srcIP", "dstIP"), "srcIP": ("srcIP",), "dstIP": ("dstIP",),
+}
+
+
+def _value_suggestions(store: query.Backend, fld: str, kind: str, current: str, w: Window, *,
+                       now: Callable[[], float], limit: int) -> list[dict[str, str]]:
+    prefix = current.lstrip("\"'")
+    if kind in _ENUM_VALUES:
+        return [{"value": v, "kind": fld} for v in _ENUM_VALUES[kind] if v.startswith(prefix.lower())]
+    dims = _COMPLETE_DIMS.get(fld)
+    if not dims:
+        return []
+    seen: dict[str, int] = {}
+    for dim in dims:
+        result = query.top(store, query.FlowQuery(start=w.start, end=w.end, group=dim, by="records",
+                                                  top=query.MAX_TOP), now=now)
+        for e in result.entries:
+            if e.key and e.key.startswith(prefix):
+                seen[e.key] = seen.get(e.key, 0) + e.records
+            elif e.key and "/" in e.key and e.key.split("/", 1)[1].startswith(prefix):
+                seen[e.key] = seen.get(e.key, 0) + e.records
+    ranked = sorted(seen, key=lambda k: (-seen[k], k))[:limit]
+    return [{"value": _quote(k), "kind": fld} for k in ranked]

@@ -1,0 +1,112 @@
+"""Migrations of the flow store on chDB: the version-1 table (what flowscope wrote before
+migrations existed) migrates in place with every row kept and the roll-ups backfilled; a
+second start changes nothing; a store of a newer schema is refused, untouched; a column the
+table lacks (a new element of the aggregated record) is added in place.
+
+(A separate module from test_collector_store.py: chDB holds one directory per process, and
+that module keeps its store open.)"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flowscope.collector.rows import flows_to_columns, typed_columns
+from flowscope.collector.schema import COLUMNS, SCHEMA_VERSION
+from flowscope.collector.store import SchemaError, open_store
+from test_collector_store import FLOWS, check_against_python, rollup_answers_equal_raw
+
+pytestmark = [pytest.mark.timeout(180)]
+
+
+def _v1_table(session, db: str = "flowscope") -> None:
+    """The table as flowscope wrote it before migrations (schema version 1)."""
+    cols = ",\n    ".join(f"`{c.name}` {c.type}" for c in COLUMNS)
+    session.query(f"CREATE DATABASE {db}")
+    session.query(f"CREATE TABLE {db}.flows (\n    {cols}\n) ENGINE = MergeTree() "
+                  "PARTITION BY toYYYYMMDD(timeInserted) ORDER BY (timeInserted, flowEndSeconds)")
+
+
+def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
+    from chdb import session as chs
+
+    path = tmp_path / "store"
+    old = open_store(f"chdb://{path}")
+    s = old._conn()
+    _v1_table(s)
+    old.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=9)[0]))
+    before = s.query("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, flowEndSeconds) "
+                     "FROM flowscope.flows", "CSV").bytes()
+    old.close()
+
+    store = open_store(f"chdb://{path}")
+    store.open()
+    assert store.schema_version == SCHEMA_VERSION == 2
+    after = store._conn().query("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
+                                "flowEndSeconds) FROM flowscope.flows", "CSV").bytes()
+    assert after == before and int(after.split(b",")[0]) == len(FLOWS)
+    tables = {r[0] for r in store.select("SELECT name FROM system.tables WHERE database = 'flowscope'")}
+    assert {"flows", "flows_1m", "flows_1h", "flows_1m_mv", "flows_1h_mv", "flowscope_schema"} <= tables
+    assert not any(t.endswith(("__v1", "__v2")) for t in tables)
+    # the roll-ups were backfilled from the migrated rows, and the derived columns computed
+    check_against_python(store)
+    assert rollup_answers_equal_raw(store) > 50
+    assert store.select("SELECT count() FROM flowscope.flows WHERE sourcePodWorkload = 'app1' "
+                        "AND sourcePodName LIKE 'app1-%'")[0][0] > 0
+    store.close()
+
+    again = open_store(f"chdb://{path}")  # idempotent: nothing changes on the next start
+    again.open()
+    assert again.count() == len(FLOWS) and again.count("flows_1h") == store_rollup_rows(again)
+    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [2]
+    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 3, 'from the future'")
+    again.close()
+    newer = open_store(f"chdb://{path}")
+    with pytest.raises(SchemaError, match="has schema version 3, newer than this flowscope's 2; upgrade flowscope"):
+        newer.open()
+    newer.close()
+    s2 = chs.Session(str(path))
+    try:
+        assert s2.query("SELECT count() FROM flowscope.flows", "CSV").bytes().strip() == str(len(FLOWS)).encode()
+    finally:
+        s2.close()
+
+
+def store_rollup_rows(store) -> int:
+    return store.count("flows_1h")
+
+
+def test_a_new_element_of_the_record_joins_as_a_column(tmp_path, monkeypatch):
+    """A column the table lacks (an IE added to the aggregated record) is added in place."""
+    store = open_store(f"chdb://{tmp_path}/s")
+    store.open()
+    store.execute("ALTER TABLE flowscope.flows DROP COLUMN tcpState")
+    store.close()
+    again = open_store(f"chdb://{tmp_path}/s")
+    again.open()
+    assert "tcpState" in {r[0] for r in again.select(
+        "SELECT name FROM system.columns WHERE database = 'flowscope' AND table = 'flows'")}
+    again.close()
+
+
+def test_retention_is_each_tables_ttl_and_changes_in_place(tmp_path):
+    from flowscope.collector.schema import Retention
+
+    def ttls(store) -> dict:
+        rows = store.select("SELECT name, engine_full FROM system.tables WHERE database = 'flowscope'")
+        out = {}
+        for name, engine in rows:
+            if name in ("flows", "flows_1m", "flows_1h"):
+                out[name] = engine.split(" TTL ", 1)[1].split(" SETTINGS")[0] if " TTL " in engine else None
+        return out
+
+    store = open_store(f"chdb://{tmp_path}/s", retention=Retention(86400, 0, 2 * 86400))
+    store.open()
+    assert ttls(store) == {"flows": "timeInserted + toIntervalSecond(86400)", "flows_1m": None,
+                           "flows_1h": "inserted + toIntervalSecond(172800)"}
+    store.close()
+    again = open_store(f"chdb://{tmp_path}/s", retention=Retention(3600, 7200, 0))
+    again.open()
+    assert ttls(again) == {"flows": "timeInserted + toIntervalSecond(3600)",
+                           "flows_1m": "inserted + toIntervalSecond(7200)", "flows_1h": None}
+    again.close()
