@@ -309,10 +309,6 @@ class EntryParser:
         self._hdr = struct.Struct("=IHH").unpack_from
         self._err = struct.Struct("=i").unpack_from
 
-    @property
-    def layout_count(self) -> int:
-        return self._count
-
     def parse(self, buf: bytes | bytearray | memoryview, n: int, out: list[ConntrackEntry]) -> tuple[bool, int, bool]:
         """Parse ``buf[:n]``, appending entries to ``out``.
 

@@ -335,6 +335,8 @@ class AggregationProcess:
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
         self._shared_limit = max(65536, max_flows)
+        # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
+        self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
@@ -630,7 +632,7 @@ class AggregationProcess:
             self.stats.flows_expired += 1
 
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
-        record = build_record(flow)
+        record = build_record(flow, self._merge_cache)
         c = flow.c
         for i in (4, 5, 6, 7, 12, 13, 14, 15):
             c[i] = 0
@@ -647,7 +649,7 @@ class AggregationProcess:
         out = []
         for flow in self.flows.values():
             if flt is None or flt.matches(flow.key):
-                out.append(ExportedFlow(build_record(flow), flow.correlation, False))
+                out.append(ExportedFlow(build_record(flow, self._merge_cache), flow.correlation, False))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -664,14 +666,16 @@ class AggregationProcess:
         return out
 
 
-_merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _ZERO8 = (0,) * 8
 
 
-def _merged(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bool) -> tuple[Any, ...]:
-    """Both sides' Kubernetes fields merged, each from its owner first (cached: tuples are shared)."""
+def _merged(
+    smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bool, cache: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> tuple[Any, ...]:
+    """Both sides' Kubernetes fields merged, each from its owner first (cached in ``cache``,
+    the process's own: tuples are shared)."""
     ck = (smeta, dmeta, v6)
-    got = _merge_cache.get(ck)
+    got = cache.get(ck)
     if got is not None:
         return got
     defaults = _META_DEFAULTS[v6]
@@ -683,14 +687,15 @@ def _merged(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bo
             v = other[i]
         out.append(default if v is None else v)
     merged = tuple(out)
-    if len(_merge_cache) >= 65536:
-        _merge_cache.clear()
-    _merge_cache[ck] = merged
+    if len(cache) >= 65536:
+        cache.clear()
+    cache[ck] = merged
     return merged
 
 
-def build_record(flow: Flow) -> dict[str, Any]:
-    """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order."""
+def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
+    """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order.
+    ``merge_cache`` is the calling process's cache of merged Kubernetes fields."""
     f = flow.flags
     cl = flow.c.tolist()
     has_src = bool(f & HAS_SRC)
@@ -709,7 +714,7 @@ def build_record(flow: Flow) -> dict[str, Any]:
     flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
     values = (
         flow.start, flow.end, flow.reason, *flow.key, *own,
-        *_merged(smeta, dmeta, v6),
+        *_merged(smeta, dmeta, v6, merge_cache),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
     )
