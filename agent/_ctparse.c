@@ -14,9 +14,10 @@
  * counts the message as malformed. tests/agent/test_agent_ctfast.py compares both
  * parsers on mixed tables.
  *
- * Addresses are deduplicated through a small direct-mapped cache of bytes objects: a
- * table of 100k connections names far fewer distinct addresses, and the store keeps
- * every entry until the next poll.
+ * Addresses, ports and repeating 32-bit values (status, mark) are shared objects, from
+ * small caches: a table of 100k connections names far fewer distinct ones, the store
+ * keeps every entry until the next poll, and an unchanged entry then compares equal to
+ * its predecessor mostly by identity.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,6 +52,12 @@ typedef struct {
     PyObject *value;
 } AddrSlot;
 
+#define U32_SLOTS 4096
+typedef struct {
+    uint32_t key;
+    PyObject *value;
+} U32Slot;
+
 typedef struct {
     PyObject_HEAD
     PyTypeObject *entry_type;
@@ -59,6 +66,10 @@ typedef struct {
     Py_ssize_t count;
     AddrSlot addr4[ADDR_SLOTS];
     AddrSlot addr16[ADDR_SLOTS];
+    /* Shared int objects: every port (a table of 100k entries holds 4 per entry), and
+     * recent 32-bit values (status and mark repeat; ids do not and just pass through). */
+    PyObject *u16[65536];
+    U32Slot u32[U32_SLOTS];
 } ParserObject;
 
 static void
@@ -164,10 +175,31 @@ leaf_value(ParserObject *self, const Layout *l, Py_ssize_t i, const unsigned cha
     switch (l->leaf_kind[i]) {
     case V_U8:
         return PyLong_FromLong(p[0]);
-    case V_U16:
-        return PyLong_FromLong((p[0] << 8) | p[1]);
-    case V_U32:
-        return PyLong_FromUnsignedLong(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
+    case V_U16: {
+        int v = (p[0] << 8) | p[1];
+        PyObject *o = self->u16[v];
+        if (o == NULL) {
+            o = self->u16[v] = PyLong_FromLong(v);
+            if (o == NULL) {
+                return NULL;
+            }
+        }
+        return Py_NewRef(o);
+    }
+    case V_U32: {
+        uint32_t v = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+        U32Slot *slot = &self->u32[(uint32_t)(v * 2654435761u) >> 20];
+        if (slot->value != NULL && slot->key == v) {
+            return Py_NewRef(slot->value);
+        }
+        PyObject *o = PyLong_FromUnsignedLong(v);
+        if (o == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(slot->value, Py_NewRef(o));
+        slot->key = v;
+        return o;
+    }
     case V_U64: {
         uint64_t v = 0;
         for (int k = 0; k < 8; k++) {
@@ -512,6 +544,12 @@ parser_dealloc(ParserObject *self)
     for (int i = 0; i < ADDR_SLOTS; i++) {
         Py_XDECREF(self->addr4[i].value);
         Py_XDECREF(self->addr16[i].value);
+    }
+    for (int i = 0; i < 65536; i++) {
+        Py_XDECREF(self->u16[i]);
+    }
+    for (int i = 0; i < U32_SLOTS; i++) {
+        Py_XDECREF(self->u32[i].value);
     }
     Py_XDECREF(self->entry_type);
     Py_XDECREF(self->key_type);

@@ -667,6 +667,8 @@ class AggregationProcess:
 
 
 _ZERO8 = (0,) * 8
+_NO_META = (None,) * len(KUBERNETES_FIELDS[0])
+_EMPTY = frozenset((None, "", 0, "0.0.0.0", "::"))  # what _empty() calls empty, as a set
 
 
 def _merged(
@@ -678,15 +680,16 @@ def _merged(
     got = cache.get(ck)
     if got is not None:
         return got
-    defaults = _META_DEFAULTS[v6]
-    out = []
-    for i, default in enumerate(defaults):
-        own, other = (smeta, dmeta) if i < _N_SRC_OWNED else (dmeta, smeta)
-        v = own[i] if own is not None else None
-        if _empty(v) and other is not None and not _empty(other[i]):
-            v = other[i]
-        out.append(default if v is None else v)
-    merged = tuple(out)
+    # Each field from its owner (the source side's first _N_SRC_OWNED, the destination's
+    # after), else from the other side when the owner's is empty, else the default.
+    a = smeta or _NO_META
+    b = dmeta or _NO_META
+    own = a[:_N_SRC_OWNED] + b[_N_SRC_OWNED:]
+    other = b[:_N_SRC_OWNED] + a[_N_SRC_OWNED:]
+    merged = tuple([
+        y if x in _EMPTY and y not in _EMPTY else (d if x is None else x)
+        for x, y, d in zip(own, other, _META_DEFAULTS[v6])
+    ])  # fmt: skip
     if len(cache) >= 65536:
         cache.clear()
     cache[ck] = merged
