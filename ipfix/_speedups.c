@@ -67,6 +67,8 @@ typedef struct {
     Py_ssize_t min_length;
     Py_ssize_t fixed_length; /* -1: the template has variable-length fields */
     int direct;              /* copies of proto may have their values written in place */
+    PyObject *split;         /* a split-table prototype (keys shared), or NULL */
+    Py_ssize_t *split_index; /* its value slot of each field */
 } CodecObject;
 
 /* ------------------------------------------------------------------ record dicts
@@ -107,6 +109,20 @@ direct_entries(PyObject *d, Py_ssize_t n)
         return NULL;
     }
     return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+}
+typedef struct {
+    PyObject *values[1];
+} ValuesMirror;
+
+/* The value slots of a fresh copy of a split-table prototype, or NULL if not one. */
+static inline PyObject **
+split_values(PyObject *d, PyObject *proto)
+{
+    PyDictObject *mp = (PyDictObject *)d;
+    if (mp->ma_values == NULL || mp->ma_keys != ((PyDictObject *)proto)->ma_keys) {
+        return NULL;
+    }
+    return ((ValuesMirror *)mp->ma_values)->values;
 }
 #else
 #define DIRECT_DICTS 0
@@ -409,12 +425,13 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
     const Py_ssize_t nops = self->nops;
     const Op *ops = self->ops;
     while (end - off >= self->min_length) {
-        PyObject *d = PyDict_Copy(self->proto);
+        PyObject *d = PyDict_Copy(self->split ? self->split : self->proto);
         if (d == NULL) {
             goto error;
         }
 #if DIRECT_DICTS
-        UnicodeEntryMirror *entries = self->direct ? direct_entries(d, nops) : NULL;
+        PyObject **slots = self->split ? split_values(d, self->split) : NULL;
+        UnicodeEntryMirror *entries = slots == NULL && self->direct ? direct_entries(d, nops) : NULL;
 #endif
         for (Py_ssize_t i = 0; i < nops; i++) {
             const Op *op = &ops[i];
@@ -449,6 +466,12 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto error;
             }
 #if DIRECT_DICTS
+            if (slots != NULL) {
+                PyObject **slot = &slots[self->split_index[i]];
+                Py_DECREF(*slot); /* the prototype's None */
+                *slot = v;
+                continue;
+            }
             if (entries != NULL) {
                 Py_DECREF(entries[i].me_value); /* the prototype's None */
                 entries[i].me_value = v;
@@ -919,6 +942,8 @@ codec_dealloc(CodecObject *self)
         Py_XDECREF(self->ops[i].helper);
     }
     PyMem_Free(self->ops);
+    PyMem_Free(self->split_index);
+    Py_XDECREF(self->split);
     Py_XDECREF(self->proto);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -962,13 +987,64 @@ check_direct(CodecObject *self)
 #endif
 }
 
+/* Adopt `split`, a dict of the fields' keys (all None, in field order) that shares its
+ * keys table (an instance __dict__, made by accel.py), if its copies are split tables whose
+ * value slots CPython itself fills for each key: the slot of each field is learnt by
+ * storing a marker through PyDict_SetItem and finding it. 1 adopted, 0 not, -1 error. */
+static int
+check_split(CodecObject *self, PyObject *split)
+{
+#if DIRECT_DICTS
+    if (split == NULL || split == Py_None || !PyDict_CheckExact(split) || PyDict_GET_SIZE(split) != self->nops ||
+        ((PyDictObject *)split)->ma_values == NULL) {
+        return 0;
+    }
+    PyObject *d = PyDict_Copy(split);
+    if (d == NULL) {
+        return -1;
+    }
+    PyObject **slots = split_values(d, split);
+    Py_ssize_t size = ((KeysMirror *)((PyDictObject *)d)->ma_keys)->dk_nentries;
+    Py_ssize_t *index = PyMem_Calloc((size_t)(self->nops ? self->nops : 1), sizeof(Py_ssize_t));
+    int ok = slots != NULL && index != NULL && size >= self->nops;
+    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
+        PyObject *marker = PyLong_FromSsize_t(1000000 + i);
+        if (marker == NULL || PyDict_SetItem(d, self->ops[i].key, marker) < 0) {
+            Py_XDECREF(marker);
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        slots = split_values(d, split);
+        index[i] = -1;
+        for (Py_ssize_t j = 0; slots != NULL && j < size; j++) {
+            if (slots[j] == marker) {
+                index[i] = j;
+            }
+        }
+        ok = slots != NULL && index[i] >= 0 && PyDict_GET_SIZE(d) == self->nops;
+        Py_DECREF(marker);
+    }
+    Py_DECREF(d);
+    if (!ok) {
+        PyMem_Free(index);
+        return 0;
+    }
+    self->split = Py_NewRef(split);
+    self->split_index = index;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Codec(fields): fields is a sequence of (key, kind, length, helper-or-None). */
 static PyObject *
 codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PyObject *fields;
-    static char *kwlist[] = {"fields", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Codec", kwlist, &fields)) {
+    PyObject *fields, *split = NULL;
+    static char *kwlist[] = {"fields", "split", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Codec", kwlist, &fields, &split)) {
         return NULL;
     }
     PyObject *seq = PySequence_Fast(fields, "fields must be a sequence");
@@ -1037,7 +1113,7 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto error;
     }
     self->direct = check_direct(self);
-    if (self->direct < 0) {
+    if (self->direct < 0 || check_split(self, split) < 0) {
         goto error;
     }
     Py_DECREF(seq);
