@@ -574,6 +574,38 @@ put_helper_unsigned(unsigned char *p, PyObject *helper, PyObject *v, Py_ssize_t 
     return rc;
 }
 
+/* Dotted-quad text to 4 octets, accepting exactly what inet_pton(AF_INET) accepts (four
+ * decimal octets up to 255, no leading zeros, nothing else) or a subset: 1 written, 0 not
+ * (the caller then asks the twin's cache, which decides). */
+static int
+parse_ip4(PyObject *v, unsigned char *out)
+{
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_COMPACT_ASCII(v)) {
+        return 0;
+    }
+    const unsigned char *s = PyUnicode_1BYTE_DATA(v);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v), i = 0;
+    for (int part = 0; part < 4; part++) {
+        if (part > 0) {
+            if (i >= n || s[i] != '.') {
+                return 0;
+            }
+            i++;
+        }
+        Py_ssize_t start = i;
+        unsigned value = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9' && i - start < 3) {
+            value = value * 10 + (unsigned)(s[i] - '0');
+            i++;
+        }
+        if (i == start || value > 255 || (i - start > 1 && s[start] == '0')) {
+            return 0;
+        }
+        out[part] = (unsigned char)value;
+    }
+    return i == n;
+}
+
 static int
 put_mapped_bytes(unsigned char *p, PyObject *mapping, PyObject *v, Py_ssize_t n)
 {
@@ -635,6 +667,31 @@ put_fixed(unsigned char *p, const char *s, Py_ssize_t n, Py_ssize_t length)
     memcpy(p, s, (size_t)k);
     memset(p + k, 0, (size_t)(length - k));
 }
+
+#if DIRECT_DICTS
+/* Prefetch a record dict's entries (values 0) or the objects they hold (values 1). */
+static inline void
+prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND) {
+        return;
+    }
+    const char *e = k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes);
+    Py_ssize_t n = k->dk_nentries < nops ? k->dk_nentries : nops;
+    if (!values) {
+        for (Py_ssize_t off = 0; off < n * (Py_ssize_t)sizeof(UnicodeEntryMirror); off += 64) {
+            __builtin_prefetch(e + off);
+        }
+        return;
+    }
+    const UnicodeEntryMirror *entries = (const UnicodeEntryMirror *)e;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        __builtin_prefetch(entries[i].me_value);
+    }
+}
+#endif
 
 /* Append one record to b; ENC_FALLBACK leaves b as it was. */
 static int
@@ -772,6 +829,9 @@ encode_one(CodecObject *self, PyObject *rec, Buf *b)
                 }
                 Py_DECREF(r);
             }
+            else if (op->kind == K_IP4 && parse_ip4(v, p)) {
+                rc = ENC_OK;
+            }
             else {
                 rc = put_mapped_bytes(p, op->helper, v, n);
             }
@@ -850,6 +910,20 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
         goto done;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
+#if DIRECT_DICTS
+        /* Records arrive cold (each dict, its entries and every value are separate
+         * allocations): fetch ahead, the dict of record i+3, the entries of i+2, the
+         * values of i+1, so that encoding record i rarely waits for memory. */
+        if (i + 3 < count) {
+            __builtin_prefetch(items[i + 3]);
+        }
+        if (i + 2 < count && PyDict_CheckExact(items[i + 2])) {
+            prefetch_entries(items[i + 2], self->nops, 0);
+        }
+        if (i + 1 < count && PyDict_CheckExact(items[i + 1])) {
+            prefetch_entries(items[i + 1], self->nops, 1);
+        }
+#endif
         int rc = encode_one(self, items[i], &b);
         if (rc == ENC_ERROR) {
             goto done;

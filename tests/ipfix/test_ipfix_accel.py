@@ -100,7 +100,7 @@ def _value(data: st.DataObject, name: str, length: int, wrong: bool) -> Any:
         return data.draw(
             st.one_of(
                 st.sampled_from(edges), st.none(), st.integers(), st.floats(), st.text(max_size=4),
-                st.binary(max_size=4), st.booleans(), st.just("10.0.0.300"), st.just([1]), st.just(1.5),
+                st.binary(max_size=4), st.booleans(), st.sampled_from(["10.0.0.300", "01.2.3.4", "1.2.3", "1.2.3.4.", "1..2.3", "1.2.3.04", "256.1.1.1", " 1.2.3.4", "1.2.3.4\x00", "１.2.3.4", "0.0.0.0", "255.255.255.255", "1.2.3.4x"]), st.just([1]), st.just(1.5),
                 st.just("ab:cd"), st.just(b"x" * 70000), st.just("\ud800"), st.just(float("inf")),
             )
         )
