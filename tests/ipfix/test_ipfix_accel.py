@@ -292,3 +292,45 @@ def test_each_field_kind_agrees_over_its_whole_range(field: tuple[str, int]) -> 
     for msg in sent[0]:
         native = fast._native.decode_set(msg, 20, len(msg)) if fast._native else None
         assert native is not None and _same_records(native, pure.decode_records(msg, 20, len(msg)))
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_install_works_and_says_the_twins_serve(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    src = tmp_path / "src"
+    for name in filter(None, listed.stdout.split("\0")):
+        if (repo / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes((repo / name).read_bytes())
+    env = {**os.environ, "CC": "/bin/false"}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)],
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "dist").glob("flowscope-*.whl")
+    import zipfile
+
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    code = (
+        f"import sys, logging; sys.path.insert(0, {str(site)!r}); logging.basicConfig(level=logging.INFO)\n"
+        "from flowscope.ipfix import Template, ExportSession, accel\n"
+        "from flowscope.agent import ctfast, conntrack\n"
+        "t = Template.build(256, ['sourceIPv4Address', 'sourcePodName']); Template.build(257, ['octetDeltaCount'])\n"
+        "s = ExportSession(1); s.add_template(t)\n"
+        "(m,) = s.encode_records(256, [{'sourceIPv4Address': '10.0.0.1', 'sourcePodName': 'web'}], 0)\n"
+        "assert t.decode_records(m, 20, len(m)) == [{'sourceIPv4Address': '10.0.0.1', 'sourcePodName': 'web'}]\n"
+        "conntrack.EntryParser(); conntrack.EntryParser()\n"
+        "print(accel.available(), ctfast.available())\n"
+    )
+    # The base interpreter, isolated: the editable install of this checkout must not answer.
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    proc = subprocess.run([str(base), "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
+    assert proc.stderr.count("IPFIX codec: pure Python") == 1, proc.stderr
+    assert proc.stderr.count("conntrack parser: pure Python") == 1, proc.stderr
