@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from .ctfast import native_parser
+
 __all__ = [
     "ConntrackEntry",
     "ConntrackSource",
@@ -308,10 +310,19 @@ class EntryParser:
         self.malformed = 0
         self._hdr = struct.Struct("=IHH").unpack_from
         self._err = struct.Struct("=i").unpack_from
+        # The per-message loop in C where it is built (agent/ctfast.py); layouts still compile here.
+        self._native = native_parser(ConntrackEntry, ConnKey, self._learn, max_layouts)
 
-    @property
-    def layout_count(self) -> int:
-        return self._count
+    def _learn(self, buf: bytes | bytearray | memoryview, off: int, length: int) -> _Layout | None:
+        """Compile the layout of a message no layout matched (None: malformed, counted)."""
+        try:
+            lay = _compile(buf, off, length)
+        except MalformedEntry as exc:
+            self.malformed += 1
+            log.warning("skipping a malformed conntrack message: %s", exc)
+            return None
+        self.layouts_compiled += 1
+        return lay
 
     def parse(self, buf: bytes | bytearray | memoryview, n: int, out: list[ConntrackEntry]) -> tuple[bool, int, bool]:
         """Parse ``buf[:n]``, appending entries to ``out``.
@@ -320,6 +331,8 @@ class EntryParser:
         number of conntrack messages read (all zones), interrupted if a message carried
         NLM_F_DUMP_INTR. Raises ConntrackError on an NLMSG_ERROR with a non-zero code.
         """
+        if self._native is not None:
+            return self._native.parse(buf, n, out, self.zones, ConntrackError)
         off = 0
         total = 0
         interrupted = False

@@ -423,6 +423,3 @@ class ConnectionStore:
         self._heap.clear()
         self._overflow.clear()
         return out
-
-    def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None

@@ -363,6 +363,8 @@ class AggregationProcess:
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
         self._shared_limit = max(65536, max_flows)
+        # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
+        self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
@@ -675,7 +677,7 @@ class AggregationProcess:
             self.stats.flows_expired += 1
 
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
-        record = build_record(flow)
+        record = build_record(flow, self._merge_cache)
         c = flow.c
         for i in (4, 5, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23):
             c[i] = 0
@@ -692,7 +694,7 @@ class AggregationProcess:
         out = []
         for flow in self.flows.values():
             if flt is None or flt.matches(flow.key):
-                out.append(ExportedFlow(build_record(flow), flow.correlation, False))
+                out.append(ExportedFlow(build_record(flow, self._merge_cache), flow.correlation, False))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -709,33 +711,57 @@ class AggregationProcess:
         return out
 
 
-_merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _ZERO8 = (0,) * 8
+_NO_META = (None,) * len(_OWNER)
 
 
-def _merged(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bool) -> tuple[Any, ...]:
-    """Both sides' Kubernetes fields merged, each from its owner first (cached: tuples are shared)."""
+def _runs(owners: tuple[int, ...]) -> tuple[tuple[slice, int], ...]:
+    """The runs of equal owners in ``owners``, as (slice, owner)."""
+    out: list[tuple[slice, int]] = []
+    start = 0
+    for i in range(1, len(owners) + 1):
+        if i == len(owners) or owners[i] != owners[start]:
+            out.append((slice(start, i), owners[start]))
+            start = i
+    return tuple(out)
+
+
+_OWN_RUNS = _runs(_OWNER)
+_EMPTY = frozenset((None, "", 0, "0.0.0.0", "::"))  # what _empty() calls empty, as a set
+
+
+def _merged(
+    smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6: bool, cache: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> tuple[Any, ...]:
+    """Both sides' Kubernetes fields merged, each from its owner first (cached in ``cache``,
+    the process's own: tuples are shared)."""
     ck = (smeta, dmeta, v6)
-    got = _merge_cache.get(ck)
+    got = cache.get(ck)
     if got is not None:
         return got
-    defaults = _META_DEFAULTS[v6]
-    out = []
-    for i, default in enumerate(defaults):
-        own, other = (smeta, dmeta) if not _OWNER[i] else (dmeta, smeta)
-        v = own[i] if own is not None else None
-        if _empty(v) and other is not None and not _empty(other[i]):
-            v = other[i]
-        out.append(default if v is None else v)
-    merged = tuple(out)
-    if len(_merge_cache) >= 65536:
-        _merge_cache.clear()
-    _merge_cache[ck] = merged
+    # Each field from its owner, else from the other side when the owner's is empty, else
+    # the default. A side's tuple is runs of fields of one owner (:data:`_OWN_RUNS`), so
+    # "each from its owner" is a few slices, not a test per field.
+    a = smeta or _NO_META
+    b = dmeta or _NO_META
+    own: tuple[Any, ...] = ()
+    other: tuple[Any, ...] = ()
+    for sl, owner in _OWN_RUNS:
+        own += (b if owner else a)[sl]
+        other += (a if owner else b)[sl]
+    merged = tuple([
+        y if x in _EMPTY and y not in _EMPTY else (d if x is None else x)
+        for x, y, d in zip(own, other, _META_DEFAULTS[v6])
+    ])  # fmt: skip
+    if len(cache) >= 65536:
+        cache.clear()
+    cache[ck] = merged
     return merged
 
 
-def build_record(flow: Flow) -> dict[str, Any]:
-    """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order."""
+def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
+    """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order.
+    ``merge_cache`` is the calling process's cache of merged Kubernetes fields."""
     f = flow.flags
     cl = flow.c.tolist()
     has_src = bool(f & HAS_SRC)
@@ -758,7 +784,7 @@ def build_record(flow: Flow) -> dict[str, Any]:
     flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
     values = (
         flow.start, flow.end, flow.reason, *flow.key, *own,
-        *_merged(smeta, dmeta, v6),
+        *_merged(smeta, dmeta, v6, merge_cache),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
         *ends, *sth, *dth, cl[22], cl[23],

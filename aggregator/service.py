@@ -299,13 +299,6 @@ class FlowAggregator:
             await self.api_server.wait_closed()
             self.api_server = None
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.close()
-
     # ------------------------------------------------------------ API backend
     def flow_records(self, flt: FlowFilter, limit: int | None) -> list[ExportedFlow]:
         return self.process.snapshot(flt, limit)

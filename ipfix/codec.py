@@ -27,7 +27,7 @@ into messages using the length field of each header.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Literal
@@ -225,45 +225,66 @@ class ExportSession:
         msg_size = self.max_message_size if max_message_size is None else max_message_size
         if not HEADER.size + SET_HEADER.size + 1 <= msg_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {msg_size} is outside 21..{MAX_MESSAGE_SIZE}")
+        if not 0 <= export_time <= 0xFFFFFFFF:
+            raise UsageError(f"export time {export_time} is outside the 32-bit range of seconds")
         limit = msg_size - HEADER.size - SET_HEADER.size
-        set_head = SET_HEADER.pack
         fixed = t.fixed_record_length
+        if fixed is not None and limit // fixed == 0:
+            raise RecordTooLarge(
+                f"a record of template {template_id} ({fixed} octets) does not fit in a {msg_size}-octet message"
+            )
+        native = t._native
+        if native is not None:  # the C accelerator (accel.py); it calls encode for what it leaves
+            messages, oversize = native.encode_messages(
+                records, limit, encode, export_time, self.sequence_number, self.observation_domain_id, template_id
+            )
+        else:
+            messages, oversize = self._encode_messages_py(template_id, records, limit, encode, export_time)
+        if oversize:
+            raise RecordTooLarge(
+                f"a record of template {template_id} is {oversize} octets, more than fits in a {msg_size}-octet message"
+            )
+        # Counted once all are encoded: a record that fails to encode sends none of them.
+        self.sequence_number = (self.sequence_number + len(records)) & 0xFFFFFFFF
+        return messages
+
+    def _encode_messages_py(
+        self, template_id: int, records: Sequence[Record], limit: int, encode: Callable[[Record], bytes], export_time: int
+    ) -> tuple[list[bytes], int]:
+        """encode_records' messages by the pure-Python codec: (messages, 0), or ([], n) when
+        a record of n octets does not fit in ``limit`` octets of set payload."""
+        set_head = SET_HEADER.pack
         messages: list[bytes] = []
+        sequence = self.sequence_number
+        fixed = self._template(template_id).fixed_record_length
         if fixed is not None:
             per_message = limit // fixed
-            if per_message == 0:
-                raise RecordTooLarge(
-                    f"a record of template {template_id} ({fixed} octets) does not fit in a {msg_size}-octet message"
-                )
             for start in range(0, len(records), per_message):
-                chunk = records[start : start + per_message]
-                payload = b"".join([encode(r) for r in chunk])
-                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
-                self.sequence_number = (self.sequence_number + len(chunk)) & 0xFFFFFFFF
-            return messages
+                payload = b"".join([encode(r) for r in records[start : start + per_message]])
+                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time, sequence))
+                sequence = (sequence + per_message) & 0xFFFFFFFF
+            return messages, 0
         encoded = [encode(r) for r in records]
+        for item in encoded:
+            if len(item) > limit:
+                return [], len(item)
         start = 0
         size = 0
         for i, item in enumerate(encoded):
             n = len(item)
-            if n > limit:
-                raise RecordTooLarge(
-                    f"a record of template {template_id} is {n} octets, more than fits in a {msg_size}-octet message"
-                )
             if size + n > limit:
                 payload = b"".join(encoded[start:i])
-                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
-                self.sequence_number = (self.sequence_number + i - start) & 0xFFFFFFFF
+                messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time, sequence))
+                sequence = (sequence + i - start) & 0xFFFFFFFF
                 start, size = i, 0
             size += n
         payload = b"".join(encoded[start:])
-        messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time))
-        self.sequence_number = (self.sequence_number + len(encoded) - start) & 0xFFFFFFFF
-        return messages
+        messages.append(self._data_message(set_head(template_id, SET_HEADER.size + len(payload)), payload, export_time, sequence))
+        return messages, 0
 
-    def _data_message(self, set_header: bytes, payload: bytes, export_time: int) -> bytes:
+    def _data_message(self, set_header: bytes, payload: bytes, export_time: int, sequence: int) -> bytes:
         length = HEADER.size + len(set_header) + len(payload)
-        return self._header(length, export_time) + set_header + payload
+        return HEADER.pack(VERSION, length, export_time, sequence, self.observation_domain_id) + set_header + payload
 
 
 # --------------------------------------------------------------------------- collecting

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .accel import NativeCodec, native_codec
 from .errors import InvalidValue, MalformedMessage, UsageError
 from .registry import VARIABLE_LENGTH, DataType, InformationElement, Registry, default_registry
 
@@ -283,7 +284,8 @@ def _compile(layout: Layout, mode: str = FAST) -> _Codec:
     plans = [_plan(ie, length) for _, ie, length in layout]
     if mode == LENIENT:
         plans = [
-            _Plan(p.code, "_lenient_utf8({v})" if p.decode == "_STR[{v}]" else p.decode, p.encode, p.text)
+            # fixed-length strings too ("_STR[{v}.rstrip(...)]"), or their bad UTF-8 escaped
+            _Plan(p.code, f"_lenient_utf8({p.decode[5:-1]})" if p.decode.startswith("_STR[") else p.decode, p.encode, p.text)
             for p in plans
         ]
     keys = [key for key, _, _ in layout]
@@ -397,6 +399,12 @@ def _compile(layout: Layout, mode: str = FAST) -> _Codec:
     return _Codec(ns["decode_set"], ns["encode_record"], min_length, fixed_length)
 
 
+@functools.lru_cache(maxsize=4096)
+def _native(layout: Layout) -> NativeCodec | None:
+    """The C accelerator's codec of a layout (accel.py), or None: the generated one serves."""
+    return native_codec(layout, _HELPERS)
+
+
 class Template:
     """An IPFIX template or options template (RFC 7011 sections 3.4.1 and 3.4.2).
 
@@ -404,7 +412,7 @@ class Template:
     appended to repeated elements (a template may carry one element more than once).
     """
 
-    __slots__ = ("template_id", "fields", "scope_field_count", "keys", "_layout", "_codec", "_hash")
+    __slots__ = ("template_id", "fields", "scope_field_count", "keys", "_layout", "_codec", "_native", "_hash")
 
     def __init__(
         self, template_id: int, fields: Sequence[FieldSpecifier], scope_field_count: int = 0
@@ -429,6 +437,7 @@ class Template:
         self._codec = _compile(self._layout)
         if self._codec.min_length == 0:
             raise UsageError(f"template {template_id}: records of zero length cannot be delimited")
+        self._native = _native(self._layout)
         self._hash = hash((template_id, self.fields, scope_field_count))
 
     @classmethod
@@ -474,6 +483,15 @@ class Template:
 
     def decode_records(self, buf: bytes, off: int, end: int) -> list[Record]:
         """Records of a data set body ``buf[off:end]``; trailing padding is skipped."""
+        if self._native is not None:
+            records = self._native.decode_set(buf, off, end)
+            if records is not None:
+                return records
+        return self._decode_records_py(buf, off, end)
+
+    def _decode_records_py(self, buf: bytes, off: int, end: int) -> list[Record]:
+        """decode_records by the generated pure-Python codec: the reference, and what
+        decides whenever the accelerator declines (malformed or non-UTF-8 input)."""
         try:
             return self._codec.decode_set(buf, off, end)
         except Exception:  # noqa: BLE001 - non-ASCII text, the 255 escape, or a real error

@@ -214,7 +214,10 @@ fi
 
 # --- 3. flowscope and its Python dependencies ----------------------------------------
 STAMP="$VENV/.flowscope-setup"
-want_stamp="$(cat "$REPO/pyproject.toml" <("$VENV/bin/python" -V 2>&1) | sha256sum | cut -d' ' -f1) $EXTRAS"
+# The C accelerators (setup.py: ipfix/_speedups.c, agent/_ctparse.c) are compiled by the
+# editable install, so a change to them reinstalls too.
+want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/agent/*.c <("$VENV/bin/python" -V 2>&1) |
+    sha256sum | cut -d' ' -f1) $EXTRAS"
 if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]] &&
     "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
     say "[3/3] flowscope: installed, pyproject.toml unchanged"
@@ -226,6 +229,11 @@ else
     run "pip install" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$REPO[$EXTRAS]"
     "$VENV/bin/flowscope" --help >/dev/null 2>>"$LOG" || die "flowscope was installed but 'flowscope --help' fails"
+    if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.agent._ctparse' >/dev/null 2>&1; then
+        say "      C accelerators built (IPFIX codec, conntrack parser)"
+    else
+        say "      note: C accelerators not built (no compiler?): the pure-Python codec and parser serve"
+    fi
     printf '%s\n' "$want_stamp" >"$STAMP"
     say "      installed in $((SECONDS - t))s"
 fi

@@ -1,0 +1,614 @@
+/* flowscope.agent._ctparse: the conntrack dump parser's inner loop in C.
+ *
+ * Why it exists: a poll reads the whole conntrack table (100k entries and more) every
+ * few seconds; in Python, matching each message against its compiled layout and
+ * building its ConntrackEntry costs more than the kernel takes to send the dump.
+ *
+ * It does no netlink walking of its own: agent/conntrack.py still compiles each new
+ * layout (_compile) the first time a message of that shape arrives; agent/ctfast.py
+ * turns the compiled layout into a description this module applies (where each leaf
+ * value sits, which entry field it fills, the attribute-header bytes that must match)
+ * and this module applies it to every later message of the same length and headers,
+ * building the very same ConntrackEntry and ConnKey tuples. A message no layout
+ * matches is handed back to Python (the `unknown` callback), which compiles a layout or
+ * counts the message as malformed. tests/agent/test_agent_ctfast.py compares both
+ * parsers on mixed tables.
+ *
+ * Addresses, ports and repeating 32-bit values (status, mark) are shared objects, from
+ * small caches: a table of 100k connections names far fewer distinct ones, the store
+ * keeps every entry until the next poll, and an unchanged entry then compares equal to
+ * its predecessor mostly by identity.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+enum { V_U8 = 0, V_U16 = 1, V_U32 = 2, V_U64 = 3, V_BYTES = 4 };
+
+#define MAX_FIELDS 64
+
+typedef struct Layout {
+    struct Layout *next; /* another layout of the same message length */
+    Py_ssize_t length;
+    unsigned char *mask;
+    unsigned char *expected;
+    Py_ssize_t nleaves;
+    Py_ssize_t *leaf_off;
+    int *leaf_kind;
+    Py_ssize_t *leaf_size;
+    Py_ssize_t nentry; /* entry fields after the key */
+    Py_ssize_t *entry_src; /* leaf index, or -1: entry_def */
+    PyObject **entry_def;
+    Py_ssize_t nkey;
+    Py_ssize_t *key_src;
+    PyObject **key_def;
+    Py_ssize_t zone_field; /* index into the entry (key included) of the zone, for the filter */
+} Layout;
+
+#define ADDR_SLOTS 8192
+typedef struct {
+    PyObject *value;
+} AddrSlot;
+
+#define U32_SLOTS 4096
+typedef struct {
+    uint32_t key;
+    PyObject *value;
+} U32Slot;
+
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *entry_type;
+    PyTypeObject *key_type;
+    Layout *by_length[65536];
+    Py_ssize_t count;
+    AddrSlot addr4[ADDR_SLOTS];
+    AddrSlot addr16[ADDR_SLOTS];
+    /* Shared int objects: every port (a table of 100k entries holds 4 per entry), and
+     * recent 32-bit values (status and mark repeat; ids do not and just pass through). */
+    PyObject *u16[65536];
+    U32Slot u32[U32_SLOTS];
+} ParserObject;
+
+static void
+layout_free(Layout *l)
+{
+    if (l == NULL) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < l->nentry; i++) {
+        Py_XDECREF(l->entry_def ? l->entry_def[i] : NULL);
+    }
+    for (Py_ssize_t i = 0; i < l->nkey; i++) {
+        Py_XDECREF(l->key_def ? l->key_def[i] : NULL);
+    }
+    PyMem_Free(l->mask);
+    PyMem_Free(l->expected);
+    PyMem_Free(l->leaf_off);
+    PyMem_Free(l->leaf_kind);
+    PyMem_Free(l->leaf_size);
+    PyMem_Free(l->entry_src);
+    PyMem_Free(l->entry_def);
+    PyMem_Free(l->key_src);
+    PyMem_Free(l->key_def);
+    PyMem_Free(l);
+}
+
+static void
+parser_clear_layouts(ParserObject *self)
+{
+    for (int i = 0; i < 65536; i++) {
+        Layout *l = self->by_length[i];
+        while (l != NULL) {
+            Layout *next = l->next;
+            layout_free(l);
+            l = next;
+        }
+        self->by_length[i] = NULL;
+    }
+    self->count = 0;
+}
+
+static inline uint64_t
+load64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline int
+headers_match(const Layout *l, const unsigned char *m)
+{
+    Py_ssize_t i = 0, n = l->length;
+    for (; i + 8 <= n; i += 8) {
+        if ((load64(m + i) & load64(l->mask + i)) != load64(l->expected + i)) {
+            return 0;
+        }
+    }
+    for (; i < n; i++) {
+        if ((m[i] & l->mask[i]) != l->expected[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+address(ParserObject *self, const unsigned char *p, Py_ssize_t n)
+{
+    AddrSlot *table;
+    uint64_t h;
+    if (n == 4) {
+        uint32_t a;
+        memcpy(&a, p, 4);
+        h = (uint64_t)a * 0x9e3779b97f4a7c15ULL;
+        table = self->addr4;
+    }
+    else if (n == 16) {
+        h = (load64(p) * 0x9e3779b97f4a7c15ULL) ^ (load64(p + 8) * 0xbf58476d1ce4e5b9ULL);
+        table = self->addr16;
+    }
+    else {
+        return PyBytes_FromStringAndSize((const char *)p, n);
+    }
+    AddrSlot *slot = &table[(h >> 40) & (ADDR_SLOTS - 1)];
+    PyObject *v = slot->value;
+    if (v != NULL && memcmp(PyBytes_AS_STRING(v), p, (size_t)n) == 0) {
+        Py_INCREF(v);
+        return v;
+    }
+    v = PyBytes_FromStringAndSize((const char *)p, n);
+    if (v == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(slot->value, Py_NewRef(v));
+    return v;
+}
+
+static PyObject *
+leaf_value(ParserObject *self, const Layout *l, Py_ssize_t i, const unsigned char *m)
+{
+    const unsigned char *p = m + l->leaf_off[i];
+    switch (l->leaf_kind[i]) {
+    case V_U8:
+        return PyLong_FromLong(p[0]);
+    case V_U16: {
+        int v = (p[0] << 8) | p[1];
+        PyObject *o = self->u16[v];
+        if (o == NULL) {
+            o = self->u16[v] = PyLong_FromLong(v);
+            if (o == NULL) {
+                return NULL;
+            }
+        }
+        return Py_NewRef(o);
+    }
+    case V_U32: {
+        uint32_t v = ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+        U32Slot *slot = &self->u32[(uint32_t)(v * 2654435761u) >> 20];
+        if (slot->value != NULL && slot->key == v) {
+            return Py_NewRef(slot->value);
+        }
+        PyObject *o = PyLong_FromUnsignedLong(v);
+        if (o == NULL) {
+            return NULL;
+        }
+        Py_XSETREF(slot->value, Py_NewRef(o));
+        slot->key = v;
+        return o;
+    }
+    case V_U64: {
+        uint64_t v = 0;
+        for (int k = 0; k < 8; k++) {
+            v = (v << 8) | p[k];
+        }
+        return PyLong_FromUnsignedLongLong(v);
+    }
+    default:
+        return address(self, p, l->leaf_size[i]);
+    }
+}
+
+/* The entry of one message laid out as l; NULL on error. */
+static PyObject *
+build_entry(ParserObject *self, const Layout *l, const unsigned char *m)
+{
+    PyObject *vals[MAX_FIELDS];
+    for (Py_ssize_t i = 0; i < l->nleaves; i++) {
+        vals[i] = leaf_value(self, l, i, m);
+        if (vals[i] == NULL) {
+            for (Py_ssize_t j = 0; j < i; j++) {
+                Py_DECREF(vals[j]);
+            }
+            return NULL;
+        }
+    }
+    PyObject *key = self->key_type->tp_alloc(self->key_type, l->nkey);
+    PyObject *entry = key ? self->entry_type->tp_alloc(self->entry_type, l->nentry + 1) : NULL;
+    if (entry == NULL) {
+        Py_XDECREF(key);
+        for (Py_ssize_t j = 0; j < l->nleaves; j++) {
+            Py_DECREF(vals[j]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < l->nkey; i++) {
+        PyObject *v = l->key_src[i] >= 0 ? vals[l->key_src[i]] : l->key_def[i];
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(key, i, v);
+    }
+    PyTuple_SET_ITEM(entry, 0, key);
+    for (Py_ssize_t i = 0; i < l->nentry; i++) {
+        PyObject *v = l->entry_src[i] >= 0 ? vals[l->entry_src[i]] : l->entry_def[i];
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(entry, i + 1, v);
+    }
+    for (Py_ssize_t j = 0; j < l->nleaves; j++) {
+        Py_DECREF(vals[j]);
+    }
+    return entry;
+}
+
+static int
+to_index_array(PyObject *seq, Py_ssize_t **out, Py_ssize_t *n, Py_ssize_t bound)
+{
+    PyObject *fast = PySequence_Fast(seq, "a sequence of ints");
+    if (fast == NULL) {
+        return -1;
+    }
+    *n = PySequence_Fast_GET_SIZE(fast);
+    *out = PyMem_Calloc((size_t)(*n ? *n : 1), sizeof(Py_ssize_t));
+    if (*out == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        Py_ssize_t v = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (v < -1 || v >= bound) {
+            Py_DECREF(fast);
+            PyErr_Format(PyExc_ValueError, "index %zd out of range", v);
+            return -1;
+        }
+        (*out)[i] = v;
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int
+to_defaults(PyObject *seq, PyObject ***out, Py_ssize_t n)
+{
+    PyObject *fast = PySequence_Fast(seq, "a sequence of defaults");
+    if (fast == NULL) {
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "defaults and sources differ in length");
+        return -1;
+    }
+    *out = PyMem_Calloc((size_t)(n ? n : 1), sizeof(PyObject *));
+    if (*out == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        (*out)[i] = Py_NewRef(PySequence_Fast_GET_ITEM(fast, i));
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* add(length, mask, expected, leaves, entry_src, entry_def, key_src, key_def, zone_field)
+ *   leaves: [(offset, kind, size)], *_src: leaf index or -1, *_def: the value when -1 */
+static PyObject *
+parser_add(ParserObject *self, PyObject *args)
+{
+    Py_ssize_t length, zone_field;
+    Py_buffer mask, expected;
+    PyObject *leaves, *entry_src, *entry_def, *key_src, *key_def;
+    if (!PyArg_ParseTuple(args, "ny*y*OOOOOn:add", &length, &mask, &expected, &leaves, &entry_src, &entry_def,
+                          &key_src, &key_def, &zone_field)) {
+        return NULL;
+    }
+    Layout *l = PyMem_Calloc(1, sizeof(Layout));
+    PyObject *fast = NULL;
+    if (l == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    if (length < 20 || length > 65535 || mask.len != length || expected.len != length) {
+        PyErr_SetString(PyExc_ValueError, "mask and expected must be as long as the message");
+        goto error;
+    }
+    l->length = length;
+    l->mask = PyMem_Malloc((size_t)length);
+    l->expected = PyMem_Malloc((size_t)length);
+    if (l->mask == NULL || l->expected == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    memcpy(l->mask, mask.buf, (size_t)length);
+    memcpy(l->expected, expected.buf, (size_t)length);
+    fast = PySequence_Fast(leaves, "leaves must be a sequence");
+    if (fast == NULL) {
+        goto error;
+    }
+    l->nleaves = PySequence_Fast_GET_SIZE(fast);
+    if (l->nleaves > MAX_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "too many leaves");
+        goto error;
+    }
+    l->leaf_off = PyMem_Calloc((size_t)(l->nleaves ? l->nleaves : 1), sizeof(Py_ssize_t));
+    l->leaf_size = PyMem_Calloc((size_t)(l->nleaves ? l->nleaves : 1), sizeof(Py_ssize_t));
+    l->leaf_kind = PyMem_Calloc((size_t)(l->nleaves ? l->nleaves : 1), sizeof(int));
+    if (l->leaf_off == NULL || l->leaf_size == NULL || l->leaf_kind == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    static const Py_ssize_t sizes[] = {1, 2, 4, 8};
+    for (Py_ssize_t i = 0; i < l->nleaves; i++) {
+        Py_ssize_t off, size;
+        int kind;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "nin:leaf", &off, &kind, &size)) {
+            goto error;
+        }
+        if (kind < V_U8 || kind > V_BYTES || (kind != V_BYTES && size != sizes[kind]) || off < 0 ||
+            off + size > length) {
+            PyErr_Format(PyExc_ValueError, "leaf %zd does not fit the message", i);
+            goto error;
+        }
+        l->leaf_off[i] = off;
+        l->leaf_kind[i] = kind;
+        l->leaf_size[i] = size;
+    }
+    if (to_index_array(entry_src, &l->entry_src, &l->nentry, l->nleaves) < 0 ||
+        to_defaults(entry_def, &l->entry_def, l->nentry) < 0 ||
+        to_index_array(key_src, &l->key_src, &l->nkey, l->nleaves) < 0 ||
+        to_defaults(key_def, &l->key_def, l->nkey) < 0) {
+        goto error;
+    }
+    if (zone_field < 1 || zone_field > l->nentry) {
+        PyErr_SetString(PyExc_ValueError, "zone field out of range");
+        goto error;
+    }
+    l->zone_field = zone_field;
+    l->next = self->by_length[length];
+    self->by_length[length] = l;
+    self->count++;
+    Py_DECREF(fast);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&expected);
+    Py_RETURN_NONE;
+error:
+    Py_XDECREF(fast);
+    layout_free(l);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&expected);
+    return NULL;
+}
+
+static PyObject *
+parser_clear(ParserObject *self, PyObject *unused)
+{
+    parser_clear_layouts(self);
+    Py_RETURN_NONE;
+}
+
+/* parse(buf, n, out, zones, unknown) -> (done, total, interrupted, problem)
+ *   problem: None, ("overrun", length) or ("refused", errno); entries are appended to
+ *   out as they are read, as EntryParser.parse does. unknown(off, length) returns the
+ *   entry of a message no layout matched, or None (malformed: skipped). */
+static PyObject *
+parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "parse(buf, n, out, zones, unknown)");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    PyObject *out = args[2], *zones = args[3], *unknown = args[4];
+    PyObject *result = NULL;
+    if ((n == -1 && PyErr_Occurred()) || !PyList_Check(out)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "out must be a list");
+        }
+        goto done;
+    }
+    if (n > view.len) {
+        n = view.len;
+    }
+    int filter = zones != Py_None && PyObject_Length(zones) > 0;
+    if (PyErr_Occurred()) {
+        goto done;
+    }
+    const unsigned char *buf = view.buf;
+    Py_ssize_t off = 0, total = 0;
+    int interrupted = 0;
+    while (off + 16 <= n) {
+        uint32_t length;
+        uint16_t mtype, flags;
+        memcpy(&length, buf + off, 4);
+        memcpy(&mtype, buf + off + 4, 2);
+        memcpy(&flags, buf + off + 6, 2);
+        if (length < 16 || off + (Py_ssize_t)length > n) {
+            result = Py_BuildValue("(Oni(sk))", Py_False, total, interrupted, "overrun", (unsigned long)length);
+            goto done;
+        }
+        Py_ssize_t next = off + (((Py_ssize_t)length + 3) & ~(Py_ssize_t)3);
+        if (mtype != 0x100) {
+            if (mtype == 3) { /* NLMSG_DONE */
+                result = Py_BuildValue("(OniO)", Py_True, total, interrupted, Py_None);
+                goto done;
+            }
+            if (mtype == 2 && off + 20 <= n) { /* NLMSG_ERROR */
+                int32_t code;
+                memcpy(&code, buf + off + 16, 4);
+                if (code != 0) {
+                    result = Py_BuildValue("(Oni(si))", Py_False, total, interrupted, "refused", (int)-code);
+                    goto done;
+                }
+            }
+            off = next;
+            continue;
+        }
+        if (flags & 0x10) {
+            interrupted = 1;
+        }
+        if (length < 20) {
+            off = next;
+            continue;
+        }
+        total++;
+        PyObject *entry = NULL;
+        for (Layout *l = self->by_length[length]; l != NULL; l = l->next) {
+            if (headers_match(l, buf + off)) {
+                entry = build_entry(self, l, buf + off);
+                if (entry == NULL) {
+                    goto done;
+                }
+                break;
+            }
+        }
+        if (entry == NULL) {
+            entry = PyObject_CallFunction(unknown, "nn", off, (Py_ssize_t)length);
+            if (entry == NULL) {
+                goto done;
+            }
+            if (entry == Py_None) {
+                Py_DECREF(entry);
+                off = next;
+                continue;
+            }
+        }
+        int keep = 1;
+        if (filter) {
+            PyObject *zone = PyTuple_GET_SIZE(entry) > 11 ? PyTuple_GET_ITEM(entry, 11) : Py_None;
+            keep = PySet_Contains(zones, zone);
+            if (keep < 0) {
+                Py_DECREF(entry);
+                goto done;
+            }
+        }
+        if (keep && PyList_Append(out, entry) < 0) {
+            Py_DECREF(entry);
+            goto done;
+        }
+        Py_DECREF(entry);
+        off = next;
+    }
+    result = Py_BuildValue("(OniO)", Py_False, total, interrupted, Py_None);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *
+parser_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *entry_type, *key_type;
+    if (!PyArg_ParseTuple(args, "O!O!:Parser", &PyType_Type, &entry_type, &PyType_Type, &key_type)) {
+        return NULL;
+    }
+    if (!PyType_IsSubtype((PyTypeObject *)entry_type, &PyTuple_Type) ||
+        !PyType_IsSubtype((PyTypeObject *)key_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "entry and key types must be tuple subclasses");
+        return NULL;
+    }
+    ParserObject *self = (ParserObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->entry_type = (PyTypeObject *)Py_NewRef(entry_type);
+    self->key_type = (PyTypeObject *)Py_NewRef(key_type);
+    return (PyObject *)self;
+}
+
+static void
+parser_dealloc(ParserObject *self)
+{
+    parser_clear_layouts(self);
+    for (int i = 0; i < ADDR_SLOTS; i++) {
+        Py_XDECREF(self->addr4[i].value);
+        Py_XDECREF(self->addr16[i].value);
+    }
+    for (int i = 0; i < 65536; i++) {
+        Py_XDECREF(self->u16[i]);
+    }
+    for (int i = 0; i < U32_SLOTS; i++) {
+        Py_XDECREF(self->u32[i].value);
+    }
+    Py_XDECREF(self->entry_type);
+    Py_XDECREF(self->key_type);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+parser_get_count(ParserObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->count);
+}
+
+static PyMethodDef parser_methods[] = {
+    {"parse", (PyCFunction)(void (*)(void))parser_parse, METH_FASTCALL,
+     "parse(buf, n, out, zones, unknown) -> (done, total, interrupted, problem)"},
+    {"add", (PyCFunction)parser_add, METH_VARARGS, "add a compiled layout"},
+    {"clear", (PyCFunction)parser_clear, METH_NOARGS, "forget every layout"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef parser_getset[] = {
+    {"layout_count", (getter)parser_get_count, NULL, "layouts held", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ParserType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.agent._ctparse.Parser",
+    .tp_basicsize = sizeof(ParserObject),
+    .tp_dealloc = (destructor)parser_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Applies compiled conntrack layouts to ctnetlink dump buffers.",
+    .tp_methods = parser_methods,
+    .tp_getset = parser_getset,
+    .tp_new = parser_new,
+};
+
+static struct PyModuleDef ctparse_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "flowscope.agent._ctparse",
+    .m_doc = "C inner loop of the conntrack dump parser; agent/conntrack.py is the reference twin.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__ctparse(void)
+{
+    if (PyType_Ready(&ParserType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&ctparse_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Parser", (PyObject *)&ParserType) < 0 ||
+        PyModule_AddIntConstant(m, "U8", V_U8) < 0 || PyModule_AddIntConstant(m, "U16", V_U16) < 0 ||
+        PyModule_AddIntConstant(m, "U32", V_U32) < 0 || PyModule_AddIntConstant(m, "U64", V_U64) < 0 ||
+        PyModule_AddIntConstant(m, "BYTES", V_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

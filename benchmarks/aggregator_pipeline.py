@@ -1,0 +1,232 @@
+"""CPU per stage of the Flow Aggregator's whole path, per 1,000 records, on one core.
+
+The aggregator's work for each agent record, stage by stage, in one process and without
+sockets or an event loop (each stage is the same code the daemon runs, fed in memory):
+
+- ``tls_in``: decrypting the agents' IPFIX byte streams (TLS 1.3 with client
+  certificates, ``ssl.MemoryBIO``; the handshake is not counted, it happens once a
+  session);
+- ``decode``: MessageFramer + Decoder (flowscope.ipfix) over the plaintext;
+- ``ingest``: correlation and aggregation (AggregationProcess.ingest_many);
+- ``export``: one export scan (``tick``) building the aggregated records;
+- ``ipfix_out``: encoding them for the IPFIX sink (the aggregator's templates) and
+  encrypting the stream (``tls_out``);
+- ``clickhouse_columns``: the ClickHouse sink's conversion to insert columns
+  (collector.clickhouse.flows_to_columns; the insert itself is ClickHouse's CPU, see
+  benchmarks/clickhouse_sink.py).
+
+The input is aggregator_correlation.py's: 100k inter-node flows, each reported by both
+nodes, then updated by both (400k records). ``per_1000_records_ms`` divides each stage's
+CPU time by the records that came in, so the sum is the cost of the whole path and
+``records_per_s`` its throughput on one core; the output stages are also given per
+record they handle. Run it twice to compare codecs: as installed, and with
+``FLOWSCOPE_IPFIX_PURE=1`` (the pure-Python codec) in the environment.
+
+    .venv/bin/python benchmarks/aggregator_pipeline.py [--flows 100000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from aggregator_correlation import make_records, to_messages  # noqa: E402
+
+from flowscope.aggregator.aggregation import AggregationProcess  # noqa: E402
+from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names  # noqa: E402
+from flowscope.collector.clickhouse import flows_to_columns  # noqa: E402
+from flowscope.ipfix import Decoder, ExportSession, MessageFramer, Template, accel  # noqa: E402
+from flowscope.ipfix.antrea import agent_fields  # noqa: E402
+
+CLOCK = time.thread_time  # CPU time of this thread: one core's work, not the machine's load
+
+
+def _cert(tmp: str, name: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_path, key_path = os.path.join(tmp, f"{name}.pem"), os.path.join(tmp, f"{name}.key")
+    with open(cert_path, "wb") as fh:
+        fh.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class TLSPair:
+    """A client and a server TLS session joined in memory (mutual authentication)."""
+
+    def __init__(self, tmp: str) -> None:
+        srv_cert, srv_key = _cert(tmp, "aggregator")
+        cli_cert, cli_key = _cert(tmp, "agent")
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(srv_cert, srv_key)
+        sctx.verify_mode = ssl.CERT_REQUIRED
+        sctx.load_verify_locations(cli_cert)
+        cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        cctx.load_cert_chain(cli_cert, cli_key)
+        cctx.load_verify_locations(srv_cert)
+        self._c_in, self._c_out, self._s_in, self._s_out = (ssl.MemoryBIO() for _ in range(4))
+        self.client = cctx.wrap_bio(self._c_in, self._c_out, server_hostname="aggregator")
+        self.server = sctx.wrap_bio(self._s_in, self._s_out, server_side=True)
+        for _ in range(10):
+            for side in (self.client, self.server):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            self._s_in.write(self._c_out.read())
+            self._c_in.write(self._s_out.read())
+        self.client.do_handshake()
+        self.server.do_handshake()
+
+    def encrypt(self, data: list[bytes]) -> list[bytes]:
+        """What the client sends for these messages, in 64 KiB socket reads."""
+        for chunk in data:
+            self.client.write(chunk)
+        wire = self._c_out.read()
+        return [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
+
+    def decrypt(self, wire: list[bytes]) -> list[bytes]:
+        out = []
+        for chunk in wire:
+            self._s_in.write(chunk)
+            while True:
+                try:
+                    out.append(self.server.read(1 << 20))
+                except ssl.SSLWantReadError:
+                    break
+        return out
+
+
+def run_once(n_flows: int, tmp: str) -> dict[str, float]:
+    rounds = [make_records(n_flows, r) for r in range(2)]
+    n_in = sum(len(r) for r in rounds)
+    # What each agent sends: its records in IPFIX messages of ~100 records, one TLS session each.
+    template = Template.build(256, agent_fields(4))
+    by_agent: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
+    for round_no, records in enumerate(rounds):
+        for exporter, recs in to_messages(records):
+            by_agent.setdefault(exporter, []).append((round_no, recs))
+    sessions: dict[str, tuple[TLSPair, list[bytes], list[int]]] = {}
+    for exporter, batches in by_agent.items():
+        exp = ExportSession(1)
+        exp.add_template(template)
+        msgs = exp.encode_templates(0)
+        rounds_of = [0]
+        for round_no, recs in batches:
+            new = exp.encode_records(256, recs, 0)
+            msgs += new
+            rounds_of += [round_no] * len(new)
+        pair = TLSPair(tmp)
+        sessions[exporter] = (pair, pair.encrypt(msgs), rounds_of)
+    del rounds, by_agent
+    gc.collect()
+    gc.freeze()
+    cpu: dict[str, float] = {}
+
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
+        t0 = CLOCK()
+        result = fn()
+        cpu[name] = cpu.get(name, 0.0) + CLOCK() - t0
+        return result
+
+    plain = {exp: stage("tls_in", lambda p=pair, w=wire: p.decrypt(w)) for exp, (pair, wire, _) in sessions.items()}
+
+    def decode(chunks: list[bytes]) -> list[list[dict[str, Any]]]:
+        framer, decoder, out = MessageFramer(), Decoder(), []
+        for chunk in chunks:
+            for data in framer.feed(chunk):
+                msg = decoder.decode(data)
+                out.append([rec for _t, rec in msg.data_records()])
+        return out
+
+    decoded = {exp: stage("decode", lambda c=chunks: decode(c)) for exp, chunks in plain.items()}
+    proc = AggregationProcess(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0, max_flows=n_flows * 2)
+
+    def ingest() -> None:
+        # the agents' messages interleaved, round by round, as they arrive
+        for round_no in (0, 1):
+            queues = [
+                [recs for recs, r in zip(decoded[exp], sessions[exp][2]) if r == round_no and recs] for exp in decoded
+            ]
+            for i in range(max(len(q) for q in queues)):
+                for exp, q in zip(decoded, queues):
+                    if i < len(q):
+                        proc.ingest_many(q[i], exp, 1, 5.0 * (round_no + 1))
+
+    stage("ingest", ingest)
+    assert len(proc.flows) == n_flows and proc.stats.flows_correlated == n_flows, proc.stats
+    exported = stage("export", lambda: proc.tick(60.0))
+    assert len(exported) == n_flows
+    out_session = ExportSession(1)
+    for (v6, e6), tid in TEMPLATE_IDS.items():
+        out_session.add_template(Template.build(tid, template_names(v6, e6)))
+    records = [f.record for f in exported]
+    out_msgs = stage("ipfix_out", lambda: out_session.encode_records(TEMPLATE_IDS[(False, False)], records, 60))
+    out_pair = TLSPair(tmp)
+    stage("tls_out", lambda: out_pair.encrypt(out_msgs))
+    columns, invalid = stage("clickhouse_columns", lambda: flows_to_columns(exported, time_inserted=60, commit_id=1))
+    assert invalid == 0 and len(columns[0]) == n_flows
+    gc.unfreeze()
+    cpu["records_in"] = n_in
+    cpu["records_out"] = len(exported)
+    return cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flows", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [run_once(args.flows, tmp) for _ in range(args.repeat)]
+    n_in, n_out = runs[0]["records_in"], runs[0]["records_out"]
+    stages = [k for k in runs[0] if not k.startswith("records_")]
+    med = {k: statistics.median(r[k] for r in runs) for k in stages}
+    total = sum(med.values())
+    print(json.dumps({
+        "benchmark": "aggregator_pipeline",
+        "python": sys.version.split()[0],
+        "ipfix_accelerator": accel.available(),
+        "flows": args.flows,
+        "records_in": n_in,
+        "records_out": n_out,
+        "repeat": args.repeat,
+        "clock": "thread CPU time, medians per stage",
+        "per_1000_records_ms": {k: round(v / n_in * 1e6, 3) for k, v in med.items()},
+        "per_1000_records_out_ms": {k: round(med[k] / n_out * 1e6, 3) for k in ("export", "ipfix_out", "tls_out", "clickhouse_columns")},
+        "whole_path_per_1000_records_ms": round(total / n_in * 1e6, 3),
+        "records_per_s": round(n_in / total),
+        "target": {"records_per_s": 300_000},
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

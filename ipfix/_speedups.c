@@ -1,0 +1,1272 @@
+/* flowscope.ipfix._speedups: the record codec's inner loops in C.
+ *
+ * Why it exists: a data record of the Antrea agent template is 37 fields, 14 of them
+ * strings; the generated pure-Python codec (template.py) spends about a microsecond per
+ * record on the interpreter alone. This module runs the same loops in C, behind the same
+ * functions: Template.decode_records and ExportSession.encode_records try it first.
+ *
+ * Contract with the pure-Python twin (template.py, which stays the reference):
+ * - decode_set returns exactly the records the twin returns, or None when it meets
+ *   anything it does not handle itself (a record running past its set, a string that is
+ *   not valid UTF-8, a buffer it cannot read). The caller then runs the twin, which
+ *   either decodes (leniently) or raises the MalformedMessage a peer's bytes deserve, so
+ *   errors are the twin's by construction.
+ * - encode_messages writes each record itself when every value is of the exact type the
+ *   twin would accept (int, float, str, bytes, bool) and in range; otherwise the whole
+ *   record is encoded by the twin's function (the `fallback` argument), which either
+ *   gives the same bytes or raises its precise UsageError.
+ * tests/ipfix/test_ipfix_accel.py checks both claims with hypothesis.
+ *
+ * Values the twin converts with Python helpers that are not hot (MAC addresses, and
+ * millisecond and NTP timestamps on the way out) are converted by calling those very
+ * helpers, and addresses on the way out go through the twin's own caches.
+ *
+ * Decoded strings and addresses come from small direct-mapped caches (bounded: a fixed
+ * number of slots, a colliding value replaces the old one), as the twin interns them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <stdint.h>
+#include <string.h>
+
+enum {
+    K_UINT = 0,
+    K_SINT = 1,
+    K_F32 = 2,
+    K_F64 = 3,
+    K_BOOL = 4,
+    K_MAC = 5,
+    K_SECONDS = 6,
+    K_MILLIS = 7,
+    K_NTP = 8,
+    K_IP4 = 9,
+    K_IP6 = 10,
+    K_STR_VAR = 11,
+    K_STR_FIX = 12,
+    K_OCT_VAR = 13,
+    K_OCT_FIX = 14,
+    K_COUNT
+};
+
+#define IS_VAR(k) ((k) == K_STR_VAR || (k) == K_OCT_VAR)
+
+typedef struct {
+    int kind;
+    Py_ssize_t length; /* octets of a fixed-length field; 0 for variable length */
+    PyObject *key;     /* the record key (interned str) */
+    PyObject *helper;  /* encode helper: a callable or a cache mapping; or NULL */
+} Op;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t nops;
+    Op *ops;
+    PyObject *proto; /* dict: every key -> None, in template order */
+    Py_ssize_t min_length;
+    Py_ssize_t fixed_length; /* -1: the template has variable-length fields */
+    int direct;              /* copies of proto may have their values written in place */
+    PyObject *split;         /* a split-table prototype (keys shared), or NULL */
+    Py_ssize_t *split_index; /* its value slot of each field */
+} CodecObject;
+
+/* ------------------------------------------------------------------ record dicts
+ *
+ * A record is a copy of the codec's prototype dict (its keys, in template order, all
+ * values None) with the values replaced. PyDict_SetItem finds each key by hash again; on
+ * CPython 3.11 and 3.12, where a copied dict of str keys is a "combined" table whose
+ * entries are (key, value) pairs in insertion order, the values are written straight
+ * into those entries instead. The layout mirrored below is checked when a codec is made
+ * (check_direct) and on every copy; anything unexpected takes the PyDict_SetItem way.
+ */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define DIRECT_DICTS 1
+typedef struct {
+    Py_ssize_t dk_refcnt;
+    uint8_t dk_log2_size;
+    uint8_t dk_log2_index_bytes;
+    uint8_t dk_kind;
+    uint32_t dk_version;
+    Py_ssize_t dk_usable;
+    Py_ssize_t dk_nentries;
+    char dk_indices[];
+} KeysMirror;
+typedef struct {
+    PyObject *me_key;
+    PyObject *me_value;
+} UnicodeEntryMirror;
+#define DICT_KEYS_UNICODE_KIND 1
+
+/* The entries of a fresh copy of proto, or NULL when its layout is not the expected one. */
+static inline UnicodeEntryMirror *
+direct_entries(PyObject *d, Py_ssize_t n)
+{
+    PyDictObject *mp = (PyDictObject *)d;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND || k->dk_nentries != n || k->dk_refcnt != 1 ||
+        mp->ma_used != n) {
+        return NULL;
+    }
+    return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+}
+typedef struct {
+    PyObject *values[1];
+} ValuesMirror;
+
+/* The value slots of a fresh copy of a split-table prototype, or NULL if not one. */
+static inline PyObject **
+split_values(PyObject *d, PyObject *proto)
+{
+    PyDictObject *mp = (PyDictObject *)d;
+    if (mp->ma_values == NULL || mp->ma_keys != ((PyDictObject *)proto)->ma_keys) {
+        return NULL;
+    }
+    return ((ValuesMirror *)mp->ma_values)->values;
+}
+#else
+#define DIRECT_DICTS 0
+#endif
+
+/* ------------------------------------------------------------------ value caches */
+
+#define SCACHE_SLOTS 8192
+typedef struct {
+    uint64_t hash;
+    PyObject *value; /* an ASCII str: its characters are its UTF-8 octets */
+} StrSlot;
+static StrSlot str_cache[SCACHE_SLOTS];
+
+#define ACACHE_SLOTS 4096
+typedef struct {
+    uint32_t addr;
+    PyObject *value;
+} Ip4Slot;
+static Ip4Slot ip4_cache[ACACHE_SLOTS];
+
+typedef struct {
+    unsigned char addr[16];
+    PyObject *value;
+} Ip6Slot;
+static Ip6Slot ip6_cache[ACACHE_SLOTS];
+
+static inline uint64_t
+load64(const unsigned char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return v;
+}
+
+static inline uint64_t
+mix(uint64_t h)
+{
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 32;
+    return h;
+}
+
+static inline uint64_t
+hash_bytes(const unsigned char *p, Py_ssize_t n)
+{
+    uint64_t h = 0x9e3779b97f4a7c15ULL ^ (uint64_t)n;
+    if (n >= 8) {
+        const unsigned char *last = p + n - 8;
+        while (p < last) {
+            h = (h ^ load64(p)) * 0x100000001b3ULL;
+            h ^= h >> 31;
+            p += 8;
+        }
+        h = (h ^ load64(last)) * 0x100000001b3ULL; /* the last 8, overlapping */
+    }
+    else {
+        uint64_t t = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            t = (t << 8) | p[i];
+        }
+        h = (h ^ t) * 0x100000001b3ULL;
+    }
+    return mix(h);
+}
+
+static inline int
+same_octets(const unsigned char *a, const unsigned char *b, Py_ssize_t n)
+{
+    while (n >= 8) {
+        if (load64(a) != load64(b)) {
+            return 0;
+        }
+        a += 8;
+        b += 8;
+        n -= 8;
+    }
+    while (n-- > 0) {
+        if (*a++ != *b++) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Strict UTF-8, as bytes.decode(); NULL with UnicodeDecodeError set on invalid input.
+ * ASCII results are kept in a direct-mapped cache (Kubernetes names are ASCII). */
+static PyObject *
+decode_str(const unsigned char *p, Py_ssize_t n)
+{
+    if (n == 0) {
+        return PyUnicode_New(0, 0);
+    }
+    uint64_t h = hash_bytes(p, n);
+    StrSlot *slot = &str_cache[h & (SCACHE_SLOTS - 1)];
+    PyObject *v = slot->value;
+    if (v != NULL && slot->hash == h && PyUnicode_GET_LENGTH(v) == n &&
+        same_octets(PyUnicode_1BYTE_DATA(v), p, n)) {
+        Py_INCREF(v);
+        return v;
+    }
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+    if (s == NULL) {
+        return NULL;
+    }
+    if (PyUnicode_IS_COMPACT_ASCII(s)) {
+        Py_XSETREF(slot->value, Py_NewRef(s));
+        slot->hash = h;
+    }
+    return s;
+}
+
+static PyObject *
+decode_ip4(const unsigned char *p)
+{
+    uint32_t a;
+    memcpy(&a, p, 4);
+    Ip4Slot *slot = &ip4_cache[(uint32_t)(mix(a) & (ACACHE_SLOTS - 1))];
+    if (slot->value != NULL && slot->addr == a) {
+        Py_INCREF(slot->value);
+        return slot->value;
+    }
+    char text[16];
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned b = p[i];
+        if (b >= 100) {
+            text[n++] = (char)('0' + b / 100);
+        }
+        if (b >= 10) {
+            text[n++] = (char)('0' + b / 10 % 10);
+        }
+        text[n++] = (char)('0' + b % 10);
+        text[n++] = '.';
+    }
+    PyObject *s = PyUnicode_FromStringAndSize(text, n - 1);
+    if (s == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(slot->value, Py_NewRef(s));
+    slot->addr = a;
+    return s;
+}
+
+static PyObject *
+decode_ip6(const unsigned char *p)
+{
+    uint64_t h = mix(load64(p) ^ mix(load64(p + 8)));
+    Ip6Slot *slot = &ip6_cache[h & (ACACHE_SLOTS - 1)];
+    if (slot->value != NULL && memcmp(slot->addr, p, 16) == 0) {
+        Py_INCREF(slot->value);
+        return slot->value;
+    }
+    char text[INET6_ADDRSTRLEN];
+    if (inet_ntop(AF_INET6, p, text, sizeof text) == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    PyObject *s = PyUnicode_FromString(text);
+    if (s == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(slot->value, Py_NewRef(s));
+    memcpy(slot->addr, p, 16);
+    return s;
+}
+
+/* ------------------------------------------------------------------ decoding */
+
+static inline uint64_t
+load_be(const unsigned char *p, Py_ssize_t n)
+{
+    uint64_t v = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+static const char HEX[] = "0123456789abcdef";
+
+/* The Python value of one field; NULL with an exception set on failure. */
+static PyObject *
+decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
+{
+    switch (op->kind) {
+    case K_UINT:
+    case K_SECONDS:
+        return PyLong_FromUnsignedLongLong(load_be(p, n));
+    case K_SINT: {
+        uint64_t u = load_be(p, n);
+        if (n < 8 && (u >> (8 * n - 1)) & 1) {
+            u |= ~(uint64_t)0 << (8 * n);
+        }
+        return PyLong_FromLongLong((long long)u);
+    }
+    case K_F32: {
+        double d = PyFloat_Unpack4((const char *)p, 0);
+        if (d == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyFloat_FromDouble(d);
+    }
+    case K_F64: {
+        double d = PyFloat_Unpack8((const char *)p, 0);
+        if (d == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        return PyFloat_FromDouble(d);
+    }
+    case K_BOOL:
+        return Py_NewRef(p[0] == 1 ? Py_True : Py_False);
+    case K_MAC: {
+        PyObject *s = PyUnicode_New(17, 127);
+        if (s == NULL) {
+            return NULL;
+        }
+        Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+        for (int i = 0; i < 6; i++) {
+            d[3 * i] = (Py_UCS1)HEX[p[i] >> 4];
+            d[3 * i + 1] = (Py_UCS1)HEX[p[i] & 15];
+            if (i < 5) {
+                d[3 * i + 2] = ':';
+            }
+        }
+        return s;
+    }
+    case K_MILLIS: {
+        uint64_t v = load_be(p, 8);
+        if (v <= (1ULL << 53)) { /* exact in a double: int / int divides the same way */
+            return PyFloat_FromDouble((double)v / 1000.0);
+        }
+        PyObject *num = PyLong_FromUnsignedLongLong(v);
+        if (num == NULL) {
+            return NULL;
+        }
+        PyObject *den = PyLong_FromLong(1000);
+        if (den == NULL) {
+            Py_DECREF(num);
+            return NULL;
+        }
+        PyObject *r = PyNumber_TrueDivide(num, den);
+        Py_DECREF(num);
+        Py_DECREF(den);
+        return r;
+    }
+    case K_NTP: {
+        uint64_t v = load_be(p, 8);
+        double whole = (double)((long long)(v >> 32) - 2208988800LL);
+        return PyFloat_FromDouble(whole + (double)(v & 0xFFFFFFFFULL) / 4294967296.0);
+    }
+    case K_IP4:
+        return decode_ip4(p);
+    case K_IP6:
+        return decode_ip6(p);
+    case K_STR_VAR:
+        return decode_str(p, n);
+    case K_STR_FIX:
+        while (n > 0 && p[n - 1] == 0) {
+            n--;
+        }
+        return decode_str(p, n);
+    default: /* K_OCT_VAR, K_OCT_FIX */
+        return PyBytes_FromStringAndSize((const char *)p, n);
+    }
+}
+
+/* decode_set(buf, off, end) -> list of dicts, or None: let the pure-Python twin decide. */
+static PyObject *
+codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decode_set(buf, off, end)");
+        return NULL;
+    }
+    Py_ssize_t off = PyLong_AsSsize_t(args[1]);
+    if (off == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t end = PyLong_AsSsize_t(args[2]);
+    if (end == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (off < 0 || end > view.len || off > end) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    const unsigned char *buf = (const unsigned char *)view.buf;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const Py_ssize_t nops = self->nops;
+    const Op *ops = self->ops;
+    while (end - off >= self->min_length) {
+        PyObject *d = PyDict_Copy(self->split ? self->split : self->proto);
+        if (d == NULL) {
+            goto error;
+        }
+#if DIRECT_DICTS
+        PyObject **slots = self->split ? split_values(d, self->split) : NULL;
+        UnicodeEntryMirror *entries = slots == NULL && self->direct ? direct_entries(d, nops) : NULL;
+#endif
+        for (Py_ssize_t i = 0; i < nops; i++) {
+            const Op *op = &ops[i];
+            Py_ssize_t n = op->length;
+            if (IS_VAR(op->kind)) {
+                if (off >= end) {
+                    Py_DECREF(d);
+                    goto fallback;
+                }
+                n = buf[off++];
+                if (n == 255) {
+                    if (end - off < 2) {
+                        Py_DECREF(d);
+                        goto fallback;
+                    }
+                    n = (buf[off] << 8) | buf[off + 1];
+                    off += 2;
+                }
+            }
+            if (end - off < n) {
+                Py_DECREF(d);
+                goto fallback;
+            }
+            PyObject *v = decode_value(op, buf + off, n);
+            off += n;
+            if (v == NULL) {
+                Py_DECREF(d);
+                if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    PyErr_Clear();
+                    goto fallback;
+                }
+                goto error;
+            }
+#if DIRECT_DICTS
+            if (slots != NULL) {
+                PyObject **slot = &slots[self->split_index[i]];
+                Py_DECREF(*slot); /* the prototype's None */
+                *slot = v;
+                continue;
+            }
+            if (entries != NULL) {
+                Py_DECREF(entries[i].me_value); /* the prototype's None */
+                entries[i].me_value = v;
+                continue;
+            }
+#endif
+            int rc = PyDict_SetItem(d, op->key, v);
+            Py_DECREF(v);
+            if (rc < 0) {
+                Py_DECREF(d);
+                goto error;
+            }
+        }
+        int rc = PyList_Append(out, d);
+        Py_DECREF(d);
+        if (rc < 0) {
+            goto error;
+        }
+    }
+    PyBuffer_Release(&view);
+    return out;
+fallback:
+    PyBuffer_Release(&view);
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+error:
+    PyBuffer_Release(&view);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ encoding */
+
+typedef struct {
+    unsigned char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, Py_ssize_t more)
+{
+    if (b->len + more <= b->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + more) {
+        cap *= 2;
+    }
+    unsigned char *d = PyMem_Realloc(b->data, (size_t)cap);
+    if (d == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = d;
+    b->cap = cap;
+    return 0;
+}
+
+static inline void
+store_be(unsigned char *p, uint64_t v, Py_ssize_t n)
+{
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        p[i] = (unsigned char)v;
+        v >>= 8;
+    }
+}
+
+enum { ENC_OK = 0, ENC_FALLBACK = 1, ENC_ERROR = -1 };
+
+/* An int in 0 .. 2**(8n)-1 written in n octets, or ENC_FALLBACK. */
+static int
+put_unsigned(unsigned char *p, PyObject *v, Py_ssize_t n)
+{
+    if (!PyLong_CheckExact(v)) {
+        return ENC_FALLBACK;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return ENC_FALLBACK;
+    }
+    if (n < 8 && (x >> (8 * n)) != 0) {
+        return ENC_FALLBACK;
+    }
+    store_be(p, x, n);
+    return ENC_OK;
+}
+
+static int
+put_helper_unsigned(unsigned char *p, PyObject *helper, PyObject *v, Py_ssize_t n)
+{
+    PyObject *r = PyObject_CallOneArg(helper, v);
+    if (r == NULL) {
+        PyErr_Clear();
+        return ENC_FALLBACK;
+    }
+    int rc = put_unsigned(p, r, n);
+    Py_DECREF(r);
+    return rc;
+}
+
+/* Dotted-quad text to 4 octets, accepting exactly what inet_pton(AF_INET) accepts (four
+ * decimal octets up to 255, no leading zeros, nothing else) or a subset: 1 written, 0 not
+ * (the caller then asks the twin's cache, which decides). */
+static int
+parse_ip4(PyObject *v, unsigned char *out)
+{
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_COMPACT_ASCII(v)) {
+        return 0;
+    }
+    const unsigned char *s = PyUnicode_1BYTE_DATA(v);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v), i = 0;
+    for (int part = 0; part < 4; part++) {
+        if (part > 0) {
+            if (i >= n || s[i] != '.') {
+                return 0;
+            }
+            i++;
+        }
+        Py_ssize_t start = i;
+        unsigned value = 0;
+        while (i < n && s[i] >= '0' && s[i] <= '9' && i - start < 3) {
+            value = value * 10 + (unsigned)(s[i] - '0');
+            i++;
+        }
+        if (i == start || value > 255 || (i - start > 1 && s[start] == '0')) {
+            return 0;
+        }
+        out[part] = (unsigned char)value;
+    }
+    return i == n;
+}
+
+static int
+put_mapped_bytes(unsigned char *p, PyObject *mapping, PyObject *v, Py_ssize_t n)
+{
+    PyObject *r = PyObject_GetItem(mapping, v);
+    if (r == NULL) {
+        PyErr_Clear();
+        return ENC_FALLBACK;
+    }
+    int rc = ENC_FALLBACK;
+    if (PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == n) {
+        memcpy(p, PyBytes_AS_STRING(r), (size_t)n);
+        rc = ENC_OK;
+    }
+    Py_DECREF(r);
+    return rc;
+}
+
+/* Bytes of a str as UTF-8, or NULL (no exception left set) when the twin must decide. */
+static const char *
+utf8_of(PyObject *v, Py_ssize_t *n)
+{
+    if (!PyUnicode_CheckExact(v)) {
+        return NULL;
+    }
+    const char *s = PyUnicode_AsUTF8AndSize(v, n);
+    if (s == NULL) {
+        PyErr_Clear();
+    }
+    return s;
+}
+
+static int
+put_var(Buf *b, const char *s, Py_ssize_t n)
+{
+    if (n > 65535) {
+        return ENC_FALLBACK;
+    }
+    if (buf_reserve(b, n + 3) < 0) {
+        return ENC_ERROR;
+    }
+    unsigned char *p = b->data + b->len;
+    if (n < 255) {
+        *p++ = (unsigned char)n;
+    }
+    else {
+        *p++ = 255;
+        *p++ = (unsigned char)(n >> 8);
+        *p++ = (unsigned char)n;
+    }
+    memcpy(p, s, (size_t)n);
+    b->len = (p - b->data) + n;
+    return ENC_OK;
+}
+
+static void
+put_fixed(unsigned char *p, const char *s, Py_ssize_t n, Py_ssize_t length)
+{
+    Py_ssize_t k = n < length ? n : length;
+    memcpy(p, s, (size_t)k);
+    memset(p + k, 0, (size_t)(length - k));
+}
+
+#if DIRECT_DICTS
+/* Prefetch a record dict's entries (values 0) or the objects they hold (values 1). */
+static inline void
+prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND) {
+        return;
+    }
+    const char *e = k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes);
+    Py_ssize_t n = k->dk_nentries < nops ? k->dk_nentries : nops;
+    if (!values) {
+        for (Py_ssize_t off = 0; off < n * (Py_ssize_t)sizeof(UnicodeEntryMirror); off += 64) {
+            __builtin_prefetch(e + off);
+        }
+        return;
+    }
+    const UnicodeEntryMirror *entries = (const UnicodeEntryMirror *)e;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        __builtin_prefetch(entries[i].me_value);
+    }
+}
+#endif
+
+/* Append one record to b; ENC_FALLBACK leaves b as it was. */
+static int
+encode_one(CodecObject *self, PyObject *rec, Buf *b)
+{
+    if (!PyDict_CheckExact(rec)) {
+        return ENC_FALLBACK;
+    }
+    const Py_ssize_t start = b->len;
+#if DIRECT_DICTS
+    /* A record laid out as the template (the decoder's, or one built in template order
+     * with the same key objects) is read in order, entry by entry; any other by lookups. */
+    const UnicodeEntryMirror *entries = NULL;
+    {
+        PyDictObject *mp = (PyDictObject *)rec;
+        KeysMirror *k = (KeysMirror *)mp->ma_keys;
+        if (mp->ma_values == NULL && k->dk_kind == DICT_KEYS_UNICODE_KIND && k->dk_nentries >= self->nops &&
+            self->direct) {
+            entries = (const UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+        }
+    }
+#endif
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        const Op *op = &self->ops[i];
+        PyObject *v;
+#if DIRECT_DICTS
+        if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
+            v = entries[i].me_value;
+        }
+        else
+#endif
+        {
+            v = PyDict_GetItemWithError(rec, op->key);
+            if (v == NULL) {
+                PyErr_Clear();
+                goto fallback;
+            }
+        }
+        int rc = ENC_OK;
+        if (IS_VAR(op->kind)) {
+            Py_ssize_t n;
+            const char *s;
+            if (op->kind == K_STR_VAR) {
+                s = utf8_of(v, &n);
+            }
+            else {
+                s = PyBytes_CheckExact(v) ? PyBytes_AS_STRING(v) : NULL;
+                n = s ? PyBytes_GET_SIZE(v) : 0;
+            }
+            if (s == NULL) {
+                goto fallback;
+            }
+            rc = put_var(b, s, n);
+            if (rc == ENC_ERROR) {
+                return ENC_ERROR;
+            }
+            if (rc != ENC_OK) {
+                goto fallback;
+            }
+            continue;
+        }
+        const Py_ssize_t n = op->length;
+        if (buf_reserve(b, n) < 0) {
+            return ENC_ERROR;
+        }
+        unsigned char *p = b->data + b->len;
+        switch (op->kind) {
+        case K_UINT:
+        case K_SECONDS:
+            rc = put_unsigned(p, v, n);
+            break;
+        case K_SINT: {
+            if (!PyLong_CheckExact(v)) {
+                rc = ENC_FALLBACK;
+                break;
+            }
+            int overflow = 0;
+            long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+            if (overflow || (x == -1 && PyErr_Occurred())) {
+                PyErr_Clear();
+                rc = ENC_FALLBACK;
+                break;
+            }
+            if (n < 8) {
+                long long lim = 1LL << (8 * n - 1);
+                if (x < -lim || x >= lim) {
+                    rc = ENC_FALLBACK;
+                    break;
+                }
+            }
+            store_be(p, (uint64_t)x, n);
+            break;
+        }
+        case K_F32:
+        case K_F64:
+            if (!PyFloat_CheckExact(v)) {
+                rc = ENC_FALLBACK;
+                break;
+            }
+            if ((op->kind == K_F32 ? PyFloat_Pack4(PyFloat_AS_DOUBLE(v), (char *)p, 0)
+                                   : PyFloat_Pack8(PyFloat_AS_DOUBLE(v), (char *)p, 0)) < 0) {
+                PyErr_Clear();
+                rc = ENC_FALLBACK;
+            }
+            break;
+        case K_BOOL:
+            if (PyBool_Check(v) || PyLong_CheckExact(v)) {
+                int t = PyObject_IsTrue(v);
+                if (t < 0) {
+                    PyErr_Clear();
+                    rc = ENC_FALLBACK;
+                    break;
+                }
+                p[0] = t ? 1 : 2;
+            }
+            else {
+                rc = ENC_FALLBACK;
+            }
+            break;
+        case K_MAC:
+        case K_IP4:
+        case K_IP6:
+            if (op->kind == K_MAC) {
+                PyObject *r = PyObject_CallOneArg(op->helper, v);
+                if (r == NULL) {
+                    PyErr_Clear();
+                    rc = ENC_FALLBACK;
+                    break;
+                }
+                if (PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == 6) {
+                    memcpy(p, PyBytes_AS_STRING(r), 6);
+                }
+                else {
+                    rc = ENC_FALLBACK;
+                }
+                Py_DECREF(r);
+            }
+            else if (op->kind == K_IP4 && parse_ip4(v, p)) {
+                rc = ENC_OK;
+            }
+            else {
+                rc = put_mapped_bytes(p, op->helper, v, n);
+            }
+            break;
+        case K_MILLIS:
+        case K_NTP:
+            rc = put_helper_unsigned(p, op->helper, v, 8);
+            break;
+        case K_STR_FIX: {
+            Py_ssize_t len;
+            const char *s = utf8_of(v, &len);
+            if (s == NULL) {
+                rc = ENC_FALLBACK;
+                break;
+            }
+            put_fixed(p, s, len, n);
+            break;
+        }
+        default: /* K_OCT_FIX */
+            if (!PyBytes_CheckExact(v)) {
+                rc = ENC_FALLBACK;
+                break;
+            }
+            put_fixed(p, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v), n);
+            break;
+        }
+        if (rc != ENC_OK) {
+            goto fallback;
+        }
+        b->len += n;
+    }
+    return ENC_OK;
+fallback:
+    b->len = start;
+    return ENC_FALLBACK;
+}
+
+/* encode_messages(records, limit, fallback, export_time, sequence, domain, template_id)
+ *   -> (messages, 0), or ([], n) when a record of n octets exceeds limit.
+ * Records are cut into messages greedily, each holding as many as fit in `limit` octets
+ * of set payload; each header's sequence number counts the records before it. */
+static PyObject *
+codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_messages(records, limit, fallback, export_time, sequence, domain, template_id)");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *fallback = args[2];
+    unsigned long export_time = PyLong_AsUnsignedLong(args[3]);
+    unsigned long sequence = PyLong_AsUnsignedLong(args[4]);
+    unsigned long domain = PyLong_AsUnsignedLong(args[5]);
+    unsigned long template_id = PyLong_AsUnsignedLong(args[6]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(args[0], "records must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Buf b = {NULL, 0, 0};
+    Py_ssize_t *ends = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count ? count : 1));
+    PyObject *messages = NULL;
+    if (ends == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (self->fixed_length > 0 && buf_reserve(&b, self->fixed_length * count) < 0) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+#if DIRECT_DICTS
+        /* Records arrive cold (each dict, its entries and every value are separate
+         * allocations): fetch ahead, the dict of record i+3, the entries of i+2, the
+         * values of i+1, so that encoding record i rarely waits for memory. */
+        if (i + 3 < count) {
+            __builtin_prefetch(items[i + 3]);
+        }
+        if (i + 2 < count && PyDict_CheckExact(items[i + 2])) {
+            prefetch_entries(items[i + 2], self->nops, 0);
+        }
+        if (i + 1 < count && PyDict_CheckExact(items[i + 1])) {
+            prefetch_entries(items[i + 1], self->nops, 1);
+        }
+#endif
+        int rc = encode_one(self, items[i], &b);
+        if (rc == ENC_ERROR) {
+            goto done;
+        }
+        if (rc == ENC_FALLBACK) {
+            PyObject *raw = PyObject_CallOneArg(fallback, items[i]);
+            if (raw == NULL) {
+                goto done;
+            }
+            if (!PyBytes_Check(raw)) {
+                Py_DECREF(raw);
+                PyErr_SetString(PyExc_TypeError, "the record encoder returned no bytes");
+                goto done;
+            }
+            Py_ssize_t n = PyBytes_GET_SIZE(raw);
+            if (buf_reserve(&b, n) < 0) {
+                Py_DECREF(raw);
+                goto done;
+            }
+            memcpy(b.data + b.len, PyBytes_AS_STRING(raw), (size_t)n);
+            b.len += n;
+            Py_DECREF(raw);
+        }
+        ends[i] = b.len;
+    }
+    Py_ssize_t prev = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (ends[i] - prev > limit) {
+            messages = Py_BuildValue("([]n)", ends[i] - prev);
+            goto done;
+        }
+        prev = ends[i];
+    }
+    messages = PyList_New(0);
+    if (messages == NULL) {
+        goto done;
+    }
+    Py_ssize_t first = 0; /* first record of the message being cut */
+    Py_ssize_t from = 0;  /* its first octet */
+    uint32_t number = (uint32_t)sequence;
+    while (first < count) {
+        Py_ssize_t last = first;
+        while (last + 1 < count && ends[last + 1] - from <= limit) {
+            last++;
+        }
+        Py_ssize_t payload = ends[last] - from;
+        Py_ssize_t length = 20 + payload;
+        PyObject *msg = PyBytes_FromStringAndSize(NULL, length);
+        if (msg == NULL) {
+            Py_CLEAR(messages);
+            goto done;
+        }
+        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(msg);
+        store_be(p, 10, 2);
+        store_be(p + 2, (uint64_t)length, 2);
+        store_be(p + 4, export_time, 4);
+        store_be(p + 8, number, 4);
+        store_be(p + 12, domain, 4);
+        store_be(p + 16, template_id, 2);
+        store_be(p + 18, (uint64_t)(payload + 4), 2);
+        memcpy(p + 20, b.data + from, (size_t)payload);
+        int rc = PyList_Append(messages, msg);
+        Py_DECREF(msg);
+        if (rc < 0) {
+            Py_CLEAR(messages);
+            goto done;
+        }
+        number += (uint32_t)(last + 1 - first);
+        from = ends[last];
+        first = last + 1;
+    }
+    {
+        PyObject *r = Py_BuildValue("(Ni)", messages, 0);
+        messages = r;
+    }
+done:
+    PyMem_Free(b.data);
+    PyMem_Free(ends);
+    Py_DECREF(seq);
+    return messages;
+}
+
+/* ------------------------------------------------------------------ the type */
+
+static void
+codec_dealloc(CodecObject *self)
+{
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        Py_XDECREF(self->ops[i].key);
+        Py_XDECREF(self->ops[i].helper);
+    }
+    PyMem_Free(self->ops);
+    PyMem_Free(self->split_index);
+    Py_XDECREF(self->split);
+    Py_XDECREF(self->proto);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Whether copies of the prototype have the mirrored layout: keys in order, values
+ * None, and a value written in place is what the dict then gives for its key. */
+static int
+check_direct(CodecObject *self)
+{
+#if DIRECT_DICTS
+    PyObject *d = PyDict_Copy(self->proto);
+    if (d == NULL) {
+        return -1;
+    }
+    int ok = 0;
+    UnicodeEntryMirror *e = direct_entries(d, self->nops);
+    if (e != NULL) {
+        ok = 1;
+        for (Py_ssize_t i = 0; i < self->nops; i++) {
+            if (e[i].me_key != self->ops[i].key || e[i].me_value != Py_None) {
+                ok = 0;
+                break;
+            }
+        }
+    }
+    if (ok && self->nops > 0) {
+        PyObject *probe = PyLong_FromLong(12345);
+        if (probe == NULL) {
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(e[self->nops - 1].me_value);
+        e[self->nops - 1].me_value = probe;
+        ok = PyDict_GetItemWithError(d, self->ops[self->nops - 1].key) == probe && PyDict_GET_SIZE(d) == self->nops;
+        PyErr_Clear();
+    }
+    Py_DECREF(d);
+    return ok;
+#else
+    return 0;
+#endif
+}
+
+/* Adopt `split`, a dict of the fields' keys (all None, in field order) that shares its
+ * keys table (an instance __dict__, made by accel.py), if its copies are split tables whose
+ * value slots CPython itself fills for each key: the slot of each field is learnt by
+ * storing a marker through PyDict_SetItem and finding it. 1 adopted, 0 not, -1 error. */
+static int
+check_split(CodecObject *self, PyObject *split)
+{
+#if DIRECT_DICTS
+    if (split == NULL || split == Py_None || !PyDict_CheckExact(split) || PyDict_GET_SIZE(split) != self->nops ||
+        ((PyDictObject *)split)->ma_values == NULL) {
+        return 0;
+    }
+    PyObject *d = PyDict_Copy(split);
+    if (d == NULL) {
+        return -1;
+    }
+    PyObject **slots = split_values(d, split);
+    Py_ssize_t size = ((KeysMirror *)((PyDictObject *)d)->ma_keys)->dk_nentries;
+    Py_ssize_t *index = PyMem_Calloc((size_t)(self->nops ? self->nops : 1), sizeof(Py_ssize_t));
+    int ok = slots != NULL && index != NULL && size >= self->nops;
+    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
+        PyObject *marker = PyLong_FromSsize_t(1000000 + i);
+        if (marker == NULL || PyDict_SetItem(d, self->ops[i].key, marker) < 0) {
+            Py_XDECREF(marker);
+            PyErr_Clear();
+            ok = 0;
+            break;
+        }
+        slots = split_values(d, split);
+        index[i] = -1;
+        for (Py_ssize_t j = 0; slots != NULL && j < size; j++) {
+            if (slots[j] == marker) {
+                index[i] = j;
+            }
+        }
+        ok = slots != NULL && index[i] >= 0 && PyDict_GET_SIZE(d) == self->nops;
+        Py_DECREF(marker);
+    }
+    Py_DECREF(d);
+    if (!ok) {
+        PyMem_Free(index);
+        return 0;
+    }
+    self->split = Py_NewRef(split);
+    self->split_index = index;
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Codec(fields): fields is a sequence of (key, kind, length, helper-or-None). */
+static PyObject *
+codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *fields, *split = NULL;
+    static char *kwlist[] = {"fields", "split", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:Codec", kwlist, &fields, &split)) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(fields, "fields must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    CodecObject *self = (CodecObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    self->ops = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Op));
+    self->proto = PyDict_New();
+    if (self->ops == NULL || self->proto == NULL) {
+        goto error;
+    }
+    Py_ssize_t fixed = 0, nvar = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key, *helper;
+        int kind;
+        Py_ssize_t length;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "UinO:field", &key, &kind, &length, &helper)) {
+            goto error;
+        }
+        if (kind < 0 || kind >= K_COUNT) {
+            PyErr_Format(PyExc_ValueError, "field %zd: unknown kind %d", i, kind);
+            goto error;
+        }
+        int integer = kind == K_UINT || kind == K_SINT;
+        if (!IS_VAR(kind) && (length < 1 || length > 65534 || (integer && length > 8))) {
+            PyErr_Format(PyExc_ValueError, "field %zd: length %zd does not suit kind %d", i, length, kind);
+            goto error;
+        }
+        Op *op = &self->ops[i];
+        Py_INCREF(key);
+        PyUnicode_InternInPlace(&key);
+        op->key = key;
+        op->kind = kind;
+        op->length = IS_VAR(kind) ? 0 : length;
+        op->helper = helper == Py_None ? NULL : Py_NewRef(helper);
+        self->nops = i + 1;
+        if ((kind == K_MAC || kind == K_IP4 || kind == K_IP6 || kind == K_MILLIS || kind == K_NTP) &&
+            op->helper == NULL) {
+            PyErr_Format(PyExc_ValueError, "field %zd: kind %d needs an encode helper", i, kind);
+            goto error;
+        }
+        if (PyDict_SetItem(self->proto, key, Py_None) < 0) {
+            goto error;
+        }
+        if (IS_VAR(kind)) {
+            nvar++;
+        }
+        else {
+            fixed += length;
+        }
+    }
+    if (PyDict_GET_SIZE(self->proto) != n) {
+        PyErr_SetString(PyExc_ValueError, "field keys repeat");
+        goto error;
+    }
+    self->min_length = fixed + nvar;
+    self->fixed_length = nvar ? -1 : fixed;
+    if (self->min_length == 0) {
+        PyErr_SetString(PyExc_ValueError, "records of zero length");
+        goto error;
+    }
+    self->direct = check_direct(self);
+    if (self->direct < 0 || check_split(self, split) < 0) {
+        goto error;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)self;
+error:
+    Py_DECREF(seq);
+    Py_DECREF(self);
+    return NULL;
+}
+
+static PyObject *
+codec_get_min_length(CodecObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->min_length);
+}
+
+static PyObject *
+codec_get_fixed_length(CodecObject *self, void *closure)
+{
+    if (self->fixed_length < 0) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromSsize_t(self->fixed_length);
+}
+
+static PyMethodDef codec_methods[] = {
+    {"decode_set", (PyCFunction)(void (*)(void))codec_decode_set, METH_FASTCALL,
+     "decode_set(buf, off, end) -> list of records, or None to let the pure-Python codec decide"},
+    {"encode_messages", (PyCFunction)(void (*)(void))codec_encode_messages, METH_FASTCALL,
+     "encode_messages(records, limit, fallback, export_time, sequence, domain, template_id)"
+     " -> (messages, oversize)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef codec_getset[] = {
+    {"min_length", (getter)codec_get_min_length, NULL, "octets of the shortest record", NULL},
+    {"fixed_length", (getter)codec_get_fixed_length, NULL, "octets of every record, or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject CodecType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.ipfix._speedups.Codec",
+    .tp_basicsize = sizeof(CodecObject),
+    .tp_dealloc = (destructor)codec_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled reader and writer of one template layout.",
+    .tp_methods = codec_methods,
+    .tp_getset = codec_getset,
+    .tp_new = codec_new,
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "flowscope.ipfix._speedups",
+    .m_doc = "C inner loops of the IPFIX record codec; template.py is the reference twin.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    if (PyType_Ready(&CodecType) < 0) {
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&speedups_module);
+    if (m == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(m, "Codec", (PyObject *)&CodecType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    static const char *names[K_COUNT] = {"UINT",    "SINT", "F32", "F64", "BOOL",    "MAC",     "SECONDS", "MILLIS",
+                                         "NTP",     "IP4",  "IP6", "STR_VAR", "STR_FIX", "OCT_VAR", "OCT_FIX"};
+    for (int k = 0; k < K_COUNT; k++) {
+        if (PyModule_AddIntConstant(m, names[k], k) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    return m;
+}

@@ -1,0 +1,26 @@
+"""Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c) and
+the conntrack parser's (agent/_ctparse.c).
+
+Everything else about the distribution is declared in pyproject.toml. The extensions are
+optional: where no compiler is at hand, ``pip install`` still succeeds and both use their
+pure-Python twins (ipfix/accel.py and agent/ctfast.py log which one serves).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "flowscope.ipfix._speedups",
+            sources=["ipfix/_speedups.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "flowscope.agent._ctparse",
+            sources=["agent/_ctparse.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+    ]
+)
