@@ -1,8 +1,8 @@
 """The merge of both sides' Kubernetes fields, checked against its plain definition.
 
-Each field comes from the side that owns it (the source node's first eleven, the
-destination node's after), from the other side when the owner's is empty, and
-otherwise the default. aggregation._merged computes it with slices and one
+Each field comes from the side that owns it (``aggregation._OWNER``: the source node's
+Kubernetes fields, then the destination node's, then each side's own Pod labels), from
+the other side when the owner's is empty, and otherwise the default. aggregation._merged computes it with slices and one
 comprehension (it runs once per exported flow); this compares it with the definition
 written as a loop, over random tuples of empty and non-empty values. It also checks
 that two aggregation processes do not share their merge caches.
@@ -23,7 +23,7 @@ def _definition(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6
 
     out = []
     for i, default in enumerate(agg._META_DEFAULTS[v6]):
-        own, other = (smeta, dmeta) if i < agg._N_SRC_OWNED else (dmeta, smeta)
+        own, other = (smeta, dmeta) if agg._OWNER[i] == 0 else (dmeta, smeta)
         v = own[i] if own is not None else None
         if empty(v) and other is not None and not empty(other[i]):
             v = other[i]
@@ -32,7 +32,7 @@ def _definition(smeta: tuple[Any, ...] | None, dmeta: tuple[Any, ...] | None, v6
 
 
 values = st.sampled_from([None, "", 0, "0.0.0.0", "::", "web", "default", 1, 2, "10.96.0.1", "fd00::1"])
-metas = st.none() | st.tuples(*[values] * len(agg.KUBERNETES_FIELDS[0]))
+metas = st.none() | st.tuples(*[values] * len(agg._OWNER))
 
 
 @settings(max_examples=300, deadline=None)
@@ -45,3 +45,10 @@ def test_each_process_has_its_own_merge_cache() -> None:
     a, b = agg.AggregationProcess(), agg.AggregationProcess()
     assert a._merge_cache is not b._merge_cache
     assert not hasattr(agg, "_merge_cache")
+
+
+def test_the_label_fields_are_each_owned_by_their_own_side() -> None:
+    names = agg._META_NAMES[0]
+    owner = dict(zip(names, agg._OWNER))
+    assert (owner["sourcePodLabels"], owner["destinationPodLabels"]) == (0, 1)
+    assert (owner["sourcePodName"], owner["destinationPodName"]) == (0, 1)
