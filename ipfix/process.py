@@ -61,9 +61,9 @@ from typing import Any
 
 from .address import Address
 from .codec import MAX_MESSAGE_SIZE, Decoder, ExportSession, Message, MessageFramer, Transport
-from .errors import MalformedMessage, RecordTooLarge, UsageError
+from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry
-from .template import Record, Template
+from .template import CompileBudget, Record, Template
 
 __all__ = [
     "TLSConfig",
@@ -166,12 +166,21 @@ class CollectorStats(_Counters):
     sessions: int = 0  # transport sessions open now
     sessions_total: int = 0  # transport sessions ever accepted
     sessions_refused: int = 0  # refused because max_sessions were open
+    sessions_refused_source: int = 0  # refused because one source address held max_sessions_per_source
+    sessions_evicted: int = 0  # UDP sessions without templates forgotten to make room for a new one
+    handshakes_pending: int = 0  # TLS handshakes in progress now (not yet sessions)
+    handshakes_refused: int = 0  # connections closed at once: max_pending_handshakes in progress
+    handshakes_timed_out: int = 0  # TLS handshakes not finished within tls_handshake_timeout
     sessions_expired: int = 0  # idle UDP sessions dropped
     tls_refused: int = 0  # TLS handshakes that failed (bad or missing client certificate, ...)
     templates_expired: int = 0  # UDP templates not refreshed within their lifetime
     unknown_template_sets: int = 0  # UDP data sets skipped: template not (yet) known
     ignored_withdrawals: int = 0  # withdrawals received over UDP (RFC 7011 8.4)
     lost_records: int = 0  # data records the peers' sequence numbers say never arrived
+    sequence_jumps: int = 0  # implausible sequence numbers (far ahead or behind): resynchronised, not counted as loss
+    templates_refused: int = 0  # UDP templates over a size limit or the compile budget, skipped
+    domains_evicted: int = 0  # observation domains forgotten past max_domains in one session
+    messages_deferred: int = 0  # stream messages held back until the template compile budget refilled
     callback_errors: int = 0  # on_message raised
 
 
@@ -201,12 +210,13 @@ class _LogLimiter:
 class _Session:
     """One transport session of the collecting process."""
 
-    __slots__ = ("peer", "decoder", "last_seen")
+    __slots__ = ("peer", "decoder", "last_seen", "delivered")
 
     def __init__(self, peer: Peer, decoder: Decoder, now: float) -> None:
         self.peer = peer
         self.decoder = decoder
         self.last_seen = now
+        self.delivered = False  # a message decoded: the peer speaks IPFIX
 
 
 class CollectingProcess:
@@ -228,6 +238,12 @@ class CollectingProcess:
         stream_idle_timeout: float | None = None,
         tls_handshake_timeout: float = 10.0,
         on_session_closed: Callable[[Peer], None] | None = None,
+        max_sessions_per_source: int | None = None,
+        max_pending_handshakes: int = 128,
+        max_template_fields: int = 1024,
+        max_session_fields: int = 65536,
+        max_domains: int = 1024,
+        compile_budget: CompileBudget | None = None,
     ) -> None:
         if address.protocol == "tls" and tls is None:
             raise UsageError(f"listening on {address} needs a TLS configuration (certificate, key and CA)")
@@ -237,6 +253,10 @@ class CollectingProcess:
             raise UsageError(f"template lifetime {template_lifetime!r} must be a positive number of seconds")
         if max_sessions < 1 or max_templates < 1:
             raise UsageError("max_sessions and max_templates must be at least 1")
+        if max_sessions_per_source is not None and max_sessions_per_source < 1:
+            raise UsageError("max_sessions_per_source must be at least 1 (or None: max_sessions)")
+        if max_pending_handshakes < 1 or max_template_fields < 1 or max_session_fields < 1 or max_domains < 1:
+            raise UsageError("max_pending_handshakes, max_template_fields, max_session_fields and max_domains must be at least 1")
         if not 16 <= max_message_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {max_message_size} is outside 16..{MAX_MESSAGE_SIZE}")
         self.address = address
@@ -256,13 +276,24 @@ class CollectingProcess:
         self.max_templates = max_templates
         self.max_message_size = max_message_size
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.max_sessions_per_source = max_sessions_per_source or max_sessions
+        self.max_pending_handshakes = max_pending_handshakes
+        self.max_template_fields = max_template_fields
+        self.max_session_fields = max_session_fields
+        self.max_domains = max_domains
+        # one budget for every session: compiling new template layouts is the costliest
+        # thing a peer can make us do on the event loop
+        self.compile_budget = compile_budget if compile_budget is not None else CompileBudget()
+        self._per_source: dict[str, int] = {}  # sessions and pending handshakes by source address
         self.stats = CollectorStats()
         self._ssl = tls.server_context() if tls is not None else None
         self._limiter = _LogLimiter(clock)
         self._server: asyncio.AbstractServer | None = None
         self._udp: asyncio.DatagramTransport | None = None
-        self._udp_sessions: dict[tuple[str, int], _Session] = {}
+        # least recently heard first, so that expiry pops from the front instead of scanning
+        self._udp_sessions: collections.OrderedDict[tuple[str, int], _Session] = collections.OrderedDict()
         self._streams: set[_StreamSession] = set()
+        self._handshaking: set[_StreamSession] = set()  # TLS handshakes in progress
         self._sweeper: asyncio.Task[None] | None = None
         self._port = 0
 
@@ -322,7 +353,7 @@ class CollectingProcess:
             self._sweeper = None
         if self._server is not None:
             self._server.close()
-            for stream in list(self._streams):
+            for stream in list(self._streams) + list(self._handshaking):
                 stream.shutdown()
             await self._server.wait_closed()
             self._server = None
@@ -357,17 +388,31 @@ class CollectingProcess:
             template_lifetime=self.template_lifetime if self.protocol == "udp" else None,
             max_templates=self.max_templates,
             max_message_size=self.max_message_size,
+            max_template_fields=self.max_template_fields,
+            max_session_fields=self.max_session_fields,
+            max_domains=self.max_domains,
+            compile_budget=self.compile_budget,
         )
 
     def _decode(self, session: _Session, data: bytes, now: float) -> Message:
         decoder = session.decoder
         lost = decoder.lost_records
+        jumps, refused, evicted = decoder.sequence_jumps, decoder.templates_refused, decoder.domains_evicted
         if decoder.template_lifetime is not None:
             expired = decoder.expire(now)
             if expired:
                 self.stats.templates_expired += expired
-        msg = decoder.decode(data, now)
+        try:
+            msg = decoder.decode(data, now)
+        finally:
+            if decoder.templates_refused != refused:
+                self.stats.templates_refused += decoder.templates_refused - refused
+            if decoder.domains_evicted != evicted:
+                self.stats.domains_evicted += decoder.domains_evicted - evicted
+        session.delivered = True
         stats = self.stats
+        if decoder.sequence_jumps != jumps:
+            stats.sequence_jumps += decoder.sequence_jumps - jumps
         stats.messages += 1
         stats.records += msg.record_count
         stats.octets += msg.length
@@ -391,6 +436,25 @@ class CollectingProcess:
         what = "; closing the session" if closing else "; datagram dropped"
         self._limiter.warn("malformed IPFIX from %s (%s): %s%s", peer, peer.protocol, exc, what)
 
+    def _source_ok(self, host: str, what: str) -> bool:
+        """Whether ``host`` may open one more session or handshake; counts it if so."""
+        n = self._per_source.get(host, 0)
+        if n >= self.max_sessions_per_source:
+            self.stats.sessions_refused_source += 1
+            self._limiter.warn(
+                "refusing IPFIX %s from %s: it holds %d sessions (max per source address)", what, host, n
+            )
+            return False
+        self._per_source[host] = n + 1
+        return True
+
+    def _source_done(self, host: str) -> None:
+        n = self._per_source.get(host, 0) - 1
+        if n > 0:
+            self._per_source[host] = n
+        else:
+            self._per_source.pop(host, None)
+
     def _session_ended(self, peer: Peer) -> None:
         self.stats.sessions -= 1
         if self.on_session_closed is not None:
@@ -405,20 +469,32 @@ class CollectingProcess:
     def _datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         now = self.clock()
         key = (_unmapped(str(addr[0])), int(addr[1]))
-        session = self._udp_sessions.get(key)
+        sessions = self._udp_sessions
+        session = sessions.get(key)
         if session is None:
-            if len(self._udp_sessions) >= self.max_sessions:
+            if len(sessions) >= self.max_sessions:
                 self.expire(now)
-            if len(self._udp_sessions) >= self.max_sessions:
+            if len(sessions) >= self.max_sessions:
+                # The least recently heard session, if it holds no template, is of no use
+                # to anyone (its data sets would be skipped): it makes room.
+                oldest_key, oldest = next(iter(sessions.items()))
+                if oldest.decoder.template_count == 0:
+                    self._end_udp_session(oldest_key)
+                    self.stats.sessions_evicted += 1
+            if len(sessions) >= self.max_sessions:
                 self.stats.sessions_refused += 1
                 self._limiter.warn(
                     "refusing IPFIX over UDP from %s:%d: %d sessions open (the limit)", key[0], key[1], self.max_sessions
                 )
                 return
+            if not self._source_ok(key[0], "over UDP"):
+                return
             session = _Session(Peer(key[0], key[1], "udp"), self._new_decoder(), now)
-            self._udp_sessions[key] = session
+            sessions[key] = session
             self.stats.sessions += 1
             self.stats.sessions_total += 1
+        else:
+            sessions.move_to_end(key)
         session.last_seen = now
         try:
             msg = self._decode(session, data, now)
@@ -434,6 +510,7 @@ class CollectingProcess:
     def _end_udp_session(self, key: tuple[str, int]) -> None:
         session = self._udp_sessions.pop(key, None)
         if session is not None:
+            self._source_done(key[0])
             self._session_ended(session.peer)
 
     def expire(self, now: float | None = None) -> int:
@@ -450,12 +527,15 @@ class CollectingProcess:
                     log.info("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
                     stream.shutdown()
                     dropped += 1
-        for key, session in list(self._udp_sessions.items()):
-            if now - session.last_seen >= self.udp_session_timeout:
-                self._end_udp_session(key)
-                dropped += 1
-            else:
-                self.stats.templates_expired += session.decoder.expire(now)
+        sessions = self._udp_sessions
+        while sessions:
+            key, session = next(iter(sessions.items()))
+            if now - session.last_seen < self.udp_session_timeout:
+                break
+            self._end_udp_session(key)
+            dropped += 1
+        for session in sessions.values():
+            self.stats.templates_expired += session.decoder.expire(now)
         self.stats.sessions_expired += dropped
         return dropped
 
@@ -470,7 +550,26 @@ class CollectingProcess:
 
     # -- TCP and TLS
 
+    def _admit(self, peer: Peer) -> bool:
+        """A new connection: within the per-source limit (and, for TLS, the limit on
+        handshakes in progress)? Counts it against its source address if so."""
+        if self._ssl is not None and self.stats.handshakes_pending >= self.max_pending_handshakes:
+            self.stats.handshakes_refused += 1
+            self._limiter.warn(
+                "refusing a TLS connection from %s: %d handshakes in progress (the limit)", peer, self.max_pending_handshakes
+            )
+            return False
+        if self._ssl is None and len(self._streams) >= self.max_sessions:
+            self.stats.sessions_refused += 1
+            self._limiter.warn(
+                "refusing IPFIX over %s from %s: %d sessions open (the limit)", peer.protocol, peer, self.max_sessions
+            )
+            return False
+        return self._source_ok(peer.host, f"over {peer.protocol}")
+
     def _accept(self, stream: _StreamSession, peer: Peer) -> bool:
+        """A session starts: over TLS only once the handshake authenticated the peer, so
+        that connections that never authenticate cannot take the sessions of those that do."""
         if len(self._streams) >= self.max_sessions:
             self.stats.sessions_refused += 1
             self._limiter.warn(
@@ -495,85 +594,173 @@ class _DatagramListener(asyncio.DatagramProtocol):
 
 
 class _StreamSession(asyncio.Protocol):
-    """One TCP or TLS connection of the collecting process."""
+    """One TCP or TLS connection of the collecting process.
+
+    A connection first takes a slot of its source address (``max_sessions_per_source``)
+    and, over TLS, of the handshakes in progress (``max_pending_handshakes``); it becomes a
+    session, counted against ``max_sessions``, only once the handshake authenticated the
+    peer. Messages the compile budget defers wait in ``backlog`` while reading is paused.
+    """
 
     def __init__(self, process: CollectingProcess) -> None:
         self.process = process
+        self.peer: Peer | None = None
         self.session: _Session | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.framer = MessageFramer(process.max_message_size)
-        self.accepted = False
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.admitted = False  # holds a slot of its source address
+        self.pending = False  # a TLS handshake in progress
+        self.accepted = False  # a session
         self.ended = False
         self.failed = False
+        self.paused = False
         self.handshake: asyncio.Future[None] | None = None  # referenced, so it is not collected mid-flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         process = self.process
         self.transport = transport
         peername = transport.get_extra_info("peername") or ("?", 0)
-        peer = Peer(_unmapped(str(peername[0])), int(peername[1]), process.protocol)
-        if not process._accept(self, peer):
-            transport.close()
+        peer = self.peer = Peer(_unmapped(str(peername[0])), int(peername[1]), process.protocol)
+        if not process._admit(peer):
+            transport.abort()  # type: ignore[attr-defined]
+            self.ended = True
             return
-        self.accepted = True
-        self.session = _Session(peer, process._new_decoder(), process.clock())
+        self.admitted = True
         if process._ssl is not None:
             assert isinstance(transport, asyncio.Transport)
             transport.pause_reading()  # nothing may reach us before the TLS layer is in place
+            self.pending = True
+            process.stats.handshakes_pending += 1
+            process._handshaking.add(self)
             self.handshake = asyncio.ensure_future(self._handshake(transport, process._ssl))
+        elif not self._begin():
+            transport.close()
+
+    def _begin(self) -> bool:
+        process = self.process
+        assert self.peer is not None
+        if not process._accept(self, self.peer):
+            return False
+        self.accepted = True
+        self.session = _Session(self.peer, process._new_decoder(), process.clock())
+        return True
+
+    def _handshake_over(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.process.stats.handshakes_pending -= 1
+            self.process._handshaking.discard(self)
 
     async def _handshake(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
-        assert self.session is not None
         loop = asyncio.get_running_loop()
+        process = self.process
         try:
             tls = await loop.start_tls(
-                raw, self, ctx, server_side=True, ssl_handshake_timeout=self.process.tls_handshake_timeout
+                raw, self, ctx, server_side=True, ssl_handshake_timeout=process.tls_handshake_timeout
             )
         except Exception as exc:  # noqa: BLE001 - any failure of the handshake refuses this peer only
-            self.process.stats.tls_refused += 1
+            self._handshake_over()
+            process.stats.tls_refused += 1
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "timed out" in str(exc):
+                process.stats.handshakes_timed_out += 1
             reason = getattr(exc, "reason", None) or exc
-            self.process._limiter.warn("TLS handshake with %s refused: %s", self.session.peer, reason)
+            process._limiter.warn("TLS handshake with %s refused: %s", self.peer, reason)
             raw.abort()
             self._end()
             return
+        self._handshake_over()
         if tls is None:  # the peer went away during the handshake
             self._end()
             return
         self.transport = tls
         if self.ended:
             tls.abort()
+            return
+        if not self._begin():
+            tls.abort()
+            self._end()
 
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None or self.failed:
             return
-        process = self.process
+        session.last_seen = self.process.clock()
         try:
-            now = process.clock()
-            session.last_seen = now
             messages = self.framer.feed(data)
-            if not messages:
-                return
-            for raw in messages:
-                process._deliver(session.peer, process._decode(session, raw, now))
+        except MalformedMessage as exc:
+            self._fail(exc)
+            return
+        if messages:
+            self.backlog.extend(messages)
+            if not self.paused:
+                self._pump()
+
+    def _pump(self) -> None:
+        session = self.session
+        process = self.process
+        backlog = self.backlog
+        assert session is not None
+        try:
+            while backlog:
+                now = process.clock()
+                try:
+                    msg = process._decode(session, backlog[0], now)
+                except Deferred as exc:
+                    process.stats.messages_deferred += 1
+                    self._pause(exc.retry_after)
+                    return
+                backlog.popleft()
+                process._deliver(session.peer, msg)
         except Exception as exc:  # noqa: BLE001 - MalformedMessage, or a decoder bug: this session only
-            self.failed = True
-            if not isinstance(exc, MalformedMessage):
-                log.exception("unexpected error decoding a message from %s", session.peer)
-            process._malformed(session.peer, exc, closing=True)
-            if self.transport is not None:
-                self.transport.close()
+            self._fail(exc)
+
+    def _pause(self, delay: float) -> None:
+        transport = self.transport
+        if not self.paused and isinstance(transport, asyncio.Transport):
+            transport.pause_reading()
+        self.paused = True
+        asyncio.get_running_loop().call_later(max(0.001, delay), self._resume)
+
+    def _resume(self) -> None:
+        if self.ended or self.failed or self.session is None:
+            return
+        self.paused = False
+        self.session.last_seen = self.process.clock()
+        self._pump()
+        transport = self.transport
+        if not self.paused and not self.ended and isinstance(transport, asyncio.Transport):
+            try:
+                transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def _fail(self, exc: Exception) -> None:
+        assert self.session is not None
+        self.failed = True
+        self.backlog.clear()
+        if not isinstance(exc, MalformedMessage):
+            log.exception("unexpected error decoding a message from %s", self.session.peer, exc_info=exc)
+        self.process._malformed(self.session.peer, exc, closing=True)
+        if self.transport is not None:
+            self.transport.close()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None and not self.failed and self.framer.pending:
-            self.process._malformed(
-                self.session.peer,
-                MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
-                closing=True,
-            )
+        if self.session is not None and not self.failed and (self.framer.pending or self.backlog):
+            if self.backlog:  # the peer left while we held messages back: decode them now, unbudgeted
+                budget = self.process.compile_budget
+                budget.tokens = max(budget.tokens, 1.0)
+                self.paused = False
+                self._pump()
+            if self.framer.pending and not self.failed:
+                self.process._malformed(
+                    self.session.peer,
+                    MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
+                    closing=True,
+                )
         self._end()
 
     def shutdown(self) -> None:
@@ -587,6 +774,11 @@ class _StreamSession(asyncio.Protocol):
         if self.ended:
             return
         self.ended = True
+        self._handshake_over()
+        if self.admitted:
+            self.admitted = False
+            assert self.peer is not None
+            self.process._source_done(self.peer.host)
         if self.accepted:
             self.process._streams.discard(self)
             assert self.session is not None
