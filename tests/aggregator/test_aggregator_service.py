@@ -225,7 +225,8 @@ async def test_missing_tls_files_name_the_key(tmp_path):
     from flowscope.aggregator.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"tls.caFile: cannot read .*nope.crt"):
-        await agg._start_collecting()
+        await agg.start()
+    assert agg.collecting is None and agg.api_server is None and agg.metrics_server is None
 
 
 def test_exporter_address_unmaps_ipv4_in_ipv6():
@@ -253,17 +254,22 @@ def test_an_odd_record_costs_only_itself():
     assert [f.key[2] for f in agg.process.flows.values()] == [2]
 
 
-def test_flowrecords_are_capped_and_say_so():
-    from flowscope.aggregator import api
+async def test_flowrecords_are_capped_and_say_so():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flowscope.aggregator.api import ApiServer
 
     clock = Clock()
     agg, _ = make_service(clock)
     agg.ingest_records([agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 6)], NODE_A)
-    doc = json.loads(api.handle("GET", "/flowrecords?limit=3", agg).body)
-    assert len(doc["flowRecords"]) == 3 and doc["truncated"] is True
-    doc = json.loads(api.handle("GET", "/flowrecords?limit=5", agg).body)
-    assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
-    assert api.handle("POST", "/flowrecords", agg).status == 405
+    async with TestClient(TestServer(ApiServer(agg).app())) as client:
+        doc = await (await client.get("/flowrecords?limit=3")).json()
+        assert len(doc["flowRecords"]) == 3 and doc["truncated"] is True
+        doc = await (await client.get("/flowrecords?limit=5")).json()
+        assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
+        assert (await client.post("/flowrecords")).status == 405
+        bad = await client.get("/flowrecords?limit=0")
+        assert bad.status == 400 and "limit" in (await bad.json())["error"]
 
 
 def test_cli_check(tmp_path, capsys):
