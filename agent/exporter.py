@@ -191,6 +191,7 @@ class FlowExporter:
         get = stats.get if isinstance(stats, dict) else lambda k, d=0: getattr(stats, k, d)
         m.reconnections.set(get("reconnects", 0))
         m.records_dropped.set(get("records_dropped", 0) or self.records_refused)
+        m.records_lost.set(get("records_lost", 0))
         m.exporter_connected.set(1 if get("connected", False) else 0)
 
     # --- the daemon ----------------------------------------------------------------

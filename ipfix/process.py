@@ -32,9 +32,12 @@ blocks; a batch that does not fit is refused whole, counted in ``records_dropped
 queued by template, encodes with the session's :class:`ExportSession` (so sequence
 numbers count data records per session and domain) and writes. Over TCP and TLS every
 new connection is a new session that starts with all templates; a lost connection is
-retried with exponential backoff (a few quick attempts, then at most one per
-``backoff_max`` seconds, 60 by default, RFC 7011 section 10.4.4), while records wait in
-the queue. Records whose bytes were still in our write buffer when a connection broke
+retried with jittered exponential backoff (RFC 7011 section 10.4.4): up to ``backoff_max``
+seconds (60 by default) between attempts while nothing waits to be sent, but at most
+``backoff_busy_max`` (2 s) while records wait in the queue, so that an exporter is back
+within seconds of its collector and its backlog does not outgrow the queue; the jitter
+(each wait drawn between half and all of its nominal length) keeps a node's worth of
+exporters from reconnecting in lockstep. Records whose bytes were still in our write buffer when a connection broke
 are counted in ``records_lost`` (see :class:`_ExportProtocol`); TCP itself acknowledges
 nothing to the application, so that is as precise as an IPFIX exporter can be. Under
 TLS 1.3 the client's handshake ends before the server has judged the client's
@@ -52,6 +55,7 @@ import asyncio
 import errno
 import collections
 import logging
+import random
 import socket
 import ssl
 import time
@@ -941,6 +945,8 @@ class ExportingProcess:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         quick_retries: int = 3,
+        backoff_busy_max: float = 2.0,
+        rng: Callable[[], float] | None = None,
         connect_timeout: float = 10.0,
         max_batch: int = 8192,
         tls_accept_wait: float = 2.0,
@@ -957,8 +963,8 @@ class ExportingProcess:
             raise UsageError(f"template refresh interval {template_refresh!r} must be a positive number of seconds")
         if not 68 <= path_mtu <= 65535:
             raise UsageError(f"path MTU {path_mtu} is outside 68..65535")
-        if backoff_initial <= 0 or backoff_max < backoff_initial:
-            raise UsageError("reconnect backoff: need 0 < backoff_initial <= backoff_max")
+        if backoff_initial <= 0 or backoff_max < backoff_initial or backoff_busy_max <= 0:
+            raise UsageError("reconnect backoff: need 0 < backoff_initial <= backoff_max and backoff_busy_max > 0")
         ids = [t.template_id for t in templates]
         if len(set(ids)) != len(ids):
             raise UsageError(f"template ids must be unique, got {ids}")
@@ -975,6 +981,9 @@ class ExportingProcess:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.quick_retries = quick_retries
+        self.backoff_busy_max = min(backoff_busy_max, backoff_max)
+        self._rng = rng if rng is not None else random.random
+        self._jitter = 1.0
         self.connect_timeout = connect_timeout
         self.max_batch = max_batch
         self.tls_accept_wait = tls_accept_wait
@@ -1216,9 +1225,29 @@ class ExportingProcess:
         self._wake.set()
 
     def _backoff(self) -> float:
+        """The wait before the next attempt: exponential in the failures so far, capped low
+        while records wait (``backoff_busy_max``), times this attempt's jitter."""
+        cap = self.backoff_busy_max if self.stats.queued else self.backoff_max
         if self._failures <= self.quick_retries:
-            return min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, self._failures - 1))
-        return self.backoff_max
+            nominal = self.backoff_initial * 2.0 ** max(0, self._failures - 1)
+        else:
+            nominal = self.backoff_max
+        return min(cap, nominal) * self._jitter
+
+    async def _wait_backoff(self) -> None:
+        """Sleep the backoff, shortened if records arrive meanwhile (the cap drops)."""
+        self._jitter = 0.5 + 0.5 * self._rng()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not self._closing:
+            left = start + self._backoff() - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     # -- the sender
 
@@ -1238,7 +1267,9 @@ class ExportingProcess:
             self._idle.set()
         if self._session is None:  # no transport session: (re)connect, or open the UDP socket
             if self._failures:
-                await asyncio.sleep(self._backoff())
+                await self._wait_backoff()
+                if self._closing:
+                    return
             await self._open()
             return
         if not self._queue:
