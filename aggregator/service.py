@@ -171,6 +171,8 @@ def check_files(config: AggregatorConfig) -> list[str]:
         parent = os.path.dirname(path)
         existing = parent
         while existing and not os.path.isdir(existing):  # the sink creates missing directories
+            if os.path.exists(existing):
+                raise ConfigError(f"sinks.flowLog.path: cannot write {fl.path!r}: {existing!r} is not a directory")
             existing = os.path.dirname(existing) if os.path.dirname(existing) != existing else ""
         target = path if os.path.exists(path) else existing
         if not target or not os.access(target, os.W_OK | (0 if target == path else os.X_OK)):
