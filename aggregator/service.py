@@ -35,6 +35,7 @@ SCAN_SLICE = 5000  # flows per slice of the periodic export (~30 ms)
 SLICE_WAIT = 1.0  # at most this long for a slow sink to make room for the next slice
 CLICKHOUSE_SINK_MODULE = "flowscope.collector.aggregator_sink"
 MAX_EXPORTER_SERIES = 512  # per-exporter counters kept by name; the rest are summed as "other"
+DRAIN_TIMEOUT = 3.0  # at shutdown, read what exporters sent until they close (at most this long)
 SINK_STALL = 10.0  # a sink that takes nothing for this long: what does not fit is dropped (counted)
 
 
@@ -422,7 +423,7 @@ class FlowAggregator:
                 pass
             self._ticker = None
         if self.collecting is not None:
-            await self.collecting.close()
+            await self.collecting.close(drain=DRAIN_TIMEOUT)  # exporters stop; what they sent is read
             self.collecting = None
         self.tick()
         final = self.process.drain()

@@ -346,8 +346,11 @@ class CollectingProcess:
         """The bound port (useful when listening on port 0)."""
         return self._port
 
-    async def close(self) -> None:
-        """Stop listening and close every session."""
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop listening and close every session. With ``drain`` (seconds), TCP sessions
+        are half-closed first and read until the exporter closes its side (at most that
+        long): an exporter sees the end of the stream and stops writing, and what it wrote
+        before is still read, so a graceful restart loses nothing it did not count."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -357,6 +360,18 @@ class CollectingProcess:
             self._sweeper = None
         if self._server is not None:
             self._server.close()
+            if drain > 0 and self._streams:
+                for stream in list(self._streams):
+                    transport = stream.transport
+                    if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+                        try:
+                            transport.write_eof()
+                        except (OSError, RuntimeError):
+                            pass
+                loop = asyncio.get_running_loop()
+                end = loop.time() + drain
+                while any(not s.ended for s in self._streams) and loop.time() < end:
+                    await asyncio.sleep(0.01)
             for stream in list(self._streams) + list(self._handshaking):
                 stream.shutdown()
             await self._server.wait_closed()
