@@ -54,7 +54,7 @@ PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "ipv6-icmp": 58, "sct
 # Without ?limit=, at most this many records. The response says "truncated": true.
 DEFAULT_LIMIT = 10_000
 MAX_LIMIT = 10_000_000
-CHUNK = 256  # records built and written at a time
+CHUNK = 64  # records built and written at a time (a few milliseconds of work)
 IDLE_TIMEOUT = 10.0  # seconds a connection may wait between requests (or before the first)
 
 class ApiError(ValueError):
@@ -137,6 +137,21 @@ def _error(status: int, message: str) -> web.Response:
     return web.Response(status=status, body=_json_body({"error": message}), content_type="application/json")
 
 
+def _fd_share() -> int:
+    """Connections one HTTP server may keep: a quarter of the open-file limit, so that
+    slow clients can never take the descriptors the IPFIX sessions and the other server
+    need (and an accept always finds one free, to refuse with)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        return 1 << 30
+    return max(4, soft // 4)
+
+
 class _Refused(asyncio.Protocol):
     """A connection past ``max_connections``: closed as soon as it is accepted."""
 
@@ -161,6 +176,10 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
         self._active = 0
+        # One chunk is built at a time, handed from request to request in turn: however many
+        # clients read at once, the event loop does one chunk of rendering per turn, so a
+        # health check or an IPFIX message waits milliseconds, not a pile of chunks.
+        self._render = asyncio.Lock()
         if self.max_connections is None:
             self.max_connections = 4 * self.max_clients
 
@@ -183,7 +202,7 @@ class ApiServer:
         await runner.setup()
         handler_factory = runner.server
         assert handler_factory is not None
-        limit = self.max_connections or 1
+        limit = min(self.max_connections or 1, _fd_share())
 
         def factory() -> asyncio.BaseProtocol:
             if len(handler_factory.connections) >= limit:
@@ -196,7 +215,9 @@ class ApiServer:
         try:
             self._server = await loop.create_server(
                 factory, host or None, port, ssl=ctx, ssl_handshake_timeout=10.0 if ctx else None,
-                reuse_address=True, backlog=512,
+                # asyncio accepts up to ``backlog`` connections per wake-up before any is
+                # closed: kept small, a burst of clients cannot run the process out of fds
+                reuse_address=True, backlog=max(8, min(128, limit // 2)),
             )
         except BaseException:
             await runner.cleanup()
@@ -284,8 +305,10 @@ class ApiServer:
             sep = b""
             head = b'{"flowRecords":['
             for start in range(0, len(flows), CHUNK):
-                records = self.backend.render_flows(flows[start:start + CHUNK])
-                parts = [json.dumps(record_to_json(f), separators=(",", ":")).encode() for f in records]
+                async with self._render:
+                    records = self.backend.render_flows(flows[start:start + CHUNK])
+                    parts = [json.dumps(record_to_json(f), separators=(",", ":")).encode() for f in records]
+                    await asyncio.sleep(0)  # the next request's chunk comes after the loop's other work
                 if parts:
                     chunk = head + sep + b",".join(parts)
                     head, sep = b"", b","

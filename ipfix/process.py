@@ -82,6 +82,9 @@ log = logging.getLogger("flowscope.ipfix.process")
 
 IPV4_UDP_OVERHEAD = 20 + 8
 IPV6_UDP_OVERHEAD = 40 + 8
+# Messages one stream session decodes before the event loop serves others (a 256 KB read
+# of header-only messages is 16k of them, a third of a second of work)
+MESSAGES_PER_TURN = 256
 
 
 # --------------------------------------------------------------------------- TLS
@@ -720,8 +723,13 @@ class _StreamSession(asyncio.Protocol):
         process = self.process
         backlog = self.backlog
         assert session is not None
+        budget = MESSAGES_PER_TURN
         try:
             while backlog:
+                if budget == 0:  # a turn's worth: let the other sessions (and the API) run first
+                    self._pause(0.0)
+                    return
+                budget -= 1
                 now = process.clock()
                 try:
                     msg = process._decode(session, backlog[0], now)
@@ -739,7 +747,11 @@ class _StreamSession(asyncio.Protocol):
         if not self.paused and isinstance(transport, asyncio.Transport):
             transport.pause_reading()
         self.paused = True
-        asyncio.get_running_loop().call_later(max(0.001, delay), self._resume)
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            loop.call_later(delay, self._resume)
+        else:
+            loop.call_soon(self._resume)
 
     def _resume(self) -> None:
         if self.ended or self.failed or self.session is None:
@@ -800,8 +812,8 @@ class _StreamSession(asyncio.Protocol):
             self.process._source_done(self.peer.host)
         if self.accepted:
             self.process._streams.discard(self)
-            assert self.session is not None
-            self.process._session_ended(self.session.peer)
+            assert self.peer is not None
+            self.process._session_ended(self.peer)
 
 
 # --------------------------------------------------------------------------- exporting
