@@ -425,10 +425,10 @@ class FlowAggregator:
         if self.collecting is not None:
             await self.collecting.close(drain=DRAIN_TIMEOUT)  # exporters stop; what they sent is read
             self.collecting = None
-        self.tick()
-        final = self.process.drain()
-        if final:
-            self._dispatch(final)
+        # what is due, then every flow with unexported changes: waited for, not dropped, so that
+        # a restart loses nothing a sink could still take
+        await self._deliver(self.process.tick(self.clock()))
+        await self._deliver(self.process.drain())
         for sink in self.sinks:
             await sink.close()
         await self._close_servers()
