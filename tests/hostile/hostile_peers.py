@@ -237,3 +237,112 @@ def report(name: str, **numbers: Any) -> None:
     """The measured numbers of a case, printed (pytest -s, or the captured output of a failure)."""
     print(f"HOSTILE {name}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in numbers.items()))
+
+
+# --------------------------------------------------------------------------- message fuzzing
+
+
+def valid_messages() -> list[bytes]:
+    """A template message and data messages of the agent template, the seeds of mutation."""
+    from flowscope.ipfix import ExportSession
+
+    session = ExportSession(7)
+    for t in agent_templates():
+        session.add_template(t)
+    out = session.encode_templates(T0)
+    for k in range(8):
+        out += session.encode_records(256, [agent_record(900_000 + k * 10 + i, pod="p" * (5 + 60 * i))
+                                            for i in range(5)], T0)
+    return out
+
+
+def mutations(n: int, seed: int = 10) -> list[bytes]:
+    """``n`` mutated messages: flipped octets, truncations, splices, lies in the length
+    fields of the header, a set or a template, random tails. Deterministic for a seed."""
+    import random
+    import struct
+
+    rng = random.Random(seed)
+    seeds = valid_messages()
+    out: list[bytes] = []
+    for _ in range(n):
+        m = bytearray(rng.choice(seeds))
+        kind = rng.randrange(7)
+        if kind == 0:  # flip a few octets anywhere
+            for _ in range(rng.randint(1, 8)):
+                m[rng.randrange(len(m))] = rng.randrange(256)
+        elif kind == 1:  # truncate (and keep or fix the header length)
+            m = m[: rng.randrange(4, len(m))]
+            if rng.random() < 0.5:
+                struct.pack_into("!H", m, 2, len(m))
+        elif kind == 2:  # splice two messages
+            other = rng.choice(seeds)
+            cut = rng.randrange(16, len(m))
+            m = m[:cut] + other[rng.randrange(16, len(other)):]
+            struct.pack_into("!H", m, 2, min(len(m), 65535))
+        elif kind == 3 and len(m) > 20:  # a set length that lies
+            struct.pack_into("!H", m, 18, rng.choice([0, 1, 3, 4, 5, len(m), 65535, rng.randrange(65536)]))
+        elif kind == 4 and len(m) > 24:  # a field count or template id that lies
+            struct.pack_into("!HH", m, 20, rng.randrange(65536), rng.randrange(65536))
+        elif kind == 5:  # random sequence number and domain
+            struct.pack_into("!II", m, 8, rng.randrange(2**32), rng.randrange(2**32))
+        else:  # random tail
+            m = m[:16] + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+            struct.pack_into("!H", m, 2, len(m))
+        out.append(bytes(m))
+    return out
+
+
+async def settled(agg: Aggregator) -> None:
+    """Until the aggregator has decoded every datagram that reached it (the count stands still)."""
+    last = -1
+    while True:
+        now = agg.metrics()["collectingProcess"]["messages"]
+        if now == last:
+            return
+        last = now
+        await asyncio.sleep(0.5)
+
+
+async def fuzz_tcp(port: int, messages: list[bytes], *, per_session: int = 1, host: str = HOSTILE,
+                   concurrency: int = 16) -> int:
+    """Send the messages over TCP, ``per_session`` in each session after the valid template
+    message (a malformed message ends its session, so each mutated message gets its own by
+    default); ``concurrency`` sessions at a time. Returns the sessions used."""
+    prefix = valid_messages()[0]
+    sessions = 0
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(lo: int) -> None:
+        nonlocal sessions
+        async with sem:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0))
+            except OSError:
+                return
+            sessions += 1
+            try:
+                writer.write(prefix + b"".join(messages[lo:lo + per_session]))
+                await asyncio.wait_for(writer.drain(), 5)
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(), 5)  # until the aggregator closes (or reads all)
+            except (OSError, asyncio.TimeoutError):
+                pass
+            writer.close()
+
+    await asyncio.gather(*(one(lo) for lo in range(0, len(messages), per_session)))
+    return sessions
+
+
+def fuzz_udp(port: int, messages: list[bytes], *, host: str = HOSTILE, pace_every: int = 200) -> None:
+    """Send each message as a datagram from one socket, pausing briefly every ``pace_every``
+    datagrams (a burst larger than the socket buffer is loss, not a test of the decoder)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    try:
+        for i, m in enumerate(messages):
+            s.sendto(m, ("127.0.0.1", port))
+            if i % pace_every == pace_every - 1:
+                time.sleep(0.002)
+    finally:
+        s.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from hostile_peers import (GOOD, HOSTILE, Aggregator, HealthProbe, agent_record, good_exporter, raise_fd_limit, report,
-                           until)
+                           settled, until)
 from pki import make_pki
 
 from flowscope.ipfix import ExportSession, Template
@@ -74,17 +74,6 @@ def hostile_udp(port: int, payloads: list[bytes], *, ports: int = 1) -> None:
     finally:
         for s in socks:
             s.close()
-
-
-async def settled(agg: Aggregator) -> None:
-    """Until the aggregator has decoded every datagram that reached it (the count stands still)."""
-    last = -1
-    while True:
-        now = agg.metrics()["collectingProcess"]["messages"]
-        if now == last:
-            return
-        last = now
-        await asyncio.sleep(0.5)
 
 
 async def test_1_large_templates_are_refused_or_paced_and_leave_no_memory_behind():
