@@ -174,7 +174,7 @@ class ApiServer:
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._active = 0
         # One chunk is built at a time, handed from request to request in turn: however many
         # clients read at once, the event loop does one chunk of rendering per turn, so a
