@@ -684,7 +684,7 @@ class _StreamSession(asyncio.Protocol):
         except Exception as exc:  # noqa: BLE001 - any failure of the handshake refuses this peer only
             self._handshake_over()
             process.stats.tls_refused += 1
-            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "timed out" in str(exc):
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "longer than" in str(exc) or "timed out" in str(exc):
                 process.stats.handshakes_timed_out += 1
             reason = getattr(exc, "reason", None) or exc
             process._limiter.warn("TLS handshake with %s refused: %s", self.peer, reason)
