@@ -495,7 +495,7 @@ class CollectingProcess:
         session = sessions.get(key)
         if session is None:
             if len(sessions) >= self.max_sessions:
-                self.expire(now)
+                self.stats.sessions_expired += self._expire_udp_sessions(now)  # the idle ones, from the front
             if len(sessions) >= self.max_sessions:
                 # The least recently heard session, if it holds no template, is of no use
                 # to anyone (its data sets would be skipped): it makes room.
@@ -549,16 +549,23 @@ class CollectingProcess:
                     log.info("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
                     stream.shutdown()
                     dropped += 1
+        dropped += self._expire_udp_sessions(now)
+        for session in self._udp_sessions.values():
+            self.stats.templates_expired += session.decoder.expire(now)
+        self.stats.sessions_expired += dropped
+        return dropped
+
+    def _expire_udp_sessions(self, now: float) -> int:
+        """End the UDP sessions idle past their timeout: they are at the front, least
+        recently heard first, so this costs what expires."""
         sessions = self._udp_sessions
+        dropped = 0
         while sessions:
             key, session = next(iter(sessions.items()))
             if now - session.last_seen < self.udp_session_timeout:
                 break
             self._end_udp_session(key)
             dropped += 1
-        for session in sessions.values():
-            self.stats.templates_expired += session.decoder.expire(now)
-        self.stats.sessions_expired += dropped
         return dropped
 
     async def _sweep(self) -> None:
