@@ -546,9 +546,11 @@ class CollectingProcess:
             for stream in list(self._streams):
                 session = stream.session
                 if session is not None and now - session.last_seen >= self.stream_idle_timeout:
-                    log.info("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
+                    log.debug("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
                     stream.shutdown()
                     dropped += 1
+            if dropped:  # one line, however many: a peer's thousand idle sessions are not a thousand lines
+                log.info("closed %d IPFIX sessions idle for %.0fs or more", dropped, self.stream_idle_timeout)
         dropped += self._expire_udp_sessions(now)
         for session in self._udp_sessions.values():
             self.stats.templates_expired += session.decoder.expire(now)
