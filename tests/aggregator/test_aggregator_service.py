@@ -75,7 +75,7 @@ class Agent:
 
 
 def make_service(clock, **cfg) -> tuple[FlowAggregator, ListSink]:
-    raw = {"aggregatorTransportProtocol": "tcp", "apiAddress": "127.0.0.1:0", "flowExportInterval": "60s",
+    raw = {"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "127.0.0.1:0", "flowExportInterval": "60s",
            "correlationTimeout": "30s", "inactiveFlowTimeout": "90s"}
     raw.update(cfg)
     sink = ListSink()
@@ -220,7 +220,7 @@ def test_cli_refuses_a_bad_config_naming_the_key(tmp_path, capsys):
 
 
 async def test_missing_tls_files_name_the_key(tmp_path):
-    cfg = parse_config({"tls": {"caFile": str(tmp_path / "nope.crt")}, "apiAddress": ""})
+    cfg = parse_config({"tls": {"caFile": str(tmp_path / "nope.crt")}, "metricsAddress": "", "apiAddress": ""})
     agg = FlowAggregator(cfg, sinks=[])
     from flowscope.aggregator.config import ConfigError
 
@@ -304,7 +304,7 @@ async def test_a_large_periodic_export_is_paced_to_the_sinks_not_dropped():
 
     clock = Clock()
     fast, slow = ListSink(), SlowishSink()
-    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "apiAddress": "",
+    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "",
                                        "flowExportInterval": "60s"}),
                          sinks=[(fast, 3000), (slow, 3000)], clock=clock, tick_interval=0.01)
     await agg.start(collect=False, api=False, ticker=True)

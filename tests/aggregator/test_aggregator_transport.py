@@ -107,7 +107,7 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
     clock = Clock()
     cert, key = pki["server"]
     config = parse_config({
-        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
+        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
         "tls": {"caFile": pki["ca"], "certFile": cert, "keyFile": key},
         "flowExportInterval": "60s", "correlationTimeout": "30s", "inactiveFlowTimeout": "5m",
         "externalFlowCollectorAddr": f"127.0.0.1:{collector.port}",
@@ -235,7 +235,7 @@ async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
     clock = Clock()
     cert, key = pki["server"]
     config = parse_config({
-        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
+        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
         "tls": {"caFile": pki["ca"], "certFile": cert, "keyFile": key},
     })
     agg = FlowAggregator(config, sinks=[], clock=clock)
@@ -259,7 +259,7 @@ async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
 async def test_udp_transport_and_records_per_exporter():
     clock = Clock()
     config = parse_config({"aggregatorTransportProtocol": "udp", "listenAddress": "127.0.0.1", "listenPort": 0,
-                           "apiAddress": ""})
+                           "metricsAddress": "", "apiAddress": ""})
     mirror = ListSink()
     agg = FlowAggregator(config, sinks=[(mirror, 100)], clock=clock)
     await agg.start(api=False, ticker=False)
@@ -344,7 +344,7 @@ async def test_a_stuck_sink_stalls_neither_collection_nor_the_other_sinks():
 
     clock = Clock()
     config = parse_config({"aggregatorTransportProtocol": "tcp", "listenAddress": "127.0.0.1", "listenPort": 0,
-                           "apiAddress": "", "flowExportInterval": "60s"})
+                           "metricsAddress": "", "apiAddress": "", "flowExportInterval": "60s"})
     healthy = ListSink()
     agg = FlowAggregator(config, sinks=[(StuckSink(), 1000), (healthy, 1000)], clock=clock, tick_interval=0.01,
                          sink_stall=1.0)
