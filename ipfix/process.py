@@ -189,6 +189,7 @@ class CollectorStats(_Counters):
     domains_evicted: int = 0  # observation domains forgotten past max_domains in one session
     messages_deferred: int = 0  # stream messages held back until the template compile budget refilled
     callback_errors: int = 0  # on_message raised
+    decoder_errors: int = 0  # the decoder raised something else than MalformedMessage (a bug; counted as malformed too)
 
 
 class _LogLimiter:
@@ -453,6 +454,13 @@ class CollectingProcess:
             self.stats.callback_errors += 1
             log.exception("on_message failed for a message from %s", peer)
 
+    def _unexpected(self, peer: Peer, exc: Exception) -> None:
+        """A decoder bug a peer's bytes found: the first few with their traceback, the rest
+        through the log limiter (a peer must not be able to flood the log with them)."""
+        self.stats.decoder_errors += 1
+        if self.stats.decoder_errors <= 5:
+            log.error("unexpected error decoding a message from %s", peer, exc_info=exc)
+
     def _malformed(self, peer: Peer, exc: Exception, closing: bool) -> None:
         self.stats.malformed += 1
         what = "; closing the session" if closing else "; datagram dropped"
@@ -524,7 +532,7 @@ class CollectingProcess:
             self._malformed(session.peer, exc, closing=False)
             return
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the listener
-            log.exception("unexpected error decoding a datagram from %s", session.peer)
+            self._unexpected(session.peer, exc)
             self._malformed(session.peer, exc, closing=False)
             return
         self._deliver(session.peer, msg)
@@ -780,7 +788,7 @@ class _StreamSession(asyncio.Protocol):
         self.failed = True
         self.backlog.clear()
         if not isinstance(exc, MalformedMessage):
-            log.exception("unexpected error decoding a message from %s", self.session.peer, exc_info=exc)
+            self.process._unexpected(self.session.peer, exc)
         self.process._malformed(self.session.peer, exc, closing=True)
         if self.transport is not None:
             self.transport.close()

@@ -97,6 +97,7 @@ _ntoa6 = functools.partial(socket.inet_ntop, socket.AF_INET6)
 _IP4 = _Intern(_ntoa4)
 _IP6 = _Intern(_ntoa6)
 _STR = _Intern(bytes.decode)  # strict UTF-8; a set that fails is decoded again leniently
+_LSTR = _Intern(lambda raw: raw.decode("utf-8", "replace"))  # what LENIENT uses for fixed-length strings
 
 
 def _aton4(v: Any) -> bytes:
@@ -184,6 +185,7 @@ _HELPERS: dict[str, Any] = {
     "_IP4": _IP4,
     "_IP6": _IP6,
     "_STR": _STR,
+    "_LSTR": _LSTR,
     "_aton4": _aton4,
     "_aton6": _aton6,
     "_mac_to_text": _mac_to_text,
@@ -345,7 +347,9 @@ def _build(layout: Layout, mode: str = FAST) -> _Codec:
     plans = [_plan(ie, length) for _, ie, length in layout]
     if mode == LENIENT:
         plans = [
-            _Plan(p.code, "_lenient_utf8({v})" if p.decode == "_STR[{v}]" else p.decode, p.encode, p.text)
+            # every strict UTF-8 decode becomes lenient, fixed-length strings included
+            _Plan(p.code, "_lenient_utf8({v})" if p.decode == "_STR[{v}]" else p.decode.replace("_STR[", "_LSTR["),
+                  p.encode, p.text)
             for p in plans
         ]
     keys = [key for key, _, _ in layout]

@@ -169,3 +169,17 @@ def test_large_strings_from_a_peer_do_not_stay_in_the_decoders_string_cache() ->
             out = d.decode(m)
             assert next(out.data_records())[1]["sourcePodName"] == name
     assert tmod._STR.size - before < 1_000_000
+
+
+def test_invalid_utf8_in_a_fixed_length_string_is_kept_leniently_not_raised() -> None:
+    """Found by the message fuzz: the lenient decoder still decoded fixed-length strings strictly."""
+    t = Template(401, [FieldSpecifier(REG.get("sourcePodName"), 12), FieldSpecifier(REG.get("octetDeltaCount"), 8)])
+    body = b"ab\xa5\xffcd\0\0\0\0\0\0" + (7).to_bytes(8, "big")
+    sets = struct.pack("!HH", 401, 4 + len(body)) + body
+    ex = ExportSession(0)
+    ex.add_template(t)
+    d = Decoder(transport="udp", template_lifetime=60)
+    d.decode(ex.encode_templates(0)[0], 0.0)
+    out = d.decode(HEADER.pack(10, HEADER.size + len(sets), 0, 0, 0) + sets, 0.0)
+    ((_, rec),) = list(out.data_records())
+    assert rec["sourcePodName"] == "ab\ufffd\ufffdcd" and rec["octetDeltaCount"] == 7
