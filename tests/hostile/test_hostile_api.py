@@ -12,11 +12,9 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from hostile_peers import GOOD, Aggregator, HealthProbe, good_exporter, raise_fd_limit, report, until
@@ -24,6 +22,8 @@ from pki import CA, make_pki
 
 HEALTH_BOUND = 2.0
 TOKEN = "s3cr3t-token-0123456789abcdef"
+
+pytestmark = pytest.mark.slow  # real aggregator processes, seconds each
 
 
 def _status(url: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> int:

@@ -29,6 +29,8 @@ from flowscope.ipfix.process import ExportingProcess
 HEADER = struct.Struct("!HHIII")
 HEALTH_BOUND = 2.0  # seconds: /healthz answers within this on a loaded 2-core machine
 
+pytestmark = pytest.mark.slow  # real aggregator processes, seconds each
+
 
 def template_message(template_id: int, n_fields: int, *, first_ie: int = 1, domain: int = 0, enterprise: bool = False) -> bytes:
     """One template of ``n_fields`` variable-length fields whose element ids start at

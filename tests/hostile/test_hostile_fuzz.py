@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hostile_peers import (GOOD, Aggregator, HealthProbe, fuzz_tcp, fuzz_udp, good_exporter, mutations, report,
                            settled, until)
 
 N = 5000
+
+pytestmark = pytest.mark.slow  # real aggregator processes, seconds each
 
 
 async def _fuzz(transport: str) -> None:

@@ -24,6 +24,8 @@ from hostile_peers import GOOD, Aggregator, agent_record, agent_templates, repor
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.process import ExportingProcess
 
+pytestmark = pytest.mark.slow  # real aggregator processes, seconds each
+
 
 async def restart_run(tmp: Path, down: float, *, kill: bool = False, rate: int = 1000, before: float = 2.0,
                       after: float = 2.0) -> dict[str, float]:
