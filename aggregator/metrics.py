@@ -106,8 +106,8 @@ class AggregatorCollector(Collector):
             yield refused
             limits = CounterMetricFamily(
                 P + "collecting_limits", "Times a peer met a bound of the collecting process.", labels=["bound"])
-            for key in ("templates_refused", "domains_evicted", "messages_deferred", "sessions_evicted",
-                        "sessions_expired", "templates_expired", "malformed"):
+            for key in ("templates_refused", "domains_evicted", "messages_deferred", "messages_abandoned",
+                        "sessions_evicted", "sessions_expired", "templates_expired", "malformed"):
                 limits.add_metric([key], coll.get(key, 0))
             yield limits
         api = s.get("api") or {}

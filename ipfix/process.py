@@ -188,6 +188,7 @@ class CollectorStats(_Counters):
     templates_refused: int = 0  # UDP templates over a size limit or the compile budget, skipped
     domains_evicted: int = 0  # observation domains forgotten past max_domains in one session
     messages_deferred: int = 0  # stream messages held back until the template compile budget refilled
+    messages_abandoned: int = 0  # ...whose session closed before the budget allowed them (not decoded)
     callback_errors: int = 0  # on_message raised
     decoder_errors: int = 0  # the decoder raised something else than MalformedMessage (a bug; counted as malformed too)
 
@@ -798,12 +799,12 @@ class _StreamSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None and not self.failed and (self.framer.pending or self.backlog):
-            if self.backlog:  # the peer left while we held messages back: decode them now, unbudgeted
-                budget = self.process.compile_budget
-                budget.tokens = max(budget.tokens, 1.0)
-                self.paused = False
-                self._pump()
-            if self.framer.pending and not self.failed:
+            if self.backlog:
+                # The peer left while the compile budget held its messages back. Decoding them
+                # now would let anyone skip the budget by closing; they are counted instead.
+                self.process.stats.messages_abandoned += len(self.backlog)
+                self.backlog.clear()
+            if self.framer.pending:
                 self.process._malformed(
                     self.session.peer,
                     MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),

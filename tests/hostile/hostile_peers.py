@@ -305,10 +305,11 @@ async def settled(agg: Aggregator) -> None:
 
 
 async def fuzz_tcp(port: int, messages: list[bytes], *, per_session: int = 1, host: str = HOSTILE,
-                   concurrency: int = 16) -> int:
+                   concurrency: int = 48, wait: float = 2.0) -> int:
     """Send the messages over TCP, ``per_session`` in each session after the valid template
     message (a malformed message ends its session, so each mutated message gets its own by
-    default); ``concurrency`` sessions at a time. Returns the sessions used."""
+    default); ``concurrency`` sessions at a time, each given up after ``wait`` seconds.
+    Returns the sessions used."""
     prefix = valid_messages()[0]
     sessions = 0
     sem = asyncio.Semaphore(concurrency)
@@ -325,7 +326,8 @@ async def fuzz_tcp(port: int, messages: list[bytes], *, per_session: int = 1, ho
                 writer.write(prefix + b"".join(messages[lo:lo + per_session]))
                 await asyncio.wait_for(writer.drain(), 5)
                 writer.write_eof()
-                await asyncio.wait_for(reader.read(), 5)  # until the aggregator closes (or reads all)
+                # until the aggregator closes (a session held back by the compile budget is given up)
+                await asyncio.wait_for(reader.read(), wait)
             except (OSError, asyncio.TimeoutError):
                 pass
             writer.close()
