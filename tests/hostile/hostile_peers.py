@@ -336,7 +336,8 @@ async def fuzz_tcp(port: int, messages: list[bytes], *, per_session: int = 1, ho
     return sessions
 
 
-def fuzz_udp(port: int, messages: list[bytes], *, host: str = HOSTILE, pace_every: int = 200) -> None:
+def fuzz_udp(port: int, messages: list[bytes], *, host: str = HOSTILE, pace_every: int = 200,
+             pause: float = 0.002) -> None:
     """Send each message as a datagram from one socket, pausing briefly every ``pace_every``
     datagrams (a burst larger than the socket buffer is loss, not a test of the decoder)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -345,6 +346,6 @@ def fuzz_udp(port: int, messages: list[bytes], *, host: str = HOSTILE, pace_ever
         for i, m in enumerate(messages):
             s.sendto(m, ("127.0.0.1", port))
             if i % pace_every == pace_every - 1:
-                time.sleep(0.002)
+                time.sleep(pause)
     finally:
         s.close()
