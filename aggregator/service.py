@@ -3,9 +3,14 @@
 This is the thin asynchronous shell around the sans-IO core. :class:`FlowAggregator`
 owns one :class:`~flowscope.aggregator.aggregation.AggregationProcess`, feeds it from
 the IPFIX collecting process (``on_message`` runs on the event loop, one call per
-message, no awaiting), calls ``tick`` once a second with its injected clock, and offers
-what is due to every sink's bounded queue (never blocking collection). On shutdown it
-exports every flow with unexported changes and drains the sinks.
+message, no awaiting), calls ``tick`` once a second with its injected clock, and hands
+what is due to every sink's bounded queue, waiting for room rather than dropping (the
+ticker waits, collection never does: the flow store holds and keeps aggregating the
+records meanwhile; only a sink that takes nothing for ``sink_stall`` seconds has the rest
+counted as dropped). Start checks every file and opens the HTTP ports before the IPFIX
+port; on shutdown it half-closes the IPFIX sessions and reads what the agents still
+send, exports every flow with unexported changes the same patient way, and drains the
+sinks.
 
 Sinks are built from the configuration (IPFIX to ``externalFlowCollectorAddr``, the
 JSON-lines flow log, ClickHouse when the collector provides it) or passed in; anything
