@@ -2,8 +2,9 @@
 
 What it measures, per outage: how long after the aggregator is back the exporter has
 reconnected (its backoff is capped at 2 s while records wait), and the books: records
-submitted, sent, stored in the flow log (one flow per record), counted lost or dropped.
-Over a graceful stop (SIGTERM) submitted = stored + lost + dropped exactly; a kill -9 run
+offered, submitted (accepted by the exporter's queue), dropped (refused by it, counted),
+sent, stored in the flow log and its rotated files (one flow per record), counted lost.
+Over a graceful stop (SIGTERM) submitted = stored + lost exactly; a kill -9 run
 reports what went unaccounted (what was in flight and the last export interval). The peer
 measured in the same run is the exporter's previous behaviour, computed from the same
 outage: retries at 1, 2, 4 s and then every 60 s, so its expected reconnect delay is the
@@ -46,7 +47,10 @@ def main() -> None:
             r = asyncio.run(restart_run(Path(tempfile.mkdtemp(prefix="restart-bench-")), down, kill=kill))
             r["kill9"] = kill
             r["old_schedule_back_after_s"] = old_backoff_delay(down)
-            r["unaccounted"] = r["submitted"] - r["stored"] - r["lost"] - r["dropped"]
+            # records_submitted counts what the queue accepted; "dropped" (refused by a full
+            # queue while the collector was away) were never accepted, and are counted
+            r["offered"] = r["submitted"] + r["dropped"]
+            r["unaccounted"] = r["submitted"] - r["stored"] - r["lost"]
             results.append(r)
     print(json.dumps({"benchmark": "restart", "results": results}, indent=2))
 
