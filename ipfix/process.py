@@ -188,7 +188,7 @@ class CollectorStats(_Counters):
     templates_refused: int = 0  # UDP templates over a size limit or the compile budget, skipped
     domains_evicted: int = 0  # observation domains forgotten past max_domains in one session
     messages_deferred: int = 0  # stream messages held back until the template compile budget refilled
-    messages_abandoned: int = 0  # ...whose session closed before the budget allowed them (not decoded)
+    messages_abandoned: int = 0  # ...whose session ended before the budget allowed them (not decoded)
     callback_errors: int = 0  # on_message raised
     decoder_errors: int = 0  # the decoder raised something else than MalformedMessage (a bug; counted as malformed too)
 
@@ -736,7 +736,10 @@ class _StreamSession(asyncio.Protocol):
             if not self.paused:
                 self._pump()
 
-    def _pump(self) -> None:
+    def _pump(self, final: bool = False) -> None:
+        """Decode what waits in ``backlog``: a turn's worth at a time, and no faster than the
+        compile budget allows. ``final`` (the session is ending): everything now, but what
+        the budget still refuses is counted as abandoned, not decoded for free."""
         session = self.session
         process = self.process
         backlog = self.backlog
@@ -744,7 +747,7 @@ class _StreamSession(asyncio.Protocol):
         budget = MESSAGES_PER_TURN
         try:
             while backlog:
-                if budget == 0:  # a turn's worth: let the other sessions (and the API) run first
+                if budget == 0 and not final:  # a turn's worth: let the other sessions (and the API) run first
                     self._pause(0.0)
                     return
                 budget -= 1
@@ -753,6 +756,11 @@ class _StreamSession(asyncio.Protocol):
                     msg = process._decode(session, backlog[0], now)
                 except Deferred as exc:
                     process.stats.messages_deferred += 1
+                    if final:
+                        # Decoding it anyway would let anyone skip the budget by closing.
+                        process.stats.messages_abandoned += len(backlog)
+                        backlog.clear()
+                        return
                     self._pause(exc.retry_after)
                     return
                 backlog.popleft()
@@ -799,12 +807,9 @@ class _StreamSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None and not self.failed and (self.framer.pending or self.backlog):
-            if self.backlog:
-                # The peer left while the compile budget held its messages back. Decoding them
-                # now would let anyone skip the budget by closing; they are counted instead.
-                self.process.stats.messages_abandoned += len(self.backlog)
-                self.backlog.clear()
-            if self.framer.pending:
+            if self.backlog:  # the peer left while messages waited for their turn
+                self._pump(final=True)
+            if self.framer.pending and not self.failed:
                 self.process._malformed(
                     self.session.peer,
                     MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
@@ -813,6 +818,8 @@ class _StreamSession(asyncio.Protocol):
         self._end()
 
     def shutdown(self) -> None:
+        if self.backlog and self.session is not None and not self.failed and not self.ended:
+            self._pump(final=True)  # what was read is decoded before the session ends
         if self.handshake is not None and not self.handshake.done():
             self.handshake.cancel()
         if self.transport is not None:

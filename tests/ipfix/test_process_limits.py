@@ -73,3 +73,37 @@ async def test_udp_a_session_without_templates_gives_way_when_all_are_taken():
         for s in socks:
             s.close()
         await cp.close()
+
+
+async def test_messages_waiting_for_their_turn_are_decoded_when_the_session_ends(monkeypatch):
+    """A stream decodes a turn's worth of messages at a time; when the session ends (here:
+    the collector shuts down) with messages read but not yet decoded, they are decoded
+    then (only what the compile budget refuses may be abandoned, and is counted)."""
+    from flowscope.ipfix import ExportSession, Template
+    from flowscope.ipfix import process as process_module
+
+    monkeypatch.setattr(process_module, "MESSAGES_PER_TURN", 1)
+    import time
+
+    got = []
+
+    def slow(peer, msg):  # a consumer that takes a millisecond a message
+        time.sleep(0.001)
+        got.extend(r for _, r in msg.data_records())
+
+    cp = CollectingProcess(Address("127.0.0.1", 0, "tcp"), tls=None, on_message=slow)
+    await cp.start()
+    t = Template.build(256, ["sourceTransportPort"])
+    ex = ExportSession(0, max_message_size=40)  # one record a message: 1,000 messages
+    ex.add_template(t)
+    data = b"".join(ex.encode_templates(0) + ex.encode_records(256, [{"sourceTransportPort": i % 65536}
+                                                                      for i in range(1000)], 0))
+    _, writer = await asyncio.open_connection("127.0.0.1", cp.port)
+    writer.write(data)
+    await writer.drain()
+    await until(lambda: len(got) > 0)
+    stream = next(iter(cp._streams))
+    assert stream.backlog  # read, waiting for its turn
+    await cp.close()
+    writer.close()
+    assert len(got) == 1000 and cp.stats.messages_abandoned == 0
