@@ -377,6 +377,10 @@ class CollectingProcess:
                 end = loop.time() + drain
                 while any(not s.ended for s in self._streams) and loop.time() < end:
                     await asyncio.sleep(0.01)
+                still = sum(1 for s in self._streams if not s.ended)
+                if still:
+                    log.warning("%d IPFIX sessions still open %.0fs after the end of the stream was sent: "
+                                "closing them (what their exporters send now is lost)", still, drain)
             for stream in list(self._streams) + list(self._handshaking):
                 stream.shutdown()
             await self._server.wait_closed()

@@ -54,10 +54,11 @@ async def restart_run(tmp: Path, down: float, *, kill: bool = False, rate: int =
     task = asyncio.create_task(submit())
     try:
         await asyncio.sleep(before)
-        code = agg.stop(signal.SIGKILL if kill else signal.SIGTERM)
+        # in a thread: the exporter shares this event loop and must see the end of the stream
+        code = await asyncio.to_thread(agg.stop, signal.SIGKILL if kill else signal.SIGTERM)
         await asyncio.sleep(down)
         t_up = time.monotonic()
-        agg.start()
+        await asyncio.to_thread(agg.start)
         connects = exporter.stats.connects
         await until(lambda: exporter.stats.connects > connects, 30, "the exporter back")
         back = time.monotonic() - t_up
@@ -69,7 +70,7 @@ async def restart_run(tmp: Path, down: float, *, kill: bool = False, rate: int =
     finally:
         stop.set()
         await exporter.close()
-        agg.stop()
+        await asyncio.to_thread(agg.stop)
     keys = set()
     for path in [flow_log, *sorted(flow_log.parent.glob(flow_log.name + ".*"))]:  # rotated files too
         for line in path.read_text().splitlines():
