@@ -47,11 +47,12 @@ def run_agent(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from flowscope.agent.config import ConfigError, load_config
+    from flowscope.agent.config import ConfigError, check_files, load_config
     from flowscope.agent.metadata import MetadataError
 
     try:
         cfg = load_config(args.config)
+        check_files(cfg)  # --check checks what a real start reads
         metadata = _metadata(cfg)
     except (ConfigError, MetadataError) as exc:
         print(f"flowscope agent: {exc}", file=sys.stderr)

@@ -22,7 +22,7 @@ from flowscope.ipfix.address import Address, AddressError, parse_address
 from flowscope.listen import ListenAddressError, parse_listen_address
 
 __all__ = [
-    "AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config",
+    "AgentConfig", "TLSFiles", "MetadataConfig", "ConfigError", "load_config", "parse_config", "check_files",
     "EventsConfig", "DestinationConfig", "DestinationFilter",
 ]
 
@@ -30,6 +30,7 @@ DEFAULT_COLLECTOR = "flow-aggregator.flow-aggregator.svc:4739:tls"
 GRPC_PORT = 14739  # Antrea's Flow Aggregator gRPC port
 TLS_DIR = "/etc/flowscope/tls"
 MetadataKind = Literal["kubernetes", "static", "none"]
+MAX_DURATION = 7 * 24 * 3600.0  # a week: longer timeouts and intervals are typos
 
 
 class ConfigError(ValueError):
@@ -143,7 +144,19 @@ def _duration(raw: Mapping[str, Any], key: str, default: float, minimum: float) 
         raise ConfigError(str(exc)) from None
     if seconds < minimum:
         raise ConfigError(f"{key}: {value!r} is below the {minimum:g}s minimum")
+    if seconds > MAX_DURATION:
+        raise ConfigError(f"{key}: {value!r} is above the 168h (one week) maximum")
     return seconds
+
+
+def _mapping(raw: Mapping[str, Any], key: str, what: str) -> Mapping[str, Any]:
+    """A sub-section: absent or null is empty; anything but a mapping (a list, false, 0) is refused."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: {value!r} must be a mapping with {what}")
+    return value
 
 
 def _string(raw: Mapping[str, Any], key: str, default: str, prefix: str = "") -> str:
@@ -209,18 +222,18 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
 
     node_name = _string(raw, "nodeName", "") or _default_node_name(env)
 
-    tls_raw = raw.get("tls") or {}
-    if not isinstance(tls_raw, Mapping):
-        raise ConfigError(f"tls: {tls_raw!r} must be a mapping with caFile, certFile, keyFile, serverName")
+    tls_raw = _mapping(raw, "tls", "caFile, certFile, keyFile, serverName")
     _unknown(tls_raw, _TLS_KEYS, "tls.")
     tls = TLSFiles(
         ca_file=_string(tls_raw, "caFile", f"{TLS_DIR}/ca.crt", "tls."),
         cert_file=_string(tls_raw, "certFile", f"{TLS_DIR}/tls.crt", "tls."),
         key_file=_string(tls_raw, "keyFile", f"{TLS_DIR}/tls.key", "tls."),
-        server_name=tls_raw.get("serverName") and _string(tls_raw, "serverName", "", "tls."),
+        server_name=_string(tls_raw, "serverName", "", "tls.") if tls_raw.get("serverName") is not None else None,
     )
 
-    zones_raw = raw.get("conntrackZones") or []
+    zones_raw = raw.get("conntrackZones")
+    if zones_raw is None:
+        zones_raw = []
     if not isinstance(zones_raw, list):
         raise ConfigError(f"conntrackZones: {zones_raw!r} must be a list of zone numbers (0-65535); [] reads all zones")
     for z in zones_raw:
@@ -235,20 +248,18 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
     if not isinstance(host_flows, bool):
         raise ConfigError(f"exportHostFlows: {host_flows!r} must be true or false")
 
-    contents = raw.get("recordContents") or {}
-    if not isinstance(contents, Mapping):
-        raise ConfigError(f"recordContents: {contents!r} must be a mapping with podLabels")
+    contents = _mapping(raw, "recordContents", "podLabels")
     _unknown(contents, _RECORD_KEYS, "recordContents.")
     pod_labels = contents.get("podLabels", False)
     if not isinstance(pod_labels, bool):
         raise ConfigError(f"recordContents.podLabels: {pod_labels!r} must be true or false")
 
-    meta_raw = raw.get("metadata") or {}
-    if not isinstance(meta_raw, Mapping):
-        raise ConfigError(f"metadata: {meta_raw!r} must be a mapping with source and staticFile")
+    meta_raw = _mapping(raw, "metadata", "source, staticFile and watchRemotePods")
     _unknown(meta_raw, _META_KEYS, "metadata.")
     default_source: MetadataKind = "kubernetes" if env.get("KUBERNETES_SERVICE_HOST") else "none"
-    source = meta_raw.get("source") or default_source
+    source = meta_raw.get("source")
+    if source is None:
+        source = default_source
     if source not in ("kubernetes", "static", "none"):
         raise ConfigError(f"metadata.source: {source!r} is not one of kubernetes, static, none")
     static_file = meta_raw.get("staticFile")
@@ -399,6 +410,30 @@ def _destinations_config(raw: Any, active: float, idle: float, queue_size: int) 
             filter=_destination_filter(item.get("filter"), f"{prefix}.filter"),
         ))
     return tuple(out)
+
+
+def check_files(cfg: AgentConfig) -> None:
+    """What a real start reads, read now (for ``--check`` and before anything is opened):
+    with tls transport the CA, certificate and key must load and match."""
+    if cfg.flow_collector.protocol != "tls":
+        return
+    for key, path in (("tls.caFile", cfg.tls.ca_file), ("tls.certFile", cfg.tls.cert_file),
+                      ("tls.keyFile", cfg.tls.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}: cannot read {path!r} ({exc.strerror}); flowCollectorAddr {cfg.flow_collector} uses tls, "
+                "which needs the CA, certificate and key the operator mounts at /etc/flowscope/tls/"
+            ) from None
+    from flowscope.ipfix import UsageError
+    from flowscope.ipfix.process import TLSConfig
+
+    try:
+        TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file).client_context()
+    except UsageError as exc:
+        raise ConfigError(f"{exc} (keys tls.caFile, tls.certFile, tls.keyFile)") from None
 
 
 def load_config(path: str, *, env: Mapping[str, str] | None = None) -> AgentConfig:

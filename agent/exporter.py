@@ -341,6 +341,7 @@ class FlowExporter:
             if d is self.destinations[0]:
                 m.reconnections.set(get("reconnects", 0))
                 m.records_dropped.set(dropped)
+                m.records_lost.set(get("records_lost", 0))
                 m.exporter_connected.set(connected)
 
     def _event_metrics(self) -> None:

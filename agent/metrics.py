@@ -43,6 +43,9 @@ class AgentMetrics:
         self.records_dropped = Gauge(
             "flowscope_agent_records_dropped",
             "Flow records dropped because the export backlog was full", registry=r)
+        self.records_lost = Gauge(
+            "flowscope_agent_records_lost",
+            "Flow records still in the send buffer when a connection to the collector broke", registry=r)
         self.connections_dropped = Gauge(
             "flowscope_agent_connections_dropped",
             "New connections not tracked because the store was at maxConnections", registry=r)

@@ -9,7 +9,11 @@ Theory of operation
 -------------------
 *Store.* One :class:`Flow` per connection, in a dict keyed by the 5-tuple (source IP,
 destination IP, source port, destination port, protocol). Past ``max_flows`` a record of a
-new connection is dropped and counted (``stats.dropped_flow_cap``); memory stays flat. A
+new connection is dropped and counted (``stats.dropped_flow_cap``); memory stays flat.
+``max_flow_bytes`` bounds what the flows hold in bytes too (an estimate: a fixed cost per
+flow plus the length of its Kubernetes strings, which a peer chooses), so that a few
+thousand flows with 60 KB names cannot take what 500k ordinary ones would; a new flow past
+it is dropped and counted (``stats.dropped_flow_bytes``). A
 record without a flow key, or with a value of a type no agent sends, is dropped and
 counted (``stats.dropped_invalid``), never raised. ``ingest_many`` takes the records of
 one IPFIX message in one call (the hot path); ``ingest`` takes one.
@@ -234,6 +238,13 @@ SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
 UNTYPED = 32768  # its first record had flowType 0 (host traffic) or none: the type here is a guess
 
 _CORRELATE_TIMER, _END_TIMER = 0, 1
+FLOW_COST = 1024  # estimated bytes of a flow besides its strings (slots, counters, dict entry, timers)
+
+
+def _meta_cost(meta: tuple[Any, ...] | None) -> int:
+    return sum(len(v) for v in meta if type(v) is str) if meta else 0
+
+
 _ZERO24 = array("Q", bytes(192))
 
 
@@ -242,7 +253,7 @@ class Flow:
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
-        "start", "end", "reason", "tcp_state", "last_seen",
+        "start", "end", "reason", "tcp_state", "last_seen", "cost",
     )
 
     def __init__(self, key: tuple[Any, ...], flow_type: int, now: float) -> None:
@@ -264,6 +275,7 @@ class Flow:
         self.reason = 0
         self.tcp_state = ""
         self.last_seen = now
+        self.cost = FLOW_COST  # estimated bytes held, counted in AggregationProcess.flow_bytes
 
     @property
     def correlation(self) -> str:
@@ -306,6 +318,7 @@ class AggregationStats:
     flows_ended: int = 0  # removed after their end
     counter_resets: int = 0
     dropped_flow_cap: int = 0
+    dropped_flow_bytes: int = 0  # new flows refused: the flows held max_flow_bytes
     dropped_invalid: int = 0
     dropped_stale: int = 0  # a side's older report arriving after a newer one (UDP reordering)
 
@@ -344,6 +357,7 @@ class AggregationProcess:
         correlation_timeout: float = 30.0,
         inactive_timeout: float = 90.0,
         max_flows: int = 500_000,
+        max_flow_bytes: int = 1 << 30,
         start: float = 0.0,
     ) -> None:
         if export_interval <= 0 or correlation_timeout <= 0 or inactive_timeout <= 0 or max_flows < 1:
@@ -352,6 +366,8 @@ class AggregationProcess:
         self.correlation_timeout = correlation_timeout
         self.inactive_timeout = inactive_timeout
         self.max_flows = max_flows
+        self.max_flow_bytes = max_flow_bytes
+        self.flow_bytes = 0  # estimated bytes the flows hold (Flow.cost summed)
         self.flows: dict[tuple[Any, ...], Flow] = {}
         self.stats = AggregationStats()
         self._timers: deque[tuple[float, Flow, int]] = deque()
@@ -409,6 +425,9 @@ class AggregationProcess:
                 if len(flows) >= max_flows:
                     stats.dropped_flow_cap += 1
                     continue
+                if self.flow_bytes + FLOW_COST + _meta_cost(meta) > self.max_flow_bytes:
+                    stats.dropped_flow_bytes += 1
+                    continue
                 if len(shared) >= shared_limit:
                     shared.clear()
                 key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
@@ -421,6 +440,7 @@ class AggregationProcess:
                     if v6:
                         flow.flags = IPV6
                 flows[key] = flow
+                self.flow_bytes += FLOW_COST
                 stats.flows_created += 1
                 new_flow = True
             else:
@@ -506,13 +526,19 @@ class AggregationProcess:
                 # Kubernetes fields: intern a side's tuple only when it changed.
                 if side:
                     if flow.dmeta != meta:
+                        delta = _meta_cost(meta) - _meta_cost(flow.dmeta)
                         flow.dmeta = shared.setdefault(meta, meta)
+                        flow.cost += delta
+                        self.flow_bytes += delta
                         changed = True
                     flow.dexp = exporter
                     flow.ddom = domain
                 else:
                     if flow.smeta != meta:
+                        delta = _meta_cost(meta) - _meta_cost(flow.smeta)
                         flow.smeta = shared.setdefault(meta, meta)
+                        flow.cost += delta
+                        self.flow_bytes += delta
                         changed = True
                     flow.sexp = exporter
                     flow.sdom = domain
@@ -671,6 +697,7 @@ class AggregationProcess:
         flow.flags |= REMOVED
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+            self.flow_bytes -= flow.cost
         if ended:
             self.stats.flows_ended += 1
         else:
@@ -699,12 +726,28 @@ class AggregationProcess:
                     break
         return out
 
+    def select(self, flt: FlowFilter | None = None, limit: int | None = None) -> list[Flow]:
+        """The flows matching ``flt`` (at most ``limit``), by reference: what the HTTP API
+        streams without building every record at once. Render them with :meth:`render`."""
+        out = []
+        for flow in self.flows.values():
+            if flt is None or flt.matches(flow.key):
+                out.append(flow)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def render(self, flows: Iterable[Flow]) -> list[ExportedFlow]:
+        """Current records of ``flows`` (those still held), without touching deltas."""
+        return [ExportedFlow(build_record(f), f.correlation, False) for f in flows if not f.flags & REMOVED]
+
     def drain(self) -> list[ExportedFlow]:
         """Export every flow with unexported changes (shutdown), and forget them all."""
         out = [self._export(f, final=True) for f in self.flows.values() if f.flags & DIRTY]
         for flow in self.flows.values():
             flow.flags |= REMOVED
         self.flows.clear()
+        self.flow_bytes = 0
         self._timers.clear()
         self._urgent.clear()
         self._scan_list = None

@@ -1,4 +1,4 @@
-"""The aggregator's small HTTP API, what ``flowscope aggregator flowrecords|recordmetrics`` reads.
+"""The aggregator's HTTP API, what ``flowscope aggregator flowrecords|recordmetrics`` reads.
 
 Like Antrea's flow-aggregator API behind ``antctl get flowrecords`` and
 ``antctl get recordmetrics``:
@@ -8,11 +8,24 @@ Like Antrea's flow-aggregator API behind ``antctl get flowrecords`` and
   ``{"flowRecords": [...], "truncated": bool}`` (at most ``limit``, default 10000);
   reading them does not reset any delta.
 * ``GET /recordmetrics`` - record and flow counters, as JSON.
-* ``GET /metrics`` - Prometheus text; ``GET /healthz`` - "ok".
+* ``GET /metrics`` - Prometheus text; ``GET /healthz`` - "ok" (public: no credentials).
 
-:func:`handle` is the whole API as a pure function from a request target to a response;
-:func:`serve` is a minimal HTTP/1.1 server (GET only, one request per connection) around
-it, so the aggregator needs no web framework.
+A second, plain-HTTP server on ``metricsAddress`` serves ``/metrics`` and ``/healthz``
+only, so that probes and scrapers need no credentials and see no flows.
+
+It is an aiohttp application, because an endpoint that hands every flow of a cluster to
+whoever asks must hold up against clients that are slow, many or hostile:
+
+* who may ask is :mod:`flowscope.webauth`'s rule (a bearer token, HTTPS with client
+  certificates, or loopback), checked at config time and on every request;
+* ``/flowrecords`` is streamed: the matching flows are picked by key (a list of
+  references), and their records are built, encoded and written a chunk at a time, each
+  write waiting for the client to read (back-pressure) at most ``write_timeout`` seconds;
+  a client that stops reading is dropped and counted, and holds no built answer;
+* at most ``max_clients`` requests are served at once (more get 503 at once, and
+  ``/healthz`` never waits), at most ``max_connections`` connections are kept (more
+  are closed as soon as they are accepted, which keeps file descriptors free), and idle
+  connections are closed after ``idle_timeout``.
 """
 
 from __future__ import annotations
@@ -20,38 +33,42 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+
+from aiohttp import web
+
+from flowscope.webauth import WebAuth, auth_middleware
 
 from .aggregation import FlowFilter
 from .sinks import record_to_json
 
-__all__ = ["Response", "ApiBackend", "handle", "serve", "parse_filter", "PROTOCOLS", "ApiError"]
+__all__ = ["ApiBackend", "ApiServer", "ApiStats", "parse_filter", "PROTOCOLS", "ApiError", "DEFAULT_LIMIT"]
 
 log = logging.getLogger("flowscope.aggregator.api")
 
 PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132}
-MAX_REQUEST_HEAD = 8192
-# Without ?limit=, at most this many records: a store of 500k flows would otherwise be a
-# gigabyte of JSON built on the event loop. The response says "truncated": true.
+# Without ?limit=, at most this many records. The response says "truncated": true.
 DEFAULT_LIMIT = 10_000
+MAX_LIMIT = 10_000_000
+CHUNK = 64  # records built and written at a time (a few milliseconds of work)
+IDLE_TIMEOUT = 10.0  # seconds a connection may wait between requests (or before the first)
 
 class ApiError(ValueError):
     """A bad query parameter; the message names it and what is allowed."""
 
-@dataclass(frozen=True, slots=True)
-class Response:
-    status: int
-    content_type: str
-    body: bytes
-
 class ApiBackend(Protocol):
-    def flow_records(self, flt: FlowFilter, limit: int | None) -> list[Any]: ...
+    def select_flows(self, flt: FlowFilter, limit: int) -> Sequence[Any]: ...
+
+    def render_flows(self, flows: Sequence[Any]) -> list[Any]: ...
 
     def record_metrics(self) -> dict[str, Any]: ...
 
     def prometheus(self) -> bytes: ...
+
 
 def _port(value: str, name: str) -> int:
     if not value.isdigit() or int(value) > 65535:
@@ -86,8 +103,8 @@ def parse_filter(query: dict[str, list[str]]) -> tuple[FlowFilter, int | None]:
 
     limit = None
     if (lim := one("limit")) is not None:
-        if not lim.isdigit() or int(lim) < 1:
-            raise ApiError(f"limit: {lim!r} must be a positive whole number")
+        if not lim.isdigit() or not 1 <= int(lim) <= MAX_LIMIT:
+            raise ApiError(f"limit: {lim!r} must be a whole number from 1 to {MAX_LIMIT}")
         limit = int(lim)
     srcip, dstip, srcport, dstport, proto = (one(k) for k in allowed[:5])
     flt = FlowFilter(
@@ -99,66 +116,246 @@ def parse_filter(query: dict[str, list[str]]) -> tuple[FlowFilter, int | None]:
     )
     return flt, limit
 
-def _json(status: int, doc: Any) -> Response:
-    return Response(status, "application/json", json.dumps(doc, separators=(",", ":")).encode() + b"\n")
+@dataclass(slots=True)
+class ApiStats:
+    requests: int = 0
+    busy: int = 0  # answered 503: max_clients requests in progress
+    connections_refused: int = 0  # closed at accept: max_connections open
+    write_timeouts: int = 0  # clients dropped for not reading within write_timeout
+    errors: int = 0  # 500s
 
-def handle(method: str, target: str, backend: ApiBackend) -> Response:
-    """The API: (method, request target) -> response."""
-    if method not in ("GET", "HEAD"):
-        return _json(405, {"error": f"method {method} not allowed; use GET"})
-    parts = urlsplit(target)
-    path = parts.path.rstrip("/") or "/"
-    query = parse_qs(parts.query, keep_blank_values=False)
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "busy": self.busy, "connectionsRefused": self.connections_refused,
+                "writeTimeouts": self.write_timeouts, "errors": self.errors}
+
+
+def _json_body(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=_json_body({"error": message}), content_type="application/json")
+
+
+def _fd_share() -> int:
+    """Connections one HTTP server may keep: a quarter of the open-file limit, so that
+    slow clients can never take the descriptors the IPFIX sessions and the other server
+    need (and an accept always finds one free, to refuse with)."""
     try:
-        if path == "/flowrecords":
-            flt, limit = parse_filter(query)
-            cap = DEFAULT_LIMIT if limit is None else limit
-            found = backend.flow_records(flt, cap + 1)
-            records = [record_to_json(f) for f in found[:cap]]
-            return _json(200, {"flowRecords": records, "truncated": len(found) > cap})
-        if path == "/recordmetrics":
-            return _json(200, backend.record_metrics())
-        if path == "/metrics":
-            return Response(200, "text/plain; version=0.0.4; charset=utf-8", backend.prometheus())
-        if path == "/healthz":
-            return Response(200, "text/plain", b"ok\n")
-    except ApiError as exc:
-        return _json(400, {"error": str(exc)})
-    return _json(404, {"error": f"no such path {path!r}; try /flowrecords, /recordmetrics, /metrics, /healthz"})
+        import resource
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 1 << 30
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        return 1 << 30
+    return max(4, soft // 4)
 
-async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     backend: ApiBackend) -> None:
-    try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        method, target, _version = request_line.split(" ", 2)
+
+class _Refused(asyncio.Protocol):
+    """A connection past ``max_connections``: closed as soon as it is accepted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+@dataclass
+class ApiServer:
+    """One HTTP(S) server: the full API, or (``metrics_only``) just /metrics and /healthz."""
+
+    backend: ApiBackend
+    auth: WebAuth = field(default_factory=WebAuth)
+    metrics_only: bool = False
+    max_clients: int = 64
+    max_connections: int | None = None  # default: 4 x max_clients
+    write_timeout: float = 30.0
+    idle_timeout: float = IDLE_TIMEOUT
+    stats: ApiStats = field(default_factory=ApiStats)
+
+    def __post_init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._active = 0
+        # One chunk is built at a time, handed from request to request in turn: however many
+        # clients read at once, the event loop does one chunk of rendering per turn, so a
+        # health check or an IPFIX message waits milliseconds, not a pile of chunks.
+        self._render = asyncio.Lock()
+        if self.max_connections is None:
+            self.max_connections = 4 * self.max_clients
+
+    def app(self) -> web.Application:
+        middlewares: list[Any] = [self._errors]
+        if not self.metrics_only and self.auth.token is not None:
+            middlewares.append(auth_middleware(self.auth))
+        app = web.Application(middlewares=middlewares, client_max_size=8192)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        if not self.metrics_only:
+            app.router.add_get("/flowrecords", self._flowrecords)
+            app.router.add_get("/recordmetrics", self._recordmetrics)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        """Listen; an OSError (the port is taken, ...) is the caller's to name."""
+        runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=self.idle_timeout,
+                               handle_signals=False)
+        await runner.setup()
+        handler_factory = runner.server
+        assert handler_factory is not None
+        limit = min(self.max_connections or 1, _fd_share())
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(handler_factory.connections) >= limit:
+                self.stats.connections_refused += 1
+                return _Refused()
+            return handler_factory()
+
+        loop = asyncio.get_running_loop()
+        ctx: ssl.SSLContext | None = self.auth.ssl_context if not self.metrics_only else None
         try:
-            resp = handle(method, target, backend)
+            self._server = await loop.create_server(
+                factory, host or None, port, ssl=ctx, ssl_handshake_timeout=10.0 if ctx else None,
+                # asyncio accepts up to ``backlog`` connections per wake-up before any is
+                # closed: kept small, a burst of clients cannot run the process out of fds
+                reuse_address=True, backlog=max(8, min(128, limit // 2)),
+            )
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+
+    @property
+    def port(self) -> int | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        self.stats.requests += 1
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            paths = "/metrics, /healthz" if self.metrics_only else "/flowrecords, /recordmetrics, /metrics, /healthz"
+            return _error(404, f"no such path {request.path!r}; try {paths}")
+        except web.HTTPMethodNotAllowed:
+            return _error(405, f"method {request.method} not allowed; use GET")
+        except web.HTTPException:
+            raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise
         except Exception:  # a bug must not take the API down
-            log.exception("API request %r failed", request_line)
-            resp = _json(500, {"error": "internal error; see the aggregator log"})
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError, ConnectionError):
-        resp = _json(400, {"error": "malformed HTTP request"})
-        method = "GET"
-    body = b"" if method == "HEAD" else resp.body
-    writer.write(
-        f"HTTP/1.1 {resp.status} {_REASONS.get(resp.status, 'Error')}\r\n"
-        f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
-        "Connection: close\r\n\r\n".encode() + body
-    )
-    try:
-        await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
+            self.stats.errors += 1
+            log.exception("API request %s %s failed", request.method, request.path_qs)
+            return _error(500, "internal error; see the aggregator log")
 
-async def serve(host: str, port: int, backend: ApiBackend) -> asyncio.Server:
-    """Start the API server; ``server.sockets[0].getsockname()[1]`` is the bound port."""
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
 
-    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
-        return _serve_one(reader, writer, backend)
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.backend.prometheus(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
-    return await asyncio.start_server(on_connect, host, port, limit=MAX_REQUEST_HEAD)
+    def _busy(self) -> web.Response | None:
+        if self._active >= self.max_clients:
+            self.stats.busy += 1
+            return _error(503, f"{self.max_clients} requests in progress (api.maxClients); retry shortly")
+        return None
+
+    async def _recordmetrics(self, request: web.Request) -> web.Response:
+        busy = self._busy()
+        if busy is not None:
+            return busy
+        return web.Response(body=_json_body(self.backend.record_metrics()), content_type="application/json")
+
+    async def _flowrecords(self, request: web.Request) -> web.StreamResponse:
+        query: dict[str, list[str]] = {}
+        for key, value in request.query.items():
+            if value != "":
+                query.setdefault(key, []).append(value)
+        try:
+            flt, limit = parse_filter(query)
+        except ApiError as exc:
+            return _error(400, str(exc))
+        busy = self._busy()
+        if busy is not None:
+            return busy
+        self._active += 1
+        try:
+            cap = DEFAULT_LIMIT if limit is None else limit
+            flows = self.backend.select_flows(flt, cap + 1)
+            truncated = len(flows) > cap
+            del flows[cap:]  # type: ignore[attr-defined]
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            if request.method == "HEAD":
+                return resp
+            sep = b""
+            head = b'{"flowRecords":['
+            for start in range(0, len(flows), CHUNK):
+                async with self._render:
+                    records = self.backend.render_flows(flows[start:start + CHUNK])
+                    parts = [json.dumps(record_to_json(f), separators=(",", ":")).encode() for f in records]
+                    await asyncio.sleep(0)  # the next request's chunk comes after the loop's other work
+                if parts:
+                    chunk = head + sep + b",".join(parts)
+                    head, sep = b"", b","
+                    if not await self._write(request, resp, chunk):
+                        return resp
+            tail = head + b'],"truncated":' + (b"true" if truncated else b"false") + b"}\n"
+            if await self._write(request, resp, tail):
+                await resp.write_eof()
+            return resp
+        finally:
+            self._active -= 1
+
+    async def _write(self, request: web.Request, resp: web.StreamResponse, data: bytes) -> bool:
+        try:
+            await asyncio.wait_for(resp.write(data), self.write_timeout)
+            return True
+        except (asyncio.TimeoutError, TimeoutError):
+            self.stats.write_timeouts += 1
+            log.info("API client %s read nothing for %.0fs: dropped", request.remote, self.write_timeout)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+
+
+class QuietExceptionHandler:
+    """The event loop's exception handler, rate-limited: when file descriptors run out,
+    asyncio reports every failed accept, which turned into 146k log lines in 25 s. At most
+    ``burst`` reports per ``window`` seconds are logged; the rest are counted."""
+
+    def __init__(self, burst: int = 10, window: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.window, self.clock = burst, window, clock
+        self.start = -window
+        self.count = 0
+        self.suppressed = 0
+        self.total = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        self.total += 1
+        now = self.clock()
+        if now - self.start >= self.window:
+            if self.suppressed:
+                log.warning("%d more event loop errors in the last %.0fs (not logged)", self.suppressed, self.window)
+            self.start, self.count, self.suppressed = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            loop.default_exception_handler(context)
+        else:
+            self.suppressed += 1

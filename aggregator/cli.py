@@ -5,8 +5,11 @@
   [-o json|yaml|table]`` lists the records it holds (a partial 5-tuple filter).
 * ``flowscope aggregator recordmetrics [-o ...]`` prints its record counters.
 
-The query commands talk to the HTTP API (``apiAddress``, default port 10348) with the
-standard library only; heavy imports stay inside the command functions.
+The query commands talk to the HTTP API (``apiAddress``, default 127.0.0.1:10348) with the
+standard library only; heavy imports stay inside the command functions. An API that
+authenticates its clients is reached with ``--token-file`` (a bearer token) or, over
+https, with ``--cacert`` (the CA that signed the API's certificate) and ``--cert``/``--key``
+(a client certificate).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--config", metavar="FILE", help="aggregator YAML (see docs/configuration.md)")
     p.add_argument("--check", action="store_true",
-                   help="check the configuration (keys, TLS files and names, sinks), then exit")
+                   help="check the configuration and every file a start reads (TLS, API token, flow log "
+                        "directory) without opening anything, then exit")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="aggregator_command", metavar="QUERY")
@@ -52,6 +56,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"the aggregator's API (default {DEFAULT_SERVER})")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the API")
+    p.add_argument("--token-file", metavar="FILE", help="a file holding the API's bearer token (api.tokenFile)")
+    p.add_argument("--cacert", metavar="FILE", help="CA certificate to verify an https API with")
+    p.add_argument("--cert", metavar="FILE", help="client certificate, for an API that requires one (api.tls.caFile)")
+    p.add_argument("--key", metavar="FILE", help="the client certificate's private key")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -72,11 +80,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"flowscope aggregator: {exc}", file=sys.stderr)
         return 2
 
-    from .service import FlowAggregator, build_sinks, check_tls
+    from .service import FlowAggregator, build_sinks, check_files
 
     if args.check:
         try:
-            warnings = check_tls(config)
+            warnings = check_files(config)
             sinks = build_sinks(config)
         except ConfigError as exc:
             print(f"flowscope aggregator: {exc}", file=sys.stderr)
@@ -88,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK; collecting {config.transport} on {where}:{config.listen_port}, "
               f"sinks: {names}")
         return 0
+    _raise_fd_limit()
 
     async def main() -> int:
         try:
@@ -96,8 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"flowscope aggregator: {exc}", file=sys.stderr)
             return 2
-        except OSError as exc:
-            print(f"flowscope aggregator: cannot listen: {exc}", file=sys.stderr)
+        except OSError as exc:  # the message names the key: apiAddress, metricsAddress, listenPort, sinks...
+            print(f"flowscope aggregator: {exc.strerror or exc}", file=sys.stderr)
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -111,16 +120,56 @@ def _run(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _raise_fd_limit() -> None:
+    """Use the hard limit of open files: many agents and API clients each take one, and
+    running out is worse than using what the system allows."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def _request(args: argparse.Namespace, url: str) -> Any:
+    """A urllib request with the API credentials of the command line."""
+    import ssl
+    import urllib.request
+
+    headers = {}
+    if getattr(args, "token_file", None):
+        try:
+            with open(args.token_file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"flowscope aggregator: --token-file: cannot read {args.token_file!r}: {exc.strerror}") from None
+        headers["Authorization"] = f"Bearer {token}"
+    ctx = None
+    if url.startswith("https:"):
+        try:
+            ctx = ssl.create_default_context(cafile=args.cacert or None)
+            if args.cert:
+                ctx.load_cert_chain(args.cert, args.key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise SystemExit(f"flowscope aggregator: --cacert/--cert/--key: {exc}") from None
+    elif args.cacert or args.cert:
+        raise SystemExit("flowscope aggregator: --cacert and --cert need an https:// --server")
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=args.timeout, context=ctx)
+
+
 def _get(args: argparse.Namespace, path: str, params: dict[str, Any] | None = None) -> Any:
     import urllib.error
     import urllib.parse
-    import urllib.request
 
     url = args.server.rstrip("/") + path
     if params:
         url += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+        with _request(args, url) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:

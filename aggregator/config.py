@@ -24,13 +24,17 @@ from flowscope.durations import DurationError, parse_duration
 from flowscope.ipfix.address import Address, AddressError, parse_address
 
 __all__ = [
-    "AggregatorConfig", "TLSFiles", "IPFIXSinkConfig", "FlowLogSinkConfig", "ClickHouseSinkConfig",
+    "AggregatorConfig", "TLSFiles", "APIConfig", "APITLSFiles", "CollectingConfig", "IPFIXSinkConfig", "FlowLogSinkConfig", "ClickHouseSinkConfig",
     "SinksConfig", "ConfigError", "load_config", "parse_config", "parse_listen_address",
 ]
 
 TLS_DIR = "/etc/flowscope/tls"
 Transport = Literal["tls", "tcp", "udp"]
 DEFAULT_QUEUE_SIZE = 10_000
+MAX_QUEUE_SIZE = 10_000_000
+MAX_DURATION = 7 * 24 * 3600.0  # a week: longer timeouts and intervals are typos
+MAX_BACKUPS = 1000
+MAX_LOG_SIZE_MB = 1 << 20  # a terabyte
 
 
 class ConfigError(ValueError):
@@ -42,6 +46,42 @@ class TLSFiles:
     ca_file: str = f"{TLS_DIR}/ca.crt"
     cert_file: str = f"{TLS_DIR}/tls.crt"
     key_file: str = f"{TLS_DIR}/tls.key"
+
+
+@dataclass(frozen=True, slots=True)
+class APITLSFiles:
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None  # set: clients must present a certificate it signed
+
+
+@dataclass(frozen=True, slots=True)
+class APIConfig:
+    """Who may read the HTTP API (see flowscope.webauth): a bearer token, HTTPS with client
+    certificates, or ``insecure`` said out loud; the API on loopback may be open."""
+
+    token_file: str | None = None
+    tls: APITLSFiles | None = None
+    insecure: bool = False
+    max_clients: int = 64  # concurrent requests; more are answered 503 at once
+    write_timeout: float = 30.0  # a client that reads nothing for this long is dropped
+
+
+@dataclass(frozen=True, slots=True)
+class CollectingConfig:
+    """Limits of the IPFIX collecting process: what one peer can make the aggregator hold."""
+
+    max_sessions: int = 1024
+    max_sessions_per_source: int = 64
+    max_pending_handshakes: int = 128
+    handshake_timeout: float = 10.0
+    stream_idle_timeout: float | None = 300.0  # None: never
+    udp_session_timeout: float = 1800.0
+    template_lifetime: float = 1800.0
+    max_templates: int = 4096
+    max_template_fields: int = 1024
+    max_domains: int = 1024
+    template_compile_rate: int = 2048  # new template fields compiled per second, all peers together
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +128,25 @@ class AggregatorConfig:
     correlation_timeout: float = 30.0
     inactive_timeout: float = 90.0
     max_flows: int = 500_000
-    api_address: tuple[str, int] | None = ("0.0.0.0", 10348)  # None: no HTTP API / metrics
+    max_flows_mb: int = 1024  # estimated memory of the flows held (their strings included)
+    api_address: tuple[str, int] | None = ("127.0.0.1", 10348)  # None: no HTTP API
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", 10349)  # /metrics and /healthz only; None: off
+    api: APIConfig = field(default_factory=APIConfig)
+    collecting: CollectingConfig = field(default_factory=CollectingConfig)
     sinks: SinksConfig = field(default_factory=SinksConfig)
 
 
 _TOP_KEYS = (
     "externalFlowCollectorAddr", "flowExportInterval", "aggregatorTransportProtocol",
     "flowAggregatorAddress", "listenPort", "listenAddress", "tls", "correlationTimeout", "inactiveFlowTimeout",
-    "maxFlows", "apiAddress", "sinks",
+    "maxFlows", "maxFlowsMB", "apiAddress", "metricsAddress", "api", "collectingProcess", "sinks",
+)
+_API_KEYS = ("tokenFile", "tls", "insecure", "maxClients", "writeTimeout")
+_API_TLS_KEYS = ("certFile", "keyFile", "caFile")
+_COLLECTING_KEYS = (
+    "maxSessions", "maxSessionsPerSource", "maxPendingHandshakes", "handshakeTimeout", "streamIdleTimeout",
+    "udpSessionTimeout", "templateLifetime", "maxTemplates", "maxTemplateFields", "maxObservationDomains",
+    "templateCompileRate",
 )
 _TLS_KEYS = ("caFile", "certFile", "keyFile")
 _SINK_KEYS = {
@@ -143,16 +194,28 @@ def _str(value: Any, name: str, *, empty_ok: bool = False) -> str:
     return value.strip()
 
 
-def _duration(value: Any, name: str, minimum: float) -> float:
+def _duration(value: Any, name: str, minimum: float, maximum: float = MAX_DURATION) -> float:
     try:
         seconds = parse_duration(value, field=name)
     except DurationError as exc:
         raise ConfigError(str(exc)) from None
-    if seconds < minimum:
-        from flowscope.durations import format_duration
+    from flowscope.durations import format_duration
 
+    if seconds < minimum:
         raise ConfigError(f"{name}: {value!r} is below the {format_duration(minimum)} minimum")
+    if seconds > maximum:
+        raise ConfigError(f"{name}: {value!r} is above the {format_duration(maximum)} maximum")
     return seconds
+
+
+def _number(value: Any, name: str, lo: float, hi: float, unit: str) -> float:
+    """A finite number (YAML .nan and .inf are refused) from ``lo`` (exclusive) to ``hi``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+            float("inf"), float("-inf")):
+        raise ConfigError(f"{name}: {value!r} must be a finite number of {unit}")
+    if not lo < value <= hi:
+        raise ConfigError(f"{name}: {value!r} is out of range; it must be above {lo:g} and at most {hi:g} {unit}")
+    return float(value)
 
 
 def parse_listen_address(text: Any, name: str) -> tuple[str, int] | None:
@@ -239,18 +302,101 @@ def parse_config(raw: Mapping[str, Any] | None) -> AggregatorConfig:
         inactive = _duration(raw["inactiveFlowTimeout"], "inactiveFlowTimeout", 1.0)
     max_flows = d.max_flows
     if "maxFlows" in raw:
-        max_flows = _int(raw["maxFlows"], "maxFlows", 1)
+        max_flows = _int(raw["maxFlows"], "maxFlows", 1, 100_000_000)
+    max_flows_mb = d.max_flows_mb
+    if "maxFlowsMB" in raw:
+        max_flows_mb = _int(raw["maxFlowsMB"], "maxFlowsMB", 1, 1 << 20)
 
-    api = d.api_address
+    api_address = d.api_address
     if "apiAddress" in raw:
-        api = parse_listen_address(raw["apiAddress"], "apiAddress")
+        api_address = parse_listen_address(raw["apiAddress"], "apiAddress")
+    metrics_address = d.metrics_address
+    if "metricsAddress" in raw:
+        metrics_address = parse_listen_address(raw["metricsAddress"], "metricsAddress")
+    if (api_address is not None and metrics_address is not None and api_address[1] != 0
+            and api_address[1] == metrics_address[1]):
+        raise ConfigError(
+            f"metricsAddress: port {metrics_address[1]} is apiAddress's port too; give them different ports "
+            '(or "" to serve no separate metrics endpoint)'
+        )
+    api = _parse_api(_section(raw, "api", "api"), api_address)
+    collecting = _parse_collecting(_section(raw, "collectingProcess", "collectingProcess"))
 
     sinks = _parse_sinks(_section(raw, "sinks", "sinks"), collector, addr)
     return AggregatorConfig(
         external_collector=collector, export_interval=export_interval, transport=transport,
         aggregator_address=agg_address, listen_port=listen_port, listen_host=listen_host, tls=tls,
-        correlation_timeout=correlation, inactive_timeout=inactive, max_flows=max_flows,
-        api_address=api, sinks=sinks,
+        correlation_timeout=correlation, inactive_timeout=inactive, max_flows=max_flows, max_flows_mb=max_flows_mb,
+        api_address=api_address, metrics_address=metrics_address, api=api, collecting=collecting, sinks=sinks,
+    )
+
+
+def _parse_api(raw: Mapping[str, Any], address: tuple[str, int] | None) -> APIConfig:
+    from flowscope.webauth import is_loopback
+
+    _check_keys(raw, _API_KEYS, "api.")
+    d = APIConfig()
+    token_file = None
+    if raw.get("tokenFile") not in (None, ""):
+        token_file = _str(raw["tokenFile"], "api.tokenFile")
+    tls = None
+    tls_raw = _section(raw, "tls", "api.tls")
+    _check_keys(tls_raw, _API_TLS_KEYS, "api.tls.")
+    if tls_raw:
+        missing = [k for k in ("certFile", "keyFile") if not tls_raw.get(k)]
+        if missing:
+            raise ConfigError(f"api.tls.{missing[0]}: required when api.tls is set (HTTPS needs a certificate and its key)")
+        ca = tls_raw.get("caFile")
+        tls = APITLSFiles(
+            cert_file=_str(tls_raw["certFile"], "api.tls.certFile"),
+            key_file=_str(tls_raw["keyFile"], "api.tls.keyFile"),
+            ca_file=_str(ca, "api.tls.caFile") if ca not in (None, "") else None,
+        )
+    insecure = _bool(raw.get("insecure", False), "api.insecure")
+    max_clients = _int(raw.get("maxClients", d.max_clients), "api.maxClients", 1, 10_000)
+    write_timeout = d.write_timeout
+    if "writeTimeout" in raw:
+        write_timeout = _duration(raw["writeTimeout"], "api.writeTimeout", 0.1, 3600.0)
+    if address is not None and not is_loopback(address[0]) and token_file is None and not (
+            tls is not None and tls.ca_file) and not insecure:
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        raise ConfigError(
+            f"apiAddress: {host}:{address[1]} is reachable from other hosts, but the API serves every flow and "
+            "no client authentication is configured; set api.tokenFile (a bearer token) or api.tls with a caFile "
+            "(client certificates), listen on 127.0.0.1, or set api.insecure: true to serve it open"
+        )
+    return APIConfig(token_file=token_file, tls=tls, insecure=insecure, max_clients=max_clients,
+                     write_timeout=write_timeout)
+
+
+def _parse_collecting(raw: Mapping[str, Any]) -> CollectingConfig:
+    _check_keys(raw, _COLLECTING_KEYS, "collectingProcess.")
+    d = CollectingConfig()
+    p = "collectingProcess."
+
+    def count(key: str, default: int, lo: int, hi: int) -> int:
+        return _int(raw.get(key, default), p + key, lo, hi)
+
+    def duration(key: str, default: float, lo: float) -> float:
+        return _duration(raw[key], p + key, lo) if key in raw else default
+
+    idle = d.stream_idle_timeout
+    if "streamIdleTimeout" in raw:
+        idle = _duration(raw["streamIdleTimeout"], p + "streamIdleTimeout", 0.0) or None  # "0": never
+    max_sessions = count("maxSessions", d.max_sessions, 1, 100_000)
+    return CollectingConfig(
+        max_sessions=max_sessions,
+        max_sessions_per_source=count("maxSessionsPerSource", min(d.max_sessions_per_source, max_sessions), 1,
+                                      max_sessions),
+        max_pending_handshakes=count("maxPendingHandshakes", d.max_pending_handshakes, 1, 100_000),
+        handshake_timeout=duration("handshakeTimeout", d.handshake_timeout, 0.1),
+        stream_idle_timeout=idle,
+        udp_session_timeout=duration("udpSessionTimeout", d.udp_session_timeout, 1.0),
+        template_lifetime=duration("templateLifetime", d.template_lifetime, 1.0),
+        max_templates=count("maxTemplates", d.max_templates, 1, 65536),
+        max_template_fields=count("maxTemplateFields", d.max_template_fields, 1, 16383),
+        max_domains=count("maxObservationDomains", d.max_domains, 1, 1_000_000),
+        template_compile_rate=count("templateCompileRate", d.template_compile_rate, 1, 1_000_000),
     )
 
 
@@ -263,7 +409,7 @@ def _parse_sinks(raw: Mapping[str, Any], collector: Address | None, addr: str) -
         sections[name] = sec
 
     def queue(sec: Mapping[str, Any], name: str) -> int:
-        return _int(sec.get("queueSize", DEFAULT_QUEUE_SIZE), f"sinks.{name}.queueSize", 1)
+        return _int(sec.get("queueSize", DEFAULT_QUEUE_SIZE), f"sinks.{name}.queueSize", 1, MAX_QUEUE_SIZE)
 
     ip = sections["ipfix"]
     ipfix_enabled = _bool(ip.get("enabled", collector is not None), "sinks.ipfix.enabled")
@@ -276,14 +422,12 @@ def _parse_sinks(raw: Mapping[str, Any], collector: Address | None, addr: str) -
 
     fl = sections["flowLog"]
     fd = FlowLogSinkConfig()
-    size = fl.get("maxSizeMB", fd.max_size_mb)
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or size <= 0:
-        raise ConfigError(f"sinks.flowLog.maxSizeMB: {size!r} must be a positive number of megabytes")
+    size = _number(fl.get("maxSizeMB", fd.max_size_mb), "sinks.flowLog.maxSizeMB", 0, MAX_LOG_SIZE_MB, "megabytes")
     flow_log = FlowLogSinkConfig(
         enabled=_bool(fl.get("enabled", False), "sinks.flowLog.enabled"),
         path=_str(fl.get("path", fd.path), "sinks.flowLog.path"),
-        max_size_mb=float(size),
-        max_backups=_int(fl.get("maxBackups", fd.max_backups), "sinks.flowLog.maxBackups", 0),
+        max_size_mb=size,
+        max_backups=_int(fl.get("maxBackups", fd.max_backups), "sinks.flowLog.maxBackups", 0, MAX_BACKUPS),
         queue_size=queue(fl, "flowLog"),
     )
 
@@ -291,7 +435,7 @@ def _parse_sinks(raw: Mapping[str, Any], collector: Address | None, addr: str) -
     cd = ClickHouseSinkConfig()
     commit = cd.commit_interval
     if "commitInterval" in ch:
-        commit = _duration(ch["commitInterval"], "sinks.clickhouse.commitInterval", 0.001)
+        commit = _duration(ch["commitInterval"], "sinks.clickhouse.commitInterval", 0.001, 3600.0)
     clickhouse = ClickHouseSinkConfig(
         enabled=_bool(ch.get("enabled", False), "sinks.clickhouse.enabled"),
         address=_str(ch.get("address", cd.address), "sinks.clickhouse.address"),

@@ -31,7 +31,8 @@ class AggregatorCollector(Collector):
         agg = s["aggregation"]
 
         by_exporter = CounterMetricFamily(
-            P + "records_received", "Agent records received, per exporting agent address.", labels=["exporter"])
+            P + "records_received", "Agent records received, per exporting agent address (the first 512 "
+            "addresses heard; later ones are summed as exporter=\"other\").", labels=["exporter"])
         for exporter, n in sorted(s["received_by_exporter"].items()):
             by_exporter.add_metric([exporter], n)
         yield by_exporter
@@ -67,8 +68,9 @@ class AggregatorCollector(Collector):
 
         dropped = CounterMetricFamily(
             P + "records_dropped", "Records dropped, by reason (flow_cap, invalid_record, stale_record, "
-            "malformed_message, sink_queue_full, sink_error).", labels=["reason"])
+            "malformed_message, sink_queue_full, sink_error, flow_bytes).", labels=["reason"])
         dropped.add_metric(["flow_cap"], agg["dropped_flow_cap"])
+        dropped.add_metric(["flow_bytes"], agg.get("dropped_flow_bytes", 0))
         dropped.add_metric(["invalid_record"], agg["dropped_invalid"])
         dropped.add_metric(["stale_record"], agg["dropped_stale"])
         dropped.add_metric(["malformed_message"], s.get("malformed_messages", 0))
@@ -85,6 +87,37 @@ class AggregatorCollector(Collector):
             queued.add_metric([name], st["queued"])
         yield sink_dropped
         yield queued
+
+        coll = s.get("collecting") or {}
+        if coll:
+            yield CounterMetricFamily(
+                P + "records_lost", "Records the agents' sequence numbers say never arrived (sanity-checked: "
+                "implausible jumps are counted in sequence_jumps instead).", value=coll.get("lost_records", 0))
+            yield CounterMetricFamily(P + "sequence_jumps", "Implausible IPFIX sequence numbers, resynchronised on.",
+                                      value=coll.get("sequence_jumps", 0))
+            yield GaugeMetricFamily(P + "sessions", "IPFIX transport sessions open now.", value=coll.get("sessions", 0))
+            refused = CounterMetricFamily(
+                P + "sessions_refused", "IPFIX connections or sessions refused, by the limit that refused them.",
+                labels=["limit"])
+            for label, key in (("max_sessions", "sessions_refused"), ("per_source", "sessions_refused_source"),
+                               ("pending_handshakes", "handshakes_refused"), ("tls", "tls_refused"),
+                               ("handshake_timeout", "handshakes_timed_out")):
+                refused.add_metric([label], coll.get(key, 0))
+            yield refused
+            limits = CounterMetricFamily(
+                P + "collecting_limits", "Times a peer met a bound of the collecting process.", labels=["bound"])
+            for key in ("templates_refused", "domains_evicted", "messages_deferred", "messages_abandoned",
+                        "sessions_evicted", "sessions_expired", "templates_expired", "malformed"):
+                limits.add_metric([key], coll.get(key, 0))
+            yield limits
+        api = s.get("api") or {}
+        if api:
+            api_family = CounterMetricFamily(
+                P + "api_requests_refused", "HTTP API requests or clients refused, by why.", labels=["reason"])
+            api_family.add_metric(["busy"], api.get("busy", 0))
+            api_family.add_metric(["connections"], api.get("connectionsRefused", 0))
+            api_family.add_metric(["write_timeout"], api.get("writeTimeouts", 0))
+            yield api_family
 
 
 def make_registry(snapshot: Callable[[], dict[str, Any]]) -> CollectorRegistry:

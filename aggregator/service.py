@@ -3,9 +3,14 @@
 This is the thin asynchronous shell around the sans-IO core. :class:`FlowAggregator`
 owns one :class:`~flowscope.aggregator.aggregation.AggregationProcess`, feeds it from
 the IPFIX collecting process (``on_message`` runs on the event loop, one call per
-message, no awaiting), calls ``tick`` once a second with its injected clock, and offers
-what is due to every sink's bounded queue (never blocking collection). On shutdown it
-exports every flow with unexported changes and drains the sinks.
+message, no awaiting), calls ``tick`` once a second with its injected clock, and hands
+what is due to every sink's bounded queue, waiting for room rather than dropping (the
+ticker waits, collection never does: the flow store holds and keeps aggregating the
+records meanwhile; only a sink that takes nothing for ``sink_stall`` seconds has the rest
+counted as dropped). Start checks every file and opens the HTTP ports before the IPFIX
+port; on shutdown it half-closes the IPFIX sessions and reads what the agents still
+send, exports every flow with unexported changes the same patient way, and drains the
+sinks.
 
 Sinks are built from the configuration (IPFIX to ``externalFlowCollectorAddr``, the
 JSON-lines flow log, ClickHouse when the collector provides it) or passed in; anything
@@ -25,13 +30,26 @@ from .aggregation import AggregationProcess, ExportedFlow, FlowFilter
 from .config import AggregatorConfig, ConfigError
 from .sinks import FlowLogSink, IPFIXSink, QueuedSink, Sink
 
-__all__ = ["FlowAggregator", "build_sinks", "check_tls", "exporter_address", "certificate_name_problem"]
+__all__ = ["FlowAggregator", "build_sinks", "check_tls", "check_files", "api_auth", "exporter_address",
+           "certificate_name_problem", "MAX_EXPORTER_SERIES"]
 
 log = logging.getLogger("flowscope.aggregator")
 
 TICK_INTERVAL = 1.0
 SCAN_SLICE = 5000  # flows per slice of the periodic export (~30 ms)
 SLICE_WAIT = 1.0  # at most this long for a slow sink to make room for the next slice
+MAX_EXPORTER_SERIES = 512  # per-exporter counters kept by name; the rest are summed as "other"
+DRAIN_TIMEOUT = 3.0  # at shutdown, read what exporters sent until they close (at most this long)
+SINK_STALL = 10.0  # a sink that takes nothing for this long: what does not fit is dropped (counted)
+
+
+async def _listen(server: Any, address: tuple[str, int], key: str) -> None:
+    host, port = address
+    try:
+        await server.start(host, port)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise OSError(exc.errno, f"{key}: cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 def exporter_address(host: str) -> str:
@@ -117,6 +135,52 @@ def check_tls(config: AggregatorConfig) -> list[str]:
     return [problem] if problem else []
 
 
+def api_auth(config: AggregatorConfig) -> Any:
+    """The API's :class:`flowscope.webauth.WebAuth`: the token read, the HTTPS context
+    loaded; a ConfigError naming the key when a file is missing or wrong."""
+    from flowscope.webauth import WebAuth, WebAuthError, read_token, server_ssl_context
+
+    api = config.api
+    try:
+        token = read_token(api.token_file, "api.tokenFile") if api.token_file else None
+        ctx = None
+        if api.tls is not None:
+            ctx = server_ssl_context(api.tls.cert_file, api.tls.key_file, api.tls.ca_file, "api.tls")
+    except WebAuthError as exc:
+        raise ConfigError(str(exc)) from None
+    return WebAuth(token=token, ssl_context=ctx, client_certs=bool(api.tls and api.tls.ca_file),
+                   insecure=api.insecure)
+
+
+def check_files(config: AggregatorConfig) -> list[str]:
+    """Everything a real start reads, checked without opening a socket or creating a file:
+    the IPFIX TLS files, the API's token and certificates, the flow log's directory.
+    Raises ConfigError naming the key; returns warnings."""
+    import os
+
+    warnings = check_tls(config)
+    if config.api_address is not None:
+        api_auth(config)
+    fl = config.sinks.flow_log
+    if fl.enabled:
+        path = os.path.abspath(fl.path)
+        if os.path.isdir(path):
+            raise ConfigError(f"sinks.flowLog.path: {fl.path!r} is a directory; give the path of the log file")
+        parent = os.path.dirname(path)
+        existing = parent
+        while existing and not os.path.isdir(existing):  # the sink creates missing directories
+            if os.path.exists(existing):
+                raise ConfigError(f"sinks.flowLog.path: cannot write {fl.path!r}: {existing!r} is not a directory")
+            existing = os.path.dirname(existing) if os.path.dirname(existing) != existing else ""
+        target = path if os.path.exists(path) else existing
+        if not target or not os.access(target, os.W_OK | (0 if target == path else os.X_OK)):
+            raise ConfigError(
+                f"sinks.flowLog.path: cannot write {fl.path!r} ({target or parent} is not writable by this "
+                "process); mount a writable volume there or choose another path"
+            )
+    return warnings
+
+
 class FlowAggregator:
     """The running aggregator. ``clock`` is monotonic seconds (injected in tests)."""
 
@@ -128,8 +192,10 @@ class FlowAggregator:
         clock: Callable[[], float] = time.monotonic,
         tick_interval: float = TICK_INTERVAL,
         template_lifetime: float = 1800.0,
+        sink_stall: float = SINK_STALL,
     ) -> None:
         self.config = config
+        self.sink_stall = sink_stall
         self.clock = clock
         self.tick_interval = tick_interval
         self.template_lifetime = template_lifetime
@@ -138,6 +204,7 @@ class FlowAggregator:
             correlation_timeout=config.correlation_timeout,
             inactive_timeout=config.inactive_timeout,
             max_flows=config.max_flows,
+            max_flow_bytes=config.max_flows_mb << 20,
             start=clock(),
         )
         pairs = build_sinks(config) if sinks is None else list(sinks)
@@ -148,8 +215,11 @@ class FlowAggregator:
         self.exporter_seen: dict[str, float] = {}
         self.messages = 0
         self.ingest_errors = 0
+        self.exporters_over_limit = 0  # records of exporters past MAX_EXPORTER_SERIES, counted under "other"
         self.collecting: Any = None
-        self.api_server: asyncio.Server | None = None
+        self.api_server: Any = None  # api.ApiServer
+        self.metrics_server: Any = None
+        self.loop_errors: Any = None  # api.QuietExceptionHandler, once started
         self._ticker: asyncio.Task[None] | None = None
         self._registry: Any = None
         self.started_at = clock()
@@ -167,8 +237,24 @@ class FlowAggregator:
         except Exception as exc:  # a bug must not take the collecting process down; it is counted
             self._bad_record(exporter, exc)
         self.messages += 1
-        self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + n
-        self.exporter_seen[exporter] = now
+        self._count_exporter(exporter, n, now)
+
+    def _count_exporter(self, exporter: str, n: int, now: float) -> None:
+        """Per-exporter counters, at most MAX_EXPORTER_SERIES of them: the first exporters
+        heard keep their own series (a cluster's agents), later ones are summed under
+        "other", so that a peer sending from many addresses cannot grow /metrics."""
+        counts = self.received_by_exporter
+        if exporter in counts:
+            counts[exporter] += n
+        elif len(counts) < MAX_EXPORTER_SERIES:
+            counts[exporter] = n
+        else:
+            counts["other"] = counts.get("other", 0) + n
+            self.exporters_over_limit += 1
+            return
+        seen = self.exporter_seen
+        if exporter in seen or len(seen) < MAX_EXPORTER_SERIES:
+            seen[exporter] = now
 
     def _bad_record(self, exporter: str, exc: Exception) -> None:
         self.ingest_errors += 1
@@ -180,8 +266,7 @@ class FlowAggregator:
         """Feed decoded records directly (tests, replays)."""
         now = self.clock()
         self.process.ingest_many(records, exporter, domain, now)
-        self.received_by_exporter[exporter] = self.received_by_exporter.get(exporter, 0) + len(records)
-        self.exporter_seen[exporter] = now
+        self._count_exporter(exporter, len(records), now)
 
     def tick(self, max_scan: int | None = None) -> list[ExportedFlow]:
         """Run the aggregation's timers and hand what is due to every sink; returns it."""
@@ -193,6 +278,22 @@ class FlowAggregator:
     def _dispatch(self, out: list[ExportedFlow]) -> None:
         for sink in self.sinks:
             sink.offer(out)
+
+    async def _deliver(self, out: list[ExportedFlow]) -> None:
+        """Hand ``out`` to every sink (all at once), waiting for room instead of dropping: the
+        flow store is the buffer meanwhile (records keep being aggregated into it). Only a
+        sink that takes nothing for ``sink_stall`` seconds has the rest counted as dropped
+        (and is not waited for again until it takes something)."""
+        if out and self.sinks:
+            await asyncio.gather(*(self._deliver_to(sink, out) for sink in self.sinks))
+
+    async def _deliver_to(self, sink: QueuedSink, out: list[ExportedFlow]) -> None:
+        rest: Sequence[ExportedFlow] = out
+        while rest:
+            rest = rest[sink.offer_fit(rest):]
+            if rest and not await sink.wait_progress(min(len(rest), sink.queue_size), self.sink_stall):
+                sink.offer(rest)  # counts what still does not fit as dropped
+                return
 
     async def _paced(self) -> None:
         """Between slices of a periodic export: let the sinks make room (each at most
@@ -208,24 +309,49 @@ class FlowAggregator:
             try:
                 # The periodic scan of a large store runs in slices, letting the collecting
                 # process read its sockets in between (a 100k-flow scan takes ~0.5 s).
-                self.tick(self.scan_slice)
+                await self._deliver(self.process.tick(self.clock(), self.scan_slice))
                 while self.process.scan_pending:
                     await self._paced()
-                    self.tick(self.scan_slice)
+                    await self._deliver(self.process.tick(self.clock(), self.scan_slice))
             except Exception:  # never let a bug stop exports; it is logged loudly
                 log.exception("aggregation tick failed")
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self, *, collect: bool = True, api: bool = True, ticker: bool = True) -> None:
-        for sink in self.sinks:
-            await sink.start()
-        if collect:
-            await self._start_collecting()
-        if api and self.config.api_address is not None:
-            from .api import serve
+        """Check everything, then open: the HTTP ports first (cheap to undo), the sinks,
+        and the IPFIX port last, so that a bad value or a taken port fails the start
+        before agents can connect. An OSError names the key of what could not open."""
+        from .api import ApiServer, QuietExceptionHandler
 
-            host, port = self.config.api_address
-            self.api_server = await serve(host, port, self)
+        c = self.config
+        for problem in check_files(c) if (collect or api) else []:
+            log.warning("%s", problem)
+        loop = asyncio.get_running_loop()
+        if self.loop_errors is None:
+            self.loop_errors = QuietExceptionHandler()
+            loop.set_exception_handler(self.loop_errors)
+        try:
+            if api and c.api_address is not None:
+                server = ApiServer(self, auth=api_auth(c), max_clients=c.api.max_clients,
+                                   write_timeout=c.api.write_timeout)
+                await _listen(server, c.api_address, "apiAddress")
+                self.api_server = server
+            if api and c.metrics_address is not None:
+                server = ApiServer(self, metrics_only=True, max_clients=8)
+                await _listen(server, c.metrics_address, "metricsAddress")
+                self.metrics_server = server
+            for sink in self.sinks:
+                try:
+                    await sink.start()
+                except OSError as exc:
+                    key = "sinks.flowLog.path" if sink.name == "flowLog" else f"sinks.{sink.name}"
+                    raise OSError(exc.errno, f"{key}: cannot start the {sink.name} sink: {exc.strerror or exc}"
+                                  ) from None
+            if collect:
+                await self._start_collecting()
+        except BaseException:
+            await self._close_servers()
+            raise
         if ticker:
             self._ticker = asyncio.create_task(self._tick_loop(), name="aggregator-tick")
         log.info(
@@ -236,11 +362,11 @@ class FlowAggregator:
 
     async def _start_collecting(self) -> None:
         c = self.config
-        for problem in check_tls(c):
-            log.warning("%s", problem)
+        cp = c.collecting
         from flowscope.ipfix.address import Address
         from flowscope.ipfix.errors import UsageError
         from flowscope.ipfix.process import CollectingProcess, TLSConfig
+        from flowscope.ipfix.template import CompileBudget
 
         if c.transport == "grpc":  # Antrea agents' Flow messages over gRPC, mutual TLS
             from .grpc_collector import GrpcCollectingProcess
@@ -260,11 +386,22 @@ class FlowAggregator:
                 tls = TLSConfig(cert=c.tls.cert_file, key=c.tls.key_file, ca=c.tls.ca_file)
             self.collecting = CollectingProcess(
                 Address(c.listen_host, c.listen_port, c.transport), tls=tls, on_message=self.on_message,
-                template_lifetime=self.template_lifetime,
+                template_lifetime=min(self.template_lifetime, cp.template_lifetime),
+                max_sessions=cp.max_sessions, max_sessions_per_source=cp.max_sessions_per_source,
+                max_pending_handshakes=cp.max_pending_handshakes, tls_handshake_timeout=cp.handshake_timeout,
+                stream_idle_timeout=cp.stream_idle_timeout, udp_session_timeout=cp.udp_session_timeout,
+                max_templates=cp.max_templates, max_template_fields=cp.max_template_fields,
+                max_domains=cp.max_domains,
+                compile_budget=CompileBudget(cp.template_compile_rate, max(cp.template_compile_rate,
+                                                                           cp.max_template_fields)),
             )
         except UsageError as exc:  # unreadable or mismatched TLS material
             raise ConfigError(f"tls.certFile / tls.keyFile / tls.caFile: {exc}") from None
-        await self.collecting.start()
+        try:
+            await self.collecting.start()
+        except OSError as exc:
+            self.collecting = None
+            raise OSError(exc.errno, f"listenPort: {exc.strerror or exc}") from None
 
     @property
     def collecting_port(self) -> int | None:
@@ -272,9 +409,18 @@ class FlowAggregator:
 
     @property
     def api_port(self) -> int | None:
-        if self.api_server is None or not self.api_server.sockets:
-            return None
-        return int(self.api_server.sockets[0].getsockname()[1])
+        return None if self.api_server is None else self.api_server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
+
+    async def _close_servers(self) -> None:
+        for name in ("api_server", "metrics_server"):
+            server = getattr(self, name)
+            if server is not None:
+                await server.close()
+                setattr(self, name, None)
 
     async def close(self) -> None:
         """Stop collecting, export what changed, drain and close the sinks."""
@@ -286,22 +432,25 @@ class FlowAggregator:
                 pass
             self._ticker = None
         if self.collecting is not None:
-            await self.collecting.close()
+            await self.collecting.close(drain=DRAIN_TIMEOUT)  # exporters stop; what they sent is read
             self.collecting = None
-        self.tick()
-        final = self.process.drain()
-        if final:
-            self._dispatch(final)
+        # what is due, then every flow with unexported changes: waited for, not dropped, so that
+        # a restart loses nothing a sink could still take
+        await self._deliver(self.process.tick(self.clock()))
+        await self._deliver(self.process.drain())
         for sink in self.sinks:
             await sink.close()
-        if self.api_server is not None:
-            self.api_server.close()
-            await self.api_server.wait_closed()
-            self.api_server = None
+        await self._close_servers()
 
     # ------------------------------------------------------------ API backend
     def flow_records(self, flt: FlowFilter, limit: int | None) -> list[ExportedFlow]:
         return self.process.snapshot(flt, limit)
+
+    def select_flows(self, flt: FlowFilter, limit: int) -> list[Any]:
+        return self.process.select(flt, limit)
+
+    def render_flows(self, flows: Sequence[Any]) -> list[ExportedFlow]:
+        return self.process.render(flows)
 
     def exporters_connected(self) -> int:
         peers = getattr(self.collecting, "peers", None)
@@ -330,12 +479,14 @@ class FlowAggregator:
             "numRecordsReceived": st.records_received,
             "numFlows": len(self.process),
             "numConnToCollector": self.exporters_connected(),
-            "numRecordsDropped": st.dropped_flow_cap + st.dropped_invalid + st.dropped_stale,
+            "numRecordsDropped": st.dropped_flow_cap + st.dropped_flow_bytes + st.dropped_invalid + st.dropped_stale,
             "aggregation": st.as_dict(),
             "receivedByExporter": dict(self.received_by_exporter),
             "messagesReceived": self.messages,
             "collectingProcess": coll,
             "sinks": {s.name: s.stats() for s in self.sinks},
+            "api": self.api_server.stats.as_dict() if self.api_server is not None else {},
+            "exportersOverLimit": self.exporters_over_limit,
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -347,7 +498,9 @@ class FlowAggregator:
             "received_by_exporter": dict(self.received_by_exporter),
             "exporters_connected": self.exporters_connected(),
             "malformed_messages": int(coll.get("malformed", 0) or 0),
+            "collecting": coll,
             "sinks": {s.name: s.stats() for s in self.sinks},
+            "api": self.api_server.stats.as_dict() if self.api_server is not None else {},
         }
 
     def prometheus(self) -> bytes:

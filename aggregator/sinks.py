@@ -69,6 +69,7 @@ class QueuedSink:
         self.written = 0
         self.dropped = 0  # did not fit in the queue
         self.failed = 0  # the sink raised while writing them
+        self.stalled = False  # took nothing for a whole stall interval (see wait_progress)
         self.last_error: str | None = None
 
     @property
@@ -78,6 +79,18 @@ class QueuedSink:
     async def start(self) -> None:
         await self.sink.start()
         self._task = asyncio.create_task(self._run(), name=f"sink-{self.name}")
+
+    def offer_fit(self, batch: Sequence[ExportedFlow]) -> int:
+        """Queue as much of ``batch`` as fits, from its start, dropping nothing; returns how
+        many were queued (the caller waits for room and offers the rest)."""
+        room = self.queue_size - len(self._queue)
+        take = batch if len(batch) <= room else batch[: max(room, 0)]
+        if take:
+            self.offered += len(take)
+            self._queue.extend(take)
+            self._idle.clear()
+            self._wakeup.set()
+        return len(take)
 
     def offer(self, batch: Sequence[ExportedFlow]) -> int:
         """Queue what fits, count the rest as dropped; returns how many were queued."""
@@ -107,6 +120,7 @@ class QueuedSink:
                 continue
             n = min(len(q), self.batch_size)
             batch = [q.popleft() for _ in range(n)]
+            self.stalled = False
             self._taken.set()
             try:
                 await self.sink.write(batch)
@@ -139,6 +153,25 @@ class QueuedSink:
             try:
                 await asyncio.wait_for(self._taken.wait(), left)
             except TimeoutError:
+                return self.room >= n
+        return True
+
+    async def wait_progress(self, n: int, stall: float) -> bool:
+        """Wait until ``n`` records fit, for as long as the sink keeps taking batches: False
+        only when it took nothing for ``stall`` seconds (it is then marked stalled, and not
+        waited for again until it takes a batch). Back-pressure for a slow sink, a bounded
+        wait for a stuck one."""
+        n = min(n, self.queue_size)
+        if self.stalled:
+            return self.room >= n
+        while self.room < n:
+            if self._task is None or self._task.done():
+                return False
+            self._taken.clear()
+            try:
+                await asyncio.wait_for(self._taken.wait(), stall)
+            except TimeoutError:
+                self.stalled = True
                 return self.room >= n
         return True
 

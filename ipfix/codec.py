@@ -27,14 +27,15 @@ into messages using the length field of each header.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Literal
 
-from .errors import MalformedMessage, RecordTooLarge, UsageError
+from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry, default_registry
-from .template import FieldSpecifier, Record, Template
+from .template import CompileBudget, FieldSpecifier, Record, Template, is_compiled
 
 __all__ = [
     "VERSION",
@@ -301,8 +302,27 @@ class Decoder:
 
     ``transport`` decides the RFC 7011 rules that differ between UDP and streams.
     ``template_lifetime`` (seconds) expires UDP templates not refreshed in time; it is
-    ignored for streams, whose templates live as long as the session. ``max_templates``
-    bounds what one session can make us hold.
+    ignored for streams, whose templates live as long as the session.
+
+    Limits, so that one session cannot make us hold or do without bound: at most
+    ``max_templates`` templates and ``max_session_fields`` fields across them, at most
+    ``max_template_fields`` fields in one template (past a limit the message is malformed
+    over a stream; over UDP the template is skipped and counted in ``templates_refused``),
+    at most ``max_domains`` observation domains (the least recently used one is forgotten,
+    with its templates, counted in ``domains_evicted``), and new template layouts compiled
+    only as ``compile_budget`` allows (over a stream :class:`Deferred` is raised: decode
+    the message again later; over UDP the template is skipped and counted).
+
+    Expiry is cheap: domains are kept in least-recently-used order and UDP templates in
+    the order they expire (every template has the same lifetime, so the order they were
+    last refreshed in), so expiring costs only what expires, never a scan.
+
+    Loss accounting (``lost_records``): the sequence number of a message counts the data
+    records sent before it in its domain (RFC 7011 3.1), so a gap ahead of what we
+    expected is records that never arrived. A peer chooses its sequence numbers, so the
+    count is what peers claim, sanity-checked: a jump ahead of more than
+    ``max_sequence_gap`` records in one message, or behind (reordering, an exporter
+    restart), is counted in ``sequence_jumps`` and resynchronises instead of counting loss.
     """
 
     def __init__(
@@ -313,37 +333,79 @@ class Decoder:
         template_lifetime: float | None = None,
         max_templates: int = 4096,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        max_template_fields: int = 1024,
+        max_session_fields: int = 65536,
+        max_domains: int = 1024,
+        max_sequence_gap: int = 1 << 20,
+        compile_budget: CompileBudget | None = None,
     ) -> None:
         self.registry = registry or default_registry()
         self.transport = transport
         self.template_lifetime = template_lifetime if transport == "udp" else None
         self.max_templates = max_templates
         self.max_message_size = max_message_size
-        self.domains: dict[int, _DomainState] = {}
+        self.max_template_fields = max_template_fields
+        self.max_session_fields = max_session_fields
+        self.max_domains = max_domains
+        self.max_sequence_gap = max_sequence_gap
+        self.compile_budget = compile_budget
+        self.domains: OrderedDict[int, _DomainState] = OrderedDict()  # least recently used first
+        self._expiry: OrderedDict[tuple[int, int], float] = OrderedDict()  # (domain, template id) -> until
+        self.template_count = 0
+        self.field_count = 0  # fields of the templates held
         self.lost_records = 0  # data records the sequence numbers say we never saw
-
-    @property
-    def template_count(self) -> int:
-        return sum(len(d.templates) for d in self.domains.values())
+        self.sequence_jumps = 0  # implausible sequence numbers, resynchronised on
+        self.templates_refused = 0  # UDP: templates over a limit or the compile budget, skipped
+        self.domains_evicted = 0
 
     def templates(self, observation_domain_id: int = 0) -> dict[int, Template]:
         d = self.domains.get(observation_domain_id)
         return {tid: t for tid, (t, _) in d.templates.items()} if d else {}
 
+    def _drop(self, state: _DomainState, domain: int, template_id: int) -> None:
+        entry = state.templates.pop(template_id, None)
+        if entry is not None:
+            self.template_count -= 1
+            self.field_count -= len(entry[0].fields)
+            self._expiry.pop((domain, template_id), None)
+
     def expire(self, now: float) -> int:
         """Drop UDP templates past their lifetime; returns how many were dropped."""
         if self.template_lifetime is None:
             return 0
+        expiry = self._expiry
         dropped = 0
-        for d in self.domains.values():
-            stale = [tid for tid, (_, until) in d.templates.items() if until <= now]
-            for tid in stale:
-                del d.templates[tid]
-            dropped += len(stale)
+        while expiry:
+            key, until = next(iter(expiry.items()))
+            if until > now:
+                break
+            del expiry[key]
+            state = self.domains.get(key[0])
+            if state is not None:
+                entry = state.templates.pop(key[1], None)
+                if entry is not None:
+                    self.template_count -= 1
+                    self.field_count -= len(entry[0].fields)
+                    dropped += 1
         return dropped
 
+    def _domain(self, domain: int) -> _DomainState:
+        domains = self.domains
+        state = domains.get(domain)
+        if state is not None:
+            domains.move_to_end(domain)
+            return state
+        while len(domains) >= self.max_domains:
+            old, old_state = domains.popitem(last=False)
+            for tid in list(old_state.templates):
+                self._drop(old_state, old, tid)
+            self.domains_evicted += 1
+        state = domains[domain] = _DomainState()
+        return state
+
     def decode(self, data: bytes, now: float = 0.0) -> Message:
-        """Decode one complete message. Raises :class:`MalformedMessage` for a peer's error."""
+        """Decode one complete message. Raises :class:`MalformedMessage` for a peer's error,
+        :class:`Deferred` when the compile budget says later."""
         if not isinstance(data, bytes):
             data = bytes(data)
         n = len(data)
@@ -356,11 +418,9 @@ class Decoder:
             raise MalformedMessage(f"header says {length} octets but the message has {n}")
         if length > self.max_message_size:
             raise MalformedMessage(f"message of {length} octets exceeds the {self.max_message_size}-octet limit")
-        state = self.domains.get(domain)
-        if state is None:
-            state = self.domains[domain] = _DomainState()
         if self.template_lifetime is not None:
             self.expire(now)
+        state = self._domain(domain)
         msg = Message(export_time, sequence, domain, [], length)
         off = HEADER.size
         while off < n:
@@ -392,9 +452,16 @@ class Decoder:
         expected = state.expected_sequence
         if expected is not None:
             gap = (msg.sequence_number - expected) & 0xFFFFFFFF
-            if 0 < gap < 0x80000000:  # ahead of what we expected: records went missing
+            if 0 < gap <= self.max_sequence_gap:  # ahead of what we expected: records went missing
                 self.lost_records += gap
+            elif gap:  # far ahead, or behind: not a loss we can vouch for
+                self.sequence_jumps += 1
         state.expected_sequence = (msg.sequence_number + msg.record_count) & 0xFFFFFFFF
+
+    def _refuse(self, what: str) -> None:
+        if self.transport != "udp":
+            raise MalformedMessage(what)
+        self.templates_refused += 1
 
     def _template_set(
         self, set_id: int, data: bytes, off: int, end: int, state: _DomainState, msg: Message, now: float
@@ -403,6 +470,7 @@ class Decoder:
         options = set_id == OPTIONS_TEMPLATE_SET_ID
         head = 6 if options else 4
         lookup = self.registry.lookup
+        domain = msg.observation_domain_id
         while end - off >= 4:  # anything shorter is padding
             template_id, count = struct.unpack_from("!HH", data, off)
             if template_id == 0 and not any(data[off:end]):
@@ -422,6 +490,17 @@ class Decoder:
             if options and not 1 <= scope <= count:
                 raise MalformedMessage(f"options template {template_id}: scope field count {scope} of {count} fields")
             off += head
+            if count > self.max_template_fields:
+                # skip its field specifiers without building them
+                skip = off
+                for _ in range(count):
+                    if end - skip < 4:
+                        raise MalformedMessage(f"template {template_id} is truncated: {count} fields announced")
+                    element_id = (data[skip] << 8) | data[skip + 1]
+                    skip += 8 if element_id & 0x8000 else 4
+                off = skip
+                self._refuse(f"template {template_id} has {count} fields, more than the limit of {self.max_template_fields}")
+                continue
             fields = []
             for _ in range(count):
                 if end - off < 4:
@@ -438,19 +517,42 @@ class Decoder:
                 if length == 0:
                     raise MalformedMessage(f"template {template_id}: field ({pen}/{element_id}) has length 0")
                 fields.append(FieldSpecifier(lookup(pen, element_id), length))
-            try:
-                template = Template(template_id, fields, scope)
-            except Exception as exc:  # a template we cannot represent is the peer's error
-                raise MalformedMessage(f"template {template_id}: {exc}") from None
             old = state.templates.get(template_id)
-            if old is None and self.template_count >= self.max_templates:
-                raise MalformedMessage(f"more than {self.max_templates} templates in one session")
-            if old is not None and old[0] != template and self.transport != "udp":
-                raise MalformedMessage(
-                    f"template {template_id} redefined without a withdrawal (RFC 7011 8.1) in domain {msg.observation_domain_id}"
-                )
+            if old is not None and old[0].fields == tuple(fields) and old[0].scope_field_count == scope:
+                template = old[0]  # a refresh (or a message decoded again): nothing to compile
+            else:
+                if old is None and self.template_count >= self.max_templates:
+                    self._refuse(f"more than {self.max_templates} templates in one session")
+                    continue
+                held = self.field_count - (len(old[0].fields) if old is not None else 0)
+                if held + count > self.max_session_fields:
+                    self._refuse(f"more than {self.max_session_fields} template fields in one session")
+                    continue
+                if old is not None and self.transport != "udp":
+                    raise MalformedMessage(
+                        f"template {template_id} redefined without a withdrawal (RFC 7011 8.1) in domain {domain}"
+                    )
+                budget = self.compile_budget
+                if budget is not None and not is_compiled(fields) and not budget.take(count, now):
+                    if self.transport != "udp":
+                        raise Deferred(f"template {template_id}: the template compile budget is spent",
+                                       budget.wait(now))
+                    self.templates_refused += 1
+                    continue
+                try:
+                    template = Template(template_id, fields, scope)
+                except Exception as exc:  # a template we cannot represent is the peer's error
+                    raise MalformedMessage(f"template {template_id}: {exc}") from None
+                if old is not None:
+                    self._drop(state, domain, template_id)
+                self.template_count += 1
+                self.field_count += count
             until = now + self.template_lifetime if self.template_lifetime is not None else float("inf")
             state.templates[template_id] = (template, until)
+            if self.template_lifetime is not None:
+                key = (domain, template_id)
+                self._expiry[key] = until
+                self._expiry.move_to_end(key)
             ts.templates.append(template)
         return ts
 
@@ -462,9 +564,9 @@ class Decoder:
         if template_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):  # withdraw all (8.1)
             want_options = template_id == OPTIONS_TEMPLATE_SET_ID
             for tid in [tid for tid, (t, _) in state.templates.items() if t.is_options == want_options]:
-                del state.templates[tid]
+                self._drop(state, msg.observation_domain_id, tid)
         elif template_id >= MIN_DATA_SET_ID:
-            state.templates.pop(template_id, None)
+            self._drop(state, msg.observation_domain_id, template_id)
         else:
             raise MalformedMessage(f"withdrawal of reserved template id {template_id}")
 

@@ -13,7 +13,7 @@ calling code, not a condition to survive.
 
 from __future__ import annotations
 
-__all__ = ["IPFIXError", "MalformedMessage", "UsageError", "UnknownElement", "InvalidValue", "RecordTooLarge"]
+__all__ = ["IPFIXError", "MalformedMessage", "UsageError", "UnknownElement", "InvalidValue", "RecordTooLarge", "Deferred"]
 
 
 class IPFIXError(Exception):
@@ -42,3 +42,13 @@ class InvalidValue(UsageError, ValueError):
 class RecordTooLarge(UsageError):
     """A data record longer than fits in one message of the session's maximum size (over
     UDP, the path MTU); an exporter may send it alone in a larger message instead."""
+
+
+class Deferred(IPFIXError):
+    """Not now: decoding this message needs more template compiling than the budget
+    allows at the moment. Nothing of the message was delivered; decode it again after
+    ``retry_after`` seconds (a stream session stops reading meanwhile)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -32,18 +32,21 @@ blocks; a batch that does not fit is refused whole, counted in ``records_dropped
 queued by template, encodes with the session's :class:`ExportSession` (so sequence
 numbers count data records per session and domain) and writes. Over TCP and TLS every
 new connection is a new session that starts with all templates; a lost connection is
-retried with exponential backoff (a few quick attempts, then at most one per
-``backoff_max`` seconds, 60 by default, RFC 7011 section 10.4.4), while records wait in
-the queue. Records whose bytes were still in our write buffer when a connection broke
-are counted in ``records_lost`` (see :class:`_ExportProtocol`); so are the records written
-in the last ``peer_close_window`` seconds before the *peer* closed or reset the session: a
-collector that closes a session has usually given up on what it was reading (go-ipfix
-does so at data for a template it does not know), and TCP itself acknowledges nothing to
-the application, so a record written to a session the peer then closed is counted as
-lost, never as sent (an over-count, never an under-count, when the peer closed for
-another reason). Messages are packed for every peer to read: one set per message and,
-unless ``dense_templates``, one template per template set (see
-:class:`~flowscope.ipfix.codec.ExportSession`). Under
+retried with jittered exponential backoff (RFC 7011 section 10.4.4): up to ``backoff_max``
+seconds (60 by default) between attempts while nothing waits to be sent, but at most
+``backoff_busy_max`` (2 s) while records wait in the queue, so that an exporter is back
+within seconds of its collector and its backlog does not outgrow the queue; the jitter
+(each wait drawn between half and all of its nominal length) keeps a node's worth of
+exporters from reconnecting in lockstep. Records whose bytes were still in our write
+buffer when a connection broke are counted in ``records_lost`` (see
+:class:`_ExportProtocol`); so are the records written in the last ``peer_close_window``
+seconds before the *peer* closed or reset the session: a collector that closes a session
+has usually given up on what it was reading (go-ipfix does so at data for a template it
+does not know), and TCP itself acknowledges nothing to the application, so a record
+written to a session the peer then closed is counted as lost, never as sent (an
+over-count, never an under-count, when the peer closed for another reason). Messages are
+packed for every peer to read: one set per message and, unless ``dense_templates``, one
+template per template set (see :class:`~flowscope.ipfix.codec.ExportSession`). Under
 TLS 1.3 the client's handshake ends before the server has judged the client's
 certificate, so a new session sends nothing until the server has shown it accepted us. Over UDP messages are cut to the path
 MTU (512 octets unless told) minus the IP and UDP headers, templates go out before the
@@ -59,6 +62,7 @@ import asyncio
 import errno
 import collections
 import logging
+import random
 import socket
 import ssl
 import time
@@ -68,9 +72,9 @@ from typing import Any
 
 from .address import Address
 from .codec import MAX_MESSAGE_SIZE, Decoder, ExportSession, Message, MessageFramer, Transport
-from .errors import MalformedMessage, RecordTooLarge, UsageError
+from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry
-from .template import Record, Template
+from .template import CompileBudget, Record, Template
 
 __all__ = [
     "TLSConfig",
@@ -85,6 +89,9 @@ log = logging.getLogger("flowscope.ipfix.process")
 
 IPV4_UDP_OVERHEAD = 20 + 8
 IPV6_UDP_OVERHEAD = 40 + 8
+# Messages one stream session decodes before the event loop serves others (a 256 KB read
+# of header-only messages is 16k of them, a third of a second of work)
+MESSAGES_PER_TURN = 256
 
 
 # --------------------------------------------------------------------------- TLS
@@ -173,13 +180,24 @@ class CollectorStats(_Counters):
     sessions: int = 0  # transport sessions open now
     sessions_total: int = 0  # transport sessions ever accepted
     sessions_refused: int = 0  # refused because max_sessions were open
+    sessions_refused_source: int = 0  # refused because one source address held max_sessions_per_source
+    sessions_evicted: int = 0  # UDP sessions without templates forgotten to make room for a new one
+    handshakes_pending: int = 0  # TLS handshakes in progress now (not yet sessions)
+    handshakes_refused: int = 0  # connections closed at once: max_pending_handshakes in progress
+    handshakes_timed_out: int = 0  # TLS handshakes not finished within tls_handshake_timeout
     sessions_expired: int = 0  # idle UDP sessions dropped
     tls_refused: int = 0  # TLS handshakes that failed (bad or missing client certificate, ...)
     templates_expired: int = 0  # UDP templates not refreshed within their lifetime
     unknown_template_sets: int = 0  # UDP data sets skipped: template not (yet) known
     ignored_withdrawals: int = 0  # withdrawals received over UDP (RFC 7011 8.4)
     lost_records: int = 0  # data records the peers' sequence numbers say never arrived
+    sequence_jumps: int = 0  # implausible sequence numbers (far ahead or behind): resynchronised, not counted as loss
+    templates_refused: int = 0  # UDP templates over a size limit or the compile budget, skipped
+    domains_evicted: int = 0  # observation domains forgotten past max_domains in one session
+    messages_deferred: int = 0  # stream messages held back until the template compile budget refilled
+    messages_abandoned: int = 0  # ...whose session ended before the budget allowed them (not decoded)
     callback_errors: int = 0  # on_message raised
+    decoder_errors: int = 0  # the decoder raised something else than MalformedMessage (a bug; counted as malformed too)
 
 
 class _LogLimiter:
@@ -208,12 +226,13 @@ class _LogLimiter:
 class _Session:
     """One transport session of the collecting process."""
 
-    __slots__ = ("peer", "decoder", "last_seen")
+    __slots__ = ("peer", "decoder", "last_seen", "delivered")
 
     def __init__(self, peer: Peer, decoder: Decoder, now: float) -> None:
         self.peer = peer
         self.decoder = decoder
         self.last_seen = now
+        self.delivered = False  # a message decoded: the peer speaks IPFIX
 
 
 class CollectingProcess:
@@ -235,6 +254,12 @@ class CollectingProcess:
         stream_idle_timeout: float | None = None,
         tls_handshake_timeout: float = 10.0,
         on_session_closed: Callable[[Peer], None] | None = None,
+        max_sessions_per_source: int | None = None,
+        max_pending_handshakes: int = 128,
+        max_template_fields: int = 1024,
+        max_session_fields: int = 65536,
+        max_domains: int = 1024,
+        compile_budget: CompileBudget | None = None,
     ) -> None:
         if address.protocol == "tls" and tls is None:
             raise UsageError(f"listening on {address} needs a TLS configuration (certificate, key and CA)")
@@ -244,6 +269,10 @@ class CollectingProcess:
             raise UsageError(f"template lifetime {template_lifetime!r} must be a positive number of seconds")
         if max_sessions < 1 or max_templates < 1:
             raise UsageError("max_sessions and max_templates must be at least 1")
+        if max_sessions_per_source is not None and max_sessions_per_source < 1:
+            raise UsageError("max_sessions_per_source must be at least 1 (or None: max_sessions)")
+        if max_pending_handshakes < 1 or max_template_fields < 1 or max_session_fields < 1 or max_domains < 1:
+            raise UsageError("max_pending_handshakes, max_template_fields, max_session_fields and max_domains must be at least 1")
         if not 16 <= max_message_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {max_message_size} is outside 16..{MAX_MESSAGE_SIZE}")
         self.address = address
@@ -263,13 +292,24 @@ class CollectingProcess:
         self.max_templates = max_templates
         self.max_message_size = max_message_size
         self.tls_handshake_timeout = tls_handshake_timeout
+        self.max_sessions_per_source = max_sessions_per_source or max_sessions
+        self.max_pending_handshakes = max_pending_handshakes
+        self.max_template_fields = max_template_fields
+        self.max_session_fields = max_session_fields
+        self.max_domains = max_domains
+        # one budget for every session: compiling new template layouts is the costliest
+        # thing a peer can make us do on the event loop
+        self.compile_budget = compile_budget if compile_budget is not None else CompileBudget()
+        self._per_source: dict[str, int] = {}  # sessions and pending handshakes by source address
         self.stats = CollectorStats()
         self._ssl = tls.server_context() if tls is not None else None
         self._limiter = _LogLimiter(clock)
         self._server: asyncio.AbstractServer | None = None
         self._udp: asyncio.DatagramTransport | None = None
-        self._udp_sessions: dict[tuple[str, int], _Session] = {}
+        # least recently heard first, so that expiry pops from the front instead of scanning
+        self._udp_sessions: collections.OrderedDict[tuple[str, int], _Session] = collections.OrderedDict()
         self._streams: set[_StreamSession] = set()
+        self._handshaking: set[_StreamSession] = set()  # TLS handshakes in progress
         self._sweeper: asyncio.Task[None] | None = None
         self._port = 0
 
@@ -318,8 +358,11 @@ class CollectingProcess:
         """The bound port (useful when listening on port 0)."""
         return self._port
 
-    async def close(self) -> None:
-        """Stop listening and close every session."""
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop listening and close every session. With ``drain`` (seconds), TCP sessions
+        are half-closed first and read until the exporter closes its side (at most that
+        long): an exporter sees the end of the stream and stops writing, and what it wrote
+        before is still read, so a graceful restart loses nothing it did not count."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -329,7 +372,23 @@ class CollectingProcess:
             self._sweeper = None
         if self._server is not None:
             self._server.close()
-            for stream in list(self._streams):
+            if drain > 0 and self._streams:
+                for stream in list(self._streams):
+                    transport = stream.transport
+                    if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+                        try:
+                            transport.write_eof()
+                        except (OSError, RuntimeError):
+                            pass
+                loop = asyncio.get_running_loop()
+                end = loop.time() + drain
+                while any(not s.ended for s in self._streams) and loop.time() < end:
+                    await asyncio.sleep(0.01)
+                still = sum(1 for s in self._streams if not s.ended)
+                if still:
+                    log.warning("%d IPFIX sessions still open %.0fs after the end of the stream was sent: "
+                                "closing them (what their exporters send now is lost)", still, drain)
+            for stream in list(self._streams) + list(self._handshaking):
                 stream.shutdown()
             await self._server.wait_closed()
             self._server = None
@@ -364,17 +423,31 @@ class CollectingProcess:
             template_lifetime=self.template_lifetime if self.protocol == "udp" else None,
             max_templates=self.max_templates,
             max_message_size=self.max_message_size,
+            max_template_fields=self.max_template_fields,
+            max_session_fields=self.max_session_fields,
+            max_domains=self.max_domains,
+            compile_budget=self.compile_budget,
         )
 
     def _decode(self, session: _Session, data: bytes, now: float) -> Message:
         decoder = session.decoder
         lost = decoder.lost_records
+        jumps, refused, evicted = decoder.sequence_jumps, decoder.templates_refused, decoder.domains_evicted
         if decoder.template_lifetime is not None:
             expired = decoder.expire(now)
             if expired:
                 self.stats.templates_expired += expired
-        msg = decoder.decode(data, now)
+        try:
+            msg = decoder.decode(data, now)
+        finally:
+            if decoder.templates_refused != refused:
+                self.stats.templates_refused += decoder.templates_refused - refused
+            if decoder.domains_evicted != evicted:
+                self.stats.domains_evicted += decoder.domains_evicted - evicted
+        session.delivered = True
         stats = self.stats
+        if decoder.sequence_jumps != jumps:
+            stats.sequence_jumps += decoder.sequence_jumps - jumps
         stats.messages += 1
         stats.records += msg.record_count
         stats.octets += msg.length
@@ -393,10 +466,36 @@ class CollectingProcess:
             self.stats.callback_errors += 1
             log.exception("on_message failed for a message from %s", peer)
 
+    def _unexpected(self, peer: Peer, exc: Exception) -> None:
+        """A decoder bug a peer's bytes found: the first few with their traceback, the rest
+        through the log limiter (a peer must not be able to flood the log with them)."""
+        self.stats.decoder_errors += 1
+        if self.stats.decoder_errors <= 5:
+            log.error("unexpected error decoding a message from %s", peer, exc_info=exc)
+
     def _malformed(self, peer: Peer, exc: Exception, closing: bool) -> None:
         self.stats.malformed += 1
         what = "; closing the session" if closing else "; datagram dropped"
         self._limiter.warn("malformed IPFIX from %s (%s): %s%s", peer, peer.protocol, exc, what)
+
+    def _source_ok(self, host: str, what: str) -> bool:
+        """Whether ``host`` may open one more session or handshake; counts it if so."""
+        n = self._per_source.get(host, 0)
+        if n >= self.max_sessions_per_source:
+            self.stats.sessions_refused_source += 1
+            self._limiter.warn(
+                "refusing IPFIX %s from %s: it holds %d sessions (max per source address)", what, host, n
+            )
+            return False
+        self._per_source[host] = n + 1
+        return True
+
+    def _source_done(self, host: str) -> None:
+        n = self._per_source.get(host, 0) - 1
+        if n > 0:
+            self._per_source[host] = n
+        else:
+            self._per_source.pop(host, None)
 
     def _session_ended(self, peer: Peer) -> None:
         self.stats.sessions -= 1
@@ -412,20 +511,32 @@ class CollectingProcess:
     def _datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
         now = self.clock()
         key = (_unmapped(str(addr[0])), int(addr[1]))
-        session = self._udp_sessions.get(key)
+        sessions = self._udp_sessions
+        session = sessions.get(key)
         if session is None:
-            if len(self._udp_sessions) >= self.max_sessions:
-                self.expire(now)
-            if len(self._udp_sessions) >= self.max_sessions:
+            if len(sessions) >= self.max_sessions:
+                self.stats.sessions_expired += self._expire_udp_sessions(now)  # the idle ones, from the front
+            if len(sessions) >= self.max_sessions:
+                # The least recently heard session, if it holds no template, is of no use
+                # to anyone (its data sets would be skipped): it makes room.
+                oldest_key, oldest = next(iter(sessions.items()))
+                if oldest.decoder.template_count == 0:
+                    self._end_udp_session(oldest_key)
+                    self.stats.sessions_evicted += 1
+            if len(sessions) >= self.max_sessions:
                 self.stats.sessions_refused += 1
                 self._limiter.warn(
                     "refusing IPFIX over UDP from %s:%d: %d sessions open (the limit)", key[0], key[1], self.max_sessions
                 )
                 return
+            if not self._source_ok(key[0], "over UDP"):
+                return
             session = _Session(Peer(key[0], key[1], "udp"), self._new_decoder(), now)
-            self._udp_sessions[key] = session
+            sessions[key] = session
             self.stats.sessions += 1
             self.stats.sessions_total += 1
+        else:
+            sessions.move_to_end(key)
         session.last_seen = now
         try:
             msg = self._decode(session, data, now)
@@ -433,7 +544,7 @@ class CollectingProcess:
             self._malformed(session.peer, exc, closing=False)
             return
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the listener
-            log.exception("unexpected error decoding a datagram from %s", session.peer)
+            self._unexpected(session.peer, exc)
             self._malformed(session.peer, exc, closing=False)
             return
         self._deliver(session.peer, msg)
@@ -441,6 +552,7 @@ class CollectingProcess:
     def _end_udp_session(self, key: tuple[str, int]) -> None:
         session = self._udp_sessions.pop(key, None)
         if session is not None:
+            self._source_done(key[0])
             self._session_ended(session.peer)
 
     def expire(self, now: float | None = None) -> int:
@@ -454,16 +566,28 @@ class CollectingProcess:
             for stream in list(self._streams):
                 session = stream.session
                 if session is not None and now - session.last_seen >= self.stream_idle_timeout:
-                    log.info("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
+                    log.debug("closing the IPFIX session of %s: idle for %.0fs", session.peer, now - session.last_seen)
                     stream.shutdown()
                     dropped += 1
-        for key, session in list(self._udp_sessions.items()):
-            if now - session.last_seen >= self.udp_session_timeout:
-                self._end_udp_session(key)
-                dropped += 1
-            else:
-                self.stats.templates_expired += session.decoder.expire(now)
+            if dropped:  # one line, however many: a peer's thousand idle sessions are not a thousand lines
+                log.info("closed %d IPFIX sessions idle for %.0fs or more", dropped, self.stream_idle_timeout)
+        dropped += self._expire_udp_sessions(now)
+        for session in self._udp_sessions.values():
+            self.stats.templates_expired += session.decoder.expire(now)
         self.stats.sessions_expired += dropped
+        return dropped
+
+    def _expire_udp_sessions(self, now: float) -> int:
+        """End the UDP sessions idle past their timeout: they are at the front, least
+        recently heard first, so this costs what expires."""
+        sessions = self._udp_sessions
+        dropped = 0
+        while sessions:
+            key, session = next(iter(sessions.items()))
+            if now - session.last_seen < self.udp_session_timeout:
+                break
+            self._end_udp_session(key)
+            dropped += 1
         return dropped
 
     async def _sweep(self) -> None:
@@ -477,7 +601,26 @@ class CollectingProcess:
 
     # -- TCP and TLS
 
+    def _admit(self, peer: Peer) -> bool:
+        """A new connection: within the per-source limit (and, for TLS, the limit on
+        handshakes in progress)? Counts it against its source address if so."""
+        if self._ssl is not None and self.stats.handshakes_pending >= self.max_pending_handshakes:
+            self.stats.handshakes_refused += 1
+            self._limiter.warn(
+                "refusing a TLS connection from %s: %d handshakes in progress (the limit)", peer, self.max_pending_handshakes
+            )
+            return False
+        if self._ssl is None and len(self._streams) >= self.max_sessions:
+            self.stats.sessions_refused += 1
+            self._limiter.warn(
+                "refusing IPFIX over %s from %s: %d sessions open (the limit)", peer.protocol, peer, self.max_sessions
+            )
+            return False
+        return self._source_ok(peer.host, f"over {peer.protocol}")
+
     def _accept(self, stream: _StreamSession, peer: Peer) -> bool:
+        """A session starts: over TLS only once the handshake authenticated the peer, so
+        that connections that never authenticate cannot take the sessions of those that do."""
         if len(self._streams) >= self.max_sessions:
             self.stats.sessions_refused += 1
             self._limiter.warn(
@@ -502,88 +645,192 @@ class _DatagramListener(asyncio.DatagramProtocol):
 
 
 class _StreamSession(asyncio.Protocol):
-    """One TCP or TLS connection of the collecting process."""
+    """One TCP or TLS connection of the collecting process.
+
+    A connection first takes a slot of its source address (``max_sessions_per_source``)
+    and, over TLS, of the handshakes in progress (``max_pending_handshakes``); it becomes a
+    session, counted against ``max_sessions``, only once the handshake authenticated the
+    peer. Messages the compile budget defers wait in ``backlog`` while reading is paused.
+    """
 
     def __init__(self, process: CollectingProcess) -> None:
         self.process = process
+        self.peer: Peer | None = None
         self.session: _Session | None = None
         self.transport: asyncio.BaseTransport | None = None
         self.framer = MessageFramer(process.max_message_size)
-        self.accepted = False
+        self.backlog: collections.deque[bytes] = collections.deque()
+        self.admitted = False  # holds a slot of its source address
+        self.pending = False  # a TLS handshake in progress
+        self.accepted = False  # a session
         self.ended = False
         self.failed = False
+        self.paused = False
         self.handshake: asyncio.Future[None] | None = None  # referenced, so it is not collected mid-flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         process = self.process
         self.transport = transport
         peername = transport.get_extra_info("peername") or ("?", 0)
-        peer = Peer(_unmapped(str(peername[0])), int(peername[1]), process.protocol)
-        if not process._accept(self, peer):
-            transport.close()
+        peer = self.peer = Peer(_unmapped(str(peername[0])), int(peername[1]), process.protocol)
+        if not process._admit(peer):
+            transport.abort()  # type: ignore[attr-defined]
+            self.ended = True
             return
-        self.accepted = True
-        self.session = _Session(peer, process._new_decoder(), process.clock())
+        self.admitted = True
         if process._ssl is not None:
             assert isinstance(transport, asyncio.Transport)
             transport.pause_reading()  # nothing may reach us before the TLS layer is in place
+            self.pending = True
+            process.stats.handshakes_pending += 1
+            process._handshaking.add(self)
             self.handshake = asyncio.ensure_future(self._handshake(transport, process._ssl))
+        elif not self._begin():
+            transport.close()
+
+    def _begin(self) -> bool:
+        process = self.process
+        assert self.peer is not None
+        if not process._accept(self, self.peer):
+            return False
+        self.accepted = True
+        self.session = _Session(self.peer, process._new_decoder(), process.clock())
+        return True
+
+    def _handshake_over(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.process.stats.handshakes_pending -= 1
+            self.process._handshaking.discard(self)
 
     async def _handshake(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
-        assert self.session is not None
         loop = asyncio.get_running_loop()
+        process = self.process
         try:
             tls = await loop.start_tls(
-                raw, self, ctx, server_side=True, ssl_handshake_timeout=self.process.tls_handshake_timeout
+                raw, self, ctx, server_side=True, ssl_handshake_timeout=process.tls_handshake_timeout
             )
         except Exception as exc:  # noqa: BLE001 - any failure of the handshake refuses this peer only
-            self.process.stats.tls_refused += 1
+            self._handshake_over()
+            process.stats.tls_refused += 1
+            if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "longer than" in str(exc) or "timed out" in str(exc):
+                process.stats.handshakes_timed_out += 1
             reason = getattr(exc, "reason", None) or exc
-            self.process._limiter.warn("TLS handshake with %s refused: %s", self.session.peer, reason)
+            process._limiter.warn("TLS handshake with %s refused: %s", self.peer, reason)
             raw.abort()
             self._end()
             return
+        self._handshake_over()
         if tls is None:  # the peer went away during the handshake
             self._end()
             return
         self.transport = tls
         if self.ended:
             tls.abort()
+            return
+        if not self._begin():
+            tls.abort()
+            self._end()
 
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is None or self.failed:
             return
-        process = self.process
+        session.last_seen = self.process.clock()
         try:
-            now = process.clock()
-            session.last_seen = now
             messages = self.framer.feed(data)
-            if not messages:
-                return
-            for raw in messages:
-                process._deliver(session.peer, process._decode(session, raw, now))
+        except MalformedMessage as exc:
+            self._fail(exc)
+            return
+        if messages:
+            self.backlog.extend(messages)
+            if not self.paused:
+                self._pump()
+
+    def _pump(self, final: bool = False) -> None:
+        """Decode what waits in ``backlog``: a turn's worth at a time, and no faster than the
+        compile budget allows. ``final`` (the session is ending): everything now, but what
+        the budget still refuses is counted as abandoned, not decoded for free."""
+        session = self.session
+        process = self.process
+        backlog = self.backlog
+        assert session is not None
+        budget = MESSAGES_PER_TURN
+        try:
+            while backlog:
+                if budget == 0 and not final:  # a turn's worth: let the other sessions (and the API) run first
+                    self._pause(0.0)
+                    return
+                budget -= 1
+                now = process.clock()
+                try:
+                    msg = process._decode(session, backlog[0], now)
+                except Deferred as exc:
+                    process.stats.messages_deferred += 1
+                    if final:
+                        # Decoding it anyway would let anyone skip the budget by closing.
+                        process.stats.messages_abandoned += len(backlog)
+                        backlog.clear()
+                        return
+                    self._pause(exc.retry_after)
+                    return
+                backlog.popleft()
+                process._deliver(session.peer, msg)
         except Exception as exc:  # noqa: BLE001 - MalformedMessage, or a decoder bug: this session only
-            self.failed = True
-            if not isinstance(exc, MalformedMessage):
-                log.exception("unexpected error decoding a message from %s", session.peer)
-            process._malformed(session.peer, exc, closing=True)
-            if self.transport is not None:
-                self.transport.close()
+            self._fail(exc)
+
+    def _pause(self, delay: float) -> None:
+        transport = self.transport
+        if not self.paused and isinstance(transport, asyncio.Transport):
+            transport.pause_reading()
+        self.paused = True
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            loop.call_later(delay, self._resume)
+        else:
+            loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self.ended or self.failed or self.session is None:
+            return
+        self.paused = False
+        self.session.last_seen = self.process.clock()
+        self._pump()
+        transport = self.transport
+        if not self.paused and not self.ended and isinstance(transport, asyncio.Transport):
+            try:
+                transport.resume_reading()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def _fail(self, exc: Exception) -> None:
+        assert self.session is not None
+        self.failed = True
+        self.backlog.clear()
+        if not isinstance(exc, MalformedMessage):
+            self.process._unexpected(self.session.peer, exc)
+        self.process._malformed(self.session.peer, exc, closing=True)
+        if self.transport is not None:
+            self.transport.close()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None and not self.failed and self.framer.pending:
-            self.process._malformed(
-                self.session.peer,
-                MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
-                closing=True,
-            )
+        if self.session is not None and not self.failed and (self.framer.pending or self.backlog):
+            if self.backlog:  # the peer left while messages waited for their turn
+                self._pump(final=True)
+            if self.framer.pending and not self.failed:
+                self.process._malformed(
+                    self.session.peer,
+                    MalformedMessage(f"stream ended inside a message ({self.framer.pending} octets of it received)"),
+                    closing=True,
+                )
         self._end()
 
     def shutdown(self) -> None:
+        if self.backlog and self.session is not None and not self.failed and not self.ended:
+            self._pump(final=True)  # what was read is decoded before the session ends
         if self.handshake is not None and not self.handshake.done():
             self.handshake.cancel()
         if self.transport is not None:
@@ -594,10 +841,15 @@ class _StreamSession(asyncio.Protocol):
         if self.ended:
             return
         self.ended = True
+        self._handshake_over()
+        if self.admitted:
+            self.admitted = False
+            assert self.peer is not None
+            self.process._source_done(self.peer.host)
         if self.accepted:
             self.process._streams.discard(self)
-            assert self.session is not None
-            self.process._session_ended(self.session.peer)
+            assert self.peer is not None
+            self.process._session_ended(self.peer)
 
 
 # --------------------------------------------------------------------------- exporting
@@ -775,6 +1027,8 @@ class ExportingProcess:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
         quick_retries: int = 3,
+        backoff_busy_max: float = 2.0,
+        rng: Callable[[], float] | None = None,
         connect_timeout: float = 10.0,
         max_batch: int = 8192,
         tls_accept_wait: float = 2.0,
@@ -793,8 +1047,8 @@ class ExportingProcess:
             raise UsageError(f"template refresh interval {template_refresh!r} must be a positive number of seconds")
         if not 68 <= path_mtu <= 65535:
             raise UsageError(f"path MTU {path_mtu} is outside 68..65535")
-        if backoff_initial <= 0 or backoff_max < backoff_initial:
-            raise UsageError("reconnect backoff: need 0 < backoff_initial <= backoff_max")
+        if backoff_initial <= 0 or backoff_max < backoff_initial or backoff_busy_max <= 0:
+            raise UsageError("reconnect backoff: need 0 < backoff_initial <= backoff_max and backoff_busy_max > 0")
         ids = [t.template_id for t in templates]
         if len(set(ids)) != len(ids):
             raise UsageError(f"template ids must be unique, got {ids}")
@@ -811,6 +1065,9 @@ class ExportingProcess:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.quick_retries = quick_retries
+        self.backoff_busy_max = min(backoff_busy_max, backoff_max)
+        self._rng = rng if rng is not None else random.random
+        self._jitter = 1.0
         self.connect_timeout = connect_timeout
         self.max_batch = max_batch
         self.tls_accept_wait = tls_accept_wait
@@ -1062,9 +1319,29 @@ class ExportingProcess:
         self._wake.set()
 
     def _backoff(self) -> float:
+        """The wait before the next attempt: exponential in the failures so far, capped low
+        while records wait (``backoff_busy_max``), times this attempt's jitter."""
+        cap = self.backoff_busy_max if self.stats.queued else self.backoff_max
         if self._failures <= self.quick_retries:
-            return min(self.backoff_max, self.backoff_initial * 2.0 ** max(0, self._failures - 1))
-        return self.backoff_max
+            nominal = self.backoff_initial * 2.0 ** max(0, self._failures - 1)
+        else:
+            nominal = self.backoff_max
+        return min(cap, nominal) * self._jitter
+
+    async def _wait_backoff(self) -> None:
+        """Sleep the backoff, shortened if records arrive meanwhile (the cap drops)."""
+        self._jitter = 0.5 + 0.5 * self._rng()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not self._closing:
+            left = start + self._backoff() - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
 
     # -- the sender
 
@@ -1084,7 +1361,9 @@ class ExportingProcess:
             self._idle.set()
         if self._session is None:  # no transport session: (re)connect, or open the UDP socket
             if self._failures:
-                await asyncio.sleep(self._backoff())
+                await self._wait_backoff()
+                if self._closing:
+                    return
             await self._open()
             return
         if not self._queue:

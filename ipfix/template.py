@@ -24,6 +24,7 @@ the message: a collector should never lose what it was sent.
 
 from __future__ import annotations
 
+import collections
 import functools
 import socket
 import struct
@@ -35,7 +36,7 @@ from .accel import NativeCodec, native_codec
 from .errors import InvalidValue, MalformedMessage, UsageError
 from .registry import VARIABLE_LENGTH, DataType, InformationElement, Registry, default_registry
 
-__all__ = ["FieldSpecifier", "Template", "Record"]
+__all__ = ["FieldSpecifier", "Template", "Record", "CompileBudget", "layout_of", "is_compiled", "CODEC_CACHE"]
 
 Record = dict[str, Any]
 
@@ -60,21 +61,35 @@ class FieldSpecifier:
 class _Intern(dict[Any, Any]):
     """Converted values by their source: flow records repeat the same addresses, Pod,
     Namespace, Node and policy names over and over, and a dict hit is cheaper than a
-    conversion, both ways. Bounded: emptied when it reaches ``limit`` entries. A value
-    that fails to convert raises and is not cached."""
+    conversion, both ways. Bounded twice, so that a peer cannot grow it: at most
+    ``limit`` entries and about ``max_bytes`` octets of keys (the cache is emptied when
+    either is reached), and a value longer than ``max_key`` octets is converted but never
+    kept (Kubernetes names are at most 253). A value that fails to convert raises and is
+    not cached."""
 
-    __slots__ = ("convert", "limit")
+    __slots__ = ("convert", "limit", "max_bytes", "max_key", "size", "clears")
 
-    def __init__(self, convert: Callable[[Any], Any], limit: int = 65536) -> None:
+    def __init__(self, convert: Callable[[Any], Any], limit: int = 65536, *, max_bytes: int = 8 << 20,
+                 max_key: int = 512) -> None:
         super().__init__()
         self.convert = convert
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.max_key = max_key
+        self.size = 0  # octets of the keys held (len of bytes or str keys)
+        self.clears = 0
 
     def __missing__(self, key: Any) -> Any:
         value = self.convert(key)
-        if len(self) >= self.limit:
+        n = len(key) if isinstance(key, (bytes, str)) else 8
+        if n > self.max_key:
+            return value
+        if len(self) >= self.limit or self.size + n > self.max_bytes:
             self.clear()
+            self.size = 0
+            self.clears += 1
         self[key] = value
+        self.size += n
         return value
 
 
@@ -83,6 +98,7 @@ _ntoa6 = functools.partial(socket.inet_ntop, socket.AF_INET6)
 _IP4 = _Intern(_ntoa4)
 _IP6 = _Intern(_ntoa6)
 _STR = _Intern(bytes.decode)  # strict UTF-8; a set that fails is decoded again leniently
+_LSTR = _Intern(lambda raw: raw.decode("utf-8", "replace"))  # what LENIENT uses for fixed-length strings
 
 
 def _aton4(v: Any) -> bytes:
@@ -170,6 +186,7 @@ _HELPERS: dict[str, Any] = {
     "_IP4": _IP4,
     "_IP6": _IP6,
     "_STR": _STR,
+    "_LSTR": _LSTR,
     "_aton4": _aton4,
     "_aton6": _aton6,
     "_mac_to_text": _mac_to_text,
@@ -270,8 +287,58 @@ EXACT = "exact"  # strings sliced and decoded as strict UTF-8, one field at a ti
 LENIENT = "lenient"  # as EXACT, invalid UTF-8 replaced rather than refused
 
 
-@functools.lru_cache(maxsize=4096)
+class _CodecCache:
+    """Compiled codecs by (layout, mode), least recently used first, bounded by the total
+    number of fields they hold (a codec's size grows with its fields, not with the
+    count of templates): a thousand exporters sending the same template share one
+    codec, and a peer sending ever new large templates evicts only its own."""
+
+    __slots__ = ("max_fields", "fields", "entries", "hits", "misses", "evictions", "build")
+
+    def __init__(self, max_fields: int, build: Callable[[Layout, str], Any]) -> None:
+        self.max_fields = max_fields
+        self.build = build
+        self.fields = 0
+        self.entries: collections.OrderedDict[tuple[Layout, str], Any] = collections.OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, layout: Layout, mode: str) -> Any:
+        key = (layout, mode)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return self.entries[key]
+        self.misses += 1
+        codec = self.build(layout, mode)
+        weight = len(layout)
+        if weight <= self.max_fields:
+            while self.entries and self.fields + weight > self.max_fields:
+                old, _ = self.entries.popitem(last=False)
+                self.fields -= len(old[0])
+                self.evictions += 1
+            self.entries[key] = codec
+            self.fields += weight
+        return codec
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.fields = 0
+
+
+# About 32k fields of compiled codecs (a few tens of MB at most); Antrea's templates have
+# 30 to 80 fields, so this holds hundreds of distinct layouts.
+CODEC_CACHE = _CodecCache(max_fields=32768, build=lambda layout, mode: _build(layout, mode))
+# The C accelerator's codecs (None where it declines a layout), bounded the same way.
+NATIVE_CACHE = _CodecCache(max_fields=32768, build=lambda layout, mode: native_codec(layout, _HELPERS))
+
+
 def _compile(layout: Layout, mode: str = FAST) -> _Codec:
+    """The codec of ``layout``, from the cache or compiled now."""
+    codec: _Codec = CODEC_CACHE.get(layout, mode)
+    return codec
+
+
+def _build(layout: Layout, mode: str = FAST) -> _Codec:
     """Generate, compile and return the codec of one layout of (key, element, length).
 
     Kubernetes names are ASCII (DNS labels), so the FAST decoder takes a latin-1 view of
@@ -284,8 +351,9 @@ def _compile(layout: Layout, mode: str = FAST) -> _Codec:
     plans = [_plan(ie, length) for _, ie, length in layout]
     if mode == LENIENT:
         plans = [
-            # fixed-length strings too ("_STR[{v}.rstrip(...)]"), or their bad UTF-8 escaped
-            _Plan(p.code, f"_lenient_utf8({p.decode[5:-1]})" if p.decode.startswith("_STR[") else p.decode, p.encode, p.text)
+            # every strict UTF-8 decode becomes lenient, fixed-length strings included
+            _Plan(p.code, "_lenient_utf8({v})" if p.decode == "_STR[{v}]" else p.decode.replace("_STR[", "_LSTR["),
+                  p.encode, p.text)
             for p in plans
         ]
     keys = [key for key, _, _ in layout]
@@ -399,10 +467,68 @@ def _compile(layout: Layout, mode: str = FAST) -> _Codec:
     return _Codec(ns["decode_set"], ns["encode_record"], min_length, fixed_length)
 
 
-@functools.lru_cache(maxsize=4096)
+def layout_of(fields: Sequence[FieldSpecifier]) -> Layout:
+    """The (key, element, length) of each field: what a compiled codec is cached by.
+    Keys are the element names, with "#2", "#3" appended to repeated elements."""
+    seen: dict[str, int] = {}
+    out = []
+    for f in fields:
+        name = f.ie.name
+        count = seen.get(name, 0) + 1
+        seen[name] = count
+        out.append((name if count == 1 else f"{name}#{count}", f.ie, f.length))
+    return tuple(out)
+
+
+def is_compiled(fields: Sequence[FieldSpecifier]) -> bool:
+    """Whether a template of these fields would reuse a cached codec (no compile work)."""
+    return (layout_of(fields), FAST) in CODEC_CACHE.entries
+
+
+class CompileBudget:
+    """A token bucket of template fields compiled per second, shared by the sessions of a
+    collecting process, so that peers sending ever new templates cannot keep the event
+    loop compiling (about 0.1 ms per field). Cached layouts cost nothing. Sans-IO: the
+    caller passes the time. A template is allowed while the bucket is not empty, and then
+    charged in full, so one call never waits more than one template's compile past the
+    burst."""
+
+    __slots__ = ("rate", "burst", "tokens", "last", "charged", "refused")
+
+    def __init__(self, rate: float = 2048.0, burst: float = 2048.0) -> None:
+        if rate <= 0 or burst <= 0:
+            raise UsageError("a compile budget needs a positive rate and burst (fields per second)")
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = self.burst
+        self.last: float | None = None
+        self.charged = 0  # fields compiled under this budget
+        self.refused = 0  # templates deferred or refused because it was empty
+
+    def _refill(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        if self.last is None or now > self.last:
+            self.last = now
+
+    def take(self, fields: int, now: float) -> bool:
+        self._refill(now)
+        if self.tokens <= 0:
+            self.refused += 1
+            return False
+        self.tokens -= fields
+        self.charged += fields
+        return True
+
+    def wait(self, now: float) -> float:
+        """Seconds until the bucket is no longer empty (0: it is not)."""
+        self._refill(now)
+        return 0.0 if self.tokens > 0 else (1.0 - self.tokens) / self.rate
+
+
 def _native(layout: Layout) -> NativeCodec | None:
-    """The C accelerator's codec of a layout (accel.py), or None: the generated one serves."""
-    return native_codec(layout, _HELPERS)
+    """The C accelerator's codec of a layout (accel.py), or None: the generated one serves.
+    Cached like the generated codecs, bounded by the fields the cached codecs hold."""
+    return NATIVE_CACHE.get(layout, FAST)
 
 
 class Template:
@@ -426,14 +552,8 @@ class Template:
         self.template_id = template_id
         self.fields: tuple[FieldSpecifier, ...] = tuple(fields)
         self.scope_field_count = scope_field_count
-        seen: dict[str, int] = {}
-        keys = []
-        for f in self.fields:
-            count = seen.get(f.ie.name, 0) + 1
-            seen[f.ie.name] = count
-            keys.append(f.ie.name if count == 1 else f"{f.ie.name}#{count}")
-        self.keys: tuple[str, ...] = tuple(keys)
-        self._layout: Layout = tuple(zip(self.keys, (f.ie for f in self.fields), (f.length for f in self.fields)))
+        self._layout: Layout = layout_of(self.fields)
+        self.keys: tuple[str, ...] = tuple(key for key, _, _ in self._layout)
         self._codec = _compile(self._layout)
         if self._codec.min_length == 0:
             raise UsageError(f"template {template_id}: records of zero length cannot be delimited")

@@ -101,7 +101,7 @@ def test_cli_check_validates_config_and_static_inventory(tmp_path):
     inv = tmp_path / "inv.yaml"
     inv.write_text("kind: Pod\nmetadata: {name: p, namespace: n}\nstatus: {podIP: 10.0.0.300}\n")
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(f"nodeName: n1\nmetadata: {{source: static, staticFile: {inv}}}\n")
+    cfg.write_text(f"nodeName: n1\nflowCollectorAddr: 127.0.0.1:4739:tcp\nmetadata: {{source: static, staticFile: {inv}}}\n")
     proc = run_cli("--config", str(cfg), "--check")
     assert proc.returncode == 2 and "Pod n/p: status.podIPs: '10.0.0.300'" in proc.stderr
     inv.write_text("kind: Pod\nmetadata: {name: p, namespace: n}\nstatus: {podIP: 10.0.0.3}\n")
@@ -138,3 +138,28 @@ def test_grpc_collector_address_and_pod_labels_as_antrea_configures_them():
         parse_config({"recordContents": {"podLabels": "yes"}})
     with pytest.raises(ConfigError, match=r"recordContents.labels: unknown key; allowed keys are podLabels"):
         parse_config({"recordContents": {"labels": True}})
+
+
+def test_cli_check_reads_the_tls_files_a_real_start_needs(tmp_path):
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"nodeName: n1\nflowCollectorAddr: 127.0.0.1:4739:tls\ntls: {{caFile: {tmp_path}/ca.crt}}\n")
+    proc = run_cli("--config", str(cfg), "--check")
+    assert proc.returncode == 2 and "tls.caFile: cannot read" in proc.stderr and "ca.crt" in proc.stderr
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"conntrackZones": 0}, r"conntrackZones: 0 must be a list"),
+    ({"conntrackZones": False}, r"conntrackZones: False must be a list"),
+    ({"metadata": {"source": False}}, r"metadata.source: False is not one of"),
+    ({"metadata": {"source": ""}}, r"metadata.source: '' is not one of"),
+    ({"metadata": []}, r"metadata: \[\] must be a mapping"),
+    ({"tls": []}, r"tls: \[\] must be a mapping"),
+    ({"tls": False}, r"tls: False must be a mapping"),
+    ({"tls": {"serverName": False}}, r"tls.serverName: False must be a non-empty string"),
+    ({"flowPollInterval": float("nan")}, r"flowPollInterval: nan"),
+    ({"activeFlowExportTimeout": float("inf")}, r"activeFlowExportTimeout: inf"),
+    ({"idleFlowExportTimeout": "10000h"}, r"idleFlowExportTimeout: '10000h' is above the 168h"),
+])
+def test_falsy_and_non_finite_values_are_refused_not_taken_for_defaults(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, env={})

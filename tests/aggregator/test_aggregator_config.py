@@ -18,7 +18,8 @@ def test_defaults_are_the_designs():
     assert (c.tls.ca_file, c.tls.cert_file, c.tls.key_file) == (
         "/etc/flowscope/tls/ca.crt", "/etc/flowscope/tls/tls.crt", "/etc/flowscope/tls/tls.key")
     assert (c.correlation_timeout, c.inactive_timeout, c.max_flows) == (30.0, 90.0, 500_000)
-    assert c.api_address == ("0.0.0.0", 10348)
+    assert c.api_address == ("127.0.0.1", 10348)  # loopback: open; elsewhere it needs authentication
+    assert c.metrics_address == ("0.0.0.0", 10349)
     assert not c.sinks.ipfix.enabled and not c.sinks.flow_log.enabled and not c.sinks.clickhouse.enabled
     assert c.sinks.flow_log.path == "/var/log/flowscope/flows.jsonl"
     assert (c.sinks.flow_log.max_size_mb, c.sinks.flow_log.max_backups) == (100.0, 3)
@@ -73,7 +74,7 @@ def test_external_collector_defaults_to_tcp_and_port_4739():
     ({"externalFlowCollectorAddr": "fd00::5:4739"}, r"externalFlowCollectorAddr: .*IPv6 address must be in brackets"),
     ({"listenPort": 70000}, r"listenPort: 70000 is out of range; it must be from 0 to 65535"),
     ({"listenPort": "4739"}, r"listenPort: '4739' must be a whole number"),
-    ({"maxFlows": 0}, r"maxFlows: 0 is out of range; it must be at least 1"),
+    ({"maxFlows": 0}, r"maxFlows: 0 is out of range; it must be from 1 to 100000000"),
     ({"apiAddress": "10348"}, r"apiAddress: '10348' is not an address"),
     ({"apiAddress": "nowhere:10348"}, r"apiAddress: host 'nowhere'"),
     ({"flowExportIntreval": "5s"}, r'flowExportIntreval: unknown key; did you mean "flowExportInterval"\?'),
@@ -81,7 +82,7 @@ def test_external_collector_defaults_to_tcp_and_port_4739():
     ({"tls": "x"}, r"tls: 'x' must be a mapping"),
     ({"sinks": {"ipfix": {"enabled": True}}}, r"sinks.ipfix.enabled: true needs externalFlowCollectorAddr, which is ''"),
     ({"sinks": {"flowLog": {"enabled": "yes"}}}, r"sinks.flowLog.enabled: 'yes' must be true or false"),
-    ({"sinks": {"flowLog": {"maxSizeMB": 0}}}, r"sinks.flowLog.maxSizeMB: 0 must be a positive number"),
+    ({"sinks": {"flowLog": {"maxSizeMB": 0}}}, r"sinks.flowLog.maxSizeMB: 0 is out of range; it must be above 0"),
     ({"sinks": {"flowLog": {"queueSize": 0}}}, r"sinks.flowLog.queueSize: 0 is out of range"),
     ({"sinks": {"kafka": {}}}, r"sinks.kafka: unknown key"),
     ({"sinks": {"clickhouse": {"commitInterval": "soon"}}}, r"sinks.clickhouse.commitInterval: 'soon'"),

@@ -49,6 +49,7 @@ async def test_daemon_collects_answers_queries_and_drains_on_sigterm(tmp_path):
         "listenAddress: 127.0.0.1\n"
         "listenPort: 0\n"
         'apiAddress: "127.0.0.1:0"\n'
+        'metricsAddress: ""\n'
         "flowExportInterval: 1h\n"  # nothing is exported before SIGTERM but the denied flow
         "sinks:\n"
         f"  flowLog: {{enabled: true, path: {log}, maxSizeMB: 1, maxBackups: 1}}\n"

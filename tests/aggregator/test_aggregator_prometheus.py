@@ -28,7 +28,7 @@ class Clock:
 
 
 async def started_aggregator() -> FlowAggregator:
-    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "apiAddress": "127.0.0.1:0",
+    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "127.0.0.1:0",
                                        "maxFlows": 3}), sinks=[], clock=Clock())
     await agg.start(collect=False, api=True, ticker=False)
     agg.ingest_records([source_half(sport=1), source_half(sport=2), agent_record(flow_type=3, sport=3,

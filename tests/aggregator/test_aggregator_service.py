@@ -75,7 +75,7 @@ class Agent:
 
 
 def make_service(clock, **cfg) -> tuple[FlowAggregator, ListSink]:
-    raw = {"aggregatorTransportProtocol": "tcp", "apiAddress": "127.0.0.1:0", "flowExportInterval": "60s",
+    raw = {"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "127.0.0.1:0", "flowExportInterval": "60s",
            "correlationTimeout": "30s", "inactiveFlowTimeout": "90s"}
     raw.update(cfg)
     sink = ListSink()
@@ -220,12 +220,13 @@ def test_cli_refuses_a_bad_config_naming_the_key(tmp_path, capsys):
 
 
 async def test_missing_tls_files_name_the_key(tmp_path):
-    cfg = parse_config({"tls": {"caFile": str(tmp_path / "nope.crt")}, "apiAddress": ""})
+    cfg = parse_config({"tls": {"caFile": str(tmp_path / "nope.crt")}, "metricsAddress": "", "apiAddress": ""})
     agg = FlowAggregator(cfg, sinks=[])
     from flowscope.aggregator.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"tls.caFile: cannot read .*nope.crt"):
-        await agg._start_collecting()
+        await agg.start()
+    assert agg.collecting is None and agg.api_server is None and agg.metrics_server is None
 
 
 def test_exporter_address_unmaps_ipv4_in_ipv6():
@@ -253,17 +254,22 @@ def test_an_odd_record_costs_only_itself():
     assert [f.key[2] for f in agg.process.flows.values()] == [2]
 
 
-def test_flowrecords_are_capped_and_say_so():
-    from flowscope.aggregator import api
+async def test_flowrecords_are_capped_and_say_so():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flowscope.aggregator.api import ApiServer
 
     clock = Clock()
     agg, _ = make_service(clock)
     agg.ingest_records([agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 6)], NODE_A)
-    doc = json.loads(api.handle("GET", "/flowrecords?limit=3", agg).body)
-    assert len(doc["flowRecords"]) == 3 and doc["truncated"] is True
-    doc = json.loads(api.handle("GET", "/flowrecords?limit=5", agg).body)
-    assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
-    assert api.handle("POST", "/flowrecords", agg).status == 405
+    async with TestClient(TestServer(ApiServer(agg).app())) as client:
+        doc = await (await client.get("/flowrecords?limit=3")).json()
+        assert len(doc["flowRecords"]) == 3 and doc["truncated"] is True
+        doc = await (await client.get("/flowrecords?limit=5")).json()
+        assert len(doc["flowRecords"]) == 5 and doc["truncated"] is False
+        assert (await client.post("/flowrecords")).status == 405
+        bad = await client.get("/flowrecords?limit=0")
+        assert bad.status == 400 and "limit" in (await bad.json())["error"]
 
 
 def test_cli_check(tmp_path, capsys):
@@ -293,7 +299,7 @@ async def test_a_large_periodic_export_is_paced_to_the_sinks_not_dropped():
 
     clock = Clock()
     fast, slow = ListSink(), SlowishSink()
-    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "apiAddress": "",
+    agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "",
                                        "flowExportInterval": "60s"}),
                          sinks=[(fast, 3000), (slow, 3000)], clock=clock, tick_interval=0.01)
     await agg.start(collect=False, api=False, ticker=True)

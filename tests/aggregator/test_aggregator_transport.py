@@ -107,7 +107,7 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
     clock = Clock()
     cert, key = pki["server"]
     config = parse_config({
-        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
+        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
         "tls": {"caFile": pki["ca"], "certFile": cert, "keyFile": key},
         "flowExportInterval": "60s", "correlationTimeout": "30s", "inactiveFlowTimeout": "5m",
         "externalFlowCollectorAddr": f"127.0.0.1:{collector.port}",
@@ -242,7 +242,7 @@ async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
     clock = Clock()
     cert, key = pki["server"]
     config = parse_config({
-        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "apiAddress": "",
+        "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
         "tls": {"caFile": pki["ca"], "certFile": cert, "keyFile": key},
     })
     agg = FlowAggregator(config, sinks=[], clock=clock)
@@ -266,7 +266,7 @@ async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
 async def test_udp_transport_and_records_per_exporter():
     clock = Clock()
     config = parse_config({"aggregatorTransportProtocol": "udp", "listenAddress": "127.0.0.1", "listenPort": 0,
-                           "apiAddress": ""})
+                           "metricsAddress": "", "apiAddress": ""})
     mirror = ListSink()
     agg = FlowAggregator(config, sinks=[(mirror, 100)], clock=clock)
     await agg.start(api=False, ticker=False)
@@ -351,23 +351,25 @@ async def test_a_stuck_sink_stalls_neither_collection_nor_the_other_sinks():
 
     clock = Clock()
     config = parse_config({"aggregatorTransportProtocol": "tcp", "listenAddress": "127.0.0.1", "listenPort": 0,
-                           "apiAddress": "", "flowExportInterval": "60s"})
+                           "metricsAddress": "", "apiAddress": "", "flowExportInterval": "60s"})
     healthy = ListSink()
-    agg = FlowAggregator(config, sinks=[(StuckSink(), 1000), (healthy, 1000)], clock=clock, tick_interval=0.01)
+    agg = FlowAggregator(config, sinks=[(StuckSink(), 1000), (healthy, 1000)], clock=clock, tick_interval=0.01,
+                         sink_stall=1.0)
     await agg.start(api=False, ticker=True)
     agent = ExportingProcess(Address("127.0.0.1", agg.collecting_port, "tcp"), tls=None, templates=agent_templates())
     try:
         await agent.start()
         await send(agent, [agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 3001)])
         await until(lambda: agg.process.stats.records_received == 3000, what="first batch")
-        clock.t += 60  # 3000 flows due: 3 slices of 1000; the stuck sink makes each wait 1 s
+        clock.t += 60  # 3000 flows due: 3 slices of 1000; the stuck sink is waited for once (sink_stall)
         await until(lambda: agg.process.scan_pending, what="the scan under way")
         # collection goes on while the export waits for the stuck sink
         await send(agent, [agent_record(flow_type=3, sport=p, sourcePodName="q") for p in range(5001, 5101)])
         await until(lambda: agg.process.stats.records_received == 3100, timeout=0.9, what="collection during the scan")
         await until(lambda: len(healthy.got) == 3000, timeout=10, what="the healthy sink's records")
         stuck = next(s for s in agg.sinks if s.name == "stuck")
-        assert stuck.dropped == 3000 - 1000 - stuck.queued  # one batch in flight, the queue full, the rest counted
+        # one batch in flight, the queue full, the rest counted once the stuck sink was waited for
+        await until(lambda: stuck.dropped == 3000 - 1000 - stuck.queued, timeout=5, what="the stuck sink's drops")
         assert stuck.dropped > 0
     finally:
         await agent.close()

@@ -295,13 +295,34 @@ async def test_queue_overflow_is_counted_never_silent_and_close_counts_the_rest(
     assert e.stats.records_dropped == 161
 
 
-def test_backoff_is_quick_at_first_then_at_most_once_a_minute() -> None:
-    e = ExportingProcess(Address("127.0.0.1", 9, "tcp"), tls=None, templates=[T4])
+def test_backoff_is_quick_at_first_then_at_most_once_a_minute_but_low_while_records_wait() -> None:
+    e = ExportingProcess(Address("127.0.0.1", 9, "tcp"), tls=None, templates=[T4], rng=lambda: 1.0)
     delays = []
     for failures in range(1, 8):
         e._failures = failures
         delays.append(e._backoff())
     assert delays == [1.0, 2.0, 4.0, 60.0, 60.0, 60.0, 60.0]
+    e.stats.queued = 10  # a backlog: the collector must be found again within seconds
+    assert e._backoff() == 2.0
+    e._jitter = 0.5  # the jitter draws each wait between half and all of it
+    assert e._backoff() == 1.0
+
+
+async def test_a_backlog_cuts_a_long_backoff_short() -> None:
+    port = free_port()
+    e = ExportingProcess(Address("127.0.0.1", port, "tcp"), tls=None, templates=[T4], rng=lambda: 1.0,
+                         connect_timeout=1.0)
+    await e.start()  # refused: nothing listens
+    e._failures = 10  # as if it had failed for minutes: the next wait is 60 s
+    waiting = asyncio.create_task(e._wait_backoff())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert e.submit(256, [agent_record(1)])
+    await asyncio.wait_for(waiting, 5.0)
+    assert loop.time() - t0 < 2.5  # the busy cap (2 s) from the wait's start, not 60 s
+    await e.close()
 
 
 def test_configuration_mistakes_are_usage_errors() -> None:
