@@ -528,7 +528,8 @@ class CompileBudget:
 def _native(layout: Layout) -> NativeCodec | None:
     """The C accelerator's codec of a layout (accel.py), or None: the generated one serves.
     Cached like the generated codecs, bounded by the fields the cached codecs hold."""
-    return NATIVE_CACHE.get(layout, FAST)
+    codec: NativeCodec | None = NATIVE_CACHE.get(layout, FAST)
+    return codec
 
 
 class Template:
