@@ -598,7 +598,8 @@ function syncControls() {
       extra.appendChild(l);
       const input = l.querySelector("input");
       input.addEventListener("change", () => go({ [key]: input.value.trim() }));
-      fillDatalist(l.querySelector("datalist"), field);
+      // the known values are asked for when the field is first used, not on every page load
+      input.addEventListener("focus", () => fillDatalist(l.querySelector("datalist"), field), { once: true });
     }
   }
 }
