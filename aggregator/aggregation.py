@@ -739,7 +739,7 @@ class AggregationProcess:
 
     def render(self, flows: Iterable[Flow]) -> list[ExportedFlow]:
         """Current records of ``flows`` (those still held), without touching deltas."""
-        return [ExportedFlow(build_record(f), f.correlation, False) for f in flows if not f.flags & REMOVED]
+        return [ExportedFlow(build_record(f, self._merge_cache), f.correlation, False) for f in flows if not f.flags & REMOVED]
 
     def drain(self) -> list[ExportedFlow]:
         """Export every flow with unexported changes (shutdown), and forget them all."""

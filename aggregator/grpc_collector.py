@@ -131,7 +131,8 @@ class GrpcCollectingProcess:
         """Exporters with an Export stream open now."""
         return list(self.open_peers)
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 1.0) -> None:
+        """Stop taking streams; those open get ``drain`` seconds (gRPC's grace) to finish."""
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(grace=drain)
             self._server = None
