@@ -422,7 +422,43 @@ def agent_node_selector(spec: FlowExporterConfigSpec) -> dict[str, str]:
     return {"kubernetes.io/os": "linux", **spec.node_selector}
 
 
-def selectors_overlap(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
-    """Can one node match both node selectors? Only a key both set to different values
-    keeps them apart (affinity and taints aside: the operator errs towards a conflict)."""
-    return all(a[k] == b[k] for k in a.keys() & b.keys())
+Constraint = tuple[str, frozenset[str]]  # ("In" | "NotIn" | "Exists" | "DoesNotExist", values)
+
+
+def node_constraints(spec: FlowExporterConfigSpec) -> dict[str, list[Constraint]]:
+    """What a node's labels must satisfy to run this FlowExporterConfig's agent: the
+    nodeSelector, plus the required node affinity when it is a single term (several terms
+    are alternatives, which this judgement leaves out: it errs towards a conflict)."""
+    out: dict[str, list[Constraint]] = {}
+    for key, value in agent_node_selector(spec).items():
+        out.setdefault(key, []).append(("In", frozenset([value])))
+    required = (((spec.pod.affinity.get("nodeAffinity") or {})
+                 .get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or [])
+    if len(required) == 1 and isinstance(required[0], Mapping):
+        for expr in required[0].get("matchExpressions") or []:
+            if isinstance(expr, Mapping) and expr.get("operator") in ("In", "NotIn", "Exists", "DoesNotExist"):
+                out.setdefault(str(expr.get("key")), []).append(
+                    (str(expr["operator"]), frozenset(str(v) for v in expr.get("values") or [])))
+    return out
+
+
+def _disjoint(a: Constraint, b: Constraint) -> bool:
+    (op_a, va), (op_b, vb) = a, b
+    if {op_a, op_b} <= {"In"}:
+        return not va & vb
+    if op_a == "In" and op_b == "NotIn":
+        return va <= vb
+    if op_a == "NotIn" and op_b == "In":
+        return vb <= va
+    return {op_a, op_b} in ({"In", "DoesNotExist"}, {"Exists", "DoesNotExist"})
+
+
+def selectors_overlap(a: Mapping[str, list[Constraint]], b: Mapping[str, list[Constraint]]) -> bool:
+    """Can one node satisfy both sets of constraints? Only a label key on which they
+    contradict (different values, In against NotIn, Exists against DoesNotExist) keeps
+    them apart; taints and preferred affinity are not judged (the operator errs towards a
+    conflict rather than two agents on one node)."""
+    for key in a.keys() & b.keys():
+        if any(_disjoint(x, y) for x in a[key] for y in b[key]):
+            return False
+    return True
