@@ -54,6 +54,9 @@ def register(subparsers: Any) -> None:
     render.add_argument("--ca-cert", metavar="FILE", help="an existing CA certificate (PEM): the certificates and "
                         "API tokens are then derived from it, the same on every run")
     render.add_argument("--ca-key", metavar="FILE", help="the CA's private key (PEM), with --ca-cert")
+    render.add_argument("--adopt", action="store_true",
+                        help="annotate every rendered object flowscope.dev/adopt=true, so that the operator may take "
+                             "them over later")
     render.set_defaults(func=run_render)
 
 
@@ -116,6 +119,13 @@ def run_render(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"flowscope render: {problem}", file=sys.stderr)
         return 1
+    if args.adopt:
+        from flowscope.operator.reconcile import ADOPT_ANNOTATION
+
+        for obj in objects:
+            if obj.get("apiVersion", "").startswith("flowscope.dev/") or obj.get("kind") == "Namespace":
+                continue
+            obj.setdefault("metadata", {}).setdefault("annotations", {})[ADOPT_ANNOTATION] = "true"
     for label in left_out:
         print(f"flowscope render: --no-secrets: left out {label} from the input (create it from your vault)",
               file=sys.stderr)

@@ -55,8 +55,8 @@ NODE_IP = "__NODE_IP__"  # replaced by the node's address (status.hostIP) in the
 # what the agent's "config" init container runs (it has the image's /bin/sh and sed)
 CONFIG_SCRIPT = (
     'case "$HOST_IP" in *:*) ip="[$HOST_IP]" ;; *) ip="$HOST_IP" ;; esac; '
-    f'sed "s/{NODE_IP}/$ip/" /etc/flowscope/template/agent.yaml > /etc/flowscope/config/agent.yaml'
-)
+    f'sed "s/{NODE_IP}\\(:[0-9]*\\)/\'$ip\\1\'/" /etc/flowscope/template/agent.yaml > /etc/flowscope/config/agent.yaml'
+)  # quoted: a bracketed IPv6 address is not a plain YAML scalar
 
 
 def go_duration(seconds: float) -> str:
