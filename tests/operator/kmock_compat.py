@@ -50,7 +50,10 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     kubectl 1.32 goes by the status code, Debian's kubectl 1.20 by the reason (``apply``
     fails with "Object Not Found"). Answered with an apiserver's NotFound Status.
 
-Not closed (not needed by these tests): protobuf bodies (``kubectl create configmap …``
+Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
+returns, although every object is gone within seconds (single-object deletes do return);
+test_operator_production.py deletes with ``--wait=false`` and polls ``kubectl get``. Not
+needed by these tests: protobuf bodies (``kubectl create configmap …``
 sends one for built-in kinds; answered 415 here; ``kubectl apply -f`` sends JSON), PUT, watch bookmarks and resourceVersion
 semantics (a new watch replays everything as ADDED, stale versions are accepted),
 field and label selectors (the operator filters lists itself), admission (CRD schema
