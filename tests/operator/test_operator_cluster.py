@@ -126,11 +126,6 @@ async def operator(cluster):
     thread.start()
     assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
     yield cluster
-    import collections, os
-    if os.environ.get("FLOWSCOPE_PROBE"):
-        reqs = list(cluster.emu)
-        top = collections.Counter(f"{getattr(r.method, 'value', r.method)} {r.url.path} {r.headers.get('User-Agent','')[:10]}" for r in reqs)
-        print("REQUESTS", len(reqs), top.most_common(15))
     stop.set()
     await asyncio.to_thread(thread.join, 30)
     assert not thread.is_alive(), "the operator did not stop within 30s"
