@@ -32,6 +32,12 @@ def register(subparsers: Any) -> None:
     op.add_argument("--resync", default="60s", help="period of the per-resource resync (Go duration, >= 1s)")
     op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint ('' disables)")
     op.add_argument("--context", help="kubeconfig context (outside a cluster)")
+    op.add_argument("--leader-election-namespace", metavar="NS", default=os.environ.get("POD_NAMESPACE", ""),
+                    help="elect one active replica through the Lease flowscope-operator in NS (env POD_NAMESPACE; "
+                         "'' runs without election, as a single replica)")
+    op.add_argument("--lease-duration", default="15s", help="how long a silent leader keeps the Lease (Go duration)")
+    op.add_argument("--identity", default=os.environ.get("HOSTNAME", ""),
+                    help="this replica's name in the Lease (env HOSTNAME, the pod name)")
     op.add_argument("--verbose", action="store_true")
     op.set_defaults(func=run_operator)
 
@@ -45,6 +51,12 @@ def register(subparsers: Any) -> None:
                         help="leave Secrets (TLS material) out; the output is then deterministic")
     render.add_argument("--image", default=DEFAULT_IMAGE, help="image for CRs that name none")
     render.add_argument("-n", "--namespace", default="default", help="namespace of CRs that name none")
+    render.add_argument("--ca-cert", metavar="FILE", help="an existing CA certificate (PEM): the certificates and "
+                        "API tokens are then derived from it, the same on every run")
+    render.add_argument("--ca-key", metavar="FILE", help="the CA's private key (PEM), with --ca-cert")
+    render.add_argument("--adopt", action="store_true",
+                        help="annotate every rendered object flowscope.dev/adopt=true, so that the operator may take "
+                             "them over later")
     render.set_defaults(func=run_render)
 
 
@@ -87,13 +99,36 @@ def run_render(args: argparse.Namespace) -> int:
     from flowscope.operator.spec import SpecError
 
     docs = _read_documents(args.filename)
+    ca = None
+    if bool(args.ca_cert) != bool(args.ca_key):
+        raise SystemExit("flowscope render: --ca-cert and --ca-key go together")
+    if args.ca_cert:
+        from flowscope.operator import tls
+
+        try:
+            ca = tls.load(Path(args.ca_cert).read_bytes(), Path(args.ca_key).read_bytes())
+        except OSError as exc:
+            raise SystemExit(f"flowscope render: {exc}") from None
+        if ca is None:
+            raise SystemExit("flowscope render: --ca-cert/--ca-key: not a PEM certificate and its matching key")
+    left_out: list[str] = []
     try:
         objects = render_documents(docs, image=args.image, secrets=not args.no_secrets,
-                                   default_namespace=args.namespace)
+                                   default_namespace=args.namespace, ca=ca, left_out=left_out)
     except SpecError as exc:
         for problem in exc.problems:
             print(f"flowscope render: {problem}", file=sys.stderr)
         return 1
+    if args.adopt:
+        from flowscope.operator.reconcile import ADOPT_ANNOTATION
+
+        for obj in objects:
+            if obj.get("apiVersion", "").startswith("flowscope.dev/") or obj.get("kind") == "Namespace":
+                continue
+            obj.setdefault("metadata", {}).setdefault("annotations", {})[ADOPT_ANNOTATION] = "true"
+    for label in left_out:
+        print(f"flowscope render: --no-secrets: left out {label} from the input (create it from your vault)",
+              file=sys.stderr)
     sys.stdout.write(yaml.dump_all(objects, Dumper=_BlockDumper(yaml), sort_keys=False, default_flow_style=False))
     return 0
 
@@ -130,13 +165,76 @@ def run_operator(args: argparse.Namespace) -> int:
         raise SystemExit(f"flowscope operator: --resync: {args.resync!r} is below the 1s minimum")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        lease = parse_duration(args.lease_duration, field="--lease-duration")
+    except DurationError as exc:
+        raise SystemExit(f"flowscope operator: {exc}") from None
+    if lease < 3:
+        raise SystemExit(f"flowscope operator: --lease-duration: {args.lease_duration!r} is below the 3s minimum")
     connection = Connection.detect(args.context)
     registry = build_registry(connection, image=args.image, resync=resync)
     settings = configure(kopf.OperatorSettings())
     settings.posting.level = logging.WARNING
-    asyncio.run(kopf.operator(
-        registry=registry, settings=settings, standalone=True,
-        clusterwide=not args.namespaces, namespaces=args.namespaces or (),
-        liveness_endpoint=args.liveness or None,
-    ))
-    return 0
+
+    async def main() -> int:
+        from flowscope.operator.kube import KubeApi
+        from flowscope.operator.leader import LeaseElector
+
+        elector = None
+        keeper = None
+        stop = asyncio.Event()
+        if args.leader_election_namespace:
+            import uuid
+
+            identity = args.identity or f"flowscope-operator-{uuid.uuid4().hex[:8]}"
+            elector = LeaseElector(KubeApi(connection), args.leader_election_namespace, "flowscope-operator",
+                                   identity, lease_seconds=lease, renew_seconds=lease / 3)
+            standby = await _standby_health(args.liveness)  # a standby is alive, too
+            try:
+                await elector.acquire()
+            finally:
+                if standby is not None:
+                    await standby.cleanup()
+            logging.getLogger("flowscope.operator").info("leader election: %s leads", identity)
+            keeper = asyncio.create_task(elector.keep())
+            keeper.add_done_callback(lambda _: stop.set())
+        try:
+            await kopf.operator(
+                registry=registry, settings=settings, standalone=True,
+                clusterwide=not args.namespaces, namespaces=args.namespaces or (),
+                liveness_endpoint=args.liveness or None, stop_flag=stop,
+            )
+        finally:
+            if elector is not None and keeper is not None:
+                keeper.cancel()
+                if not elector.lost.is_set():
+                    await elector.release()
+                await elector.api.close()
+        if elector is not None and elector.lost.is_set():
+            print("flowscope operator: lost the leader Lease; exiting so that the pod restarts and stands by",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(main())
+
+
+async def _standby_health(liveness: str) -> Any:
+    """Answer the liveness probe while standing by (kopf serves it once this replica leads)."""
+    if not liveness:
+        return None
+    from urllib.parse import urlsplit
+
+    from aiohttp import web
+
+    url = urlsplit(liveness)
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="standing by\n")
+
+    app = web.Application()
+    app.router.add_get(url.path or "/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, url.hostname, url.port or 8080).start()
+    return runner

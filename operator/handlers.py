@@ -1,19 +1,24 @@
-"""kopf handlers: when to reconcile. What a reconcile does lives in reconcile.py.
+"""kopf wiring: which events run which reconcile. Each handler is a few lines.
 
-Every handler is a few lines that call the Reconciler. Triggers:
-
-- any event of a FlowAggregator or FlowExporterConfig (creation, spec or status change,
-  operator restart: kopf replays everything it lists);
-- an event of a Deployment or DaemonSet the operator manages (someone edited it: drift;
-  or its status changed: readiness), which reconciles the owning custom resource;
+- any event of a FlowAggregator or FlowExporterConfig (create, update, resume) reconciles it;
+- an event of an object the operator owns (Deployment, DaemonSet, ConfigMap, Secret,
+  ServiceAccount, Service, NetworkPolicy, and the agents' ClusterRole/ClusterRoleBinding),
+  filtered by the API server on the managed-by label, reconciles its owner: someone's
+  edit or deletion is undone at once, not at the next resync;
 - a change of a FlowAggregator also reconciles the FlowExporterConfigs referencing it
-  (new address, transport or certificates reach the agents at once);
-- a resync timer per resource (certificate rotation, retries after transient errors);
-- deletion of a FlowExporterConfig, whose finalizer removes its cluster-scoped RBAC
-  (owner references cover everything namespaced).
+  (new address, transport, certificates or readiness reach them at once); a change of a
+  FlowExporterConfig re-judges the ones held back by a node conflict;
+- one operator-wide resync loop (not kopf timers: a kopf timer makes kopf put its own
+  finalizer on every resource and, on deletion, wait for the timer to stop, which took
+  minutes) lists both kinds every ``resync`` seconds (certificate rotation, retries after
+  transient errors) and collects the agents' cluster-scoped RBAC left behind;
+- deletion: a FlowAggregator carries no finalizer at all (owner references let the
+  garbage collector delete its objects); a FlowExporterConfig carries the finalizer
+  ``flowscope.dev/agent-rbac``, whose handler deletes its cluster-scoped RBAC (which
+  owner references cannot cover), so deleting one takes as long as two API calls.
 
 Event handlers are not retried by kopf, which suits level-triggered reconciles: the next
-event or the resync timer picks up anything a transient API error left undone.
+event or the resync loop picks up anything a transient API error left undone.
 """
 
 from __future__ import annotations
@@ -36,12 +41,21 @@ __all__ = ["build_registry", "configure"]
 log = logging.getLogger("flowscope.operator")
 
 
+FINALIZER = "flowscope.dev/agent-rbac"
+OWNED = (("apps", "v1", "deployments"), ("apps", "v1", "daemonsets"), ("", "v1", "configmaps"),
+         ("", "v1", "secrets"), ("", "v1", "serviceaccounts"), ("", "v1", "services"),
+         ("networking.k8s.io", "v1", "networkpolicies"))
+CLUSTER_OWNED = (("rbac.authorization.k8s.io", "v1", "clusterroles"),
+                 ("rbac.authorization.k8s.io", "v1", "clusterrolebindings"))
+
+
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
-    """Watch only our own Deployments and DaemonSets, filtered by the API server, not all of
-    a large cluster's (the handlers' label filters alone would be applied client-side)."""
+    """Watch only our own objects, filtered by the API server, not all of a large cluster's
+    (the handlers' label filters alone would be applied client-side); name our finalizer."""
     selector = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-    settings.watching.label_selectors["apps", "deployments"] = selector
-    settings.watching.label_selectors["apps", "daemonsets"] = selector
+    for group, version, plural in OWNED + CLUSTER_OWNED:
+        settings.watching.label_selectors[group, version, plural] = selector
+    settings.persistence.finalizer = FINALIZER
     return settings
 
 
@@ -51,6 +65,7 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
     registry = kopf.OperatorRegistry()
     rec = reconciler or Reconciler(KubeApi(connection), image=image)
     locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+    tasks: list[asyncio.Task[None]] = []
 
     async def run(kind: str, namespace: str, name: str) -> None:
         """Reconcile one resource, serialised per resource, always from a fresh read."""
@@ -68,7 +83,7 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
                 else:
                     await rec.exporter(fresh)
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                # level-triggered: the next event or the resync timer tries again
+                # level-triggered: the next event or the resync loop tries again
                 log.warning("reconcile of %s %s/%s will be retried: %s", kind, namespace, name, exc)
 
     async def referencing(namespace: str, name: str) -> list[tuple[str, str]]:
@@ -80,6 +95,28 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
                 out.append((meta.get("namespace") or "default", meta["name"]))
         return out
 
+    async def held_back(but: tuple[str, str]) -> list[tuple[str, str]]:
+        out = []
+        for fec in await rec.api.list(API_VERSION, "FlowExporterConfig"):
+            meta = fec.get("metadata") or {}
+            key = (meta.get("namespace") or "default", meta["name"])
+            reasons = {c.get("reason") for c in (fec.get("status") or {}).get("conditions") or []}
+            if key != but and "NodeConflict" in reasons:
+                out.append(key)
+        return out
+
+    async def resync_loop(period: float) -> None:
+        while True:
+            try:
+                await rec.collect_orphans()
+                for kind in ("FlowAggregator", "FlowExporterConfig"):
+                    for obj in await rec.api.list(API_VERSION, kind):
+                        meta = obj.get("metadata") or {}
+                        await run(kind, meta.get("namespace") or "default", meta["name"])
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("resync failed, next one in %gs: %s", period, exc)
+            await asyncio.sleep(period)
+
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(
@@ -88,8 +125,16 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
             private_key_path=connection.key_file,
         )
 
+    @kopf.on.startup(registry=registry)
+    async def start(**_: Any) -> None:
+        if resync:
+            tasks.append(asyncio.create_task(resync_loop(resync), name="flowscope-resync"))
+
     @kopf.on.cleanup(registry=registry)
     async def close(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await rec.api.close()
 
     @kopf.on.event(GROUP, VERSION, "flowaggregators", registry=registry)
@@ -102,18 +147,11 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
 
     @kopf.on.event(GROUP, VERSION, "flowexporterconfigs", registry=registry)
     async def exporter_event(type: str, namespace: str | None, name: str, **_: Any) -> None:
+        ns0 = namespace or "default"
         if type != "DELETED":
-            await run("FlowExporterConfig", namespace or "default", name)
-
-    if resync:  # None: no timers (tests drive reconciles by events and injected clocks)
-        @kopf.timer(GROUP, VERSION, "flowaggregators", interval=resync, initial_delay=resync, registry=registry)
-        async def aggregator_resync(namespace: str | None, name: str, **_: Any) -> None:
-            await run("FlowAggregator", namespace or "default", name)
-
-        @kopf.timer(GROUP, VERSION, "flowexporterconfigs", interval=resync, initial_delay=resync,
-                    registry=registry)
-        async def exporter_resync(namespace: str | None, name: str, **_: Any) -> None:
-            await run("FlowExporterConfig", namespace or "default", name)
+            await run("FlowExporterConfig", ns0, name)
+        for ns, n in await held_back((ns0, name)):
+            await run("FlowExporterConfig", ns, n)
 
     @kopf.on.delete(GROUP, VERSION, "flowexporterconfigs", registry=registry)
     async def exporter_deleted(body: Mapping[str, Any], **_: Any) -> None:
@@ -124,7 +162,15 @@ def build_registry(connection: Connection, *, image: str, resync: float | None =
             if ref.get("apiVersion") == API_VERSION and ref.get("controller") and namespace:
                 await run(ref["kind"], namespace, ref["name"])
 
+    async def cluster_child_event(body: kopf.Body, **_: Any) -> None:
+        labels = body.get("metadata", {}).get("labels") or {}
+        ns, name = labels.get("flowscope.dev/owner-namespace"), labels.get("flowscope.dev/owner-name")
+        if ns and name:
+            await run("FlowExporterConfig", ns, name)
+
     managed = {"app.kubernetes.io/managed-by": MANAGED_BY}
-    kopf.on.event("apps", "v1", "deployments", labels=managed, registry=registry)(child_event)
-    kopf.on.event("apps", "v1", "daemonsets", labels=managed, registry=registry)(child_event)
+    for group, version, plural in OWNED:
+        kopf.on.event(group, version, plural, labels=managed, registry=registry)(child_event)
+    for group, version, plural in CLUSTER_OWNED:
+        kopf.on.event(group, version, plural, labels=managed, registry=registry)(cluster_child_event)
     return registry

@@ -17,8 +17,22 @@ resource or on a child, a periodic resync, an operator restart):
    therefore undone on the next reconcile, and a reconcile with nothing changed writes
    nothing at all. Secrets and ConfigMaps this resource controlled earlier but no longer
    needs (TLS material after a switch to tcp) are deleted.
-5. Status: ``observedGeneration``, ``Ready`` (with reason/message) and a few facts,
-   patched through the status subresource only when it changed.
+5. Status: ``observedGeneration`` and four conditions, patched through the status
+   subresource only when something changed:
+   ``Available`` (the workload has its pods available), ``Progressing`` (a rollout is
+   under way: the workload has not observed its newest generation, or not every pod is
+   updated yet, so old pods counting as ready do not make a change look done),
+   ``Degraded`` (the spec or the cluster keeps us from applying it: the reason says why)
+   and ``Ready`` (available, rolled out, not degraded, and for a FlowExporterConfig its
+   FlowAggregator Ready too). Each has a reason and a message a person can act on.
+6. Events: every decision that changes the ``Ready`` reason or writes objects is also a
+   Kubernetes Event on the resource (Applied, InvalidSpec, NodeConflict, NameConflict,
+   CertificateRotated, ...), so ``kubectl describe`` tells the story.
+
+Objects made by ``flowscope render`` (no owner reference) are taken over only when they
+carry the annotation ``flowscope.dev/adopt: "true"``; every conflict is listed at once.
+FlowExporterConfigs whose nodes overlap: the older one deploys, the newer one gets
+``NodeConflict`` and its DaemonSet is removed, so no node runs two agents.
 """
 
 from __future__ import annotations
@@ -26,7 +40,10 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import logging
+import os
 import re
+import secrets as _secrets
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -36,14 +53,20 @@ from flowscope.operator import manifests, tls
 from flowscope.operator.kube import ApiError, KubeApi
 from flowscope.operator.manifests import MANAGED_BY, AgentTLS, Owner
 from flowscope.operator.spec import (
-    API_VERSION, FlowAggregatorSpec, SpecError, parse_flow_aggregator, parse_flow_exporter_config,
+    API_VERSION, FlowAggregatorSpec, FlowExporterConfigSpec, SpecError, parse_flow_aggregator,
+    parse_flow_exporter_config,
 )
 
-__all__ = ["Reconciler", "Outcome", "contains", "condition"]
+__all__ = ["Reconciler", "Outcome", "contains", "condition", "ADOPT_ANNOTATION", "CONDITION_TYPES"]
 
 log = logging.getLogger("flowscope.operator")
-# Kinds whose presence depends on the spec (TLS material, per-transport objects).
-PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"))
+ADOPT_ANNOTATION = "flowscope.dev/adopt"
+CONDITION_TYPES = ("Ready", "Available", "Progressing", "Degraded")
+# Kinds whose presence depends on the spec (TLS material, per-transport objects, options);
+# a PersistentVolumeClaim holds data and is never pruned.
+PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"))
+OPTIONAL_PRUNABLE = (("cert-manager.io/v1", "Certificate"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+                     ("monitoring.coreos.com/v1", "PodMonitor"))  # their CRDs may not be installed
 Clock = Callable[[], dt.datetime]
 
 
@@ -94,9 +117,10 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
     return bool(live == desired)
 
 
-def condition(type_: str, ok: bool, reason: str, message: str, generation: int | None,
+def condition(type_: str, ok: bool | None, reason: str, message: str, generation: int | None,
               now: dt.datetime, previous: list[Mapping[str, Any]] | None) -> dict[str, Any]:
-    status = "True" if ok else "False"
+    """A status condition; ``ok`` None is Unknown. The transition time stays while the status does."""
+    status = "Unknown" if ok is None else "True" if ok else "False"
     since = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     for old in previous or []:
         if old.get("type") == type_ and old.get("status") == status and old.get("lastTransitionTime"):
@@ -108,7 +132,7 @@ def condition(type_: str, ok: bool, reason: str, message: str, generation: int |
 
 
 class OwnershipConflict(Exception):
-    """An object we would write exists and is controlled by someone else."""
+    """Objects we would write exist and are controlled by someone else (all of them listed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +141,37 @@ class Outcome:
     reason: str
     message: str
     writes: int  # objects created or patched (the status patch not counted)
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """What a Deployment's or DaemonSet's status says about the pods of its newest spec."""
+
+    desired: int
+    updated: int
+    ready: int
+    available: int
+    observed: bool  # the controller has seen the workload's current generation
+
+    @property
+    def done(self) -> bool:
+        return self.observed and self.updated >= self.desired
+
+    @classmethod
+    def of(cls, workload: Mapping[str, Any] | None, desired: int | None = None) -> "Rollout":
+        w = workload or {}
+        st = w.get("status") or {}
+        generation = int((w.get("metadata") or {}).get("generation") or 0)
+        observed = bool(st) and int(st.get("observedGeneration") or 0) >= generation
+        if w.get("kind") == "DaemonSet":
+            return cls(int(st.get("desiredNumberScheduled") or 0), int(st.get("updatedNumberScheduled") or 0),
+                       int(st.get("numberReady") or 0), int(st.get("numberAvailable") or 0), observed)
+        want = desired if desired is not None else int((w.get("spec") or {}).get("replicas") or 1)
+        total = int(st.get("replicas") or 0)
+        updated = int(st.get("updatedReplicas") or 0)
+        # old pods still running next to updated ones: not done (Recreate avoids it, but say so)
+        return cls(want, updated if total <= updated else min(updated, want - 1),
+                   int(st.get("readyReplicas") or 0), int(st.get("availableReplicas") or 0), observed)
 
 
 def _b64d(data: Mapping[str, Any] | None, key: str) -> bytes | None:
@@ -146,12 +201,16 @@ class Reconciler:
         want = desired["metadata"]
         have = live.get("metadata") or {}
         desc = f"{desired['kind']} {want.get('namespace') + '/' if want.get('namespace') else ''}{want['name']}"
+        adopt = (have.get("annotations") or {}).get(ADOPT_ANNOTATION) == "true"
         mine = [r for r in want.get("ownerReferences") or [] if r.get("controller")]
         if mine:
             theirs = [r for r in have.get("ownerReferences") or [] if r.get("controller")]
             if not theirs:
+                if adopt:
+                    return  # made by `flowscope render` (or by hand) and handed over: adopted on write
                 raise OwnershipConflict(f"{desc} already exists and no custom resource controls it (created by "
-                                        "hand or by another tool); delete or rename it, or rename this resource")
+                                        f"hand or by another tool); delete it, annotate it {ADOPT_ANNOTATION}=true "
+                                        "to let the operator adopt it, or rename this resource")
             t, m = theirs[0], mine[0]
             # the same resource re-created (a new uid after an orphaning delete) may adopt its objects
             if t.get("uid") != m["uid"] and (t.get("kind"), t.get("name")) != (m["kind"], m["name"]):
@@ -161,6 +220,8 @@ class Reconciler:
         labels = want.get("labels") or {}
         if "flowscope.dev/owner-name" in labels:  # cluster-scoped: ownership is in the labels
             live_labels = have.get("labels") or {}
+            if adopt and "flowscope.dev/owner-name" not in live_labels:
+                return
             for key in ("flowscope.dev/owner-namespace", "flowscope.dev/owner-name"):
                 if live_labels.get(key) != labels[key]:
                     raise OwnershipConflict(f"{desc} already exists and is not this resource's (label {key} is "
@@ -194,33 +255,48 @@ class Reconciler:
         await self.api.patch(*key, desired)
         return "updated"
 
-    async def _apply_all(self, objects: list[dict[str, Any]], owner: Owner | None) -> int:
+    async def _apply_all(self, objects: list[dict[str, Any]], owner: Owner | None,
+                         changed: list[str] | None = None) -> int:
         """Apply every object, but only after checking that none of them belongs to someone
         else: an ownership conflict writes nothing at all."""
         lives = [await self.api.get(*self._key(obj)) for obj in objects]
+        changed = [] if changed is None else changed
+        conflicts = []
         for obj, live in zip(objects, lives, strict=True):
             if live is not None:
-                self._check_ownership(live, obj)
+                try:
+                    self._check_ownership(live, obj)
+                except OwnershipConflict as exc:
+                    conflicts.append(str(exc))
+        if conflicts:
+            raise OwnershipConflict("; ".join(conflicts))
         writes = 0
         for obj, live in zip(objects, lives, strict=True):
             result = await self.apply(obj, live, fetched=True)
             if result != "unchanged":
                 writes += 1
-                log.info("%s %s %s/%s", result, obj["kind"], obj["metadata"].get("namespace", ""),
-                         obj["metadata"]["name"])
+                changed.append(f"{result} {obj['kind']} {obj['metadata']['name']}")
+                log.info("%s %s %s/%s for %s", result, obj["kind"], obj["metadata"].get("namespace", ""),
+                         obj["metadata"]["name"], owner and f"{owner.kind} {owner.name}")
         if owner is not None:
-            writes += await self._prune(objects, owner)
+            writes += await self._prune(objects, owner, changed)
         return writes
 
-    async def _prune(self, desired: list[dict[str, Any]], owner: Owner) -> int:
+    async def _prune(self, desired: list[dict[str, Any]], owner: Owner, changed: list[str]) -> int:
         """Delete what this owner created before and no longer needs (e.g. TLS material after a
         switch to tcp). Only objects controlled by this very owner (uid) are candidates."""
         namespaces = {o["metadata"].get("namespace") for o in desired} - {None}
         keep = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in desired}
         deleted = 0
         for namespace in namespaces:
-            for api_version, kind in PRUNABLE:
-                for live in await self.api.list(api_version, kind, namespace, {"app.kubernetes.io/managed-by": MANAGED_BY}):
+            for api_version, kind in PRUNABLE + OPTIONAL_PRUNABLE:
+                try:
+                    lives = await self.api.list(api_version, kind, namespace, {"app.kubernetes.io/managed-by": MANAGED_BY})
+                except ApiError:
+                    if (api_version, kind) in PRUNABLE:
+                        raise
+                    continue  # not installed here (e.g. no Prometheus operator)
+                for live in lives:
                     meta = live.get("metadata") or {}
                     refs = meta.get("ownerReferences") or []
                     if not any(r.get("uid") == owner.uid and r.get("controller") for r in refs):
@@ -228,23 +304,74 @@ class Reconciler:
                     if (kind, meta.get("namespace"), meta.get("name")) in keep:
                         continue
                     if await self.api.delete(api_version, kind, meta.get("namespace"), meta["name"]):
-                        log.info("pruned %s %s/%s", kind, meta.get("namespace"), meta["name"])
+                        log.info("pruned %s %s/%s for %s %s", kind, meta.get("namespace"), meta["name"],
+                                 owner.kind, owner.name)
+                        changed.append(f"pruned {kind} {meta['name']}")
                         deleted += 1
         return deleted
 
+    async def event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the resource; losing one never fails a reconcile."""
+        meta = body.get("metadata") or {}
+        now = self.clock().strftime("%Y-%m-%dT%H:%M:%SZ")
+        ns = meta.get("namespace") or "default"
+        try:
+            await self.api.create({
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"{meta.get('name')}.{uuid.uuid4().hex[:12]}", "namespace": ns},
+                "involvedObject": {"apiVersion": API_VERSION, "kind": body.get("kind"), "name": meta.get("name"),
+                                   "namespace": ns, "uid": meta.get("uid"),
+                                   "resourceVersion": meta.get("resourceVersion")},
+                "reason": reason, "message": message[:1024], "type": type_, "count": 1,
+                "firstTimestamp": now, "lastTimestamp": now,
+                "source": {"component": MANAGED_BY}, "reportingComponent": f"{MANAGED_BY}",
+                "reportingInstance": os.environ.get("HOSTNAME", MANAGED_BY),
+            })
+        except (ApiError, OSError) as exc:
+            log.warning("could not post the Event %s for %s %s/%s: %s", reason, body.get("kind"), ns,
+                        meta.get("name"), exc)
+
     async def _set_status(self, body: Mapping[str, Any], ready: bool, reason: str, message: str,
-                          extra: Mapping[str, Any]) -> None:
+                          extra: Mapping[str, Any], *, available: tuple[bool, str, str] | None = None,
+                          progressing: tuple[bool, str, str] | None = None,
+                          degraded: tuple[bool, str, str] | None = None) -> None:
+        """Write the four conditions (those not given keep their last value, or Unknown)
+        and ``extra``; post an Event when the Ready reason or message changes."""
         meta = body.get("metadata") or {}
         old = body.get("status") or {}
+        previous = old.get("conditions") or []
         generation = meta.get("generation")
-        cond = condition("Ready", ready, reason, message, generation, self.clock(), old.get("conditions"))
-        status: dict[str, Any] = {"conditions": [cond], **extra}
+        now = self.clock()
+        if degraded is None:
+            degraded = (not ready and reason not in ("Deploying", "AggregatorNotReady"),
+                        reason if not ready else "AsExpected",
+                        message if not ready else "the spec is applied")
+            if not degraded[0]:
+                degraded = (False, "AsExpected", "the spec is applied")
+        given = {"Ready": (ready, reason, message), "Available": available, "Progressing": progressing,
+                 "Degraded": degraded}
+        conditions = []
+        for type_ in CONDITION_TYPES:
+            value = given[type_]
+            if value is None:
+                kept = next((c for c in previous if c.get("type") == type_), None)
+                if kept is not None:
+                    conditions.append(dict(kept))
+                    continue
+                conditions.append(condition(type_, None, "NotYetKnown", "not determined yet", generation, now,
+                                            previous))
+                continue
+            conditions.append(condition(type_, value[0], value[1], value[2], generation, now, previous))
+        status: dict[str, Any] = {"conditions": conditions, **extra}
         if generation is not None:
             status["observedGeneration"] = generation
-        if contains(old, status) and len(old.get("conditions") or []) == 1:
+        if contains(old, status) and len(previous) == len(conditions):
             return
         await self.api.patch(API_VERSION, body["kind"], meta.get("namespace"), meta["name"],
                              {"status": status}, subresource="status")
+        old_ready = next((c for c in previous if c.get("type") == "Ready"), {})
+        if (old_ready.get("reason"), old_ready.get("message")) != (reason, message):
+            await self.event(body, "Normal" if ready or not degraded[0] else "Warning", reason, message)
 
     async def _fail(self, body: Mapping[str, Any], reason: str, message: str, extra: Mapping[str, Any] | None = None
                     ) -> Outcome:
@@ -252,6 +379,11 @@ class Reconciler:
                     body["metadata"].get("name"), reason, message)
         await self._set_status(body, False, reason, message, extra or {})
         return Outcome(False, reason, message, 0)
+
+    async def _applied(self, body: Mapping[str, Any], changed: list[str]) -> None:
+        if changed:
+            what = ", ".join(changed[:12]) + (f" and {len(changed) - 12} more" if len(changed) > 12 else "")
+            await self.event(body, "Normal", "Applied", what)
 
     @staticmethod
     def _owner(body: Mapping[str, Any]) -> Owner | None:
@@ -269,13 +401,19 @@ class Reconciler:
         ca_data = (ca_secret or {}).get("data")
         stored = {"ca": tls.load(_b64d(ca_data, "tls.crt"), _b64d(ca_data, "tls.key")),
                   "next_ca": tls.load(_b64d(ca_data, "next.crt"), _b64d(ca_data, "next.key")),
-                  "server": await pair("server-tls"), "client": await pair("client-tls")}
+                  "server": await pair("server-tls"), "client": await pair("client-tls"),
+                  "api_client": await pair("api-client-tls")}
         names = tuple(dict.fromkeys((*spec.service_dns_names, spec.flow_aggregator_address)))
         return tls.ensure(
             stored, now=self.clock(), server_names=names, lifetime=spec.certificates.lifetime,
             ca_lifetime=spec.certificates.ca_lifetime, margin=spec.certificates.rotation_margin,
             ca_name=f"flowscope-ca {spec.namespace}/{spec.name}", previous_ca=_b64d(ca_data, "previous.crt"),
         )
+
+    async def api_token(self, spec: FlowAggregatorSpec) -> bytes:
+        """The flow-records API token: the stored one, or a new random one."""
+        secret = await self.api.get("v1", "Secret", spec.namespace, f"{spec.name}-api-token")
+        return _b64d((secret or {}).get("data"), "token") or _secrets.token_hex(32).encode()
 
     async def aggregator(self, body: Mapping[str, Any]) -> Outcome:
         try:
@@ -293,38 +431,84 @@ class Reconciler:
                     body, "ClickHouseSecretInvalid",
                     f"spec.sinks.clickhouse.credentialsSecretRef: Secret {spec.namespace}/{ch.credentials_secret} "
                     f"{what}; create it with keys {ch.username_key} and {ch.password_key}")
-        material = await self.tls_material(spec) if spec.transport == "tls" else None
+        own_tls = spec.transport == "tls" and spec.certificates.issuer is None
+        material = await self.tls_material(spec) if own_tls else None
+        token = await self.api_token(spec) if manifests.api_mode(spec) == "token" else None
         owner = self._owner(body)
-        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner)
+        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner, api_token=token)
+        changed: list[str] = []
         try:
-            writes = await self._apply_all(objects, owner)
+            writes = await self._apply_all(objects, owner, changed)
         except OwnershipConflict as exc:
             return await self._fail(body, "NameConflict", str(exc))
         except ApiError as exc:
             if exc.retryable:
                 raise
             return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
-        extra: dict[str, Any] = {"collectorAddress": spec.collector_address, "serverCertificateNotAfter": None}
+        await self._applied(body, changed)
+        old_status = body.get("status") or {}
+        scheme = "https" if manifests.api_mode(spec) == "mtls" else "http"
+        extra: dict[str, Any] = {
+            "collectorAddress": spec.collector_address, "serverCertificateNotAfter": None,
+            "apiEndpoint": f"{scheme}://{spec.name}.{spec.namespace}.svc:{manifests.API_PORT}",
+        }
         if material is not None:
             extra["serverCertificateNotAfter"] = material.server.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
-        deployment = await self.api.get("apps/v1", "Deployment", spec.namespace, spec.name) or {}
-        available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
-        if available < spec.replicas:
-            message = (f"applied; waiting for Deployment {spec.namespace}/{spec.name}: "
-                       f"{available} of {spec.replicas} replicas available")
-            await self._set_status(body, False, "Deploying", message, extra)
+            before = old_status.get("serverCertificateNotAfter")
+            if before and before != extra["serverCertificateNotAfter"]:
+                await self.event(body, "Normal", "CertificateRotated",
+                                 f"new server and client certificates, valid until {extra['serverCertificateNotAfter']}; "
+                                 "pods roll to pick them up")
+        deployment = await self.api.get("apps/v1", "Deployment", spec.namespace, spec.name)
+        r = Rollout.of(deployment, spec.replicas)
+        extra.update(replicas=spec.replicas, readyReplicas=r.ready, updatedReplicas=r.updated)
+        where = f"Deployment {spec.namespace}/{spec.name}"
+        available = (r.available >= spec.replicas,
+                     "MinimumReplicasAvailable" if r.available >= spec.replicas else "MinimumReplicasUnavailable",
+                     f"{where}: {r.available} of {spec.replicas} replicas available")
+        progressing = _progressing(r, where, "replicas")
+        if not available[0] or not r.done:
+            message = f"applied; waiting for {where}: " + (progressing[2] if not r.done else available[2])
+            await self._set_status(body, False, "Deploying", message, extra, available=available,
+                                   progressing=progressing)
             return Outcome(False, "Deploying", message, writes)
         message = f"aggregator listening on {spec.collector_address}"
-        await self._set_status(body, True, "Running", message, extra)
+        await self._set_status(body, True, "Running", message, extra, available=available, progressing=progressing)
         return Outcome(True, "Running", message, writes)
 
     # -- FlowExporterConfig ---------------------------------------------------------------
+    async def node_conflict(self, body: Mapping[str, Any], spec: FlowExporterConfigSpec) -> str | None:
+        """The older FlowExporterConfigs whose agents would run on nodes this one selects."""
+        mine = manifests.node_constraints(spec)
+        me = _age_key(body)
+        older = []
+        for other in await self.api.list(API_VERSION, "FlowExporterConfig"):
+            meta = other.get("metadata") or {}
+            if meta.get("uid") == (body.get("metadata") or {}).get("uid") or meta.get("deletionTimestamp"):
+                continue
+            if _age_key(other) >= me:
+                continue
+            try:
+                theirs = parse_flow_exporter_config(other)
+            except SpecError:
+                continue  # deploys nothing
+            if manifests.selectors_overlap(mine, manifests.node_constraints(theirs)):
+                older.append(f"{theirs.namespace}/{theirs.name} (nodeSelector "
+                             f"{manifests.agent_node_selector(theirs)})")
+        if not older:
+            return None
+        return (f"nodes this FlowExporterConfig selects (nodeSelector {manifests.agent_node_selector(spec)}) may "
+                f"already run the agents of the older FlowExporterConfig {', '.join(older)}: one agent per node "
+                "only, so nothing is deployed for this one; make them exclusive (a label key with different "
+                "values, or a required node affinity NotIn/DoesNotExist on the other's label), or delete one")
+
     async def exporter(self, body: Mapping[str, Any]) -> Outcome:
         try:
             spec = parse_flow_exporter_config(body)
         except SpecError as exc:
             return await self._fail(body, "InvalidSpec", str(exc))
         aggregator: FlowAggregatorSpec | None = None
+        fa_body: Mapping[str, Any] | None = None
         agent_tls: AgentTLS | None = None
         if spec.aggregator_ref is not None:
             ref = spec.aggregator_ref
@@ -338,10 +522,12 @@ class Reconciler:
                         f"FlowAggregator {ref.namespace}/{ref.name} has an invalid spec; fix it first: {exc}")
         try:
             collector, server_name = manifests.resolve_collector(spec, aggregator)
+            cert_manager = manifests.agent_cert_manager(spec, aggregator)
         except SpecError as exc:
-            reason = "AggregatorNotFound" if aggregator is None else "TransportMismatch"
+            reason = ("AggregatorNotFound" if aggregator is None else
+                      "TransportMismatch" if "spec.transport" in str(exc) else "IssuerNotUsable")
             return await self._fail(body, reason, str(exc))
-        if aggregator is not None and aggregator.transport == "tls":
+        if aggregator is not None and aggregator.transport == "tls" and cert_manager is None:
             secret = await self.api.get("v1", "Secret", aggregator.namespace, f"{aggregator.name}-client-tls")
             data = (secret or {}).get("data")
             client = tls.load(_b64d(data, "tls.crt"), _b64d(data, "tls.key"))
@@ -352,7 +538,7 @@ class Reconciler:
                     f"FlowAggregator {aggregator.namespace}/{aggregator.name} has not issued the agents' client "
                     "certificate yet; it will be picked up on the next reconcile")
             agent_tls = AgentTLS(ca_pem, client)
-        if collector.protocol == "tls" and agent_tls is None and spec.tls_secret:
+        if collector.protocol == "tls" and agent_tls is None and cert_manager is None and spec.tls_secret:
             user_secret = await self.api.get("v1", "Secret", spec.namespace, spec.tls_secret)
             missing = [k for k in ("ca.crt", "tls.crt", "tls.key") if not (user_secret or {}).get("data", {}).get(k)]
             if missing:
@@ -361,29 +547,82 @@ class Reconciler:
                     f"spec.tlsSecretName: Secret {spec.namespace}/{spec.tls_secret} "
                     f"{'does not exist' if user_secret is None else 'lacks ' + ', '.join(missing)}; "
                     "it must hold ca.crt, tls.crt and tls.key")
+        conflict = await self.node_conflict(body, spec)
+        if conflict is not None:
+            owner = self._owner(body)
+            ds = await self.api.get("apps/v1", "DaemonSet", spec.namespace, spec.name)
+            refs = ((ds or {}).get("metadata") or {}).get("ownerReferences") or []
+            if ds is not None and owner is not None and any(r.get("uid") == owner.uid for r in refs):
+                await self.api.delete("apps/v1", "DaemonSet", spec.namespace, spec.name)
+                log.info("deleted DaemonSet %s/%s for FlowExporterConfig %s: node conflict", spec.namespace,
+                         spec.name, spec.name)
+            return await self._fail(body, "NodeConflict", conflict)
         owner = self._owner(body)
         objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
-                                        tls=agent_tls, owner=owner)
+                                        tls=agent_tls, owner=owner, cert_manager=cert_manager)
+        changed: list[str] = []
         try:
-            writes = await self._apply_all(objects, owner)
+            writes = await self._apply_all(objects, owner, changed)
         except OwnershipConflict as exc:
             return await self._fail(body, "NameConflict", str(exc))
         except ApiError as exc:
             if exc.retryable:
                 raise
             return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
-        extra = {"collectorAddress": str(collector)}
-        ds = await self.api.get("apps/v1", "DaemonSet", spec.namespace, spec.name) or {}
-        st = ds.get("status") or {}
-        desired_n, ready_n = int(st.get("desiredNumberScheduled") or 0), int(st.get("numberReady") or 0)
-        if desired_n == 0 or ready_n < desired_n:
-            message = (f"applied; waiting for DaemonSet {spec.namespace}/{spec.name}: {ready_n} of {desired_n} "
-                       "agents ready" + (" (no node matches spec.nodeSelector yet)" if desired_n == 0 else ""))
-            await self._set_status(body, False, "Deploying", message, extra)
+        await self._applied(body, changed)
+        ds = await self.api.get("apps/v1", "DaemonSet", spec.namespace, spec.name)
+        r = Rollout.of(ds)
+        extra: dict[str, Any] = {"collectorAddress": str(collector), "desiredAgents": r.desired,
+                                 "readyAgents": r.ready, "updatedAgents": r.updated}
+        where = f"DaemonSet {spec.namespace}/{spec.name}"
+        if r.desired == 0:
+            why = (f"no node matches spec.nodeSelector {dict(spec.node_selector)}" if spec.node_selector else
+                   "no Linux node can run it yet (check the nodes' kubernetes.io/os label and taints)")
+            available = (False, "NoNodes", f"{where} wants 0 agents: {why}")
+        else:
+            ok = r.available >= r.desired
+            available = (ok, "AgentsAvailable" if ok else "AgentsUnavailable",
+                         f"{where}: {r.available} of {r.desired} agents available")
+        progressing = _progressing(r, where, "agents")
+        if not available[0] or not r.done:
+            message = f"applied; waiting for {where}: " + (progressing[2] if not r.done else available[2])
+            await self._set_status(body, False, "Deploying", message, extra, available=available,
+                                   progressing=progressing)
             return Outcome(False, "Deploying", message, writes)
-        message = f"{ready_n} agents exporting to {collector}"
-        await self._set_status(body, True, "Running", message, extra)
+        if fa_body is not None:
+            fa_ready = next((c for c in (fa_body.get("status") or {}).get("conditions") or []
+                             if c.get("type") == "Ready"), {})
+            if fa_ready.get("status") != "True":
+                ref = spec.aggregator_ref
+                assert ref is not None
+                message = (f"{r.ready} agents ready, but FlowAggregator {ref.namespace}/{ref.name} is not Ready "
+                           f"({fa_ready.get('reason', 'no status yet')}: {fa_ready.get('message', '')}); "
+                           "records wait in the agents until it is")
+                await self._set_status(body, False, "AggregatorNotReady", message, extra, available=available,
+                                       progressing=progressing)
+                return Outcome(False, "AggregatorNotReady", message, writes)
+        message = f"{r.ready} agents exporting to {collector}"
+        await self._set_status(body, True, "Running", message, extra, available=available, progressing=progressing)
         return Outcome(True, "Running", message, writes)
+
+    async def collect_orphans(self) -> int:
+        """Delete agents' cluster-scoped RBAC whose FlowExporterConfig is gone: what the
+        finalizer would have done had it run (a FlowExporterConfig deleted while no operator
+        ran and its finalizer removed by hand). Returns how many objects were deleted."""
+        alive = {((f.get("metadata") or {}).get("namespace"), (f.get("metadata") or {}).get("name"))
+                 for f in await self.api.list(API_VERSION, "FlowExporterConfig")}
+        deleted = 0
+        for kind in ("ClusterRoleBinding", "ClusterRole"):
+            for obj in await self.api.list("rbac.authorization.k8s.io/v1", kind, None,
+                                           {"app.kubernetes.io/managed-by": MANAGED_BY}):
+                labels = (obj.get("metadata") or {}).get("labels") or {}
+                owner = (labels.get("flowscope.dev/owner-namespace"), labels.get("flowscope.dev/owner-name"))
+                if owner[1] and owner not in alive:
+                    if await self.api.delete("rbac.authorization.k8s.io/v1", kind, None, obj["metadata"]["name"]):
+                        log.info("deleted %s %s: FlowExporterConfig %s/%s no longer exists", kind,
+                                 obj["metadata"]["name"], *owner)
+                        deleted += 1
+        return deleted
 
     async def exporter_cleanup(self, body: Mapping[str, Any]) -> None:
         """Delete the cluster-scoped objects (owner references cannot cover them)."""
@@ -391,3 +630,16 @@ class Reconciler:
         name = f"flowscope-agent-{meta.get('namespace') or 'default'}-{meta['name']}"
         for kind in ("ClusterRoleBinding", "ClusterRole"):
             await self.api.delete("rbac.authorization.k8s.io/v1", kind, None, name)
+
+
+def _age_key(body: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = body.get("metadata") or {}
+    return (str(meta.get("creationTimestamp") or "9999"), str(meta.get("namespace") or ""), str(meta.get("name")))
+
+
+def _progressing(r: Rollout, where: str, what: str) -> tuple[bool, str, str]:
+    if not r.observed:
+        return True, "RolloutPending", f"{where} has not observed its newest spec yet"
+    if r.updated < r.desired:
+        return True, "RollingOut", f"{where}: {r.updated} of {r.desired} {what} updated to the newest spec"
+    return False, "RolloutComplete", f"{where}: all {r.desired} {what} run the newest spec"

@@ -9,11 +9,17 @@ collects *all* problems of a spec, each naming the field, the bad value and what
 allowed, and raises one ``SpecError``; the reconciler turns that into a ``Ready=False``
 condition instead of applying half of a configuration.
 
+Strict: a field this module does not know (``trasnport: tcp``) is a problem too, named with
+the closest known field, never silently ignored. ``FIELDS`` is the tree of every known
+field; a test checks that the CRD schemas declare exactly these fields, and that every
+rule checked here is also in the CRD (OpenAPI or CEL), so ``kubectl apply`` refuses first.
+
 Defaults live here as constants; a test checks that the CRD schemas carry the same ones.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -26,7 +32,8 @@ from flowscope.ipfix.address import Address, AddressError, parse_address
 __all__ = [
     "GROUP", "VERSION", "API_VERSION", "SpecError", "ClickHouseSink", "FlowLogSink", "Certificates",
     "FlowAggregatorSpec", "FlowExporterConfigSpec", "AggregatorRef",
-    "parse_flow_aggregator", "parse_flow_exporter_config", "DEFAULTS",
+    "parse_flow_aggregator", "parse_flow_exporter_config", "DEFAULTS", "FIELDS", "IssuerRef", "PodOptions",
+    "NetworkPolicyOptions", "MAX_NAME",
 ]
 
 GROUP = "flowscope.dev"
@@ -62,7 +69,69 @@ DEFAULTS: dict[str, Any] = {
     "clickhouse.database": "flowscope",
     "clickhouse.table": "flows",
     "clickhouse.commitInterval": "8s",
+    "aggregator.metricsPort": 10349,
+    "agent.metricsPort": 9390,
+    "agent.metricsBind": "node",
+    "maxUnavailable": 1,
 }
+MAX_NAME = 52  # the longest derived object name (NAME-server-tls, ...) stays a valid DNS label
+
+# Requests sized from benchmarks/agent_memory.py and the aggregator's maxFlows default; a CR's
+# spec.resources replaces them as a whole.
+DEFAULT_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
+    "FlowAggregator": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    "FlowExporterConfig": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+}
+
+# Every field a spec may carry. None: a leaf, or a Kubernetes type passed through as it is
+# (affinity, selectors, tolerations, NetworkPolicy peers), which kubernetes-validate and the
+# apiserver check on the rendered objects.
+_POD_FIELDS: dict[str, Any] = {
+    "image": None, "imagePullPolicy": None, "imagePullSecrets": None, "resources": {"requests": None, "limits": None},
+    "priorityClassName": None, "podAnnotations": None, "podLabels": None, "affinity": None,
+}
+FIELDS: dict[str, dict[str, Any]] = {
+    "FlowAggregator": {
+        **_POD_FIELDS, "replicas": None, "transport": None, "port": None, "flowAggregatorAddress": None,
+        "externalFlowCollectorAddr": None, "flowExportInterval": None, "correlationTimeout": None,
+        "inactiveFlowTimeout": None, "maxFlows": None,
+        "sinks": {
+            "ipfix": {"enabled": None},
+            "flowLog": {"enabled": None, "path": None, "maxSizeMB": None, "maxBackups": None,
+                        "persistentVolumeClaim": {"size": None, "storageClassName": None}},
+            "clickhouse": {"enabled": None, "address": None, "database": None, "table": None,
+                           "commitInterval": None,
+                           "credentialsSecretRef": {"name": None, "usernameKey": None, "passwordKey": None}},
+        },
+        "certificates": {"lifetime": None, "caLifetime": None, "rotationMargin": None,
+                         "issuerRef": {"name": None, "kind": None, "group": None}},
+        "metrics": {"port": None, "serviceMonitor": None, "podMonitor": None},
+        "networkPolicy": {"enabled": None, "collectorFrom": None, "apiFrom": None, "metricsFrom": None},
+    },
+    "FlowExporterConfig": {
+        **_POD_FIELDS, "nodeSelector": None, "tolerations": None, "flowPollInterval": None,
+        "activeFlowExportTimeout": None, "idleFlowExportTimeout": None, "conntrackZones": None,
+        "maxConnections": None, "flowAggregatorRef": {"name": None, "namespace": None},
+        "flowCollectorAddr": None, "transport": None, "tlsSecretName": None, "maxUnavailable": None,
+        "metrics": {"port": None, "bindAddress": None, "podMonitor": None},
+        "destinations": None,  # a list; each item checked by _destinations (and again by the agent)
+    },
+}
+
+
+def _unknown_fields(value: Any, tree: Mapping[str, Any], prefix: str) -> list[str]:
+    """Fields of ``value`` that ``tree`` does not know, each with the closest known name."""
+    if not isinstance(value, Mapping):
+        return []
+    out = []
+    for key, sub in value.items():
+        if key not in tree:
+            close = difflib.get_close_matches(str(key), list(tree), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known fields here: {', '.join(tree)}"
+            out.append(f"{prefix}.{key}: unknown field{hint}")
+        elif isinstance(tree[key], Mapping):
+            out += _unknown_fields(sub, tree[key], f"{prefix}.{key}")
+    return out
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$")
@@ -90,6 +159,59 @@ def _check_resources(r: "_Reader", key: str = "resources") -> Mapping[str, Any]:
     return value
 
 
+_RESERVED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component",
+                    "app.kubernetes.io/managed-by")
+
+
+def _string_map(r: "_Reader", key: str) -> dict[str, str]:
+    value = r.mapping(key)
+    out = {}
+    for k, v in value.items():
+        if not isinstance(v, str):
+            r.problems.append(f"{r.path(key)}.{k}: {v!r} must be a string (quote numbers and booleans)")
+        else:
+            out[str(k)] = v
+    return out
+
+
+def _pod_options(r: "_Reader") -> PodOptions:
+    labels = _string_map(r, "podLabels")
+    for k in labels:
+        if k in _RESERVED_LABELS:
+            r.problems.append(f"spec.podLabels.{k}: reserved; the operator sets it to select its own pods")
+    secrets_raw = r.raw("imagePullSecrets") or []
+    secrets: list[str] = []
+    if not isinstance(secrets_raw, list):
+        r.problems.append("spec.imagePullSecrets: must be a list like [{name: regcred}]")
+    else:
+        for i, item in enumerate(secrets_raw):
+            name = item.get("name") if isinstance(item, Mapping) else None
+            if not isinstance(name, str) or not _DNS_NAME.match(name):
+                r.problems.append(f"spec.imagePullSecrets[{i}]: {item!r} must be {{name: SECRET}}")
+            else:
+                secrets.append(name)
+    return PodOptions(
+        priority_class_name=r.string("priorityClassName"), annotations=_string_map(r, "podAnnotations"),
+        labels=labels, image_pull_secrets=tuple(secrets), affinity=dict(r.mapping("affinity")),
+    )
+
+
+def _peers(r: "_Reader", key: str, default: tuple[Mapping[str, Any], ...]) -> tuple[Mapping[str, Any], ...]:
+    value = r.raw(key)
+    if value is None:
+        return default
+    if not isinstance(value, list) or not all(isinstance(p, Mapping) for p in value):
+        r.problems.append(f"{r.path(key)}: must be a list of NetworkPolicy peers (podSelector, "
+                          "namespaceSelector, ipBlock)")
+        return default
+    for i, peer in enumerate(value):
+        extra = set(peer) - {"podSelector", "namespaceSelector", "ipBlock"}
+        if extra:
+            r.problems.append(f"{r.path(key)}[{i}].{sorted(extra)[0]}: unknown; a peer has podSelector, "
+                              "namespaceSelector or ipBlock")
+    return tuple(value)
+
+
 class SpecError(ValueError):
     """One or more problems of a custom resource's spec, each a line a human can act on."""
 
@@ -99,10 +221,23 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class IssuerRef:
+    """A cert-manager issuer: with one, certificates come from cert-manager, not the operator."""
+
+    name: str
+    kind: str = "Issuer"
+    group: str = "cert-manager.io"
+
+    def reference(self) -> dict[str, str]:
+        return {"name": self.name, "kind": self.kind, "group": self.group}
+
+
+@dataclass(frozen=True, slots=True)
 class Certificates:
     lifetime: float
     ca_lifetime: float
     rotation_margin: float
+    issuer: IssuerRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +246,37 @@ class FlowLogSink:
     path: str
     max_size_mb: int
     max_backups: int
+    pvc_size: str | None = None  # a PersistentVolumeClaim instead of an emptyDir
+    pvc_storage_class: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PodOptions:
+    """What platform teams set on every pod: scheduling, pull secrets, their own metadata."""
+
+    priority_class_name: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    image_pull_secrets: tuple[str, ...] = ()
+    affinity: Mapping[str, Any] = field(default_factory=dict)
+
+
+ANY_ADDRESS = ({"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}})
+API_CLIENT_LABEL = "flowscope.dev/api-client"
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkPolicyOptions:
+    """Who may reach the aggregator. Agents run with hostNetwork, so their packets come from
+    node addresses, which pod selectors do not match: the collector port is open to any
+    address by default (TLS authenticates the agents); the flow-records API only to pods
+    labelled ``flowscope.dev/api-client: "true"``; metrics to any pod (the scraper)."""
+
+    enabled: bool = True
+    collector_from: tuple[Mapping[str, Any], ...] = ANY_ADDRESS
+    api_from: tuple[Mapping[str, Any], ...] = (
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {API_CLIENT_LABEL: "true"}}},)
+    metrics_from: tuple[Mapping[str, Any], ...] = ({"namespaceSelector": {}},)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +313,11 @@ class FlowAggregatorSpec:
     clickhouse: ClickHouseSink
     certificates: Certificates
     resources: Mapping[str, Any] = field(default_factory=dict)
+    pod: PodOptions = field(default_factory=PodOptions)
+    metrics_port: int = DEFAULTS["aggregator.metricsPort"]
+    service_monitor: bool = False
+    pod_monitor: bool = False
+    network_policy: NetworkPolicyOptions = field(default_factory=NetworkPolicyOptions)
 
     @property
     def service_dns_names(self) -> tuple[str, ...]:
@@ -188,6 +359,11 @@ class FlowExporterConfigSpec:
     resources: Mapping[str, Any] = field(default_factory=dict)
     # extra collectors, passed to the agent's config as they are (it validates them again)
     destinations: tuple[Mapping[str, Any], ...] = ()
+    pod: PodOptions = field(default_factory=PodOptions)
+    max_unavailable: int | str = DEFAULTS["maxUnavailable"]
+    metrics_port: int = DEFAULTS["agent.metricsPort"]
+    metrics_bind: str = DEFAULTS["agent.metricsBind"]  # "node": the node's address (status.hostIP)
+    pod_monitor: bool = False
 
 
 class _Reader:
@@ -305,6 +481,31 @@ def _host_ok(host: str) -> bool:
         return bool(_DNS_NAME.match(host))
 
 
+def _max_unavailable(r: _Reader) -> int | str:
+    value = r.raw("maxUnavailable")
+    if value is None:
+        return DEFAULTS["maxUnavailable"]
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"([1-9][0-9]?|100)%", value):
+        return value
+    r.problems.append(f"spec.maxUnavailable: {value!r} must be a number of nodes (at least 1) or a percentage "
+                      "like 10%")
+    return DEFAULTS["maxUnavailable"]
+
+
+def _bind(r: _Reader) -> str:
+    value = r.string("metrics.bindAddress", DEFAULTS["agent.metricsBind"]) or "node"
+    if value != "node":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            r.problems.append(f"spec.metrics.bindAddress: {value!r} must be \"node\" (the node's address) or an "
+                              "IP address such as 127.0.0.1 or 0.0.0.0")
+            return "node"
+    return value
+
+
 def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
     """Validate a FlowAggregator object (the whole body) and fill every default."""
     name, namespace, problems = _meta(body, "FlowAggregator")
@@ -338,7 +539,13 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
         path=r.string("sinks.flowLog.path", DEFAULTS["flowLog.path"]) or DEFAULTS["flowLog.path"],
         max_size_mb=r.integer("sinks.flowLog.maxSizeMB", DEFAULTS["flowLog.maxSizeMB"], minimum=1),
         max_backups=r.integer("sinks.flowLog.maxBackups", DEFAULTS["flowLog.maxBackups"], minimum=0),
+        pvc_size=r.string("sinks.flowLog.persistentVolumeClaim.size"),
+        pvc_storage_class=r.string("sinks.flowLog.persistentVolumeClaim.storageClassName"),
     )
+    if r.raw("sinks.flowLog.persistentVolumeClaim") is not None and not (
+            flow_log.pvc_size and _QUANTITY.match(flow_log.pvc_size)):
+        r.problems.append(f"spec.sinks.flowLog.persistentVolumeClaim.size: {flow_log.pvc_size!r} must be a "
+                          "storage size like 10Gi")
     if not flow_log.path.startswith("/"):
         r.problems.append(f"spec.sinks.flowLog.path: {flow_log.path!r} must be an absolute path")
     ch_address = r.string("sinks.clickhouse.address", DEFAULTS["clickhouse.address"]) or ""
@@ -362,8 +569,21 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
     lifetime = r.duration("certificates.lifetime", DEFAULTS["certificates.lifetime"], minimum=3600)
     ca_lifetime = r.duration("certificates.caLifetime", DEFAULTS["certificates.caLifetime"], minimum=3600)
     margin = r.duration("certificates.rotationMargin", DEFAULTS["certificates.rotationMargin"], minimum=60)
+    issuer = None
+    if r.raw("certificates.issuerRef") is not None:
+        issuer_name = r.string("certificates.issuerRef.name")
+        if not issuer_name:
+            r.problems.append("spec.certificates.issuerRef.name: required, the cert-manager Issuer or ClusterIssuer")
+        issuer = IssuerRef(
+            issuer_name or "",
+            r.string("certificates.issuerRef.kind", "Issuer", allowed=("Issuer", "ClusterIssuer")) or "Issuer",
+            r.string("certificates.issuerRef.group", "cert-manager.io") or "cert-manager.io",
+        )
+        if transport != "tls":
+            r.problems.append(f"spec.certificates.issuerRef: set, but spec.transport is {transport!r}; "
+                              "certificates are only used with tls")
     certs = Certificates(
-        parse_duration(lifetime), parse_duration(ca_lifetime), parse_duration(margin)
+        parse_duration(lifetime), parse_duration(ca_lifetime), parse_duration(margin), issuer
     )
     if certs.rotation_margin >= certs.lifetime:
         r.problems.append(
@@ -392,8 +612,23 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
         flow_log=flow_log,
         clickhouse=clickhouse,
         certificates=certs,
-        resources=_check_resources(r),
+        resources=_check_resources(r) or DEFAULT_RESOURCES["FlowAggregator"],
+        pod=_pod_options(r),
+        metrics_port=r.integer("metrics.port", DEFAULTS["aggregator.metricsPort"], minimum=1, maximum=65535),
+        service_monitor=r.boolean("metrics.serviceMonitor", False),
+        pod_monitor=r.boolean("metrics.podMonitor", False),
+        network_policy=NetworkPolicyOptions(
+            enabled=r.boolean("networkPolicy.enabled", True),
+            collector_from=_peers(r, "networkPolicy.collectorFrom", ANY_ADDRESS),
+            api_from=_peers(r, "networkPolicy.apiFrom", NetworkPolicyOptions().api_from),
+            metrics_from=_peers(r, "networkPolicy.metricsFrom", NetworkPolicyOptions().metrics_from),
+        ),
     )
+    ports = {"spec.port": spec.port, "spec.metrics.port": spec.metrics_port, "the API port": 10348}
+    if len(set(ports.values())) < len(ports):
+        r.problems.append(f"spec.metrics.port / spec.port: {spec.metrics_port} / {spec.port} must differ from "
+                          "each other and from the API port 10348")
+    problems += _unknown_fields(body.get("spec"), FIELDS["FlowAggregator"], "spec")
     if spec.clickhouse.enabled and not spec.clickhouse.credentials_secret:
         r.problems.append(
             "spec.sinks.clickhouse.credentialsSecretRef.name: required when the ClickHouse sink is enabled; "
@@ -485,7 +720,14 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         tls_secret=tls_secret,
         resources=_check_resources(r),
         destinations=_destinations(r),
+        resources=_check_resources(r) or DEFAULT_RESOURCES["FlowExporterConfig"],
+        pod=_pod_options(r),
+        max_unavailable=_max_unavailable(r),
+        metrics_port=r.integer("metrics.port", DEFAULTS["agent.metricsPort"], minimum=1, maximum=65535),
+        metrics_bind=_bind(r),
+        pod_monitor=r.boolean("metrics.podMonitor", False),
     )
+    problems += _unknown_fields(body.get("spec"), FIELDS["FlowExporterConfig"], "spec")
     problems += r.problems
     if problems:
         raise SpecError(problems)

@@ -16,6 +16,15 @@ A CA rotation must not cut agents off while pods roll one by one, so it has two 
 old CA stays trusted until it expires. Peers holding the old bundle or the new one, old
 certificates or new ones, verify each other throughout.
 
+Besides the agents' client certificate, a second client certificate (``api_client``) is
+issued for whoever reads the aggregator's flow-records API (the operator, the UI): the API
+is served with mutual TLS against the same CA.
+
+Deterministic mode (``seed``, for ``flowscope render`` with a given CA): leaf keys are
+derived from the seed and the leaf's name and validity start, serial numbers likewise, and
+signatures are deterministic ECDSA (RFC 6979), so the same CA, names and clock window give
+the same bytes on every run; GitOps diffs then only change when something should.
+
 Keys are ECDSA P-256: fast to generate and supported by every TLS stack we talk to.
 """
 
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +46,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = ["KeyPair", "TLSMaterial", "ensure", "new_ca", "issue", "load", "fingerprint"]
 
 CLIENT_COMMON_NAME = "flowscope-agent"
+API_CLIENT_COMMON_NAME = "flowscope-api-client"
+_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate small clock skew between nodes
 
 
@@ -62,6 +74,7 @@ class TLSMaterial:
     client: KeyPair
     previous_ca: bytes | None = None  # the CA certificate before the last rotation, while still valid
     next_ca: KeyPair | None = None  # the CA that will sign after the rotation in progress
+    api_client: KeyPair | None = None  # for readers of the aggregator's flow-records API
 
     @property
     def bundle(self) -> bytes:
@@ -81,8 +94,17 @@ def fingerprint(pem: bytes) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+def _new_key(seed: bytes | None = None, label: str = "") -> ec.EllipticCurvePrivateKey:
+    if seed is None:
+        return ec.generate_private_key(ec.SECP256R1())
+    digest = hmac.new(seed, b"key|" + label.encode(), hashlib.sha512).digest()
+    return ec.derive_private_key(int.from_bytes(digest, "big") % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+
+
+def _serial(seed: bytes | None, label: str) -> int:
+    if seed is None:
+        return x509.random_serial_number()
+    return int.from_bytes(hmac.new(seed, b"serial|" + label.encode(), hashlib.sha256).digest()[:19], "big") | 1
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -129,20 +151,22 @@ def _san(names: Sequence[str]) -> list[x509.GeneralName]:
 
 def issue(
     ca: KeyPair, now: dt.datetime, lifetime: float, common_name: str, *, server_names: Sequence[str] = (),
-    client: bool = False,
+    client: bool = False, seed: bytes | None = None,
 ) -> KeyPair:
-    """A leaf certificate signed by ``ca``: a server one when ``server_names`` is given, else a client one."""
+    """A leaf certificate signed by ``ca``: a server one when ``server_names`` is given, else a
+    client one; reproducible byte for byte when a ``seed`` is given."""
     ca_cert = ca.cert
     ca_key = serialization.load_pem_private_key(ca.key_pem, None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = _new_key()
+    label = f"{common_name}|{','.join(server_names)}|{client}|{now.isoformat()}|{lifetime}"
+    key = _new_key(seed, label)
     not_after = min(now + dt.timedelta(seconds=lifetime), ca_cert.not_valid_after_utc)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
+        .serial_number(_serial(seed, label))
         .not_valid_before(now - _BACKDATE)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -164,7 +188,7 @@ def issue(
     # Client certificates name the agent in a SAN too: strict verifiers (RFC 5280 profiles) require one.
     sans = list(server_names) or [common_name]
     builder = builder.add_extension(x509.SubjectAlternativeName(_san(sans)), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
+    cert = builder.sign(ca_key, hashes.SHA256(), ecdsa_deterministic=seed is not None or None)
     return KeyPair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
@@ -238,11 +262,13 @@ def ensure(
     margin: float,
     ca_name: str,
     previous_ca: bytes | None = None,
+    seed: bytes | None = None,
 ) -> TLSMaterial:
     """Keep valid stored material, replace what is missing, wrong, or due for rotation.
 
-    ``stored`` maps "ca", "next_ca", "server" and "client" to what the Secrets hold (or
-    None); ``previous_ca`` is the CA certificate kept from the last rotation (PEM).
+    ``stored`` maps "ca", "next_ca", "server", "client" and "api_client" to what the
+    Secrets hold (or None); ``previous_ca`` is the CA certificate kept from the last
+    rotation (PEM); ``seed`` makes new leaves reproducible (see the module's docstring).
 
     Leaves are renewed ``margin`` before they expire. The CA rotates in two phases, so
     that no peer ever meets a certificate it does not trust yet:
@@ -273,11 +299,14 @@ def ensure(
         or _leaf_due(server, ca, now, margin)
         or _names(server) != {str(ipaddress.ip_address(n)) if _is_ip(n) else n for n in server_names}
     ):
-        server = issue(ca, now, lifetime, server_names[0], server_names=server_names)
+        server = issue(ca, now, lifetime, server_names[0], server_names=server_names, seed=seed)
     client = stored.get("client")
     if client is None or not _signed_by(client, ca) or _leaf_due(client, ca, now, margin):
-        client = issue(ca, now, lifetime, CLIENT_COMMON_NAME, client=True)
-    return TLSMaterial(ca, server, client, previous, nxt)
+        client = issue(ca, now, lifetime, CLIENT_COMMON_NAME, client=True, seed=seed)
+    api_client = stored.get("api_client")
+    if api_client is None or not _signed_by(api_client, ca) or _leaf_due(api_client, ca, now, margin):
+        api_client = issue(ca, now, lifetime, API_CLIENT_COMMON_NAME, client=True, seed=seed)
+    return TLSMaterial(ca, server, client, previous, nxt, api_client)
 
 
 def _is_ip(name: str) -> bool:

@@ -37,6 +37,9 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     Unprocessable Entity, which kopf handles by retrying on the next event: answered 422 here. JSON
     patches bump the resourceVersion too.
 13. No ``/openapi/v2|v3``: kubectl needs ``--validate=false``.
+17. Optimistic concurrency: a merge patch carrying ``metadata.resourceVersion`` is applied
+    even when the object has changed since (a real apiserver answers 409 Conflict, which
+    leader election relies on): answered 409 here.
 14. Watch streams are served as ``application/octet-stream`` (kubectl refuses them) and
     ignore ``fieldSelector=metadata.name=…`` (``kubectl delete`` waits with one): served
     here as JSON lines, filtered by name.
@@ -47,7 +50,10 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     kubectl 1.32 goes by the status code, Debian's kubectl 1.20 by the reason (``apply``
     fails with "Object Not Found"). Answered with an apiserver's NotFound Status.
 
-Not closed (not needed by these tests): protobuf bodies (``kubectl create configmap …``
+Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
+returns, although every object is gone within seconds (single-object deletes do return);
+test_operator_production.py deletes with ``--wait=false`` and polls ``kubectl get``. Not
+needed by these tests: protobuf bodies (``kubectl create configmap …``
 sends one for built-in kinds; answered 415 here; ``kubectl apply -f`` sends JSON), PUT, watch bookmarks and resourceVersion
 semantics (a new watch replays everything as ADDED, stale versions are accepted),
 field and label selectors (the operator filters lists itself), admission (CRD schema
@@ -246,6 +252,11 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 return self._status(404, "NotFound", f'namespaces "{ns}" not found')
             self._on_create(request)
         elif res is not None and request.action == enums.action.UPDATE and isinstance(request.data, dict):
+            live = self._live(self._key(request))
+            wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+            if live is not None and wanted and wanted != live.get("metadata", {}).get("resourceVersion"):
+                return self._status(409, "Conflict", f'Operation cannot be fulfilled on {res.plural} '
+                                                     f'"{request.name}": the object has been modified')
             self._on_patch(request)
         elif res is not None and request.action == enums.action.UPDATE and isinstance(request.data, list):
             request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(_rv))})
@@ -395,13 +406,18 @@ class CompatEmulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 return
 
 
-async def simulate_rollout(emulator: CompatEmulator, kind: str, namespace: str, name: str, ready: int) -> None:
-    """Play the Deployment/DaemonSet controller (gap 15): report ``ready`` pods as available."""
+async def simulate_rollout(emulator: CompatEmulator, kind: str, namespace: str, name: str, ready: int,
+                           *, observed: bool = True) -> None:
+    """Play the Deployment/DaemonSet controller (gap 15): report ``ready`` pods of the newest
+    spec as available; ``observed=False`` plays a controller that has not seen it yet."""
     plural = {"Deployment": "deployments", "DaemonSet": "daemonsets"}[kind]
     key = (kmock.resource("apps", "v1", plural), namespace, name)
-    status = ({"replicas": ready, "readyReplicas": ready, "availableReplicas": ready} if kind == "Deployment" else
-              {"desiredNumberScheduled": ready, "currentNumberScheduled": ready, "numberReady": ready,
-               "numberAvailable": ready})
+    generation = int(emulator.objects[key].raw.get("metadata", {}).get("generation") or 1)
+    seen = generation if observed else generation - 1
+    status = ({"observedGeneration": seen, "replicas": ready, "updatedReplicas": ready, "readyReplicas": ready,
+               "availableReplicas": ready} if kind == "Deployment" else
+              {"observedGeneration": seen, "desiredNumberScheduled": ready, "currentNumberScheduled": ready,
+               "updatedNumberScheduled": ready, "numberReady": ready, "numberAvailable": ready})
     async with emulator._lock:
         emulator.objects[key].patch({"status": status, "metadata": {"resourceVersion": str(next(_rv))}})
         await emulator._buses[key[0]].put({"type": "MODIFIED", "object": emulator.objects[key].raw})

@@ -9,7 +9,9 @@ controller with ``simulate_rollout`` where readiness matters, and kubectl needs
 ``--validate=false`` (no OpenAPI endpoint).
 
 Waiting: ``eventually`` polls for what the operator does in reaction to an event; no
-test waits for a timer (resync is set to an hour; rotation uses an injected clock).
+test waits for the resync loop, which runs as in production (every few seconds here, so
+its reconciles happen during every test and must write nothing); rotation uses an
+injected clock.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from flowscope.operator.reconcile import Reconciler
 
 ROOT = Path(__file__).resolve().parents[2]
 WRITES = ("POST", "PATCH", "PUT", "DELETE")
+RESYNC = 3.0  # seconds: the resync loop runs during the tests, as in production
 
 
 class Cluster:
@@ -104,7 +107,7 @@ async def operator(cluster):
     of its loop it did not start when it stops, which would include the test's own."""
     stop = threading.Event()
     ready = threading.Event()
-    registry = build_registry(Connection(server=cluster.url), image="flowscope:test", resync=None)
+    registry = build_registry(Connection(server=cluster.url), image="flowscope:test", resync=RESYNC)
     settings = configure(kopf.OperatorSettings())
     settings.watching.server_timeout = 300
     settings.queueing.idle_timeout = 0.5  # per-object workers exit soon, so the operator stops fast
@@ -216,6 +219,7 @@ metadata: {name: mismatched, namespace: kube-system}
 spec:
   flowAggregatorRef: {name: flow-aggregator, namespace: flow-aggregator}
   transport: udp
+  nodeSelector: {flowscope.dev/lab: "false"}  # no node of the samples' agents
 ---
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowExporterConfig
@@ -410,7 +414,7 @@ async def test_certificates_rotate_before_expiry_and_reach_the_agents(cluster):
     client = await c.get("v1", "Secret", "flow-aggregator", "flow-aggregator-client-tls")
     assert agents["data"] == client["data"]
     ds1 = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
-    key = "flowscope.dev/config-hash"
+    key = "flowscope.dev/tls-hash"  # the certificates' hash rolls the agents; the config's is unchanged
     assert ds1["spec"]["template"]["metadata"]["annotations"][key] != ds0["spec"]["template"]["metadata"]["annotations"][key]
 
 
@@ -489,7 +493,7 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
     config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
     assert config["flowCollectorAddr"].endswith(":tcp") and "tls" not in config
     svc = await c.get("v1", "Service", "flow-aggregator", "flow-aggregator")
-    assert [p["name"] for p in svc["spec"]["ports"]] == ["ipfix-tcp", "api"]
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["ipfix-tcp", "api", "metrics"]
     fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
     assert "serverCertificateNotAfter" not in fa["status"]
     # unrelated objects of the same namespace are never pruned
@@ -588,11 +592,15 @@ kind: FlowExporterConfig
 metadata: {name: flow-aggregator, namespace: flow-aggregator}
 spec:
   flowAggregatorRef: {name: flow-aggregator}
+  nodeSelector: {flowscope.dev/lab: "false"}
 """)
     fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "flow-aggregator", "flow-aggregator",
                                               "NameConflict"))
-    assert "belongs to FlowAggregator flow-aggregator; give this FlowExporterConfig another name" in \
-        ready_condition(fec)["message"]
+    message = ready_condition(fec)["message"]
+    assert "belongs to FlowAggregator flow-aggregator; give this FlowExporterConfig another name" in message
+    # every conflict at once, not one per reconcile
+    assert "ServiceAccount flow-aggregator/flow-aggregator belongs" in message and \
+        "ConfigMap flow-aggregator/flow-aggregator-config belongs" in message
     assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-config") == fa_config
     assert await c.get("apps/v1", "DaemonSet", "flow-aggregator", "flow-aggregator") is None  # nothing written
     # a hand-made ConfigMap that happens to carry a name the operator wants
@@ -608,6 +616,7 @@ kind: FlowExporterConfig
 metadata: {name: mine, namespace: kube-system}
 spec:
   flowCollectorAddr: "10.0.0.5:4739:udp"
+  nodeSelector: {flowscope.dev/lab: "mine"}
 """)
     mine = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "kube-system", "mine", "NameConflict"))
     assert "ConfigMap kube-system/mine-config already exists and no custom resource controls it" in \

@@ -123,7 +123,7 @@ def ensure(stored, now, names=("fa.ns.svc",), lifetime=30 * 24 * HOUR, margin=7 
 
 
 def stored(m: tls.TLSMaterial):
-    return {"ca": m.ca, "server": m.server, "client": m.client}
+    return {"ca": m.ca, "server": m.server, "client": m.client, "api_client": m.api_client}
 
 
 def test_material_is_reused_while_fresh_and_rotated_within_the_margin():
@@ -161,7 +161,8 @@ def test_the_ca_rotates_in_two_phases_without_breaking_trust():
     day = dt.timedelta(days=1)
 
     def at(m, days):  # CA 365 days, leaves 30, margin 7: phase 1 from day 358, phase 2 from day 361.5
-        return tls.ensure({"ca": m.ca, "next_ca": m.next_ca, "server": m.server, "client": m.client},
+        return tls.ensure({"ca": m.ca, "next_ca": m.next_ca, "server": m.server, "client": m.client,
+                           "api_client": m.api_client},
                           now=NOW + days * day, server_names=("fa.ns.svc",), lifetime=30 * 24 * HOUR,
                           ca_lifetime=365 * 24 * HOUR, margin=7 * 24 * HOUR, ca_name="test-ca",
                           previous_ca=m.previous_ca)
