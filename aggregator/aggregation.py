@@ -52,7 +52,9 @@ the side's last report (its flowEndSeconds is earlier): then it is a report over
 newer one on the way (UDP reordering), dropped and counted (``dropped_stale``), never
 counted twice. The flow's own counters
 (packetTotalCount...) are the source node's when it reported, else the destination
-node's; the 16 ``...FromSourceNode`` / ``...FromDestinationNode`` elements carry each
+node's (when the source node's first record comes after the flow was exported from the
+destination node's, as for a connection denied at the destination, the flow's deltas do
+not count again what they already counted: see ``_SWITCHED``); the 16 ``...FromSourceNode`` / ``...FromDestinationNode`` elements carry each
 node's numbers (an intra-node flow's one node is both). flowStartSeconds,
 flowEndSeconds, flowEndReason and tcpState come from the newest record.
 originalExporterIPv4Address (or ...IPv6Address) and originalObservationDomainId name
@@ -245,7 +247,13 @@ def _meta_cost(meta: tuple[Any, ...] | None) -> int:
     return sum(len(v) for v in meta if type(v) is str) if meta else 0
 
 
-_ZERO24 = array("Q", bytes(192))
+_ZERO28 = array("Q", bytes(224))
+# _SWITCHED: a flow exported with the destination node's counters (denied at the
+# destination, or a lone half exported uncorrelated) takes the source node's once that
+# node's first record comes. The source node's first delta is its whole history, part of
+# which the flow already exported from the destination node's: the flow's own deltas
+# subtract that part (c[24:28]) until it is used up, so the deltas a flow exports still
+# sum to its total. Each node's own deltas (...FromSourceNode) are left as the node said.
 
 
 class Flow:
@@ -262,7 +270,9 @@ class Flow:
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
         # [src: throughput, reverse][dst: same][the newest record's: same]
-        self.c = _ZERO24[:]
+        # [what the flow's own deltas already counted from the destination node before the
+        #  source node's first record came: pkt, oct, rpkt, roct] (see _SWITCHED)
+        self.c = _ZERO28[:]
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -500,6 +510,12 @@ class AggregationProcess:
                         stats.counter_resets += 1
                     else:
                         dp, do, drp, dro = pt - p0, ot - o0, rpt - rp0, rot - ro0
+                if first and side == SRC and flags & HAS_DST and flags & EXPORTED:
+                    # The flow's own counters switch from the destination node's to the
+                    # source node's now; what it exported from the destination node's is
+                    # not counted again (_SWITCHED).
+                    for k in range(4):
+                        c[24 + k] += c[8 + k] - c[12 + k]
                 c[o] = pt
                 c[o + 1] = ot
                 c[o + 2] = rpt
@@ -706,6 +722,9 @@ class AggregationProcess:
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
         record = build_record(flow, self._merge_cache)
         c = flow.c
+        if c[24] or c[25] or c[26] or c[27]:  # what the correction did not use up waits for the next delta
+            for k in range(4):
+                c[24 + k] -= min(c[24 + k], c[4 + k])
         for i in (4, 5, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23):
             c[i] = 0
         flow.flags = (flow.flags & ~DIRTY) | EXPORTED
@@ -811,6 +830,8 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     has_dst = bool(f & HAS_DST)
     v6 = bool(f & IPV6)
     own = cl[0:8] if has_src else cl[8:16]
+    if has_src and (cl[24] or cl[25] or cl[26] or cl[27]):  # _SWITCHED
+        own = own[:4] + [max(0, d - x) for d, x in zip(cl[4:8], cl[24:28])]
     srcc = cl[0:8] if has_src else None
     dstc = cl[8:16] if has_dst else None
     ends = [cl[16] if has_src else 0, cl[17] if has_dst else 0]

@@ -402,3 +402,27 @@ def test_a_report_overtaken_on_the_way_is_dropped_not_counted_twice():
     r = only(agg.tick(60.0)).record
     assert (r["packetTotalCount"], r["packetDeltaCount"], r["octetDeltaCount"]) == (30, 30, 3000)
     assert agg.stats.dropped_stale == 1 and agg.stats.counter_resets == 0
+
+
+@pytest.mark.parametrize("late", ["denied at the destination", "uncorrelated first"])
+def test_a_half_exported_before_its_twin_is_not_counted_again_when_the_twin_comes(late):
+    """The flow's own counters switch from the destination node's to the source node's when
+    the source half arrives after the flow was already exported (a connection the
+    destination's ingress policy denied, or a lone half exported uncorrelated): the deltas
+    the flow exported then sum to its total, not to the total twice. Each node's own
+    numbers (the ...FromSourceNode / ...FromDestinationNode deltas) stay that node's."""
+    agg = make()
+    action = 2 if late == "denied at the destination" else 1
+    dst = destination_half(ingressNetworkPolicyRuleAction=action, pkts=1, octets=60, rpkts=0, roctets=0)
+    agg.ingest(dst, NODE_B, 2, now=0.0)
+    first = only(agg.tick(0.5) if action == 2 else agg.tick(31.0))  # denied at once / uncorrelated after 30 s
+    assert first.record["octetDeltaCount"] == 60 and first.record["octetTotalCount"] == 60
+    src = source_half(pkts=1, octets=60, rpkts=0, roctets=0)
+    agg.ingest(src, NODE_A, 1, now=32.0)
+    later = [e.record for e in agg.tick(60.0) + agg.tick(120.0) + agg.tick(500.0)]
+    exported = [first.record] + later
+    assert sum(r["octetDeltaCount"] for r in exported) == 60, [r["octetDeltaCount"] for r in exported]
+    assert sum(r["packetDeltaCount"] for r in exported) == 1
+    assert sum(r["octetDeltaCountFromSourceNode"] for r in exported) == 60
+    assert sum(r["octetDeltaCountFromDestinationNode"] for r in exported) == 60
+    assert later and later[-1]["sourcePodName"] == "frontend-1"  # the source half did reach the record
