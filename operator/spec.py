@@ -718,7 +718,6 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         flow_collector_addr=addr,
         transport=transport,  # type: ignore[arg-type]
         tls_secret=tls_secret,
-        resources=_check_resources(r),
         destinations=_destinations(r),
         resources=_check_resources(r) or DEFAULT_RESOURCES["FlowExporterConfig"],
         pod=_pod_options(r),
