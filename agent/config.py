@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from flowscope.durations import DurationError, parse_duration
+from flowscope.ipfix import antrea
 from flowscope.ipfix.address import Address, AddressError, parse_address
 from flowscope.listen import ListenAddressError, parse_listen_address
 
@@ -299,8 +300,13 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None) -> AgentConf
 _EVENTS_KEYS = {"enabled", "bufferSize", "waitForDestroy"}
 _DEST_KEYS = {"name", "address", "activeFlowExportTimeout", "idleFlowExportTimeout", "queueSize", "filter"}
 _FILTER_KEYS = {"protocols", "namespaces", "flowTypes", "deniedOnly"}
+# Names as a FlowExporterConfig writes them (the CRD's enums), numbers from the one vocabulary.
 PROTOCOL_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58}
-FLOW_TYPE_NUMBERS = {"Unknown": 0, "IntraNode": 1, "InterNode": 2, "ToExternal": 3, "FromExternal": 4}
+FLOW_TYPE_NUMBERS = {
+    "Unknown": antrea.FLOW_TYPE_UNKNOWN, "IntraNode": antrea.FLOW_TYPE_INTRA_NODE,
+    "InterNode": antrea.FLOW_TYPE_INTER_NODE, "ToExternal": antrea.FLOW_TYPE_TO_EXTERNAL,
+    "FromExternal": antrea.FLOW_TYPE_FROM_EXTERNAL,
+}
 
 
 def _events_config(raw: Any) -> EventsConfig:
