@@ -155,7 +155,8 @@ def _no_ttl(store: FlowStore) -> Retention:
 
 
 def _ensure(store: FlowStore) -> None:
-    """Create what is missing at the current version, add new columns, apply the retention."""
+    """Create what is missing at the current version, add new columns, apply the retention
+    (new tables get the store's; existing ones only when the opener asked for one)."""
     from .store import SchemaError
 
     assert store.features is not None
@@ -191,7 +192,7 @@ def _ensure(store: FlowStore) -> None:
                 store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
             store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r)}")
         store._execute(rollup_view_sql(db, table, r, f))
-    if f.ttl:
+    if f.ttl and store.retention_given:
         _retention(store)
 
 

@@ -152,6 +152,9 @@ class FlowStore:
         self.table = _name(table, "sinks.clickhouse.table")
         self.qualified = f"{quote(self.database)}.{quote(self.table)}"
         self.retention = retention or Retention()
+        # Only a store opened with a retention applies it to existing tables: a reader
+        # (flowscope flows / ui / policy --store) keeps the one its writer set.
+        self.retention_given = retention is not None
         self.features = None
         self.schema_version: int | None = None
         self._lock = threading.Lock()

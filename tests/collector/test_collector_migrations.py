@@ -110,3 +110,9 @@ def test_retention_is_each_tables_ttl_and_changes_in_place(tmp_path):
     assert ttls(again) == {"flows": "timeInserted + toIntervalSecond(3600)",
                            "flows_1m": "inserted + toIntervalSecond(7200)", "flows_1h": None}
     again.close()
+    # a reader that names no retention (flowscope flows / ui / policy --store) keeps the writer's
+    reader = open_store(f"chdb://{tmp_path}/s")
+    reader.open()
+    assert ttls(reader) == {"flows": "timeInserted + toIntervalSecond(3600)",
+                            "flows_1m": "inserted + toIntervalSecond(7200)", "flows_1h": None}
+    reader.close()
