@@ -57,9 +57,9 @@ async def restart_run(tmp: Path, down: float, *, kill: bool = False, rate: int =
         # in a thread: the exporter shares this event loop and must see the end of the stream
         code = await asyncio.to_thread(agg.stop, signal.SIGKILL if kill else signal.SIGTERM)
         await asyncio.sleep(down)
+        connects = exporter.stats.connects  # before the start: the exporter may be back before it returns
         t_up = time.monotonic()
         await asyncio.to_thread(agg.start)
-        connects = exporter.stats.connects
         await until(lambda: exporter.stats.connects > connects, 30, "the exporter back")
         back = time.monotonic() - t_up
         await asyncio.sleep(after)
