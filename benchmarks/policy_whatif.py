@@ -37,7 +37,7 @@ import time
 from flowscope.agent.metadata import Inventory
 from flowscope.agent.policy import PolicySet, parse_policy
 from flowscope.agent.policy_insight import decide, what_if
-from flowscope.collector.clickhouse import open_store
+from flowscope.collector.store import open_store
 from flowscope.collector.policy import current_policies, resolve_keys, stored_flow_keys
 
 T0 = 1_780_000_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import yaml
 from flowscope.agent.metadata import load_inventory_file
 from flowscope.agent.policy import PolicySet, parse_policy
 from flowscope.agent.policy_insight import Endpoint, FlowKey, decide, recommend
-from flowscope.collector.clickhouse import COLUMNS, open_store
+from flowscope.collector.schema import COLUMNS
+from flowscope.collector.store import open_store
 from flowscope.collector.policy import resolve_keys, stored_flow_keys
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -43,7 +45,10 @@ items:
 """
 
 FE1, FE2, BE, DB, EXT = "10.244.1.10", "10.244.2.11", "10.244.2.10", "10.244.2.20", "203.0.113.5"
-T0 = 1_780_000_000
+T0 = 1_780_000_000  # flow times
+# Rows were stored in the last hour: retention counts from timeInserted, and a store opened
+# with the default retention (7 days) drops older rows.
+INSERTED = int(time.time()) - 3600
 
 # (src ns, src pod, src ip, dst ns, dst pod, dst ip, sport, dport, proto, octets, reverse octets, ingress action, end)
 ROWS = [
@@ -64,7 +69,7 @@ def _write(store_dir: Path | None, address: str | None = None) -> None:
     cols: dict[str, list] = {c.name: [] for c in COLUMNS}
     for r in ROWS:
         row = {c.name: (0 if c.is_int else "") for c in COLUMNS}
-        row.update(timeInserted=r[12], sourcePodNamespace=r[0], sourcePodName=r[1], sourceIP=r[2],
+        row.update(timeInserted=INSERTED + r[12] - T0, sourcePodNamespace=r[0], sourcePodName=r[1], sourceIP=r[2],
                    destinationPodNamespace=r[3], destinationPodName=r[4], destinationIP=r[5],
                    sourceTransportPort=r[6], destinationTransportPort=r[7], protocolIdentifier=r[8],
                    octetDeltaCount=r[9], reverseOctetDeltaCount=r[10], ingressNetworkPolicyRuleAction=r[11],
@@ -95,7 +100,7 @@ def test_the_seam_reads_distinct_keys_with_what_was_written(world):
     try:
         keys = stored_flow_keys(store)
         shop_only = stored_flow_keys(store, namespace="data")
-        recent = stored_flow_keys(store, since=T0 + 45)
+        recent = stored_flow_keys(store, since=INSERTED + 45)
     finally:
         store.close()
     by = {(k[1], k[5], k[6], k[7], k[8]): k for k in keys}
@@ -120,7 +125,7 @@ def test_the_seam_answers_the_same_on_clickhouse_server_18_16(world, tmp_path):
         server.open()
         local.open()
         try:
-            for kw in ({}, {"namespace": "data"}, {"since": T0 + 45}):
+            for kw in ({}, {"namespace": "data"}, {"since": INSERTED + 45}):
                 assert sorted(stored_flow_keys(server, **kw)) == sorted(stored_flow_keys(local, **kw)), kw
         finally:
             server.close()
@@ -250,7 +255,7 @@ def test_the_dashboards_functions_return_what_the_cli_prints(world):
     store.open()
     try:
         report = what_if_report(store, deny, inventory=inv)
-        rec = recommend_report(store, "shop", inventory=inv, since=T0)
+        rec = recommend_report(store, "shop", inventory=inv, since=INSERTED)
         with pytest.raises(PolicyInputError, match="not valid YAML"):
             what_if_report(store, "kind: [", inventory=inv)
     finally:
