@@ -37,7 +37,7 @@ import time
 from flowscope.agent.metadata import Inventory
 from flowscope.agent.policy import PolicySet, parse_policy
 from flowscope.agent.policy_insight import decide, what_if
-from flowscope.collector.clickhouse import open_store
+from flowscope.collector.store import open_store
 from flowscope.collector.policy import current_policies, resolve_keys, stored_flow_keys
 
 T0 = 1_780_000_000
@@ -49,13 +49,15 @@ def pod_ip(p: int) -> str:
 
 
 def fill(store, rows: int) -> None:
+    # stored during the last day: retention (7 days by default) counts from timeInserted
+    inserted = int(time.time()) - 86400
     # p: source Pod; svc: one of its 5 Services; b: a backend Pod of that Service (3 of its 25)
     store._execute(f"""
 INSERT INTO {store.qualified} (timeInserted, flowStartSeconds, flowEndSeconds, sourcePodNamespace, sourcePodName,
   sourceIP, destinationPodNamespace, destinationPodName, destinationIP, sourceTransportPort,
   destinationTransportPort, protocolIdentifier, octetDeltaCount, reverseOctetDeltaCount,
   ingressNetworkPolicyRuleAction, originalExporterIP)
-SELECT toDateTime({T0} + number % 86400), {T0} + number % 86400, {T0} + number % 86400 + 5,
+SELECT toDateTime({inserted} + number % 86400), {T0} + number % 86400, {T0} + number % 86400 + 5,
   concat('ns-', toString(p % {NAMESPACES})), concat('app-', toString(intDiv(p, 25)), '-', toString(p)),
   concat('10.', toString(intDiv(p, 250)), '.', toString(p % 250), '.1'),
   if(ext, '', concat('ns-', toString(b % {NAMESPACES}))),
@@ -138,6 +140,9 @@ def main() -> None:
         t = time.perf_counter()
         fill(store, args.rows)
         fill_s = time.perf_counter() - t
+        # every row kept (a timeInserted past the store's retention would be dropped on insert)
+        stored = store.count()
+        assert stored == args.rows, f"{stored} of {args.rows} rows stored"
         inv = inventory()
         current, proposed = current_policies(inv), proposal()
         assert len(current) == 100

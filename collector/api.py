@@ -16,6 +16,7 @@ Routes (all GET)::
     /api/v1/sankey      ?...&group&target&by&top                     -> {"links": [SankeyLink]}
     /api/v1/overview    ?...                                         -> Overview
     /api/v1/complete    ?field&prefix&limit                          -> {"values": [...]}
+    /api/v1/policy/keys ?since=<epoch seconds>&namespace             -> {"keys": [StoredKey]}
     /api/v1/schema      -> the dimensions, filter fields, completions and vocabularies
     /healthz, /readyz   -> "ok" (public: probes)
 
@@ -156,6 +157,27 @@ def _complete(request: web.Request) -> Callable[[FlowStore], Any]:
     return lambda s: {"values": query.complete(s, field, prefix, limit=min(limit, 1000), q=scoped)}
 
 
+def _policy_keys(request: web.Request) -> Callable[[FlowStore], Any]:
+    """The distinct flow keys ``flowscope policy --api`` evaluates (:mod:`.policy`'s seam)."""
+    from . import policy
+
+    params: dict[str, str] = {}
+    for k, v in request.query.items():
+        if k not in ("since", "namespace"):
+            raise query.QueryError(f"{k}: not a parameter of {request.path}; known: namespace, since")
+        if k in params:
+            raise query.QueryError(f"{k}: given twice")
+        params[k] = v
+    since_text = params.get("since")
+    if since_text is not None and not since_text.isdigit():
+        raise query.QueryError(f"since: {since_text!r} is not epoch seconds")
+    since = int(since_text) if since_text is not None else None
+    namespace = params.get("namespace")
+    if namespace is not None:
+        policy.check_namespace(namespace, "namespace")
+    return lambda s: {"keys": policy.stored_flow_keys(s, since=since, namespace=namespace)}
+
+
 def schema_description() -> dict[str, Any]:
     """What the dashboards need to build their controls: dimensions, fields, vocabularies."""
     return {
@@ -189,6 +211,7 @@ def add_routes(app: web.Application, store: FlowStore) -> None:
     app.router.add_get(f"{API_PREFIX}/sankey", _handler(_sankey))
     app.router.add_get(f"{API_PREFIX}/overview", _handler(_overview))
     app.router.add_get(f"{API_PREFIX}/complete", _handler(_complete))
+    app.router.add_get(f"{API_PREFIX}/policy/keys", _handler(_policy_keys))
     app.router.add_get(f"{API_PREFIX}/schema", _schema)
     app.router.add_get("/healthz", _ok)
     app.router.add_get("/readyz", _ok)

@@ -7,11 +7,13 @@ because it reads the store users query: it turns stored rows into distinct flow 
 gives their Pods labels, reads policy files, and prints or returns the answers.
 
 *The store seam* is :func:`stored_flow_keys`, the one function that knows how the store
-is queried. It reads the current store API (:class:`~flowscope.collector.clickhouse.FlowStore`,
-chDB or a server) with one GROUP BY over the window, so the engine sees distinct
-(source Pod, destination, port, protocol, stored verdict) keys with their octets,
-number of flow records and last-seen time, never the rows. When the store gains its query
-layer, only this function changes.
+is queried. It reads the flow store (:class:`~flowscope.collector.store.FlowStore`, chDB
+or a server, through the query layer's ``rows(sql, params)`` with bound parameters) with
+one GROUP BY over the window, so the engine sees distinct (source Pod, destination,
+port, protocol, stored verdict) keys with their octets, number of flow records and
+last-seen time, never the rows. A chDB directory belongs to the collector writing it:
+``--api URL`` asks that collector for the same keys (``GET /api/v1/policy/keys``, served
+by :mod:`flowscope.collector.api`) and evaluates them here, with this side's inventory.
 
 *Labels*: the store keeps Pod names, not labels (IEs 143/144 exist but are off by
 default). Labels, and the cluster's current policies, come from an inventory: a YAML
@@ -44,15 +46,22 @@ import yaml
 from flowscope.agent.metadata import Inventory, MetadataError, load_inventory_file
 from flowscope.agent.policy import ClusterPolicy, NetworkPolicy, PolicyError, parse_policy
 from flowscope.agent.policy_insight import Endpoint, FlowKey, WhatIf, recommend, what_if
+from flowscope.ipfix.antrea import DENY_ACTIONS
+
+from .filter import Params
+from .query import Backend
+from .schema import quote
 
 __all__ = [
-    "register", "stored_flow_keys", "StoredKey", "resolve_keys", "load_policies", "what_if_report",
-    "recommend_report", "PolicyInputError",
+    "register", "stored_flow_keys", "StoredKey", "check_namespace", "keys_from_json", "resolve_keys",
+    "load_policies", "load_inventory_text", "what_if_report", "recommend_report", "PolicyInputError",
 ]
 
 EXIT_OK, EXIT_BREAKS, EXIT_USAGE = 0, 1, 2
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_LABEL_COLUMNS = ("sourcePodLabels", "destinationPodLabels")  # IEs 56506/143 and /144, when stored
+_LABEL_COLUMNS = ("sourcePodLabels", "destinationPodLabels")  # IEs 56506/143 and /144 (empty unless exported)
+_KEY_COLUMNS = ("sourcePodNamespace", "sourcePodName", "sourceIP", "destinationPodNamespace", "destinationPodName",
+                "destinationIP", "destinationTransportPort", "protocolIdentifier")
 
 
 class PolicyInputError(ValueError):
@@ -67,39 +76,66 @@ destination IP, destination port, protocol, denied, octets, records, last seen, 
 labels JSON, destination labels JSON); the labels are "" when the store has none."""
 
 
-def stored_flow_keys(store: Any, *, since: int | None = None, namespace: str | None = None) -> list[StoredKey]:
-    """THE SEAM: distinct flow keys of the window from the current store API.
+def stored_flow_keys(store: Backend, *, since: int | None = None, namespace: str | None = None) -> list[StoredKey]:
+    """THE SEAM: distinct flow keys of the window, read from the store's raw table.
 
-    One GROUP BY over the flows table (``store.select``, chDB or a ClickHouse server,
-    SQL within what 18.16 accepts). ``since``: epoch seconds (rows inserted since);
-    ``namespace``: keys with that namespace at either end. Re-point this function at
-    the store's query layer when it has one; nothing else reads the store.
+    One GROUP BY over the raw flows table through the store's query interface
+    (:meth:`~flowscope.collector.store.FlowStore.rows`, chDB or a ClickHouse server, SQL
+    within what 18.16 accepts), its values bound as parameters by
+    :func:`flowscope.collector.filter.bind` (the namespace never enters the SQL text).
+    ``since``: epoch seconds (rows inserted since); ``namespace``: keys with that
+    namespace at either end. The roll-ups cannot answer (they keep no addresses or
+    ports); nothing else here reads the store.
     """
+    params = Params()
     where = []
     if since is not None:
-        where.append(f"timeInserted >= toDateTime({int(since)})")
+        where.append(f"timeInserted >= toDateTime({params.add(int(since), 'UInt32')})")
     if namespace is not None:
-        if not _NAMESPACE.match(namespace):
-            raise PolicyInputError(f"--namespace: {namespace!r} is not a Kubernetes namespace name")
-        where.append(f"(sourcePodNamespace = '{namespace}' OR destinationPodNamespace = '{namespace}')")
-    have = {r[0] for r in store.select(
-        f"SELECT name FROM system.columns WHERE database = '{store.database}' AND table = '{store.table}'")}
-    labels = ", ".join(f"any({c})" if c in have else "''" for c in _LABEL_COLUMNS)
+        check_namespace(namespace)
+        ns = params.add(namespace, "String")
+        where.append(f"(sourcePodNamespace = {ns} OR destinationPodNamespace = {ns})")
+    labels = ", ".join(f"any({quote(c)})" for c in _LABEL_COLUMNS)
     # Grouping on one 64-bit hash of the key's eight columns, not on the columns (six of
     # them strings), is what keeps this under a few seconds at 10M rows (benchmarks/
     # policy_whatif.py); the columns themselves come back through any().
-    key = ("sourcePodNamespace, sourcePodName, sourceIP, destinationPodNamespace, destinationPodName, "
-           "destinationIP, destinationTransportPort, protocolIdentifier")
+    key = ", ".join(quote(c) for c in _KEY_COLUMNS)
     sql = (
-        f"SELECT {', '.join(f'any({c.strip()})' for c in key.split(','))}, "
-        "(ingressNetworkPolicyRuleAction IN (2, 3) OR egressNetworkPolicyRuleAction IN (2, 3)) AS denied, "
+        f"SELECT {', '.join(f'any({quote(c)})' for c in _KEY_COLUMNS)}, "
+        f"({_denied('ingress')} OR {_denied('egress')}) AS denied, "
         "sum(octetDeltaCount + reverseOctetDeltaCount), count(), "
-        f"toUInt32(max(flowEndSeconds)), {labels}, cityHash64({key}) AS k FROM {store.qualified}"
+        f"toUInt32(max(flowEndSeconds)), {labels}, cityHash64({key}) AS k "
+        f"FROM {quote(store.database)}.{quote(store.table)}"
         + (" WHERE " + " AND ".join(where) if where else "")
         + " GROUP BY k, denied"
     )
     return [(str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), int(r[6]), int(r[7]), bool(int(r[8])),
-             int(r[9]), int(r[10]), int(r[11]), str(r[12] or ""), str(r[13] or "")) for r in store.select(sql)]
+             int(r[9]), int(r[10]), int(r[11]), str(r[12] or ""), str(r[13] or ""))
+            for r in store.rows(sql, params.values)]
+
+
+def _denied(direction: str) -> str:
+    return f"{direction}NetworkPolicyRuleAction IN ({', '.join(str(a) for a in sorted(DENY_ACTIONS))})"
+
+
+def check_namespace(namespace: str, field: str = "--namespace") -> str:
+    """A Kubernetes namespace name, or :class:`PolicyInputError` naming ``field``."""
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise PolicyInputError(f"{field}: {namespace!r} is not a Kubernetes namespace name")
+    return namespace
+
+
+def keys_from_json(rows: Any) -> list[StoredKey]:
+    """Stored keys as the collector's API sends them (JSON arrays), checked."""
+    if not isinstance(rows, list):
+        raise ValueError("keys: not a list")
+    out: list[StoredKey] = []
+    for r in rows:
+        if not isinstance(r, list) or len(r) != 14:
+            raise ValueError(f"keys: {r!r:.80} is not a stored flow key")
+        out.append((str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]), str(r[5]), int(r[6]), int(r[7]),
+                    bool(r[8]), int(r[9]), int(r[10]), int(r[11]), str(r[12]), str(r[13])))
+    return out
 
 
 # --------------------------------------------------------------------------- labels
@@ -174,26 +210,56 @@ def current_policies(inventory: Inventory | None) -> list[NetworkPolicy | Cluste
     return [*inventory.policies.values(), *inventory.cluster_policies.values()]
 
 
+def load_inventory_text(text: str, where: str = "inventory") -> Inventory:
+    """Pods, Namespaces and current policies from YAML text (the ``--inventory`` file's format:
+    several documents, or ``kind: List``), as the dashboards' what-if page sends it."""
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        raise PolicyInputError(f"{where}: not valid YAML: {exc}") from None
+    inv = Inventory()
+
+    def walk(d: Any) -> None:
+        if d is None:
+            return
+        if not isinstance(d, Mapping):
+            raise PolicyInputError(f"{where}: {d!r:.80} is not a Kubernetes object")
+        if d.get("kind") == "List":
+            for item in d.get("items") or []:
+                walk(item)
+            return
+        try:
+            inv.apply(d)
+        except MetadataError as exc:
+            raise PolicyInputError(f"{where}: {exc}") from None
+
+    for d in docs:
+        walk(d)
+    return inv
+
+
 # --------------------------------------------------------------------------- JSON for the dashboards
 
-def what_if_report(store: Any, policies_text: str, *, inventory: Inventory | None, since: int | None = None,
+def what_if_report(store: Backend, policies_text: str, *, inventory: Inventory | None, since: int | None = None,
                    namespace: str | None = None, replace: bool = False) -> dict[str, Any]:
     """What applying ``policies_text`` would change over the stored flows, JSON-ready."""
     proposed = load_policies(policies_text)
-    result = _what_if(store, proposed, inventory=inventory, since=since, namespace=namespace, replace=replace)
-    return result.to_json()
-
-
-def _what_if(store: Any, proposed: Sequence[NetworkPolicy | ClusterPolicy], *, inventory: Inventory | None,
-             since: int | None, namespace: str | None, replace: bool) -> WhatIf:
     rows = stored_flow_keys(store, since=since, namespace=namespace)
+    return _what_if(rows, proposed, inventory=inventory, replace=replace).to_json()
+
+
+def _what_if(rows: Sequence[StoredKey], proposed: Sequence[NetworkPolicy | ClusterPolicy], *,
+             inventory: Inventory | None, replace: bool) -> WhatIf:
     return what_if(resolve_keys(rows, inventory), current_policies(inventory), proposed, replace=replace)
 
 
-def recommend_report(store: Any, namespace: str, *, inventory: Inventory | None,
+def recommend_report(store: Backend, namespace: str, *, inventory: Inventory | None,
                      since: int | None = None) -> dict[str, Any]:
     """The least-privilege NetworkPolicies for ``namespace`` and the warnings, JSON-ready."""
-    rows = stored_flow_keys(store, since=since, namespace=namespace)
+    return _recommend(stored_flow_keys(store, since=since, namespace=namespace), namespace, inventory)
+
+
+def _recommend(rows: Sequence[StoredKey], namespace: str, inventory: Inventory | None) -> dict[str, Any]:
     keys = list(resolve_keys(rows, inventory))
     policies, warnings = recommend(keys, namespace)
     # observed traffic the recommendation could not cover: its default-deny would block it
@@ -227,8 +293,13 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--store", required=True, metavar="URL",
-                        help="the flow store: tcp://HOST[:PORT][/DATABASE] or chdb:///DIR (a directory no process holds)")
+        where = sp.add_mutually_exclusive_group(required=True)
+        where.add_argument("--store", metavar="URL",
+                           help="the flow store: tcp://HOST[:PORT][/DATABASE] or chdb:///DIR (a directory no process holds)")
+        where.add_argument("--api", metavar="URL",
+                           help="a running collector's API (http[s]://HOST:PORT, flowscope collector --api or --ui): "
+                           "the way to read a chDB directory that collector holds")
+        sp.add_argument("--token-file", metavar="FILE", help="with --api: send 'Authorization: Bearer <token in FILE>'")
         sp.add_argument("--table", default="flows", help="the flows table (default flows)")
         sp.add_argument("--database", default="flowscope", help="the database (default flowscope)")
         sp.add_argument("--since", metavar="DURATION|RFC3339", help="only flows stored since then (e.g. 24h)")
@@ -303,8 +374,13 @@ def _inventory(args: argparse.Namespace) -> Inventory | None:
     return None
 
 
-def _open(args: argparse.Namespace) -> Any:
-    from flowscope.collector.clickhouse import StoreError, open_store
+def _stored_keys(args: argparse.Namespace, since: int | None, namespace: str | None) -> list[StoredKey]:
+    """The seam's keys, from the store opened here or from a running collector's API."""
+    if namespace is not None:
+        check_namespace(namespace)
+    if args.api:
+        return _api_keys(args.api, args.token_file, since, namespace)
+    from flowscope.collector.store import StoreError, open_store
 
     try:
         store = open_store(args.store, args.database, args.table)
@@ -312,8 +388,47 @@ def _open(args: argparse.Namespace) -> Any:
     except (StoreError, ValueError) as exc:
         raise PolicyInputError(f"--store: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a server that is down, a chDB directory held by another process
-        raise PolicyInputError(f"--store: {args.store} cannot be read: {exc}") from None
-    return store
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = " (a chDB directory belongs to one process: ask the collector holding it with --api)" \
+            if args.store.startswith("chdb") else ""
+        raise PolicyInputError(f"--store: {args.store} cannot be read: {first}{hint}") from None
+    try:
+        return stored_flow_keys(store, since=since, namespace=namespace)
+    finally:
+        store.close()
+
+
+def _api_keys(url: str, token_file: str | None, since: int | None, namespace: str | None) -> list[StoredKey]:
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise PolicyInputError(f"--api: {url!r} is not http://HOST:PORT or https://HOST:PORT")
+    headers = {"Accept": "application/json"}
+    if token_file:
+        from flowscope.webauth import WebAuthError, read_token
+
+        try:
+            headers["Authorization"] = f"Bearer {read_token(token_file, '--token-file')}"
+        except WebAuthError as exc:
+            raise PolicyInputError(str(exc)) from None
+    query = urlencode({k: v for k, v in (("since", since), ("namespace", namespace)) if v is not None})
+    req = urllib.request.Request(f"{url.rstrip('/')}/api/v1/policy/keys?{query}", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return keys_from_json(json.loads(resp.read())["keys"])
+    except urllib.error.HTTPError as exc:
+        try:
+            message = str(json.loads(exc.read()).get("error", ""))
+        except ValueError:
+            message = ""
+        raise PolicyInputError(f"--api {url}: {exc.code} {exc.reason}{': ' + message if message else ''}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise PolicyInputError(f"--api {url}: cannot reach the collector: {getattr(exc, 'reason', exc)}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PolicyInputError(f"--api {url}: not a collector's answer: {exc}") from None
 
 
 def _cmd_what_if(args: argparse.Namespace) -> int:
@@ -322,12 +437,8 @@ def _cmd_what_if(args: argparse.Namespace) -> int:
         proposed = load_policies(text, args.filename)
         since = _since(args.since, time.time())
         inventory = _inventory(args)
-        store = _open(args)
-        try:
-            result = _what_if(store, proposed, inventory=inventory, since=since, namespace=args.namespace,
-                              replace=args.replace)
-        finally:
-            store.close()
+        rows = _stored_keys(args, since, args.namespace)
+        result = _what_if(rows, proposed, inventory=inventory, replace=args.replace)
     except PolicyInputError as exc:
         return _err(str(exc))
     report = result.to_json()
@@ -367,11 +478,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     try:
         since = _since(args.since, time.time())
         inventory = _inventory(args)
-        store = _open(args)
-        try:
-            report = recommend_report(store, args.namespace, inventory=inventory, since=since)
-        finally:
-            store.close()
+        report = _recommend(_stored_keys(args, since, args.namespace), args.namespace, inventory)
     except PolicyInputError as exc:
         return _err(str(exc))
     if report["keys"] and report["unlabelled"] == report["keys"]:

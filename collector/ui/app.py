@@ -9,7 +9,11 @@ Two kinds of routes, and nothing else:
   values, complete), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
   from the store's query layer, in a worker thread (the store's calls block).
 
-It is read-only: every route is GET. Who may read it follows :mod:`flowscope.webauth`:
+* the what-if page's evaluation (``POST /ui/v1/whatif``, :mod:`.whatif`): proposed
+  policies in a bounded JSON body, evaluated against the stored flows.
+
+It changes nothing: every route but the what-if is GET, and the what-if only reads the
+store. Who may read it follows :mod:`flowscope.webauth`:
 open on loopback, otherwise a bearer token, mutual TLS, or ``insecure`` said out loud
 (:func:`check_exposure` runs before anything listens). Bad input answers 400 with
 ``{"error": ..., "field": ...}``, naming the parameter; no user text reaches SQL except
@@ -41,6 +45,7 @@ from flowscope.webauth import PUBLIC_PATHS, WebAuth, auth_middleware
 
 from .dashboards import Dashboards, PanelError
 from .options import DEFAULT_UI, UIConfig, add_ui_options, ui_from_args
+from .whatif import whatif_handler
 
 __all__ = ["DEFAULT_UI", "STATIC", "UIConfig", "UIServer", "add_ui_options", "add_ui_routes", "build_app", "start_ui",
            "ui_from_args"]
@@ -165,6 +170,7 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
             app.router.add_get(probe, healthz)
     for name in PANELS:
         app.router.add_get(f"/ui/v1/{name}", panel(name))
+    app.router.add_post("/ui/v1/whatif", whatif_handler(store, executor, _json))
 
 
 # --------------------------------------------------------------------------- options and serving

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import yaml
 from flowscope.agent.metadata import load_inventory_file
 from flowscope.agent.policy import PolicySet, parse_policy
 from flowscope.agent.policy_insight import Endpoint, FlowKey, decide, recommend
-from flowscope.collector.clickhouse import COLUMNS, open_store
+from flowscope.collector.schema import COLUMNS
+from flowscope.collector.store import open_store
 from flowscope.collector.policy import resolve_keys, stored_flow_keys
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -43,7 +45,10 @@ items:
 """
 
 FE1, FE2, BE, DB, EXT = "10.244.1.10", "10.244.2.11", "10.244.2.10", "10.244.2.20", "203.0.113.5"
-T0 = 1_780_000_000
+T0 = 1_780_000_000  # flow times
+# Rows were stored in the last hour: retention counts from timeInserted, and a store opened
+# with the default retention (7 days) drops older rows.
+INSERTED = int(time.time()) - 3600
 
 # (src ns, src pod, src ip, dst ns, dst pod, dst ip, sport, dport, proto, octets, reverse octets, ingress action, end)
 ROWS = [
@@ -64,7 +69,7 @@ def _write(store_dir: Path | None, address: str | None = None) -> None:
     cols: dict[str, list] = {c.name: [] for c in COLUMNS}
     for r in ROWS:
         row = {c.name: (0 if c.is_int else "") for c in COLUMNS}
-        row.update(timeInserted=r[12], sourcePodNamespace=r[0], sourcePodName=r[1], sourceIP=r[2],
+        row.update(timeInserted=INSERTED + r[12] - T0, sourcePodNamespace=r[0], sourcePodName=r[1], sourceIP=r[2],
                    destinationPodNamespace=r[3], destinationPodName=r[4], destinationIP=r[5],
                    sourceTransportPort=r[6], destinationTransportPort=r[7], protocolIdentifier=r[8],
                    octetDeltaCount=r[9], reverseOctetDeltaCount=r[10], ingressNetworkPolicyRuleAction=r[11],
@@ -95,7 +100,7 @@ def test_the_seam_reads_distinct_keys_with_what_was_written(world):
     try:
         keys = stored_flow_keys(store)
         shop_only = stored_flow_keys(store, namespace="data")
-        recent = stored_flow_keys(store, since=T0 + 45)
+        recent = stored_flow_keys(store, since=INSERTED + 45)
     finally:
         store.close()
     by = {(k[1], k[5], k[6], k[7], k[8]): k for k in keys}
@@ -120,7 +125,7 @@ def test_the_seam_answers_the_same_on_clickhouse_server_18_16(world, tmp_path):
         server.open()
         local.open()
         try:
-            for kw in ({}, {"namespace": "data"}, {"since": T0 + 45}):
+            for kw in ({}, {"namespace": "data"}, {"since": INSERTED + 45}):
                 assert sorted(stored_flow_keys(server, **kw)) == sorted(stored_flow_keys(local, **kw)), kw
         finally:
             server.close()
@@ -250,7 +255,7 @@ def test_the_dashboards_functions_return_what_the_cli_prints(world):
     store.open()
     try:
         report = what_if_report(store, deny, inventory=inv)
-        rec = recommend_report(store, "shop", inventory=inv, since=T0)
+        rec = recommend_report(store, "shop", inventory=inv, since=INSERTED)
         with pytest.raises(PolicyInputError, match="not valid YAML"):
             what_if_report(store, "kind: [", inventory=inv)
     finally:
@@ -323,3 +328,95 @@ def load_inventory_file_text(text: str):
         fh.write(text)
         fh.flush()
         return load_inventory_file(fh.name)
+
+
+def test_the_seams_columns_are_the_stores():
+    from flowscope.collector.policy import _KEY_COLUMNS, _LABEL_COLUMNS
+    from flowscope.collector.schema import COLUMN_NAMES
+
+    assert set(_KEY_COLUMNS + _LABEL_COLUMNS) <= set(COLUMN_NAMES)
+
+
+def test_a_namespace_never_reaches_the_sql_text(world):
+    from flowscope.collector.policy import PolicyInputError
+
+    class Recording:
+        database, table = "flowscope", "flows"
+        seen: list = []
+
+        def rows(self, sql, params):
+            self.seen.append((sql, dict(params)))
+            return []
+
+    rec = Recording()
+    assert stored_flow_keys(rec, namespace="shop", since=INSERTED) == []
+    ((sql, params),) = rec.seen
+    assert "shop" not in sql and sorted(params.values(), key=str) == sorted([INSERTED, "shop"], key=str)
+    with pytest.raises(PolicyInputError, match="is not a Kubernetes namespace name"):
+        stored_flow_keys(rec, namespace="shop' OR 1=1 --")
+
+
+def test_policy_over_api_asks_the_collector_holding_the_store_for_the_same_keys(world, tmp_path):
+    """chDB belongs to one process: ``--api`` reads the keys from the collector's API (here
+    the API application over the store, served on loopback) and evaluates them locally."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+    from flowscope.collector.api import make_app
+    from flowscope.webauth import WebAuth
+
+    deny = tmp_path / "deny.yaml"
+    deny.write_text("kind: NetworkPolicy\nmetadata: {name: default-deny, namespace: shop}\n"
+                    "spec: {podSelector: {}, policyTypes: [Ingress]}\n")
+    args = ("what-if", "-f", str(deny), "--inventory", str(world / "inventory.yaml"), "-o", "json", "--since", "168h")
+    local = _cli(*args, "--store", f"chdb://{world / 'store'}")
+    assert local.returncode == 1, local.stderr
+    token = "policy-api-token-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    store = open_store(f"chdb://{world / 'store'}")
+    store.open()
+    box: list = []
+    ready, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        async def main() -> None:
+            runner = web.AppRunner(make_app(store, WebAuth(token=token)), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            box.append(site._server.sockets[0].getsockname()[1])
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await runner.cleanup()
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30)
+        api = f"http://127.0.0.1:{box[0]}"
+        remote = _cli(*args, "--api", api, "--token-file", str(tmp_path / "token"))
+        assert remote.returncode == 1, remote.stderr
+        assert json.loads(remote.stdout) == json.loads(local.stdout)
+        rec = _cli("recommend", "--namespace", "shop", "--inventory", str(world / "inventory.yaml"), "--api", api,
+                   "--token-file", str(tmp_path / "token"))
+        assert rec.returncode == 1 and "frontend-observed" in rec.stdout
+        no_token = _cli(*args, "--api", api)
+        assert no_token.returncode == 2 and "401" in no_token.stderr and len(no_token.stderr.splitlines()) == 1
+        import urllib.error
+        import urllib.request
+
+        for q in ("namespace=Shop%3BDROP", "since=yesterday", "table=x"):
+            req = urllib.request.Request(f"{api}/api/v1/policy/keys?{q}", headers={"Authorization": f"Bearer {token}"})
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(req, timeout=30)
+            assert err.value.code == 400 and q.split("=")[0] in json.loads(err.value.read())["error"]
+    finally:
+        stop.set()
+        thread.join(10)
+        store.close()
+    gone = _cli(*args, "--api", "http://127.0.0.1:1")
+    assert gone.returncode == 2 and "cannot reach the collector" in gone.stderr

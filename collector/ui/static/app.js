@@ -17,6 +17,7 @@ const DASHBOARDS = [
   { id: "flows", title: "Flow Records" },
   { id: "nodes", title: "Node Throughput" },
   { id: "policy", title: "Network Policy" },
+  { id: "what-if", title: "What-If" },
 ];
 
 const RANGES = [
@@ -571,7 +572,143 @@ const VIEWS = {
       await panelFlows(card("w12", "Denied connections", "newest first"), { scope: "denied", limit: 10 }),
     ];
   },
+  async "what-if"() {
+    const form = card("w12", "What would these policies change?", "evaluated with the agent's own policy evaluator");
+    const result = card("w12", "Flows whose verdict would change", "grouped by source and destination workload");
+    result.id = "whatif-result";
+    const body = document.createElement("div");
+    body.className = "whatif-result";
+    body.innerHTML = `<div class="empty">paste or upload policies, then Evaluate</div>`;
+    result.appendChild(body);
+    whatIfForm(form, result);
+    return []; // evaluated on demand, not on every refresh
+  },
 };
+
+// ------------------------------------------------------------------ the what-if page
+
+// What the user pasted survives switching dashboards and ranges (not a reload: it may be long).
+const whatIf = { policies: "", inventory: "", namespace: "", replace: false };
+const WHATIF_MAX = 1 << 20; // the server's bound on the body (collector/ui/whatif.py)
+
+function sinceEpoch() {
+  if (state.from) return /^\d+$/.test(state.from) ? Number(state.from) : Math.floor(Date.parse(state.from) / 1000);
+  const ms = durationMs(state.since);
+  return ms ? Math.floor((Date.now() - ms) / 1000) : null;
+}
+
+async function postWhatIf(body) {
+  const headers = { Accept: "application/json", "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const text = JSON.stringify(body);
+  if (new Blob([text]).size > WHATIF_MAX) throw new ApiError(`the policies and inventory are more than ${si(WHATIF_MAX, "B")}`, { field: "body" });
+  const resp = await fetch(`${API}whatif`, { method: "POST", headers, body: text });
+  let data = null;
+  try { data = await resp.json(); } catch (e) { data = null; }
+  if (resp.status === 401) { askToken(); throw new ApiError("a bearer token is required", data); }
+  if (!resp.ok) throw new ApiError((data && data.error) || `${resp.status} ${resp.statusText}`, data);
+  return data;
+}
+
+function verdictText(v) {
+  if (!v) return "no policy applies";
+  const name = v.namespace ? `${v.namespace}/${v.name}` : v.name;
+  return `${v.action} by ${v.kind} ${name}${v.rule ? ` (${v.rule})` : ""}`;
+}
+
+function whatIfForm(el, result) {
+  const form = document.createElement("form");
+  form.className = "whatif";
+  form.id = "whatif-form";
+  form.innerHTML = `
+    <label class="full">Proposed policies <span class="hint">NetworkPolicy, AdminNetworkPolicy, BaselineAdminNetworkPolicy; several documents or a List</span>
+      <textarea id="whatif-policies" rows="14" spellcheck="false" placeholder="apiVersion: networking.k8s.io/v1&#10;kind: NetworkPolicy&#10;metadata: {name: default-deny, namespace: shop}&#10;spec: {podSelector: {}, policyTypes: [Ingress]}"></textarea></label>
+    <details class="full"><summary>Inventory (optional): Pods, Namespaces and the current policies</summary>
+      <textarea id="whatif-inventory" rows="8" spellcheck="false" placeholder="kubectl get pods,namespaces,networkpolicies -A -o yaml"></textarea></details>
+    <div class="row">
+      <label>Upload <input id="whatif-file" type="file" accept=".yaml,.yml,.json,text/yaml,application/json"></label>
+      <label>Namespace <input id="whatif-namespace" size="18" placeholder="any" list="dl-whatif-ns"><datalist id="dl-whatif-ns"></datalist></label>
+      <label><input id="whatif-replace" type="checkbox"> replace the current policies</label>
+      <button type="submit" id="whatif-run">Evaluate</button>
+      <span class="hint">over the flows stored since the start of the time range above</span>
+    </div>
+    <div id="whatif-error" class="filter-error" role="alert" hidden></div>`;
+  el.appendChild(form);
+  const f = (id) => form.querySelector(`#${id}`);
+  f("whatif-policies").value = whatIf.policies;
+  f("whatif-inventory").value = whatIf.inventory;
+  if (whatIf.inventory) form.querySelector("details").open = true;
+  f("whatif-namespace").value = whatIf.namespace;
+  f("whatif-replace").checked = whatIf.replace;
+  fillDatalist(f("dl-whatif-ns"), "namespace");
+  f("whatif-file").addEventListener("change", async () => {
+    const file = f("whatif-file").files[0];
+    if (!file) return;
+    if (file.size > WHATIF_MAX) { showWhatIfError(form, `${file.name}: ${si(file.size, "B")} is more than ${si(WHATIF_MAX, "B")}`); return; }
+    f("whatif-policies").value = await file.text();
+  });
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    Object.assign(whatIf, { policies: f("whatif-policies").value, inventory: f("whatif-inventory").value,
+      namespace: f("whatif-namespace").value.trim(), replace: f("whatif-replace").checked });
+    showWhatIfError(form, "");
+    const body = { policies: whatIf.policies, since: sinceEpoch(), replace: whatIf.replace };
+    if (whatIf.inventory.trim()) body.inventory = whatIf.inventory;
+    if (whatIf.namespace) body.namespace = whatIf.namespace;
+    if (body.since === null) delete body.since;
+    f("whatif-run").disabled = true;
+    $("status").textContent = "evaluating…";
+    $("status").className = "";
+    try {
+      showWhatIf(result, await postWhatIf(body));
+      $("status").textContent = `What-If · ${rangeText()}`;
+    } catch (err) {
+      showWhatIfError(form, err.message);
+      $("status").textContent = "the what-if was not evaluated";
+      $("status").className = "err";
+    } finally {
+      f("whatif-run").disabled = false;
+    }
+  });
+}
+
+function showWhatIfError(form, message) {
+  const box = form.querySelector("#whatif-error");
+  box.hidden = !message;
+  box.textContent = message;
+}
+
+const WHATIF_GROUPS = 200; // groups drawn; the rest are counted
+
+function showWhatIf(el, r) {
+  const body = el.querySelector(".whatif-result");
+  const groups = r.groups.slice(0, WHATIF_GROUPS);
+  const rows = [];
+  for (const g of groups) {
+    rows.push(`<tr class="group"><td colspan="4">${esc(g.source)} → ${esc(g.destination)}</td>` +
+      `<td class="num">${esc(fmt.count(g.records))}</td><td class="num">${esc(fmt.bytes(g.octets))}</td>` +
+      `<td>${esc(timeLabel(g.lastSeen * 1000, true))}</td></tr>`);
+    for (const c of g.changes) {
+      const denied = c.change === "allowed->denied";
+      rows.push(`<tr class="${denied ? "denied" : "opened"}"><td><span class="badge ${denied ? "drop" : "allow"}">${esc(c.change)}</span></td>` +
+        `<td class="mono">${esc(endpoint(c.source.namespace, c.source.pod, c.source.ip))}</td>` +
+        `<td class="mono">${esc(endpoint(c.destination.namespace, c.destination.pod, c.destination.ip, c.port))}/${esc(c.protocol)}</td>` +
+        `<td>${esc(verdictText(c.after))}</td><td class="num">${esc(fmt.count(c.records))}</td>` +
+        `<td class="num">${esc(fmt.bytes(c.octets))}</td><td>${esc(timeLabel(c.lastSeen * 1000, true))}</td></tr>`);
+    }
+  }
+  const more = r.groups.length > groups.length ? `<p class="hint">${r.groups.length - groups.length} more groups not drawn; <code>flowscope policy what-if -o json</code> lists all</p>` : "";
+  const unresolved = r.unresolved.length ? `<p class="hint" id="whatif-unresolved">${r.unresolved.length} flows left out: a Pod end has no known labels (give an inventory)</p>` : "";
+  body.innerHTML = `
+    <div class="whatif-summary" id="whatif-summary">
+      <span><b>${esc(r.evaluated)}</b> distinct flows evaluated</span>
+      <span class="deny"><b>${esc(r.newlyDenied)}</b> would be denied (<b>${esc(r.breaks)}</b> of them flowed)</span>
+      <span class="allow"><b>${esc(r.newlyAllowed)}</b> would be allowed</span>
+    </div>
+    ${r.groups.length ? `<div class="scroll"><table class="flows whatif-table"><thead><tr><th>change</th><th>source</th><th>destination</th><th>after</th><th class="num">records</th><th class="num">bytes</th><th>last seen</th></tr></thead><tbody>${rows.join("")}</tbody></table></div>` : `<div class="empty">no stored flow would change verdict</div>`}
+    ${more}${unresolved}`;
+  el.dataset.ready = "1";
+}
 
 // ------------------------------------------------------------------ controls
 
@@ -589,6 +726,7 @@ function syncControls() {
   $("to").value = state.to ? localInput(state.to) : "";
   $("refresh").value = REFRESHES.some(([v]) => v === state.refresh) ? state.refresh : "0";
   $("filter").value = state.filter;
+  document.querySelector(".filterbar").hidden = state.d === "what-if"; // the what-if takes policies, not a filter
   const extra = $("extra");
   extra.innerHTML = "";
   if (state.d === "policy") {
