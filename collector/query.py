@@ -53,7 +53,9 @@ from typing import Any, Final, Literal, Protocol
 from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 from .filter import Params, parse_filter
-from .schema import COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_COUNTS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUPS, quote
+from .schema import (
+    COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_COUNTS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUPS, column_type, quote,
+)
 
 __all__ = [
     "BY",
@@ -370,7 +372,7 @@ def label(group: str | None, key: str) -> str:
 
 _DISPLAY: Final = tuple(COLUMN_NAMES) + tuple(DERIVED_NAMES)
 _SELECT: Final = ", ".join(
-    f"toUInt32({quote(c)})" if c in ("timeInserted", "flowStartSeconds", "flowEndSeconds") else quote(c)
+    f"toUInt32({quote(c)})" if column_type(c) == "DateTime" else quote(c)  # epoch seconds, as decoded
     for c in _DISPLAY)
 
 
