@@ -384,7 +384,12 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
     ch["address"] = server.address  # loopback instead of the cluster Service; database, table, interval as rendered
     config.pop("externalFlowCollectorAddr")
     config["sinks"]["ipfix"]["enabled"] = False
-    config.update(listenAddress="127.0.0.1", listenPort=0, apiAddress="127.0.0.1:0")
+    config.update(listenAddress="127.0.0.1", listenPort=0, apiAddress="127.0.0.1:0", metricsAddress="127.0.0.1:0")
+    # the API's bearer token from the Secret the operator mounts, here a file of our own
+    assert config["api"]["tokenFile"].startswith("/etc/flowscope/")
+    token = tmp_path / "api-token"
+    token.write_text("t0ken-" + "x" * 26)
+    config["api"]["tokenFile"] = str(token)
     cfg_file = tmp_path / "aggregator.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
 
@@ -418,7 +423,8 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
         while True:
             rc = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "flowscope", "aggregator", "recordmetrics", "--server",
-                                 f"http://127.0.0.1:{api_port}", "-o", "json"], capture_output=True, text=True,
+                                 f"http://127.0.0.1:{api_port}", "--token-file", str(token), "-o", "json"],
+                capture_output=True, text=True,
                 check=False)
             if rc.returncode == 0 and '"numRecordsReceived": 24' in rc.stdout:
                 break
