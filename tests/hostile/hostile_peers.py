@@ -69,6 +69,9 @@ def agent_record(i: int, *, pod: str = "frontend", **extra: Any) -> dict[str, An
         "ingressNetworkPolicyRuleName": "", "ingressNetworkPolicyRuleAction": 0,
         "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "", "egressNetworkPolicyType": 0,
         "egressNetworkPolicyRuleName": "", "egressNetworkPolicyRuleAction": 0,
+        # the elements Antrea v2.7's agents add (agent_fields), empty here
+        "destinationServiceIPv4": "0.0.0.0", "proxySnatIPv4": "0.0.0.0", "proxySnatPort": 0,
+        "egressName": "", "egressIP": "", "egressNodeName": "",
     }
     rec.update(extra)
     return rec
