@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import yaml
 from flowscope.agent.config import parse_config
+from flowscope.operator.manifests import NODE_IP
 from flowscope.ipfix.address import parse_address
 from flowscope.operator.manifests import agent_config
 from flowscope.operator.spec import SpecError, parse_flow_exporter_config
@@ -34,6 +35,8 @@ def test_destinations_pass_the_schema_the_operator_and_the_agent():
     spec = parse_flow_exporter_config(body)
     cfg = agent_config(spec, parse_address("fa.ns.svc:4739:tls"), None)
     assert cfg["destinations"] == [SECURITY]
+    # the agent pod's init container writes the node's address where NODE_IP stands
+    cfg["metricsAddress"] = cfg["metricsAddress"].replace(NODE_IP, "10.0.0.1")
     agent = parse_config(cfg, env={})
     (d,) = agent.destinations
     assert (d.name, str(d.address), d.idle_timeout) == ("security", "soc.example.org:4739:udp", 30.0)
