@@ -34,6 +34,7 @@ def test_destinations_pass_the_schema_the_operator_and_the_agent():
     spec = parse_flow_exporter_config(body)
     cfg = agent_config(spec, parse_address("fa.ns.svc:4739:tls"), None)
     assert cfg["destinations"] == [SECURITY]
+    cfg["metricsAddress"] = cfg["metricsAddress"].replace("__NODE_IP__", "10.0.0.7")  # the init container's job
     agent = parse_config(cfg, env={})
     (d,) = agent.destinations
     assert (d.name, str(d.address), d.idle_timeout) == ("security", "soc.example.org:4739:udp", 30.0)
