@@ -64,10 +64,7 @@ ADOPT_ANNOTATION = "flowscope.dev/adopt"
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "Degraded")
 # Kinds whose presence depends on the spec (TLS material, per-transport objects, options);
 # a PersistentVolumeClaim holds data and is never pruned.
-# Deployments and Services too: spec.collector switched off removes its workload (its
-# PersistentVolumeClaim stays: the flows are kept until the FlowAggregator is deleted)
-PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"),
-            ("apps/v1", "Deployment"), ("v1", "Service"))
+PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"))
 OPTIONAL_PRUNABLE = (("cert-manager.io/v1", "Certificate"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
                      ("monitoring.coreos.com/v1", "PodMonitor"))  # their CRDs may not be installed
 Clock = Callable[[], dt.datetime]
