@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     c.add_argument("--format", choices=("jsonl", "table"), default=None,
                    help="print records in this format (default jsonl; with --store nothing is printed unless given)")
     c.add_argument("--store", metavar="URL",
-                   help="store every record in the flow store: chdb:///DIR (in-process) or tcp://HOST:PORT/DB")
+                   help="store every record in the flow store: chdb:///DIR (in-process) or tcp://HOST:PORT/DB "
+                        "(a server; its user name and password from CLICKHOUSE_USERNAME / CLICKHOUSE_PASSWORD)")
     c.add_argument("--api", metavar="HOST:PORT",
                    help="with --store: serve the store's queries over HTTP (flowscope flows --api, the dashboards)")
     c.add_argument("--api-token-file", metavar="FILE",
@@ -401,7 +402,11 @@ async def _open_store(sink: _StoreOptions) -> tuple[Any, Any]:
     from .ingest import StoreWriter
     from .store import StoreError, open_store
 
-    store = open_store(sink.url, retention=sink.retention)
+    import os
+
+    # a server's credentials never go on the command line: the environment, as for the aggregator's sink
+    store = open_store(sink.url, retention=sink.retention, user=os.environ.get("CLICKHOUSE_USERNAME") or "default",
+                       password=os.environ.get("CLICKHOUSE_PASSWORD", ""))
     try:
         await asyncio.to_thread(store.open)
     except StoreError as exc:

@@ -43,7 +43,7 @@ from flowscope.operator.tls import API_CLIENT_COMMON_NAME, CLIENT_COMMON_NAME, K
 __all__ = [
     "Owner", "AgentTLS", "aggregator_config", "agent_config", "build_aggregator", "build_agent",
     "resolve_collector", "config_hash", "MANAGED_BY", "API_PORT", "CertManager", "NODE_IP", "go_duration",
-    "api_mode",
+    "api_mode", "collector_args", "COLLECTOR_STORE_DIR", "UI_TOKEN_FILE",
 ]
 
 MANAGED_BY = "flowscope-operator"
@@ -51,6 +51,8 @@ PART_OF = "flowscope"
 API_PORT = 10348
 TLS_DIR = "/etc/flowscope/tls"
 API_TOKEN_FILE = "/etc/flowscope/api/token"
+COLLECTOR_STORE_DIR = "/var/lib/flowscope/store"
+UI_TOKEN_FILE = "/etc/flowscope/ui-token/token"
 NODE_IP = "__NODE_IP__"  # replaced by the node's address (status.hostIP) in the agent pod
 # what the agent's "config" init container runs (it has the image's /bin/sh and sed)
 CONFIG_SCRIPT = (
@@ -291,13 +293,14 @@ def cert_manager_for(spec: FlowAggregatorSpec) -> CertManager | None:
 
 def build_aggregator(
     spec: FlowAggregatorSpec, *, image: str, tls: TLSMaterial | None, owner: Owner | None = None,
-    secrets: bool = True, api_token: bytes | None = None,
+    secrets: bool = True, api_token: bytes | None = None, ui_token: bytes | None = None,
 ) -> list[dict[str, Any]]:
     """Every namespaced object of a FlowAggregator, in apply order.
 
     With tls and no issuerRef, ``tls`` (the material) is required; ``secrets=False``
     leaves the Secrets out (for reviews and GitOps) while keeping their mounts. ``api_token``
     is the flow-records API's token (tcp and udp); without it no token Secret is written.
+    ``ui_token`` is the deployed collector's (spec.collector), in ``N-ui-token`` the same way.
     """
     cm = cert_manager_for(spec)
     if spec.transport == "tls" and tls is None and cm is None and secrets:
@@ -318,6 +321,8 @@ def build_aggregator(
     if spec.flow_log.enabled and spec.flow_log.pvc_size:
         pvc = {"size": spec.flow_log.pvc_size, "storage_class": spec.flow_log.pvc_storage_class}
     np = spec.network_policy
+    collector = _collector_objects(spec, image=image, owner=owner, secrets=secrets, ui_token=ui_token) \
+        if spec.collector.enabled else []
     return _render(
         "aggregator.yaml.j2",
         name=spec.name, namespace=spec.namespace, labels=labels, selector=selector,
@@ -338,6 +343,43 @@ def build_aggregator(
         network_policy={"collector_from": list(np.collector_from), "api_from": list(np.api_from),
                         "metrics_from": list(np.metrics_from)} if np.enabled else None,
         service_monitor=spec.service_monitor, pod_monitor=spec.pod_monitor,
+    ) + collector
+
+
+def collector_args(spec: FlowAggregatorSpec) -> list[str]:
+    """The deployed collector's command line (spec.collector): IPFIX over tcp from the
+    aggregator, the flow store, and the dashboards (or, with the UI off, the query API) behind
+    the token of ``N-ui-token``; both serve the public /healthz the probes use."""
+    c = spec.collector
+    if c.store == "chdb":
+        store = f"chdb://{COLLECTOR_STORE_DIR}"
+    else:
+        assert c.clickhouse is not None
+        store = f"{c.clickhouse.address}/{c.clickhouse.database}"
+    web = ["--ui", f"0.0.0.0:{c.ui_port}", "--ui-token-file", UI_TOKEN_FILE] if c.ui else [
+        "--api", f"0.0.0.0:{c.ui_port}", "--api-token-file", UI_TOKEN_FILE]
+    return ["collector", "--listen", f"0.0.0.0:{c.port}:tcp", "--store", store, "--retention", c.retention, *web]
+
+
+def _collector_objects(spec: FlowAggregatorSpec, *, image: str, owner: Owner | None, secrets: bool,
+                       ui_token: bytes | None) -> list[dict[str, Any]]:
+    c = spec.collector
+    labels, selector = _labels("collector", spec.name)
+    _, aggregator_selector = _labels("aggregator", spec.name)
+    ch = c.clickhouse if c.store == "clickhouse" else None
+    np = spec.network_policy
+    return _render(
+        "collector.yaml.j2",
+        name=spec.collector_service, aggregator=spec.name, namespace=spec.namespace, labels=labels,
+        selector=selector, aggregator_selector=aggregator_selector,
+        pod_labels={**spec.pod.labels, **labels}, pod_annotations=dict(spec.pod.annotations),
+        owner=owner.reference() if owner else None,
+        args=collector_args(spec), port=c.port, ui_port=c.ui_port, store_dir=COLLECTOR_STORE_DIR,
+        ui_token=_b64(ui_token) if ui_token and secrets else None,
+        pvc={"size": c.chdb_size, "storage_class": c.chdb_storage_class} if c.store == "chdb" else None,
+        clickhouse=ch, image=spec.image or image, image_pull_policy=spec.image_pull_policy,
+        resources=dict(c.resources), pod=_pod_values(spec.pod),
+        api_from=list(np.api_from) if np.enabled else None,
     )
 
 

@@ -410,9 +410,10 @@ class Reconciler:
             ca_name=f"flowscope-ca {spec.namespace}/{spec.name}", previous_ca=_b64d(ca_data, "previous.crt"),
         )
 
-    async def api_token(self, spec: FlowAggregatorSpec) -> bytes:
-        """The flow-records API token: the stored one, or a new random one."""
-        secret = await self.api.get("v1", "Secret", spec.namespace, f"{spec.name}-api-token")
+    async def api_token(self, spec: FlowAggregatorSpec, suffix: str = "api-token") -> bytes:
+        """A bearer token kept in Secret NAME-SUFFIX (the flow-records API's, or the deployed
+        collector's ``ui-token``): the stored one, or a new random one."""
+        secret = await self.api.get("v1", "Secret", spec.namespace, f"{spec.name}-{suffix}")
         return _b64d((secret or {}).get("data"), "token") or _secrets.token_hex(32).encode()
 
     async def aggregator(self, body: Mapping[str, Any]) -> Outcome:
@@ -420,8 +421,12 @@ class Reconciler:
             spec = parse_flow_aggregator(body)
         except SpecError as exc:
             return await self._fail(body, "InvalidSpec", str(exc))
-        ch = spec.clickhouse
-        if ch.enabled and ch.credentials_secret:
+        stores = [("spec.sinks.clickhouse", spec.clickhouse)]
+        if spec.collector.enabled and spec.collector.clickhouse is not None:
+            stores.append(("spec.collector.store.clickhouse", spec.collector.clickhouse))
+        for field, ch in stores:
+            if not (ch.enabled and ch.credentials_secret):
+                continue
             secret = await self.api.get("v1", "Secret", spec.namespace, ch.credentials_secret)
             data = {**((secret or {}).get("data") or {}), **((secret or {}).get("stringData") or {})}
             missing = [k for k in (ch.username_key, ch.password_key) if k not in data]
@@ -429,13 +434,15 @@ class Reconciler:
                 what = "does not exist" if secret is None else f"has no key {', '.join(missing)}"
                 return await self._fail(
                     body, "ClickHouseSecretInvalid",
-                    f"spec.sinks.clickhouse.credentialsSecretRef: Secret {spec.namespace}/{ch.credentials_secret} "
+                    f"{field}.credentialsSecretRef: Secret {spec.namespace}/{ch.credentials_secret} "
                     f"{what}; create it with keys {ch.username_key} and {ch.password_key}")
         own_tls = spec.transport == "tls" and spec.certificates.issuer is None
         material = await self.tls_material(spec) if own_tls else None
         token = await self.api_token(spec) if manifests.api_mode(spec) == "token" else None
+        ui_token = await self.api_token(spec, "ui-token") if spec.collector.enabled else None
         owner = self._owner(body)
-        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner, api_token=token)
+        objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner, api_token=token,
+                                             ui_token=ui_token)
         changed: list[str] = []
         try:
             writes = await self._apply_all(objects, owner, changed)

@@ -50,11 +50,12 @@ def material_for(spec: FlowAggregatorSpec, now: dt.datetime, ca: tls.KeyPair | N
                       margin=c.rotation_margin, ca_name="", seed=ca.key_pem)
 
 
-def api_token_for(spec: FlowAggregatorSpec, ca: tls.KeyPair | None) -> bytes:
-    """The flow-records API token: reproducible from a given CA, else random."""
+def api_token_for(spec: FlowAggregatorSpec, ca: tls.KeyPair | None, purpose: str = "api-token") -> bytes:
+    """A bearer token (the flow-records API's, or with ``purpose="ui-token"`` the deployed
+    collector's): reproducible from a given CA, else random."""
     if ca is None:
         return _secrets.token_hex(32).encode()
-    return hmac.new(ca.key_pem, f"api-token|{spec.namespace}/{spec.name}".encode(), hashlib.sha256).hexdigest().encode()
+    return hmac.new(ca.key_pem, f"{purpose}|{spec.namespace}/{spec.name}".encode(), hashlib.sha256).hexdigest().encode()
 
 
 def _label(body: Mapping[str, Any]) -> str:
@@ -100,7 +101,9 @@ def render_documents(
             material = material_for(spec, now, ca) if own_tls else None
             aggregators[(spec.namespace, spec.name)] = (spec, material)
             token = api_token_for(spec, ca) if secrets and manifests.api_mode(spec) == "token" else None
-            out += manifests.build_aggregator(spec, image=image, tls=material, secrets=secrets, api_token=token)
+            ui_token = api_token_for(spec, ca, "ui-token") if secrets and spec.collector.enabled else None
+            out += manifests.build_aggregator(spec, image=image, tls=material, secrets=secrets, api_token=token,
+                                              ui_token=ui_token)
         elif doc.get("kind") != "FlowExporterConfig":
             problems.append(f"{_label(doc)}: unknown kind; expected FlowAggregator or FlowExporterConfig")
     for doc in docs:

@@ -33,7 +33,7 @@ __all__ = [
     "GROUP", "VERSION", "API_VERSION", "SpecError", "ClickHouseSink", "FlowLogSink", "Certificates",
     "FlowAggregatorSpec", "FlowExporterConfigSpec", "AggregatorRef",
     "parse_flow_aggregator", "parse_flow_exporter_config", "DEFAULTS", "FIELDS", "IssuerRef", "PodOptions",
-    "NetworkPolicyOptions", "MAX_NAME",
+    "NetworkPolicyOptions", "MAX_NAME", "CollectorOptions",
 ]
 
 GROUP = "flowscope.dev"
@@ -73,6 +73,10 @@ DEFAULTS: dict[str, Any] = {
     "agent.metricsPort": 9390,
     "agent.metricsBind": "node",
     "maxUnavailable": 1,
+    "collector.port": 4740,
+    "collector.ui.port": 8080,
+    "collector.retention": "168h,720h,8760h",
+    "collector.chdb.size": "10Gi",
 }
 MAX_NAME = 52  # the longest derived object name (NAME-server-tls, ...) stays a valid DNS label
 
@@ -81,6 +85,8 @@ MAX_NAME = 52  # the longest derived object name (NAME-server-tls, ...) stays a 
 DEFAULT_RESOURCES: dict[str, dict[str, dict[str, str]]] = {
     "FlowAggregator": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
     "FlowExporterConfig": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+    # chDB runs in the collector's process: its caches and merges live in this limit
+    "collector": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}},
 }
 
 # Every field a spec may carry. None: a leaf, or a Kubernetes type passed through as it is
@@ -107,6 +113,15 @@ FIELDS: dict[str, dict[str, Any]] = {
                          "issuerRef": {"name": None, "kind": None, "group": None}},
         "metrics": {"port": None, "serviceMonitor": None, "podMonitor": None},
         "networkPolicy": {"enabled": None, "collectorFrom": None, "apiFrom": None, "metricsFrom": None},
+        "collector": {
+            "enabled": None, "port": None, "retention": None,
+            "store": {"chdb": {"size": None, "storageClassName": None},
+                      "clickhouse": {"address": None, "database": None,
+                                     "credentialsSecretRef": {"name": None, "usernameKey": None,
+                                                              "passwordKey": None}}},
+            "ui": {"enabled": None, "port": None},
+            "resources": {"requests": None, "limits": None},
+        },
     },
     "FlowExporterConfig": {
         **_POD_FIELDS, "nodeSelector": None, "tolerations": None, "flowPollInterval": None,
@@ -292,6 +307,24 @@ class ClickHouseSink:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectorOptions:
+    """spec.collector: the flow store and dashboards (``flowscope collector``) deployed next
+    to the aggregator, fed by its IPFIX sink. ``store`` is "chdb" (in-process, on a
+    PersistentVolumeClaim, one replica) or "clickhouse" (a server, credentials from a Secret)."""
+
+    enabled: bool = False
+    port: int = DEFAULTS["collector.port"]
+    store: Literal["chdb", "clickhouse"] = "chdb"
+    chdb_size: str = DEFAULTS["collector.chdb.size"]
+    chdb_storage_class: str | None = None
+    clickhouse: ClickHouseSink | None = None  # address, database and the Secret (table is the store's)
+    ui: bool = True
+    ui_port: int = DEFAULTS["collector.ui.port"]
+    retention: str = DEFAULTS["collector.retention"]
+    resources: Mapping[str, Any] = field(default_factory=lambda: DEFAULT_RESOURCES["collector"])
+
+
+@dataclass(frozen=True, slots=True)
 class FlowAggregatorSpec:
     """A FlowAggregator, validated and with every default filled in."""
 
@@ -318,6 +351,12 @@ class FlowAggregatorSpec:
     service_monitor: bool = False
     pod_monitor: bool = False
     network_policy: NetworkPolicyOptions = field(default_factory=NetworkPolicyOptions)
+    collector: CollectorOptions = field(default_factory=CollectorOptions)
+
+    @property
+    def collector_service(self) -> str:
+        """The Service of the deployed collector (spec.collector), NAME-collector."""
+        return f"{self.name}-collector"
 
     @property
     def service_dns_names(self) -> tuple[str, ...]:
@@ -517,6 +556,9 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
     if not _host_ok(address):
         r.problems.append(f"spec.flowAggregatorAddress: {address!r} is neither a DNS name nor an IP address")
     external = r.string("externalFlowCollectorAddr", DEFAULTS["externalFlowCollectorAddr"]) or ""
+    collector = _collector(r)
+    if collector.enabled and not external:  # the aggregator's IPFIX sink feeds the deployed collector
+        external = f"{name}-collector.{namespace}.svc:{collector.port}:tcp"
     if external:
         try:
             ext = parse_address(external, default_protocol="tcp", field="spec.externalFlowCollectorAddr")
@@ -623,6 +665,7 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
             api_from=_peers(r, "networkPolicy.apiFrom", NetworkPolicyOptions().api_from),
             metrics_from=_peers(r, "networkPolicy.metricsFrom", NetworkPolicyOptions().metrics_from),
         ),
+        collector=collector,
     )
     ports = {"spec.port": spec.port, "spec.metrics.port": spec.metrics_port, "the API port": 10348}
     if len(set(ports.values())) < len(ports):
@@ -638,6 +681,55 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
     if problems:
         raise SpecError(problems)
     return spec
+
+
+def _collector(r: _Reader) -> CollectorOptions:
+    """spec.collector, checked for what the collector's own options would refuse at start."""
+    if r.raw("collector") is None:
+        return CollectorOptions()
+    r.mapping("collector")
+    enabled = r.boolean("collector.enabled", False)
+    port = r.integer("collector.port", DEFAULTS["collector.port"], minimum=1, maximum=65535)
+    ui_port = r.integer("collector.ui.port", DEFAULTS["collector.ui.port"], minimum=1, maximum=65535)
+    if port == ui_port:
+        r.problems.append(f"spec.collector.ui.port: {ui_port} must differ from spec.collector.port ({port})")
+    retention = r.string("collector.retention", DEFAULTS["collector.retention"]) or DEFAULTS["collector.retention"]
+    if not re.fullmatch(r"(0|[1-9][0-9]*h),(0|[1-9][0-9]*h),(0|[1-9][0-9]*h)", retention):
+        r.problems.append(f"spec.collector.retention: {retention!r} must be RAW,1M,1H in whole hours (0 for "
+                          "forever), e.g. 168h,720h,8760h")
+        retention = DEFAULTS["collector.retention"]
+    has_chdb, has_ch = r.raw("collector.store.chdb") is not None, r.raw("collector.store.clickhouse") is not None
+    if has_chdb and has_ch:
+        r.problems.append("spec.collector.store: set either chdb (in-process, on a PersistentVolumeClaim) or "
+                          "clickhouse (a server), not both")
+    size = r.string("collector.store.chdb.size", DEFAULTS["collector.chdb.size"]) or ""
+    if not _QUANTITY.match(size):
+        r.problems.append(f"spec.collector.store.chdb.size: {size!r} must be a storage size like 10Gi")
+    clickhouse = None
+    if has_ch:
+        prefix = "collector.store.clickhouse"
+        address = r.string(f"{prefix}.address", DEFAULTS["clickhouse.address"]) or ""
+        if not re.match(r"^(tcp|clickhouse)://[^\s/@?#]+(:\d+)?/?$", address):
+            r.problems.append(f"spec.{prefix}.address: {address!r} must look like tcp://HOST:9000")
+        database = r.string(f"{prefix}.database", DEFAULTS["clickhouse.database"]) or ""
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", database):
+            r.problems.append(f"spec.{prefix}.database: {database!r} must be an identifier (letters, digits, _)")
+        secret = r.string(f"{prefix}.credentialsSecretRef.name")
+        if not secret:
+            r.problems.append(f"spec.{prefix}.credentialsSecretRef.name: required; name a Secret in this namespace "
+                              "with the ClickHouse user name and password")
+        clickhouse = ClickHouseSink(
+            enabled=True, address=address.rstrip("/"), database=database, table=DEFAULTS["clickhouse.table"],
+            commit_interval=DEFAULTS["clickhouse.commitInterval"], credentials_secret=secret,
+            username_key=r.string(f"{prefix}.credentialsSecretRef.usernameKey", "username") or "username",
+            password_key=r.string(f"{prefix}.credentialsSecretRef.passwordKey", "password") or "password",
+        )
+    return CollectorOptions(
+        enabled=enabled, port=port, store="clickhouse" if has_ch else "chdb", chdb_size=size,
+        chdb_storage_class=r.string("collector.store.chdb.storageClassName"), clickhouse=clickhouse,
+        ui=r.boolean("collector.ui.enabled", True), ui_port=ui_port, retention=retention,
+        resources=_check_resources(r, "collector.resources") or DEFAULT_RESOURCES["collector"],
+    )
 
 
 def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpec:

@@ -520,3 +520,69 @@ async def test_an_insert_whose_answer_is_lost_is_not_stored_twice(server, env):
     finally:
         await sink.close()
         await proxy.close()
+
+
+def test_the_operators_collector_command_stores_into_clickhouse_with_the_secrets_env(server, tmp_path):
+    """A FlowAggregator with spec.collector on a ClickHouse store: the rendered collector's
+    command line, run for real against this server (address, listen and UI on loopback, the
+    token file in tmp), with the Secret's keys as CLICKHOUSE_USERNAME / CLICKHOUSE_PASSWORD
+    (as the pod's secretKeyRef env gives them): a wrong password is refused at start, the
+    right one opens the store, and the dashboards answer with the token."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    from flowscope.operator.render import render_documents
+
+    db = unique_db()
+    fa = {"apiVersion": "flowscope.dev/v1alpha1", "kind": "FlowAggregator", "metadata": {"name": "fa", "namespace": "ns"},
+          "spec": {"transport": "tcp", "collector": {"enabled": True, "store": {"clickhouse": {
+              "address": "tcp://clickhouse.ns.svc:9000", "database": db, "credentialsSecretRef": {"name": "ch"}}}}}}
+    objs = render_documents([fa], image="i")
+    dep = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "fa-collector")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    keys = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in c["env"]}
+    assert keys == {"CLICKHOUSE_USERNAME": "username", "CLICKHOUSE_PASSWORD": "password"}
+    token = base64.b64decode(next(o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == "fa-ui-token")
+                             ["data"]["token"]).decode()
+    (tmp_path / "token").write_text(token)
+    ui = free_port()
+    moved = {"0.0.0.0:4740:tcp": f"127.0.0.1:{free_port()}:tcp", f"tcp://clickhouse.ns.svc:9000/{db}":
+             f"{server.address}/{db}", "0.0.0.0:8080": f"127.0.0.1:{ui}", "/etc/flowscope/ui-token/token":
+             str(tmp_path / "token")}
+    assert set(moved) <= set(c["args"])
+    cmd = [sys.executable, "-m", "flowscope", *[moved.get(a, a) for a in c["args"]]]
+
+    wrong = subprocess.run(cmd, env={**os.environ, "CLICKHOUSE_USERNAME": USER, "CLICKHOUSE_PASSWORD": "wrong"},
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode != 0 and "cannot open the store" in wrong.stderr, wrong.stderr
+
+    log = open(tmp_path / "collector.log", "w+")
+    proc = subprocess.Popen(cmd, env={**os.environ, "CLICKHOUSE_USERNAME": USER, "CLICKHOUSE_PASSWORD": PASSWORD},
+                            stdout=subprocess.DEVNULL, stderr=log)
+
+    def status(path: str, auth: bool = True) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{ui}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if auth else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        while True:
+            assert proc.poll() is None, (tmp_path / "collector.log").read_text()
+            try:
+                if status("/healthz", auth=False) == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)  # polling for the condition
+        assert status("/") == 200 and status("/ui/v1/summary") == 200 and status("/ui/v1/summary", auth=False) == 401
+        assert f"{server.address}/{db}" in (tmp_path / "collector.log").read_text()
+        assert server.client().execute(f"EXISTS TABLE {db}.flows")[0][0] == 1  # migrated as the Secret's user
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()

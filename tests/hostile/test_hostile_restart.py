@@ -102,4 +102,8 @@ async def test_7_kill_9_loses_only_what_was_in_flight(tmp_path):
     assert r["back_after_s"] < 4.0
     # what a kill -9 loses: the records in flight and those received in the last export
     # interval (1 s here) before the kill; nothing else
-    assert r["dropped"] == 0 and 0 <= unaccounted <= 2 * 1000
+    # interval (1 s here) before the kill; nothing else. The exporter's lost count is an
+    # upper bound (records written in the peer_close_window before the collector vanished
+    # count as lost though some were stored), so stored + lost may exceed what was submitted
+    # by at most what it counted lost, never fall short of it by more than the bound.
+    assert r["dropped"] == 0 and -r["lost"] <= unaccounted <= 2 * 1000

@@ -624,3 +624,21 @@ spec:
     cm = await c.get("v1", "ConfigMap", "kube-system", "mine-config")
     assert cm["data"] == {"agent.yaml": "x"}
     assert await c.get("v1", "ServiceAccount", "kube-system", "mine") is None
+
+
+async def test_the_collector_sample_deploys_and_keeps_its_token(operator):
+    """spec.collector (sample 05): the operator creates the collector's Deployment, Service,
+    PVC and UI token Secret, the aggregator exports to it, and the token survives reconciles."""
+    c = operator
+    ns = "flowscope-flows"
+    await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/05-aggregator-with-collector.yaml"))
+    dep = await eventually(lambda: c.get("apps/v1", "Deployment", ns, "flows-collector"))
+    assert dep["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["collector", "--listen", "0.0.0.0:4740:tcp"]
+    assert await c.get("v1", "Service", ns, "flows-collector") is not None
+    assert await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is not None
+    token = (await c.get("v1", "Secret", ns, "flows-ui-token"))["data"]["token"]
+    config = yaml.safe_load((await c.get("v1", "ConfigMap", ns, "flows-config"))["data"]["aggregator.yaml"])
+    assert config["externalFlowCollectorAddr"] == "flows-collector.flowscope-flows.svc:4740:tcp"
+    await c.kubectl("annotate", "fa", "flows", "-n", ns, "example.org/poke=1")
+    await eventually(lambda: _reason_is(c, "FlowAggregator", ns, "flows", "Deploying"))
+    assert (await c.get("v1", "Secret", ns, "flows-ui-token"))["data"]["token"] == token  # generated once, kept
