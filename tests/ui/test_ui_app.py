@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from ui_cluster import EXT, FLOWS, NOW, RECORDS
+from ui_cluster import EXT, FLOWS, NOW, RECORDS, filled_store, ui_client
 
 from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import open_store
@@ -26,19 +26,10 @@ from flowscope.webauth import WebAuth
 
 @pytest.fixture(scope="module")
 def store():
-    s = open_store("chdb://")
-    s.open()
-    columns, bad = flows_to_columns(FLOWS, time_inserted=NOW, commit_id=1)
-    assert bad == 0
-    s.insert(columns)
-    yield s
-    s.close()
+    yield from filled_store()
 
 
-async def _client(store, auth: WebAuth | None = None) -> TestClient:
-    client = TestClient(TestServer(build_app(store, auth, now=lambda: float(NOW))))
-    await client.start_server()
-    return client
+_client = ui_client
 
 
 async def _get(client: TestClient, path: str, **params: str):

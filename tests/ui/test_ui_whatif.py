@@ -14,13 +14,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from ui_cluster import FLOWS, NOW, RECORDS
+from ui_cluster import FLOWS, NOW, RECORDS, filled_store, ui_client
 
 from flowscope.collector.policy import load_inventory_text, what_if_report
-from flowscope.collector.rows import flows_to_columns
-from flowscope.collector.store import open_store
 from flowscope.collector.ui.app import build_app
 from flowscope.collector.ui.whatif import MAX_BODY
 from flowscope.webauth import WebAuth
@@ -53,19 +51,10 @@ spec: {podSelector: {}, policyTypes: [Ingress]}
 
 @pytest.fixture(scope="module")
 def store():
-    s = open_store("chdb://")
-    s.open()
-    columns, bad = flows_to_columns(FLOWS, time_inserted=NOW, commit_id=1)
-    assert bad == 0
-    s.insert(columns)
-    yield s
-    s.close()
+    yield from filled_store()
 
 
-async def _client(store, auth: WebAuth | None = None) -> TestClient:
-    client = TestClient(TestServer(build_app(store, auth, now=lambda: float(NOW))))
-    await client.start_server()
-    return client
+_client = ui_client
 
 
 async def _post(client: TestClient, body, headers: dict | None = None):

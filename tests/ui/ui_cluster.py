@@ -60,3 +60,28 @@ def cluster() -> list:
 
 FLOWS = cluster()
 RECORDS = [f.record for f in FLOWS]
+
+
+def filled_store():
+    """A chDB store in memory holding :data:`FLOWS` (a generator for a module fixture)."""
+    from flowscope.collector.rows import flows_to_columns
+    from flowscope.collector.store import open_store
+
+    s = open_store("chdb://")
+    s.open()
+    columns, bad = flows_to_columns(FLOWS, time_inserted=NOW, commit_id=1)
+    assert bad == 0
+    s.insert(columns)
+    yield s
+    s.close()
+
+
+async def ui_client(store, auth=None):
+    """aiohttp's test client on the dashboards' app over ``store``, its clock at :data:`NOW`."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flowscope.collector.ui.app import build_app
+
+    client = TestClient(TestServer(build_app(store, auth, now=lambda: float(NOW))))
+    await client.start_server()
+    return client
