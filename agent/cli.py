@@ -76,7 +76,8 @@ async def _serve(cfg: Any, metadata: Any) -> int:
     from flowscope.agent.metrics import AgentMetrics
     from flowscope.agent.records import templates
     from flowscope.ipfix import UsageError
-    from flowscope.ipfix.process import ExportingProcess, TLSConfig
+    from flowscope.ipfix.exporting import ExportingProcess
+    from flowscope.ipfix.transport import TLSConfig
 
     tls = None
     if cfg.flow_collector.protocol == "tls":

@@ -434,7 +434,7 @@ def check_files(cfg: AgentConfig) -> None:
                 "which needs the CA, certificate and key the operator mounts at /etc/flowscope/tls/"
             ) from None
     from flowscope.ipfix import UsageError
-    from flowscope.ipfix.process import TLSConfig
+    from flowscope.ipfix.transport import TLSConfig
 
     try:
         TLSConfig(cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file).client_context()

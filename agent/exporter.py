@@ -47,7 +47,7 @@ SUBMIT_BATCH = 1000
 
 
 class RecordSink(Protocol):
-    """The part of flowscope.ipfix.process.ExportingProcess the agent uses."""
+    """The part of flowscope.ipfix.exporting.ExportingProcess the agent uses."""
 
     def submit(self, template_id: int, records: Sequence[dict[str, Any]]) -> bool: ...
 

@@ -4,7 +4,7 @@ Since v2.4 Antrea's agents export to the Flow Aggregator over gRPC by default
 (``flowCollectorAddr: HOST:14739:grpc``): one client stream to
 ``FlowExportService.Export`` carrying ``ExportRequest`` batches, over mutual TLS.
 :class:`GrpcExportingProcess` does that for flowscope's agent, behind the same small
-interface the Flow Exporter uses for the IPFIX :class:`~flowscope.ipfix.process.ExportingProcess`
+interface the Flow Exporter uses for the IPFIX :class:`~flowscope.ipfix.exporting.ExportingProcess`
 (``start``, ``submit(template_id, records)``, ``flush``, ``close``, ``stats``), so the
 exporter does not know which transport it feeds: each record becomes a ``Flow`` through
 :func:`flowscope.flowpb.record_to_flow`.

@@ -365,7 +365,8 @@ class FlowAggregator:
         cp = c.collecting
         from flowscope.ipfix.address import Address
         from flowscope.ipfix.errors import UsageError
-        from flowscope.ipfix.process import CollectingProcess, TLSConfig
+        from flowscope.ipfix.collecting import CollectingProcess
+        from flowscope.ipfix.transport import TLSConfig
         from flowscope.ipfix.template import CompileBudget
 
         if c.transport == "grpc":  # Antrea agents' Flow messages over gRPC, mutual TLS

@@ -327,7 +327,7 @@ TEMPLATE_IDS: dict[tuple[bool, bool], int] = {(False, False): 256, (True, False)
 class IPFIXSink:
     """The design's exporting process: aggregated records over IPFIX to the external collector.
 
-    Templates are announced by the :class:`flowscope.ipfix.process.ExportingProcess`, which
+    Templates are announced by the :class:`flowscope.ipfix.exporting.ExportingProcess`, which
     resends them on every reconnect and refresh; records go to its own bounded queue, and
     what it refuses is counted here too (``exporterDropped``).
     """
@@ -344,7 +344,7 @@ class IPFIXSink:
 
     async def start(self) -> None:
         from flowscope.ipfix import Template
-        from flowscope.ipfix.process import ExportingProcess
+        from flowscope.ipfix.exporting import ExportingProcess
 
         templates = [Template.build(tid, template_names(v6, e6)) for (v6, e6), tid in TEMPLATE_IDS.items()]
         self.process = ExportingProcess(

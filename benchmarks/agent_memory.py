@@ -39,7 +39,7 @@ def vm(pid: int) -> dict[str, int]:
 
 async def run(entries: int) -> dict:
     from flowscope.ipfix import Address
-    from flowscope.ipfix.process import CollectingProcess
+    from flowscope.ipfix.collecting import CollectingProcess
 
     ns = f"fs-mem-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)

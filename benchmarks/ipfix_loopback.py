@@ -42,7 +42,8 @@ from ipfix_samples import agent_record  # noqa: E402
 
 from flowscope.ipfix import Address, Template  # noqa: E402
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS  # noqa: E402
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess  # noqa: E402
+from flowscope.ipfix.collecting import CollectingProcess  # noqa: E402
+from flowscope.ipfix.exporting import ExportingProcess
 
 POOL = 4096
 BATCH = 1000

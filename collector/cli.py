@@ -119,7 +119,7 @@ def _address(text: str, option: str) -> Any:
 
 
 def _tls(args: argparse.Namespace, address: Any) -> Any:
-    from flowscope.ipfix.process import TLSConfig
+    from flowscope.ipfix.transport import TLSConfig
 
     given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
     if address.protocol != "tls":
@@ -324,7 +324,7 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
     import asyncio
 
     from flowscope.ipfix import UsageError
-    from flowscope.ipfix.process import CollectingProcess
+    from flowscope.ipfix.collecting import CollectingProcess
 
     from .records import dumps_record
 
@@ -605,7 +605,7 @@ async def _send(args: argparse.Namespace, address: Any, tls: Any, timeout: float
     import time
 
     from flowscope.ipfix import UsageError, default_registry
-    from flowscope.ipfix.process import ExportingProcess
+    from flowscope.ipfix.exporting import ExportingProcess
 
     from .records import RecordError, parse_line
 

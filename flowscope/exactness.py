@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from flowscope.ipfix import Address
-from flowscope.ipfix.process import CollectingProcess
+from flowscope.ipfix.collecting import CollectingProcess
 from flowscope.lab import Lab
 
 __all__ = ["BurstResult", "measure"]

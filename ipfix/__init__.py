@@ -2,8 +2,9 @@
 
 The codec is sans-IO: :class:`ExportSession` turns templates and records into message
 bytes, :class:`Decoder` turns message bytes into :class:`Message` objects; neither knows
-sockets, clocks or metrics. ``flowscope.ipfix.process`` wraps them in asyncio
-collecting and exporting processes over UDP, TCP and TLS. Records are plain dicts keyed
+sockets, clocks or metrics. ``flowscope.ipfix.collecting`` and ``flowscope.ipfix.exporting``
+wrap them in asyncio collecting and exporting processes over UDP, TCP and TLS (what they
+share, TLS settings and peers, is in ``flowscope.ipfix.transport``). Records are plain dicts keyed
 by information element names from the :class:`Registry`.
 
 This package imports nothing else of flowscope's (checked by import-linter).

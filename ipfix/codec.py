@@ -2,7 +2,7 @@
 
 Nothing here opens a socket, reads a clock, starts a thread or counts a metric: callers
 pass the export time and the current time in, and get bytes or :class:`Message` objects
-out. The transports (``process.py``), the agent and the aggregator wrap these objects.
+out. The transports (``collecting.py``, ``exporting.py``), the agent and the aggregator wrap these objects.
 
 Exporting side: an :class:`ExportSession` is one exporter's view of one transport
 session and observation domain. It owns the templates it announced and the sequence

@@ -13,7 +13,7 @@ import pytest
 from agent_netns import in_netns, topology
 from conftest import require_root, require_tool
 from flowscope.ipfix import Address
-from flowscope.ipfix.process import CollectingProcess
+from flowscope.ipfix.collecting import CollectingProcess
 from test_agent_e2e import start_agent, stop_agent, tcp_transfer, wait_for, wait_metric
 from test_agent_netns import udp_exchange
 

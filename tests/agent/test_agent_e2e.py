@@ -18,7 +18,8 @@ from agent_entries import INVENTORY
 from agent_netns import in_netns, topology
 from conftest import require_root, require_tool
 from flowscope.ipfix import Address
-from flowscope.ipfix.process import CollectingProcess, TLSConfig
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.transport import TLSConfig
 from pki import make_pki
 from test_agent_netns import conntrack_cli, find, udp_exchange
 

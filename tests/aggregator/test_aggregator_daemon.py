@@ -15,7 +15,7 @@ from agg_records import agent_record, destination_half, source_half
 from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.antrea import agent_fields
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = [pytest.mark.timeout(60)]
 

@@ -24,7 +24,7 @@ from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names
 from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.antrea import agent_fields
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = [pytest.mark.peer, pytest.mark.timeout(90)]
 

@@ -25,7 +25,8 @@ from flowscope.aggregator.service import FlowAggregator
 from flowscope.flowpb import flow_pb2, flow_pb2_grpc
 from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
-from flowscope.ipfix.process import ExportingProcess, TLSConfig
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import TLSConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,7 +17,9 @@ from flowscope.aggregator.sinks import IPFIXSink
 from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.antrea import agent_fields
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess, TLSConfig
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import TLSConfig
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -215,7 +215,7 @@ async def test_the_aggregator_fed_over_ipfix_ends_with_correlated_rows(server, e
     from agg_records import agent_record, destination_half, source_half
     from flowscope.ipfix import Address, Template
     from flowscope.ipfix.antrea import agent_fields
-    from flowscope.ipfix.process import ExportingProcess
+    from flowscope.ipfix.exporting import ExportingProcess
 
     db = unique_db()
     now = [1000.0]
@@ -360,7 +360,7 @@ async def test_the_operators_sample_config_runs_the_aggregator_process_into_clic
     from agg_records import destination_half, source_half
     from flowscope.ipfix import Address, Template
     from flowscope.ipfix.antrea import agent_fields
-    from flowscope.ipfix.process import ExportingProcess
+    from flowscope.ipfix.exporting import ExportingProcess
     from flowscope.operator.manifests import build_aggregator
     from flowscope.operator.spec import parse_flow_aggregator
 

@@ -31,7 +31,8 @@ import yaml
 from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.antrea import agent_fields
-from flowscope.ipfix.process import ExportingProcess, TLSConfig
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import TLSConfig
 
 T0 = 1_780_000_000
 HOSTILE = "127.0.0.2"

@@ -24,7 +24,7 @@ from pki import make_pki
 from flowscope.ipfix import ExportSession, Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.antrea import agent_fields
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 HEADER = struct.Struct("!HHIII")
 HEALTH_BOUND = 2.0  # seconds: /healthz answers within this on a loaded 2-core machine

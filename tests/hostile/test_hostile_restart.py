@@ -22,7 +22,7 @@ import pytest
 from hostile_peers import GOOD, Aggregator, agent_record, agent_templates, report, until
 
 from flowscope.ipfix.address import Address
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = pytest.mark.slow  # real aggregator processes, seconds each
 

@@ -25,7 +25,7 @@ from ipfix_samples import agent_record, aggregator_record
 
 from flowscope.ipfix import Address, Template
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS, agent_fields
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = pytest.mark.peer
 

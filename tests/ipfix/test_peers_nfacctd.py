@@ -26,7 +26,7 @@ from ipfix_samples import agent_record
 
 from flowscope.ipfix import Address, Template, default_registry
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
-from flowscope.ipfix.process import ExportingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = pytest.mark.peer
 

@@ -29,7 +29,8 @@ from ipfix_samples import agent_record, aggregator_record
 
 from flowscope.ipfix import Address, Template, default_registry
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS, AGGREGATOR_IPV4_FIELDS
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.exporting import ExportingProcess
 
 pytestmark = pytest.mark.peer
 

@@ -11,7 +11,9 @@ from ipfix_samples import agent_record
 
 from flowscope.ipfix import Address, Template
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess, Peer
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import Peer
 
 T4 = Template.build(256, AGENT_IPV4_FIELDS)
 

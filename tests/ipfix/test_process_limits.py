@@ -11,7 +11,8 @@ import struct
 from pki import make_pki
 
 from flowscope.ipfix import Address
-from flowscope.ipfix.process import CollectingProcess, TLSConfig
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.transport import TLSConfig
 
 
 async def until(pred, timeout=5.0):
@@ -80,7 +81,7 @@ async def test_messages_waiting_for_their_turn_are_decoded_when_the_session_ends
     the collector shuts down) with messages read but not yet decoded, they are decoded
     then (only what the compile budget refuses may be abandoned, and is counted)."""
     from flowscope.ipfix import ExportSession, Template
-    from flowscope.ipfix import process as process_module
+    from flowscope.ipfix import collecting as process_module
 
     monkeypatch.setattr(process_module, "MESSAGES_PER_TURN", 1)
     import time

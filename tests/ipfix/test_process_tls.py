@@ -17,7 +17,9 @@ from pki import CA
 
 from flowscope.ipfix import Address, ExportSession, Template, UsageError
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess, Peer, TLSConfig
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import Peer, TLSConfig
 
 T4 = Template.build(256, AGENT_IPV4_FIELDS)
 

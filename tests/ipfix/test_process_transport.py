@@ -17,7 +17,9 @@ from ipfix_samples import agent_record
 
 from flowscope.ipfix import Address, ExportSession, Template, UsageError
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS, AGENT_IPV6_FIELDS
-from flowscope.ipfix.process import CollectingProcess, ExportingProcess, Peer
+from flowscope.ipfix.collecting import CollectingProcess
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import Peer
 
 T4 = Template.build(256, AGENT_IPV4_FIELDS)
 T6 = Template.build(257, AGENT_IPV6_FIELDS)

@@ -26,7 +26,8 @@ import yaml
 
 from flowscope.ipfix import Address, Template
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS
-from flowscope.ipfix.process import ExportingProcess, TLSConfig
+from flowscope.ipfix.exporting import ExportingProcess
+from flowscope.ipfix.transport import TLSConfig
 from flowscope.operator.render import render_documents
 
 ROOT = Path(__file__).resolve().parents[2]

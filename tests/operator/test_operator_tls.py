@@ -67,7 +67,9 @@ async def test_aggregator_listener_accepts_the_agents_certificate_and_refuses_an
     loaded with the files exactly as the operator mounts them (ca.crt, tls.crt, tls.key of
     the server Secret), and exporting processes loaded like the agents' Secret."""
     from flowscope.ipfix import Address, Template
-    from flowscope.ipfix.process import CollectingProcess, ExportingProcess, TLSConfig
+    from flowscope.ipfix.collecting import CollectingProcess
+    from flowscope.ipfix.exporting import ExportingProcess
+    from flowscope.ipfix.transport import TLSConfig
 
     now = dt.datetime.now(dt.timezone.utc)
     m = material_for(spec(), now)
