@@ -176,31 +176,34 @@ def resolve_keys(rows: Iterable[StoredKey], inventory: Inventory | None) -> Iter
 
 # --------------------------------------------------------------------------- policies
 
-def load_policies(text: str, where: str = "policies") -> list[NetworkPolicy | ClusterPolicy]:
-    """NetworkPolicies, AdminNetworkPolicies and the BaselineAdminNetworkPolicy from YAML
-    (several documents, or ``kind: List``)."""
+def _kubernetes_objects(text: str, where: str) -> Iterator[Mapping[str, Any]]:
+    """The objects of a YAML text of several documents, with ``kind: List`` unpacked."""
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
         raise PolicyInputError(f"{where}: not valid YAML: {exc}") from None
-    out: list[NetworkPolicy | ClusterPolicy] = []
-
-    def walk(d: Any) -> None:
+    stack = list(reversed(docs))
+    while stack:
+        d = stack.pop()
         if d is None:
-            return
+            continue
         if not isinstance(d, Mapping):
             raise PolicyInputError(f"{where}: {d!r:.80} is not a Kubernetes object")
         if d.get("kind") == "List":
-            for item in d.get("items") or []:
-                walk(item)
-            return
+            stack.extend(reversed(d.get("items") or []))
+            continue
+        yield d
+
+
+def load_policies(text: str, where: str = "policies") -> list[NetworkPolicy | ClusterPolicy]:
+    """NetworkPolicies, AdminNetworkPolicies and the BaselineAdminNetworkPolicy from YAML
+    (several documents, or ``kind: List``)."""
+    out: list[NetworkPolicy | ClusterPolicy] = []
+    for d in _kubernetes_objects(text, where):
         try:
             out.append(parse_policy(d))
         except PolicyError as exc:
             raise PolicyInputError(f"{where}: {exc}") from None
-
-    for d in docs:
-        walk(d)
     return out
 
 
@@ -213,28 +216,12 @@ def current_policies(inventory: Inventory | None) -> list[NetworkPolicy | Cluste
 def load_inventory_text(text: str, where: str = "inventory") -> Inventory:
     """Pods, Namespaces and current policies from YAML text (the ``--inventory`` file's format:
     several documents, or ``kind: List``), as the dashboards' what-if page sends it."""
-    try:
-        docs = list(yaml.safe_load_all(text))
-    except yaml.YAMLError as exc:
-        raise PolicyInputError(f"{where}: not valid YAML: {exc}") from None
     inv = Inventory()
-
-    def walk(d: Any) -> None:
-        if d is None:
-            return
-        if not isinstance(d, Mapping):
-            raise PolicyInputError(f"{where}: {d!r:.80} is not a Kubernetes object")
-        if d.get("kind") == "List":
-            for item in d.get("items") or []:
-                walk(item)
-            return
+    for d in _kubernetes_objects(text, where):
         try:
             inv.apply(d)
         except MetadataError as exc:
             raise PolicyInputError(f"{where}: {exc}") from None
-
-    for d in docs:
-        walk(d)
     return inv
 
 
