@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
+from .rows import TextColumn
 from .schema import COLUMN_NAMES, Retention, quote
 from .store import FlowStore, StoreAddress
 
@@ -23,6 +24,9 @@ log = logging.getLogger("flowscope.collector.store")
 
 class ServerStore(FlowStore):
     """A ClickHouse server over the native protocol."""
+
+    #: The text columns this backend inserts fastest (collector.rows): lists of str.
+    text_form = "list"
 
     def __init__(self, address: StoreAddress, database: str, table: str, *, user: str = "default",
                  password: str = "", connect_timeout: float = 5.0, timeout: float = 30.0,
@@ -59,8 +63,9 @@ class ServerStore(FlowStore):
         return list(self._conn().execute(sql))
 
     def _insert(self, columns: Sequence[Any]) -> None:
-        # the driver takes lists or tuples per column (tolist: one C pass per typed column)
-        cols = [c.tolist() if isinstance(c, array) else c for c in columns]
+        # the driver takes lists or tuples per column (tolist: one C pass per typed column;
+        # text comes as lists of str, text_form, or is decoded from a TextColumn)
+        cols = [c.tolist() if isinstance(c, (array, TextColumn)) else c for c in columns]
         self._conn().execute(self._insert_sql, cols, columnar=True)
 
     def reset(self) -> None:
