@@ -5,10 +5,16 @@ What it measures: ``--records`` aggregated IPv4 records (every element of the ag
 record, values varying over a pool of 4096), encoded beforehand into IPFIX messages and
 written to one TCP connection to a ``flowscope collector --listen ... --store chdb:///DIR
 --api ...`` subprocess as fast as the socket takes them. The clock runs from the first
-byte sent until the collector's API counts every record committed (polled every 50 ms).
+byte sent until the collector's API counts every record committed (polled every 200 ms: a
+query every 50 ms took the store's lock and CPU from the ingest it measured).
 Also reported: the collector's CPU seconds over the run (from /proc), so N over those is
 the rate on one core whatever else the machine runs; and the same collector with no store
 (``--format jsonl`` to /dev/null) as the decode-and-print baseline in the same run.
+CPU ms per 1,000 records of each ingest stage come from the collector's own count at
+shutdown (collector/ingest.py): decode (the event loop's thread: decoding, and serving
+the API's polls), queueing (offer), conversion (records to typed columns) and insert
+(the worker thread's CPU in the backend's insert; chDB's own threads are in the
+collector's total only).
 
 Prints one JSON object; ``--runs`` medians.
 """

@@ -28,8 +28,9 @@ value its column cannot hold is left out and counted (``invalid``).
 The queue holds the decoder's record dicts as they are (a message's records are one
 list extended onto the batch): nothing is built per record on the event loop. Each
 stage's CPU is counted (:class:`WriterStats`): ``queue_cpu`` on the event loop in
-:meth:`~StoreWriter.offer`, ``convert_cpu`` and ``insert_cpu`` in the worker (its
-thread's CPU time: chDB's own threads, if it uses any, are not in it).
+:meth:`~StoreWriter.offer` (its wall time: it never blocks, and a CPU clock would cost a
+system call per message), ``convert_cpu`` and ``insert_cpu`` in the worker (its thread's
+CPU time: chDB's own threads, if it uses any, are not in it).
 """
 
 from __future__ import annotations
@@ -123,13 +124,13 @@ class StoreWriter:
         n = len(records)
         if not n:
             return 0
-        t = time.thread_time()
+        t = time.perf_counter()  # offer() never blocks: its wall time is its CPU (and costs no syscall)
         with self._cond:
             self.offered += n
             if self._held + n > self.max_rows:
                 self.overflow += n
                 self._log_overflow()
-                self.queue_cpu += time.thread_time() - t
+                self.queue_cpu += time.perf_counter() - t
                 return 0
             if not self._open:
                 self._opened_at = self.clock()
@@ -138,7 +139,7 @@ class StoreWriter:
             if len(self._open) >= self.batch_rows:
                 self._close_batch()
                 self._cond.notify()
-            self.queue_cpu += time.thread_time() - t
+            self.queue_cpu += time.perf_counter() - t
         return n
 
     def _log_overflow(self) -> None:
