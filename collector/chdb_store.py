@@ -65,10 +65,16 @@ class ChdbStore(FlowStore):
         import numpy as np
         import pyarrow as pa
 
+        # LowCardinality columns take a dictionary-encoded Arrow array for less than a plain
+        # one (ClickHouse maps the dictionary once instead of hashing every value): measured
+        # 12-16% less CPU for the whole insert, the encoding included
+        low_cardinality = self.features is not None and self.features.low_cardinality
         arrays = {}
         for c, v in zip(COLUMNS, columns):
-            if isinstance(v, TextColumn):  # Arrow's layout already: offsets and data as built
-                arrays[c.name] = v.arrow()
+            if not c.is_int and not isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
+                # Arrow's layout already (offsets and data as built), or a list of str
+                text = v.arrow() if isinstance(v, TextColumn) else pa.array(v, type=pa.string())
+                arrays[c.name] = text.dictionary_encode() if c.repeats and low_cardinality else text
             elif isinstance(v, array):  # a numpy view of the buffer, no per-value conversion
                 arrays[c.name] = pa.array(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
             elif isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):

@@ -41,7 +41,7 @@ __all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_col
 log = logging.getLogger("flowscope.collector.rows")
 
 #: Set to 1 to use the pure-Python transposition even where the C extension is built.
-PURE_ENV = "FLOWSCOPE_PURE_ROWS"
+PURE_ENV = "FLOWSCOPE_ROWS_PURE"
 
 TextForm = Literal["list", "arrow"]
 

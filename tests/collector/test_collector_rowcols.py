@@ -126,3 +126,13 @@ def test_folded_addresses_take_the_first_that_is_set():
 def test_a_bad_correlation_constant_is_a_callers_mistake():
     with pytest.raises(ValueError, match="correlation"):
         transpose([{}], "\ud800")
+
+
+def test_one_log_line_says_which_transposition_serves(caplog):
+    rows._say_once.cache_clear()
+    with caplog.at_level("INFO", logger="flowscope.collector.rows"):
+        transpose([{}], "x")
+        transpose([{}], "x")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store columns:")]
+    assert len(said) == 1
+    assert ("C transposition" if rows.accelerated() else "pure-Python transposition") in said[0]
