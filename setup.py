@@ -1,9 +1,10 @@
-"""Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c) and
-the conntrack parser's (agent/_ctparse.c).
+"""Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c),
+the conntrack parser's (agent/_ctparse.c) and the flow store's records-to-columns
+transposition (collector/_rowcols.c).
 
 Everything else about the distribution is declared in pyproject.toml. The extensions are
-optional: where no compiler is at hand, ``pip install`` still succeeds and both use their
-pure-Python twins (ipfix/accel.py and agent/ctfast.py log which one serves).
+optional: where no compiler is at hand, ``pip install`` still succeeds and each uses its
+pure-Python twin (ipfix/accel.py, agent/ctfast.py and collector/rows.py log which one serves).
 """
 
 from setuptools import Extension, setup
@@ -19,6 +20,12 @@ setup(
         Extension(
             "flowscope.agent._ctparse",
             sources=["agent/_ctparse.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "flowscope.collector._rowcols",
+            sources=["collector/_rowcols.c"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

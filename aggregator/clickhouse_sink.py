@@ -51,7 +51,7 @@ from typing import Any
 from .aggregation import ExportedFlow
 from .config import ClickHouseSinkConfig, ConfigError
 
-from flowscope.collector.rows import flows_to_columns, typed_columns
+from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import FlowStore, StoreError, check_identifier, open_store, parse_store_address
 
 __all__ = ["BufferFull", "ClickHouseSink", "backoff_delay", "make_sink"]
@@ -146,6 +146,10 @@ class ClickHouseSink:
         self.already_stored = 0  # retried chunks found already in the table (not inserted twice)
         self.missing_rows = 0  # rows of a chunk found only in part (one block a chunk: not expected)
         self.last_error: str | None = None
+        # CPU seconds of the committing thread: records to typed columns, and the backend's insert
+        # (chDB's own threads, if it uses any, are not in it)
+        self.convert_cpu = 0.0
+        self.insert_cpu = 0.0
 
     # ------------------------------------------------------------------ Sink
     @property
@@ -250,9 +254,11 @@ class ClickHouseSink:
 
     def _send_locked(self, chunk: _Chunk) -> int:
         if chunk.columns is None:
-            columns, chunk.invalid = flows_to_columns(
-                chunk.flows or (), time_inserted=chunk.time_inserted, commit_id=chunk.commit_id)
-            chunk.columns = typed_columns(columns)
+            t = time.thread_time()
+            chunk.columns, chunk.invalid = flows_to_columns(
+                chunk.flows or (), time_inserted=chunk.time_inserted, commit_id=chunk.commit_id,
+                text=getattr(self.store, "text_form", "list"))
+            self.convert_cpu += time.thread_time() - t
             chunk.flows = None
             chunk.rows = len(chunk.columns[0])
         if chunk.attempts:
@@ -260,7 +266,9 @@ class ClickHouseSink:
             if landed:
                 return -landed  # negative: found, not inserted
         chunk.attempts += 1
+        t = time.thread_time()
         self.store.insert(chunk.columns)
+        self.insert_cpu += time.thread_time() - t
         return chunk.rows
 
     async def commit(self, *, final: bool = False) -> int:

@@ -4,13 +4,19 @@ What it measures, per backend, median of ``--rounds`` runs of ``--rows`` aggrega
 records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes):
 
 * ``sink``: ``ClickHouseSink.write`` of the ExportedFlows then one ``commit`` - the whole
-  path the aggregator pays: record dicts to checked columns, then the insert (wall time:
-  the server is another process).
+  path the aggregator pays: record dicts to typed, checked columns (in the form the
+  backend takes: Arrow text for chDB, lists for the driver), then the insert. Rows/s over
+  wall time, and over this process's CPU time (every thread: chDB runs in-process, so
+  this is the rate on one core whatever else the machine runs); CPU ms per 1,000 rows of
+  the conversion (the committing thread) and of the insert/commit (the rest of the
+  process's CPU in the round; for a server the server's own CPU is not in it).
 * ``raw``: the backend's insert of the same rows already in columns (the store's
   ``insert``), i.e. what the conversion costs on top.
 * peer, server only: clickhouse-driver's usual row-oriented insert (a list of tuples,
-  ``execute("INSERT ... VALUES", rows)``), the obvious implementation, in the same run.
-* ``convert``: ``flows_to_columns`` alone (CPU time of this process).
+  ``execute("INSERT ... VALUES", rows)``), the obvious implementation, in the same run;
+  ``chdb_sink_vs_server_peer`` is our chDB sink's wall rate over it.
+* ``convert``: ``flows_to_columns`` alone, both text forms (CPU time of this process),
+  and which transposition served (the C extension or the pure-Python twin).
 
 The server is Debian's clickhouse-server (18.16) started on loopback in a temporary
 directory unless ``--server tcp://HOST:PORT`` names one. Prints one JSON object.
@@ -23,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -33,19 +40,22 @@ import time
 
 from flowscope.aggregator.aggregation import ExportedFlow, output_names
 from flowscope.aggregator.clickhouse_sink import ClickHouseSink
-from flowscope.collector.rows import flows_to_columns, typed_columns
+from flowscope.collector.rows import accelerated, flows_to_columns, typed_columns
 from flowscope.collector.schema import COLUMN_NAMES
 from flowscope.collector.store import FlowStore, open_store
+from flowscope.ipfix import DataType, default_registry
 
 T0 = (int(time.time()) // 3600 - 2) * 3600  # recent: older rows would fall to the raw TTL
 
 
 def make_flows(n: int, seed: int) -> list[ExportedFlow]:
     names = output_names(False, False)
+    reg = default_registry()
+    blank = {name: "" if reg.get(name).data_type in (DataType.string, DataType.ipv4Address) else 0 for name in names}
     out = []
     for i in range(n):
         pod, node = i % 200, i % 8
-        rec = {name: 0 for name in names}
+        rec = dict(blank)
         rec.update({
             "flowStartSeconds": T0 + i % 3600, "flowEndSeconds": T0 + i % 3600 + 30, "flowEndReason": 2,
             "sourceIPv4Address": f"10.244.{node}.{pod % 250}", "destinationIPv4Address": f"10.244.{(node + 1) % 8}.9",
@@ -101,31 +111,40 @@ def start_server(root: str) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
 
 
-async def sink_round(store: FlowStore, flows: list[ExportedFlow]) -> float:
+def process_cpu() -> float:
+    """CPU seconds of this process, every thread (chDB's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def sink_round(store: FlowStore, flows: list[ExportedFlow]) -> dict[str, float]:
     sink = ClickHouseSink(store, commit_interval=3600, max_buffer=len(flows) + 1, chunk_rows=len(flows) + 1,
                           timer=False)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), process_cpu()
     await sink.write(flows)
     stored = await sink.commit()
-    elapsed = time.perf_counter() - t
+    elapsed, cpu = time.perf_counter() - t, process_cpu() - c
     assert stored == len(flows), (stored, sink.last_error)
-    return elapsed
+    return {"wall": elapsed, "cpu": cpu, "convert_cpu": sink.convert_cpu, "insert_thread_cpu": sink.insert_cpu,
+            "insert_cpu": cpu - sink.convert_cpu}
 
 
 def measure(address: str, flows_by_round: list[list[ExportedFlow]], peer_rows: bool) -> dict[str, object]:
     n = len(flows_by_round[0])
     store = open_store(address, "flowscope_bench", f"flows_{os.getpid()}")
     store.open()
-    sink_t, raw_t, peer_t = [], [], []
+    sink_r, raw_t, peer_t = [], [], []
+    text = getattr(store, "text_form", "list")
     try:
         for flows in flows_by_round:
-            sink_t.append(asyncio.run(sink_round(store, flows)))
-            cols = typed_columns(flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1)[0])
+            sink_r.append(asyncio.run(sink_round(store, flows)))
+            cols = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1, text=text)[0]
             t = time.perf_counter()
             store.insert(cols)
             raw_t.append(time.perf_counter() - t)
             if peer_rows:
-                rows = list(zip(*cols))
+                rows = list(zip(*typed_columns(flows_to_columns(flows, time_inserted=int(time.time()),
+                                                                commit_id=1)[0])))
                 client = store._conn()  # type: ignore[attr-defined]
                 sql = f"INSERT INTO {store.qualified} ({', '.join(COLUMN_NAMES)}) VALUES"
                 t = time.perf_counter()
@@ -136,16 +155,24 @@ def measure(address: str, flows_by_round: list[list[ExportedFlow]], peer_rows: b
         store._execute(f"DROP TABLE {store.qualified}")  # type: ignore[attr-defined]
     finally:
         store.close()
-    sink_m, raw_m = statistics.median(sink_t), statistics.median(raw_t)
+    med = {k: statistics.median(r[k] for r in sink_r) for k in sink_r[0]}
+    raw_m = statistics.median(raw_t)
     out: dict[str, object] = {
-        "sink_rows_per_s_median": round(n / sink_m),
+        "text_form": text,
+        "sink_rows_per_s_median": round(n / med["wall"]),
+        "sink_rows_per_process_cpu_s_median": round(n / med["cpu"]),
+        "sink_cpu_ms_per_1k_rows_median": {
+            "conversion": round(med["convert_cpu"] / n * 1e6, 3),
+            "insert_commit": round(med["insert_cpu"] / n * 1e6, 3),
+            "insert_commit_calling_thread": round(med["insert_thread_cpu"] / n * 1e6, 3),
+        },
         "raw_insert_rows_per_s_median": round(n / raw_m),
-        "sink_vs_raw_time_ratio": round(sink_m / raw_m, 2),
+        "sink_vs_raw_time_ratio": round(med["wall"] / raw_m, 2),
     }
     if peer_t:
         peer_m = statistics.median(peer_t)
         out["peer_driver_row_tuples_rows_per_s_median"] = round(n / peer_m)
-        out["sink_speedup_vs_peer"] = round(peer_m / sink_m, 2)
+        out["sink_speedup_vs_peer"] = round(peer_m / med["wall"], 2)
     return out
 
 
@@ -157,14 +184,16 @@ def main() -> None:
     args = ap.parse_args()
     rounds = [make_flows(args.rows, r) for r in range(args.rounds)]
 
-    conv = []
+    conv: dict[str, list[float]] = {"arrow": [], "list": []}
     for flows in rounds:
-        t = time.process_time()
-        flows_to_columns(flows, time_inserted=T0, commit_id=1)
-        conv.append(time.process_time() - t)
+        for text in conv:
+            t = time.process_time()
+            flows_to_columns(flows, time_inserted=T0, commit_id=1, text=text)  # type: ignore[arg-type]
+            conv[text].append(time.process_time() - t)
     result: dict[str, object] = {
         "rows": args.rows, "rounds": args.rounds,
-        "convert_rows_per_s_median_cpu": round(args.rows / statistics.median(conv)),
+        "transposition": "C extension" if accelerated() else "pure Python",
+        "convert_rows_per_cpu_s_median": {k: round(args.rows / statistics.median(v)) for k, v in conv.items()},
         "chdb": measure("chdb://", rounds, peer_rows=False),
     }
     proc, root = None, None
@@ -179,6 +208,10 @@ def main() -> None:
             st = open_store(address)
             version = Client(st.address.host, port=st.address.port).execute("SELECT version()")[0][0]  # type: ignore[attr-defined]
             result["server"] = {"version": version, **measure(address, rounds, peer_rows=True)}
+            chdb, server = result["chdb"], result["server"]
+            assert isinstance(chdb, dict) and isinstance(server, dict)
+            result["chdb_sink_vs_server_peer"] = round(
+                chdb["sink_rows_per_s_median"] / server["peer_driver_row_tuples_rows_per_s_median"], 2)
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGKILL)

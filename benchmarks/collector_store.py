@@ -5,10 +5,16 @@ What it measures: ``--records`` aggregated IPv4 records (every element of the ag
 record, values varying over a pool of 4096), encoded beforehand into IPFIX messages and
 written to one TCP connection to a ``flowscope collector --listen ... --store chdb:///DIR
 --api ...`` subprocess as fast as the socket takes them. The clock runs from the first
-byte sent until the collector's API counts every record committed (polled every 50 ms).
+byte sent until the collector's API counts every record committed (polled every 200 ms: a
+query every 50 ms took the store's lock and CPU from the ingest it measured).
 Also reported: the collector's CPU seconds over the run (from /proc), so N over those is
 the rate on one core whatever else the machine runs; and the same collector with no store
 (``--format jsonl`` to /dev/null) as the decode-and-print baseline in the same run.
+CPU ms per 1,000 records of each ingest stage come from the collector's own count at
+shutdown (collector/ingest.py): decode (the event loop's thread: decoding, and serving
+the API's polls), queueing (offer), conversion (records to typed columns) and insert
+(the worker thread's CPU in the backend's insert; chDB's own threads are in the
+collector's total only).
 
 Prints one JSON object; ``--runs`` medians.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -109,16 +116,36 @@ def run_store(msgs: list[bytes], n: int, root: str) -> dict[str, Any]:
             while (got := committed(api)) < n:
                 if time.perf_counter() - t0 > 600:
                     raise RuntimeError(f"only {got} of {n} records committed after 600 s")
-                time.sleep(0.05)
+                time.sleep(0.2)
             elapsed = time.perf_counter() - t0
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         proc.terminate()
-        proc.wait(60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
         shutil.rmtree(d, ignore_errors=True)
     return {"seconds": round(elapsed, 3), "send_seconds": round(sent, 3), "records_per_s": round(n / elapsed),
             "collector_cpu_s": round(cpu, 2), "records_per_cpu_s": round(n / cpu) if cpu else None,
-            "committed": got}
+            "committed": got, "cpu_ms_per_1k_records": stage_cpu(err or "")}
+
+
+def stage_cpu(stderr: str) -> dict[str, float]:
+    """The collector's own count at shutdown: CPU ms per 1,000 records for each ingest stage."""
+    m = re.search(r"CPU per 1,000 records: decode ([\d.]+) ms .*queueing ([\d.]+) ms, conversion ([\d.]+) ms, "
+                  r"insert ([\d.]+) ms", stderr)
+    if m is None:
+        return {}
+    out = dict(zip(("decode", "queueing", "conversion", "insert"), map(float, m.groups())))
+    w = re.search(r"wall seconds: conversion ([\d.]+), insert ([\d.]+)", stderr)
+    c = re.search(r"records stored in (\d+) commits", stderr)
+    if w:
+        out.update(conversion_wall_s=float(w.group(1)), insert_wall_s=float(w.group(2)))
+    if c:
+        out.update(commits=int(c.group(1)))
+    return out
 
 
 def run_print(msgs: list[bytes], n: int) -> dict[str, Any]:
@@ -195,6 +222,9 @@ def main() -> None:
     print(json.dumps({
         "records": args.records, "runs": args.runs, "messages": len(msgs),
         "store_records_per_s_median": med(store, "records_per_s"),
+        "store_cpu_ms_per_1k_records_median": {
+            k: statistics.median(r["cpu_ms_per_1k_records"][k] for r in store if k in r["cpu_ms_per_1k_records"])
+            for k in ("decode", "queueing", "conversion", "insert") if all(k in r["cpu_ms_per_1k_records"] for r in store)},
         "store_records_per_collector_cpu_s_median": med(store, "records_per_cpu_s"),
         "print_baseline_records_per_s_median": med(printed, "records_per_s"),
         "print_baseline_records_per_cpu_s_median": med(printed, "records_per_cpu_s"),

@@ -4,8 +4,9 @@
 time may hold it); ``chdb://`` uses a temporary one, removed on close. Inserts hand chDB
 a pyarrow table through its ``Python()`` table function: the integer columns arrive as
 ``array``s, which become arrow arrays without a per-value conversion (a zero-copy numpy
-view of the buffer), the text columns arrow strings; ClickHouse reads the block
-columnar. Reads come back as JSONCompact.
+view of the buffer), the text columns as :class:`~flowscope.collector.rows.TextColumn`
+(Arrow's offsets and UTF-8 data, built once by the transposition) or lists; ClickHouse
+reads the block columnar. Reads come back as JSONCompact.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from array import array
 from collections.abc import Sequence
 from typing import Any
 
+from .rows import TextColumn
 from .schema import COLUMN_NAMES, COLUMNS, Retention, quote
 from .store import FlowStore, StoreAddress
 
@@ -28,6 +30,9 @@ _NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "
 
 class ChdbStore(FlowStore):
     """ClickHouse in-process (chDB): a directory that survives restarts, or a temporary one."""
+
+    #: The text columns this backend inserts fastest (collector.rows): Arrow's layout.
+    text_form = "arrow"
 
     def __init__(self, address: StoreAddress, database: str, table: str, *,
                  retention: Retention | None = None) -> None:
@@ -60,9 +65,17 @@ class ChdbStore(FlowStore):
         import numpy as np
         import pyarrow as pa
 
+        # LowCardinality columns take a dictionary-encoded Arrow array for less than a plain
+        # one (ClickHouse maps the dictionary once instead of hashing every value): measured
+        # 12-16% less CPU for the whole insert, the encoding included
+        low_cardinality = self.features is not None and self.features.low_cardinality
         arrays = {}
         for c, v in zip(COLUMNS, columns):
-            if isinstance(v, array):
+            if not c.is_int and not isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
+                # Arrow's layout already (offsets and data as built), or a list of str
+                text = v.arrow() if isinstance(v, TextColumn) else pa.array(v, type=pa.string())
+                arrays[c.name] = text.dictionary_encode() if c.repeats and low_cardinality else text
+            elif isinstance(v, array):  # a numpy view of the buffer, no per-value conversion
                 arrays[c.name] = pa.array(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
             elif isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
                 arrays[c.name] = v if not isinstance(v, np.ndarray) else pa.array(v)

@@ -7,7 +7,9 @@ thread, so neither waits on the other. Theory of operation:
   returns at once. A batch closes when it holds ``batch_rows`` records or
   ``commit_interval`` has passed since it opened; closed batches wait in a queue.
 * The worker takes the oldest closed batch, turns it into typed columns
-  (:func:`flowscope.collector.rows.flows_to_columns`) and inserts it as one block. A failed
+  (:func:`flowscope.collector.rows.records_to_columns`: one pass over the records, in C
+  where the extension is built, columns in the form the backend inserts fastest) and
+  inserts it as one block. A failed
   insert (store down, slow, refused) keeps the batch at the head of the queue and is retried
   after a backoff (0.5 s doubling to 10 s); decoding goes on meanwhile.
 * The bound is ``max_rows`` records held in all (open batch plus queue). Past it the
@@ -20,7 +22,15 @@ thread, so neither waits on the other. Theory of operation:
 
 Records that arrive from agents directly lack the aggregator's elements: their columns
 read 0 or "". ``correlation`` is ``"collected"`` (no aggregator judged the record) and
-``final`` is true for records whose flowEndReason ends the connection.
+``final`` is true for records whose flowEndReason ends the connection. A record with a
+value its column cannot hold is left out and counted (``invalid``).
+
+The queue holds the decoder's record dicts as they are (a message's records are one
+list extended onto the batch): nothing is built per record on the event loop. Each
+stage's CPU is counted (:class:`WriterStats`): ``queue_cpu`` on the event loop in
+:meth:`~StoreWriter.offer` (its wall time: it never blocks, and a CPU clock would cost a
+system call per message), ``convert_cpu`` and ``insert_cpu`` in the worker (its thread's
+CPU time: chDB's own threads, if it uses any, are not in it).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from typing import Any, NamedTuple
 
 from flowscope.ipfix.antrea import ENDED_REASONS
 
-from .rows import flows_to_columns, typed_columns
+from .rows import records_to_columns
 from .store import FlowStore
 
 __all__ = ["CollectedFlow", "StoreWriter", "WriterStats"]
@@ -48,7 +58,8 @@ OVERFLOW_LOG_EVERY = 10.0
 
 
 class CollectedFlow(NamedTuple):
-    """A decoded record with what the store adds (the shape rows.flows_to_columns reads)."""
+    """A decoded record with what the store adds (the shape rows.flows_to_columns reads;
+    the writer itself queues the records bare and adds both in the columns)."""
 
     record: Mapping[str, Any]
     correlation: str
@@ -66,6 +77,11 @@ class WriterStats:
     commit_failures: int
     lost_at_close: int
     last_error: str
+    queue_cpu: float = 0.0  # CPU seconds: offer() on the event loop
+    convert_cpu: float = 0.0  # records to typed columns (worker)
+    insert_cpu: float = 0.0  # the backend's insert (worker thread)
+    convert_wall: float = 0.0  # the same two stages in wall seconds
+    insert_wall: float = 0.0
 
 
 _ENDED = frozenset(ENDED_REASONS)
@@ -86,9 +102,11 @@ class StoreWriter:
         self.close_timeout = close_timeout
         self.clock = clock
         self.wall = wall
-        self._open: list[CollectedFlow] = []
+        self._open: list[Mapping[str, Any]] = []
         self._opened_at = 0.0
-        self._queue: deque[list[CollectedFlow]] = deque()
+        self._queue: deque[list[Mapping[str, Any]]] = deque()
+        self._text_form = getattr(store, "text_form", "list")
+        self.queue_cpu = self.convert_cpu = self.insert_cpu = self.convert_wall = self.insert_wall = 0.0
         self._held = 0
         self._cond = threading.Condition()
         self._closing = False
@@ -106,20 +124,22 @@ class StoreWriter:
         n = len(records)
         if not n:
             return 0
+        t = time.perf_counter()  # offer() never blocks: its wall time is its CPU (and costs no syscall)
         with self._cond:
             self.offered += n
             if self._held + n > self.max_rows:
                 self.overflow += n
                 self._log_overflow()
+                self.queue_cpu += time.perf_counter() - t
                 return 0
-            wrapped = [CollectedFlow(r, "collected", r.get("flowEndReason") in _ENDED) for r in records]
             if not self._open:
                 self._opened_at = self.clock()
-            self._open.extend(wrapped)
+            self._open.extend(records)
             self._held += n
             if len(self._open) >= self.batch_rows:
                 self._close_batch()
-            self._cond.notify()
+                self._cond.notify()
+            self.queue_cpu += time.perf_counter() - t
         return n
 
     def _log_overflow(self) -> None:
@@ -142,7 +162,7 @@ class StoreWriter:
         self._thread = threading.Thread(target=self._run, name="flowscope-store-writer", daemon=True)
         self._thread.start()
 
-    def _next(self) -> list[CollectedFlow] | None:
+    def _next(self) -> list[Mapping[str, Any]] | None:
         with self._cond:
             while True:
                 if self._open and (self._closing or self.clock() - self._opened_at >= self.commit_interval):
@@ -167,13 +187,23 @@ class StoreWriter:
             try:
                 if key not in columns_of:
                     self._commit_id += 1
-                    cols, bad = flows_to_columns(batch, time_inserted=int(self.wall()), commit_id=self._commit_id)
-                    columns_of[key] = (typed_columns(cols), bad, self._commit_id)
+                    t, w = time.thread_time(), time.perf_counter()
+                    cols, bad = records_to_columns(batch, correlation="collected", ended=_ENDED,
+                                                   time_inserted=int(self.wall()), commit_id=self._commit_id,
+                                                   text=self._text_form)
+                    self.convert_cpu += time.thread_time() - t
+                    self.convert_wall += time.perf_counter() - w
+                    columns_of[key] = (cols, bad, self._commit_id)
+                    if bad:
+                        log.warning("collector: %d records with values the table cannot hold left out", bad)
                 cols, bad, commit_id = columns_of[key]
                 if failures and len(cols[0]) and self.store.rows_of_commit(commit_id, int(cols[0][0])):
                     pass  # the last attempt landed though its answer was lost
                 else:
+                    t, w = time.thread_time(), time.perf_counter()
                     self.store.insert(cols)
+                    self.insert_cpu += time.thread_time() - t
+                    self.insert_wall += time.perf_counter() - w
             except Exception as exc:  # noqa: BLE001 - any store failure: keep the batch, back off, retry
                 failures += 1
                 self.commit_failures += 1
@@ -219,4 +249,6 @@ class StoreWriter:
     def stats(self) -> WriterStats:
         with self._cond:
             return WriterStats(self.offered, self.committed, self.overflow, self.invalid, self._held,
-                               self.commits, self.commit_failures, self.lost_at_close, self.last_error)
+                               self.commits, self.commit_failures, self.lost_at_close, self.last_error,
+                               self.queue_cpu, self.convert_cpu, self.insert_cpu, self.convert_wall,
+                               self.insert_wall)

@@ -1,14 +1,22 @@
 """Aggregated flow records into the store's columns, and stored rows back into records.
 
-Ingest's hot path: :func:`flows_to_columns` turns a batch of ExportedFlows (anything with
-``record``, ``correlation`` and ``final``) into one list per column of
-:data:`~flowscope.collector.schema.COLUMNS`, the form both backends insert fastest.
-Records are taken a shape (flow family, exporter family) at a time, each column with one
-C-level ``map``, and each integer column is checked as a whole by building an ``array`` of
-the column's width (a non-integer, a negative or too large a value raises); only when a
-column fails are its records checked one by one, so one bad record costs only itself and
-is left out and counted, never sent to fail the whole insert. Those arrays are the columns
-handed to the backend (chDB reads them as numpy views, no per-value conversion).
+Ingest's hot path: :func:`records_to_columns` (the collector's decoded records) and
+:func:`flows_to_columns` (the aggregator's ExportedFlows) turn a batch into one typed
+column per column of :data:`~flowscope.collector.schema.COLUMNS`, built once: every
+integer column an ``array`` of the column's width (chDB reads it as a numpy view, no
+per-value conversion), every text column either a :class:`TextColumn` (Arrow's string
+layout, int32 offsets and UTF-8 data, which chDB's ``Python()`` table function reads as
+is) or a list of str (what the server's driver takes). Each backend says which it wants
+(``text_form``).
+
+The transposition is :func:`transpose`: the C extension ``_rowcols``
+(collector/_rowcols.c, built by setup.py when a compiler is at hand) or its pure-Python
+twin :func:`_transpose_py`, which checks every value the same way (tests compare them,
+valid and malformed records): an integer column takes an int in its range (missing: 0),
+a text column an exact str that encodes as UTF-8 (missing: ""), a folded address column
+``v4 or v6 or ""``, the correlation an exact str. A record with a value its column cannot
+hold is left out whole and counted (never stored wrong, never sent to fail the whole
+insert); one log line says which implementation serves.
 
 :func:`row_to_record` rebuilds the original IE dict of a stored row: the family of the
 flow's addresses is the family of ``sourceIP`` (a ``:`` is IPv6), the exporter's that of
@@ -17,168 +25,310 @@ flow's addresses is the family of ``sourceIP`` (a ``:`` is IPv6), the exporter's
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from array import array
-from collections.abc import Mapping, Sequence
-from operator import attrgetter, itemgetter, methodcaller
-from typing import Any
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from operator import attrgetter, methodcaller
+from typing import Any, Literal, overload
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
-__all__ = ["ARRAY_CODES", "flows_to_columns", "row_to_record", "typed_columns"]
+__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "records_to_columns",
+           "row_to_record", "transpose", "typed_columns"]
+
+log = logging.getLogger("flowscope.collector.rows")
+
+#: Set to 1 to use the pure-Python transposition even where the C extension is built.
+PURE_ENV = "FLOWSCOPE_ROWS_PURE"
+
+TextForm = Literal["list", "arrow"]
 
 _RECORD_COLUMNS = RECORD_COLUMNS
+ARRAY_CODES = {"UInt8": "B", "UInt16": "H", "UInt32": "I", "UInt64": "Q", "DateTime": "I"}
+_ARRAY_CODES = ARRAY_CODES
+_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
+for _code in set(_ARRAY_CODES.values()):  # the C extension writes the column's width; array must read it
+    assert array(_code).itemsize * 8 == {"B": 8, "H": 16, "I": 32, "Q": 64}[_code], _code
 
+# The C extension's plan: element name -> slot, and per record column (kind, width, slot_a, slot_b).
+_SLOT_OF: dict[str, int] = {}
+for _col in _RECORD_COLUMNS:
+    for _el in _col.elements:
+        _SLOT_OF.setdefault(_el, len(_SLOT_OF))
+_PLAN: tuple[tuple[int, int, int, int], ...] = tuple(
+    (0 if c.is_int else 1, _BITS[c.type] // 8 if c.is_int else 0, _SLOT_OF[c.elements[0]],
+     _SLOT_OF[c.elements[1]] if len(c.elements) == 2 else -1)
+    for c in _RECORD_COLUMNS)
+
+_rowcols: Any
+_why_not: str | None
+if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    _rowcols, _why_not = None, f"{PURE_ENV} is set"
+else:
+    try:
+        from . import _rowcols  # type: ignore[attr-defined, no-redef]
+
+        _why_not = None
+    except ImportError as exc:  # built without a compiler: the pure-Python twin serves
+        _rowcols, _why_not = None, f"the C extension is not built ({exc})"
+
+
+def accelerated() -> bool:
+    """Whether records are transposed by the C extension."""
+    return _rowcols is not None
+
+
+@functools.cache
+def _say_once() -> None:
+    if _rowcols is None:
+        log.info("store columns: pure-Python transposition, %s", _why_not)
+    else:
+        log.info("store columns: C transposition (%s)", os.path.basename(_rowcols.__file__))
+
+
+class TextColumn(Sequence[str]):
+    """A text column in Arrow's string layout: ``offsets`` (n + 1 int32, little-endian)
+    into ``data`` (UTF-8). chDB reads :meth:`arrow` without a per-value conversion;
+    indexing decodes one value (tests and the server's fallback)."""
+
+    __slots__ = ("offsets", "data", "_n")
+
+    def __init__(self, offsets: bytes, data: bytes) -> None:
+        self.offsets = memoryview(offsets).cast("i")
+        self.data = data
+        self._n = len(self.offsets) - 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        return self.data[self.offsets[i]:self.offsets[i + 1]].decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(self._n))
+
+    def tolist(self) -> list[str]:
+        return list(self)
+
+    def arrow(self) -> Any:
+        import pyarrow as pa
+
+        return pa.Array.from_buffers(pa.string(), self._n, [None, pa.py_buffer(self.offsets), pa.py_buffer(self.data)])
+
+
+# --------------------------------------------------------------------------- the twin
 
 def _value_ok(col: Column, v: Any) -> bool:
     if col.is_int:
         return isinstance(v, int) and 0 <= v <= col.maximum
-    return type(v) is str
+    return _text_ok(v)
 
 
-def _shape_names(v6: bool, e6: bool) -> tuple[str, ...]:
-    """The element names of the record columns for one record shape (flow family, exporter family)."""
-    out = []
-    for col in _RECORD_COLUMNS:
-        if len(col.elements) == 2:
-            out.append(col.elements[1 if (e6 if col.name == "originalExporterIP" else v6) else 0])
-        else:
-            out.append(col.elements[0])
-    return tuple(out)
+def _text_ok(v: Any) -> bool:
+    if type(v) is not str:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-# Per record shape, one C-level getter per column.
-_SHAPE_GETTERS = {
-    (v6, e6): tuple(itemgetter(n) for n in _shape_names(v6, e6)) for v6 in (False, True) for e6 in (False, True)
-}
+def _texts_ok(vals: Sequence[Any]) -> bool:
+    """Every value an exact str that encodes as UTF-8 (a whole column in two C passes)."""
+    if vals and set(map(type, vals)) != {str}:
+        return False
+    try:
+        "".join(vals).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _slow_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
-    """Columns of records that may lack elements (defaults: 0, empty text)."""
+_GETTERS = tuple(
+    (methodcaller("get", c.elements[0]), methodcaller("get", c.elements[1])) if len(c.elements) == 2
+    else methodcaller("get", c.elements[0], 0 if c.is_int else "")
+    for c in _RECORD_COLUMNS)
+
+
+def _either(a: Any, b: Any) -> Any:
+    return a or b or ""
+
+
+def _as_dict(r: Any) -> dict[Any, Any] | None:
+    """A record as a dict, as the C extension takes it (any mapping is copied); None if it is none."""
+    if isinstance(r, dict):
+        return r
+    try:
+        return {k: r[k] for k in r.keys()}
+    except Exception:  # noqa: BLE001 - not a mapping: the record is left out
+        return None
+
+
+def _values(recs: Sequence[dict[Any, Any]]) -> list[list[Any]]:
+    """One list per record column (defaults for what a record lacks), C-level passes."""
     out: list[list[Any]] = []
-    for col in _RECORD_COLUMNS:
-        if len(col.elements) == 2:
-            a, b = col.elements
-            out.append([r.get(a) or r.get(b) or "" for r in recs])
+    for g in _GETTERS:
+        if isinstance(g, tuple):
+            out.append(list(map(_either, map(g[0], recs), map(g[1], recs))))
         else:
-            (name,) = col.elements
-            default: Any = 0 if col.is_int else ""
-            out.append([r.get(name, default) for r in recs])
+            out.append(list(map(g, recs)))
     return out
 
 
-def _record_columns(recs: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
-    """Columns of records of one shape; the aggregator's carry every element of theirs (fast path)."""
-    if not recs:
-        return [[] for _ in _RECORD_COLUMNS]
-    r0 = recs[0]
-    getters = _SHAPE_GETTERS["sourceIPv6Address" in r0, "originalExporterIPv6Address" in r0]
+def _int_types_ok(vals: Sequence[Any]) -> bool:
+    return all(issubclass(t, int) for t in set(map(type, vals)))
+
+
+def _typed(values: Sequence[Sequence[Any]]) -> list[Any] | None:
+    """The record columns typed, or None if a value does not fit its column."""
+    out: list[Any] = []
+    for col, vals in zip(_RECORD_COLUMNS, values):
+        if col.is_int:
+            if not _int_types_ok(vals):
+                return None
+            try:
+                out.append(array(_ARRAY_CODES[col.type], vals))
+            except (TypeError, OverflowError, ValueError):
+                return None
+        elif not _texts_ok(vals):
+            return None
+        else:
+            out.append(list(vals))
+    return out
+
+
+def _row_ok(rec: dict[Any, Any] | None) -> bool:
+    if rec is None:
+        return False
     try:
-        return [list(map(g, recs)) for g in getters]
-    except KeyError:
-        return _slow_columns(recs)
+        row = _values([rec])
+    except Exception:  # noqa: BLE001 - a value whose truth cannot be told
+        return False
+    return all(_value_ok(col, vals[0]) for col, vals in zip(_RECORD_COLUMNS, row))
+
+
+def _transpose_py(records: Sequence[Any], correlation: str | Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """The pure-Python twin of ``_rowcols.transpose`` (record columns, then the correlation
+    column; the indices of the records left out). Columns are built and checked whole;
+    only when one fails are the records checked one by one."""
+    dicts = list(map(_as_dict, records))
+    const = isinstance(correlation, str)
+    corr: list[Any] = [] if const else list(correlation)
+    if not const and len(corr) != len(dicts):
+        raise ValueError("one correlation per record")
+    typed: list[Any] | None = None
+    if None not in dicts:
+        try:
+            typed = _typed(_values(dicts))  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - a value whose truth cannot be told: checked row by row
+            typed = None
+        if typed is not None and not const and not _texts_ok(corr):
+            typed = None
+    bad: list[int] = []
+    if typed is None:
+        keep = [i for i, d in enumerate(dicts) if _row_ok(d) and (const or _text_ok(corr[i]))]
+        kept = set(keep)
+        bad = [i for i in range(len(dicts)) if i not in kept]
+        typed = _typed(_values([dicts[i] for i in keep]))  # type: ignore[misc]
+        assert typed is not None  # every value of every kept row was checked
+        corr = [corr[i] for i in keep] if not const else corr
+    n = len(dicts) - len(bad)
+    typed.append([correlation] * n if const else corr)
+    return typed, bad
+
+
+def transpose(records: Sequence[Any], correlation: str | Sequence[Any], *,
+              text: TextForm = "list") -> tuple[list[Any], list[int]]:
+    """Record columns (in :data:`RECORD_COLUMNS` order) and the correlation column of
+    ``records``: integer columns ``array``s of their width, text columns lists of str
+    (``text="list"``) or, from the C extension, :class:`TextColumn`s (``"arrow"``); and
+    the indices of the records left out (a value their column cannot hold)."""
+    _say_once()
+    if isinstance(correlation, str) and not _text_ok(correlation):
+        raise ValueError(f"correlation {correlation!r} is not text that encodes as UTF-8")
+    if _rowcols is None:
+        return _transpose_py(records, correlation)
+    raw, bad = _rowcols.transpose(records, _SLOT_OF, len(_SLOT_OF), _PLAN, correlation, text == "list")
+    out: list[Any] = []
+    for col, v in zip((*_RECORD_COLUMNS, None), raw):
+        if col is not None and col.is_int:
+            a = array(_ARRAY_CODES[col.type])
+            a.frombytes(v)
+            out.append(a)
+        elif isinstance(v, tuple):
+            out.append(TextColumn(*v))
+        else:
+            out.append(v)
+    return out, bad
+
+
+# --------------------------------------------------------------------------- batches
+
+def _drop(values: list[Any], bad: Sequence[int]) -> list[Any]:
+    if not bad:
+        return values
+    gone = set(bad)
+    return [v for i, v in enumerate(values) if i not in gone]
+
+
+def _assemble(cols: list[Any], final: array, *, time_inserted: int, commit_id: int) -> list[Any]:
+    n = len(final)
+    return [array("I", (time_inserted,)) * n, *cols[:-1], cols[-1], final, array("Q", (commit_id,)) * n]
+
+
+_FLOW_END_REASON = next(i for i, c in enumerate(_RECORD_COLUMNS) if c.name == "flowEndReason")
+
+
+def records_to_columns(records: Sequence[Mapping[str, Any]], *, correlation: str, ended: Collection[int],
+                       time_inserted: int, commit_id: int, text: TextForm = "list") -> tuple[list[Any], int]:
+    """Typed columns (in :data:`COLUMNS` order) of decoded records, and how many were left
+    out. Every row gets ``correlation``; ``final`` is whether its flowEndReason is in ``ended``."""
+    cols, bad = transpose(records, correlation, text=text)
+    final = array("B", map(frozenset(ended).__contains__, cols[_FLOW_END_REASON]))
+    return _assemble(cols, final, time_inserted=time_inserted, commit_id=commit_id), len(bad)
 
 
 _get_record = attrgetter("record")
 _get_correlation = attrgetter("correlation")
 _get_final = attrgetter("final")
-_HAS_V6 = methodcaller("__contains__", "sourceIPv6Address")
-_HAS_E6 = methodcaller("__contains__", "originalExporterIPv6Address")
 
 
-def _shape(flow: Any) -> tuple[bool, bool]:
-    r = flow.record
-    return "sourceIPv6Address" in r, "originalExporterIPv6Address" in r
-
-
-ARRAY_CODES = {"UInt8": "B", "UInt16": "H", "UInt32": "I", "UInt64": "Q", "DateTime": "I"}
-_ARRAY_CODES = ARRAY_CODES
-_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
-# Types whose array code is wider than the column on this platform (then the maximum is checked too).
-_WIDER = frozenset(t for t, code in _ARRAY_CODES.items() if array(code).itemsize * 8 > _BITS[t])
-
-
-def _typed(values: Sequence[Sequence[Any]]) -> list[Any] | None:
-    """The columns typed, or None if a value does not fit its column: an ``array`` of the
-    column's width takes an int column in one C pass (a non-int, a negative or too large a
-    value raises) and is the typed column itself; text must be str."""
-    out: list[Any] = []
-    for col, vals in zip(_RECORD_COLUMNS, values):
-        if col.is_int:
-            try:
-                typed = array(_ARRAY_CODES[col.type], vals)
-            except (TypeError, OverflowError):
-                return None
-            if vals and col.type in _WIDER and max(typed) > col.maximum:
-                return None
-            out.append(typed)
-        elif vals and set(map(type, vals)) != {str}:
-            return None
-        else:
-            out.append(vals)
-    return out
-
-
-def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int) -> tuple[list[Any], int]:
-    """Typed columns (in :data:`COLUMNS` order: ``array``s of the column's width for
-    integers, lists of str for text) of a batch of ExportedFlows, and how many were left out.
-
-    Records are taken a shape (flow family, exporter family) at a time, each column with
-    one C-level ``map``, and each column is checked as a whole; only when a column fails
-    are its records checked one by one, so one bad record costs only itself. Rows may
-    come out grouped by shape (a table has no row order).
-    """
-    groups: dict[tuple[bool, bool], list[Any]] = {}
-    try:  # usually one shape (an IPv4 cluster): two C-level passes tell, no loop in Python
-        recs = list(map(_get_record, flows))
-        v6 = set(map(_HAS_V6, recs))
-        e6 = set(map(_HAS_E6, recs))
-        if len(v6) == 1 and len(e6) == 1:
-            groups[v6.pop(), e6.pop()] = list(flows)
-    except (AttributeError, TypeError):
-        pass
-    if not groups:
+def _flow_parts(flows: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+    try:
+        return list(map(_get_record, flows)), list(map(_get_correlation, flows)), list(map(_get_final, flows))
+    except AttributeError:  # something that is no ExportedFlow: left out as invalid below
+        recs, corr, fin = [], [], []
         for f in flows:
-            try:
-                key = _shape(f)
-            except (AttributeError, TypeError):
-                key = (False, False)  # not a record mapping: the row check below leaves it out
-            groups.setdefault(key, []).append(f)
-    parts = [_checked(g) for g in groups.values()]
-    kept = [f for part in parts for f in part[0]]
-    invalid = sum(part[2] for part in parts)
-    if len(parts) == 1:
-        values = parts[0][1]
-    else:
-        values = [array(_ARRAY_CODES[c.type]) if c.is_int else [] for c in _RECORD_COLUMNS]
-        for _, vals, _ in parts:
-            for acc, v in zip(values, vals):
-                acc.extend(v)
-    n = len(kept)
-    final = array("B", map(bool, map(_get_final, kept)))
-    return [array("I", (time_inserted,)) * n, *values, list(map(_get_correlation, kept)), final,
-            array("Q", (commit_id,)) * n], invalid
+            ok = all(hasattr(f, a) for a in ("record", "correlation", "final"))
+            recs.append(f.record if ok else None)
+            corr.append(f.correlation if ok else None)
+            fin.append(f.final if ok else False)
+        return recs, corr, fin
 
 
-def _row_ok(f: Any) -> bool:
-    try:
-        row = _slow_columns([f.record])
-    except (AttributeError, TypeError):
-        return False
-    return type(f.correlation) is str and all(_value_ok(col, vals[0]) for col, vals in zip(_RECORD_COLUMNS, row))
-
-
-def _checked(flows: list[Any]) -> tuple[list[Any], list[Any], int]:
-    """(flows kept, their typed record columns, how many were left out) for flows of one shape."""
-    try:
-        typed = _typed(_record_columns(list(map(_get_record, flows))))
-        if typed is not None and (not flows or set(map(type, map(_get_correlation, flows))) == {str}):
-            return flows, typed, 0
-    except (AttributeError, TypeError):
-        pass
-    good = [f for f in flows if _row_ok(f)]
-    typed = _typed(_record_columns([f.record for f in good]))
-    assert typed is not None  # every value of every kept row was checked
-    return good, typed, len(flows) - len(good)
+def flows_to_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int,
+                     text: TextForm = "list") -> tuple[list[Any], int]:
+    """Typed columns (in :data:`COLUMNS` order) of a batch of ExportedFlows (anything with
+    ``record``, ``correlation`` and ``final``), and how many were left out."""
+    recs, corr, fin = _flow_parts(flows)
+    cols, bad = transpose(recs, corr, text=text)
+    final = array("B", map(bool, _drop(fin, bad)))
+    return _assemble(cols, final, time_inserted=time_inserted, commit_id=commit_id), len(bad)
 
 
 def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,7 +351,8 @@ def row_to_record(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def typed_columns(columns: Sequence[Sequence[Any]]) -> list[Any]:
     """Columns with every integer column an ``array`` of its width (those of
-    :func:`flows_to_columns` already are; lists given by hand become arrays); text stays lists."""
+    :func:`flows_to_columns` already are; lists given by hand become arrays); text stays
+    as given (lists of str or :class:`TextColumn`)."""
     out: list[Any] = []
     for col, vals in zip(COLUMNS, columns):
         if col.is_int and not isinstance(vals, array):
@@ -209,6 +360,3 @@ def typed_columns(columns: Sequence[Sequence[Any]]) -> list[Any]:
         else:
             out.append(vals)
     return out
-
-
-

@@ -1,0 +1,454 @@
+/* flowscope.collector._rowcols: the flow store's records-to-columns transposition in C.
+ *
+ * Why it exists: ingest turns every batch of decoded records (one dict of IE names per
+ * record) into one typed column per table column. In Python that is one getitem, one
+ * type check and one conversion per value, some 70 values a record: more than chDB
+ * takes to store the row. This module does the same in one pass over each record's
+ * items, writing each value straight into its column's buffer: integers as
+ * little-endian unsigned ints of the column's width, text as Arrow's string layout
+ * (int32 offsets and UTF-8 data) or, for the server's driver, a list of the str objects.
+ *
+ * What it checks is what collector/rows.py's pure-Python twin (_transpose_py) checks,
+ * value for value (tests/collector/test_collector_rowcols.py compares both):
+ *  - an integer column takes an int (bool included) in 0..2^bits-1; missing: 0;
+ *  - a text column takes an exact str that encodes as UTF-8; missing: "";
+ *  - a folded address column (IPv4 name, IPv6 name) takes `v4 or v6 or ""`;
+ *  - a record that is no dict is copied into one (any mapping); one that cannot be is bad;
+ *  - the correlation is a str constant, or one exact str per record.
+ * A record with any value its column cannot hold is left out whole and its index
+ * returned, so nothing is stored wrong and one bad record costs only itself.
+ *
+ * transpose(records, slot_of, nslots, plan, correlation, objects)
+ *   slot_of: dict element name -> slot (unknown names are ignored)
+ *   plan: tuple of (kind, width, slot_a, slot_b) per column; kind 0 integer (width 1, 2,
+ *         4, 8 bytes), 1 text; slot_b -1 unless folded
+ *   returns (columns, bad): per plan column then the correlation column, an integer
+ *   column as bytes, a text column as (offsets bytes, data bytes), or a list of str when
+ *   objects is true; bad is the list of the left-out records' indices.
+ *
+ * Keys are matched by identity first: the records of one template come from the decoder
+ * with the very same key objects in the same order, so a cache of (position -> key,
+ * slot) answers almost every key with one pointer compare; the cache holds references,
+ * so no other object can take a cached key's address.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define KEY_CACHE 256
+
+typedef struct {
+    int kind;
+    int width;
+    Py_ssize_t a, b;
+    unsigned long long maximum;
+    /* output */
+    PyObject *ints;    /* bytes, n * width */
+    PyObject *offsets; /* bytes, (n + 1) * 4 */
+    PyObject *data;    /* bytes, grown */
+    Py_ssize_t used;   /* data bytes used */
+    PyObject *list;    /* objects mode */
+} Col;
+
+static int
+grow(Col *c, Py_ssize_t need)
+{
+    Py_ssize_t cap = PyBytes_GET_SIZE(c->data);
+    if (c->used + need <= cap)
+        return 0;
+    Py_ssize_t ncap = cap * 2;
+    if (ncap < c->used + need)
+        ncap = c->used + need + 1024;
+    return _PyBytes_Resize(&c->data, ncap);
+}
+
+static void
+put_int(char *p, int width, unsigned long long v)
+{
+    switch (width) {
+    case 1: { uint8_t x = (uint8_t)v; memcpy(p, &x, 1); break; }
+    case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); break; }
+    case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); break; }
+    default: { uint64_t x = (uint64_t)v; memcpy(p, &x, 8); break; }
+    }
+}
+
+/* A text value: 1 ok (ptr/len/obj set), 0 bad. */
+static int
+text_of(PyObject *v, const char **ptr, Py_ssize_t *len)
+{
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    const char *s = PyUnicode_AsUTF8AndSize(v, len);
+    if (s == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    *ptr = s;
+    return 1;
+}
+
+static PyObject *EMPTY; /* "" */
+
+static void
+release(PyObject **slots, Py_ssize_t nslots, int *held)
+{
+    if (*held) {
+        for (Py_ssize_t s = 0; s < nslots; s++)
+            Py_XDECREF(slots[s]);
+        *held = 0;
+    }
+}
+
+/* Truth of a value (NULL: false), -1 on error. Any other type than str, int or None may
+ * run code in __bool__ that changes the record under the borrowed slot values: those
+ * are then held (once a row; released at its end). */
+static int
+truth(PyObject *v, PyObject **slots, Py_ssize_t nslots, int *held)
+{
+    if (v == NULL || v == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(v))
+        return PyUnicode_GET_LENGTH(v) != 0;
+    if (!*held) {
+        for (Py_ssize_t s = 0; s < nslots; s++)
+            Py_XINCREF(slots[s]);
+        *held = 1;
+    }
+    int t = PyObject_IsTrue(v);
+    if (t < 0)
+        PyErr_Clear();
+    return t;
+}
+
+static PyObject *
+transpose(PyObject *self, PyObject *args)
+{
+    PyObject *records, *slot_of, *plan, *correlation;
+    Py_ssize_t nslots;
+    int objects;
+    if (!PyArg_ParseTuple(args, "OO!nO!Op", &records, &PyDict_Type, &slot_of, &nslots, &PyTuple_Type, &plan,
+                          &correlation, &objects))
+        return NULL;
+    if (nslots < 0 || nslots > 4096) {
+        PyErr_SetString(PyExc_ValueError, "nslots out of range");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(records, "records must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **recs = PySequence_Fast_ITEMS(seq);
+    int corr_const = PyUnicode_CheckExact(correlation);
+    PyObject *corr_seq = NULL;
+    const char *corr_ptr = NULL;
+    Py_ssize_t corr_len = 0;
+    if (corr_const) {
+        if (!text_of(correlation, &corr_ptr, &corr_len)) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "correlation does not encode as UTF-8");
+            return NULL;
+        }
+    } else {
+        corr_seq = PySequence_Fast(correlation, "correlation must be a str or a sequence");
+        if (corr_seq == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (PySequence_Fast_GET_SIZE(corr_seq) != n) {
+            Py_DECREF(seq);
+            Py_DECREF(corr_seq);
+            PyErr_SetString(PyExc_ValueError, "one correlation per record");
+            return NULL;
+        }
+    }
+
+    Py_ssize_t nplan = PyTuple_GET_SIZE(plan);
+    Py_ssize_t ncols = nplan + 1; /* the correlation column last */
+    Col *cols = PyMem_Calloc(ncols, sizeof(Col));
+    PyObject **slots = PyMem_Calloc(nslots ? nslots : 1, sizeof(PyObject *));
+    unsigned long long *ival = PyMem_Calloc(ncols, sizeof(unsigned long long));
+    const char **tptr = PyMem_Calloc(ncols, sizeof(char *));
+    Py_ssize_t *tlen = PyMem_Calloc(ncols, sizeof(Py_ssize_t));
+    PyObject **tobj = PyMem_Calloc(ncols, sizeof(PyObject *));
+    PyObject *cache_key[KEY_CACHE];
+    Py_ssize_t cache_slot[KEY_CACHE];
+    Py_ssize_t cache_n = 0;
+    PyObject *bad = PyList_New(0);
+    PyObject *result = NULL;
+    if (!cols || !slots || !ival || !tptr || !tlen || !tobj || !bad) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        Col *c = &cols[j];
+        if (j < nplan) {
+            PyObject *spec = PyTuple_GET_ITEM(plan, j);
+            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+                PyErr_SetString(PyExc_ValueError, "plan entries are (kind, width, slot_a, slot_b)");
+                goto done;
+            }
+            c->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+            c->width = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
+            c->a = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 2));
+            c->b = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 3));
+            if (PyErr_Occurred())
+                goto done;
+            if (c->a < 0 || c->a >= nslots || c->b >= nslots || (c->kind != 0 && c->kind != 1) ||
+                (c->kind == 0 && c->width != 1 && c->width != 2 && c->width != 4 && c->width != 8)) {
+                PyErr_SetString(PyExc_ValueError, "bad plan entry");
+                goto done;
+            }
+        } else {
+            c->kind = 1;
+            c->a = c->b = -1;
+        }
+        if (c->kind == 0) {
+            c->maximum = c->width == 8 ? ~0ULL : ((1ULL << (8 * c->width)) - 1);
+            c->ints = PyBytes_FromStringAndSize(NULL, n * c->width);
+            if (!c->ints)
+                goto done;
+        } else if (objects) {
+            c->list = PyList_New(n);
+            if (!c->list)
+                goto done;
+        } else {
+            c->offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 4);
+            c->data = PyBytes_FromStringAndSize(NULL, n * 8 + 64);
+            if (!c->offsets || !c->data)
+                goto done;
+            memset(PyBytes_AS_STRING(c->offsets), 0, 4);
+        }
+    }
+
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *rec = recs[i];
+        PyObject *tmp = NULL;
+        int ok = 1, held = 0;
+        if (!PyDict_Check(rec)) {
+            tmp = PyDict_New();
+            if (tmp == NULL)
+                goto done;
+            if (PyDict_Merge(tmp, rec, 1) < 0) {
+                PyErr_Clear();
+                ok = 0;
+            }
+            rec = tmp;
+        }
+        memset(slots, 0, nslots * sizeof(PyObject *));
+        if (ok) {
+            Py_ssize_t pos = 0, k = 0;
+            PyObject *key, *val;
+            while (PyDict_Next(rec, &pos, &key, &val)) {
+                Py_ssize_t slot;
+                if (k < cache_n && cache_key[k] == key) {
+                    slot = cache_slot[k];
+                } else {
+                    PyObject *s = PyDict_GetItemWithError(slot_of, key);
+                    if (s == NULL) {
+                        if (PyErr_Occurred()) { /* an unhashable key cannot be ours: ignore it */
+                            PyErr_Clear();
+                        }
+                        slot = -1;
+                    } else {
+                        slot = PyLong_AsSsize_t(s);
+                        if (slot < 0 || slot >= nslots) {
+                            PyErr_Clear();
+                            slot = -1;
+                        }
+                    }
+                    if (k < KEY_CACHE) {
+                        if (k < cache_n) {
+                            Py_DECREF(cache_key[k]);
+                        } else {
+                            cache_n = k + 1;
+                        }
+                        Py_INCREF(key);
+                        cache_key[k] = key;
+                        cache_slot[k] = slot;
+                    }
+                }
+                if (slot >= 0)
+                    slots[slot] = val;
+                k++;
+            }
+        }
+        /* the values of this row, checked */
+        for (Py_ssize_t j = 0; ok && j < nplan; j++) {
+            Col *c = &cols[j];
+            PyObject *v = slots[c->a];
+            if (c->kind == 0) {
+                if (v == NULL) {
+                    ival[j] = 0;
+                } else if (!PyLong_Check(v)) {
+                    ok = 0;
+                } else {
+                    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+                    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+                        PyErr_Clear();
+                        ok = 0;
+                    } else if (x > c->maximum) {
+                        ok = 0;
+                    } else {
+                        ival[j] = x;
+                    }
+                }
+                continue;
+            }
+            if (c->b >= 0) { /* v4 or v6 or "" */
+                int t = truth(v, slots, nslots, &held);
+                if (t < 0) {
+                    ok = 0;
+                    break;
+                }
+                if (!t) {
+                    v = slots[c->b];
+                    if ((t = truth(v, slots, nslots, &held)) < 0) {
+                        ok = 0;
+                        break;
+                    }
+                    if (!t)
+                        v = NULL;
+                }
+            }
+            if (v == NULL)
+                v = EMPTY;
+            if (!text_of(v, &tptr[j], &tlen[j]))
+                ok = 0;
+            tobj[j] = v;
+        }
+        if (ok) {
+            PyObject *cv = corr_const ? correlation : PySequence_Fast_ITEMS(corr_seq)[i];
+            if (corr_const) {
+                tptr[nplan] = corr_ptr;
+                tlen[nplan] = corr_len;
+            } else if (!text_of(cv, &tptr[nplan], &tlen[nplan])) {
+                ok = 0;
+            }
+            tobj[nplan] = cv;
+        }
+        if (ok) {
+            for (Py_ssize_t j = 0; j < ncols; j++) {
+                Col *c = &cols[j];
+                if (c->kind == 0) {
+                    put_int(PyBytes_AS_STRING(c->ints) + kept * c->width, c->width, ival[j]);
+                } else if (objects) {
+                    Py_INCREF(tobj[j]);
+                    PyList_SET_ITEM(c->list, kept, tobj[j]);
+                } else {
+                    if (c->used + tlen[j] > INT32_MAX) {
+                        release(slots, nslots, &held);
+                        Py_XDECREF(tmp);
+                        PyErr_SetString(PyExc_OverflowError, "a text column holds more than 2 GiB");
+                        goto done;
+                    }
+                    if (grow(c, tlen[j]) < 0) {
+                        release(slots, nslots, &held);
+                        Py_XDECREF(tmp);
+                        goto done;
+                    }
+                    memcpy(PyBytes_AS_STRING(c->data) + c->used, tptr[j], tlen[j]);
+                    c->used += tlen[j];
+                    int32_t off = (int32_t)c->used;
+                    memcpy(PyBytes_AS_STRING(c->offsets) + (kept + 1) * 4, &off, 4);
+                }
+            }
+            kept++;
+        } else {
+            PyObject *idx = PyLong_FromSsize_t(i);
+            if (idx == NULL || PyList_Append(bad, idx) < 0) {
+                Py_XDECREF(idx);
+                release(slots, nslots, &held);
+                Py_XDECREF(tmp);
+                goto done;
+            }
+            Py_DECREF(idx);
+        }
+        release(slots, nslots, &held);
+        Py_XDECREF(tmp);
+    }
+
+    PyObject *out = PyList_New(ncols);
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        Col *c = &cols[j];
+        PyObject *item;
+        if (c->kind == 0) {
+            if (_PyBytes_Resize(&c->ints, kept * c->width) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = c->ints;
+            c->ints = NULL;
+        } else if (objects) {
+            for (Py_ssize_t r = kept; r < n; r++) { /* unused tail: filled, then cut */
+                Py_INCREF(Py_None);
+                PyList_SET_ITEM(c->list, r, Py_None);
+            }
+            if (kept < n && PyList_SetSlice(c->list, kept, n, NULL) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = c->list;
+            c->list = NULL;
+        } else {
+            if (_PyBytes_Resize(&c->offsets, (kept + 1) * 4) < 0 || _PyBytes_Resize(&c->data, c->used) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = PyTuple_Pack(2, c->offsets, c->data);
+            if (item == NULL) {
+                Py_DECREF(out);
+                goto done;
+            }
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+    result = Py_BuildValue("(NO)", out, bad);
+
+done:
+    for (Py_ssize_t k = 0; k < cache_n; k++)
+        Py_DECREF(cache_key[k]);
+    if (cols) {
+        for (Py_ssize_t j = 0; j < ncols; j++) {
+            Py_XDECREF(cols[j].ints);
+            Py_XDECREF(cols[j].offsets);
+            Py_XDECREF(cols[j].data);
+            if (cols[j].list) { /* unfinished: unset items are NULL, which list dealloc skips */
+                Py_DECREF(cols[j].list);
+            }
+        }
+    }
+    PyMem_Free(cols);
+    PyMem_Free(slots);
+    PyMem_Free(ival);
+    PyMem_Free(tptr);
+    PyMem_Free(tlen);
+    PyMem_Free(tobj);
+    Py_XDECREF(bad);
+    Py_DECREF(seq);
+    Py_XDECREF(corr_seq);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"transpose", transpose, METH_VARARGS, "Records into typed columns (see collector/_rowcols.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_rowcols", "The flow store's records-to-columns transposition in C.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__rowcols(void)
+{
+    EMPTY = PyUnicode_FromString("");
+    if (EMPTY == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}
