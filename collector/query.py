@@ -45,6 +45,7 @@ way the answer is the same (the tests compare them on chDB and on 18.16);
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -54,8 +55,8 @@ from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 from .filter import Params, parse_filter
 from .schema import (
-    COLUMN_NAMES, CONNECTION_STATES, DERIVED_NAMES, DIMENSIONS, FAMILIES, ROLLUP_KEYS, ROLLUPS, Family, column_type,
-    quote,
+    COLUMN_NAMES, CONNECTION_STATES, DERIVED_NAMES, DIMENSIONS, FAMILIES, ROLLUP_KEYS, ROLLUPS, Family, State,
+    column_type, quote,
 )
 
 __all__ = [
@@ -610,66 +611,82 @@ def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float
 
 # --------------------------------------------------------------------------- overview
 
-_OVERVIEW_COLUMNS: Final = frozenset((
-    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName", "sourceNodeName",
-    "destinationNodeName", "destinationServicePortName"))
-_DISTINCT: Final = (  # what the overview counts distinct: (name, the value, when it counts)
-    ("sp", "(sourcePodNamespace, sourcePodName)", "sourcePodName != ''"),
-    ("dp", "(destinationPodNamespace, destinationPodName)", "destinationPodName != ''"),
-    ("sn", "sourceNodeName", "sourceNodeName != ''"),
-    ("dn", "destinationNodeName", "destinationNodeName != ''"),
-    ("sv", "destinationServicePortName", "destinationServicePortName != ''"),
-)
+_STATES: Final = {st.name: st for st in CONNECTION_STATES}
 
 
 def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Overview:
-    """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
-    and Services come from the coarsest roll-up that answers exactly; connections (distinct
-    5-tuples: ``connectionHash``) and how many of them ended or were denied, from the
-    connection states of the ``conn`` roll-ups (merged: the same answer as the raw table's
-    ``uniq``) when the question has no filter, else from the raw table.
+    """Totals of the range. Records, octets and packets come from the coarsest roll-up that
+    answers exactly. Connections (distinct 5-tuples: ``connectionHash``), how many of them
+    ended or were denied, and the distinct namespaces, Pods, Nodes and Services are the
+    states of :data:`~flowscope.collector.schema.CONNECTION_STATES`: from the ``conn``
+    roll-ups' states, merged, when the question has no filter; else computed from the
+    rows (the main roll-up's for Pods, Nodes, Services and namespaces when it holds the
+    filter's columns, the raw table's for connections). Either way the same answer:
+    merged states equal the state of all the rows.
 
-    Distinct counts use ClickHouse's ``uniq``: exact up to 65,536 distinct values (every
-    namespace, Pod, Node and Service count of a cluster), past that an adaptive sample whose
-    error stays around 1% (connections of a busy day). A piecewise range's parts are counted
-    as ``uniq`` states and merged: the same answer as one ``uniq`` over all the rows."""
-    src, where, params, start, end = _where(store, q, _OVERVIEW_COLUMNS, now)
-    states = [f"uniqStateIf({v}, {c}) AS {n}" for n, v, c in _DISTINCT]
-    inner = _aggregate(store, src, where, (), [f"{src.records} AS n", f"sum({_BYTES}) AS b",
-                                               f"sum({_PACKETS}) AS p"] + states)
-    merged = ", ".join(f"uniqMerge({n})" for n, _, _ in _DISTINCT)
-    rows = store.rows(f"SELECT sum(n), sum(b), sum(p), {merged} FROM ({inner})", params.values)
-    r = rows[0] if rows else (0,) * 8
-    n, b, p = (int(x or 0) for x in r[:3])
-    ns = [_aggregate(store, src, f"{where} AND {col} != ''", (f"{col} AS x",), ())
-          for col in ("sourcePodNamespace", "destinationPodNamespace")]
-    names = store.rows(f"SELECT uniq(x) FROM ({' UNION ALL '.join(ns)})", params.values)
-    namespaces = int(names[0][0]) if names else 0
-    c, ended_n, denied = _connections(store, q, start, end)
+    Connections are counted by ``uniqCombined`` (exact for small sets, past some
+    thousands HyperLogLog within about 1%: a busy day's millions), the rest by ``uniq``
+    (exact to 65,536 distinct values: every namespace, Pod, Node and Service count of a
+    cluster) of their names' hash."""
+    src, where, params, start, end = _where(store, q, frozenset(), now)
+    sums = _aggregate(store, src, where, (), [f"{src.records} AS n", f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p"])
+    r = store.rows(f"SELECT sum(n), sum(b), sum(p) FROM ({sums})", params.values)
+    n, b, p = (int(x or 0) for x in (r[0] if r else (0, 0, 0)))
+    names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
+    conns = _states(store, q, start, end, ("connections", "ended", "denied"), "connections", now)
+    if conns[1] == "":  # no filter: the conn roll-ups hold the names' states too
+        found = _states(store, q, start, end, names + ("namespaces",), "connections", now)[0]
+    else:
+        found = _states(store, q, start, end, names + ("namespaces",), "sums", now)[0]
+    c, ended_n, denied = (conns[0][k] for k in ("connections", "ended", "denied"))
     seconds = max(end - start, 1)
-    pods = int(r[3] or 0) + int(r[4] or 0)
-    nodes = max(int(r[5] or 0), int(r[6] or 0))
     return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
-                    max(c - ended_n, 0), ended_n, denied, namespaces, pods, nodes, int(r[7] or 0))
+                    max(c - ended_n, 0), ended_n, denied, found["namespaces"], found["srcPods"] + found["dstPods"],
+                    max(found["srcNodes"], found["dstNodes"]), found["services"])
 
 
-def _connections(store: Backend, q: FlowQuery, start: int, end: int) -> tuple[int, int, int]:
-    """Distinct connections, those ended and those denied, in the range."""
+def _states(store: Backend, q: FlowQuery, start: int, end: int, names: Sequence[str], kind: str,
+            now: Callable[[], float]) -> tuple[dict[str, int], str]:
+    """The distinct counts ``names`` (:data:`_STATES`, and ``namespaces``: both ends' states
+    merged) of the range and filter, from a ``conn`` roll-up (``kind="connections"``: only
+    an unfiltered question), else from the rows of the table that answers (``kind="sums"``:
+    the main roll-up when it holds every column the states and the filter read). Returns
+    the counts and the filter's SQL ("" when there is none)."""
     params = Params()
     w = parse_filter(q.filter, params)
-    src = _source(store, w.columns, start, end, wanted="raw" if q.source == "raw" else "auto", kind="connections")
-    where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
-    if src.seconds:
-        inner = _aggregate(store, src, where, (), [f"uniqMergeState({quote(n)}) AS {quote(n)}"
-                                                   for n, _ in CONNECTION_STATES])
+    wanted = [n for n in names if n != "namespaces"]
+    if "namespaces" in names:
+        wanted += [n for n in ("srcNamespaces", "dstNamespaces") if n not in wanted]
+    states = [_STATES[n] for n in wanted]
+    columns: frozenset[str] = frozenset()
+    if kind == "sums":
+        columns = frozenset().union(*(_state_columns(st) for st in states))
+    src = _source(store, w.columns | columns, start, end, wanted="raw" if q.source == "raw" else "auto", kind=kind)
+    filt = w.sql if w.sql != "1" else ""
+    where = _time_where(src, start, end, params) + (f" AND ({filt})" if filt else "")
+    if src.seconds and kind == "connections":
+        aggs = [f"{st.merged(quote(st.name))} AS {quote(st.name)}" for st in states]
     else:
-        inner = _aggregate(store, src, where, (), [
-            f"uniqState(connectionHash) AS {quote(n)}" if cond == "1" else
-            f"uniqStateIf(connectionHash, {cond}) AS {quote(n)}" for n, cond in CONNECTION_STATES])
-    merged = ", ".join(f"uniqMerge({quote(n)})" for n, _ in CONNECTION_STATES)
-    rows = store.rows(f"SELECT {merged} FROM ({inner})", params.values)
-    c, ended_n, denied = (int(x or 0) for x in (rows[0] if rows else (0, 0, 0)))
-    return c, ended_n, denied
+        aggs = [f"{st.of_rows()} AS {quote(st.name)}" for st in states]
+    inner = _aggregate(store, src, where, (), aggs)
+    merged = [f"{st.function}Merge({quote(st.name)})" for st in states]
+    if "namespaces" in names:
+        both = _STATES["srcNamespaces"]
+        merged.append(f"{both.function}Merge(arrayJoin([{quote('srcNamespaces')}, {quote('dstNamespaces')}]))")
+    rows = store.rows(f"SELECT {', '.join(merged)} FROM ({inner})", params.values)
+    values = [int(x or 0) for x in rows[0]] if rows else [0] * len(merged)
+    out = dict(zip(wanted, values))
+    if "namespaces" in names:
+        out["namespaces"] = values[-1]
+    return out, filt
+
+
+def _state_columns(st: State) -> frozenset[str]:
+    """The columns a state's expressions read."""
+    return frozenset(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{st.value} {st.condition}")) & _COLUMNS_ALL
+
+
+_COLUMNS_ALL: Final = frozenset(COLUMN_NAMES) | frozenset(DERIVED_NAMES)
 
 
 # --------------------------------------------------------------------------- completion

@@ -105,8 +105,9 @@ def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tm
         for name in ("flows_addr_1m", "flows_addr_1h"):
             assert again.select(f"SELECT sum(records), sum(octetDeltaCount) FROM flowscope.{name}") == \
                 again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows")
-        assert again.select("SELECT uniqMerge(connections) FROM flowscope.flows_conn_1h") == \
-            again.select("SELECT uniq(connectionHash) FROM flowscope.flows")
+        assert again.select("SELECT uniqCombinedMerge(connections), uniqMerge(srcPods) FROM flowscope.flows_conn_1h") == \
+            again.select("SELECT uniqCombined(connectionHash), uniqIf(cityHash64(sourcePodNamespace, sourcePodName), "
+                                                                  "sourcePodName != '') FROM flowscope.flows")
         assert rollup_answers_equal_raw(again) > 50
     finally:
         again.close()
