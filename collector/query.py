@@ -530,8 +530,8 @@ def _resolution(q: FlowQuery, start: int, end: int) -> int:
 def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Series:
     """Per-bucket values of the top ``q.top`` groups (by the range's total) plus "other";
     without a group, one line "total". Buckets start at multiples of the resolution. The
-    ranking and the folding into "other" happen in the store: at most ``top + 1`` lines of
-    buckets come back, whatever the number of groups."""
+    ranking happens in the store: at most ``top + 2`` rows of buckets come back (the top
+    lines, one more, the totals), whatever the number of groups."""
     start, end = _window(q, now)
     if q.start is None:
         raise QueryError("start: a series needs the start of its range")
@@ -545,30 +545,41 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
     value = _VALUE[q.by]
     buckets = list(range(first, end, step))
     index = {t: i for i, t in enumerate(buckets)}
+    # The buckets' totals, without the groups (no key to hash), as one row of arrays.
+    totals_sql = (f"SELECT 1 AS part, '' AS k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
+                  f"SELECT t, {value} AS v FROM ({_inner((), src, store, where, (f'{bucket} AS t',))}) GROUP BY t)")
     if dim is None:
-        rows = store.rows(f"SELECT 1 AS kept, '' AS key, t, {value} AS v FROM ({inner}) GROUP BY t", params.values)
+        rows = store.rows(totals_sql, params.values)
     else:
-        rank = {"sum(b)": "v DESC, k", "sum(p)": "v DESC, k", "sum(r)": "v DESC, k"}[value]
-        ranked = (f"SELECT k FROM (SELECT CAST({dim.sql} AS String) AS k, {value} AS v FROM "
-                  f"({_inner(dim.columns, src, store, where)}) GROUP BY k ORDER BY {rank} LIMIT {q.top:d})")
+        # One pass over the groups: each key's buckets gathered, the keys ranked, the top
+        # N + 1 kept (one more says that there are more); "other" is the totals less the
+        # top lines. At most top + 2 rows come back, whatever the number of groups.
         rows = store.rows(
-            f"SELECT kept, if(kept, k, '') AS key, t, sum(v) AS v FROM ("
-            f"SELECT k IN ({ranked}) AS kept, k, t, v FROM ("
-            f"SELECT CAST({dim.sql} AS String) AS k, t, {value} AS v FROM ({inner}) GROUP BY k, t)"
-            f") GROUP BY kept, key, t", params.values)
-    totals: dict[str, int] = {}
-    for kept, k, _, v in rows:
-        if int(kept):
-            totals[str(k)] = totals.get(str(k), 0) + int(v)
-    ranked_keys = sorted(totals, key=lambda k: (-totals[k], k))
-    lines: dict[str, list[float]] = {k: [0.0] * len(buckets) for k in ranked_keys}
-    if any(not int(r[0]) for r in rows):
-        lines[OTHER] = [0.0] * len(buckets)
-    for kept, k, t, v in rows:
-        key = str(k) if int(kept) else OTHER
-        i = index.get(int(t))
-        if i is not None:
-            lines[key][i] += int(v)
+            f"SELECT part, k, ts, vs FROM (SELECT 0 AS part, k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
+            f"SELECT CAST({dim.sql} AS String) AS k, t, {value} AS v FROM ({inner}) GROUP BY k, t"
+            f") GROUP BY k ORDER BY sum(v) DESC, k LIMIT {q.top + 1:d}) UNION ALL {totals_sql}", params.values)
+
+    def spread(ts: Sequence[Any], vs: Sequence[Any]) -> list[float]:
+        vals = [0.0] * len(buckets)
+        for t, v in zip(ts, vs):
+            i = index.get(int(t))
+            if i is not None:
+                vals[i] += int(v)
+        return vals
+
+    total_row = next((r for r in rows if int(r[0]) == 1), None)
+    total = spread(total_row[2], total_row[3]) if total_row is not None else [0.0] * len(buckets)
+    lines: dict[str, list[float]] = {}
+    if dim is None:
+        if total_row is not None and len(total_row[2]):
+            lines[""] = total
+    else:
+        ranked = sorted(((str(r[1]), spread(r[2], r[3])) for r in rows if int(r[0]) == 0),
+                        key=lambda kv: (-sum(kv[1]), kv[0]))
+        lines = dict(ranked[: q.top])
+        if len(ranked) > q.top:
+            kept = list(lines.values())
+            lines[OTHER] = [tv - sum(line[i] for line in kept) for i, tv in enumerate(total)]
     if q.by == "throughput":
         for vals in lines.values():
             for i, v in enumerate(vals):
