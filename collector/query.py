@@ -276,7 +276,10 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
             wanted: str = "auto", kind: str = "sums") -> _Source:
     """The coarsest table that answers exactly (or the one asked for, if it can): of the
     roll-up families of ``kind`` whose keys hold every column, the first in
-    :data:`~flowscope.collector.schema.FAMILIES` order."""
+    :data:`~flowscope.collector.schema.FAMILIES` order. A range off the finest roll-up's
+    boundaries (``--since 24h``: now less a day, to the second) is answered piecewise too:
+    the seconds before its first and after its last whole minute from the raw table, the
+    whole minutes and hours between from the roll-ups."""
     raw = _Source(store.table, 0, "count()")
     if wanted == "raw":
         return raw
@@ -296,6 +299,18 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
             split = _split(store, families[0], start, end, step)
             if split.segments:
                 return split
+    fine = ROLLUPS[0].seconds
+    m0, m1 = -(-start // fine) * fine, end // fine * fine
+    if families and (start % fine or end % fine) and m0 < m1 and step % fine == 0:
+        middle = _source(store, columns, m0, m1, step, wanted, kind)
+        if middle.seconds:
+            segs = [(store.table, start, m0)] if start < m0 else []
+            segs += list(middle.segments) or [(middle.name, m0, m1)]
+            if m1 < end:
+                segs.append((store.table, m1, end))
+            order = {store.table: 0} | {f.table(store.table, r): r.seconds for f in FAMILIES for r in ROLLUPS}
+            name = "+".join(sorted({t for t, _, _ in segs}, key=lambda t: (order.get(t, 0), t)))
+            return _Source(name, fine, "sum(records)", tuple(segs))
     return raw
 
 
@@ -351,20 +366,41 @@ def _table(store: Backend, src: _Source) -> str:
     return f"{quote(store.database)}.{quote(src.name)}"
 
 
-def _aggregate(store: Backend, src: _Source, where: str, keys: Sequence[str], aggregates: Sequence[str]) -> str:
+#: In the expressions given to :func:`_aggregate`: the records count and the time column of
+#: whichever table a part reads (a roll-up's ``sum(records)`` and ``timeBucket``, the raw
+#: table's ``count()`` and ``toUInt32(flowEndSeconds)``).
+_RECORDS: Final = "__RECORDS__"
+_TIME: Final = "__TIME__"
+
+
+def _aggregate(store: Backend, src: _Source, where: str, keys: Sequence[str], aggregates: Sequence[str],
+               raw_aggregates: Sequence[str] | None = None) -> str:
     """``SELECT keys, aggregates FROM source WHERE where GROUP BY keys``. A piecewise source
     aggregates each segment on its own (each GROUP BY runs over its table's own columns,
     LowCardinality ones grouped fast, rather than over a UNION of their rows) and returns
     the UNION ALL of the parts: the caller aggregates again (sums, ``uniqMerge`` of states).
-    ``keys`` are column names or ``expression AS name``."""
+    ``keys`` are column names or ``expression AS name``; :data:`_RECORDS` and :data:`_TIME`
+    in them stand for the part's own; ``raw_aggregates``, when given, replace the
+    aggregates in the parts that read the raw table (states computed from rows rather
+    than merged)."""
     names = [k.rsplit(" AS ", 1)[-1] for k in keys]
-    select = ", ".join(list(keys) + list(aggregates))
     group = f" GROUP BY {', '.join(names)}" if names else ""
+
+    def part(table: str, seconds: int, cond: str) -> str:
+        aggs = raw_aggregates if (seconds == 0 and raw_aggregates is not None) else aggregates
+        select = ", ".join(list(keys) + list(aggs))
+        select = select.replace(_RECORDS, "sum(records)" if seconds else "count()")
+        select = select.replace(_TIME, "timeBucket" if seconds else "toUInt32(flowEndSeconds)")
+        return f"SELECT {select} FROM {quote(store.database)}.{quote(table)} WHERE {cond}{group}"
+
     if not src.segments:
-        return f"SELECT {select} FROM {_table(store, src)} WHERE {where}{group}"
-    return " UNION ALL ".join(
-        f"SELECT {select} FROM {quote(store.database)}.{quote(t)} WHERE timeBucket >= {a:d} AND timeBucket < {b:d} "
-        f"AND ({where}){group}" for t, a, b in src.segments)
+        return part(src.name, src.seconds, where)
+    parts = []
+    for t, a, b in src.segments:
+        col = "toUInt32(flowEndSeconds)" if t == store.table else "timeBucket"
+        parts.append(part(t, 0 if t == store.table else src.seconds,
+                          f"{col} >= {a:d} AND {col} < {b:d} AND ({where})"))
+    return " UNION ALL ".join(parts)
 
 
 # --------------------------------------------------------------------------- labels
@@ -468,7 +504,7 @@ def _inner(columns: Sequence[str], src: _Source, store: Backend, where: str, ext
     query builds the key text over the far fewer grouped rows (and sums the segments)."""
     cols = list(dict.fromkeys(columns))
     return _aggregate(store, src, where, cols + list(extra),
-                      [f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p", f"{src.records} AS r"])
+                      [f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p", f"{_RECORDS} AS r"])
 
 
 def _top_and_total(store: Backend, inner: str, total_inner: str, key_sql: str, rank: str, n: int,
@@ -539,8 +575,7 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
     first = start - start % step
     dim = DIMENSIONS[q.group] if q.group else None
     src, where, params, _, _ = _where(store, q, frozenset(dim.columns if dim else ()), now, step)
-    tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
-    bucket = f"intDiv({tcol}, {step:d}) * {step:d}"
+    bucket = f"intDiv({_TIME}, {step:d}) * {step:d}"
     inner = _inner(dim.columns if dim else (), src, store, where, (f"{bucket} AS t",))
     value = _VALUE[q.by]
     buckets = list(range(first, end, step))
@@ -640,7 +675,7 @@ def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.ti
     (exact to 65,536 distinct values: every namespace, Pod, Node and Service count of a
     cluster) of their names' hash."""
     src, where, params, start, end = _where(store, q, frozenset(), now)
-    sums = _aggregate(store, src, where, (), [f"{src.records} AS n", f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p"])
+    sums = _aggregate(store, src, where, (), [f"{_RECORDS} AS n", f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p"])
     r = store.rows(f"SELECT sum(n), sum(b), sum(p) FROM ({sums})", params.values)
     n, b, p = (int(x or 0) for x in (r[0] if r else (0, 0, 0)))
     names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
@@ -675,11 +710,12 @@ def _states(store: Backend, q: FlowQuery, start: int, end: int, names: Sequence[
     src = _source(store, w.columns | columns, start, end, wanted="raw" if q.source == "raw" else "auto", kind=kind)
     filt = w.sql if w.sql != "1" else ""
     where = _time_where(src, start, end, params) + (f" AND ({filt})" if filt else "")
-    if src.seconds and kind == "connections":
-        aggs = [f"{st.merged(quote(st.name))} AS {quote(st.name)}" for st in states]
+    of_rows = [f"{st.of_rows()} AS {quote(st.name)}" for st in states]
+    if src.seconds and kind == "connections":  # a conn roll-up's states merged (the raw edges' from rows)
+        inner = _aggregate(store, src, where, (), [f"{st.merged(quote(st.name))} AS {quote(st.name)}"
+                                                   for st in states], of_rows)
     else:
-        aggs = [f"{st.of_rows()} AS {quote(st.name)}" for st in states]
-    inner = _aggregate(store, src, where, (), aggs)
+        inner = _aggregate(store, src, where, (), of_rows)
     merged = [f"{st.function}Merge({quote(st.name)})" for st in states]
     if "namespaces" in names:
         both = _STATES["srcNamespaces"]
@@ -741,8 +777,7 @@ def complete(store: Backend, field: str, prefix: str = "", *, limit: int = 50, q
         if w.sql != "1":
             where += f" AND ({w.sql})"
         where += f" AND {col} != '' AND startsWith({col}, {params.add(prefix, 'String')})"
-        weight = "sum(records)" if src.seconds else "count()"
-        parts.append(_aggregate(store, src, where, (f"{col} AS v",), (f"{weight} AS n",)))
+        parts.append(_aggregate(store, src, where, (f"{col} AS v",), (f"{_RECORDS} AS n",)))
         all_params.values.update(params.values)
     rows = store.rows(
         f"SELECT v, sum(n) AS total FROM ({' UNION ALL '.join(parts)}) GROUP BY v ORDER BY total DESC, v "
