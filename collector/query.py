@@ -34,12 +34,18 @@ are the records' deltas summed, both directions unless a function says otherwise
 
 Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
 then 1 min) whose resolution divides the range's start and end (and the series' bucket)
-and whose keys hold every column the filter and the group read; a range on minute
-boundaries spanning whole hours is answered piecewise (the hours from the 1-hour roll-up,
-the edges from the 1-minute one: ``flows_1m+flows_1h``); otherwise the raw table. Either
-way the answer is the same (the tests compare them on chDB and on 18.16);
-:attr:`TopResult.table` and :attr:`Series.table` say which answered. Distinct counts in
-:func:`overview` are ClickHouse's ``uniq`` (exact to 65,536 distinct values, about 1% past).
+and whose keys hold every column the filter and the group read, of the first roll-up
+family (:data:`flowscope.collector.schema.FAMILIES`: the main one, then the one with
+addresses) that does; a range on minute boundaries spanning whole hours is answered
+piecewise (the hours from the 1-hour roll-up, the edges from the 1-minute one:
+``flows_1m+flows_1h``), a range to the second too (its edge seconds from the raw table:
+``flows+flows_1m+flows_1h``); otherwise the raw table. Each part is aggregated apart and
+the parts summed. Either way the answer is the same (the tests compare them on chDB and
+on 18.16); :attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N,
+sankeys and series rank their groups in the store: the top groups and the total come
+back, not every group. :func:`overview`'s distinct counts are aggregate states (see
+:data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the ``conn`` roll-ups
+when the question has no filter.
 """
 
 from __future__ import annotations
@@ -258,7 +264,7 @@ _PACKETS: Final = "(packetDeltaCount + reversePacketDeltaCount)"
 class _Source:
     name: str  # the table name (no database); "a+b" for segments
     seconds: int  # 0 raw
-    records: str  # SQL of the records count
+    records: str  # SQL of the records count (of the whole source; a piecewise one's parts use _RECORDS)
     # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
     segments: tuple[tuple[str, int, int], ...] = ()
 
