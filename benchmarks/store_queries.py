@@ -12,9 +12,12 @@ generated with numpy and handed to the store's insert as arrow arrays, in blocks
 ``--block`` rows (the materialized views roll every block up as it lands).
 
 Each query runs ``--repeat`` times after one warm-up; the time is the query layer's
-(SQL built, run, rows turned into results). Windows: the last 24 h and the last 1 h
-aligned to the minute as the dashboards send them (answered by the roll-ups), and the
-last 15 min unaligned (answered by the raw table), to show both. Prints one JSON object.
+(SQL built, run, rows turned into results). Windows: the last 24 h on whole hours as the
+dashboards send it (the 1-hour roll-ups answer), the same on whole minutes (the edges
+from the 1-minute roll-ups), the last 1 h on whole minutes, and the last 15 min
+unaligned (the raw table), to show each. The peer, in the same run: a few 24 h questions
+asked of the raw table (``source=raw``), with a check that the answers are the same.
+Sizes: rows and bytes on disk of every table, and per stored flow. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from flowscope.collector import query
-from flowscope.collector.schema import COLUMNS
+from flowscope.collector.schema import COLUMNS, rollup_tables
 from flowscope.collector.store import open_store
 
 PODS, NAMESPACES, NODES, SERVICES, POLICIES = 5000, 50, 50, 200, 100
@@ -135,11 +138,13 @@ def generate(n: int, end: int, seed: int) -> dict[str, Any]:
 def queries(now: int) -> dict[str, query.FlowQuery]:
     """What the dashboards and --top ask, by name."""
     minute = now - now % 60
-    day = query.FlowQuery(start=minute - 86400, end=minute)
+    hour_end = (now // 3600 + 1) * 3600
+    day = query.FlowQuery(start=hour_end - 86400, end=hour_end)  # the dashboards' 24 h: whole hours
+    day_minutes = query.FlowQuery(start=minute - 86400, end=minute)  # whole minutes: edges from the 1-minute roll-ups
     hour = query.FlowQuery(start=minute - 3600, end=minute)
     recent = query.FlowQuery(start=now - 900, end=now)  # unaligned: the raw table
     out: dict[str, Any] = {}
-    for name, q in (("24h", day), ("1h", hour), ("15m-raw", recent)):
+    for name, q in (("24h", day), ("24h-minutes", day_minutes), ("1h", hour), ("15m-raw", recent)):
         out[f"overview {name}"] = ("overview", q, None)
         for g in ("srcPod", "dstPod", "srcNamespace", "dstNamespace", "service", "policy", "srcNode", "flowType"):
             out[f"top {g} {name}"] = ("top", q.with_(group=g, top=10), None)
@@ -150,6 +155,9 @@ def queries(now: int) -> dict[str, query.FlowQuery]:
         out[f"sankey ns->ns {name}"] = ("sankey", q.with_(group="srcNamespace", top=50), "dstNamespace")
         out[f"sankey pod->service {name}"] = ("sankey", q.with_(group="srcPod", top=50, filter="service != \"\""),
                                               "service")
+        out[f"sankey pod->external {name}"] = ("sankey", q.with_(group="srcPod", top=15, filter="type = to-external"),
+                                               "dstIP")
+        out[f"series srcPod throughput {name}"] = ("series", q.with_(group="srcPod", by="throughput", top=8), None)
         out[f"flows page ns-07 {name}"] = ("flows", q.with_(filter='namespace = "ns-07"', limit=100), None)
         out[f"flows page drops {name}"] = ("flows", q.with_(filter="action in (drop, reject)", limit=100), None)
     out["complete pod app1"] = ("complete", day, "pod")
@@ -159,7 +167,7 @@ def queries(now: int) -> dict[str, query.FlowQuery]:
 
 def run(store: Any, kind: str, q: query.FlowQuery, extra: Any) -> tuple[Any, str]:
     if kind == "overview":
-        return query.overview(store, q), "flows"
+        return query.overview(store, q), "-"
     if kind == "top":
         r = query.top(store, q)
         return r, r.table
@@ -199,24 +207,37 @@ def main() -> None:
         done += n
     load_s, load_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     store.execute(f"OPTIMIZE TABLE {store.qualified} FINAL")  # as the server's merges would, given time
-    for suffix in ("1m", "1h"):
-        store.execute(f"OPTIMIZE TABLE `{store.database}`.`{store.table}_{suffix}` FINAL")
-    counts = {t: store.count(t) for t in ("flows", "flows_1m", "flows_1h")}
+    for name in rollup_tables(store.table):
+        store.execute(f"OPTIMIZE TABLE `{store.database}`.`{name}` FINAL")
+    counts = {t: store.count(t) for t in ("flows",) + rollup_tables("flows")}
     sizes = dict((str(t), int(b)) for t, b in store.select(
         f"SELECT table, sum(bytes_on_disk) FROM system.parts WHERE database = '{store.database}' AND active "
         "GROUP BY table"))
     results: dict[str, Any] = {}
-    for name, (kind, q, extra) in queries(now).items():
-        run(store, kind, q, extra)  # warm-up
+    peers: dict[str, Any] = {}
+
+    def timed(kind: str, q: query.FlowQuery, extra: Any, repeat: int) -> tuple[dict[str, Any], Any]:
+        first, table = run(store, kind, q, extra)  # warm-up
         times = []
-        table = "-"
-        for _ in range(args.repeat):
+        for _ in range(repeat):
             t = time.perf_counter()
             _, table = run(store, kind, q, extra)
             times.append((time.perf_counter() - t) * 1000)
         times.sort()
-        results[name] = {"table": table, "p50_ms": round(statistics.median(times), 1),
-                         "p95_ms": round(times[max(int(len(times) * 0.95) - 1, 0)], 1)}
+        return {"table": table, "p50_ms": round(statistics.median(times), 1),
+                "p95_ms": round(times[max(int(len(times) * 0.95) - 1, 0)], 1)}, first
+
+    for name, (kind, q, extra) in queries(now).items():
+        results[name], answer = timed(kind, q, extra, args.repeat)
+        if name.endswith(" 24h") and (kind in ("overview", "sankey") or name.startswith(("top srcPod 24h",
+                                                                                          "series srcPod"))):
+            # the peer, in the same run: the same question to the raw table (what a store
+            # without roll-ups pays), and its answer, which must be the same
+            peers[name], raw_answer = timed(kind, q.with_(source="raw"), extra, max(3, args.repeat // 4))
+            same = (raw_answer == answer) if kind != "top" and kind != "series" else (
+                raw_answer.to_json() | {"table": ""} == answer.to_json() | {"table": ""})
+            peers[name]["same_answer"] = same
+            peers[name]["ratio_raw_to_rollup_p50"] = round(peers[name]["p50_ms"] / max(results[name]["p50_ms"], .1), 1)
     p95s = [r["p95_ms"] for r in results.values()]
     out = {
         "rows": args.rows, "pods": PODS, "namespaces": NAMESPACES, "nodes": NODES, "services": SERVICES,
@@ -227,7 +248,9 @@ def main() -> None:
         "table_rows": counts, "bytes_on_disk": sizes,
         "bytes_per_flow_raw": round(sizes.get("flows", 0) / max(counts["flows"], 1), 1),
         "bytes_per_flow_all_tables": round(sum(sizes.values()) / max(counts["flows"], 1), 1),
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "queries": results,
+        "peer_raw_table": peers,
         "max_p95_ms": max(p95s), "queries_over_300ms_p95": sorted(k for k, r in results.items() if r["p95_ms"] > 300),
     }
     store.close()

@@ -29,13 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from flowscope.collector.schema import COLUMNS
+from flowscope.collector.schema import COLUMNS, rollup_tables
 from flowscope.collector.ui.dashboards import PAGES
 from flowscope.collector.store import open_store
 
@@ -61,8 +62,8 @@ def fill(store: Any, flows: int, now: int) -> float:
         store.insert([cols[c.name] for c in COLUMNS])
         done += n
     store.execute(f"OPTIMIZE TABLE {store.qualified} FINAL")  # as the server's merges would, given time
-    for suffix in ("1m", "1h"):
-        store.execute(f"OPTIMIZE TABLE `{store.database}`.`{store.table}_{suffix}` FINAL")
+    for name in rollup_tables(store.table):
+        store.execute(f"OPTIMIZE TABLE `{store.database}`.`{name}` FINAL")
     return time.perf_counter() - t0
 
 
@@ -75,13 +76,13 @@ def _stats(samples: list[float]) -> dict[str, float]:
             "p95_ms": round(s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))] * 1000, 1)}
 
 
-def _serve(store: Any, port_box: list[int], ready: threading.Event, stop: threading.Event) -> None:
+def _serve(store: Any, port_box: list[int], ready: threading.Event, stop: threading.Event, now: int) -> None:
     from aiohttp import web
 
     from flowscope.collector.ui.app import build_app
 
     async def main() -> None:
-        runner = web.AppRunner(build_app(store), access_log=None)
+        runner = web.AppRunner(build_app(store, now=lambda: float(now)), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -138,11 +139,14 @@ def main() -> None:
     fill_s = None
     if store.count() != args.flows:
         store.execute(f"TRUNCATE TABLE {store.qualified}")
-        for suffix in ("1m", "1h"):
-            store.execute(f"TRUNCATE TABLE `{store.database}`.`{store.table}_{suffix}`")
+        for name in rollup_tables(store.table):
+            store.execute(f"TRUNCATE TABLE `{store.database}`.`{name}`")
         fill_s = fill(store, args.flows, now)
+    else:  # a reused store: its day of history ends when it was filled, and so do the pages' ranges
+        now = int(store.select(f"SELECT max(toUInt32(timeInserted)) FROM {store.qualified}")[0][0])
     result: dict[str, Any] = {"flows": store.count(), "fill_seconds": round(fill_s, 1) if fill_s else "reused",
-                              "disk_bytes_per_flow": round(store.disk_bytes() / max(store.count(), 1), 1)}
+                              "disk_bytes_per_flow": round(store.disk_bytes() / max(store.count(), 1), 1),
+                              "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
 
     from flowscope.collector.ui.dashboards import Dashboards
 
@@ -151,11 +155,11 @@ def main() -> None:
     peer: dict[str, dict[str, Any]] = {}
     port_box: list[int] = []
     ready, stop = threading.Event(), threading.Event()
-    server = threading.Thread(target=_serve, args=(store, port_box, ready, stop), daemon=True)
+    server = threading.Thread(target=_serve, args=(store, port_box, ready, stop, now), daemon=True)
     server.start()
     ready.wait(30)
     base = f"http://127.0.0.1:{port_box[0]}/"
-    raw = Dashboards(store, source="raw")
+    raw = Dashboards(store, source="raw", now=lambda: float(now))
     try:
         for since in ranges:
             for page in PAGES:

@@ -9,8 +9,14 @@ version). Theory of operation:
   columns, no roll-ups), else 0 (an empty database).
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
-* **0 -> 2**: the tables, the roll-ups and their views are created.
-* **1 -> 2, in place, rows kept**: a new table ``<table>__v2`` is created at version 2,
+* **0 -> 3**: the tables, the roll-ups and their views are created.
+* **2 -> 3, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
+  Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
+  :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
+  rows the store holds (so they know what the raw table knows: buckets the raw table's
+  retention removed are in the version-2 roll-ups only, which the query layer prefers
+  where they answer), then their views; nothing else changes.
+* **1 -> 3, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
   every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
   are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
   kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the
@@ -38,6 +44,7 @@ from typing import TYPE_CHECKING
 from .schema import (
     COLUMNS,
     DERIVED,
+    FAMILIES,
     ROLLUPS,
     SCHEMA_VERSION,
     Retention,
@@ -182,16 +189,20 @@ def _ensure(store: FlowStore) -> None:
     if wrong:
         raise SchemaError(f"table {db}.{table} has columns of other types ({'; '.join(wrong)}); "
                           "point the store at another table or database")
-    for r in ROLLUPS:
-        name = f"{table}_{r.suffix}"
-        fresh = name not in tables
-        store._execute(rollup_table_sql(db, table, r, f, store.retention))
-        if fresh or f"{name}_mv" not in tables:
-            # backfill before the view exists: nothing is inserted meanwhile (open runs before any insert)
-            if not fresh:
-                store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
-            store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r)}")
-        store._execute(rollup_view_sql(db, table, r, f))
+    for family in FAMILIES:
+        for r in ROLLUPS:
+            name = family.table(table, r)
+            fresh = name not in tables
+            store._execute(rollup_table_sql(db, table, r, f, store.retention, family))
+            if fresh or f"{name}_mv" not in tables:
+                # backfill from the raw rows there are, before the view exists: nothing is
+                # inserted meanwhile (open runs before any insert)
+                if not fresh:
+                    store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
+                store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r, None, family)}")
+                if not fresh or _count(store, table):
+                    log.info("flow store %s.%s: roll-up backfilled from the raw table", db, name)
+            store._execute(rollup_view_sql(db, table, r, f, family))
     if f.ttl and store.retention_given:
         _retention(store)
 
@@ -205,8 +216,9 @@ def _retention(store: FlowStore) -> None:
     assert store.features is not None
     db = store.database
     wanted = {store.table: ("timeInserted", store.retention.raw)}
-    for r in ROLLUPS:
-        wanted[f"{store.table}_{r.suffix}"] = ("inserted", store.retention.for_table(r.seconds))
+    for family in FAMILIES:
+        for r in ROLLUPS:
+            wanted[family.table(store.table, r)] = (family.ttl_column, store.retention.for_table(r.seconds))
     rows = store._select(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'")
     engines = {str(n): str(e) for n, e in rows}
     for name, (col, seconds) in wanted.items():

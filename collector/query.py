@@ -34,27 +34,35 @@ are the records' deltas summed, both directions unless a function says otherwise
 
 Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
 then 1 min) whose resolution divides the range's start and end (and the series' bucket)
-and whose keys hold every column the filter and the group read; a range on minute
-boundaries spanning whole hours is answered piecewise (the hours from the 1-hour roll-up,
-the edges from the 1-minute one: ``flows_1m+flows_1h``); otherwise the raw table. Either
-way the answer is the same (the tests compare them on chDB and on 18.16);
-:attr:`TopResult.table` and :attr:`Series.table` say which answered. Distinct counts in
-:func:`overview` are ClickHouse's ``uniq`` (exact to 65,536 distinct values, about 1% past).
+and whose keys hold every column the filter and the group read, of the first roll-up
+family (:data:`flowscope.collector.schema.FAMILIES`: the main one, then the one with
+addresses) that does; a range on minute boundaries spanning whole hours is answered
+piecewise (the hours from the 1-hour roll-up, the edges from the 1-minute one:
+``flows_1m+flows_1h``), a range to the second too (its edge seconds from the raw table:
+``flows+flows_1m+flows_1h``); otherwise the raw table. Each part is aggregated apart and
+the parts summed. Either way the answer is the same (the tests compare them on chDB and
+on 18.16); :attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N,
+sankeys and series rank their groups in the store: the top groups and the total come
+back, not every group. :func:`overview`'s distinct counts are aggregate states (see
+:data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the ``conn`` roll-ups
+when the question has no filter.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Final, Literal, Protocol
 
-from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
+from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 from .filter import Params, parse_filter
 from .schema import (
-    COLUMN_NAMES, DERIVED_NAMES, DIMENSIONS, ROLLUP_COUNTS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUPS, column_type, quote,
+    COLUMN_NAMES, CONNECTION_STATES, DERIVED_NAMES, DIMENSIONS, FAMILIES, ROLLUP_KEYS, ROLLUPS, Family, State,
+    column_type, quote,
 )
 
 __all__ = [
@@ -256,10 +264,9 @@ _PACKETS: Final = "(packetDeltaCount + reversePacketDeltaCount)"
 class _Source:
     name: str  # the table name (no database); "a+b" for segments
     seconds: int  # 0 raw
-    records: str  # SQL of the records count
+    records: str  # SQL of the records count (of the whole source; a piecewise one's parts use _RECORDS)
     # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
     segments: tuple[tuple[str, int, int], ...] = ()
-    columns: tuple[str, ...] = ()  # what the segments select (the query's columns, the sums and counts)
 
 
 def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
@@ -272,37 +279,54 @@ _SOURCES: Final = ("auto", "raw") + tuple(r.suffix for r in ROLLUPS)
 
 
 def _source(store: Backend, columns: frozenset[str], start: int, end: int, step: int = 0,
-            wanted: str = "auto") -> _Source:
-    """The coarsest table that answers exactly (or the one asked for, if it can)."""
+            wanted: str = "auto", kind: str = "sums") -> _Source:
+    """The coarsest table that answers exactly (or the one asked for, if it can): of the
+    roll-up families of ``kind`` whose keys hold every column, the first in
+    :data:`~flowscope.collector.schema.FAMILIES` order. A range off the finest roll-up's
+    boundaries (``--since 24h``: now less a day, to the second) is answered piecewise too:
+    the seconds before its first and after its last whole minute from the raw table, the
+    whole minutes and hours between from the roll-ups."""
     raw = _Source(store.table, 0, "count()")
     if wanted == "raw":
         return raw
+    families = [f for f in FAMILIES if f.kind == kind and columns <= frozenset(f.keys)]
     split_tried = False
     for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
         if wanted not in ("auto", r.suffix):
             continue
-        exact = columns <= frozenset(ROLLUP_KEYS) and start % r.seconds == 0 and end % r.seconds == 0 \
-            and step % r.seconds == 0
+        exact = bool(families) and start % r.seconds == 0 and end % r.seconds == 0 and step % r.seconds == 0
         if exact:
-            return _Source(f"{store.table}_{r.suffix}", r.seconds, "sum(records)")
+            return _Source(families[0].table(store.table, r), r.seconds, "sum(records)")
         if wanted != "auto":
             raise QueryError(f"source: the {r.suffix} roll-up cannot answer this exactly (it needs a range and "
                              f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
-        if not split_tried:  # the coarsest cannot: whole coarse buckets from it, the edges from finer
+        if not split_tried and families:  # the coarsest cannot: whole coarse buckets from it, the edges from finer
             split_tried = True
-            split = _split(store, columns, start, end, step)
+            split = _split(store, families[0], start, end, step)
             if split.segments:
                 return split
+    fine = ROLLUPS[0].seconds
+    m0, m1 = -(-start // fine) * fine, end // fine * fine
+    if families and (start % fine or end % fine) and m0 < m1 and step % fine == 0:
+        middle = _source(store, columns, m0, m1, step, wanted, kind)
+        if middle.seconds:
+            segs = [(store.table, start, m0)] if start < m0 else []
+            segs += list(middle.segments) or [(middle.name, m0, m1)]
+            if m1 < end:
+                segs.append((store.table, m1, end))
+            order = {store.table: 0} | {f.table(store.table, r): r.seconds for f in FAMILIES for r in ROLLUPS}
+            name = "+".join(sorted({t for t, _, _ in segs}, key=lambda t: (order.get(t, 0), t)))
+            return _Source(name, fine, "sum(records)", tuple(segs))
     return raw
 
 
-def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: int) -> _Source:
+def _split(store: Backend, family: Family, start: int, end: int, step: int) -> _Source:
     """A range on finer boundaries than the coarsest roll-up's, answered piecewise: the whole
     coarse buckets inside it from the coarse roll-up, the edges from the finer one (a day
     on minute boundaries reads 22-23 hours from the 1-hour roll-up, not 1,440 minutes)."""
     raw = _Source(store.table, 0, "count()")
     fine, coarse = ROLLUPS[0], ROLLUPS[-1]
-    if step % coarse.seconds or not columns <= frozenset(ROLLUP_KEYS) or len(ROLLUPS) < 2:
+    if step % coarse.seconds or len(ROLLUPS) < 2:
         return raw  # a series' buckets must be whole coarse buckets (partial ones at the edges)
     if start % fine.seconds or end % fine.seconds:
         return raw
@@ -310,13 +334,12 @@ def _split(store: Backend, columns: frozenset[str], start: int, end: int, step: 
     c1 = end // coarse.seconds * coarse.seconds
     if c1 <= c0:
         return raw
-    f, c = f"{store.table}_{fine.suffix}", f"{store.table}_{coarse.suffix}"
+    f, c = family.table(store.table, fine), family.table(store.table, coarse)
     segs = [(f, start, c0)] if start < c0 else []
     segs.append((c, c0, c1))
     if c1 < end:
         segs.append((f, c1, end))
-    cols = tuple(sorted(columns)) + ROLLUP_SUMS + ROLLUP_COUNTS
-    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs), cols)
+    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs))
 
 
 def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
@@ -343,12 +366,47 @@ def _where(store: Backend, q: FlowQuery, extra: frozenset[str], now: Callable[[]
 
 
 def _table(store: Backend, src: _Source) -> str:
+    """The one table a source reads (a piecewise source is read through :func:`_aggregate`)."""
     if src.segments:
-        cols = ", ".join(quote(c) for c in ("timeBucket",) + src.columns)
-        parts = [f"SELECT {cols} FROM {quote(store.database)}.{quote(t)} "
-                 f"WHERE timeBucket >= {a:d} AND timeBucket < {b:d}" for t, a, b in src.segments]
-        return "(" + " UNION ALL ".join(parts) + ")"
+        raise ValueError("a piecewise source has no one table; aggregate each segment (_aggregate)")
     return f"{quote(store.database)}.{quote(src.name)}"
+
+
+#: In the expressions given to :func:`_aggregate`: the records count and the time column of
+#: whichever table a part reads (a roll-up's ``sum(records)`` and ``timeBucket``, the raw
+#: table's ``count()`` and ``toUInt32(flowEndSeconds)``).
+_RECORDS: Final = "__RECORDS__"
+_TIME: Final = "__TIME__"
+
+
+def _aggregate(store: Backend, src: _Source, where: str, keys: Sequence[str], aggregates: Sequence[str],
+               raw_aggregates: Sequence[str] | None = None) -> str:
+    """``SELECT keys, aggregates FROM source WHERE where GROUP BY keys``. A piecewise source
+    aggregates each segment on its own (each GROUP BY runs over its table's own columns,
+    LowCardinality ones grouped fast, rather than over a UNION of their rows) and returns
+    the UNION ALL of the parts: the caller aggregates again (sums, ``uniqMerge`` of states).
+    ``keys`` are column names or ``expression AS name``; :data:`_RECORDS` and :data:`_TIME`
+    in them stand for the part's own; ``raw_aggregates``, when given, replace the
+    aggregates in the parts that read the raw table (states computed from rows rather
+    than merged)."""
+    names = [k.rsplit(" AS ", 1)[-1] for k in keys]
+    group = f" GROUP BY {', '.join(names)}" if names else ""
+
+    def part(table: str, seconds: int, cond: str) -> str:
+        aggs = raw_aggregates if (seconds == 0 and raw_aggregates is not None) else aggregates
+        select = ", ".join(list(keys) + list(aggs))
+        select = select.replace(_RECORDS, "sum(records)" if seconds else "count()")
+        select = select.replace(_TIME, "timeBucket" if seconds else "toUInt32(flowEndSeconds)")
+        return f"SELECT {select} FROM {quote(store.database)}.{quote(table)} WHERE {cond}{group}"
+
+    if not src.segments:
+        return part(src.name, src.seconds, where)
+    parts = []
+    for t, a, b in src.segments:
+        col = "toUInt32(flowEndSeconds)" if t == store.table else "timeBucket"
+        parts.append(part(t, 0 if t == store.table else src.seconds,
+                          f"{col} >= {a:d} AND {col} < {b:d} AND ({where})"))
+    return " UNION ALL ".join(parts)
 
 
 # --------------------------------------------------------------------------- labels
@@ -443,16 +501,30 @@ def _require_group(q: FlowQuery) -> str:
 
 
 _VALUE: Final = {"bytes": "sum(b)", "packets": "sum(p)", "records": "sum(r)", "throughput": "sum(b)"}
+# How groups rank (largest first, ties by bytes, then by key): the ORDER BY and Python's sort
+_RANK_SQL: Final = {"b": "b DESC, k", "p": "p DESC, b DESC, k", "r": "r DESC, b DESC, k"}
 
 
 def _inner(columns: Sequence[str], src: _Source, store: Backend, where: str, extra: Sequence[str] = ()) -> str:
     """The aggregation by the dimension's own columns (LowCardinality groups fast); the outer
-    query builds the key text over the far fewer grouped rows."""
+    query builds the key text over the far fewer grouped rows (and sums the segments)."""
     cols = list(dict.fromkeys(columns))
-    keys = ", ".join(cols + [e.rsplit(" AS ", 1)[1] for e in extra])
-    sel = ", ".join(cols + list(extra))
-    return (f"SELECT {sel + ', ' if sel else ''}sum({_BYTES}) AS b, sum({_PACKETS}) AS p, {src.records} AS r "
-            f"FROM {_table(store, src)} WHERE {where}" + (f" GROUP BY {keys}" if keys else ""))
+    return _aggregate(store, src, where, cols + list(extra),
+                      [f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p", f"{_RECORDS} AS r"])
+
+
+def _top_and_total(store: Backend, inner: str, total_inner: str, key_sql: str, rank: str, n: int,
+                   params: Mapping[str, Any]) -> tuple[list[tuple[Any, ...]], tuple[int, int, int], bool]:
+    """The ``n`` largest groups (key, b, p, r), ranked in the store, the total of every
+    group, and whether more groups than ``n`` exist: one round trip, ``n + 1`` rows back
+    (not every group)."""
+    rows = store.rows(
+        f"SELECT 0 AS part, k, b, p, r FROM (SELECT CAST({key_sql} AS String) AS k, sum(b) AS b, sum(p) AS p, "
+        f"sum(r) AS r FROM ({inner}) GROUP BY k ORDER BY {rank} LIMIT {n + 1:d}) "
+        f"UNION ALL SELECT 1 AS part, '' AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ({total_inner})", params)
+    groups = [r[1:] for r in rows if int(r[0]) == 0]
+    totals = next(((int(r[2] or 0), int(r[3] or 0), int(r[4] or 0)) for r in rows if int(r[0]) == 1), (0, 0, 0))
+    return groups, totals, len(groups) > n
 
 
 def top(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> TopResult:
@@ -460,21 +532,19 @@ def top(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -
     group = _require_group(q)
     dim = DIMENSIONS[group]
     src, where, params, start, end = _where(store, q, frozenset(dim.columns), now)
-    rows = store.rows(
-        f"SELECT {dim.sql} AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
-        f"{_inner(dim.columns, src, store, where)}) GROUP BY k", params.values)
-    m = {"b": 1, "p": 2, "r": 3}[_metric(q.by)]
-    rows.sort(key=lambda r: (-int(r[m]), -int(r[1]), str(r[0])))
+    m = _metric(q.by)
+    groups, (tb, tp, tr), more = _top_and_total(
+        store, _inner(dim.columns, src, store, where), _inner((), src, store, where), dim.sql, _RANK_SQL[m], q.top,
+        params.values)
+    i = {"b": 1, "p": 2, "r": 3}[m]
+    groups.sort(key=lambda r: (-int(r[i]), -int(r[1]), str(r[0])))
     seconds = end - start
-    entries = [_entry(group, str(r[0]), r[1], r[2], r[3], seconds) for r in rows[: q.top]]
-    rest = rows[q.top:]
+    entries = [_entry(group, str(r[0]), r[1], r[2], r[3], seconds) for r in groups[: q.top]]
     other = None
-    if rest:
-        other = _entry(group, OTHER, sum(int(r[1]) for r in rest), sum(int(r[2]) for r in rest),
-                       sum(int(r[3]) for r in rest), seconds)
-    total = _entry(None, "", sum(int(r[1]) for r in rows), sum(int(r[2]) for r in rows),
-                   sum(int(r[3]) for r in rows), seconds)
-    total = replace(total, label="total")
+    if more:
+        other = _entry(group, OTHER, tb - sum(e.bytes for e in entries), tp - sum(e.packets for e in entries),
+                       tr - sum(e.records for e in entries), seconds)
+    total = replace(_entry(None, "", tb, tp, tr, seconds), label="total")
     return TopResult(group, q.by, entries, other, total, src.name, start, end)
 
 
@@ -484,12 +554,15 @@ def _resolution(q: FlowQuery, start: int, end: int) -> int:
     if q.resolution is not None:
         step = q.resolution
     else:
-        # About 120 buckets; from 12 hours on, whole hours (the 1-hour roll-up answers).
+        # About 120 buckets; from an hour on, whole minutes, from 12 hours on, whole hours
+        # (so the roll-ups answer).
         raw = max((end - start) / 120, 1)
         nice = [1, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400]
         step = next((n for n in nice if n >= raw), 86400 * math.ceil(raw / 86400))
         if end - start >= 12 * 3600:
             step = max(step, 3600)
+        elif end - start >= 3600:
+            step = max(step, 60)
     if (end - start) / step > MAX_BUCKETS:
         raise QueryError(f"resolution: {step}s makes more than {MAX_BUCKETS} buckets over {end - start}s; "
                          "choose a coarser one")
@@ -498,7 +571,9 @@ def _resolution(q: FlowQuery, start: int, end: int) -> int:
 
 def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Series:
     """Per-bucket values of the top ``q.top`` groups (by the range's total) plus "other";
-    without a group, one line "total". Buckets start at multiples of the resolution."""
+    without a group, one line "total". Buckets start at multiples of the resolution. The
+    ranking happens in the store: at most ``top + 2`` rows of buckets come back (the top
+    lines, one more, the totals), whatever the number of groups."""
     start, end = _window(q, now)
     if q.start is None:
         raise QueryError("start: a series needs the start of its range")
@@ -506,27 +581,46 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
     first = start - start % step
     dim = DIMENSIONS[q.group] if q.group else None
     src, where, params, _, _ = _where(store, q, frozenset(dim.columns if dim else ()), now, step)
-    tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
-    key_sql = dim.sql if dim else "''"
-    bucket = f"intDiv({tcol}, {step:d}) * {step:d}"
+    bucket = f"intDiv({_TIME}, {step:d}) * {step:d}"
     inner = _inner(dim.columns if dim else (), src, store, where, (f"{bucket} AS t",))
-    rows = store.rows(
-        f"SELECT {key_sql} AS k, t, {_VALUE[q.by]} AS v FROM ({inner}) GROUP BY k, t", params.values)
+    value = _VALUE[q.by]
     buckets = list(range(first, end, step))
     index = {t: i for i, t in enumerate(buckets)}
-    totals: dict[str, int] = {}
-    for k, _, v in rows:
-        totals[str(k)] = totals.get(str(k), 0) + int(v)
-    ranked = sorted(totals, key=lambda k: (-totals[k], k))
-    keep = set(ranked[: q.top])
-    lines: dict[str, list[float]] = {k: [0.0] * len(buckets) for k in ranked[: q.top]}
-    if len(ranked) > q.top:
-        lines[OTHER] = [0.0] * len(buckets)
-    for k, t, v in rows:
-        key = str(k) if str(k) in keep else OTHER
-        i = index.get(int(t))
-        if i is not None:
-            lines[key][i] += int(v)
+    # The buckets' totals, without the groups (no key to hash), as one row of arrays.
+    totals_sql = (f"SELECT 1 AS part, '' AS k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
+                  f"SELECT t, {value} AS v FROM ({_inner((), src, store, where, (f'{bucket} AS t',))}) GROUP BY t)")
+    if dim is None:
+        rows = store.rows(totals_sql, params.values)
+    else:
+        # One pass over the groups: each key's buckets gathered, the keys ranked, the top
+        # N + 1 kept (one more says that there are more); "other" is the totals less the
+        # top lines. At most top + 2 rows come back, whatever the number of groups.
+        rows = store.rows(
+            f"SELECT part, k, ts, vs FROM (SELECT 0 AS part, k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
+            f"SELECT CAST({dim.sql} AS String) AS k, t, {value} AS v FROM ({inner}) GROUP BY k, t"
+            f") GROUP BY k ORDER BY sum(v) DESC, k LIMIT {q.top + 1:d}) UNION ALL {totals_sql}", params.values)
+
+    def spread(ts: Sequence[Any], vs: Sequence[Any]) -> list[float]:
+        vals = [0.0] * len(buckets)
+        for t, v in zip(ts, vs):
+            i = index.get(int(t))
+            if i is not None:
+                vals[i] += int(v)
+        return vals
+
+    total_row = next((r for r in rows if int(r[0]) == 1), None)
+    total = spread(total_row[2], total_row[3]) if total_row is not None else [0.0] * len(buckets)
+    lines: dict[str, list[float]] = {}
+    if dim is None:
+        if total_row is not None and len(total_row[2]):
+            lines[""] = total
+    else:
+        ranked = sorted(((str(r[1]), spread(r[2], r[3])) for r in rows if int(r[0]) == 0),
+                        key=lambda kv: (-sum(kv[1]), kv[0]))
+        lines = dict(ranked[: q.top])
+        if len(ranked) > q.top:
+            kept = list(lines.values())
+            lines[OTHER] = [tv - sum(line[i] for line in kept) for i, tv in enumerate(total)]
     if q.by == "throughput":
         for vals in lines.values():
             for i, v in enumerate(vals):
@@ -540,79 +634,112 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
 
 def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float] = time.time) -> list[SankeyLink]:
     """Links from ``q.group`` (source side) to ``target`` groups with their traffic, the
-    ``q.top`` largest by ``q.by`` (the rest summed into an "other" -> "other" link)."""
+    ``q.top`` largest by ``q.by`` (the rest summed into an "other" -> "other" link), ranked
+    in the store: ``top + 1`` links come back, not every pair."""
     group = _require_group(q)
     if target not in DIMENSIONS:
         raise QueryError(f"target: {target!r} is not one of {', '.join(DIMENSIONS)}")
     a, b = DIMENSIONS[group], DIMENSIONS[target]
     src, where, params, _, _ = _where(store, q, frozenset(a.columns + b.columns), now)
     cols = tuple(dict.fromkeys(a.columns + b.columns))
+    m = _metric(q.by)
+    rank = {"b": "b DESC, s, d", "p": "p DESC, s, d", "r": "r DESC, s, d"}[m]
     rows = store.rows(
-        f"SELECT {a.sql} AS s, {b.sql} AS d, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ("
-        f"{_inner(cols, src, store, where)}) GROUP BY s, d", params.values)
-    m = {"b": 2, "p": 3, "r": 4}[_metric(q.by)]
-    rows.sort(key=lambda r: (-int(r[m]), str(r[0]), str(r[1])))
+        f"SELECT 0 AS part, s, d, b, p, r FROM (SELECT CAST({a.sql} AS String) AS s, CAST({b.sql} AS String) AS d, "
+        f"sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ({_inner(cols, src, store, where)}) GROUP BY s, d "
+        f"ORDER BY {rank} LIMIT {q.top + 1:d}) UNION ALL SELECT 1 AS part, '' AS s, '' AS d, sum(b) AS b, "
+        f"sum(p) AS p, sum(r) AS r FROM ({_inner((), src, store, where)})", params.values)
+    links = [r[1:] for r in rows if int(r[0]) == 0]
+    totals = next((tuple(int(x or 0) for x in r[3:]) for r in rows if int(r[0]) == 1), (0, 0, 0))
+    i = {"b": 2, "p": 3, "r": 4}[m]
+    links.sort(key=lambda r: (-int(r[i]), str(r[0]), str(r[1])))
     out = [SankeyLink(str(r[0]), str(r[1]), label(group, str(r[0])), label(target, str(r[1])),
-                      int(r[2]), int(r[3]), int(r[4])) for r in rows[: q.top]]
-    rest = rows[q.top:]
-    if rest:
-        out.append(SankeyLink(OTHER, OTHER, "(other)", "(other)", sum(int(r[2]) for r in rest),
-                              sum(int(r[3]) for r in rest), sum(int(r[4]) for r in rest)))
+                      int(r[2]), int(r[3]), int(r[4])) for r in links[: q.top]]
+    if len(links) > q.top:
+        out.append(SankeyLink(OTHER, OTHER, "(other)", "(other)", totals[0] - sum(x.bytes for x in out),
+                              totals[1] - sum(x.packets for x in out), totals[2] - sum(x.records for x in out)))
     return out
 
 
 # --------------------------------------------------------------------------- overview
 
-_OVERVIEW_COLUMNS: Final = frozenset((
-    "sourcePodNamespace", "sourcePodName", "destinationPodNamespace", "destinationPodName", "sourceNodeName",
-    "destinationNodeName", "destinationServicePortName"))
+_STATES: Final = {st.name: st for st in CONNECTION_STATES}
 
 
 def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Overview:
-    """Totals of the range. Records, octets, packets and the distinct namespaces, Pods, Nodes
-    and Services come from the coarsest table that answers exactly; connections (distinct
-    5-tuples, counted over the raw table's ``connectionHash``) and how many of them ended
-    or were denied, from the raw table.
+    """Totals of the range. Records, octets and packets come from the coarsest roll-up that
+    answers exactly. Connections (distinct 5-tuples: ``connectionHash``), how many of them
+    ended or were denied, and the distinct namespaces, Pods, Nodes and Services are the
+    states of :data:`~flowscope.collector.schema.CONNECTION_STATES`: from the ``conn``
+    roll-ups' states, merged, when the question has no filter; else computed from the
+    rows (the main roll-up's for Pods, Nodes, Services and namespaces when it holds the
+    filter's columns, the raw table's for connections). Either way the same answer:
+    merged states equal the state of all the rows.
 
-    Distinct counts use ClickHouse's ``uniq``: exact up to 65,536 distinct values (every
-    namespace, Pod, Node and Service count of a cluster), past that an adaptive sample whose
-    error stays around 1% (connections of a busy day: 10M rows are counted in about a
-    tenth of the time ``uniqExact`` takes)."""
-    src, where, params, start, end = _where(store, q, _OVERVIEW_COLUMNS, now)
-    tbl = _table(store, src)
-    rows = store.rows(
-        f"SELECT {src.records}, sum({_BYTES}), sum({_PACKETS}), "
-        "uniqIf((sourcePodNamespace, sourcePodName), sourcePodName != ''), "
-        "uniqIf((destinationPodNamespace, destinationPodName), destinationPodName != ''), "
-        "uniqIf(sourceNodeName, sourceNodeName != ''), "
-        "uniqIf(destinationNodeName, destinationNodeName != ''), "
-        "uniqIf(destinationServicePortName, destinationServicePortName != '') "
-        f"FROM {tbl} WHERE {where}", params.values)
-    r = rows[0] if rows else (0,) * 8
-    n, b, p = (int(x or 0) for x in r[:3])
-    names = store.rows(
-        f"SELECT uniq(x) FROM (SELECT sourcePodNamespace AS x FROM {tbl} WHERE {where} "
-        f"AND sourcePodNamespace != '' UNION ALL SELECT destinationPodNamespace AS x FROM {tbl} WHERE {where} "
-        "AND destinationPodNamespace != '')", params.values)
-    namespaces = int(names[0][0]) if names else 0
-    raw_params = Params()
-    w = parse_filter(q.filter, raw_params)
-    raw = _Source(store.table, 0, "count()")
-    raw_where = _time_where(raw, start, end, raw_params) + (f" AND ({w.sql})" if w.sql != "1" else "")
-    ended = ", ".join(str(x) for x in sorted(ENDED_REASONS))
-    deny = ", ".join(str(a) for a in sorted(DENY_ACTIONS))
-    conns = store.rows(
-        "SELECT uniq(connectionHash), "
-        f"uniqIf(connectionHash, flowEndReason IN ({ended}) OR final = 1), "
-        f"uniqIf(connectionHash, ingressNetworkPolicyRuleAction IN ({deny}) "
-        f"OR egressNetworkPolicyRuleAction IN ({deny})) "
-        f"FROM {_table(store, raw)} WHERE {raw_where}", raw_params.values)
-    c, ended_n, denied = (int(x or 0) for x in (conns[0] if conns else (0, 0, 0)))
+    Connections are counted by ``uniqCombined`` (exact for small sets, past some
+    thousands HyperLogLog within about 1%: a busy day's millions), the rest by ``uniq``
+    (exact to 65,536 distinct values: every namespace, Pod, Node and Service count of a
+    cluster) of their names' hash."""
+    src, where, params, start, end = _where(store, q, frozenset(), now)
+    sums = _aggregate(store, src, where, (), [f"{_RECORDS} AS n", f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p"])
+    r = store.rows(f"SELECT sum(n), sum(b), sum(p) FROM ({sums})", params.values)
+    n, b, p = (int(x or 0) for x in (r[0] if r else (0, 0, 0)))
+    names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
+    conns = _states(store, q, start, end, ("connections", "ended", "denied"), "connections", now)
+    if conns[1] == "":  # no filter: the conn roll-ups hold the names' states too
+        found = _states(store, q, start, end, names + ("namespaces",), "connections", now)[0]
+    else:
+        found = _states(store, q, start, end, names + ("namespaces",), "sums", now)[0]
+    c, ended_n, denied = (conns[0][k] for k in ("connections", "ended", "denied"))
     seconds = max(end - start, 1)
-    pods = int(r[3] or 0) + int(r[4] or 0)
-    nodes = max(int(r[5] or 0), int(r[6] or 0))
     return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
-                    max(c - ended_n, 0), ended_n, denied, namespaces, pods, nodes, int(r[7] or 0))
+                    max(c - ended_n, 0), ended_n, denied, found["namespaces"], found["srcPods"] + found["dstPods"],
+                    max(found["srcNodes"], found["dstNodes"]), found["services"])
+
+
+def _states(store: Backend, q: FlowQuery, start: int, end: int, names: Sequence[str], kind: str,
+            now: Callable[[], float]) -> tuple[dict[str, int], str]:
+    """The distinct counts ``names`` (:data:`_STATES`, and ``namespaces``: both ends' states
+    merged) of the range and filter, from a ``conn`` roll-up (``kind="connections"``: only
+    an unfiltered question), else from the rows of the table that answers (``kind="sums"``:
+    the main roll-up when it holds every column the states and the filter read). Returns
+    the counts and the filter's SQL ("" when there is none)."""
+    params = Params()
+    w = parse_filter(q.filter, params)
+    wanted = [n for n in names if n != "namespaces"]
+    if "namespaces" in names:
+        wanted += [n for n in ("srcNamespaces", "dstNamespaces") if n not in wanted]
+    states = [_STATES[n] for n in wanted]
+    columns: frozenset[str] = frozenset()
+    if kind == "sums":
+        columns = frozenset().union(*(_state_columns(st) for st in states))
+    src = _source(store, w.columns | columns, start, end, wanted="raw" if q.source == "raw" else "auto", kind=kind)
+    filt = w.sql if w.sql != "1" else ""
+    where = _time_where(src, start, end, params) + (f" AND ({filt})" if filt else "")
+    of_rows = [f"{st.of_rows()} AS {quote(st.name)}" for st in states]
+    if src.seconds and kind == "connections":  # a conn roll-up's states merged (the raw edges' from rows)
+        inner = _aggregate(store, src, where, (), [f"{st.merged(quote(st.name))} AS {quote(st.name)}"
+                                                   for st in states], of_rows)
+    else:
+        inner = _aggregate(store, src, where, (), of_rows)
+    merged = [f"{st.function}Merge({quote(st.name)})" for st in states]
+    if "namespaces" in names:
+        both = _STATES["srcNamespaces"]
+        merged.append(f"{both.function}Merge(arrayJoin([{quote('srcNamespaces')}, {quote('dstNamespaces')}]))")
+    rows = store.rows(f"SELECT {', '.join(merged)} FROM ({inner})", params.values)
+    values = [int(x or 0) for x in rows[0]] if rows else [0] * len(merged)
+    out = dict(zip(wanted, values))
+    if "namespaces" in names:
+        out["namespaces"] = values[-1]
+    return out, filt
+
+
+def _state_columns(st: State) -> frozenset[str]:
+    """The columns a state's expressions read."""
+    return frozenset(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", f"{st.value} {st.condition}")) & _COLUMNS_ALL
+
+
+_COLUMNS_ALL: Final = frozenset(COLUMN_NAMES) | frozenset(DERIVED_NAMES)
 
 
 # --------------------------------------------------------------------------- completion
@@ -656,8 +783,7 @@ def complete(store: Backend, field: str, prefix: str = "", *, limit: int = 50, q
         if w.sql != "1":
             where += f" AND ({w.sql})"
         where += f" AND {col} != '' AND startsWith({col}, {params.add(prefix, 'String')})"
-        weight = "sum(records)" if src.seconds else "count()"
-        parts.append(f"SELECT {col} AS v, {weight} AS n FROM {_table(store, src)} WHERE {where} GROUP BY v")
+        parts.append(_aggregate(store, src, where, (f"{col} AS v",), (f"{_RECORDS} AS n",)))
         all_params.values.update(params.values)
     rows = store.rows(
         f"SELECT v, sum(n) AS total FROM ({' UNION ALL '.join(parts)}) GROUP BY v ORDER BY total DESC, v "

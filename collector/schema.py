@@ -58,11 +58,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from flowscope.ipfix import DataType, default_registry
-from flowscope.ipfix.antrea import ENDED_REASONS, aggregator_fields
+from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, aggregator_fields
 
 __all__ = [
     "COLUMNS",
     "COLUMN_NAMES",
+    "CONNECTION_STATES",
+    "FAMILIES",
+    "MAIN",
     "DERIVED",
     "DIMENSIONS",
     "ROLLUPS",
@@ -73,20 +76,23 @@ __all__ = [
     "SCHEMA_VERSION",
     "Column",
     "Dimension",
+    "Family",
     "Features",
     "Retention",
     "Rollup",
+    "State",
     "check_identifier",
     "features_for_version",
     "quote",
     "raw_table_sql",
     "rollup_table_sql",
+    "rollup_tables",
     "rollup_view_sql",
     "rollup_select_sql",
 ]
 
 #: The schema version this code writes (see :mod:`flowscope.collector.migrations`).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -295,6 +301,110 @@ ROLLUP_SUMS: Final[tuple[str, ...]] = (
 ROLLUP_COUNTS: Final[tuple[str, ...]] = ("records", "ended")
 
 
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Roll-up tables keeping one set of keys, one table per resolution of :data:`ROLLUPS`.
+
+    ``sums`` families are SummingMergeTree tables of the delta counters and counts;
+    the ``connections`` family is an AggregatingMergeTree of distinct-count states
+    (:data:`CONNECTION_STATES`), merged at query time (``uniqMerge``,
+    ``uniqCombinedMerge``): both functions' states hold the same content whichever order
+    the values arrive in, so the merged states of the buckets answer exactly what the
+    function over the raw rows does (the tests compare them on both servers)."""
+
+    name: str  # "" for the main family (tables <table>_1m, <table>_1h), else <table>_<name>_1m ...
+    keys: tuple[str, ...]
+    kind: str = "sums"  # "sums" or "connections"
+    doc: str = ""
+
+    def table(self, table: str, rollup: Rollup) -> str:
+        return f"{table}_{self.name + '_' if self.name else ''}{rollup.suffix}"
+
+    @property
+    def ttl_column(self) -> str:
+        """What retention counts from: the latest insert into a row of sums (``inserted``);
+        for connection states the bucket's time (an AggregatingMergeTree row has no column
+        both servers would merge to the latest insert: 18.16 lacks SimpleAggregateFunction)."""
+        return "inserted" if self.kind == "sums" else "toDateTime(timeBucket)"
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A distinct count a ``connections`` family keeps per bucket, as an aggregate state:
+    ``function`` (``uniq``, ``uniqCombined``) of ``value`` (a UInt64 hash) over the rows
+    where ``condition`` holds. The query layer computes the same expression from rows
+    where no roll-up answers, so either way the answer is the same."""
+
+    name: str
+    function: str
+    value: str
+    condition: str = ""
+
+    def of_rows(self) -> str:
+        """The state computed from raw (or summed roll-up) rows."""
+        if self.condition:
+            return f"{self.function}StateIf({self.value}, {self.condition})"
+        return f"{self.function}State({self.value})"
+
+    def merged(self, column: str) -> str:
+        """The states of a column merged into one state (a roll-up re-bucketed, a segment)."""
+        return f"{self.function}MergeState({column})"
+
+    @property
+    def sql_type(self) -> str:
+        return f"AggregateFunction({self.function}, UInt64)"
+
+
+def _deny(column: str) -> str:
+    return f"{column} IN ({', '.join(str(a) for a in sorted(DENY_ACTIONS))})"
+
+
+def _named(column: str) -> str:
+    return f"{column} != ''"
+
+
+#: What a ``connections`` family keeps. Connections (the 5-tuple's ``connectionHash``),
+#: those that ended and those a rule denied, by ``uniqCombined``: exact for small sets,
+#: HyperLogLog past some thousands (within about 1%), and a state of at most ~100 kB,
+#: so a day's 24 hourly states merge in milliseconds; the cluster's distinct Pods, Nodes,
+#: Services and namespaces by ``uniq`` (exact to 65,536) of their names' hash.
+CONNECTION_STATES: Final[tuple[State, ...]] = (
+    State("connections", "uniqCombined", "connectionHash"),
+    State("ended", "uniqCombined", "connectionHash",
+          f"flowEndReason IN ({', '.join(str(r) for r in sorted(ENDED_REASONS))}) OR final = 1"),
+    State("denied", "uniqCombined", "connectionHash",
+          f"{_deny('ingressNetworkPolicyRuleAction')} OR {_deny('egressNetworkPolicyRuleAction')}"),
+    State("srcPods", "uniq", "cityHash64(sourcePodNamespace, sourcePodName)", _named("sourcePodName")),
+    State("dstPods", "uniq", "cityHash64(destinationPodNamespace, destinationPodName)", _named("destinationPodName")),
+    State("srcNodes", "uniq", "cityHash64(sourceNodeName)", _named("sourceNodeName")),
+    State("dstNodes", "uniq", "cityHash64(destinationNodeName)", _named("destinationNodeName")),
+    State("services", "uniq", "cityHash64(destinationServicePortName)", _named("destinationServicePortName")),
+    # namespaces: both ends' states merged together count the union
+    State("srcNamespaces", "uniq", "cityHash64(sourcePodNamespace)", _named("sourcePodNamespace")),
+    State("dstNamespaces", "uniq", "cityHash64(destinationPodNamespace)", _named("destinationPodNamespace")),
+)
+
+#: The roll-up families, in the order the query layer prefers them when several answer.
+FAMILIES: Final[tuple[Family, ...]] = (
+    Family("", ROLLUP_KEYS, doc="every dimension the dashboards group by, no addresses"),
+    # The Pod-to-Pod, Pod-to-Service and Pod-to-External pages, and the sankeys' address
+    # tooltips: the Pods with their addresses (an external end is only its address).
+    # flowType leads the order, so a page's flow type reads only its own granules.
+    Family("addr", ("flowType", "destinationServicePortName", "sourcePodNamespace", "sourcePodName",
+                    "destinationPodNamespace", "destinationPodName", "sourceIP", "destinationIP"),
+           doc="Pods and their IP addresses, Services, flow types"),
+    # The Overview's connections (active, ended, denied) and distinct Pods, Nodes,
+    # Services and namespaces over the whole cluster.
+    Family("conn", (), kind="connections", doc="distinct connections (ended, denied), Pods, Nodes, Services"),
+)
+MAIN: Final[Family] = FAMILIES[0]
+
+
+def rollup_tables(table: str) -> tuple[str, ...]:
+    """Every roll-up table's name."""
+    return tuple(f.table(table, r) for f in FAMILIES for r in ROLLUPS)
+
+
 def _key_type(name: str, features: Features) -> str:
     if name in _BY_NAME:
         return _BY_NAME[name].sql_type(features)
@@ -320,17 +430,24 @@ def raw_table_sql(database: str, table: str, features: Features, retention: Rete
             + _ttl("timeInserted", retention.raw, features))
 
 
-def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention) -> str:
-    """``CREATE TABLE IF NOT EXISTS`` for one roll-up's summing table."""
+def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention,
+                     family: Family = MAIN) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for one roll-up table."""
     cols = ["`timeBucket` UInt32"]
-    cols += [f"{quote(k)} {_key_type(k, features)}" for k in ROLLUP_KEYS]
-    cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS + ROLLUP_COUNTS] + ["`inserted` DateTime"]
+    cols += [f"{quote(k)} {_key_type(k, features)}" for k in family.keys]
+    if family.kind == "connections":
+        cols += [f"{quote(st.name)} {st.sql_type}" for st in CONNECTION_STATES]
+    else:
+        cols += [f"{quote(s)} UInt64" for s in ROLLUP_SUMS + ROLLUP_COUNTS] + ["`inserted` DateTime"]
     body = ",\n    ".join(cols)
-    keys = ", ".join(("timeBucket",) + ROLLUP_KEYS)
-    sums = ", ".join(ROLLUP_SUMS + ROLLUP_COUNTS)
-    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(f'{table}_{rollup.suffix}')} (\n    {body}\n) "
-            f"ENGINE = SummingMergeTree(({sums})) PARTITION BY {rollup.partition} ORDER BY ({keys})"
-            + _ttl("inserted", retention.for_table(rollup.seconds), features))
+    keys = ", ".join(("timeBucket",) + family.keys)
+    if family.kind == "connections":
+        engine = "AggregatingMergeTree()"
+    else:
+        engine = f"SummingMergeTree(({', '.join(ROLLUP_SUMS + ROLLUP_COUNTS)}))"
+    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(family.table(table, rollup))} (\n    {body}\n) "
+            f"ENGINE = {engine} PARTITION BY {rollup.partition} ORDER BY ({keys})"
+            + _ttl(family.ttl_column, retention.for_table(rollup.seconds), features))
 
 
 def rollup_source(rollup: Rollup, features: Features) -> Rollup | None:
@@ -342,31 +459,42 @@ def rollup_source(rollup: Rollup, features: Features) -> Rollup | None:
     return ROLLUPS[i - 1] if i > 0 and features.cascading_views else None
 
 
-def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Features | None = None) -> str:
+def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Features | None = None,
+                      family: Family = MAIN) -> str:
     """The SELECT that turns rows of the raw table (or, given ``features`` where views
     cascade, of the finer roll-up) into roll-up rows: the view's body, and the backfill
     (no ``features``: from the raw table)."""
-    keys = ", ".join(quote(k) for k in ROLLUP_KEYS)
+    keys = ", ".join(quote(k) for k in family.keys)
+    keyed = f"{keys}, " if keys else ""
+    group = f"timeBucket, {keys}" if keys else "timeBucket"
     finer = None if features is None else rollup_source(rollup, features)
     if finer is None:
-        sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS)
         bucket = f"intDiv(toUInt32(flowEndSeconds), {rollup.seconds}) * {rollup.seconds}"
-        ended = ", ".join(str(r) for r in sorted(ENDED_REASONS))
-        return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, toUInt64(count()) AS records, "
-                f"toUInt64(countIf(flowEndReason IN ({ended}) OR final = 1)) AS ended, max(timeInserted) AS inserted "
-                f"FROM {quote(database)}.{quote(table)} GROUP BY timeBucket, {keys}")
-    sums = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS + ROLLUP_COUNTS)
+        if family.kind == "connections":
+            aggs = ", ".join(f"{st.of_rows()} AS {quote(st.name)}" for st in CONNECTION_STATES)
+        else:
+            ended = ", ".join(str(r) for r in sorted(ENDED_REASONS))
+            aggs = (", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS) + ", toUInt64(count()) AS records, "
+                    f"toUInt64(countIf(flowEndReason IN ({ended}) OR final = 1)) AS ended")
+        inserted = ", max(timeInserted) AS inserted" if family.kind == "sums" else ""
+        return (f"SELECT toUInt32({bucket}) AS timeBucket, {keyed}{aggs}{inserted} "
+                f"FROM {quote(database)}.{quote(table)} GROUP BY {group}")
+    if family.kind == "connections":
+        aggs = ", ".join(f"{st.merged(quote(st.name))} AS {quote(st.name)}" for st in CONNECTION_STATES)
+    else:
+        aggs = ", ".join(f"sum({quote(s)}) AS {quote(s)}" for s in ROLLUP_SUMS + ROLLUP_COUNTS)
     bucket = f"intDiv(timeBucket, {rollup.seconds}) * {rollup.seconds}"
-    return (f"SELECT toUInt32({bucket}) AS timeBucket, {keys}, {sums}, max(inserted) AS inserted "
-            f"FROM {quote(database)}.{quote(f'{table}_{finer.suffix}')} GROUP BY timeBucket, {keys}")
+    inserted = ", max(inserted) AS inserted" if family.kind == "sums" else ""
+    return (f"SELECT toUInt32({bucket}) AS timeBucket, {keyed}{aggs}{inserted} "
+            f"FROM {quote(database)}.{quote(family.table(table, finer))} GROUP BY {group}")
 
 
-def rollup_view_sql(database: str, table: str, rollup: Rollup, features: Features) -> str:
+def rollup_view_sql(database: str, table: str, rollup: Rollup, features: Features, family: Family = MAIN) -> str:
     """The materialized view feeding one roll-up from every insert into the raw table (the
     finest roll-up) or into the next finer roll-up (the views cascade)."""
-    name = f"{table}_{rollup.suffix}"
+    name = family.table(table, rollup)
     return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS {quote(database)}.{quote(name + '_mv')} "
-            f"TO {quote(database)}.{quote(name)} AS {rollup_select_sql(database, table, rollup, features)}")
+            f"TO {quote(database)}.{quote(name)} AS {rollup_select_sql(database, table, rollup, features, family)}")
 
 
 # --------------------------------------------------------------------------- dimensions

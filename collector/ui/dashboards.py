@@ -237,16 +237,14 @@ def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, st
             raise PanelError("group", f"group: {d!r} is not one of {', '.join(DIMENSIONS)}")
     columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
     src, where, params, _, _ = query._where(store, q, columns, now, step)  # the query layer's table choice
-    tcol = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
+    tcol = query._TIME  # the time column of whichever table a part reads
     # Group by the dimensions' own columns first (LowCardinality groups fast), then make the
     # keys' text over the far fewer grouped rows.
     raw_cols = list(dict.fromkeys(c for d in dims for c in DIMENSIONS[d].columns))
     inner_keys = raw_cols + ([f"intDiv({tcol}, {int(step):d}) * {int(step):d} AS t"] if step else [])
-    inner_names = raw_cols + (["t"] if step else [])
-    inner = (f"SELECT {''.join(k + ', ' for k in inner_keys)}sum(octetDeltaCount) AS o, sum(reverseOctetDeltaCount) AS ro, "
-             f"sum(packetDeltaCount) AS p, sum(reversePacketDeltaCount) AS rp, {src.records} AS n "
-             f"FROM {query._table(store, src)} WHERE {where}"
-             + (f" GROUP BY {', '.join(inner_names)}" if inner_names else ""))
+    inner = query._aggregate(store, src, where, inner_keys, [
+        "sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", "sum(packetDeltaCount) AS p",
+        "sum(reversePacketDeltaCount) AS rp", f"{query._RECORDS} AS n"])
     keys = [f"{DIMENSIONS[d].sql} AS k{i}" for i, d in enumerate(dims)] + (["t"] if step else [])
     names = [f"k{i}" for i in range(len(dims))] + (["t"] if step else [])
     select = ", ".join(keys + ["sum(o)", "sum(ro)", "sum(p)", "sum(rp)", "sum(n)"])

@@ -1,5 +1,6 @@
 """Migrations of the flow store on chDB: the version-1 table (what flowscope wrote before
 migrations existed) migrates in place with every row kept and the roll-ups backfilled; a
+version-2 store gains the roll-ups of version 3, backfilled from its raw rows; a
 second start changes nothing; a store of a newer schema is refused, untouched; a column the
 table lacks (a new element of the aggregated record) is added in place.
 
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from flowscope.collector.rows import flows_to_columns, typed_columns
-from flowscope.collector.schema import COLUMNS, SCHEMA_VERSION
+from flowscope.collector.schema import COLUMNS, SCHEMA_VERSION, rollup_tables
 from flowscope.collector.store import SchemaError, open_store
 from test_collector_store import FLOWS, check_against_python, rollup_answers_equal_raw
 
@@ -41,12 +42,13 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
 
     store = open_store(f"chdb://{path}")
     store.open()
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     after = store._conn().query("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
                                 "flowEndSeconds) FROM flowscope.flows", "CSV").bytes()
     assert after == before and int(after.split(b",")[0]) == len(FLOWS)
     tables = {r[0] for r in store.select("SELECT name FROM system.tables WHERE database = 'flowscope'")}
     assert {"flows", "flows_1m", "flows_1h", "flows_1m_mv", "flows_1h_mv", "flowscope_schema"} <= tables
+    assert set(rollup_tables("flows")) | {f"{t}_mv" for t in rollup_tables("flows")} <= tables
     assert not any(t.endswith(("__v1", "__v2")) for t in tables)
     # the roll-ups were backfilled from the migrated rows, and the derived columns computed
     check_against_python(store)
@@ -58,11 +60,11 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
     again = open_store(f"chdb://{path}")  # idempotent: nothing changes on the next start
     again.open()
     assert again.count() == len(FLOWS) and again.count("flows_1h") == store_rollup_rows(again)
-    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [2]
-    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 3, 'from the future'")
+    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [3]
+    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'from the future'")
     again.close()
     newer = open_store(f"chdb://{path}")
-    with pytest.raises(SchemaError, match="has schema version 3, newer than this flowscope's 2; upgrade flowscope"):
+    with pytest.raises(SchemaError, match="has schema version 4, newer than this flowscope's 3; upgrade flowscope"):
         newer.open()
     newer.close()
     s2 = chs.Session(str(path))
@@ -74,6 +76,41 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
 
 def store_rollup_rows(store) -> int:
     return store.count("flows_1h")
+
+
+def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tmp_path):
+    """Version 3 added the address and connection roll-ups: a version-2 store (its raw
+    table and main roll-ups, nothing else) gets them in place, filled from the raw rows it
+    holds, and their answers equal the raw table's; the main roll-ups are left as they were."""
+    path = tmp_path / "store"
+    store = open_store(f"chdb://{path}")
+    store.open()
+    store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
+    for name in rollup_tables("flows"):
+        if name.startswith(("flows_addr_", "flows_conn_")):
+            store.execute(f"DROP TABLE flowscope.{name}_mv")
+            store.execute(f"DROP TABLE flowscope.{name}")
+    store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
+    store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 2, 'version 2'")
+    main_1h = store.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows_1h")
+    store.close()
+
+    again = open_store(f"chdb://{path}")
+    again.open()
+    try:
+        assert again.schema_version == 3
+        assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
+            == [2, 3]
+        assert again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows_1h") == main_1h
+        for name in ("flows_addr_1m", "flows_addr_1h"):
+            assert again.select(f"SELECT sum(records), sum(octetDeltaCount) FROM flowscope.{name}") == \
+                again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows")
+        assert again.select("SELECT uniqCombinedMerge(connections), uniqMerge(srcPods) FROM flowscope.flows_conn_1h") == \
+            again.select("SELECT uniqCombined(connectionHash), uniqIf(cityHash64(sourcePodNamespace, sourcePodName), "
+                                                                  "sourcePodName != '') FROM flowscope.flows")
+        assert rollup_answers_equal_raw(again) > 50
+    finally:
+        again.close()
 
 
 def test_a_new_element_of_the_record_joins_as_a_column(tmp_path, monkeypatch):

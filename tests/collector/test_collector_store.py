@@ -123,7 +123,8 @@ def rollup_answers_equal_raw(store) -> int:
     checked = 0
     base = query.FlowQuery(start=T_START, end=T_END)
     for f in FILTERS:
-        for g in ("srcPod", "dstNamespace", "service", "policy", "flowType", "srcWorkload", "egressAction"):
+        for g in ("srcPod", "dstNamespace", "service", "policy", "flowType", "srcWorkload", "egressAction", "dstIP",
+                  "srcIP"):
             q = base.with_(filter=f, group=g, top=4)
             auto = query.top(store, q)
             raw = query.top(store, q.with_(source="raw"))
@@ -145,6 +146,29 @@ def rollup_answers_equal_raw(store) -> int:
     q = base.with_(group="srcNamespace")
     links = query.sankey(store, q, "dstNamespace")
     assert links == query.sankey(store, q.with_(source="raw"), "dstNamespace")
+    # the address roll-up: Pods to addresses (the Pod-to-External page), its tooltips' addresses
+    for f in ("type = to-external", 'service != ""', "", "srcIP = fd00::5"):
+        for a, b in (("srcPod", "dstIP"), ("dstPod", "srcIP"), ("service", "dstIP")):
+            for top in (3, 500):
+                q = base.with_(group=a, filter=f, top=top)
+                assert query.sankey(store, q, b) == query.sankey(store, q.with_(source="raw"), b), (f, a, b)
+        for res in (3600, 1800):
+            q = base.with_(group="dstIP", filter=f, by="throughput", resolution=res, top=2)
+            auto_s, raw_s = query.series(store, q), query.series(store, q.with_(source="raw"))
+            assert auto_s.lines == raw_s.lines and auto_s.buckets == raw_s.buckets, (f, res)
+            checked += auto_s.table.startswith("flows_addr_")
+    assert query.top(store, base.with_(group="dstIP", filter="type = to-external")).table == "flows_addr_1h"
+    assert query.top(store, base.with_(group="srcPod", filter="ip = 10.0.1.11")).table == "flows_addr_1h"
+    assert query.top(store, base.with_(group="policy", filter="ip = 10.0.1.11")).table == "flows"  # no policies there
+    assert query.top(store, base.with_(group="srcPod", filter="type = to-external")).table == "flows_1h"  # main first
+    # connections: the conn roll-ups' merged uniq states answer an unfiltered overview, equal to the raw table's
+    for start, end in ((T_START, T_END), (T_START + 1260, T_END - 540), (T_START + 3600, T_START + 7200)):
+        q = query.FlowQuery(start=start, end=end)
+        seen = _Tables(store)
+        assert query.overview(seen, q) == query.overview(store, q.with_(source="raw"))
+        assert any("flows_conn_1" in sql for sql in seen.sql) and not any("FROM `flowscope`.`flows` " in sql
+                                                                           for sql in seen.sql), seen.sql
+        checked += 1
     assert query.top(store, base.with_(group="srcPod", filter="port = 80")).table == "flows"  # ports: raw only
     with pytest.raises(query.QueryError, match="source: the 1h roll-up cannot answer this exactly"):
         query.top(store, base.with_(group="srcPod", filter="port = 80", source="1h"))
@@ -164,8 +188,36 @@ def rollup_answers_equal_raw(store) -> int:
         assert split_s.lines == raw_s.lines and split_s.buckets == raw_s.buckets, f
         checked += split_s.table == "flows_1m+flows_1h"
         assert query.complete(store, "pod", "app", q=q) == query.complete(store, "pod", "app", q=q.with_(source="raw"))
-    assert query.top(store, base.with_(start=T_START + 1, group="srcPod")).table == "flows"
+    assert query.top(store, base.with_(start=T_START + 1, group="srcPod")).table == "flows+flows_1m+flows_1h"
+    # a range to the second (--since 2h): the seconds at its edges from the raw table, the rest from the roll-ups
+    for f in FILTERS[:14] + ["ip = 10.0.1.11", "port = 80"]:
+        for g in ("srcPod", "dstIP", "policy"):
+            q = query.FlowQuery(start=T_START + 1277, end=T_END - 533, filter=f, group=g, top=5)
+            pieces, raw = query.top(store, q), query.top(store, q.with_(source="raw"))
+            assert pieces.to_json() | {"table": ""} == raw.to_json() | {"table": ""}, (f, g)
+            checked += pieces.table.startswith("flows+")
+        q = query.FlowQuery(start=T_START + 1277, end=T_END - 533, filter=f)
+        assert query.overview(store, q) == query.overview(store, q.with_(source="raw")), f
+        for res in (60, 3600):
+            pieces_s = query.series(store, q.with_(group="srcNamespace", resolution=res))
+            raw_s = query.series(store, q.with_(group="srcNamespace", resolution=res, source="raw"))
+            assert pieces_s.lines == raw_s.lines and pieces_s.buckets == raw_s.buckets, (f, res)
+        assert query.sankey(store, q.with_(group="srcPod"), "dstIP") == \
+            query.sankey(store, q.with_(group="srcPod", source="raw"), "dstIP")
+        assert query.complete(store, "pod", "app", q=q) == query.complete(store, "pod", "app", q=q.with_(source="raw"))
+    assert query.top(store, query.FlowQuery(start=T_START + 1277, end=T_START + 1290, group="srcPod")).table == "flows"
     return checked
+
+
+class _Tables:
+    """A store that remembers the SQL it ran."""
+
+    def __init__(self, store) -> None:
+        self.store, self.database, self.table, self.sql = store, store.database, store.table, []
+
+    def rows(self, sql, params):
+        self.sql.append(sql.replace(f"`{self.database}`", "`flowscope`"))
+        return self.store.rows(sql, params)
 
 
 def python_top(flows, key, by="bytes"):
@@ -256,7 +308,7 @@ def test_18_16_migrates_the_version_1_table_in_place_every_row_kept(server_store
     store = open_store(server_store.address, database=db)
     store.open()
     try:
-        assert store.schema_version == 2
+        assert store.schema_version == SCHEMA_VERSION
         assert store.select(f"SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort) "
                             f"FROM {db}.flows") == before
         assert int(before[0][0]) == len(FLOWS)
