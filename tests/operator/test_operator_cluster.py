@@ -629,9 +629,12 @@ spec:
     assert await c.get("v1", "ServiceAccount", "kube-system", "mine") is None
 
 
-async def test_the_collector_sample_deploys_and_keeps_its_token(operator):
+async def test_the_collector_sample_deploys_keeps_its_token_and_is_pruned_when_switched_off(operator):
     """spec.collector (sample 05): the operator creates the collector's Deployment, Service,
-    PVC and UI token Secret, the aggregator exports to it, and the token survives reconciles."""
+    PVC and UI token Secret, the aggregator exports to it, and the token survives reconciles.
+    Switched off, the collector's Deployment, Service, NetworkPolicy and token are deleted and
+    the aggregator stops exporting to it; the PVC (the stored flows) stays, named in the
+    status, until reclaimPolicy Delete asks for it to go."""
     c = operator
     ns = "flowscope-flows"
     await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/05-aggregator-with-collector.yaml"))
@@ -645,3 +648,36 @@ async def test_the_collector_sample_deploys_and_keeps_its_token(operator):
     await c.kubectl("annotate", "fa", "flows", "-n", ns, "example.org/poke=1")
     await eventually(lambda: _reason_is(c, "FlowAggregator", ns, "flows", "Deploying"))
     assert (await c.get("v1", "Secret", ns, "flows-ui-token"))["data"]["token"] == token  # generated once, kept
+    assert await c.get("networking.k8s.io/v1", "NetworkPolicy", ns, "flows-collector") is not None
+
+    await c.kubectl("patch", "fa", "flows", "-n", ns, "--type=merge", "-p", '{"spec":{"collector":{"enabled":false}}}')
+
+    async def switched_off():
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", ns, "flows")
+        return ((fa.get("status") or {}).get("retainedCollectorStore") == "flows-collector-store"
+                and all([await c.get("apps/v1", "Deployment", ns, "flows-collector") is None,
+                         await c.get("v1", "Service", ns, "flows-collector") is None,
+                         await c.get("networking.k8s.io/v1", "NetworkPolicy", ns, "flows-collector") is None,
+                         await c.get("v1", "Secret", ns, "flows-ui-token") is None]))
+    await eventually(switched_off)
+    assert await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is not None  # the flows
+    for api, kind, name in [("apps/v1", "Deployment", "flows"), ("v1", "Service", "flows"),
+                            ("networking.k8s.io/v1", "NetworkPolicy", "flows")]:
+        assert await c.get(api, kind, ns, name) is not None, (kind, name)  # the aggregator's own stay
+    config = yaml.safe_load((await c.get("v1", "ConfigMap", ns, "flows-config"))["data"]["aggregator.yaml"])
+    assert config["externalFlowCollectorAddr"] == ""
+    events = await c.api.list("v1", "Event", ns)
+    assert [e["message"] for e in events if e["reason"] == "CollectorStoreRetained"] == [
+        "PersistentVolumeClaim flows-collector-store keeps the stored flows although no collector uses it; "
+        "enabling the chDB collector again reuses it; set spec.collector.store.chdb.reclaimPolicy: Delete "
+        "(or delete it) to free it"]  # said once, not at every resync
+
+    await c.kubectl("patch", "fa", "flows", "-n", ns, "--type=merge", "-p",
+                    '{"spec":{"collector":{"store":{"chdb":{"reclaimPolicy":"Delete"}}}}}')
+
+    async def reclaimed():
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", ns, "flows")
+        return ("retainedCollectorStore" not in (fa.get("status") or {})
+                and await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is None)
+    await eventually(reclaimed)
+    assert await c.get("apps/v1", "Deployment", ns, "flows") is not None
