@@ -839,6 +839,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
     poll = r.duration("flowPollInterval", DEFAULTS["flowPollInterval"])
     active = r.duration("activeFlowExportTimeout", DEFAULTS["activeFlowExportTimeout"])
     idle = r.duration("idleFlowExportTimeout", DEFAULTS["idleFlowExportTimeout"])
+    r.mapping("recordContents")  # a non-mapping is reported here; its podLabels is read below
     spec = FlowExporterConfigSpec(
         name=name,
         namespace=namespace,

@@ -681,3 +681,25 @@ async def test_the_collector_sample_deploys_keeps_its_token_and_is_pruned_when_s
                 and await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is None)
     await eventually(reclaimed)
     assert await c.get("apps/v1", "Deployment", ns, "flows") is not None
+
+
+async def test_the_grpc_sample_reaches_the_agents_config_and_the_aggregators_service(operator):
+    """transport grpc and recordContents.podLabels (sample 06) through kubectl and the
+    operator: the aggregator's Service exposes the gRPC port, its config listens with grpc over
+    mutual TLS, and the agents' ConfigMap exports to HOST:14739:grpc with the Pods' labels."""
+    c = operator
+    ns = "flowscope-grpc"
+    await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/06-aggregator-grpc.yaml"))
+    cm = await eventually(lambda: c.get("v1", "ConfigMap", ns, "grpc-agents-config"))
+    agent = yaml.safe_load(cm["data"]["agent.yaml"])
+    assert agent["flowCollectorAddr"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"
+    assert agent["recordContents"] == {"podLabels": True}
+    assert agent["tls"]["serverName"] == "grpc-aggregator.flowscope-grpc.svc"
+    svc = await c.get("v1", "Service", ns, "grpc-aggregator")
+    assert {"name": "grpc", "protocol": "TCP", "port": 14739, "targetPort": 14739} in svc["spec"]["ports"]
+    raw = yaml.safe_load((await c.get("v1", "ConfigMap", ns, "grpc-aggregator-config"))["data"]["aggregator.yaml"])
+    assert raw["aggregatorTransportProtocol"] == "grpc" and raw["listenPort"] == 14739 and raw["tls"]
+    client = await c.get("v1", "Secret", ns, "grpc-agents-client-tls")
+    assert b64(client, "tls.crt").startswith(b"-----BEGIN CERTIFICATE-----")
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, "grpc-agents", "Deploying"))
+    assert fec["status"]["collectorAddress"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"
