@@ -15,8 +15,11 @@ resource or on a child, a periodic resync, an operator restart):
    the live object (``contains``: only fields we set count, so server-filled defaults do
    not); merge-patch only when they differ. Someone's edit of a field we own (drift) is
    therefore undone on the next reconcile, and a reconcile with nothing changed writes
-   nothing at all. Secrets and ConfigMaps this resource controlled earlier but no longer
-   needs (TLS material after a switch to tcp) are deleted.
+   nothing at all. Secrets, ConfigMaps, NetworkPolicies, Services and Deployments this
+   resource controlled earlier but no longer needs (TLS material after a switch to tcp, the
+   collector after spec.collector is switched off) are deleted; the collector's chDB claim
+   (the stored flows) only with spec.collector.store.chdb.reclaimPolicy Delete, otherwise it
+   is kept and named in status.retainedCollectorStore.
 5. Status: ``observedGeneration`` and four conditions, patched through the status
    subresource only when something changed:
    ``Available`` (the workload has its pods available), ``Progressing`` (a rollout is

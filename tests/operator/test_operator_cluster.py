@@ -672,6 +672,10 @@ async def test_the_collector_sample_deploys_keeps_its_token_and_is_pruned_when_s
         "enabling the chDB collector again reuses it; set spec.collector.store.chdb.reclaimPolicy: Delete "
         "(or delete it) to free it"]  # said once, not at every resync
 
+    # Emulator gap relied on here: kmock runs no pods and no kubernetes.io/pvc-protection
+    # finalizer, so a deleted claim goes at once; a real cluster keeps it Terminating until the
+    # collector's pod (deleted with its Deployment, above) has gone. Only the operator's
+    # decision is checked.
     await c.kubectl("patch", "fa", "flows", "-n", ns, "--type=merge", "-p",
                     '{"spec":{"collector":{"store":{"chdb":{"reclaimPolicy":"Delete"}}}}}')
 
