@@ -64,6 +64,8 @@ __all__ = ["Reconciler", "Outcome", "contains", "condition", "ADOPT_ANNOTATION",
 
 log = logging.getLogger("flowscope.operator")
 ADOPT_ANNOTATION = "flowscope.dev/adopt"
+# A FlowExporterConfig's finalizer: its handler deletes the agents' cluster-scoped RBAC.
+FINALIZER = "flowscope.dev/agent-rbac"
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "Degraded")
 # Kinds whose presence depends on the spec (TLS material, per-transport objects, options,
 # the collector's workload and Service once spec.collector is switched off). A
@@ -597,6 +599,7 @@ class Reconciler:
                 log.info("deleted DaemonSet %s/%s for FlowExporterConfig %s: node conflict", spec.namespace,
                          spec.name, spec.name)
             return await self._fail(body, "NodeConflict", conflict)
+        await self._ensure_finalizer(body)
         owner = self._owner(body)
         objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
                                         tls=agent_tls, owner=owner, cert_manager=cert_manager)
@@ -644,6 +647,21 @@ class Reconciler:
         message = f"{r.ready} agents exporting to {collector}"
         await self._set_status(body, True, "Running", message, extra, available=available, progressing=progressing)
         return Outcome(True, "Running", message, writes)
+
+    async def _ensure_finalizer(self, body: Mapping[str, Any]) -> None:
+        """Put the finalizer on before the agents' cluster-scoped RBAC exists. kopf adds it too,
+        but with a JSON patch guarded by the resourceVersion it read: when a status patch of
+        ours lands in between, the API server answers 422 and kopf waits for the resource's next
+        event, which a settled resource never has (seen in the emulator tests: a FlowExporterConfig
+        left without it, so its RBAC would outlive it). Guarded the same way (409 on a stale
+        version: the next reconcile tries again) and keeping any other finalizer."""
+        meta = body.get("metadata") or {}
+        present = list(meta.get("finalizers") or [])
+        if FINALIZER in present or meta.get("deletionTimestamp") or not meta.get("resourceVersion"):
+            return
+        await self.api.patch(API_VERSION, "FlowExporterConfig", meta.get("namespace"), meta["name"],
+                             {"metadata": {"finalizers": [*present, FINALIZER],
+                                           "resourceVersion": meta["resourceVersion"]}})
 
     async def collect_orphans(self) -> int:
         """Delete agents' cluster-scoped RBAC whose FlowExporterConfig is gone: what the
