@@ -33,15 +33,14 @@ import kopf
 
 from flowscope.operator.kube import ApiError, Connection, KubeApi
 from flowscope.operator.manifests import MANAGED_BY
-from flowscope.operator.reconcile import Reconciler
+from flowscope.operator.reconcile import FINALIZER, Reconciler
 from flowscope.operator.spec import API_VERSION, GROUP, VERSION
 
-__all__ = ["build_registry", "configure"]
+__all__ = ["FINALIZER", "build_registry", "configure"]  # the reconciler puts FINALIZER on too
 
 log = logging.getLogger("flowscope.operator")
 
 
-FINALIZER = "flowscope.dev/agent-rbac"
 OWNED = (("apps", "v1", "deployments"), ("apps", "v1", "daemonsets"), ("", "v1", "configmaps"),
          ("", "v1", "secrets"), ("", "v1", "serviceaccounts"), ("", "v1", "services"),
          ("networking.k8s.io", "v1", "networkpolicies"))

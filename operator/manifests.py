@@ -34,16 +34,15 @@ import jinja2
 import yaml
 
 from flowscope import __version__
-from flowscope.ipfix.address import Address
 from flowscope.operator.spec import (
-    API_VERSION, FlowAggregatorSpec, FlowExporterConfigSpec, IssuerRef, SpecError,
+    API_VERSION, MUTUAL_TLS, Endpoint, FlowAggregatorSpec, FlowExporterConfigSpec, IssuerRef, SpecError,
 )
 from flowscope.operator.tls import API_CLIENT_COMMON_NAME, CLIENT_COMMON_NAME, KeyPair, TLSMaterial
 
 __all__ = [
     "Owner", "AgentTLS", "aggregator_config", "agent_config", "build_aggregator", "build_agent",
     "resolve_collector", "config_hash", "MANAGED_BY", "API_PORT", "CertManager", "NODE_IP", "go_duration",
-    "api_mode", "collector_args", "COLLECTOR_STORE_DIR", "UI_TOKEN_FILE",
+    "api_mode", "collector_args", "collector_store_claim", "COLLECTOR_STORE_DIR", "UI_TOKEN_FILE",
 ]
 
 MANAGED_BY = "flowscope-operator"
@@ -97,7 +96,7 @@ def _is_ip(name: str) -> bool:
 
 def api_mode(spec: FlowAggregatorSpec) -> str:
     """How the flow-records API authenticates its readers: "mtls" (tls) or "token"."""
-    return "mtls" if spec.transport == "tls" else "token"
+    return "mtls" if spec.transport in MUTUAL_TLS else "token"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +184,7 @@ def aggregator_config(spec: FlowAggregatorSpec) -> dict[str, Any]:
         "metricsAddress": f"0.0.0.0:{spec.metrics_port}",
     }
     tls_files = {"caFile": f"{TLS_DIR}/ca.crt", "certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key"}
-    if spec.transport == "tls":
+    if spec.transport in MUTUAL_TLS:  # grpc: the gRPC server's mutual TLS uses the same files
         config["tls"] = dict(tls_files)
         config["api"] = {"tls": {"certFile": tls_files["certFile"], "keyFile": tls_files["keyFile"],
                                  "caFile": tls_files["caFile"]}}
@@ -203,7 +202,7 @@ def aggregator_config(spec: FlowAggregatorSpec) -> dict[str, Any]:
     return config
 
 
-def agent_config(spec: FlowExporterConfigSpec, collector: Address, server_name: str | None) -> dict[str, Any]:
+def agent_config(spec: FlowExporterConfigSpec, collector: Endpoint, server_name: str | None) -> dict[str, Any]:
     """The agent's config file (docs/configuration.md), from a FlowExporterConfig spec."""
     config: dict[str, Any] = {
         "flowCollectorAddr": str(collector),
@@ -215,13 +214,15 @@ def agent_config(spec: FlowExporterConfigSpec, collector: Address, server_name: 
         "metricsAddress": _agent_metrics_address(spec),
         "metadata": {"source": "kubernetes"},
     }
-    if collector.protocol == "tls":
+    if collector.mutual_tls:
         config["tls"] = {
             "caFile": f"{TLS_DIR}/ca.crt", "certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key",
             "serverName": server_name or collector.host,
         }
     if spec.destinations:
         config["destinations"] = [dict(d) for d in spec.destinations]
+    if spec.pod_labels:
+        config["recordContents"] = {"podLabels": True}
     return config
 
 
@@ -232,7 +233,7 @@ def _agent_metrics_address(spec: FlowExporterConfigSpec) -> str:
     return f"{host}:{spec.metrics_port}"
 
 
-def resolve_collector(spec: FlowExporterConfigSpec, aggregator: FlowAggregatorSpec | None) -> tuple[Address, str | None]:
+def resolve_collector(spec: FlowExporterConfigSpec, aggregator: FlowAggregatorSpec | None) -> tuple[Endpoint, str | None]:
     """Where the agents export to, and the name to check in the server's certificate.
 
     With a reference, both come from the FlowAggregator; the transports must agree (the
@@ -251,7 +252,7 @@ def resolve_collector(spec: FlowExporterConfigSpec, aggregator: FlowAggregatorSp
                 f"which listens with {aggregator.transport!r}; remove spec.transport (it is derived from the "
                 f"reference) or set it to {aggregator.transport!r}, or change the FlowAggregator's spec.transport"
             ])
-        return Address(aggregator.flow_aggregator_address, aggregator.port, aggregator.transport), (
+        return Endpoint(aggregator.flow_aggregator_address, aggregator.port, aggregator.transport), (
             aggregator.flow_aggregator_address
         )
     assert spec.flow_collector_addr is not None
@@ -303,9 +304,10 @@ def build_aggregator(
     ``ui_token`` is the deployed collector's (spec.collector), in ``N-ui-token`` the same way.
     """
     cm = cert_manager_for(spec)
-    if spec.transport == "tls" and tls is None and cm is None and secrets:
-        raise ValueError("a tls FlowAggregator needs its TLS material")
-    use_tls = tls if spec.transport == "tls" and cm is None else None
+    mutual_tls = spec.transport in MUTUAL_TLS
+    if mutual_tls and tls is None and cm is None and secrets:
+        raise ValueError(f"a {spec.transport} FlowAggregator needs its TLS material")
+    use_tls = tls if mutual_tls and cm is None else None
     config_yaml = _dump(aggregator_config(spec))
     labels, selector = _labels("aggregator", spec.name)
     certificates = []
@@ -331,7 +333,7 @@ def build_aggregator(
         owner=owner.reference() if owner else None,
         config_yaml=config_yaml,
         tls=_tls_values(use_tls) if use_tls and secrets else None, secrets=secrets,
-        tls_mounted=spec.transport == "tls", certificates=certificates,
+        tls_mounted=mutual_tls, certificates=certificates,
         api_token=_b64(api_token) if api_token and secrets and api_mode(spec) == "token" else None,
         api_token_mounted=api_mode(spec) == "token",
         transport=spec.transport, port=spec.port, api_port=API_PORT, metrics_port=spec.metrics_port,
@@ -359,6 +361,14 @@ def collector_args(spec: FlowAggregatorSpec) -> list[str]:
     web = ["--ui", f"0.0.0.0:{c.ui_port}", "--ui-token-file", UI_TOKEN_FILE] if c.ui else [
         "--api", f"0.0.0.0:{c.ui_port}", "--api-token-file", UI_TOKEN_FILE]
     return ["collector", "--listen", f"0.0.0.0:{c.port}:tcp", "--store", store, "--retention", c.retention, *web]
+
+
+def collector_store_claim(spec: FlowAggregatorSpec) -> str | None:
+    """The collector's chDB PersistentVolumeClaim when the spec no longer uses it (the
+    collector off, or its store a ClickHouse server), else None: the claim whose fate
+    spec.collector.store.chdb.reclaimPolicy decides."""
+    c = spec.collector
+    return None if c.enabled and c.store == "chdb" else f"{spec.collector_service}-store"
 
 
 def _collector_objects(spec: FlowAggregatorSpec, *, image: str, owner: Owner | None, secrets: bool,
@@ -393,7 +403,7 @@ def agent_cluster_name(spec: FlowExporterConfigSpec) -> str:
 
 
 def build_agent(
-    spec: FlowExporterConfigSpec, *, image: str, collector: Address, server_name: str | None,
+    spec: FlowExporterConfigSpec, *, image: str, collector: Endpoint, server_name: str | None,
     tls: AgentTLS | None, owner: Owner | None = None, secrets: bool = True,
     cert_manager: CertManager | None = None,
 ) -> list[dict[str, Any]]:
@@ -404,7 +414,7 @@ def build_agent(
     ``cert_manager`` (a Certificate from the aggregator's issuer) or ``spec.tls_secret``
     (a Secret the user provides). ``secrets=False`` leaves the Secret out.
     """
-    uses_tls = collector.protocol == "tls"
+    uses_tls = collector.mutual_tls
     if uses_tls and tls is None and cert_manager is None and not spec.tls_secret and secrets:
         raise ValueError("a tls collector needs the agent's TLS material or spec.tlsSecretName")
     config_yaml = _dump(agent_config(spec, collector, server_name))

@@ -15,8 +15,11 @@ resource or on a child, a periodic resync, an operator restart):
    the live object (``contains``: only fields we set count, so server-filled defaults do
    not); merge-patch only when they differ. Someone's edit of a field we own (drift) is
    therefore undone on the next reconcile, and a reconcile with nothing changed writes
-   nothing at all. Secrets and ConfigMaps this resource controlled earlier but no longer
-   needs (TLS material after a switch to tcp) are deleted.
+   nothing at all. Secrets, ConfigMaps, NetworkPolicies, Services and Deployments this
+   resource controlled earlier but no longer needs (TLS material after a switch to tcp, the
+   collector after spec.collector is switched off) are deleted; the collector's chDB claim
+   (the stored flows) only with spec.collector.store.chdb.reclaimPolicy Delete, otherwise it
+   is kept and named in status.retainedCollectorStore.
 5. Status: ``observedGeneration`` and four conditions, patched through the status
    subresource only when something changed:
    ``Available`` (the workload has its pods available), ``Progressing`` (a rollout is
@@ -53,7 +56,7 @@ from flowscope.operator import manifests, tls
 from flowscope.operator.kube import ApiError, KubeApi
 from flowscope.operator.manifests import MANAGED_BY, AgentTLS, Owner
 from flowscope.operator.spec import (
-    API_VERSION, FlowAggregatorSpec, FlowExporterConfigSpec, SpecError, parse_flow_aggregator,
+    API_VERSION, MUTUAL_TLS, FlowAggregatorSpec, FlowExporterConfigSpec, SpecError, parse_flow_aggregator,
     parse_flow_exporter_config,
 )
 
@@ -61,10 +64,15 @@ __all__ = ["Reconciler", "Outcome", "contains", "condition", "ADOPT_ANNOTATION",
 
 log = logging.getLogger("flowscope.operator")
 ADOPT_ANNOTATION = "flowscope.dev/adopt"
+# A FlowExporterConfig's finalizer: its handler deletes the agents' cluster-scoped RBAC.
+FINALIZER = "flowscope.dev/agent-rbac"
 CONDITION_TYPES = ("Ready", "Available", "Progressing", "Degraded")
-# Kinds whose presence depends on the spec (TLS material, per-transport objects, options);
-# a PersistentVolumeClaim holds data and is never pruned.
-PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"))
+# Kinds whose presence depends on the spec (TLS material, per-transport objects, options,
+# the collector's workload and Service once spec.collector is switched off). A
+# PersistentVolumeClaim holds data and is never pruned with them: the collector's store
+# follows spec.collector.store.chdb.reclaimPolicy (see _collector_store).
+PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "NetworkPolicy"),
+            ("apps/v1", "Deployment"), ("v1", "Service"))
 OPTIONAL_PRUNABLE = (("cert-manager.io/v1", "Certificate"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
                      ("monitoring.coreos.com/v1", "PodMonitor"))  # their CRDs may not be installed
 Clock = Callable[[], dt.datetime]
@@ -436,7 +444,7 @@ class Reconciler:
                     body, "ClickHouseSecretInvalid",
                     f"{field}.credentialsSecretRef: Secret {spec.namespace}/{ch.credentials_secret} "
                     f"{what}; create it with keys {ch.username_key} and {ch.password_key}")
-        own_tls = spec.transport == "tls" and spec.certificates.issuer is None
+        own_tls = spec.transport in MUTUAL_TLS and spec.certificates.issuer is None
         material = await self.tls_material(spec) if own_tls else None
         token = await self.api_token(spec) if manifests.api_mode(spec) == "token" else None
         ui_token = await self.api_token(spec, "ui-token") if spec.collector.enabled else None
@@ -452,12 +460,14 @@ class Reconciler:
             if exc.retryable:
                 raise
             return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
-        await self._applied(body, changed)
         old_status = body.get("status") or {}
+        retained = await self._collector_store(body, spec, owner, changed) if owner is not None else None
+        await self._applied(body, changed)
         scheme = "https" if manifests.api_mode(spec) == "mtls" else "http"
         extra: dict[str, Any] = {
             "collectorAddress": spec.collector_address, "serverCertificateNotAfter": None,
             "apiEndpoint": f"{scheme}://{spec.name}.{spec.namespace}.svc:{manifests.API_PORT}",
+            "retainedCollectorStore": retained,
         }
         if material is not None:
             extra["serverCertificateNotAfter"] = material.server.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -482,6 +492,31 @@ class Reconciler:
         message = f"aggregator listening on {spec.collector_address}"
         await self._set_status(body, True, "Running", message, extra, available=available, progressing=progressing)
         return Outcome(True, "Running", message, writes)
+
+    async def _collector_store(self, body: Mapping[str, Any], spec: FlowAggregatorSpec, owner: Owner,
+                               changed: list[str]) -> str | None:
+        """The collector's chDB claim once no collector uses it (switched off, or moved to a
+        ClickHouse server): deleted with reclaimPolicy Delete, else kept and named in the
+        status (an Event says so once). Only a claim this very FlowAggregator controls."""
+        name = manifests.collector_store_claim(spec)
+        if name is None:
+            return None  # in use (or never made): nothing to decide
+        live = await self.api.get("v1", "PersistentVolumeClaim", spec.namespace, name)
+        refs = ((live or {}).get("metadata") or {}).get("ownerReferences") or []
+        if live is None or not any(r.get("uid") == owner.uid and r.get("controller") for r in refs):
+            return None
+        if spec.collector.chdb_reclaim_policy == "Delete":
+            if await self.api.delete("v1", "PersistentVolumeClaim", spec.namespace, name):
+                log.info("deleted PersistentVolumeClaim %s/%s (reclaimPolicy Delete) for FlowAggregator %s",
+                         spec.namespace, name, spec.name)
+                changed.append(f"deleted PersistentVolumeClaim {name} (its stored flows)")
+            return None
+        if (body.get("status") or {}).get("retainedCollectorStore") != name:
+            await self.event(body, "Normal", "CollectorStoreRetained",
+                             f"PersistentVolumeClaim {name} keeps the stored flows although no collector uses "
+                             "it; enabling the chDB collector again reuses it; set "
+                             "spec.collector.store.chdb.reclaimPolicy: Delete (or delete it) to free it")
+        return name
 
     # -- FlowExporterConfig ---------------------------------------------------------------
     async def node_conflict(self, body: Mapping[str, Any], spec: FlowExporterConfigSpec) -> str | None:
@@ -534,7 +569,7 @@ class Reconciler:
             reason = ("AggregatorNotFound" if aggregator is None else
                       "TransportMismatch" if "spec.transport" in str(exc) else "IssuerNotUsable")
             return await self._fail(body, reason, str(exc))
-        if aggregator is not None and aggregator.transport == "tls" and cert_manager is None:
+        if aggregator is not None and aggregator.transport in MUTUAL_TLS and cert_manager is None:
             secret = await self.api.get("v1", "Secret", aggregator.namespace, f"{aggregator.name}-client-tls")
             data = (secret or {}).get("data")
             client = tls.load(_b64d(data, "tls.crt"), _b64d(data, "tls.key"))
@@ -545,7 +580,7 @@ class Reconciler:
                     f"FlowAggregator {aggregator.namespace}/{aggregator.name} has not issued the agents' client "
                     "certificate yet; it will be picked up on the next reconcile")
             agent_tls = AgentTLS(ca_pem, client)
-        if collector.protocol == "tls" and agent_tls is None and cert_manager is None and spec.tls_secret:
+        if collector.mutual_tls and agent_tls is None and cert_manager is None and spec.tls_secret:
             user_secret = await self.api.get("v1", "Secret", spec.namespace, spec.tls_secret)
             missing = [k for k in ("ca.crt", "tls.crt", "tls.key") if not (user_secret or {}).get("data", {}).get(k)]
             if missing:
@@ -564,6 +599,7 @@ class Reconciler:
                 log.info("deleted DaemonSet %s/%s for FlowExporterConfig %s: node conflict", spec.namespace,
                          spec.name, spec.name)
             return await self._fail(body, "NodeConflict", conflict)
+        await self._ensure_finalizer(body)
         owner = self._owner(body)
         objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
                                         tls=agent_tls, owner=owner, cert_manager=cert_manager)
@@ -611,6 +647,21 @@ class Reconciler:
         message = f"{r.ready} agents exporting to {collector}"
         await self._set_status(body, True, "Running", message, extra, available=available, progressing=progressing)
         return Outcome(True, "Running", message, writes)
+
+    async def _ensure_finalizer(self, body: Mapping[str, Any]) -> None:
+        """Put the finalizer on before the agents' cluster-scoped RBAC exists. kopf adds it too,
+        but with a JSON patch guarded by the resourceVersion it read: when a status patch of
+        ours lands in between, the API server answers 422 and kopf waits for the resource's next
+        event, which a settled resource never has (seen in the emulator tests: a FlowExporterConfig
+        left without it, so its RBAC would outlive it). Guarded the same way (409 on a stale
+        version: the next reconcile tries again) and keeping any other finalizer."""
+        meta = body.get("metadata") or {}
+        present = list(meta.get("finalizers") or [])
+        if FINALIZER in present or meta.get("deletionTimestamp") or not meta.get("resourceVersion"):
+            return
+        await self.api.patch(API_VERSION, "FlowExporterConfig", meta.get("namespace"), meta["name"],
+                             {"metadata": {"finalizers": [*present, FINALIZER],
+                                           "resourceVersion": meta["resourceVersion"]}})
 
     async def collect_orphans(self) -> int:
         """Delete agents' cluster-scoped RBAC whose FlowExporterConfig is gone: what the

@@ -27,7 +27,7 @@ from typing import Any
 
 from flowscope.operator import manifests, tls
 from flowscope.operator.spec import (
-    API_VERSION, FlowAggregatorSpec, SpecError, parse_flow_aggregator, parse_flow_exporter_config,
+    API_VERSION, MUTUAL_TLS, FlowAggregatorSpec, SpecError, parse_flow_aggregator, parse_flow_exporter_config,
 )
 
 __all__ = ["render_documents", "material_for"]
@@ -97,7 +97,7 @@ def render_documents(
             except SpecError as exc:
                 problems += [f"{_label(doc)}: {p}" for p in exc.problems]
                 continue
-            own_tls = spec.transport == "tls" and spec.certificates.issuer is None and secrets
+            own_tls = spec.transport in MUTUAL_TLS and spec.certificates.issuer is None and secrets
             material = material_for(spec, now, ca) if own_tls else None
             aggregators[(spec.namespace, spec.name)] = (spec, material)
             token = api_token_for(spec, ca) if secrets and manifests.api_mode(spec) == "token" else None

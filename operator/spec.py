@@ -27,22 +27,28 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flowscope.durations import DurationError, parse_duration
-from flowscope.ipfix.address import Address, AddressError, parse_address
+from flowscope.ipfix.address import AddressError, parse_address
 
 __all__ = [
     "GROUP", "VERSION", "API_VERSION", "SpecError", "ClickHouseSink", "FlowLogSink", "Certificates",
     "FlowAggregatorSpec", "FlowExporterConfigSpec", "AggregatorRef",
     "parse_flow_aggregator", "parse_flow_exporter_config", "DEFAULTS", "FIELDS", "IssuerRef", "PodOptions",
-    "NetworkPolicyOptions", "MAX_NAME", "CollectorOptions",
+    "NetworkPolicyOptions", "MAX_NAME", "CollectorOptions", "Endpoint", "parse_endpoint", "GRPC_PORT", "MUTUAL_TLS",
+    "TRANSPORTS",
 ]
 
 GROUP = "flowscope.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-Transport = Literal["tls", "tcp", "udp"]
-TRANSPORTS: tuple[Transport, ...] = ("tls", "tcp", "udp")
+# tls, tcp and udp carry IPFIX; grpc is Antrea's Flow messages over gRPC (its agents' default
+# since v2.4), always over mutual TLS with the same certificates as tls
+Transport = Literal["tls", "tcp", "udp", "grpc"]
+TRANSPORTS: tuple[Transport, ...] = ("tls", "tcp", "udp", "grpc")
+MUTUAL_TLS: tuple[Transport, ...] = ("tls", "grpc")  # the transports that need the TLS material
+GRPC_PORT = 14739  # Antrea's Flow Aggregator gRPC port (the agent's default for :grpc)
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+RECLAIM_POLICIES = ("Retain", "Delete")  # spec.collector.store.chdb.reclaimPolicy, as a PersistentVolume's
 
 # The design's defaults (network-flow-visibility.txt) plus flowscope's own.
 DEFAULTS: dict[str, Any] = {
@@ -115,7 +121,7 @@ FIELDS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": None, "collectorFrom": None, "apiFrom": None, "metricsFrom": None},
         "collector": {
             "enabled": None, "port": None, "retention": None,
-            "store": {"chdb": {"size": None, "storageClassName": None},
+            "store": {"chdb": {"size": None, "storageClassName": None, "reclaimPolicy": None},
                       "clickhouse": {"address": None, "database": None,
                                      "credentialsSecretRef": {"name": None, "usernameKey": None,
                                                               "passwordKey": None}}},
@@ -127,6 +133,7 @@ FIELDS: dict[str, dict[str, Any]] = {
         **_POD_FIELDS, "nodeSelector": None, "tolerations": None, "flowPollInterval": None,
         "activeFlowExportTimeout": None, "idleFlowExportTimeout": None, "conntrackZones": None,
         "maxConnections": None, "flowAggregatorRef": {"name": None, "namespace": None},
+        "recordContents": {"podLabels": None},
         "flowCollectorAddr": None, "transport": None, "tlsSecretName": None, "maxUnavailable": None,
         "metrics": {"port": None, "bindAddress": None, "podMonitor": None},
         "destinations": None,  # a list; each item checked by _destinations (and again by the agent)
@@ -317,6 +324,9 @@ class CollectorOptions:
     store: Literal["chdb", "clickhouse"] = "chdb"
     chdb_size: str = DEFAULTS["collector.chdb.size"]
     chdb_storage_class: str | None = None
+    # what becomes of the PersistentVolumeClaim (the stored flows) once the collector no longer
+    # uses it (switched off, or moved to a ClickHouse server): kept unless the user says Delete
+    chdb_reclaim_policy: Literal["Retain", "Delete"] = "Retain"
     clickhouse: ClickHouseSink | None = None  # address, database and the Secret (table is the store's)
     ui: bool = True
     ui_port: int = DEFAULTS["collector.ui.port"]
@@ -367,7 +377,38 @@ class FlowAggregatorSpec:
     @property
     def collector_address(self) -> str:
         """The ``flowCollectorAddr`` agents use to reach this aggregator."""
-        return str(Address(self.flow_aggregator_address, self.port, self.transport))
+        return str(Endpoint(self.flow_aggregator_address, self.port, self.transport))
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where agents export: an IPFIX collector (tls, tcp, udp) or a gRPC one (``HOST:PORT:grpc``,
+    what the agent's flowCollectorAddr takes); written as the agent's config reads it."""
+
+    host: str
+    port: int
+    protocol: Transport
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}:{self.protocol}"
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.protocol in MUTUAL_TLS
+
+
+def parse_endpoint(text: Any, *, default_protocol: Transport, field: str) -> Endpoint:
+    """``HOST:[PORT][:PROTO]`` with PROTO tls, tcp, udp or grpc (default port 4739, 14739 for grpc)."""
+    s = text.strip() if isinstance(text, str) else text
+    grpc = isinstance(s, str) and s.lower().endswith(":grpc")
+    explicit = isinstance(s, str) and re.search(r":(tls|tcp|udp)$", s, re.I) is not None
+    if grpc or (default_protocol == "grpc" and not explicit):
+        a = parse_address(s[: -len(":grpc")] if grpc else s, default_protocol="tls", default_port=GRPC_PORT,
+                          field=field)
+        return Endpoint(a.host, a.port, "grpc")
+    a = parse_address(s, default_protocol="tls" if default_protocol == "grpc" else default_protocol, field=field)
+    return Endpoint(a.host, a.port, a.protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,7 +433,7 @@ class FlowExporterConfigSpec:
     conntrack_zones: tuple[int, ...]
     max_connections: int
     aggregator_ref: AggregatorRef | None
-    flow_collector_addr: Address | None
+    flow_collector_addr: Endpoint | None
     transport: Transport | None
     tls_secret: str | None
     resources: Mapping[str, Any] = field(default_factory=dict)
@@ -403,6 +444,7 @@ class FlowExporterConfigSpec:
     metrics_port: int = DEFAULTS["agent.metricsPort"]
     metrics_bind: str = DEFAULTS["agent.metricsBind"]  # "node": the node's address (status.hostIP)
     pod_monitor: bool = False
+    pod_labels: bool = False  # recordContents.podLabels: sourcePodLabels/destinationPodLabels (JSON)
 
 
 class _Reader:
@@ -551,7 +593,7 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
     r = _Reader(body.get("spec"))
     transport = r.string("transport", DEFAULTS["transport"], allowed=TRANSPORTS)
     replicas = r.integer("replicas", DEFAULTS["replicas"], minimum=1, maximum=1)
-    port = r.integer("port", DEFAULTS["port"], minimum=1, maximum=65535)
+    port = r.integer("port", DEFAULTS["port"], minimum=1, maximum=65535)  # the CRD's default, grpc too
     address = r.string("flowAggregatorAddress", f"{name}.{namespace}.svc") or ""
     if not _host_ok(address):
         r.problems.append(f"spec.flowAggregatorAddress: {address!r} is neither a DNS name nor an IP address")
@@ -621,9 +663,9 @@ def parse_flow_aggregator(body: Mapping[str, Any]) -> FlowAggregatorSpec:
             r.string("certificates.issuerRef.kind", "Issuer", allowed=("Issuer", "ClusterIssuer")) or "Issuer",
             r.string("certificates.issuerRef.group", "cert-manager.io") or "cert-manager.io",
         )
-        if transport != "tls":
+        if transport not in MUTUAL_TLS:
             r.problems.append(f"spec.certificates.issuerRef: set, but spec.transport is {transport!r}; "
-                              "certificates are only used with tls")
+                              "certificates are only used with tls and grpc")
     certs = Certificates(
         parse_duration(lifetime), parse_duration(ca_lifetime), parse_duration(margin), issuer
     )
@@ -727,6 +769,8 @@ def _collector(r: _Reader) -> CollectorOptions:
     return CollectorOptions(
         enabled=enabled, port=port, store="clickhouse" if has_ch else "chdb", chdb_size=size,
         chdb_storage_class=r.string("collector.store.chdb.storageClassName"), clickhouse=clickhouse,
+        chdb_reclaim_policy="Delete" if r.string("collector.store.chdb.reclaimPolicy", "Retain",
+                                                  allowed=RECLAIM_POLICIES) == "Delete" else "Retain",
         ui=r.boolean("collector.ui.enabled", True), ui_port=ui_port, retention=retention,
         resources=_check_resources(r, "collector.resources") or DEFAULT_RESOURCES["collector"],
     )
@@ -740,7 +784,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
     addr_raw = r.raw("flowCollectorAddr")
     transport = r.string("transport", None, allowed=TRANSPORTS)
     ref: AggregatorRef | None = None
-    addr: Address | None = None
+    addr: Endpoint | None = None
     if ref_raw is not None and addr_raw is not None:
         r.problems.append(
             "spec: set either flowAggregatorRef (the operator derives the address, transport and TLS) "
@@ -758,7 +802,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         ref = AggregatorRef(ref_name or "", r.string("flowAggregatorRef.namespace", namespace) or namespace)
     if addr_raw is not None:
         try:
-            addr = parse_address(addr_raw, default_protocol=_transport(transport), field="spec.flowCollectorAddr")
+            addr = parse_endpoint(addr_raw, default_protocol=_transport(transport), field="spec.flowCollectorAddr")
             if transport is not None and addr.protocol != transport:
                 r.problems.append(
                     f"spec.transport: {transport!r} disagrees with the protocol of spec.flowCollectorAddr "
@@ -767,9 +811,10 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         except AddressError as exc:
             r.problems.append(str(exc))
     tls_secret = r.string("tlsSecretName")
-    if addr is not None and addr.protocol == "tls" and not tls_secret:
+    if addr is not None and addr.mutual_tls and not tls_secret:
         r.problems.append(
-            f"spec.tlsSecretName: required when spec.flowCollectorAddr ({addr_raw!r}) uses tls: name a Secret "
+            f"spec.tlsSecretName: required when spec.flowCollectorAddr ({addr_raw!r}) uses {addr.protocol} (mutual "
+            "TLS): name a Secret "
             "in this namespace holding ca.crt, tls.crt and tls.key; or use flowAggregatorRef to let the "
             "operator provide them"
         )
@@ -794,6 +839,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
     poll = r.duration("flowPollInterval", DEFAULTS["flowPollInterval"])
     active = r.duration("activeFlowExportTimeout", DEFAULTS["activeFlowExportTimeout"])
     idle = r.duration("idleFlowExportTimeout", DEFAULTS["idleFlowExportTimeout"])
+    r.mapping("recordContents")  # a non-mapping is reported here; its podLabels is read below
     spec = FlowExporterConfigSpec(
         name=name,
         namespace=namespace,
@@ -817,6 +863,7 @@ def parse_flow_exporter_config(body: Mapping[str, Any]) -> FlowExporterConfigSpe
         metrics_port=r.integer("metrics.port", DEFAULTS["agent.metricsPort"], minimum=1, maximum=65535),
         metrics_bind=_bind(r),
         pod_monitor=r.boolean("metrics.podMonitor", False),
+        pod_labels=r.boolean("recordContents.podLabels", False),
     )
     problems += _unknown_fields(body.get("spec"), FIELDS["FlowExporterConfig"], "spec")
     problems += r.problems

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from flowscope.webauth import WebAuth, WebAuthError, check_exposure, read_token, server_ssl_context
 
-__all__ = ["DEFAULT_UI", "UIConfig", "add_ui_options", "ui_from_args"]
+__all__ = ["CHART_BUNDLE", "DEFAULT_UI", "UIConfig", "add_ui_options", "check_chart_bundle", "ui_from_args"]
 
 DEFAULT_UI: Final = "127.0.0.1:8080"
+CHART_BUNDLE: Final = Path(__file__).resolve().parent / "static" / "vendor" / "echarts.min.js"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ def ui_from_args(args: argparse.Namespace, flag: str = "--ui") -> UIConfig | Non
     if address is None:
         return None
     host, port = address
+    check_chart_bundle(flag=flag)
     token = read_token(args.ui_token_file, "--ui-token-file") if args.ui_token_file else None
     ctx = None
     if args.ui_tls_cert or args.ui_tls_key or args.ui_tls_ca:
@@ -70,3 +73,12 @@ def ui_from_args(args: argparse.Namespace, flag: str = "--ui") -> UIConfig | Non
     auth = WebAuth(token=token, ssl_context=ctx, client_certs=bool(ctx and args.ui_tls_ca), insecure=args.ui_insecure)
     check_exposure(host, auth, flag)
     return UIConfig(host, port, auth)
+
+
+def check_chart_bundle(bundle: Path = CHART_BUNDLE, flag: str = "--ui") -> None:
+    """Refuse to start the dashboards without their chart library (ECharts, vendored from the
+    npm registry, never committed): every page would load and draw nothing."""
+    if not bundle.is_file() or bundle.stat().st_size == 0:
+        raise ValueError(f"{flag}: the dashboards' chart library is missing ({bundle}); in a checkout run "
+                         "`bash scripts/setup.sh` (npm ci vendors ECharts from package-lock.json), or build the "
+                         "image from the repository's Dockerfile (its ui stage does the same)")

@@ -629,9 +629,12 @@ spec:
     assert await c.get("v1", "ServiceAccount", "kube-system", "mine") is None
 
 
-async def test_the_collector_sample_deploys_and_keeps_its_token(operator):
+async def test_the_collector_sample_deploys_keeps_its_token_and_is_pruned_when_switched_off(operator):
     """spec.collector (sample 05): the operator creates the collector's Deployment, Service,
-    PVC and UI token Secret, the aggregator exports to it, and the token survives reconciles."""
+    PVC and UI token Secret, the aggregator exports to it, and the token survives reconciles.
+    Switched off, the collector's Deployment, Service, NetworkPolicy and token are deleted and
+    the aggregator stops exporting to it; the PVC (the stored flows) stays, named in the
+    status, until reclaimPolicy Delete asks for it to go."""
     c = operator
     ns = "flowscope-flows"
     await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/05-aggregator-with-collector.yaml"))
@@ -645,3 +648,62 @@ async def test_the_collector_sample_deploys_and_keeps_its_token(operator):
     await c.kubectl("annotate", "fa", "flows", "-n", ns, "example.org/poke=1")
     await eventually(lambda: _reason_is(c, "FlowAggregator", ns, "flows", "Deploying"))
     assert (await c.get("v1", "Secret", ns, "flows-ui-token"))["data"]["token"] == token  # generated once, kept
+    assert await c.get("networking.k8s.io/v1", "NetworkPolicy", ns, "flows-collector") is not None
+
+    await c.kubectl("patch", "fa", "flows", "-n", ns, "--type=merge", "-p", '{"spec":{"collector":{"enabled":false}}}')
+
+    async def switched_off():
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", ns, "flows")
+        return ((fa.get("status") or {}).get("retainedCollectorStore") == "flows-collector-store"
+                and all([await c.get("apps/v1", "Deployment", ns, "flows-collector") is None,
+                         await c.get("v1", "Service", ns, "flows-collector") is None,
+                         await c.get("networking.k8s.io/v1", "NetworkPolicy", ns, "flows-collector") is None,
+                         await c.get("v1", "Secret", ns, "flows-ui-token") is None]))
+    await eventually(switched_off)
+    assert await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is not None  # the flows
+    for api, kind, name in [("apps/v1", "Deployment", "flows"), ("v1", "Service", "flows"),
+                            ("networking.k8s.io/v1", "NetworkPolicy", "flows")]:
+        assert await c.get(api, kind, ns, name) is not None, (kind, name)  # the aggregator's own stay
+    config = yaml.safe_load((await c.get("v1", "ConfigMap", ns, "flows-config"))["data"]["aggregator.yaml"])
+    assert config["externalFlowCollectorAddr"] == ""
+    events = await c.api.list("v1", "Event", ns)
+    assert [e["message"] for e in events if e["reason"] == "CollectorStoreRetained"] == [
+        "PersistentVolumeClaim flows-collector-store keeps the stored flows although no collector uses it; "
+        "enabling the chDB collector again reuses it; set spec.collector.store.chdb.reclaimPolicy: Delete "
+        "(or delete it) to free it"]  # said once, not at every resync
+
+    # Emulator gap relied on here: kmock runs no pods and no kubernetes.io/pvc-protection
+    # finalizer, so a deleted claim goes at once; a real cluster keeps it Terminating until the
+    # collector's pod (deleted with its Deployment, above) has gone. Only the operator's
+    # decision is checked.
+    await c.kubectl("patch", "fa", "flows", "-n", ns, "--type=merge", "-p",
+                    '{"spec":{"collector":{"store":{"chdb":{"reclaimPolicy":"Delete"}}}}}')
+
+    async def reclaimed():
+        fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", ns, "flows")
+        return ("retainedCollectorStore" not in (fa.get("status") or {})
+                and await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is None)
+    await eventually(reclaimed)
+    assert await c.get("apps/v1", "Deployment", ns, "flows") is not None
+
+
+async def test_the_grpc_sample_reaches_the_agents_config_and_the_aggregators_service(operator):
+    """transport grpc and recordContents.podLabels (sample 06) through kubectl and the
+    operator: the aggregator's Service exposes the gRPC port, its config listens with grpc over
+    mutual TLS, and the agents' ConfigMap exports to HOST:14739:grpc with the Pods' labels."""
+    c = operator
+    ns = "flowscope-grpc"
+    await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/06-aggregator-grpc.yaml"))
+    cm = await eventually(lambda: c.get("v1", "ConfigMap", ns, "grpc-agents-config"))
+    agent = yaml.safe_load(cm["data"]["agent.yaml"])
+    assert agent["flowCollectorAddr"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"
+    assert agent["recordContents"] == {"podLabels": True}
+    assert agent["tls"]["serverName"] == "grpc-aggregator.flowscope-grpc.svc"
+    svc = await c.get("v1", "Service", ns, "grpc-aggregator")
+    assert {"name": "grpc", "protocol": "TCP", "port": 14739, "targetPort": 14739} in svc["spec"]["ports"]
+    raw = yaml.safe_load((await c.get("v1", "ConfigMap", ns, "grpc-aggregator-config"))["data"]["aggregator.yaml"])
+    assert raw["aggregatorTransportProtocol"] == "grpc" and raw["listenPort"] == 14739 and raw["tls"]
+    client = await c.get("v1", "Secret", ns, "grpc-agents-client-tls")
+    assert b64(client, "tls.crt").startswith(b"-----BEGIN CERTIFICATE-----")
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, "grpc-agents", "Deploying"))
+    assert fec["status"]["collectorAddress"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"

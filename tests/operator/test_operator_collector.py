@@ -160,6 +160,8 @@ def test_the_clickhouse_variant_takes_credentials_from_the_secret_only():
     ({"enabled": True, "store": {"clickhouse": {}}}, "spec.collector.store.clickhouse.credentialsSecretRef.name"),
     ({"enabled": True, "ui": {"port": 4740}}, "spec.collector.ui.port: 4740 must differ"),
     ({"enabled": True, "retention": "30m,720h,0"}, "spec.collector.retention: '30m,720h,0'"),
+    ({"enabled": False, "store": {"chdb": {"reclaimPolicy": "Keep"}}},
+     "spec.collector.store.chdb.reclaimPolicy: 'Keep' is not one of Retain, Delete"),
     # an unknown field: the apiserver's own strict field validation (kubectl's default) refuses it
     ({"enabled": True, "stroe": {}}, "spec.collector.stroe: unknown field; did you mean store?"),
 ])
@@ -224,3 +226,26 @@ def test_the_rendered_collector_command_runs(tmp_path):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+def test_the_claim_whose_fate_reclaim_policy_decides():
+    """The chDB claim is in question exactly when no collector uses it; its flows are kept
+    unless the spec says Delete."""
+    from flowscope.operator.manifests import collector_store_claim
+
+    def spec(collector):
+        return parse_flow_aggregator({"apiVersion": "flowscope.dev/v1alpha1", "kind": "FlowAggregator",
+                                      "metadata": {"name": "fa", "namespace": "ns"},
+                                      "spec": {"transport": "tcp", "collector": collector}})
+    assert collector_store_claim(spec({"enabled": True})) is None  # in use
+    off = spec({"enabled": False})
+    assert collector_store_claim(off) == "fa-collector-store" and off.collector.chdb_reclaim_policy == "Retain"
+    moved = spec({"enabled": True, "store": {"clickhouse": {"credentialsSecretRef": {"name": "s"}}}})
+    assert collector_store_claim(moved) == "fa-collector-store"  # the store moved to a server
+    gone = spec({"enabled": False, "store": {"chdb": {"reclaimPolicy": "Delete"}}})
+    assert gone.collector.chdb_reclaim_policy == "Delete"
+    # the builders never render the claim of a collector switched off
+    assert not [o for o in render_documents([{"apiVersion": "flowscope.dev/v1alpha1", "kind": "FlowAggregator",
+                                              "metadata": {"name": "fa", "namespace": "ns"},
+                                              "spec": {"transport": "tcp", "collector": {"enabled": False}}}],
+                                            image="i") if o["kind"] == "PersistentVolumeClaim"]

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from flowscope.agent.config import parse_config
 from flowscope.operator.manifests import NODE_IP
-from flowscope.ipfix.address import parse_address
+from flowscope.operator.spec import parse_endpoint
 from flowscope.operator.manifests import agent_config
 from flowscope.operator.spec import SpecError, parse_flow_exporter_config
 
@@ -33,7 +33,7 @@ def test_destinations_pass_the_schema_the_operator_and_the_agent():
     body = fec(flowAggregatorRef={"name": "fa"}, destinations=[SECURITY])
     jsonschema.validate(body, SCHEMA)
     spec = parse_flow_exporter_config(body)
-    cfg = agent_config(spec, parse_address("fa.ns.svc:4739:tls"), None)
+    cfg = agent_config(spec, parse_endpoint("fa.ns.svc:4739:tls", default_protocol="tls", field="flowCollectorAddr"), None)
     assert cfg["destinations"] == [SECURITY]
     # the agent pod's init container writes the node's address where NODE_IP stands
     cfg["metricsAddress"] = cfg["metricsAddress"].replace(NODE_IP, "10.0.0.1")
@@ -42,7 +42,7 @@ def test_destinations_pass_the_schema_the_operator_and_the_agent():
     assert (d.name, str(d.address), d.idle_timeout) == ("security", "soc.example.org:4739:udp", 30.0)
     assert d.filter.denied_only and d.filter.protocols == {6, 17} and d.filter.flow_types == {2, 3}
     assert "destinations" not in agent_config(parse_flow_exporter_config(fec(flowAggregatorRef={"name": "fa"})),
-                                              parse_address("fa.ns.svc:4739:tls"), None)
+                                              parse_endpoint("fa.ns.svc:4739:tls", default_protocol="tls", field="flowCollectorAddr"), None)
 
 
 @pytest.mark.parametrize("dest", [
