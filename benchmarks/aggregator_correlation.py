@@ -61,6 +61,8 @@ def make_records(n_flows: int, seed_round: int) -> list[tuple[dict, str]]:
             "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "", "egressNetworkPolicyType": 0,
             "egressNetworkPolicyRuleName": "", "egressNetworkPolicyRuleAction": 0,
             "tcpState": "ESTABLISHED", "flowType": 2,
+            "destinationServiceIPv4": "0.0.0.0", "proxySnatIPv4": "0.0.0.0", "proxySnatPort": 0,
+            "egressName": "", "egressIP": "", "egressNodeName": "",
         }
         src = dict(common, sourcePodNamespace="default", sourcePodName=f"client-{s_node}-{s_pod}",
                    sourceNodeName=f"node-{s_node}", destinationPodNamespace="", destinationPodName="",

@@ -12,7 +12,7 @@ sockets or an event loop (each stage is the same code the daemon runs, fed in me
 - ``ipfix_out``: encoding them for the IPFIX sink (the aggregator's templates) and
   encrypting the stream (``tls_out``);
 - ``clickhouse_columns``: the ClickHouse sink's conversion to insert columns
-  (collector.clickhouse.flows_to_columns; the insert itself is ClickHouse's CPU, see
+  (collector.rows.flows_to_columns; the insert itself is ClickHouse's CPU, see
   benchmarks/clickhouse_sink.py).
 
 The input is aggregator_correlation.py's: 100k inter-node flows, each reported by both
@@ -46,7 +46,7 @@ from aggregator_correlation import make_records, to_messages  # noqa: E402
 
 from flowscope.aggregator.aggregation import AggregationProcess  # noqa: E402
 from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names  # noqa: E402
-from flowscope.collector.clickhouse import flows_to_columns  # noqa: E402
+from flowscope.collector.rows import flows_to_columns  # noqa: E402
 from flowscope.ipfix import Decoder, ExportSession, MessageFramer, Template, accel  # noqa: E402
 from flowscope.ipfix.antrea import agent_fields  # noqa: E402
 
