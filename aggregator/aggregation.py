@@ -86,7 +86,7 @@ from flowscope.ipfix import antrea
 
 __all__ = [
     "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
-    "KUBERNETES_FIELDS", "COUNTER_FIELDS", "NODE_COUNTER_FIELDS", "output_names",
+    "KUBERNETES_FIELDS", "output_names",
 ]
 
 # Antrea's vocabulary, defined once in flowscope.ipfix.antrea: flowType values, the rule
@@ -170,38 +170,21 @@ def _extract(rec: Mapping[str, Any], v6: bool) -> tuple[Any, ...]:
     )
 
 
-COUNTER_FIELDS: tuple[str, ...] = (
-    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
-    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
-)
-
-
-def _node_names(suffix: str) -> tuple[str, ...]:
-    return (
-        f"packetTotalCount{suffix}", f"octetTotalCount{suffix}",
-        f"reversePacketTotalCount{suffix}", f"reverseOctetTotalCount{suffix}",
-        f"packetDeltaCount{suffix}", f"octetDeltaCount{suffix}",
-        f"reversePacketDeltaCount{suffix}", f"reverseOctetDeltaCount{suffix}",
-    )
-
-
-# What Antrea's Flow Aggregator adds beyond the per-node counters, in the order of Flow.c's
-# slots 16-23: each node's last flowEndSeconds, then the throughputs (bits per second).
-AGGREGATION_FIELDS: tuple[str, ...] = (
-    "flowEndSecondsFromSourceNode", "flowEndSecondsFromDestinationNode",
-    "throughputFromSourceNode", "reverseThroughputFromSourceNode",
-    "throughputFromDestinationNode", "reverseThroughputFromDestinationNode",
-    "throughput", "reverseThroughput",
-)
-
-# Same layout as a side's 8 slots in Flow.c: totals then deltas, forward then reverse.
+# The aggregated record's layout is antrea.aggregator_fields (the one definition, which the
+# IPFIX sink announces as its template): build_record lays its values out in the order
+# that suits a Flow (_slot_names) and one C-level itemgetter per record shape puts them in
+# template order. The flow's own counters, in Flow.c's order (totals, then deltas):
+_C_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)  # positions in antrea.FLOW_COUNTER_FIELDS
+COUNTER_FIELDS: tuple[str, ...] = tuple(antrea.FLOW_COUNTER_FIELDS[i] for i in _C_ORDER)
+# The same, per node: [source node's, destination node's], as a side's 8 slots in Flow.c.
 NODE_COUNTER_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (
-    _node_names("FromSourceNode"), _node_names("FromDestinationNode"),
+    tuple(n + antrea.NODE_SUFFIXES[0] for n in COUNTER_FIELDS),
+    tuple(n + antrea.NODE_SUFFIXES[1] for n in COUNTER_FIELDS),
 )
 
 
-def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
-    """The IE names of an aggregated record, in template order (4 shapes: flow and exporter family)."""
+def _slot_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """What build_record's values are, in the order it lays them out."""
     fam = "IPv6" if ipv6 else "IPv4"
     return (
         "flowStartSeconds", "flowEndSeconds", "flowEndReason",
@@ -213,11 +196,24 @@ def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
         "originalExporterIPv6Address" if exporter_ipv6 else "originalExporterIPv4Address",
         "originalObservationDomainId",
         *NODE_COUNTER_FIELDS[SRC], *NODE_COUNTER_FIELDS[DST],
-        *AGGREGATION_FIELDS,
+        *antrea.AGGREGATOR_TIME_FIELDS,
     )
 
 
-_OUTPUT_NAMES = {(v6, e6): output_names(v6, e6) for v6 in (False, True) for e6 in (False, True)}
+def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """The IE names of an aggregated record, in template order (4 shapes: flow and exporter
+    family): :func:`flowscope.ipfix.antrea.aggregator_fields`."""
+    return antrea.aggregator_fields(6 if ipv6 else 4, 6 if exporter_ipv6 else 4)
+
+
+def _layout(ipv6: bool, exporter_ipv6: bool) -> tuple[tuple[str, ...], itemgetter[Any]]:
+    names, slots = output_names(ipv6, exporter_ipv6), _slot_names(ipv6, exporter_ipv6)
+    if sorted(names) != sorted(slots):  # antrea's list gained or lost a field this module does not fill
+        raise ImportError(f"the aggregated record's fields and build_record's differ: {set(names) ^ set(slots)}")
+    return names, itemgetter(*map(slots.index, names))
+
+
+_LAYOUT = {(v6, e6): _layout(v6, e6) for v6 in (False, True) for e6 in (False, True)}
 
 
 # Flow.flags bits.
@@ -846,11 +842,12 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     # An unattributed flow (no Pod, no Node: the agent said flowType 0) stays 0, unknown,
     # not the inter-node type it is filed under here so as to wait for no twin.
     flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
+    names, order = _LAYOUT[(v6, ":" in exporter)]
     values = (
         flow.start, flow.end, flow.reason, *flow.key, *own,
         *_merged(smeta, dmeta, v6, merge_cache),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
-        *ends, *sth, *dth, cl[22], cl[23],
+        *ends, cl[22], cl[23], *sth, *dth,
     )
-    return dict(zip(_OUTPUT_NAMES[(v6, ":" in exporter)], values))
+    return dict(zip(names, order(values)))
