@@ -243,12 +243,14 @@ def _meta_cost(meta: tuple[Any, ...] | None) -> int:
     return sum(len(v) for v in meta if type(v) is str) if meta else 0
 
 
-_ZERO28 = array("Q", bytes(224))
+_ZERO24 = array("Q", bytes(192))
+_ZERO4 = array("Q", bytes(32))
+_ZERO6 = array("Q", bytes(48))
 # _SWITCHED: a flow exported with the destination node's counters (denied at the
 # destination, or a lone half exported uncorrelated) takes the source node's once that
 # node's first record comes. The source node's first delta is its whole history, part of
 # which the flow already exported from the destination node's: the flow's own deltas
-# subtract that part (c[24:28]) until it is used up, so the deltas a flow exports still
+# subtract that part (Flow.sw, allocated only then) until it is used up, so the deltas a flow exports still
 # sum to its total. Each node's own deltas (...FromSourceNode) are left as the node said.
 
 
@@ -257,7 +259,7 @@ class Flow:
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
-        "start", "end", "reason", "tcp_state", "last_seen", "cost",
+        "start", "end", "reason", "tcp_state", "last_seen", "sw",
     )
 
     def __init__(self, key: tuple[Any, ...], flow_type: int, now: float) -> None:
@@ -266,9 +268,10 @@ class Flow:
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
         # [src: throughput, reverse][dst: same][the newest record's: same]
-        # [what the flow's own deltas already counted from the destination node before the
-        #  source node's first record came: pkt, oct, rpkt, roct] (see _SWITCHED)
-        self.c = _ZERO28[:]
+        self.c = _ZERO24[:]
+        # What the flow's own deltas already counted from the destination node before the
+        # source node's first record came: pkt, oct, rpkt, roct (see _SWITCHED); None when nothing.
+        self.sw: array[int] | None = None
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -281,7 +284,6 @@ class Flow:
         self.reason = 0
         self.tcp_state = ""
         self.last_seen = now
-        self.cost = FLOW_COST  # estimated bytes held, counted in AggregationProcess.flow_bytes
 
     @property
     def correlation(self) -> str:
@@ -376,7 +378,9 @@ class AggregationProcess:
         self.flow_bytes = 0  # estimated bytes the flows hold (Flow.cost summed)
         self.flows: dict[tuple[Any, ...], Flow] = {}
         self.stats = AggregationStats()
-        self._timers: deque[tuple[float, Flow, int]] = deque()
+        # Timers in groups (deadline, what, flows): every wait has the same length, so
+        # deadlines arrive in order; the flows of one ingest call share one (no tuple per flow).
+        self._timers: deque[tuple[float, int, list[Flow]]] = deque()
         self._urgent: list[Flow] = []
         self._next_scan = start + export_interval
         self._scan_list: list[Flow] | None = None  # the flows of the periodic export under way
@@ -385,10 +389,33 @@ class AggregationProcess:
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
         self._shared_limit = max(65536, max_flows)
+        # What a side's Kubernetes fields cost (their strings' length), by tuple: computed
+        # once per distinct tuple, not on every new flow and change (bounded like _shared).
+        self._costs: dict[tuple[Any, ...], int] = {}
         # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
         self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ ingest
+    def _cost(self, meta: tuple[Any, ...] | None) -> int:
+        """The strings' bytes of a side's Kubernetes fields (cached by tuple)."""
+        if meta is None:
+            return 0
+        costs = self._costs
+        mc = costs.get(meta)
+        if mc is None:
+            if len(costs) >= self._shared_limit:
+                costs.clear()
+            mc = costs[meta] = _meta_cost(meta)
+        return mc
+
+    def _push_timers(self, deadline: float, what: int, due: list[Flow]) -> None:
+        """Add a group of timers: every flow of ``due`` waits until ``deadline``."""
+        timers = self._timers
+        if timers and timers[-1][0] == deadline and timers[-1][1] == what:
+            timers[-1][2].extend(due)
+        else:
+            timers.append((deadline, what, due))
+
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
         """Take one agent record; False when it was dropped (counted in ``stats``)."""
         return self.ingest_many((rec,), exporter, domain, now) == 1
@@ -400,7 +427,9 @@ class AggregationProcess:
         flows = self.flows
         shared = self._shared
         shared_limit = self._shared_limit
-        timers = self._timers
+        costs = self._costs
+        corr_due: list[Flow] = []  # flows that wait for their twin: one timer group per call
+        end_due: list[Flow] = []  # correlated flows one node said ended
         urgent = self._urgent
         corr_timeout = self.correlation_timeout
         max_flows = self.max_flows
@@ -431,7 +460,12 @@ class AggregationProcess:
                 if len(flows) >= max_flows:
                     stats.dropped_flow_cap += 1
                     continue
-                if self.flow_bytes + FLOW_COST + _meta_cost(meta) > self.max_flow_bytes:
+                mc = costs.get(meta)
+                if mc is None:
+                    if len(costs) >= shared_limit:
+                        costs.clear()
+                    mc = costs[meta] = _meta_cost(meta)
+                if self.flow_bytes + FLOW_COST + mc > self.max_flow_bytes:
                     stats.dropped_flow_bytes += 1
                     continue
                 if len(shared) >= shared_limit:
@@ -510,8 +544,11 @@ class AggregationProcess:
                     # The flow's own counters switch from the destination node's to the
                     # source node's now; what it exported from the destination node's is
                     # not counted again (_SWITCHED).
+                    sw = flow.sw
+                    if sw is None:
+                        sw = flow.sw = _ZERO4[:]
                     for k in range(4):
-                        c[24 + k] += c[8 + k] - c[12 + k]
+                        sw[k] += c[8 + k] - c[12 + k]
                 c[o] = pt
                 c[o + 1] = ot
                 c[o + 2] = rpt
@@ -538,18 +575,16 @@ class AggregationProcess:
                 # Kubernetes fields: intern a side's tuple only when it changed.
                 if side:
                     if flow.dmeta != meta:
-                        delta = _meta_cost(meta) - _meta_cost(flow.dmeta)
+                        delta = self._cost(meta) - self._cost(flow.dmeta)
                         flow.dmeta = shared.setdefault(meta, meta)
-                        flow.cost += delta
                         self.flow_bytes += delta
                         changed = True
                     flow.dexp = exporter
                     flow.ddom = domain
                 else:
                     if flow.smeta != meta:
-                        delta = _meta_cost(meta) - _meta_cost(flow.smeta)
+                        delta = self._cost(meta) - self._cost(flow.smeta)
                         flow.smeta = shared.setdefault(meta, meta)
-                        flow.cost += delta
                         self.flow_bytes += delta
                         changed = True
                     flow.sexp = exporter
@@ -581,7 +616,7 @@ class AggregationProcess:
                         else:
                             stats.flows_correlated += 1
                     elif new_flow and not flags & NO_TWIN:
-                        timers.append((now + corr_timeout, flow, _CORRELATE_TIMER))
+                        corr_due.append(flow)
                 elif not flags & READY:
                     flags |= READY
                 if flags & NO_TWIN and not flags & READY:
@@ -601,7 +636,7 @@ class AggregationProcess:
                             urgent.append(flow)
                     elif flags & CORRELATED and not flags & END_WAIT:
                         flags |= END_WAIT
-                        timers.append((now + corr_timeout, flow, _END_TIMER))
+                        end_due.append(flow)
                     # else: a lone half waits for its correlation timer, which exports it as final
                 flow.flags = flags
                 taken += 1
@@ -614,6 +649,10 @@ class AggregationProcess:
                 continue
 
         stats.records_received += n
+        if corr_due:
+            self._push_timers(now + corr_timeout, _CORRELATE_TIMER, corr_due)
+        if end_due:
+            self._push_timers(now + corr_timeout, _END_TIMER, end_due)
         return taken
 
     # -------------------------------------------------------------------- tick
@@ -627,21 +666,22 @@ class AggregationProcess:
         out: list[ExportedFlow] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, flow, what = timers.popleft()
-            f = flow.flags
-            if f & REMOVED:
-                continue
-            if what == _CORRELATE_TIMER:
-                if f & (CORRELATED | NO_TWIN) or flow.flow_type != INTER_NODE:
+            _, what, due = timers.popleft()
+            for flow in due:
+                f = flow.flags
+                if f & REMOVED:
                     continue
-                flow.flags = f | LONE | READY
-                self.stats.flows_uncorrelated += 1
-                if f & (ENDED_SRC | ENDED_DST):
+                if what == _CORRELATE_TIMER:
+                    if f & (CORRELATED | NO_TWIN) or flow.flow_type != INTER_NODE:
+                        continue
+                    flow.flags = f | LONE | READY
+                    self.stats.flows_uncorrelated += 1
+                    if f & (ENDED_SRC | ENDED_DST):
+                        self._finish(flow, out, ended=True)
+                    elif f & DIRTY or not f & EXPORTED:
+                        out.append(self._export(flow, final=False))
+                else:  # the other node never said the flow ended: end it now
                     self._finish(flow, out, ended=True)
-                elif f & DIRTY or not f & EXPORTED:
-                    out.append(self._export(flow, final=False))
-            else:  # the other node never said the flow ended: end it now
-                self._finish(flow, out, ended=True)
         if self._urgent:
             urgent, self._urgent = self._urgent, []
             for flow in urgent:
@@ -709,7 +749,8 @@ class AggregationProcess:
         flow.flags |= REMOVED
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
-            self.flow_bytes -= flow.cost
+            # its estimated bytes, as counted in: a fixed cost and its strings' (see _cost)
+            self.flow_bytes -= FLOW_COST + self._cost(flow.smeta) + self._cost(flow.dmeta)
         if ended:
             self.stats.flows_ended += 1
         else:
@@ -718,11 +759,14 @@ class AggregationProcess:
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
         record = build_record(flow, self._merge_cache)
         c = flow.c
-        if c[24] or c[25] or c[26] or c[27]:  # what the correction did not use up waits for the next delta
+        sw = flow.sw
+        if sw is not None:  # what the correction did not use up waits for the next delta
             for k in range(4):
-                c[24 + k] -= min(c[24 + k], c[4 + k])
-        for i in (4, 5, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23):
-            c[i] = 0
+                sw[k] -= min(sw[k], c[4 + k])
+            if not any(sw):
+                flow.sw = None
+        c[4:8] = c[12:16] = _ZERO4  # the deltas, the throughputs
+        c[18:24] = _ZERO6
         flow.flags = (flow.flags & ~DIRTY) | EXPORTED
         self.stats.records_exported += 1
         return ExportedFlow(record, flow.correlation, final)
@@ -797,6 +841,19 @@ def _merged(
     got = cache.get(ck)
     if got is not None:
         return got
+    if len(cache) >= 65536:
+        cache.clear()
+    # The usual case: neither side has a value in a field the other owns (an agent fills in
+    # its own side's fields only). Then every field is its owner's (None: the default), and
+    # the merge is slices of each side's own part, computed once per (shared) side tuple.
+    pa, fa = _side(smeta, 0, v6, cache)
+    pb, fb = _side(dmeta, 1, v6, cache)
+    if not fa and not fb:
+        merged: tuple[Any, ...] = ()
+        for sl, owner in _OWN_RUNS:
+            merged += (pb if owner else pa)[sl]
+        cache[ck] = merged
+        return merged
     # Each field from its owner, else from the other side when the owner's is empty, else
     # the default. A side's tuple is runs of fields of one owner (:data:`_OWN_RUNS`), so
     # "each from its owner" is a few slices, not a test per field.
@@ -811,10 +868,28 @@ def _merged(
         y if x in _EMPTY and y not in _EMPTY else (d if x is None else x)
         for x, y, d in zip(own, other, _META_DEFAULTS[v6])
     ])  # fmt: skip
-    if len(cache) >= 65536:
-        cache.clear()
     cache[ck] = merged
     return merged
+
+
+_NOT_OWNED = (
+    tuple(i for i, o in enumerate(_OWNER) if o == 1),  # the fields the source side does not own
+    tuple(i for i, o in enumerate(_OWNER) if o == 0),
+)
+
+
+def _side(meta: tuple[Any, ...] | None, owner: int, v6: bool, cache: dict[Any, Any]) -> tuple[tuple[Any, ...], bool]:
+    """One side's part of a merge: its tuple with None as the default (what it gives the
+    fields it owns when the other side has nothing for them), and whether it has a value in
+    a field the other side owns. Cached in the merge cache by (tuple, owner, v6)."""
+    if meta is None:
+        return _META_DEFAULTS[v6], False
+    k = (meta, owner, v6)  # never equal to a merge's key: its second item is a tuple or None
+    got = cache.get(k)
+    if got is None:
+        part = tuple([d if x is None else x for x, d in zip(meta, _META_DEFAULTS[v6])])
+        got = cache[k] = (part, any(meta[i] not in _EMPTY for i in _NOT_OWNED[owner]))
+    return got  # type: ignore[no-any-return]
 
 
 def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
@@ -826,8 +901,9 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     has_dst = bool(f & HAS_DST)
     v6 = bool(f & IPV6)
     own = cl[0:8] if has_src else cl[8:16]
-    if has_src and (cl[24] or cl[25] or cl[26] or cl[27]):  # _SWITCHED
-        own = own[:4] + [max(0, d - x) for d, x in zip(cl[4:8], cl[24:28])]
+    sw = flow.sw
+    if has_src and sw is not None:  # _SWITCHED
+        own = own[:4] + [max(0, d - x) for d, x in zip(cl[4:8], sw)]
     srcc = cl[0:8] if has_src else None
     dstc = cl[8:16] if has_dst else None
     ends = [cl[16] if has_src else 0, cl[17] if has_dst else 0]
