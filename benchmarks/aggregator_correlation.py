@@ -10,7 +10,15 @@ flow and half update a correlated one), plus one export scan. One core, no IO.
 Peer measured in the same run: a naive correlator (a dict of merged record dicts, the
 obvious implementation) on the same records, to show what the flat per-flow layout buys
 in memory and time. The issue's reference is go-ipfix's own aggregation benchmark, about
-6.3 µs a record (~160k records/s); the target is >= 200k records/s and <= 1 KB per flow.
+6.3 µs a record (~160k records/s), documented, not measured: this machine has no Go
+toolchain and /work/shared/tools/go-ipfix holds go-ipfix's collector binaries only, not
+pkg/intermediate. Issue 12's target for the whole process is >= 300k records/s and
+<= 400 bytes per held flow.
+
+``bytes_per_flow`` is what tracemalloc sees the aggregation hold per flow after the
+input is ingested. The input's own objects (the IP strings, ports and times the records
+carry) are the benchmark's, frozen, and not counted; in the daemon the flow key's ports
+and the times are the decoder's int objects (32 bytes each above 256), which a flow keeps.
 
 Prints one JSON object. ``--flows N`` and ``--rounds R`` change the size.
 """
@@ -239,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_memory_vs_peer": round(ours_mem / peer_mem, 2),
         "clock": "process CPU time (one core)",
         "gc": "default thresholds; benchmark input frozen (gc.freeze) as it would be transient in the daemon",
-        "target": {"records_per_s": 200_000, "bytes_per_flow": 1024, "go_ipfix_records_per_s": 160_000},
+        "documented_peer": "go-ipfix aggregation, 6.3 us a record (issue 12; not runnable here: no Go toolchain)",
+        "ratio_ingest_vs_documented_peer": round(ours_t / n_records * 1e6 / 6.3, 2),
+        "target": {"records_per_s": 300_000, "bytes_per_flow": 400, "go_ipfix_us_per_record": 6.3},
     }
     print(json.dumps(result, indent=2))
     return 0
