@@ -434,3 +434,25 @@ def test_a_half_exported_before_its_twin_is_not_counted_again_when_the_twin_come
     assert sum(r["octetDeltaCountFromSourceNode"] for r in exported) == 60
     assert sum(r["octetDeltaCountFromDestinationNode"] for r in exported) == 60
     assert later and later[-1]["sourcePodName"] == "frontend-1"  # the source half did reach the record
+
+
+def test_flow_bytes_bound_refuses_new_flows_and_is_given_back_when_flows_go():
+    """max_flow_bytes counts a fixed cost per flow plus its strings; a side whose fields
+    change is re-counted, and a flow that expires or ends gives back all it was counted."""
+    from flowscope.aggregator.aggregation import FLOW_COST
+
+    agg = make(max_flow_bytes=3 * FLOW_COST + 200)
+    assert agg.ingest(source_half(sport=1), NODE_A, 1, now=0.0)
+    one = agg.flow_bytes
+    assert one > FLOW_COST  # the strings count too
+    assert agg.ingest(destination_half(sport=1), NODE_B, 1, now=1.0)
+    both = agg.flow_bytes
+    assert both > one
+    agg.ingest(destination_half(sport=1, destinationPodName="backend-1-with-a-longer-name"), NODE_B, 1, now=2.0)
+    assert agg.flow_bytes == both + len("-with-a-longer-name")
+    assert agg.ingest(source_half(sport=2), NODE_A, 1, now=3.0)
+    assert not agg.ingest(source_half(sport=3, sourcePodName="x" * 300), NODE_A, 1, now=3.0)
+    assert agg.stats.dropped_flow_bytes == 1 and len(agg) == 2
+    agg.tick(60.0)
+    agg.tick(200.0)  # both idle past inactive_timeout: exported and dropped
+    assert len(agg) == 0 and agg.flow_bytes == 0
