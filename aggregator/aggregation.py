@@ -243,7 +243,7 @@ def _meta_cost(meta: tuple[Any, ...] | None) -> int:
     return sum(len(v) for v in meta if type(v) is str) if meta else 0
 
 
-_ZERO24 = array("Q", bytes(192))
+_ZERO26 = array("Q", bytes(208))
 _ZERO4 = array("Q", bytes(32))
 _ZERO6 = array("Q", bytes(48))
 # _SWITCHED: a flow exported with the destination node's counters (denied at the
@@ -259,7 +259,7 @@ class Flow:
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
-        "start", "end", "reason", "tcp_state", "last_seen", "sw",
+        "reason", "tcp_state", "last_seen", "sw",
     )
 
     def __init__(self, key: tuple[Any, ...], flow_type: int, now: float) -> None:
@@ -268,7 +268,8 @@ class Flow:
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
         # [src: throughput, reverse][dst: same][the newest record's: same]
-        self.c = _ZERO24[:]
+        # [the newest record's flowStartSeconds, flowEndSeconds] (in the array, not int objects)
+        self.c = _ZERO26[:]
         # What the flow's own deltas already counted from the destination node before the
         # source node's first record came: pkt, oct, rpkt, roct (see _SWITCHED); None when nothing.
         self.sw: array[int] | None = None
@@ -279,8 +280,6 @@ class Flow:
         self.dexp: str | None = None
         self.sdom = 0
         self.ddom = 0
-        self.start = 0
-        self.end = 0
         self.reason = 0
         self.tcp_state = ""
         self.last_seen = now
@@ -470,7 +469,9 @@ class AggregationProcess:
                     continue
                 if len(shared) >= shared_limit:
                     shared.clear()
-                key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
+                # the addresses and the destination port are shared by many flows: one object each
+                key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport,
+                       shared.setdefault(dport, dport), proto)
                 if not ft:  # flowType 0 (or none, a foreign exporter): guess from what the record knows
                     ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
                     flow = Flow(key, ft, now)
@@ -568,7 +569,7 @@ class AggregationProcess:
                     th, rth = (ot if first else do) * 8 // span, (rot if first else dro) * 8 // span
                     c[18 + 2 * side] = th
                     c[19 + 2 * side] = rth
-                    if end >= flow.end:
+                    if end >= c[25]:
                         c[22] = th
                         c[23] = rth
 
@@ -591,10 +592,10 @@ class AggregationProcess:
                     flow.sdom = domain
 
                 # Times and state from the newest record.
-                if end >= flow.end:
-                    flow.end = end
+                if end >= c[25]:
+                    c[25] = int(end)
                     if start:
-                        flow.start = start
+                        c[24] = int(start)
                     if reason != flow.reason:
                         if reason in END_REASONS:  # idle (1) vs active (2) timeout alone is no news
                             changed = True
@@ -920,7 +921,7 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
     names, order = _LAYOUT[(v6, ":" in exporter)]
     values = (
-        flow.start, flow.end, flow.reason, *flow.key, *own,
+        cl[24], cl[25], flow.reason, *flow.key, *own,
         *_merged(smeta, dmeta, v6, merge_cache),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
