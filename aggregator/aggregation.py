@@ -216,20 +216,22 @@ def _layout(ipv6: bool, exporter_ipv6: bool) -> tuple[tuple[str, ...], itemgette
 _LAYOUT = {(v6, e6): _layout(v6, e6) for v6 in (False, True) for e6 in (False, True)}
 
 
-# Flow.flags bits.
+# Flow.flags bits. A steady flow's (seen from both sides, correlated, exported, changed or
+# not) are all below 256, so its flags are one of CPython's cached small ints, not an int
+# object of its own.
 HAS_SRC, HAS_DST = 1, 2
 SEEN = (HAS_SRC, HAS_DST)
 READY = 4  # may be exported (complete, denied, or its correlation wait is over)
 CORRELATED = 8  # both halves of an inter-node flow have arrived
-LONE = 16  # exported alone after the correlation timeout
-DIRTY = 32  # changed since the last export
+DIRTY = 16  # changed since the last export
+EXPORTED = 32
 ENDED_SRC, ENDED_DST = 64, 128
 ENDED = (ENDED_SRC, ENDED_DST)
-DENIED = 256
-QUEUED = 512  # in the urgent list
-REMOVED = 1024
-IPV6 = 2048
-EXPORTED = 4096
+LONE = 256  # exported alone after the correlation timeout
+DENIED = 512
+QUEUED = 1024  # in the urgent list
+REMOVED = 2048
+IPV6 = 4096
 END_WAIT = 8192  # an end timer is pending
 NO_TWIN = 16384  # no twin will come: denied by the source's egress policy, or no Pod/Node to correlate
 SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
