@@ -241,6 +241,12 @@ _CORRELATE_TIMER, _END_TIMER = 0, 1
 FLOW_COST = 1024  # estimated bytes of a flow besides its strings (slots, counters, dict entry, timers)
 
 
+# The caches keyed by a side's tuple (its string cost, its part of a merge) keep only
+# tuples whose strings are this short in all: they may outlive the flows, and must not keep
+# a hostile peer's 60 KB names alive (65536 entries of at most 1 KB each).
+_CACHED_COST = 1024
+
+
 def _meta_cost(meta: tuple[Any, ...] | None) -> int:
     return sum(len(v) for v in meta if type(v) is str) if meta else 0
 
@@ -391,7 +397,8 @@ class AggregationProcess:
         self._shared: dict[Any, Any] = {}
         self._shared_limit = max(65536, max_flows)
         # What a side's Kubernetes fields cost (their strings' length), by tuple: computed
-        # once per distinct tuple, not on every new flow and change (bounded like _shared).
+        # once per distinct tuple, not on every new flow and change. Bounded like _shared,
+        # and by the bytes it keeps alive: a tuple of long strings is not cached.
         self._costs: dict[tuple[Any, ...], int] = {}
         # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
         self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -404,9 +411,11 @@ class AggregationProcess:
         costs = self._costs
         mc = costs.get(meta)
         if mc is None:
-            if len(costs) >= self._shared_limit:
-                costs.clear()
-            mc = costs[meta] = _meta_cost(meta)
+            mc = _meta_cost(meta)
+            if mc <= _CACHED_COST:
+                if len(costs) >= self._shared_limit:
+                    costs.clear()
+                costs[meta] = mc
         return mc
 
     def _push_timers(self, deadline: float, what: int, due: list[Flow]) -> None:
@@ -463,9 +472,7 @@ class AggregationProcess:
                     continue
                 mc = costs.get(meta)
                 if mc is None:
-                    if len(costs) >= shared_limit:
-                        costs.clear()
-                    mc = costs[meta] = _meta_cost(meta)
+                    mc = self._cost(meta)
                 if self.flow_bytes + FLOW_COST + mc > self.max_flow_bytes:
                     stats.dropped_flow_bytes += 1
                     continue
@@ -891,7 +898,9 @@ def _side(meta: tuple[Any, ...] | None, owner: int, v6: bool, cache: dict[Any, A
     got = cache.get(k)
     if got is None:
         part = tuple([d if x is None else x for x, d in zip(meta, _META_DEFAULTS[v6])])
-        got = cache[k] = (part, any(meta[i] not in _EMPTY for i in _NOT_OWNED[owner]))
+        got = (part, any(meta[i] not in _EMPTY for i in _NOT_OWNED[owner]))
+        if _meta_cost(meta) <= _CACHED_COST:
+            cache[k] = got
     return got  # type: ignore[no-any-return]
 
 
