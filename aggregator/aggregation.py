@@ -86,7 +86,7 @@ from flowscope.ipfix import antrea
 
 __all__ = [
     "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
-    "KUBERNETES_FIELDS", "COUNTER_FIELDS", "NODE_COUNTER_FIELDS", "output_names",
+    "KUBERNETES_FIELDS", "output_names",
 ]
 
 # Antrea's vocabulary, defined once in flowscope.ipfix.antrea: flowType values, the rule
@@ -170,38 +170,21 @@ def _extract(rec: Mapping[str, Any], v6: bool) -> tuple[Any, ...]:
     )
 
 
-COUNTER_FIELDS: tuple[str, ...] = (
-    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
-    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
-)
-
-
-def _node_names(suffix: str) -> tuple[str, ...]:
-    return (
-        f"packetTotalCount{suffix}", f"octetTotalCount{suffix}",
-        f"reversePacketTotalCount{suffix}", f"reverseOctetTotalCount{suffix}",
-        f"packetDeltaCount{suffix}", f"octetDeltaCount{suffix}",
-        f"reversePacketDeltaCount{suffix}", f"reverseOctetDeltaCount{suffix}",
-    )
-
-
-# What Antrea's Flow Aggregator adds beyond the per-node counters, in the order of Flow.c's
-# slots 16-23: each node's last flowEndSeconds, then the throughputs (bits per second).
-AGGREGATION_FIELDS: tuple[str, ...] = (
-    "flowEndSecondsFromSourceNode", "flowEndSecondsFromDestinationNode",
-    "throughputFromSourceNode", "reverseThroughputFromSourceNode",
-    "throughputFromDestinationNode", "reverseThroughputFromDestinationNode",
-    "throughput", "reverseThroughput",
-)
-
-# Same layout as a side's 8 slots in Flow.c: totals then deltas, forward then reverse.
+# The aggregated record's layout is antrea.aggregator_fields (the one definition, which the
+# IPFIX sink announces as its template): build_record lays its values out in the order
+# that suits a Flow (_slot_names) and one C-level itemgetter per record shape puts them in
+# template order. The flow's own counters, in Flow.c's order (totals, then deltas):
+_C_ORDER = (0, 1, 4, 5, 2, 3, 6, 7)  # positions in antrea.FLOW_COUNTER_FIELDS
+COUNTER_FIELDS: tuple[str, ...] = tuple(antrea.FLOW_COUNTER_FIELDS[i] for i in _C_ORDER)
+# The same, per node: [source node's, destination node's], as a side's 8 slots in Flow.c.
 NODE_COUNTER_FIELDS: tuple[tuple[str, ...], tuple[str, ...]] = (
-    _node_names("FromSourceNode"), _node_names("FromDestinationNode"),
+    tuple(n + antrea.NODE_SUFFIXES[0] for n in COUNTER_FIELDS),
+    tuple(n + antrea.NODE_SUFFIXES[1] for n in COUNTER_FIELDS),
 )
 
 
-def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
-    """The IE names of an aggregated record, in template order (4 shapes: flow and exporter family)."""
+def _slot_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """What build_record's values are, in the order it lays them out."""
     fam = "IPv6" if ipv6 else "IPv4"
     return (
         "flowStartSeconds", "flowEndSeconds", "flowEndReason",
@@ -213,27 +196,42 @@ def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
         "originalExporterIPv6Address" if exporter_ipv6 else "originalExporterIPv4Address",
         "originalObservationDomainId",
         *NODE_COUNTER_FIELDS[SRC], *NODE_COUNTER_FIELDS[DST],
-        *AGGREGATION_FIELDS,
+        *antrea.AGGREGATOR_TIME_FIELDS,
     )
 
 
-_OUTPUT_NAMES = {(v6, e6): output_names(v6, e6) for v6 in (False, True) for e6 in (False, True)}
+def output_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
+    """The IE names of an aggregated record, in template order (4 shapes: flow and exporter
+    family): :func:`flowscope.ipfix.antrea.aggregator_fields`."""
+    return antrea.aggregator_fields(6 if ipv6 else 4, 6 if exporter_ipv6 else 4)
 
 
-# Flow.flags bits.
+def _layout(ipv6: bool, exporter_ipv6: bool) -> tuple[tuple[str, ...], itemgetter[Any]]:
+    names, slots = output_names(ipv6, exporter_ipv6), _slot_names(ipv6, exporter_ipv6)
+    if sorted(names) != sorted(slots):  # antrea's list gained or lost a field this module does not fill
+        raise ImportError(f"the aggregated record's fields and build_record's differ: {set(names) ^ set(slots)}")
+    return names, itemgetter(*map(slots.index, names))
+
+
+_LAYOUT = {(v6, e6): _layout(v6, e6) for v6 in (False, True) for e6 in (False, True)}
+
+
+# Flow.flags bits. A steady flow's (seen from both sides, correlated, exported, changed or
+# not) are all below 256, so its flags are one of CPython's cached small ints, not an int
+# object of its own.
 HAS_SRC, HAS_DST = 1, 2
 SEEN = (HAS_SRC, HAS_DST)
 READY = 4  # may be exported (complete, denied, or its correlation wait is over)
 CORRELATED = 8  # both halves of an inter-node flow have arrived
-LONE = 16  # exported alone after the correlation timeout
-DIRTY = 32  # changed since the last export
+DIRTY = 16  # changed since the last export
+EXPORTED = 32
 ENDED_SRC, ENDED_DST = 64, 128
 ENDED = (ENDED_SRC, ENDED_DST)
-DENIED = 256
-QUEUED = 512  # in the urgent list
-REMOVED = 1024
-IPV6 = 2048
-EXPORTED = 4096
+LONE = 256  # exported alone after the correlation timeout
+DENIED = 512
+QUEUED = 1024  # in the urgent list
+REMOVED = 2048
+IPV6 = 4096
 END_WAIT = 8192  # an end timer is pending
 NO_TWIN = 16384  # no twin will come: denied by the source's egress policy, or no Pod/Node to correlate
 SINGLE = LONE | NO_TWIN  # an inter-node flow that is complete with one half
@@ -243,16 +241,24 @@ _CORRELATE_TIMER, _END_TIMER = 0, 1
 FLOW_COST = 1024  # estimated bytes of a flow besides its strings (slots, counters, dict entry, timers)
 
 
+# The caches keyed by a side's tuple (its string cost, its part of a merge) keep only
+# tuples whose strings are this short in all: they may outlive the flows, and must not keep
+# a hostile peer's 60 KB names alive (65536 entries of at most 1 KB each).
+_CACHED_COST = 1024
+
+
 def _meta_cost(meta: tuple[Any, ...] | None) -> int:
     return sum(len(v) for v in meta if type(v) is str) if meta else 0
 
 
-_ZERO28 = array("Q", bytes(224))
+_ZERO26 = array("Q", bytes(208))
+_ZERO4 = array("Q", bytes(32))
+_ZERO6 = array("Q", bytes(48))
 # _SWITCHED: a flow exported with the destination node's counters (denied at the
 # destination, or a lone half exported uncorrelated) takes the source node's once that
 # node's first record comes. The source node's first delta is its whole history, part of
 # which the flow already exported from the destination node's: the flow's own deltas
-# subtract that part (c[24:28]) until it is used up, so the deltas a flow exports still
+# subtract that part (Flow.sw, allocated only then) until it is used up, so the deltas a flow exports still
 # sum to its total. Each node's own deltas (...FromSourceNode) are left as the node said.
 
 
@@ -261,7 +267,7 @@ class Flow:
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
-        "start", "end", "reason", "tcp_state", "last_seen", "cost",
+        "reason", "tcp_state", "last_seen", "sw",
     )
 
     def __init__(self, key: tuple[Any, ...], flow_type: int, now: float) -> None:
@@ -270,9 +276,11 @@ class Flow:
         self.flags = 0
         # [src: pkt, oct, rpkt, roct totals, then the 4 deltas][dst: same][src, dst: last flowEndSeconds]
         # [src: throughput, reverse][dst: same][the newest record's: same]
-        # [what the flow's own deltas already counted from the destination node before the
-        #  source node's first record came: pkt, oct, rpkt, roct] (see _SWITCHED)
-        self.c = _ZERO28[:]
+        # [the newest record's flowStartSeconds, flowEndSeconds] (in the array, not int objects)
+        self.c = _ZERO26[:]
+        # What the flow's own deltas already counted from the destination node before the
+        # source node's first record came: pkt, oct, rpkt, roct (see _SWITCHED); None when nothing.
+        self.sw: array[int] | None = None
         # Each side's Kubernetes fields (a shared tuple), exporter address and observation domain.
         self.smeta: tuple[Any, ...] | None = None
         self.dmeta: tuple[Any, ...] | None = None
@@ -280,12 +288,9 @@ class Flow:
         self.dexp: str | None = None
         self.sdom = 0
         self.ddom = 0
-        self.start = 0
-        self.end = 0
         self.reason = 0
         self.tcp_state = ""
         self.last_seen = now
-        self.cost = FLOW_COST  # estimated bytes held, counted in AggregationProcess.flow_bytes
 
     @property
     def correlation(self) -> str:
@@ -380,7 +385,9 @@ class AggregationProcess:
         self.flow_bytes = 0  # estimated bytes the flows hold (Flow.cost summed)
         self.flows: dict[tuple[Any, ...], Flow] = {}
         self.stats = AggregationStats()
-        self._timers: deque[tuple[float, Flow, int]] = deque()
+        # Timers in groups (deadline, what, flows): every wait has the same length, so
+        # deadlines arrive in order; the flows of one ingest call share one (no tuple per flow).
+        self._timers: deque[tuple[float, int, list[Flow]]] = deque()
         self._urgent: list[Flow] = []
         self._next_scan = start + export_interval
         self._scan_list: list[Flow] | None = None  # the flows of the periodic export under way
@@ -389,10 +396,36 @@ class AggregationProcess:
         # Bounded: cleared when full (live flows keep their references).
         self._shared: dict[Any, Any] = {}
         self._shared_limit = max(65536, max_flows)
+        # What a side's Kubernetes fields cost (their strings' length), by tuple: computed
+        # once per distinct tuple, not on every new flow and change. Bounded like _shared,
+        # and by the bytes it keeps alive: a tuple of long strings is not cached.
+        self._costs: dict[tuple[Any, ...], int] = {}
         # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
         self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     # ------------------------------------------------------------------ ingest
+    def _cost(self, meta: tuple[Any, ...] | None) -> int:
+        """The strings' bytes of a side's Kubernetes fields (cached by tuple)."""
+        if meta is None:
+            return 0
+        costs = self._costs
+        mc = costs.get(meta)
+        if mc is None:
+            mc = _meta_cost(meta)
+            if mc <= _CACHED_COST:
+                if len(costs) >= self._shared_limit:
+                    costs.clear()
+                costs[meta] = mc
+        return mc
+
+    def _push_timers(self, deadline: float, what: int, due: list[Flow]) -> None:
+        """Add a group of timers: every flow of ``due`` waits until ``deadline``."""
+        timers = self._timers
+        if timers and timers[-1][0] == deadline and timers[-1][1] == what:
+            timers[-1][2].extend(due)
+        else:
+            timers.append((deadline, what, due))
+
     def ingest(self, rec: Mapping[str, Any], exporter: str, domain: int, now: float) -> bool:
         """Take one agent record; False when it was dropped (counted in ``stats``)."""
         return self.ingest_many((rec,), exporter, domain, now) == 1
@@ -404,7 +437,9 @@ class AggregationProcess:
         flows = self.flows
         shared = self._shared
         shared_limit = self._shared_limit
-        timers = self._timers
+        costs = self._costs
+        corr_due: list[Flow] = []  # flows that wait for their twin: one timer group per call
+        end_due: list[Flow] = []  # correlated flows one node said ended
         urgent = self._urgent
         corr_timeout = self.correlation_timeout
         max_flows = self.max_flows
@@ -435,12 +470,17 @@ class AggregationProcess:
                 if len(flows) >= max_flows:
                     stats.dropped_flow_cap += 1
                     continue
-                if self.flow_bytes + FLOW_COST + _meta_cost(meta) > self.max_flow_bytes:
+                mc = costs.get(meta)
+                if mc is None:
+                    mc = self._cost(meta)
+                if self.flow_bytes + FLOW_COST + mc > self.max_flow_bytes:
                     stats.dropped_flow_bytes += 1
                     continue
                 if len(shared) >= shared_limit:
                     shared.clear()
-                key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport, dport, proto)
+                # the addresses and the destination port are shared by many flows: one object each
+                key = (shared.setdefault(src_ip, src_ip), shared.setdefault(dst_ip, dst_ip), sport,
+                       shared.setdefault(dport, dport), proto)
                 if not ft:  # flowType 0 (or none, a foreign exporter): guess from what the record knows
                     ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
                     flow = Flow(key, ft, now)
@@ -514,8 +554,11 @@ class AggregationProcess:
                     # The flow's own counters switch from the destination node's to the
                     # source node's now; what it exported from the destination node's is
                     # not counted again (_SWITCHED).
+                    sw = flow.sw
+                    if sw is None:
+                        sw = flow.sw = _ZERO4[:]
                     for k in range(4):
-                        c[24 + k] += c[8 + k] - c[12 + k]
+                        sw[k] += c[8 + k] - c[12 + k]
                 c[o] = pt
                 c[o + 1] = ot
                 c[o + 2] = rpt
@@ -535,35 +578,33 @@ class AggregationProcess:
                     th, rth = (ot if first else do) * 8 // span, (rot if first else dro) * 8 // span
                     c[18 + 2 * side] = th
                     c[19 + 2 * side] = rth
-                    if end >= flow.end:
+                    if end >= c[25]:
                         c[22] = th
                         c[23] = rth
 
                 # Kubernetes fields: intern a side's tuple only when it changed.
                 if side:
                     if flow.dmeta != meta:
-                        delta = _meta_cost(meta) - _meta_cost(flow.dmeta)
+                        delta = self._cost(meta) - self._cost(flow.dmeta)
                         flow.dmeta = shared.setdefault(meta, meta)
-                        flow.cost += delta
                         self.flow_bytes += delta
                         changed = True
                     flow.dexp = exporter
                     flow.ddom = domain
                 else:
                     if flow.smeta != meta:
-                        delta = _meta_cost(meta) - _meta_cost(flow.smeta)
+                        delta = self._cost(meta) - self._cost(flow.smeta)
                         flow.smeta = shared.setdefault(meta, meta)
-                        flow.cost += delta
                         self.flow_bytes += delta
                         changed = True
                     flow.sexp = exporter
                     flow.sdom = domain
 
                 # Times and state from the newest record.
-                if end >= flow.end:
-                    flow.end = end
+                if end >= c[25]:
+                    c[25] = int(end)
                     if start:
-                        flow.start = start
+                        c[24] = int(start)
                     if reason != flow.reason:
                         if reason in END_REASONS:  # idle (1) vs active (2) timeout alone is no news
                             changed = True
@@ -585,7 +626,7 @@ class AggregationProcess:
                         else:
                             stats.flows_correlated += 1
                     elif new_flow and not flags & NO_TWIN:
-                        timers.append((now + corr_timeout, flow, _CORRELATE_TIMER))
+                        corr_due.append(flow)
                 elif not flags & READY:
                     flags |= READY
                 if flags & NO_TWIN and not flags & READY:
@@ -605,7 +646,7 @@ class AggregationProcess:
                             urgent.append(flow)
                     elif flags & CORRELATED and not flags & END_WAIT:
                         flags |= END_WAIT
-                        timers.append((now + corr_timeout, flow, _END_TIMER))
+                        end_due.append(flow)
                     # else: a lone half waits for its correlation timer, which exports it as final
                 flow.flags = flags
                 taken += 1
@@ -618,6 +659,10 @@ class AggregationProcess:
                 continue
 
         stats.records_received += n
+        if corr_due:
+            self._push_timers(now + corr_timeout, _CORRELATE_TIMER, corr_due)
+        if end_due:
+            self._push_timers(now + corr_timeout, _END_TIMER, end_due)
         return taken
 
     # -------------------------------------------------------------------- tick
@@ -631,21 +676,22 @@ class AggregationProcess:
         out: list[ExportedFlow] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, flow, what = timers.popleft()
-            f = flow.flags
-            if f & REMOVED:
-                continue
-            if what == _CORRELATE_TIMER:
-                if f & (CORRELATED | NO_TWIN) or flow.flow_type != INTER_NODE:
+            _, what, due = timers.popleft()
+            for flow in due:
+                f = flow.flags
+                if f & REMOVED:
                     continue
-                flow.flags = f | LONE | READY
-                self.stats.flows_uncorrelated += 1
-                if f & (ENDED_SRC | ENDED_DST):
+                if what == _CORRELATE_TIMER:
+                    if f & (CORRELATED | NO_TWIN) or flow.flow_type != INTER_NODE:
+                        continue
+                    flow.flags = f | LONE | READY
+                    self.stats.flows_uncorrelated += 1
+                    if f & (ENDED_SRC | ENDED_DST):
+                        self._finish(flow, out, ended=True)
+                    elif f & DIRTY or not f & EXPORTED:
+                        out.append(self._export(flow, final=False))
+                else:  # the other node never said the flow ended: end it now
                     self._finish(flow, out, ended=True)
-                elif f & DIRTY or not f & EXPORTED:
-                    out.append(self._export(flow, final=False))
-            else:  # the other node never said the flow ended: end it now
-                self._finish(flow, out, ended=True)
         if self._urgent:
             urgent, self._urgent = self._urgent, []
             for flow in urgent:
@@ -713,7 +759,8 @@ class AggregationProcess:
         flow.flags |= REMOVED
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
-            self.flow_bytes -= flow.cost
+            # its estimated bytes, as counted in: a fixed cost and its strings' (see _cost)
+            self.flow_bytes -= FLOW_COST + self._cost(flow.smeta) + self._cost(flow.dmeta)
         if ended:
             self.stats.flows_ended += 1
         else:
@@ -722,11 +769,14 @@ class AggregationProcess:
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
         record = build_record(flow, self._merge_cache)
         c = flow.c
-        if c[24] or c[25] or c[26] or c[27]:  # what the correction did not use up waits for the next delta
+        sw = flow.sw
+        if sw is not None:  # what the correction did not use up waits for the next delta
             for k in range(4):
-                c[24 + k] -= min(c[24 + k], c[4 + k])
-        for i in (4, 5, 6, 7, 12, 13, 14, 15, 18, 19, 20, 21, 22, 23):
-            c[i] = 0
+                sw[k] -= min(sw[k], c[4 + k])
+            if not any(sw):
+                flow.sw = None
+        c[4:8] = c[12:16] = _ZERO4  # the deltas, the throughputs
+        c[18:24] = _ZERO6
         flow.flags = (flow.flags & ~DIRTY) | EXPORTED
         self.stats.records_exported += 1
         return ExportedFlow(record, flow.correlation, final)
@@ -801,6 +851,19 @@ def _merged(
     got = cache.get(ck)
     if got is not None:
         return got
+    if len(cache) >= 65536:
+        cache.clear()
+    # The usual case: neither side has a value in a field the other owns (an agent fills in
+    # its own side's fields only). Then every field is its owner's (None: the default), and
+    # the merge is slices of each side's own part, computed once per (shared) side tuple.
+    pa, fa = _side(smeta, 0, v6, cache)
+    pb, fb = _side(dmeta, 1, v6, cache)
+    if not fa and not fb:
+        merged: tuple[Any, ...] = ()
+        for sl, owner in _OWN_RUNS:
+            merged += (pb if owner else pa)[sl]
+        cache[ck] = merged
+        return merged
     # Each field from its owner, else from the other side when the owner's is empty, else
     # the default. A side's tuple is runs of fields of one owner (:data:`_OWN_RUNS`), so
     # "each from its owner" is a few slices, not a test per field.
@@ -815,10 +878,30 @@ def _merged(
         y if x in _EMPTY and y not in _EMPTY else (d if x is None else x)
         for x, y, d in zip(own, other, _META_DEFAULTS[v6])
     ])  # fmt: skip
-    if len(cache) >= 65536:
-        cache.clear()
     cache[ck] = merged
     return merged
+
+
+_NOT_OWNED = (
+    tuple(i for i, o in enumerate(_OWNER) if o == 1),  # the fields the source side does not own
+    tuple(i for i, o in enumerate(_OWNER) if o == 0),
+)
+
+
+def _side(meta: tuple[Any, ...] | None, owner: int, v6: bool, cache: dict[Any, Any]) -> tuple[tuple[Any, ...], bool]:
+    """One side's part of a merge: its tuple with None as the default (what it gives the
+    fields it owns when the other side has nothing for them), and whether it has a value in
+    a field the other side owns. Cached in the merge cache by (tuple, owner, v6)."""
+    if meta is None:
+        return _META_DEFAULTS[v6], False
+    k = (meta, owner, v6)  # never equal to a merge's key: its second item is a tuple or None
+    got = cache.get(k)
+    if got is None:
+        part = tuple([d if x is None else x for x, d in zip(meta, _META_DEFAULTS[v6])])
+        got = (part, any(meta[i] not in _EMPTY for i in _NOT_OWNED[owner]))
+        if _meta_cost(meta) <= _CACHED_COST:
+            cache[k] = got
+    return got  # type: ignore[no-any-return]
 
 
 def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
@@ -830,8 +913,9 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     has_dst = bool(f & HAS_DST)
     v6 = bool(f & IPV6)
     own = cl[0:8] if has_src else cl[8:16]
-    if has_src and (cl[24] or cl[25] or cl[26] or cl[27]):  # _SWITCHED
-        own = own[:4] + [max(0, d - x) for d, x in zip(cl[4:8], cl[24:28])]
+    sw = flow.sw
+    if has_src and sw is not None:  # _SWITCHED
+        own = own[:4] + [max(0, d - x) for d, x in zip(cl[4:8], sw)]
     srcc = cl[0:8] if has_src else None
     dstc = cl[8:16] if has_dst else None
     ends = [cl[16] if has_src else 0, cl[17] if has_dst else 0]
@@ -846,11 +930,12 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
     # An unattributed flow (no Pod, no Node: the agent said flowType 0) stays 0, unknown,
     # not the inter-node type it is filed under here so as to wait for no twin.
     flow_type = 0 if f & UNTYPED and f & NO_TWIN and not f & DENIED else flow.flow_type
+    names, order = _LAYOUT[(v6, ":" in exporter)]
     values = (
-        flow.start, flow.end, flow.reason, *flow.key, *own,
+        cl[24], cl[25], flow.reason, *flow.key, *own,
         *_merged(smeta, dmeta, v6, merge_cache),
         flow_type, flow.tcp_state, exporter, flow.sdom if has_src else flow.ddom,
         *(srcc or _ZERO8), *(dstc or _ZERO8),
-        *ends, *sth, *dth, cl[22], cl[23],
+        *ends, cl[22], cl[23], *sth, *dth,
     )
-    return dict(zip(_OUTPUT_NAMES[(v6, ":" in exporter)], values))
+    return dict(zip(names, order(values)))

@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from flowscope.ipfix.antrea import aggregator_fields
+
 from .aggregation import ExportedFlow
 
 __all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "record_to_json", "TEMPLATE_IDS", "template_names"]
@@ -307,17 +309,13 @@ class FlowLogSink:
 
 
 def template_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
-    """The aggregated record's template: the shared Antrea field list (fixed fields first, strings last).
+    """The aggregated record's template: :func:`flowscope.ipfix.antrea.aggregator_fields`
+    (fixed fields first, strings last), the order the records are built in.
 
     The exporter's address is originalExporterIPv4Address, or ...IPv6Address for an agent
     that reached the aggregator over IPv6.
     """
-    from flowscope.ipfix.antrea import aggregator_fields
-
-    names: tuple[str, ...] = tuple(aggregator_fields(6 if ipv6 else 4))
-    if exporter_ipv6:
-        names = tuple("originalExporterIPv6Address" if n == "originalExporterIPv4Address" else n for n in names)
-    return names
+    return aggregator_fields(6 if ipv6 else 4, 6 if exporter_ipv6 else 4)
 
 
 # Template ids of the aggregated records: (flow is IPv6, exporter is IPv6) -> id.

@@ -10,7 +10,17 @@ flow and half update a correlated one), plus one export scan. One core, no IO.
 Peer measured in the same run: a naive correlator (a dict of merged record dicts, the
 obvious implementation) on the same records, to show what the flat per-flow layout buys
 in memory and time. The issue's reference is go-ipfix's own aggregation benchmark, about
-6.3 µs a record (~160k records/s); the target is >= 200k records/s and <= 1 KB per flow.
+6.3 µs a record (~160k records/s), documented, not measured: this machine has no Go
+toolchain and /work/shared/tools/go-ipfix holds go-ipfix's collector binaries only, not
+pkg/intermediate. Issue 12's target for the whole process is >= 300k records/s and
+<= 400 bytes per held flow.
+
+``bytes_per_flow`` is what tracemalloc sees the aggregation hold per flow after the
+input is ingested. The input's own objects (the IP strings, ports and times the records
+carry) are the benchmark's, frozen, and not counted; in the daemon the flow key's ports
+and the times are the decoder's int objects (32 bytes each above 256), which a flow keeps:
+``bytes_per_flow_decoded_input`` counts them (the records decoded from IPFIX in the same
+process, transient; it includes the decoder's bounded caches).
 
 Prints one JSON object. ``--flows N`` and ``--rounds R`` change the size.
 """
@@ -61,6 +71,8 @@ def make_records(n_flows: int, seed_round: int) -> list[tuple[dict, str]]:
             "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "", "egressNetworkPolicyType": 0,
             "egressNetworkPolicyRuleName": "", "egressNetworkPolicyRuleAction": 0,
             "tcpState": "ESTABLISHED", "flowType": 2,
+            "destinationServiceIPv4": "0.0.0.0", "proxySnatIPv4": "0.0.0.0", "proxySnatPort": 0,
+            "egressName": "", "egressIP": "", "egressNodeName": "",
         }
         src = dict(common, sourcePodNamespace="default", sourcePodName=f"client-{s_node}-{s_pod}",
                    sourceNodeName=f"node-{s_node}", destinationPodNamespace="", destinationPodName="",
@@ -217,6 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             proc.ingest_many([rec for _t, rec in msg.data_records()], "192.168.0.1", 1, 5.0)
         path_times.append(CLOCK() - t0)
     path_t = statistics.median(path_times)
+    # Memory as the daemon holds it: the records decoded here are transient, so what a flow
+    # keeps of them (the key's port ints, the times) is counted too.
+    dec = Decoder()
+    proc = ours()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for data in messages:
+        msg = dec.decode(data)
+        proc.ingest_many([rec for _t, rec in msg.data_records()], "192.168.0.1", 1, 5.0)
+    del msg
+    gc.collect()
+    decoded_mem = (tracemalloc.get_traced_memory()[0] - before) / len(proc.flows)
+    tracemalloc.stop()
 
     result = {
         "benchmark": "aggregator_correlation",
@@ -227,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_records_per_s_median": round(n_records / ours_t),
         "ingest_us_per_record_median": round(ours_t / n_records * 1e6, 3),
         "bytes_per_flow": round(ours_mem),
+        "bytes_per_flow_decoded_input": round(decoded_mem),
         "export_scan_s": round(scan_s, 3),
         "export_records_per_s": round(len(exported) / scan_s),
         "decode_plus_ingest_records_per_s_median": round(n_records / path_t),
@@ -237,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_memory_vs_peer": round(ours_mem / peer_mem, 2),
         "clock": "process CPU time (one core)",
         "gc": "default thresholds; benchmark input frozen (gc.freeze) as it would be transient in the daemon",
-        "target": {"records_per_s": 200_000, "bytes_per_flow": 1024, "go_ipfix_records_per_s": 160_000},
+        "documented_peer": "go-ipfix aggregation, 6.3 us a record (issue 12; not runnable here: no Go toolchain)",
+        "ratio_ingest_vs_documented_peer": round(ours_t / n_records * 1e6 / 6.3, 2),
+        "target": {"records_per_s": 300_000, "bytes_per_flow": 400, "go_ipfix_us_per_record": 6.3},
     }
     print(json.dumps(result, indent=2))
     return 0

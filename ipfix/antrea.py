@@ -46,11 +46,15 @@ __all__ = [
     "AGENT_IPV6_FIELDS",
     "AGENT_STRING_FIELDS",
     "AGGREGATOR_EXTRA_FIELDS",
+    "AGGREGATOR_TIME_FIELDS",
+    "FLOW_COUNTER_FIELDS",
+    "NODE_SUFFIXES",
     "AGGREGATOR_IPV4_FIELDS",
     "AGGREGATOR_IPV6_FIELDS",
     "TEMPLATES",
     "agent_fields",
     "aggregator_fields",
+    "node_counter_fields",
     # vocabulary
     "DENY_ACTIONS", "ENDED_REASONS", "END_REASONS", "FLOW_TYPES", "POLICY_TYPES", "PROTOCOLS", "RULE_ACTIONS",
     "END_REASON_ACTIVE_TIMEOUT", "END_REASON_END_OF_FLOW", "END_REASON_FORCED_END", "END_REASON_IDLE_TIMEOUT",
@@ -124,26 +128,23 @@ AGENT_IPV6_FIELDS: Final[tuple[str, ...]] = (
     _COMMON_HEAD + _IPV6_ADDRESSES + _COMMON_FIXED + _IPV6_ANTREA + _ANTREA_FIXED + AGENT_STRING_FIELDS
 )
 
-#: What the Flow Aggregator adds to an agent record (all fixed-length).
-AGGREGATOR_EXTRA_FIELDS: Final[tuple[str, ...]] = (
-    "originalExporterIPv4Address",
-    "originalObservationDomainId",
-    "packetTotalCountFromSourceNode",
-    "octetTotalCountFromSourceNode",
-    "packetDeltaCountFromSourceNode",
-    "octetDeltaCountFromSourceNode",
-    "reversePacketTotalCountFromSourceNode",
-    "reverseOctetTotalCountFromSourceNode",
-    "reversePacketDeltaCountFromSourceNode",
-    "reverseOctetDeltaCountFromSourceNode",
-    "packetTotalCountFromDestinationNode",
-    "octetTotalCountFromDestinationNode",
-    "packetDeltaCountFromDestinationNode",
-    "octetDeltaCountFromDestinationNode",
-    "reversePacketTotalCountFromDestinationNode",
-    "reverseOctetTotalCountFromDestinationNode",
-    "reversePacketDeltaCountFromDestinationNode",
-    "reverseOctetDeltaCountFromDestinationNode",
+#: A flow's eight counters, as the agent record carries them (totals then deltas, each
+#: forward then reverse): the aggregated record has them three times, as the flow's own and
+#: once per node with the suffix of :data:`NODE_SUFFIXES`.
+FLOW_COUNTER_FIELDS: Final[tuple[str, ...]] = tuple(n for n in _COMMON_FIXED if n.endswith("Count"))
+
+#: The suffixes of the aggregator's per-node elements: the source node's, the destination node's.
+NODE_SUFFIXES: Final[tuple[str, str]] = ("FromSourceNode", "FromDestinationNode")
+
+
+def node_counter_fields(suffix: str) -> tuple[str, ...]:
+    """One node's counters in the aggregated record (:data:`FLOW_COUNTER_FIELDS` + ``suffix``)."""
+    return tuple(name + suffix for name in FLOW_COUNTER_FIELDS)
+
+
+#: Each node's last flowEndSeconds, then the throughputs (bits per second): the newest
+#: record's, then each node's (forward, reverse).
+AGGREGATOR_TIME_FIELDS: Final[tuple[str, ...]] = (
     "flowEndSecondsFromSourceNode",
     "flowEndSecondsFromDestinationNode",
     "throughput",
@@ -152,6 +153,17 @@ AGGREGATOR_EXTRA_FIELDS: Final[tuple[str, ...]] = (
     "reverseThroughputFromSourceNode",
     "throughputFromDestinationNode",
     "reverseThroughputFromDestinationNode",
+)
+
+#: What the Flow Aggregator adds to an agent record (all fixed-length): the agent that
+#: reported it (IPv4 here; :func:`aggregator_fields` names the IPv6 form), each node's
+#: counters, then :data:`AGGREGATOR_TIME_FIELDS`.
+AGGREGATOR_EXTRA_FIELDS: Final[tuple[str, ...]] = (
+    "originalExporterIPv4Address",
+    "originalObservationDomainId",
+    *node_counter_fields(NODE_SUFFIXES[0]),
+    *node_counter_fields(NODE_SUFFIXES[1]),
+    *AGGREGATOR_TIME_FIELDS,
 )
 
 
@@ -166,12 +178,24 @@ def agent_fields(family: Literal[4, 6], *, labels: bool = False) -> tuple[str, .
     return base + AGENT_LABEL_FIELDS if labels else base
 
 
-def aggregator_fields(family: Literal[4, 6]) -> tuple[str, ...]:
-    """The aggregated record: the agent's fixed fields, the aggregator's, then the strings
-    (the Pod labels included)."""
+def aggregator_fields(family: Literal[4, 6], exporter_family: Literal[4, 6] = 4) -> tuple[str, ...]:
+    """The aggregated record, in template order - the one definition of it: the agent's
+    fixed fields, the aggregator's, then the strings (the Pod labels included).
+
+    ``family`` is the flow's addresses', ``exporter_family`` that of the agent's address
+    as the aggregator saw it (originalExporterIPv4Address or ...IPv6Address). The Flow
+    Aggregator builds its records in this order (flowscope.aggregator.aggregation derives
+    its layout from it), its IPFIX sink announces it as the template, the store's schema
+    follows it.
+    """
+    if exporter_family not in (4, 6):
+        raise ValueError(f"IP family {exporter_family!r} of the exporter is not 4 or 6")
     base = agent_fields(family)
     fixed = tuple(name for name in base if name not in AGENT_STRING_FIELDS)
-    return fixed + AGGREGATOR_EXTRA_FIELDS + AGENT_STRING_FIELDS + AGENT_LABEL_FIELDS
+    extra = AGGREGATOR_EXTRA_FIELDS
+    if exporter_family == 6:
+        extra = ("originalExporterIPv6Address", *extra[1:])
+    return fixed + extra + AGENT_STRING_FIELDS + AGENT_LABEL_FIELDS
 
 
 AGGREGATOR_IPV4_FIELDS: Final[tuple[str, ...]] = aggregator_fields(4)

@@ -372,12 +372,20 @@ def test_memory_stays_flat_at_the_cap():
 
 @pytest.mark.parametrize("v6", [False, True])
 @pytest.mark.parametrize("e6", [False, True])
-def test_aggregated_record_has_exactly_the_shared_template_fields(v6, e6):
+def test_aggregated_record_is_in_template_order(v6, e6):
+    """The record's keys are the IPFIX sink's template, in order (one definition: antrea.aggregator_fields)."""
     from flowscope.aggregator.sinks import template_names
     from flowscope.ipfix.antrea import agent_fields
 
     names = template_names(v6, e6)
-    assert sorted(output_names(v6, e6)) == sorted(names)
+    assert output_names(v6, e6) == names
+    agg = make()
+    src, dst = (f"fd00::{i}" if v6 else f"10.0.{i}.5" for i in (1, 2))
+    exporter = "fd00:ff::1" if e6 else NODE_A
+    agg.ingest(source_half(src=src, dst=dst), exporter, 1, now=1.0)
+    agg.ingest(destination_half(src=src, dst=dst), exporter, 1, now=2.0)
+    (out,) = agg.tick(60.0)
+    assert tuple(out.record) == names
     # every agent element is kept
     assert set(agent_fields(6 if v6 else 4)) <= set(names)
 
@@ -426,3 +434,25 @@ def test_a_half_exported_before_its_twin_is_not_counted_again_when_the_twin_come
     assert sum(r["octetDeltaCountFromSourceNode"] for r in exported) == 60
     assert sum(r["octetDeltaCountFromDestinationNode"] for r in exported) == 60
     assert later and later[-1]["sourcePodName"] == "frontend-1"  # the source half did reach the record
+
+
+def test_flow_bytes_bound_refuses_new_flows_and_is_given_back_when_flows_go():
+    """max_flow_bytes counts a fixed cost per flow plus its strings; a side whose fields
+    change is re-counted, and a flow that expires or ends gives back all it was counted."""
+    from flowscope.aggregator.aggregation import FLOW_COST
+
+    agg = make(max_flow_bytes=3 * FLOW_COST + 200)
+    assert agg.ingest(source_half(sport=1), NODE_A, 1, now=0.0)
+    one = agg.flow_bytes
+    assert one > FLOW_COST  # the strings count too
+    assert agg.ingest(destination_half(sport=1), NODE_B, 1, now=1.0)
+    both = agg.flow_bytes
+    assert both > one
+    agg.ingest(destination_half(sport=1, destinationPodName="backend-1-with-a-longer-name"), NODE_B, 1, now=2.0)
+    assert agg.flow_bytes == both + len("-with-a-longer-name")
+    assert agg.ingest(source_half(sport=2), NODE_A, 1, now=3.0)
+    assert not agg.ingest(source_half(sport=3, sourcePodName="x" * 300), NODE_A, 1, now=3.0)
+    assert agg.stats.dropped_flow_bytes == 1 and len(agg) == 2
+    agg.tick(60.0)
+    agg.tick(200.0)  # both idle past inactive_timeout: exported and dropped
+    assert len(agg) == 0 and agg.flow_bytes == 0

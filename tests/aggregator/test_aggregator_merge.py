@@ -52,3 +52,18 @@ def test_the_label_fields_are_each_owned_by_their_own_side() -> None:
     owner = dict(zip(names, agg._OWNER))
     assert (owner["sourcePodLabels"], owner["destinationPodLabels"]) == (0, 1)
     assert (owner["sourcePodName"], owner["destinationPodName"]) == (0, 1)
+
+
+def _side_meta(owner: int) -> st.SearchStrategy[tuple[Any, ...]]:
+    """A side's tuple as agents send it: values only in the fields its side owns (empty elsewhere)."""
+    empties = st.sampled_from([None, "", 0, "0.0.0.0", "::"])
+    return st.tuples(*[values if o == owner else empties for o in agg._OWNER])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.none() | _side_meta(0), st.none() | _side_meta(1), st.booleans())
+def test_merged_fields_of_sides_that_keep_to_their_own_follow_the_definition(smeta: Any, dmeta: Any, v6: bool) -> None:
+    """The fast path (neither side has a value in the other's fields), cached and not."""
+    cache: dict[Any, Any] = {}
+    assert agg._merged(smeta, dmeta, v6, cache) == _definition(smeta, dmeta, v6)
+    assert agg._merged(smeta, dmeta, v6, cache) == _definition(smeta, dmeta, v6)
