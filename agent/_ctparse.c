@@ -15,9 +15,19 @@
  * parsers on mixed tables.
  *
  * Addresses, ports and repeating 32-bit values (status, mark) are shared objects, from
- * small caches: a table of 100k connections names far fewer distinct ones, the store
- * keeps every entry until the next poll, and an unchanged entry then compares equal to
- * its predecessor mostly by identity.
+ * small caches: a table of 100k connections names far fewer distinct ones.
+ *
+ * Most entries of a poll are unchanged since the last one (same counters, same state),
+ * and the store keeps every entry of the last dump anyway. So the parser remembers the
+ * entries it returned in the last dump, by conntrack id (CTA_ID), in an open-addressing
+ * table of object pointers; a message whose every value equals the remembered entry's
+ * (compared leaf by leaf against the raw message, no object built) returns that very
+ * entry again, and the store then recognises it by identity. A changed entry is built
+ * anew, keeping the remembered key tuple when the key did not change. Remembered
+ * entries are released as soon as their id comes by again (or at the end of the dump
+ * for those that left the table), so no second copy of a changing table is held. The
+ * table is a cache only: a miss builds the entry, a hit is exactly the entry a build
+ * would make (equal field for field, of the same types).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -58,10 +68,25 @@ typedef struct {
     PyObject *value;
 } U32Slot;
 
+/* Entries of one dump by conntrack id: slots hold an entry (owned), NULL (empty) or
+ * REMOVED (taken out; keeps probe chains intact). Capacity a power of two, at most half full. */
+typedef struct {
+    PyObject **slots;
+    size_t mask;
+    size_t used; /* entries and REMOVED markers */
+} IdTable;
+
+static char removed_marker;
+#define REMOVED ((PyObject *)&removed_marker)
+
 typedef struct {
     PyObject_HEAD
     PyTypeObject *entry_type;
     PyTypeObject *key_type;
+    Py_ssize_t id_field; /* index into the entry (key included) of the conntrack id */
+    IdTable last; /* the entries of the last complete dump, not yet seen again */
+    IdTable current; /* the entries of this dump so far */
+    Py_ssize_t reused; /* entries returned again unchanged (statistics, tests) */
     Layout *by_length[65536];
     Py_ssize_t count;
     AddrSlot addr4[ADDR_SLOTS];
@@ -168,6 +193,222 @@ address(ParserObject *self, const unsigned char *p, Py_ssize_t n)
     return v;
 }
 
+static void
+table_free(IdTable *t)
+{
+    if (t->slots != NULL) {
+        for (size_t i = 0; i <= t->mask; i++) {
+            PyObject *v = t->slots[i];
+            if (v != NULL && v != REMOVED) {
+                Py_DECREF(v);
+            }
+        }
+        PyMem_Free(t->slots);
+    }
+    t->slots = NULL;
+    t->mask = 0;
+    t->used = 0;
+}
+
+static inline size_t
+id_hash(uint32_t id)
+{
+    return (size_t)(((uint64_t)id * 0x9e3779b97f4a7c15ULL) >> 32);
+}
+
+/* The conntrack id of an entry (0 when it has none, or not an int). */
+static uint32_t
+entry_id(ParserObject *self, PyObject *entry)
+{
+    if (PyTuple_GET_SIZE(entry) <= self->id_field) {
+        return 0;
+    }
+    PyObject *v = PyTuple_GET_ITEM(entry, self->id_field);
+    if (!PyLong_CheckExact(v)) {
+        return 0;
+    }
+    unsigned long id = PyLong_AsUnsignedLong(v);
+    if (id == (unsigned long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return id > 0xFFFFFFFFUL ? 0 : (uint32_t)id;
+}
+
+static int
+table_grow(ParserObject *self, IdTable *t, size_t want)
+{
+    size_t cap = 1024;
+    while (cap < want * 2) {
+        cap <<= 1;
+    }
+    PyObject **slots = PyMem_Calloc(cap, sizeof(PyObject *));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t used = 0;
+    if (t->slots != NULL) {
+        for (size_t i = 0; i <= t->mask; i++) {
+            PyObject *v = t->slots[i];
+            if (v == NULL || v == REMOVED) {
+                continue;
+            }
+            size_t j = id_hash(entry_id(self, v)) & (cap - 1);
+            while (slots[j] != NULL) {
+                j = (j + 1) & (cap - 1);
+            }
+            slots[j] = v;
+            used++;
+        }
+        PyMem_Free(t->slots);
+    }
+    t->slots = slots;
+    t->mask = cap - 1;
+    t->used = used;
+    return 0;
+}
+
+/* Remember entry (a new reference is taken) under id in this dump's table. */
+static int
+table_put(ParserObject *self, IdTable *t, uint32_t id, PyObject *entry)
+{
+    if (t->slots == NULL || (t->used + 1) * 2 > t->mask + 1) {
+        size_t hint = self->last.used > t->used ? self->last.used : t->used;
+        if (table_grow(self, t, hint + 1) < 0) {
+            return -1;
+        }
+    }
+    size_t j = id_hash(id) & t->mask;
+    while (t->slots[j] != NULL) {
+        j = (j + 1) & t->mask;
+    }
+    t->slots[j] = Py_NewRef(entry);
+    t->used++;
+    return 0;
+}
+
+/* Take the entry remembered under id out of the last dump's table (a reference the caller
+ * owns), or NULL when there is none. */
+static PyObject *
+table_take(ParserObject *self, IdTable *t, uint32_t id)
+{
+    if (t->slots == NULL) {
+        return NULL;
+    }
+    size_t j = id_hash(id) & t->mask;
+    for (PyObject *v; (v = t->slots[j]) != NULL; j = (j + 1) & t->mask) {
+        if (v != REMOVED && entry_id(self, v) == id) {
+            t->slots[j] = REMOVED;
+            return v;
+        }
+    }
+    return NULL;
+}
+
+/* The next dump starts: what this dump remembered becomes the last dump's. */
+static void
+tables_rotate(ParserObject *self)
+{
+    table_free(&self->last);
+    self->last = self->current;
+    self->current.slots = NULL;
+    self->current.mask = 0;
+    self->current.used = 0;
+}
+
+static inline uint64_t
+leaf_raw(const Layout *l, Py_ssize_t i, const unsigned char *m)
+{
+    const unsigned char *p = m + l->leaf_off[i];
+    switch (l->leaf_kind[i]) {
+    case V_U8:
+        return p[0];
+    case V_U16:
+        return ((uint64_t)p[0] << 8) | p[1];
+    case V_U32:
+        return ((uint64_t)p[0] << 24) | ((uint64_t)p[1] << 16) | ((uint64_t)p[2] << 8) | p[3];
+    default: {
+        uint64_t v = 0;
+        for (int k = 0; k < 8; k++) {
+            v = (v << 8) | p[k];
+        }
+        return v;
+    }
+    }
+}
+
+/* 1 when old (an entry's or a key's field) equals what leaf src (or the default def)
+ * of message m would make it, 0 when not, -1 on error. */
+static int
+same_value(const Layout *l, Py_ssize_t src, PyObject *def, const unsigned char *m, PyObject *old)
+{
+    if (src < 0) {
+        if (old == def) {
+            return 1;
+        }
+        if (Py_TYPE(old) != Py_TYPE(def)) {
+            return 0;
+        }
+        return PyObject_RichCompareBool(old, def, Py_EQ);
+    }
+    if (l->leaf_kind[src] == V_BYTES) {
+        Py_ssize_t size = l->leaf_size[src];
+        return PyBytes_CheckExact(old) && PyBytes_GET_SIZE(old) == size &&
+               memcmp(PyBytes_AS_STRING(old), m + l->leaf_off[src], (size_t)size) == 0;
+    }
+    if (!PyLong_CheckExact(old)) {
+        return 0;
+    }
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(old, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    uint64_t raw = leaf_raw(l, src, m);
+    if (overflow == 0) {
+        return v >= 0 && (uint64_t)v == raw;
+    }
+    if (overflow < 0 || raw <= (uint64_t)LLONG_MAX) {
+        return 0;
+    }
+    unsigned long long u = PyLong_AsUnsignedLongLong(old);
+    if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return u == raw;
+}
+
+/* Does old (an entry of the last dump) hold exactly the values of message m laid out as
+ * l? *same_key tells whether at least its key does. -1 on error. */
+static int
+same_entry(ParserObject *self, const Layout *l, const unsigned char *m, PyObject *old, int *same_key)
+{
+    *same_key = 0;
+    if (Py_TYPE(old) != self->entry_type || PyTuple_GET_SIZE(old) != l->nentry + 1) {
+        return 0;
+    }
+    PyObject *key = PyTuple_GET_ITEM(old, 0);
+    if (Py_TYPE(key) != self->key_type || PyTuple_GET_SIZE(key) != l->nkey) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < l->nkey; i++) {
+        int r = same_value(l, l->key_src[i], l->key_def[i], m, PyTuple_GET_ITEM(key, i));
+        if (r <= 0) {
+            return r;
+        }
+    }
+    *same_key = 1;
+    for (Py_ssize_t i = 0; i < l->nentry; i++) {
+        int r = same_value(l, l->entry_src[i], l->entry_def[i], m, PyTuple_GET_ITEM(old, i + 1));
+        if (r <= 0) {
+            return r;
+        }
+    }
+    return 1;
+}
+
 static PyObject *
 leaf_value(ParserObject *self, const Layout *l, Py_ssize_t i, const unsigned char *m)
 {
@@ -214,7 +455,7 @@ leaf_value(ParserObject *self, const Layout *l, Py_ssize_t i, const unsigned cha
 
 /* The entry of one message laid out as l; NULL on error. */
 static PyObject *
-build_entry(ParserObject *self, const Layout *l, const unsigned char *m)
+build_entry(ParserObject *self, const Layout *l, const unsigned char *m, PyObject *known_key)
 {
     PyObject *vals[MAX_FIELDS];
     for (Py_ssize_t i = 0; i < l->nleaves; i++) {
@@ -226,7 +467,7 @@ build_entry(ParserObject *self, const Layout *l, const unsigned char *m)
             return NULL;
         }
     }
-    PyObject *key = self->key_type->tp_alloc(self->key_type, l->nkey);
+    PyObject *key = known_key ? Py_NewRef(known_key) : self->key_type->tp_alloc(self->key_type, l->nkey);
     PyObject *entry = key ? self->entry_type->tp_alloc(self->entry_type, l->nentry + 1) : NULL;
     if (entry == NULL) {
         Py_XDECREF(key);
@@ -235,7 +476,7 @@ build_entry(ParserObject *self, const Layout *l, const unsigned char *m)
         }
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < l->nkey; i++) {
+    for (Py_ssize_t i = 0; known_key == NULL && i < l->nkey; i++) {
         PyObject *v = l->key_src[i] >= 0 ? vals[l->key_src[i]] : l->key_def[i];
         Py_INCREF(v);
         PyTuple_SET_ITEM(key, i, v);
@@ -397,6 +638,26 @@ error:
     return NULL;
 }
 
+/* A dump starts. Normally the last one ended with NLMSG_DONE (and rotated the tables);
+ * if it broke off, what it remembered so far serves as the last dump instead. */
+static PyObject *
+parser_begin(ParserObject *self, PyObject *unused)
+{
+    if (self->current.used > 0) {
+        tables_rotate(self);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Forget the remembered entries (tests; a parser that will not dump again). */
+static PyObject *
+parser_forget(ParserObject *self, PyObject *unused)
+{
+    table_free(&self->last);
+    table_free(&self->current);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 parser_clear(ParserObject *self, PyObject *unused)
 {
@@ -404,17 +665,50 @@ parser_clear(ParserObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* parse(buf, n, out, zones, unknown) -> (done, total, interrupted, problem)
+static PyObject *str_entry, *str_seen;
+
+/* held: a dict of connections by key (flowscope.agent.store), or None. An entry returned
+ * again unchanged whose connection there still holds that very entry is marked seen
+ * (connection.seen = poll) instead of appended: what ConnectionStore.feed would do with it.
+ * 1 when marked, 0 when not, -1 on error. */
+static int
+mark_held(PyObject *held, PyObject *poll, PyObject *entry)
+{
+    PyObject *conn = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(entry, 0));
+    if (conn == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *current = PyObject_GetAttr(conn, str_entry);
+    if (current == NULL) {
+        return -1;
+    }
+    Py_DECREF(current); /* only its identity matters; conn keeps it */
+    if (current != entry) {
+        return 0;
+    }
+    return PyObject_SetAttr(conn, str_seen, poll) < 0 ? -1 : 1;
+}
+
+/* parse(buf, n, out, zones, unknown[, held, poll]) -> (done, total, interrupted, problem, marked)
  *   problem: None, ("overrun", length) or ("refused", errno); entries are appended to
  *   out as they are read, as EntryParser.parse does. unknown(off, length) returns the
- *   entry of a message no layout matched, or None (malformed: skipped). */
+ *   entry of a message no layout matched, or None (malformed: skipped). With held and
+ *   poll, unchanged entries of held connections are marked there instead (mark_held);
+ *   marked counts them. */
 static PyObject *
 parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "parse(buf, n, out, zones, unknown)");
+    if (nargs != 5 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "parse(buf, n, out, zones, unknown[, held, poll])");
         return NULL;
     }
+    PyObject *held = nargs == 7 && args[5] != Py_None ? args[5] : NULL;
+    PyObject *poll = nargs == 7 ? args[6] : Py_None;
+    if (held != NULL && !PyDict_CheckExact(held)) {
+        PyErr_SetString(PyExc_TypeError, "held must be a dict");
+        return NULL;
+    }
+    Py_ssize_t marked = 0;
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
@@ -445,20 +739,21 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
         memcpy(&mtype, buf + off + 4, 2);
         memcpy(&flags, buf + off + 6, 2);
         if (length < 16 || off + (Py_ssize_t)length > n) {
-            result = Py_BuildValue("(Oni(sk))", Py_False, total, interrupted, "overrun", (unsigned long)length);
+            result = Py_BuildValue("(Oni(sk)n)", Py_False, total, interrupted, "overrun", (unsigned long)length, marked);
             goto done;
         }
         Py_ssize_t next = off + (((Py_ssize_t)length + 3) & ~(Py_ssize_t)3);
         if (mtype != 0x100) {
             if (mtype == 3) { /* NLMSG_DONE */
-                result = Py_BuildValue("(OniO)", Py_True, total, interrupted, Py_None);
+                tables_rotate(self);
+                result = Py_BuildValue("(OniOn)", Py_True, total, interrupted, Py_None, marked);
                 goto done;
             }
             if (mtype == 2 && off + 20 <= n) { /* NLMSG_ERROR */
                 int32_t code;
                 memcpy(&code, buf + off + 16, 4);
                 if (code != 0) {
-                    result = Py_BuildValue("(Oni(si))", Py_False, total, interrupted, "refused", (int)-code);
+                    result = Py_BuildValue("(Oni(si)n)", Py_False, total, interrupted, "refused", (int)-code, marked);
                     goto done;
                 }
             }
@@ -474,9 +769,34 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         total++;
         PyObject *entry = NULL;
+        int unchanged = 0;
         for (Layout *l = self->by_length[length]; l != NULL; l = l->next) {
             if (headers_match(l, buf + off)) {
-                entry = build_entry(self, l, buf + off);
+                const unsigned char *m = buf + off;
+                Py_ssize_t id_leaf = self->id_field - 1 < l->nentry ? l->entry_src[self->id_field - 1] : -1;
+                uint32_t id = id_leaf >= 0 && l->leaf_kind[id_leaf] == V_U32 ? (uint32_t)leaf_raw(l, id_leaf, m) : 0;
+                PyObject *old = id ? table_take(self, &self->last, id) : NULL;
+                PyObject *known_key = NULL;
+                if (old != NULL) {
+                    int same_key;
+                    int same = same_entry(self, l, m, old, &same_key);
+                    if (same < 0) {
+                        Py_DECREF(old);
+                        goto done;
+                    }
+                    if (same) {
+                        entry = old; /* the reference the table held */
+                        self->reused++;
+                        unchanged = 1;
+                        break;
+                    }
+                    if (same_key) {
+                        known_key = Py_NewRef(PyTuple_GET_ITEM(old, 0));
+                    }
+                    Py_DECREF(old);
+                }
+                entry = build_entry(self, l, m, known_key);
+                Py_XDECREF(known_key);
                 if (entry == NULL) {
                     goto done;
                 }
@@ -503,14 +823,20 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             }
         }
-        if (keep && PyList_Append(out, entry) < 0) {
-            Py_DECREF(entry);
-            goto done;
+        if (keep) {
+            uint32_t id = entry_id(self, entry);
+            int in_place = unchanged && held != NULL ? mark_held(held, poll, entry) : 0;
+            if (in_place < 0 || (!in_place && PyList_Append(out, entry) < 0) ||
+                (id && table_put(self, &self->current, id, entry) < 0)) {
+                Py_DECREF(entry);
+                goto done;
+            }
+            marked += in_place;
         }
         Py_DECREF(entry);
         off = next;
     }
-    result = Py_BuildValue("(OniO)", Py_False, total, interrupted, Py_None);
+    result = Py_BuildValue("(OniOn)", Py_False, total, interrupted, Py_None, marked);
 done:
     PyBuffer_Release(&view);
     return result;
@@ -520,7 +846,12 @@ static PyObject *
 parser_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     PyObject *entry_type, *key_type;
-    if (!PyArg_ParseTuple(args, "O!O!:Parser", &PyType_Type, &entry_type, &PyType_Type, &key_type)) {
+    Py_ssize_t id_field;
+    if (!PyArg_ParseTuple(args, "O!O!n:Parser", &PyType_Type, &entry_type, &PyType_Type, &key_type, &id_field)) {
+        return NULL;
+    }
+    if (id_field < 1 || id_field >= MAX_FIELDS) {
+        PyErr_SetString(PyExc_ValueError, "id_field out of range");
         return NULL;
     }
     if (!PyType_IsSubtype((PyTypeObject *)entry_type, &PyTuple_Type) ||
@@ -534,6 +865,7 @@ parser_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->entry_type = (PyTypeObject *)Py_NewRef(entry_type);
     self->key_type = (PyTypeObject *)Py_NewRef(key_type);
+    self->id_field = id_field;
     return (PyObject *)self;
 }
 
@@ -541,6 +873,8 @@ static void
 parser_dealloc(ParserObject *self)
 {
     parser_clear_layouts(self);
+    table_free(&self->last);
+    table_free(&self->current);
     for (int i = 0; i < ADDR_SLOTS; i++) {
         Py_XDECREF(self->addr4[i].value);
         Py_XDECREF(self->addr16[i].value);
@@ -562,9 +896,23 @@ parser_get_count(ParserObject *self, void *closure)
     return PyLong_FromSsize_t(self->count);
 }
 
+static PyObject *
+parser_get_reused(ParserObject *self, void *closure)
+{
+    return PyLong_FromSsize_t(self->reused);
+}
+
+static PyObject *
+parser_get_remembered(ParserObject *self, void *closure)
+{
+    return PyLong_FromSize_t(self->last.used + self->current.used);
+}
+
 static PyMethodDef parser_methods[] = {
+    {"begin", (PyCFunction)parser_begin, METH_NOARGS, "a dump starts"},
+    {"forget", (PyCFunction)parser_forget, METH_NOARGS, "release the remembered entries"},
     {"parse", (PyCFunction)(void (*)(void))parser_parse, METH_FASTCALL,
-     "parse(buf, n, out, zones, unknown) -> (done, total, interrupted, problem)"},
+     "parse(buf, n, out, zones, unknown[, held, poll]) -> (done, total, interrupted, problem, marked)"},
     {"add", (PyCFunction)parser_add, METH_VARARGS, "add a compiled layout"},
     {"clear", (PyCFunction)parser_clear, METH_NOARGS, "forget every layout"},
     {NULL, NULL, 0, NULL},
@@ -572,6 +920,8 @@ static PyMethodDef parser_methods[] = {
 
 static PyGetSetDef parser_getset[] = {
     {"layout_count", (getter)parser_get_count, NULL, "layouts held", NULL},
+    {"reused", (getter)parser_get_reused, NULL, "entries returned again unchanged", NULL},
+    {"remembered", (getter)parser_get_remembered, NULL, "table slots in use (entries and removed markers)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -597,6 +947,11 @@ PyMODINIT_FUNC
 PyInit__ctparse(void)
 {
     if (PyType_Ready(&ParserType) < 0) {
+        return NULL;
+    }
+    str_entry = PyUnicode_InternFromString("entry");
+    str_seen = PyUnicode_InternFromString("seen");
+    if (str_entry == NULL || str_seen == NULL) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&ctparse_module);

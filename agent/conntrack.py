@@ -153,6 +153,7 @@ class DumpResult:
     entries: list[ConntrackEntry]  # those of the configured zones
     total: int  # every entry the kernel listed, all zones
     interrupted: bool = False  # NLM_F_DUMP_INTR: the table changed while it was dumped
+    marked: int = 0  # unchanged entries marked seen in ``held`` instead of handed over
 
 
 class ConntrackError(OSError):
@@ -162,9 +163,13 @@ class ConntrackError(OSError):
 class ConntrackSource(Protocol):
     """What the agent needs from conntrack; tests implement it with a list."""
 
-    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+    def dump(
+        self, consumer: Callable[[list[ConntrackEntry]], None] | None = None, held: Held | None = None
+    ) -> DumpResult:
         """The table's entries of the configured zones. With ``consumer``, entries are
-        handed over in batches as they arrive and ``DumpResult.entries`` stays empty."""
+        handed over in batches as they arrive and ``DumpResult.entries`` stays empty.
+        With ``held`` (the one store the consumer feeds), entries unchanged since the last
+        dump may be marked seen there instead of handed over (EntryParser.parse)."""
         ...
 
     def max_entries(self) -> int | None: ...
@@ -221,6 +226,10 @@ _DEFAULTS: dict[str, object] = {
     "start_ns": 0, "stop_ns": 0, "status": 0, "tcp_state": -1, "mark": 0, "labels": b"",
     "ct_id": 0, "icmp_type": 0, "icmp_code": 0, "icmp_id": 0, "protocol": 0,
 }
+
+
+# What a dump may mark seen in place (ConnectionStore.held): connections by key, and the poll.
+Held = tuple[dict[ConnKey, Any], int]
 
 
 class MalformedEntry(ValueError):
@@ -308,6 +317,7 @@ class EntryParser:
         self._count = 0
         self.layouts_compiled = 0
         self.malformed = 0
+        self.last_marked = 0
         self._hdr = struct.Struct("=IHH").unpack_from
         self._err = struct.Struct("=i").unpack_from
         # The per-message loop in C where it is built (agent/ctfast.py); layouts still compile here.
@@ -324,15 +334,38 @@ class EntryParser:
         self.layouts_compiled += 1
         return lay
 
-    def parse(self, buf: bytes | bytearray | memoryview, n: int, out: list[ConntrackEntry]) -> tuple[bool, int, bool]:
+    def begin_dump(self) -> None:
+        """A new dump starts (the C parser then returns entries unchanged since the last
+        complete dump as the same objects; the pure parser builds each anew)."""
+        if self._native is not None:
+            self._native.begin()
+
+    @property
+    def reused(self) -> int:
+        """Entries the C parser returned again unchanged (0 for the pure parser)."""
+        return self._native.reused if self._native is not None else 0
+
+    def parse(
+        self, buf: bytes | bytearray | memoryview, n: int, out: list[ConntrackEntry], held: Held | None = None
+    ) -> tuple[bool, int, bool]:
         """Parse ``buf[:n]``, appending entries to ``out``.
 
         Returns ``(done, total, interrupted)``: done when NLMSG_DONE was seen, total the
         number of conntrack messages read (all zones), interrupted if a message carried
         NLM_F_DUMP_INTR. Raises ConntrackError on an NLMSG_ERROR with a non-zero code.
+
+        ``held`` (:meth:`flowscope.agent.store.ConnectionStore.held`): the C parser marks
+        an entry unchanged since the last dump seen there, when its connection holds that
+        very entry, instead of appending it (:attr:`last_marked` says how many); the pure
+        parser appends everything and the store's feed does the same marking.
         """
+        self.last_marked = 0
         if self._native is not None:
-            return self._native.parse(buf, n, out, self.zones, ConntrackError)
+            conns, poll = held if held is not None else (None, 0)
+            done, total, interrupted, self.last_marked = self._native.parse(
+                buf, n, out, self.zones, ConntrackError, conns, poll
+            )
+            return done, total, interrupted
         off = 0
         total = 0
         interrupted = False
@@ -460,9 +493,11 @@ class NetlinkConntrack:
         sock.bind((0, 0))
         return sock
 
-    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+    def dump(
+        self, consumer: Callable[[list[ConntrackEntry]], None] | None = None, held: Held | None = None
+    ) -> DumpResult:
         try:
-            return self._dump(consumer)
+            return self._dump(consumer, held if consumer is not None else None)
         except BaseException:
             # The rest of a broken dump may still be queued on the socket; a fresh socket
             # keeps it from being read as the next dump.
@@ -470,15 +505,18 @@ class NetlinkConntrack:
             self._sock = self._open()
             raise
 
-    def _dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None) -> DumpResult:
+    def _dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None, held: Held | None) -> DumpResult:
         self._seq += 1
+        self.parser.begin_dump()
         self._sock.send(_dump_request(self._seq))
         out: list[ConntrackEntry] = []
         total = 0
+        marked = 0
         interrupted = False
         buf = self._buf
         recv_into = self._sock.recv_into
-        parse = self.parser.parse
+        parser = self.parser
+        parse = parser.parse
         # 100k fresh tuples would trigger several full collections for nothing: the
         # entries hold no reference cycles.
         gc_was_on = gc.isenabled()
@@ -488,14 +526,15 @@ class NetlinkConntrack:
                 n = recv_into(buf)
                 if n == 0:
                     raise ConntrackError(errno.EIO, "netlink socket closed during the conntrack dump")
-                done, count, intr = parse(buf, n, out)
+                done, count, intr = parse(buf, n, out, held)
                 total += count
+                marked += parser.last_marked
                 interrupted = interrupted or intr
                 if consumer is not None and out:
                     consumer(out)
                     out = []
                 if done:
-                    return DumpResult(out, total, interrupted)
+                    return DumpResult(out, total, interrupted, marked)
         finally:
             if gc_was_on:
                 gc.enable()
@@ -514,7 +553,9 @@ class StaticConntrack:
         self.entries = list(entries)
         self._max = max_entries
 
-    def dump(self, consumer: Callable[[list[ConntrackEntry]], None] | None = None) -> DumpResult:
+    def dump(
+        self, consumer: Callable[[list[ConntrackEntry]], None] | None = None, held: Held | None = None
+    ) -> DumpResult:
         if consumer is not None:
             consumer(list(self.entries))
             return DumpResult([], len(self.entries))

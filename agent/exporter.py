@@ -237,8 +237,11 @@ class FlowExporter:
             for d in dests:
                 d.store.begin(now)
             try:
-                simple = len(dests) == 1 and self._pump is None
-                result = self.conntrack.dump(dests[0].store.feed if simple else self._feed)
+                if len(dests) == 1 and self._pump is None:
+                    store = dests[0].store
+                    result = self.conntrack.dump(store.feed, held=store.held())
+                else:
+                    result = self.conntrack.dump(self._feed)
             except BaseException:
                 # A partial dump says nothing about which connections are gone: close the
                 # poll without end-of-flow decisions. Exports already decided (and the

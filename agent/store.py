@@ -233,6 +233,13 @@ class ConnectionStore:
         self._out = []
         self._new_overflow = set()
 
+    def held(self) -> tuple[dict[ConnKey, Connection], int]:
+        """For a dump whose parser returns an entry unchanged since the last dump as the
+        very same object (the C parser): the connections by key and this poll, so that it
+        may do :meth:`feed`'s first case itself (``connection.seen = poll`` for an entry
+        that is the one its connection holds) instead of handing the entry over."""
+        return self._conns, self._poll
+
     def feed(self, entries: Iterable[ConntrackEntry]) -> None:
         conns = self._conns
         out = self._out
@@ -245,7 +252,7 @@ class ConnectionStore:
             c = conns.get(key)
             if c is not None:
                 old = c.entry
-                if old == e:
+                if old is e or old == e:  # the C parser returns an unchanged entry as the same object
                     c.seen = poll
                     continue
                 if not _same_connection(old, e):
