@@ -19,8 +19,10 @@
  *
  * Most entries of a poll are unchanged since the last one (same counters, same state),
  * and the store keeps every entry of the last dump anyway. So the parser remembers the
- * entries it returned in the last dump, by conntrack id (CTA_ID), in an open-addressing
- * table of object pointers; a message whose every value equals the remembered entry's
+ * entries it returned in the last dump, in dump order with their conntrack ids (CTA_ID):
+ * the kernel lists its table in hash-bucket order, the same from one dump to the next, so
+ * a message's predecessor is found just after the last one found, in sequential memory
+ * (a hash table of 100k pointers cost two cache misses a message); a message whose every value equals the remembered entry's
  * (compared leaf by leaf against the raw message, no object built) returns that very
  * entry again, and the store then recognises it by identity. A changed entry is built
  * anew, keeping the remembered key tuple when the key did not change. Remembered
@@ -68,24 +70,35 @@ typedef struct {
     PyObject *value;
 } U32Slot;
 
-/* Entries of one dump by conntrack id: slots hold an entry (owned), NULL (empty) or
- * REMOVED (taken out; keeps probe chains intact). Capacity a power of two, at most half full. */
+/* The entries of one dump in the order the kernel listed them (its hash-bucket order,
+ * the same from one dump to the next), with their conntrack ids beside them. */
 typedef struct {
-    PyObject **slots;
-    size_t mask;
-    size_t used; /* entries and REMOVED markers */
-} IdTable;
+    PyObject **items; /* owned; NULL once taken */
+    PyObject **conns; /* owned or NULL: the connection of held that held the entry */
+    PyObject *held; /* owned or NULL: the dict those connections were found in */
+    uint32_t *ids;
+    size_t len, cap;
+    size_t cursor; /* where the next message's predecessor probably is */
+    size_t misses; /* consecutive lookups that found nothing near the cursor */
+    size_t resyncs; /* searches of the whole remainder this dump */
+} EntrySeq;
 
-static char removed_marker;
-#define REMOVED ((PyObject *)&removed_marker)
+/* A lookup first tries the WINDOW entries after the cursor (entries that left the table
+ * since are skipped over; a new entry finds nothing); after LOST consecutive misses the
+ * cursor is probably behind a long run of departures, and the next miss searches the
+ * rest of the ids once (a sequential scan) to find its place again, at most RESYNCS times
+ * a dump. A miss is only a build: the table decides nothing. */
+#define WINDOW 64
+#define LOST 32
+#define RESYNCS 64
 
 typedef struct {
     PyObject_HEAD
     PyTypeObject *entry_type;
     PyTypeObject *key_type;
     Py_ssize_t id_field; /* index into the entry (key included) of the conntrack id */
-    IdTable last; /* the entries of the last complete dump, not yet seen again */
-    IdTable current; /* the entries of this dump so far */
+    EntrySeq last; /* the entries of the last complete dump, not yet seen again */
+    EntrySeq current; /* the entries of this dump so far */
     Py_ssize_t reused; /* entries returned again unchanged (statistics, tests) */
     Layout *by_length[65536];
     Py_ssize_t count;
@@ -194,26 +207,17 @@ address(ParserObject *self, const unsigned char *p, Py_ssize_t n)
 }
 
 static void
-table_free(IdTable *t)
+seq_free(EntrySeq *t)
 {
-    if (t->slots != NULL) {
-        for (size_t i = 0; i <= t->mask; i++) {
-            PyObject *v = t->slots[i];
-            if (v != NULL && v != REMOVED) {
-                Py_DECREF(v);
-            }
-        }
-        PyMem_Free(t->slots);
+    for (size_t i = 0; i < t->len; i++) {
+        Py_XDECREF(t->items[i]);
+        Py_XDECREF(t->conns[i]);
     }
-    t->slots = NULL;
-    t->mask = 0;
-    t->used = 0;
-}
-
-static inline size_t
-id_hash(uint32_t id)
-{
-    return (size_t)(((uint64_t)id * 0x9e3779b97f4a7c15ULL) >> 32);
+    Py_XDECREF(t->held);
+    PyMem_Free(t->items);
+    PyMem_Free(t->conns);
+    PyMem_Free(t->ids);
+    memset(t, 0, sizeof(*t));
 }
 
 /* The conntrack id of an entry (0 when it has none, or not an int). */
@@ -235,72 +239,78 @@ entry_id(ParserObject *self, PyObject *entry)
     return id > 0xFFFFFFFFUL ? 0 : (uint32_t)id;
 }
 
+/* Remember entry (a new reference is taken) under id, at the end of this dump's
+ * sequence, with the connection of held that holds it (or NULL). */
 static int
-table_grow(ParserObject *self, IdTable *t, size_t want)
+seq_append(ParserObject *self, EntrySeq *t, uint32_t id, PyObject *entry, PyObject *held, PyObject *conn)
 {
-    size_t cap = 1024;
-    while (cap < want * 2) {
-        cap <<= 1;
-    }
-    PyObject **slots = PyMem_Calloc(cap, sizeof(PyObject *));
-    if (slots == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    size_t used = 0;
-    if (t->slots != NULL) {
-        for (size_t i = 0; i <= t->mask; i++) {
-            PyObject *v = t->slots[i];
-            if (v == NULL || v == REMOVED) {
-                continue;
-            }
-            size_t j = id_hash(entry_id(self, v)) & (cap - 1);
-            while (slots[j] != NULL) {
-                j = (j + 1) & (cap - 1);
-            }
-            slots[j] = v;
-            used++;
+    if (conn != NULL && t->held != held) {
+        if (t->held == NULL) {
+            t->held = Py_NewRef(held);
         }
-        PyMem_Free(t->slots);
+        else {
+            conn = NULL; /* another store's: not worth remembering */
+        }
     }
-    t->slots = slots;
-    t->mask = cap - 1;
-    t->used = used;
-    return 0;
-}
-
-/* Remember entry (a new reference is taken) under id in this dump's table. */
-static int
-table_put(ParserObject *self, IdTable *t, uint32_t id, PyObject *entry)
-{
-    if (t->slots == NULL || (t->used + 1) * 2 > t->mask + 1) {
-        size_t hint = self->last.used > t->used ? self->last.used : t->used;
-        if (table_grow(self, t, hint + 1) < 0) {
+    if (t->len == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : (self->last.len > 1024 ? self->last.len + self->last.len / 8 : 1024);
+        PyObject **items = PyMem_Realloc(t->items, cap * sizeof(PyObject *));
+        if (items == NULL) {
+            PyErr_NoMemory();
             return -1;
         }
+        t->items = items;
+        uint32_t *ids = PyMem_Realloc(t->ids, cap * sizeof(uint32_t));
+        if (ids == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->ids = ids;
+        PyObject **conns = PyMem_Realloc(t->conns, cap * sizeof(PyObject *));
+        if (conns == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        t->conns = conns;
+        t->cap = cap;
     }
-    size_t j = id_hash(id) & t->mask;
-    while (t->slots[j] != NULL) {
-        j = (j + 1) & t->mask;
-    }
-    t->slots[j] = Py_NewRef(entry);
-    t->used++;
+    t->conns[t->len] = conn ? Py_NewRef(conn) : NULL;
+    t->items[t->len] = Py_NewRef(entry);
+    t->ids[t->len] = id;
+    t->len++;
     return 0;
 }
 
-/* Take the entry remembered under id out of the last dump's table (a reference the caller
- * owns), or NULL when there is none. */
 static PyObject *
-table_take(ParserObject *self, IdTable *t, uint32_t id)
+seq_take_at(EntrySeq *t, size_t j, PyObject **conn)
 {
-    if (t->slots == NULL) {
-        return NULL;
+    PyObject *v = t->items[j];
+    t->items[j] = NULL;
+    *conn = t->conns[j];
+    t->conns[j] = NULL;
+    t->cursor = j + 1;
+    t->misses = 0;
+    return v;
+}
+
+/* Take the entry remembered under id out of the last dump's sequence (a reference the
+ * caller owns), or NULL when none is found; *conn: its connection (owned) or NULL. */
+static PyObject *
+seq_take(EntrySeq *t, uint32_t id, PyObject **conn)
+{
+    *conn = NULL;
+    size_t end = t->cursor + WINDOW < t->len ? t->cursor + WINDOW : t->len;
+    for (size_t j = t->cursor; j < end; j++) {
+        if (t->ids[j] == id && t->items[j] != NULL) {
+            return seq_take_at(t, j, conn);
+        }
     }
-    size_t j = id_hash(id) & t->mask;
-    for (PyObject *v; (v = t->slots[j]) != NULL; j = (j + 1) & t->mask) {
-        if (v != REMOVED && entry_id(self, v) == id) {
-            t->slots[j] = REMOVED;
-            return v;
+    if (++t->misses > LOST && t->resyncs < RESYNCS) {
+        t->resyncs++;
+        for (size_t j = end; j < t->len; j++) {
+            if (t->ids[j] == id && t->items[j] != NULL) {
+                return seq_take_at(t, j, conn);
+            }
         }
     }
     return NULL;
@@ -308,13 +318,12 @@ table_take(ParserObject *self, IdTable *t, uint32_t id)
 
 /* The next dump starts: what this dump remembered becomes the last dump's. */
 static void
-tables_rotate(ParserObject *self)
+seqs_rotate(ParserObject *self)
 {
-    table_free(&self->last);
+    seq_free(&self->last);
     self->last = self->current;
-    self->current.slots = NULL;
-    self->current.mask = 0;
-    self->current.used = 0;
+    self->last.cursor = self->last.misses = self->last.resyncs = 0;
+    memset(&self->current, 0, sizeof(self->current));
 }
 
 static inline uint64_t
@@ -643,8 +652,8 @@ error:
 static PyObject *
 parser_begin(ParserObject *self, PyObject *unused)
 {
-    if (self->current.used > 0) {
-        tables_rotate(self);
+    if (self->current.len > 0) {
+        seqs_rotate(self);
     }
     Py_RETURN_NONE;
 }
@@ -653,8 +662,8 @@ parser_begin(ParserObject *self, PyObject *unused)
 static PyObject *
 parser_forget(ParserObject *self, PyObject *unused)
 {
-    table_free(&self->last);
-    table_free(&self->current);
+    seq_free(&self->last);
+    seq_free(&self->current);
     Py_RETURN_NONE;
 }
 
@@ -667,17 +676,11 @@ parser_clear(ParserObject *self, PyObject *unused)
 
 static PyObject *str_entry, *str_seen;
 
-/* held: a dict of connections by key (flowscope.agent.store), or None. An entry returned
- * again unchanged whose connection there still holds that very entry is marked seen
- * (connection.seen = poll) instead of appended: what ConnectionStore.feed would do with it.
- * 1 when marked, 0 when not, -1 on error. */
+/* Does conn hold entry and is it still in its store (its seen is not -1, the mark the
+ * store gives every connection it lets go)? 1, 0, or -1 on error. */
 static int
-mark_held(PyObject *held, PyObject *poll, PyObject *entry)
+holds(PyObject *conn, PyObject *entry)
 {
-    PyObject *conn = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(entry, 0));
-    if (conn == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
-    }
     PyObject *current = PyObject_GetAttr(conn, str_entry);
     if (current == NULL) {
         return -1;
@@ -686,6 +689,44 @@ mark_held(PyObject *held, PyObject *poll, PyObject *entry)
     if (current != entry) {
         return 0;
     }
+    PyObject *seen = PyObject_GetAttr(conn, str_seen);
+    if (seen == NULL) {
+        return -1;
+    }
+    long mark = PyLong_Check(seen) ? PyLong_AsLong(seen) : -1;
+    Py_DECREF(seen);
+    if (mark == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return mark != -1;
+}
+
+/* held: a dict of connections by key (flowscope.agent.store), or None. An entry returned
+ * again unchanged whose connection there still holds that very entry is marked seen
+ * (connection.seen = poll) instead of appended: what ConnectionStore.feed would do with it.
+ * known: the connection that held it at the last dump (found in the same dict), or NULL;
+ * if it still holds it and is still in the store, no dict lookup is needed. *found: the
+ * connection marked (borrowed). 1 when marked, 0 when not, -1 on error. */
+static int
+mark_held(PyObject *held, PyObject *poll, PyObject *entry, PyObject *known, PyObject **found)
+{
+    *found = NULL;
+    PyObject *conn = known;
+    int r = conn != NULL ? holds(conn, entry) : 0;
+    if (r < 0) {
+        return -1;
+    }
+    if (r == 0) {
+        conn = PyDict_GetItemWithError(held, PyTuple_GET_ITEM(entry, 0));
+        if (conn == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        r = holds(conn, entry);
+        if (r <= 0) {
+            return r;
+        }
+    }
+    *found = conn;
     return PyObject_SetAttr(conn, str_seen, poll) < 0 ? -1 : 1;
 }
 
@@ -745,7 +786,7 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t next = off + (((Py_ssize_t)length + 3) & ~(Py_ssize_t)3);
         if (mtype != 0x100) {
             if (mtype == 3) { /* NLMSG_DONE */
-                tables_rotate(self);
+                seqs_rotate(self);
                 result = Py_BuildValue("(OniOn)", Py_True, total, interrupted, Py_None, marked);
                 goto done;
             }
@@ -768,20 +809,24 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         total++;
-        PyObject *entry = NULL;
+        PyObject *entry = NULL, *known = NULL;
         int unchanged = 0;
         for (Layout *l = self->by_length[length]; l != NULL; l = l->next) {
             if (headers_match(l, buf + off)) {
                 const unsigned char *m = buf + off;
                 Py_ssize_t id_leaf = self->id_field - 1 < l->nentry ? l->entry_src[self->id_field - 1] : -1;
                 uint32_t id = id_leaf >= 0 && l->leaf_kind[id_leaf] == V_U32 ? (uint32_t)leaf_raw(l, id_leaf, m) : 0;
-                PyObject *old = id ? table_take(self, &self->last, id) : NULL;
+                PyObject *old = id && self->last.len ? seq_take(&self->last, id, &known) : NULL;
+                if (known != NULL && (held == NULL || self->last.held != held)) {
+                    Py_CLEAR(known); /* found in another store's dict */
+                }
                 PyObject *known_key = NULL;
                 if (old != NULL) {
                     int same_key;
                     int same = same_entry(self, l, m, old, &same_key);
                     if (same < 0) {
                         Py_DECREF(old);
+                        Py_XDECREF(known);
                         goto done;
                     }
                     if (same) {
@@ -794,6 +839,7 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
                         known_key = Py_NewRef(PyTuple_GET_ITEM(old, 0));
                     }
                     Py_DECREF(old);
+                    Py_CLEAR(known);
                 }
                 entry = build_entry(self, l, m, known_key);
                 Py_XDECREF(known_key);
@@ -820,19 +866,23 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
             keep = PySet_Contains(zones, zone);
             if (keep < 0) {
                 Py_DECREF(entry);
+                Py_XDECREF(known);
                 goto done;
             }
         }
         if (keep) {
             uint32_t id = entry_id(self, entry);
-            int in_place = unchanged && held != NULL ? mark_held(held, poll, entry) : 0;
+            PyObject *conn = NULL;
+            int in_place = unchanged && held != NULL ? mark_held(held, poll, entry, known, &conn) : 0;
             if (in_place < 0 || (!in_place && PyList_Append(out, entry) < 0) ||
-                (id && table_put(self, &self->current, id, entry) < 0)) {
+                (id && seq_append(self, &self->current, id, entry, held, conn) < 0)) {
                 Py_DECREF(entry);
+                Py_XDECREF(known);
                 goto done;
             }
             marked += in_place;
         }
+        Py_XDECREF(known);
         Py_DECREF(entry);
         off = next;
     }
@@ -873,8 +923,8 @@ static void
 parser_dealloc(ParserObject *self)
 {
     parser_clear_layouts(self);
-    table_free(&self->last);
-    table_free(&self->current);
+    seq_free(&self->last);
+    seq_free(&self->current);
     for (int i = 0; i < ADDR_SLOTS; i++) {
         Py_XDECREF(self->addr4[i].value);
         Py_XDECREF(self->addr16[i].value);
@@ -905,7 +955,11 @@ parser_get_reused(ParserObject *self, void *closure)
 static PyObject *
 parser_get_remembered(ParserObject *self, void *closure)
 {
-    return PyLong_FromSize_t(self->last.used + self->current.used);
+    size_t n = 0;
+    for (size_t i = 0; i < self->last.len; i++) {
+        n += self->last.items[i] != NULL;
+    }
+    return PyLong_FromSize_t(n + self->current.len);
 }
 
 static PyMethodDef parser_methods[] = {
@@ -921,7 +975,7 @@ static PyMethodDef parser_methods[] = {
 static PyGetSetDef parser_getset[] = {
     {"layout_count", (getter)parser_get_count, NULL, "layouts held", NULL},
     {"reused", (getter)parser_get_reused, NULL, "entries returned again unchanged", NULL},
-    {"remembered", (getter)parser_get_remembered, NULL, "table slots in use (entries and removed markers)", NULL},
+    {"remembered", (getter)parser_get_remembered, NULL, "entries remembered (of the last dump not seen again, and of this one)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -72,6 +72,7 @@ from enum import IntEnum
 from flowscope.agent.conntrack import ConnKey, ConntrackEntry
 
 EVENT_DESTROY = 0x102  # flowscope.agent.ctevents.EVENT_DESTROY (the ctnetlink message type)
+GONE = -1  # Connection.seen of a connection the store let go (the C parser checks it; see held)
 
 __all__ = ["ConnectionStore", "FlowExport", "FlowEndReason", "Connection"]
 
@@ -119,7 +120,7 @@ class Connection:
         self.ended = False
         self.denied = False
         self.queued_at: float | None = None  # the deadline this connection is queued with
-        self.seen = 0  # the last poll whose dump listed it
+        self.seen = 0  # the last poll whose dump listed it; GONE once out of the store
         self.closing = False  # ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended
 
 
@@ -237,7 +238,10 @@ class ConnectionStore:
         """For a dump whose parser returns an entry unchanged since the last dump as the
         very same object (the C parser): the connections by key and this poll, so that it
         may do :meth:`feed`'s first case itself (``connection.seen = poll`` for an entry
-        that is the one its connection holds) instead of handing the entry over."""
+        that is the one its connection holds) instead of handing the entry over. The
+        parser may remember which connection held an entry: every connection the store
+        lets go has ``seen = GONE``, so one that still holds the entry and is not GONE is
+        the one the dict maps its key to."""
         return self._conns, self._poll
 
     def feed(self, entries: Iterable[ConntrackEntry]) -> None:
@@ -264,6 +268,7 @@ class ConnectionStore:
                         self.ended_by_dump += 1
                         out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     c.ended = True
+                    c.seen = GONE
                     del conns[key]
                 else:
                     c.seen = poll
@@ -352,6 +357,7 @@ class ConnectionStore:
         self._awaiting_destroy.clear()
         for key in [k for k, c in conns.items() if c.seen != poll]:
             c = conns.pop(key)
+            c.seen = GONE
             c.queued_at = None
             if not c.ended:
                 c.ended = True
@@ -377,6 +383,7 @@ class ConnectionStore:
                 held = conns.get(e.key)
                 if held is not None and (not e.ct_id or not held.entry.ct_id or held.entry.ct_id == e.ct_id):
                     del conns[e.key]
+                    held.seen = GONE
                     held.queued_at = None
                     if held.ended:
                         continue  # a tombstone: exported when it reached TIME_WAIT or CLOSE
@@ -426,6 +433,8 @@ class ConnectionStore:
         ]
         out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
         self._awaiting_destroy.clear()
+        for c in self._conns.values():
+            c.seen = GONE
         self._conns.clear()
         self._heap.clear()
         self._overflow.clear()
