@@ -68,7 +68,7 @@ after the events announced before its end were applied.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -416,37 +416,61 @@ class ConnectionStore:
     def expire(self, now: float) -> list[FlowExport]:
         """Exports whose active or idle deadline is due at ``now`` (deadline by deadline,
         and in queueing order within one)."""
+        return list(self.expire_iter(now))
+
+    def expire_iter(self, now: float) -> Iterator[FlowExport]:
+        """:meth:`expire`, one export at a time, so that a caller turning 100k due
+        connections into records slice by slice never holds 100k exports at once (about
+        11 MB). Each export is decided as it is taken; a caller that stops early leaves
+        the rest queued as they were, for the next call. Nothing else may use the store
+        until the iterator is exhausted or closed."""
         deadlines = self._deadlines
         queue = self._queue
-        out: list[FlowExport] = []
         while deadlines and deadlines[0] <= now:
             at = heapq.heappop(deadlines)
-            for c in queue.pop(at)[1]:
-                if c.queued_at != at or c.ended or c.closing:
-                    continue  # stale: re-queued later, or ended meanwhile
-                c.queued_at = None
-                if c.idle_exported:
-                    continue
-                if c.last_activity + self.idle_timeout <= now:
-                    out.append(self._export(c, FlowEndReason.IDLE_TIMEOUT, now))
-                    c.idle_exported = True
-                    continue
-                if c.last_export + self.active_timeout <= now:
-                    e = c.entry
-                    if (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes) != c.exported:
-                        out.append(self._export(c, FlowEndReason.ACTIVE_TIMEOUT, now))
-                    else:
+            conns = queue.pop(at)[1]
+            i = 0
+            try:
+                while i < len(conns):
+                    c = conns[i]
+                    i += 1
+                    if c.queued_at != at or c.ended or c.closing:
+                        continue  # stale: re-queued later, or ended meanwhile
+                    c.queued_at = None
+                    if c.idle_exported:
+                        continue
+                    if c.last_activity + self.idle_timeout <= now:
+                        c.idle_exported = True
+                        yield self._export(c, FlowEndReason.IDLE_TIMEOUT, now)
+                        continue
+                    if c.last_export + self.active_timeout <= now:
+                        e = c.entry
+                        if (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes) != c.exported:
+                            fe = self._export(c, FlowEndReason.ACTIVE_TIMEOUT, now)
+                            self._schedule(c)
+                            yield fe
+                            continue
                         c.last_export = now  # nothing new: wait for the idle deadline
-                self._schedule(c)
-        return out
+                    self._schedule(c)
+            finally:
+                if i < len(conns):  # stopped early: the rest stay due at this deadline
+                    rest = conns[i:]
+                    slot = queue.get(at)
+                    if slot is None:
+                        queue[at] = (at, rest)
+                        heapq.heappush(deadlines, at)
+                    else:
+                        slot[1][:0] = rest
 
     def flush(self, now: float) -> list[FlowExport]:
         """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
-        out = [
-            self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
-            for c in self._conns.values() if not c.ended
-        ]
-        out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
+        return list(self.flush_iter(now))
+
+    def flush_iter(self, now: float) -> Iterator[FlowExport]:
+        """:meth:`flush`, one export at a time: the store is emptied when the first export
+        is taken (a generator runs nothing before), the exports are made as they are taken."""
+        live = [c for c in self._conns.values() if not c.ended]
+        awaiting = list(self._awaiting_destroy.values())
         self._awaiting_destroy.clear()
         for c in self._conns.values():
             c.seen = GONE
@@ -454,4 +478,7 @@ class ConnectionStore:
         self._queue.clear()
         self._deadlines.clear()
         self._overflow.clear()
-        return out
+        for c in live:
+            yield self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
+        for c in awaiting:
+            yield self._export(c, FlowEndReason.END_OF_FLOW, now)
