@@ -56,7 +56,7 @@ typedef struct Layout {
     Py_ssize_t nkey;
     Py_ssize_t *key_src;
     PyObject **key_def;
-    Py_ssize_t zone_field; /* index into the entry (key included) of the zone, for the filter */
+    Py_ssize_t zone_field; /* index into the key of the zone (checked; the filter reads key[0]) */
 } Layout;
 
 #define ADDR_SLOTS 8192
@@ -627,7 +627,7 @@ parser_add(ParserObject *self, PyObject *args)
         to_defaults(key_def, &l->key_def, l->nkey) < 0) {
         goto error;
     }
-    if (zone_field < 1 || zone_field > l->nentry) {
+    if (zone_field != 0 || l->nkey < 1) {
         PyErr_SetString(PyExc_ValueError, "zone field out of range");
         goto error;
     }
@@ -862,7 +862,8 @@ parser_parse(ParserObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         int keep = 1;
         if (filter) {
-            PyObject *zone = PyTuple_GET_SIZE(entry) > 11 ? PyTuple_GET_ITEM(entry, 11) : Py_None;
+            PyObject *key = PyTuple_GET_SIZE(entry) > 0 ? PyTuple_GET_ITEM(entry, 0) : Py_None;
+            PyObject *zone = PyTuple_Check(key) && PyTuple_GET_SIZE(key) > 0 ? PyTuple_GET_ITEM(key, 0) : Py_None;
             keep = PySet_Contains(zones, zone);
             if (keep < 0) {
                 Py_DECREF(entry);

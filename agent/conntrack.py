@@ -105,20 +105,18 @@ class ConntrackEntry(NamedTuple):
     after DNAT. Counters are zero when ``nf_conntrack_acct`` is off; timestamps (ns since
     the epoch) are zero when ``nf_conntrack_timestamp`` is off, ``stop_ns`` until the
     connection is dead.
+
+    The original tuple, the protocol, the zone and the ICMP id are the key's, read
+    through properties rather than stored twice (the family follows from the address
+    length): the store holds one entry per connection, and 18 fields instead of 26
+    take an entry from 248 to 184 bytes (256 to 192 as allocated).
     """
 
     key: ConnKey
-    family: int
-    protocol: int
-    orig_src: bytes
-    orig_dst: bytes
-    orig_sport: int
-    orig_dport: int
     reply_src: bytes
     reply_dst: bytes
     reply_sport: int
     reply_dport: int
-    zone: int
     orig_packets: int
     orig_bytes: int
     reply_packets: int
@@ -132,7 +130,38 @@ class ConntrackEntry(NamedTuple):
     ct_id: int
     icmp_type: int
     icmp_code: int
-    icmp_id: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if len(self.key.src) == 16 else socket.AF_INET
+
+    @property
+    def protocol(self) -> int:
+        return self.key.protocol
+
+    @property
+    def orig_src(self) -> bytes:
+        return self.key.src
+
+    @property
+    def orig_dst(self) -> bytes:
+        return self.key.dst
+
+    @property
+    def orig_sport(self) -> int:
+        return self.key.sport
+
+    @property
+    def orig_dport(self) -> int:
+        return self.key.dport
+
+    @property
+    def zone(self) -> int:
+        return self.key.zone
+
+    @property
+    def icmp_id(self) -> int:
+        return self.key.icmp_id
 
     @property
     def ended(self) -> bool:
@@ -418,7 +447,7 @@ class EntryParser:
                 self._count += 1
                 self.layouts_compiled += 1
                 entry = lay[3](lay[0](buf, off))
-            if not zones or entry[11] in zones:  # entry.zone
+            if not zones or entry[0][0] in zones:  # entry.key.zone
                 append(entry)
             off = nxt
         return False, total, interrupted
@@ -459,7 +488,7 @@ class EntryParser:
                 return
             if (mtype == 0x100 or mtype == 0x102) and length >= 20:
                 entry = self.entry_at(buf, off, length)
-                if entry is not None and (not zones or entry[11] in zones):
+                if entry is not None and (not zones or entry[0][0] in zones):
                     out.append((mtype, entry))
             off += (length + 3) & ~3
 

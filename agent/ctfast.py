@@ -129,8 +129,8 @@ class NativeParser:
             self._c.clear()
         self._c.add(
             length, mask_int.to_bytes(length, "little"), expected.to_bytes(length, "little"), leaves,
-            entry_src, entry_def, key_src, key_def, 11,
-        )  # fmt: skip
+            entry_src, entry_def, key_src, key_def, 0,
+        )  # fmt: skip  (0: the zone is the key's first field)
 
 
 def native_parser(entry_type: type, key_type: type, learn: Callable[[Any, int, int], Any], max_layouts: int) -> NativeParser | None:
