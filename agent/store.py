@@ -108,13 +108,24 @@ class FlowExport:
 _NOTHING = (0, 0, 0, 0)  # counters of a connection with no packets counted (or nf_conntrack_acct off)
 
 
-class Connection:
-    """The store's mutable state for one conntrack entry."""
+def _flag(bit: int, doc: str) -> property:
+    def get(self: Connection) -> bool:
+        return bool(self.flags & bit)
 
-    __slots__ = (
-        "entry", "first_seen", "last_activity", "last_export", "exported",
-        "idle_exported", "ended", "denied", "queued_at", "seen", "closing",
-    )
+    def put(self: Connection, value: bool) -> None:
+        self.flags = self.flags | bit if value else self.flags & ~bit
+
+    return property(get, put, doc=doc)
+
+
+class Connection:
+    """The store's mutable state for one conntrack entry.
+
+    Eight slots (96 bytes; the store holds one per connection): the four yes/no states
+    share one ``flags`` int, each read and set through its own property.
+    """
+
+    __slots__ = ("entry", "first_seen", "last_activity", "last_export", "exported", "flags", "queued_at", "seen")
 
     def __init__(self, entry: ConntrackEntry, now: float) -> None:
         self.entry = entry
@@ -122,12 +133,14 @@ class Connection:
         self.last_activity = now
         self.last_export = now
         self.exported = _NOTHING  # totals at the last export
-        self.idle_exported = False
-        self.ended = False
-        self.denied = False
+        self.flags = 0  # idle_exported, ended, denied, closing: all False
         self.queued_at: float | None = None  # the deadline this connection is queued with
         self.seen = 0  # the last poll whose dump listed it; GONE once out of the store
-        self.closing = False  # ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended
+
+    idle_exported = _flag(1, "exported for its idle timeout; waits until it moves again or ends")
+    ended = _flag(2, "its final record went out (a tombstone while the kernel still lists it)")
+    denied = _flag(4, "exported as denied by a NetworkPolicy")
+    closing = _flag(8, "ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended")
 
 
 def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
