@@ -509,7 +509,9 @@ class NetlinkConntrack:
         self.proc_root = proc_root
         self._seq = 0
         self._rcvbuf = rcvbuf
-        self._buf = bytearray(1 << 20)
+        # The kernel fills a dump datagram up to 32 KB (netlink caps its dump skbs there);
+        # 64 KB leaves room and keeps a megabyte of zeroed buffer out of the agent's RSS.
+        self._buf = bytearray(1 << 16)
         self._sock = self._open()
 
     def _open(self) -> socket.socket:
@@ -552,9 +554,12 @@ class NetlinkConntrack:
         gc.disable()
         try:
             while True:
-                n = recv_into(buf)
+                n = recv_into(buf, 0, socket.MSG_TRUNC)  # MSG_TRUNC: the datagram's whole length
                 if n == 0:
                     raise ConntrackError(errno.EIO, "netlink socket closed during the conntrack dump")
+                if n > len(buf):  # never seen (the kernel caps dump datagrams at 32 KB); not parsed cut
+                    self._buf = bytearray(n + 4096)
+                    raise ConntrackError(errno.EMSGSIZE, f"a conntrack dump datagram of {n} bytes overran the receive buffer")
                 done, count, intr = parse(buf, n, out, held)
                 total += count
                 marked += parser.last_marked
