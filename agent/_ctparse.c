@@ -19,17 +19,25 @@
  *
  * Most entries of a poll are unchanged since the last one (same counters, same state),
  * and the store keeps every entry of the last dump anyway. So the parser remembers the
- * entries it returned in the last dump, in dump order with their conntrack ids (CTA_ID):
- * the kernel lists its table in hash-bucket order, the same from one dump to the next, so
- * a message's predecessor is found just after the last one found, in sequential memory
- * (a hash table of 100k pointers cost two cache misses a message); a message whose every value equals the remembered entry's
- * (compared leaf by leaf against the raw message, no object built) returns that very
- * entry again, and the store then recognises it by identity. A changed entry is built
- * anew, keeping the remembered key tuple when the key did not change. Remembered
- * entries are released as soon as their id comes by again (or at the end of the dump
- * for those that left the table), so no second copy of a changing table is held. The
- * table is a cache only: a miss builds the entry, a hit is exactly the entry a build
- * would make (equal field for field, of the same types).
+ * entries it returned in the last dump, in dump order with their conntrack ids (CTA_ID).
+ * The kernel lists its table in hash-bucket order, the same from one dump to the next,
+ * so a message's predecessor is found just after the last one found, in sequential
+ * memory (a hash table of 100k pointers cost two cache misses a message). A message
+ * whose every value equals the remembered entry's (compared leaf by leaf against the
+ * raw message, no object built) returns that very entry again; a changed entry is built
+ * anew, keeping the remembered key tuple when the key did not change. Remembered entries
+ * are released as soon as their id comes by again (or at the end of the dump for those
+ * that left the table), so no second copy of a changing table is held. This is a cache
+ * only: a miss builds the entry, a hit is exactly the entry a build would make (equal
+ * field for field, of the same types).
+ *
+ * Given the store's connections (ConnectionStore.held), an unchanged entry whose
+ * connection still holds it is marked seen there (connection.seen = poll) instead of
+ * being appended, which is what the store's feed would do with it; the connection is
+ * remembered beside the entry, so the next dump needs no dict lookup for it (the store
+ * marks every connection it lets go with seen = GONE, -1, and a connection remembered
+ * from another dict is not trusted). tests/agent/test_agent_ctreuse.py runs sequences
+ * of polls through both parsers and compares the stores.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
