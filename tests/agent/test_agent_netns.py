@@ -158,22 +158,10 @@ def test_dump_equals_conntrack_cli_and_what_was_sent(topo):
 
     with in_netns(topo.node):
         src = NetlinkConntrack()
-        small = NetlinkConntrack()
-    small._buf = bytearray(512)  # a receive buffer shorter than the kernel's datagrams
     try:
         result = src.dump()
-        again = src.dump()  # the C parser hands back the unchanged entries themselves
-        with in_netns(topo.node):  # the fresh socket after a failed dump opens where the agent runs
-            with pytest.raises(ConntrackError) as cut:
-                small.dump()
-            assert cut.value.errno == errno.EMSGSIZE  # refused whole, not parsed cut short
-            after = small.dump()  # the buffer grew
     finally:
         src.close()
-        small.close()
-    assert sorted(again.entries) == sorted(result.entries) == sorted(after.entries)
-    if src.parser._native is not None:
-        assert src.parser.reused == 5000 and all(a is b for a, b in zip(sorted(again.entries), sorted(result.entries)))
     rows = conntrack_cli(topo.node)
     assert result.total == len(rows) == len(result.entries)
     ours = {(format_address(e.orig_src), format_address(e.orig_dst), e.orig_dport, e.protocol): e for e in result.entries}
