@@ -37,17 +37,17 @@ configuration (``conntrackEvents.bufferSize``) and is forced past ``rmem_max``
 The socket is a plain one from the standard library, as the dump's is: pyroute2's
 ``NFCTSocket`` would parse each event into an object per attribute, the cost measured
 for the dump (80-170 µs an entry) that the burst of ``benchmarks/agent_events.py``
-cannot afford; pyroute2 serves the table statistics instead (:func:`table_statistics`).
+cannot afford; the table statistics (:func:`table_statistics`) are read the same way.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
 import select
 import socket
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -280,30 +280,60 @@ STAT_FIELDS = (
 )
 
 
+# enum ctattr_stats_cpu (nfnetlink_conntrack.h): the counters conntrack -S prints
+_STAT_ATTRS = {
+    2: "found", 4: "invalid", 8: "insert", 9: "insert_failed", 10: "drop", 11: "early_drop", 12: "error",
+    13: "search_restart", 14: "clash_resolve",
+}
+IPCTNL_MSG_CT_GET_STATS_CPU = 4
+
+
 def table_statistics() -> dict[str, int] | None:
-    """Conntrack's own counters of this namespace, summed over CPUs (``conntrack -S``),
-    read through pyroute2's ``NFCTSocket.stat()``; None when pyroute2 or the kernel
-    cannot answer, or when called from a thread running an asyncio loop. ``early_drop`` counts entries evicted because the table was full,
-    ``drop`` packets dropped for lack of an entry."""
+    """Conntrack's own counters of this namespace, summed over CPUs (``conntrack -S``):
+    one ``IPCTNL_MSG_CT_GET_STATS_CPU`` dump on a plain netlink socket (pyroute2's
+    ``NFCTSocket.stat()`` answers the same, but importing pyroute2 costs the agent about
+    10 MB of its memory budget, and each call ran an event loop of its own); None when
+    the kernel cannot answer. ``early_drop`` counts entries evicted because the table was
+    full, ``drop`` packets dropped for lack of an entry."""
     try:
-        from pyroute2 import NFCTSocket
-    except ImportError:
-        return None
-    try:
-        asyncio.get_running_loop()
-        return None  # pyroute2's synchronous API runs a loop of its own: call from a worker thread
-    except RuntimeError:
-        pass
-    try:
-        with NFCTSocket() as nfct:
-            rows: Any = nfct.stat()
-            totals = dict.fromkeys(STAT_FIELDS, 0)
-            for row in rows:
-                for name in STAT_FIELDS:
-                    value = row.get_attr(f"CTA_STATS_{name.upper()}")
-                    if value is not None:
-                        totals[name] += int(value)
-            return totals
-    except Exception as exc:  # noqa: BLE001 - statistics must never stop the agent
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    except OSError as exc:
         log.debug("conntrack statistics unavailable: %s", exc)
         return None
+    totals = dict.fromkeys(STAT_FIELDS, 0)
+    try:
+        sock.settimeout(2.0)
+        sock.bind((0, 0))
+        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, 0)
+        mtype = (1 << 8) | IPCTNL_MSG_CT_GET_STATS_CPU  # NFNL_SUBSYS_CTNETLINK
+        sock.send(struct.pack("=IHHII", 16 + len(body), mtype, 0x1 | 0x300, 1, 0) + body)  # REQUEST | DUMP
+        while True:
+            data = sock.recv(65536)
+            off = 0
+            while off + 16 <= len(data):
+                length, t = struct.unpack_from("=IH", data, off)
+                if length < 16 or off + length > len(data):
+                    return None
+                if t == 3:  # NLMSG_DONE
+                    return totals
+                if t == 2:  # NLMSG_ERROR
+                    (code,) = struct.unpack_from("=i", data, off + 16)
+                    if code:
+                        log.debug("conntrack statistics refused: %s", os.strerror(-code))
+                        return None
+                elif t == mtype:
+                    pos, end = off + 20, off + length
+                    while pos + 4 <= end:
+                        alen, atype = struct.unpack_from("=HH", data, pos)
+                        if alen < 4 or pos + alen > end:
+                            return None
+                        name = _STAT_ATTRS.get(atype & 0x3FFF)
+                        if name is not None and alen == 8:
+                            totals[name] += struct.unpack_from("!I", data, pos + 4)[0]
+                        pos += (alen + 3) & ~3
+                off += (length + 3) & ~3
+    except OSError as exc:  # statistics must never stop the agent
+        log.debug("conntrack statistics unavailable: %s", exc)
+        return None
+    finally:
+        sock.close()

@@ -6,7 +6,10 @@ Where it is built, :class:`NativeParser` runs the per-message loop in C: each la
 conntrack.py compiles is described to the C parser once (leaf offsets and kinds from
 its ``struct`` format, the entry field each leaf fills, read off the generated build
 function by feeding it marker objects), and every later message of that shape is
-matched and turned into the same ConntrackEntry in C.
+matched and turned into the same ConntrackEntry in C. The C parser also remembers the
+last dump's entries by conntrack id and returns an unchanged one again, the very object
+(see agent/_ctparse.c), so that the store recognises it by identity; the pure parser
+builds every entry, equal field for field.
 """
 
 from __future__ import annotations
@@ -82,13 +85,16 @@ class NativeParser:
     returns the compiled layout of a message, or None for a malformed one (counted there)."""
 
     def __init__(self, entry_type: type, key_type: type, learn: Callable[[Any, int, int], Any], max_layouts: int) -> None:
-        self._c = _ctparse.Parser(entry_type, key_type)
+        self._c = _ctparse.Parser(entry_type, key_type, entry_type._fields.index("ct_id"))  # type: ignore[attr-defined]
         self._learn = learn
         self.max_layouts = max_layouts
 
     def parse(
-        self, buf: Any, n: int, out: list[Any], zones: frozenset[int], error: Callable[[int, str], Exception]
-    ) -> tuple[bool, int, bool]:
+        self, buf: Any, n: int, out: list[Any], zones: frozenset[int], error: Callable[[int, str], Exception],
+        held: dict[Any, Any] | None = None, poll: int = 0,
+    ) -> tuple[bool, int, bool, int]:
+        """(done, total, interrupted, marked): see EntryParser.parse; ``marked`` entries
+        were unchanged and marked seen in ``held`` instead of appended."""
         def unknown(off: int, length: int) -> Any:
             lay = self._learn(buf, off, length)
             if lay is None:
@@ -96,13 +102,22 @@ class NativeParser:
             self._add(lay, buf, off, length)
             return lay[3](lay[0](buf, off))
 
-        done, total, interrupted, problem = self._c.parse(buf, n, out, zones or None, unknown)
+        done, total, interrupted, problem, marked = self._c.parse(buf, n, out, zones or None, unknown, held, poll)
         if problem is not None:
             what, value = problem
             if what == "overrun":
                 raise error(errno.EBADMSG, f"netlink message of length {value} overruns the datagram")
             raise error(value, f"conntrack dump refused: {os.strerror(value)}")
-        return bool(done), total, bool(interrupted)
+        return bool(done), total, bool(interrupted), marked
+
+    def begin(self) -> None:
+        """A dump starts (the C parser returns the last dump's unchanged entries again)."""
+        self._c.begin()
+
+    @property
+    def reused(self) -> int:
+        """Entries returned again, unchanged since the last dump, instead of built anew."""
+        return int(self._c.reused)
 
     def _add(self, lay: Any, buf: Any, off: int, length: int) -> None:
         unpack, mask_int, expected, build = lay
@@ -114,8 +129,8 @@ class NativeParser:
             self._c.clear()
         self._c.add(
             length, mask_int.to_bytes(length, "little"), expected.to_bytes(length, "little"), leaves,
-            entry_src, entry_def, key_src, key_def, 11,
-        )  # fmt: skip
+            entry_src, entry_def, key_src, key_def, 0,
+        )  # fmt: skip  (0: the zone is the key's first field)
 
 
 def native_parser(entry_type: type, key_type: type, learn: Callable[[Any, int, int], Any], max_layouts: int) -> NativeParser | None:

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -213,7 +214,8 @@ class FlowExporter:
     def cycle(self, now: float) -> tuple[DumpResult, list[FlowExport]]:
         """One cycle; the exports of the main destination (tests and benchmarks)."""
         result, per_dest = self.cycle_all(now)
-        return result, per_dest[0]
+        exports = [list(x) for x in per_dest]  # every destination's, as poll_once takes them
+        return result, exports[0]
 
     def _feed(self, batch: list[Any]) -> None:
         for d in self.destinations:
@@ -222,9 +224,13 @@ class FlowExporter:
         if self._pump is not None:
             self._pump()
 
-    def cycle_all(self, now: float) -> tuple[DumpResult, list[list[FlowExport]]]:
+    def cycle_all(self, now: float) -> tuple[DumpResult, list[Iterable[FlowExport]]]:
         """Dump and merge into every destination's store (batch by batch, never two copies
-        of the table), apply the conntrack events, then decide ends and expire.
+        of the table), apply the conntrack events, then decide ends; per destination, the
+        exports decided so far followed by the expiry's, taken one by one
+        (ConnectionStore.expire_iter, at ``now``) by whoever consumes them, so that a mass
+        expiry is never held as one list of exports. Consume every destination's before
+        the next cycle.
 
         Runs in a worker thread; the event loop does not touch the stores meanwhile.
         The garbage collector is paused: a poll makes 100k short-lived tuples without
@@ -237,8 +243,11 @@ class FlowExporter:
             for d in dests:
                 d.store.begin(now)
             try:
-                simple = len(dests) == 1 and self._pump is None
-                result = self.conntrack.dump(dests[0].store.feed if simple else self._feed)
+                if len(dests) == 1 and self._pump is None:
+                    store = dests[0].store
+                    result = self.conntrack.dump(store.feed, held=store.held())
+                else:
+                    result = self.conntrack.dump(self._feed)
             except BaseException:
                 # A partial dump says nothing about which connections are gone: close the
                 # poll without end-of-flow decisions. Exports already decided (and the
@@ -261,13 +270,12 @@ class FlowExporter:
             events = self.events.take() if self.events is not None else []
             if self.table_statistics is not None:
                 self._table_stats = self.table_statistics()
-            per_dest = []
+            per_dest: list[Iterable[FlowExport]] = []
             for d in dests:
                 exports = d.carry + self._apply_events(d, events, now)
                 exports += d.store.finish(complete=trusted)
                 d.carry = []
-                exports += d.store.expire(now)
-                per_dest.append(exports)
+                per_dest.append(itertools.chain(exports, d.store.expire_iter(now)))
         finally:
             if gc_was_on:
                 gc.enable()
@@ -282,20 +290,23 @@ class FlowExporter:
             events = [ev for ev in events if ev[1].protocol in protocols]
         return d.store.apply_events(events, now)
 
-    async def _submit(self, d: Destination, exports: list[FlowExport]) -> int:
+    async def _submit(self, d: Destination, exports: Iterable[FlowExport]) -> int:
         """Build and hand over records a slice at a time, yielding to the event loop in
         between: the exporting process encodes each slice to bytes (about 150 octets a
         record) before the next slice of dicts (about 2 KB each) is built, so exporting
-        100k connections at once does not hold 100k record dicts."""
-        if not exports:
-            return 0
+        100k connections at once does not hold 100k record dicts (nor, taking the exports
+        one slice at a time from the store, 100k exports)."""
+        pending = iter(exports)
         enrich = self.enricher.enrich
         admits = d.filter.admits
         sent = 0
         main = d is self.destinations[0]
-        for i in range(0, len(exports), SUBMIT_BATCH):
+        while True:
+            batch = list(itertools.islice(pending, SUBMIT_BATCH))
+            if not batch:
+                break
             by_template: dict[int, list[dict[str, Any]]] = {}
-            for fe in exports[i : i + SUBMIT_BATCH]:
+            for fe in batch:
                 try:
                     k8s = enrich(fe.entry)
                     if k8s.host_only and not self.export_host_flows:
@@ -382,7 +393,7 @@ class FlowExporter:
         now = self.clock()
         events = self.events.take() if self.events is not None else []
         for d in self.destinations:
-            await self._submit(d, d.carry + self._apply_events(d, events, now) + d.store.flush(now))
+            await self._submit(d, itertools.chain(d.carry + self._apply_events(d, events, now), d.store.flush_iter(now)))
             d.carry = []
 
         async def drain(d: Destination) -> None:

@@ -19,7 +19,11 @@ A connection's deadline is the earlier of
 
 :meth:`expire` pops only the deadlines that are due, so a poll costs one dictionary
 pass over the dump plus work proportional to the exports, not to the table. The queue
-is lazy: a deadline that moved is re-pushed when popped, stale items are skipped.
+is lazy: a deadline that moved is re-pushed when popped, stale items are skipped. It
+holds one list per distinct deadline (connections first seen or exported in the same
+poll share theirs) and a heap of those deadlines, so a queued connection costs a list
+slot and shares its deadline's float, not a heap tuple with its own float and sequence
+number (about 120 bytes: 12 MB at 100k connections).
 
 A connection *ends* when it leaves the table, is dying, or is a TCP connection in
 TIME_WAIT or CLOSE: it gets a final export with flowEndReason 3 (end of flow). An
@@ -64,14 +68,14 @@ after the events announced before its end were applied.
 from __future__ import annotations
 
 import heapq
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
 from flowscope.agent.conntrack import ConnKey, ConntrackEntry
 
 EVENT_DESTROY = 0x102  # flowscope.agent.ctevents.EVENT_DESTROY (the ctnetlink message type)
+GONE = -1  # Connection.seen of a connection the store let go (the C parser checks it; see held)
 
 __all__ = ["ConnectionStore", "FlowExport", "FlowEndReason", "Connection"]
 
@@ -101,26 +105,42 @@ class FlowExport:
     denied: bool = False
 
 
-class Connection:
-    """The store's mutable state for one conntrack entry."""
+_NOTHING = (0, 0, 0, 0)  # counters of a connection with no packets counted (or nf_conntrack_acct off)
 
-    __slots__ = (
-        "entry", "first_seen", "last_activity", "last_export", "exported",
-        "idle_exported", "ended", "denied", "queued_at", "seen", "closing",
-    )
+
+def _flag(bit: int, doc: str) -> property:
+    def get(self: Connection) -> bool:
+        return bool(self.flags & bit)
+
+    def put(self: Connection, value: bool) -> None:
+        self.flags = self.flags | bit if value else self.flags & ~bit
+
+    return property(get, put, doc=doc)
+
+
+class Connection:
+    """The store's mutable state for one conntrack entry.
+
+    Eight slots (96 bytes; the store holds one per connection): the four yes/no states
+    share one ``flags`` int, each read and set through its own property.
+    """
+
+    __slots__ = ("entry", "first_seen", "last_activity", "last_export", "exported", "flags", "queued_at", "seen")
 
     def __init__(self, entry: ConntrackEntry, now: float) -> None:
         self.entry = entry
         self.first_seen = now
         self.last_activity = now
         self.last_export = now
-        self.exported = (0, 0, 0, 0)  # totals at the last export
-        self.idle_exported = False
-        self.ended = False
-        self.denied = False
+        self.exported = _NOTHING  # totals at the last export
+        self.flags = 0  # idle_exported, ended, denied, closing: all False
         self.queued_at: float | None = None  # the deadline this connection is queued with
-        self.seen = 0  # the last poll whose dump listed it
-        self.closing = False  # ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended
+        self.seen = 0  # the last poll whose dump listed it; GONE once out of the store
+
+    idle_exported = _flag(1, "exported for its idle timeout; waits until it moves again or ends")
+    ended = _flag(2, "its final record went out (a tombstone while the kernel still lists it)")
+    denied = _flag(4, "exported as denied by a NetworkPolicy")
+    closing = _flag(8, "ended in the table (TIME_WAIT, dying): its DESTROY will say how it ended")
 
 
 def _same_connection(old: ConntrackEntry, new: ConntrackEntry) -> bool:
@@ -161,8 +181,10 @@ class ConnectionStore:
         self.max_connections = max_connections
         self.is_denied = is_denied
         self._conns: dict[ConnKey, Connection] = {}
-        self._heap: list[tuple[float, int, Connection]] = []
-        self._seq = itertools.count()
+        # the export queue: deadline -> (that deadline, its connections in queueing order),
+        # and a heap of the deadlines (each pushed once, when its list is made)
+        self._queue: dict[float, tuple[float, list[Connection]]] = {}
+        self._deadlines: list[float] = []
         self._overflow: set[ConnKey] = set()
         self.dropped_total = 0
         self.denied_total = 0
@@ -203,15 +225,19 @@ class ConnectionStore:
             return
         if c.queued_at is not None and c.queued_at < at:
             return  # the earlier queue item will re-schedule when it pops
-        c.queued_at = at
-        heapq.heappush(self._heap, (at, next(self._seq), c))
+        slot = self._queue.get(at)
+        if slot is None:
+            slot = self._queue[at] = (at, [])
+            heapq.heappush(self._deadlines, at)
+        c.queued_at = slot[0]  # the deadline's one float
+        slot[1].append(c)
 
     def _export(self, c: Connection, reason: FlowEndReason, now: float, *, end_time: float | None = None) -> FlowExport:
         e = c.entry
         totals = (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes)
         last = c.exported
         deltas = [t - p if t >= p else t for t, p in zip(totals, last)]
-        c.exported = totals
+        c.exported = totals if totals != _NOTHING else _NOTHING  # one shared tuple where acct is off
         c.last_export = now
         start = e.start_ns / 1e9 if e.start_ns else c.first_seen
         if end_time is None:
@@ -233,6 +259,16 @@ class ConnectionStore:
         self._out = []
         self._new_overflow = set()
 
+    def held(self) -> tuple[dict[ConnKey, Connection], int]:
+        """For a dump whose parser returns an entry unchanged since the last dump as the
+        very same object (the C parser): the connections by key and this poll, so that it
+        may do :meth:`feed`'s first case itself (``connection.seen = poll`` for an entry
+        that is the one its connection holds) instead of handing the entry over. The
+        parser may remember which connection held an entry: every connection the store
+        lets go has ``seen = GONE``, so one that still holds the entry and is not GONE is
+        the one the dict maps its key to."""
+        return self._conns, self._poll
+
     def feed(self, entries: Iterable[ConntrackEntry]) -> None:
         conns = self._conns
         out = self._out
@@ -245,7 +281,7 @@ class ConnectionStore:
             c = conns.get(key)
             if c is not None:
                 old = c.entry
-                if old == e:
+                if old is e or old == e:  # the C parser returns an unchanged entry as the same object
                     c.seen = poll
                     continue
                 if not _same_connection(old, e):
@@ -257,6 +293,7 @@ class ConnectionStore:
                         self.ended_by_dump += 1
                         out.append(self._export(c, FlowEndReason.END_OF_FLOW, now))
                     c.ended = True
+                    c.seen = GONE
                     del conns[key]
                 else:
                     c.seen = poll
@@ -345,6 +382,7 @@ class ConnectionStore:
         self._awaiting_destroy.clear()
         for key in [k for k, c in conns.items() if c.seen != poll]:
             c = conns.pop(key)
+            c.seen = GONE
             c.queued_at = None
             if not c.ended:
                 c.ended = True
@@ -370,6 +408,7 @@ class ConnectionStore:
                 held = conns.get(e.key)
                 if held is not None and (not e.ct_id or not held.entry.ct_id or held.entry.ct_id == e.ct_id):
                     del conns[e.key]
+                    held.seen = GONE
                     held.queued_at = None
                     if held.ended:
                         continue  # a tombstone: exported when it reached TIME_WAIT or CLOSE
@@ -388,38 +427,71 @@ class ConnectionStore:
         return out
 
     def expire(self, now: float) -> list[FlowExport]:
-        """Exports whose active or idle deadline is due at ``now``."""
-        heap = self._heap
-        out: list[FlowExport] = []
-        while heap and heap[0][0] <= now:
-            at, _, c = heapq.heappop(heap)
-            if c.queued_at != at or c.ended or c.closing:
-                continue  # stale: re-queued later, or ended meanwhile
-            c.queued_at = None
-            if c.idle_exported:
-                continue
-            if c.last_activity + self.idle_timeout <= now:
-                out.append(self._export(c, FlowEndReason.IDLE_TIMEOUT, now))
-                c.idle_exported = True
-                continue
-            if c.last_export + self.active_timeout <= now:
-                e = c.entry
-                if (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes) != c.exported:
-                    out.append(self._export(c, FlowEndReason.ACTIVE_TIMEOUT, now))
-                else:
-                    c.last_export = now  # nothing new: wait for the idle deadline
-            self._schedule(c)
-        return out
+        """Exports whose active or idle deadline is due at ``now`` (deadline by deadline,
+        and in queueing order within one)."""
+        return list(self.expire_iter(now))
+
+    def expire_iter(self, now: float) -> Iterator[FlowExport]:
+        """:meth:`expire`, one export at a time, so that a caller turning 100k due
+        connections into records slice by slice never holds 100k exports at once (about
+        11 MB). Each export is decided as it is taken; a caller that stops early leaves
+        the rest queued as they were, for the next call. Nothing else may use the store
+        until the iterator is exhausted or closed."""
+        deadlines = self._deadlines
+        queue = self._queue
+        while deadlines and deadlines[0] <= now:
+            at = heapq.heappop(deadlines)
+            conns = queue.pop(at)[1]
+            i = 0
+            try:
+                while i < len(conns):
+                    c = conns[i]
+                    i += 1
+                    if c.queued_at != at or c.ended or c.closing:
+                        continue  # stale: re-queued later, or ended meanwhile
+                    c.queued_at = None
+                    if c.idle_exported:
+                        continue
+                    if c.last_activity + self.idle_timeout <= now:
+                        c.idle_exported = True
+                        yield self._export(c, FlowEndReason.IDLE_TIMEOUT, now)
+                        continue
+                    if c.last_export + self.active_timeout <= now:
+                        e = c.entry
+                        if (e.orig_packets, e.orig_bytes, e.reply_packets, e.reply_bytes) != c.exported:
+                            fe = self._export(c, FlowEndReason.ACTIVE_TIMEOUT, now)
+                            self._schedule(c)
+                            yield fe
+                            continue
+                        c.last_export = now  # nothing new: wait for the idle deadline
+                    self._schedule(c)
+            finally:
+                if i < len(conns):  # stopped early: the rest stay due at this deadline
+                    rest = conns[i:]
+                    slot = queue.get(at)
+                    if slot is None:
+                        queue[at] = (at, rest)
+                        heapq.heappush(deadlines, at)
+                    else:
+                        slot[1][:0] = rest
 
     def flush(self, now: float) -> list[FlowExport]:
         """Final exports (flowEndReason 4, forced end) of every live connection; empties the store."""
-        out = [
-            self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
-            for c in self._conns.values() if not c.ended
-        ]
-        out += [self._export(c, FlowEndReason.END_OF_FLOW, now) for c in self._awaiting_destroy.values()]
+        return list(self.flush_iter(now))
+
+    def flush_iter(self, now: float) -> Iterator[FlowExport]:
+        """:meth:`flush`, one export at a time: the store is emptied when the first export
+        is taken (a generator runs nothing before), the exports are made as they are taken."""
+        live = [c for c in self._conns.values() if not c.ended]
+        awaiting = list(self._awaiting_destroy.values())
         self._awaiting_destroy.clear()
+        for c in self._conns.values():
+            c.seen = GONE
         self._conns.clear()
-        self._heap.clear()
+        self._queue.clear()
+        self._deadlines.clear()
         self._overflow.clear()
-        return out
+        for c in live:
+            yield self._export(c, FlowEndReason.END_OF_FLOW if c.closing else FlowEndReason.FORCED_END, now)
+        for c in awaiting:
+            yield self._export(c, FlowEndReason.END_OF_FLOW, now)

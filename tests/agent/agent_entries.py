@@ -32,15 +32,14 @@ def entry(
     zone: int = 0,
     mark: int = 0,
 ) -> ConntrackEntry:
-    family = socket.AF_INET6 if ":" in src else socket.AF_INET
     if tcp_state is None:
         tcp_state = 3 if proto == 6 else -1
     rs = reply_src or dst
     rsp = reply_sport if reply_sport is not None else dport
     key = ConnKey(zone, proto, ip(src), ip(dst), sport, dport, 0)
     return ConntrackEntry(
-        key, family, proto, ip(src), ip(dst), sport, dport, ip(rs), ip(src), rsp, sport, zone,
-        packets, octets, rpackets, roctets, start_ns, stop_ns, status, tcp_state, mark, b"", ct_id, 0, 0, 0,
+        key, ip(rs), ip(src), rsp, sport, packets, octets, rpackets, roctets, start_ns, stop_ns, status, tcp_state,
+        mark, b"", ct_id, 0, 0,
     )
 
 

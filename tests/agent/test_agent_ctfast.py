@@ -118,7 +118,8 @@ def test_the_parser_tests_pass_with_the_pure_python_parser_forced() -> None:
     env = {**os.environ, ctfast.PURE_ENV: "1"}
     here = Path(__file__).parent
     proc = subprocess.run(
-        [str(Path(sys.executable).with_name("pytest")), "-q", "-p", "no:cacheprovider", str(here / "test_agent_conntrack_parser.py")],
+        [str(Path(sys.executable).with_name("pytest")), "-q", "-p", "no:cacheprovider", str(here / "test_agent_conntrack_parser.py"),
+         str(here / "test_agent_ctreuse.py")],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -107,7 +107,7 @@ async def test_overflowing_the_event_socket_is_counted_and_the_dump_covers_once(
             await fx.shutdown()
 
 
-def test_table_statistics_through_pyroute2_equal_conntrack_s():
+def test_table_statistics_equal_conntrack_s():
     require_root()
     require_tool("conntrack", "nft")
     from flowscope.agent.ctevents import STAT_FIELDS, table_statistics

@@ -155,7 +155,7 @@ async def test_a_failed_dump_is_counted_and_ends_nothing(agent):
     ct.entries = [entry(packets=1)]
     await fx.poll_once()
 
-    def broken(consumer=None):
+    def broken(consumer=None, held=None):
         raise OSError(105, "No buffer space available")
 
     ct.dump = broken
@@ -201,7 +201,7 @@ async def test_interrupted_dumps_decide_no_end_until_the_third_in_a_row(agent):
     await fx.poll_once()
     ct.entries = [entry(sport=1, packets=1)]
 
-    def interrupted(consumer=None):
+    def interrupted(consumer=None, held=None):
         consumer(list(ct.entries))
         return DumpResult([], len(ct.entries), interrupted=True)
 

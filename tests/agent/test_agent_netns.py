@@ -8,6 +8,7 @@ reads is compared with ``conntrack -L`` in the same namespace and with what was 
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import threading
@@ -18,7 +19,7 @@ from agent_entries import INVENTORY
 from agent_netns import in_netns, sh, topology
 from agent_peers import decode_ours, decode_pypi, encode
 from conftest import require_root, require_tool
-from flowscope.agent.conntrack import NetlinkConntrack, format_address
+from flowscope.agent.conntrack import ConntrackError, NetlinkConntrack, format_address
 from flowscope.agent.exporter import FlowExporter
 from flowscope.agent.metadata import Enricher, StaticMetadata
 
@@ -404,10 +405,22 @@ def test_parser_on_a_mixed_kernel_table_equals_conntrack_cli(topo):
     with in_netns(topo.node):
         agent_poll.fill_mixed(3000)
         src = NetlinkConntrack()
+        small = NetlinkConntrack()
+    small._buf = bytearray(512)  # a receive buffer shorter than the kernel's datagrams
     try:
         result = src.dump()
+        again = src.dump()  # the C parser hands back the unchanged entries themselves
+        with in_netns(topo.node):  # the fresh socket after a failed dump opens where the agent runs
+            with pytest.raises(ConntrackError) as cut:
+                small.dump()
+            assert cut.value.errno == errno.EMSGSIZE  # refused whole, not parsed cut short
+            after = small.dump()  # the buffer grew
     finally:
         src.close()
+        small.close()
+    assert sorted(again.entries) == sorted(result.entries) == sorted(after.entries)
+    if src.parser._native is not None:
+        assert src.parser.reused == 5000 and all(a is b for a, b in zip(sorted(again.entries), sorted(result.entries)))
     out = sh("conntrack", "-L", "-f", "ipv4", ns=topo.node) + sh("conntrack", "-L", "-f", "ipv6", ns=topo.node)
     cli = set()
     for line in out.splitlines():

@@ -173,3 +173,21 @@ def test_an_incomplete_dump_ends_nothing():
     assert len(s) == 2
     out = s.update([entry(sport=1, packets=2)], T0 + 10)
     assert [(r.entry.orig_sport, r.reason) for r in out] == [(2, FlowEndReason.END_OF_FLOW)]
+
+
+def test_expiry_taken_one_by_one_and_stopped_early_leaves_the_rest_queued():
+    def filled():
+        s = store(idle_timeout=10.0)
+        first = [entry(sport=1000 + i, ct_id=i + 1, packets=i) for i in range(30)]
+        s.update(first, T0)
+        s.update(first + [entry(sport=2000 + i, ct_id=100 + i) for i in range(20)], T0 + 3)  # a second deadline
+        return s
+
+    whole = filled().expire(T0 + 20)
+    assert len(whole) == 50 and [fe.reason for fe in whole] == [FlowEndReason.IDLE_TIMEOUT] * 50
+    s = filled()
+    it = s.expire_iter(T0 + 20)
+    first = [next(it) for _ in range(7)]
+    it.close()  # a consumer that stopped (cancelled): nothing lost, nothing exported twice
+    assert first + s.expire(T0 + 20) == whole
+    assert s.expire(T0 + 20) == []
