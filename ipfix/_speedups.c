@@ -63,7 +63,8 @@ typedef struct {
     PyObject_HEAD
     Py_ssize_t nops;
     Op *ops;
-    PyObject *proto; /* dict: every key -> None, in template order */
+    PyObject *proto; /* dict: every key -> its placeholder, in template order */
+    PyObject **marks; /* the placeholder of each field: a distinct object of the codec's own */
     Py_ssize_t min_length;
     Py_ssize_t fixed_length; /* -1: the template has variable-length fields */
     int direct;              /* copies of proto may have their values written in place */
@@ -296,6 +297,25 @@ decode_ip6(const unsigned char *p)
 static inline uint64_t
 load_be(const unsigned char *p, Py_ssize_t n)
 {
+    switch (n) { /* the widths of IPFIX integers, as single loads */
+    case 1:
+        return p[0];
+    case 2: {
+        uint16_t x;
+        memcpy(&x, p, 2);
+        return ntohs(x);
+    }
+    case 4: {
+        uint32_t x;
+        memcpy(&x, p, 4);
+        return ntohl(x);
+    }
+    case 8: {
+        uint64_t x;
+        memcpy(&x, p, 8);
+        return __builtin_bswap64(x);
+    }
+    }
     uint64_t v = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         v = (v << 8) | p[i];
@@ -305,6 +325,29 @@ load_be(const unsigned char *p, Py_ssize_t n)
 
 static const char HEX[] = "0123456789abcdef";
 
+/* PyLong_FromUnsignedLongLong, with the common sizes made here: on CPython 3.11 an int
+ * of one or two 30-bit digits is filled in directly (the layout of longintrepr.h), which
+ * saves the three calls the generic way takes to the same allocation. */
+static inline PyObject *
+new_unsigned(uint64_t v)
+{
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+    if (v > 256 && v < ((uint64_t)1 << 60)) {
+        Py_ssize_t ndigits = v < ((uint64_t)1 << 30) ? 1 : 2;
+        PyLongObject *o = _PyLong_New(ndigits);
+        if (o == NULL) {
+            return NULL;
+        }
+        o->ob_digit[0] = (digit)(v & PyLong_MASK);
+        if (ndigits == 2) {
+            o->ob_digit[1] = (digit)(v >> PyLong_SHIFT);
+        }
+        return (PyObject *)o;
+    }
+#endif
+    return PyLong_FromUnsignedLongLong(v);
+}
+
 /* The Python value of one field; NULL with an exception set on failure. */
 static PyObject *
 decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
@@ -312,7 +355,7 @@ decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
     switch (op->kind) {
     case K_UINT:
     case K_SECONDS:
-        return PyLong_FromUnsignedLongLong(load_be(p, n));
+        return new_unsigned(load_be(p, n));
     case K_SINT: {
         uint64_t u = load_be(p, n);
         if (n < 8 && (u >> (8 * n - 1)) & 1) {
@@ -391,7 +434,28 @@ decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
     }
 }
 
-/* decode_set(buf, off, end) -> list of dicts, or None: let the pure-Python twin decide. */
+/* Give back the references to the placeholders that `records` in-place records stopped
+ * holding (see codec_decode_set), and those of the first `partial` fields of one more. */
+static void
+settle_marks(CodecObject *self, Py_ssize_t records, Py_ssize_t partial)
+{
+    if (records == 0 && partial == 0) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        PyObject *m = self->marks[i];
+        Py_SET_REFCNT(m, Py_REFCNT(m) - records - (i < partial));
+    }
+}
+
+/* decode_set(buf, off, end) -> list of dicts, or None: let the pure-Python twin decide.
+ *
+ * Each record starts as a copy of the prototype, whose value of field i is the codec's
+ * own placeholder object marks[i] (distinct objects: the copy's reference increments do
+ * not queue behind one another on one shared refcount, as they would on None). A value
+ * decoded replaces its placeholder in place, and the references the replaced
+ * placeholders lose are given back once per set (settle_marks), not once per field: the
+ * prototype keeps every placeholder alive meanwhile, and no one else can see them. */
 static PyObject *
 codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -417,63 +481,67 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     const unsigned char *buf = (const unsigned char *)view.buf;
-    PyObject *out = PyList_New(0);
+    /* Sets of fixed-length records hold exactly this many; others grow the list. */
+    const Py_ssize_t room = self->fixed_length > 0 ? (end - off) / self->fixed_length : 0;
+    PyObject *out = PyList_New(room);
     if (out == NULL) {
         PyBuffer_Release(&view);
         return NULL;
     }
     const Py_ssize_t nops = self->nops;
     const Op *ops = self->ops;
+    PyObject *const src = self->split ? self->split : self->proto;
+    Py_ssize_t count = 0;   /* records made */
+    Py_ssize_t settled = 0; /* of them, those whose placeholders were replaced in place */
+    Py_ssize_t partial = 0; /* fields replaced in place in a record given up */
     while (end - off >= self->min_length) {
-        PyObject *d = PyDict_Copy(self->split ? self->split : self->proto);
+        PyObject *d = PyDict_Copy(src);
         if (d == NULL) {
             goto error;
         }
 #if DIRECT_DICTS
         PyObject **slots = self->split ? split_values(d, self->split) : NULL;
         UnicodeEntryMirror *entries = slots == NULL && self->direct ? direct_entries(d, nops) : NULL;
+        const Py_ssize_t *index = self->split_index;
+        const int inplace = slots != NULL || entries != NULL;
+#else
+        const int inplace = 0;
 #endif
-        for (Py_ssize_t i = 0; i < nops; i++) {
+        Py_ssize_t i = 0;
+        for (; i < nops; i++) {
             const Op *op = &ops[i];
             Py_ssize_t n = op->length;
             if (IS_VAR(op->kind)) {
                 if (off >= end) {
-                    Py_DECREF(d);
-                    goto fallback;
+                    goto give_up_fallback;
                 }
                 n = buf[off++];
                 if (n == 255) {
                     if (end - off < 2) {
-                        Py_DECREF(d);
-                        goto fallback;
+                        goto give_up_fallback;
                     }
                     n = (buf[off] << 8) | buf[off + 1];
                     off += 2;
                 }
             }
             if (end - off < n) {
-                Py_DECREF(d);
-                goto fallback;
+                goto give_up_fallback;
             }
             PyObject *v = decode_value(op, buf + off, n);
             off += n;
             if (v == NULL) {
-                Py_DECREF(d);
                 if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
                     PyErr_Clear();
-                    goto fallback;
+                    goto give_up_fallback;
                 }
-                goto error;
+                goto give_up_error;
             }
 #if DIRECT_DICTS
             if (slots != NULL) {
-                PyObject **slot = &slots[self->split_index[i]];
-                Py_DECREF(*slot); /* the prototype's None */
-                *slot = v;
+                slots[index[i]] = v; /* marks[i]'s reference: settled later */
                 continue;
             }
             if (entries != NULL) {
-                Py_DECREF(entries[i].me_value); /* the prototype's None */
                 entries[i].me_value = v;
                 continue;
             }
@@ -481,23 +549,47 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
             int rc = PyDict_SetItem(d, op->key, v);
             Py_DECREF(v);
             if (rc < 0) {
-                Py_DECREF(d);
+                goto give_up_error;
+            }
+        }
+        settled += inplace;
+        if (count < room) {
+            PyList_SET_ITEM(out, count, d);
+        }
+        else {
+            int rc = PyList_Append(out, d);
+            Py_DECREF(d);
+            if (rc < 0) {
                 goto error;
             }
         }
-        int rc = PyList_Append(out, d);
+        count++;
+        continue;
+    give_up_fallback:
+        partial = inplace ? i : 0;
         Py_DECREF(d);
-        if (rc < 0) {
-            goto error;
+        goto fallback;
+    give_up_error:
+        partial = inplace ? i : 0;
+        Py_DECREF(d);
+        goto error;
+    }
+    settle_marks(self, settled, 0);
+    PyBuffer_Release(&view);
+    if (count < room) { /* cannot happen (room is exact), but never hand out NULL items */
+        if (PyList_SetSlice(out, count, room, NULL) < 0) {
+            Py_DECREF(out);
+            return NULL;
         }
     }
-    PyBuffer_Release(&view);
     return out;
 fallback:
+    settle_marks(self, settled, partial);
     PyBuffer_Release(&view);
     Py_DECREF(out);
     Py_RETURN_NONE;
 error:
+    settle_marks(self, settled, partial);
     PyBuffer_Release(&view);
     Py_DECREF(out);
     return NULL;
@@ -549,10 +641,28 @@ put_unsigned(unsigned char *p, PyObject *v, Py_ssize_t n)
     if (!PyLong_CheckExact(v)) {
         return ENC_FALLBACK;
     }
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
-    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return ENC_FALLBACK;
+    unsigned long long x;
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+    /* 3.11's layout (longintrepr.h): the sign in the size, 30-bit digits */
+    const Py_ssize_t size = Py_SIZE(v);
+    const digit *dg = ((PyLongObject *)v)->ob_digit;
+    if (size == 0) {
+        x = 0;
+    }
+    else if (size == 1) {
+        x = dg[0];
+    }
+    else if (size == 2) {
+        x = (unsigned long long)dg[0] | ((unsigned long long)dg[1] << PyLong_SHIFT);
+    }
+    else
+#endif
+    {
+        x = PyLong_AsUnsignedLongLong(v);
+        if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return ENC_FALLBACK;
+        }
     }
     if (n < 8 && (x >> (8 * n)) != 0) {
         return ENC_FALLBACK;
@@ -869,10 +979,41 @@ fallback:
     return ENC_FALLBACK;
 }
 
+/* Append to `messages` one message of the `payload` octets at p, its header's sequence
+ * number `number`. 0, or -1 with an exception set. */
+static int
+emit_message(PyObject *messages, const unsigned char *payload, Py_ssize_t size, unsigned long export_time,
+             uint32_t number, unsigned long domain, unsigned long template_id)
+{
+    Py_ssize_t length = 20 + size;
+    PyObject *msg = PyBytes_FromStringAndSize(NULL, length);
+    if (msg == NULL) {
+        return -1;
+    }
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(msg);
+    store_be(p, 10, 2);
+    store_be(p + 2, (uint64_t)length, 2);
+    store_be(p + 4, export_time, 4);
+    store_be(p + 8, number, 4);
+    store_be(p + 12, domain, 4);
+    store_be(p + 16, template_id, 2);
+    store_be(p + 18, (uint64_t)(size + 4), 2);
+    memcpy(p + 20, payload, (size_t)size);
+    int rc = PyList_Append(messages, msg);
+    Py_DECREF(msg);
+    return rc;
+}
+
 /* encode_messages(records, limit, fallback, export_time, sequence, domain, template_id)
  *   -> (messages, 0), or ([], n) when a record of n octets exceeds limit.
  * Records are cut into messages greedily, each holding as many as fit in `limit` octets
- * of set payload; each header's sequence number counts the records before it. */
+ * of set payload; each header's sequence number counts the records before it.
+ *
+ * Records are written into one scratch buffer of about a message's size, which is copied
+ * out into a message whenever the next record does not fit (and moved to the front): the
+ * buffer stays in the CPU's cache however many records there are. As with the twin, every
+ * record is encoded (so that a record the twin refuses raises) before an oversized one
+ * is reported. */
 static PyObject *
 codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -883,6 +1024,10 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
     if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (limit < 1) {
+        PyErr_SetString(PyExc_ValueError, "limit must be positive");
         return NULL;
     }
     PyObject *fallback = args[2];
@@ -900,15 +1045,14 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     Buf b = {NULL, 0, 0};
-    Py_ssize_t *ends = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count ? count : 1));
-    PyObject *messages = NULL;
-    if (ends == NULL) {
-        PyErr_NoMemory();
+    PyObject *messages = PyList_New(0);
+    PyObject *result = NULL;
+    if (messages == NULL || buf_reserve(&b, limit + 3) < 0) {
         goto done;
     }
-    if (self->fixed_length > 0 && buf_reserve(&b, self->fixed_length * count) < 0) {
-        goto done;
-    }
+    Py_ssize_t first = 0;    /* first record of the message being filled */
+    Py_ssize_t oversize = 0; /* octets of the first record too long for any message */
+    uint32_t number = (uint32_t)sequence;
     for (Py_ssize_t i = 0; i < count; i++) {
 #if DIRECT_DICTS
         /* Records arrive cold (each dict, its entries and every value are separate
@@ -924,11 +1068,22 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
             prefetch_entries(items[i + 1], self->nops, 1);
         }
 #endif
+        const Py_ssize_t start = b.len;
         int rc = encode_one(self, items[i], &b);
         if (rc == ENC_ERROR) {
             goto done;
         }
         if (rc == ENC_FALLBACK) {
+            if (PyList_CheckExact(seq)) {
+                /* Python code runs from here: hold the records in a tuple of our own,
+                 * which that code cannot shrink under us. */
+                PyObject *t = PyList_AsTuple(seq);
+                if (t == NULL) {
+                    goto done;
+                }
+                Py_SETREF(seq, t);
+                items = PySequence_Fast_ITEMS(seq);
+            }
             PyObject *raw = PyObject_CallOneArg(fallback, items[i]);
             if (raw == NULL) {
                 goto done;
@@ -947,63 +1102,37 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
             b.len += n;
             Py_DECREF(raw);
         }
-        ends[i] = b.len;
-    }
-    Py_ssize_t prev = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (ends[i] - prev > limit) {
-            messages = Py_BuildValue("([]n)", ends[i] - prev);
-            goto done;
+        const Py_ssize_t n = b.len - start;
+        if (n > limit || oversize) { /* no message will be sent: only errors matter now */
+            if (oversize == 0) {
+                oversize = n;
+            }
+            b.len = 0;
+            continue;
         }
-        prev = ends[i];
+        if (b.len > limit) { /* record i opens the next message */
+            if (emit_message(messages, b.data, start, export_time, number, domain, template_id) < 0) {
+                goto done;
+            }
+            number += (uint32_t)(i - first);
+            first = i;
+            memmove(b.data, b.data + start, (size_t)n);
+            b.len = n;
+        }
     }
-    messages = PyList_New(0);
-    if (messages == NULL) {
+    if (oversize) {
+        result = Py_BuildValue("([]n)", oversize);
         goto done;
     }
-    Py_ssize_t first = 0; /* first record of the message being cut */
-    Py_ssize_t from = 0;  /* its first octet */
-    uint32_t number = (uint32_t)sequence;
-    while (first < count) {
-        Py_ssize_t last = first;
-        while (last + 1 < count && ends[last + 1] - from <= limit) {
-            last++;
-        }
-        Py_ssize_t payload = ends[last] - from;
-        Py_ssize_t length = 20 + payload;
-        PyObject *msg = PyBytes_FromStringAndSize(NULL, length);
-        if (msg == NULL) {
-            Py_CLEAR(messages);
-            goto done;
-        }
-        unsigned char *p = (unsigned char *)PyBytes_AS_STRING(msg);
-        store_be(p, 10, 2);
-        store_be(p + 2, (uint64_t)length, 2);
-        store_be(p + 4, export_time, 4);
-        store_be(p + 8, number, 4);
-        store_be(p + 12, domain, 4);
-        store_be(p + 16, template_id, 2);
-        store_be(p + 18, (uint64_t)(payload + 4), 2);
-        memcpy(p + 20, b.data + from, (size_t)payload);
-        int rc = PyList_Append(messages, msg);
-        Py_DECREF(msg);
-        if (rc < 0) {
-            Py_CLEAR(messages);
-            goto done;
-        }
-        number += (uint32_t)(last + 1 - first);
-        from = ends[last];
-        first = last + 1;
+    if (count > first && emit_message(messages, b.data, b.len, export_time, number, domain, template_id) < 0) {
+        goto done;
     }
-    {
-        PyObject *r = Py_BuildValue("(Ni)", messages, 0);
-        messages = r;
-    }
+    result = Py_BuildValue("(Oi)", messages, 0);
 done:
     PyMem_Free(b.data);
-    PyMem_Free(ends);
+    Py_XDECREF(messages);
     Py_DECREF(seq);
-    return messages;
+    return result;
 }
 
 /* ------------------------------------------------------------------ the type */
@@ -1016,6 +1145,12 @@ codec_dealloc(CodecObject *self)
         Py_XDECREF(self->ops[i].helper);
     }
     PyMem_Free(self->ops);
+    if (self->marks != NULL) {
+        for (Py_ssize_t i = 0; i < self->nops; i++) {
+            Py_XDECREF(self->marks[i]);
+        }
+        PyMem_Free(self->marks);
+    }
     PyMem_Free(self->split_index);
     Py_XDECREF(self->split);
     Py_XDECREF(self->proto);
@@ -1037,7 +1172,7 @@ check_direct(CodecObject *self)
     if (e != NULL) {
         ok = 1;
         for (Py_ssize_t i = 0; i < self->nops; i++) {
-            if (e[i].me_key != self->ops[i].key || e[i].me_value != Py_None) {
+            if (e[i].me_key != self->ops[i].key || e[i].me_value != self->marks[i]) {
                 ok = 0;
                 break;
             }
@@ -1061,10 +1196,10 @@ check_direct(CodecObject *self)
 #endif
 }
 
-/* Adopt `split`, a dict of the fields' keys (all None, in field order) that shares its
- * keys table (an instance __dict__, made by accel.py), if its copies are split tables whose
- * value slots CPython itself fills for each key: the slot of each field is learnt by
- * storing a marker through PyDict_SetItem and finding it. 1 adopted, 0 not, -1 error. */
+/* Adopt a copy of `split`, a dict of the fields' keys in field order that shares its keys
+ * table (an instance __dict__, made by accel.py), if it stays a split table once each
+ * field's placeholder is stored in it through PyDict_SetItem: the value slot CPython itself
+ * gives each field is then found by its placeholder. 1 adopted, 0 not, -1 error. */
 static int
 check_split(CodecObject *self, PyObject *split)
 {
@@ -1077,34 +1212,37 @@ check_split(CodecObject *self, PyObject *split)
     if (d == NULL) {
         return -1;
     }
-    PyObject **slots = split_values(d, split);
-    Py_ssize_t size = ((KeysMirror *)((PyDictObject *)d)->ma_keys)->dk_nentries;
-    Py_ssize_t *index = PyMem_Calloc((size_t)(self->nops ? self->nops : 1), sizeof(Py_ssize_t));
-    int ok = slots != NULL && index != NULL && size >= self->nops;
-    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
-        PyObject *marker = PyLong_FromSsize_t(1000000 + i);
-        if (marker == NULL || PyDict_SetItem(d, self->ops[i].key, marker) < 0) {
-            Py_XDECREF(marker);
-            PyErr_Clear();
-            ok = 0;
-            break;
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        if (PyDict_SetItem(d, self->ops[i].key, self->marks[i]) < 0) {
+            Py_DECREF(d);
+            return -1;
         }
-        slots = split_values(d, split);
+    }
+    Py_ssize_t *index = PyMem_Calloc((size_t)(self->nops ? self->nops : 1), sizeof(Py_ssize_t));
+    if (index == NULL) {
+        Py_DECREF(d);
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject **slots = split_values(d, split);
+    int ok = slots != NULL && PyDict_GET_SIZE(d) == self->nops;
+    Py_ssize_t size = ((KeysMirror *)((PyDictObject *)d)->ma_keys)->dk_nentries;
+    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
         index[i] = -1;
-        for (Py_ssize_t j = 0; slots != NULL && j < size; j++) {
-            if (slots[j] == marker) {
+        for (Py_ssize_t j = 0; j < size; j++) {
+            if (slots[j] == self->marks[i]) {
                 index[i] = j;
             }
         }
-        ok = slots != NULL && index[i] >= 0 && PyDict_GET_SIZE(d) == self->nops;
-        Py_DECREF(marker);
+        ok = index[i] >= 0 && PyDict_GetItemWithError(d, self->ops[i].key) == self->marks[i];
     }
-    Py_DECREF(d);
+    PyErr_Clear();
     if (!ok) {
         PyMem_Free(index);
+        Py_DECREF(d);
         return 0;
     }
-    self->split = Py_NewRef(split);
+    self->split = d;
     self->split_index = index;
     return 1;
 #else
@@ -1132,8 +1270,9 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     self->ops = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Op));
+    self->marks = PyMem_Calloc((size_t)(n ? n : 1), sizeof(PyObject *));
     self->proto = PyDict_New();
-    if (self->ops == NULL || self->proto == NULL) {
+    if (self->ops == NULL || self->marks == NULL || self->proto == NULL) {
         goto error;
     }
     Py_ssize_t fixed = 0, nvar = 0;
@@ -1166,7 +1305,8 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
             PyErr_Format(PyExc_ValueError, "field %zd: kind %d needs an encode helper", i, kind);
             goto error;
         }
-        if (PyDict_SetItem(self->proto, key, Py_None) < 0) {
+        self->marks[i] = PyLong_FromSsize_t(-1000000000 - i);
+        if (self->marks[i] == NULL || PyDict_SetItem(self->proto, key, self->marks[i]) < 0) {
             goto error;
         }
         if (IS_VAR(kind)) {
