@@ -251,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"agent_records_per_s": 1_000_000, "fixed_only_records_per_s": 3_000_000, "ratio_vs_ipfix_pypi": 3},
         "cases": {name: run_case(names, fam, args.records, args.repeat) for name, (names, fam) in cases.items()},
     }
+    # Each target beside its measurement: the accelerated codec's median, and the peer's ratio.
+    met = {}
+    for name, case in out["cases"].items():
+        want = out["targets"]["fixed_only_records_per_s" if name == "fixed_only" else "agent_records_per_s"]
+        for way in ("decode", "encode"):
+            got = case["flowscope"][f"{way}_records_per_s"]
+            ratio = case["ratio"][way]
+            met[f"{name}_{way}"] = {"records_per_s": got, "target": want, "met": got >= want,
+                                    "ratio_vs_ipfix_pypi": ratio, "ratio_met": ratio >= out["targets"]["ratio_vs_ipfix_pypi"]}
+    out["targets_met"] = met
     print(json.dumps(out, indent=2))
     return 0
 
