@@ -815,9 +815,45 @@ prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
 }
 #endif
 
-/* Append one record to b; ENC_FALLBACK leaves b as it was. */
+/* Around the calls that may run Python code (the helpers of the rare kinds, and the
+ * address caches' __missing__): that code may change the record or drop it from the
+ * batch, so the record and the value are held, and the record's entries are no longer
+ * trusted (the fields after are looked up). *ran tells the caller to hold its batch. */
+#if DIRECT_DICTS
+#define FORGET_ENTRIES() (entries = NULL)
+#else
+#define FORGET_ENTRIES() ((void)0)
+#endif
+#define BEFORE_PYTHON()       \
+    do {                      \
+        if (!*ran) {          \
+            Py_INCREF(rec);   \
+            *ran = 1;         \
+        }                     \
+        Py_INCREF(v);         \
+    } while (0)
+#define AFTER_PYTHON()        \
+    do {                      \
+        Py_DECREF(v);         \
+        FORGET_ENTRIES();     \
+    } while (0)
+
+static int encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran);
+
+/* Append one record to b; ENC_FALLBACK leaves b as it was. *ran: Python code ran. */
 static int
-encode_one(CodecObject *self, PyObject *rec, Buf *b)
+encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran)
+{
+    *ran = 0;
+    int rc = encode_fields(self, rec, b, ran);
+    if (*ran) {
+        Py_DECREF(rec);
+    }
+    return rc;
+}
+
+static int
+encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran)
 {
     if (!PyDict_CheckExact(rec)) {
         return ENC_FALLBACK;
@@ -937,7 +973,9 @@ encode_one(CodecObject *self, PyObject *rec, Buf *b)
         case K_IP4:
         case K_IP6:
             if (op->kind == K_MAC) {
+                BEFORE_PYTHON();
                 PyObject *r = PyObject_CallOneArg(op->helper, v);
+                AFTER_PYTHON();
                 if (r == NULL) {
                     PyErr_Clear();
                     rc = ENC_FALLBACK;
@@ -955,12 +993,16 @@ encode_one(CodecObject *self, PyObject *rec, Buf *b)
                 rc = ENC_OK;
             }
             else {
+                BEFORE_PYTHON();
                 rc = put_mapped_bytes(p, op->helper, v, n);
+                AFTER_PYTHON();
             }
             break;
         case K_MILLIS:
         case K_NTP:
+            BEFORE_PYTHON();
             rc = put_helper_unsigned(p, op->helper, v, 8);
+            AFTER_PYTHON();
             break;
         case K_STR_FIX: {
             Py_ssize_t len;
@@ -1054,7 +1096,7 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     if (seq == NULL) {
         return NULL;
     }
-    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     Buf b = {NULL, 0, 0};
     PyObject *messages = PyList_New(0);
@@ -1081,21 +1123,31 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
         }
 #endif
         const Py_ssize_t start = b.len;
-        int rc = encode_one(self, items[i], &b);
+        int ran;
+        int rc = encode_one(self, items[i], &b, &ran);
+        if ((ran || rc == ENC_FALLBACK) && PyList_CheckExact(seq)) {
+            /* Python code ran, or is about to: hold the records in a tuple of our own,
+             * which that code cannot change under us (as it may have changed the list). */
+            PyObject *t = PyList_AsTuple(seq);
+            if (t == NULL) {
+                goto done;
+            }
+            Py_SETREF(seq, t);
+            items = PySequence_Fast_ITEMS(seq);
+            count = PySequence_Fast_GET_SIZE(seq);
+            if (i >= count) { /* the list lost this record meanwhile: encoded as it was */
+                count = i + 1;
+                rc = rc == ENC_FALLBACK ? ENC_ERROR : rc;
+                if (rc == ENC_ERROR) {
+                    PyErr_SetString(PyExc_RuntimeError, "the records changed while they were being encoded");
+                    goto done;
+                }
+            }
+        }
         if (rc == ENC_ERROR) {
             goto done;
         }
         if (rc == ENC_FALLBACK) {
-            if (PyList_CheckExact(seq)) {
-                /* Python code runs from here: hold the records in a tuple of our own,
-                 * which that code cannot shrink under us. */
-                PyObject *t = PyList_AsTuple(seq);
-                if (t == NULL) {
-                    goto done;
-                }
-                Py_SETREF(seq, t);
-                items = PySequence_Fast_ITEMS(seq);
-            }
             PyObject *raw = PyObject_CallOneArg(fallback, items[i]);
             if (raw == NULL) {
                 goto done;
