@@ -745,6 +745,23 @@ put_mapped_bytes(unsigned char *p, PyObject *mapping, PyObject *v, Py_ssize_t n)
     return rc;
 }
 
+/* put_mapped_bytes for a str already in a dict cache, looked up without its __missing__
+ * (a str's hash and equality are C: no Python code runs); ENC_FALLBACK if not there. */
+static int
+put_cached_bytes(unsigned char *p, PyObject *cache, PyObject *v, Py_ssize_t n)
+{
+    PyObject *r = PyDict_GetItemWithError(cache, v); /* borrowed */
+    if (r == NULL) {
+        PyErr_Clear();
+        return ENC_FALLBACK;
+    }
+    if (PyBytes_CheckExact(r) && PyBytes_GET_SIZE(r) == n) {
+        memcpy(p, PyBytes_AS_STRING(r), (size_t)n);
+        return ENC_OK;
+    }
+    return ENC_FALLBACK;
+}
+
 /* Bytes of a str as UTF-8, or NULL (no exception left set) when the twin must decide. */
 static const char *
 utf8_of(PyObject *v, Py_ssize_t *n)
@@ -820,7 +837,21 @@ prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
  * batch, so the record and the value are held, and the record's entries are no longer
  * trusted (the fields after are looked up). *ran tells the caller to hold its batch. */
 #if DIRECT_DICTS
-#define FORGET_ENTRIES() (entries = NULL)
+/* The entries of a record dict laid out as the template (the decoder's, or one built in
+ * template order with the same key objects), to be read in order; or NULL: looked up.
+ * Each entry is still checked for its key before it is read. */
+static inline const UnicodeEntryMirror *
+record_entries(const CodecObject *self, PyObject *rec)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values == NULL && k->dk_kind == DICT_KEYS_UNICODE_KIND && k->dk_nentries >= self->nops &&
+        self->direct) {
+        return (const UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+    }
+    return NULL;
+}
+#define FORGET_ENTRIES() (entries = record_entries(self, rec)) /* the dict may have changed */
 #else
 #define FORGET_ENTRIES() ((void)0)
 #endif
@@ -862,15 +893,7 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran)
 #if DIRECT_DICTS
     /* A record laid out as the template (the decoder's, or one built in template order
      * with the same key objects) is read in order, entry by entry; any other by lookups. */
-    const UnicodeEntryMirror *entries = NULL;
-    {
-        PyDictObject *mp = (PyDictObject *)rec;
-        KeysMirror *k = (KeysMirror *)mp->ma_keys;
-        if (mp->ma_values == NULL && k->dk_kind == DICT_KEYS_UNICODE_KIND && k->dk_nentries >= self->nops &&
-            self->direct) {
-            entries = (const UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
-        }
-    }
+    const UnicodeEntryMirror *entries = record_entries(self, rec);
 #endif
     for (Py_ssize_t i = 0; i < self->nops; i++) {
         const Op *op = &self->ops[i];
@@ -991,6 +1014,10 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran)
             }
             else if (op->kind == K_IP4 && parse_ip4(v, p)) {
                 rc = ENC_OK;
+            }
+            else if (PyUnicode_CheckExact(v) && PyDict_Check(op->helper) &&
+                     (rc = put_cached_bytes(p, op->helper, v, n)) != ENC_FALLBACK) {
+                /* in the twin's cache: found without running any Python code */
             }
             else {
                 BEFORE_PYTHON();
