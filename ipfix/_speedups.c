@@ -237,6 +237,17 @@ decode_str(const unsigned char *p, Py_ssize_t n)
     return s;
 }
 
+/* A str of ASCII text we wrote ourselves: copied, with no decoding to do. */
+static PyObject *
+ascii_text(const char *text, Py_ssize_t n)
+{
+    PyObject *s = PyUnicode_New(n, 127);
+    if (s != NULL) {
+        memcpy(PyUnicode_1BYTE_DATA(s), text, (size_t)n);
+    }
+    return s;
+}
+
 static PyObject *
 decode_ip4(const unsigned char *p)
 {
@@ -260,7 +271,7 @@ decode_ip4(const unsigned char *p)
         text[n++] = (char)('0' + b % 10);
         text[n++] = '.';
     }
-    PyObject *s = PyUnicode_FromStringAndSize(text, n - 1);
+    PyObject *s = ascii_text(text, n - 1);
     if (s == NULL) {
         return NULL;
     }
@@ -283,7 +294,7 @@ decode_ip6(const unsigned char *p)
         PyErr_SetFromErrno(PyExc_OSError);
         return NULL;
     }
-    PyObject *s = PyUnicode_FromString(text);
+    PyObject *s = ascii_text(text, (Py_ssize_t)strlen(text));
     if (s == NULL) {
         return NULL;
     }
