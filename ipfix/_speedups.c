@@ -819,9 +819,9 @@ put_fixed(unsigned char *p, const char *s, Py_ssize_t n, Py_ssize_t length)
 }
 
 #if DIRECT_DICTS
-/* Prefetch a record dict's entries (values 0) or the objects they hold (values 1). */
+/* Prefetch a record dict's entries. */
 static inline void
-prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
+prefetch_entries(PyObject *rec, Py_ssize_t nops)
 {
     PyDictObject *mp = (PyDictObject *)rec;
     KeysMirror *k = (KeysMirror *)mp->ma_keys;
@@ -830,15 +830,8 @@ prefetch_entries(PyObject *rec, Py_ssize_t nops, int values)
     }
     const char *e = k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes);
     Py_ssize_t n = k->dk_nentries < nops ? k->dk_nentries : nops;
-    if (!values) {
-        for (Py_ssize_t off = 0; off < n * (Py_ssize_t)sizeof(UnicodeEntryMirror); off += 64) {
-            __builtin_prefetch(e + off);
-        }
-        return;
-    }
-    const UnicodeEntryMirror *entries = (const UnicodeEntryMirror *)e;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        __builtin_prefetch(entries[i].me_value);
+    for (Py_ssize_t off = 0; off < n * (Py_ssize_t)sizeof(UnicodeEntryMirror); off += 64) {
+        __builtin_prefetch(e + off);
     }
 }
 #endif
@@ -873,6 +866,7 @@ record_entries(const CodecObject *self, PyObject *rec)
             *ran = 1;         \
         }                     \
         Py_INCREF(v);         \
+        ahead = NULL;         \
     } while (0)
 #define AFTER_PYTHON()        \
     do {                      \
@@ -880,14 +874,14 @@ record_entries(const CodecObject *self, PyObject *rec)
         FORGET_ENTRIES();     \
     } while (0)
 
-static int encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran);
+static int encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead);
 
 /* Append one record to b; ENC_FALLBACK leaves b as it was. *ran: Python code ran. */
 static int
-encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran)
+encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead)
 {
     *ran = 0;
-    int rc = encode_fields(self, rec, b, ran);
+    int rc = encode_fields(self, rec, b, ran, ahead);
     if (*ran) {
         Py_DECREF(rec);
     }
@@ -895,7 +889,7 @@ encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran)
 }
 
 static int
-encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran)
+encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead)
 {
     if (!PyDict_CheckExact(rec)) {
         return ENC_FALLBACK;
@@ -910,6 +904,9 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran)
         const Op *op = &self->ops[i];
         PyObject *v;
 #if DIRECT_DICTS
+        if (ahead != NULL) { /* the next record's value of this field, fetched ahead */
+            __builtin_prefetch(((const UnicodeEntryMirror *)ahead)[i].me_value);
+        }
         if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
             v = entries[i].me_value;
         }
@@ -1148,21 +1145,24 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     for (Py_ssize_t i = 0; i < count; i++) {
 #if DIRECT_DICTS
         /* Records arrive cold (each dict, its entries and every value are separate
-         * allocations): fetch ahead, the dict of record i+3, the entries of i+2, the
-         * values of i+1, so that encoding record i rarely waits for memory. */
+         * allocations): fetch ahead, the dict of record i+3, the entries of i+2, and
+         * the values of i+1 one by one as the fields of record i are written (all at
+         * once they overflow the CPU's queue of misses, and most are dropped), so that
+         * encoding record i rarely waits for memory. */
         if (i + 3 < count) {
             __builtin_prefetch(items[i + 3]);
         }
         if (i + 2 < count && PyDict_CheckExact(items[i + 2])) {
-            prefetch_entries(items[i + 2], self->nops, 0);
+            prefetch_entries(items[i + 2], self->nops);
         }
-        if (i + 1 < count && PyDict_CheckExact(items[i + 1])) {
-            prefetch_entries(items[i + 1], self->nops, 1);
-        }
+        const void *ahead = i + 1 < count && PyDict_CheckExact(items[i + 1]) ? record_entries(self, items[i + 1]) : NULL;
 #endif
         const Py_ssize_t start = b.len;
         int ran;
-        int rc = encode_one(self, items[i], &b, &ran);
+#if !DIRECT_DICTS
+        const void *ahead = NULL;
+#endif
+        int rc = encode_one(self, items[i], &b, &ran, ahead);
         if ((ran || rc == ENC_FALLBACK) && PyList_CheckExact(seq)) {
             /* Python code ran, or is about to: hold the records in a tuple of our own,
              * which that code cannot change under us (as it may have changed the list). */
