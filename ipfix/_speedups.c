@@ -1146,9 +1146,10 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
 #if DIRECT_DICTS
         /* Records arrive cold (each dict, its entries and every value are separate
          * allocations): fetch ahead, the dict of record i+3, the entries of i+2, and
-         * the values of i+1 one by one as the fields of record i are written (all at
-         * once they overflow the CPU's queue of misses, and most are dropped), so that
-         * encoding record i rarely waits for memory. */
+         * the values of i+1 one by one as the fields of record i are written, so that
+         * encoding record i rarely waits for memory. (Fetched all at once, a burst of
+         * as many misses as fields, the values came no sooner: measured, 2.3M against
+         * 3.6M fixed-length records/s, presumably the CPU's queue of misses overflows.) */
         if (i + 3 < count) {
             __builtin_prefetch(items[i + 3]);
         }
