@@ -859,12 +859,15 @@ record_entries(const CodecObject *self, PyObject *rec)
 #else
 #define FORGET_ENTRIES() ((void)0)
 #endif
-#define BEFORE_PYTHON()       \
-    do {                      \
-        if (!*ran) {          \
-            Py_INCREF(rec);   \
-            *ran = 1;         \
-        }                     \
+#define BEFORE_PYTHON()                 \
+    do {                                \
+        if (hold_batch(bt) < 0) {       \
+            return ENC_ERROR;           \
+        }                               \
+        if (!*ran) {                    \
+            Py_INCREF(rec);             \
+            *ran = 1;                   \
+        }                               \
         Py_INCREF(v);         \
         ahead = NULL;         \
     } while (0)
@@ -874,14 +877,43 @@ record_entries(const CodecObject *self, PyObject *rec)
         FORGET_ENTRIES();     \
     } while (0)
 
-static int encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead);
+/* The records of one encode_messages call. Before any Python code runs (see
+ * BEFORE_PYTHON), a list of them is copied into a tuple of our own, which that code cannot
+ * change under us: the batch encoded is the batch as it was passed, as the twin's slices. */
+typedef struct {
+    PyObject *seq; /* a list or tuple (PySequence_Fast), owned */
+    PyObject **items;
+    Py_ssize_t count;
+    int held;
+} Batch;
+
+static int
+hold_batch(Batch *bt)
+{
+    if (bt->held) {
+        return 0;
+    }
+    if (PyList_CheckExact(bt->seq)) {
+        PyObject *t = PyList_AsTuple(bt->seq);
+        if (t == NULL) {
+            return -1;
+        }
+        Py_SETREF(bt->seq, t);
+        bt->items = PySequence_Fast_ITEMS(t);
+        bt->count = PyTuple_GET_SIZE(t);
+    }
+    bt->held = 1;
+    return 0;
+}
+
+static int encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead, Batch *bt);
 
 /* Append one record to b; ENC_FALLBACK leaves b as it was. *ran: Python code ran. */
 static int
-encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead)
+encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead, Batch *bt)
 {
     *ran = 0;
-    int rc = encode_fields(self, rec, b, ran, ahead);
+    int rc = encode_fields(self, rec, b, ran, ahead, bt);
     if (*ran) {
         Py_DECREF(rec);
     }
@@ -889,7 +921,7 @@ encode_one(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead
 }
 
 static int
-encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead)
+encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ahead, Batch *bt)
 {
     if (!PyDict_CheckExact(rec)) {
         return ENC_FALLBACK;
@@ -1127,12 +1159,13 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     if (PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(args[0], "records must be a sequence");
-    if (seq == NULL) {
+    Batch bt = {PySequence_Fast(args[0], "records must be a sequence"), NULL, 0, 0};
+    if (bt.seq == NULL) {
         return NULL;
     }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    bt.items = PySequence_Fast_ITEMS(bt.seq);
+    bt.count = PySequence_Fast_GET_SIZE(bt.seq);
+    const Py_ssize_t count = bt.count;
     Buf b = {NULL, 0, 0};
     PyObject *messages = PyList_New(0);
     PyObject *result = NULL;
@@ -1143,6 +1176,7 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_ssize_t oversize = 0; /* octets of the first record too long for any message */
     uint32_t number = (uint32_t)sequence;
     for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject **items = bt.items; /* the same records, held in a tuple once Python ran */
 #if DIRECT_DICTS
         /* Records arrive cold (each dict, its entries and every value are separate
          * allocations): fetch ahead, the dict of record i+3, the entries of i+2, and
@@ -1163,31 +1197,15 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
 #if !DIRECT_DICTS
         const void *ahead = NULL;
 #endif
-        int rc = encode_one(self, items[i], &b, &ran, ahead);
-        if ((ran || rc == ENC_FALLBACK) && PyList_CheckExact(seq)) {
-            /* Python code ran, or is about to: hold the records in a tuple of our own,
-             * which that code cannot change under us (as it may have changed the list). */
-            PyObject *t = PyList_AsTuple(seq);
-            if (t == NULL) {
-                goto done;
-            }
-            Py_SETREF(seq, t);
-            items = PySequence_Fast_ITEMS(seq);
-            count = PySequence_Fast_GET_SIZE(seq);
-            if (i >= count) { /* the list lost this record meanwhile: encoded as it was */
-                count = i + 1;
-                rc = rc == ENC_FALLBACK ? ENC_ERROR : rc;
-                if (rc == ENC_ERROR) {
-                    PyErr_SetString(PyExc_RuntimeError, "the records changed while they were being encoded");
-                    goto done;
-                }
-            }
+        int rc = encode_one(self, items[i], &b, &ran, ahead, &bt);
+        if (rc == ENC_FALLBACK && hold_batch(&bt) < 0) { /* Python code is about to run */
+            rc = ENC_ERROR;
         }
         if (rc == ENC_ERROR) {
             goto done;
         }
         if (rc == ENC_FALLBACK) {
-            PyObject *raw = PyObject_CallOneArg(fallback, items[i]);
+            PyObject *raw = PyObject_CallOneArg(fallback, bt.items[i]);
             if (raw == NULL) {
                 goto done;
             }
@@ -1234,7 +1252,7 @@ codec_encode_messages(CodecObject *self, PyObject *const *args, Py_ssize_t nargs
 done:
     PyMem_Free(b.data);
     Py_XDECREF(messages);
-    Py_DECREF(seq);
+    Py_DECREF(bt.seq);
     return result;
 }
 

@@ -13,7 +13,8 @@ placeholder objects and gives their references back once per set. Hypothesis che
   tables), wide ones (over 30 fields: combined tables) and variable-length ones, leaves
   every placeholder's reference count as it found it, answered or declined;
 - Python code that runs inside the encoder (an address's ``__str__``) emptying the batch
-  or the record being encoded: no crash, and the twin's outcome.
+  or the record being encoded, with and without Python code run before it: no crash,
+  and the twin's outcome.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flowscope.ipfix import ExportSession, accel
+from flowscope.ipfix import template as template_module
 from flowscope.ipfix.antrea import AGENT_IPV4_FIELDS
 
 from test_ipfix_accel import FIELDS, REG, _outcome, _pair, _same_records, _value
@@ -111,12 +113,20 @@ def test_decoding_gives_back_every_placeholder_reference(spec: list[tuple[str, i
     assert native._placeholder_refcounts() == before
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["other-addresses-cached", "uncached"])
 @pytest.mark.parametrize("victim", ["batch", "record"])
-def test_python_code_run_inside_the_encoder_may_change_its_input_safely(victim: str) -> None:
+def test_python_code_run_inside_the_encoder_may_change_its_input_safely(victim: str, cached: bool) -> None:
     """An address the C encoder cannot parse itself goes through the twin's cache, whose
     __missing__ calls str() on it: Python code, here emptying the batch or the record
     the encoder is reading. It must neither crash nor read freed memory, and it ends as
-    with the twin: a batch emptied ends after that record, a record emptied is refused."""
+    with the twin: the batch encoded is the batch passed, a record emptied is refused.
+    Whether the other addresses are in the cache (then no Python code runs before the
+    odd one) must not matter."""
+    cache = template_module._HELPERS["_ENC_IP6"]
+    if cached:
+        cache["fd00::2"]  # noqa: B018 - fills the cache
+    else:
+        cache.pop("fd00::2", None)
     outcomes = []
     for template in _pair([("sourceIPv6Address", 16), ("sourceIPv4Address", 4), ("protocolIdentifier", 1)]):
         records: list[Any] = []
@@ -135,3 +145,4 @@ def test_python_code_run_inside_the_encoder_may_change_its_input_safely(victim: 
     fast, pure = outcomes
     assert fast == pure, outcomes
     assert fast[0] == ("UsageError" if victim == "record" else "ok"), fast
+    assert victim == "record" or fast[1] == [20 + 20 * 21], fast  # every record of the batch passed
