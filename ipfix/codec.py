@@ -30,7 +30,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Literal
 
 from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
@@ -97,9 +97,9 @@ class Message:
     ignored_withdrawals: int = 0  # withdrawals received over UDP, ignored per RFC 7011 8.4
 
     def data_records(self) -> Iterator[tuple[Template, Record]]:
-        for s in self.sets:
-            if isinstance(s, DataSet):
-                yield from zip(repeat(s.template), s.records)
+        """Every data record with its template, in message order. Iterators chained in C
+        rather than a generator: no Python frame is resumed per record."""
+        return chain.from_iterable([zip(repeat(s.template), s.records) for s in self.sets if isinstance(s, DataSet)])
 
     @property
     def record_count(self) -> int:
