@@ -50,7 +50,15 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     kubectl 1.32 goes by the status code, Debian's kubectl 1.20 by the reason (``apply``
     fails with "Object Not Found"). Answered with an apiserver's NotFound Status.
 
-Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
+Not closed: matching a request to the emulator's reactions scans the whole request history
+for each reaction (kmock's ``View.__contains__``), so the emulator slows down as a test goes
+on: ``test_second_reconcile_and_restart_write_nothing`` spends about 170 of its 175 s there
+(a fresh reconcile takes 30 s). Answering a plain criteria filter by its criteria alone
+brings that test to 3 s, but then ``test_invalid_specs_become_conditions_and_nothing_is_half_applied``
+fails about half the time: the FlowExporterConfigs it creates in kube-system right after the
+samples never get a status or a finalizer (the operator never saw them). Whether that is a
+watch event the emulator drops or a race in the operator is not known yet; until it is,
+the slow matching stays. Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
 returns, although every object is gone within seconds (single-object deletes do return);
 test_operator_production.py deletes with ``--wait=false`` and polls ``kubectl get``. Not
 needed by these tests: protobuf bodies (``kubectl create configmap …``
