@@ -58,7 +58,9 @@ brings that test to 3 s, but then ``test_invalid_specs_become_conditions_and_not
 fails about half the time: the FlowExporterConfigs it creates in kube-system right after the
 samples never get a status or a finalizer (the operator never saw them). Whether that is a
 watch event the emulator drops or a race in the operator is not known yet; until it is,
-the slow matching stays. Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
+the slow matching stays.
+
+Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
 returns, although every object is gone within seconds (single-object deletes do return);
 test_operator_production.py deletes with ``--wait=false`` and polls ``kubectl get``. Not
 needed by these tests: protobuf bodies (``kubectl create configmap …``
