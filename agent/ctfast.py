@@ -21,20 +21,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from flowscope.ipfix.accel import optional_extension
+
 log = logging.getLogger(__name__)
 
 PURE_ENV = "FLOWSCOPE_CONNTRACK_PURE"
 
-_ctparse: Any
-if os.environ.get(PURE_ENV, "") not in ("", "0"):
-    _ctparse, _why_not = None, f"{PURE_ENV} is set"
-else:
-    try:
-        from . import _ctparse  # type: ignore[attr-defined, no-redef]
-
-        _why_not = ""
-    except ImportError as exc:  # built without a compiler
-        _ctparse, _why_not = None, f"the C extension is not built ({exc})"
+_ctparse, _why_not = optional_extension(f"{__package__}._ctparse", PURE_ENV)
 _said = False
 
 

@@ -33,6 +33,8 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from operator import attrgetter, methodcaller
 from typing import Any, Literal, overload
 
+from flowscope.ipfix.accel import optional_extension
+
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
 __all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "records_to_columns",
@@ -62,17 +64,7 @@ _PLAN: tuple[tuple[int, int, int, int], ...] = tuple(
      _SLOT_OF[c.elements[1]] if len(c.elements) == 2 else -1)
     for c in _RECORD_COLUMNS)
 
-_rowcols: Any
-_why_not: str | None
-if os.environ.get(PURE_ENV, "") not in ("", "0"):
-    _rowcols, _why_not = None, f"{PURE_ENV} is set"
-else:
-    try:
-        from . import _rowcols  # type: ignore[attr-defined, no-redef]
-
-        _why_not = None
-    except ImportError as exc:  # built without a compiler: the pure-Python twin serves
-        _rowcols, _why_not = None, f"the C extension is not built ({exc})"
+_rowcols, _why_not = optional_extension(f"{__package__}._rowcols", PURE_ENV)
 
 
 def accelerated() -> bool:

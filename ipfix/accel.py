@@ -15,13 +15,14 @@ fixed-size type sent with variable length, is kept as raw octets).
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from typing import Any, Protocol
 
 from .registry import VARIABLE_LENGTH, DataType, InformationElement
 
-__all__ = ["NativeCodec", "native_codec", "available", "PURE_ENV"]
+__all__ = ["NativeCodec", "native_codec", "available", "optional_extension", "PURE_ENV"]
 
 log = logging.getLogger("flowscope.ipfix")
 
@@ -52,17 +53,19 @@ class NativeCodec(Protocol):
     ) -> tuple[list[bytes], int]: ...
 
 
-_speedups: Any
-_why_not: str | None
-if os.environ.get(PURE_ENV, "") not in ("", "0"):
-    _speedups, _why_not = None, f"{PURE_ENV} is set"
-else:
+def optional_extension(module: str, pure_env: str) -> tuple[Any, str | None]:
+    """An optional C extension (``module``, a dotted name) and, when it is not used, why not:
+    the environment variable ``pure_env`` forces the pure-Python twin, or the extension was
+    not built (no compiler at install time). Every accelerator of flowscope's loads this way."""
+    if os.environ.get(pure_env, "") not in ("", "0"):
+        return None, f"{pure_env} is set"
     try:
-        from . import _speedups  # type: ignore[attr-defined, no-redef]
-
-        _why_not = None
+        return importlib.import_module(module), None
     except ImportError as exc:  # built without a compiler: the pure-Python twin serves
-        _speedups, _why_not = None, f"the C extension is not built ({exc})"
+        return None, f"the C extension is not built ({exc})"
+
+
+_speedups, _why_not = optional_extension(f"{__package__}._speedups", PURE_ENV)
 
 
 def available() -> bool:
