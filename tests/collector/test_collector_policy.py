@@ -359,10 +359,8 @@ def test_a_namespace_never_reaches_the_sql_text(world):
 def test_policy_over_api_asks_the_collector_holding_the_store_for_the_same_keys(world, tmp_path):
     """chDB belongs to one process: ``--api`` reads the keys from the collector's API (here
     the API application over the store, served on loopback) and evaluates them locally."""
-    import asyncio
-    import threading
+    from served_app import served
 
-    from aiohttp import web
     from flowscope.collector.api import make_app
     from flowscope.webauth import WebAuth
 
@@ -376,47 +374,26 @@ def test_policy_over_api_asks_the_collector_holding_the_store_for_the_same_keys(
     (tmp_path / "token").write_text(token + "\n")
     store = open_store(f"chdb://{world / 'store'}")
     store.open()
-    box: list = []
-    ready, stop = threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def main() -> None:
-            runner = web.AppRunner(make_app(store, WebAuth(token=token)), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            box.append(site._server.sockets[0].getsockname()[1])
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-            await runner.cleanup()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
     try:
-        assert ready.wait(30)
-        api = f"http://127.0.0.1:{box[0]}"
-        remote = _cli(*args, "--api", api, "--token-file", str(tmp_path / "token"))
-        assert remote.returncode == 1, remote.stderr
-        assert json.loads(remote.stdout) == json.loads(local.stdout)
-        rec = _cli("recommend", "--namespace", "shop", "--inventory", str(world / "inventory.yaml"), "--api", api,
-                   "--token-file", str(tmp_path / "token"))
-        assert rec.returncode == 1 and "frontend-observed" in rec.stdout
-        no_token = _cli(*args, "--api", api)
-        assert no_token.returncode == 2 and "401" in no_token.stderr and len(no_token.stderr.splitlines()) == 1
-        import urllib.error
-        import urllib.request
+        with served(lambda: make_app(store, WebAuth(token=token))) as api:
+            remote = _cli(*args, "--api", api, "--token-file", str(tmp_path / "token"))
+            assert remote.returncode == 1, remote.stderr
+            assert json.loads(remote.stdout) == json.loads(local.stdout)
+            rec = _cli("recommend", "--namespace", "shop", "--inventory", str(world / "inventory.yaml"), "--api", api,
+                       "--token-file", str(tmp_path / "token"))
+            assert rec.returncode == 1 and "frontend-observed" in rec.stdout
+            no_token = _cli(*args, "--api", api)
+            assert no_token.returncode == 2 and "401" in no_token.stderr and len(no_token.stderr.splitlines()) == 1
+            import urllib.error
+            import urllib.request
 
-        for q in ("namespace=Shop%3BDROP", "since=yesterday", "table=x"):
-            req = urllib.request.Request(f"{api}/api/v1/policy/keys?{q}", headers={"Authorization": f"Bearer {token}"})
-            with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(req, timeout=30)
-            assert err.value.code == 400 and q.split("=")[0] in json.loads(err.value.read())["error"]
+            for q in ("namespace=Shop%3BDROP", "since=yesterday", "table=x"):
+                req = urllib.request.Request(f"{api}/api/v1/policy/keys?{q}",
+                                             headers={"Authorization": f"Bearer {token}"})
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(req, timeout=30)
+                assert err.value.code == 400 and q.split("=")[0] in json.loads(err.value.read())["error"]
     finally:
-        stop.set()
-        thread.join(10)
         store.close()
     gone = _cli(*args, "--api", "http://127.0.0.1:1")
     assert gone.returncode == 2 and "cannot reach the collector" in gone.stderr

@@ -350,14 +350,11 @@ def test_in_chromium_a_token_is_asked_for_once_and_hostile_names_stay_text(store
     """A bearer-token endpoint in a browser: the page asks for the token, then draws; a Pod
     whose name is markup shows as text in the table and the details (the page escapes it,
     and the Content-Security-Policy would refuse an injected script anyway)."""
-    import asyncio
-    import threading
-
     from conftest import require_tool
 
     require_tool("chromium")
-    from aiohttp import web
     from playwright.sync_api import sync_playwright
+    from served_app import served
     from ui_cluster import _record
 
     from flowscope.collector.rows import flows_to_columns as to_columns
@@ -367,28 +364,8 @@ def test_in_chromium_a_token_is_asked_for_once_and_hostile_names_stay_text(store
                       destinationPodName="cache-0\"><script>window.pwned=2</script>")
     store.insert(to_columns([hostile], time_inserted=NOW, commit_id=2)[0])
     token = "browser-token-0123456789abcdef"
-    box: list = []
-    ready, stop = threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def main() -> None:
-            runner = web.AppRunner(build_app(store, WebAuth(token=token), now=lambda: float(NOW)), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            box.append(site._server.sockets[0].getsockname()[1])
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.1)
-            await runner.cleanup()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    url = f"http://127.0.0.1:{box[0]}/"
-    try:
+    with served(lambda: build_app(store, WebAuth(token=token), now=lambda: float(NOW))) as base:
+        url = f"{base}/"
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
             page = b.new_page(viewport={"width": 1400, "height": 900})
@@ -411,6 +388,3 @@ def test_in_chromium_a_token_is_asked_for_once_and_hostile_names_stay_text(store
             assert not page.query_selector_all("main img, #details img")
             assert errors == []
             b.close()
-    finally:
-        stop.set()
-        thread.join(10)

@@ -168,38 +168,15 @@ async def test_with_a_token_posting_needs_it(store) -> None:
 def test_in_chromium_pasted_policies_show_the_changed_flows(store) -> None:
     """The page: paste policies and the inventory, Evaluate, read the changed flows; bad YAML
     is one line under the form; an uploaded file fills the policies. Screenshots in out/ui-screenshots."""
-    import asyncio
-    import threading
-
     from conftest import require_tool
 
     require_tool("chromium")
-    from aiohttp import web
     from playwright.sync_api import sync_playwright
+    from served_app import served
 
-    box: list = []
-    ready, stop = threading.Event(), threading.Event()
-
-    def serve() -> None:
-        async def main() -> None:
-            runner = web.AppRunner(build_app(store, now=lambda: float(NOW)), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            box.append(site._server.sockets[0].getsockname()[1])
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.1)
-            await runner.cleanup()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    url = f"http://127.0.0.1:{box[0]}/"
-    try:
+    with served(lambda: build_app(store, now=lambda: float(NOW))) as base:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        url = f"{base}/"
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
             page = b.new_page(viewport={"width": 1400, "height": 900})
@@ -234,6 +211,3 @@ def test_in_chromium_pasted_policies_show_the_changed_flows(store) -> None:
             page.screenshot(path=str(SHOTS / "what-if.png"), full_page=True)
             assert errors == []
             b.close()
-    finally:
-        stop.set()
-        thread.join(10)
