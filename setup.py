@@ -1,10 +1,11 @@
 """Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c),
-the conntrack parser's (agent/_ctparse.c) and the flow store's records-to-columns
-transposition (collector/_rowcols.c).
+the conntrack parser's (agent/_ctparse.c), the flow store's records-to-columns
+transposition (collector/_rowcols.c) and the aggregation's ingest loop (aggregator/_aggr.c).
 
 Everything else about the distribution is declared in pyproject.toml. The extensions are
 optional: where no compiler is at hand, ``pip install`` still succeeds and each uses its
-pure-Python twin (ipfix/accel.py, agent/ctfast.py and collector/rows.py log which one serves).
+pure-Python twin (ipfix/accel.py, agent/ctfast.py, collector/rows.py and aggregator/aggregation.py log
+which one serves).
 """
 
 from setuptools import Extension, setup
@@ -26,6 +27,12 @@ setup(
         Extension(
             "flowscope.collector._rowcols",
             sources=["collector/_rowcols.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "flowscope.aggregator._aggr",
+            sources=["aggregator/_aggr.c"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

@@ -75,6 +75,8 @@ interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
 
 from __future__ import annotations
 
+import functools
+import logging
 from array import array
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -83,11 +85,14 @@ from operator import itemgetter
 from typing import Any
 
 from flowscope.ipfix import antrea
+from flowscope.ipfix.accel import optional_extension
 
 __all__ = [
     "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
-    "KUBERNETES_FIELDS", "output_names",
+    "KUBERNETES_FIELDS", "output_names", "accelerated", "PURE_ENV",
 ]
+
+log = logging.getLogger("flowscope.aggregator")
 
 # Antrea's vocabulary, defined once in flowscope.ipfix.antrea: flowType values, the rule
 # actions that deny (Drop, Reject), the flowEndReasons that end a connection.
@@ -149,8 +154,10 @@ _FLOW_FIELDS = (
     "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
     "flowStartSeconds", "flowEndSeconds", "flowEndReason", "flowType", "tcpState",
 )
-_GET_V4 = itemgetter("sourceIPv4Address", "destinationIPv4Address", *_FLOW_FIELDS)
-_GET_V6 = itemgetter("sourceIPv6Address", "destinationIPv6Address", *_FLOW_FIELDS)
+_GET_V4_NAMES = ("sourceIPv4Address", "destinationIPv4Address", *_FLOW_FIELDS)
+_GET_V6_NAMES = ("sourceIPv6Address", "destinationIPv6Address", *_FLOW_FIELDS)
+_GET_V4 = itemgetter(*_GET_V4_NAMES)
+_GET_V6 = itemgetter(*_GET_V6_NAMES)
 _GET_META = (itemgetter(*KUBERNETES_FIELDS[0]), itemgetter(*KUBERNETES_FIELDS[1]))
 
 
@@ -358,6 +365,37 @@ class FlowFilter:
         return True
 
 
+# The C accelerator of the ingest loop (aggregator/_aggr.c), bound to this module's Flow,
+# field names and constants; FLOWSCOPE_AGGREGATOR_PURE=1 forces the pure-Python twin.
+PURE_ENV = "FLOWSCOPE_AGGREGATOR_PURE"
+_aggr, _why_not = optional_extension(f"{__package__}._aggr", PURE_ENV)
+if _aggr is not None:
+    try:
+        _aggr.configure(
+            Flow, _GET_V4_NAMES, _GET_V6_NAMES, KUBERNETES_FIELDS[0], KUBERNETES_FIELDS[1], LABEL_FIELDS,
+            ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"),
+            _ZERO4, END_REASONS, DENY_ACTIONS,
+            (_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION, _I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION),
+            {name: value for name, value in globals().items() if name.isupper() and type(value) is int}
+            | {"NC": len(_ZERO26)},
+        )
+    except ValueError as exc:  # built from another version of this module: the twin serves
+        _aggr, _why_not = None, f"the C extension does not match this module ({exc})"
+
+
+def accelerated() -> bool:
+    """Whether ingest_many runs the C accelerator's loop."""
+    return _aggr is not None
+
+
+@functools.cache
+def _say_once() -> None:
+    if _aggr is None:
+        log.info("aggregation: pure-Python ingest loop, %s", _why_not)
+    else:
+        log.debug("aggregation: C ingest loop %s", _aggr.__file__)
+
+
 def _empty(v: Any) -> bool:
     return v is None or v == "" or v == 0 or v == "0.0.0.0" or v == "::"
 
@@ -432,14 +470,29 @@ class AggregationProcess:
 
     def ingest_many(self, records: Iterable[Mapping[str, Any]], exporter: str, domain: int, now: float) -> int:
         """Take the records of one message (one exporter, one observation domain); returns how
-        many were kept. The hot path: everything it touches is bound to a local once per batch."""
+        many were kept. The hot path: the C accelerator's loop (aggregator/_aggr.c) where it
+        is built, else :meth:`_ingest_py`, its pure-Python twin; both do the same."""
+        _say_once()
+        if _aggr is not None:
+            return _aggr.ingest_many(self, records, exporter, domain, now, self._ingest_py)  # type: ignore[no-any-return]
+        return self._ingest_py(records, exporter, domain, now)
+
+    def _ingest_py(
+        self, records: Iterable[Mapping[str, Any]], exporter: str, domain: int, now: float,
+        due: tuple[list[Flow], list[Flow]] | None = None,
+    ) -> int:
+        """:meth:`ingest_many` in Python: everything it touches is bound to a local once per
+        batch. ``due`` is the C loop's (corr_due, end_due) when it hands over one record it
+        does not take: the timers then join its batch's groups, in record order."""
         stats = self.stats
         flows = self.flows
         shared = self._shared
         shared_limit = self._shared_limit
         costs = self._costs
-        corr_due: list[Flow] = []  # flows that wait for their twin: one timer group per call
-        end_due: list[Flow] = []  # correlated flows one node said ended
+        # flows that wait for their twin, correlated flows one node said ended: one timer group each per call
+        corr_due: list[Flow]
+        end_due: list[Flow]
+        corr_due, end_due = due if due is not None else ([], [])
         urgent = self._urgent
         corr_timeout = self.correlation_timeout
         max_flows = self.max_flows
@@ -659,10 +712,11 @@ class AggregationProcess:
                 continue
 
         stats.records_received += n
-        if corr_due:
-            self._push_timers(now + corr_timeout, _CORRELATE_TIMER, corr_due)
-        if end_due:
-            self._push_timers(now + corr_timeout, _END_TIMER, end_due)
+        if due is None:
+            if corr_due:
+                self._push_timers(now + corr_timeout, _CORRELATE_TIMER, corr_due)
+            if end_due:
+                self._push_timers(now + corr_timeout, _END_TIMER, end_due)
         return taken
 
     # -------------------------------------------------------------------- tick

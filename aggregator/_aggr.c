@@ -1,0 +1,908 @@
+/* flowscope.aggregator._aggr: the aggregation's per-record loop in C.
+ *
+ * Why it exists: AggregationProcess.ingest_many spends some 4-5 us a record in Python on
+ * dict lookups, tuple building, integer objects and attribute traffic, the biggest stage
+ * of the Flow Aggregator. This module runs the same loop (aggregator/aggregation.py,
+ * AggregationProcess._ingest_py, is its pure-Python twin and the reference) over the same
+ * objects: the flows dict, the Flow instances (their slots read and written in place, their
+ * counters through the array's buffer), the process's shared-value and cost caches, its
+ * urgent list and timer groups.
+ *
+ * Theory: compute, then commit. For each record it first checks every value is of the
+ * type an agent sends (exact str / int / None where the twin would accept it, unsigned
+ * 64-bit counters and times), then computes the flow's new state in locals, checking
+ * every place where the twin would raise (a counter or throughput past 2^64, a switched
+ * correction that goes negative). Only then does it write. Anything else - a record that
+ * is no dict, lacks a field, carries an odd type or would overflow - is handed whole to
+ * the twin (``fallback((rec,), exporter, domain, now, (corr_due, end_due))``), so a
+ * malformed record gets exactly the twin's treatment (partial updates and all); the twin
+ * adds its timers to this batch's groups, so timers keep record order. tests/aggregator/
+ * test_aggregator_accel.py checks both give identical exports, stats and state on random
+ * streams.
+ *
+ * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
+ *           end_reasons, deny_actions, meta_index, constants)
+ * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <stdint.h>
+#include <string.h>
+
+/* Flow.flags bits, as aggregation.py defines them (checked by configure's constants). */
+#define HAS_SRC 1
+#define HAS_DST 2
+#define READY 4
+#define CORRELATED 8
+#define DIRTY 16
+#define EXPORTED 32
+#define ENDED_SRC 64
+#define ENDED_DST 128
+#define LONE 256
+#define DENIED 512
+#define QUEUED 1024
+#define IPV6 4096
+#define END_WAIT 8192
+#define NO_TWIN 16384
+#define SINGLE (LONE | NO_TWIN)
+#define UNTYPED 32768
+
+#define INTRA_NODE 1
+#define INTER_NODE 2
+#define FROM_EXTERNAL 4
+#define FLOW_COST 1024
+#define NC 26 /* counters of a flow */
+
+enum { S_KEY, S_FLOW_TYPE, S_FLAGS, S_C, S_SMETA, S_DMETA, S_SEXP, S_DEXP, S_SDOM, S_DDOM, S_REASON, S_TCP,
+       S_LAST_SEEN, S_SW, N_SLOTS };
+static const char *slot_names[N_SLOTS] = {"key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp",
+                                          "sdom", "ddom", "reason", "tcp_state", "last_seen", "sw"};
+static Py_ssize_t slot_off[N_SLOTS];
+#define SLOT(o, i) (*(PyObject **)((char *)(o) + slot_off[i]))
+
+enum { F_SRC, F_DST, F_SPORT, F_DPORT, F_PROTO, F_PT, F_OT, F_RPT, F_ROT, F_START, F_END, F_REASON, F_FT, F_TCP,
+       N_FIELDS };
+#define N_META_MAX 64
+
+static PyObject *flow_class, *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
+static PyObject *labels[2], *deltas[4], *zero4, *end_reasons, *deny_actions;
+static Py_ssize_t n_meta;
+static Py_ssize_t i_src_pod, i_src_node, i_egress, i_dst_pod, i_dst_node, i_ingress;
+static PyObject *s_flows, *s_stats, *s_shared, *s_shared_limit, *s_costs, *s_urgent, *s_corr_timeout,
+    *s_max_flows, *s_max_flow_bytes, *s_flow_bytes, *s_cost, *s_push_timers;
+static int configured;
+
+static void
+set_slot(PyObject *o, int i, PyObject *v) /* v: a new reference, stolen */
+{
+    PyObject *old = SLOT(o, i);
+    SLOT(o, i) = v;
+    Py_XDECREF(old);
+}
+
+static void
+set_slot_borrowed(PyObject *o, int i, PyObject *v)
+{
+    Py_INCREF(v);
+    set_slot(o, i, v);
+}
+
+/* An exact int in 0..2^64-1 into *out; 0 when it is anything else (no error set). */
+static int
+as_u64(PyObject *v, uint64_t *out)
+{
+    if (!PyLong_CheckExact(v))
+        return 0;
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+static int
+as_long(PyObject *v, long *out)
+{
+    if (!PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long x = PyLong_AsLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+/* Truth of a validated meta value (None, exact str, exact int). */
+static inline int
+truthy(PyObject *v)
+{
+    if (v == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(v))
+        return PyUnicode_GET_LENGTH(v) != 0;
+    return PyObject_IsTrue(v); /* an exact int: cannot fail */
+}
+
+static PyObject *
+configure(PyObject *self, PyObject *args)
+{
+    PyObject *cls, *f4, *f6, *m4, *m6, *lab, *dl, *z4, *ends, *deny, *idx, *consts;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!OOOO!O!", &cls, &PyTuple_Type, &f4, &PyTuple_Type, &f6, &PyTuple_Type,
+                          &m4, &PyTuple_Type, &m6, &PyTuple_Type, &lab, &PyTuple_Type, &dl, &z4, &ends, &deny,
+                          &PyTuple_Type, &idx, &PyDict_Type, &consts))
+        return NULL;
+    if (PyTuple_GET_SIZE(f4) != N_FIELDS || PyTuple_GET_SIZE(f6) != N_FIELDS || PyTuple_GET_SIZE(lab) != 2 ||
+        PyTuple_GET_SIZE(dl) != 4 || PyTuple_GET_SIZE(m4) != PyTuple_GET_SIZE(m6) ||
+        PyTuple_GET_SIZE(m4) > N_META_MAX || PyTuple_GET_SIZE(idx) != 6) {
+        PyErr_SetString(PyExc_ValueError, "configure: field lists of unexpected sizes");
+        return NULL;
+    }
+    /* The constants this file is compiled with must be the module's. */
+    static const struct { const char *name; long value; } expect[] = {
+        {"HAS_SRC", HAS_SRC}, {"HAS_DST", HAS_DST}, {"READY", READY}, {"CORRELATED", CORRELATED},
+        {"DIRTY", DIRTY}, {"EXPORTED", EXPORTED}, {"ENDED_SRC", ENDED_SRC}, {"ENDED_DST", ENDED_DST},
+        {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
+        {"NO_TWIN", NO_TWIN}, {"UNTYPED", UNTYPED}, {"INTRA_NODE", INTRA_NODE}, {"INTER_NODE", INTER_NODE},
+        {"FROM_EXTERNAL", FROM_EXTERNAL}, {"FLOW_COST", FLOW_COST}, {"NC", NC},
+    };
+    for (size_t i = 0; i < sizeof expect / sizeof expect[0]; i++) {
+        PyObject *v = PyDict_GetItemString(consts, expect[i].name);
+        if (v == NULL || !PyLong_Check(v) || PyLong_AsLong(v) != expect[i].value) {
+            PyErr_Format(PyExc_ValueError, "configure: constant %s differs from the C accelerator's (%ld)",
+                         expect[i].name, expect[i].value);
+            return NULL;
+        }
+    }
+    PyObject *cdict = PyObject_GetAttrString(cls, "__dict__");
+    if (cdict == NULL)
+        return NULL;
+    for (int i = 0; i < N_SLOTS; i++) {
+        PyObject *d = PyMapping_GetItemString(cdict, slot_names[i]);
+        if (d == NULL) {
+            Py_DECREF(cdict);
+            return NULL;
+        }
+        if (!Py_IS_TYPE(d, &PyMemberDescr_Type) || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
+            Py_DECREF(d);
+            Py_DECREF(cdict);
+            PyErr_Format(PyExc_ValueError, "configure: Flow.%s is not a slot", slot_names[i]);
+            return NULL;
+        }
+        slot_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+    }
+    Py_DECREF(cdict);
+    Py_INCREF(cls);
+    Py_XSETREF(flow_class, cls);
+    for (int i = 0; i < N_FIELDS; i++) {
+        Py_INCREF(PyTuple_GET_ITEM(f4, i));
+        Py_XSETREF(fields4[i], PyTuple_GET_ITEM(f4, i));
+        Py_INCREF(PyTuple_GET_ITEM(f6, i));
+        Py_XSETREF(fields6[i], PyTuple_GET_ITEM(f6, i));
+    }
+    n_meta = PyTuple_GET_SIZE(m4);
+    for (Py_ssize_t i = 0; i < n_meta; i++) {
+        Py_INCREF(PyTuple_GET_ITEM(m4, i));
+        Py_XSETREF(meta4[i], PyTuple_GET_ITEM(m4, i));
+        Py_INCREF(PyTuple_GET_ITEM(m6, i));
+        Py_XSETREF(meta6[i], PyTuple_GET_ITEM(m6, i));
+    }
+    for (int i = 0; i < 2; i++) {
+        Py_INCREF(PyTuple_GET_ITEM(lab, i));
+        Py_XSETREF(labels[i], PyTuple_GET_ITEM(lab, i));
+    }
+    for (int i = 0; i < 4; i++) {
+        Py_INCREF(PyTuple_GET_ITEM(dl, i));
+        Py_XSETREF(deltas[i], PyTuple_GET_ITEM(dl, i));
+    }
+    Py_INCREF(z4);
+    Py_XSETREF(zero4, z4);
+    Py_INCREF(ends);
+    Py_XSETREF(end_reasons, ends);
+    Py_INCREF(deny);
+    Py_XSETREF(deny_actions, deny);
+    Py_ssize_t *ix[6] = {&i_src_pod, &i_src_node, &i_egress, &i_dst_pod, &i_dst_node, &i_ingress};
+    for (int i = 0; i < 6; i++) {
+        *ix[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(idx, i));
+        if (*ix[i] < 0 || *ix[i] >= n_meta) {
+            PyErr_SetString(PyExc_ValueError, "configure: a meta index out of range");
+            return NULL;
+        }
+    }
+    configured = 1;
+    Py_RETURN_NONE;
+}
+
+/* A buffer of n uint64 (an array('Q')): its pointer, or NULL (no error) when it is not one. */
+static uint64_t *
+u64_buffer(PyObject *o, Py_buffer *view, Py_ssize_t n)
+{
+    if (PyObject_GetBuffer(o, view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (view->len != n * 8 || view->itemsize != 8 || view->format == NULL || strcmp(view->format, "Q") != 0) {
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return (uint64_t *)view->buf;
+}
+
+typedef struct {
+    PyObject *proc, *flows, *stats, *shared, *costs, *urgent, *corr_due, *end_due, *exporter, *domain, *now,
+        *fallback, *deadline;
+    Py_ssize_t shared_limit, max_flows;
+    long long flow_bytes, max_flow_bytes;
+    /* stats accumulated here, added at the end */
+    long long received, created, correlated, late, resets, stale, cap, bytes;
+} Ctx;
+
+static int
+add_stat(PyObject *stats, const char *name, long long n)
+{
+    if (n == 0)
+        return 0;
+    PyObject *v = PyObject_GetAttrString(stats, name);
+    if (v == NULL)
+        return -1;
+    PyObject *d = PyLong_FromLongLong(n);
+    PyObject *s = d ? PyNumber_Add(v, d) : NULL;
+    Py_DECREF(v);
+    Py_XDECREF(d);
+    if (s == NULL)
+        return -1;
+    int r = PyObject_SetAttrString(stats, name, s);
+    Py_DECREF(s);
+    return r;
+}
+
+static int
+flush_stats(Ctx *x)
+{
+    int r = 0;
+    r |= add_stat(x->stats, "records_received", x->received);
+    r |= add_stat(x->stats, "flows_created", x->created);
+    r |= add_stat(x->stats, "flows_correlated", x->correlated);
+    r |= add_stat(x->stats, "flows_late_correlated", x->late);
+    r |= add_stat(x->stats, "counter_resets", x->resets);
+    r |= add_stat(x->stats, "dropped_stale", x->stale);
+    r |= add_stat(x->stats, "dropped_flow_cap", x->cap);
+    r |= add_stat(x->stats, "dropped_flow_bytes", x->bytes);
+    x->received = x->created = x->correlated = x->late = x->resets = x->stale = x->cap = x->bytes = 0;
+    return r ? -1 : 0;
+}
+
+static int
+store_flow_bytes(Ctx *x)
+{
+    PyObject *v = PyLong_FromLongLong(x->flow_bytes);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_SetAttr(x->proc, s_flow_bytes, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int
+load_flow_bytes(Ctx *x)
+{
+    PyObject *v = PyObject_GetAttr(x->proc, s_flow_bytes);
+    if (v == NULL)
+        return -1;
+    x->flow_bytes = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (x->flow_bytes == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Push the batch's timer groups (proc._push_timers): one per kind, as the twin does. */
+static int
+push_timers(Ctx *x)
+{
+    PyObject **lists[2] = {&x->corr_due, &x->end_due};
+    for (int what = 0; what < 2; what++) {
+        if (PyList_GET_SIZE(*lists[what]) == 0)
+            continue;
+        PyObject *w = PyLong_FromLong(what);
+        PyObject *r = w ? PyObject_CallMethodObjArgs(x->proc, s_push_timers, x->deadline, w, *lists[what], NULL) : NULL;
+        Py_XDECREF(w);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+    }
+    return 0;
+}
+
+/* The string cost of a side's Kubernetes fields: the process's cache, else proc._cost. */
+static int
+meta_cost(Ctx *x, PyObject *meta, long long *out)
+{
+    if (meta == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    PyObject *mc = PyDict_GetItemWithError(x->costs, meta);
+    if (mc != NULL) {
+        Py_INCREF(mc);
+    } else {
+        if (PyErr_Occurred())
+            return -1;
+        mc = PyObject_CallMethodOneArg(x->proc, s_cost, meta);
+        if (mc == NULL)
+            return -1;
+    }
+    *out = PyLong_AsLongLong(mc);
+    Py_DECREF(mc);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *
+intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference */
+{
+    PyObject *got = PyDict_SetDefault(x->shared, v, v);
+    Py_XINCREF(got);
+    return got;
+}
+
+enum { DONE, FALLBACK, ERROR };
+
+/* One record: DONE (taken or dropped, *taken says), FALLBACK (the twin must take it) or ERROR. */
+static int
+one(Ctx *x, PyObject *rec, int *taken)
+{
+    *taken = 0;
+    if (!PyDict_CheckExact(rec))
+        return FALLBACK;
+    int r = PyDict_Contains(rec, fields4[F_SRC]);
+    if (r < 0)
+        return ERROR;
+    int v6 = !r;
+    PyObject **names = v6 ? fields6 : fields4, **mnames = v6 ? meta6 : meta4;
+    PyObject *val[N_FIELDS];
+    for (int i = 0; i < N_FIELDS; i++) {
+        val[i] = PyDict_GetItemWithError(rec, names[i]);
+        if (val[i] == NULL)
+            return PyErr_Occurred() ? ERROR : FALLBACK;
+    }
+    if (!PyUnicode_CheckExact(val[F_SRC]) || !PyUnicode_CheckExact(val[F_DST]) || !PyLong_CheckExact(val[F_SPORT]) ||
+        !PyLong_CheckExact(val[F_DPORT]) || !PyLong_CheckExact(val[F_PROTO]))
+        return FALLBACK;
+    uint64_t pt, ot, rpt, rot, start, end;
+    long reason, ft;
+    if (!as_u64(val[F_PT], &pt) || !as_u64(val[F_OT], &ot) || !as_u64(val[F_RPT], &rpt) ||
+        !as_u64(val[F_ROT], &rot) || !as_u64(val[F_START], &start) || !as_u64(val[F_END], &end) ||
+        !as_long(val[F_REASON], &reason) || !as_long(val[F_FT], &ft))
+        return FALLBACK;
+    PyObject *tcp = val[F_TCP];
+    if (tcp != Py_None && !PyUnicode_CheckExact(tcp))
+        return FALLBACK;
+    PyObject *mv[N_META_MAX + 2];
+    for (Py_ssize_t i = 0; i < n_meta; i++) {
+        PyObject *v = PyDict_GetItemWithError(rec, mnames[i]);
+        if (v == NULL)
+            return PyErr_Occurred() ? ERROR : FALLBACK;
+        if (v != Py_None && !PyUnicode_CheckExact(v) && !PyLong_CheckExact(v))
+            return FALLBACK;
+        mv[i] = v;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *v = PyDict_GetItemWithError(rec, labels[i]);
+        if (v == NULL) {
+            if (PyErr_Occurred())
+                return ERROR;
+            v = Py_None;
+        } else if (v != Py_None && !PyUnicode_CheckExact(v)) {
+            return FALLBACK;
+        }
+        mv[n_meta + i] = v;
+    }
+
+    /* The flow, or the state a new one starts with. */
+    PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
+    if (key == NULL)
+        return ERROR;
+    PyObject *flow = PyDict_GetItemWithError(x->flows, key);
+    if (flow == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return ERROR;
+    }
+    int status = ERROR;
+    PyObject *meta = NULL;
+    Py_buffer cview, swview;
+    int have_c = 0, have_sw = 0;
+    uint64_t cz[NC];
+    uint64_t *c, *sw = NULL; /* sw: the flow's correction, NULL when None */
+    long flags, flow_type;
+    int is_new = flow == NULL;
+    long long new_cost = 0;
+    if (is_new) {
+        if (PyDict_GET_SIZE(x->flows) >= x->max_flows) {
+            x->received++;
+            x->cap++;
+            Py_DECREF(key);
+            return DONE;
+        }
+        meta = PyTuple_New(n_meta + 2);
+        if (meta == NULL)
+            goto out;
+        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
+            Py_INCREF(mv[i]);
+            PyTuple_SET_ITEM(meta, i, mv[i]);
+        }
+        if (meta_cost(x, meta, &new_cost) < 0)
+            goto out;
+        if (x->flow_bytes + FLOW_COST + new_cost > x->max_flow_bytes) {
+            x->received++;
+            x->bytes++;
+            status = DONE;
+            goto out;
+        }
+        memset(cz, 0, sizeof cz);
+        c = cz;
+        if (!ft) {
+            ft = truthy(mv[i_src_pod]) && truthy(mv[i_dst_pod]) ? INTRA_NODE : INTER_NODE;
+            flags = v6 ? (UNTYPED | IPV6) : UNTYPED;
+        } else {
+            flags = v6 ? IPV6 : 0;
+        }
+        flow_type = ft;
+    } else {
+        Py_INCREF(flow);
+        PyObject *fo = SLOT(flow, S_FLAGS), *to = SLOT(flow, S_FLOW_TYPE), *co = SLOT(flow, S_C),
+                 *so = SLOT(flow, S_SW);
+        if (!Py_IS_TYPE(flow, (PyTypeObject *)flow_class) || fo == NULL || to == NULL || co == NULL || so == NULL ||
+            !as_long(fo, &flags) || !as_long(to, &flow_type)) {
+            status = FALLBACK;
+            goto out;
+        }
+        c = u64_buffer(co, &cview, NC);
+        if (c == NULL) {
+            status = FALLBACK;
+            goto out;
+        }
+        have_c = 1;
+        if (so != Py_None) {
+            sw = u64_buffer(so, &swview, 4);
+            if (sw == NULL) {
+                status = FALLBACK;
+                goto out;
+            }
+            have_sw = 1;
+        }
+        if (!ft)
+            ft = flow_type;
+    }
+
+    /* Which node sent it. */
+    int side;
+    if (ft == INTER_NODE) {
+        int sp = truthy(mv[i_src_pod]), dp = truthy(mv[i_dst_pod]);
+        if (sp && dp) {
+            side = 0;
+            ft = INTRA_NODE;
+        } else if (sp) {
+            side = 0;
+        } else if (dp) {
+            side = 1;
+        } else if (truthy(mv[i_dst_node]) && !truthy(mv[i_src_node])) {
+            side = 1;
+        } else {
+            side = 0;
+            if (!truthy(mv[i_src_node]) && is_new)
+                flags |= NO_TWIN;
+        }
+    } else if (ft == FROM_EXTERNAL) {
+        side = 1;
+    } else {
+        side = 0;
+    }
+    if (ft != flow_type && ft == INTRA_NODE)
+        flow_type = INTRA_NODE; /* written below (also for a stale record, as the twin does) */
+    int o = side * 8;
+    long seen = side ? HAS_DST : HAS_SRC;
+
+    /* Counters, in locals. */
+    uint64_t nc[NC];
+    memcpy(nc, c, sizeof nc);
+    int first = !(flags & seen);
+    uint64_t prev_end = c[16 + side];
+    uint64_t d[4];
+    uint64_t tot[4] = {pt, ot, rpt, rot};
+    int reset = 0;
+    if (first) {
+        for (int k = 0; k < 4; k++) {
+            PyObject *v = PyDict_GetItemWithError(rec, deltas[k]);
+            if (v == NULL) {
+                if (PyErr_Occurred())
+                    goto out;
+                d[k] = tot[k];
+            } else if (!as_u64(v, &d[k])) {
+                status = FALLBACK;
+                goto out;
+            }
+        }
+    } else {
+        if (pt < c[o] || ot < c[o + 1] || rpt < c[o + 2] || rot < c[o + 3]) {
+            if (end < c[16 + side]) { /* an older report overtaken by a newer one */
+                PyObject *t = PyLong_FromLong(flow_type);
+                if (t == NULL)
+                    goto out;
+                set_slot(flow, S_FLOW_TYPE, t);
+                x->received++;
+                x->stale++;
+                status = DONE;
+                goto out;
+            }
+            memcpy(d, tot, sizeof d);
+            reset = 1;
+        } else {
+            for (int k = 0; k < 4; k++)
+                d[k] = tot[k] - c[o + k];
+        }
+    }
+    int switched = first && side == 0 && (flags & HAS_DST) && (flags & EXPORTED);
+    uint64_t nsw[4];
+    if (switched) {
+        for (int k = 0; k < 4; k++) {
+            __int128 v = (__int128)(sw ? sw[k] : 0) + (__int128)c[8 + k] - (__int128)c[12 + k];
+            if (v < 0 || v > (__int128)UINT64_MAX) {
+                status = FALLBACK;
+                goto out;
+            }
+            nsw[k] = (uint64_t)v;
+        }
+    }
+    for (int k = 0; k < 4; k++) {
+        nc[o + k] = tot[k];
+        if (nc[o + 4 + k] + d[k] < d[k]) { /* past 2^64: the twin raises OverflowError */
+            status = FALLBACK;
+            goto out;
+        }
+        nc[o + 4 + k] += d[k];
+    }
+    if (end > nc[16 + side])
+        nc[16 + side] = end;
+    int changed = d[0] || d[1] || d[2] || d[3] || first;
+    __int128 span = (__int128)end - (__int128)(first ? start : prev_end);
+    if (span > 0) {
+        unsigned __int128 th = ((unsigned __int128)(first ? ot : d[1]) * 8) / (unsigned __int128)span;
+        unsigned __int128 rth = ((unsigned __int128)(first ? rot : d[3]) * 8) / (unsigned __int128)span;
+        if (th > UINT64_MAX || rth > UINT64_MAX) {
+            status = FALLBACK;
+            goto out;
+        }
+        nc[18 + 2 * side] = (uint64_t)th;
+        nc[19 + 2 * side] = (uint64_t)rth;
+        if (end >= c[25]) {
+            nc[22] = (uint64_t)th;
+            nc[23] = (uint64_t)rth;
+        }
+    }
+
+    /* Commit. */
+    if (is_new) {
+        if (PyDict_GET_SIZE(x->shared) >= x->shared_limit)
+            PyDict_Clear(x->shared);
+        PyObject *k0 = intern_shared(x, val[F_SRC]), *k1 = intern_shared(x, val[F_DST]),
+                 *k3 = intern_shared(x, val[F_DPORT]);
+        PyObject *ikey = (k0 && k1 && k3) ? PyTuple_Pack(5, k0, k1, val[F_SPORT], k3, val[F_PROTO]) : NULL;
+        Py_XDECREF(k0);
+        Py_XDECREF(k1);
+        Py_XDECREF(k3);
+        if (ikey == NULL)
+            goto out;
+        PyObject *fto = PyLong_FromLong(flow_type);
+        flow = fto ? PyObject_CallFunctionObjArgs(flow_class, ikey, fto, x->now, NULL) : NULL;
+        Py_XDECREF(fto);
+        if (flow == NULL || PyDict_SetItem(x->flows, ikey, flow) < 0) {
+            Py_DECREF(ikey);
+            goto out;
+        }
+        Py_DECREF(ikey);
+        x->flow_bytes += FLOW_COST;
+        x->created++;
+        c = u64_buffer(SLOT(flow, S_C), &cview, NC);
+        if (c == NULL) {
+            PyErr_SetString(PyExc_SystemError, "a new Flow's counters are not an array('Q') of 26");
+            goto out;
+        }
+        have_c = 1;
+    } else {
+        PyObject *t = PyLong_FromLong(flow_type);
+        if (t == NULL)
+            goto out;
+        set_slot(flow, S_FLOW_TYPE, t);
+    }
+    if (reset)
+        x->resets++;
+    if (switched) {
+        if (sw == NULL) {
+            PyObject *nw = PySequence_GetSlice(zero4, 0, 4);
+            if (nw == NULL)
+                goto out;
+            set_slot(flow, S_SW, nw);
+            sw = u64_buffer(nw, &swview, 4);
+            if (sw == NULL) {
+                PyErr_SetString(PyExc_SystemError, "zero4 is not an array('Q') of 4");
+                goto out;
+            }
+            have_sw = 1;
+        }
+        memcpy(sw, nsw, sizeof nsw);
+    }
+    memcpy(c, nc, sizeof nc);
+
+    /* Kubernetes fields: intern a side's tuple only when it changed. */
+    if (meta == NULL) {
+        meta = PyTuple_New(n_meta + 2);
+        if (meta == NULL)
+            goto out;
+        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
+            Py_INCREF(mv[i]);
+            PyTuple_SET_ITEM(meta, i, mv[i]);
+        }
+    }
+    int ms = side ? S_DMETA : S_SMETA;
+    PyObject *old = SLOT(flow, ms);
+    int eq = old == meta ? 1 : PyObject_RichCompareBool(old, meta, Py_EQ);
+    if (eq < 0)
+        goto out;
+    if (!eq) {
+        long long a, b;
+        if (meta_cost(x, meta, &a) < 0 || meta_cost(x, old, &b) < 0)
+            goto out;
+        PyObject *sm = intern_shared(x, meta);
+        if (sm == NULL)
+            goto out;
+        set_slot(flow, ms, sm);
+        x->flow_bytes += a - b;
+        changed = 1;
+    }
+    set_slot_borrowed(flow, side ? S_DEXP : S_SEXP, x->exporter);
+    set_slot_borrowed(flow, side ? S_DDOM : S_SDOM, x->domain);
+
+    /* Times and state from the newest record. */
+    int ended = PySet_Contains(end_reasons, val[F_REASON]);
+    if (ended < 0)
+        goto out;
+    if (end >= c[25]) {
+        c[25] = end;
+        if (start)
+            c[24] = start;
+        long old_reason;
+        PyObject *ro = SLOT(flow, S_REASON);
+        int differs = PyLong_CheckExact(ro) && as_long(ro, &old_reason) ? old_reason != reason
+                                                                           : PyObject_RichCompareBool(val[F_REASON], ro, Py_NE);
+        if (differs < 0)
+            goto out;
+        if (differs) {
+            if (ended)
+                changed = 1;
+            set_slot_borrowed(flow, S_REASON, val[F_REASON]);
+        }
+        if (tcp != Py_None) {
+            PyObject *ot_ = SLOT(flow, S_TCP);
+            int same = ot_ == tcp ? 1 : PyObject_RichCompareBool(tcp, ot_, Py_EQ);
+            if (same < 0)
+                goto out;
+            if (!same) {
+                PyObject *st = intern_shared(x, tcp);
+                if (st == NULL)
+                    goto out;
+                set_slot(flow, S_TCP, st);
+                changed = 1;
+            }
+        }
+    }
+    set_slot_borrowed(flow, S_LAST_SEEN, x->now);
+    flags |= seen;
+    if (changed)
+        flags |= DIRTY;
+
+    /* Correlation, readiness, denial, end. */
+    if (flow_type == INTER_NODE && !(flags & CORRELATED)) {
+        if ((flags & HAS_SRC) && (flags & HAS_DST)) {
+            flags |= CORRELATED | READY;
+            if (flags & LONE)
+                x->late++;
+            else
+                x->correlated++;
+        } else if (is_new && !(flags & NO_TWIN)) {
+            if (PyList_Append(x->corr_due, flow) < 0)
+                goto out;
+        }
+    } else if (!(flags & READY)) {
+        flags |= READY;
+    }
+    if ((flags & NO_TWIN) && !(flags & READY))
+        flags |= READY;
+    int ea = PySet_Contains(deny_actions, mv[i_egress]);
+    int ia = ea < 0 ? -1 : PySet_Contains(deny_actions, mv[i_ingress]);
+    if (ea < 0 || ia < 0)
+        goto out;
+    if ((ea || ia) && !(flags & DENIED)) {
+        flags |= DENIED | READY;
+        if (side == 0 && ea && !(flags & CORRELATED))
+            flags |= NO_TWIN;
+        if (!(flags & EXPORTED) && !(flags & QUEUED)) {
+            flags |= QUEUED;
+            if (PyList_Append(x->urgent, flow) < 0)
+                goto out;
+        }
+    }
+    if (ended) {
+        flags |= side ? ENDED_DST : ENDED_SRC;
+        if (flow_type != INTER_NODE || (flags & SINGLE) || ((flags & ENDED_SRC) && (flags & ENDED_DST))) {
+            if (!(flags & QUEUED)) {
+                flags |= QUEUED;
+                if (PyList_Append(x->urgent, flow) < 0)
+                    goto out;
+            }
+        } else if ((flags & CORRELATED) && !(flags & END_WAIT)) {
+            flags |= END_WAIT;
+            if (PyList_Append(x->end_due, flow) < 0)
+                goto out;
+        }
+    }
+    PyObject *fl = PyLong_FromLong(flags);
+    if (fl == NULL)
+        goto out;
+    set_slot(flow, S_FLAGS, fl);
+    x->received++;
+    *taken = 1;
+    status = DONE;
+out:
+    if (have_c)
+        PyBuffer_Release(&cview);
+    if (have_sw)
+        PyBuffer_Release(&swview);
+    Py_XDECREF(flow);
+    Py_XDECREF(meta);
+    Py_DECREF(key);
+    return status;
+}
+
+static PyObject *
+get_attr_obj(PyObject *o, PyObject *name)
+{
+    return PyObject_GetAttr(o, name);
+}
+
+static PyObject *
+ingest_many(PyObject *self, PyObject *args)
+{
+    PyObject *proc, *records, *exporter, *domain, *now, *fallback;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &proc, &records, &exporter, &domain, &now, &fallback))
+        return NULL;
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "_aggr.configure was not called");
+        return NULL;
+    }
+    Ctx x;
+    memset(&x, 0, sizeof x);
+    x.proc = proc;
+    x.exporter = exporter;
+    x.domain = domain;
+    x.now = now;
+    x.fallback = fallback;
+    PyObject *it = NULL, *lim = NULL, *mf = NULL, *mfb = NULL, *ct = NULL, *result = NULL;
+    long long taken = 0;
+    x.flows = get_attr_obj(proc, s_flows);
+    x.stats = get_attr_obj(proc, s_stats);
+    x.shared = get_attr_obj(proc, s_shared);
+    x.costs = get_attr_obj(proc, s_costs);
+    x.urgent = get_attr_obj(proc, s_urgent);
+    lim = get_attr_obj(proc, s_shared_limit);
+    mf = get_attr_obj(proc, s_max_flows);
+    mfb = get_attr_obj(proc, s_max_flow_bytes);
+    ct = get_attr_obj(proc, s_corr_timeout);
+    x.corr_due = PyList_New(0);
+    x.end_due = PyList_New(0);
+    if (!x.flows || !x.stats || !x.shared || !x.costs || !x.urgent || !lim || !mf || !mfb || !ct || !x.corr_due ||
+        !x.end_due)
+        goto done;
+    if (!PyDict_CheckExact(x.flows) || !PyDict_CheckExact(x.shared) || !PyDict_CheckExact(x.costs) ||
+        !PyList_CheckExact(x.urgent)) {
+        PyErr_SetString(PyExc_TypeError, "ingest_many: the process's stores are not dicts and a list");
+        goto done;
+    }
+    x.shared_limit = PyLong_AsSsize_t(lim);
+    x.max_flows = PyLong_AsSsize_t(mf);
+    x.max_flow_bytes = PyLong_AsLongLong(mfb);
+    if (PyErr_Occurred() || load_flow_bytes(&x) < 0)
+        goto done;
+    x.deadline = PyNumber_Add(now, ct);
+    if (x.deadline == NULL)
+        goto done;
+    it = PyObject_GetIter(records);
+    if (it == NULL)
+        goto done;
+    PyObject *rec;
+    while ((rec = PyIter_Next(it)) != NULL) {
+        int t;
+        int s = one(&x, rec, &t);
+        if (s == FALLBACK) {
+            PyObject *one_rec = PyTuple_Pack(1, rec);
+            PyObject *r = NULL;
+            PyObject *due = one_rec ? PyTuple_Pack(2, x.corr_due, x.end_due) : NULL;
+            if (due != NULL && store_flow_bytes(&x) == 0)
+                r = PyObject_CallFunctionObjArgs(fallback, one_rec, exporter, domain, now, due, NULL);
+            Py_XDECREF(due);
+            Py_XDECREF(one_rec);
+            if (r == NULL || load_flow_bytes(&x) < 0) {
+                Py_XDECREF(r);
+                Py_DECREF(rec);
+                goto done;
+            }
+            taken += PyLong_AsLongLong(r);
+            Py_DECREF(r);
+        } else if (s == ERROR) {
+            Py_DECREF(rec);
+            goto done;
+        } else {
+            taken += t;
+        }
+        Py_DECREF(rec);
+    }
+    if (PyErr_Occurred())
+        goto done;
+    if (push_timers(&x) < 0)
+        goto done;
+    result = PyLong_FromLongLong(taken);
+done:
+    if (x.stats != NULL && x.proc != NULL) {
+        /* what was counted and held is recorded even when an error ends the batch */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        if (flush_stats(&x) < 0 || store_flow_bytes(&x) < 0)
+            Py_CLEAR(result);
+        if (et != NULL)
+            PyErr_Restore(et, ev, tb);
+    }
+    Py_XDECREF(it);
+    Py_XDECREF(x.flows);
+    Py_XDECREF(x.stats);
+    Py_XDECREF(x.shared);
+    Py_XDECREF(x.costs);
+    Py_XDECREF(x.urgent);
+    Py_XDECREF(x.corr_due);
+    Py_XDECREF(x.end_due);
+    Py_XDECREF(x.deadline);
+    Py_XDECREF(lim);
+    Py_XDECREF(mf);
+    Py_XDECREF(mfb);
+    Py_XDECREF(ct);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS, "Bind the module to aggregation.py's Flow class, field names and constants."},
+    {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aggr", "The aggregation's per-record loop in C.", -1,
+                                    methods};
+
+PyMODINIT_FUNC
+PyInit__aggr(void)
+{
+    struct { PyObject **slot; const char *name; } names[] = {
+        {&s_flows, "flows"}, {&s_stats, "stats"}, {&s_shared, "_shared"}, {&s_shared_limit, "_shared_limit"},
+        {&s_costs, "_costs"}, {&s_urgent, "_urgent"}, {&s_corr_timeout, "correlation_timeout"},
+        {&s_max_flows, "max_flows"}, {&s_max_flow_bytes, "max_flow_bytes"}, {&s_flow_bytes, "flow_bytes"},
+        {&s_cost, "_cost"}, {&s_push_timers, "_push_timers"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].slot = PyUnicode_InternFromString(names[i].name);
+        if (*names[i].slot == NULL)
+            return NULL;
+    }
+    return PyModule_Create(&module);
+}
