@@ -20,9 +20,14 @@
  * test_aggregator_accel.py checks both give identical exports, stats and state on random
  * streams.
  *
+ * build_record does aggregation.build_record's work for a flow (its merged Kubernetes
+ * fields given): the values straight from the counters' buffer into a dict presized for
+ * the layout, in template order.
+ *
  * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
- *           end_reasons, deny_actions, meta_index, constants)
+ *           end_reasons, deny_actions, meta_index, constants, layouts)
  * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
+ * build_record(flow, merge_cache) -> dict, or None (the twin's case)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -73,6 +78,15 @@ static Py_ssize_t i_src_pod, i_src_node, i_egress, i_dst_pod, i_dst_node, i_ingr
 static PyObject *s_flows, *s_stats, *s_shared, *s_shared_limit, *s_costs, *s_urgent, *s_corr_timeout,
     *s_max_flows, *s_max_flow_bytes, *s_flow_bytes, *s_cost, *s_push_timers;
 static int configured;
+/* The aggregated record's 4 layouts (flow family x exporter family): names in template
+ * order, and for each the position of its value in build_record's slot order. */
+#define N_OUT_MAX 96
+static PyObject *out_names[4];
+static Py_ssize_t out_order[4][N_OUT_MAX], n_out;
+static PyObject *zero_addr; /* "0.0.0.0": a flow's exporter when it has none */
+static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_DEFAULTS */
+static int owner_of[N_META_MAX + 2];
+#define CACHED_COST 1024
 
 static void
 set_slot(PyObject *o, int i, PyObject *v) /* v: a new reference, stolen */
@@ -133,11 +147,56 @@ truthy(PyObject *v)
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
-    PyObject *cls, *f4, *f6, *m4, *m6, *lab, *dl, *z4, *ends, *deny, *idx, *consts;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!OOOO!O!", &cls, &PyTuple_Type, &f4, &PyTuple_Type, &f6, &PyTuple_Type,
-                          &m4, &PyTuple_Type, &m6, &PyTuple_Type, &lab, &PyTuple_Type, &dl, &z4, &ends, &deny,
-                          &PyTuple_Type, &idx, &PyDict_Type, &consts))
+    PyObject *cls, *f4, *f6, *m4, *m6, *lab, *dl, *z4, *ends, *deny, *idx, *consts, *layouts, *empty, *defaults,
+        *owners;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!OOOO!O!O!OO!O!", &cls, &PyTuple_Type, &f4, &PyTuple_Type, &f6,
+                          &PyTuple_Type, &m4, &PyTuple_Type, &m6, &PyTuple_Type, &lab, &PyTuple_Type, &dl, &z4, &ends,
+                          &deny, &PyTuple_Type, &idx, &PyDict_Type, &consts, &PyTuple_Type, &layouts, &empty,
+                          &PyTuple_Type, &defaults, &PyTuple_Type, &owners))
         return NULL;
+    if (!PyFrozenSet_CheckExact(empty) || PyTuple_GET_SIZE(defaults) != 2 ||
+        PyTuple_GET_SIZE(owners) != PyTuple_GET_SIZE(m4) + 2) {
+        PyErr_SetString(PyExc_ValueError, "configure: merge tables of unexpected shapes");
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        PyObject *d = PyTuple_GET_ITEM(defaults, i);
+        if (!PyTuple_CheckExact(d) || PyTuple_GET_SIZE(d) != PyTuple_GET_SIZE(m4) + 2) {
+            PyErr_SetString(PyExc_ValueError, "configure: merge defaults of unexpected shapes");
+            return NULL;
+        }
+        Py_INCREF(d);
+        Py_XSETREF(meta_defaults[i], d);
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(owners); i++)
+        owner_of[i] = PyObject_IsTrue(PyTuple_GET_ITEM(owners, i));
+    Py_INCREF(empty);
+    Py_XSETREF(empty_values, empty);
+    if (PyTuple_GET_SIZE(layouts) != 4) {
+        PyErr_SetString(PyExc_ValueError, "configure: 4 record layouts expected");
+        return NULL;
+    }
+    n_out = -1;
+    for (int i = 0; i < 4; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(layouts, i), *nm, *ord;
+        if (!PyArg_ParseTuple(pair, "O!O!", &PyTuple_Type, &nm, &PyTuple_Type, &ord))
+            return NULL;
+        Py_ssize_t n = PyTuple_GET_SIZE(nm);
+        if (n != PyTuple_GET_SIZE(ord) || n > N_OUT_MAX || (n_out >= 0 && n != n_out)) {
+            PyErr_SetString(PyExc_ValueError, "configure: record layouts of unexpected sizes");
+            return NULL;
+        }
+        n_out = n;
+        for (Py_ssize_t j = 0; j < n; j++) {
+            out_order[i][j] = PyLong_AsSsize_t(PyTuple_GET_ITEM(ord, j));
+            if (out_order[i][j] < 0 || out_order[i][j] >= n) {
+                PyErr_SetString(PyExc_ValueError, "configure: a record layout position out of range");
+                return NULL;
+            }
+        }
+        Py_INCREF(nm);
+        Py_XSETREF(out_names[i], nm);
+    }
     if (PyTuple_GET_SIZE(f4) != N_FIELDS || PyTuple_GET_SIZE(f6) != N_FIELDS || PyTuple_GET_SIZE(lab) != 2 ||
         PyTuple_GET_SIZE(dl) != 4 || PyTuple_GET_SIZE(m4) != PyTuple_GET_SIZE(m6) ||
         PyTuple_GET_SIZE(m4) > N_META_MAX || PyTuple_GET_SIZE(idx) != 6) {
@@ -216,6 +275,12 @@ configure(PyObject *self, PyObject *args)
             return NULL;
         }
     }
+    if (n_out != 3 + 5 + 8 + PyTuple_GET_SIZE(m4) + 2 + 4 + 16 + 2 + 2 + 4) {
+        PyErr_SetString(PyExc_ValueError, "configure: the record layout does not hold build_record's values");
+        return NULL;
+    }
+    if (zero_addr == NULL && (zero_addr = PyUnicode_InternFromString("0.0.0.0")) == NULL)
+        return NULL;
     configured = 1;
     Py_RETURN_NONE;
 }
@@ -881,9 +946,244 @@ done:
     return result;
 }
 
+/* The strings' length of a side's tuple (aggregation._meta_cost). */
+static Py_ssize_t
+str_cost(PyObject *meta)
+{
+    Py_ssize_t n = 0;
+    if (meta == Py_None)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(meta); i++) {
+        PyObject *v = PyTuple_GET_ITEM(meta, i);
+        if (PyUnicode_CheckExact(v))
+            n += PyUnicode_GET_LENGTH(v);
+    }
+    return n;
+}
+
+/* Both sides' Kubernetes fields merged (aggregation._merged's rule: each field from its
+ * owner, else from the other side when the owner's is empty, else the default), cached in
+ * the process's merge cache by the two tuples' identity (the flows share interned tuples):
+ * key an int of their addresses, value (smeta, dmeta, merged), checked on a hit. A new
+ * reference, or NULL with no error set when a value is one only the twin handles. */
+static PyObject *
+merged_meta(PyObject *cache, PyObject *smeta, PyObject *dmeta, int v6)
+{
+    uintptr_t a = (uintptr_t)smeta, b = (uintptr_t)dmeta;
+    PyObject *ck = PyLong_FromUnsignedLongLong(((unsigned long long)a * 0x9E3779B97F4A7C15ULL) ^ (b >> 3) ^ (unsigned long long)v6);
+    if (ck == NULL)
+        return NULL;
+    PyObject *got = PyDict_GetItemWithError(cache, ck);
+    if (got != NULL && PyTuple_CheckExact(got) && PyTuple_GET_SIZE(got) == 3 && PyTuple_GET_ITEM(got, 0) == smeta &&
+        PyTuple_GET_ITEM(got, 1) == dmeta) {
+        Py_DECREF(ck);
+        PyObject *m = PyTuple_GET_ITEM(got, 2);
+        Py_INCREF(m);
+        return m;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(ck);
+        return NULL;
+    }
+    Py_ssize_t n = n_meta + 2;
+    PyObject *defaults = meta_defaults[v6];
+    PyObject *m = PyTuple_New(n);
+    if (m == NULL) {
+        Py_DECREF(ck);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *own = owner_of[i] ? dmeta : smeta, *other = owner_of[i] ? smeta : dmeta;
+        PyObject *x = own == Py_None ? Py_None : PyTuple_GET_ITEM(own, i);
+        PyObject *y = other == Py_None ? Py_None : PyTuple_GET_ITEM(other, i);
+        int xe = PySet_Contains(empty_values, x);
+        int ye = xe > 0 ? PySet_Contains(empty_values, y) : 1;
+        if (xe < 0 || ye < 0) { /* an unhashable value: the twin's to raise about */
+            PyErr_Clear();
+            Py_DECREF(m);
+            Py_DECREF(ck);
+            return NULL;
+        }
+        PyObject *v = xe && !ye ? y : (x == Py_None ? PyTuple_GET_ITEM(defaults, i) : x);
+        Py_INCREF(v);
+        PyTuple_SET_ITEM(m, i, v);
+    }
+    if (str_cost(smeta) <= CACHED_COST && str_cost(dmeta) <= CACHED_COST) {
+        /* bounded like the twin's: cleared when full */
+        PyObject *entry = PyTuple_Pack(3, smeta, dmeta, m);
+        if (entry == NULL || (PyDict_GET_SIZE(cache) >= 65536 && (PyDict_Clear(cache), 0)) ||
+            PyDict_SetItem(cache, ck, entry) < 0) {
+            Py_XDECREF(entry);
+            Py_DECREF(ck);
+            Py_DECREF(m);
+            return NULL;
+        }
+        Py_DECREF(entry);
+    }
+    Py_DECREF(ck);
+    return m;
+}
+
+/* build_record(flow, merge_cache) -> dict: aggregation.build_record's record of a flow.
+ * None when the flow holds something the twin alone handles (the caller then uses it). */
+static PyObject *
+build_record(PyObject *self, PyObject *args)
+{
+    PyObject *flow, *cache;
+    if (!PyArg_ParseTuple(args, "OO!", &flow, &PyDict_Type, &cache))
+        return NULL;
+    if (!configured || !Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
+        Py_RETURN_NONE;
+    for (int i = 0; i < N_SLOTS; i++)
+        if (SLOT(flow, i) == NULL)
+            Py_RETURN_NONE;
+    long f, flow_type;
+    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type))
+        Py_RETURN_NONE;
+    PyObject *key = SLOT(flow, S_KEY), *sm = SLOT(flow, S_SMETA), *dm = SLOT(flow, S_DMETA);
+    if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 5)
+        Py_RETURN_NONE;
+    if ((sm != Py_None && (!PyTuple_CheckExact(sm) || PyTuple_GET_SIZE(sm) != n_meta + 2)) ||
+        (dm != Py_None && (!PyTuple_CheckExact(dm) || PyTuple_GET_SIZE(dm) != n_meta + 2)))
+        Py_RETURN_NONE;
+    PyObject *merged = merged_meta(cache, sm, dm, (f & IPV6) != 0);
+    if (merged == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    int has_src = (f & HAS_SRC) != 0, has_dst = (f & HAS_DST) != 0, v6 = (f & IPV6) != 0;
+    PyObject *exporter = has_src ? SLOT(flow, S_SEXP) : SLOT(flow, S_DEXP);
+    int t = PyObject_IsTrue(exporter);
+    if (t < 0) {
+        Py_DECREF(merged);
+        return NULL;
+    }
+    if (!t)
+        exporter = zero_addr;
+    if (!PyUnicode_CheckExact(exporter)) {
+        Py_DECREF(merged);
+        Py_RETURN_NONE;
+    }
+    int e6 = PyUnicode_FindChar(exporter, ':', 0, PyUnicode_GET_LENGTH(exporter), 1) >= 0;
+    Py_buffer cv, sv;
+    uint64_t *c = u64_buffer(SLOT(flow, S_C), &cv, NC), *sw = NULL;
+    if (c == NULL) {
+        Py_DECREF(merged);
+        Py_RETURN_NONE;
+    }
+    PyObject *swo = SLOT(flow, S_SW);
+    if (swo != Py_None) {
+        sw = u64_buffer(swo, &sv, 4);
+        if (sw == NULL) {
+            PyBuffer_Release(&cv);
+            Py_DECREF(merged);
+            Py_RETURN_NONE;
+        }
+    }
+    /* The values in build_record's slot order, as (new reference) objects; NULL: a C number. */
+    PyObject *obj[N_OUT_MAX];
+    uint64_t num[N_OUT_MAX];
+    Py_ssize_t n = 0;
+#define NUM(v) (obj[n] = NULL, num[n++] = (v))
+#define OBJ(o) (obj[n] = (o), n++)
+    NUM(c[24]);
+    NUM(c[25]);
+    OBJ(SLOT(flow, S_REASON));
+    for (int i = 0; i < 5; i++)
+        OBJ(PyTuple_GET_ITEM(key, i));
+    const uint64_t *own = has_src ? c : c + 8;
+    for (int k = 0; k < 4; k++)
+        NUM(own[k]);
+    for (int k = 0; k < 4; k++)
+        NUM(has_src && sw ? (own[4 + k] > sw[k] ? own[4 + k] - sw[k] : 0) : own[4 + k]);
+    for (Py_ssize_t i = 0; i < n_meta + 2; i++)
+        OBJ(PyTuple_GET_ITEM(merged, i));
+    NUM((uint64_t)((f & UNTYPED) && (f & NO_TWIN) && !(f & DENIED) ? 0 : flow_type));
+    OBJ(SLOT(flow, S_TCP));
+    OBJ(exporter);
+    OBJ(has_src ? SLOT(flow, S_SDOM) : SLOT(flow, S_DDOM));
+    static const uint64_t zero8[8] = {0};
+    const uint64_t *srcc = has_src ? c : NULL, *dstc = has_dst ? c + 8 : NULL;
+    uint64_t ends[2] = {has_src ? c[16] : 0, has_dst ? c[17] : 0};
+    uint64_t sth[2] = {has_src ? c[18] : 0, has_src ? c[19] : 0}, dth[2] = {has_dst ? c[20] : 0, has_dst ? c[21] : 0};
+    if (flow_type == INTRA_NODE) { /* one node is both the source and the destination node */
+        if (srcc == NULL)
+            srcc = dstc;
+        if (dstc == NULL)
+            dstc = srcc;
+        ends[0] = ends[1] = ends[0] > ends[1] ? ends[0] : ends[1];
+        if (has_src) {
+            dth[0] = sth[0];
+            dth[1] = sth[1];
+        } else {
+            sth[0] = dth[0];
+            sth[1] = dth[1];
+        }
+    }
+    if (srcc == NULL)
+        srcc = zero8;
+    if (dstc == NULL)
+        dstc = zero8;
+    for (int k = 0; k < 8; k++)
+        NUM(srcc[k]);
+    for (int k = 0; k < 8; k++)
+        NUM(dstc[k]);
+    NUM(ends[0]);
+    NUM(ends[1]);
+    NUM(c[22]);
+    NUM(c[23]);
+    NUM(sth[0]);
+    NUM(sth[1]);
+    NUM(dth[0]);
+    NUM(dth[1]);
+#undef NUM
+#undef OBJ
+    if (sw != NULL)
+        PyBuffer_Release(&sv);
+    PyBuffer_Release(&cv);
+    if (n != n_out) {
+        Py_DECREF(merged);
+        PyErr_SetString(PyExc_SystemError, "build_record: values and layout differ in length");
+        return NULL;
+    }
+    int li = v6 * 2 + e6;
+    PyObject *names = out_names[li];
+    PyObject *rec = _PyDict_NewPresized(n);
+    if (rec == NULL) {
+        Py_DECREF(merged);
+        return NULL;
+    }
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t at = out_order[li][j];
+        PyObject *v = obj[at];
+        int r;
+        if (v == NULL) {
+            v = PyLong_FromUnsignedLongLong(num[at]);
+            if (v == NULL) {
+                Py_DECREF(rec);
+                Py_DECREF(merged);
+                return NULL;
+            }
+            r = PyDict_SetItem(rec, PyTuple_GET_ITEM(names, j), v);
+            Py_DECREF(v);
+        } else {
+            r = PyDict_SetItem(rec, PyTuple_GET_ITEM(names, j), v);
+        }
+        if (r < 0) {
+            Py_DECREF(rec);
+            Py_DECREF(merged);
+            return NULL;
+        }
+    }
+    Py_DECREF(merged);
+    return rec;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Bind the module to aggregation.py's Flow class, field names and constants."},
     {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
+    {"build_record", build_record, METH_VARARGS, "aggregation.build_record's record of a flow, or None."},
     {NULL, NULL, 0, NULL},
 };
 

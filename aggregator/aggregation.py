@@ -369,18 +369,6 @@ class FlowFilter:
 # field names and constants; FLOWSCOPE_AGGREGATOR_PURE=1 forces the pure-Python twin.
 PURE_ENV = "FLOWSCOPE_AGGREGATOR_PURE"
 _aggr, _why_not = optional_extension(f"{__package__}._aggr", PURE_ENV)
-if _aggr is not None:
-    try:
-        _aggr.configure(
-            Flow, _GET_V4_NAMES, _GET_V6_NAMES, KUBERNETES_FIELDS[0], KUBERNETES_FIELDS[1], LABEL_FIELDS,
-            ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"),
-            _ZERO4, END_REASONS, DENY_ACTIONS,
-            (_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION, _I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION),
-            {name: value for name, value in globals().items() if name.isupper() and type(value) is int}
-            | {"NC": len(_ZERO26)},
-        )
-    except ValueError as exc:  # built from another version of this module: the twin serves
-        _aggr, _why_not = None, f"the C extension does not match this module ({exc})"
 
 
 def accelerated() -> bool:
@@ -960,7 +948,18 @@ def _side(meta: tuple[Any, ...] | None, owner: int, v6: bool, cache: dict[Any, A
 
 def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
     """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order.
-    ``merge_cache`` is the calling process's cache of merged Kubernetes fields."""
+    ``merge_cache`` is the calling process's cache of merged Kubernetes fields. The C
+    accelerator lays the values out where it is built (and the flow holds what an agent
+    sends); :func:`_build_record_py` is its twin."""
+    if _aggr is not None:
+        rec: dict[str, Any] | None = _aggr.build_record(flow, merge_cache)
+        if rec is not None:
+            return rec
+    return _build_record_py(flow, merge_cache)
+
+
+def _build_record_py(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
+    """:func:`build_record` in Python."""
     f = flow.flags
     cl = flow.c.tolist()
     has_src = bool(f & HAS_SRC)
@@ -993,3 +992,21 @@ def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]
         *ends, cl[22], cl[23], *sth, *dth,
     )
     return dict(zip(names, order(values)))
+
+
+# Bind the accelerator to this module (at the end: it takes the merge tables above).
+if _aggr is not None:
+    try:
+        _aggr.configure(
+            Flow, _GET_V4_NAMES, _GET_V6_NAMES, KUBERNETES_FIELDS[0], KUBERNETES_FIELDS[1], LABEL_FIELDS,
+            ("packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount"),
+            _ZERO4, END_REASONS, DENY_ACTIONS,
+            (_I_SRC_POD, _I_SRC_NODE, _I_EGRESS_ACTION, _I_DST_POD, _I_DST_NODE, _I_INGRESS_ACTION),
+            {name: value for name, value in globals().items() if name.isupper() and type(value) is int}
+            | {"NC": len(_ZERO26)},
+            tuple((output_names(v6, e6), tuple(map(_slot_names(v6, e6).index, output_names(v6, e6))))
+                  for v6 in (False, True) for e6 in (False, True)),
+            _EMPTY, _META_DEFAULTS, _OWNER,
+        )
+    except ValueError as exc:  # built from another version of this module: the twin serves
+        _aggr, _why_not = None, f"the C extension does not match this module ({exc})"

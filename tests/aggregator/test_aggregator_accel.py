@@ -1,0 +1,168 @@
+"""The C ingest loop (aggregator/_aggr.c) against its pure-Python twin (hypothesis).
+
+Two AggregationProcess instances take the same random record streams, one through
+``ingest_many`` (the C loop where it is built) and one through ``_ingest_py`` (the twin);
+every held flow's record from ``build_record`` (C) must equal ``_build_record_py``'s;
+after every batch both must hold the same state (every flow's flags, counters, sides,
+exporters, reasons, timers, urgent list, caches' effect on ``flow_bytes``, stats) and every
+tick must hand out the same aggregated records in the same order. The streams mix
+well-formed agent records (both halves, intra-node, external, denied, ended, reused
+5-tuples, reordered reports, labels, IPv6) with malformed ones (missing fields, None,
+strings for numbers, floats, bools, negative and past-2^64 values, a record that is no
+dict), so both the C loop's own path and its hand-over to the twin are compared.
+
+With ``FLOWSCOPE_AGGREGATOR_PURE=1`` (or without a compiler) both sides are the twin and
+the test still runs: it then checks that the dispatch adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from agg_records import T0, agent_record
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowscope.aggregator import aggregation
+from flowscope.aggregator.aggregation import AggregationProcess
+
+IPS = ("10.0.1.5", "10.0.2.7", "fd00::5")
+EXPORTERS = ("192.168.10.1", "192.168.10.2", "fd00::1")
+BAD_VALUES = (None, "7", 7.0, True, -1, 1 << 64, (1 << 64) - 1, 1 << 70, b"x", (1,), "")
+INT_FIELDS = (
+    "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
+    "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
+    "flowStartSeconds", "flowEndSeconds", "flowEndReason", "flowType", "sourceTransportPort",
+    "destinationTransportPort", "protocolIdentifier", "egressNetworkPolicyRuleAction",
+    "ingressNetworkPolicyRuleAction", "destinationServicePort",
+)
+STR_FIELDS = ("sourcePodName", "destinationPodName", "sourceNodeName", "destinationNodeName", "tcpState",
+              "sourceIPv4Address", "sourcePodLabels")
+
+
+@st.composite
+def records(draw: Any) -> Any:
+    src = draw(st.sampled_from(IPS[:2]))
+    v6 = draw(st.integers(0, 9)) == 0
+    dst = "fd00::7" if v6 else draw(st.sampled_from(IPS[:2]))
+    if v6:
+        src = IPS[2]
+    side = draw(st.sampled_from(("src", "dst", "both", "none", "node-only")))
+    k8s: dict[str, Any] = {}
+    if side in ("src", "both"):
+        k8s.update(sourcePodNamespace="shop", sourcePodName=draw(st.sampled_from(("web-1", "web-2"))),
+                   sourceNodeName="node-a")
+    if side in ("dst", "both"):
+        k8s.update(destinationPodNamespace="shop", destinationPodName="db-1", destinationNodeName="node-b")
+    if side == "node-only":
+        k8s.update(destinationNodeName="node-b")
+    k8s["egressNetworkPolicyRuleAction"] = draw(st.sampled_from((0, 0, 0, 1, 2, 3)))
+    k8s["ingressNetworkPolicyRuleAction"] = draw(st.sampled_from((0, 0, 0, 1, 2, 3)))
+    if draw(st.booleans()):
+        k8s["ingressNetworkPolicyName"] = draw(st.sampled_from(("allow", "x" * 1500)))
+    big = draw(st.sampled_from((1, 1, 1, 1 << 40, (1 << 64) - 10)))
+    pkts, octets = draw(st.integers(0, 50)) * big, draw(st.integers(0, 5000)) * big
+    rec = agent_record(
+        src=src, dst=dst, sport=draw(st.sampled_from((40000, 40001))), dport=80, proto=draw(st.sampled_from((6, 17))),
+        pkts=pkts, octets=octets, rpkts=draw(st.integers(0, 50)), roctets=draw(st.integers(0, 5000)),
+        dpkts=draw(st.one_of(st.none(), st.integers(0, 60))), doctets=draw(st.one_of(st.none(), st.integers(0, 6000))),
+        start=T0 + draw(st.integers(-3, 3)), end=T0 + draw(st.integers(-2, 40)),
+        reason=draw(st.sampled_from((1, 2, 2, 3, 4, 5))), tcp=draw(st.sampled_from(("ESTABLISHED", "TIME_WAIT"))),
+        flow_type=draw(st.sampled_from((0, 1, 2, 2, 2, 3, 4))), **k8s,
+    )
+    if draw(st.integers(0, 5)) == 0:
+        rec["sourcePodLabels"] = draw(st.sampled_from(('{"app":"web"}', "", None)))
+    for _ in range(draw(st.sampled_from((0, 0, 0, 0, 1, 2)))):  # malformed
+        what = draw(st.integers(0, 3))
+        if what == 0:
+            rec.pop(draw(st.sampled_from(sorted(rec))), None)
+        elif what == 1:
+            rec[draw(st.sampled_from(INT_FIELDS))] = draw(st.sampled_from(BAD_VALUES))
+        elif what == 2:
+            rec[draw(st.sampled_from(STR_FIELDS))] = draw(st.sampled_from(BAD_VALUES))
+        else:
+            rec.pop("packetTotalCount", None)  # an exporter of deltas alone
+    if draw(st.integers(0, 40)) == 0:
+        return _NotADict(rec)
+    return rec
+
+
+class _NotADict(Mapping[str, Any]):
+    """A record that is a mapping but no dict (a foreign decoder's)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self._d = d
+
+    def __getitem__(self, k: str) -> Any:
+        return self._d[k]
+
+    def __iter__(self) -> Any:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+streams = st.lists(
+    st.tuples(st.lists(records(), min_size=1, max_size=6), st.sampled_from(EXPORTERS), st.integers(0, 3),
+              st.sampled_from((0.0, 1.0, 5.0, 31.0, 61.0, 95.0))),
+    min_size=1, max_size=12,
+)
+
+
+def _state(proc: AggregationProcess) -> Any:
+    flows = [
+        (k, f.key, f.flow_type, f.flags, f.c.tolist(), f.smeta, f.dmeta, f.sexp, f.dexp, f.sdom, f.ddom,
+         f.reason, f.tcp_state, f.last_seen, None if f.sw is None else f.sw.tolist())
+        for k, f in proc.flows.items()
+    ]
+    timers = [(d, w, [f.key for f in due]) for d, w, due in proc._timers]
+    return flows, timers, [f.key for f in proc._urgent], proc.flow_bytes, proc.stats.as_dict()
+
+
+def _exports(out: list[aggregation.ExportedFlow]) -> list[Any]:
+    return [(e.record, list(e.record), e.correlation, e.final) for e in out]
+
+
+def _records_agree(proc: AggregationProcess) -> None:
+    """build_record (C where built, with the process's merge cache) and its twin give the
+    same record, key order included, for every flow held."""
+    for flow in proc.flows.values():
+        got = aggregation.build_record(flow, proc._merge_cache)
+        want = aggregation._build_record_py(flow, {})
+        assert (got, list(got)) == (want, list(want))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams, st.sampled_from((2, 3, 1000)), st.sampled_from((1 << 30, 3000)))
+def test_the_c_loop_and_its_twin_agree_on_any_stream(stream: Any, max_flows: int, max_bytes: int) -> None:
+    kw = dict(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0, max_flows=max_flows,
+              max_flow_bytes=max_bytes)
+    native, twin = AggregationProcess(**kw), AggregationProcess(**kw)  # type: ignore[arg-type]
+    clock = 0.0
+    for batch, exporter, domain, dt in stream:
+        clock += dt
+        kept = native.ingest_many(batch, exporter, domain, clock)
+        assert kept == twin._ingest_py(batch, exporter, domain, clock)
+        assert _state(native) == _state(twin)
+        _records_agree(native)
+        assert _exports(native.tick(clock)) == _exports(twin.tick(clock))
+        assert _state(native) == _state(twin)
+    assert _exports(native.drain()) == _exports(twin.drain())
+
+
+def test_the_accelerator_is_used_where_built() -> None:
+    """Where the extension is built and not turned off, ingest_many is the C loop (so the
+    test above compares two implementations, not one with itself)."""
+    import os
+
+    if os.environ.get(aggregation.PURE_ENV, "") not in ("", "0"):
+        assert not aggregation.accelerated()
+        return
+    try:
+        import flowscope.aggregator._aggr  # noqa: F401
+    except ImportError:
+        assert not aggregation.accelerated()
+    else:
+        assert aggregation.accelerated()
