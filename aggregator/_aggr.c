@@ -21,8 +21,8 @@
  * streams.
  *
  * build_record does aggregation.build_record's work for a flow (its merged Kubernetes
- * fields given): the values straight from the counters' buffer into a dict presized for
- * the layout, in template order.
+ * fields given): the values straight from the counters' buffer into a copy of the layout's
+ * dict of names (template order, str-keyed as a dict built in Python is).
  *
  * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
  *           end_reasons, deny_actions, meta_index, constants, layouts)
@@ -81,7 +81,7 @@ static int configured;
 /* The aggregated record's 4 layouts (flow family x exporter family): names in template
  * order, and for each the position of its value in build_record's slot order. */
 #define N_OUT_MAX 96
-static PyObject *out_names[4];
+static PyObject *out_names[4], *out_proto[4]; /* out_proto: dict.fromkeys(names), copied per record */
 static Py_ssize_t out_order[4][N_OUT_MAX], n_out;
 static PyObject *zero_addr; /* "0.0.0.0": a flow's exporter when it has none */
 static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_DEFAULTS */
@@ -196,6 +196,15 @@ configure(PyObject *self, PyObject *args)
         }
         Py_INCREF(nm);
         Py_XSETREF(out_names[i], nm);
+        PyObject *proto = PyDict_New();
+        if (proto == NULL)
+            return NULL;
+        for (Py_ssize_t j = 0; j < n; j++)
+            if (PyDict_SetItem(proto, PyTuple_GET_ITEM(nm, j), Py_None) < 0) {
+                Py_DECREF(proto);
+                return NULL;
+            }
+        Py_XSETREF(out_proto[i], proto);
     }
     if (PyTuple_GET_SIZE(f4) != N_FIELDS || PyTuple_GET_SIZE(f6) != N_FIELDS || PyTuple_GET_SIZE(lab) != 2 ||
         PyTuple_GET_SIZE(dl) != 4 || PyTuple_GET_SIZE(m4) != PyTuple_GET_SIZE(m6) ||
@@ -1149,7 +1158,9 @@ build_record(PyObject *self, PyObject *args)
     }
     int li = v6 * 2 + e6;
     PyObject *names = out_names[li];
-    PyObject *rec = _PyDict_NewPresized(n);
+    /* A copy of the layout's dict of names: its keys table comes whole (str keys, the
+     * template's order, the size it needs), and each value is then set in place. */
+    PyObject *rec = PyDict_Copy(out_proto[li]);
     if (rec == NULL) {
         Py_DECREF(merged);
         return NULL;

@@ -26,6 +26,12 @@ milliseconds per second, i.e. cores x 1000): ``decode`` (TLS in + IPFIX decode),
 TLS out) and ``sink`` (the ClickHouse conversion). Run it twice to compare codecs: as installed, and with
 ``FLOWSCOPE_IPFIX_PURE=1`` (the pure-Python codec) in the environment.
 
+The peer measured in the same run is the aggregation's pure-Python twin (the code before
+aggregator/_aggr.c, still what serves without a compiler or with
+``FLOWSCOPE_AGGREGATOR_PURE=1``): each repeat runs the whole path once with the C ingest
+loop and record builder and once with the twin, alternating, so load from other
+processes hits both alike; ``twin`` holds its numbers.
+
     .venv/bin/python benchmarks/aggregator_pipeline.py [--flows 100000] [--repeat 3]
 """
 
@@ -48,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from aggregator_correlation import make_records, to_messages  # noqa: E402
 
+from flowscope.aggregator import aggregation  # noqa: E402
 from flowscope.aggregator.aggregation import AggregationProcess  # noqa: E402
 from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names  # noqa: E402
 from flowscope.collector.rows import flows_to_columns  # noqa: E402
@@ -128,7 +135,17 @@ class TLSPair:
         return out
 
 
-def run_once(n_flows: int, tmp: str) -> dict[str, float]:
+def run_once(n_flows: int, tmp: str, twin: bool = False) -> dict[str, float]:
+    native = aggregation._aggr
+    if twin:  # the pure-Python twin serves this run (what FLOWSCOPE_AGGREGATOR_PURE=1 does at import)
+        aggregation._aggr = None
+    try:
+        return _run_once(n_flows, tmp)
+    finally:
+        aggregation._aggr = native
+
+
+def _run_once(n_flows: int, tmp: str) -> dict[str, float]:
     rounds = [make_records(n_flows, r) for r in range(2)]
     n_in = sum(len(r) for r in rounds)
     # What each agent sends: its records in IPFIX messages of ~100 records, one TLS session each.
@@ -208,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
+    runs, twin_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_once(args.flows, tmp) for _ in range(args.repeat)]
+        for _ in range(args.repeat):
+            runs.append(run_once(args.flows, tmp))
+            if aggregation.accelerated():
+                twin_runs.append(run_once(args.flows, tmp, twin=True))
     n_in, n_out = runs[0]["records_in"], runs[0]["records_out"]
     stages = [k for k in runs[0] if not k.startswith("records_")]
     med = {k: statistics.median(r[k] for r in runs) for k in stages}
     total = sum(med.values())
+    twin_med = {k: statistics.median(r[k] for r in twin_runs) for k in stages} if twin_runs else None
     groups = {
         "decode": ("tls_in", "decode"),
         "correlation_aggregation": ("ingest", "export"),
@@ -226,10 +248,25 @@ def main(argv: list[str] | None = None) -> int:
     # not pkg/intermediate (the aggregation and its benchmark).
     peer_us = 6.3
     corr_ms = sum(med[k] for k in groups["correlation_aggregation"]) / n_in * 1e6
+    twin_out = None
+    if twin_med is not None:
+        twin_total = sum(twin_med.values())
+        twin_out = {
+            "what": "the aggregation's pure-Python twin (the previous code), same input, alternating runs",
+            "per_1000_records_ms": {k: round(v / n_in * 1e6, 3) for k, v in twin_med.items()},
+            "cpu_per_1000_records_ms": {g: round(sum(twin_med[k] for k in ks) / n_in * 1e6, 3)
+                                        for g, ks in groups.items()},
+            "records_per_s": round(n_in / twin_total),
+            "ratio_records_per_s": round(twin_total / total, 2),
+            "ratio_correlation_aggregation_cpu": round(
+                sum(med[k] for k in groups["correlation_aggregation"])
+                / sum(twin_med[k] for k in groups["correlation_aggregation"]), 2),
+        }
     print(json.dumps({
         "benchmark": "aggregator_pipeline",
         "python": sys.version.split()[0],
         "ipfix_accelerator": accel.available(),
+        "aggregation_accelerator": aggregation.accelerated(),
         "flows": args.flows,
         "records_in": n_in,
         "records_out": n_out,
@@ -243,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer": "go-ipfix aggregation, documented (issue 12): 6.3 us a record; not runnable here (no Go toolchain, no go-ipfix pkg/intermediate sources)",
         "peer_per_1000_records_ms": peer_us,
         "ratio_correlation_aggregation_vs_peer": round(corr_ms / peer_us, 2),
+        "twin": twin_out,
         "target": {"records_per_s": 300_000},
     }, indent=2))
     return 0
