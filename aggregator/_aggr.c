@@ -72,7 +72,7 @@ enum { F_SRC, F_DST, F_SPORT, F_DPORT, F_PROTO, F_PT, F_OT, F_RPT, F_ROT, F_STAR
 #define N_META_MAX 64
 
 static PyObject *flow_class, *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
-static PyObject *labels[2], *deltas[4], *zero4, *end_reasons, *deny_actions;
+static PyObject *labels[2], *deltas[4], *zero4, *zero26, *end_reasons, *deny_actions, *empty_str, *int_zero;
 static Py_ssize_t n_meta;
 static Py_ssize_t i_src_pod, i_src_node, i_egress, i_dst_pod, i_dst_node, i_ingress;
 static PyObject *s_flows, *s_stats, *s_shared, *s_shared_limit, *s_costs, *s_urgent, *s_corr_timeout,
@@ -144,15 +144,78 @@ truthy(PyObject *v)
     return PyObject_IsTrue(v); /* an exact int: cannot fail */
 }
 
+static uint64_t *u64_buffer(PyObject *o, Py_buffer *view, Py_ssize_t n);
+
+/* A new Flow as Flow.__init__(key, flow_type, now) makes it, without running Python:
+ * allocated by its type, its slots set here (configure checks both agree). Not tracked
+ * by the cycle collector: what a Flow refers to (tuples of str and int, str, int, float,
+ * arrays) never refers back to it, so it is never part of a cycle, and a store of 100k
+ * flows is not walked by every full collection. A new reference, or NULL. */
+static PyObject *
+new_flow(PyObject *key, PyObject *flow_type, PyObject *now)
+{
+    PyTypeObject *tp = (PyTypeObject *)flow_class;
+    PyObject *c = PySequence_GetSlice(zero26, 0, NC);
+    if (c == NULL)
+        return NULL;
+    PyObject *flow = tp->tp_alloc(tp, 0);
+    if (flow == NULL) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyObject *init[N_SLOTS] = {
+        [S_KEY] = key, [S_FLOW_TYPE] = flow_type, [S_FLAGS] = int_zero, [S_C] = c, [S_SMETA] = Py_None,
+        [S_DMETA] = Py_None, [S_SEXP] = Py_None, [S_DEXP] = Py_None, [S_SDOM] = int_zero, [S_DDOM] = int_zero,
+        [S_REASON] = int_zero, [S_TCP] = empty_str, [S_LAST_SEEN] = now, [S_SW] = Py_None,
+    };
+    for (int i = 0; i < N_SLOTS; i++) {
+        if (i != S_C)
+            Py_INCREF(init[i]);
+        SLOT(flow, i) = init[i];
+    }
+    if (PyType_IS_GC(tp))
+        PyObject_GC_UnTrack(flow);
+    return flow;
+}
+
+/* Whether new_flow makes what Flow.__init__ makes (slot by slot, the counters by value). */
+static int
+check_new_flow(void)
+{
+    PyObject *key = Py_BuildValue("(ssiii)", "10.0.0.1", "10.0.0.2", 40000, 80, 6), *ft = PyLong_FromLong(2),
+             *now = PyFloat_FromDouble(5.0);
+    PyObject *a = key && ft && now ? PyObject_CallFunctionObjArgs(flow_class, key, ft, now, NULL) : NULL;
+    PyObject *b = a ? new_flow(key, ft, now) : NULL;
+    int ok = b != NULL;
+    for (int i = 0; ok && i < N_SLOTS; i++) {
+        PyObject *x = SLOT(a, i), *y = SLOT(b, i);
+        ok = x != NULL && y != NULL && Py_TYPE(x) == Py_TYPE(y) && PyObject_RichCompareBool(x, y, Py_EQ) == 1;
+    }
+    Py_XDECREF(key);
+    Py_XDECREF(ft);
+    Py_XDECREF(now);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    if (PyErr_Occurred())
+        return -1;
+    if (!ok)
+        PyErr_SetString(PyExc_ValueError, "configure: Flow.__init__ sets its slots otherwise than the C constructor");
+    return ok ? 0 : -1;
+}
+
 static PyObject *
 configure(PyObject *self, PyObject *args)
 {
     PyObject *cls, *f4, *f6, *m4, *m6, *lab, *dl, *z4, *ends, *deny, *idx, *consts, *layouts, *empty, *defaults,
-        *owners;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!OOOO!O!O!OO!O!", &cls, &PyTuple_Type, &f4, &PyTuple_Type, &f6,
+        *owners, *z26;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!OOOO!O!O!OO!O!O", &cls, &PyTuple_Type, &f4, &PyTuple_Type, &f6,
                           &PyTuple_Type, &m4, &PyTuple_Type, &m6, &PyTuple_Type, &lab, &PyTuple_Type, &dl, &z4, &ends,
                           &deny, &PyTuple_Type, &idx, &PyDict_Type, &consts, &PyTuple_Type, &layouts, &empty,
-                          &PyTuple_Type, &defaults, &PyTuple_Type, &owners))
+                          &PyTuple_Type, &defaults, &PyTuple_Type, &owners, &z26))
+        return NULL;
+    Py_INCREF(z26);
+    Py_XSETREF(zero26, z26);
+    if (empty_str == NULL && ((empty_str = PyUnicode_New(0, 0)) == NULL || (int_zero = PyLong_FromLong(0)) == NULL))
         return NULL;
     if (!PyFrozenSet_CheckExact(empty) || PyTuple_GET_SIZE(defaults) != 2 ||
         PyTuple_GET_SIZE(owners) != PyTuple_GET_SIZE(m4) + 2) {
@@ -289,6 +352,8 @@ configure(PyObject *self, PyObject *args)
         return NULL;
     }
     if (zero_addr == NULL && (zero_addr = PyUnicode_InternFromString("0.0.0.0")) == NULL)
+        return NULL;
+    if (check_new_flow() < 0)
         return NULL;
     configured = 1;
     Py_RETURN_NONE;
@@ -672,7 +737,7 @@ one(Ctx *x, PyObject *rec, int *taken)
         if (ikey == NULL)
             goto out;
         PyObject *fto = PyLong_FromLong(flow_type);
-        flow = fto ? PyObject_CallFunctionObjArgs(flow_class, ikey, fto, x->now, NULL) : NULL;
+        flow = fto ? new_flow(ikey, fto, x->now) : NULL;
         Py_XDECREF(fto);
         if (flow == NULL || PyDict_SetItem(x->flows, ikey, flow) < 0) {
             Py_DECREF(ikey);
@@ -712,8 +777,21 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     memcpy(c, nc, sizeof nc);
 
-    /* Kubernetes fields: intern a side's tuple only when it changed. */
-    if (meta == NULL) {
+    /* Kubernetes fields: intern a side's tuple only when it changed (compared item by
+     * item as tuples compare, without building the record's tuple when it did not). */
+    int ms = side ? S_DMETA : S_SMETA;
+    PyObject *old = SLOT(flow, ms);
+    int eq;
+    if (meta == NULL && PyTuple_CheckExact(old) && PyTuple_GET_SIZE(old) == n_meta + 2) {
+        eq = 1;
+        for (Py_ssize_t i = 0; i < n_meta + 2 && eq > 0; i++)
+            eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(old, i), mv[i], Py_EQ);
+    } else {
+        eq = old == Py_None ? 0 : -2; /* -2: something the twin put there, compared as it does */
+    }
+    if (eq == -1)
+        goto out;
+    if (eq <= 0 && meta == NULL) {
         meta = PyTuple_New(n_meta + 2);
         if (meta == NULL)
             goto out;
@@ -722,10 +800,7 @@ one(Ctx *x, PyObject *rec, int *taken)
             PyTuple_SET_ITEM(meta, i, mv[i]);
         }
     }
-    int ms = side ? S_DMETA : S_SMETA;
-    PyObject *old = SLOT(flow, ms);
-    int eq = old == meta ? 1 : PyObject_RichCompareBool(old, meta, Py_EQ);
-    if (eq < 0)
+    if (eq == -2 && (eq = PyObject_RichCompareBool(old, meta, Py_EQ)) < 0)
         goto out;
     if (!eq) {
         long long a, b;

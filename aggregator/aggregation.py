@@ -1006,7 +1006,7 @@ if _aggr is not None:
             | {"NC": len(_ZERO26)},
             tuple((output_names(v6, e6), tuple(map(_slot_names(v6, e6).index, output_names(v6, e6))))
                   for v6 in (False, True) for e6 in (False, True)),
-            _EMPTY, _META_DEFAULTS, _OWNER,
+            _EMPTY, _META_DEFAULTS, _OWNER, _ZERO26,
         )
     except ValueError as exc:  # built from another version of this module: the twin serves
         _aggr, _why_not = None, f"the C extension does not match this module ({exc})"
