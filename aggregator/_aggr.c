@@ -74,6 +74,72 @@ enum { F_SRC, F_DST, F_SPORT, F_DPORT, F_PROTO, F_PT, F_OT, F_RPT, F_ROT, F_STAR
 static PyObject *flow_class, *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
 static PyObject *labels[2], *deltas[4], *zero4, *zero26, *end_reasons, *deny_actions, *empty_str, *int_zero;
 static Py_ssize_t n_meta;
+
+/* Every field name the loop reads gets an id; a record's items are walked once and each
+ * key mapped to its id through a table keyed by the key object's address (the records
+ * of one template share their key objects), so a record costs one pass over its items,
+ * not one hash lookup per field. The table holds a reference to each key it knows (an
+ * address cannot be reused while it is there) and is emptied when 3/4 full. */
+#define N_IDS_MAX 160
+#define KT_SIZE 1024
+static PyObject *name_ids; /* dict: name -> id */
+static Py_ssize_t n_ids;
+static int id4[N_FIELDS], id6[N_FIELDS], mid4[N_META_MAX], mid6[N_META_MAX], lid[2], did[4];
+static PyObject *kt_key[KT_SIZE];
+static int kt_id[KT_SIZE], kt_used;
+
+static void
+kt_clear(void)
+{
+    for (int i = 0; i < KT_SIZE; i++)
+        Py_CLEAR(kt_key[i]);
+    kt_used = 0;
+}
+
+/* The id of a record's key (-1: a field the loop does not read), or -2 on an error. */
+static int
+key_id(PyObject *k)
+{
+    size_t h = (((uintptr_t)k >> 4) * 0x9E3779B97F4A7C15ULL) >> 54; /* 10 bits */
+    for (;;) {
+        PyObject *at = kt_key[h];
+        if (at == k)
+            return kt_id[h];
+        if (at == NULL)
+            break;
+        h = (h + 1) & (KT_SIZE - 1);
+    }
+    PyObject *v = PyDict_GetItemWithError(name_ids, k);
+    if (v == NULL && PyErr_Occurred())
+        return -2;
+    int id = v == NULL ? -1 : (int)PyLong_AsLong(v);
+    if (kt_used >= KT_SIZE * 3 / 4) {
+        kt_clear();
+        return id; /* cached from the next record on */
+    }
+    Py_INCREF(k);
+    kt_key[h] = k;
+    kt_id[h] = id;
+    kt_used++;
+    return id;
+}
+
+static int
+name_id(PyObject *name)
+{
+    PyObject *v = PyDict_GetItemWithError(name_ids, name);
+    if (v != NULL)
+        return (int)PyLong_AsLong(v);
+    if (PyErr_Occurred() || n_ids >= N_IDS_MAX)
+        return -1;
+    PyObject *id = PyLong_FromSsize_t(n_ids);
+    if (id == NULL || PyDict_SetItem(name_ids, name, id) < 0) {
+        Py_XDECREF(id);
+        return -1;
+    }
+    Py_DECREF(id);
+    return (int)n_ids++;
+}
 static Py_ssize_t i_src_pod, i_src_node, i_egress, i_dst_pod, i_dst_node, i_ingress;
 static PyObject *s_flows, *s_stats, *s_shared, *s_shared_limit, *s_costs, *s_urgent, *s_corr_timeout,
     *s_max_flows, *s_max_flow_bytes, *s_flow_bytes, *s_cost, *s_push_timers;
@@ -355,6 +421,29 @@ configure(PyObject *self, PyObject *args)
         return NULL;
     if (check_new_flow() < 0)
         return NULL;
+    kt_clear();
+    Py_XSETREF(name_ids, PyDict_New());
+    if (name_ids == NULL)
+        return NULL;
+    n_ids = 0;
+    int bad = 0;
+    for (int i = 0; i < N_FIELDS; i++) {
+        bad |= (id4[i] = name_id(fields4[i])) < 0;
+        bad |= (id6[i] = name_id(fields6[i])) < 0;
+    }
+    for (Py_ssize_t i = 0; i < n_meta; i++) {
+        bad |= (mid4[i] = name_id(meta4[i])) < 0;
+        bad |= (mid6[i] = name_id(meta6[i])) < 0;
+    }
+    for (int i = 0; i < 2; i++)
+        bad |= (lid[i] = name_id(labels[i])) < 0;
+    for (int i = 0; i < 4; i++)
+        bad |= (did[i] = name_id(deltas[i])) < 0;
+    if (bad) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "configure: too many field names");
+        return NULL;
+    }
     configured = 1;
     Py_RETURN_NONE;
 }
@@ -498,16 +587,24 @@ one(Ctx *x, PyObject *rec, int *taken)
     *taken = 0;
     if (!PyDict_CheckExact(rec))
         return FALLBACK;
-    int r = PyDict_Contains(rec, fields4[F_SRC]);
-    if (r < 0)
-        return ERROR;
-    int v6 = !r;
-    PyObject **names = v6 ? fields6 : fields4, **mnames = v6 ? meta6 : meta4;
+    PyObject *by_id[N_IDS_MAX];
+    memset(by_id, 0, sizeof(PyObject *) * n_ids);
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(rec, &pos, &k, &v)) {
+        int id = key_id(k);
+        if (id >= 0)
+            by_id[id] = v;
+        else if (id == -2)
+            return ERROR;
+    }
+    int v6 = by_id[id4[F_SRC]] == NULL; /* "sourceIPv4Address" not in rec */
+    const int *fid = v6 ? id6 : id4, *mid = v6 ? mid6 : mid4;
     PyObject *val[N_FIELDS];
     for (int i = 0; i < N_FIELDS; i++) {
-        val[i] = PyDict_GetItemWithError(rec, names[i]);
+        val[i] = by_id[fid[i]];
         if (val[i] == NULL)
-            return PyErr_Occurred() ? ERROR : FALLBACK;
+            return FALLBACK;
     }
     if (!PyUnicode_CheckExact(val[F_SRC]) || !PyUnicode_CheckExact(val[F_DST]) || !PyLong_CheckExact(val[F_SPORT]) ||
         !PyLong_CheckExact(val[F_DPORT]) || !PyLong_CheckExact(val[F_PROTO]))
@@ -523,23 +620,20 @@ one(Ctx *x, PyObject *rec, int *taken)
         return FALLBACK;
     PyObject *mv[N_META_MAX + 2];
     for (Py_ssize_t i = 0; i < n_meta; i++) {
-        PyObject *v = PyDict_GetItemWithError(rec, mnames[i]);
-        if (v == NULL)
-            return PyErr_Occurred() ? ERROR : FALLBACK;
-        if (v != Py_None && !PyUnicode_CheckExact(v) && !PyLong_CheckExact(v))
+        PyObject *m = by_id[mid[i]];
+        if (m == NULL)
             return FALLBACK;
-        mv[i] = v;
+        if (m != Py_None && !PyUnicode_CheckExact(m) && !PyLong_CheckExact(m))
+            return FALLBACK;
+        mv[i] = m;
     }
     for (int i = 0; i < 2; i++) {
-        PyObject *v = PyDict_GetItemWithError(rec, labels[i]);
-        if (v == NULL) {
-            if (PyErr_Occurred())
-                return ERROR;
-            v = Py_None;
-        } else if (v != Py_None && !PyUnicode_CheckExact(v)) {
+        PyObject *m = by_id[lid[i]];
+        if (m == NULL)
+            m = Py_None;
+        else if (m != Py_None && !PyUnicode_CheckExact(m))
             return FALLBACK;
-        }
-        mv[n_meta + i] = v;
+        mv[n_meta + i] = m;
     }
 
     /* The flow, or the state a new one starts with. */
@@ -656,12 +750,10 @@ one(Ctx *x, PyObject *rec, int *taken)
     int reset = 0;
     if (first) {
         for (int k = 0; k < 4; k++) {
-            PyObject *v = PyDict_GetItemWithError(rec, deltas[k]);
-            if (v == NULL) {
-                if (PyErr_Occurred())
-                    goto out;
+            PyObject *dv = by_id[did[k]];
+            if (dv == NULL) {
                 d[k] = tot[k];
-            } else if (!as_u64(v, &d[k])) {
+            } else if (!as_u64(dv, &d[k])) {
                 status = FALLBACK;
                 goto out;
             }

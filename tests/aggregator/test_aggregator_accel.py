@@ -190,3 +190,23 @@ def test_the_aggregation_tests_pass_with_the_twin_forced() -> None:
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_records_with_keys_of_their_own_and_extra_keys_agree() -> None:
+    """The C loop maps each record's keys by object first: records whose keys are new str
+    objects every time (thousands of them, past its table's size) and records with keys it
+    does not read are taken as the twin takes them."""
+    from agg_records import destination_half, source_half
+
+    def fresh(rec: dict[str, Any], i: int) -> dict[str, Any]:
+        out = {"".join(list(k)): v for k, v in rec.items()}  # equal keys, new objects
+        out[f"extra{i}"] = i
+        return out
+
+    native, twin = AggregationProcess(), AggregationProcess()
+    for i in range(120):
+        batch = [fresh(source_half(sport=30000 + i, pkts=i + 1), i), fresh(destination_half(sport=30000 + i), i)]
+        assert native.ingest_many(batch, "192.168.10.1", 1, float(i)) == twin._ingest_py(batch, "192.168.10.1", 1, float(i)) == 2
+    assert _state(native) == _state(twin)
+    assert native.stats.flows_correlated == 120
+    assert _exports(native.tick(61.0)) == _exports(twin.tick(61.0))
