@@ -28,6 +28,8 @@
  *           end_reasons, deny_actions, meta_index, constants, layouts)
  * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
  * build_record(flow, merge_cache) -> dict, or None (the twin's case)
+ * configure_export(exported_flow_class, correlation_names)
+ * export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -56,6 +58,7 @@
 
 #define INTRA_NODE 1
 #define INTER_NODE 2
+#define TO_EXTERNAL 3
 #define FROM_EXTERNAL 4
 #define FLOW_COST 1024
 #define NC 26 /* counters of a flow */
@@ -347,7 +350,7 @@ configure(PyObject *self, PyObject *args)
         {"DIRTY", DIRTY}, {"EXPORTED", EXPORTED}, {"ENDED_SRC", ENDED_SRC}, {"ENDED_DST", ENDED_DST},
         {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
         {"NO_TWIN", NO_TWIN}, {"UNTYPED", UNTYPED}, {"INTRA_NODE", INTRA_NODE}, {"INTER_NODE", INTER_NODE},
-        {"FROM_EXTERNAL", FROM_EXTERNAL}, {"FLOW_COST", FLOW_COST}, {"NC", NC},
+        {"TO_EXTERNAL", TO_EXTERNAL}, {"FROM_EXTERNAL", FROM_EXTERNAL}, {"FLOW_COST", FLOW_COST}, {"NC", NC},
     };
     for (size_t i = 0; i < sizeof expect / sizeof expect[0]; i++) {
         PyObject *v = PyDict_GetItemString(consts, expect[i].name);
@@ -1203,11 +1206,8 @@ merged_meta(PyObject *cache, PyObject *smeta, PyObject *dmeta, int v6)
 /* build_record(flow, merge_cache) -> dict: aggregation.build_record's record of a flow.
  * None when the flow holds something the twin alone handles (the caller then uses it). */
 static PyObject *
-build_record(PyObject *self, PyObject *args)
+record_of(PyObject *flow, PyObject *cache)
 {
-    PyObject *flow, *cache;
-    if (!PyArg_ParseTuple(args, "OO!", &flow, &PyDict_Type, &cache))
-        return NULL;
     if (!configured || !Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
         Py_RETURN_NONE;
     for (int i = 0; i < N_SLOTS; i++)
@@ -1358,10 +1358,168 @@ build_record(PyObject *self, PyObject *args)
     return rec;
 }
 
+static PyObject *
+build_record(PyObject *self, PyObject *args)
+{
+    PyObject *flow, *cache;
+    if (!PyArg_ParseTuple(args, "OO!", &flow, &PyDict_Type, &cache))
+        return NULL;
+    return record_of(flow, cache);
+}
+
+/* export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case):
+ * AggregationProcess._export's work: the record, what the switched correction used up,
+ * the deltas and throughputs reset, the flags (exported, clean), the ExportedFlow made
+ * without running its __init__ (configure checks both agree). */
+static PyObject *exported_class;
+static Py_ssize_t ex_off[3]; /* record, correlation, final */
+static PyObject *corr_names[7];
+enum { C_INTRA, C_EXTERNAL, C_CORRELATED, C_DENIED, C_UNATTRIBUTED, C_UNCORRELATED, C_PENDING };
+
+static PyObject *
+correlation_of(long ft, long f) /* Flow.correlation: a borrowed reference */
+{
+    if (ft == INTRA_NODE || ((f & HAS_SRC) && (f & HAS_DST) && ft != INTER_NODE))
+        return corr_names[C_INTRA];
+    if (ft == TO_EXTERNAL || ft == FROM_EXTERNAL)
+        return corr_names[C_EXTERNAL];
+    if (f & CORRELATED)
+        return corr_names[C_CORRELATED];
+    if (f & NO_TWIN)
+        return corr_names[(f & DENIED) ? C_DENIED : C_UNATTRIBUTED];
+    if (f & LONE)
+        return corr_names[C_UNCORRELATED];
+    return corr_names[C_PENDING];
+}
+
+static PyObject *
+new_exported(PyObject *record, PyObject *correlation, PyObject *final) /* steals record */
+{
+    PyTypeObject *tp = (PyTypeObject *)exported_class;
+    PyObject *e = tp->tp_alloc(tp, 0);
+    if (e == NULL) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    Py_INCREF(correlation);
+    Py_INCREF(final);
+    *(PyObject **)((char *)e + ex_off[0]) = record;
+    *(PyObject **)((char *)e + ex_off[1]) = correlation;
+    *(PyObject **)((char *)e + ex_off[2]) = final;
+    return e;
+}
+
+static PyObject *
+export(PyObject *self, PyObject *args)
+{
+    PyObject *flow, *cache, *final;
+    if (!PyArg_ParseTuple(args, "OO!O", &flow, &PyDict_Type, &cache, &final))
+        return NULL;
+    if (exported_class == NULL)
+        Py_RETURN_NONE;
+    PyObject *rec = record_of(flow, cache); /* checks the flow's slots */
+    if (rec == NULL || rec == Py_None)
+        return rec;
+    long f, ft;
+    Py_buffer cv, sv;
+    uint64_t *c = NULL, *sw = NULL;
+    PyObject *swo = SLOT(flow, S_SW);
+    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &ft) ||
+        (c = u64_buffer(SLOT(flow, S_C), &cv, NC)) == NULL) {
+        Py_DECREF(rec);
+        Py_RETURN_NONE;
+    }
+    if (swo != Py_None && (sw = u64_buffer(swo, &sv, 4)) == NULL) {
+        PyBuffer_Release(&cv);
+        Py_DECREF(rec);
+        Py_RETURN_NONE;
+    }
+    int sw_left = 0;
+    if (sw != NULL) { /* what the correction did not use up waits for the next delta */
+        for (int k = 0; k < 4; k++) {
+            sw[k] -= sw[k] < c[4 + k] ? sw[k] : c[4 + k];
+            sw_left |= sw[k] != 0;
+        }
+        PyBuffer_Release(&sv);
+    }
+    memset(c + 4, 0, 4 * 8); /* the deltas, the throughputs */
+    memset(c + 12, 0, 4 * 8);
+    memset(c + 18, 0, 6 * 8);
+    PyBuffer_Release(&cv);
+    if (sw != NULL && !sw_left)
+        set_slot_borrowed(flow, S_SW, Py_None);
+    f = (f & ~DIRTY) | EXPORTED;
+    PyObject *fl = PyLong_FromLong(f);
+    if (fl == NULL) {
+        Py_DECREF(rec);
+        return NULL;
+    }
+    set_slot(flow, S_FLAGS, fl);
+    return new_exported(rec, correlation_of(ft, f), final);
+}
+
+/* Bind export() to the ExportedFlow class and Flow.correlation's names (checked). */
+static PyObject *
+configure_export(PyObject *self, PyObject *args)
+{
+    PyObject *cls, *names;
+    if (!PyArg_ParseTuple(args, "OO!", &cls, &PyTuple_Type, &names))
+        return NULL;
+    if (!configured || PyTuple_GET_SIZE(names) != 7) {
+        PyErr_SetString(PyExc_ValueError, "configure_export: configure first, with 7 correlation names");
+        return NULL;
+    }
+    PyObject *cdict = PyObject_GetAttrString(cls, "__dict__");
+    if (cdict == NULL)
+        return NULL;
+    static const char *fields[3] = {"record", "correlation", "final"};
+    for (int i = 0; i < 3; i++) {
+        PyObject *d = PyMapping_GetItemString(cdict, fields[i]);
+        if (d == NULL) {
+            Py_DECREF(cdict);
+            return NULL;
+        }
+        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            ex_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+        if (!ok) {
+            Py_DECREF(cdict);
+            PyErr_Format(PyExc_ValueError, "configure_export: ExportedFlow.%s is not a slot", fields[i]);
+            return NULL;
+        }
+    }
+    Py_DECREF(cdict);
+    for (int i = 0; i < 7; i++) {
+        PyObject *n = PyTuple_GET_ITEM(names, i);
+        Py_INCREF(n);
+        Py_XSETREF(corr_names[i], n);
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(exported_class, cls);
+    /* the same object as ExportedFlow(record, correlation, final) makes? */
+    PyObject *r = PyDict_New(), *a = r ? PyObject_CallFunction(cls, "OOO", r, corr_names[0], Py_True) : NULL;
+    Py_XINCREF(r);
+    PyObject *b = a ? new_exported(r, corr_names[0], Py_True) : NULL;
+    int same = b != NULL && PyObject_RichCompareBool(a, b, Py_EQ) == 1;
+    Py_XDECREF(r);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    if (!same) {
+        Py_CLEAR(exported_class);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "configure_export: ExportedFlow's __init__ differs from the C one");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Bind the module to aggregation.py's Flow class, field names and constants."},
     {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
     {"build_record", build_record, METH_VARARGS, "aggregation.build_record's record of a flow, or None."},
+    {"export", export, METH_VARARGS, "AggregationProcess._export of a flow, or None."},
+    {"configure_export", configure_export, METH_VARARGS, "Bind export() to ExportedFlow and the correlation names."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -269,6 +269,10 @@ _ZERO6 = array("Q", bytes(48))
 # sum to its total. Each node's own deltas (...FromSourceNode) are left as the node said.
 
 
+# Flow.correlation's answers, in the order the C accelerator takes them.
+_CORRELATIONS = ("intra-node", "external", "correlated", "denied", "unattributed", "uncorrelated", "pending")
+
+
 class Flow:
     """The state of one connection. Slots only; counters in one flat unsigned array."""
 
@@ -428,6 +432,9 @@ class AggregationProcess:
         self._costs: dict[tuple[Any, ...], int] = {}
         # Both sides' Kubernetes fields merged, by (source, destination, v6): this process's own.
         self._merge_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        # The C accelerator this process's loops use (aggregator/_aggr.c), None for the
+        # pure-Python twin (no extension built, or FLOWSCOPE_AGGREGATOR_PURE=1).
+        self._accel: Any = _aggr
 
     # ------------------------------------------------------------------ ingest
     def _cost(self, meta: tuple[Any, ...] | None) -> int:
@@ -461,8 +468,8 @@ class AggregationProcess:
         many were kept. The hot path: the C accelerator's loop (aggregator/_aggr.c) where it
         is built, else :meth:`_ingest_py`, its pure-Python twin; both do the same."""
         _say_once()
-        if _aggr is not None:
-            return _aggr.ingest_many(self, records, exporter, domain, now, self._ingest_py)  # type: ignore[no-any-return]
+        if self._accel is not None:
+            return self._accel.ingest_many(self, records, exporter, domain, now, self._ingest_py)  # type: ignore[no-any-return]
         return self._ingest_py(records, exporter, domain, now)
 
     def _ingest_py(
@@ -809,7 +816,12 @@ class AggregationProcess:
             self.stats.flows_expired += 1
 
     def _export(self, flow: Flow, *, final: bool) -> ExportedFlow:
-        record = build_record(flow, self._merge_cache)
+        if self._accel is not None:  # the C accelerator's, where the flow holds what it takes
+            exported: ExportedFlow | None = self._accel.export(flow, self._merge_cache, final)
+            if exported is not None:
+                self.stats.records_exported += 1
+                return exported
+        record = build_record(flow, self._merge_cache, self._accel)
         c = flow.c
         sw = flow.sw
         if sw is not None:  # what the correction did not use up waits for the next delta
@@ -832,7 +844,7 @@ class AggregationProcess:
         out = []
         for flow in self.flows.values():
             if flt is None or flt.matches(flow.key):
-                out.append(ExportedFlow(build_record(flow, self._merge_cache), flow.correlation, False))
+                out.append(ExportedFlow(build_record(flow, self._merge_cache, self._accel), flow.correlation, False))
                 if limit is not None and len(out) >= limit:
                     break
         return out
@@ -850,7 +862,7 @@ class AggregationProcess:
 
     def render(self, flows: Iterable[Flow]) -> list[ExportedFlow]:
         """Current records of ``flows`` (those still held), without touching deltas."""
-        return [ExportedFlow(build_record(f, self._merge_cache), f.correlation, False) for f in flows if not f.flags & REMOVED]
+        return [ExportedFlow(build_record(f, self._merge_cache, self._accel), f.correlation, False) for f in flows if not f.flags & REMOVED]
 
     def drain(self) -> list[ExportedFlow]:
         """Export every flow with unexported changes (shutdown), and forget them all."""
@@ -946,13 +958,13 @@ def _side(meta: tuple[Any, ...] | None, owner: int, v6: bool, cache: dict[Any, A
     return got  # type: ignore[no-any-return]
 
 
-def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> dict[str, Any]:
+def build_record(flow: Flow, merge_cache: dict[tuple[Any, ...], tuple[Any, ...]], accel: Any = None) -> dict[str, Any]:
     """The aggregated record of a flow: all agent IEs plus the aggregator's, in template order.
-    ``merge_cache`` is the calling process's cache of merged Kubernetes fields. The C
-    accelerator lays the values out where it is built (and the flow holds what an agent
-    sends); :func:`_build_record_py` is its twin."""
-    if _aggr is not None:
-        rec: dict[str, Any] | None = _aggr.build_record(flow, merge_cache)
+    ``merge_cache`` is the calling process's cache of merged Kubernetes fields. ``accel``
+    (the process's C accelerator, None for the twin) lays the values out where the flow
+    holds what an agent sends; :func:`_build_record_py` is its twin."""
+    if accel is not None:
+        rec: dict[str, Any] | None = accel.build_record(flow, merge_cache)
         if rec is not None:
             return rec
     return _build_record_py(flow, merge_cache)
@@ -1008,5 +1020,6 @@ if _aggr is not None:
                   for v6 in (False, True) for e6 in (False, True)),
             _EMPTY, _META_DEFAULTS, _OWNER, _ZERO26,
         )
+        _aggr.configure_export(ExportedFlow, _CORRELATIONS)
     except ValueError as exc:  # built from another version of this module: the twin serves
         _aggr, _why_not = None, f"the C extension does not match this module ({exc})"

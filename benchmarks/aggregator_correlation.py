@@ -92,11 +92,12 @@ def make_records(n_flows: int, seed_round: int) -> list[tuple[dict, str]]:
 
 
 class Twin(AggregationProcess):
-    """The same process with the pure-Python ingest loop (aggregator/_aggr.c's twin, the
-    code before it): the previous code, measured in the same run."""
+    """The same process with its pure-Python loops (aggregator/_aggr.c's twin, the code
+    before it): the previous code, measured in the same run."""
 
-    def ingest_many(self, records, exporter, domain, now):  # type: ignore[no-untyped-def]
-        return self._ingest_py(records, exporter, domain, now)
+    def __init__(self, **kw):  # type: ignore[no-untyped-def]
+        super().__init__(**kw)
+        self._accel = None
 
 
 class NaiveCorrelator:

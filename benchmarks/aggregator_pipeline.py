@@ -136,16 +136,6 @@ class TLSPair:
 
 
 def run_once(n_flows: int, tmp: str, twin: bool = False) -> dict[str, float]:
-    native = aggregation._aggr
-    if twin:  # the pure-Python twin serves this run (what FLOWSCOPE_AGGREGATOR_PURE=1 does at import)
-        aggregation._aggr = None
-    try:
-        return _run_once(n_flows, tmp)
-    finally:
-        aggregation._aggr = native
-
-
-def _run_once(n_flows: int, tmp: str) -> dict[str, float]:
     rounds = [make_records(n_flows, r) for r in range(2)]
     n_in = sum(len(r) for r in rounds)
     # What each agent sends: its records in IPFIX messages of ~100 records, one TLS session each.
@@ -189,6 +179,8 @@ def _run_once(n_flows: int, tmp: str) -> dict[str, float]:
 
     decoded = {exp: stage("decode", lambda c=chunks: decode(c)) for exp, chunks in plain.items()}
     proc = AggregationProcess(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0, max_flows=n_flows * 2)
+    if twin:  # the pure-Python twin serves this run (what FLOWSCOPE_AGGREGATOR_PURE=1 does at import)
+        proc._accel = None
 
     def ingest() -> None:
         # the agents' messages interleaved, round by round, as they arrive

@@ -1,8 +1,9 @@
 """The C ingest loop (aggregator/_aggr.c) against its pure-Python twin (hypothesis).
 
-Two AggregationProcess instances take the same random record streams, one through
-``ingest_many`` (the C loop where it is built) and one through ``_ingest_py`` (the twin);
-every held flow's record from ``build_record`` (C) must equal ``_build_record_py``'s;
+Two AggregationProcess instances take the same random record streams, one with the C
+accelerator where it is built and one with the twin alone (its ``_accel`` None: the ingest
+loop, the export, the record builder); every held flow's record from ``build_record`` (C)
+must also equal ``_build_record_py``'s;
 after every batch both must hold the same state (every flow's flags, counters, sides,
 exporters, reasons, timers, urgent list, caches' effect on ``flow_bytes``, stats) and every
 tick must hand out the same aggregated records in the same order. The streams mix
@@ -131,11 +132,17 @@ def _exports(out: list[aggregation.ExportedFlow]) -> list[Any]:
     return [(e.record, list(e.record), e.correlation, e.final) for e in out]
 
 
+def _twin(**kw: Any) -> AggregationProcess:
+    proc = AggregationProcess(**kw)
+    proc._accel = None
+    return proc
+
+
 def _records_agree(proc: AggregationProcess) -> None:
     """build_record (C where built, with the process's merge cache) and its twin give the
     same record, key order included, for every flow held."""
     for flow in proc.flows.values():
-        got = aggregation.build_record(flow, proc._merge_cache)
+        got = aggregation.build_record(flow, proc._merge_cache, proc._accel)
         want = aggregation._build_record_py(flow, {})
         assert (got, list(got)) == (want, list(want))
 
@@ -145,12 +152,12 @@ def _records_agree(proc: AggregationProcess) -> None:
 def test_the_c_loop_and_its_twin_agree_on_any_stream(stream: Any, max_flows: int, max_bytes: int) -> None:
     kw = dict(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0, max_flows=max_flows,
               max_flow_bytes=max_bytes)
-    native, twin = AggregationProcess(**kw), AggregationProcess(**kw)  # type: ignore[arg-type]
+    native, twin = AggregationProcess(**kw), _twin(**kw)  # type: ignore[arg-type]
     clock = 0.0
     for batch, exporter, domain, dt in stream:
         clock += dt
         kept = native.ingest_many(batch, exporter, domain, clock)
-        assert kept == twin._ingest_py(batch, exporter, domain, clock)
+        assert kept == twin.ingest_many(batch, exporter, domain, clock)
         assert _state(native) == _state(twin)
         _records_agree(native)
         assert _exports(native.tick(clock)) == _exports(twin.tick(clock))
@@ -169,7 +176,7 @@ def test_the_accelerator_is_used_where_built() -> None:
     except ImportError:
         assert not aggregation.accelerated()
     else:
-        assert aggregation.accelerated()
+        assert aggregation.accelerated() and AggregationProcess()._accel is not None
 
 
 @pytest.mark.slow
@@ -203,10 +210,10 @@ def test_records_with_keys_of_their_own_and_extra_keys_agree() -> None:
         out[f"extra{i}"] = i
         return out
 
-    native, twin = AggregationProcess(), AggregationProcess()
+    native, twin = AggregationProcess(), _twin()
     for i in range(120):
         batch = [fresh(source_half(sport=30000 + i, pkts=i + 1), i), fresh(destination_half(sport=30000 + i), i)]
-        assert native.ingest_many(batch, "192.168.10.1", 1, float(i)) == twin._ingest_py(batch, "192.168.10.1", 1, float(i)) == 2
+        assert native.ingest_many(batch, "192.168.10.1", 1, float(i)) == twin.ingest_many(batch, "192.168.10.1", 1, float(i)) == 2
     assert _state(native) == _state(twin)
     assert native.stats.flows_correlated == 120
     assert _exports(native.tick(61.0)) == _exports(twin.tick(61.0))
