@@ -1,4 +1,4 @@
-/* flowscope.aggregator._aggr: the aggregation's per-record loop in C.
+/* flowscope.aggregator._aggr: the aggregation's per-record loops in C.
  *
  * Why it exists: AggregationProcess.ingest_many spends some 4-5 us a record in Python on
  * dict lookups, tuple building, integer objects and attribute traffic, the biggest stage
@@ -20,12 +20,17 @@
  * test_aggregator_accel.py checks both give identical exports, stats and state on random
  * streams.
  *
- * build_record does aggregation.build_record's work for a flow (its merged Kubernetes
- * fields given): the values straight from the counters' buffer into a copy of the layout's
- * dict of names (template order, str-keyed as a dict built in Python is).
+ * build_record does aggregation.build_record's work for a flow (both sides' Kubernetes
+ * fields merged through the process's merge cache, keyed by the two tuples' identity):
+ * the values straight from the counters' buffer into a copy of the layout's dict of
+ * names (template order, str keys, as a dict built in Python). export does _export's:
+ * that record, the counters reset, the flags, the ExportedFlow. New Flows and
+ * ExportedFlows are made by their types' allocators with their slots set here; configure
+ * checks that this gives what their __init__ gives.
  *
  * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
- *           end_reasons, deny_actions, meta_index, constants, layouts)
+ *           end_reasons, deny_actions, meta_index, constants, layouts, empty, defaults,
+ *           owners, zero26)
  * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
  * build_record(flow, merge_cache) -> dict, or None (the twin's case)
  * configure_export(exported_flow_class, correlation_names)

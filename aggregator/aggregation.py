@@ -71,6 +71,13 @@ records for ``inactive_timeout`` is exported a last time (if it changed) and dro
 Timers are a FIFO: every wait has the same length, so deadlines arrive in order and the
 tick only looks at the head; the periodic scan is the one O(flows) step, once per
 interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
+
+*Accelerator.* aggregator/_aggr.c runs the per-record loops in C over these same objects:
+``ingest_many`` (:meth:`AggregationProcess._ingest_py` is its twin), the export of a flow
+(``_export``) and its record (:func:`_build_record_py`). It takes the records an agent
+sends and hands any other (a missing field, an odd type, a counter past 2^64) whole to the
+twin, so both give the same results (tests/aggregator/test_aggregator_accel.py). Without a
+compiler, or with ``FLOWSCOPE_AGGREGATOR_PURE=1``, the twin serves, and says so once.
 """
 
 from __future__ import annotations
