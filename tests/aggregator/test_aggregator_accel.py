@@ -185,10 +185,17 @@ def test_the_aggregation_tests_pass_with_the_twin_forced() -> None:
     core's own tests pass on the twin alone (what a machine without a compiler runs)."""
     env = {**os.environ, aggregation.PURE_ENV: "1"}
     probe = subprocess.run(
-        [sys.executable, "-c", "from flowscope.aggregator import aggregation as a; print(a.accelerated())"],
+        [sys.executable, "-c",
+         "import logging; logging.basicConfig(level=logging.INFO)\n"
+         "from flowscope.aggregator import aggregation as a\n"
+         "p = a.AggregationProcess()\n"
+         "for _ in range(3): p.ingest_many([{}], '192.168.10.1', 1, 0.0)\n"
+         "print(a.accelerated(), p._accel, p.stats.dropped_invalid)"],
         env=env, capture_output=True, text=True, timeout=60,
     )
-    assert probe.stdout.strip() == "False", probe.stderr
+    assert probe.stdout.strip() == "False None 3", probe.stderr
+    # the twin says once why it serves
+    assert probe.stderr.count(f"aggregation: pure-Python ingest loop, {aggregation.PURE_ENV} is set") == 1, probe.stderr
     here = Path(__file__).parent
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("pytest")), "-q", "-p", "no:cacheprovider",
