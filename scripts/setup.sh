@@ -214,9 +214,9 @@ fi
 
 # --- 3. flowscope and its Python dependencies ----------------------------------------
 STAMP="$VENV/.flowscope-setup"
-# The C accelerators (setup.py: ipfix/_speedups.c, agent/_ctparse.c, collector/_rowcols.c) are compiled by the
-# editable install, so a change to them reinstalls too.
-want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/agent/*.c "$REPO"/collector/*.c <("$VENV/bin/python" -V 2>&1) |
+# The C accelerators (setup.py: ipfix/*.c, agent/_ctparse.c, aggregator/_aggr.c, collector/_rowcols.c) are
+# compiled by the editable install, so a change to them reinstalls too.
+want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/agent/*.c "$REPO"/aggregator/*.c "$REPO"/collector/*.c <("$VENV/bin/python" -V 2>&1) |
     sha256sum | cut -d' ' -f1) $EXTRAS"
 if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]] &&
     "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
@@ -229,8 +229,8 @@ else
     run "pip install" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$REPO[$EXTRAS]"
     "$VENV/bin/flowscope" --help >/dev/null 2>>"$LOG" || die "flowscope was installed but 'flowscope --help' fails"
-    if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.agent._ctparse, flowscope.collector._rowcols' >/dev/null 2>&1; then
-        say "      C accelerators built (IPFIX codec, conntrack parser, store columns)"
+    if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.agent._ctparse, flowscope.aggregator._aggr, flowscope.collector._rowcols' >/dev/null 2>&1; then
+        say "      C accelerators built (IPFIX codec, conntrack parser, aggregation core, store columns)"
     else
         say "      note: C accelerators not built (no compiler?): the pure-Python codec and parser serve"
     fi
