@@ -212,7 +212,16 @@ async def test_samples_become_a_ready_pipeline(operator):
 async def test_invalid_specs_become_conditions_and_nothing_is_half_applied(operator):
     c = operator
     await apply_samples(c)
+    # dangling (all nodes) is created first, so it is ahead of mismatched by age (in the same
+    # second too: same namespace, and its name sorts first), yet holds no nodes: it deploys
+    # nothing (AggregatorNotFound), so the fixed mismatched deploys
     bad = """
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: dangling, namespace: kube-system}
+spec:
+  flowAggregatorRef: {name: nowhere}
+---
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowExporterConfig
 metadata: {name: mismatched, namespace: kube-system}
@@ -220,12 +229,6 @@ spec:
   flowAggregatorRef: {name: flow-aggregator, namespace: flow-aggregator}
   transport: udp
   nodeSelector: {flowscope.dev/lab: "false"}  # no node of the samples' agents
----
-apiVersion: flowscope.dev/v1alpha1
-kind: FlowExporterConfig
-metadata: {name: dangling, namespace: kube-system}
-spec:
-  flowAggregatorRef: {name: nowhere}
 ---
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowAggregator

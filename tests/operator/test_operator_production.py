@@ -228,21 +228,33 @@ async def _events_include(c, ns, event):
 
 async def test_overlapping_exporter_configs_never_deploy_twice(operator):
     c = operator
-    await c.kubectl("apply", "--validate=false", "-f", str(SAMPLES / "01-aggregator-tls.yaml"),
-                    "-f", str(SAMPLES / "02-agents.yaml"))
-    await eventually(lambda: c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent"))
+    # `second` (default namespace, all nodes) is created first: older than the samples' agents
+    # (or, in the same second, ahead by namespace). While it deploys nothing of its own fault
+    # it holds no nodes; once fixed, the agents already running keep them: age alone would
+    # have torn them down for it.
     await c.kubectl("apply", "--validate=false", "-f", "-", stdin="""
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowExporterConfig
 metadata: {name: second, namespace: default}
 spec:
-  flowCollectorAddr: "10.0.0.5:4739:udp"
+  flowAggregatorRef: {name: nowhere}
 """)
+    await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "AggregatorNotFound"))
+    await c.kubectl("apply", "--validate=false", "-f", str(SAMPLES / "01-aggregator-tls.yaml"),
+                    "-f", str(SAMPLES / "02-agents.yaml"))
+    await eventually(lambda: c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent"))
+    await c.kubectl("patch", "fec", "second", "-n", "default", "--type=merge", "-p",
+                    '{"spec": {"flowAggregatorRef": null, "flowCollectorAddr": "10.0.0.5:4739:udp"}}')
     second = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "NodeConflict"))
-    assert "older FlowExporterConfig kube-system/flowscope-agent" in ready_condition(second)["message"]
+    assert second["status"]["observedGeneration"] == second["metadata"]["generation"]
+    assert ("held by FlowExporterConfig kube-system/flowscope-agent (nodeSelector {'kubernetes.io/os': 'linux'}; "
+            "its agents run there)") in ready_condition(second)["message"]
     assert await c.get("apps/v1", "DaemonSet", "default", "second") is None  # nothing deployed twice
     await eventually(lambda: _events_include(c, "default", ("NodeConflict", "Warning", "second")))
-    # the older one goes: the newer one is judged again at once, not at a resync
+    agents = await c.get(*FEC, "kube-system", "flowscope-agent")
+    assert ready_condition(agents)["reason"] != "NodeConflict"
+    assert await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent") is not None
+    # the one ahead goes: the held-back one is judged again at once, not at a resync
     await c.kubectl("delete", "fec", "flowscope-agent", "-n", "kube-system", "--timeout=60s")
     await eventually(lambda: c.get("apps/v1", "DaemonSet", "default", "second"))
     await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "Deploying"))
