@@ -487,10 +487,14 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
         fec = await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system", "flowscope-agent")
         return fec["status"].get("collectorAddress") == "flow-aggregator.flow-aggregator.svc:4739:tcp" and fec
     await eventually(switched)
-    for ns, name in [("flow-aggregator", "flow-aggregator-ca"), ("flow-aggregator", "flow-aggregator-server-tls"),
-                     ("flow-aggregator", "flow-aggregator-client-tls"), ("kube-system", "flowscope-agent-client-tls")]:
-        await eventually(lambda ns=ns, name=name: _absent(c, "v1", "Secret", ns, name))
-    assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle") is None
+    # one reconcile prunes kind after kind (Secrets, then ConfigMaps): each is waited for
+    pruned = [("Secret", "flow-aggregator", "flow-aggregator-ca"),
+              ("Secret", "flow-aggregator", "flow-aggregator-server-tls"),
+              ("Secret", "flow-aggregator", "flow-aggregator-client-tls"),
+              ("Secret", "kube-system", "flowscope-agent-client-tls"),
+              ("ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle")]
+    for kind, ns, name in pruned:
+        await eventually(lambda kind=kind, ns=ns, name=name: _absent(c, "v1", kind, ns, name))
     ds = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
     assert "tls" not in {v["name"] for v in ds["spec"]["template"]["spec"]["volumes"]}
     config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
@@ -502,6 +506,10 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
         fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
         return "serverCertificateNotAfter" not in fa["status"] and fa
     await eventually(plain_status)
+    # and stays pruned: no later reconcile (events of the pruned objects, the resync) brings it back
+    await writes_settled(c)
+    for kind, ns, name in pruned:
+        assert await _absent(c, "v1", kind, ns, name), (kind, ns, name)
     # unrelated objects of the same namespace are never pruned
     assert await c.get("v1", "Secret", "flowscope-lab", "clickhouse-credentials") is not None
 
