@@ -53,10 +53,12 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
 18. Request matching is quadratic: for every request, the handler asks each reaction
     ``request in reaction._source`` (``apps.RawHandler._handle``), and ``View.__contains__``
     answers by iterating the view, which replays the whole request history of the emulator
-    through the filters. ``test_second_reconcile_and_restart_write_nothing`` spent 170 of its
-    175 s there. Answered in O(1) for the views the emulator's reactions are made of (see
-    ``_fast_contains``), which brought that test to about 3 s and tests/operator from about 11
-    minutes to about 2 on the 2-core machine. ``FLOWSCOPE_KMOCK_SLOW_MATCHING=1`` keeps kmock's
+    through the filters. Answered in O(1) for the views the emulator's reactions are made of
+    (see ``_fast_contains``; a one-off check over 26,100 matchings of three cluster tests found
+    every answer equal to kmock's and none falling back). On the shared 2-core machine, one
+    after the other: ``test_second_reconcile_and_restart_write_nothing`` 473 s with kmock's
+    matching, 6.8 s with this; the first three tests of tests/operator took 11 minutes with
+    kmock's, all 143 take 2.5 to 3 minutes with this. ``FLOWSCOPE_KMOCK_SLOW_MATCHING=1`` keeps kmock's
     own matching (the peer to measure against, or to rule the fast path out of a failure).
 
 Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
