@@ -49,7 +49,6 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     (and a conflict "Object Already Exists" instead of "AlreadyExists");
     kubectl 1.32 goes by the status code, Debian's kubectl 1.20 by the reason (``apply``
     fails with "Object Not Found"). Answered with an apiserver's NotFound Status.
-
 18. Request matching is quadratic: for every request, the handler asks each reaction
     ``request in reaction._source`` (``apps.RawHandler._handle``), and ``View.__contains__``
     answers by iterating the view, which replays the whole request history of the emulator
@@ -58,8 +57,8 @@ not a kube-apiserver. Each gap below was met while driving it with kopf 1.45 and
     every answer equal to kmock's and none falling back). On the shared 2-core machine, one
     after the other: ``test_second_reconcile_and_restart_write_nothing`` 473 s with kmock's
     matching, 6.8 s with this; the first three tests of tests/operator took 11 minutes with
-    kmock's, all 143 take 2.5 to 3 minutes with this. ``FLOWSCOPE_KMOCK_SLOW_MATCHING=1`` keeps kmock's
-    own matching (the peer to measure against, or to rule the fast path out of a failure).
+    kmock's, all 143 take 2.5 to 3 minutes with this. ``FLOWSCOPE_KMOCK_SLOW_MATCHING=1``
+    keeps kmock's own matching (the peer to measure against, or to rule the fast path out).
 
 Not closed: after ``kubectl delete KINDS -A --all`` kubectl's wait for the deletions never
 returns, although every object is gone within seconds (single-object deletes do return);
