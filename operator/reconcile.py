@@ -34,8 +34,9 @@ resource or on a child, a periodic resync, an operator restart):
 
 Objects made by ``flowscope render`` (no owner reference) are taken over only when they
 carry the annotation ``flowscope.dev/adopt: "true"``; every conflict is listed at once.
-FlowExporterConfigs whose nodes overlap: the older one deploys, the newer one gets
-``NodeConflict`` and its DaemonSet is removed, so no node runs two agents.
+FlowExporterConfigs whose nodes overlap: the one already running agents, else the older
+one, deploys; the other gets ``NodeConflict`` and its DaemonSet is removed, so no node runs
+two agents. One that deploys nothing because of its own spec or references holds no nodes.
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ PRUNABLE = (("v1", "Secret"), ("v1", "ConfigMap"), ("networking.k8s.io/v1", "Net
 OPTIONAL_PRUNABLE = (("cert-manager.io/v1", "Certificate"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
                      ("monitoring.coreos.com/v1", "PodMonitor"))  # their CRDs may not be installed
 Clock = Callable[[], dt.datetime]
+# Ready reasons of a FlowExporterConfig that stopped before deploying anything, on a problem
+# of its own spec or references (the user fixes it there): such a one holds no nodes.
+# Not here: WaitingForAggregator (valid, deploys as soon as its aggregator has issued the
+# client certificate) and NodeConflict (valid, held back by another): those still hold, so
+# that two valid FlowExporterConfigs never both deploy on the strength of a stale status.
+DEPLOYS_NOTHING = frozenset({"InvalidSpec", "AggregatorNotFound", "AggregatorInvalid", "TransportMismatch",
+                             "IssuerNotUsable", "TLSSecretInvalid", "NameConflict", "ApplyFailed"})
 
 
 _SUFFIX = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
@@ -519,30 +527,53 @@ class Reconciler:
         return name
 
     # -- FlowExporterConfig ---------------------------------------------------------------
+    async def _runs_agents(self, body: Mapping[str, Any]) -> bool:
+        """This FlowExporterConfig controls a live DaemonSet: its agents run on its nodes."""
+        meta = body.get("metadata") or {}
+        ds = await self.api.get("apps/v1", "DaemonSet", meta.get("namespace") or "default", meta["name"])
+        ds_meta = (ds or {}).get("metadata") or {}
+        refs = ds_meta.get("ownerReferences") or []
+        return (ds is not None and not ds_meta.get("deletionTimestamp")
+                and any(r.get("uid") == meta.get("uid") and r.get("controller") for r in refs))
+
     async def node_conflict(self, body: Mapping[str, Any], spec: FlowExporterConfigSpec) -> str | None:
-        """The older FlowExporterConfigs whose agents would run on nodes this one selects."""
+        """The FlowExporterConfigs that hold nodes this one selects, ahead of it.
+
+        One agent per node. A FlowExporterConfig holds its nodes while its agents run there (it
+        controls a DaemonSet), or while it is on its way to run them: everything but one whose
+        reconcile of its current generation stopped on a problem of its own (``DEPLOYS_NOTHING``),
+        so a FlowExporterConfig with a typo or a dangling reference never keeps a valid one off
+        the nodes. Of two that hold overlapping nodes, the one running agents goes first (creating
+        or fixing a FlowExporterConfig never tears down agents that run), then the older
+        (creationTimestamp; within one second, namespace then name). Every FlowExporterConfig
+        judges with the same order, so of two the other one yields."""
         mine = manifests.node_constraints(spec)
-        me = _age_key(body)
-        older = []
+        me = (0 if await self._runs_agents(body) else 1, *_age_key(body))
+        ahead = []
         for other in await self.api.list(API_VERSION, "FlowExporterConfig"):
             meta = other.get("metadata") or {}
             if meta.get("uid") == (body.get("metadata") or {}).get("uid") or meta.get("deletionTimestamp"):
-                continue
-            if _age_key(other) >= me:
                 continue
             try:
                 theirs = parse_flow_exporter_config(other)
             except SpecError:
                 continue  # deploys nothing
-            if manifests.selectors_overlap(mine, manifests.node_constraints(theirs)):
-                older.append(f"{theirs.namespace}/{theirs.name} (nodeSelector "
-                             f"{manifests.agent_node_selector(theirs)})")
-        if not older:
+            if not manifests.selectors_overlap(mine, manifests.node_constraints(theirs)):
+                continue
+            running = await self._runs_agents(other)
+            if not running and _stopped_on_its_own(other):
+                continue
+            if (0 if running else 1, *_age_key(other)) >= me:
+                continue
+            why = "its agents run there" if running else "older, its agents are being deployed"
+            ahead.append(f"{theirs.namespace}/{theirs.name} (nodeSelector {manifests.agent_node_selector(theirs)}; "
+                         f"{why})")
+        if not ahead:
             return None
-        return (f"nodes this FlowExporterConfig selects (nodeSelector {manifests.agent_node_selector(spec)}) may "
-                f"already run the agents of the older FlowExporterConfig {', '.join(older)}: one agent per node "
-                "only, so nothing is deployed for this one; make them exclusive (a label key with different "
-                "values, or a required node affinity NotIn/DoesNotExist on the other's label), or delete one")
+        return (f"nodes this FlowExporterConfig selects (nodeSelector {manifests.agent_node_selector(spec)}) are "
+                f"held by FlowExporterConfig {', '.join(ahead)}: one agent per node only, so nothing is deployed "
+                "for this one; make them exclusive (a label key with different values, or a required node "
+                "affinity NotIn/DoesNotExist on the other's label), or delete one")
 
     async def exporter(self, body: Mapping[str, Any]) -> Outcome:
         try:
@@ -688,6 +719,18 @@ class Reconciler:
         name = f"flowscope-agent-{meta.get('namespace') or 'default'}-{meta['name']}"
         for kind in ("ClusterRoleBinding", "ClusterRole"):
             await self.api.delete("rbac.authorization.k8s.io/v1", kind, None, name)
+
+
+def _stopped_on_its_own(body: Mapping[str, Any]) -> bool:
+    """Its Ready condition, for its current generation, says it deployed nothing because of
+    its own spec or references."""
+    meta = body.get("metadata") or {}
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return (cond.get("status") == "False" and cond.get("reason") in DEPLOYS_NOTHING
+                    and cond.get("observedGeneration") is not None
+                    and cond.get("observedGeneration") == meta.get("generation"))
+    return False
 
 
 def _age_key(body: Mapping[str, Any]) -> tuple[str, str, str]:

@@ -159,7 +159,8 @@ def b64(secret: dict, key: str) -> bytes:
 async def test_samples_become_a_ready_pipeline(operator):
     c = operator
     await apply_samples(c)
-    fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
+    # no pods yet; the status is written after the objects, so it is waited for
+    fa = await eventually(lambda: _reason_is(c, "FlowAggregator", "flow-aggregator", "flow-aggregator", "Deploying"))
     dep = await c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator")
     owner = dep["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
@@ -168,7 +169,6 @@ async def test_samples_become_a_ready_pipeline(operator):
                        ("Secret", "flow-aggregator-server-tls"), ("ServiceAccount", "flow-aggregator")]:
         obj = await c.get("v1", kind, "flow-aggregator", name)
         assert obj["metadata"]["ownerReferences"][0]["uid"] == fa["metadata"]["uid"], (kind, name)
-    assert ready_condition(fa)["reason"] == "Deploying"  # no pods yet
 
     await simulate_rollout(c.emu, "Deployment", "flow-aggregator", "flow-aggregator", 1)
     await simulate_rollout(c.emu, "DaemonSet", "kube-system", "flowscope-agent", 3)
@@ -212,7 +212,16 @@ async def test_samples_become_a_ready_pipeline(operator):
 async def test_invalid_specs_become_conditions_and_nothing_is_half_applied(operator):
     c = operator
     await apply_samples(c)
+    # dangling (all nodes) is created first, so it is ahead of mismatched by age (in the same
+    # second too: same namespace, and its name sorts first), yet holds no nodes: it deploys
+    # nothing (AggregatorNotFound), so the fixed mismatched deploys
     bad = """
+apiVersion: flowscope.dev/v1alpha1
+kind: FlowExporterConfig
+metadata: {name: dangling, namespace: kube-system}
+spec:
+  flowAggregatorRef: {name: nowhere}
+---
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowExporterConfig
 metadata: {name: mismatched, namespace: kube-system}
@@ -220,12 +229,6 @@ spec:
   flowAggregatorRef: {name: flow-aggregator, namespace: flow-aggregator}
   transport: udp
   nodeSelector: {flowscope.dev/lab: "false"}  # no node of the samples' agents
----
-apiVersion: flowscope.dev/v1alpha1
-kind: FlowExporterConfig
-metadata: {name: dangling, namespace: kube-system}
-spec:
-  flowAggregatorRef: {name: nowhere}
 ---
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowAggregator
@@ -484,10 +487,14 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
         fec = await c.get("flowscope.dev/v1alpha1", "FlowExporterConfig", "kube-system", "flowscope-agent")
         return fec["status"].get("collectorAddress") == "flow-aggregator.flow-aggregator.svc:4739:tcp" and fec
     await eventually(switched)
-    for ns, name in [("flow-aggregator", "flow-aggregator-ca"), ("flow-aggregator", "flow-aggregator-server-tls"),
-                     ("flow-aggregator", "flow-aggregator-client-tls"), ("kube-system", "flowscope-agent-client-tls")]:
-        await eventually(lambda ns=ns, name=name: _absent(c, "v1", "Secret", ns, name))
-    assert await c.get("v1", "ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle") is None
+    # one reconcile prunes kind after kind (Secrets, then ConfigMaps): each is waited for
+    pruned = [("Secret", "flow-aggregator", "flow-aggregator-ca"),
+              ("Secret", "flow-aggregator", "flow-aggregator-server-tls"),
+              ("Secret", "flow-aggregator", "flow-aggregator-client-tls"),
+              ("Secret", "kube-system", "flowscope-agent-client-tls"),
+              ("ConfigMap", "flow-aggregator", "flow-aggregator-ca-bundle")]
+    for kind, ns, name in pruned:
+        await eventually(lambda kind=kind, ns=ns, name=name: _absent(c, "v1", kind, ns, name))
     ds = await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent")
     assert "tls" not in {v["name"] for v in ds["spec"]["template"]["spec"]["volumes"]}
     config = yaml.safe_load((await c.get("v1", "ConfigMap", "kube-system", "flowscope-agent-config"))["data"]["agent.yaml"])
@@ -499,6 +506,10 @@ async def test_switching_to_tcp_prunes_tls_material_everywhere(operator):
         fa = await c.get("flowscope.dev/v1alpha1", "FlowAggregator", "flow-aggregator", "flow-aggregator")
         return "serverCertificateNotAfter" not in fa["status"] and fa
     await eventually(plain_status)
+    # and stays pruned: no later reconcile (events of the pruned objects, the resync) brings it back
+    await writes_settled(c)
+    for kind, ns, name in pruned:
+        assert await _absent(c, "v1", kind, ns, name), (kind, ns, name)
     # unrelated objects of the same namespace are never pruned
     assert await c.get("v1", "Secret", "flowscope-lab", "clickhouse-credentials") is not None
 

@@ -35,9 +35,24 @@ NOW = dt.datetime.now(dt.timezone.utc)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A TCP port free on every address: the aggregator listens on [::] (dual stack)."""
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::", 0))
         return s.getsockname()[1]
+
+
+async def _api_up(daemon, api: int, deadline: float) -> bool:
+    """Wait for the daemon's API on loopback: True when it answers, False when the daemon exited."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            await asyncio.to_thread(get_json, f"http://127.0.0.1:{api}/recordmetrics")
+            return True
+        except OSError:
+            if daemon.returncode is not None:
+                return False
+            assert loop.time() < deadline, "the aggregator did not start within 20s"
+            await asyncio.sleep(0.1)
 
 
 def find(objects, kind, name):
@@ -111,19 +126,24 @@ async def test_rendered_config_and_certificates_run_the_aggregator_and_admit_age
     assert "warning" not in err.decode()  # the server certificate carries flowAggregatorAddress
     assert "OK; collecting tls" in out.decode()
 
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "flowscope", "aggregator", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    loop = asyncio.get_running_loop()
+    daemon = None
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while True:
-            try:
-                await asyncio.to_thread(get_json, f"http://127.0.0.1:{api}/recordmetrics")
+        for attempt in range(3):
+            daemon = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "flowscope", "aggregator", "--config", str(path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            if await _api_up(daemon, api, loop.time() + 20):
                 break
-            except OSError:
-                assert loop.time() < deadline and daemon.returncode is None, "the aggregator did not start"
-                await asyncio.sleep(0.1)
+            # a free port may be taken before the daemon binds it (the machine runs other
+            # tests): new ports, another start; any other exit is a failure
+            said = (await daemon.stdout.read()).decode()
+            assert "Address already in use" in said and attempt < 2, \
+                f"the aggregator exited ({daemon.returncode}): {said[-2000:]}"
+            port, api = free_port(), free_port()
+            config["listenPort"], config["apiAddress"] = port, f"127.0.0.1:{api}"
+            path.write_text(yaml.safe_dump(config))
+        deadline = loop.time() + 20
         tls = TLSConfig(str(tmp_path / "agent/tls.crt"), str(tmp_path / "agent/tls.key"),
                         str(tmp_path / "agent/ca.crt"), server_name=agent_config["tls"]["serverName"])
         template = Template.build(256, AGENT_IPV4_FIELDS)
@@ -143,7 +163,7 @@ async def test_rendered_config_and_certificates_run_the_aggregator_and_admit_age
         assert sum(metrics["receivedByExporter"].values()) == len(sent)
         assert len(metrics["receivedByExporter"]) == 1
     finally:
-        if daemon.returncode is None:
+        if daemon is not None and daemon.returncode is None:
             daemon.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(daemon.wait(), 20)

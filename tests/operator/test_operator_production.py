@@ -228,21 +228,33 @@ async def _events_include(c, ns, event):
 
 async def test_overlapping_exporter_configs_never_deploy_twice(operator):
     c = operator
-    await c.kubectl("apply", "--validate=false", "-f", str(SAMPLES / "01-aggregator-tls.yaml"),
-                    "-f", str(SAMPLES / "02-agents.yaml"))
-    await eventually(lambda: c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent"))
+    # `second` (default namespace, all nodes) is created first: older than the samples' agents
+    # (or, in the same second, ahead by namespace). While it deploys nothing of its own fault
+    # it holds no nodes; once fixed, the agents already running keep them: age alone would
+    # have torn them down for it.
     await c.kubectl("apply", "--validate=false", "-f", "-", stdin="""
 apiVersion: flowscope.dev/v1alpha1
 kind: FlowExporterConfig
 metadata: {name: second, namespace: default}
 spec:
-  flowCollectorAddr: "10.0.0.5:4739:udp"
+  flowAggregatorRef: {name: nowhere}
 """)
+    await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "AggregatorNotFound"))
+    await c.kubectl("apply", "--validate=false", "-f", str(SAMPLES / "01-aggregator-tls.yaml"),
+                    "-f", str(SAMPLES / "02-agents.yaml"))
+    await eventually(lambda: c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent"))
+    await c.kubectl("patch", "fec", "second", "-n", "default", "--type=merge", "-p",
+                    '{"spec": {"flowAggregatorRef": null, "flowCollectorAddr": "10.0.0.5:4739:udp"}}')
     second = await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "NodeConflict"))
-    assert "older FlowExporterConfig kube-system/flowscope-agent" in ready_condition(second)["message"]
+    assert second["status"]["observedGeneration"] == second["metadata"]["generation"]
+    assert ("held by FlowExporterConfig kube-system/flowscope-agent (nodeSelector {'kubernetes.io/os': 'linux'}; "
+            "its agents run there)") in ready_condition(second)["message"]
     assert await c.get("apps/v1", "DaemonSet", "default", "second") is None  # nothing deployed twice
     await eventually(lambda: _events_include(c, "default", ("NodeConflict", "Warning", "second")))
-    # the older one goes: the newer one is judged again at once, not at a resync
+    agents = await c.get(*FEC, "kube-system", "flowscope-agent")
+    assert ready_condition(agents)["reason"] != "NodeConflict"
+    assert await c.get("apps/v1", "DaemonSet", "kube-system", "flowscope-agent") is not None
+    # the one ahead goes: the held-back one is judged again at once, not at a resync
     await c.kubectl("delete", "fec", "flowscope-agent", "-n", "kube-system", "--timeout=60s")
     await eventually(lambda: c.get("apps/v1", "DaemonSet", "default", "second"))
     await eventually(lambda: _reason_is(c, "FlowExporterConfig", "default", "second", "Deploying"))
@@ -299,7 +311,11 @@ async def test_two_operators_elect_one_leader_and_the_standby_takes_over(cluster
             "--identity", who, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         if who == "first":
             await eventually(lambda: _holder_is(c, "first"), 60)
+    said: list[str] = []
     try:
+        # the standby must have seen the Lease held before the holder crashes (a process
+        # started on a loaded machine takes seconds to get there)
+        await output_until(procs["second"], "second stands by; another replica holds the Lease", said)
         await c.kubectl("apply", "--validate=false", "-f", str(SAMPLES / "01-aggregator-tls.yaml"))
         await eventually(lambda: c.get("apps/v1", "Deployment", "flow-aggregator", "flow-aggregator"), 60)
         assert await lease_holder(c) == "first"
@@ -317,14 +333,29 @@ async def test_two_operators_elect_one_leader_and_the_standby_takes_over(cluster
                 except asyncio.TimeoutError:
                     proc.kill()
                     await proc.wait()
-    second = (await procs["second"].stdout.read()).decode()
-    assert "second stands by; another replica holds the Lease" in second
+    second = "".join(said) + (await procs["second"].stdout.read()).decode()
     assert "second took the Lease flowscope-system/flowscope-operator from 'first'" in second
     assert "created Deployment flowscope-lab/lab-aggregator" in second
     assert procs["second"].returncode == 0, second[-2000:]
     lease = await c.get("coordination.k8s.io/v1", "Lease", "flowscope-system", "flowscope-operator")
     assert lease["spec"]["holderIdentity"] == ""  # released on a graceful stop
     assert lease["spec"]["leaseTransitions"] >= 1
+
+
+async def output_until(proc, text: str, lines: list[str], timeout: float = 60.0) -> None:
+    """Read the process's output, line by line into ``lines``, until one contains ``text``."""
+    async def read() -> None:
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the process ended before saying {text!r}: {''.join(lines)[-2000:]}")
+            lines.append(line.decode())
+            if text in lines[-1]:
+                return
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"not said within {timeout:g}s: {text!r}; said: {''.join(lines)[-2000:]}") from None
 
 
 async def _holder_is(c, who):
