@@ -855,7 +855,19 @@ record_entries(const CodecObject *self, PyObject *rec)
     }
     return NULL;
 }
-#define FORGET_ENTRIES() (entries = record_entries(self, rec)) /* the dict may have changed */
+/* The value slots of a record copied from the codec's split-table prototype (the
+ * decoder's records of a split codec, read back for export), or NULL. */
+static inline PyObject *const *
+record_split_values(const CodecObject *self, PyObject *rec)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    if (self->split == NULL || mp->ma_values == NULL || mp->ma_keys != ((PyDictObject *)self->split)->ma_keys) {
+        return NULL;
+    }
+    return ((ValuesMirror *)mp->ma_values)->values;
+}
+#define FORGET_ENTRIES() /* the dict may have changed */ \
+    (entries = record_entries(self, rec), svalues = record_split_values(self, rec))
 #else
 #define FORGET_ENTRIES() ((void)0)
 #endif
@@ -931,6 +943,7 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ah
     /* A record laid out as the template (the decoder's, or one built in template order
      * with the same key objects) is read in order, entry by entry; any other by lookups. */
     const UnicodeEntryMirror *entries = record_entries(self, rec);
+    PyObject *const *svalues = record_split_values(self, rec);
 #endif
     for (Py_ssize_t i = 0; i < self->nops; i++) {
         const Op *op = &self->ops[i];
@@ -939,7 +952,10 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ah
         if (ahead != NULL) { /* the next record's value of this field, fetched ahead */
             __builtin_prefetch(((const UnicodeEntryMirror *)ahead)[i].me_value);
         }
-        if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
+        if (svalues != NULL && svalues[self->split_index[i]] != NULL) {
+            v = svalues[self->split_index[i]]; /* the slot of this key in every copy */
+        }
+        else if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
             v = entries[i].me_value;
         }
         else
@@ -1371,6 +1387,105 @@ check_split(CodecObject *self, PyObject *split)
 #endif
 }
 
+/* A split-table prototype of the fields' keys made here, for templates with more keys
+ * than CPython shares through a class (30, SHARED_KEYS_MAX_SIZE; the agent's templates
+ * have 43). CPython 3.11 itself reads split tables of any size up to 250 keys (the
+ * prefix of a values array holds the insertion order in bytes; the limit of 30 is only
+ * where it stops adding keys to a class's shared table). The keys table is a copy of
+ * the one CPython built for an ordinary dict of these keys (its hash index and entries,
+ * in template order), marked split, with no room left: a key added to a record makes
+ * CPython convert that record to an ordinary dict, as it does for any full shared table.
+ * A record copied from it holds one array of values (about 400 octets for 43 fields)
+ * where an ordinary dict of 43 keys holds a 1,520-octet table of its own, which is
+ * allocated, copied, and freed key by key. NULL (no error) where this does not apply;
+ * the result is checked again, as any split prototype, by check_split. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+#define CRAFTED_SPLIT 1
+#define DICT_KEYS_SPLIT_KIND 2
+#define CRAFTED_MAX_KEYS 100 /* one-octet indices and a one-octet prefix, with room */
+static PyObject *
+crafted_split(CodecObject *self)
+{
+    const Py_ssize_t n = self->nops;
+    if (n <= 30 || n > CRAFTED_MAX_KEYS) {
+        return NULL;
+    }
+    PyObject *plain = PyDict_New();
+    if (plain == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(plain, self->ops[i].key, self->marks[i]) < 0) {
+            Py_DECREF(plain);
+            return NULL;
+        }
+    }
+    PyDictObject *pm = (PyDictObject *)plain;
+    KeysMirror *pk = (KeysMirror *)pm->ma_keys;
+    UnicodeEntryMirror *pe = (UnicodeEntryMirror *)(pk->dk_indices + ((size_t)1 << pk->dk_log2_index_bytes));
+    int ok = pm->ma_values == NULL && pk->dk_kind == DICT_KEYS_UNICODE_KIND && pk->dk_nentries == n &&
+             pm->ma_used == n && pk->dk_log2_size <= 7 && pk->dk_log2_index_bytes == pk->dk_log2_size;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        ok = pe[i].me_key == self->ops[i].key && pe[i].me_value == self->marks[i];
+    }
+    if (!ok) {
+        Py_DECREF(plain);
+        return NULL;
+    }
+    const size_t usable = ((size_t)1 << pk->dk_log2_size) * 2 / 3;
+    const size_t keys_size = sizeof(KeysMirror) + ((size_t)1 << pk->dk_log2_index_bytes) + usable * sizeof(UnicodeEntryMirror);
+    const size_t prefix = ((size_t)n + 2 + sizeof(PyObject *) - 1) / sizeof(PyObject *) * sizeof(PyObject *);
+    KeysMirror *k = PyObject_Malloc(keys_size);
+    uint8_t *mem = PyMem_Malloc(prefix + (size_t)n * sizeof(PyObject *));
+    PyObject *d = PyDict_New();
+    if (k == NULL || mem == NULL || d == NULL) {
+        PyObject_Free(k);
+        PyMem_Free(mem);
+        Py_XDECREF(d);
+        Py_DECREF(plain);
+        return PyErr_NoMemory();
+    }
+    memcpy(k, pk, keys_size);
+    k->dk_refcnt = 1;
+    k->dk_kind = DICT_KEYS_SPLIT_KIND;
+    k->dk_version = 0;
+    k->dk_usable = 0;
+    UnicodeEntryMirror *e = (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+    PyObject **values = (PyObject **)(mem + prefix);
+    mem[prefix - 1] = (uint8_t)prefix;
+    mem[prefix - 2] = (uint8_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(e[i].me_key);
+        e[i].me_value = NULL;
+        mem[prefix - 3 - i] = (uint8_t)i; /* insertion order: template order */
+        values[i] = Py_NewRef(self->marks[i]);
+    }
+    Py_DECREF(plain);
+    PyDictObject *mp = (PyDictObject *)d; /* empty: it holds the shared empty keys */
+    ((KeysMirror *)mp->ma_keys)->dk_refcnt--;
+    mp->ma_keys = (PyDictKeysObject *)k;
+    mp->ma_values = (PyDictValues *)values;
+    mp->ma_used = n;
+    /* what the dict now says of itself: every key, in order, with its placeholder */
+    ok = PyDict_GET_SIZE(d) == n;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (ok && PyDict_Next(d, &pos, &key, &value)) {
+        ok = i < n && key == self->ops[i].key && value == self->marks[i] &&
+             PyDict_GetItemWithError(d, key) == self->marks[i];
+        i++;
+    }
+    if (!ok || i != n || PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+#else
+#define CRAFTED_SPLIT 0
+#endif
+
 /* Codec(fields): fields is a sequence of (key, kind, length, helper-or-None). */
 static PyObject *
 codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -1451,6 +1566,19 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (self->direct < 0 || check_split(self, split) < 0) {
         goto error;
     }
+#if CRAFTED_SPLIT
+    if (self->split == NULL) { /* none given, or not adoptable: more keys than a class shares */
+        PyObject *crafted = crafted_split(self);
+        if (crafted == NULL && PyErr_Occurred()) {
+            goto error;
+        }
+        int rc = crafted != NULL ? check_split(self, crafted) : 0;
+        Py_XDECREF(crafted);
+        if (rc < 0) {
+            goto error;
+        }
+    }
+#endif
     Py_DECREF(seq);
     return (PyObject *)self;
 error:
