@@ -70,6 +70,7 @@ typedef struct {
     int direct;              /* copies of proto may have their values written in place */
     PyObject *split;         /* a split-table prototype (keys shared), or NULL */
     Py_ssize_t *split_index; /* its value slot of each field */
+    int fresh;               /* records are made by fresh_split, not copied from split */
 } CodecObject;
 
 /* ------------------------------------------------------------------ record dicts
@@ -248,6 +249,27 @@ ascii_text(const char *text, Py_ssize_t n)
     return s;
 }
 
+/* The decimal text of each octet value followed by a dot ("7.", "42.", "255."), and its length. */
+static char octet_text[256][4];
+static uint8_t octet_len[256];
+
+static void
+init_octet_text(void)
+{
+    for (int b = 0; b < 256; b++) {
+        int n = 0;
+        if (b >= 100) {
+            octet_text[b][n++] = (char)('0' + b / 100);
+        }
+        if (b >= 10) {
+            octet_text[b][n++] = (char)('0' + b / 10 % 10);
+        }
+        octet_text[b][n++] = (char)('0' + b % 10);
+        octet_text[b][n++] = '.';
+        octet_len[b] = (uint8_t)n;
+    }
+}
+
 static PyObject *
 decode_ip4(const unsigned char *p)
 {
@@ -258,18 +280,11 @@ decode_ip4(const unsigned char *p)
         Py_INCREF(slot->value);
         return slot->value;
     }
-    char text[16];
+    char text[20]; /* each octet's text is written as 4 octets, the dot included: no branches */
     int n = 0;
     for (int i = 0; i < 4; i++) {
-        unsigned b = p[i];
-        if (b >= 100) {
-            text[n++] = (char)('0' + b / 100);
-        }
-        if (b >= 10) {
-            text[n++] = (char)('0' + b / 10 % 10);
-        }
-        text[n++] = (char)('0' + b % 10);
-        text[n++] = '.';
+        memcpy(text + n, octet_text[p[i]], 4);
+        n += octet_len[p[i]];
     }
     PyObject *s = ascii_text(text, n - 1);
     if (s == NULL) {
@@ -450,6 +465,46 @@ decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
     }
 }
 
+#if DIRECT_DICTS && PY_VERSION_HEX < 0x030C0000
+#define FRESH_SPLIT 1
+/* A new record of the split prototype's keys, every value slot empty (NULL), to be
+ * filled by the decoder: what PyDict_Copy(split) gives, less its work. The dict comes
+ * from CPython's free list of dicts (PyDict_New) instead of a new garbage-collected
+ * allocation, and no placeholder is copied in, to be counted and given back. A slot
+ * left empty (a record given up) is what a split dict's deallocation already skips.
+ * NULL with an exception set on failure. */
+static PyObject *
+fresh_split(const CodecObject *self)
+{
+    const PyDictObject *proto = (const PyDictObject *)self->split;
+    KeysMirror *k = (KeysMirror *)proto->ma_keys;
+    const Py_ssize_t size = k->dk_nentries + k->dk_usable; /* CPython's shared_keys_usable_size */
+    const uint8_t *pv = (const uint8_t *)proto->ma_values;
+    const size_t prefix = pv[-1];
+    uint8_t *mem = PyMem_Malloc(prefix + (size_t)size * sizeof(PyObject *));
+    if (mem == NULL) {
+        return PyErr_NoMemory();
+    }
+    memcpy(mem, pv - prefix, prefix); /* the insertion order, its length and the prefix size */
+    PyObject **values = (PyObject **)(mem + prefix);
+    memset(values, 0, (size_t)size * sizeof(PyObject *));
+    PyObject *d = PyDict_New();
+    if (d == NULL) {
+        PyMem_Free(mem);
+        return NULL;
+    }
+    PyDictObject *mp = (PyDictObject *)d;
+    ((KeysMirror *)mp->ma_keys)->dk_refcnt--; /* the shared empty keys PyDict_New gave it */
+    mp->ma_keys = (PyDictKeysObject *)k;
+    k->dk_refcnt++;
+    mp->ma_values = (PyDictValues *)values;
+    mp->ma_used = proto->ma_used;
+    return d;
+}
+#else
+#define FRESH_SPLIT 0
+#endif
+
 /* Give back the references to the placeholders that `records` in-place records stopped
  * holding (see codec_decode_set), and those of the first `partial` fields of one more. */
 static void
@@ -511,7 +566,11 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t settled = 0; /* of them, those whose placeholders were replaced in place */
     Py_ssize_t partial = 0; /* fields replaced in place in a record given up */
     while (end - off >= self->min_length) {
+#if FRESH_SPLIT
+        PyObject *d = self->fresh ? fresh_split(self) : PyDict_Copy(src);
+#else
         PyObject *d = PyDict_Copy(src);
+#endif
         if (d == NULL) {
             goto error;
         }
@@ -519,7 +578,7 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject **slots = self->split ? split_values(d, self->split) : NULL;
         UnicodeEntryMirror *entries = slots == NULL && self->direct ? direct_entries(d, nops) : NULL;
         const Py_ssize_t *index = self->split_index;
-        const int inplace = slots != NULL || entries != NULL;
+        const int inplace = (slots != NULL && !self->fresh) || entries != NULL; /* placeholders replaced */
 #else
         const int inplace = 0;
 #endif
@@ -1486,6 +1545,41 @@ crafted_split(CodecObject *self)
 #define CRAFTED_SPLIT 0
 #endif
 
+/* Whether records can be made by fresh_split: one made and filled with the placeholders
+ * must read back as a copy of the prototype does (each key its value, in field order).
+ * Sets self->fresh; -1 on error. */
+static int
+check_fresh(CodecObject *self)
+{
+    self->fresh = 0;
+#if FRESH_SPLIT
+    if (self->split == NULL) {
+        return 0;
+    }
+    PyObject *d = fresh_split(self);
+    if (d == NULL) {
+        return -1;
+    }
+    PyObject **slots = split_values(d, self->split);
+    int ok = slots != NULL && PyDict_GET_SIZE(d) == self->nops;
+    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
+        slots[self->split_index[i]] = Py_NewRef(self->marks[i]);
+    }
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (ok && PyDict_Next(d, &pos, &key, &value)) {
+        ok = i < self->nops && key == self->ops[i].key && value == self->marks[i] &&
+             PyDict_GetItemWithError(d, key) == self->marks[i];
+        i++;
+    }
+    ok = ok && i == self->nops && !PyErr_Occurred();
+    PyErr_Clear();
+    Py_DECREF(d);
+    self->fresh = ok;
+#endif
+    return 0;
+}
+
 /* Codec(fields): fields is a sequence of (key, kind, length, helper-or-None). */
 static PyObject *
 codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -1579,6 +1673,9 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
     }
 #endif
+    if (check_fresh(self) < 0) {
+        goto error;
+    }
     Py_DECREF(seq);
     return (PyObject *)self;
 error:
@@ -1660,6 +1757,7 @@ PyInit__speedups(void)
     if (PyType_Ready(&CodecType) < 0) {
         return NULL;
     }
+    init_octet_text();
     for (int i = 0; i <= 256; i++) {
         if (small_ints[i] == NULL && (small_ints[i] = PyLong_FromLong(i)) == NULL) {
             return NULL;
