@@ -81,6 +81,11 @@ typedef struct {
  * entries are (key, value) pairs in insertion order, the values are written straight
  * into those entries instead. The layout mirrored below is checked when a codec is made
  * (check_direct) and on every copy; anything unexpected takes the PyDict_SetItem way.
+ *
+ * Better still, a record is a split-table dict: the keys table shared by every record
+ * of the codec (check_split), each record an array of values. On 3.11 such records are
+ * made directly (fresh_split: no placeholders at all), for templates of any width up to
+ * 100 fields (crafted_split makes the keys table past CPython's 30; check_fresh).
  */
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
 #define DIRECT_DICTS 1
@@ -521,7 +526,8 @@ settle_marks(CodecObject *self, Py_ssize_t records, Py_ssize_t partial)
 
 /* decode_set(buf, off, end) -> list of dicts, or None: let the pure-Python twin decide.
  *
- * Each record starts as a copy of the prototype, whose value of field i is the codec's
+ * A record made by fresh_split starts with every value slot empty, and decoded values
+ * are written into their slots. Otherwise each record starts as a copy of the prototype, whose value of field i is the codec's
  * own placeholder object marks[i] (distinct objects: the copy's reference increments do
  * not queue behind one another on one shared refcount, as they would on None). A value
  * decoded replaces its placeholder in place, and the references the replaced
