@@ -17,7 +17,9 @@ records per second of one core, which other processes on a shared machine slow d
 far less than they slow the wall clock.
 
 Decoding consumes records as a collector does (each message decoded, its records
-visited, then dropped). The inputs are frozen out of the garbage collector's reach
+visited, then dropped). Re-export (``reexport_records_per_s``) encodes the records each
+codec decoded itself, as the aggregator sends on what it received (flowscope's
+accelerated records are then its own split-table dicts; the peer's hold its own types). The inputs are frozen out of the garbage collector's reach
 (``gc.freeze``) while they are timed. Prints one JSON object; medians over ``--repeat``
 runs, as records per second and as CPU microseconds per 1,000 records (one core's thread
 time: a cluster's flow rate times this is the codec's share of its CPU).
@@ -75,12 +77,14 @@ def make_records(names: list[str], n: int, family: int) -> list[dict[str, Any]]:
     return out
 
 
+# Each codec: encode() -> messages; decode(messages) -> records visited; and
+# reexport(messages) -> a function encoding the records this codec decoded from them.
+Codec = tuple[Callable[[], list[bytes]], Callable[[list[bytes]], int], Callable[[list[bytes]], Callable[[], Any]]]
+
 # ---------------------------------------------------------------------- flowscope
 
 
-def ours(
-    names: list[str], records: list[dict[str, Any]], *, pure: bool = False
-) -> tuple[Callable[[], list[bytes]], Callable[[list[bytes]], int]]:
+def ours(names: list[str], records: list[dict[str, Any]], *, pure: bool = False) -> Codec:
     """flowscope's encoder and decoder; ``pure``: templates without the C accelerator."""
     native = template_module._native
 
@@ -109,13 +113,29 @@ def ours(
         finally:
             template_module._native = native
 
-    return encode, decode
+    def reexport(messages: list[bytes]) -> Callable[[], list[bytes]]:
+        template_module._native = compiled  # type: ignore[assignment]
+        try:
+            decoder = Decoder()
+            decoded = [r for data in messages for _t, r in decoder.decode(data).data_records()]
+            template = Template.build(256, names)
+        finally:
+            template_module._native = native
+
+        def run() -> list[bytes]:
+            session = ExportSession(1)
+            session.add_template(template)
+            return session.encode_records(256, decoded, 0)
+
+        return run
+
+    return encode, decode, reexport
 
 
 # ---------------------------------------------------------------------- PyPI ipfix
 
 
-def peer(names: list[str], records: list[dict[str, Any]]) -> tuple[Callable[[], list[bytes]], Callable[[list[bytes]], int]]:
+def peer(names: list[str], records: list[dict[str, Any]]) -> Codec:
     import ipfix.ie
     import ipfix.message
     import ipfix.template
@@ -144,7 +164,7 @@ def peer(names: list[str], records: list[dict[str, Any]]) -> tuple[Callable[[], 
 
     converted = [convert(r) for r in records]
 
-    def encode() -> list[bytes]:
+    def encode(converted: list[dict[str, Any]] = converted) -> list[bytes]:
         msg = ipfix.message.MessageBuffer()
         # It checks only a record's minimum length against the MTU, so a variable-length
         # record near the end of its 64 KiB buffer overflows it: leave it headroom.
@@ -173,7 +193,15 @@ def peer(names: list[str], records: list[dict[str, Any]]) -> tuple[Callable[[], 
                 n += 1
         return n
 
-    return encode, decode
+    def reexport(messages: list[bytes]) -> Callable[[], list[bytes]]:
+        msg = ipfix.message.MessageBuffer()
+        decoded = []
+        for data in messages:
+            msg.from_bytes(data)
+            decoded += msg.namedict_iterator()
+        return lambda: encode(decoded)
+
+    return encode, decode, reexport
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> tuple[dict[str, float], dict[str, Any]]:
@@ -195,13 +223,20 @@ def run_case(names: list[str], family: int, n: int, repeat: int) -> dict[str, An
     # the run, as they would not in a daemon: keep the collector's full passes off them.
     gc.collect()
     gc.freeze()
-    enc_t, encoded = interleaved({name: enc for name, (enc, _) in codecs.items()}, repeat)
+    enc_t, encoded = interleaved({name: enc for name, (enc, _, _) in codecs.items()}, repeat)
     assert encoded["flowscope"] == encoded["flowscope_pure"], "the accelerated and pure codecs disagree"
     messages = encoded["flowscope"]
     # Every decoder reads the same bytes: ours (with the template message first).
-    dec_t, counts = interleaved({name: (lambda d=dec: d(messages)) for name, (_, dec) in codecs.items()}, repeat)
+    dec_t, counts = interleaved({name: (lambda d=dec: d(messages)) for name, (_, dec, _) in codecs.items()}, repeat)
     assert all(c == n for c in counts.values()), (counts, n)
     del encoded, counts
+    # Re-export, as the aggregator does: each codec encodes the records it decoded itself.
+    runs = {name: again(messages) for name, (_, _, again) in codecs.items()}
+    gc.collect()
+    gc.freeze()
+    re_t, sent = interleaved(runs, repeat)
+    assert sent["flowscope"] == sent["flowscope_pure"], "the accelerated and pure codecs disagree on re-export"
+    del runs, sent
     gc.unfreeze()
     result: dict[str, Any] = {
         "fields": len(names),
@@ -214,6 +249,8 @@ def run_case(names: list[str], family: int, n: int, repeat: int) -> dict[str, An
             # CPU time of one core per 1,000 records: what a flow rate costs (issue 12)
             "encode_cpu_us_per_1000_records": round(enc_t[name] / n * 1e9, 1),
             "decode_cpu_us_per_1000_records": round(dec_t[name] / n * 1e9, 1),
+            "reexport_records_per_s": round(n / re_t[name]),
+            "reexport_cpu_us_per_1000_records": round(re_t[name] / n * 1e9, 1),
         }
     peer_enc, peer_dec = enc_t["ipfix_pypi"], dec_t["ipfix_pypi"]
     result["ratio"] = {  # how many times faster than the peer (and than the pure codec)
@@ -223,6 +260,8 @@ def run_case(names: list[str], family: int, n: int, repeat: int) -> dict[str, An
         "pure_decode": round(peer_dec / dec_t["flowscope_pure"], 2),
         "accelerator_encode": round(enc_t["flowscope_pure"] / enc_t["flowscope"], 2),
         "accelerator_decode": round(dec_t["flowscope_pure"] / dec_t["flowscope"], 2),
+        "reexport": round(re_t["ipfix_pypi"] / re_t["flowscope"], 2),
+        "pure_reexport": round(re_t["ipfix_pypi"] / re_t["flowscope_pure"], 2),
     }
     return result
 

@@ -70,6 +70,7 @@ typedef struct {
     int direct;              /* copies of proto may have their values written in place */
     PyObject *split;         /* a split-table prototype (keys shared), or NULL */
     Py_ssize_t *split_index; /* its value slot of each field */
+    int fresh;               /* records are made by fresh_split, not copied from split */
 } CodecObject;
 
 /* ------------------------------------------------------------------ record dicts
@@ -80,6 +81,11 @@ typedef struct {
  * entries are (key, value) pairs in insertion order, the values are written straight
  * into those entries instead. The layout mirrored below is checked when a codec is made
  * (check_direct) and on every copy; anything unexpected takes the PyDict_SetItem way.
+ *
+ * Better still, a record is a split-table dict: the keys table shared by every record
+ * of the codec (check_split), each record an array of values. On 3.11 such records are
+ * made directly (fresh_split: no placeholders at all), for templates of any width up to
+ * 100 fields (crafted_split makes the keys table past CPython's 30; check_fresh).
  */
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
 #define DIRECT_DICTS 1
@@ -248,6 +254,27 @@ ascii_text(const char *text, Py_ssize_t n)
     return s;
 }
 
+/* The decimal text of each octet value followed by a dot ("7.", "42.", "255."), and its length. */
+static char octet_text[256][4];
+static uint8_t octet_len[256];
+
+static void
+init_octet_text(void)
+{
+    for (int b = 0; b < 256; b++) {
+        int n = 0;
+        if (b >= 100) {
+            octet_text[b][n++] = (char)('0' + b / 100);
+        }
+        if (b >= 10) {
+            octet_text[b][n++] = (char)('0' + b / 10 % 10);
+        }
+        octet_text[b][n++] = (char)('0' + b % 10);
+        octet_text[b][n++] = '.';
+        octet_len[b] = (uint8_t)n;
+    }
+}
+
 static PyObject *
 decode_ip4(const unsigned char *p)
 {
@@ -258,18 +285,11 @@ decode_ip4(const unsigned char *p)
         Py_INCREF(slot->value);
         return slot->value;
     }
-    char text[16];
+    char text[20]; /* each octet's text is written as 4 octets, the dot included: no branches */
     int n = 0;
     for (int i = 0; i < 4; i++) {
-        unsigned b = p[i];
-        if (b >= 100) {
-            text[n++] = (char)('0' + b / 100);
-        }
-        if (b >= 10) {
-            text[n++] = (char)('0' + b / 10 % 10);
-        }
-        text[n++] = (char)('0' + b % 10);
-        text[n++] = '.';
+        memcpy(text + n, octet_text[p[i]], 4);
+        n += octet_len[p[i]];
     }
     PyObject *s = ascii_text(text, n - 1);
     if (s == NULL) {
@@ -450,6 +470,46 @@ decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
     }
 }
 
+#if DIRECT_DICTS && PY_VERSION_HEX < 0x030C0000
+#define FRESH_SPLIT 1
+/* A new record of the split prototype's keys, every value slot empty (NULL), to be
+ * filled by the decoder: what PyDict_Copy(split) gives, less its work. The dict comes
+ * from CPython's free list of dicts (PyDict_New) instead of a new garbage-collected
+ * allocation, and no placeholder is copied in, to be counted and given back. A slot
+ * left empty (a record given up) is what a split dict's deallocation already skips.
+ * NULL with an exception set on failure. */
+static PyObject *
+fresh_split(const CodecObject *self)
+{
+    const PyDictObject *proto = (const PyDictObject *)self->split;
+    KeysMirror *k = (KeysMirror *)proto->ma_keys;
+    const Py_ssize_t size = k->dk_nentries + k->dk_usable; /* CPython's shared_keys_usable_size */
+    const uint8_t *pv = (const uint8_t *)proto->ma_values;
+    const size_t prefix = pv[-1];
+    uint8_t *mem = PyMem_Malloc(prefix + (size_t)size * sizeof(PyObject *));
+    if (mem == NULL) {
+        return PyErr_NoMemory();
+    }
+    memcpy(mem, pv - prefix, prefix); /* the insertion order, its length and the prefix size */
+    PyObject **values = (PyObject **)(mem + prefix);
+    memset(values, 0, (size_t)size * sizeof(PyObject *));
+    PyObject *d = PyDict_New();
+    if (d == NULL) {
+        PyMem_Free(mem);
+        return NULL;
+    }
+    PyDictObject *mp = (PyDictObject *)d;
+    ((KeysMirror *)mp->ma_keys)->dk_refcnt--; /* the shared empty keys PyDict_New gave it */
+    mp->ma_keys = (PyDictKeysObject *)k;
+    k->dk_refcnt++;
+    mp->ma_values = (PyDictValues *)values;
+    mp->ma_used = proto->ma_used;
+    return d;
+}
+#else
+#define FRESH_SPLIT 0
+#endif
+
 /* Give back the references to the placeholders that `records` in-place records stopped
  * holding (see codec_decode_set), and those of the first `partial` fields of one more. */
 static void
@@ -466,7 +526,8 @@ settle_marks(CodecObject *self, Py_ssize_t records, Py_ssize_t partial)
 
 /* decode_set(buf, off, end) -> list of dicts, or None: let the pure-Python twin decide.
  *
- * Each record starts as a copy of the prototype, whose value of field i is the codec's
+ * A record made by fresh_split starts with every value slot empty, and decoded values
+ * are written into their slots. Otherwise each record starts as a copy of the prototype, whose value of field i is the codec's
  * own placeholder object marks[i] (distinct objects: the copy's reference increments do
  * not queue behind one another on one shared refcount, as they would on None). A value
  * decoded replaces its placeholder in place, and the references the replaced
@@ -511,7 +572,11 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t settled = 0; /* of them, those whose placeholders were replaced in place */
     Py_ssize_t partial = 0; /* fields replaced in place in a record given up */
     while (end - off >= self->min_length) {
+#if FRESH_SPLIT
+        PyObject *d = self->fresh ? fresh_split(self) : PyDict_Copy(src);
+#else
         PyObject *d = PyDict_Copy(src);
+#endif
         if (d == NULL) {
             goto error;
         }
@@ -519,7 +584,7 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject **slots = self->split ? split_values(d, self->split) : NULL;
         UnicodeEntryMirror *entries = slots == NULL && self->direct ? direct_entries(d, nops) : NULL;
         const Py_ssize_t *index = self->split_index;
-        const int inplace = slots != NULL || entries != NULL;
+        const int inplace = (slots != NULL && !self->fresh) || entries != NULL; /* placeholders replaced */
 #else
         const int inplace = 0;
 #endif
@@ -855,7 +920,19 @@ record_entries(const CodecObject *self, PyObject *rec)
     }
     return NULL;
 }
-#define FORGET_ENTRIES() (entries = record_entries(self, rec)) /* the dict may have changed */
+/* The value slots of a record copied from the codec's split-table prototype (the
+ * decoder's records of a split codec, read back for export), or NULL. */
+static inline PyObject *const *
+record_split_values(const CodecObject *self, PyObject *rec)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    if (self->split == NULL || mp->ma_values == NULL || mp->ma_keys != ((PyDictObject *)self->split)->ma_keys) {
+        return NULL;
+    }
+    return ((ValuesMirror *)mp->ma_values)->values;
+}
+#define FORGET_ENTRIES() /* the dict may have changed */ \
+    (entries = record_entries(self, rec), svalues = record_split_values(self, rec))
 #else
 #define FORGET_ENTRIES() ((void)0)
 #endif
@@ -931,6 +1008,7 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ah
     /* A record laid out as the template (the decoder's, or one built in template order
      * with the same key objects) is read in order, entry by entry; any other by lookups. */
     const UnicodeEntryMirror *entries = record_entries(self, rec);
+    PyObject *const *svalues = record_split_values(self, rec);
 #endif
     for (Py_ssize_t i = 0; i < self->nops; i++) {
         const Op *op = &self->ops[i];
@@ -939,7 +1017,10 @@ encode_fields(CodecObject *self, PyObject *rec, Buf *b, int *ran, const void *ah
         if (ahead != NULL) { /* the next record's value of this field, fetched ahead */
             __builtin_prefetch(((const UnicodeEntryMirror *)ahead)[i].me_value);
         }
-        if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
+        if (svalues != NULL && svalues[self->split_index[i]] != NULL) {
+            v = svalues[self->split_index[i]]; /* the slot of this key in every copy */
+        }
+        else if (entries != NULL && entries[i].me_key == op->key && entries[i].me_value != NULL) {
             v = entries[i].me_value;
         }
         else
@@ -1371,6 +1452,140 @@ check_split(CodecObject *self, PyObject *split)
 #endif
 }
 
+/* A split-table prototype of the fields' keys made here, for templates with more keys
+ * than CPython shares through a class (30, SHARED_KEYS_MAX_SIZE; the agent's templates
+ * have 43). CPython 3.11 itself reads split tables of any size up to 250 keys (the
+ * prefix of a values array holds the insertion order in bytes; the limit of 30 is only
+ * where it stops adding keys to a class's shared table). The keys table is a copy of
+ * the one CPython built for an ordinary dict of these keys (its hash index and entries,
+ * in template order), marked split, with no room left: a key added to a record makes
+ * CPython convert that record to an ordinary dict, as it does for any full shared table.
+ * A record copied from it holds one array of values (about 400 octets for 43 fields)
+ * where an ordinary dict of 43 keys holds a 1,520-octet table of its own, which is
+ * allocated, copied, and freed key by key. NULL (no error) where this does not apply;
+ * the result is checked again, as any split prototype, by check_split. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000
+#define CRAFTED_SPLIT 1
+#define DICT_KEYS_SPLIT_KIND 2
+#define CRAFTED_MAX_KEYS 100 /* one-octet indices and a one-octet prefix, with room */
+static PyObject *
+crafted_split(CodecObject *self)
+{
+    const Py_ssize_t n = self->nops;
+    if (n <= 30 || n > CRAFTED_MAX_KEYS) {
+        return NULL;
+    }
+    PyObject *plain = PyDict_New();
+    if (plain == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(plain, self->ops[i].key, self->marks[i]) < 0) {
+            Py_DECREF(plain);
+            return NULL;
+        }
+    }
+    PyDictObject *pm = (PyDictObject *)plain;
+    KeysMirror *pk = (KeysMirror *)pm->ma_keys;
+    UnicodeEntryMirror *pe = (UnicodeEntryMirror *)(pk->dk_indices + ((size_t)1 << pk->dk_log2_index_bytes));
+    int ok = pm->ma_values == NULL && pk->dk_kind == DICT_KEYS_UNICODE_KIND && pk->dk_nentries == n &&
+             pm->ma_used == n && pk->dk_log2_size <= 7 && pk->dk_log2_index_bytes == pk->dk_log2_size;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        ok = pe[i].me_key == self->ops[i].key && pe[i].me_value == self->marks[i];
+    }
+    if (!ok) {
+        Py_DECREF(plain);
+        return NULL;
+    }
+    const size_t usable = ((size_t)1 << pk->dk_log2_size) * 2 / 3;
+    const size_t keys_size = sizeof(KeysMirror) + ((size_t)1 << pk->dk_log2_index_bytes) + usable * sizeof(UnicodeEntryMirror);
+    const size_t prefix = ((size_t)n + 2 + sizeof(PyObject *) - 1) / sizeof(PyObject *) * sizeof(PyObject *);
+    KeysMirror *k = PyObject_Malloc(keys_size);
+    uint8_t *mem = PyMem_Malloc(prefix + (size_t)n * sizeof(PyObject *));
+    PyObject *d = PyDict_New();
+    if (k == NULL || mem == NULL || d == NULL) {
+        PyObject_Free(k);
+        PyMem_Free(mem);
+        Py_XDECREF(d);
+        Py_DECREF(plain);
+        return PyErr_NoMemory();
+    }
+    memcpy(k, pk, keys_size);
+    k->dk_refcnt = 1;
+    k->dk_kind = DICT_KEYS_SPLIT_KIND;
+    k->dk_version = 0;
+    k->dk_usable = 0;
+    UnicodeEntryMirror *e = (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+    PyObject **values = (PyObject **)(mem + prefix);
+    mem[prefix - 1] = (uint8_t)prefix;
+    mem[prefix - 2] = (uint8_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(e[i].me_key);
+        e[i].me_value = NULL;
+        mem[prefix - 3 - i] = (uint8_t)i; /* insertion order: template order */
+        values[i] = Py_NewRef(self->marks[i]);
+    }
+    Py_DECREF(plain);
+    PyDictObject *mp = (PyDictObject *)d; /* empty: it holds the shared empty keys */
+    ((KeysMirror *)mp->ma_keys)->dk_refcnt--;
+    mp->ma_keys = (PyDictKeysObject *)k;
+    mp->ma_values = (PyDictValues *)values;
+    mp->ma_used = n;
+    /* what the dict now says of itself: every key, in order, with its placeholder */
+    ok = PyDict_GET_SIZE(d) == n;
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (ok && PyDict_Next(d, &pos, &key, &value)) {
+        ok = i < n && key == self->ops[i].key && value == self->marks[i] &&
+             PyDict_GetItemWithError(d, key) == self->marks[i];
+        i++;
+    }
+    if (!ok || i != n || PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
+}
+#else
+#define CRAFTED_SPLIT 0
+#endif
+
+/* Whether records can be made by fresh_split: one made and filled with the placeholders
+ * must read back as a copy of the prototype does (each key its value, in field order).
+ * Sets self->fresh; -1 on error. */
+static int
+check_fresh(CodecObject *self)
+{
+    self->fresh = 0;
+#if FRESH_SPLIT
+    if (self->split == NULL) {
+        return 0;
+    }
+    PyObject *d = fresh_split(self);
+    if (d == NULL) {
+        return -1;
+    }
+    PyObject **slots = split_values(d, self->split);
+    int ok = slots != NULL && PyDict_GET_SIZE(d) == self->nops;
+    for (Py_ssize_t i = 0; ok && i < self->nops; i++) {
+        slots[self->split_index[i]] = Py_NewRef(self->marks[i]);
+    }
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (ok && PyDict_Next(d, &pos, &key, &value)) {
+        ok = i < self->nops && key == self->ops[i].key && value == self->marks[i] &&
+             PyDict_GetItemWithError(d, key) == self->marks[i];
+        i++;
+    }
+    ok = ok && i == self->nops && !PyErr_Occurred();
+    PyErr_Clear();
+    Py_DECREF(d);
+    self->fresh = ok;
+#endif
+    return 0;
+}
+
 /* Codec(fields): fields is a sequence of (key, kind, length, helper-or-None). */
 static PyObject *
 codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -1449,6 +1664,22 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->direct = check_direct(self);
     if (self->direct < 0 || check_split(self, split) < 0) {
+        goto error;
+    }
+#if CRAFTED_SPLIT
+    if (self->split == NULL) { /* none given, or not adoptable: more keys than a class shares */
+        PyObject *crafted = crafted_split(self);
+        if (crafted == NULL && PyErr_Occurred()) {
+            goto error;
+        }
+        int rc = crafted != NULL ? check_split(self, crafted) : 0;
+        Py_XDECREF(crafted);
+        if (rc < 0) {
+            goto error;
+        }
+    }
+#endif
+    if (check_fresh(self) < 0) {
         goto error;
     }
     Py_DECREF(seq);
@@ -1532,6 +1763,7 @@ PyInit__speedups(void)
     if (PyType_Ready(&CodecType) < 0) {
         return NULL;
     }
+    init_octet_text();
     for (int i = 0; i <= 256; i++) {
         if (small_ints[i] == NULL && (small_ints[i] = PyLong_FromLong(i)) == NULL) {
             return NULL;

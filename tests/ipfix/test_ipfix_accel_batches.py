@@ -10,7 +10,8 @@ placeholder objects and gives their references back once per set. Hypothesis che
 - batches of up to 80 records, message sizes that force many cuts, an oversized record
   and a bad value anywhere: the same messages, sequence numbers and errors both ways;
 - decoding valid, damaged, truncated and random set bodies, for narrow templates (split
-  tables), wide ones (over 30 fields: combined tables) and variable-length ones, leaves
+  tables through a class's shared keys), wide ones (over 30 fields: split tables of the
+  accelerator's own keys table) and variable-length ones, leaves
   every placeholder's reference count as it found it, answered or declined;
 - Python code that runs inside the encoder (an address's ``__str__``) emptying the batch
   or the record being encoded, with and without Python code run before it: no crash,
