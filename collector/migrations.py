@@ -45,13 +45,13 @@ from .schema import (
     COLUMNS,
     DERIVED,
     FAMILIES,
-    ROLLUPS,
     SCHEMA_VERSION,
     Retention,
     features_for_version,
     quote,
+    backfill_source,
     raw_table_sql,
-    rollup_select_sql,
+    rollup_backfill_sql,
     rollup_table_sql,
     rollup_view_sql,
 )
@@ -189,20 +189,27 @@ def _ensure(store: FlowStore) -> None:
     if wrong:
         raise SchemaError(f"table {db}.{table} has columns of other types ({'; '.join(wrong)}); "
                           "point the store at another table or database")
-    for family in FAMILIES:
-        for r in ROLLUPS:
-            name = family.table(table, r)
-            fresh = name not in tables
-            store._execute(rollup_table_sql(db, table, r, f, store.retention, family))
-            if fresh or f"{name}_mv" not in tables:
-                # backfill from the raw rows there are, before the view exists: nothing is
-                # inserted meanwhile (open runs before any insert)
-                if not fresh:
-                    store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
-                store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r, None, family)}")
-                if not fresh or _count(store, table):
-                    log.info("flow store %s.%s: roll-up backfilled from the raw table", db, name)
-            store._execute(rollup_view_sql(db, table, r, f, family))
+    # Roll-ups whose table and view are there hold what they should; a new one (or one whose
+    # view is missing: a backfill interrupted) is filled before its view exists (nothing is
+    # inserted meanwhile: open runs before any insert), from the coarsest filled roll-up
+    # that keeps its keys (schema.backfill_source), else from the raw rows. Finest first,
+    # the widest family first at each resolution, so new tables read the coarsest source.
+    order = sorted(((fam, r) for fam in FAMILIES for r in fam.rollups), key=lambda fr: (fr[1].seconds, -len(fr[0].keys)))
+    filled = [(fam, r) for fam, r in order if fam.table(table, r) in tables and f"{fam.table(table, r)}_mv" in tables]
+    for family, r in order:
+        name = family.table(table, r)
+        fresh = name not in tables
+        store._execute(rollup_table_sql(db, table, r, f, store.retention, family))
+        if fresh or f"{name}_mv" not in tables:
+            if not fresh:
+                store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
+            source = backfill_source(family, r, filled)
+            store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_backfill_sql(db, table, r, family, filled)}")
+            filled.append((family, r))
+            if not fresh or _count(store, table):
+                log.info("flow store %s.%s: roll-up backfilled from %s", db, name,
+                         source[0].table(table, source[1]) if source else "the raw table")
+        store._execute(rollup_view_sql(db, table, r, f, family))
     if f.ttl and store.retention_given:
         _retention(store)
 
@@ -217,7 +224,7 @@ def _retention(store: FlowStore) -> None:
     db = store.database
     wanted = {store.table: ("timeInserted", store.retention.raw)}
     for family in FAMILIES:
-        for r in ROLLUPS:
+        for r in family.rollups:
             wanted[family.table(store.table, r)] = (family.ttl_column, store.retention.for_table(r.seconds))
     rows = store._select(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'")
     engines = {str(n): str(e) for n, e in rows}
