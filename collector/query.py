@@ -777,12 +777,13 @@ def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.ti
     r = store.rows(f"SELECT sum(n), sum(b), sum(p) FROM ({sums})", params.values)
     n, b, p = (int(x or 0) for x in (r[0] if r else (0, 0, 0)))
     names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
-    conns = _states(store, q, start, end, ("connections", "ended", "denied"), "connections", now)
-    if conns[1] == "":  # no filter: the conn roll-ups hold the names' states too
-        found = _states(store, q, start, end, names + ("namespaces",), "connections", now)[0]
+    counts = ("connections", "ended", "denied")
+    if parse_filter(q.filter).sql == "1":  # no filter: the conn roll-ups hold the names' states too (one read)
+        conns = found = _states(store, q, start, end, counts + names + ("namespaces",), "connections", now)[0]
     else:
+        conns = _states(store, q, start, end, counts, "connections", now)[0]
         found = _states(store, q, start, end, names + ("namespaces",), "sums", now)[0]
-    c, ended_n, denied = (conns[0][k] for k in ("connections", "ended", "denied"))
+    c, ended_n, denied = (conns[k] for k in counts)
     seconds = max(end - start, 1)
     return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
                     max(c - ended_n, 0), ended_n, denied, found["namespaces"], found["srcPods"] + found["dstPods"],

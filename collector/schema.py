@@ -414,9 +414,12 @@ FAMILIES: Final[tuple[Family, ...]] = (
     Family("ns", ("sourcePodNamespace", "destinationPodNamespace", "sourceNodeName", "destinationNodeName",
                   "destinationServicePortName", "flowType", "protocolIdentifier") + _POLICIES,
            doc="namespaces, Nodes, Services, flow types, protocols, policies: no Pods", seconds=(600, 3600)),
-    # The source Pods (top talkers, their throughput), by flow type and rule action.
-    Family("src", ("sourcePodNamespace", "sourcePodName", "sourcePodWorkload", "sourceNodeName", "flowType")
-           + _ACTIONS, doc="source Pods, workloads and Nodes by flow type and rule action", seconds=(600, 3600)),
+    # The source Pods (top talkers, their throughput), by the Service they reach (the
+    # Pod-to-Service sankey), flow type and rule action.
+    Family("src", ("sourcePodNamespace", "sourcePodName", "sourcePodWorkload", "sourceNodeName",
+                   "destinationServicePortName", "flowType") + _ACTIONS,
+           doc="source Pods, workloads and Nodes by destination Service, flow type and rule action",
+           seconds=(600, 3600)),
     # The destination Pods and Services, by flow type and rule action.
     Family("dst", ("destinationPodNamespace", "destinationPodName", "destinationPodWorkload", "destinationNodeName",
                    "destinationServicePortName", "flowType") + _ACTIONS,
