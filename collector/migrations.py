@@ -9,14 +9,19 @@ version). Theory of operation:
   columns, no roll-ups), else 0 (an empty database).
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
-* **0 -> 3**: the tables, the roll-ups and their views are created.
-* **2 -> 3, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
+* **0 -> 4**: the tables, the roll-ups and their views are created.
+* **3 -> 4, in place**: the 10-minute roll-ups and the narrow families (``ns``, ``src``,
+  ``dst``) are created and backfilled from the coarsest roll-up already filled that keeps
+  their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
+  history the raw table's retention already removed; then their views. Nothing else
+  changes (version 3's views, fed as they were, stay: their sums are exact either way).
+* **2 -> 4, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
   Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
   :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
   rows the store holds (so they know what the raw table knows: buckets the raw table's
   retention removed are in the version-2 roll-ups only, which the query layer prefers
   where they answer), then their views; nothing else changes.
-* **1 -> 3, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
+* **1 -> 4, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
   every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
   are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
   kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the

@@ -32,20 +32,24 @@ Groups are the dimensions of :data:`flowscope.collector.schema.DIMENSIONS` (``sr
 ``packets``, ``records`` or ``throughput`` (bits/s over the query's time range). Counters
 are the records' deltas summed, both directions unless a function says otherwise.
 
-Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
-then 1 min) whose resolution divides the range's start and end (and the series' bucket)
-and whose keys hold every column the filter and the group read, of the first roll-up
-family (:data:`flowscope.collector.schema.FAMILIES`: the main one, then the one with
-addresses) that does; a range on minute boundaries spanning whole hours is answered
-piecewise (the hours from the 1-hour roll-up, the edges from the 1-minute one:
-``flows_1m+flows_1h``), a range to the second too (its edge seconds from the raw table:
-``flows+flows_1m+flows_1h``); otherwise the raw table. Each part is aggregated apart and
-the parts summed. Either way the answer is the same (the tests compare them on chDB and
-on 18.16); :attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N,
-sankeys and series rank their groups in the store: the top groups and the total come
-back, not every group. :func:`overview`'s distinct counts are aggregate states (see
-:data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the ``conn`` roll-ups
-when the question has no filter.
+Which table answers (``FlowQuery.source``, default ``auto``): the range is cut into the
+whole buckets of the coarsest roll-up resolution inside it (1 h), then at each side the
+whole buckets of the next finer one (10 min, 1 min), then the raw table's seconds before
+the first and after the last whole minute; each part is read from the narrowest roll-up
+family (:data:`flowscope.collector.schema.FAMILIES`: ``ns`` without Pods, ``src``,
+``dst``, the main one, ``addr``) that keeps every column the filter and the group read
+and has a table at that resolution (a series' buckets must be whole buckets of it), so
+a day on minute boundaries by source Pod is ``flows_1m+flows_src_10m+flows_src_1h``.
+Columns no family keeps: the raw table. Each part is aggregated apart and the parts
+summed. Either way the answer is the same (the tests compare them on chDB and on 18.16);
+:attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N and sankeys
+read the table once and rank their groups in the store (the total is the groups' sum, the
+top N + 1 are sorted out of them: one row back); series rank theirs too, and a
+many-keyed group's series (Pods, addresses) ranks its keys over the whole range first,
+then gathers only the top keys' buckets. :func:`overview`'s distinct counts are aggregate
+states (see :data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the
+``conn`` roll-ups when the question has no filter. Nothing is cached: every answer is read
+from the store when asked.
 """
 
 from __future__ import annotations

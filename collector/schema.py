@@ -28,15 +28,20 @@ came, are there only in records of an aggregator that computes them), and
 ReplicaSet/StatefulSet/DaemonSet suffix: ``web-7d4b9c-x2x9k`` is ``web``), and
 ``connectionHash`` (the 5-tuple hashed, so distinct connections are counted over 8 bytes a row).
 
-*Roll-ups* (:data:`ROLLUPS`): SummingMergeTree tables at 1 minute and 1 hour, fed by
+*Roll-ups* (:data:`ROLLUPS`): SummingMergeTree tables at 1 minute, 10 minutes and 1 hour, fed by
 materialized views, keyed by the bucket start (``timeBucket``, epoch seconds, timezone
 free) and :data:`ROLLUP_KEYS` (the dimensions the dashboards group by), carrying the four
 delta counters, ``records`` (how many flow records fell in the key and bucket) and ``ended``
 (how many of them ended their connection: flowEndReason end of flow, forced end or lack of
-resources, or the aggregator's final record). The
-query layer reads the coarsest table whose resolution divides the question's time range
-and whose keys hold every column the question touches: then its answer is exactly the
-raw table's.
+resources, or the aggregator's final record). Each
+:class:`Family` of :data:`FAMILIES` keeps its own keys at the resolutions it names: the
+main one every dimension at 1 minute and 1 hour, the narrow ones (no Pods; one side's
+Pods) at 10 minutes and 1 hour, where they fold ten to a hundred times more than the
+main one (whose 1-minute rows are nearly one per flow). The query layer reads each part of
+a range from the coarsest resolution that holds it whole, of the narrowest family whose
+keys hold every column the question touches: then its answer is exactly the raw
+table's. A new roll-up table is backfilled from the coarsest one already filled that keeps
+its keys (:func:`backfill_source`), else from the raw rows.
 
 *Time.* A record belongs to the time of ``flowEndSeconds`` (when its deltas were counted).
 Retention (TTL) counts from when the store received a row (``timeInserted``; a roll-up
