@@ -9,14 +9,19 @@ version). Theory of operation:
   columns, no roll-ups), else 0 (an empty database).
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
-* **0 -> 3**: the tables, the roll-ups and their views are created.
-* **2 -> 3, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
+* **0 -> 4**: the tables, the roll-ups and their views are created.
+* **3 -> 4, in place**: the 10-minute roll-ups and the narrow families (``ns``, ``src``,
+  ``dst``) are created and backfilled from the coarsest roll-up already filled that keeps
+  their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
+  history the raw table's retention already removed; then their views. Nothing else
+  changes (version 3's views, fed as they were, stay: their sums are exact either way).
+* **2 -> 4, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
   Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
   :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
   rows the store holds (so they know what the raw table knows: buckets the raw table's
   retention removed are in the version-2 roll-ups only, which the query layer prefers
   where they answer), then their views; nothing else changes.
-* **1 -> 3, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
+* **1 -> 4, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
   every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
   are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
   kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the
@@ -45,13 +50,13 @@ from .schema import (
     COLUMNS,
     DERIVED,
     FAMILIES,
-    ROLLUPS,
     SCHEMA_VERSION,
     Retention,
     features_for_version,
     quote,
+    backfill_source,
     raw_table_sql,
-    rollup_select_sql,
+    rollup_backfill_sql,
     rollup_table_sql,
     rollup_view_sql,
 )
@@ -189,20 +194,27 @@ def _ensure(store: FlowStore) -> None:
     if wrong:
         raise SchemaError(f"table {db}.{table} has columns of other types ({'; '.join(wrong)}); "
                           "point the store at another table or database")
-    for family in FAMILIES:
-        for r in ROLLUPS:
-            name = family.table(table, r)
-            fresh = name not in tables
-            store._execute(rollup_table_sql(db, table, r, f, store.retention, family))
-            if fresh or f"{name}_mv" not in tables:
-                # backfill from the raw rows there are, before the view exists: nothing is
-                # inserted meanwhile (open runs before any insert)
-                if not fresh:
-                    store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
-                store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_select_sql(db, table, r, None, family)}")
-                if not fresh or _count(store, table):
-                    log.info("flow store %s.%s: roll-up backfilled from the raw table", db, name)
-            store._execute(rollup_view_sql(db, table, r, f, family))
+    # Roll-ups whose table and view are there hold what they should; a new one (or one whose
+    # view is missing: a backfill interrupted) is filled before its view exists (nothing is
+    # inserted meanwhile: open runs before any insert), from the coarsest filled roll-up
+    # that keeps its keys (schema.backfill_source), else from the raw rows. Finest first,
+    # the widest family first at each resolution, so new tables read the coarsest source.
+    order = sorted(((fam, r) for fam in FAMILIES for r in fam.rollups), key=lambda fr: (fr[1].seconds, -len(fr[0].keys)))
+    filled = [(fam, r) for fam, r in order if fam.table(table, r) in tables and f"{fam.table(table, r)}_mv" in tables]
+    for family, r in order:
+        name = family.table(table, r)
+        fresh = name not in tables
+        store._execute(rollup_table_sql(db, table, r, f, store.retention, family))
+        if fresh or f"{name}_mv" not in tables:
+            if not fresh:
+                store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
+            source = backfill_source(family, r, filled)
+            store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_backfill_sql(db, table, r, family, filled)}")
+            filled.append((family, r))
+            if not fresh or _count(store, table):
+                log.info("flow store %s.%s: roll-up backfilled from %s", db, name,
+                         source[0].table(table, source[1]) if source else "the raw table")
+        store._execute(rollup_view_sql(db, table, r, f, family))
     if f.ttl and store.retention_given:
         _retention(store)
 
@@ -217,7 +229,7 @@ def _retention(store: FlowStore) -> None:
     db = store.database
     wanted = {store.table: ("timeInserted", store.retention.raw)}
     for family in FAMILIES:
-        for r in ROLLUPS:
+        for r in family.rollups:
             wanted[family.table(store.table, r)] = (family.ttl_column, store.retention.for_table(r.seconds))
     rows = store._select(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'")
     engines = {str(n): str(e) for n, e in rows}

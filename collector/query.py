@@ -32,20 +32,24 @@ Groups are the dimensions of :data:`flowscope.collector.schema.DIMENSIONS` (``sr
 ``packets``, ``records`` or ``throughput`` (bits/s over the query's time range). Counters
 are the records' deltas summed, both directions unless a function says otherwise.
 
-Which table answers (``FlowQuery.source``, default ``auto``): the coarsest roll-up (1 h,
-then 1 min) whose resolution divides the range's start and end (and the series' bucket)
-and whose keys hold every column the filter and the group read, of the first roll-up
-family (:data:`flowscope.collector.schema.FAMILIES`: the main one, then the one with
-addresses) that does; a range on minute boundaries spanning whole hours is answered
-piecewise (the hours from the 1-hour roll-up, the edges from the 1-minute one:
-``flows_1m+flows_1h``), a range to the second too (its edge seconds from the raw table:
-``flows+flows_1m+flows_1h``); otherwise the raw table. Each part is aggregated apart and
-the parts summed. Either way the answer is the same (the tests compare them on chDB and
-on 18.16); :attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N,
-sankeys and series rank their groups in the store: the top groups and the total come
-back, not every group. :func:`overview`'s distinct counts are aggregate states (see
-:data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the ``conn`` roll-ups
-when the question has no filter.
+Which table answers (``FlowQuery.source``, default ``auto``): the range is cut into the
+whole buckets of the coarsest roll-up resolution inside it (1 h), then at each side the
+whole buckets of the next finer one (10 min, 1 min), then the raw table's seconds before
+the first and after the last whole minute; each part is read from the narrowest roll-up
+family (:data:`flowscope.collector.schema.FAMILIES`: ``ns`` without Pods, ``src``,
+``dst``, the main one, ``addr``) that keeps every column the filter and the group read
+and has a table at that resolution (a series' buckets must be whole buckets of it), so
+a day on minute boundaries by source Pod is ``flows_1m+flows_src_10m+flows_src_1h``.
+Columns no family keeps: the raw table. Each part is aggregated apart and the parts
+summed. Either way the answer is the same (the tests compare them on chDB and on 18.16);
+:attr:`TopResult.table` and :attr:`Series.table` say which answered. Top N and sankeys
+read the table once and rank their groups in the store (the total is the groups' sum, the
+top N + 1 are sorted out of them: one row back); series rank theirs too, and a
+many-keyed group's series (Pods, addresses) ranks its keys over the whole range first,
+then gathers only the top keys' buckets. :func:`overview`'s distinct counts are aggregate
+states (see :data:`flowscope.collector.schema.CONNECTION_STATES`), merged from the
+``conn`` roll-ups when the question has no filter. Nothing is cached: every answer is read
+from the store when asked.
 """
 
 from __future__ import annotations
@@ -263,10 +267,11 @@ _PACKETS: Final = "(packetDeltaCount + reversePacketDeltaCount)"
 @dataclass(frozen=True, slots=True)
 class _Source:
     name: str  # the table name (no database); "a+b" for segments
-    seconds: int  # 0 raw
+    seconds: int  # 0 raw; else the finest roll-up resolution it reads
     records: str  # SQL of the records count (of the whole source; a piecewise one's parts use _RECORDS)
-    # Roll-up tables over parts of the range: (table, start, end); their union answers the range.
-    segments: tuple[tuple[str, int, int], ...] = ()
+    # The tables over parts of the range: (table, resolution seconds (0: raw), start, end);
+    # their union answers the range.
+    segments: tuple[tuple[str, int, int, int], ...] = ()
 
 
 def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
@@ -278,78 +283,97 @@ def _window(q: FlowQuery, now: Callable[[], float]) -> tuple[int, int]:
 _SOURCES: Final = ("auto", "raw") + tuple(r.suffix for r in ROLLUPS)
 
 
+def _levels(store: Backend, columns: frozenset[str], step: int, kind: str) -> list[tuple[int, str]]:
+    """(resolution, table) per roll-up resolution that can serve a part of the range, finest
+    first: at each resolution the first family (:data:`~flowscope.collector.schema.FAMILIES`
+    order: the narrowest first) that keeps every column and has a table there; a series'
+    bucket must be whole buckets of it."""
+    out = []
+    for r in ROLLUPS:
+        if step % r.seconds:
+            continue
+        fam = next((f for f in FAMILIES if f.kind == kind and r in f.rollups and columns <= frozenset(f.keys)), None)
+        if fam is not None:
+            out.append((r.seconds, fam.table(store.table, r)))
+    return out
+
+
+def _pieces(a: int, b: int, levels: Sequence[tuple[int, str]], raw: str) -> list[tuple[str, int, int, int]]:
+    """[a, b) as the whole buckets of the coarsest level inside it, the rest at each side from
+    the next finer level, down to the raw table's seconds."""
+    if a >= b:
+        return []
+    if not levels:
+        return [(raw, 0, a, b)]
+    seconds, table = levels[-1]
+    c0, c1 = -(-a // seconds) * seconds, b // seconds * seconds
+    if c0 >= c1:
+        return _pieces(a, b, levels[:-1], raw)
+    return _pieces(a, c0, levels[:-1], raw) + [(table, seconds, c0, c1)] + _pieces(c1, b, levels[:-1], raw)
+
+
 def _source(store: Backend, columns: frozenset[str], start: int, end: int, step: int = 0,
             wanted: str = "auto", kind: str = "sums") -> _Source:
-    """The coarsest table that answers exactly (or the one asked for, if it can): of the
-    roll-up families of ``kind`` whose keys hold every column, the first in
-    :data:`~flowscope.collector.schema.FAMILIES` order. A range off the finest roll-up's
-    boundaries (``--since 24h``: now less a day, to the second) is answered piecewise too:
-    the seconds before its first and after its last whole minute from the raw table, the
-    whole minutes and hours between from the roll-ups."""
+    """The tables that answer exactly and read least (or the one asked for, if it can):
+    the range's whole buckets of the coarsest roll-up that keeps every column, the parts
+    before and after them from the next finer one, and so on down to the raw table for
+    the seconds before the first and after the last whole minute (``--since 24h``: now
+    less a day, to the second). At each resolution the narrowest family that keeps the
+    columns serves (:func:`_levels`), so the edges of a range may come from a wider
+    family than its middle."""
     raw = _Source(store.table, 0, "count()")
     if wanted == "raw":
         return raw
-    families = [f for f in FAMILIES if f.kind == kind and columns <= frozenset(f.keys)]
-    split_tried = False
-    for r in sorted(ROLLUPS, key=lambda r: -r.seconds):
-        if wanted not in ("auto", r.suffix):
-            continue
-        exact = bool(families) and start % r.seconds == 0 and end % r.seconds == 0 and step % r.seconds == 0
-        if exact:
-            return _Source(families[0].table(store.table, r), r.seconds, "sum(records)")
-        if wanted != "auto":
+    levels = _levels(store, columns, step, kind)
+    if wanted != "auto":
+        r = next(r for r in ROLLUPS if r.suffix == wanted)
+        table = next((t for s, t in levels if s == r.seconds), None)
+        if table is None or start % r.seconds or end % r.seconds:
             raise QueryError(f"source: the {r.suffix} roll-up cannot answer this exactly (it needs a range and "
                              f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
-        if not split_tried and families:  # the coarsest cannot: whole coarse buckets from it, the edges from finer
-            split_tried = True
-            split = _split(store, families[0], start, end, step)
-            if split.segments:
-                return split
-    fine = ROLLUPS[0].seconds
-    m0, m1 = -(-start // fine) * fine, end // fine * fine
-    if families and (start % fine or end % fine) and m0 < m1 and step % fine == 0:
-        middle = _source(store, columns, m0, m1, step, wanted, kind)
-        if middle.seconds:
-            segs = [(store.table, start, m0)] if start < m0 else []
-            segs += list(middle.segments) or [(middle.name, m0, m1)]
-            if m1 < end:
-                segs.append((store.table, m1, end))
-            order = {store.table: 0} | {f.table(store.table, r): r.seconds for f in FAMILIES for r in ROLLUPS}
-            name = "+".join(sorted({t for t, _, _ in segs}, key=lambda t: (order.get(t, 0), t)))
-            return _Source(name, fine, "sum(records)", tuple(segs))
-    return raw
+        return _Source(table, r.seconds, "sum(records)")
+    segs = _pieces(start, end, levels, store.table)
+    # The raw table is read by whole hours (its sort key's first part): when its edges touch
+    # every hour of the range (a quarter of an hour to the second), the raw rows of the
+    # whole range cost what the edges alone do, and one table answers.
+    raw_hours = {h for t, s, a, b in segs if s == 0 for h in range(a // 3600, (b - 1) // 3600 + 1)}
+    span = (end - 1) // 3600 - start // 3600 + 1
+    if raw_hours and span <= len(raw_hours) and set(range(start // 3600, (end - 1) // 3600 + 1)) <= raw_hours:
+        return raw
+    if len(segs) == 1:
+        table, seconds, _, _ = segs[0]
+        return raw if seconds == 0 else _Source(table, seconds, "sum(records)")
+    order = {t: s for t, s, _, _ in segs}
+    name = "+".join(sorted(order, key=lambda t: (order[t], t)))
+    finest = min((s for s in order.values() if s), default=0)
+    return _Source(name, finest, "sum(records)" if finest else "count()", tuple(segs))
 
 
-def _split(store: Backend, family: Family, start: int, end: int, step: int) -> _Source:
-    """A range on finer boundaries than the coarsest roll-up's, answered piecewise: the whole
-    coarse buckets inside it from the coarse roll-up, the edges from the finer one (a day
-    on minute boundaries reads 22-23 hours from the 1-hour roll-up, not 1,440 minutes)."""
-    raw = _Source(store.table, 0, "count()")
-    fine, coarse = ROLLUPS[0], ROLLUPS[-1]
-    if step % coarse.seconds or len(ROLLUPS) < 2:
-        return raw  # a series' buckets must be whole coarse buckets (partial ones at the edges)
-    if start % fine.seconds or end % fine.seconds:
-        return raw
-    c0 = -(-start // coarse.seconds) * coarse.seconds
-    c1 = end // coarse.seconds * coarse.seconds
-    if c1 <= c0:
-        return raw
-    f, c = family.table(store.table, fine), family.table(store.table, coarse)
-    segs = [(f, start, c0)] if start < c0 else []
-    segs.append((c, c0, c1))
-    if c1 < end:
-        segs.append((f, c1, end))
-    return _Source(f"{f}+{c}", fine.seconds, "sum(records)", tuple(segs))
+#: The raw table's sort key starts with the hour of flowEndSeconds, and a condition on the
+#: seconds alone is pruned only by partition (a whole day read for a minute's edge): the
+#: hour's condition is stated too (implied by the seconds', so the rows are the same).
+_RAW_HOUR: Final = "toStartOfHour(flowEndSeconds)"
+
+
+def _raw_range(start: str | None, end: str) -> list[str]:
+    """The conditions of a raw-table range [start, end) (SQL of UInt32 epoch seconds)."""
+    conds = []
+    if start is not None:
+        conds += [f"toUInt32(flowEndSeconds) >= {start}", f"{_RAW_HOUR} >= toStartOfHour(toDateTime({start}))"]
+    conds += [f"toUInt32(flowEndSeconds) < {end}", f"{_RAW_HOUR} <= toStartOfHour(toDateTime({end}))"]
+    return conds
 
 
 def _time_where(src: _Source, start: int, end: int, params: Params) -> str:
     if src.segments:
         return "1"  # each segment reads its own part of the range
-    col = "timeBucket" if src.seconds else "toUInt32(flowEndSeconds)"
+    if not src.seconds:
+        return " AND ".join(_raw_range(params.add(start, "UInt32") if start > 0 else None,
+                                       params.add(end, "UInt32")))
     conds = []
     if start > 0:
-        conds.append(f"{col} >= {params.add(start, 'UInt32')}")
-    conds.append(f"{col} < {params.add(end, 'UInt32')}")
+        conds.append(f"timeBucket >= {params.add(start, 'UInt32')}")
+    conds.append(f"timeBucket < {params.add(end, 'UInt32')}")
     return " AND ".join(conds)
 
 
@@ -402,10 +426,9 @@ def _aggregate(store: Backend, src: _Source, where: str, keys: Sequence[str], ag
     if not src.segments:
         return part(src.name, src.seconds, where)
     parts = []
-    for t, a, b in src.segments:
-        col = "toUInt32(flowEndSeconds)" if t == store.table else "timeBucket"
-        parts.append(part(t, 0 if t == store.table else src.seconds,
-                          f"{col} >= {a:d} AND {col} < {b:d} AND ({where})"))
+    for t, seconds, a, b in src.segments:
+        cond = f"timeBucket >= {a:d} AND timeBucket < {b:d}" if seconds else " AND ".join(_raw_range(f"{a:d}", f"{b:d}"))
+        parts.append(part(t, seconds, f"{cond} AND ({where})"))
     return " UNION ALL ".join(parts)
 
 
@@ -450,20 +473,37 @@ _PAGE_ORDER: Final = ("flowEndSeconds DESC, timeInserted DESC, commitId DESC, so
                       "octetDeltaCount, packetDeltaCount, reverseOctetDeltaCount, reversePacketDeltaCount")
 
 
+#: How far back a page's rows are looked for first (seconds), before the whole range.
+_PAGE_SPANS: Final = (60, 900, 3600, 6 * 3600)
+
+
 def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> FlowPage:
     """One page of raw records matching the query, newest first (a total order: pages tile)."""
     params = Params()
     w = parse_filter(q.filter, params)
     start, end = _window(q, now)
     src = _Source(store.table, 0, "count()")
-    where = _time_where(src, start, end, params) + (f" AND ({w.sql})" if w.sql != "1" else "")
+    filt = f" AND ({w.sql})" if w.sql != "1" else ""
+    where = _time_where(src, start, end, params) + filt
     # First the end time of the page's last row, reading one column; then whole rows only
-    # from that time on (the sort key's hour prunes the rest), not every matching row.
-    edge = store.rows(
-        f"SELECT toUInt32(flowEndSeconds) FROM {_table(store, src)} WHERE {where} "
-        f"ORDER BY flowEndSeconds DESC LIMIT 1 OFFSET {q.offset + q.limit:d}", params.values)
+    # from that time on (the sort key's hour prunes the rest), not every matching row. The
+    # newest rows are looked for in the last minute first, then in longer spans back: a
+    # span that holds the page's last row holds every row after it, so its answer is the
+    # whole range's, and a busy store's first page reads an hour's rows, not a day's.
+    edge: list[tuple[Any, ...]] = []
+    for span in (*_PAGE_SPANS, 0):
+        a = max(start, end - span) if span else start
+        if span and a == start:
+            continue  # the whole range: the last try
+        cond = " AND ".join(_raw_range(params.add(a, "UInt32") if a > 0 else None, params.add(end, "UInt32")))
+        edge = store.rows(
+            f"SELECT toUInt32(flowEndSeconds) FROM {_table(store, src)} WHERE {cond}{filt} "
+            f"ORDER BY flowEndSeconds DESC LIMIT 1 OFFSET {q.offset + q.limit:d}", params.values)
+        if edge:
+            break
     if edge:
-        where += f" AND toUInt32(flowEndSeconds) >= {params.add(int(edge[0][0]), 'UInt32')}"
+        edge_t = int(edge[0][0])
+        where = " AND ".join(_raw_range(params.add(edge_t, "UInt32"), params.add(end, "UInt32"))) + filt
     rows = store.rows(
         f"SELECT {_SELECT} FROM {_table(store, src)} WHERE {where} "
         f"ORDER BY {_PAGE_ORDER} LIMIT {q.limit + 1:d} OFFSET {q.offset:d}", params.values)
@@ -513,17 +553,32 @@ def _inner(columns: Sequence[str], src: _Source, store: Backend, where: str, ext
                       [f"sum({_BYTES}) AS b", f"sum({_PACKETS}) AS p", f"{_RECORDS} AS r"])
 
 
-def _top_and_total(store: Backend, inner: str, total_inner: str, key_sql: str, rank: str, n: int,
+def _rank_lambda(fields: Sequence[tuple[int, bool]]) -> str:
+    """An ``arraySort`` key over tuples: (element, descending) in order (numbers descend,
+    text ascends), the order an ``ORDER BY`` of the same columns gives."""
+    parts = [f"-toInt64(tupleElement(x, {i:d}))" if desc else f"tupleElement(x, {i:d})" for i, desc in fields]
+    return f"x -> ({', '.join(parts)})"
+
+
+#: How groups rank in the one-pass form (tuples (k, b, p, r)): as _RANK_SQL.
+_RANK_TUPLE: Final = {"b": _rank_lambda(((2, True), (1, False))),
+                      "p": _rank_lambda(((3, True), (2, True), (1, False))),
+                      "r": _rank_lambda(((4, True), (2, True), (1, False)))}
+
+
+def _top_and_total(store: Backend, inner: str, key_sql: str, metric: str, n: int,
                    params: Mapping[str, Any]) -> tuple[list[tuple[Any, ...]], tuple[int, int, int], bool]:
     """The ``n`` largest groups (key, b, p, r), ranked in the store, the total of every
-    group, and whether more groups than ``n`` exist: one round trip, ``n + 1`` rows back
-    (not every group)."""
+    group, and whether more groups than ``n`` exist: one round trip, one row back, and one
+    pass over the table (the groups are gathered once; the total is their sum and the top
+    ``n + 1`` are sorted out of them)."""
     rows = store.rows(
-        f"SELECT 0 AS part, k, b, p, r FROM (SELECT CAST({key_sql} AS String) AS k, sum(b) AS b, sum(p) AS p, "
-        f"sum(r) AS r FROM ({inner}) GROUP BY k ORDER BY {rank} LIMIT {n + 1:d}) "
-        f"UNION ALL SELECT 1 AS part, '' AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ({total_inner})", params)
-    groups = [r[1:] for r in rows if int(r[0]) == 0]
-    totals = next(((int(r[2] or 0), int(r[3] or 0), int(r[4] or 0)) for r in rows if int(r[0]) == 1), (0, 0, 0))
+        f"SELECT sum(b), sum(p), sum(r), arraySlice(arraySort({_RANK_TUPLE[metric]}, groupArray((k, b, p, r))), "
+        f"1, {n + 1:d}) FROM (SELECT CAST({key_sql} AS String) AS k, sum(b) AS b, sum(p) AS p, sum(r) AS r "
+        f"FROM ({inner}) GROUP BY k)", params)
+    row = rows[0] if rows else (0, 0, 0, [])
+    groups = [tuple(g) for g in row[3]]
+    totals = (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0))
     return groups, totals, len(groups) > n
 
 
@@ -534,8 +589,7 @@ def top(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -
     src, where, params, start, end = _where(store, q, frozenset(dim.columns), now)
     m = _metric(q.by)
     groups, (tb, tp, tr), more = _top_and_total(
-        store, _inner(dim.columns, src, store, where), _inner((), src, store, where), dim.sql, _RANK_SQL[m], q.top,
-        params.values)
+        store, _inner(dim.columns, src, store, where), dim.sql, m, q.top, params.values)
     i = {"b": 1, "p": 2, "r": 3}[m]
     groups.sort(key=lambda r: (-int(r[i]), -int(r[1]), str(r[0])))
     seconds = end - start
@@ -569,6 +623,47 @@ def _resolution(q: FlowQuery, start: int, end: int) -> int:
     return step
 
 
+#: Groups with thousands of keys (Pods, workloads, addresses, ports): a series of them is
+#: ranked first and only the top keys' buckets are gathered (keys times buckets is
+#: otherwise hundreds of thousands of groups: 5,000 Pods over 60 minutes).
+_MANY_KEYS: Final = frozenset(("srcPod", "dstPod", "srcWorkload", "dstWorkload", "srcIP", "dstIP", "dstPort"))
+
+
+def _series_of_ranked(store: Backend, q: FlowQuery, dim: Any, start: int, end: int, step: int, bucket: str,
+                      value: str, now: Callable[[], float]) -> list[tuple[Any, ...]]:
+    """A series of a many-keyed group in three reads: the keys ranked over the whole range
+    (by the same order as the one-pass form: the value's sum descending, then the key),
+    from the tables that read least whatever the buckets; then, in one round trip, the
+    top N + 1 keys' buckets (only their rows grouped) and the buckets' totals (from the
+    tables that keep the filter's columns, without the group's). Rows as the one-pass
+    form gives them: (0, key, buckets, values) per key, (1, "", buckets, totals)."""
+    src, where, params, _, _ = _where(store, q, frozenset(dim.columns), now)
+    ranked = store.rows(
+        f"SELECT arraySlice(arraySort({_rank_lambda(((2, True), (1, False)))}, groupArray((k, v))), 1, {q.top + 1:d}) "
+        f"FROM (SELECT CAST({dim.sql} AS String) AS k, {value} AS v FROM ({_inner(dim.columns, src, store, where)}) "
+        "GROUP BY k)", params.values)
+    keys = [str(x[0]) for x in (ranked[0][0] if ranked else [])]
+    params = Params()
+    w = parse_filter(q.filter, params)
+    lines_src = _source(store, w.columns | frozenset(dim.columns), start, end, step, q.source)
+    total_src = _source(store, w.columns, start, end, step, q.source)
+    filt = f" AND ({w.sql})" if w.sql != "1" else ""
+    lines_where = _time_where(lines_src, start, end, params) + filt
+    total_where = _time_where(total_src, start, end, params) + filt
+    totals = (f"SELECT 1 AS part, '' AS k, groupArray(t) AS ts, groupArray(v) AS vs FROM (SELECT t, {value} AS v "
+              f"FROM ({_inner((), total_src, store, total_where, (f'{bucket} AS t',))}) GROUP BY t)")
+    if not keys:
+        return store.rows(totals, params.values)
+    chosen = ", ".join(params.add(k, "String") for k in keys)
+    lines_where += f" AND (CAST({dim.sql} AS String) IN ({chosen}))"
+    inner = _inner(dim.columns, lines_src, store, lines_where, (f"{bucket} AS t",))
+    rows = store.rows(
+        f"SELECT 0 AS part, k, groupArray(t) AS ts, groupArray(v) AS vs FROM (SELECT CAST({dim.sql} AS String) AS k, "
+        f"t, {value} AS v FROM ({inner}) GROUP BY k, t) GROUP BY k UNION ALL {totals}", params.values)
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(rows, key=lambda r: (int(r[0]), order.get(str(r[1]), 0)))
+
+
 def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time) -> Series:
     """Per-bucket values of the top ``q.top`` groups (by the range's total) plus "other";
     without a group, one line "total". Buckets start at multiples of the resolution. The
@@ -586,19 +681,25 @@ def series(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time
     value = _VALUE[q.by]
     buckets = list(range(first, end, step))
     index = {t: i for i, t in enumerate(buckets)}
-    # The buckets' totals, without the groups (no key to hash), as one row of arrays.
-    totals_sql = (f"SELECT 1 AS part, '' AS k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
-                  f"SELECT t, {value} AS v FROM ({_inner((), src, store, where, (f'{bucket} AS t',))}) GROUP BY t)")
     if dim is None:
-        rows = store.rows(totals_sql, params.values)
-    else:
-        # One pass over the groups: each key's buckets gathered, the keys ranked, the top
-        # N + 1 kept (one more says that there are more); "other" is the totals less the
-        # top lines. At most top + 2 rows come back, whatever the number of groups.
+        # The buckets' totals, without the groups (no key to hash), as one row of arrays.
         rows = store.rows(
-            f"SELECT part, k, ts, vs FROM (SELECT 0 AS part, k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
-            f"SELECT CAST({dim.sql} AS String) AS k, t, {value} AS v FROM ({inner}) GROUP BY k, t"
-            f") GROUP BY k ORDER BY sum(v) DESC, k LIMIT {q.top + 1:d}) UNION ALL {totals_sql}", params.values)
+            f"SELECT 1 AS part, '' AS k, groupArray(t) AS ts, groupArray(v) AS vs FROM ("
+            f"SELECT t, {value} AS v FROM ({inner}) GROUP BY t)", params.values)
+    elif q.group in _MANY_KEYS:
+        rows = _series_of_ranked(store, q, dim, start, end, step, bucket, value, now)
+    else:
+        # One pass over the table: each key's buckets gathered (one row per key), the
+        # buckets' totals summed over the keys' rows (sumMap), the keys ranked and the top
+        # N + 1 kept (one more says that there are more); "other" is the totals less the
+        # top lines. One row comes back, whatever the number of groups.
+        one = store.rows(
+            f"SELECT arraySlice(arraySort({_rank_lambda(((4, True), (1, False)))}, groupArray((k, ts, vs, s))), 1, "
+            f"{q.top + 1:d}), sumMap(ts, vs) FROM (SELECT k, groupArray(t) AS ts, groupArray(v) AS vs, sum(v) AS s "
+            f"FROM (SELECT CAST({dim.sql} AS String) AS k, t, {value} AS v FROM ({inner}) GROUP BY k, t) GROUP BY k)",
+            params.values)
+        ranked_rows, sums = (one[0][0], one[0][1]) if one else ([], ([], []))
+        rows = [(0, line[0], line[1], line[2]) for line in ranked_rows] + [(1, "", sums[0], sums[1])]
 
     def spread(ts: Sequence[Any], vs: Sequence[Any]) -> list[float]:
         vals = [0.0] * len(buckets)
@@ -643,14 +744,16 @@ def sankey(store: Backend, q: FlowQuery, target: str, *, now: Callable[[], float
     src, where, params, _, _ = _where(store, q, frozenset(a.columns + b.columns), now)
     cols = tuple(dict.fromkeys(a.columns + b.columns))
     m = _metric(q.by)
-    rank = {"b": "b DESC, s, d", "p": "p DESC, s, d", "r": "r DESC, s, d"}[m]
+    # tuples (s, d, b, p, r), ranked by the metric, then by the keys
+    rank = _rank_lambda((({"b": 3, "p": 4, "r": 5}[m], True), (1, False), (2, False)))
+    # one pass: the pairs gathered once, their sum the total, the top N + 1 sorted out of them
     rows = store.rows(
-        f"SELECT 0 AS part, s, d, b, p, r FROM (SELECT CAST({a.sql} AS String) AS s, CAST({b.sql} AS String) AS d, "
-        f"sum(b) AS b, sum(p) AS p, sum(r) AS r FROM ({_inner(cols, src, store, where)}) GROUP BY s, d "
-        f"ORDER BY {rank} LIMIT {q.top + 1:d}) UNION ALL SELECT 1 AS part, '' AS s, '' AS d, sum(b) AS b, "
-        f"sum(p) AS p, sum(r) AS r FROM ({_inner((), src, store, where)})", params.values)
-    links = [r[1:] for r in rows if int(r[0]) == 0]
-    totals = next((tuple(int(x or 0) for x in r[3:]) for r in rows if int(r[0]) == 1), (0, 0, 0))
+        f"SELECT sum(b), sum(p), sum(r), arraySlice(arraySort({rank}, groupArray((s, d, b, p, r))), 1, {q.top + 1:d}) "
+        f"FROM (SELECT CAST({a.sql} AS String) AS s, CAST({b.sql} AS String) AS d, sum(b) AS b, sum(p) AS p, "
+        f"sum(r) AS r FROM ({_inner(cols, src, store, where)}) GROUP BY s, d)", params.values)
+    row = rows[0] if rows else (0, 0, 0, [])
+    links = [tuple(x) for x in row[3]]
+    totals = (int(row[0] or 0), int(row[1] or 0), int(row[2] or 0))
     i = {"b": 2, "p": 3, "r": 4}[m]
     links.sort(key=lambda r: (-int(r[i]), str(r[0]), str(r[1])))
     out = [SankeyLink(str(r[0]), str(r[1]), label(group, str(r[0])), label(target, str(r[1])),
@@ -685,12 +788,13 @@ def overview(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.ti
     r = store.rows(f"SELECT sum(n), sum(b), sum(p) FROM ({sums})", params.values)
     n, b, p = (int(x or 0) for x in (r[0] if r else (0, 0, 0)))
     names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
-    conns = _states(store, q, start, end, ("connections", "ended", "denied"), "connections", now)
-    if conns[1] == "":  # no filter: the conn roll-ups hold the names' states too
-        found = _states(store, q, start, end, names + ("namespaces",), "connections", now)[0]
+    counts = ("connections", "ended", "denied")
+    if parse_filter(q.filter).sql == "1":  # no filter: the conn roll-ups hold the names' states too (one read)
+        conns = found = _states(store, q, start, end, counts + names + ("namespaces",), "connections", now)[0]
     else:
+        conns = _states(store, q, start, end, counts, "connections", now)[0]
         found = _states(store, q, start, end, names + ("namespaces",), "sums", now)[0]
-    c, ended_n, denied = (conns[0][k] for k in ("connections", "ended", "denied"))
+    c, ended_n, denied = (conns[k] for k in counts)
     seconds = max(end - start, 1)
     return Overview(start, end, n, round(n / seconds, 3), b, p, round(b * 8 / seconds, 3), c,
                     max(c - ended_n, 0), ended_n, denied, found["namespaces"], found["srcPods"] + found["dstPods"],

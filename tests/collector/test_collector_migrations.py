@@ -15,7 +15,8 @@ import pytest
 from flowscope.collector.rows import flows_to_columns, typed_columns
 from flowscope.collector.schema import COLUMNS, SCHEMA_VERSION, rollup_tables
 from flowscope.collector.store import SchemaError, open_store
-from test_collector_store import FLOWS, check_against_python, rollup_answers_equal_raw
+from flowscope.collector import query
+from test_collector_store import FLOWS, T_END, T_START, check_against_python, rollup_answers_equal_raw
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -42,7 +43,7 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
 
     store = open_store(f"chdb://{path}")
     store.open()
-    assert store.schema_version == SCHEMA_VERSION == 3
+    assert store.schema_version == SCHEMA_VERSION == 4
     after = store._conn().query("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
                                 "flowEndSeconds) FROM flowscope.flows", "CSV").bytes()
     assert after == before and int(after.split(b",")[0]) == len(FLOWS)
@@ -60,11 +61,11 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
     again = open_store(f"chdb://{path}")  # idempotent: nothing changes on the next start
     again.open()
     assert again.count() == len(FLOWS) and again.count("flows_1h") == store_rollup_rows(again)
-    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [3]
-    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'from the future'")
+    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [4]
+    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 5, 'from the future'")
     again.close()
     newer = open_store(f"chdb://{path}")
-    with pytest.raises(SchemaError, match="has schema version 4, newer than this flowscope's 3; upgrade flowscope"):
+    with pytest.raises(SchemaError, match="has schema version 5, newer than this flowscope's 4; upgrade flowscope"):
         newer.open()
     newer.close()
     s2 = chs.Session(str(path))
@@ -87,7 +88,7 @@ def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tm
     store.open()
     store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
     for name in rollup_tables("flows"):
-        if name.startswith(("flows_addr_", "flows_conn_")):
+        if name.startswith(("flows_addr_", "flows_conn_", "flows_ns_", "flows_src_", "flows_dst_")) or "_10m" in name:
             store.execute(f"DROP TABLE flowscope.{name}_mv")
             store.execute(f"DROP TABLE flowscope.{name}")
     store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
@@ -98,9 +99,9 @@ def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tm
     again = open_store(f"chdb://{path}")
     again.open()
     try:
-        assert again.schema_version == 3
+        assert again.schema_version == 4
         assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
-            == [2, 3]
+            == [2, 4]
         assert again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows_1h") == main_1h
         for name in ("flows_addr_1m", "flows_addr_1h"):
             assert again.select(f"SELECT sum(records), sum(octetDeltaCount) FROM flowscope.{name}") == \
@@ -109,6 +110,63 @@ def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tm
             again.select("SELECT uniqCombined(connectionHash), uniqIf(cityHash64(sourcePodNamespace, sourcePodName), "
                                                                   "sourcePodName != '') FROM flowscope.flows")
         assert rollup_answers_equal_raw(again) > 50
+    finally:
+        again.close()
+
+
+def test_a_version_3_store_gains_the_narrow_rollups_from_its_rollups_not_its_raw_rows(tmp_path):
+    """Version 4 added the 10-minute resolution and the families without Pods (ns) or with
+    one side's (src, dst): a version-3 store gets them in place, filled from its roll-ups
+    (the coarsest that keeps their keys), so they hold the history its raw table's shorter
+    retention already removed: here the raw table is emptied before the upgrade, and the
+    new tables still hold every bucket the old roll-ups hold, with the same sums."""
+    from flowscope.collector.schema import FAMILIES, ROLLUP_SUMS, ROLLUPS, rollup_view_sql
+
+    path = tmp_path / "store"
+    store = open_store(f"chdb://{path}")
+    store.open()
+    store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
+    new = [n for n in rollup_tables("flows") if n.startswith(("flows_ns_", "flows_src_", "flows_dst_")) or "_10m" in n]
+    assert len(new) == 7  # ns, src, dst at 10 min and 1 h; conn at 10 min
+    for name in new:
+        store.execute(f"DROP TABLE flowscope.{name}_mv")
+        store.execute(f"DROP TABLE flowscope.{name}")
+    # version 3's 1-hour connection states were fed from the 1-minute ones
+    view = rollup_view_sql("flowscope", "flows", ROLLUPS[-1], store.features, FAMILIES[-1])
+    store.execute("DROP TABLE flowscope.flows_conn_1h_mv")
+    store.execute(view.replace("`flows_conn_10m`", "`flows_conn_1m`"))
+    store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
+    store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 3, 'version 3'")
+    store.execute("TRUNCATE TABLE flowscope.flows")  # the raw rows' retention has passed
+    kept = {n: store.count(n) for n in rollup_tables("flows") if n not in new}
+    store.close()
+
+    again = open_store(f"chdb://{path}")
+    again.open()
+    try:
+        assert again.schema_version == 4 and again.count() == 0
+        assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
+            == [3, 4]
+        assert {n: again.count(n) for n in kept} == kept  # the old roll-ups as they were
+        sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS + ("records", "ended"))
+        for fam in FAMILIES:
+            if fam.name not in ("ns", "src", "dst"):
+                continue
+            keys = ", ".join(fam.keys)
+            for r in fam.rollups:
+                source = "flows_1m" if r.seconds == 600 else "flows_1h"  # the main family's, regrouped
+                want = again.select(f"SELECT intDiv(timeBucket, {r.seconds}) * {r.seconds} AS t, {keys}, {sums} "
+                                    f"FROM flowscope.{source} GROUP BY t, {keys} ORDER BY t, {keys}")
+                got = again.select(f"SELECT timeBucket AS t, {keys}, {sums} FROM flowscope.{fam.table('flows', r)} "
+                                   f"GROUP BY t, {keys} ORDER BY t, {keys}")
+                assert got == want and len(got) > 10, fam.table("flows", r)
+        assert again.select("SELECT uniqCombinedMerge(connections), uniqMerge(srcPods) FROM flowscope.flows_conn_10m") \
+            == again.select("SELECT uniqCombinedMerge(connections), uniqMerge(srcPods) FROM flowscope.flows_conn_1m") \
+            != [(0, 0)]
+        # the query layer answers from them: the same as before the upgrade, without a raw row
+        q = query.FlowQuery(start=T_START, end=T_END, group="srcPod", top=5)
+        top = query.top(again, q)
+        assert top.table == "flows_src_1h" and top.total.records == len(FLOWS)
     finally:
         again.close()
 
