@@ -341,7 +341,9 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
     import asyncio
 
     from flowscope.ipfix import UsageError
+    from flowscope.ipfix.codec import Decoder
     from flowscope.ipfix.collecting import CollectingProcess
+    from flowscope.ipfix.columnar import ColumnarDecoder
 
     from .records import dumps_record
 
@@ -359,8 +361,8 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
             return EXIT_UNREACHABLE
 
     def on_message(peer: Any, msg: Any) -> None:
-        if writer is not None:
-            writer.offer([record for _, record in msg.data_records()])
+        if writer is not None:  # the data sets as columns (ColumnarDecoder): no dict per record
+            writer.offer_sets(msg.column_sets)
         if broken.is_set() or fmt is None:
             return
         exporter = str(peer)
@@ -381,7 +383,7 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
     try:
         process = CollectingProcess(
             address, tls=tls, on_message=on_message, template_lifetime=lifetime, max_sessions=max_sessions,
-            stream_idle_timeout=idle,
+            stream_idle_timeout=idle, decoder_class=ColumnarDecoder if writer is not None else Decoder,
         )
     except UsageError as exc:
         raise _Usage(str(exc)) from None
