@@ -11,10 +11,11 @@ Also reported: the collector's CPU seconds over the run (from /proc), so N over 
 the rate on one core whatever else the machine runs; and the same collector with no store
 (``--format jsonl`` to /dev/null) as the decode-and-print baseline in the same run.
 CPU ms per 1,000 records of each ingest stage come from the collector's own count at
-shutdown (collector/ingest.py): decode (the event loop's thread: decoding, and serving
-the API's polls), queueing (offer), conversion (records to typed columns) and insert
-(the worker thread's CPU in the backend's insert; chDB's own threads are in the
-collector's total only).
+shutdown (collector/ingest.py): decode (the event loop's thread: framing, decoding each
+data set straight into typed columns (ipfix/columnar.py), and serving the API's polls),
+queueing (offer_sets), conversion (the batch's column sets joined into the store's
+columns: collector/rows.py sets_to_columns) and insert (the worker thread's CPU in the
+backend's insert; chDB's own threads are in the collector's total only).
 
 Prints one JSON object; ``--runs`` medians.
 """
