@@ -55,8 +55,10 @@ def register(subparsers: Any) -> None:
     from .ui.options import add_ui_options
 
     add_ui_options(c)  # --ui HOST:PORT (with --store): the web dashboards, with the API on the same address
-    c.add_argument("--batch-rows", type=int, default=50_000, metavar="N",
-                   help="with --store: records per insert block (default 50000)")
+    # chDB's insert costs about half as much a row in blocks of 100k rows and more as in
+    # blocks of 50k (every table and view writes a part per block): benchmarks/clickhouse_sink.py
+    c.add_argument("--batch-rows", type=int, default=200_000, metavar="N",
+                   help="with --store: records per insert block at most (default 200000)")
     c.add_argument("--queue-rows", type=int, default=1_000_000, metavar="N",
                    help="with --store: records held while the store is slow or down; past it records are "
                         "refused and counted (default 1000000)")

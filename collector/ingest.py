@@ -111,7 +111,7 @@ class _Batch:
 class StoreWriter:
     """Batches records into a store from a worker thread; bounded, never blocking the caller."""
 
-    def __init__(self, store: FlowStore, *, batch_rows: int = 50_000, max_rows: int = 1_000_000,
+    def __init__(self, store: FlowStore, *, batch_rows: int = 200_000, max_rows: int = 1_000_000,
                  commit_interval: float = 1.0, close_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         if batch_rows < 1 or max_rows < batch_rows:
