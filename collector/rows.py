@@ -390,11 +390,10 @@ def _set_plan(template: Any, cs: ColumnSet) -> _SetPlan:
         for i in (a, b):
             if i < 0:
                 continue
-            v = cs.columns[i]
             if col.is_int:
-                direct &= isinstance(v, array) and v.typecode == _ARRAY_CODES[col.type]
+                direct &= cs.codes[i] == _ARRAY_CODES[col.type]
             else:
-                direct &= isinstance(v, VarColumn) and v.text
+                direct &= cs.codes[i] is None and cs.texts[i]
         sources.append((a, b))
     if len(_SET_PLANS) >= 4096:
         _SET_PLANS.clear()
@@ -478,9 +477,10 @@ def sets_to_columns(sets: Sequence[ColumnSet], records: Sequence[Mapping[str, An
         for j, (a, b) in enumerate(plan.sources):
             i = a if a >= 0 else b
             if _IS_INT[j]:
-                int_parts[j].append(b"".join([cs.columns[i] for cs in group]) if i >= 0 else bytes(m * _WIDTHS[j]))
+                int_parts[j].append(b"".join([cs.buffers[i] for cs in group]) if i >= 0  # type: ignore[misc]
+                                    else bytes(m * _WIDTHS[j]))
             elif i >= 0:
-                text_parts[j] += [(v.offsets, v.data) for v in [cs.columns[i] for cs in group]]
+                text_parts[j] += [cs.buffers[i] for cs in group]  # type: ignore[misc]
             else:
                 text_parts[j].append(_no_text(m))
     slow.extend(records)

@@ -14,6 +14,9 @@ of all the set's records in one column laid out from the template:
   spells them) and octets a :class:`VarColumn`: Arrow's variable-length layout, int32
   offsets into one data buffer (UTF-8 for text), which Arrow reads without a copy.
 
+A set keeps the buffers the decoder wrote (:attr:`ColumnSet.buffers`), and makes the
+typed objects only when asked: a store joining the columns of many sets never needs them.
+
 The values are the record decoder's, value for value, with the same type rules
 (``accel._kind``: a length that does not fit its type, or a fixed-size type sent with
 variable length, is octets), on valid and malformed input alike; a set whose record
@@ -152,13 +155,31 @@ class VarColumn(Sequence[Any]):
 Column = Union["array[Any]", VarColumn]
 
 
-@dataclass(frozen=True, slots=True)
-class ColumnSet:
-    """The records of one data set as columns, one per template field (template order)."""
+Buffer = Union[bytes, tuple[bytes, bytes]]
 
-    template: Template
-    count: int
-    columns: tuple[Column, ...]
+
+class ColumnSet:
+    """The records of one data set as columns, one per template field (template order).
+
+    ``buffers`` are what the decoder wrote, per field: a number column's bytes (native
+    order, the typecode's width) or a variable-size column's (offsets, data) pair; a
+    consumer that joins columns (a store) takes them as they are. :attr:`columns` are the
+    same as typed objects (``array`` or :class:`VarColumn`), made when asked for."""
+
+    __slots__ = ("template", "count", "buffers", "codes", "texts")
+
+    def __init__(self, template: Template, count: int, buffers: Sequence[Buffer], codes: Sequence[str | None],
+                 texts: Sequence[bool]) -> None:
+        self.template = template
+        self.count = count
+        self.buffers = buffers
+        self.codes = codes  # per field: an array typecode, or None for a variable-size column
+        self.texts = texts  # per field: a variable-size column of text (else octets)
+
+    @property
+    def columns(self) -> tuple[Column, ...]:
+        return tuple(array(code, b) if code is not None else VarColumn(b[0], b[1], text)  # type: ignore[misc]
+                     for code, text, b in zip(self.codes, self.texts, self.buffers))
 
     def column(self, key: str) -> Column:
         """The column of a record key (the element name; ``name#2`` for a repeat)."""
@@ -231,8 +252,7 @@ def decode_set(template: Template, buf: bytes, off: int, end: int) -> ColumnSet:
         n, raw = _columnar.decode_set(buf, off, end, plan.plan, plan.min_length)
     except (ValueError, OverflowError) as exc:
         raise MalformedMessage(f"data set for template {template.template_id}: {exc}") from None
-    return ColumnSet(template, n, tuple([array(code, v) if code is not None else VarColumn(v[0], v[1], text)
-                                         for code, text, v in zip(plan.codes, plan.texts, raw)]))
+    return ColumnSet(template, n, raw, plan.codes, plan.texts)
 
 
 def _decode_set_py(template: Template, plan: _Plan, buf: bytes, off: int, end: int) -> ColumnSet:
@@ -241,15 +261,15 @@ def _decode_set_py(template: Template, plan: _Plan, buf: bytes, off: int, end: i
         raise MalformedMessage(f"data set for template {template.template_id}: set body {off}..{end} is outside "
                                f"the {len(buf)}-octet buffer")
     records = template._decode_records_py(buf, off, end)
-    cols: list[Column] = []
+    buffers: list[Buffer] = []
     for key, code, kind in zip(template.keys, plan.codes, plan.kinds):
         vals = [r[key] for r in records]
         if code is not None:
-            cols.append(array(code, vals))
+            buffers.append(array(code, vals).tobytes())
             continue
-        datas = [v.encode("utf-8") for v in vals] if kind in _TEXT_KINDS else vals
-        cols.append(_var_column(datas, kind in _TEXT_KINDS))
-    return ColumnSet(template, len(records), tuple(cols))
+        col = _var_column([v.encode("utf-8") for v in vals] if kind in _TEXT_KINDS else vals, kind in _TEXT_KINDS)
+        buffers.append((col.offsets, col.data))
+    return ColumnSet(template, len(records), buffers, plan.codes, plan.texts)
 
 
 def _var_column(datas: Sequence[bytes], text: bool) -> VarColumn:
