@@ -178,8 +178,13 @@ class ColumnSet:
 
     @property
     def columns(self) -> tuple[Column, ...]:
-        return tuple(array(code, b) if code is not None else VarColumn(b[0], b[1], text)  # type: ignore[misc]
-                     for code, text, b in zip(self.codes, self.texts, self.buffers))
+        out: list[Column] = []
+        for code, text, b in zip(self.codes, self.texts, self.buffers):
+            if isinstance(b, tuple):
+                out.append(VarColumn(b[0], b[1], text))
+            else:
+                out.append(array(code or "B", b))
+        return tuple(out)
 
     def column(self, key: str) -> Column:
         """The column of a record key (the element name; ``name#2`` for a repeat)."""
