@@ -166,15 +166,16 @@ class ColumnSet:
     consumer that joins columns (a store) takes them as they are. :attr:`columns` are the
     same as typed objects (``array`` or :class:`VarColumn`), made when asked for."""
 
-    __slots__ = ("template", "count", "buffers", "codes", "texts")
+    __slots__ = ("template", "count", "buffers", "codes", "texts", "kinds")
 
     def __init__(self, template: Template, count: int, buffers: Sequence[Buffer], codes: Sequence[str | None],
-                 texts: Sequence[bool]) -> None:
+                 texts: Sequence[bool], kinds: Sequence[str]) -> None:
         self.template = template
         self.count = count
         self.buffers = buffers
         self.codes = codes  # per field: an array typecode, or None for a variable-size column
         self.texts = texts  # per field: a variable-size column of text (else octets)
+        self.kinds = kinds  # per field: how it was decoded (accel._kind: "UINT", "BOOL", "IP4", ...)
 
     @property
     def columns(self) -> tuple[Column, ...]:
@@ -194,9 +195,11 @@ class ColumnSet:
         return self.column(key).tolist()
 
     def records(self) -> list[Record]:
-        """The set's records as the record decoder's dicts (booleans as 1/0 ints)."""
-        keys = self.template.keys
-        return [dict(zip(keys, row)) for row in zip(*(c.tolist() for c in self.columns))] if self.count else []
+        """The set's records as the record decoder's dicts, value for value."""
+        if not self.count:
+            return []
+        values = [list(map(bool, c)) if kind == "BOOL" else c.tolist() for c, kind in zip(self.columns, self.kinds)]
+        return [dict(zip(self.template.keys, row)) for row in zip(*values)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +260,7 @@ def decode_set(template: Template, buf: bytes, off: int, end: int) -> ColumnSet:
         n, raw = _columnar.decode_set(buf, off, end, plan.plan, plan.min_length)
     except (ValueError, OverflowError) as exc:
         raise MalformedMessage(f"data set for template {template.template_id}: {exc}") from None
-    return ColumnSet(template, n, raw, plan.codes, plan.texts)
+    return ColumnSet(template, n, raw, plan.codes, plan.texts, plan.kinds)
 
 
 def _decode_set_py(template: Template, plan: _Plan, buf: bytes, off: int, end: int) -> ColumnSet:
@@ -274,7 +277,7 @@ def _decode_set_py(template: Template, plan: _Plan, buf: bytes, off: int, end: i
             continue
         col = _var_column([v.encode("utf-8") for v in vals] if kind in _TEXT_KINDS else vals, kind in _TEXT_KINDS)
         buffers.append((col.offsets, col.data))
-    return ColumnSet(template, len(records), buffers, plan.codes, plan.texts)
+    return ColumnSet(template, len(records), buffers, plan.codes, plan.texts, plan.kinds)
 
 
 def _var_column(datas: Sequence[bytes], text: bool) -> VarColumn:

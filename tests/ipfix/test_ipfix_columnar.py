@@ -71,6 +71,10 @@ def _same(col_value: Any, want: Any) -> bool:
 
 def _check(cs: columnar.ColumnSet, records: list[dict[str, Any]]) -> None:
     assert cs.count == len(records)
+    rebuilt = cs.records()  # the records rebuilt from the columns: the decoder's, value and type
+    assert [list(r) for r in rebuilt] == [list(r) for r in records]
+    assert all(type(a[k]) is type(b[k]) and _same(a[k], b[k]) or (isinstance(b[k], bool) and a[k] is b[k])
+               for a, b in zip(rebuilt, records) for k in a)
     for key, col in zip(cs.template.keys, cs.columns):
         got = col.tolist()
         want = [r[key] for r in records]
@@ -158,7 +162,9 @@ def test_text_is_spelled_as_the_record_decoder_spells_it() -> None:
     cs = columnar.decode_set(t, body, 0, len(body))
     assert [c.tolist()[0] for c in cs.columns] == ["10.0.200.7", "::1", "aa:bb:00:01:02:ff", "eth0", "wéb", 0,
                                                    1_700_000_000.123]
-    assert cs.records() == [dict(zip(t.keys, [c.tolist()[0] for c in cs.columns]))]
+    assert cs.records() == [dict(zip(t.keys, ["10.0.200.7", "::1", "aa:bb:00:01:02:ff", "eth0", "wéb", False,
+                                              1_700_000_000.123]))]
+    assert cs.records()[0]["testBoolean"] is False
     bad_utf8 = b"\x03a\xffb"
     t2 = _template([("sourcePodName", VARIABLE_LENGTH)])
     assert columnar.decode_set(t2, bad_utf8, 0, 4).values("sourcePodName") == ["a\ufffdb"]
