@@ -1,11 +1,12 @@
-"""Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c),
-the conntrack parser's (agent/_ctparse.c), the flow store's records-to-columns
-transposition (collector/_rowcols.c) and the aggregation's ingest loop (aggregator/_aggr.c).
+"""Build hook for the C extensions: the IPFIX codec's accelerator (ipfix/_speedups.c), its
+data-set-to-columns decoder (ipfix/_columnar.c), the conntrack parser's (agent/_ctparse.c),
+the aggregation's ingest loop (aggregator/_aggr.c) and the flow store's records-to-columns
+transposition (collector/_rowcols.c).
 
 Everything else about the distribution is declared in pyproject.toml. The extensions are
 optional: where no compiler is at hand, ``pip install`` still succeeds and each uses its
-pure-Python twin (ipfix/accel.py, agent/ctfast.py, collector/rows.py and aggregator/aggregation.py log
-which one serves).
+pure-Python twin (ipfix/accel.py, ipfix/columnar.py, agent/ctfast.py, aggregator/aggregation.py
+and collector/rows.py log which one serves).
 """
 
 from setuptools import Extension, setup
@@ -15,6 +16,12 @@ setup(
         Extension(
             "flowscope.ipfix._speedups",
             sources=["ipfix/_speedups.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "flowscope.ipfix._columnar",
+            sources=["ipfix/_columnar.c"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

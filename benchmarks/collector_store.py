@@ -11,10 +11,11 @@ Also reported: the collector's CPU seconds over the run (from /proc), so N over 
 the rate on one core whatever else the machine runs; and the same collector with no store
 (``--format jsonl`` to /dev/null) as the decode-and-print baseline in the same run.
 CPU ms per 1,000 records of each ingest stage come from the collector's own count at
-shutdown (collector/ingest.py): decode (the event loop's thread: decoding, and serving
-the API's polls), queueing (offer), conversion (records to typed columns) and insert
-(the worker thread's CPU in the backend's insert; chDB's own threads are in the
-collector's total only).
+shutdown (collector/ingest.py): decode (the event loop's thread: framing, decoding each
+data set straight into typed columns (ipfix/columnar.py), and serving the API's polls),
+queueing (offer_sets), conversion (the batch's column sets joined into the store's
+columns: collector/rows.py sets_to_columns) and insert (the worker thread's CPU in the
+backend's insert; chDB's own threads are in the collector's total only).
 
 Prints one JSON object; ``--runs`` medians.
 """
@@ -99,11 +100,12 @@ def committed(api: int) -> int:
         return int(json.loads(r.read())["total"]["records"])
 
 
-def run_store(msgs: list[bytes], n: int, root: str) -> dict[str, Any]:
+def run_store(msgs: list[bytes], n: int, root: str, batch_rows: int, interval: str) -> dict[str, Any]:
     port, api = free_port(), free_port()
     d = tempfile.mkdtemp(dir=root)
     proc = subprocess.Popen([FLOWSCOPE, "collector", "--listen", f"127.0.0.1:{port}", "--store", f"chdb://{d}/s",
-                             "--api", f"127.0.0.1:{api}", "--commit-interval", "200ms"],
+                             "--api", f"127.0.0.1:{api}", "--commit-interval", interval,
+                             "--batch-rows", str(batch_rows), "--queue-rows", str(max(batch_rows * 5, 1_000_000))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_api(api, proc)
@@ -210,17 +212,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=500_000)
     ap.add_argument("--runs", type=int, default=3)
+    # the collector's defaults: blocks of up to 200k rows, closed after 1 s
+    ap.add_argument("--batch-rows", type=int, default=200_000, help="the collector's --batch-rows")
+    ap.add_argument("--commit-interval", default="1s", help="the collector's --commit-interval")
     args = ap.parse_args()
     msgs = encode(args.records)
     root = tempfile.mkdtemp(prefix="fs-collector-bench-")
     try:
-        store = [run_store(msgs, args.records, root) for _ in range(args.runs)]
+        store = [run_store(msgs, args.records, root, args.batch_rows, args.commit_interval) for _ in range(args.runs)]
         printed = [run_print(msgs, args.records) for _ in range(args.runs)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
     print(json.dumps({
-        "records": args.records, "runs": args.runs, "messages": len(msgs),
+        "records": args.records, "runs": args.runs, "messages": len(msgs), "batch_rows": args.batch_rows,
+        "commit_interval": args.commit_interval,
         "store_records_per_s_median": med(store, "records_per_s"),
         "store_cpu_ms_per_1k_records_median": {
             k: statistics.median(r["cpu_ms_per_1k_records"][k] for r in store if k in r["cpu_ms_per_1k_records"])

@@ -3,10 +3,11 @@
 ``chdb:///DIR`` keeps the database in a directory that survives restarts (one process at a
 time may hold it); ``chdb://`` uses a temporary one, removed on close. Inserts hand chDB
 a pyarrow table through its ``Python()`` table function: the integer columns arrive as
-``array``s, which become arrow arrays without a per-value conversion (a zero-copy numpy
-view of the buffer), the text columns as :class:`~flowscope.collector.rows.TextColumn`
-(Arrow's offsets and UTF-8 data, built once by the transposition) or lists; ClickHouse
-reads the block columnar. Reads come back as JSONCompact.
+``array``s or typed ``memoryview``s (collector.rows.sets_to_columns), which become arrow
+arrays without a per-value conversion (a zero-copy numpy view of the buffer), the text
+columns as :class:`~flowscope.collector.rows.TextColumn` (Arrow's offsets and UTF-8 data,
+built once by the transposition or joined from the decoder's columns) or lists;
+ClickHouse reads the block columnar. Reads come back as JSONCompact.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class ChdbStore(FlowStore):
                 # Arrow's layout already (offsets and data as built), or a list of str
                 text = v.arrow() if isinstance(v, TextColumn) else pa.array(v, type=pa.string())
                 arrays[c.name] = text.dictionary_encode() if c.repeats and low_cardinality else text
-            elif isinstance(v, array):  # a numpy view of the buffer, no per-value conversion
+            elif isinstance(v, (array, memoryview)):  # a numpy view of the buffer, no per-value conversion
                 arrays[c.name] = pa.array(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
             elif isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
                 arrays[c.name] = v if not isinstance(v, np.ndarray) else pa.array(v)

@@ -55,8 +55,10 @@ def register(subparsers: Any) -> None:
     from .ui.options import add_ui_options
 
     add_ui_options(c)  # --ui HOST:PORT (with --store): the web dashboards, with the API on the same address
-    c.add_argument("--batch-rows", type=int, default=50_000, metavar="N",
-                   help="with --store: records per insert block (default 50000)")
+    # chDB's insert costs about half as much a row in blocks of 100k rows and more as in
+    # blocks of 50k (every table and view writes a part per block): benchmarks/clickhouse_sink.py
+    c.add_argument("--batch-rows", type=int, default=200_000, metavar="N",
+                   help="with --store: records per insert block at most (default 200000)")
     c.add_argument("--queue-rows", type=int, default=1_000_000, metavar="N",
                    help="with --store: records held while the store is slow or down; past it records are "
                         "refused and counted (default 1000000)")
@@ -341,7 +343,9 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
     import asyncio
 
     from flowscope.ipfix import UsageError
+    from flowscope.ipfix.codec import Decoder
     from flowscope.ipfix.collecting import CollectingProcess
+    from flowscope.ipfix.columnar import ColumnarDecoder
 
     from .records import dumps_record
 
@@ -359,8 +363,8 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
             return EXIT_UNREACHABLE
 
     def on_message(peer: Any, msg: Any) -> None:
-        if writer is not None:
-            writer.offer([record for _, record in msg.data_records()])
+        if writer is not None:  # the data sets as columns (ColumnarDecoder): no dict per record
+            writer.offer_sets(msg.column_sets)
         if broken.is_set() or fmt is None:
             return
         exporter = str(peer)
@@ -381,7 +385,7 @@ async def _collect(address: Any, tls: Any, fmt: str | None, lifetime: float, max
     try:
         process = CollectingProcess(
             address, tls=tls, on_message=on_message, template_lifetime=lifetime, max_sessions=max_sessions,
-            stream_idle_timeout=idle,
+            stream_idle_timeout=idle, decoder_class=ColumnarDecoder if writer is not None else Decoder,
         )
     except UsageError as exc:
         raise _Usage(str(exc)) from None

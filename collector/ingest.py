@@ -3,13 +3,17 @@
 ``flowscope collector --store`` decodes on the event loop and commits from one worker
 thread, so neither waits on the other. Theory of operation:
 
-* :meth:`StoreWriter.offer` (event loop) appends a message's records to the open batch and
-  returns at once. A batch closes when it holds ``batch_rows`` records or
+* :meth:`StoreWriter.offer_sets` (event loop) appends a message's data sets, decoded into
+  columns (:class:`~flowscope.ipfix.columnar.ColumnSet`, what ``flowscope collector``
+  decodes), to the open batch and returns at once; :meth:`StoreWriter.offer` does the same
+  for records decoded as dicts. A batch closes when it holds ``batch_rows`` records or
   ``commit_interval`` has passed since it opened; closed batches wait in a queue.
-* The worker takes the oldest closed batch, turns it into typed columns
+* The worker takes the oldest closed batch, turns it into typed columns and inserts it as
+  one block: column sets are joined column by column
+  (:func:`flowscope.collector.rows.sets_to_columns`: the decoder's buffers concatenated,
+  no value touched in Python), dict records transposed
   (:func:`flowscope.collector.rows.records_to_columns`: one pass over the records, in C
-  where the extension is built, columns in the form the backend inserts fastest) and
-  inserts it as one block. A failed
+  where the extension is built, columns in the form the backend inserts fastest). A failed
   insert (store down, slow, refused) keeps the batch at the head of the queue and is retried
   after a backoff (0.5 s doubling to 10 s); decoding goes on meanwhile.
 * The bound is ``max_rows`` records held in all (open batch plus queue). Past it the
@@ -25,8 +29,9 @@ read 0 or "". ``correlation`` is ``"collected"`` (no aggregator judged the recor
 ``final`` is true for records whose flowEndReason ends the connection. A record with a
 value its column cannot hold is left out and counted (``invalid``).
 
-The queue holds the decoder's record dicts as they are (a message's records are one
-list extended onto the batch): nothing is built per record on the event loop. Each
+The queue holds what the decoder made as it is (a message's column sets, or its record
+dicts, added to the batch): nothing is built per record on the event loop, and with
+column sets no object exists per record at all. Each
 stage's CPU is counted (:class:`WriterStats`): ``queue_cpu`` on the event loop in
 :meth:`~StoreWriter.offer` (its wall time: it never blocks, and a CPU clock would cost a
 system call per message), ``convert_cpu`` and ``insert_cpu`` in the worker (its thread's
@@ -45,7 +50,9 @@ from typing import Any, NamedTuple
 
 from flowscope.ipfix.antrea import ENDED_REASONS
 
-from .rows import records_to_columns
+from flowscope.ipfix.columnar import ColumnSet
+
+from .rows import records_to_columns, sets_to_columns
 from .store import FlowStore
 
 __all__ = ["CollectedFlow", "StoreWriter", "WriterStats"]
@@ -77,7 +84,7 @@ class WriterStats:
     commit_failures: int
     lost_at_close: int
     last_error: str
-    queue_cpu: float = 0.0  # CPU seconds: offer() on the event loop
+    queue_cpu: float = 0.0  # CPU seconds: offer() / offer_sets() on the event loop
     convert_cpu: float = 0.0  # records to typed columns (worker)
     insert_cpu: float = 0.0  # the backend's insert (worker thread)
     convert_wall: float = 0.0  # the same two stages in wall seconds
@@ -87,10 +94,24 @@ class WriterStats:
 _ENDED = frozenset(ENDED_REASONS)
 
 
+class _Batch:
+    """Records waiting for one insert: column sets and dict records, ``rows`` in all."""
+
+    __slots__ = ("sets", "records", "rows")
+
+    def __init__(self) -> None:
+        self.sets: list[ColumnSet] = []
+        self.records: list[Mapping[str, Any]] = []
+        self.rows = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+
 class StoreWriter:
     """Batches records into a store from a worker thread; bounded, never blocking the caller."""
 
-    def __init__(self, store: FlowStore, *, batch_rows: int = 50_000, max_rows: int = 1_000_000,
+    def __init__(self, store: FlowStore, *, batch_rows: int = 200_000, max_rows: int = 1_000_000,
                  commit_interval: float = 1.0, close_timeout: float = 30.0,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         if batch_rows < 1 or max_rows < batch_rows:
@@ -102,9 +123,9 @@ class StoreWriter:
         self.close_timeout = close_timeout
         self.clock = clock
         self.wall = wall
-        self._open: list[Mapping[str, Any]] = []
+        self._open = _Batch()
         self._opened_at = 0.0
-        self._queue: deque[list[Mapping[str, Any]]] = deque()
+        self._queue: deque[_Batch] = deque()
         self._text_form = getattr(store, "text_form", "list")
         self.queue_cpu = self.convert_cpu = self.insert_cpu = self.convert_wall = self.insert_wall = 0.0
         self._held = 0
@@ -124,6 +145,17 @@ class StoreWriter:
         n = len(records)
         if not n:
             return 0
+        return self._take(n, records, None)
+
+    def offer_sets(self, sets: Sequence[ColumnSet]) -> int:
+        """Queue a message's data sets (decoded into columns); returns how many records were
+        taken: all of them, or none when they do not fit the bound (counted as overflow)."""
+        n = sum(s.count for s in sets)
+        if not n:
+            return 0
+        return self._take(n, None, sets)
+
+    def _take(self, n: int, records: Sequence[Mapping[str, Any]] | None, sets: Sequence[ColumnSet] | None) -> int:
         t = time.perf_counter()  # offer() never blocks: its wall time is its CPU (and costs no syscall)
         with self._cond:
             self.offered += n
@@ -132,11 +164,16 @@ class StoreWriter:
                 self._log_overflow()
                 self.queue_cpu += time.perf_counter() - t
                 return 0
-            if not self._open:
+            batch = self._open
+            if not batch.rows:
                 self._opened_at = self.clock()
-            self._open.extend(records)
+            if sets is not None:
+                batch.sets += sets
+            else:
+                batch.records += records  # type: ignore[arg-type]
+            batch.rows += n
             self._held += n
-            if len(self._open) >= self.batch_rows:
+            if batch.rows >= self.batch_rows:
                 self._close_batch()
                 self._cond.notify()
             self.queue_cpu += time.perf_counter() - t
@@ -153,26 +190,26 @@ class StoreWriter:
             self._overflow_logged = self.overflow
 
     def _close_batch(self) -> None:
-        if self._open:
+        if self._open.rows:
             self._queue.append(self._open)
-            self._open = []
+            self._open = _Batch()
 
     # ---- worker
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="flowscope-store-writer", daemon=True)
         self._thread.start()
 
-    def _next(self) -> list[Mapping[str, Any]] | None:
+    def _next(self) -> _Batch | None:
         with self._cond:
             while True:
-                if self._open and (self._closing or self.clock() - self._opened_at >= self.commit_interval):
+                if self._open.rows and (self._closing or self.clock() - self._opened_at >= self.commit_interval):
                     self._close_batch()
                 if self._queue:
                     return self._queue[0]
                 if self._closing:
                     return None
                 wait = self.commit_interval
-                if self._open:
+                if self._open.rows:
                     wait = max(self.commit_interval - (self.clock() - self._opened_at), 0.01)
                 self._cond.wait(wait)
 
@@ -188,9 +225,15 @@ class StoreWriter:
                 if key not in columns_of:
                     self._commit_id += 1
                     t, w = time.thread_time(), time.perf_counter()
-                    cols, bad = records_to_columns(batch, correlation="collected", ended=_ENDED,
-                                                   time_inserted=int(self.wall()), commit_id=self._commit_id,
-                                                   text=self._text_form)
+                    if batch.sets:
+                        cols, bad = sets_to_columns(batch.sets, batch.records, correlation="collected",
+                                                    ended=_ENDED, time_inserted=int(self.wall()),
+                                                    commit_id=self._commit_id)
+                    else:
+                        cols, bad = records_to_columns(batch.records, correlation="collected", ended=_ENDED,
+                                                       time_inserted=int(self.wall()), commit_id=self._commit_id,
+                                                       text=self._text_form)
+                    batch.sets, batch.records = [], []  # the columns hold them now
                     self.convert_cpu += time.thread_time() - t
                     self.convert_wall += time.perf_counter() - w
                     columns_of[key] = (cols, bad, self._commit_id)

@@ -31,14 +31,17 @@ import os
 from array import array
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from operator import attrgetter, methodcaller
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from flowscope.ipfix.accel import optional_extension
+from flowscope.ipfix import columnar as _ipfix_columnar
+from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
 __all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "records_to_columns",
-           "row_to_record", "transpose", "typed_columns"]
+           "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
 
 log = logging.getLogger("flowscope.collector.rows")
 
@@ -65,6 +68,8 @@ _PLAN: tuple[tuple[int, int, int, int], ...] = tuple(
     for c in _RECORD_COLUMNS)
 
 _rowcols, _why_not = optional_extension(f"{__package__}._rowcols", PURE_ENV)
+# the IPFIX library's column join in C (pairs of offsets and data), where it is built
+_columnar_concat = _ipfix_columnar._columnar.concat if _ipfix_columnar._columnar is not None else None
 
 
 def accelerated() -> bool:
@@ -284,6 +289,7 @@ def _assemble(cols: list[Any], final: array, *, time_inserted: int, commit_id: i
 
 
 _FLOW_END_REASON = next(i for i, c in enumerate(_RECORD_COLUMNS) if c.name == "flowEndReason")
+assert _RECORD_COLUMNS[_FLOW_END_REASON].type == "UInt8"  # sets_to_columns maps it through a 256-byte table
 
 
 def records_to_columns(records: Sequence[Mapping[str, Any]], *, correlation: str, ended: Collection[int],
@@ -352,3 +358,151 @@ def typed_columns(columns: Sequence[Sequence[Any]]) -> list[Any]:
         else:
             out.append(vals)
     return out
+
+
+# --------------------------------------------------------------------------- column sets
+
+@dataclass(frozen=True, slots=True)
+class _SetPlan:
+    """Where each record column of the store comes from in one template's column set:
+    per record column (field index or -1, IPv6 field index or -1 for a folded address),
+    and whether the set can be taken as it is (every present field of the column's type)."""
+
+    sources: tuple[tuple[int, int], ...]
+    direct: bool
+
+
+_SET_PLANS: dict[Any, _SetPlan] = {}
+
+
+def _set_plan(template: Any, cs: ColumnSet) -> _SetPlan:
+    plan = _SET_PLANS.get(template)
+    if plan is not None:
+        return plan
+    index = {k: i for i, k in enumerate(template.keys)}
+    sources = []
+    direct = True
+    for col in _RECORD_COLUMNS:
+        a = index.get(col.elements[0], -1)
+        b = index.get(col.elements[1], -1) if len(col.elements) == 2 else -1
+        if a >= 0 and b >= 0:
+            direct = False  # both families in one template: `v4 or v6` per record, by the twin
+        for i in (a, b):
+            if i < 0:
+                continue
+            if col.is_int:
+                direct &= cs.codes[i] == _ARRAY_CODES[col.type]
+            else:
+                direct &= cs.codes[i] is None and cs.texts[i]
+        sources.append((a, b))
+    if len(_SET_PLANS) >= 4096:
+        _SET_PLANS.clear()
+    plan = _SET_PLANS[template] = _SetPlan(tuple(sources), direct)
+    return plan
+
+
+_EMPTY_TEXT: dict[int, bytes] = {}
+
+
+def _no_text(n: int) -> tuple[bytes, bytes]:
+    offsets = _EMPTY_TEXT.get(n)
+    if offsets is None:
+        offsets = bytes(4 * (n + 1))
+        if len(_EMPTY_TEXT) < 256:
+            _EMPTY_TEXT[n] = offsets
+    return offsets, b""
+
+
+def _text_part(v: Any) -> tuple[bytes, bytes]:
+    """A text column chunk of the twin's output (TextColumn or list of str) as (offsets, data)."""
+    if isinstance(v, TextColumn):
+        return bytes(v.offsets), v.data
+    datas = [s.encode("utf-8") for s in v]
+    offsets = array("i", [0])
+    at = 0
+    for d in datas:
+        at += len(d)
+        offsets.append(at)
+    return offsets.tobytes(), b"".join(datas)
+
+
+def _join_text(parts: list[tuple[bytes, bytes]]) -> TextColumn:
+    if len(parts) == 1:
+        return TextColumn(*parts[0])
+    if _columnar_concat is not None:
+        return TextColumn(*_columnar_concat(parts))
+    vc = concat([VarColumn(o, d, True) for o, d in parts])
+    return TextColumn(vc.offsets, vc.data)
+
+
+def _join_ints(code: str, parts: list[Any]) -> Any:
+    """Integer column chunks (arrays or bytes of the column's width) as one typed buffer
+    (a ``memoryview`` of the column's typecode)."""
+    joined = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+    return memoryview(joined).cast(code)  # type: ignore[call-overload]
+
+
+_IS_INT = tuple(c.is_int for c in _RECORD_COLUMNS)
+_WIDTHS = tuple(_BITS[c.type] // 8 if c.is_int else 0 for c in _RECORD_COLUMNS)
+_CODES = tuple(_ARRAY_CODES[c.type] if c.is_int else "" for c in _RECORD_COLUMNS)
+
+
+def sets_to_columns(sets: Sequence[ColumnSet], records: Sequence[Mapping[str, Any]] = (), *, correlation: str,
+                    ended: Collection[int], time_inserted: int, commit_id: int) -> tuple[list[Any], int]:
+    """Typed columns (in :data:`COLUMNS` order) of decoded column sets (and of records
+    decoded as dicts, if any: their rows come after the sets'), and how many records were
+    left out. The rows and the checks are :func:`records_to_columns`'s: the sets of a
+    template that carries every column's element with the column's type are taken as
+    they are (an integer column is their arrays' buffers joined, a ``memoryview`` of the
+    column's typecode; text their Arrow offsets and data joined, a :class:`TextColumn`;
+    a missing element reads 0 or ""); the sets of any other template go through the
+    twin, record by record."""
+    _say_once()
+    by_template: dict[Any, list[ColumnSet]] = {}
+    for cs in sets:
+        if cs.count:
+            by_template.setdefault(cs.template, []).append(cs)
+    int_parts: list[list[Any]] = [[] for _ in _RECORD_COLUMNS]
+    text_parts: list[list[tuple[bytes, bytes]]] = [[] for _ in _RECORD_COLUMNS]
+    slow: list[Mapping[str, Any]] = []
+    n = 0
+    for template, group in by_template.items():
+        plan = _set_plan(template, group[0])
+        if not plan.direct:
+            for cs in group:
+                slow.extend(cs.records())
+            continue
+        m = sum(cs.count for cs in group)
+        n += m
+        for j, (a, b) in enumerate(plan.sources):
+            i = a if a >= 0 else b
+            if _IS_INT[j]:
+                int_parts[j].append(b"".join([cs.buffers[i] for cs in group]) if i >= 0  # type: ignore[misc]
+                                    else bytes(m * _WIDTHS[j]))
+            elif i >= 0:
+                text_parts[j] += [cs.buffers[i] for cs in group]  # type: ignore[misc]
+            else:
+                text_parts[j].append(_no_text(m))
+    slow.extend(records)
+    bad = 0
+    if slow:
+        twin, left_out = transpose(slow, correlation, text="arrow")
+        bad = len(left_out)
+        n += len(slow) - bad
+        for j, v in enumerate(twin[:-1]):
+            if _IS_INT[j]:
+                int_parts[j].append(v)
+            else:
+                text_parts[j].append(_text_part(v))
+    out: list[Any] = []
+    for j in range(len(_RECORD_COLUMNS)):
+        if _IS_INT[j]:
+            out.append(_join_ints(_CODES[j], int_parts[j]) if int_parts[j] else array(_CODES[j]))
+        else:
+            out.append(_join_text(text_parts[j]) if text_parts[j] else TextColumn(*_no_text(0)))
+    word = correlation.encode("utf-8")
+    w = len(word)
+    out.append(TextColumn(array("i", range(0, w * (n + 1), w)).tobytes() if w else bytes(4 * (n + 1)), word * n))
+    table = bytes(int(i in frozenset(ended)) for i in range(256))  # flowEndReason (UInt8) -> final
+    final = array("B", bytes(out[_FLOW_END_REASON]).translate(table))
+    return _assemble(out, final, time_inserted=time_inserted, commit_id=commit_id), bad

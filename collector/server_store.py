@@ -71,14 +71,14 @@ class ServerStore(FlowStore):
         try:
             import numpy as np
         except ImportError:  # the driver's plain columnar insert: lists per column
-            cols = [c.tolist() if isinstance(c, (array, TextColumn)) else c for c in columns]
+            cols = [c.tolist() if isinstance(c, (array, memoryview, TextColumn)) else c for c in columns]
             self._conn().execute(self._insert_sql, cols, columnar=True)
             return
         # The driver's NumPy columns write an integer column as its buffer (one tobytes, no
         # per-value packing) and text from a list per column.
         typed = []
         for c, v in zip(COLUMNS, columns):
-            if isinstance(v, array):
+            if isinstance(v, (array, memoryview)):
                 typed.append(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
             elif c.is_int:
                 typed.append(np.asarray(v, dtype=_NUMPY_TYPES[c.type]))

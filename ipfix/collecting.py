@@ -119,6 +119,7 @@ class CollectingProcess:
         max_session_fields: int = 65536,
         max_domains: int = 1024,
         compile_budget: CompileBudget | None = None,
+        decoder_class: type[Decoder] = Decoder,
     ) -> None:
         if address.protocol == "tls" and tls is None:
             raise UsageError(f"listening on {address} needs a TLS configuration (certificate, key and CA)")
@@ -135,6 +136,8 @@ class CollectingProcess:
         if not 16 <= max_message_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {max_message_size} is outside 16..{MAX_MESSAGE_SIZE}")
         self.address = address
+        # a session's Decoder: the codec's, or a subclass with the same rules (columnar.ColumnarDecoder)
+        self.decoder_class = decoder_class
         self.protocol: Transport = address.protocol
         self.on_message = on_message
         self.on_session_closed = on_session_closed
@@ -276,7 +279,7 @@ class CollectingProcess:
     # -- shared by the transports
 
     def _new_decoder(self) -> Decoder:
-        return Decoder(
+        return self.decoder_class(
             self.registry,
             transport=self.protocol,
             template_lifetime=self.template_lifetime if self.protocol == "udp" else None,

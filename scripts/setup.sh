@@ -229,8 +229,8 @@ else
     run "pip install" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$REPO[$EXTRAS]"
     "$VENV/bin/flowscope" --help >/dev/null 2>>"$LOG" || die "flowscope was installed but 'flowscope --help' fails"
-    if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.agent._ctparse, flowscope.aggregator._aggr, flowscope.collector._rowcols' >/dev/null 2>&1; then
-        say "      C accelerators built (IPFIX codec, conntrack parser, aggregation core, store columns)"
+    if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.ipfix._columnar, flowscope.agent._ctparse, flowscope.aggregator._aggr, flowscope.collector._rowcols' >/dev/null 2>&1; then
+        say "      C accelerators built (IPFIX codec, columnar decode, conntrack parser, aggregation core, store columns)"
     else
         say "      note: C accelerators not built (no compiler?): the pure-Python codec and parser serve"
     fi
