@@ -104,6 +104,33 @@ PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
                ("flows", {"scope": "denied", "limit": "10"})],
 }
 
+#: The parameters of a whole page (``/ui/v1/page``): which dashboard, its range, filter and
+#: policy fields, and the Flow Records page's page number.
+PAGE_PARAMS: Final = _COMMON - {"scope"} | {"d", "page"}
+
+
+def page_panels(params: Mapping[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """The panel requests of the page ``params["d"]`` names, as :data:`PAGES` lists them, each
+    with the page's range, filter and policy fields (and, for the Flow Records table, its
+    page number)."""
+    unknown = sorted(set(params) - PAGE_PARAMS)
+    if unknown:
+        raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of a page; known: "
+                                     f"{', '.join(sorted(PAGE_PARAMS))}")
+    name = params.get("d", "")
+    if name not in PAGES:
+        raise PanelError("d", f"d: {name[:40]!r} is not one of {', '.join(PAGES)}")
+    common = {k: v for k, v in params.items() if k not in ("d", "page")}
+    _int(params, "page", 1, 1, 1_000_000)
+    out = []
+    for panel, fixed in PAGES[name]:
+        p = {**common, **fixed}
+        if "page" in fixed and params.get("page"):
+            p["page"] = params["page"]
+        out.append((panel, p))
+    return out
+
+
 MAX_TOP: Final = 50
 MAX_PAGE_LIMIT: Final = 500
 EXPORT_LIMIT: Final = query.MAX_LIMIT
@@ -269,46 +296,37 @@ def _label(dim: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- the panels
 
-class _Memo:
-    """The store's answers kept for a few seconds. A page's panels ask some questions twice
-    (the Tx and Rx sankeys, the two heatmaps, top Pods and the sankeys' tooltips) and a page
-    load sends them together: one runs, the others wait for its answer."""
+class _Shared:
+    """One page load's questions to the store, each asked once. A page's panels ask some
+    questions twice (the Tx and Rx sankeys read one GROUP BY, the two heatmaps another, the
+    top Pods and the tooltips a third) and run concurrently: the first asks, the others
+    wait for its answer. It lives as long as one request, so nothing it holds is older
+    than the request that asked: no answer outlives the page load (or panel) it was for."""
 
-    def __init__(self, store: query.Backend, *, ttl: float = 3.0, size: int = 64,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: query.Backend) -> None:
         self.store = store
         self.database = store.database
         self.table = store.table
-        self.ttl, self.size, self.clock = ttl, size, clock
         self._lock = threading.Lock()
-        self._answers: OrderedDict[tuple[Any, ...], tuple[float, list[tuple[Any, ...]]]] = OrderedDict()
+        self._answers: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         self._flights: dict[tuple[Any, ...], threading.Lock] = {}
-
-    def _fresh(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
-        hit = self._answers.get(key)
-        if hit is not None and self.clock() - hit[0] < self.ttl:
-            return list(hit[1])
-        return None
+        self.asked = 0  # questions that reached the store (the tests and the benchmark read it)
 
     def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         key = (sql, tuple(sorted(params.items())))
         with self._lock:
-            rows = self._fresh(key)
-            if rows is not None:
-                return rows
+            if key in self._answers:
+                return list(self._answers[key])
             flight = self._flights.setdefault(key, threading.Lock())
         with flight:
             with self._lock:
-                rows = self._fresh(key)
-            if rows is not None:
-                return rows
+                if key in self._answers:
+                    return list(self._answers[key])
             rows = self.store.rows(sql, params)
             with self._lock:
-                self._answers[key] = (self.clock(), rows)
-                self._answers.move_to_end(key)
-                while len(self._answers) > self.size:
-                    self._answers.popitem(last=False)
+                self._answers[key] = rows
                 self._flights.pop(key, None)
+                self.asked += 1
             return list(rows)
 
 
@@ -318,9 +336,20 @@ class Dashboards:
     def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time, source: str = "auto") -> None:
         """``source``: which table answers (the query layer's choice by default; ``raw`` is
         the benchmark's peer)."""
-        self.store: query.Backend = _Memo(store)
+        self.backend = store
+        self.store: query.Backend = _Shared(store)
         self.now = now
         self.source = source
+
+    def scoped(self) -> Dashboards:
+        """The same dashboards for one request: its questions asked once each, and nothing
+        kept for the next request."""
+        return Dashboards(self.backend, now=self.now, source=self.source)
+
+    @property
+    def asked(self) -> int:
+        """How many questions this scope sent to the store."""
+        return self.store.asked  # type: ignore[attr-defined,no-any-return]
 
     # ---- request -> query
 
@@ -332,6 +361,10 @@ class Dashboards:
         if unknown:
             raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of the {panel} panel; known: "
                                          f"{', '.join(sorted(known))}")
+
+    def check_common(self, params: Mapping[str, str]) -> None:
+        """Refuse a bad range, filter or policy field (what every panel of a page shares)."""
+        self._query(params)
 
     def _query(self, params: Mapping[str, str], *, extra: str = "") -> tuple[query.FlowQuery, Window]:
         w = window_from_params(params, now=self.now)

@@ -1,0 +1,117 @@
+"""A whole dashboard in one request (``/ui/v1/page``), on a real chDB store: every panel of
+every page answers what its own panel request answers, questions two panels share reach
+the store once, a panel is sent as soon as it is ready (a slow one does not hold back the
+others), and bad page parameters are refused up front, by name, before anything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from ui_cluster import filled_store, ui_client
+
+from flowscope.collector.ui import dashboards as dash_module
+from flowscope.collector.ui.dashboards import PAGES, Dashboards, page_panels
+
+
+@pytest.fixture(scope="module")
+def store():
+    yield from filled_store()
+
+
+def _lines(body: bytes) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in body.splitlines()]
+
+
+async def test_every_page_answers_what_its_panels_answer_one_by_one(store) -> None:
+    client = await ui_client(store)
+    try:
+        for page in PAGES:
+            resp = await client.get("/ui/v1/page", params={"d": page, "since": "15m"})
+            assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+            lines = _lines(await resp.read())
+            assert sorted(x["i"] for x in lines) == list(range(len(PAGES[page])))
+            for line in lines:
+                panel, params = PAGES[page][line["i"]]
+                assert line["panel"] == panel and "error" not in line, line
+                alone = await client.get(f"/ui/v1/{panel}", params={"since": "15m", **params})
+                assert alone.status == 200
+                assert line["data"] == await alone.json(), (page, panel, params)
+        # the page's range, filter and page number reach its panels
+        resp = await client.get("/ui/v1/page", params={"d": "flows", "since": "15m", "filter": "action = drop",
+                                                       "page": "2"})
+        (records,) = [x for x in _lines(await resp.read()) if x["panel"] == "flows"]
+        assert records["data"]["page"] == 2 and records["data"]["total"] == 40  # the denied connection's records
+    finally:
+        await client.close()
+
+
+def test_panels_of_a_page_share_the_questions_they_ask_alike(store) -> None:
+    dash = Dashboards(store)
+    for page, shared in (("pod-to-pod", True), ("nodes", True), ("overview", False)):
+        scope = dash.scoped()
+        alone = 0
+        for panel, params in page_panels({"d": page, "since": "15m"}):
+            getattr(scope, panel)(params)
+            one = dash.scoped()
+            getattr(one, panel)(params)
+            alone += one.asked
+        assert scope.asked <= alone
+        if shared:  # the Tx and Rx sankeys read one GROUP BY; so do the two heatmaps
+            assert scope.asked < alone, (page, scope.asked, alone)
+    # a scope keeps nothing for the next request: a new one asks again
+    first, second = dash.scoped(), dash.scoped()
+    first.summary({"since": "15m"})
+    second.summary({"since": "15m"})
+    assert first.asked == second.asked > 0
+
+
+async def test_a_panel_is_sent_when_ready_and_a_slow_one_holds_back_nothing(store, monkeypatch) -> None:
+    release = threading.Event()
+    slow = dash_module.Dashboards.flows
+
+    def held_flows(self: Dashboards, params: dict[str, str]) -> dict[str, Any]:
+        assert release.wait(30)
+        return slow(self, params)
+
+    monkeypatch.setattr(dash_module.Dashboards, "flows", held_flows)
+    client = await ui_client(store)
+    try:
+        resp = await client.get("/ui/v1/page", params={"d": "flows", "since": "15m"})
+        assert resp.status == 200
+        first = json.loads(await asyncio.wait_for(resp.content.readline(), 30))
+        assert first["panel"] == "series" and first["data"]["series"]  # while the records table still waits
+        release.set()
+        second = json.loads(await asyncio.wait_for(resp.content.readline(), 30))
+        assert second["panel"] == "flows" and second["data"]["rows"]
+        assert await resp.content.read() == b""
+    finally:
+        release.set()
+        await client.close()
+
+
+@pytest.mark.parametrize(("params", "field", "words"), [
+    ({"d": "nope"}, "d", "is not one of overview"),
+    ({}, "d", "is not one of"),
+    ({"d": "overview", "scope": "denied"}, "scope", "not a parameter of a page"),
+    ({"d": "overview", "metric": "flows"}, "metric", "not a parameter of a page"),
+    ({"d": "overview", "filter": "namespace = x;"}, "filter", ""),
+    ({"d": "overview", "since": "-5m"}, "since", ""),
+    ({"d": "policy", "ingressPolicyName": "a/b"}, "ingressPolicyName", "is not a Kubernetes name"),
+    ({"d": "flows", "page": "0"}, "page", "is not a whole number"),
+])
+async def test_bad_page_parameters_are_refused_by_name_before_anything_runs(store, params, field, words) -> None:
+    client = await ui_client(store)
+    try:
+        resp = await client.get("/ui/v1/page", params={"since": "15m", **params})
+        body = await resp.json()
+        assert resp.status == 400 and body["field"] == field and words in body["error"], body
+        twice = await client.get("/ui/v1/page?d=overview&since=15m&since=1h")
+        assert twice.status == 400 and (await twice.json())["field"] == "since"
+    finally:
+        await client.close()
