@@ -887,8 +887,10 @@ async function update() {
     $("status").textContent = `${DASHBOARDS.find((d) => d.id === state.d).title} \u00b7 ${rangeText()}`;
   }
   $("updated").textContent = `updated ${timeLabel(Date.now())}`;
+  const drawn = performance.now();
   await painted();
   if (gen !== generation) return;
+  performance.measure("flowscope:painted", { start: drawn, end: performance.now() });
   $("main").dataset.loaded = String(Number($("main").dataset.loaded || 0) + 1);
 }
 
@@ -898,6 +900,8 @@ async function loadPage(gen, failed) {
   const headers = { Accept: "application/x-ndjson" };
   if (token) headers.Authorization = `Bearer ${token}`;
   const q = params({ d: state.d, page: state.d === "flows" && state.page > 1 ? String(state.page) : undefined });
+  performance.clearMeasures(); // a page's last load only: refreshing for hours must not grow them
+  const asked = performance.now();
   const resp = await fetch(`${API}page?${q}`, { headers });
   if (!resp.ok) {
     let body = null;
@@ -922,11 +926,16 @@ async function loadPage(gen, failed) {
       answered.add(line.i);
       if (line.error) failed.push(new ApiError(line.error, line));
       else {
+        const t = performance.now();
         try { u.show(line.data); } catch (e) { failed.push(e); }
+        // where a page's time goes, for benchmarks/ui_dashboards.py and the browser's profiler
+        performance.measure(`flowscope:show:${line.i}:${line.panel}`, { start: t, end: performance.now() });
+        performance.measure(`flowscope:arrived:${line.i}:${line.panel}`, { start: asked, end: t });
       }
     }
     if (done) break;
   }
+  performance.measure("flowscope:data", { start: asked, end: performance.now() });
   if (answered.size !== updaters.length) failed.push(new ApiError(`the page answered ${answered.size} of ${updaters.length} panels`));
 }
 
