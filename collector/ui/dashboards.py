@@ -32,7 +32,7 @@ from typing import Any, Final
 from flowscope.collector import query
 from flowscope.collector.filter import FIELDS, FilterError
 from flowscope.collector.schema import DIMENSIONS
-from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
+from flowscope.ipfix.antrea import DENY_ACTIONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 __all__ = [
     "DASHBOARD_PARAMS",
@@ -130,6 +130,13 @@ def page_panels(params: Mapping[str, str]) -> list[tuple[str, dict[str, str]]]:
         out.append((panel, p))
     return out
 
+
+#: The dimensions of the one GROUP BY that every series of few lines reads (by flow type, by
+#: rule action, in total, denied): :meth:`Dashboards._verdict_grid`.
+_VERDICT_DIMS: Final = ["flowType", "ingressAction", "egressAction"]
+#: The scopes that keep flow types only: the flow types each keeps (None: every type).
+_NODE_SCOPES: Final[dict[str, frozenset[str] | None]] = {
+    "all": None, "inter-node": frozenset({"2"}), "intra-node": frozenset({"1"})}
 
 MAX_TOP: Final = 50
 MAX_PAGE_LIMIT: Final = 500
@@ -448,7 +455,9 @@ class Dashboards:
             raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
         by = "throughput" if metric == "throughput" else "records"
         if group == "node":
-            s = self._node_series(q, by, top, w)
+            s = self._node_series(params, by, top, w)
+        elif group is None or group in _VERDICT_DIMS:
+            s = self._verdict_series(params, metric, group, top, w)
         else:
             s = self._run(lambda: query.series(self.store, q.with_(group=group, by=by, top=top, resolution=w.step),
                                                now=self.now))
@@ -466,21 +475,75 @@ class Dashboards:
         return {"times": [t * 1000 for t in s.buckets], "step": s.resolution, "unit": unit,
                 "series": lines, "table": s.table}
 
-    def _node_series(self, q: query.FlowQuery, by: str, top: int, w: Window) -> query.Series:
+    def _verdict_grid(self, params: Mapping[str, str], w: Window) -> tuple[list[GroupRow], str]:
+        """Per bucket, per flow type and rule actions: one GROUP BY from which every series of
+        few lines is read (by flow type, by rule action, in total, denied). A page's such
+        series ask this one question (the Overview's three, for example): one scan."""
+        q, _ = self._query({k: v for k, v in params.items() if k in _COMMON})
+        return self._run(lambda: grouped(self.store, q, _VERDICT_DIMS, step=w.step, now=self.now))
+
+    def _verdict_series(self, params: Mapping[str, str], metric: str, group: str | None, top: int,
+                        w: Window) -> query.Series:
+        """A series by flow type, rule action or in total, read from :meth:`_verdict_grid`;
+        ``denied`` counts the records an ingress or egress rule dropped or rejected (what
+        the filter ``action in (drop, reject)`` selects)."""
+        rows, table = self._verdict_grid(params, w)
+        first = w.start - w.start % w.step
+        buckets = list(range(first, w.end, w.step))
+        index = {t: i for i, t in enumerate(buckets)}
+        at = _VERDICT_DIMS.index(group) if group else None
+        acc: dict[str, list[float]] = {}
+        for r in rows:
+            i = index.get(r.bucket)
+            if i is None:
+                continue
+            if metric == "denied" and not any(a.isdigit() and int(a) in DENY_ACTIONS for a in r.keys[1:]):
+                continue
+            value = r.octets + r.reverse_octets if metric == "throughput" else r.records
+            line = acc.setdefault(r.keys[at] if at is not None else "", [0.0] * len(buckets))
+            line[i] += value
+        if metric == "throughput":  # bytes per bucket -> bits/s, as query.series gives them
+            for vals in acc.values():
+                for i, v in enumerate(vals):
+                    vals[i] = v * 8 / w.step
+        if at is None:
+            lines = [query.SeriesLine("total", "total", acc[""])] if acc else []
+        else:
+            ranked = sorted(acc, key=lambda k: (-sum(acc[k]), k))
+            lines = [query.SeriesLine(k, query.label(group, k), acc[k]) for k in ranked[:top]]
+            if len(ranked) > top:
+                rest = [sum(vals) for vals in zip(*(acc[k] for k in ranked[top:]))]
+                lines.append(query.SeriesLine(OTHER, "(other)", rest))
+        by = "throughput" if metric == "throughput" else "records"
+        return query.Series(group, by, w.step, buckets, lines, table)
+
+    def _node_rows(self, params: Mapping[str, str], dim: str, w: Window) -> tuple[list[GroupRow], str]:
+        """Per bucket, the traffic of each Node at one end (``dim``), in the page's scope: for
+        every type, inter-Node or intra-Node, read from one GROUP BY per flow type and Node, the
+        question the Node Throughput page's lines and heatmaps all share (one scan per end,
+        not one per chart). Rows' keys: (flow type, Node)."""
+        scope = _choice(params, "scope", "all", tuple(SCOPES))
+        types = _NODE_SCOPES.get(scope)
+        keep = {k: v for k, v in params.items() if k in _COMMON and (k != "scope" or scope not in _NODE_SCOPES)}
+        q, _ = self._query(keep)
+        rows, table = self._run(lambda: grouped(self.store, q, ["flowType", dim], step=w.step, now=self.now))
+        return [r for r in rows if r.keys[1] and (types is None or r.keys[0] in types)], table
+
+    def _node_series(self, params: Mapping[str, str], by: str, top: int, w: Window) -> query.Series:
         """What went through each Node, as either end (an inter-Node flow counts for both)."""
+        first = w.start - w.start % w.step
+        buckets = list(range(first, w.end, w.step))
+        index = {t: i for i, t in enumerate(buckets)}
         merged: dict[str, list[float]] = {}
-        buckets: list[int] = []
         table = ""
         for dim in ("srcNode", "dstNode"):
-            part = self._run(lambda dim=dim: query.series(
-                self.store, q.with_(group=dim, by=by, top=query.MAX_TOP, resolution=w.step), now=self.now))
-            buckets, table = part.buckets, part.table
-            for line in part.lines:
-                if not line.key or line.key == OTHER:
+            rows, table = self._node_rows(params, dim, w)
+            for r in rows:
+                i = index.get(r.bucket)
+                if i is None:
                     continue
-                acc = merged.setdefault(line.key, [0.0] * len(line.values))
-                for i, v in enumerate(line.values):
-                    acc[i] += v
+                acc = merged.setdefault(r.keys[1], [0.0] * len(buckets))
+                acc[i] += (r.octets + r.reverse_octets) * 8 / w.step if by == "throughput" else r.records
         ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
         lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
         if len(ranked) > top:
@@ -616,18 +679,16 @@ class Dashboards:
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("heatmap", params)
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
-        q, w = self._query(params)
+        _, w = self._query(params)
         cells: dict[tuple[str, int], int] = {}
         table = ""
         for dim, forward in (("srcNode", True), ("dstNode", False)):
-            rows, table = self._run(lambda dim=dim: grouped(self.store, q, [dim], step=w.step, now=self.now))
+            rows, table = self._node_rows(params, dim, w)
             for r in rows:
-                if not r.keys[0]:
-                    continue
                 # what the Node sent: forward octets where it is the source, reverse where the destination
                 sent = r.octets if forward else r.reverse_octets
                 received = r.reverse_octets if forward else r.octets
-                key = (r.keys[0], r.bucket)
+                key = (r.keys[1], r.bucket)
                 cells[key] = cells.get(key, 0) + (sent if direction == "tx" else received)
         nodes = sorted({k[0] for k in cells})
         first = w.start - w.start % w.step
