@@ -6,7 +6,8 @@ Two kinds of routes, and nothing else:
   ECharts bundle vendored from the npm registry by ``scripts/setup.sh``; they carry no flow
   data, so a browser may load them before it has a token;
 * the panels' JSON (``/ui/v1/<panel>``: summary, series, top, sankey, heatmap, flows,
-  values, complete), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
+  values, complete, pairs) and a whole page's (``/ui/v1/page?d=...``: its panels as JSON
+  lines, each when ready), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
   from the store's query layer, in a worker thread (the store's calls block).
 
 * the what-if page's evaluation (``POST /ui/v1/whatif``, :mod:`.whatif`): proposed
@@ -59,7 +60,7 @@ ASSETS: Final[dict[str, tuple[str, str]]] = {
     "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
     "/static/vendor/echarts.min.js": ("vendor/echarts.min.js", "text/javascript"),
 }
-PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete")
+PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete", "pairs")
 CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Final = {

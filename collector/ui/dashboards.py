@@ -72,6 +72,7 @@ PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
     "heatmap": _COMMON | {"dir"},
     "flows": _COMMON | {"page", "limit", "format"},
     "values": _COMMON | {"field"},
+    "pairs": _COMMON | {"egress", "ingress"},
     "complete": frozenset({"since", "from", "to", "q", "pos"}),
 }
 DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
@@ -617,24 +618,18 @@ class Dashboards:
         return {k: sorted(v)[:8] for k, v in out.items()}
 
     def _policy_sankey(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
-        # The links (policy pairs and their verdicts), then their largest Pod pairs for the tooltips.
+        # The links (policy pairs and their verdicts); their largest Pod pairs are the
+        # tooltips', asked when one is hovered (:meth:`pairs`), not with every page load.
         dims = ["egressPolicy", "ingressPolicy", "egressAction", "ingressAction"]
         rows, table = self._run(lambda: grouped(self.store, q, dims, now=self.now))
         links: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             eg, ing, eg_act, in_act = r.keys
-            link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0, "pairs": {}})
+            link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0})
             link["bytes"] += r.octets + r.reverse_octets
             link["records"] += r.records
             if any(a.isdigit() and RULE_ACTIONS.get(int(a), "").lower() in ("drop", "reject") for a in (eg_act, in_act)):
                 link["denied"] += r.records
-        pair_dims = dims + ["srcPod", "dstPod"]
-        pairs, _ = self._run(lambda: grouped(self.store, q, pair_dims, limit_by=(8, 4), now=self.now))
-        for r in pairs:
-            eg, ing, eg_act, in_act, sp, dp = r.keys
-            pair = links[(eg, ing)]["pairs"].setdefault((sp, dp, eg_act, in_act), [0, 0])
-            pair[0] += r.octets + r.reverse_octets
-            pair[1] += r.records
         # Denied links first: they must show however small they are.
         ranked = sorted(links.items(), key=lambda kv: (0 if kv[1]["denied"] else 1, -kv[1]["bytes"], kv[0]))
         shown, rest = ranked[:n], ranked[n:]
@@ -653,11 +648,6 @@ class Dashboards:
             return name
 
         for (eg, ing), v in shown:
-            detail = []
-            for (sp, dp, ea, ia), (b, recs) in sorted(v["pairs"].items(), key=lambda kv: -kv[1][0])[:8]:
-                acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
-                detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(b)}, "
-                              f"{recs} records ({acts})")
             conds = [f"egressPolicy = {_quote(eg)}" if eg else 'egressPolicy = ""',
                      f"ingressPolicy = {_quote(ing)}" if ing else 'ingressPolicy = ""']
             s, t = node("e", eg), node("i", ing)
@@ -667,7 +657,8 @@ class Dashboards:
                 "source": s, "target": t,
                 # a floor so a denied link with a handful of bytes is still drawn
                 "value": max(v["bytes"], math.ceil(total * 0.04)), "bytes": v["bytes"], "records": v["records"],
-                "denied": v["denied"], "detail": detail, "filter": " and ".join(conds),
+                "denied": v["denied"], "detail": [], "pairs": {"egress": eg, "ingress": ing},
+                "filter": " and ".join(conds),
             })
         if rest:
             b = sum(v["bytes"] for _, v in rest)
@@ -675,6 +666,28 @@ class Dashboards:
                               "value": max(b, 1), "bytes": b, "records": sum(v["records"] for _, v in rest),
                               "denied": sum(v["denied"] for _, v in rest), "detail": [], "filter": None})
         return {"nodes": list(nodes.values()), "links": out_links, "table": table}
+
+    def pairs(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """The largest Pod pairs of one link of the policy sankey (``egress`` policy to
+        ``ingress`` policy, "" for none), with their rule actions: the link's tooltip."""
+        self.check("pairs", params)
+        sides = {}
+        for side in ("egress", "ingress"):
+            key = params.get(side, "")
+            if len(key) > 512 or any(c in key for c in "\n\r\t"):
+                raise PanelError(side, f"{side}: {key[:40]!r} is not a policy")
+            sides[side] = f"{side}Policy = {_quote(key)}"
+        q, _ = self._query({k: v for k, v in params.items() if k not in ("egress", "ingress")},
+                           extra=" and ".join(sides.values()))
+        dims = ["egressPolicy", "srcPod", "dstPod", "egressAction", "ingressAction"]
+        rows, table = self._run(lambda: grouped(self.store, q, dims, limit_by=(8, 1), now=self.now))
+        detail = []
+        for r in sorted(rows, key=lambda r: (-(r.octets + r.reverse_octets), r.keys))[:8]:
+            _, sp, dp, ea, ia = r.keys
+            acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
+            detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(r.octets + r.reverse_octets)}, "
+                          f"{r.records} records ({acts})")
+        return {"detail": detail, "table": table}
 
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("heatmap", params)
@@ -716,8 +729,20 @@ class Dashboards:
         number = _int(params, "page", 1, 1, 1_000_000)
         page = self._run(lambda: query.flows(self.store, q.with_(limit=limit, offset=(number - 1) * limit),
                                              now=self.now))
-        total = self._run(lambda: query.top(self.store, q.with_(group="flowType", top=1), now=self.now)).total.records
-        return {"rows": page.records, "page": number, "limit": limit, "more": page.more, "total": total}
+        return {"rows": page.records, "page": number, "limit": limit, "more": page.more,
+                "total": self._records_total(params)}
+
+    def _records_total(self, params: Mapping[str, str]) -> int:
+        """How many records the range, filter and scope hold, read from the page's
+        :meth:`_verdict_grid` (the question its series ask too); the ``denied`` scope is
+        the grid's dropped and rejected records."""
+        scope = params.get("scope") or "all"
+        denied = scope == "denied"
+        _, w = self._query(params)
+        keep = {k: v for k, v in params.items() if k in _COMMON and not (denied and k == "scope")}
+        rows, _ = self._verdict_grid(keep, w)
+        return sum(r.records for r in rows
+                   if not denied or any(a.isdigit() and int(a) in DENY_ACTIONS for a in r.keys[1:]))
 
     def values(self, params: Mapping[str, str]) -> dict[str, Any]:
         """Known values of one of the Network Policy page's fields, within the range."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,3 +116,63 @@ async def test_bad_page_parameters_are_refused_by_name_before_anything_runs(stor
         assert twice.status == 400 and (await twice.json())["field"] == "since"
     finally:
         await client.close()
+
+
+def test_in_chromium_every_page_draws_from_one_request_and_a_policy_link_asks_its_pod_pairs(store) -> None:
+    from playwright.sync_api import sync_playwright
+    from served_app import served
+
+    from conftest import require_tool
+    from flowscope.collector.ui.app import build_app
+    from ui_cluster import NOW
+
+    require_tool("chromium")
+    shots = Path(__file__).resolve().parents[2] / "out" / "ui-screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    with served(lambda: build_app(store, now=lambda: float(NOW))) as base:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = b.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            asked: list[str] = []
+            page.on("request", lambda r: asked.append(r.url) if "/ui/v1/" in r.url else None)
+            for view in PAGES:
+                asked.clear()
+                page.goto(f"{base}/?d={view}&since=15m&refresh=0")
+                page.wait_for_selector("main[data-loaded]", state="attached", timeout=30_000)
+                assert [u.split("?")[0].rsplit("/", 1)[1] for u in asked] == ["page"], asked
+                assert page.text_content("#status").startswith(page.title().split(" \u00b7 ")[0]), \
+                    page.text_content("#status")
+                drawn = page.eval_on_selector_all("[data-chart]", "els => els.map(e => e.dataset.ready)")
+                assert drawn and all(d == "1" for d in drawn), (view, drawn)
+                page.screenshot(path=str(shots / f"page-{view}.png"), full_page=True)
+            # the denied link's tooltip: its Pod pairs, asked when it opens
+            page.goto(f"{base}/?d=policy&since=15m&refresh=0")
+            page.wait_for_selector("main[data-loaded]", state="attached", timeout=30_000)
+            asked.clear()
+            # hover the middle of the denied link (where ECharts laid it out)
+            x, y = page.evaluate("""() => {
+                const div = document.querySelector("[data-chart^='sankey:policy']");
+                const series = echarts.getInstanceByDom(div).getModel().getSeriesByIndex(0);
+                let edge = null;
+                series.getGraph().eachEdge((e) => { if (!edge && e.getModel().get("denied")) edge = e; });
+                const s = edge.node1.getLayout(), t = edge.node2.getLayout(), l = edge.getLayout();
+                const r = div.getBoundingClientRect(), box = series.layoutInfo;
+                return [r.left + box.x + (s.x + s.dx + t.x) / 2,
+                        r.top + box.y + (s.y + l.sy + l.dy / 2 + t.y + l.ty + l.dy / 2) / 2];
+            }""")
+            page.mouse.move(x - 4, y)
+            page.mouse.move(x, y)
+            page.wait_for_function("""() => [...document.querySelectorAll("div")].some((d) =>
+                d.textContent.includes("shop/frontend-6d4f8 \u2192 data/db-0") && d.textContent.includes("Drop"))""",
+                                   timeout=15_000)
+            assert [u for u in asked if "/ui/v1/pairs" in u and "egress=shop%2Ffrontend-egress" in u], asked
+            assert len(asked) == 1, asked  # hovered twice, asked once
+            tip = page.evaluate("""() => [...document.querySelectorAll("div")].map((d) => d.textContent)
+                .filter((t) => t.startsWith("shop/frontend-egress \u2192"))[0]""")
+            assert tip.startswith("shop/frontend-egress \u2192 data/db-from-backend-only: 2.40 kB"), tip  # its bytes, not the floored width
+            page.screenshot(path=str(shots / "page-policy-link-tooltip.png"))
+            b.close()
+    assert not errors, errors

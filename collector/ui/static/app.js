@@ -256,19 +256,35 @@ function barOption(data, opts = {}) {
 function sankeyOption(data, opts = {}) {
   const f = opts.unit === "count" ? fmt.count : fmt.bytes;
   const byName = new Map(data.nodes.map((n) => [n.name, n]));
+  const pairs = new Map(); // a link's Pod pairs: the request once asked, its answer once come
   return {
     animation: false,
     tooltip: {
       trigger: "item", confine: true,
-      formatter: (p) => {
+      formatter: (p, ticket, callback) => {
         if (p.dataType === "edge") {
           const l = p.data;
-          const head = `<b>${esc(byName.get(l.source)?.label)}</b> \u2192 <b>${esc(byName.get(l.target)?.label)}</b>: ${f(l.value)}`;
-          const lines = [head];
-          if (l.denied) lines.push(`<span style="color:${DENY}">&#9888; denied: ${fmt.count(l.denied)} connection(s)</span>`);
-          for (const d of (l.detail || []).slice(0, 8)) lines.push(esc(d));
-          if ((l.detail || []).length > 8) lines.push(`\u2026 ${l.detail.length - 8} more`);
-          return lines.join("<br>");
+          const text = (detail) => {
+            // a link's own bytes (its drawn width may be floored so that a small denied one shows)
+            const head = `<b>${esc(byName.get(l.source)?.label)}</b> \u2192 <b>${esc(byName.get(l.target)?.label)}</b>: ${f(l.bytes ?? l.value)}`;
+            const lines = [head];
+            if (l.denied) lines.push(`<span style="color:${DENY}">&#9888; denied: ${fmt.count(l.denied)} connection(s)</span>`);
+            for (const d of detail.slice(0, 8)) lines.push(esc(d));
+            if (detail.length > 8) lines.push(`\u2026 ${detail.length - 8} more`);
+            return lines.join("<br>");
+          };
+          if (!l.pairs) return text(l.detail || []);
+          // A policy link's Pod pairs are asked for when its tooltip first opens, not with the page.
+          const key = `${l.pairs.egress}\u0000${l.pairs.ingress}`;
+          if (pairs.get(key)?.detail) return text(pairs.get(key).detail);
+          if (!pairs.has(key)) {
+            const entry = { asked: api("pairs", l.pairs) };
+            pairs.set(key, entry);
+            entry.asked.then((r) => { entry.detail = r.detail; }, () => pairs.delete(key));
+          }
+          pairs.get(key).asked.then((r) => callback(ticket, text(r.detail)),
+            (e) => callback(ticket, text([`Pod pairs not loaded: ${e.message}`])));
+          return text(["Pod pairs\u2026"]);
         }
         const n = byName.get(p.name) || {};
         const lines = [`<b>${esc(n.label)}</b>: ${f(p.value)}`];
