@@ -176,3 +176,30 @@ def test_in_chromium_every_page_draws_from_one_request_and_a_policy_link_asks_it
             page.screenshot(path=str(shots / "page-policy-link-tooltip.png"))
             b.close()
     assert not errors, errors
+
+
+async def test_a_store_that_fails_is_said_in_each_panel_line_and_the_server_keeps_serving(store) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from flowscope.collector.ui.app import build_app
+    from ui_cluster import NOW
+
+    class Broken:
+        database, table = store.database, store.table
+
+        def rows(self, sql, params):
+            raise ConnectionError("the ClickHouse server went away")
+
+    client = TestClient(TestServer(build_app(Broken(), now=lambda: float(NOW), api=False)))
+    await client.start_server()
+    try:
+        resp = await client.get("/ui/v1/page", params={"d": "overview", "since": "15m"})
+        lines = _lines(await resp.read())
+        assert resp.status == 200 and len(lines) == len(PAGES["overview"])
+        assert all(x["status"] == 503 and x["field"] == "store" and "went away" in x["error"] for x in lines)
+        # a policy namespace is resolved from the store up front: its failure is the page's 503
+        resp = await client.get("/ui/v1/page", params={"d": "policy", "since": "15m", "ingressPolicyNamespace": "a"})
+        assert resp.status == 503 and "went away" in (await resp.json())["error"]
+        assert (await client.get("/healthz")).status == 200
+    finally:
+        await client.close()
