@@ -9,6 +9,18 @@
 
 const API = "ui/v1/";
 
+// index.html runs this script before ECharts (both deferred), so a page's data is asked for
+// while ECharts is still being compiled; drawing waits for it (DOMContentLoaded: every
+// deferred script has run).
+let documentReady = false;
+document.addEventListener("DOMContentLoaded", () => { documentReady = true; }, { once: true });
+function chartsLoaded() {
+  if (typeof echarts !== "undefined") return Promise.resolve();
+  if (documentReady) return Promise.reject(new ApiError("ECharts did not load (static/vendor/echarts.min.js): run scripts/setup.sh"));
+  return new Promise((resolve, reject) => document.addEventListener("DOMContentLoaded",
+    () => (typeof echarts !== "undefined" ? resolve() : reject(new ApiError("ECharts did not load: run scripts/setup.sh"))), { once: true }));
+}
+
 const DASHBOARDS = [
   { id: "overview", title: "Overview" },
   { id: "pod-to-pod", title: "Pod-to-Pod" },
@@ -925,6 +937,7 @@ async function loadPage(gen, failed) {
     if (resp.status === 401) { askToken(); throw new ApiError("a bearer token is required", body); }
     throw new ApiError((body && body.error) || `${resp.status} ${resp.statusText}`, body);
   }
+  await chartsLoaded();
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   const answered = new Set();
