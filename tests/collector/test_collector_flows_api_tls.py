@@ -13,6 +13,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from test_collector_cli import FLOWSCOPE, free_port
@@ -24,18 +25,31 @@ pytestmark = [pytest.mark.timeout(150)]
 DEMO = Path(__file__).resolve().parents[2] / "scripts" / "demo-flows.jsonl"
 
 
-def flows(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FLOWSCOPE, "flows", *args], capture_output=True, text=True, timeout=60)
+class Ran(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def one_line(p: subprocess.CompletedProcess[str]) -> str:
+def flows(capsys: pytest.CaptureFixture[str], *args: str) -> Ran:
+    """``flowscope flows ARGS`` through the command's own entry point, in this process (the
+    handshakes are real; no interpreter is started per call)."""
+    from flowscope.cli import main
+
+    code = main(["flows", *args])
+    out = capsys.readouterr()
+    return Ran(code, out.out, out.err)
+
+
+def one_line(p: Ran) -> str:
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith("flowscope flows: "), lines[0]
     return lines[0]
 
 
-def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(tmp_path: Path) -> None:
+def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pki = make_pki(tmp_path)
     impostor = CA(tmp_path, "impostor").issue("intruder", server=False, names=("intruder",))
     listen, api = free_port(), free_port()
@@ -61,7 +75,7 @@ def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(tmp_path:
         records = [json.loads(x) for x in DEMO.read_text().splitlines() if x.strip()]
         deadline = time.monotonic() + 30
         while True:  # the collector commits every 200ms: wait until it has them all
-            got = flows("--api", url, *mine, "-o", "json", "--limit", "100")
+            got = flows(capsys, "--api", url, *mine, "-o", "json", "--limit", "100")
             assert got.returncode == 0, got.stderr
             rows = [json.loads(x) for x in got.stdout.splitlines()]
             if len(rows) == len(records):
@@ -69,20 +83,20 @@ def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(tmp_path:
             assert time.monotonic() < deadline, rows
             time.sleep(0.1)
         assert sorted(r["octetTotalCount"] for r in rows) == sorted(r["octetTotalCount"] for r in records)
-        top = flows("--api", url, *mine, "--top", "1", "--group", "namespace", "-o", "json")
+        top = flows(capsys, "--api", url, *mine, "--top", "1", "--group", "namespace", "-o", "json")
         assert top.returncode == 0 and json.loads(top.stdout)["entries"], top.stderr
 
         # No client certificate: the collector refuses the handshake.
-        bare = flows("--api", url, "--api-tls-ca", pki["ca"])
+        bare = flows(capsys, "--api", url, "--api-tls-ca", pki["ca"])
         assert bare.returncode == 3
         assert "the collector asks for a client certificate (the TLS connection closed without an answer" in one_line(bare)
         # A certificate another CA signed: refused too, and said to be ours that was refused.
-        other = flows("--api", url, "--api-tls-cert", impostor.cert, "--api-tls-key", impostor.key,
+        other = flows(capsys, "--api", url, "--api-tls-cert", impostor.cert, "--api-tls-key", impostor.key,
                       "--api-tls-ca", pki["ca"])
         assert other.returncode == 3
         assert "the collector refused our client certificate" in one_line(other)
         # Not trusting the collector's certificate (the system's CAs did not sign it).
-        untrusted = flows("--api", url, "--api-tls-cert", pki["client_cert"], "--api-tls-key", pki["client_key"])
+        untrusted = flows(capsys, "--api", url, "--api-tls-cert", pki["client_cert"], "--api-tls-key", pki["client_key"])
         assert untrusted.returncode == 3
         assert "the collector's certificate is not trusted" in one_line(untrusted)
         assert "give --api-tls-ca" in untrusted.stderr
@@ -92,27 +106,36 @@ def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(tmp_path:
     assert proc.returncode == 0
 
 
-def test_bad_client_tls_options_are_one_line_before_anything_connects(tmp_path: Path) -> None:
+def test_bad_client_tls_options_are_one_line_before_anything_connects(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flowscope.cli import main
+
+    def run(*args: str) -> tuple[int, str]:  # the command's own entry point, in this process (fast)
+        code = main(["flows", *args])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("flowscope flows: "), err
+        return code, lines[0]
+
     pki = make_pki(tmp_path)
     url = f"https://127.0.0.1:{free_port()}"  # nothing listens: these must fail before connecting
     missing = str(tmp_path / "missing.pem")
+    unreadable = tmp_path / "unreadable.pem"
+    unreadable.mkdir()  # a directory: unreadable as a file even for root
     cases = [
         (("--api-tls-cert", missing, "--api-tls-key", pki["client_key"]), f"--api-tls-cert: cannot read {missing!r}"),
         (("--api-tls-cert", pki["client_cert"], "--api-tls-key", missing), f"--api-tls-key: cannot read {missing!r}"),
         (("--api-tls-ca", missing), f"--api-tls-ca: cannot read {missing!r}"),
+        (("--api-tls-ca", str(unreadable)), f"--api-tls-ca: cannot read {str(unreadable)!r}"),
         (("--api-tls-cert", pki["client_cert"]), "--api-tls-cert and --api-tls-key: give both"),
         (("--api-tls-cert", pki["client_key"], "--api-tls-key", pki["client_key"]),
          "are not a PEM certificate and its private key"),
         (("--api-tls-ca", pki["client_key"]), "holds no PEM CA certificate"),
     ]
-    unreadable = tmp_path / "unreadable.pem"
-    unreadable.mkdir()  # a directory: unreadable as a file even for root
-    cases.append((("--api-tls-ca", str(unreadable)), f"--api-tls-ca: cannot read {str(unreadable)!r}"))
     for options, words in cases:
-        p = flows("--api", url, *options)
-        assert p.returncode == 2, (options, p.stderr)
-        assert words in one_line(p), (options, p.stderr)
-    plain = flows("--api", url.replace("https", "http"), "--api-tls-ca", pki["ca"])
-    assert plain.returncode == 2 and "are for --api https://" in one_line(plain)
-    nowhere = flows("--store", f"chdb://{tmp_path}/s", "--api-tls-ca", pki["ca"])
-    assert nowhere.returncode == 2, nowhere.stderr
+        code, line = run("--api", url, *options)
+        assert code == 2 and words in line, (options, line)
+    code, line = run("--api", url.replace("https", "http"), "--api-tls-ca", pki["ca"])
+    assert code == 2 and "are for --api https://" in line
+    code, line = run("--store", f"chdb://{tmp_path}/s", "--api-tls-ca", pki["ca"])
+    assert code == 2 and "are for --api https://HOST:PORT" in line
