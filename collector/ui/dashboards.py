@@ -77,8 +77,9 @@ PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
 }
 DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
 
-#: What each page asks, panel and parameters (the same requests as VIEWS in static/app.js):
-#: the benchmark and the tests that compare servers ask them too.
+#: What each page asks, panel and parameters, in the order of VIEWS in static/app.js (whose
+#: panels match each answer line's index and name): ``/ui/v1/page`` answers them in one
+#: request; the benchmark and the tests that compare servers ask them too.
 PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
     "overview": [("summary", {}), ("series", {"metric": "throughput", "group": "flowType"}),
                  ("series", {"metric": "flows"}), ("top", {"group": "pod", "n": "10"}),
