@@ -1,5 +1,5 @@
-"""How fast the dashboards answer on a big store: every panel of every page over HTTP, and
-each page loaded in headless Chromium, on a chDB store of N flows (default 10M).
+"""How fast the dashboards load on a big store: each page over HTTP and in headless
+Chromium, on a chDB store of N flows (default 10M), beside a peer measured in the same run.
 
 The store is generated once by the store's benchmark generator (benchmarks/store_queries.py:
 5,000 Pods in 50 namespaces on 50 Nodes, 200 Services, 100 network policies, a day of
@@ -7,19 +7,25 @@ history ending now, a few percent of the pairs denied), written block by block t
 the store's own insert; a directory given with ``--store`` is reused when it already
 holds N rows.
 
-Measured, in the same run:
+Measured, in the same run, for the last hour and the last day:
 
-* ``panels``: each dashboard's panel requests, sent concurrently as the page sends them,
-  to the aiohttp application on loopback; the wall time until the last answers (median
-  and p95 of ``--rounds``), for the last hour and the last day;
-* ``peer_raw``: the same panels computed with the query layer forced to the raw table
-  (``source=raw``) instead of the roll-ups it picks: what the roll-ups are worth;
-* ``page_load``: Chromium (Debian's, through playwright) opening each dashboard until
-  every panel has drawn (the page's own ``data-loaded`` mark), median of ``--rounds``.
+* ``http``: each dashboard as the page asks for it now, one request (``/ui/v1/page``) that
+  the server answers panel by panel as each is ready; the wall time until the last line
+  (median and p95 of ``--rounds``), and the questions the page sent to the store;
+* ``http_panels``: the same page asked as separate panel requests sent concurrently
+  (``/ui/v1/<panel>``, what the page did before);
+* ``chromium``: Chromium (Debian's, through playwright) opening each dashboard until every
+  chart has drawn its data (the page's ``data-loaded`` mark, set one animation frame after
+  the last chart's data), median of ``--rounds``;
+* the peer: with ``--peer-ref REV``, the dashboards' code of that git revision
+  (collector/ui/ as it was, over today's query layer) served from the same process on
+  another port and measured the same way, round for round alternating with the current
+  code (``peer_http``, ``peer_chromium``); with ``--raw``, the panels computed in-process
+  from the raw table (``source=raw``), what the roll-ups are worth.
 
 Target (issue 9): a dashboard at 10M stored flows loads in under a second.
 
-    .venv/bin/python benchmarks/ui_dashboards.py [--flows 10000000] [--store /var/tmp/fs-bench] [--rounds 5]
+    .venv/bin/python benchmarks/ui_dashboards.py [--flows 10000000] [--store DIR] [--rounds 5] [--peer-ref REV]
 
 Prints one JSON object.
 """
@@ -67,6 +73,32 @@ def fill(store: Any, flows: int, now: int) -> float:
     return time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- the peer
+
+
+def peer_package(ref: str) -> Any:
+    """collector/ui/ of git revision ``ref``, importable as its own package (``flowscope_peer_ui``)
+    beside today's: its app, dashboards and static files; ECharts from today's vendor dir."""
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[1]
+    root = Path(tempfile.mkdtemp(prefix="flowscope-ui-peer-"))
+    pkg = root / "flowscope_peer_ui"
+    names = subprocess.run(["git", "-C", str(repo), "ls-tree", "-r", "--name-only", ref, "collector/ui"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    for name in names:
+        out = pkg / Path(name).relative_to("collector/ui")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(subprocess.run(["git", "-C", str(repo), "show", f"{ref}:{name}"], check=True,
+                                       capture_output=True).stdout)
+    (pkg / "static" / "vendor").symlink_to(repo / "collector" / "ui" / "static" / "vendor")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("flowscope_peer_ui.app"), importlib.import_module("flowscope_peer_ui.dashboards")
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -76,26 +108,42 @@ def _stats(samples: list[float]) -> dict[str, float]:
             "p95_ms": round(s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))] * 1000, 1)}
 
 
-def _serve(store: Any, port_box: list[int], ready: threading.Event, stop: threading.Event, now: int) -> None:
+def _serve(apps: list[Any], ports: list[int], ready: threading.Event, stop: threading.Event) -> None:
     from aiohttp import web
 
-    from flowscope.collector.ui.app import build_app
-
     async def main() -> None:
-        runner = web.AppRunner(build_app(store, now=lambda: float(now)), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port_box.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        runners = []
+        for app in apps:
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            runners.append(runner)
         ready.set()
         while not stop.is_set():
             await asyncio.sleep(0.2)
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
 
     asyncio.run(main())
 
 
-async def _page_http(base: str, page: str, since: str) -> float:
+async def _page_one_request(base: str, page: str, since: str) -> float:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        t0 = time.perf_counter()
+        async with session.get(f"{base}ui/v1/page", params={"d": page, "since": since}) as resp:
+            lines = (await resp.read()).splitlines()
+            assert resp.status == 200, (page, lines[:3])
+        elapsed = time.perf_counter() - t0
+        for line in lines:
+            assert "error" not in json.loads(line), (page, line[:300])
+        return elapsed
+
+
+async def _page_panels(base: str, pages: dict[str, Any], page: str, since: str) -> float:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -105,13 +153,14 @@ async def _page_http(base: str, page: str, since: str) -> float:
                 assert resp.status == 200, (panel, params, body[:300])
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(p, q) for p, q in PAGES[page]))
+        await asyncio.gather(*(one(p, q) for p, q in pages[page]))
         return time.perf_counter() - t0
 
 
 def _since(span: str, i: int) -> str:
     """The ``i``-th variant of a range: one alignment unit longer per step (minutes for 1h,
-    hours for 24h), so no two rounds ask the same question."""
+    hours for 24h), so no two rounds ask the same question (nor meet an earlier answer
+    the previous code kept for a few seconds)."""
     return f"{60 + i}m" if span == "1h" else f"{24 + i}h"
 
 
@@ -122,11 +171,24 @@ def _page_inprocess(dash: Any, page: str, since: str) -> float:
     return time.perf_counter() - t0
 
 
+def _questions(dash: Any, page: str, since: str) -> int:
+    """How many questions one load of ``page`` sends to the store (its panels sharing them)."""
+    from flowscope.collector.ui.dashboards import page_panels
+
+    scope = dash.scoped()
+    for panel, params in page_panels({"d": page, "since": since}):
+        getattr(scope, panel)(params)
+    return int(scope.asked)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, default=10_000_000)
     ap.add_argument("--store", help="a chDB directory (kept; reused when it holds --flows rows)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--peer-ref", metavar="REV", help="also serve collector/ui/ of this git revision and measure it")
+    ap.add_argument("--raw", action="store_true", help="also compute the pages from the raw table (slow)")
+    ap.add_argument("--pages", default=",".join(PAGES), help="the dashboards to measure (comma-separated)")
     ap.add_argument("--no-browser", action="store_true")
     args = ap.parse_args()
 
@@ -148,35 +210,59 @@ def main() -> None:
                               "disk_bytes_per_flow": round(store.disk_bytes() / max(store.count(), 1), 1),
                               "load_average_1m_at_start": round(os.getloadavg()[0], 1)}
 
+    from flowscope.collector.ui.app import build_app
     from flowscope.collector.ui.dashboards import Dashboards
 
-    ranges = ("1h", "24h")
-    panels: dict[str, dict[str, Any]] = {}
-    peer: dict[str, dict[str, Any]] = {}
-    port_box: list[int] = []
+    pages = [p for p in args.pages.split(",") if p]
+    clock = lambda: float(now)  # noqa: E731
+    apps = [build_app(store, now=clock)]
+    peer_pages = None
+    if args.peer_ref:
+        peer_app, peer_dash = peer_package(args.peer_ref)
+        apps.append(peer_app.build_app(store, now=clock))
+        peer_pages = peer_dash.PAGES
+        result["peer_ref"] = args.peer_ref
+    ports: list[int] = []
     ready, stop = threading.Event(), threading.Event()
-    server = threading.Thread(target=_serve, args=(store, port_box, ready, stop, now), daemon=True)
+    server = threading.Thread(target=_serve, args=(apps, ports, ready, stop), daemon=True)
     server.start()
     ready.wait(30)
-    base = f"http://127.0.0.1:{port_box[0]}/"
-    raw = Dashboards(store, source="raw", now=lambda: float(now))
+    base = f"http://127.0.0.1:{ports[0]}/"
+    peer_base = f"http://127.0.0.1:{ports[1]}/" if args.peer_ref else None
+    dash = Dashboards(store, now=clock)
+    raw = Dashboards(store, source="raw", now=clock)
+    out: dict[str, dict[str, Any]] = {k: {} for k in ("http", "http_panels", "peer_http", "raw_in_process",
+                                                       "questions")}
     try:
-        for since in ranges:
-            for page in PAGES:
-                # Each round asks a range one step longer than the last (the windows align to
-                # minutes up to 6 h, to hours past): new questions, so the dashboards' few-second
-                # memo of a page's repeated questions never answers a round.
-                asyncio.run(_page_http(base, page, _since(since, 0)))  # warm
-                samples = [asyncio.run(_page_http(base, page, _since(since, i))) for i in range(1, args.rounds + 1)]
-                panels.setdefault(since, {})[page] = _stats(samples)
-                samples = [_page_inprocess(raw, page, _since(since, 1 + i)) for i in range(max(2, args.rounds // 2))]  # its own memo
-                peer.setdefault(since, {})[page] = _stats(samples)
-        result["panels_http"] = panels
-        result["peer_raw_table_in_process"] = peer
-        result["ratio_peer_to_ui_24h"] = {
-            p: round(peer["24h"][p]["median_ms"] / max(panels["24h"][p]["median_ms"], 0.1), 2) for p in PAGES}
+        for span in ("1h", "24h"):
+            for page in pages:
+                key = f"{page}@{span}"
+                asyncio.run(_page_one_request(base, page, _since(span, 0)))  # warm
+                if peer_base:
+                    asyncio.run(_page_panels(peer_base, peer_pages, page, _since(span, 0)))
+                ours, panels, theirs = [], [], []
+                for i in range(1, args.rounds + 1):  # alternating, so both meet the same load
+                    ours.append(asyncio.run(_page_one_request(base, page, _since(span, i))))
+                    panels.append(asyncio.run(_page_panels(base, PAGES, page, _since(span, i))))
+                    if peer_base:
+                        theirs.append(asyncio.run(_page_panels(peer_base, peer_pages, page, _since(span, i))))
+                out["http"][key] = _stats(ours)
+                out["http_panels"][key] = _stats(panels)
+                if theirs:
+                    out["peer_http"][key] = _stats(theirs)
+                out["questions"][key] = _questions(dash, page, _since(span, 99))
+                if args.raw:
+                    samples = [_page_inprocess(raw, page, _since(span, 1 + i)) for i in range(2)]
+                    out["raw_in_process"][key] = _stats(samples)
+        result.update({k: v for k, v in out.items() if v})
         if not args.no_browser:
-            result["page_load_chromium"] = _browser(base, args.rounds)
+            result["chromium"], peer = _browser(base, peer_base, pages, args.rounds)
+            if peer:
+                result["peer_chromium"] = peer
+        if peer_base:
+            result["ratio_peer_to_ours"] = {
+                what: {k: round(result[f"peer_{what}"][k]["median_ms"] / max(result[what][k]["median_ms"], 0.1), 2)
+                       for k in result[what]} for what in ("http", "chromium") if f"peer_{what}" in result}
     finally:
         stop.set()
         server.join(10)
@@ -184,25 +270,61 @@ def main() -> None:
     store.close()
 
 
-def _browser(base: str, rounds: int) -> dict[str, dict[str, float]]:
+def _browser(base: str, peer_base: str | None, pages: list[str], rounds: int
+             ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     from playwright.sync_api import sync_playwright
 
-    out = {}
+    ours: dict[str, dict[str, Any]] = {}
+    theirs: dict[str, dict[str, Any]] = {}
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
-        page = b.new_page(viewport={"width": 1440, "height": 1000})
-        for since in ("1h", "24h"):
-            for view in PAGES:
-                samples = []
+        tabs = {"ours": b.new_page(viewport={"width": 1440, "height": 1000})}
+        if peer_base:
+            tabs["peer"] = b.new_page(viewport={"width": 1440, "height": 1000})
+        errors: list[str] = []
+        for tab in tabs.values():
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+
+        def load(tab: Any, url: str) -> float:
+            t0 = time.perf_counter()
+            tab.goto(url)
+            tab.wait_for_selector("main[data-loaded]", state="attached", timeout=60_000)
+            return time.perf_counter() - t0
+
+        def parts(tab: Any) -> dict[str, float]:
+            """Where the current code's page load went (its performance.measure marks), in seconds."""
+            got = tab.evaluate("""() => {
+                const nav = performance.getEntriesByType("navigation")[0];
+                const m = (p) => performance.getEntriesByType("measure").filter((e) => e.name.startsWith(p));
+                const sum = (es) => es.reduce((a, e) => a + e.duration, 0);
+                return { script_ready: nav.domContentLoadedEventEnd, data: sum(m("flowscope:data")),
+                         first_panel: Math.min(...m("flowscope:arrived").map((e) => e.duration)),
+                         js_show: sum(m("flowscope:show")), paint: sum(m("flowscope:painted")),
+                         answer_bytes: performance.getEntriesByType("resource")
+                           .filter((e) => e.name.includes("ui/v1/page")).reduce((a, e) => a + e.encodedBodySize, 0) };
+            }""")
+            return {k: float(v) / (1 if k == "answer_bytes" else 1000) for k, v in got.items()}
+
+        for span in ("1h", "24h"):
+            for view in pages:
+                samples: dict[str, list[float]] = {k: [] for k in tabs}
+                split: dict[str, list[float]] = {}
                 for i in range(rounds + 1):
-                    t0 = time.perf_counter()
-                    page.goto(f"{base}?d={view}&since={_since(since, 10 + i)}&refresh=0")
-                    page.wait_for_selector("main[data-loaded]", state="attached", timeout=60_000)
-                    if i:  # the first load warms the browser's cache of the script and ECharts
-                        samples.append(time.perf_counter() - t0)
-                out[f"{view}@{since}"] = _stats(samples)
+                    for name, tab in tabs.items():  # alternating, so both meet the same load
+                        root = base if name == "ours" else peer_base
+                        t = load(tab, f"{root}?d={view}&since={_since(span, 10 + i)}&refresh=0")
+                        if i:  # the first load warms the browser's cache of the script and ECharts
+                            samples[name].append(t)
+                            if name == "ours":
+                                for k, v in parts(tab).items():
+                                    split.setdefault(k, []).append(v)
+                ours[f"{view}@{span}"] = {**_stats(samples["ours"]), "parts_median_ms": {
+                    k: round(statistics.median(v) * (1 if k == "answer_bytes" else 1000), 1) for k, v in split.items()}}
+                if "peer" in samples:
+                    theirs[f"{view}@{span}"] = _stats(samples["peer"])
         b.close()
-    return out
+        assert not errors, errors[:5]
+    return ours, theirs
 
 
 if __name__ == "__main__":

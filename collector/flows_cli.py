@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,13 @@ def register(subparsers: Any) -> None:
                                                       "or tcp://HOST:PORT/DB")
     where.add_argument("--api", metavar="URL", help="ask a running collector: http://HOST:PORT")
     p.add_argument("--token-file", metavar="FILE", help="with --api: send the bearer token in FILE")
+    p.add_argument("--api-tls-cert", metavar="FILE",
+                   help="with --api https://...: present this PEM client certificate (the collector's --api-tls-ca "
+                        "asks for one)")
+    p.add_argument("--api-tls-key", metavar="FILE", help="the --api-tls-cert's PEM private key")
+    p.add_argument("--api-tls-ca", metavar="FILE",
+                   help="with --api https://...: trust the collector's certificate if this PEM CA signed it "
+                        "(default: the system's CAs)")
     f = p.add_argument_group("filters (the same option twice: either value)")
     f.add_argument("--namespace", action="append", metavar="NS", help="either Pod's namespace")
     f.add_argument("--pod", action="append", metavar="[NS/]POD", help="either Pod")
@@ -199,7 +207,8 @@ class _Local:
 class _Remote:
     """A running collector's API."""
 
-    def __init__(self, url: str, token_file: str | None) -> None:
+    def __init__(self, url: str, token_file: str | None, tls: tuple[str | None, str | None, str | None] = (
+                 None, None, None)) -> None:
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
@@ -207,6 +216,13 @@ class _Remote:
             raise _Usage(f"--api: {url!r} is not http://HOST:PORT or https://HOST:PORT")
         self.base = url.rstrip("/")
         self.headers = {"Accept": "application/json"}
+        self.context: ssl.SSLContext | None = None
+        self.with_cert = bool(tls[0])
+        if any(tls):
+            if parts.scheme != "https":
+                raise _Usage(f"--api-tls-cert, --api-tls-key and --api-tls-ca are for --api https://...; "
+                             f"{url!r} is plain HTTP")
+            self.context = client_ssl_context(*tls)
         if token_file:
             from flowscope.webauth import WebAuthError, read_token
 
@@ -216,6 +232,7 @@ class _Remote:
                 raise _Usage(str(exc)) from None
 
     def _get(self, path: str, params: dict[str, Any]) -> Any:
+        import http.client
         import urllib.error
         import urllib.request
         from urllib.parse import urlencode
@@ -223,8 +240,12 @@ class _Remote:
         url = f"{self.base}/api/v1/{path}?{urlencode({k: v for k, v in params.items() if v is not None})}"
         req = urllib.request.Request(url, headers=self.headers)
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=30, context=self.context) as resp:
                 return json.loads(resp.read())
+        except (ssl.SSLError, http.client.RemoteDisconnected, ConnectionResetError) as exc:
+            if not self.base.startswith("https:"):
+                raise _Unreachable(f"--api {self.base}: cannot reach the collector: {exc}") from None
+            raise _Unreachable(f"--api {self.base}: {_handshake_refused(exc, self.with_cert)}") from None
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error", "")
@@ -235,6 +256,8 @@ class _Remote:
             raise _Unreachable(f"--api {self.base}: {exc.code} {exc.reason}{': ' + message if message else ''}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError) and self.base.startswith("https:"):
+                raise _Unreachable(f"--api {self.base}: {_handshake_refused(reason, self.with_cert)}") from None
             raise _Unreachable(f"--api {self.base}: cannot reach the collector: {reason}") from None
 
     @staticmethod
@@ -373,6 +396,54 @@ class _Printer:
             self.out.write(self._line(r) + "\n")
 
 
+def client_ssl_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
+    """TLS 1.2 or newer to the collector's --api: its certificate checked against ``ca`` (the
+    system's CAs without one) and the host name; with ``cert`` and ``key``, a client
+    certificate for a collector that asks for one (--api-tls-ca on its side)."""
+    if bool(cert) != bool(key):
+        raise _Usage("--api-tls-cert and --api-tls-key: give both to present a client certificate")
+    for option, path in (("--api-tls-cert", cert), ("--api-tls-key", key), ("--api-tls-ca", ca)):
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise _Usage(f"{option}: cannot read {path!r}: {exc.strerror or exc}") from None
+    try:
+        ctx = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    except (OSError, ssl.SSLError) as exc:
+        raise _Usage(f"--api-tls-ca: {ca!r} holds no PEM CA certificate: {_ssl_reason(exc)}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert and key:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise _Usage(f"--api-tls-cert/--api-tls-key: {cert!r} and {key!r} are not a PEM certificate and its "
+                         f"private key: {_ssl_reason(exc)}") from None
+    return ctx
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc).splitlines()[0]
+
+
+def _handshake_refused(exc: OSError, with_cert: bool) -> str:
+    """One line for a TLS connection the collector would not serve, saying what to give.
+
+    A collector with --api-tls-ca checks the client's certificate after the handshake
+    (TLS 1.3) and closes the connection without an alert when there is none or its CA did
+    not sign it: the client sees the connection end before any answer."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the TLS handshake failed: the collector's certificate is not trusted ({exc.verify_message}); "
+                "give --api-tls-ca with the CA that signed it")
+    reason = _ssl_reason(exc)
+    if with_cert:
+        return (f"the collector refused our client certificate (the TLS connection closed without an answer: "
+                f"{reason}); give --api-tls-cert and --api-tls-key signed by the CA of its --api-tls-ca")
+    return (f"the collector asks for a client certificate (the TLS connection closed without an answer: {reason}); "
+            "give --api-tls-cert and --api-tls-key")
+
+
 # --------------------------------------------------------------------------- the command
 
 def _flows(args: argparse.Namespace) -> int:
@@ -383,6 +454,9 @@ def _flows(args: argparse.Namespace) -> int:
             raise _Usage("say where to read: --store URL (chdb:///DIR or tcp://HOST:PORT/DB) or --api http://HOST:PORT")
         if args.token_file and not args.api:
             raise _Usage("--token-file is for --api")
+        tls = (args.api_tls_cert, args.api_tls_key, args.api_tls_ca)
+        if any(tls) and not args.api:
+            raise _Usage("--api-tls-cert, --api-tls-key and --api-tls-ca are for --api https://HOST:PORT")
         if args.follow and args.top is not None:
             raise _Usage("--follow streams records; it does not combine with --top")
         try:
@@ -390,7 +464,7 @@ def _flows(args: argparse.Namespace) -> int:
         except DurationError as exc:
             raise _Usage(str(exc)) from None
         q = build_query(args)
-        source: Any = _Remote(args.api, args.token_file) if args.api else _Local(args.store)
+        source: Any = _Remote(args.api, args.token_file, tls) if args.api else _Local(args.store)
     except _Usage as exc:
         _err(str(exc))
         return EXIT_USAGE

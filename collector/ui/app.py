@@ -6,7 +6,8 @@ Two kinds of routes, and nothing else:
   ECharts bundle vendored from the npm registry by ``scripts/setup.sh``; they carry no flow
   data, so a browser may load them before it has a token;
 * the panels' JSON (``/ui/v1/<panel>``: summary, series, top, sankey, heatmap, flows,
-  values, complete), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
+  values, complete, pairs) and a whole page's (``/ui/v1/page?d=...``: its panels as JSON
+  lines, each when ready), answered by :class:`flowscope.collector.ui.dashboards.Dashboards`
   from the store's query layer, in a worker thread (the store's calls block).
 
 * the what-if page's evaluation (``POST /ui/v1/whatif``, :mod:`.whatif`): proposed
@@ -43,7 +44,7 @@ from aiohttp import web
 from flowscope.collector import query
 from flowscope.webauth import PUBLIC_PATHS, WebAuth, auth_middleware
 
-from .dashboards import Dashboards, PanelError
+from .dashboards import Dashboards, PanelError, page_panels
 from .options import DEFAULT_UI, UIConfig, add_ui_options, ui_from_args
 from .whatif import whatif_handler
 
@@ -59,7 +60,7 @@ ASSETS: Final[dict[str, tuple[str, str]]] = {
     "/static/favicon.svg": ("favicon.svg", "image/svg+xml"),
     "/static/vendor/echarts.min.js": ("vendor/echarts.min.js", "text/javascript"),
 }
-PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete")
+PANELS: Final = ("summary", "series", "top", "sankey", "heatmap", "flows", "values", "complete", "pairs")
 CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
               "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 SECURITY_HEADERS: Final = {
@@ -133,8 +134,6 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
         return web.Response(text="ok\n", headers=SECURITY_HEADERS)
 
     def panel(name: str) -> Callable[[web.Request], Any]:
-        method = getattr(dashboards, name)
-
         async def handler(request: web.Request) -> web.StreamResponse:
             duplicated = [k for k in request.query if len(request.query.getall(k)) > 1]
             if duplicated:
@@ -142,7 +141,7 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
             params: Mapping[str, str] = dict(request.query)
             loop = asyncio.get_running_loop()
             try:
-                data = await loop.run_in_executor(executor, method, params)
+                data = await loop.run_in_executor(executor, getattr(dashboards.scoped(), name), params)
             except PanelError as exc:
                 return _json({"error": str(exc), "field": exc.field}, 400)
             except Exception as exc:  # the store failed: say so, keep serving
@@ -161,6 +160,48 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
 
         return handler
 
+    async def page(request: web.Request) -> web.StreamResponse:
+        """A whole dashboard in one request: its panels computed concurrently (sharing the
+        questions two panels ask alike), each written as one JSON line as soon as it is
+        ready, so the page draws a chart while the server still computes the next."""
+        duplicated = [k for k in request.query if len(request.query.getall(k)) > 1]
+        if duplicated:
+            return _json({"error": f"{duplicated[0]}: given more than once", "field": duplicated[0]}, 400)
+        params: Mapping[str, str] = dict(request.query)
+        scope = dashboards.scoped()
+        loop = asyncio.get_running_loop()
+        try:
+            panels = page_panels(params)
+            # The range, filter and policy fields are the page's: refused once, up front.
+            await loop.run_in_executor(executor, scope.check_common, panels[0][1])
+        except PanelError as exc:
+            return _json({"error": str(exc), "field": exc.field}, 400)
+        except Exception as exc:  # the store failed: say so, keep serving
+            log.warning("page %s failed: %s", params.get("d"), exc)
+            return _json({"error": f"the store failed: {exc}", "field": "store"}, 503)
+        resp = web.StreamResponse(headers={**SECURITY_HEADERS, "Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        pending = {loop.run_in_executor(executor, getattr(scope, name), p): i for i, (name, p) in enumerate(panels)}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    line: dict[str, Any] = {"i": i, "panel": panels[i][0]}
+                    try:
+                        line["data"] = fut.result()
+                    except PanelError as exc:
+                        line.update(error=str(exc), field=exc.field, status=400)
+                    except Exception as exc:  # noqa: BLE001 - one panel's store failure; the others still answer
+                        log.warning("panel %s of page %s failed: %s", panels[i][0], params.get("d"), exc)
+                        line.update(error=f"the store failed: {exc}", field="store", status=503)
+                    await resp.write(json.dumps(line, separators=(",", ":"), allow_nan=False).encode() + b"\n")
+        finally:
+            for fut in pending:  # the browser went away: what has not started need not
+                fut.cancel()
+        await resp.write_eof()
+        return resp
+
     app.router.add_get("/", index)
     for path in ASSETS:
         app.router.add_get(path, asset)
@@ -170,6 +211,7 @@ def add_ui_routes(app: web.Application, store: query.Backend, *, now: Callable[[
             app.router.add_get(probe, healthz)
     for name in PANELS:
         app.router.add_get(f"/ui/v1/{name}", panel(name))
+    app.router.add_get("/ui/v1/page", page)
     app.router.add_post("/ui/v1/whatif", whatif_handler(store, executor, _json))
 
 

@@ -32,7 +32,7 @@ from typing import Any, Final
 from flowscope.collector import query
 from flowscope.collector.filter import FIELDS, FilterError
 from flowscope.collector.schema import DIMENSIONS
-from flowscope.ipfix.antrea import FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
+from flowscope.ipfix.antrea import DENY_ACTIONS, FLOW_TYPES, PROTOCOLS, RULE_ACTIONS
 
 __all__ = [
     "DASHBOARD_PARAMS",
@@ -72,12 +72,14 @@ PANEL_PARAMS: Final[dict[str, frozenset[str]]] = {
     "heatmap": _COMMON | {"dir"},
     "flows": _COMMON | {"page", "limit", "format"},
     "values": _COMMON | {"field"},
+    "pairs": _COMMON | {"egress", "ingress"},
     "complete": frozenset({"since", "from", "to", "q", "pos"}),
 }
 DASHBOARD_PARAMS: Final = frozenset().union(*PANEL_PARAMS.values())
 
-#: What each page asks, panel and parameters (the same requests as VIEWS in static/app.js):
-#: the benchmark and the tests that compare servers ask them too.
+#: What each page asks, panel and parameters, in the order of VIEWS in static/app.js (whose
+#: panels match each answer line's index and name): ``/ui/v1/page`` answers them in one
+#: request; the benchmark and the tests that compare servers ask them too.
 PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
     "overview": [("summary", {}), ("series", {"metric": "throughput", "group": "flowType"}),
                  ("series", {"metric": "flows"}), ("top", {"group": "pod", "n": "10"}),
@@ -103,6 +105,40 @@ PAGES: Final[dict[str, list[tuple[str, dict[str, str]]]]] = {
                ("series", {"metric": "flows", "group": "ingressAction"}),
                ("flows", {"scope": "denied", "limit": "10"})],
 }
+
+#: The parameters of a whole page (``/ui/v1/page``): which dashboard, its range, filter and
+#: policy fields, and the Flow Records page's page number.
+PAGE_PARAMS: Final = _COMMON - {"scope"} | {"d", "page"}
+
+
+def page_panels(params: Mapping[str, str]) -> list[tuple[str, dict[str, str]]]:
+    """The panel requests of the page ``params["d"]`` names, as :data:`PAGES` lists them, each
+    with the page's range, filter and policy fields (and, for the Flow Records table, its
+    page number)."""
+    unknown = sorted(set(params) - PAGE_PARAMS)
+    if unknown:
+        raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of a page; known: "
+                                     f"{', '.join(sorted(PAGE_PARAMS))}")
+    name = params.get("d", "")
+    if name not in PAGES:
+        raise PanelError("d", f"d: {name[:40]!r} is not one of {', '.join(PAGES)}")
+    common = {k: v for k, v in params.items() if k not in ("d", "page")}
+    _int(params, "page", 1, 1, 1_000_000)
+    out = []
+    for panel, fixed in PAGES[name]:
+        p = {**common, **fixed}
+        if "page" in fixed and params.get("page"):
+            p["page"] = params["page"]
+        out.append((panel, p))
+    return out
+
+
+#: The dimensions of the one GROUP BY that every series of few lines reads (by flow type, by
+#: rule action, in total, denied): :meth:`Dashboards._verdict_grid`.
+_VERDICT_DIMS: Final = ["flowType", "ingressAction", "egressAction"]
+#: The scopes that keep flow types only: the flow types each keeps (None: every type).
+_NODE_SCOPES: Final[dict[str, frozenset[str] | None]] = {
+    "all": None, "inter-node": frozenset({"2"}), "intra-node": frozenset({"1"})}
 
 MAX_TOP: Final = 50
 MAX_PAGE_LIMIT: Final = 500
@@ -269,46 +305,37 @@ def _label(dim: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- the panels
 
-class _Memo:
-    """The store's answers kept for a few seconds. A page's panels ask some questions twice
-    (the Tx and Rx sankeys, the two heatmaps, top Pods and the sankeys' tooltips) and a page
-    load sends them together: one runs, the others wait for its answer."""
+class _Shared:
+    """One page load's questions to the store, each asked once. A page's panels ask some
+    questions twice (the Tx and Rx sankeys read one GROUP BY, the two heatmaps another, the
+    top Pods and the tooltips a third) and run concurrently: the first asks, the others
+    wait for its answer. It lives as long as one request, so nothing it holds is older
+    than the request that asked: no answer outlives the page load (or panel) it was for."""
 
-    def __init__(self, store: query.Backend, *, ttl: float = 3.0, size: int = 64,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: query.Backend) -> None:
         self.store = store
         self.database = store.database
         self.table = store.table
-        self.ttl, self.size, self.clock = ttl, size, clock
         self._lock = threading.Lock()
-        self._answers: OrderedDict[tuple[Any, ...], tuple[float, list[tuple[Any, ...]]]] = OrderedDict()
+        self._answers: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         self._flights: dict[tuple[Any, ...], threading.Lock] = {}
-
-    def _fresh(self, key: tuple[Any, ...]) -> list[tuple[Any, ...]] | None:
-        hit = self._answers.get(key)
-        if hit is not None and self.clock() - hit[0] < self.ttl:
-            return list(hit[1])
-        return None
+        self.asked = 0  # questions that reached the store (the tests and the benchmark read it)
 
     def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         key = (sql, tuple(sorted(params.items())))
         with self._lock:
-            rows = self._fresh(key)
-            if rows is not None:
-                return rows
+            if key in self._answers:
+                return list(self._answers[key])
             flight = self._flights.setdefault(key, threading.Lock())
         with flight:
             with self._lock:
-                rows = self._fresh(key)
-            if rows is not None:
-                return rows
+                if key in self._answers:
+                    return list(self._answers[key])
             rows = self.store.rows(sql, params)
             with self._lock:
-                self._answers[key] = (self.clock(), rows)
-                self._answers.move_to_end(key)
-                while len(self._answers) > self.size:
-                    self._answers.popitem(last=False)
+                self._answers[key] = rows
                 self._flights.pop(key, None)
+                self.asked += 1
             return list(rows)
 
 
@@ -318,9 +345,20 @@ class Dashboards:
     def __init__(self, store: query.Backend, *, now: Callable[[], float] = time.time, source: str = "auto") -> None:
         """``source``: which table answers (the query layer's choice by default; ``raw`` is
         the benchmark's peer)."""
-        self.store: query.Backend = _Memo(store)
+        self.backend = store
+        self.store: query.Backend = _Shared(store)
         self.now = now
         self.source = source
+
+    def scoped(self) -> Dashboards:
+        """The same dashboards for one request: its questions asked once each, and nothing
+        kept for the next request."""
+        return Dashboards(self.backend, now=self.now, source=self.source)
+
+    @property
+    def asked(self) -> int:
+        """How many questions this scope sent to the store."""
+        return self.store.asked  # type: ignore[attr-defined,no-any-return]
 
     # ---- request -> query
 
@@ -332,6 +370,10 @@ class Dashboards:
         if unknown:
             raise PanelError(unknown[0], f"{unknown[0][:40]}: not a parameter of the {panel} panel; known: "
                                          f"{', '.join(sorted(known))}")
+
+    def check_common(self, params: Mapping[str, str]) -> None:
+        """Refuse a bad range, filter or policy field (what every panel of a page shares)."""
+        self._query(params)
 
     def _query(self, params: Mapping[str, str], *, extra: str = "") -> tuple[query.FlowQuery, Window]:
         w = window_from_params(params, now=self.now)
@@ -415,7 +457,9 @@ class Dashboards:
             raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
         by = "throughput" if metric == "throughput" else "records"
         if group == "node":
-            s = self._node_series(q, by, top, w)
+            s = self._node_series(params, by, top, w)
+        elif group is None or group in _VERDICT_DIMS:
+            s = self._verdict_series(params, metric, group, top, w)
         else:
             s = self._run(lambda: query.series(self.store, q.with_(group=group, by=by, top=top, resolution=w.step),
                                                now=self.now))
@@ -433,21 +477,75 @@ class Dashboards:
         return {"times": [t * 1000 for t in s.buckets], "step": s.resolution, "unit": unit,
                 "series": lines, "table": s.table}
 
-    def _node_series(self, q: query.FlowQuery, by: str, top: int, w: Window) -> query.Series:
+    def _verdict_grid(self, params: Mapping[str, str], w: Window) -> tuple[list[GroupRow], str]:
+        """Per bucket, per flow type and rule actions: one GROUP BY from which every series of
+        few lines is read (by flow type, by rule action, in total, denied). A page's such
+        series ask this one question (the Overview's three, for example): one scan."""
+        q, _ = self._query({k: v for k, v in params.items() if k in _COMMON})
+        return self._run(lambda: grouped(self.store, q, _VERDICT_DIMS, step=w.step, now=self.now))
+
+    def _verdict_series(self, params: Mapping[str, str], metric: str, group: str | None, top: int,
+                        w: Window) -> query.Series:
+        """A series by flow type, rule action or in total, read from :meth:`_verdict_grid`;
+        ``denied`` counts the records an ingress or egress rule dropped or rejected (what
+        the filter ``action in (drop, reject)`` selects)."""
+        rows, table = self._verdict_grid(params, w)
+        first = w.start - w.start % w.step
+        buckets = list(range(first, w.end, w.step))
+        index = {t: i for i, t in enumerate(buckets)}
+        at = _VERDICT_DIMS.index(group) if group else None
+        acc: dict[str, list[float]] = {}
+        for r in rows:
+            i = index.get(r.bucket)
+            if i is None:
+                continue
+            if metric == "denied" and not any(a.isdigit() and int(a) in DENY_ACTIONS for a in r.keys[1:]):
+                continue
+            value = r.octets + r.reverse_octets if metric == "throughput" else r.records
+            line = acc.setdefault(r.keys[at] if at is not None else "", [0.0] * len(buckets))
+            line[i] += value
+        if metric == "throughput":  # bytes per bucket -> bits/s, as query.series gives them
+            for vals in acc.values():
+                for i, v in enumerate(vals):
+                    vals[i] = v * 8 / w.step
+        if at is None:
+            lines = [query.SeriesLine("total", "total", acc[""])] if acc else []
+        else:
+            ranked = sorted(acc, key=lambda k: (-sum(acc[k]), k))
+            lines = [query.SeriesLine(k, query.label(group, k), acc[k]) for k in ranked[:top]]
+            if len(ranked) > top:
+                rest = [sum(vals) for vals in zip(*(acc[k] for k in ranked[top:]))]
+                lines.append(query.SeriesLine(OTHER, "(other)", rest))
+        by = "throughput" if metric == "throughput" else "records"
+        return query.Series(group, by, w.step, buckets, lines, table)
+
+    def _node_rows(self, params: Mapping[str, str], dim: str, w: Window) -> tuple[list[GroupRow], str]:
+        """Per bucket, the traffic of each Node at one end (``dim``), in the page's scope: for
+        every type, inter-Node or intra-Node, read from one GROUP BY per flow type and Node, the
+        question the Node Throughput page's lines and heatmaps all share (one scan per end,
+        not one per chart). Rows' keys: (flow type, Node)."""
+        scope = _choice(params, "scope", "all", tuple(SCOPES))
+        types = _NODE_SCOPES.get(scope)
+        keep = {k: v for k, v in params.items() if k in _COMMON and (k != "scope" or scope not in _NODE_SCOPES)}
+        q, _ = self._query(keep)
+        rows, table = self._run(lambda: grouped(self.store, q, ["flowType", dim], step=w.step, now=self.now))
+        return [r for r in rows if r.keys[1] and (types is None or r.keys[0] in types)], table
+
+    def _node_series(self, params: Mapping[str, str], by: str, top: int, w: Window) -> query.Series:
         """What went through each Node, as either end (an inter-Node flow counts for both)."""
+        first = w.start - w.start % w.step
+        buckets = list(range(first, w.end, w.step))
+        index = {t: i for i, t in enumerate(buckets)}
         merged: dict[str, list[float]] = {}
-        buckets: list[int] = []
         table = ""
         for dim in ("srcNode", "dstNode"):
-            part = self._run(lambda dim=dim: query.series(
-                self.store, q.with_(group=dim, by=by, top=query.MAX_TOP, resolution=w.step), now=self.now))
-            buckets, table = part.buckets, part.table
-            for line in part.lines:
-                if not line.key or line.key == OTHER:
+            rows, table = self._node_rows(params, dim, w)
+            for r in rows:
+                i = index.get(r.bucket)
+                if i is None:
                     continue
-                acc = merged.setdefault(line.key, [0.0] * len(line.values))
-                for i, v in enumerate(line.values):
-                    acc[i] += v
+                acc = merged.setdefault(r.keys[1], [0.0] * len(buckets))
+                acc[i] += (r.octets + r.reverse_octets) * 8 / w.step if by == "throughput" else r.records
         ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
         lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
         if len(ranked) > top:
@@ -521,24 +619,18 @@ class Dashboards:
         return {k: sorted(v)[:8] for k, v in out.items()}
 
     def _policy_sankey(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
-        # The links (policy pairs and their verdicts), then their largest Pod pairs for the tooltips.
+        # The links (policy pairs and their verdicts); their largest Pod pairs are the
+        # tooltips', asked when one is hovered (:meth:`pairs`), not with every page load.
         dims = ["egressPolicy", "ingressPolicy", "egressAction", "ingressAction"]
         rows, table = self._run(lambda: grouped(self.store, q, dims, now=self.now))
         links: dict[tuple[str, str], dict[str, Any]] = {}
         for r in rows:
             eg, ing, eg_act, in_act = r.keys
-            link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0, "pairs": {}})
+            link = links.setdefault((eg, ing), {"bytes": 0, "records": 0, "denied": 0})
             link["bytes"] += r.octets + r.reverse_octets
             link["records"] += r.records
             if any(a.isdigit() and RULE_ACTIONS.get(int(a), "").lower() in ("drop", "reject") for a in (eg_act, in_act)):
                 link["denied"] += r.records
-        pair_dims = dims + ["srcPod", "dstPod"]
-        pairs, _ = self._run(lambda: grouped(self.store, q, pair_dims, limit_by=(8, 4), now=self.now))
-        for r in pairs:
-            eg, ing, eg_act, in_act, sp, dp = r.keys
-            pair = links[(eg, ing)]["pairs"].setdefault((sp, dp, eg_act, in_act), [0, 0])
-            pair[0] += r.octets + r.reverse_octets
-            pair[1] += r.records
         # Denied links first: they must show however small they are.
         ranked = sorted(links.items(), key=lambda kv: (0 if kv[1]["denied"] else 1, -kv[1]["bytes"], kv[0]))
         shown, rest = ranked[:n], ranked[n:]
@@ -557,11 +649,6 @@ class Dashboards:
             return name
 
         for (eg, ing), v in shown:
-            detail = []
-            for (sp, dp, ea, ia), (b, recs) in sorted(v["pairs"].items(), key=lambda kv: -kv[1][0])[:8]:
-                acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
-                detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(b)}, "
-                              f"{recs} records ({acts})")
             conds = [f"egressPolicy = {_quote(eg)}" if eg else 'egressPolicy = ""',
                      f"ingressPolicy = {_quote(ing)}" if ing else 'ingressPolicy = ""']
             s, t = node("e", eg), node("i", ing)
@@ -571,7 +658,8 @@ class Dashboards:
                 "source": s, "target": t,
                 # a floor so a denied link with a handful of bytes is still drawn
                 "value": max(v["bytes"], math.ceil(total * 0.04)), "bytes": v["bytes"], "records": v["records"],
-                "denied": v["denied"], "detail": detail, "filter": " and ".join(conds),
+                "denied": v["denied"], "detail": [], "pairs": {"egress": eg, "ingress": ing},
+                "filter": " and ".join(conds),
             })
         if rest:
             b = sum(v["bytes"] for _, v in rest)
@@ -580,21 +668,41 @@ class Dashboards:
                               "denied": sum(v["denied"] for _, v in rest), "detail": [], "filter": None})
         return {"nodes": list(nodes.values()), "links": out_links, "table": table}
 
+    def pairs(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """The largest Pod pairs of one link of the policy sankey (``egress`` policy to
+        ``ingress`` policy, "" for none), with their rule actions: the link's tooltip."""
+        self.check("pairs", params)
+        sides = {}
+        for side in ("egress", "ingress"):
+            key = params.get(side, "")
+            if len(key) > 512 or any(c in key for c in "\n\r\t"):
+                raise PanelError(side, f"{side}: {key[:40]!r} is not a policy")
+            sides[side] = f"{side}Policy = {_quote(key)}"
+        q, _ = self._query({k: v for k, v in params.items() if k not in ("egress", "ingress")},
+                           extra=" and ".join(sides.values()))
+        dims = ["egressPolicy", "srcPod", "dstPod", "egressAction", "ingressAction"]
+        rows, table = self._run(lambda: grouped(self.store, q, dims, limit_by=(8, 1), now=self.now))
+        detail = []
+        for r in sorted(rows, key=lambda r: (-(r.octets + r.reverse_octets), r.keys))[:8]:
+            _, sp, dp, ea, ia = r.keys
+            acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
+            detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(r.octets + r.reverse_octets)}, "
+                          f"{r.records} records ({acts})")
+        return {"detail": detail, "table": table}
+
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("heatmap", params)
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
-        q, w = self._query(params)
+        _, w = self._query(params)
         cells: dict[tuple[str, int], int] = {}
         table = ""
         for dim, forward in (("srcNode", True), ("dstNode", False)):
-            rows, table = self._run(lambda dim=dim: grouped(self.store, q, [dim], step=w.step, now=self.now))
+            rows, table = self._node_rows(params, dim, w)
             for r in rows:
-                if not r.keys[0]:
-                    continue
                 # what the Node sent: forward octets where it is the source, reverse where the destination
                 sent = r.octets if forward else r.reverse_octets
                 received = r.reverse_octets if forward else r.octets
-                key = (r.keys[0], r.bucket)
+                key = (r.keys[1], r.bucket)
                 cells[key] = cells.get(key, 0) + (sent if direction == "tx" else received)
         nodes = sorted({k[0] for k in cells})
         first = w.start - w.start % w.step
@@ -622,8 +730,20 @@ class Dashboards:
         number = _int(params, "page", 1, 1, 1_000_000)
         page = self._run(lambda: query.flows(self.store, q.with_(limit=limit, offset=(number - 1) * limit),
                                              now=self.now))
-        total = self._run(lambda: query.top(self.store, q.with_(group="flowType", top=1), now=self.now)).total.records
-        return {"rows": page.records, "page": number, "limit": limit, "more": page.more, "total": total}
+        return {"rows": page.records, "page": number, "limit": limit, "more": page.more,
+                "total": self._records_total(params)}
+
+    def _records_total(self, params: Mapping[str, str]) -> int:
+        """How many records the range, filter and scope hold, read from the page's
+        :meth:`_verdict_grid` (the question its series ask too); the ``denied`` scope is
+        the grid's dropped and rejected records."""
+        scope = params.get("scope") or "all"
+        denied = scope == "denied"
+        _, w = self._query(params)
+        keep = {k: v for k, v in params.items() if k in _COMMON and not (denied and k == "scope")}
+        rows, _ = self._verdict_grid(keep, w)
+        return sum(r.records for r in rows
+                   if not denied or any(a.isdigit() and int(a) in DENY_ACTIONS for a in r.keys[1:]))
 
     def values(self, params: Mapping[str, str]) -> dict[str, Any]:
         """Known values of one of the Network Policy page's fields, within the range."""

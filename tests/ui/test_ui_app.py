@@ -21,7 +21,7 @@ from ui_cluster import EXT, FLOWS, NOW, RECORDS, filled_store, ui_client
 from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import open_store
 from flowscope.collector.ui.app import ASSETS, CSP, build_app
-from flowscope.collector.ui.dashboards import window_from_params
+from flowscope.collector.ui.dashboards import _si_bytes, window_from_params
 from flowscope.webauth import WebAuth
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,13 @@ async def test_panels_answer_what_the_records_add_up_to(store) -> None:
         names = {n["name"]: n["label"] for n in sk["nodes"]}
         assert (names[denied[0]["source"]], names[denied[0]["target"]]) == ("shop/frontend-egress",
                                                                            "data/db-from-backend-only")
-        assert any("shop/frontend-6d4f8 \u2192 data/db-0" in d for d in denied[0]["detail"])
+        # the link's Pod pairs, asked when its tooltip opens
+        status, tip = await _get(client, "/ui/v1/pairs", since="15m", **denied[0]["pairs"])
+        assert status == 200, tip
+        (pair,) = [d for d in tip["detail"] if "shop/frontend-6d4f8 \u2192 data/db-0" in d]
+        sent = [r for r in RECORDS if r["sourcePodName"] == "frontend-6d4f8" and r.get("destinationPodName") == "db-0"]
+        octets = sum(r["octetDeltaCount"] + r["reverseOctetDeltaCount"] for r in sent)
+        assert pair.endswith(f": {_si_bytes(octets)}, {len(sent)} records (egress Allow, ingress Drop)"), pair
 
         status, hm = await _get(client, "/ui/v1/heatmap", dir="tx", since="15m")
         assert hm["nodes"] == ["node-a", "node-b"]

@@ -9,6 +9,18 @@
 
 const API = "ui/v1/";
 
+// index.html runs this script before ECharts (both deferred), so a page's data is asked for
+// while ECharts is still being compiled; drawing waits for it (DOMContentLoaded: every
+// deferred script has run).
+let documentReady = false;
+document.addEventListener("DOMContentLoaded", () => { documentReady = true; }, { once: true });
+function chartsLoaded() {
+  if (typeof echarts !== "undefined") return Promise.resolve();
+  if (documentReady) return Promise.reject(new ApiError("ECharts did not load (static/vendor/echarts.min.js): run scripts/setup.sh"));
+  return new Promise((resolve, reject) => document.addEventListener("DOMContentLoaded",
+    () => (typeof echarts !== "undefined" ? resolve() : reject(new ApiError("ECharts did not load: run scripts/setup.sh"))), { once: true }));
+}
+
 const DASHBOARDS = [
   { id: "overview", title: "Overview" },
   { id: "pod-to-pod", title: "Pod-to-Pod" },
@@ -256,19 +268,35 @@ function barOption(data, opts = {}) {
 function sankeyOption(data, opts = {}) {
   const f = opts.unit === "count" ? fmt.count : fmt.bytes;
   const byName = new Map(data.nodes.map((n) => [n.name, n]));
+  const pairs = new Map(); // a link's Pod pairs: the request once asked, its answer once come
   return {
     animation: false,
     tooltip: {
       trigger: "item", confine: true,
-      formatter: (p) => {
+      formatter: (p, ticket, callback) => {
         if (p.dataType === "edge") {
           const l = p.data;
-          const head = `<b>${esc(byName.get(l.source)?.label)}</b> \u2192 <b>${esc(byName.get(l.target)?.label)}</b>: ${f(l.value)}`;
-          const lines = [head];
-          if (l.denied) lines.push(`<span style="color:${DENY}">&#9888; denied: ${fmt.count(l.denied)} connection(s)</span>`);
-          for (const d of (l.detail || []).slice(0, 8)) lines.push(esc(d));
-          if ((l.detail || []).length > 8) lines.push(`\u2026 ${l.detail.length - 8} more`);
-          return lines.join("<br>");
+          const text = (detail) => {
+            // a link's own bytes (its drawn width may be floored so that a small denied one shows)
+            const head = `<b>${esc(byName.get(l.source)?.label)}</b> \u2192 <b>${esc(byName.get(l.target)?.label)}</b>: ${f(l.bytes ?? l.value)}`;
+            const lines = [head];
+            if (l.denied) lines.push(`<span style="color:${DENY}">&#9888; denied: ${fmt.count(l.denied)} connection(s)</span>`);
+            for (const d of detail.slice(0, 8)) lines.push(esc(d));
+            if (detail.length > 8) lines.push(`\u2026 ${detail.length - 8} more`);
+            return lines.join("<br>");
+          };
+          if (!l.pairs) return text(l.detail || []);
+          // A policy link's Pod pairs are asked for when its tooltip first opens, not with the page.
+          const key = `${l.pairs.egress}\u0000${l.pairs.ingress}`;
+          if (pairs.get(key)?.detail) return text(pairs.get(key).detail);
+          if (!pairs.has(key)) {
+            const entry = { asked: api("pairs", l.pairs) };
+            pairs.set(key, entry);
+            entry.asked.then((r) => { entry.detail = r.detail; }, () => pairs.delete(key));
+          }
+          pairs.get(key).asked.then((r) => callback(ticket, text(r.detail)),
+            (e) => callback(ticket, text([`Pod pairs not loaded: ${e.message}`])));
+          return text(["Pod pairs\u2026"]);
         }
         const n = byName.get(p.name) || {};
         const lines = [`<b>${esc(n.label)}</b>: ${f(p.value)}`];
@@ -316,30 +344,29 @@ function heatmapOption(data) {
 
 // ------------------------------------------------------------------ panels
 
-async function panelLine(el, path, extra, opts) {
+// A panel is what it asks (its panel and parameters, as the server's PAGES lists them) and
+// how it shows the answer; update() asks for all of a page's panels in one request.
+function panelLine(el, path, extra, opts) {
   const div = chartIn(el, extra.metric + ":" + (extra.group || ""));
-  return async () => {
-    const data = await api(path, extra);
+  return { panel: path, extra, show: (data) => {
     div.dataset.series = JSON.stringify(data.series.map((s) => s.name));
     if (!data.series.length || data.series.every((s) => s.data.every((v) => !v))) return empty(div);
     draw(div, lineOption(data, opts));
-  };
+  } };
 }
 
-async function panelBar(el, extra, opts) {
+function panelBar(el, extra, opts) {
   const div = chartIn(el, "top:" + extra.group);
-  return async () => {
-    const data = await api("top", extra);
+  return { panel: "top", extra, show: (data) => {
     div.dataset.rows = JSON.stringify(data.rows.map((r) => r.name));
     if (!data.rows.length) return empty(div);
     draw(div, barOption(data, opts));
-  };
+  } };
 }
 
-async function panelSankey(el, extra, opts = {}) {
+function panelSankey(el, extra, opts = {}) {
   const div = chartIn(el, `sankey:${extra.scope}:${extra.dir || ""}`);
-  return async () => {
-    const data = await api("sankey", extra);
+  return { panel: "sankey", extra, show: (data) => {
     div.dataset.nodes = JSON.stringify(data.nodes.map((n) => n.label));
     div.dataset.denied = String(data.links.filter((l) => l.denied).length);
     if (!data.links.length) return empty(div);
@@ -349,17 +376,16 @@ async function panelSankey(el, extra, opts = {}) {
       const drill = p.dataType === "edge" ? p.data.filter : data.nodes.find((n) => n.name === p.name)?.filter;
       if (drill) go({ d: "flows", filter: [state.filter.trim() && `(${state.filter.trim()})`, drill].filter(Boolean).join(" and "), page: 1 });
     });
-  };
+  } };
 }
 
-async function panelHeatmap(el, extra) {
+function panelHeatmap(el, extra) {
   const div = chartIn(el, "heatmap:" + extra.dir);
-  return async () => {
-    const data = await api("heatmap", extra);
+  return { panel: "heatmap", extra, show: (data) => {
     div.dataset.nodes = JSON.stringify(data.nodes);
     if (!data.cells.length) return empty(div);
     draw(div, heatmapOption(data));
-  };
+  } };
 }
 
 function stat(label, cls) {
@@ -369,14 +395,13 @@ function stat(label, cls) {
   return el;
 }
 
-async function panelStats() {
+function panelStats() {
   const cards = {
     fps: stat("Flows per second"), thr: stat("Throughput"), vol: stat("Traffic"),
     active: stat("Active connections"), ended: stat("Ended connections"), denied: stat("Denied connections", "deny"),
   };
   const set = (el, value, sub) => { el.querySelector(".value").textContent = value; el.querySelector(".sub").textContent = sub || ""; };
-  return async () => {
-    const s = await api("summary");
+  return { panel: "summary", extra: {}, show: (s) => {
     set(cards.fps, fmt.perSecond(s.flowsPerSecond), `${fmt.count(s.flows)} flow records`);
     set(cards.thr, fmt.rate(s.octetsPerSecond), fmt.bits(s.octetsPerSecond * 8));
     set(cards.vol, fmt.bytes(s.octets), `${fmt.count(s.packets)} packets`);
@@ -384,7 +409,7 @@ async function panelStats() {
     set(cards.ended, fmt.count(s.ended), "closed or timed out");
     set(cards.denied, fmt.count(s.denied), "dropped or rejected by policy");
     cards.denied.classList.toggle("deny", s.denied > 0);
-  };
+  } };
 }
 
 // ------------------------------------------------------------------ Flow Records
@@ -424,7 +449,7 @@ function policyCell(r) {
   return out.join("<br>");
 }
 
-async function panelFlows(el, opts = {}) {
+function panelFlows(el, opts = {}) {
   const wrap = document.createElement("div");
   wrap.className = "scroll";
   el.appendChild(wrap);
@@ -432,9 +457,9 @@ async function panelFlows(el, opts = {}) {
   pager.className = "pager";
   el.appendChild(pager);
   const limit = opts.limit || 50;
-  return async () => {
+  const extra = opts.paged ? { page: "1", limit: String(limit) } : { scope: opts.scope, limit: String(limit) };
+  return { panel: "flows", extra, show: (data) => {
     const page = opts.paged ? state.page : 1;
-    const data = await api("flows", { page, limit, scope: opts.scope });
     const head = COLUMNS.map(([, t, , , cls]) => `<th class="${cls || ""}">${esc(t)}</th>`).join("");
     const rows = data.rows.map((r, i) => `<tr data-i="${i}" class="${isDenied(r) ? "denied" : ""}">` +
       COLUMNS.map(([, , f, html, cls]) => `<td class="${cls || ""}">${html ? f(r) : esc(f(r))}</td>`).join("") + "</tr>").join("");
@@ -462,7 +487,7 @@ async function panelFlows(el, opts = {}) {
       if (token) actions.querySelectorAll("a").forEach((a) => a.addEventListener("click", (e) => { e.preventDefault(); download(a); }));
       pager.appendChild(actions);
     }
-  };
+  } };
 }
 
 async function download(a) {
@@ -517,59 +542,59 @@ async function showFlow(row) {
 
 const VIEWS = {
   async overview() {
-    const ups = [await panelStats()];
-    ups.push(await panelLine(card("w8", "Throughput by flow type", "bytes/s, both directions"), "series", { metric: "throughput", group: "flowType" }, { area: true }));
-    ups.push(await panelLine(card("w4", "Flow records per second"), "series", { metric: "flows" }, { area: true }));
-    ups.push(await panelBar(card("w4 tall", "Top Pods", "by bytes, sent + received"), { group: "pod", n: 10 }));
-    ups.push(await panelBar(card("w4 tall", "Top Services", "by bytes"), { group: "service", n: 10 }, { color: PALETTE[3] }));
-    ups.push(await panelLine(card("w4 tall", "Denied connections", "dropped or rejected, per interval"), "series", { metric: "denied" }, { bar: true, color: DENY }));
+    const ups = [panelStats()];
+    ups.push(panelLine(card("w8", "Throughput by flow type", "bytes/s, both directions"), "series", { metric: "throughput", group: "flowType" }, { area: true }));
+    ups.push(panelLine(card("w4", "Flow records per second"), "series", { metric: "flows" }, { area: true }));
+    ups.push(panelBar(card("w4 tall", "Top Pods", "by bytes, sent + received"), { group: "pod", n: 10 }));
+    ups.push(panelBar(card("w4 tall", "Top Services", "by bytes"), { group: "service", n: 10 }, { color: PALETTE[3] }));
+    ups.push(panelLine(card("w4 tall", "Denied connections", "dropped or rejected, per interval"), "series", { metric: "denied" }, { bar: true, color: DENY }));
     return ups;
   },
   async "pod-to-pod"() {
     return [
-      await panelSankey(card("w6 tall", "Cumulative Tx: source Pod \u2192 destination Pod", "bytes sent"), { scope: "pod-to-pod", dir: "tx", n: 15 }),
-      await panelSankey(card("w6 tall", "Cumulative Rx: source Pod \u2192 destination Pod", "bytes received back"), { scope: "pod-to-pod", dir: "rx", n: 15 }),
-      await panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-pod", top: 8 }),
-      await panelLine(card("w6", "Throughput per destination Pod"), "series", { metric: "throughput", group: "dstPod", scope: "pod-to-pod", top: 8 }),
+      panelSankey(card("w6 tall", "Cumulative Tx: source Pod \u2192 destination Pod", "bytes sent"), { scope: "pod-to-pod", dir: "tx", n: 15 }),
+      panelSankey(card("w6 tall", "Cumulative Rx: source Pod \u2192 destination Pod", "bytes received back"), { scope: "pod-to-pod", dir: "rx", n: 15 }),
+      panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-pod", top: 8 }),
+      panelLine(card("w6", "Throughput per destination Pod"), "series", { metric: "throughput", group: "dstPod", scope: "pod-to-pod", top: 8 }),
     ];
   },
   async "pod-to-service"() {
     return [
-      await panelSankey(card("w6 tall", "Cumulative Tx: Pod \u2192 Service", "bytes sent"), { scope: "pod-to-service", dir: "tx", n: 15 }),
-      await panelSankey(card("w6 tall", "Cumulative Rx: Pod \u2192 Service", "bytes received back"), { scope: "pod-to-service", dir: "rx", n: 15 }),
-      await panelLine(card("w6", "Throughput per Service"), "series", { metric: "throughput", group: "service", scope: "pod-to-service", top: 8 }),
-      await panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-service", top: 8 }),
+      panelSankey(card("w6 tall", "Cumulative Tx: Pod \u2192 Service", "bytes sent"), { scope: "pod-to-service", dir: "tx", n: 15 }),
+      panelSankey(card("w6 tall", "Cumulative Rx: Pod \u2192 Service", "bytes received back"), { scope: "pod-to-service", dir: "rx", n: 15 }),
+      panelLine(card("w6", "Throughput per Service"), "series", { metric: "throughput", group: "service", scope: "pod-to-service", top: 8 }),
+      panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-service", top: 8 }),
     ];
   },
   async "pod-to-external"() {
     return [
-      await panelSankey(card("w6 tall", "Cumulative Tx: Pod \u2192 external address", "bytes sent"), { scope: "pod-to-external", dir: "tx", n: 15 }),
-      await panelSankey(card("w6 tall", "Cumulative Rx: Pod \u2192 external address", "bytes received back"), { scope: "pod-to-external", dir: "rx", n: 15 }),
-      await panelLine(card("w6", "Throughput per external address"), "series", { metric: "throughput", group: "dstIP", scope: "pod-to-external", top: 8 }),
-      await panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-external", top: 8 }),
+      panelSankey(card("w6 tall", "Cumulative Tx: Pod \u2192 external address", "bytes sent"), { scope: "pod-to-external", dir: "tx", n: 15 }),
+      panelSankey(card("w6 tall", "Cumulative Rx: Pod \u2192 external address", "bytes received back"), { scope: "pod-to-external", dir: "rx", n: 15 }),
+      panelLine(card("w6", "Throughput per external address"), "series", { metric: "throughput", group: "dstIP", scope: "pod-to-external", top: 8 }),
+      panelLine(card("w6", "Throughput per source Pod"), "series", { metric: "throughput", group: "srcPod", scope: "pod-to-external", top: 8 }),
     ];
   },
   async flows() {
     return [
-      await panelLine(card("w12", "Flow records over time"), "series", { metric: "flows", group: "flowType" }, { bar: true, stack: true }),
-      await panelFlows(card("w12", "Flow records", "newest first; click a record for its details"), { paged: true, limit: 50 }),
+      panelLine(card("w12", "Flow records over time"), "series", { metric: "flows", group: "flowType" }, { bar: true, stack: true }),
+      panelFlows(card("w12", "Flow records", "newest first; click a record for its details"), { paged: true, limit: 50 }),
     ];
   },
   async nodes() {
     return [
-      await panelLine(card("w6", "Inter-Node traffic per Node", "bytes/s to and from other Nodes, both directions"), "series", { metric: "throughput", group: "node", scope: "inter-node", top: 10 }),
-      await panelLine(card("w6", "Intra-Node traffic per Node", "bytes/s between Pods of one Node"), "series", { metric: "throughput", group: "node", scope: "intra-node", top: 10 }),
-      await panelHeatmap(card("w6", "Tx Mbps per Node"), { dir: "tx" }),
-      await panelHeatmap(card("w6", "Rx Mbps per Node"), { dir: "rx" }),
+      panelLine(card("w6", "Inter-Node traffic per Node", "bytes/s to and from other Nodes, both directions"), "series", { metric: "throughput", group: "node", scope: "inter-node", top: 10 }),
+      panelLine(card("w6", "Intra-Node traffic per Node", "bytes/s between Pods of one Node"), "series", { metric: "throughput", group: "node", scope: "intra-node", top: 10 }),
+      panelHeatmap(card("w6", "Tx Mbps per Node"), { dir: "tx" }),
+      panelHeatmap(card("w6", "Rx Mbps per Node"), { dir: "rx" }),
     ];
   },
   async policy() {
     return [
-      await panelSankey(card("w8 tall", "Egress policy \u2192 ingress policy", "bytes; denied traffic in red; click to see the flows"), { scope: "policy", dir: "tx", n: 20 }),
-      await panelBar(card("w4 tall", "Top ingress policies", "by bytes"), { group: "ingressPolicy", n: 10 }, { color: PALETTE[3] }),
-      await panelLine(card("w6", "Denied connections over time"), "series", { metric: "denied", group: "dstPod", top: 8 }, { bar: true, stack: true, palette: WARM }),
-      await panelLine(card("w6", "Flow records per ingress rule action", "records/s"), "series", { metric: "flows", group: "ingressAction" }, { bar: true, stack: true }),
-      await panelFlows(card("w12", "Denied connections", "newest first"), { scope: "denied", limit: 10 }),
+      panelSankey(card("w8 tall", "Egress policy \u2192 ingress policy", "bytes; denied traffic in red; click to see the flows"), { scope: "policy", dir: "tx", n: 20 }),
+      panelBar(card("w4 tall", "Top ingress policies", "by bytes"), { group: "ingressPolicy", n: 10 }, { color: PALETTE[3] }),
+      panelLine(card("w6", "Denied connections over time"), "series", { metric: "denied", group: "dstPod", top: 8 }, { bar: true, stack: true, palette: WARM }),
+      panelLine(card("w6", "Flow records per ingress rule action", "records/s"), "series", { metric: "flows", group: "ingressAction" }, { bar: true, stack: true }),
+      panelFlows(card("w12", "Denied connections", "newest first"), { scope: "denied", limit: 10 }),
     ];
   },
   async "what-if"() {
@@ -873,9 +898,11 @@ async function update() {
   const gen = generation;
   $("status").textContent = "loading\u2026";
   $("status").className = "";
-  const results = await Promise.allSettled(updaters.map((u) => u()));
+  const failed = [];
+  if (updaters.length) {
+    try { await loadPage(gen, failed); } catch (e) { failed.push(e); }
+  }
   if (gen !== generation) return;
-  const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason);
   const input = $("filter");
   const filterError = failed.find((e) => e.body && e.body.field === "filter");
   input.classList.toggle("bad", !!filterError);
@@ -888,7 +915,62 @@ async function update() {
     $("status").textContent = `${DASHBOARDS.find((d) => d.id === state.d).title} \u00b7 ${rangeText()}`;
   }
   $("updated").textContent = `updated ${timeLabel(Date.now())}`;
+  const drawn = performance.now();
+  await painted();
+  if (gen !== generation) return;
+  performance.measure("flowscope:painted", { start: drawn, end: performance.now() });
   $("main").dataset.loaded = String(Number($("main").dataset.loaded || 0) + 1);
+}
+
+// One request for the whole page (ui/v1/page): the server computes the panels concurrently
+// and sends each as a JSON line when it is ready; each is drawn as it arrives.
+async function loadPage(gen, failed) {
+  const headers = { Accept: "application/x-ndjson" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const q = params({ d: state.d, page: state.d === "flows" && state.page > 1 ? String(state.page) : undefined });
+  performance.clearMeasures(); // a page's last load only: refreshing for hours must not grow them
+  const asked = performance.now();
+  const resp = await fetch(`${API}page?${q}`, { headers });
+  if (!resp.ok) {
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    if (resp.status === 401) { askToken(); throw new ApiError("a bearer token is required", body); }
+    throw new ApiError((body && body.error) || `${resp.status} ${resp.statusText}`, body);
+  }
+  await chartsLoaded();
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  const answered = new Set();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (gen !== generation) { reader.cancel(); return; }
+    buf += decoder.decode(value || new Uint8Array(), { stream: !done });
+    let nl;
+    while ((nl = buf.indexOf("\n")) >= 0) {
+      const line = JSON.parse(buf.slice(0, nl));
+      buf = buf.slice(nl + 1);
+      const u = updaters[line.i];
+      if (!u || u.panel !== line.panel) throw new ApiError(`panel ${line.i} of the page is ${line.panel} here but ${u ? u.panel : "nothing"} on the server`);
+      answered.add(line.i);
+      if (line.error) failed.push(new ApiError(line.error, line));
+      else {
+        const t = performance.now();
+        try { u.show(line.data); } catch (e) { failed.push(e); }
+        // where a page's time goes, for benchmarks/ui_dashboards.py and the browser's profiler
+        performance.measure(`flowscope:show:${line.i}:${line.panel}`, { start: t, end: performance.now() });
+        performance.measure(`flowscope:arrived:${line.i}:${line.panel}`, { start: asked, end: t });
+      }
+    }
+    if (done) break;
+  }
+  performance.measure("flowscope:data", { start: asked, end: performance.now() });
+  if (answered.size !== updaters.length) failed.push(new ApiError(`the page answered ${answered.size} of ${updaters.length} panels`));
+}
+
+// ECharts draws on the next animation frame after setOption; a page is loaded once it has.
+function painted() {
+  return new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)));
 }
 
 function rangeText() {
