@@ -358,6 +358,14 @@ class Decoder:
         self.templates_refused = 0  # UDP: templates over a limit or the compile budget, skipped
         self.domains_evicted = 0
 
+    #: What :meth:`decode` builds; a decoder whose data sets take another form (the
+    #: columns of :mod:`ipfix.columnar`) names its message class and :meth:`_data_set`.
+    message_class: type[Message] = Message
+
+    def _data_set(self, msg: Message, template: Template, data: bytes, body: int, end: int) -> None:
+        """Decode the data set of a known template in ``data[body:end]`` into ``msg``."""
+        msg.sets.append(DataSet(template, template.decode_records(data, body, end)))
+
     def templates(self, observation_domain_id: int = 0) -> dict[int, Template]:
         d = self.domains.get(observation_domain_id)
         return {tid: t for tid, (t, _) in d.templates.items()} if d else {}
@@ -421,7 +429,7 @@ class Decoder:
         if self.template_lifetime is not None:
             self.expire(now)
         state = self._domain(domain)
-        msg = Message(export_time, sequence, domain, [], length)
+        msg = self.message_class(export_time, sequence, domain, [], length)
         off = HEADER.size
         while off < n:
             if n - off < SET_HEADER.size:
@@ -440,7 +448,7 @@ class Decoder:
                         raise MalformedMessage(f"data set for unknown template {set_id} in domain {domain}")
                     msg.unknown_template_sets += 1
                 else:
-                    msg.sets.append(DataSet(entry[0], entry[0].decode_records(data, body, end)))
+                    self._data_set(msg, entry[0], data, body, end)
             elif set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
                 msg.sets.append(self._template_set(set_id, data, body, end, state, msg, now))
             # set ids 0, 1 and 4..255 are reserved (RFC 7011 3.3.2): skipped

@@ -46,10 +46,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from typing import Any, Union, overload
+from typing import Any, Union, cast, overload
 
 from .accel import _kind, optional_extension
-from .codec import HEADER, MIN_DATA_SET_ID, OPTIONS_TEMPLATE_SET_ID, SET_HEADER, TEMPLATE_SET_ID, Decoder, Message
+from .codec import Decoder, Message
 from .errors import MalformedMessage
 from .registry import VARIABLE_LENGTH, DataType
 from .template import Record, Template
@@ -332,47 +332,13 @@ class ColumnarMessage(Message):
 class ColumnarDecoder(Decoder):
     """A Decoder whose data sets come out as columns (:class:`ColumnarMessage`).
 
-    The message walk is :meth:`Decoder.decode`'s, set for set and check for check; only
-    a data set is decoded by :func:`decode_set` instead of into records."""
+    The message walk is :meth:`Decoder.decode` itself, set for set and check for check;
+    only a data set is decoded by :func:`decode_set` instead of into records."""
+
+    message_class = ColumnarMessage
 
     def decode(self, data: bytes, now: float = 0.0) -> ColumnarMessage:
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        n = len(data)
-        if n < HEADER.size:
-            raise MalformedMessage(f"message of {n} octets is shorter than the 16-octet header")
-        version, length, export_time, sequence, domain = HEADER.unpack_from(data, 0)
-        if version != 10:
-            raise MalformedMessage(f"version {version} is not IPFIX (10)")
-        if length != n:
-            raise MalformedMessage(f"header says {length} octets but the message has {n}")
-        if length > self.max_message_size:
-            raise MalformedMessage(f"message of {length} octets exceeds the {self.max_message_size}-octet limit")
-        if self.template_lifetime is not None:
-            self.expire(now)
-        state = self._domain(domain)
-        msg = ColumnarMessage(export_time, sequence, domain, [], length)
-        off = HEADER.size
-        while off < n:
-            if n - off < SET_HEADER.size:
-                raise MalformedMessage(f"{n - off} stray octets after the last set")
-            set_id, set_length = SET_HEADER.unpack_from(data, off)
-            if set_length < SET_HEADER.size:
-                raise MalformedMessage(f"set {set_id} claims a length of {set_length} octets")
-            end = off + set_length
-            if end > n:
-                raise MalformedMessage(f"set {set_id} of {set_length} octets runs past the end of the message")
-            body = off + SET_HEADER.size
-            if set_id >= MIN_DATA_SET_ID:
-                entry = state.templates.get(set_id)
-                if entry is None:
-                    if self.transport != "udp":
-                        raise MalformedMessage(f"data set for unknown template {set_id} in domain {domain}")
-                    msg.unknown_template_sets += 1
-                else:
-                    msg.column_sets.append(decode_set(entry[0], data, body, end))
-            elif set_id in (TEMPLATE_SET_ID, OPTIONS_TEMPLATE_SET_ID):
-                msg.sets.append(self._template_set(set_id, data, body, end, state, msg, now))
-            off = end
-        self._count_sequence(state, msg)
-        return msg
+        return cast(ColumnarMessage, super().decode(data, now))
+
+    def _data_set(self, msg: Message, template: Template, data: bytes, body: int, end: int) -> None:
+        cast(ColumnarMessage, msg).column_sets.append(decode_set(template, data, body, end))
