@@ -487,9 +487,11 @@ class Pipeline:
             self.procs.start(f"traffic-{src}", cmd)
 
     def stop_traffic(self) -> None:
+        """Each traffic loop finishes the connection in progress, then exits (a loop
+        killed mid-connection would leave a part-sent connection as its kind's latest)."""
         for name, _ in list(self.procs.children):
             if name.startswith("traffic-"):
-                self.procs.stop(name, timeout=5.0)
+                self.procs.stop(name, timeout=20.0)
 
     def wait_settled(self, plan: Sequence[Send], *, timeout: float = 60.0, quiet: float = 4.0) -> list[Send]:
         """Wait until every connection of ``plan`` has reached the collector with all it

@@ -498,10 +498,23 @@ def _send(target: str, protocol: str, count: int, packets: int, timeout: float) 
 def _loop(targets: Sequence[str], every: float, rounds: int, timeout: float) -> int:
     """Steady traffic: every ``every`` seconds, one connection to each target
     (``IP:PORT/tcp/BYTES`` or ``IP:PORT/udp/BYTES/PACKETS``); sizes grow and shrink over
-    rounds (x1 to x2) so throughput lines move. Runs ``rounds`` rounds (0: until killed)."""
+    rounds (x1 to x2) so throughput lines move. Runs ``rounds`` rounds (0: until stopped).
+
+    SIGTERM stops it after the connection in progress: every connection it made is
+    whole, so the last record of each kind carries what one round sends (the demo's
+    closing report reads it)."""
     import contextlib
     import io
+    import signal
     import time
+
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
 
     plan = []
     for t in targets:
@@ -516,9 +529,14 @@ def _loop(targets: Sequence[str], every: float, rounds: int, timeout: float) -> 
         for target, proto, size, packets in plan:
             with contextlib.redirect_stdout(io.StringIO()):
                 _send(target, proto, int(size * scale), packets, timeout)
+            if stopping:
+                return 0
         n += 1
         next_at += every
-        time.sleep(max(next_at - time.monotonic(), 0))
+        while not stopping and (left := next_at - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        if stopping:
+            return 0
     return 0
 
 
