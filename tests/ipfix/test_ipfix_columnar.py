@@ -24,35 +24,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowscope.ipfix import Decoder, ExportSession, FieldSpecifier, InformationElement, Template, default_registry
+from flowscope.ipfix import Decoder, ExportSession, FieldSpecifier, Template
 from flowscope.ipfix import columnar
 from flowscope.ipfix.errors import MalformedMessage
-from flowscope.ipfix.registry import VARIABLE_LENGTH, DataType
+from flowscope.ipfix.registry import VARIABLE_LENGTH
 
-REG = default_registry().copy()
-for _i, _dt in enumerate([DataType.signed8, DataType.signed16, DataType.signed32, DataType.signed64,
-                          DataType.float32, DataType.boolean, DataType.basicList]):  # fmt: skip
-    REG.add(InformationElement(f"test{_dt.name.capitalize()}", 99999, 1 + _i, _dt))
+# The codec tests' private registry (signed, float32, boolean and list elements added) and
+# their fields of every kind, lengths that fall back to raw octets included.
+from test_ipfix_accel import FIELDS, REG
 
 # Outside CI (which must build it) a missing C extension skips only the C comparisons.
 NEED_C = pytest.mark.skipif(
     not columnar.accelerated() and (os.environ.get(columnar.PURE_ENV, "") not in ("", "0") or not os.environ.get("CI")),
     reason="the columnar C extension is turned off or not built here",
 )
-
-FIELDS: list[tuple[str, int]] = [
-    ("protocolIdentifier", 1), ("sourceTransportPort", 2), ("sourceTransportPort", 1),
-    ("ingressInterface", 4), ("ingressInterface", 3), ("octetDeltaCount", 8), ("octetDeltaCount", 5),
-    ("octetDeltaCount", 1), ("testSigned8", 1), ("testSigned16", 2), ("testSigned16", 1),
-    ("testSigned32", 4), ("testSigned32", 3), ("testSigned64", 8), ("testSigned64", 6),
-    ("testFloat32", 4), ("samplingProbability", 8), ("samplingProbability", 4), ("testBoolean", 1),
-    ("sourceMacAddress", 6), ("flowStartSeconds", 4), ("flowStartMilliseconds", 8),
-    ("flowStartMicroseconds", 8), ("flowStartNanoseconds", 8), ("sourceIPv4Address", 4),
-    ("sourceIPv6Address", 16), ("interfaceName", VARIABLE_LENGTH), ("interfaceName", 12),
-    ("applicationId", VARIABLE_LENGTH), ("applicationId", 5), ("sourceIPv4Address", 3),
-    ("octetDeltaCount", VARIABLE_LENGTH), ("testBasiclist", VARIABLE_LENGTH), ("testBasiclist", 7),
-    ("sourcePodName", VARIABLE_LENGTH), ("flowType", 1), ("tcpState", VARIABLE_LENGTH),
-]  # fmt: skip
 
 
 def _template(spec: list[tuple[str, int]]) -> Template:
