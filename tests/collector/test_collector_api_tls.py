@@ -5,6 +5,7 @@ happen before anything listens."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mutual_tls_collector(tmp_path: Path, pki: dict[str, str], api: int, listen: int,
+                         *more: str) -> Iterator[subprocess.Popen[str]]:
+    """A ``flowscope collector`` (IPFIX on ``listen``, chDB in ``tmp_path``) whose --api on
+    127.0.0.1:``api`` asks for client certificates, once it says it serves; afterwards
+    stopped with SIGTERM, which it must end with exit status 0."""
+    proc = subprocess.Popen([FLOWSCOPE, "collector", "--listen", f"127.0.0.1:{listen}", "--store",
+                             f"chdb://{tmp_path}/store", *more, "--api", f"127.0.0.1:{api}", "--api-tls-cert",
+                             pki["server_cert"], "--api-tls-key", pki["server_key"], "--api-tls-ca", pki["ca"]],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 90
+        while True:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the collector exited"
+            if f"API on https://127.0.0.1:{api}/api/v1 (client certificates required)" in line:
+                break
+            assert time.monotonic() < deadline, line
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert proc.returncode == 0
 
 
 def collector(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,19 +81,7 @@ def test_api_off_loopback_needs_a_token_or_client_certificates(tmp_path: Path) -
 def test_api_with_mutual_tls_serves_only_clients_with_a_certificate(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     api = free_port()
-    proc = subprocess.Popen([FLOWSCOPE, "collector", "--listen", f"127.0.0.1:{free_port()}", "--store",
-                             f"chdb://{tmp_path}/store", "--api", f"127.0.0.1:{api}", "--api-tls-cert",
-                             pki["server_cert"], "--api-tls-key", pki["server_key"], "--api-tls-ca", pki["ca"]],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 90
-        while True:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the collector exited"
-            if f"API on https://127.0.0.1:{api}/api/v1 (client certificates required)" in line:
-                break
-            assert time.monotonic() < deadline, line
+    with mutual_tls_collector(tmp_path, pki, api, free_port()):
         url = f"https://127.0.0.1:{api}/api/v1/schema"
         anonymous = ssl.create_default_context(cafile=pki["ca"])
         with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
@@ -76,7 +92,3 @@ def test_api_with_mutual_tls_serves_only_clients_with_a_certificate(tmp_path: Pa
         client.load_cert_chain(pki["client_cert"], pki["client_key"])
         with urllib.request.urlopen(url, context=client, timeout=30) as r:
             assert r.status == 200 and b"srcNamespace" in r.read()
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    assert proc.returncode == 0

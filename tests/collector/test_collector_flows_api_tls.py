@@ -9,13 +9,13 @@ line before anything connects (exit 2)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from test_collector_api_tls import mutual_tls_collector
 from test_collector_cli import FLOWSCOPE, free_port
 
 from pki import CA, make_pki
@@ -53,22 +53,9 @@ def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(
     pki = make_pki(tmp_path)
     impostor = CA(tmp_path, "impostor").issue("intruder", server=False, names=("intruder",))
     listen, api = free_port(), free_port()
-    proc = subprocess.Popen([FLOWSCOPE, "collector", "--listen", f"127.0.0.1:{listen}", "--store",
-                             f"chdb://{tmp_path}/store", "--commit-interval", "200ms", "--api", f"127.0.0.1:{api}",
-                             "--api-tls-cert", pki["server_cert"], "--api-tls-key", pki["server_key"],
-                             "--api-tls-ca", pki["ca"]],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"https://127.0.0.1:{api}"
     mine = ("--api-tls-cert", pki["client_cert"], "--api-tls-key", pki["client_key"], "--api-tls-ca", pki["ca"])
-    try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 90
-        while True:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the collector exited"
-            if f"API on {url}/api/v1 (client certificates required)" in line:
-                break
-            assert time.monotonic() < deadline, line
+    with mutual_tls_collector(tmp_path, pki, api, listen, "--commit-interval", "200ms"):
         exp = subprocess.run([FLOWSCOPE, "export", "--to", f"127.0.0.1:{listen}", "--input", str(DEMO)],
                              capture_output=True, text=True, timeout=60)
         assert exp.returncode == 0, exp.stderr
@@ -100,22 +87,13 @@ def test_flows_presents_a_client_certificate_to_a_mutual_tls_collector(
         assert untrusted.returncode == 3
         assert "the collector's certificate is not trusted" in one_line(untrusted)
         assert "give --api-tls-ca" in untrusted.stderr
-    finally:
-        proc.terminate()
-        proc.wait(60)
-    assert proc.returncode == 0
 
 
 def test_bad_client_tls_options_are_one_line_before_anything_connects(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from flowscope.cli import main
-
-    def run(*args: str) -> tuple[int, str]:  # the command's own entry point, in this process (fast)
-        code = main(["flows", *args])
-        err = capsys.readouterr().err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("flowscope flows: "), err
-        return code, lines[0]
+    def run(*args: str) -> tuple[int, str]:
+        p = flows(capsys, *args)
+        return p.returncode, one_line(p)
 
     pki = make_pki(tmp_path)
     url = f"https://127.0.0.1:{free_port()}"  # nothing listens: these must fail before connecting
