@@ -15,9 +15,9 @@ import re
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from ui_cluster import EXT, FLOWS, NOW, RECORDS, filled_store, ui_client
+from ui_cluster import EXT, FLOWS, NOW, RECORDS, BrokenStore, filled_store, ui_client
 
 from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import open_store
@@ -265,14 +265,7 @@ async def test_paths_outside_the_known_assets_are_not_served(store) -> None:
 
 
 async def test_a_store_that_fails_is_a_503_and_the_server_keeps_serving(store) -> None:
-    class Broken:
-        database, table = store.database, store.table
-
-        def rows(self, sql, params):
-            raise ConnectionError("the ClickHouse server went away")
-
-    client = TestClient(TestServer(build_app(Broken(), now=lambda: float(NOW), api=False)))
-    await client.start_server()
+    client = await ui_client(BrokenStore(store), api=False)
     try:
         status, body = await _get(client, "/ui/v1/summary", since="15m")
         assert status == 503 and "went away" in body["error"]

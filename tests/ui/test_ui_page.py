@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ui_cluster import filled_store, ui_client
+from ui_cluster import BrokenStore, filled_store, ui_client
 
 from flowscope.collector.ui import dashboards as dash_module
 from flowscope.collector.ui.dashboards import PAGES, Dashboards, page_panels
@@ -179,19 +179,7 @@ def test_in_chromium_every_page_draws_from_one_request_and_a_policy_link_asks_it
 
 
 async def test_a_store_that_fails_is_said_in_each_panel_line_and_the_server_keeps_serving(store) -> None:
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from flowscope.collector.ui.app import build_app
-    from ui_cluster import NOW
-
-    class Broken:
-        database, table = store.database, store.table
-
-        def rows(self, sql, params):
-            raise ConnectionError("the ClickHouse server went away")
-
-    client = TestClient(TestServer(build_app(Broken(), now=lambda: float(NOW), api=False)))
-    await client.start_server()
+    client = await ui_client(BrokenStore(store), api=False)
     try:
         resp = await client.get("/ui/v1/page", params={"d": "overview", "since": "15m"})
         lines = _lines(await resp.read())

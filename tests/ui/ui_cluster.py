@@ -76,12 +76,23 @@ def filled_store():
     s.close()
 
 
-async def ui_client(store, auth=None):
-    """aiohttp's test client on the dashboards' app over ``store``, its clock at :data:`NOW`."""
+class BrokenStore:
+    """A store named like ``like`` whose every query fails, as when the server went away."""
+
+    def __init__(self, like) -> None:
+        self.database, self.table = like.database, like.table
+
+    def rows(self, sql, params):
+        raise ConnectionError("the ClickHouse server went away")
+
+
+async def ui_client(store, auth=None, *, api: bool = True):
+    """aiohttp's test client on the dashboards' app over ``store``, its clock at :data:`NOW`
+    (``api``: build_app's, the store's JSON API in the same application)."""
     from aiohttp.test_utils import TestClient, TestServer
 
     from flowscope.collector.ui.app import build_app
 
-    client = TestClient(TestServer(build_app(store, auth, now=lambda: float(NOW))))
+    client = TestClient(TestServer(build_app(store, auth, now=lambda: float(NOW), api=api)))
     await client.start_server()
     return client
