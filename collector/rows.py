@@ -289,7 +289,14 @@ def _assemble(cols: list[Any], final: array, *, time_inserted: int, commit_id: i
 
 
 _FLOW_END_REASON = next(i for i, c in enumerate(_RECORD_COLUMNS) if c.name == "flowEndReason")
-assert _RECORD_COLUMNS[_FLOW_END_REASON].type == "UInt8"  # sets_to_columns maps it through a 256-byte table
+assert _RECORD_COLUMNS[_FLOW_END_REASON].type == "UInt8"  # _final maps it through a 256-byte table
+
+
+def _final(reasons: Any, ended: Collection[int]) -> array:
+    """The ``final`` column (UInt8, 0 or 1): whether each row's flowEndReason (a UInt8
+    column: its octets are its values) is in ``ended``."""
+    ends = frozenset(ended)
+    return array("B", bytes(reasons).translate(bytes(i in ends for i in range(256))))
 
 
 def records_to_columns(records: Sequence[Mapping[str, Any]], *, correlation: str, ended: Collection[int],
@@ -297,8 +304,7 @@ def records_to_columns(records: Sequence[Mapping[str, Any]], *, correlation: str
     """Typed columns (in :data:`COLUMNS` order) of decoded records, and how many were left
     out. Every row gets ``correlation``; ``final`` is whether its flowEndReason is in ``ended``."""
     cols, bad = transpose(records, correlation, text=text)
-    final = array("B", map(frozenset(ended).__contains__, cols[_FLOW_END_REASON]))
-    return _assemble(cols, final, time_inserted=time_inserted, commit_id=commit_id), len(bad)
+    return _assemble(cols, _final(cols[_FLOW_END_REASON], ended), time_inserted=time_inserted, commit_id=commit_id), len(bad)
 
 
 _get_record = attrgetter("record")
@@ -503,6 +509,4 @@ def sets_to_columns(sets: Sequence[ColumnSet], records: Sequence[Mapping[str, An
     word = correlation.encode("utf-8")
     w = len(word)
     out.append(TextColumn(array("i", range(0, w * (n + 1), w)).tobytes() if w else bytes(4 * (n + 1)), word * n))
-    table = bytes(int(i in frozenset(ended)) for i in range(256))  # flowEndReason (UInt8) -> final
-    final = array("B", bytes(out[_FLOW_END_REASON]).translate(table))
-    return _assemble(out, final, time_inserted=time_inserted, commit_id=commit_id), bad
+    return _assemble(out, _final(out[_FLOW_END_REASON], ended), time_inserted=time_inserted, commit_id=commit_id), bad
