@@ -95,6 +95,27 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
         return type(exc).__name__, str(exc)
 
 
+def mangled(data: st.DataObject, body: bytes) -> tuple[bytes, int, str]:
+    """A set body at offset 4 of a buffer (two stray octets after it) as it was, or with
+    octets flipped, cut short, padded, or random octets instead; its end, and which."""
+    mode = data.draw(st.sampled_from(["valid", "flipped", "cut", "random", "padded"]))
+    buf = bytearray(b"\x00" * 4 + body + b"\x07\x07")
+    end = 4 + len(body)
+    if mode == "flipped" and body:
+        for _ in range(data.draw(st.integers(1, 4))):
+            buf[data.draw(st.integers(4, end - 1))] = data.draw(st.integers(0, 255))
+    elif mode == "cut":
+        end = data.draw(st.integers(4, end))
+    elif mode == "random":
+        buf = bytearray(b"\x00" * 4 + data.draw(st.binary(max_size=200)))
+        end = len(buf)
+    elif mode == "padded":
+        pad = data.draw(st.integers(1, 3))
+        buf[end:end] = b"\x00" * pad
+        end += pad
+    return bytes(buf), end, mode
+
+
 def _value(data: st.DataObject, name: str, length: int, wrong: bool) -> Any:
     """A value for one field: valid for its type, or (wrong) anything at all."""
     if wrong:
@@ -153,21 +174,7 @@ def test_decoding_agrees_with_the_pure_python_codec(spec: list[tuple[str, int]],
     assert fast._native is not None
     records = [{k: _value(data, n, ln, False) for k, (n, ln) in zip(fast.keys, spec)} for _ in range(data.draw(st.integers(0, 4)))]
     body = b"".join(pure.encode_record(r) for r in records)
-    mode = data.draw(st.sampled_from(["valid", "flipped", "cut", "random", "padded"]))
-    buf = bytearray(b"\x00" * 4 + body + b"\x07\x07")
-    end = 4 + len(body)
-    if mode == "flipped" and body:
-        for _ in range(data.draw(st.integers(1, 4))):
-            buf[data.draw(st.integers(4, end - 1))] = data.draw(st.integers(0, 255))
-    elif mode == "cut":
-        end = data.draw(st.integers(4, end))
-    elif mode == "random":
-        buf = bytearray(b"\x00" * 4 + data.draw(st.binary(max_size=200)))
-        end = len(buf)
-    elif mode == "padded":
-        buf[end:end] = b"\x00" * data.draw(st.integers(1, 3))
-        end += len(buf) - end - 2
-    raw = bytes(buf)
+    raw, end, mode = mangled(data, body)
     want = _outcome(pure.decode_records, raw, 4, end)
     native = fast._native.decode_set(raw, 4, end)
     if native is not None:  # the accelerator answered: it must be the twin's answer

@@ -31,7 +31,7 @@ from flowscope.ipfix.registry import VARIABLE_LENGTH
 
 # The codec tests' private registry (signed, float32, boolean and list elements added) and
 # their fields of every kind, lengths that fall back to raw octets included.
-from test_ipfix_accel import FIELDS, REG
+from test_ipfix_accel import FIELDS, REG, mangled
 
 # Outside CI (which must build it) a missing C extension skips only the C comparisons.
 NEED_C = pytest.mark.skipif(
@@ -75,7 +75,8 @@ def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
 
 def _body(data: st.DataObject, t: Template, spec: list[tuple[str, int]]) -> tuple[bytes, int]:
     """A set body at offset 4 of a buffer (with two octets after it): valid records of
-    random field bytes, then maybe flipped, cut, padded, or random bytes altogether."""
+    random field bytes, then maybe flipped, cut, padded, or random bytes altogether
+    (test_ipfix_accel.mangled, as the record codec's tests mangle theirs)."""
     parts = []
     for _ in range(data.draw(st.integers(0, 5))):
         for _name, length in spec:
@@ -88,23 +89,8 @@ def _body(data: st.DataObject, t: Template, spec: list[tuple[str, int]]) -> tupl
                              + payload)
             else:
                 parts.append(data.draw(st.binary(min_size=length, max_size=length)))
-    body = b"".join(parts)
-    buf = bytearray(b"\x00" * 4 + body + b"\x07\x07")
-    end = 4 + len(body)
-    mode = data.draw(st.sampled_from(["valid", "flipped", "cut", "random", "padded"]))
-    if mode == "flipped" and body:
-        for _ in range(data.draw(st.integers(1, 4))):
-            buf[data.draw(st.integers(4, end - 1))] = data.draw(st.integers(0, 255))
-    elif mode == "cut":
-        end = data.draw(st.integers(4, end))
-    elif mode == "random":
-        buf = bytearray(b"\x00" * 4 + data.draw(st.binary(max_size=200)))
-        end = len(buf)
-    elif mode == "padded":
-        pad = data.draw(st.integers(1, 3))
-        buf[end:end] = b"\x00" * pad
-        end += pad
-    return bytes(buf), end
+    raw, end, _ = mangled(data, b"".join(parts))
+    return raw, end
 
 
 specs = st.lists(st.sampled_from(FIELDS), min_size=1, max_size=8)
