@@ -11,11 +11,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory: pytest.TempPathFactory):
+    """What tests and their peers make with ``tempfile`` (a peer's output directory, a test
+    PKI, a subprocess's config) goes under this run's pytest base directory, which pytest
+    prunes to the last three runs, instead of being left loose in /tmp run after run."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = before
 
 
 def _missing(reason: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,7 @@ class GoIpfixCollector:
         self.out_path, self.err_path = self.dir / "out.jsonl", self.dir / "err.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: list[dict[str, Any]] = []
+        self._errors = ""
 
     def __enter__(self) -> GoIpfixCollector:
         addr = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -70,7 +72,12 @@ class GoIpfixCollector:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        """Stop it, keep what it printed in memory and remove its directory (nothing of a
+        test run is left in /tmp)."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop it by its PID (SIGTERM: it prints its stats line and exits) and read its output."""
@@ -82,6 +89,7 @@ class GoIpfixCollector:
                 self.proc.kill()
                 self.proc.wait()
         self.lines = self._read()
+        self._errors = self.err_path.read_text() if self.err_path.exists() else self._errors
 
     def _read(self) -> list[dict[str, Any]]:
         if not self.out_path.exists():
@@ -89,8 +97,10 @@ class GoIpfixCollector:
         return [json.loads(line) for line in self.out_path.read_text().splitlines() if line.strip()]
 
     def poll(self) -> list[dict[str, Any]]:
-        """What it printed so far (complete lines only)."""
-        text = self.out_path.read_text() if self.out_path.exists() else ""
+        """What it printed so far (complete lines only; once stopped, all it printed)."""
+        if not self.out_path.exists():
+            return self.lines
+        text = self.out_path.read_text()
         return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
     def count(self, kind: str = "DATA") -> int:
@@ -98,7 +108,7 @@ class GoIpfixCollector:
 
     @property
     def errors(self) -> str:
-        return self.err_path.read_text() if self.err_path.exists() else ""
+        return self.err_path.read_text() if self.err_path.exists() else self._errors
 
     @staticmethod
     def plain(fields: dict[str, Any], values: bool = True) -> dict[str, Any]:
