@@ -44,7 +44,8 @@ def main() -> None:
     results = []
     for down in (float(x) for x in a.downs.split(",")):
         for kill in (False, True) if a.kill else (False,):
-            r = asyncio.run(restart_run(Path(tempfile.mkdtemp(prefix="restart-bench-")), down, kill=kill))
+            with tempfile.TemporaryDirectory(prefix="restart-bench-") as work:
+                r = asyncio.run(restart_run(Path(work), down, kill=kill))
             r["kill9"] = kill
             r["old_schedule_back_after_s"] = old_backoff_delay(down)
             # records_submitted counts what the queue accepted; "dropped" (refused by a full
