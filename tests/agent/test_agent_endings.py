@@ -10,6 +10,7 @@ from flowscope.agent.conntrack import StaticConntrack
 from flowscope.agent.exporter import Destination, FlowExporter, FlowFilter
 from flowscope.agent.metadata import Enricher, StaticMetadata
 from flowscope.agent.store import ConnectionStore, FlowEndReason
+from fakes import ManualClock
 
 DESTROY, NEW = 0x102, 0x100
 T0 = 1_700_000_100.0
@@ -154,14 +155,6 @@ class ScriptedEvents:
         self.closed = True
 
 
-class Clock:
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
 @pytest.fixture
 def inventory(tmp_path):
     inv = tmp_path / "inv.yaml"
@@ -170,7 +163,7 @@ def inventory(tmp_path):
 
 
 async def test_events_between_polls_reach_every_destination_and_an_absent_one_holds_back_none(inventory):
-    ct, events, clock = StaticConntrack(), ScriptedEvents(), Clock(T0)
+    ct, events, clock = StaticConntrack(), ScriptedEvents(), ManualClock(T0)
     main, security, absent = ListSink(), ListSink(), ListSink(accept=False)
     fx = FlowExporter(
         conntrack=ct, sink=main, enricher=Enricher("node-a", inventory), active_timeout=60, idle_timeout=15,
@@ -203,7 +196,7 @@ async def test_events_between_polls_reach_every_destination_and_an_absent_one_ho
 
 
 async def test_a_destinations_own_timeouts_and_its_namespace_and_flow_type_filter(inventory):
-    ct, clock = StaticConntrack(), Clock(T0)
+    ct, clock = StaticConntrack(), ManualClock(T0)
     main, fast = ListSink(), ListSink()
     fx = FlowExporter(
         conntrack=ct, sink=main, enricher=Enricher("node-a", inventory), active_timeout=60, idle_timeout=15,
@@ -227,7 +220,7 @@ async def test_a_destinations_own_timeouts_and_its_namespace_and_flow_type_filte
 
 
 async def test_a_denied_only_destination_gets_denials_only(inventory):
-    ct, clock = StaticConntrack(), Clock(T0)
+    ct, clock = StaticConntrack(), ManualClock(T0)
     main, security = ListSink(), ListSink()
     fx = FlowExporter(
         conntrack=ct, sink=main, enricher=Enricher("node-a", inventory), active_timeout=60, idle_timeout=15,

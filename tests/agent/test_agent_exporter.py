@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 from agent_entries import INVENTORY, entry
 from agent_peers import decode_ours, decode_pypi, encode
+from fakes import ManualClock
 from flowscope.agent.conntrack import StaticConntrack
 from flowscope.agent.exporter import FlowExporter
 from flowscope.agent.metadata import Enricher, StaticMetadata
@@ -38,21 +39,13 @@ class ListSink:
         pass
 
 
-class Clock:
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
 @pytest.fixture
 def agent(tmp_path):
     inv = tmp_path / "inv.yaml"
     inv.write_text(INVENTORY)
     ct = StaticConntrack()
     sink = ListSink()
-    clock = Clock(1_700_000_100.0)
+    clock = ManualClock(1_700_000_100.0)
     fx = FlowExporter(
         conntrack=ct, sink=sink, enricher=Enricher("node-a", StaticMetadata(str(inv))),
         active_timeout=60, idle_timeout=15, poll_interval=5, max_connections=100, clock=clock,

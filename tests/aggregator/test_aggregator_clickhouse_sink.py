@@ -29,6 +29,7 @@ from flowscope.collector.rows import flows_to_columns, row_to_record
 from flowscope.collector.schema import COLUMN_NAMES, COLUMNS, Retention, features_for_version, raw_table_sql
 from flowscope.collector.store import AddressError, FlowStore, StoreAddress, parse_store_address
 from flowscope.ipfix.antrea import aggregator_fields
+from fakes import ManualClock
 
 
 # Recent times, so the roll-ups' buckets are today's.
@@ -178,14 +179,6 @@ class ScriptedStore(FlowStore):
         self.closed += 1
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def batch(start: int, n: int) -> list[ExportedFlow]:
     return [ExportedFlow(aggregated(i), "correlated", False) for i in range(start, start + n)]
 
@@ -195,7 +188,7 @@ def stored_ports(store: ScriptedStore) -> list[int]:
 
 
 async def test_buffered_until_commit_then_one_insert_with_fixed_time_and_id():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=1000, clock=clock, wall=lambda: 1_790_000_123.7,
                           timer=False)
     await sink.start()
@@ -211,7 +204,7 @@ async def test_buffered_until_commit_then_one_insert_with_fixed_time_and_id():
 
 
 async def test_a_full_chunk_commits_from_write_in_chunks():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=100, chunk_rows=30, clock=clock, timer=False)
     await sink.write(batch(0, 20))
     assert store.stored == []
@@ -221,7 +214,7 @@ async def test_a_full_chunk_commits_from_write_in_chunks():
 
 
 async def test_outage_keeps_rows_backs_off_and_recovers_without_loss():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=1000, chunk_rows=50, clock=clock, timer=False)
     store.down = True
     await sink.write(batch(0, 40))
@@ -244,7 +237,7 @@ async def test_outage_keeps_rows_backs_off_and_recovers_without_loss():
 
 
 async def test_an_unanswered_insert_is_not_inserted_twice():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=1000, clock=clock, timer=False)
     await sink.write(batch(0, 25))
     store.lose_answer = 1
@@ -257,7 +250,7 @@ async def test_an_unanswered_insert_is_not_inserted_twice():
 
 
 async def test_past_queue_size_batches_are_refused_and_counted_exactly():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=50, chunk_rows=1000, clock=clock, timer=False)
     q = QueuedSink(sink, queue_size=1000, batch_size=20)
     await q.start()
@@ -276,7 +269,7 @@ async def test_past_queue_size_batches_are_refused_and_counted_exactly():
 
 
 async def test_what_cannot_be_stored_at_shutdown_is_counted():
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=100, clock=clock, timer=False)
     await sink.write(batch(0, 12))
     store.down = True
@@ -299,7 +292,7 @@ async def test_the_timer_commits_on_the_interval_and_never_blocks_the_loop():
 
 
 async def test_bad_records_are_counted_once_even_when_their_first_insert_fails(caplog):
-    store, clock = ScriptedStore(), Clock()
+    store, clock = ScriptedStore(), ManualClock(100.0)
     sink = ClickHouseSink(store, commit_interval=8, max_buffer=100, clock=clock, timer=False)
     await sink.commit()  # connected
     await sink.write(batch(0, 4) + [ExportedFlow(aggregated(50, destinationTransportPort=-80), "correlated", False)])

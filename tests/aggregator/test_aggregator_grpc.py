@@ -27,33 +27,11 @@ from flowscope.ipfix import Template
 from flowscope.ipfix.address import Address
 from flowscope.ipfix.exporting import ExportingProcess
 from flowscope.ipfix.transport import TLSConfig
+from fakes import ListSink, ManualClock
 
 pytestmark = pytest.mark.timeout(60)
 
 T0 = 1_790_000_000
-
-
-class Clock:
-    t = 7000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.got: list = []
-
-    async def start(self) -> None:
-        pass
-
-    async def write(self, batch) -> None:
-        self.got.extend(batch)
-
-    async def close(self) -> None:
-        pass
 
 
 async def until(pred, timeout=15.0, what="condition"):
@@ -189,7 +167,7 @@ def credentials(pki, who="node"):
 
 
 async def test_grpc_and_ipfix_give_the_same_aggregated_records(pki):
-    clock = Clock()
+    clock = ManualClock(7000.0)
     conns = connections()
     n = len(conns)
     via_ipfix, s1 = await aggregator(pki, "tls", clock)
@@ -251,7 +229,7 @@ async def test_grpc_and_ipfix_give_the_same_aggregated_records(pki):
 
 
 async def test_grpc_collector_wants_a_client_certificate_from_its_ca(pki):
-    clock = Clock()
+    clock = ManualClock(7000.0)
     agg, _ = await aggregator(pki, "grpc", clock)
     try:
         flow = antrea_flow(connections()[0][1], 1)
@@ -273,7 +251,7 @@ async def test_grpc_collector_wants_a_client_certificate_from_its_ca(pki):
 async def test_grpc_export_counts_a_broken_stream_as_lost_and_reconnects(pki):
     """Records written to an Export stream the aggregator never answered are counted as lost,
     never as sent; the exporter reconnects with backoff and delivers what waited."""
-    clock = Clock()
+    clock = ManualClock(7000.0)
     conns = [r for _, r in connections()]
     first, _ = await aggregator(pki, "grpc", clock)
     port = first.collecting_port

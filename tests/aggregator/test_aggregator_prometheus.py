@@ -16,20 +16,14 @@ from conftest import require_tool
 
 from flowscope.aggregator.config import parse_config
 from flowscope.aggregator.service import FlowAggregator
+from fakes import ManualClock
 
 pytestmark = [pytest.mark.timeout(90)]
 
 
-class Clock:
-    t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 async def started_aggregator() -> FlowAggregator:
     agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "127.0.0.1:0",
-                                       "maxFlows": 3}), sinks=[], clock=Clock())
+                                       "maxFlows": 3}), sinks=[], clock=ManualClock(100.0))
     await agg.start(collect=False, api=True, ticker=False)
     agg.ingest_records([source_half(sport=1), source_half(sport=2), agent_record(flow_type=3, sport=3,
                                                                                  sourcePodName="p")], NODE_A, 1)

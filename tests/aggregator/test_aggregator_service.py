@@ -16,6 +16,7 @@ from flowscope.aggregator.service import FlowAggregator, exporter_address
 from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names
 from flowscope.ipfix import Decoder, ExportSession, Template
 from flowscope.ipfix.antrea import agent_fields
+from fakes import ListSink, ManualClock
 
 
 @dataclass
@@ -23,30 +24,6 @@ class Peer:
     host: str
     port: int = 40000
     protocol: str = "tcp"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.got = []
-
-    async def start(self) -> None:
-        pass
-
-    async def write(self, batch):
-        self.got.extend(batch)
-
-    async def close(self) -> None:
-        pass
 
 
 class Agent:
@@ -83,7 +60,7 @@ def make_service(clock, **cfg) -> tuple[FlowAggregator, ListSink]:
 
 
 async def test_two_agents_through_the_codec_to_one_merged_record_and_back_over_ipfix():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     agg, sink = make_service(clock)
     await agg.start(collect=False, api=False, ticker=False)
     a, b = Agent(NODE_A, 11), Agent(NODE_B, 22)
@@ -133,7 +110,7 @@ async def test_two_agents_through_the_codec_to_one_merged_record_and_back_over_i
 
 
 async def test_close_exports_unexported_changes():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     agg, sink = make_service(clock)
     await agg.start(collect=False, api=False, ticker=False)
     agg.ingest_records([agent_record(flow_type=3, sourcePodName="p")], NODE_A)
@@ -142,7 +119,7 @@ async def test_close_exports_unexported_changes():
 
 
 async def test_http_api_and_metrics_and_cli(capsys):
-    clock = Clock()
+    clock = ManualClock(1000.0)
     agg, _ = make_service(clock)
     await agg.start(collect=False, api=True, ticker=False)
     try:
@@ -236,7 +213,7 @@ def test_exporter_address_unmaps_ipv4_in_ipv6():
 
 
 def test_an_odd_record_costs_only_itself():
-    clock = Clock()
+    clock = ManualClock(1000.0)
     agg, _ = make_service(clock)
 
     class Msg:
@@ -259,7 +236,7 @@ async def test_flowrecords_are_capped_and_say_so():
 
     from flowscope.aggregator.api import ApiServer
 
-    clock = Clock()
+    clock = ManualClock(1000.0)
     agg, _ = make_service(clock)
     agg.ingest_records([agent_record(flow_type=3, sport=p, sourcePodName="p") for p in range(1, 6)], NODE_A)
     async with TestClient(TestServer(ApiServer(agg).app())) as client:
@@ -297,7 +274,7 @@ async def test_a_large_periodic_export_is_paced_to_the_sinks_not_dropped():
             await asyncio.sleep(0.002)  # ~500k records/s at most, but in small steps
             self.got.extend(batch)
 
-    clock = Clock()
+    clock = ManualClock(1000.0)
     fast, slow = ListSink(), SlowishSink()
     agg = FlowAggregator(parse_config({"aggregatorTransportProtocol": "tcp", "metricsAddress": "", "apiAddress": "",
                                        "flowExportInterval": "60s"}),

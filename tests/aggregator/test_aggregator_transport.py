@@ -20,32 +20,9 @@ from flowscope.ipfix.antrea import agent_fields
 from flowscope.ipfix.collecting import CollectingProcess
 from flowscope.ipfix.exporting import ExportingProcess
 from flowscope.ipfix.transport import TLSConfig
+from fakes import ListSink, ManualClock
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 5000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class ListSink:
-    name = "list"
-
-    def __init__(self) -> None:
-        self.got = []
-
-    async def start(self) -> None:
-        pass
-
-    async def write(self, batch):
-        self.got.extend(batch)
-
-    async def close(self) -> None:
-        pass
 
 
 async def until(pred, timeout=10.0, what="condition"):
@@ -106,7 +83,7 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
                                   on_message=lambda peer, msg: external.extend(r for _, r in msg.data_records()))
     await collector.start()
 
-    clock = Clock()
+    clock = ManualClock(5000.0)
     cert, key = pki["server"]
     config = parse_config({
         "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
@@ -241,7 +218,7 @@ async def test_two_agents_over_mutual_tls_to_merged_records_and_out_over_ipfix(p
 
 
 async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
-    clock = Clock()
+    clock = ManualClock(5000.0)
     cert, key = pki["server"]
     config = parse_config({
         "aggregatorTransportProtocol": "tls", "listenAddress": "127.0.0.1", "listenPort": 0, "metricsAddress": "", "apiAddress": "",
@@ -266,7 +243,7 @@ async def test_an_agent_with_a_certificate_from_another_ca_is_refused(pki):
 
 
 async def test_udp_transport_and_records_per_exporter():
-    clock = Clock()
+    clock = ManualClock(5000.0)
     config = parse_config({"aggregatorTransportProtocol": "udp", "listenAddress": "127.0.0.1", "listenPort": 0,
                            "metricsAddress": "", "apiAddress": ""})
     mirror = ListSink()
@@ -351,7 +328,7 @@ async def test_a_stuck_sink_stalls_neither_collection_nor_the_other_sinks():
         async def write(self, batch):
             await release.wait()  # stuck until the test ends
 
-    clock = Clock()
+    clock = ManualClock(5000.0)
     config = parse_config({"aggregatorTransportProtocol": "tcp", "listenAddress": "127.0.0.1", "listenPort": 0,
                            "metricsAddress": "", "apiAddress": "", "flowExportInterval": "60s"})
     healthy = ListSink()
