@@ -389,6 +389,20 @@ class Reconciler:
         if (old_ready.get("reason"), old_ready.get("message")) != (reason, message):
             await self.event(body, "Normal" if ready or not degraded[0] else "Warning", reason, message)
 
+    async def _apply_or_fail(self, body: Mapping[str, Any], objects: list[dict[str, Any]], owner: Owner | None,
+                             changed: list[str]) -> int | Outcome:
+        """:meth:`_apply_all` (the number of writes), or the status of a stop on this object's own
+        account: a name that someone else controls (NameConflict) or an object the API server
+        refuses for good (ApplyFailed). A retryable API error goes up, for kopf to retry."""
+        try:
+            return await self._apply_all(objects, owner, changed)
+        except OwnershipConflict as exc:
+            return await self._fail(body, "NameConflict", str(exc))
+        except ApiError as exc:
+            if exc.retryable:
+                raise
+            return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
+
     async def _fail(self, body: Mapping[str, Any], reason: str, message: str, extra: Mapping[str, Any] | None = None
                     ) -> Outcome:
         log.warning("%s %s/%s not ready: %s: %s", body.get("kind"), body["metadata"].get("namespace"),
@@ -460,14 +474,9 @@ class Reconciler:
         objects = manifests.build_aggregator(spec, image=self.image, tls=material, owner=owner, api_token=token,
                                              ui_token=ui_token)
         changed: list[str] = []
-        try:
-            writes = await self._apply_all(objects, owner, changed)
-        except OwnershipConflict as exc:
-            return await self._fail(body, "NameConflict", str(exc))
-        except ApiError as exc:
-            if exc.retryable:
-                raise
-            return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
+        writes = await self._apply_or_fail(body, objects, owner, changed)
+        if isinstance(writes, Outcome):
+            return writes
         old_status = body.get("status") or {}
         retained = await self._collector_store(body, spec, owner, changed) if owner is not None else None
         await self._applied(body, changed)
@@ -635,14 +644,9 @@ class Reconciler:
         objects = manifests.build_agent(spec, image=self.image, collector=collector, server_name=server_name,
                                         tls=agent_tls, owner=owner, cert_manager=cert_manager)
         changed: list[str] = []
-        try:
-            writes = await self._apply_all(objects, owner, changed)
-        except OwnershipConflict as exc:
-            return await self._fail(body, "NameConflict", str(exc))
-        except ApiError as exc:
-            if exc.retryable:
-                raise
-            return await self._fail(body, "ApplyFailed", f"the API server refused an object: {exc}")
+        writes = await self._apply_or_fail(body, objects, owner, changed)
+        if isinstance(writes, Outcome):
+            return writes
         await self._applied(body, changed)
         ds = await self.api.get("apps/v1", "DaemonSet", spec.namespace, spec.name)
         r = Rollout.of(ds)
