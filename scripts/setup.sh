@@ -226,13 +226,19 @@ else
     say "[3/3] flowscope: pip install -e '.[$EXTRAS]' (first run downloads ~600 MB) ..."
     t=$SECONDS
     rm -f "$STAMP"
+    # The accelerators are optional extensions: one that fails to compile is skipped with a
+    # warning, and an older build beside its source would go on being imported. Removed first,
+    # a failed build shows as a missing module below.
+    rm -f "$REPO"/ipfix/_*.so "$REPO"/agent/_*.so "$REPO"/aggregator/_*.so "$REPO"/collector/_*.so
     run "pip install" "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$REPO[$EXTRAS]"
     "$VENV/bin/flowscope" --help >/dev/null 2>>"$LOG" || die "flowscope was installed but 'flowscope --help' fails"
     if "$VENV/bin/python" -c 'import flowscope.ipfix._speedups, flowscope.ipfix._columnar, flowscope.agent._ctparse, flowscope.aggregator._aggr, flowscope.collector._rowcols' >/dev/null 2>&1; then
         say "      C accelerators built (IPFIX codec, columnar decode, conntrack parser, aggregation core, store columns)"
+    elif command -v cc >/dev/null 2>&1; then
+        die "a C accelerator failed to compile (a compiler is here, so this is a defect); see the compiler's errors with: $VENV/bin/python -m pip install --no-deps -v -e $REPO"
     else
-        say "      note: C accelerators not built (no compiler?): the pure-Python codec and parser serve"
+        say "      note: C accelerators not built (no compiler): the pure-Python twins serve"
     fi
     printf '%s\n' "$want_stamp" >"$STAMP"
     say "      installed in $((SECONDS - t))s"
