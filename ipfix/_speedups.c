@@ -28,6 +28,7 @@
 #include <Python.h>
 
 #include <arpa/inet.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -71,6 +72,7 @@ typedef struct {
     PyObject *split;         /* a split-table prototype (keys shared), or NULL */
     Py_ssize_t *split_index; /* its value slot of each field */
     int fresh;               /* records are made by fresh_split, not copied from split */
+    struct Step *plan;       /* fixed-length records made by fresh_split: decode_fixed's steps */
 } CodecObject;
 
 /* ------------------------------------------------------------------ record dicts
@@ -361,24 +363,60 @@ static const char HEX[] = "0123456789abcdef";
  * saves the three calls the generic way takes to the same allocation. */
 static PyObject *small_ints[257]; /* the interpreter's own 0..256, held from module init */
 
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30 && \
+    !defined(Py_REF_DEBUG) && !defined(Py_TRACE_REFS)
+#define FAST_INTS 1
+/* An int of `ndigits` 30-bit digits, made as _PyLong_New makes it less its two calls:
+ * PyObject_Malloc (so CPython's own deallocation frees it), then the header. Skipped is
+ * only _Py_NewReference's tracemalloc hook, which matters for memory reused from a free
+ * list, not for a fresh allocation (tracemalloc saw that in PyObject_Malloc). */
+static inline PyObject *
+long_of_digits(uint64_t v, Py_ssize_t ndigits)
+{
+    PyLongObject *o = PyObject_Malloc(offsetof(PyLongObject, ob_digit) + (size_t)ndigits * sizeof(digit));
+    if (o == NULL) {
+        return PyErr_NoMemory();
+    }
+    Py_SET_REFCNT(o, 1);
+    Py_SET_TYPE(o, &PyLong_Type); /* a static type: no reference to count */
+    Py_SET_SIZE(o, ndigits);
+    o->ob_digit[0] = (digit)(v & PyLong_MASK);
+    if (ndigits == 2) {
+        o->ob_digit[1] = (digit)(v >> PyLong_SHIFT);
+    }
+    return (PyObject *)o;
+}
+#elif PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+#define FAST_INTS 1
+static inline PyObject *
+long_of_digits(uint64_t v, Py_ssize_t ndigits)
+{
+    PyLongObject *o = _PyLong_New(ndigits);
+    if (o == NULL) {
+        return NULL;
+    }
+    o->ob_digit[0] = (digit)(v & PyLong_MASK);
+    if (ndigits == 2) {
+        o->ob_digit[1] = (digit)(v >> PyLong_SHIFT);
+    }
+    return (PyObject *)o;
+}
+#else
+#define FAST_INTS 0
+#endif
+
+/* PyLong_FromUnsignedLongLong, with the common sizes made here: on CPython 3.11 an int
+ * of one or two 30-bit digits is filled in directly (the layout of longintrepr.h), which
+ * saves the three calls the generic way takes to the same allocation. */
 static inline PyObject *
 new_unsigned(uint64_t v)
 {
     if (v <= 256) {
         return Py_NewRef(small_ints[v]);
     }
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+#if FAST_INTS
     if (v < ((uint64_t)1 << 60)) {
-        Py_ssize_t ndigits = v < ((uint64_t)1 << 30) ? 1 : 2;
-        PyLongObject *o = _PyLong_New(ndigits);
-        if (o == NULL) {
-            return NULL;
-        }
-        o->ob_digit[0] = (digit)(v & PyLong_MASK);
-        if (ndigits == 2) {
-            o->ob_digit[1] = (digit)(v >> PyLong_SHIFT);
-        }
-        return (PyObject *)o;
+        return long_of_digits(v, v < ((uint64_t)1 << 30) ? 1 : 2);
     }
 #endif
     return PyLong_FromUnsignedLongLong(v);
@@ -510,6 +548,153 @@ fresh_split(const CodecObject *self)
 #define FRESH_SPLIT 0
 #endif
 
+/* ------------------------------------------------------------------ fixed-length sets
+ *
+ * Records of fixed-length fields made by fresh_split are decoded by a plan compiled once
+ * per codec: one step per field, with its offset in the record, its value slot and one
+ * code that says both its kind and its width (no second switch on the length, no length
+ * checks: the record's length was checked as a whole). Consecutive records of one set
+ * often share values (a set is one exporter's flows of one interval: the protocol, the
+ * addresses, the ports, the end time, counters of 0); an integer or IPv4 field whose
+ * octets equal the previous record's takes that record's value object instead of a new
+ * one, as equal as the twin's and never mutable. A step that matches nothing costs one
+ * comparison. */
+enum { S_U8, S_U16, S_U32, S_U64, S_IP4, S_OTHER };
+typedef struct Step {
+    uint8_t code;
+    Py_ssize_t offset; /* in the record */
+    Py_ssize_t slot;   /* in the record's values */
+    const Op *op;      /* S_OTHER: decoded by decode_value */
+} Step;
+
+#define PLAN_MAX 128 /* steps kept on the stack by decode_fixed: the previous record's values */
+
+#if FRESH_SPLIT
+static Step *
+make_plan(const CodecObject *self)
+{
+    if (!self->fresh || self->fixed_length <= 0 || self->nops > PLAN_MAX) {
+        return NULL;
+    }
+    Step *plan = PyMem_Calloc((size_t)self->nops, sizeof(Step));
+    if (plan == NULL) {
+        return NULL; /* the general loop serves */
+    }
+    Py_ssize_t offset = 0;
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        const Op *op = &self->ops[i];
+        Step *st = &plan[i];
+        st->offset = offset;
+        st->slot = self->split_index[i];
+        st->op = op;
+        st->code = S_OTHER;
+        if (op->kind == K_UINT || op->kind == K_SECONDS) {
+            st->code = op->length == 1 ? S_U8 : op->length == 2 ? S_U16 : op->length == 4 ? S_U32 : op->length == 8 ? S_U64 : S_OTHER;
+        }
+        else if (op->kind == K_IP4) {
+            st->code = S_IP4;
+        }
+        offset += op->length;
+    }
+    return plan;
+}
+
+static inline uint16_t
+be16(const unsigned char *p)
+{
+    uint16_t x;
+    memcpy(&x, p, 2);
+    return ntohs(x);
+}
+
+static inline uint32_t
+be32(const unsigned char *p)
+{
+    uint32_t x;
+    memcpy(&x, p, 4);
+    return ntohl(x);
+}
+
+/* The records of buf[off:off + count * fixed_length] into out[0:count]: 1 done, 0 the
+ * twin must decide (a string that is not UTF-8), -1 an error set. */
+static int
+decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, Py_ssize_t count, PyObject *out)
+{
+    const Step *plan = self->plan;
+    const Py_ssize_t nops = self->nops, size = self->fixed_length;
+    uint64_t last[PLAN_MAX];      /* the previous record's octets of each step, as a number */
+    PyObject *held[PLAN_MAX];     /* its value (borrowed: that record is in `out`), or NULL */
+    memset(held, 0, (size_t)nops * sizeof(PyObject *));
+    for (Py_ssize_t r = 0; r < count; r++, off += size) {
+        PyObject *d = fresh_split(self);
+        if (d == NULL) {
+            return -1;
+        }
+        PyObject **slots = ((ValuesMirror *)((PyDictObject *)d)->ma_values)->values;
+        const unsigned char *rec = buf + off;
+        for (Py_ssize_t i = 0; i < nops; i++) {
+            const Step *st = &plan[i];
+            const unsigned char *p = rec + st->offset;
+            PyObject *v;
+            uint64_t x;
+            switch (st->code) {
+            case S_U8:
+                v = Py_NewRef(small_ints[p[0]]);
+                slots[st->slot] = v;
+                continue;
+            case S_U16:
+                x = be16(p);
+                break;
+            case S_U32:
+                x = be32(p);
+                break;
+            case S_U64:
+                x = load_be(p, 8);
+                break;
+            case S_IP4: {
+                uint32_t a;
+                memcpy(&a, p, 4);
+                x = a;
+                if (held[i] != NULL && last[i] == x) {
+                    slots[st->slot] = Py_NewRef(held[i]);
+                    continue;
+                }
+                v = decode_ip4(p);
+                goto made;
+            }
+            default:
+                v = decode_value(st->op, p, st->op->length);
+                if (v == NULL) {
+                    Py_DECREF(d); /* its empty slots are skipped */
+                    if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                        PyErr_Clear();
+                        return 0;
+                    }
+                    return -1;
+                }
+                slots[st->slot] = v;
+                continue;
+            }
+            if (held[i] != NULL && last[i] == x) {
+                slots[st->slot] = Py_NewRef(held[i]);
+                continue;
+            }
+            v = new_unsigned(x);
+        made:
+            if (v == NULL) {
+                Py_DECREF(d);
+                return -1;
+            }
+            slots[st->slot] = v;
+            held[i] = v;
+            last[i] = x;
+        }
+        PyList_SET_ITEM(out, r, d);
+    }
+    return 1;
+}
+#endif
+
 /* Give back the references to the placeholders that `records` in-place records stopped
  * holding (see codec_decode_set), and those of the first `partial` fields of one more. */
 static void
@@ -565,6 +750,27 @@ codec_decode_set(CodecObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyBuffer_Release(&view);
         return NULL;
     }
+#if FRESH_SPLIT
+    if (self->plan != NULL) {
+        /* Out of the garbage collector's sight while it is filled (a collection that an
+         * allocation starts may run any finalizer): nothing but this call can reach the
+         * records, so the values decode_fixed borrows from the previous one stay alive.
+         * Records of ints and strs hold no cycle; the list is tracked again when done. */
+        PyObject_GC_UnTrack(out);
+        int rc = decode_fixed(self, buf, off, room, out);
+        PyBuffer_Release(&view);
+        if (rc > 0) {
+            PyObject_GC_Track(out);
+            return out;
+        }
+        /* records not yet made are NULL items, which list deallocation skips */
+        Py_DECREF(out);
+        if (rc < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+#endif
     const Py_ssize_t nops = self->nops;
     const Op *ops = self->ops;
     PyObject *const src = self->split ? self->split : self->proto;
@@ -1354,6 +1560,7 @@ codec_dealloc(CodecObject *self)
         PyMem_Free(self->marks);
     }
     PyMem_Free(self->split_index);
+    PyMem_Free(self->plan);
     Py_XDECREF(self->split);
     Py_XDECREF(self->proto);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1682,6 +1889,9 @@ codec_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (check_fresh(self) < 0) {
         goto error;
     }
+#if FRESH_SPLIT
+    self->plan = make_plan(self);
+#endif
     Py_DECREF(seq);
     return (PyObject *)self;
 error:
@@ -1733,7 +1943,14 @@ static PyMethodDef codec_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+codec_get_planned(CodecObject *self, void *closure)
+{
+    return PyBool_FromLong(self->plan != NULL);
+}
+
 static PyGetSetDef codec_getset[] = {
+    {"_planned", (getter)codec_get_planned, NULL, "whether sets are decoded by the fixed-length plan (for tests)", NULL},
     {"min_length", (getter)codec_get_min_length, NULL, "octets of the shortest record", NULL},
     {"fixed_length", (getter)codec_get_fixed_length, NULL, "octets of every record, or None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
