@@ -52,6 +52,7 @@ enum {
 };
 
 #define IS_VAR(k) ((k) == K_STR_VAR || (k) == K_OCT_VAR)
+#define IP4_AHEAD_MAX 16 /* IPv4 fields whose cache slots decode_fixed fetches ahead (more: S_OTHER) */
 
 typedef struct {
     int kind;
@@ -73,6 +74,8 @@ typedef struct {
     Py_ssize_t *split_index; /* its value slot of each field */
     int fresh;               /* records are made by fresh_split, not copied from split */
     struct Step *plan;       /* fixed-length records made by fresh_split: decode_fixed's steps */
+    int nip4;                /* the plan's IPv4 fields, at these offsets in the record */
+    Py_ssize_t ip4_offset[IP4_AHEAD_MAX];
 } CodecObject;
 
 /* ------------------------------------------------------------------ record dicts
@@ -277,12 +280,21 @@ init_octet_text(void)
     }
 }
 
-static PyObject *
-decode_ip4(const unsigned char *p)
+static inline uint32_t
+ip4_slot_of(const unsigned char *p)
 {
     uint32_t a;
     memcpy(&a, p, 4);
-    Ip4Slot *slot = &ip4_cache[(uint32_t)(mix(a) & (ACACHE_SLOTS - 1))];
+    return (uint32_t)(mix(a) & (ACACHE_SLOTS - 1));
+}
+
+/* The text of the IPv4 address at p, through the cache's slot `at` (ip4_slot_of(p)). */
+static PyObject *
+decode_ip4_at(const unsigned char *p, uint32_t at)
+{
+    uint32_t a;
+    memcpy(&a, p, 4);
+    Ip4Slot *slot = &ip4_cache[at];
     if (slot->value != NULL && slot->addr == a) {
         Py_INCREF(slot->value);
         return slot->value;
@@ -300,6 +312,12 @@ decode_ip4(const unsigned char *p)
     Py_XSETREF(slot->value, Py_NewRef(s));
     slot->addr = a;
     return s;
+}
+
+static inline PyObject *
+decode_ip4(const unsigned char *p)
+{
+    return decode_ip4_at(p, ip4_slot_of(p));
 }
 
 static PyObject *
@@ -516,8 +534,19 @@ decode_value(const Op *op, const unsigned char *p, Py_ssize_t n)
  * allocation, and no placeholder is copied in, to be counted and given back. A slot
  * left empty (a record given up) is what a split dict's deallocation already skips.
  * NULL with an exception set on failure. */
+static inline PyObject *
+fresh_split_filled(const CodecObject *self, Py_ssize_t filled);
+
 static PyObject *
 fresh_split(const CodecObject *self)
+{
+    return fresh_split_filled(self, 0);
+}
+
+/* fresh_split, for a caller that fills the first `filled` value slots itself whatever
+ * happens (decode_fixed: every field's slot, all of them below the keys' count). */
+static inline PyObject *
+fresh_split_filled(const CodecObject *self, Py_ssize_t filled)
 {
     const PyDictObject *proto = (const PyDictObject *)self->split;
     KeysMirror *k = (KeysMirror *)proto->ma_keys;
@@ -530,7 +559,7 @@ fresh_split(const CodecObject *self)
     }
     memcpy(mem, pv - prefix, prefix); /* the insertion order, its length and the prefix size */
     PyObject **values = (PyObject **)(mem + prefix);
-    memset(values, 0, (size_t)size * sizeof(PyObject *));
+    memset(values + filled, 0, (size_t)(size - filled) * sizeof(PyObject *));
     PyObject *d = PyDict_New();
     if (d == NULL) {
         PyMem_Free(mem);
@@ -565,13 +594,14 @@ typedef struct Step {
     Py_ssize_t offset; /* in the record */
     Py_ssize_t slot;   /* in the record's values */
     const Op *op;      /* S_OTHER: decoded by decode_value */
+    int8_t ip4;        /* S_IP4: its index among the record's IPv4 fields */
 } Step;
 
 #define PLAN_MAX 128 /* steps kept on the stack by decode_fixed: the previous record's values */
 
 #if FRESH_SPLIT
 static Step *
-make_plan(const CodecObject *self)
+make_plan(CodecObject *self)
 {
     if (!self->fresh || self->fixed_length <= 0 || self->nops > PLAN_MAX) {
         return NULL;
@@ -581,6 +611,8 @@ make_plan(const CodecObject *self)
         return NULL; /* the general loop serves */
     }
     Py_ssize_t offset = 0;
+    int nip4 = 0;
+    Py_ssize_t *ip4_offset = self->ip4_offset;
     for (Py_ssize_t i = 0; i < self->nops; i++) {
         const Op *op = &self->ops[i];
         Step *st = &plan[i];
@@ -591,10 +623,22 @@ make_plan(const CodecObject *self)
         if (op->kind == K_UINT || op->kind == K_SECONDS) {
             st->code = op->length == 1 ? S_U8 : op->length == 2 ? S_U16 : op->length == 4 ? S_U32 : op->length == 8 ? S_U64 : S_OTHER;
         }
-        else if (op->kind == K_IP4) {
+        else if (op->kind == K_IP4 && nip4 < IP4_AHEAD_MAX) {
             st->code = S_IP4;
+            st->ip4 = (int8_t)nip4;
+            ip4_offset[nip4++] = offset;
         }
         offset += op->length;
+    }
+    self->nip4 = nip4;
+    /* decode_fixed fills value slots 0..nops-1 itself: each field's must be one of them, once */
+    uint8_t seen[PLAN_MAX] = {0};
+    for (Py_ssize_t i = 0; i < self->nops; i++) {
+        Py_ssize_t slot = plan[i].slot;
+        if (slot < 0 || slot >= self->nops || seen[slot]++) {
+            PyMem_Free(plan);
+            return NULL;
+        }
     }
     return plan;
 }
@@ -615,6 +659,18 @@ be32(const unsigned char *p)
     return ntohl(x);
 }
 
+/* Drop a record of decode_fixed's given up at step `i`: the slots of steps i.. were not
+ * filled (fresh_split_filled left them as they were), and are emptied first. */
+static void
+give_up(PyObject *d, const Step *plan, Py_ssize_t i, Py_ssize_t nops)
+{
+    PyObject **slots = ((ValuesMirror *)((PyDictObject *)d)->ma_values)->values;
+    for (; i < nops; i++) {
+        slots[plan[i].slot] = NULL;
+    }
+    Py_DECREF(d); /* its empty slots are skipped */
+}
+
 /* The records of buf[off:off + count * fixed_length] into out[0:count]: 1 done, 0 the
  * twin must decide (a string that is not UTF-8), -1 an error set. */
 static int
@@ -625,13 +681,37 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
     uint64_t last[PLAN_MAX];      /* the previous record's octets of each step, as a number */
     PyObject *held[PLAN_MAX];     /* its value (borrowed: that record is in `out`), or NULL */
     memset(held, 0, (size_t)nops * sizeof(PyObject *));
+    /* The IPv4 cache is larger than the first-level cache, and a new address replaces an
+     * entry whose str was made long ago: each a wait on memory. The slots are fetched
+     * three records ahead, and a record ahead the str its address would replace, so
+     * both are at hand when their record is decoded. */
+    const int nip4 = self->nip4;
+    uint32_t at[4][IP4_AHEAD_MAX]; /* the slots of record r, at [r & 3], and of the next three */
+    for (Py_ssize_t r = 0; r < 3 && r < count; r++) {
+        for (int j = 0; j < nip4; j++) {
+            at[r & 3][j] = ip4_slot_of(buf + off + r * size + self->ip4_offset[j]);
+            __builtin_prefetch(&ip4_cache[at[r & 3][j]]);
+        }
+    }
     for (Py_ssize_t r = 0; r < count; r++, off += size) {
-        PyObject *d = fresh_split(self);
+        PyObject *d = fresh_split_filled(self, nops);
         if (d == NULL) {
             return -1;
         }
         PyObject **slots = ((ValuesMirror *)((PyDictObject *)d)->ma_values)->values;
         const unsigned char *rec = buf + off;
+        const uint32_t *here = at[r & 3];
+        if (nip4 > 0 && r + 1 < count) {
+            const uint32_t *next = at[(r + 1) & 3];
+            for (int j = 0; j < nip4; j++) {
+                const Ip4Slot *slot = &ip4_cache[next[j]];
+                uint32_t a;
+                memcpy(&a, rec + size + self->ip4_offset[j], 4);
+                if (slot->value != NULL && slot->addr != a) {
+                    __builtin_prefetch(slot->value, 1);
+                }
+            }
+        }
         for (Py_ssize_t i = 0; i < nops; i++) {
             const Step *st = &plan[i];
             const unsigned char *p = rec + st->offset;
@@ -659,13 +739,13 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
                     slots[st->slot] = Py_NewRef(held[i]);
                     continue;
                 }
-                v = decode_ip4(p);
+                v = decode_ip4_at(p, here[st->ip4]);
                 goto made;
             }
             default:
                 v = decode_value(st->op, p, st->op->length);
                 if (v == NULL) {
-                    Py_DECREF(d); /* its empty slots are skipped */
+                    give_up(d, plan, i, nops);
                     if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
                         PyErr_Clear();
                         return 0;
@@ -682,7 +762,7 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
             v = new_unsigned(x);
         made:
             if (v == NULL) {
-                Py_DECREF(d);
+                give_up(d, plan, i, nops);
                 return -1;
             }
             slots[st->slot] = v;
@@ -690,6 +770,13 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
             last[i] = x;
         }
         PyList_SET_ITEM(out, r, d);
+        if (r + 3 < count) {
+            uint32_t *later = at[(r + 3) & 3];
+            for (int j = 0; j < nip4; j++) {
+                later[j] = ip4_slot_of(rec + 3 * size + self->ip4_offset[j]);
+                __builtin_prefetch(&ip4_cache[later[j]]);
+            }
+        }
     }
     return 1;
 }
