@@ -376,9 +376,6 @@ load_be(const unsigned char *p, Py_ssize_t n)
 
 static const char HEX[] = "0123456789abcdef";
 
-/* PyLong_FromUnsignedLongLong, with the common sizes made here: on CPython 3.11 an int
- * of one or two 30-bit digits is filled in directly (the layout of longintrepr.h), which
- * saves the three calls the generic way takes to the same allocation. */
 static PyObject *small_ints[257]; /* the interpreter's own 0..256, held from module init */
 
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30 && \
@@ -425,7 +422,7 @@ long_of_digits(uint64_t v, Py_ssize_t ndigits)
 
 /* PyLong_FromUnsignedLongLong, with the common sizes made here: on CPython 3.11 an int
  * of one or two 30-bit digits is filled in directly (the layout of longintrepr.h), which
- * saves the three calls the generic way takes to the same allocation. */
+ * saves the calls the generic way takes to the same allocation. */
 static inline PyObject *
 new_unsigned(uint64_t v)
 {
