@@ -586,6 +586,61 @@ intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference *
     return got;
 }
 
+/* A side's Kubernetes fields as the shared tuple the flows hold, and its string cost.
+ * The values of a record come from the decoder's caches, so the records of one Pod's
+ * connections carry the very same objects: a small direct-mapped table keyed by the
+ * values' identities finds the tuple made for the previous such record without building,
+ * hashing or comparing a 27-item tuple (twice for the cost cache, once for the shared
+ * one). A miss builds the tuple as the twin does (its cost from the process's cache or
+ * proc._cost, interned in proc._shared). The table keeps only tuples whose strings are
+ * short (CACHED_COST): bounded, and never the keeper of a peer's 60 KB names. */
+#define MC_SIZE 2048
+static struct {
+    PyObject *t;
+    long long cost;
+} mcache[MC_SIZE];
+
+static PyObject *
+side_tuple(Ctx *x, PyObject **mv, long long *cost) /* a new reference, or NULL */
+{
+    Py_ssize_t n = n_meta + 2;
+    uint64_t h = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ ((uintptr_t)mv[i] >> 4)) * 0x9E3779B97F4A7C15ULL;
+    size_t at = (size_t)(h >> 53) & (MC_SIZE - 1);
+    PyObject *t = mcache[at].t;
+    if (t != NULL) {
+        Py_ssize_t i = 0;
+        while (i < n && PyTuple_GET_ITEM(t, i) == mv[i])
+            i++;
+        if (i == n) {
+            *cost = mcache[at].cost;
+            Py_INCREF(t);
+            return t;
+        }
+    }
+    PyObject *meta = PyTuple_New(n);
+    if (meta == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(mv[i]);
+        PyTuple_SET_ITEM(meta, i, mv[i]);
+    }
+    PyObject_GC_UnTrack(meta); /* None, str and int only (checked by the caller) */
+    if (meta_cost(x, meta, cost) < 0) {
+        Py_DECREF(meta);
+        return NULL;
+    }
+    PyObject *sm = intern_shared(x, meta);
+    Py_DECREF(meta);
+    if (sm != NULL && *cost <= CACHED_COST && PyTuple_CheckExact(sm) && PyTuple_GET_SIZE(sm) == n) {
+        Py_INCREF(sm);
+        Py_XSETREF(mcache[at].t, sm);
+        mcache[at].cost = *cost;
+    }
+    return sm;
+}
+
 enum { DONE, FALLBACK, ERROR };
 
 /* One record: DONE (taken or dropped, *taken says), FALLBACK (the twin must take it) or ERROR. */
@@ -669,14 +724,8 @@ one(Ctx *x, PyObject *rec, int *taken)
             Py_DECREF(key);
             return DONE;
         }
-        meta = PyTuple_New(n_meta + 2);
+        meta = side_tuple(x, mv, &new_cost);
         if (meta == NULL)
-            goto out;
-        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
-            Py_INCREF(mv[i]);
-            PyTuple_SET_ITEM(meta, i, mv[i]);
-        }
-        if (meta_cost(x, meta, &new_cost) < 0)
             goto out;
         if (x->flow_bytes + FLOW_COST + new_cost > x->max_flow_bytes) {
             x->received++;
@@ -836,6 +885,7 @@ one(Ctx *x, PyObject *rec, int *taken)
         Py_XDECREF(k3);
         if (ikey == NULL)
             goto out;
+        PyObject_GC_UnTrack(ikey); /* str and int only: what the collector would find and do */
         PyObject *fto = PyLong_FromLong(flow_type);
         flow = fto ? new_flow(ikey, fto, x->now) : NULL;
         Py_XDECREF(fto);
@@ -891,26 +941,16 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     if (eq == -1)
         goto out;
-    if (eq <= 0 && meta == NULL) {
-        meta = PyTuple_New(n_meta + 2);
-        if (meta == NULL)
-            goto out;
-        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
-            Py_INCREF(mv[i]);
-            PyTuple_SET_ITEM(meta, i, mv[i]);
-        }
-    }
+    if (eq <= 0 && meta == NULL && (meta = side_tuple(x, mv, &new_cost)) == NULL)
+        goto out;
     if (eq == -2 && (eq = PyObject_RichCompareBool(old, meta, Py_EQ)) < 0)
         goto out;
-    if (!eq) {
-        long long a, b;
-        if (meta_cost(x, meta, &a) < 0 || meta_cost(x, old, &b) < 0)
+    if (!eq) { /* meta: the shared tuple (side_tuple's), its cost new_cost */
+        long long b;
+        if (meta_cost(x, old, &b) < 0)
             goto out;
-        PyObject *sm = intern_shared(x, meta);
-        if (sm == NULL)
-            goto out;
-        set_slot(flow, ms, sm);
-        x->flow_bytes += a - b;
+        set_slot_borrowed(flow, ms, meta);
+        x->flow_bytes += new_cost - b;
         changed = 1;
     }
     set_slot_borrowed(flow, side ? S_DEXP : S_SEXP, x->exporter);
@@ -1411,6 +1451,11 @@ new_exported(PyObject *record, PyObject *correlation, PyObject *final) /* steals
     *(PyObject **)((char *)e + ex_off[0]) = record;
     *(PyObject **)((char *)e + ex_off[1]) = correlation;
     *(PyObject **)((char *)e + ex_off[2]) = final;
+    /* Not tracked by the cycle collector (as a Flow): it refers to its record (a dict of
+     * str and int), a str and a bool, none of which refers back; a tick's 100k of them
+     * would otherwise be walked by every collection until the sinks are done with them. */
+    if (PyType_IS_GC(tp))
+        PyObject_GC_UnTrack(e);
     return e;
 }
 
