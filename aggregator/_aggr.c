@@ -35,6 +35,7 @@
  * build_record(flow, merge_cache) -> dict, or None (the twin's case)
  * configure_export(exported_flow_class, correlation_names)
  * export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case)
+ * scan(flows, start, stop, horizon, merge_cache, out) -> (where it stopped, exported)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,6 +56,7 @@
 #define LONE 256
 #define DENIED 512
 #define QUEUED 1024
+#define REMOVED 2048
 #define IPV6 4096
 #define END_WAIT 8192
 #define NO_TWIN 16384
@@ -353,7 +355,7 @@ configure(PyObject *self, PyObject *args)
     static const struct { const char *name; long value; } expect[] = {
         {"HAS_SRC", HAS_SRC}, {"HAS_DST", HAS_DST}, {"READY", READY}, {"CORRELATED", CORRELATED},
         {"DIRTY", DIRTY}, {"EXPORTED", EXPORTED}, {"ENDED_SRC", ENDED_SRC}, {"ENDED_DST", ENDED_DST},
-        {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
+        {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"REMOVED", REMOVED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
         {"NO_TWIN", NO_TWIN}, {"UNTYPED", UNTYPED}, {"INTRA_NODE", INTRA_NODE}, {"INTER_NODE", INTER_NODE},
         {"TO_EXTERNAL", TO_EXTERNAL}, {"FROM_EXTERNAL", FROM_EXTERNAL}, {"FLOW_COST", FLOW_COST}, {"NC", NC},
     };
@@ -1460,11 +1462,8 @@ new_exported(PyObject *record, PyObject *correlation, PyObject *final) /* steals
 }
 
 static PyObject *
-export(PyObject *self, PyObject *args)
+export_flow(PyObject *flow, PyObject *cache, PyObject *final)
 {
-    PyObject *flow, *cache, *final;
-    if (!PyArg_ParseTuple(args, "OO!O", &flow, &PyDict_Type, &cache, &final))
-        return NULL;
     if (exported_class == NULL)
         Py_RETURN_NONE;
     PyObject *rec = record_of(flow, cache); /* checks the flow's slots */
@@ -1506,6 +1505,69 @@ export(PyObject *self, PyObject *args)
     }
     set_slot(flow, S_FLAGS, fl);
     return new_exported(rec, correlation_of(ft, f), final);
+}
+
+static PyObject *
+export(PyObject *self, PyObject *args)
+{
+    PyObject *flow, *cache, *final;
+    if (!PyArg_ParseTuple(args, "OO!O", &flow, &PyDict_Type, &cache, &final))
+        return NULL;
+    return export_flow(flow, cache, final);
+}
+
+/* AggregationProcess._scan's loop over flows[start:stop] for the flows it only exports
+ * or skips: a removed flow is skipped, a ready one with changes is exported (appended
+ * to out, as _export(flow, final=False) does), and the scan stops at the first flow
+ * whose inactivity timeout is over or that export hands back (not a Flow as it makes
+ * them): the twin takes that one. Returns (where it stopped, how many it exported). */
+static PyObject *
+scan(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *cache, *out;
+    Py_ssize_t start, stop;
+    double horizon;
+    if (!PyArg_ParseTuple(args, "O!nndO!O!", &PyList_Type, &flows, &start, &stop, &horizon, &PyDict_Type, &cache,
+                          &PyList_Type, &out))
+        return NULL;
+    if (stop > PyList_GET_SIZE(flows))
+        stop = PyList_GET_SIZE(flows);
+    Py_ssize_t i = start < 0 ? 0 : start, n = 0;
+    for (; i < stop; i++) {
+        PyObject *flow = PyList_GET_ITEM(flows, i);
+        if (!Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
+            break;
+        PyObject *fo = SLOT(flow, S_FLAGS), *ls = SLOT(flow, S_LAST_SEEN);
+        long f;
+        if (fo == NULL || ls == NULL || !as_long(fo, &f))
+            break;
+        if (f & REMOVED)
+            continue;
+        double seen;
+        if (PyFloat_CheckExact(ls))
+            seen = PyFloat_AS_DOUBLE(ls);
+        else
+            break; /* an int clock (or anything else): compared by the twin */
+        if (seen <= horizon)
+            break;
+        if (!((f & READY) && (f & DIRTY)))
+            continue;
+        Py_INCREF(flow);
+        PyObject *e = export_flow(flow, cache, Py_False);
+        Py_DECREF(flow);
+        if (e == NULL)
+            return NULL;
+        if (e == Py_None) {
+            Py_DECREF(e);
+            break;
+        }
+        int r = PyList_Append(out, e);
+        Py_DECREF(e);
+        if (r < 0)
+            return NULL;
+        n++;
+    }
+    return Py_BuildValue("nn", i, n);
 }
 
 /* Bind export() to the ExportedFlow class and Flow.correlation's names (checked). */
@@ -1569,6 +1631,7 @@ static PyMethodDef methods[] = {
     {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
     {"build_record", build_record, METH_VARARGS, "aggregation.build_record's record of a flow, or None."},
     {"export", export, METH_VARARGS, "AggregationProcess._export of a flow, or None."},
+    {"scan", scan, METH_VARARGS, "AggregationProcess._scan's loop where it only exports or skips flows."},
     {"configure_export", configure_export, METH_VARARGS, "Bind export() to ExportedFlow and the correlation names."},
     {NULL, NULL, 0, NULL},
 };
