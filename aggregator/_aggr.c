@@ -1261,8 +1261,8 @@ record_of(PyObject *flow, PyObject *cache)
         if (SLOT(flow, i) == NULL)
             Py_RETURN_NONE;
     long f, flow_type;
-    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type))
-        Py_RETURN_NONE;
+    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type) || flow_type < 0)
+        Py_RETURN_NONE; /* a negative flowType (a malformed record the twin took) is the twin's to lay out */
     PyObject *key = SLOT(flow, S_KEY), *sm = SLOT(flow, S_SMETA), *dm = SLOT(flow, S_DMETA);
     if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 5)
         Py_RETURN_NONE;
