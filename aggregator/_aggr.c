@@ -35,6 +35,7 @@
  * build_record(flow, merge_cache) -> dict, or None (the twin's case)
  * configure_export(exported_flow_class, correlation_names)
  * export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case)
+ * scan(flows, start, stop, horizon, merge_cache, out) -> (where it stopped, exported)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -55,6 +56,7 @@
 #define LONE 256
 #define DENIED 512
 #define QUEUED 1024
+#define REMOVED 2048
 #define IPV6 4096
 #define END_WAIT 8192
 #define NO_TWIN 16384
@@ -353,7 +355,7 @@ configure(PyObject *self, PyObject *args)
     static const struct { const char *name; long value; } expect[] = {
         {"HAS_SRC", HAS_SRC}, {"HAS_DST", HAS_DST}, {"READY", READY}, {"CORRELATED", CORRELATED},
         {"DIRTY", DIRTY}, {"EXPORTED", EXPORTED}, {"ENDED_SRC", ENDED_SRC}, {"ENDED_DST", ENDED_DST},
-        {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
+        {"LONE", LONE}, {"DENIED", DENIED}, {"QUEUED", QUEUED}, {"REMOVED", REMOVED}, {"IPV6", IPV6}, {"END_WAIT", END_WAIT},
         {"NO_TWIN", NO_TWIN}, {"UNTYPED", UNTYPED}, {"INTRA_NODE", INTRA_NODE}, {"INTER_NODE", INTER_NODE},
         {"TO_EXTERNAL", TO_EXTERNAL}, {"FROM_EXTERNAL", FROM_EXTERNAL}, {"FLOW_COST", FLOW_COST}, {"NC", NC},
     };
@@ -586,6 +588,61 @@ intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference *
     return got;
 }
 
+/* A side's Kubernetes fields as the shared tuple the flows hold, and its string cost.
+ * The values of a record come from the decoder's caches, so the records of one Pod's
+ * connections carry the very same objects: a small direct-mapped table keyed by the
+ * values' identities finds the tuple made for the previous such record without building,
+ * hashing or comparing a 27-item tuple (twice for the cost cache, once for the shared
+ * one). A miss builds the tuple as the twin does (its cost from the process's cache or
+ * proc._cost, interned in proc._shared). The table keeps only tuples whose strings are
+ * short (CACHED_COST): bounded, and never the keeper of a peer's 60 KB names. */
+#define MC_SIZE 2048
+static struct {
+    PyObject *t;
+    long long cost;
+} mcache[MC_SIZE];
+
+static PyObject *
+side_tuple(Ctx *x, PyObject **mv, long long *cost) /* a new reference, or NULL */
+{
+    Py_ssize_t n = n_meta + 2;
+    uint64_t h = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        h = (h ^ ((uintptr_t)mv[i] >> 4)) * 0x9E3779B97F4A7C15ULL;
+    size_t at = (size_t)(h >> 53) & (MC_SIZE - 1);
+    PyObject *t = mcache[at].t;
+    if (t != NULL) {
+        Py_ssize_t i = 0;
+        while (i < n && PyTuple_GET_ITEM(t, i) == mv[i])
+            i++;
+        if (i == n) {
+            *cost = mcache[at].cost;
+            Py_INCREF(t);
+            return t;
+        }
+    }
+    PyObject *meta = PyTuple_New(n);
+    if (meta == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(mv[i]);
+        PyTuple_SET_ITEM(meta, i, mv[i]);
+    }
+    PyObject_GC_UnTrack(meta); /* None, str and int only (checked by the caller) */
+    if (meta_cost(x, meta, cost) < 0) {
+        Py_DECREF(meta);
+        return NULL;
+    }
+    PyObject *sm = intern_shared(x, meta);
+    Py_DECREF(meta);
+    if (sm != NULL && *cost <= CACHED_COST && PyTuple_CheckExact(sm) && PyTuple_GET_SIZE(sm) == n) {
+        Py_INCREF(sm);
+        Py_XSETREF(mcache[at].t, sm);
+        mcache[at].cost = *cost;
+    }
+    return sm;
+}
+
 enum { DONE, FALLBACK, ERROR };
 
 /* One record: DONE (taken or dropped, *taken says), FALLBACK (the twin must take it) or ERROR. */
@@ -669,14 +726,8 @@ one(Ctx *x, PyObject *rec, int *taken)
             Py_DECREF(key);
             return DONE;
         }
-        meta = PyTuple_New(n_meta + 2);
+        meta = side_tuple(x, mv, &new_cost);
         if (meta == NULL)
-            goto out;
-        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
-            Py_INCREF(mv[i]);
-            PyTuple_SET_ITEM(meta, i, mv[i]);
-        }
-        if (meta_cost(x, meta, &new_cost) < 0)
             goto out;
         if (x->flow_bytes + FLOW_COST + new_cost > x->max_flow_bytes) {
             x->received++;
@@ -836,6 +887,7 @@ one(Ctx *x, PyObject *rec, int *taken)
         Py_XDECREF(k3);
         if (ikey == NULL)
             goto out;
+        PyObject_GC_UnTrack(ikey); /* str and int only: what the collector would find and do */
         PyObject *fto = PyLong_FromLong(flow_type);
         flow = fto ? new_flow(ikey, fto, x->now) : NULL;
         Py_XDECREF(fto);
@@ -891,26 +943,16 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     if (eq == -1)
         goto out;
-    if (eq <= 0 && meta == NULL) {
-        meta = PyTuple_New(n_meta + 2);
-        if (meta == NULL)
-            goto out;
-        for (Py_ssize_t i = 0; i < n_meta + 2; i++) {
-            Py_INCREF(mv[i]);
-            PyTuple_SET_ITEM(meta, i, mv[i]);
-        }
-    }
+    if (eq <= 0 && meta == NULL && (meta = side_tuple(x, mv, &new_cost)) == NULL)
+        goto out;
     if (eq == -2 && (eq = PyObject_RichCompareBool(old, meta, Py_EQ)) < 0)
         goto out;
-    if (!eq) {
-        long long a, b;
-        if (meta_cost(x, meta, &a) < 0 || meta_cost(x, old, &b) < 0)
+    if (!eq) { /* meta: the shared tuple (side_tuple's), its cost new_cost */
+        long long b;
+        if (meta_cost(x, old, &b) < 0)
             goto out;
-        PyObject *sm = intern_shared(x, meta);
-        if (sm == NULL)
-            goto out;
-        set_slot(flow, ms, sm);
-        x->flow_bytes += a - b;
+        set_slot_borrowed(flow, ms, meta);
+        x->flow_bytes += new_cost - b;
         changed = 1;
     }
     set_slot_borrowed(flow, side ? S_DEXP : S_SEXP, x->exporter);
@@ -1219,8 +1261,8 @@ record_of(PyObject *flow, PyObject *cache)
         if (SLOT(flow, i) == NULL)
             Py_RETURN_NONE;
     long f, flow_type;
-    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type))
-        Py_RETURN_NONE;
+    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type) || flow_type < 0)
+        Py_RETURN_NONE; /* a negative flowType (a malformed record the twin took) is the twin's to lay out */
     PyObject *key = SLOT(flow, S_KEY), *sm = SLOT(flow, S_SMETA), *dm = SLOT(flow, S_DMETA);
     if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 5)
         Py_RETURN_NONE;
@@ -1411,15 +1453,17 @@ new_exported(PyObject *record, PyObject *correlation, PyObject *final) /* steals
     *(PyObject **)((char *)e + ex_off[0]) = record;
     *(PyObject **)((char *)e + ex_off[1]) = correlation;
     *(PyObject **)((char *)e + ex_off[2]) = final;
+    /* Not tracked by the cycle collector (as a Flow): it refers to its record (a dict of
+     * str and int), a str and a bool, none of which refers back; a tick's 100k of them
+     * would otherwise be walked by every collection until the sinks are done with them. */
+    if (PyType_IS_GC(tp))
+        PyObject_GC_UnTrack(e);
     return e;
 }
 
 static PyObject *
-export(PyObject *self, PyObject *args)
+export_flow(PyObject *flow, PyObject *cache, PyObject *final)
 {
-    PyObject *flow, *cache, *final;
-    if (!PyArg_ParseTuple(args, "OO!O", &flow, &PyDict_Type, &cache, &final))
-        return NULL;
     if (exported_class == NULL)
         Py_RETURN_NONE;
     PyObject *rec = record_of(flow, cache); /* checks the flow's slots */
@@ -1461,6 +1505,69 @@ export(PyObject *self, PyObject *args)
     }
     set_slot(flow, S_FLAGS, fl);
     return new_exported(rec, correlation_of(ft, f), final);
+}
+
+static PyObject *
+export(PyObject *self, PyObject *args)
+{
+    PyObject *flow, *cache, *final;
+    if (!PyArg_ParseTuple(args, "OO!O", &flow, &PyDict_Type, &cache, &final))
+        return NULL;
+    return export_flow(flow, cache, final);
+}
+
+/* AggregationProcess._scan's loop over flows[start:stop] for the flows it only exports
+ * or skips: a removed flow is skipped, a ready one with changes is exported (appended
+ * to out, as _export(flow, final=False) does), and the scan stops at the first flow
+ * whose inactivity timeout is over or that export hands back (not a Flow as it makes
+ * them): the twin takes that one. Returns (where it stopped, how many it exported). */
+static PyObject *
+scan(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *cache, *out;
+    Py_ssize_t start, stop;
+    double horizon;
+    if (!PyArg_ParseTuple(args, "O!nndO!O!", &PyList_Type, &flows, &start, &stop, &horizon, &PyDict_Type, &cache,
+                          &PyList_Type, &out))
+        return NULL;
+    if (stop > PyList_GET_SIZE(flows))
+        stop = PyList_GET_SIZE(flows);
+    Py_ssize_t i = start < 0 ? 0 : start, n = 0;
+    for (; i < stop; i++) {
+        PyObject *flow = PyList_GET_ITEM(flows, i);
+        if (!Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
+            break;
+        PyObject *fo = SLOT(flow, S_FLAGS), *ls = SLOT(flow, S_LAST_SEEN);
+        long f;
+        if (fo == NULL || ls == NULL || !as_long(fo, &f))
+            break;
+        if (f & REMOVED)
+            continue;
+        double seen;
+        if (PyFloat_CheckExact(ls))
+            seen = PyFloat_AS_DOUBLE(ls);
+        else
+            break; /* an int clock (or anything else): compared by the twin */
+        if (seen <= horizon)
+            break;
+        if (!((f & READY) && (f & DIRTY)))
+            continue;
+        Py_INCREF(flow);
+        PyObject *e = export_flow(flow, cache, Py_False);
+        Py_DECREF(flow);
+        if (e == NULL)
+            return NULL;
+        if (e == Py_None) {
+            Py_DECREF(e);
+            break;
+        }
+        int r = PyList_Append(out, e);
+        Py_DECREF(e);
+        if (r < 0)
+            return NULL;
+        n++;
+    }
+    return Py_BuildValue("nn", i, n);
 }
 
 /* Bind export() to the ExportedFlow class and Flow.correlation's names (checked). */
@@ -1524,6 +1631,7 @@ static PyMethodDef methods[] = {
     {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
     {"build_record", build_record, METH_VARARGS, "aggregation.build_record's record of a flow, or None."},
     {"export", export, METH_VARARGS, "AggregationProcess._export of a flow, or None."},
+    {"scan", scan, METH_VARARGS, "AggregationProcess._scan's loop where it only exports or skips flows."},
     {"configure_export", configure_export, METH_VARARGS, "Bind export() to ExportedFlow and the correlation names."},
     {NULL, NULL, 0, NULL},
 };

@@ -74,7 +74,8 @@ interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
 
 *Accelerator.* aggregator/_aggr.c runs the per-record loops in C over these same objects:
 ``ingest_many`` (:meth:`AggregationProcess._ingest_py` is its twin), the export of a flow
-(``_export``) and its record (:func:`_build_record_py`). It takes the records an agent
+(``_export``), its record (:func:`_build_record_py`) and the periodic scan's loop over the
+flows it only exports or skips (``_scan`` takes over at a flow past its inactivity timeout). It takes the records an agent
 sends and hands any other (a missing field, an odd type, a counter past 2^64) whole to the
 twin, so both give the same results (tests/aggregator/test_aggregator_accel.py). Without a
 compiler, or with ``FLOWSCOPE_AGGREGATOR_PURE=1``, the twin serves, and says so once.
@@ -786,8 +787,16 @@ class AggregationProcess:
         start = self._scan_pos
         stop = len(flows) if max_scan is None else min(len(flows), start + max_scan)
         horizon = now - self.inactive_timeout
-        for i in range(start, stop):
+        accel = self._accel
+        i = start
+        while i < stop:
+            if accel is not None and type(horizon) is float:  # the C loop exports and skips; it stops where the twin must decide
+                i, exported = accel.scan(flows, i, stop, horizon, self._merge_cache, out)
+                self.stats.records_exported += exported
+                if i >= stop:
+                    break
             flow = flows[i]
+            i += 1
             f = flow.flags
             if f & REMOVED:
                 continue

@@ -149,6 +149,23 @@ def feed(proc, messages: list[tuple[str, list[dict]]], now: float) -> None:
                 ingest(rec, exporter, 1, now)
 
 
+def held_parts(proc: AggregationProcess) -> dict[str, float]:
+    """Where a held flow's bytes go (sys.getsizeof, GC headers included), per flow: what a
+    design for fewer bytes has to remove. Objects shared by many flows (addresses, Pod
+    tuples, small ints) are not counted; a key's ints are counted once per object."""
+    flows = list(proc.flows.values())
+    n = len(flows)
+    key_ints = {id(v): sys.getsizeof(v) for f in flows for v in f.key[2:] if type(v) is int and not -5 <= v <= 256}
+    return {
+        "flow_object": sum(map(sys.getsizeof, flows)) / n,
+        "counters_array": sum(sys.getsizeof(f.c) for f in flows) / n,
+        "key_tuple": sum(sys.getsizeof(f.key) for f in flows) / n,
+        "key_ints": sum(key_ints.values()) / n,
+        "flows_dict_entry": sys.getsizeof(proc.flows) / n,
+        "timer_references": 8 * sum(len(due) for _, _, due in proc._timers) / n,
+    }
+
+
 def run(make, rounds_records: list[list[tuple[dict, str]]], *, n_flows: int) -> tuple[float, float]:
     """Seconds to ingest every round, and bytes held per flow after it."""
     gc.collect()
@@ -165,7 +182,12 @@ def run(make, rounds_records: list[list[tuple[dict, str]]], *, n_flows: int) -> 
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert len(proc.flows) == n_flows, (len(proc.flows), n_flows)
+    if isinstance(proc, AggregationProcess):
+        PARTS.update(held_parts(proc))
     return elapsed, held / n_flows
+
+
+PARTS: dict[str, float] = {}  # held_parts of the last AggregationProcess run() measured
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_throughput_vs_twin": round(twin_t / ours_t, 2),
         "bytes_per_flow": round(ours_mem),
         "bytes_per_flow_decoded_input": round(decoded_mem),
+        "bytes_per_flow_parts": {k: round(v, 1) for k, v in PARTS.items()},
         "export_scan_s": round(scan_s, 3),
         "export_records_per_s": round(len(exported) / scan_s),
         "decode_plus_ingest_records_per_s_median": round(n_records / path_t),

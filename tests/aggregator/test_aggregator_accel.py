@@ -224,3 +224,33 @@ def test_records_with_keys_of_their_own_and_extra_keys_agree() -> None:
     assert _state(native) == _state(twin)
     assert native.stats.flows_correlated == 120
     assert _exports(native.tick(61.0)) == _exports(twin.tick(61.0))
+
+
+def test_a_periodic_scan_in_slices_agrees() -> None:
+    """The C scan loop (exports and skips) and the twin's, over a store where flows are
+    ready, pending, unchanged, removed and past their inactivity timeout, in slices of 7
+    (``tick(now, max_scan=7)``): the same exports in the same order, the same state."""
+    from agg_records import destination_half, source_half
+
+    kw = dict(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0)
+    native, twin = AggregationProcess(**kw), _twin(**kw)  # type: ignore[arg-type]
+    for proc in (native, twin):
+        for i in range(60):
+            batch = [source_half(sport=30000 + i, pkts=i + 1)]
+            if i % 3:  # every third flow waits for its twin
+                batch.append(destination_half(sport=30000 + i))
+            proc.ingest_many(batch, "192.168.10.1", 1, 10.0 if i % 4 else 1.0)
+    assert _exports(native.tick(30.0)) == _exports(twin.tick(30.0))  # lone halves, uncorrelated
+    for proc in (native, twin):  # some flows change again, one ends (removed before the scan)
+        proc.ingest_many([source_half(sport=30000 + i, pkts=100 + i) for i in range(0, 60, 5)], "192.168.10.1", 1, 50.0)
+        proc.ingest_many([source_half(sport=30001, pkts=500, reason=3)], "192.168.10.1", 1, 50.0)
+    assert _state(native) == _state(twin)
+    sliced = 0
+    for now in (92.0, 92.5, 93.0, 93.5, 94.0, 94.5, 95.0, 95.5, 96.0, 96.5, 97.0):
+        got, want = native.tick(now, max_scan=7), twin.tick(now, max_scan=7)
+        sliced += len(got)
+        assert _exports(got) == _exports(want)
+        assert _state(native) == _state(twin)
+        assert native.scan_pending == twin.scan_pending
+    assert native.stats.records_exported == twin.stats.records_exported
+    assert sliced >= 10 and native.stats.flows_expired == twin.stats.flows_expired > 0  # both branches were taken
