@@ -520,8 +520,8 @@ def rollup_source(rollup: Rollup, features: Features, family: Family | None = No
     10-minute one's), and the finest table of a sums family whose keys the main family
     holds sums the main family's finest rows (``flows_ns_10m`` from ``flows_1m``): an
     insert is grouped over its raw rows by the main, address and connection families
-    only, every other view over the far fewer rows those produce (measured: 20% less
-    insert CPU with the cheaper ``optimize_on_insert = 0``, docs/clickhouse.md).
+    only, every other view over the rows those produce (the views' cost measured in
+    docs/clickhouse.md's ingest section).
     18.16 does not fire a view on another view's inserts, so there every roll-up reads
     the raw insert."""
     family = family or MAIN
