@@ -18,9 +18,10 @@ records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes):
   ``chdb_sink_vs_server_peer`` is our chDB sink's wall rate over it.
 * ``convert``: ``flows_to_columns`` alone, both text forms (CPU time of this process),
   and which transposition served (the C extension or the pure-Python twin).
-* ``chdb_views``: chDB's insert CPU per 1,000 rows with every roll-up view, with only
-  the distinct-count (``conn``) views, and with none, in the same session: what the
-  materialized views cost (:func:`views_cost`).
+* ``chdb_views``: chDB's insert CPU per 1,000 rows into the same columns read and
+  dropped, into the raw table alone, and with the roll-up families added one at a time,
+  in the same session: what the reading, the raw part and each family's views cost
+  (:func:`views_cost`).
 
 The server is Debian's clickhouse-server (18.16) started on loopback in a temporary
 directory unless ``--server tcp://HOST:PORT`` names one. Prints one JSON object.
@@ -184,40 +185,86 @@ def measure(address: str, flows_by_round: list[list[ExportedFlow]], peer_rows: b
 
 
 def views_cost(flows_by_round: list[list[ExportedFlow]]) -> dict[str, object]:
-    """chDB's insert of the same columns (process CPU, every thread) into three copies of
-    the raw table in one session: with every roll-up view of the schema, with only the
-    ``conn`` family's views (the distinct-count states, which only ClickHouse can build),
-    and with none: what the views cost, against which folding the sum roll-ups in the
-    process would have to win. Inserts interleaved, medians."""
-    from flowscope.collector.schema import rollup_tables
+    """Where chDB's insert CPU goes (process CPU, every thread), each target its own
+    database in one session, the same columns inserted into each in turn by the store's
+    own insert (its settings), background merges stopped (they are paid later, by every
+    layout alike), medians of the rounds:
+
+    * ``read_only``: a ``Null``-engine table of the stored columns: the ``Python()`` table
+      function reading the Arrow block, nothing written;
+    * ``raw_table``: the raw table (its derived columns), no roll-up;
+      ``raw_table_wide_parts``: the same with every part Wide (ClickHouse's default
+      for parts over 10 MB, before the raw table wrote its insert-sized parts Compact);
+    * then the families added one at a time in this order (conn, addr, main, ns, src,
+      dst), each row the total so far, ``+family`` its increment: what each family's
+      views and tables cost;
+    * ``all_views_optimize_on_insert``: every view, with ClickHouse's default
+      ``optimize_on_insert = 1``; ``all_views_fed_from_raw``: every family's finest
+      table fed from the raw insert (before the narrow families read the main 1-minute
+      table), with the store's settings.
+    """
+    from flowscope.collector import schema as sch
 
     n = len(flows_by_round[0])
     store = open_store("chdb://", "fs_views", "flows")
     store.open()
+    features = store.features
+    assert features is not None
+    retention = sch.Retention()
+    fams = {f.name or "main": f for f in sch.FAMILIES}
+    order = ["conn", "addr", "main", "ns", "src", "dst"]
+    base = store._insert_sql  # type: ignore[attr-defined]
+    targets: dict[str, str] = {}
+
+    def build(db: str, families: list[str], from_raw: bool = False) -> None:
+        store.execute(f"CREATE DATABASE {db}")
+        store.execute(sch.raw_table_sql(db, "flows", features, retention))
+        for name in families:
+            for r in fams[name].rollups:
+                store.execute(sch.rollup_table_sql(db, "flows", r, features, retention, fams[name]))
+        for name in families:
+            fam = fams[name]
+            for r in fam.rollups:
+                sql = sch.rollup_view_sql(db, "flows", r, features, fam)
+                if from_raw and r == fam.rollups[0]:
+                    sql = sql[:sql.index(" AS SELECT") + 4] + sch.rollup_select_sql(db, "flows", r, None, fam)
+                store.execute(sql)
+
+    store.execute("CREATE DATABASE fs_read")
+    body = ", ".join(f"`{c.name}` {c.sql_type(features)}" for c in sch.COLUMNS)
+    store.execute(f"CREATE TABLE fs_read.flows ({body}) ENGINE = Null")
+    targets["read_only"] = base.replace("`fs_views`.", "fs_read.", 1)
+    build("fs_raw", [])
+    targets["raw_table"] = base.replace("`fs_views`.", "fs_raw.", 1)
+    if features.compact_parts:
+        store.execute("CREATE DATABASE fs_raw_wide")
+        store.execute(sch.raw_table_sql("fs_raw_wide", "flows", features, retention).replace(
+            sch.raw_table_settings(features), " SETTINGS min_rows_for_wide_part = 0"))
+        targets["raw_table_wide_parts"] = base.replace("`fs_views`.", "fs_raw_wide.", 1)
+    for i, name in enumerate(order):
+        build(f"fs_upto_{name}", order[: i + 1])
+        targets[f"+{name}"] = base.replace("`fs_views`.", f"fs_upto_{name}.", 1)
+    targets["all_views_optimize_on_insert"] = base.replace("optimize_on_insert = 0", "optimize_on_insert = 1")
+    build("fs_from_raw", order, from_raw=True)
+    targets["all_views_fed_from_raw"] = base.replace("`fs_views`.", "fs_from_raw.", 1)
+    store.execute("SYSTEM STOP MERGES")
+    cpu: dict[str, list[float]] = {k: [] for k in targets}
     try:
-        for db, keep in (("fs_views_conn", "_conn_"), ("fs_views_none", None)):
-            store.execute(f"CREATE DATABASE {db}")
-            store.execute(f"CREATE TABLE {db}.flows AS fs_views.flows")
-            for t in rollup_tables("flows"):
-                if keep is not None and keep in t:
-                    store.execute(f"CREATE TABLE {db}.`{t}` AS fs_views.`{t}`")
-                    (q,) = store.select(f"SELECT create_table_query FROM system.tables WHERE database = 'fs_views' "
-                                        f"AND name = '{t}_mv'")[0]
-                    store.execute(q.replace("fs_views.", f"{db}."))
-        base = store._insert_sql  # type: ignore[attr-defined]
-        targets = {"all_views": base, "conn_views_only": base.replace("`fs_views`.", "fs_views_conn.", 1),
-                   "no_views": base.replace("`fs_views`.", "fs_views_none.", 1)}
-        cpu: dict[str, list[float]] = {k: [] for k in targets}
-        for flows in flows_by_round:
+        for i, flows in enumerate(flows_by_round):
             cols = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1, text="arrow")[0]
-            for k, sql in targets.items():
-                store._insert_sql = sql  # type: ignore[attr-defined]
+            keys = list(targets)
+            for k in keys[i % len(keys):] + keys[: i % len(keys)]:  # each round starts elsewhere
+                store._insert_sql = targets[k]  # type: ignore[attr-defined]
                 c = process_cpu()
                 store.insert(cols)
                 cpu[k].append(process_cpu() - c)
     finally:
         store.close()
-    return {f"insert_cpu_ms_per_1k_rows_{k}": round(statistics.median(v) / n * 1e6, 3) for k, v in cpu.items()}
+    ms = {k: statistics.median(v) / n * 1e6 for k, v in cpu.items()}
+    out: dict[str, object] = {"insert_cpu_ms_per_1k_rows": {k: round(v, 3) for k, v in ms.items()}}
+    steps = ["read_only", "raw_table"] + [f"+{name}" for name in order]
+    out["increment_ms_per_1k_rows"] = {b: round(ms[b] - ms[a], 3) for a, b in zip(steps, steps[1:])}
+    return out
 
 
 def main() -> None:

@@ -28,6 +28,14 @@ _ARROW_TYPES = {"UInt8": "uint8", "UInt16": "uint16", "UInt32": "uint32", "UInt6
                 "String": "string", "Float64": "float64"}
 _NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "DateTime": "u4"}
 
+#: Settings of every insert. ``optimize_on_insert = 0``: a roll-up's view already groups
+#: each block by the table's whole sort key (timeBucket and the family's keys), so the
+#: merge a Summing/AggregatingMergeTree would run over the inserted block finds nothing to
+#: fold and is skipped (the raw table's plain MergeTree has none; rows that meet in a part
+#: are summed by the background merges and by every query's GROUP BY either way).
+#: Measured in benchmarks/clickhouse_sink.py (docs/clickhouse.md).
+INSERT_SETTINGS = "optimize_on_insert = 0"
+
 
 class ChdbStore(FlowStore):
     """ClickHouse in-process (chDB): a directory that survives restarts, or a temporary one."""
@@ -40,7 +48,7 @@ class ChdbStore(FlowStore):
         super().__init__(address, database, table, retention=retention)
         self._session: Any = None
         self._insert_sql = (f"INSERT INTO {self.qualified} ({', '.join(quote(n) for n in COLUMN_NAMES)}) "
-                            "SELECT * FROM Python(flowscope_block)")
+                            f"SELECT * FROM Python(flowscope_block) SETTINGS {INSERT_SETTINGS}")
 
     def _conn(self) -> Any:
         if self._session is None:

@@ -15,6 +15,13 @@ version). Theory of operation:
   their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
   history the raw table's retention already removed; then their views. Nothing else
   changes (version 3's views, fed as they were, stay: their sums are exact either way).
+* **Every start, where the server has part formats** (20.3): a raw table without
+  ``min_rows_for_wide_part`` gets it (``ALTER TABLE ... MODIFY SETTING``; parts written
+  from then on follow it).
+* **Every start, where views cascade**: a view that reads another table than
+  :func:`~flowscope.collector.schema.rollup_source` names (an earlier flowscope fed the
+  narrow families from the raw insert) is dropped and created again reading the new one,
+  before any insert: the sums are the same, the new source cheaper.
 * **2 -> 4, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
   Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
   :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
@@ -50,13 +57,18 @@ from .schema import (
     COLUMNS,
     DERIVED,
     FAMILIES,
+    RAW_WIDE_PART_ROWS,
     SCHEMA_VERSION,
+    Family,
+    Features,
     Retention,
+    Rollup,
     features_for_version,
     quote,
     backfill_source,
     raw_table_sql,
     rollup_backfill_sql,
+    rollup_source,
     rollup_table_sql,
     rollup_view_sql,
 )
@@ -175,6 +187,8 @@ def _ensure(store: FlowStore) -> None:
     f, db, table = store.features, store.database, store.table
     tables = _tables(store)
     store._execute(raw_table_sql(db, table, f, store.retention))
+    if f.compact_parts:
+        _part_format(store)
     have = _columns(store, table)
     wrong = []
     for c in COLUMNS:
@@ -201,6 +215,7 @@ def _ensure(store: FlowStore) -> None:
     # the widest family first at each resolution, so new tables read the coarsest source.
     order = sorted(((fam, r) for fam in FAMILIES for r in fam.rollups), key=lambda fr: (fr[1].seconds, -len(fr[0].keys)))
     filled = [(fam, r) for fam, r in order if fam.table(table, r) in tables and f"{fam.table(table, r)}_mv" in tables]
+    views = _view_sources(store) if f.cascading_views else {}
     for family, r in order:
         name = family.table(table, r)
         fresh = name not in tables
@@ -208,15 +223,56 @@ def _ensure(store: FlowStore) -> None:
         if fresh or f"{name}_mv" not in tables:
             if not fresh:
                 store._execute(f"TRUNCATE TABLE {quote(db)}.{quote(name)}")
+            # the views fed from this table would count the backfill a second time into
+            # theirs (already right): dropped for it, created again below (they come later)
+            for view in [v for v, src in views.items() if src == name]:
+                store._execute(f"DROP TABLE {quote(db)}.{quote(view)}")
+                del views[view]
             source = backfill_source(family, r, filled)
             store._execute(f"INSERT INTO {quote(db)}.{quote(name)} {rollup_backfill_sql(db, table, r, family, filled)}")
             filled.append((family, r))
             if not fresh or _count(store, table):
                 log.info("flow store %s.%s: roll-up backfilled from %s", db, name,
                          source[0].table(table, source[1]) if source else "the raw table")
+        elif f"{name}_mv" in views and views[f"{name}_mv"] != _wanted_source(table, r, f, family):
+            # fed from another table by an earlier flowscope (the sums are the same either
+            # way; the new source is cheaper): replaced between inserts, nothing missed
+            store._execute(f"DROP TABLE {quote(db)}.{quote(name + '_mv')}")
+            log.info("flow store %s.%s: its view now reads %s", db, name, _wanted_source(table, r, f, family))
         store._execute(rollup_view_sql(db, table, r, f, family))
     if f.ttl and store.retention_given:
         _retention(store)
+
+
+def _part_format(store: FlowStore) -> None:
+    """A raw table created before it had its part-format setting gets it (new parts only)."""
+    wanted = f"min_rows_for_wide_part = {RAW_WIDE_PART_ROWS}"
+    rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
+                         f"AND name = '{store.table}'")
+    if rows and wanted not in str(rows[0][0]):
+        store._execute(f"ALTER TABLE {quote(store.database)}.{quote(store.table)} MODIFY SETTING {wanted}")
+        log.info("flow store %s.%s: parts below %d rows written Compact", store.database, store.table,
+                 RAW_WIDE_PART_ROWS)
+
+
+_FROM = re.compile(r"\bFROM\s+`?\w+`?\.`?(\w+)`?")
+
+
+def _view_sources(store: FlowStore) -> dict[str, str]:
+    """Each materialized view of the database and the table it reads."""
+    rows = store._select(f"SELECT name, create_table_query FROM system.tables WHERE database = '{store.database}' "
+                         "AND engine = 'MaterializedView'")
+    out = {}
+    for name, sql in rows:
+        m = _FROM.search(str(sql))
+        if m:
+            out[str(name)] = m.group(1)
+    return out
+
+
+def _wanted_source(table: str, rollup: Rollup, features: Features, family: Family) -> str:
+    source = rollup_source(rollup, features, family)
+    return table if source is None else source[0].table(table, source[1])
 
 
 def _base(t: str) -> str:

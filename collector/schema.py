@@ -52,8 +52,11 @@ or a replay of old records is kept like any other rather than dropped on arrival
 (Debian's server) lacks ``TTL`` (19.6) and ``LowCardinality`` outside an experimental
 setting (19.x); there retention is left to ``ALTER TABLE ... DROP PARTITION`` and repeated
 strings are plain ``String``. 18.16 also does not fire a materialized view on rows another
-view inserted, so there both roll-ups are fed from the raw insert (where views cascade, the
-1-hour roll-up is fed from the 1-minute one: half the grouping work per insert). chDB is a current engine and gets both.
+view inserted, so there every roll-up is fed from the raw insert; where views cascade
+(:func:`rollup_source`), a family's coarser tables are fed from its finer one and the
+finest tables of the families whose keys the main one holds (``ns``, ``src``, ``dst``) from
+the main family's 1-minute rows, so only three views group the raw rows of an insert. chDB
+is a current engine and gets all of it.
 """
 
 from __future__ import annotations
@@ -91,12 +94,14 @@ __all__ = [
     "check_identifier",
     "features_for_version",
     "quote",
+    "raw_table_settings",
     "raw_table_sql",
     "rollup_table_sql",
     "rollup_tables",
     "rollup_view_sql",
     "rollup_backfill_sql",
     "rollup_select_sql",
+    "rollup_source",
 ]
 
 #: The schema version this code writes (see :mod:`flowscope.collector.migrations`).
@@ -132,6 +137,7 @@ class Features:
     low_cardinality: bool  # LowCardinality(String) without experimental settings (19.x)
     ttl: bool  # table TTL expressions (19.6)
     cascading_views: bool  # a materialized view fires on rows another view inserted (not in 18.16)
+    compact_parts: bool = False  # MergeTree's Compact part format and min_rows_for_wide_part (20.3)
 
     @property
     def label(self) -> str:
@@ -146,7 +152,8 @@ def features_for_version(version: str | tuple[int, ...]) -> Features:
         parts = tuple(version)
     if not parts:
         raise ValueError(f"server version {version!r} has no number")
-    return Features(parts, low_cardinality=parts >= (19, 3), ttl=parts >= (19, 6), cascading_views=parts >= (20, 1))
+    return Features(parts, low_cardinality=parts >= (19, 3), ttl=parts >= (19, 6), cascading_views=parts >= (20, 1),
+                    compact_parts=parts >= (20, 3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +477,20 @@ def raw_table_sql(database: str, table: str, features: Features, retention: Rete
     return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(table)} (\n    {body}\n) ENGINE = MergeTree() "
             "PARTITION BY toYYYYMMDD(flowEndSeconds) "
             "ORDER BY (toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodNamespace, flowEndSeconds)"
-            + _ttl("timeInserted", retention.raw, features))
+            + _ttl("timeInserted", retention.raw, features) + raw_table_settings(features))
+
+
+#: Parts of the raw table with fewer rows than this are written in MergeTree's Compact
+#: format (every column in one file) rather than Wide (two files a column, 80 columns):
+#: an insert block (the collector's --batch-rows, 200,000; the sink's chunks, 100,000)
+#: costs about a third less to write (docs/clickhouse.md), and the parts that merges
+#: make past it are Wide as before, where queries read a few columns of many rows.
+RAW_WIDE_PART_ROWS: Final = 1 << 20
+
+
+def raw_table_settings(features: Features) -> str:
+    """The raw table's ``SETTINGS`` clause (empty where the server has no part formats)."""
+    return f" SETTINGS min_rows_for_wide_part = {RAW_WIDE_PART_ROWS}" if features.compact_parts else ""
 
 
 def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention,
@@ -493,15 +513,28 @@ def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Featur
             + _ttl(family.ttl_column, retention.for_table(rollup.seconds), features))
 
 
-def rollup_source(rollup: Rollup, features: Features, family: Family | None = None) -> Rollup | None:
-    """The finer roll-up of the same family a roll-up is fed from (None: the raw table).
-    Where views cascade, the 1-hour roll-up sums the 10-minute one's rows, which sum the
-    1-minute one's, so an insert is grouped once over the raw rows, then over far fewer;
-    18.16 does not fire a view on another view's inserts, so there every roll-up reads the
-    raw insert. A family's finest table reads the raw insert too."""
-    kept = (family or MAIN).rollups
+def rollup_source(rollup: Rollup, features: Features, family: Family | None = None
+                  ) -> tuple[Family, Rollup] | None:
+    """The roll-up a view is fed from (None: the raw table). Where views cascade, a
+    family's coarser table sums its next finer one's rows (the 1-hour roll-up the
+    10-minute one's), and the finest table of a sums family whose keys the main family
+    holds sums the main family's finest rows (``flows_ns_10m`` from ``flows_1m``): an
+    insert is grouped over its raw rows by the main, address and connection families
+    only, every other view over the rows those produce (the views' cost measured in
+    docs/clickhouse.md's ingest section).
+    18.16 does not fire a view on another view's inserts, so there every roll-up reads
+    the raw insert."""
+    family = family or MAIN
+    if not features.cascading_views:
+        return None
+    kept = family.rollups
     i = kept.index(rollup)
-    return kept[i - 1] if i > 0 and features.cascading_views else None
+    if i > 0:
+        return family, kept[i - 1]
+    if family == MAIN or family.kind != "sums" or not set(family.keys) <= set(MAIN.keys):
+        return None
+    finest = MAIN.rollups[0]
+    return (MAIN, finest) if rollup.seconds % finest.seconds == 0 else None
 
 
 def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Features | None = None,
@@ -512,8 +545,8 @@ def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Featu
     keys = ", ".join(quote(k) for k in family.keys)
     keyed = f"{keys}, " if keys else ""
     group = f"timeBucket, {keys}" if keys else "timeBucket"
-    finer = None if features is None else rollup_source(rollup, features, family)
-    if finer is None:
+    source = None if features is None else rollup_source(rollup, features, family)
+    if source is None:
         bucket = f"intDiv(toUInt32(flowEndSeconds), {rollup.seconds}) * {rollup.seconds}"
         if family.kind == "connections":
             aggs = ", ".join(f"{st.of_rows()} AS {quote(st.name)}" for st in CONNECTION_STATES)
@@ -531,7 +564,7 @@ def rollup_select_sql(database: str, table: str, rollup: Rollup, features: Featu
     bucket = f"intDiv(timeBucket, {rollup.seconds}) * {rollup.seconds}"
     inserted = ", max(inserted) AS inserted" if family.kind == "sums" else ""
     return (f"SELECT toUInt32({bucket}) AS timeBucket, {keyed}{aggs}{inserted} "
-            f"FROM {quote(database)}.{quote(family.table(table, finer))} GROUP BY {group}")
+            f"FROM {quote(database)}.{quote(source[0].table(table, source[1]))} GROUP BY {group}")
 
 
 def rollup_view_sql(database: str, table: str, rollup: Rollup, features: Features, family: Family = MAIN) -> str:

@@ -1,7 +1,8 @@
 """Migrations of the flow store on chDB: the version-1 table (what flowscope wrote before
 migrations existed) migrates in place with every row kept and the roll-ups backfilled; a
 version-2 store gains the roll-ups of version 3, backfilled from its raw rows; a
-second start changes nothing; a store of a newer schema is refused, untouched; a column the
+second start changes nothing; a store of a newer schema is refused, untouched; views an
+earlier flowscope fed from another table are re-pointed without counting a backfill twice; a column the
 table lacks (a new element of the aggregated record) is added in place.
 
 (A separate module from test_collector_store.py: chDB holds one directory per process, and
@@ -211,3 +212,51 @@ def test_retention_is_each_tables_ttl_and_changes_in_place(tmp_path):
     assert ttls(reader) == {"flows": "timeInserted + toIntervalSecond(3600)",
                             "flows_1m": "inserted + toIntervalSecond(7200)", "flows_1h": None}
     reader.close()
+
+
+def _totals(store) -> dict[str, list[tuple]]:
+    out = {}
+    for name in rollup_tables("flows"):
+        if "_conn_" in name:
+            out[name] = store.select(f"SELECT uniqCombinedMerge(connections) FROM flowscope.{name}")
+        else:
+            out[name] = store.select(f"SELECT sum(records), sum(octetDeltaCount) FROM flowscope.{name}")
+    return out
+
+
+def test_views_fed_by_an_earlier_flowscope_are_re_pointed_and_a_backfill_is_not_counted_twice(tmp_path):
+    """Where views cascade the narrow families' finest roll-ups read the main 1-minute
+    rows: a store whose ``flows_ns_10m`` view still reads the raw insert gets it
+    re-pointed on open; a ``flows_1m`` refilled on open (its view missing: a backfill
+    interrupted) does not flow a second time into the tables fed from it. Every roll-up's
+    totals equal the raw table's, before and after one more insert."""
+    from flowscope.collector.schema import FAMILIES, rollup_select_sql
+
+    path = tmp_path / "store"
+    store = open_store(f"chdb://{path}")
+    store.open()
+    half = len(FLOWS) // 2
+    store.insert(typed_columns(flows_to_columns(FLOWS[:half], time_inserted=int(time.time()), commit_id=3)[0]))
+    ns = next(f for f in FAMILIES if f.name == "ns")
+    store.execute("DROP TABLE flowscope.flows_ns_10m_mv")
+    store.execute("CREATE MATERIALIZED VIEW flowscope.flows_ns_10m_mv TO flowscope.flows_ns_10m AS "
+                  + rollup_select_sql("flowscope", "flows", ns.rollups[0], None, ns))  # as schema v4 first fed it
+    store.execute("DROP TABLE flowscope.flows_1m_mv")
+    store.close()
+
+    again = open_store(f"chdb://{path}")
+    again.open()
+    try:
+        sources = dict(again.select("SELECT name, create_table_query LIKE '%FROM flowscope.flows_1m %' "
+                                    "FROM system.tables WHERE database = 'flowscope' AND name LIKE '%\\\\_10m\\\\_mv'"))
+        assert sources == {"flows_ns_10m_mv": 1, "flows_src_10m_mv": 1, "flows_dst_10m_mv": 1, "flows_conn_10m_mv": 0}
+        raw = again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows")
+        conn = again.select("SELECT uniqCombined(connectionHash) FROM flowscope.flows")
+        assert _totals(again) == {n: conn if "_conn_" in n else raw for n in rollup_tables("flows")}
+        again.insert(typed_columns(flows_to_columns(FLOWS[half:], time_inserted=int(time.time()), commit_id=4)[0]))
+        raw = again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows")
+        conn = again.select("SELECT uniqCombined(connectionHash) FROM flowscope.flows")
+        assert raw[0][0] == len(FLOWS)
+        assert _totals(again) == {n: conn if "_conn_" in n else raw for n in rollup_tables("flows")}
+    finally:
+        again.close()
