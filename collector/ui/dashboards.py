@@ -55,6 +55,11 @@ SCOPES: Final[dict[str, str]] = {
     "denied": "action in (drop, reject)",
     "policy": "",
 }
+#: The sankey pages' scopes: their sankeys' (source, target) dimensions, which their series
+#: group by too.
+SANKEY_ENDS: Final[dict[str, tuple[str, str]]] = {
+    "pod-to-pod": ("srcPod", "dstPod"), "pod-to-service": ("srcPod", "service"),
+    "pod-to-external": ("srcPod", "dstIP")}
 #: The Network Policy page's fields: URL parameter -> (policy field, part).
 POLICY_PARAMS: Final[dict[str, tuple[str, str]]] = {
     "ingressPolicyNamespace": ("ingressPolicy", "namespace"),
@@ -261,18 +266,27 @@ class GroupRow:
     records: int
 
 
+def _key_in(dim: str, keys: Sequence[str], params: Any) -> str:
+    """The condition "``dim``'s key is one of ``keys``" (bound values), over its own columns."""
+    if not keys:
+        return "0"
+    return f"CAST({DIMENSIONS[dim].sql} AS String) IN ({', '.join(params.add(k, 'String') for k in keys)})"
+
+
 def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, step: int = 0,
-            limit_by: tuple[int, int] | None = None,
+            limit_by: tuple[int, int] | None = None, only: Mapping[str, Sequence[str]] | None = None,
             now: Callable[[], float] = time.time) -> tuple[list[GroupRow], str]:
     """One GROUP BY over ``dims`` (DIMENSIONS names), per ``step`` bucket when given, read from
     the table the query layer would choose. Returns the rows and the table's name.
     ``limit_by=(n, k)``: only the ``n`` largest groups (by bytes) for each value of the first
-    ``k`` dimensions (ClickHouse's LIMIT n BY)."""
+    ``k`` dimensions (ClickHouse's LIMIT n BY); ``only``: a dimension's groups among these keys."""
     for d in dims:
         if d not in DIMENSIONS:
             raise PanelError("group", f"group: {d!r} is not one of {', '.join(DIMENSIONS)}")
     columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
     src, where, params, _, _ = query._where(store, q, columns, now, step)  # the query layer's table choice
+    for d, keys in sorted((only or {}).items()):
+        where += f" AND {_key_in(d, keys, params)}"
     tcol = query._TIME  # the time column of whichever table a part reads
     # Group by the dimensions' own columns first (LowCardinality groups fast), then make the
     # keys' text over the far fewer grouped rows.
@@ -301,6 +315,168 @@ def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, st
 
 def _label(dim: str, key: str) -> str:
     return query.label(dim, key)
+
+
+#: How far down each ranking :func:`pair_totals` keeps keys: any top N of a panel (at most
+#: MAX_TOP) and whether there is one more.
+_PAIR_RANKS: Final = MAX_TOP + 1
+
+
+@dataclass(frozen=True, slots=True)
+class PairTotals:
+    """A scope's traffic from source keys to target keys (a sankey page's question), told by
+    what its panels draw rather than every pair: each end's totals for its keys that rank in
+    the top :data:`_PAIR_RANKS` by bytes sent, received or both, the pairs between keys that
+    rank there at both ends (in one direction), and the grand total. Totals are
+    (bytes sent, bytes received back, records with bytes sent, records with bytes back)."""
+
+    pairs: dict[tuple[str, str], tuple[int, int, int]]  # (octets, reverse octets, records)
+    sources: dict[str, tuple[int, int, int, int]]
+    targets: dict[str, tuple[int, int, int, int]]
+    total: tuple[int, int, int, int]
+    table: str
+
+
+def pair_totals(store: query.Backend, q: query.FlowQuery, source: str, target: str, *,
+                now: Callable[[], float] = time.time) -> PairTotals:
+    """One question, one scan: the (source, target) pairs are grouped and ranked in the store
+    (window functions over the grouped pairs) and only the few hundred rows the panels
+    need come back, not the tens of thousands of pairs of a 5,000-Pod cluster."""
+    s_dim, t_dim = DIMENSIONS[source], DIMENSIONS[target]
+    columns = list(dict.fromkeys(s_dim.columns + t_dim.columns))
+    src, where, params, _, _ = query._where(store, q, frozenset(columns), now, 0)
+    inner = query._aggregate(store, src, where, columns, [
+        "sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
+    pairs = (f"SELECT CAST({s_dim.sql} AS String) AS s, CAST({t_dim.sql} AS String) AS d, sum(o) AS o, "
+             f"sum(ro) AS ro, sum(n) AS n FROM ({inner}) GROUP BY s, d")
+    sums = ", ".join(f"sum(o) OVER {w} AS {e}_tx, sum(ro) OVER {w} AS {e}_rx, sumIf(n, o > 0) OVER {w} AS {e}_ntx, "
+                     f"sumIf(n, ro > 0) OVER {w} AS {e}_nrx" for e, w in (("s", "ws"), ("d", "wd"), ("g", "wg")))
+    totals = (f"SELECT s, d, o, ro, n, {sums} FROM ({pairs}) "
+              "WINDOW ws AS (PARTITION BY s), wd AS (PARTITION BY d), wg AS ()")
+    ranks = ", ".join(f"dense_rank() OVER (ORDER BY {v} DESC, {e}) AS r{e}_{name}"
+                      for e in ("s", "d") for name, v in (("tx", f"{e}_tx"), ("rx", f"{e}_rx"),
+                                                          ("all", f"{e}_tx + {e}_rx")))
+    m = _PAIR_RANKS
+    elements = ", ".join((
+        f"('p', s, d, o, ro, n, 0, (rs_tx <= {m} AND rd_tx <= {m}) OR (rs_rx <= {m} AND rd_rx <= {m}))",
+        f"('s', s, '', s_tx, s_rx, s_ntx, s_nrx, least(rs_tx, rs_rx, rs_all) <= {m})",
+        f"('d', '', d, d_tx, d_rx, d_ntx, d_nrx, least(rd_tx, rd_rx, rd_all) <= {m})",
+        "('t', '', '', g_tx, g_rx, g_ntx, g_nrx, 1)"))
+    x = [f"tupleElement(x, {i})" for i in range(1, 8)]
+    rows = store.rows(
+        f"SELECT {x[0]} AS kind, {x[1]} AS a, {x[2]} AS b, any({x[3]}), any({x[4]}), any({x[5]}), any({x[6]}) "
+        f"FROM (SELECT arrayJoin(arrayFilter(x -> tupleElement(x, 8), [{elements}])) AS x "
+        f"FROM (SELECT *, {ranks} FROM ({totals}))) GROUP BY kind, a, b", params.values)
+    pairs_out: dict[tuple[str, str], tuple[int, int, int]] = {}
+    ends: dict[str, dict[str, tuple[int, int, int, int]]] = {"s": {}, "d": {}}
+    total = (0, 0, 0, 0)
+    for kind, a, b, v1, v2, v3, v4 in rows:
+        vals = (int(v1), int(v2), int(v3), int(v4))
+        if kind == "p":
+            pairs_out[(str(a), str(b))] = vals[:3]
+        elif kind == "s":
+            ends["s"][str(a)] = vals
+        elif kind == "d":
+            ends["d"][str(b)] = vals
+        else:
+            total = vals
+    return PairTotals(pairs_out, ends["s"], ends["d"], total, src.name)
+
+
+def node_traffic(store: query.Backend, q: query.FlowQuery, step: int, *,
+                 now: Callable[[], float] = time.time) -> tuple[dict[tuple[str, int], list[tuple[int, ...]]], str]:
+    """Per Node and ``step`` bucket, per flow type: the bytes the Node sent and received and its
+    records, counting each record for both its Nodes (each row read once, its two ends
+    spread by ``arrayJoin``), Nodes without a name left out. One row per Node and bucket
+    comes back. Returns {(Node, bucket): [(flow type, sent, received, records)]} and the table."""
+    src, where, params, _, _ = query._where(
+        store, q, frozenset(("flowType", "sourceNodeName", "destinationNodeName")), now, step)
+    inner = query._aggregate(store, src, where, [
+        "flowType", "arrayJoin([(0, sourceNodeName), (1, destinationNodeName)]) AS e",
+        f"intDiv({query._TIME}, {int(step):d}) * {int(step):d} AS t"],
+        ["sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
+    rows = store.rows(
+        "SELECT node, t, groupArray((toUInt8(flowType), sent, received, n)) FROM (SELECT tupleElement(e, 2) AS node, "
+        "flowType, t, sum(if(tupleElement(e, 1) = 0, o, ro)) AS sent, sum(if(tupleElement(e, 1) = 0, ro, o)) AS received, "
+        f"sum(n) AS n FROM ({inner}) WHERE node != '' GROUP BY node, flowType, t) GROUP BY node, t", params.values)
+    return {(str(r[0]), int(r[1])): [tuple(int(x) for x in c) for c in r[2]] for r in rows}, src.name
+
+
+def _ranked(keys: Mapping[str, tuple[int, int, int, int]], value: Callable[[tuple[int, int, int, int]], int],
+            n: int, *, nonzero: bool = True) -> list[str]:
+    """The ``n`` first keys by ``value`` descending, then the key (the store's rank order)."""
+    chosen = [k for k, v in keys.items() if value(v) > 0 or not nonzero]
+    return sorted(chosen, key=lambda k: (-value(keys[k]), k))[:n]
+
+
+def _fold(pt: PairTotals, direction: str, n: int) -> tuple[dict[tuple[str, str], list[int]], list[str], list[str]]:
+    """A sankey's links in one direction: pairs between the ``n`` largest sources and the ``n``
+    largest targets, each end's remainder to "other" and "other" to "other", from the
+    totals (what a pair row would add to them is the end's total less its shown pairs).
+    Returns the links ({(source, target): [bytes, records]}) and the shown keys."""
+    i = 0 if direction == "tx" else 1
+    keep_s = _ranked(pt.sources, lambda v: v[i], n)
+    keep_d = _ranked(pt.targets, lambda v: v[i], n)
+    ks, kd = set(keep_s), set(keep_d)
+    merged: dict[tuple[str, str], list[int]] = {}
+    shown_s = {k: [0, 0] for k in keep_s}
+    shown_d = {k: [0, 0] for k in keep_d}
+
+    def add(s: str, d: str, v: int, recs: int) -> None:
+        if v > 0:
+            m = merged.setdefault((s, d), [0, 0])
+            m[0] += v
+            m[1] += recs
+
+    for (s, d), pair in sorted(pt.pairs.items()):
+        v = pair[i]
+        if s in ks and d in kd and v > 0:
+            add(s, d, v, pair[2])
+            for acc in (shown_s[s], shown_d[d]):
+                acc[0] += v
+                acc[1] += pair[2]
+    for k in keep_s:
+        add(k, OTHER, pt.sources[k][i] - shown_s[k][0], pt.sources[k][2 + i] - shown_s[k][1])
+    for k in keep_d:
+        add(OTHER, k, pt.targets[k][i] - shown_d[k][0], pt.targets[k][2 + i] - shown_d[k][1])
+    add(OTHER, OTHER, pt.total[i] - sum(m[0] for m in merged.values()),
+        pt.total[2 + i] - sum(m[1] for m in merged.values()))
+    return merged, keep_s, keep_d
+
+
+def pair_lines(store: query.Backend, q: query.FlowQuery, w: Window, ends: Mapping[str, Sequence[str]], *,
+               now: Callable[[], float] = time.time) -> tuple[list[int], list[int], dict[str, dict[str, list[int]]], str]:
+    """Per bucket of ``w.step``, the bytes (both directions) of a scope in total and of each of
+    the given keys of each dimension (``ends``: {"srcPod": [...], "dstPod": [...]}), in one
+    GROUP BY by bucket over one scan: the lines of a sankey page's two series. Returns
+    (buckets, totals, {dimension: {key: values}}, table)."""
+    dims = sorted(ends)
+    columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
+    src, where, params, start, end = query._where(store, q, columns, now, w.step)
+    step = int(w.step)
+    bytes_ = "(octetDeltaCount + reverseOctetDeltaCount)"
+    maps = [f"sumMapIf([CAST({DIMENSIONS[d].sql} AS String)], [toUInt64({bytes_})], {_key_in(d, ends[d], params)}) "
+            f"AS m{i}" for i, d in enumerate(dims)]
+    inner = query._aggregate(store, src, where, [f"intDiv({query._TIME}, {step:d}) * {step:d} AS t"],
+                             [f"sum({bytes_}) AS b", *maps])
+    outer = ", ".join(f"sumMap(m{i})" for i in range(len(dims)))
+    rows = store.rows(f"SELECT t, sum(b){', ' + outer if outer else ''} FROM ({inner}) GROUP BY t", params.values)
+    first = w.start - w.start % step
+    buckets = list(range(first, w.end, step))
+    index = {t: i for i, t in enumerate(buckets)}
+    totals = [0] * len(buckets)
+    lines: dict[str, dict[str, list[int]]] = {d: {k: [0] * len(buckets) for k in ends[d]} for d in dims}
+    for r in rows:
+        i = index.get(int(r[0]))
+        if i is None:
+            continue
+        totals[i] += int(r[1] or 0)
+        for j, d in enumerate(dims):
+            keys, values = r[2 + j]
+            for k, v in zip(keys, values):
+                if k in lines[d]:
+                    lines[d][k][i] += int(v)
+    return buckets, totals, lines, src.name
 
 
 # --------------------------------------------------------------------------- the panels
@@ -456,8 +632,11 @@ class Dashboards:
         if group is not None and group != "node" and group not in DIMENSIONS:
             raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
         by = "throughput" if metric == "throughput" else "records"
+        scope = params.get("scope") or "all"
         if group == "node":
             s = self._node_series(params, by, top, w)
+        elif metric == "throughput" and scope in SANKEY_ENDS and group in SANKEY_ENDS[scope]:
+            s = self._pair_series(params, group, top, w)
         elif group is None or group in _VERDICT_DIMS:
             s = self._verdict_series(params, metric, group, top, w)
         else:
@@ -519,17 +698,20 @@ class Dashboards:
         by = "throughput" if metric == "throughput" else "records"
         return query.Series(group, by, w.step, buckets, lines, table)
 
-    def _node_rows(self, params: Mapping[str, str], dim: str, w: Window) -> tuple[list[GroupRow], str]:
-        """Per bucket, the traffic of each Node at one end (``dim``), in the page's scope: for
-        every type, inter-Node or intra-Node, read from one GROUP BY per flow type and Node, the
-        question the Node Throughput page's lines and heatmaps all share (one scan per end,
-        not one per chart). Rows' keys: (flow type, Node)."""
+    def _node_cells(self, params: Mapping[str, str], w: Window) -> tuple[dict[tuple[str, int], list[tuple[int, ...]]], str]:
+        """Per Node and bucket, what it sent and received and its records, as either end (an
+        inter-Node flow counts for both Nodes), per flow type, in the page's scope: for every
+        type, inter-Node or intra-Node; the one question the Node Throughput page's lines and
+        heatmaps all share (one scan of the table, both ends at once). Returns
+        {(Node, bucket): [(flow type, sent, received, records), ...]} and the table, and keeps
+        only the flow types of the scope."""
         scope = _choice(params, "scope", "all", tuple(SCOPES))
         types = _NODE_SCOPES.get(scope)
         keep = {k: v for k, v in params.items() if k in _COMMON and (k != "scope" or scope not in _NODE_SCOPES)}
         q, _ = self._query(keep)
-        rows, table = self._run(lambda: grouped(self.store, q, ["flowType", dim], step=w.step, now=self.now))
-        return [r for r in rows if r.keys[1] and (types is None or r.keys[0] in types)], table
+        cells, table = self._run(lambda: node_traffic(self.store, q, w.step, now=self.now))
+        wanted = None if types is None else {int(t) for t in types}
+        return {k: [c for c in v if wanted is None or c[0] in wanted] for k, v in cells.items()}, table
 
     def _node_series(self, params: Mapping[str, str], by: str, top: int, w: Window) -> query.Series:
         """What went through each Node, as either end (an inter-Node flow counts for both)."""
@@ -537,15 +719,14 @@ class Dashboards:
         buckets = list(range(first, w.end, w.step))
         index = {t: i for i, t in enumerate(buckets)}
         merged: dict[str, list[float]] = {}
-        table = ""
-        for dim in ("srcNode", "dstNode"):
-            rows, table = self._node_rows(params, dim, w)
-            for r in rows:
-                i = index.get(r.bucket)
-                if i is None:
-                    continue
-                acc = merged.setdefault(r.keys[1], [0.0] * len(buckets))
-                acc[i] += (r.octets + r.reverse_octets) * 8 / w.step if by == "throughput" else r.records
+        cells, table = self._node_cells(params, w)
+        for (node, t), parts in cells.items():
+            i = index.get(t)
+            if i is None or not parts:
+                continue
+            acc = merged.setdefault(node, [0.0] * len(buckets))
+            for _, sent, received, records in parts:
+                acc[i] += (sent + received) * 8 / w.step if by == "throughput" else records
         ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
         lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
         if len(ranked) > top:
@@ -593,26 +774,60 @@ class Dashboards:
         q, w = self._query(params)
         if scope == "policy":
             return self._policy_sankey(q, n)
-        target = {"pod-to-pod": "dstPod", "pod-to-service": "service", "pod-to-external": "dstIP"}[scope]
-        rows, table = self._run(lambda: grouped(self.store, q, ["srcPod", target], now=self.now))
-        value = (lambda r: r.octets) if direction == "tx" else (lambda r: r.reverse_octets)
-        links = [(r.keys[0], r.keys[1], value(r), r.records) for r in rows if value(r) > 0]
-        ips = self._ips(q, scope)
-        return _sankey_json(links, n, "srcPod", target, ips, table)
+        target = SANKEY_ENDS[scope][1]
+        pt = self._pair_totals(q, scope)
+        links, keep_s, keep_d = _fold(pt, direction, n)
+        # The tooltips' addresses: of the Pods (and Services) either direction's sankey shows,
+        # so that the Tx and Rx sankeys of a page ask one question.
+        shown = [_fold(pt, d, n)[1:] for d in ("tx", "rx")]
+        ips = self._ips(q, scope, sorted({k for s, _ in shown for k in s}), sorted({k for _, d in shown for k in d}))
+        return _sankey_json(links, "srcPod", target, ips, pt.table)
 
-    def _ips(self, q: query.FlowQuery, scope: str) -> dict[tuple[str, str], list[str]]:
-        """IP addresses behind the sankey's nodes, for the tooltips (from the raw table: the
-        roll-ups keep no addresses)."""
+    def _pair_totals(self, q: query.FlowQuery, scope: str) -> PairTotals:
+        """The question a sankey page's sankeys and series share (:func:`pair_totals`)."""
+        source, target = SANKEY_ENDS[scope]
+        return self._run(lambda: pair_totals(self.store, q, source, target, now=self.now))  # type: ignore[no-any-return]
+
+    def _pair_series(self, params: Mapping[str, str], group: str, top: int, w: Window) -> query.Series:
+        """A series of a sankey page (throughput per source or per target in its scope): the
+        keys ranked by :meth:`_pair_totals` (the sankeys' question), then one GROUP BY by
+        bucket for the top keys of both ends and the total (shared by the page's two series)."""
+        scope = params.get("scope") or "all"
+        q, _ = self._query({k: v for k, v in params.items() if k in _COMMON})
+        pt = self._pair_totals(q, scope)
+        source, target = SANKEY_ENDS[scope]
+        both = lambda v: v[0] + v[1]  # noqa: E731
+        ranked = {source: _ranked(pt.sources, both, top + 1, nonzero=False),
+                  target: _ranked(pt.targets, both, top + 1, nonzero=False)}
+        ends = {d: keys[:top] for d, keys in ranked.items()}
+        buckets, totals, lines, table = self._run(
+            lambda: pair_lines(self.store, q, w, ends, now=self.now))
+        out = [query.SeriesLine(k, query.label(group, k), [float(v) for v in lines[group][k]]) for k in ends[group]]
+        if len(ranked[group]) > top:
+            out.append(query.SeriesLine(OTHER, "(other)", [float(t - sum(line.values[i] for line in out))
+                                                           for i, t in enumerate(totals)]))
+        for line in out:  # bytes per bucket -> bits/s, as query.series gives them
+            line.values[:] = [round(v * 8 / w.step, 3) for v in line.values]
+        return query.Series(group, "throughput", w.step, buckets, out, table)
+
+    def _ips(self, q: query.FlowQuery, scope: str, sources: Sequence[str], targets: Sequence[str]
+             ) -> dict[tuple[str, str], list[str]]:
+        """IP addresses behind the sankey's shown nodes, for the tooltips (from the address
+        roll-ups: the main ones keep no addresses)."""
         out: dict[tuple[str, str], set[str]] = {}
         if q.start is not None and q.end is not None and q.end - q.start > IP_WINDOW:
-            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately: the raw table keeps them
-        pairs = [("srcPod", "srcIP", "s")]
+            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately
+        pairs = [("srcPod", "srcIP", "s", sources)]
         if scope == "pod-to-pod":
-            pairs.append(("dstPod", "dstIP", "d"))
+            pairs.append(("dstPod", "dstIP", "d", targets))
         elif scope == "pod-to-service":
-            pairs.append(("service", "dstIP", "d"))
-        for dim, ip_dim, side in pairs:
-            rows, _ = self._run(lambda dim=dim, ip_dim=ip_dim: grouped(self.store, q, [dim, ip_dim], now=self.now))
+            pairs.append(("service", "dstIP", "d", targets))
+        for dim, ip_dim, side, keys in pairs:
+            keys = [k for k in keys if k and k != OTHER]
+            if not keys:
+                continue
+            rows, _ = self._run(lambda dim=dim, ip_dim=ip_dim, keys=keys: grouped(
+                self.store, q, [dim, ip_dim], only={dim: keys}, now=self.now))
             for r in rows:
                 if r.keys[0] and r.keys[1]:
                     out.setdefault((side, r.keys[0]), set()).add(r.keys[1])
@@ -694,20 +909,13 @@ class Dashboards:
         self.check("heatmap", params)
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
         _, w = self._query(params)
-        cells: dict[tuple[str, int], int] = {}
-        table = ""
-        for dim, forward in (("srcNode", True), ("dstNode", False)):
-            rows, table = self._node_rows(params, dim, w)
-            for r in rows:
-                # what the Node sent: forward octets where it is the source, reverse where the destination
-                sent = r.octets if forward else r.reverse_octets
-                received = r.reverse_octets if forward else r.octets
-                key = (r.keys[1], r.bucket)
-                cells[key] = cells.get(key, 0) + (sent if direction == "tx" else received)
+        parts, table = self._node_cells(params, w)
+        cells = {k: sum(p[1] if direction == "tx" else p[2] for p in v) for k, v in parts.items() if v}
         nodes = sorted({k[0] for k in cells})
         first = w.start - w.start % w.step
         buckets = list(range(first, w.end, w.step))
         index = {t: i for i, t in enumerate(buckets)}
+        row_of = {n: i for i, n in enumerate(nodes)}
         out = []
         peak = 0.0
         for (node, t), octets in cells.items():
@@ -715,7 +923,7 @@ class Dashboards:
                 continue
             mbps = round(octets * 8 / w.step / 1e6, 6)
             peak = max(peak, mbps)
-            out.append([index[t], nodes.index(node), mbps])
+            out.append([index[t], row_of[node], mbps])
         return {"times": [t * 1000 for t in buckets], "nodes": nodes, "cells": sorted(out), "max": peak,
                 "step": w.step, "unit": "Mbps", "table": table}
 
@@ -795,22 +1003,9 @@ def _top_json(entries: list[tuple[str, str, int, int, int, int]], n: int, table:
     return {"rows": [row(e) for e in entries[:n]], "other": other, "table": table}
 
 
-def _sankey_json(links: list[tuple[str, str, int, int]], n: int, source_dim: str, target_dim: str,
+def _sankey_json(merged: Mapping[tuple[str, str], list[int]], source_dim: str, target_dim: str,
                  ips: Mapping[tuple[str, str], list[str]], table: str) -> dict[str, Any]:
-    """Top ``n`` sources and targets by volume; the rest fold into "other" on each side."""
-    src_total: dict[str, int] = {}
-    dst_total: dict[str, int] = {}
-    for s, d, v, _ in links:
-        src_total[s] = src_total.get(s, 0) + v
-        dst_total[d] = dst_total.get(d, 0) + v
-    keep_s = set(sorted(src_total, key=lambda k: (-src_total[k], k))[:n])
-    keep_d = set(sorted(dst_total, key=lambda k: (-dst_total[k], k))[:n])
-    merged: dict[tuple[str, str], list[int]] = {}
-    for s, d, v, recs in links:
-        key = (s if s in keep_s else OTHER, d if d in keep_d else OTHER)
-        m = merged.setdefault(key, [0, 0])
-        m[0] += v
-        m[1] += recs
+    """The nodes and links of a sankey from its folded links (:func:`_fold`), largest first."""
     field = {"srcPod": "srcPod", "dstPod": "dstPod", "service": "service", "dstIP": "dstIP"}
     nodes: dict[str, dict[str, Any]] = {}
 
@@ -825,7 +1020,7 @@ def _sankey_json(links: list[tuple[str, str, int, int]], n: int, source_dim: str
         return name
 
     out = []
-    for (s, d), (v, recs) in sorted(merged.items(), key=lambda kv: -kv[1][0]):
+    for (s, d), (v, recs) in sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0])):
         a, b = node("s", source_dim, s), node("d", target_dim, d)
         conds = [nodes[a]["filter"], nodes[b]["filter"]]
         out.append({"source": a, "target": b, "value": v, "records": recs,

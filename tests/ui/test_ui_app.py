@@ -117,6 +117,82 @@ async def test_panels_answer_what_the_records_add_up_to(store) -> None:
         await client.close()
 
 
+def _pod(r, end):
+    ns, name = r.get(f"{end}PodNamespace", ""), r.get(f"{end}PodName", "")
+    return f"{ns}/{name}" if name and ns else name
+
+
+def _folded(pairs, n):
+    """A sankey's links the plain way: every pair, the top ``n`` of each end kept (by the
+    direction's bytes, then the name), the rest folded into "other"."""
+    src, dst = {}, {}
+    for (s, d), v in pairs.items():
+        src[s] = src.get(s, 0) + v[0]
+        dst[d] = dst.get(d, 0) + v[0]
+    keep_s = sorted((k for k in src if src[k]), key=lambda k: (-src[k], k))[:n]
+    keep_d = sorted((k for k in dst if dst[k]), key=lambda k: (-dst[k], k))[:n]
+    out = {}
+    for (s, d), (v, recs) in pairs.items():
+        if v:
+            key = (s if s in keep_s else "(other)", d if d in keep_d else "(other)")
+            acc = out.setdefault(key, [0, 0])
+            acc[0] += v
+            acc[1] += recs
+    return {k: tuple(v) for k, v in out.items()}
+
+
+async def test_a_sankey_page_past_its_top_n_folds_the_rest_and_nodes_count_both_ends(store) -> None:
+    """The sankeys and series of a Pod page with fewer shown than there are: every pair of
+    the scope summed in Python, folded to the top N, against what the store ranked; the
+    Node Throughput page's lines and received heatmap against sums over both ends."""
+    scoped = [r for r in RECORDS if r["flowType"] in (1, 2) and not r.get("destinationServicePortName")
+              and _pod(r, "source") and _pod(r, "destination")]
+    client = await _client(store)
+    try:
+        for direction, key in (("tx", "octetDeltaCount"), ("rx", "reverseOctetDeltaCount")):
+            pairs = {}
+            for r in scoped:
+                acc = pairs.setdefault((_pod(r, "source"), _pod(r, "destination")), [0, 0])
+                acc[0] += r[key]
+                acc[1] += 1 if r[key] else 0
+            status, sk = await _get(client, "/ui/v1/sankey", scope="pod-to-pod", dir=direction, n="1", since="15m")
+            assert status == 200, sk
+            label = {n["name"]: n["label"] for n in sk["nodes"]}
+            got = {(label[x["source"]], label[x["target"]]): (x["value"], x["records"]) for x in sk["links"]}
+            want = _folded(pairs, 1)
+            assert got == want and len(want) >= 2, (direction, got, want)
+        for group, end in (("srcPod", "source"), ("dstPod", "destination")):
+            status, ser = await _get(client, "/ui/v1/series", metric="throughput", group=group, scope="pod-to-pod",
+                                      top="1", since="15m")
+            assert status == 200, ser
+            sums = {}
+            for r in scoped:
+                sums[_pod(r, end)] = sums.get(_pod(r, end), 0) + r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+            first = min(sums, key=lambda k: (-sums[k], k))
+            assert [x["name"] for x in ser["series"]] == [first, "other"]
+            for line, want in zip(ser["series"], (sums[first], sum(v for k, v in sums.items() if k != first))):
+                assert sum(line["data"]) * ser["step"] == pytest.approx(want)
+        # A Node's lines count a record at both its ends (an intra-Node one twice for its Node);
+        # the received heatmap is the reverse of the sent one.
+        for scope, flow_type in (("inter-node", 2), ("intra-node", 1)):
+            status, ser = await _get(client, "/ui/v1/series", metric="throughput", group="node", scope=scope,
+                                      since="15m")
+            got = {x["name"]: sum(x["data"]) * ser["step"] for x in ser["series"]}
+            want = {}
+            for r in RECORDS:
+                if r["flowType"] == flow_type:
+                    for end in ("sourceNodeName", "destinationNodeName"):
+                        want[r[end]] = want.get(r[end], 0) + r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+            assert got == pytest.approx(want), scope
+        status, hm = await _get(client, "/ui/v1/heatmap", dir="rx", since="15m")
+        got_b = sum(c[2] for c in hm["cells"] if c[1] == hm["nodes"].index("node-b")) * hm["step"] * 1e6 / 8
+        want_b = sum(r["reverseOctetDeltaCount"] for r in RECORDS if r["sourceNodeName"] == "node-b") + \
+            sum(r["octetDeltaCount"] for r in RECORDS if r.get("destinationNodeName") == "node-b")
+        assert got_b == pytest.approx(want_b, rel=1e-4)
+    finally:
+        await client.close()
+
+
 async def test_flow_records_page_export_and_scopes(store) -> None:
     client = await _client(store)
     try:
