@@ -297,7 +297,10 @@ def _browser(base: str, peer_base: str | None, pages: list[str], rounds: int
                 const nav = performance.getEntriesByType("navigation")[0];
                 const m = (p) => performance.getEntriesByType("measure").filter((e) => e.name.startsWith(p));
                 const sum = (es) => es.reduce((a, e) => a + e.duration, 0);
+                const page = performance.getEntriesByType("resource").filter((e) => e.name.includes("ui/v1/page"))[0];
                 return { script_ready: nav.domContentLoadedEventEnd, data: sum(m("flowscope:data")),
+                         page_asked: page ? page.startTime : 0, page_first_byte: page ? page.responseStart : 0,
+                         page_last_byte: page ? page.responseEnd : 0,
                          first_panel: Math.min(...m("flowscope:arrived").map((e) => e.duration)),
                          js_show: sum(m("flowscope:show")), paint: sum(m("flowscope:painted")),
                          answer_bytes: performance.getEntriesByType("resource")

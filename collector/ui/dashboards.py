@@ -885,7 +885,8 @@ class Dashboards:
 
     def pairs(self, params: Mapping[str, str]) -> dict[str, Any]:
         """The largest Pod pairs of one link of the policy sankey (``egress`` policy to
-        ``ingress`` policy, "" for none), with their rule actions: the link's tooltip."""
+        ``ingress`` policy, "" for none), with their bytes (both directions), records and
+        rule actions: the link's tooltip."""
         self.check("pairs", params)
         sides = {}
         for side in ("egress", "ingress"):
@@ -897,13 +898,14 @@ class Dashboards:
                            extra=" and ".join(sides.values()))
         dims = ["egressPolicy", "srcPod", "dstPod", "egressAction", "ingressAction"]
         rows, table = self._run(lambda: grouped(self.store, q, dims, limit_by=(8, 1), now=self.now))
-        detail = []
+        pairs = []
         for r in sorted(rows, key=lambda r: (-(r.octets + r.reverse_octets), r.keys))[:8]:
             _, sp, dp, ea, ia = r.keys
-            acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
-            detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(r.octets + r.reverse_octets)}, "
-                          f"{r.records} records ({acts})")
-        return {"detail": detail, "table": table}
+            # numbers, not text: the page formats bytes with the one formatter it uses everywhere
+            pairs.append({"source": sp or "(external)", "destination": dp or "(external)",
+                          "octets": r.octets + r.reverse_octets, "records": r.records,
+                          "egressAction": _label("egressAction", ea), "ingressAction": _label("ingressAction", ia)})
+        return {"pairs": pairs, "table": table}
 
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("heatmap", params)

@@ -22,7 +22,7 @@ from ui_cluster import EXT, FLOWS, NOW, RECORDS, BrokenStore, filled_store, ui_c
 from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import open_store
 from flowscope.collector.ui.app import ASSETS, CSP, build_app
-from flowscope.collector.ui.dashboards import _si_bytes, window_from_params
+from flowscope.collector.ui.dashboards import window_from_params
 from flowscope.webauth import WebAuth
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,11 @@ async def test_panels_answer_what_the_records_add_up_to(store) -> None:
         # the link's Pod pairs, asked when its tooltip opens
         status, tip = await _get(client, "/ui/v1/pairs", since="15m", **denied[0]["pairs"])
         assert status == 200, tip
-        (pair,) = [d for d in tip["detail"] if "shop/frontend-6d4f8 \u2192 data/db-0" in d]
+        (pair,) = [d for d in tip["pairs"] if (d["source"], d["destination"]) == ("shop/frontend-6d4f8", "data/db-0")]
         sent = [r for r in RECORDS if r["sourcePodName"] == "frontend-6d4f8" and r.get("destinationPodName") == "db-0"]
         octets = sum(r["octetDeltaCount"] + r["reverseOctetDeltaCount"] for r in sent)
-        assert pair.endswith(f": {_si_bytes(octets)}, {len(sent)} records (egress Allow, ingress Drop)"), pair
+        assert pair == {"source": "shop/frontend-6d4f8", "destination": "data/db-0", "octets": octets,
+                        "records": len(sent), "egressAction": "Allow", "ingressAction": "Drop"}, pair
 
         status, hm = await _get(client, "/ui/v1/heatmap", dir="tx", since="15m")
         assert hm["nodes"] == ["node-a", "node-b"]

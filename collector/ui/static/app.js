@@ -265,6 +265,12 @@ function barOption(data, opts = {}) {
   };
 }
 
+// One of a policy link's Pod pairs (ui/v1/pairs), in the units of the link's own line.
+function pairText(p) {
+  return `${p.source} \u2192 ${p.destination}: ${fmt.bytes(p.octets)}, ${fmt.count(p.records)} records ` +
+    `(egress ${p.egressAction}, ingress ${p.ingressAction})`;
+}
+
 function sankeyOption(data, opts = {}) {
   const f = opts.unit === "count" ? fmt.count : fmt.bytes;
   const byName = new Map(data.nodes.map((n) => [n.name, n]));
@@ -290,11 +296,11 @@ function sankeyOption(data, opts = {}) {
           const key = `${l.pairs.egress}\u0000${l.pairs.ingress}`;
           if (pairs.get(key)?.detail) return text(pairs.get(key).detail);
           if (!pairs.has(key)) {
-            const entry = { asked: api("pairs", l.pairs) };
+            const entry = { asked: api("pairs", l.pairs).then((r) => r.pairs.map(pairText)) };
             pairs.set(key, entry);
-            entry.asked.then((r) => { entry.detail = r.detail; }, () => pairs.delete(key));
+            entry.asked.then((detail) => { entry.detail = detail; }, () => pairs.delete(key));
           }
-          pairs.get(key).asked.then((r) => callback(ticket, text(r.detail)),
+          pairs.get(key).asked.then((detail) => callback(ticket, text(detail)),
             (e) => callback(ticket, text([`Pod pairs not loaded: ${e.message}`])));
           return text(["Pod pairs\u2026"]);
         }
