@@ -111,10 +111,13 @@ const UNIT = { "B/s": fmt.rate, "B": fmt.bytes, "1/s": fmt.perSecond, "count": f
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
+// Made once: toLocaleTimeString builds a formatter per call, and an axis asks for hundreds.
+const TIME_FORMAT = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+const DATE_FORMAT = new Intl.DateTimeFormat([], { month: "short", day: "numeric" });
 function timeLabel(ms, withDate) {
   const d = new Date(ms);
-  const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
-  return withDate ? `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${t}` : t;
+  const t = TIME_FORMAT.format(d);
+  return withDate ? `${DATE_FORMAT.format(d)} ${t}` : t;
 }
 
 // ------------------------------------------------------------------ API
@@ -344,7 +347,8 @@ function heatmapOption(data) {
       itemHeight: 180, itemWidth: 12, text: [fmt.mbps(data.max || 0), "0"], textStyle: { fontSize: 11 },
       inRange: { color: ["#f1f5f9", "#93c5fd", "#2563eb", "#1e3a8a"] },
     },
-    series: [{ type: "heatmap", data: data.cells, emphasis: { itemStyle: { borderColor: "#111", borderWidth: 1 } } }],
+    // progressive: 0 draws every cell in the first frame (not in chunks after the page says it is loaded)
+    series: [{ type: "heatmap", data: data.cells, progressive: 0, emphasis: { itemStyle: { borderColor: "#111", borderWidth: 1 } } }],
   };
 }
 
