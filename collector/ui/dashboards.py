@@ -387,18 +387,21 @@ def node_traffic(store: query.Backend, q: query.FlowQuery, step: int, *,
                  now: Callable[[], float] = time.time) -> tuple[dict[tuple[str, int], list[tuple[int, ...]]], str]:
     """Per Node and ``step`` bucket, per flow type: the bytes the Node sent and received and its
     records, counting each record for both its Nodes (each row read once, its two ends
-    spread by ``arrayJoin``), Nodes without a name left out. One row per Node and bucket
+    spread by ``arrayJoin`` once grouped), Nodes without a name left out. One row per Node and bucket
     comes back. Returns {(Node, bucket): [(flow type, sent, received, records)]} and the table."""
     src, where, params, _, _ = query._where(
         store, q, frozenset(("flowType", "sourceNodeName", "destinationNodeName")), now, step)
+    # Grouped by both Nodes first (the table's own LowCardinality columns; a few tens of
+    # thousands of Node pairs and buckets), then each group spread to its two ends.
     inner = query._aggregate(store, src, where, [
-        "flowType", "arrayJoin([(0, sourceNodeName), (1, destinationNodeName)]) AS e",
-        f"intDiv({query._TIME}, {int(step):d}) * {int(step):d} AS t"],
+        "flowType", "sourceNodeName", "destinationNodeName", f"intDiv({query._TIME}, {int(step):d}) * {int(step):d} AS t"],
         ["sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
+    ends = ("SELECT flowType, t, arrayJoin([(0, toString(sourceNodeName), o, ro, n), "
+            f"(1, toString(destinationNodeName), ro, o, n)]) AS e FROM ({inner})")
     rows = store.rows(
         "SELECT node, t, groupArray((toUInt8(flowType), sent, received, n)) FROM (SELECT tupleElement(e, 2) AS node, "
-        "flowType, t, sum(if(tupleElement(e, 1) = 0, o, ro)) AS sent, sum(if(tupleElement(e, 1) = 0, ro, o)) AS received, "
-        f"sum(n) AS n FROM ({inner}) WHERE node != '' GROUP BY node, flowType, t) GROUP BY node, t", params.values)
+        "flowType, t, sum(tupleElement(e, 3)) AS sent, sum(tupleElement(e, 4)) AS received, sum(tupleElement(e, 5)) AS n "
+        f"FROM ({ends}) WHERE node != '' GROUP BY node, flowType, t) GROUP BY node, t", params.values)
     return {(str(r[0]), int(r[1])): [tuple(int(x) for x in c) for c in r[2]] for r in rows}, src.name
 
 
