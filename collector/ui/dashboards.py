@@ -152,6 +152,7 @@ OTHER: Final = query.OTHER
 DEFAULT_SINCE: Final = "15m"
 MAX_SPAN: Final = 400 * 86400
 IP_WINDOW: Final = 900  # tooltips name the addresses seen in the range's last 15 minutes
+HEATMAP_COLUMNS: Final = 40  # a heatmap's most columns (50 Nodes by 91 ten-second buckets is 4,550 cells)
 
 
 class PanelError(ValueError):
@@ -915,10 +916,17 @@ class Dashboards:
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
         _, w = self._query(params)
         parts, table = self._node_cells(params, w)
-        cells = {k: sum(p[1] if direction == "tx" else p[2] for p in v) for k, v in parts.items() if v}
+        # At most HEATMAP_COLUMNS columns: whole multiples of the page's step (the question the
+        # lines ask too), so that a Node's row stays a few dozen cells a browser draws at once.
+        step = w.step * -(-len(range(w.start - w.start % w.step, w.end, w.step)) // HEATMAP_COLUMNS)
+        cells: dict[tuple[str, int], int] = {}
+        for (node, t), v in parts.items():
+            if v:
+                key = (node, t - t % step)
+                cells[key] = cells.get(key, 0) + sum(p[1] if direction == "tx" else p[2] for p in v)
         nodes = sorted({k[0] for k in cells})
-        first = w.start - w.start % w.step
-        buckets = list(range(first, w.end, w.step))
+        first = w.start - w.start % step
+        buckets = list(range(first, w.end, step))
         index = {t: i for i, t in enumerate(buckets)}
         row_of = {n: i for i, n in enumerate(nodes)}
         out = []
@@ -926,11 +934,11 @@ class Dashboards:
         for (node, t), octets in cells.items():
             if t not in index:
                 continue
-            mbps = round(octets * 8 / w.step / 1e6, 6)
+            mbps = round(octets * 8 / step / 1e6, 6)
             peak = max(peak, mbps)
             out.append([index[t], row_of[node], mbps])
         return {"times": [t * 1000 for t in buckets], "nodes": nodes, "cells": sorted(out), "max": peak,
-                "step": w.step, "unit": "Mbps", "table": table}
+                "step": step, "unit": "Mbps", "table": table}
 
     def flows(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("flows", params)

@@ -186,6 +186,7 @@ async def test_a_sankey_page_past_its_top_n_folds_the_rest_and_nodes_count_both_
                         want[r[end]] = want.get(r[end], 0) + r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
             assert got == pytest.approx(want), scope
         status, hm = await _get(client, "/ui/v1/heatmap", dir="rx", since="15m")
+        assert len(hm["times"]) <= 40 and hm["step"] % 10 == 0  # whole multiples of the lines' 10 s buckets
         got_b = sum(c[2] for c in hm["cells"] if c[1] == hm["nodes"].index("node-b")) * hm["step"] * 1e6 / 8
         want_b = sum(r["reverseOctetDeltaCount"] for r in RECORDS if r["sourceNodeName"] == "node-b") + \
             sum(r["octetDeltaCount"] for r in RECORDS if r.get("destinationNodeName") == "node-b")
