@@ -173,6 +173,21 @@ async def test_a_sankey_page_past_its_top_n_folds_the_rest_and_nodes_count_both_
             assert [x["name"] for x in ser["series"]] == [first, "other"]
             for line, want in zip(ser["series"], (sums[first], sum(v for k, v in sums.items() if k != first))):
                 assert sum(line["data"]) * ser["step"] == pytest.approx(want)
+        # The top Pods as either end: the two largest, the other two as "other"
+        sent = {}
+        for r in RECORDS:
+            for end, out, back in (("source", "octetDeltaCount", "reverseOctetDeltaCount"),
+                                   ("destination", "reverseOctetDeltaCount", "octetDeltaCount")):
+                if _pod(r, end):
+                    acc = sent.setdefault(_pod(r, end), [0, 0])
+                    acc[0] += r[out]
+                    acc[1] += r[back]
+        ranked = sorted(sent, key=lambda k: (-sum(sent[k]), k))
+        status, top = await _get(client, "/ui/v1/top", group="pod", n="2", since="15m")
+        assert [(x["name"], x["octets"], x["reverseOctets"]) for x in top["rows"]] == \
+            [(k, *sent[k]) for k in ranked[:2]]
+        assert (top["other"]["octets"], top["other"]["reverseOctets"], top["other"]["groups"]) == \
+            (sum(sent[k][0] for k in ranked[2:]), sum(sent[k][1] for k in ranked[2:]), len(ranked) - 2)
         # A Node's lines count a record at both its ends (an intra-Node one twice for its Node);
         # the received heatmap is the reverse of the sent one.
         for scope, flow_type in (("inter-node", 2), ("intra-node", 1)):
