@@ -350,6 +350,8 @@ def pair_totals(store: query.Backend, q: query.FlowQuery, source: str, target: s
         "sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
     pairs = (f"SELECT CAST({s_dim.sql} AS String) AS s, CAST({t_dim.sql} AS String) AS d, sum(o) AS o, "
              f"sum(ro) AS ro, sum(n) AS n FROM ({inner}) GROUP BY s, d")
+    if not _recent_server(store):
+        return _pair_totals_here(store.rows(pairs, params.values), src.name)
     sums = ", ".join(f"sum(o) OVER {w} AS {e}_tx, sum(ro) OVER {w} AS {e}_rx, sumIf(n, o > 0) OVER {w} AS {e}_ntx, "
                      f"sumIf(n, ro > 0) OVER {w} AS {e}_nrx" for e, w in (("s", "ws"), ("d", "wd"), ("g", "wg")))
     totals = (f"SELECT s, d, o, ro, n, {sums} FROM ({pairs}) "
@@ -444,6 +446,32 @@ def _rank_lambda_both() -> str:
     return "x -> (-toInt64(tupleElement(x, 2) + tupleElement(x, 3)), tupleElement(x, 1))"
 
 
+def _recent_server(store: query.Backend) -> bool:
+    """Whether the server runs window functions and sums maps of text keys (ClickHouse 21.9 on,
+    chDB; not Debian's 18.16, whose answers are then summed here from plainer questions)."""
+    features = getattr(store, "features", None)
+    return features is None or tuple(features.version) >= (21, 9)
+
+
+def _pair_totals_here(rows: Sequence[Sequence[Any]], table: str) -> PairTotals:
+    """:func:`pair_totals` from every grouped pair, summed here (a server without window
+    functions): the same totals and, as the panels read them, the same pairs."""
+    pairs: dict[tuple[str, str], tuple[int, int, int]] = {}
+    ends: dict[str, dict[str, list[int]]] = {"s": {}, "d": {}}
+    total = [0, 0, 0, 0]
+    for s_key, d_key, o, ro, n in rows:
+        o, ro, n = int(o or 0), int(ro or 0), int(n or 0)
+        pairs[(str(s_key), str(d_key))] = (o, ro, n)
+        for acc in (ends["s"].setdefault(str(s_key), [0, 0, 0, 0]), ends["d"].setdefault(str(d_key), [0, 0, 0, 0]), total):
+            acc[0] += o
+            acc[1] += ro
+            acc[2] += n if o else 0
+            acc[3] += n if ro else 0
+    return PairTotals(pairs, {k: (v[0], v[1], v[2], v[3]) for k, v in ends["s"].items()},
+                      {k: (v[0], v[1], v[2], v[3]) for k, v in ends["d"].items()},
+                      (total[0], total[1], total[2], total[3]), table)
+
+
 def _ranked(keys: Mapping[str, tuple[int, int, int, int]], value: Callable[[tuple[int, int, int, int]], int],
             n: int, *, nonzero: bool = True) -> list[str]:
     """The ``n`` first keys by ``value`` descending, then the key (the store's rank order)."""
@@ -493,9 +521,25 @@ def pair_lines(store: query.Backend, q: query.FlowQuery, w: Window, ends: Mappin
     GROUP BY by bucket over one scan: the lines of a sankey page's two series. Returns
     (buckets, totals, {dimension: {key: values}}, table)."""
     dims = sorted(ends)
+    step = int(w.step)
+    first = w.start - w.start % step
+    buckets = list(range(first, w.end, step))
+    index = {t: i for i, t in enumerate(buckets)}
+    totals = [0] * len(buckets)
+    lines: dict[str, dict[str, list[int]]] = {d: {k: [0] * len(buckets) for k in ends[d]} for d in dims}
+    if not _recent_server(store):  # an old server (18.16): one GROUP BY for the total and one per end
+        table = ""
+        for r in grouped(store, q, [], step=step, now=now)[0]:
+            if r.bucket in index:
+                totals[index[r.bucket]] += r.octets + r.reverse_octets
+        for d in dims:
+            rows_d, table = grouped(store, q, [d], step=step, only={d: ends[d]}, now=now)
+            for r in rows_d:
+                if r.bucket in index and r.keys[0] in lines[d]:
+                    lines[d][r.keys[0]][index[r.bucket]] += r.octets + r.reverse_octets
+        return buckets, totals, lines, table
     columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
     src, where, params, start, end = query._where(store, q, columns, now, w.step)
-    step = int(w.step)
     bytes_ = "(octetDeltaCount + reverseOctetDeltaCount)"
     maps = [f"sumMapIf([CAST({DIMENSIONS[d].sql} AS String)], [toUInt64({bytes_})], {_key_in(d, ends[d], params)}) "
             f"AS m{i}" for i, d in enumerate(dims)]
@@ -503,11 +547,6 @@ def pair_lines(store: query.Backend, q: query.FlowQuery, w: Window, ends: Mappin
                              [f"sum({bytes_}) AS b", *maps])
     outer = ", ".join(f"sumMap(m{i})" for i in range(len(dims)))
     rows = store.rows(f"SELECT t, sum(b){', ' + outer if outer else ''} FROM ({inner}) GROUP BY t", params.values)
-    first = w.start - w.start % step
-    buckets = list(range(first, w.end, step))
-    index = {t: i for i, t in enumerate(buckets)}
-    totals = [0] * len(buckets)
-    lines: dict[str, dict[str, list[int]]] = {d: {k: [0] * len(buckets) for k in ends[d]} for d in dims}
     for r in rows:
         i = index.get(int(r[0]))
         if i is None:
@@ -538,6 +577,11 @@ class _Shared:
         self._answers: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         self._flights: dict[tuple[Any, ...], threading.Lock] = {}
         self.asked = 0  # questions that reached the store (the tests and the benchmark read it)
+
+    @property
+    def features(self) -> Any:
+        """The store's server features (set when it opened): what SQL it runs."""
+        return getattr(self.store, "features", None)
 
     def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         key = (sql, tuple(sorted(params.items())))
