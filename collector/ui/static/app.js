@@ -948,6 +948,11 @@ async function loadPage(gen, failed) {
     throw new ApiError((body && body.error) || `${resp.status} ${resp.statusText}`, body);
   }
   await chartsLoaded();
+  // The charts' instances are made while the server still computes (the page is idle then),
+  // so that drawing an answer is only setOption.
+  for (const div of document.querySelectorAll("#main [data-chart]")) {
+    if (!charts.has(div) && !div.dataset.empty) charts.set(div, echarts.init(div, null, { renderer: "canvas" }));
+  }
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   const answered = new Set();
