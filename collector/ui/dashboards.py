@@ -405,7 +405,7 @@ def node_traffic(store: query.Backend, q: query.FlowQuery, step: int, *,
         "SELECT node, t, groupArray((toUInt8(flowType), sent, received, n)) FROM (SELECT tupleElement(e, 2) AS node, "
         "flowType, t, sum(tupleElement(e, 3)) AS sent, sum(tupleElement(e, 4)) AS received, sum(tupleElement(e, 5)) AS n "
         f"FROM ({ends}) WHERE node != '' GROUP BY node, flowType, t) GROUP BY node, t", params.values)
-    return {(str(r[0]), int(r[1])): [tuple(int(x) for x in c) for c in r[2]] for r in rows}, src.name
+    return {(str(r[0]), int(r[1])): [tuple(c) for c in r[2]] for r in rows}, src.name
 
 
 def pods_either_end(store: query.Backend, q: query.FlowQuery, n: int, *, now: Callable[[], float] = time.time
@@ -796,8 +796,10 @@ class Dashboards:
         keep = {k: v for k, v in params.items() if k in _COMMON and (k != "scope" or scope not in _NODE_SCOPES)}
         q, _ = self._query(keep)
         cells, table = self._run(lambda: node_traffic(self.store, q, w.step, now=self.now))
-        wanted = None if types is None else {int(t) for t in types}
-        return {k: [c for c in v if wanted is None or c[0] in wanted] for k, v in cells.items()}, table
+        if types is None:
+            return cells, table
+        wanted = {int(t) for t in types}
+        return {k: [c for c in v if c[0] in wanted] for k, v in cells.items()}, table
 
     def _node_series(self, params: Mapping[str, str], by: str, top: int, w: Window) -> query.Series:
         """What went through each Node, as either end (an inter-Node flow counts for both)."""
