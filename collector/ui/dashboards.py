@@ -700,13 +700,34 @@ class Dashboards:
     def summary(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("summary", params)
         q, w = self._query(params)
-        ov = self._run(lambda: query.overview(self.store, q, now=self.now))
+        # Records, bytes and packets from the page's verdict grid (the question its series ask
+        # too); the distinct connections, Pods, Nodes, Services and namespaces from the
+        # connection states, as query.overview reads them.
+        rows, _ = self._verdict_grid(params, w)
+        n = sum(r.records for r in rows)
+        b = sum(r.octets + r.reverse_octets for r in rows)
+        packets = sum(r.packets + r.reverse_packets for r in rows)
+        names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
+        counts = ("connections", "ended", "denied")
+        start, end = w.start, w.end
+        from flowscope.collector.filter import parse_filter
+
+        if parse_filter(q.filter).sql == "1":  # no filter: the conn roll-ups hold the names' states too (one read)
+            conns = found = self._run(lambda: query._states(self.store, q, start, end, counts + names + ("namespaces",),
+                                                            "connections", self.now))[0]
+        else:
+            conns = self._run(lambda: query._states(self.store, q, start, end, counts, "connections", self.now))[0]
+            found = self._run(lambda: query._states(self.store, q, start, end, names + ("namespaces",), "sums",
+                                                    self.now))[0]
+        c, ended, denied = (int(conns[k]) for k in counts)
+        seconds = max(end - start, 1)
         return {
-            "start": w.start, "end": w.end,
-            "flows": ov.records, "flowsPerSecond": ov.records_per_second,
-            "octets": ov.bytes, "octetsPerSecond": ov.throughput / 8, "packets": ov.packets,
-            "connections": ov.connections, "active": ov.active, "ended": ov.ended, "denied": ov.denied,
-            "namespaces": ov.namespaces, "pods": ov.pods, "nodes": ov.nodes, "services": ov.services,
+            "start": start, "end": end,
+            "flows": n, "flowsPerSecond": round(n / seconds, 3),
+            "octets": b, "octetsPerSecond": round(b * 8 / seconds, 3) / 8, "packets": packets,
+            "connections": c, "active": max(c - ended, 0), "ended": ended, "denied": denied,
+            "namespaces": found["namespaces"], "pods": found["srcPods"] + found["dstPods"],
+            "nodes": max(found["srcNodes"], found["dstNodes"]), "services": found["services"],
         }
 
     def series(self, params: Mapping[str, str]) -> dict[str, Any]:

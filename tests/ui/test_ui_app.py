@@ -210,6 +210,23 @@ async def test_a_sankey_page_past_its_top_n_folds_the_rest_and_nodes_count_both_
         await client.close()
 
 
+def test_the_summary_reads_the_pages_grid_and_answers_what_the_query_layers_overview_does(store) -> None:
+    from flowscope.collector import query
+    from flowscope.collector.ui.dashboards import Dashboards
+
+    dash = Dashboards(store, now=lambda: float(NOW))
+    for params in ({"since": "15m"}, {"since": "15m", "filter": "action = drop"}, {"since": "15m", "scope": "inter-node"}):
+        scope = dash.scoped()
+        got = scope.summary(params)
+        q, w = dash._query(params)
+        ov = query.overview(store, q, now=lambda: float(NOW))
+        assert got == {"start": w.start, "end": w.end, "flows": ov.records, "flowsPerSecond": ov.records_per_second,
+                       "octets": ov.bytes, "octetsPerSecond": ov.throughput / 8, "packets": ov.packets,
+                       "connections": ov.connections, "active": ov.active, "ended": ov.ended, "denied": ov.denied,
+                       "namespaces": ov.namespaces, "pods": ov.pods, "nodes": ov.nodes, "services": ov.services}, params
+        assert got["flows"] > 0
+
+
 async def test_flow_records_page_export_and_scopes(store) -> None:
     client = await _client(store)
     try:
