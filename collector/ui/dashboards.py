@@ -3,10 +3,15 @@
 The web pages ask for panels (a summary, a time series, a top-N bar, a sankey, a heatmap,
 a page of records, completions); this module answers each with plain JSON-ready dicts,
 reading only through :mod:`flowscope.collector.query`: its ``top``, ``series``,
-``overview``, ``flows`` and ``complete``, and, for the panels that need both directions
-apart (Tx/Rx sankeys, per-Node Tx/Rx heatmaps) or several dimensions at once (the policy
-sankey's links with their Pod pairs), :func:`grouped`, which asks the same table choice
-the query layer makes (the coarsest roll-up that answers exactly) for one GROUP BY.
+``flows``, ``complete`` and connection states, and, for the panels that need both
+directions apart (Tx/Rx sankeys, per-Node Tx/Rx heatmaps) or several dimensions at once
+(the policy sankey's links with their Pod pairs), questions of its own over the same table
+choice the query layer makes (the coarsest roll-up that answers exactly): :func:`grouped`
+(one GROUP BY), :func:`pair_totals` and :func:`pair_lines` (a sankey page's ranked pairs and
+its series' lines), :func:`node_traffic` (both ends of every Node) and
+:func:`pods_either_end` (the top Pods as either end). Each is shaped so that only what the
+panels draw comes back from the store: at 10M flows, converting tens of thousands of rows
+in Python cost more than the query.
 
 A dashboard's *scope* narrows every panel of a page the way Antrea's dashboards do
 (Pod-to-Pod: flows between Pods not through a Service, Pod-to-Service, Pod-to-External,
@@ -564,9 +569,9 @@ def pair_lines(store: query.Backend, q: query.FlowQuery, w: Window, ends: Mappin
 
 class _Shared:
     """One page load's questions to the store, each asked once. A page's panels ask some
-    questions twice (the Tx and Rx sankeys read one GROUP BY, the two heatmaps another, the
-    top Pods and the tooltips a third) and run concurrently: the first asks, the others
-    wait for its answer. It lives as long as one request, so nothing it holds is older
+    questions twice or more (a sankey page's sankeys and series read one ranked question,
+    the Node page's four charts another, the Overview's series and summary a third) and run
+    concurrently: the first asks, the others wait for its answer. It lives as long as one request, so nothing it holds is older
     than the request that asked: no answer outlives the page load (or panel) it was for."""
 
     def __init__(self, store: query.Backend) -> None:
