@@ -16,7 +16,10 @@ Measured, in the same run, for the last hour and the last day:
   (``/ui/v1/<panel>``, what the page did before);
 * ``chromium``: Chromium (Debian's, through playwright) opening each dashboard until every
   chart has drawn its data (the page's ``data-loaded`` mark, set one animation frame after
-  the last chart's data), median of ``--rounds``;
+  the last chart's data, looked for at every animation frame), median of ``--rounds``, with
+  where the time went (``parts_median_ms``: the script ready, the page's request asked and
+  answered, the first panel, drawing, and around the page's clock the navigation's start
+  after ``goto`` and the mark's being seen);
 * the peer: with ``--peer-ref REV``, the dashboards' code of that git revision
   (collector/ui/ as it was, over today's query layer) served from the same process on
   another port and measured the same way, round for round alternating with the current
@@ -285,11 +288,19 @@ def _browser(base: str, peer_base: str | None, pages: list[str], rounds: int
         for tab in tabs.values():
             tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
+        wall: dict[str, float] = {}
+
         def load(tab: Any, url: str) -> float:
+            wall["asked"] = time.time()
             t0 = time.perf_counter()
             tab.goto(url)
-            tab.wait_for_selector("main[data-loaded]", state="attached", timeout=60_000)
-            return time.perf_counter() - t0
+            # Looked for at every animation frame: wait_for_selector retries at growing intervals
+            # (up to 500 ms apart), which added up to half a second after the mark was set.
+            tab.wait_for_function("() => document.querySelector('main[data-loaded]') !== null", polling="raf",
+                                  timeout=60_000)
+            elapsed = time.perf_counter() - t0
+            wall["seen"] = time.time()
+            return elapsed
 
         def parts(tab: Any) -> dict[str, float]:
             """Where the current code's page load went (its performance.measure marks), in seconds."""
@@ -297,13 +308,24 @@ def _browser(base: str, peer_base: str | None, pages: list[str], rounds: int
                 const nav = performance.getEntriesByType("navigation")[0];
                 const m = (p) => performance.getEntriesByType("measure").filter((e) => e.name.startsWith(p));
                 const sum = (es) => es.reduce((a, e) => a + e.duration, 0);
+                const page = performance.getEntriesByType("resource").filter((e) => e.name.includes("ui/v1/page"))[0];
                 return { script_ready: nav.domContentLoadedEventEnd, data: sum(m("flowscope:data")),
+                         page_asked: page ? page.startTime : 0, page_first_byte: page ? page.responseStart : 0,
+                         page_last_byte: page ? page.responseEnd : 0, time_origin: performance.timeOrigin,
+                         loaded_mark: Math.max(...m("flowscope:painted").map((e) => e.startTime + e.duration)),
                          first_panel: Math.min(...m("flowscope:arrived").map((e) => e.duration)),
                          js_show: sum(m("flowscope:show")), paint: sum(m("flowscope:painted")),
                          answer_bytes: performance.getEntriesByType("resource")
                            .filter((e) => e.name.includes("ui/v1/page")).reduce((a, e) => a + e.encodedBodySize, 0) };
             }""")
-            return {k: float(v) / (1 if k == "answer_bytes" else 1000) for k, v in got.items()}
+            out = {k: float(v) / (1 if k == "answer_bytes" else 1000) for k, v in got.items()}
+            # around the page's own clock: from goto until the navigation began (the last page's
+            # unloading, the browser's start of the request), and from the page's loaded mark
+            # until playwright saw it
+            origin, loaded = out.pop("time_origin"), out.pop("loaded_mark")  # epoch seconds, seconds after it
+            out["navigation_after_goto"] = origin - wall["asked"]
+            out["seen_after_loaded_mark"] = wall["seen"] - (origin + loaded)
+            return out
 
         for span in ("1h", "24h"):
             for view in pages:

@@ -3,10 +3,15 @@
 The web pages ask for panels (a summary, a time series, a top-N bar, a sankey, a heatmap,
 a page of records, completions); this module answers each with plain JSON-ready dicts,
 reading only through :mod:`flowscope.collector.query`: its ``top``, ``series``,
-``overview``, ``flows`` and ``complete``, and, for the panels that need both directions
-apart (Tx/Rx sankeys, per-Node Tx/Rx heatmaps) or several dimensions at once (the policy
-sankey's links with their Pod pairs), :func:`grouped`, which asks the same table choice
-the query layer makes (the coarsest roll-up that answers exactly) for one GROUP BY.
+``flows``, ``complete`` and connection states, and, for the panels that need both
+directions apart (Tx/Rx sankeys, per-Node Tx/Rx heatmaps) or several dimensions at once
+(the policy sankey's links with their Pod pairs), questions of its own over the same table
+choice the query layer makes (the coarsest roll-up that answers exactly): :func:`grouped`
+(one GROUP BY), :func:`pair_totals` and :func:`pair_lines` (a sankey page's ranked pairs and
+its series' lines), :func:`node_traffic` (both ends of every Node) and
+:func:`pods_either_end` (the top Pods as either end). Each is shaped so that only what the
+panels draw comes back from the store: at 10M flows, converting tens of thousands of rows
+in Python cost more than the query.
 
 A dashboard's *scope* narrows every panel of a page the way Antrea's dashboards do
 (Pod-to-Pod: flows between Pods not through a Service, Pod-to-Service, Pod-to-External,
@@ -55,6 +60,11 @@ SCOPES: Final[dict[str, str]] = {
     "denied": "action in (drop, reject)",
     "policy": "",
 }
+#: The sankey pages' scopes: their sankeys' (source, target) dimensions, which their series
+#: group by too.
+SANKEY_ENDS: Final[dict[str, tuple[str, str]]] = {
+    "pod-to-pod": ("srcPod", "dstPod"), "pod-to-service": ("srcPod", "service"),
+    "pod-to-external": ("srcPod", "dstIP")}
 #: The Network Policy page's fields: URL parameter -> (policy field, part).
 POLICY_PARAMS: Final[dict[str, tuple[str, str]]] = {
     "ingressPolicyNamespace": ("ingressPolicy", "namespace"),
@@ -147,6 +157,7 @@ OTHER: Final = query.OTHER
 DEFAULT_SINCE: Final = "15m"
 MAX_SPAN: Final = 400 * 86400
 IP_WINDOW: Final = 900  # tooltips name the addresses seen in the range's last 15 minutes
+HEATMAP_COLUMNS: Final = 40  # a heatmap's most columns (50 Nodes by 91 ten-second buckets is 4,550 cells)
 
 
 class PanelError(ValueError):
@@ -261,18 +272,27 @@ class GroupRow:
     records: int
 
 
+def _key_in(dim: str, keys: Sequence[str], params: Any) -> str:
+    """The condition "``dim``'s key is one of ``keys``" (bound values), over its own columns."""
+    if not keys:
+        return "0"
+    return f"CAST({DIMENSIONS[dim].sql} AS String) IN ({', '.join(params.add(k, 'String') for k in keys)})"
+
+
 def grouped(store: query.Backend, q: query.FlowQuery, dims: Sequence[str], *, step: int = 0,
-            limit_by: tuple[int, int] | None = None,
+            limit_by: tuple[int, int] | None = None, only: Mapping[str, Sequence[str]] | None = None,
             now: Callable[[], float] = time.time) -> tuple[list[GroupRow], str]:
     """One GROUP BY over ``dims`` (DIMENSIONS names), per ``step`` bucket when given, read from
     the table the query layer would choose. Returns the rows and the table's name.
     ``limit_by=(n, k)``: only the ``n`` largest groups (by bytes) for each value of the first
-    ``k`` dimensions (ClickHouse's LIMIT n BY)."""
+    ``k`` dimensions (ClickHouse's LIMIT n BY); ``only``: a dimension's groups among these keys."""
     for d in dims:
         if d not in DIMENSIONS:
             raise PanelError("group", f"group: {d!r} is not one of {', '.join(DIMENSIONS)}")
     columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
     src, where, params, _, _ = query._where(store, q, columns, now, step)  # the query layer's table choice
+    for d, keys in sorted((only or {}).items()):
+        where += f" AND {_key_in(d, keys, params)}"
     tcol = query._TIME  # the time column of whichever table a part reads
     # Group by the dimensions' own columns first (LowCardinality groups fast), then make the
     # keys' text over the far fewer grouped rows.
@@ -303,13 +323,255 @@ def _label(dim: str, key: str) -> str:
     return query.label(dim, key)
 
 
+#: How far down each ranking :func:`pair_totals` keeps keys: any top N of a panel (at most
+#: MAX_TOP) and whether there is one more.
+_PAIR_RANKS: Final = MAX_TOP + 1
+
+
+@dataclass(frozen=True, slots=True)
+class PairTotals:
+    """A scope's traffic from source keys to target keys (a sankey page's question), told by
+    what its panels draw rather than every pair: each end's totals for its keys that rank in
+    the top :data:`_PAIR_RANKS` by bytes sent, received or both, the pairs between keys that
+    rank there at both ends (in one direction), and the grand total. Totals are
+    (bytes sent, bytes received back, records with bytes sent, records with bytes back)."""
+
+    pairs: dict[tuple[str, str], tuple[int, int, int]]  # (octets, reverse octets, records)
+    sources: dict[str, tuple[int, int, int, int]]
+    targets: dict[str, tuple[int, int, int, int]]
+    total: tuple[int, int, int, int]
+    table: str
+
+
+def pair_totals(store: query.Backend, q: query.FlowQuery, source: str, target: str, *,
+                now: Callable[[], float] = time.time) -> PairTotals:
+    """One question, one scan: the (source, target) pairs are grouped and ranked in the store
+    (window functions over the grouped pairs) and only the few hundred rows the panels
+    need come back, not the tens of thousands of pairs of a 5,000-Pod cluster."""
+    s_dim, t_dim = DIMENSIONS[source], DIMENSIONS[target]
+    columns = list(dict.fromkeys(s_dim.columns + t_dim.columns))
+    src, where, params, _, _ = query._where(store, q, frozenset(columns), now, 0)
+    inner = query._aggregate(store, src, where, columns, [
+        "sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
+    pairs = (f"SELECT CAST({s_dim.sql} AS String) AS s, CAST({t_dim.sql} AS String) AS d, sum(o) AS o, "
+             f"sum(ro) AS ro, sum(n) AS n FROM ({inner}) GROUP BY s, d")
+    if not _recent_server(store):
+        return _pair_totals_here(store.rows(pairs, params.values), src.name)
+    sums = ", ".join(f"sum(o) OVER {w} AS {e}_tx, sum(ro) OVER {w} AS {e}_rx, sumIf(n, o > 0) OVER {w} AS {e}_ntx, "
+                     f"sumIf(n, ro > 0) OVER {w} AS {e}_nrx" for e, w in (("s", "ws"), ("d", "wd"), ("g", "wg")))
+    totals = (f"SELECT s, d, o, ro, n, {sums} FROM ({pairs}) "
+              "WINDOW ws AS (PARTITION BY s), wd AS (PARTITION BY d), wg AS ()")
+    ranks = ", ".join(f"dense_rank() OVER (ORDER BY {v} DESC, {e}) AS r{e}_{name}"
+                      for e in ("s", "d") for name, v in (("tx", f"{e}_tx"), ("rx", f"{e}_rx"),
+                                                          ("all", f"{e}_tx + {e}_rx")))
+    m = _PAIR_RANKS
+    elements = ", ".join((
+        f"('p', s, d, o, ro, n, 0, (rs_tx <= {m} AND rd_tx <= {m}) OR (rs_rx <= {m} AND rd_rx <= {m}))",
+        f"('s', s, '', s_tx, s_rx, s_ntx, s_nrx, least(rs_tx, rs_rx, rs_all) <= {m})",
+        f"('d', '', d, d_tx, d_rx, d_ntx, d_nrx, least(rd_tx, rd_rx, rd_all) <= {m})",
+        "('t', '', '', g_tx, g_rx, g_ntx, g_nrx, 1)"))
+    x = [f"tupleElement(x, {i})" for i in range(1, 8)]
+    rows = store.rows(
+        f"SELECT {x[0]} AS kind, {x[1]} AS a, {x[2]} AS b, any({x[3]}), any({x[4]}), any({x[5]}), any({x[6]}) "
+        f"FROM (SELECT arrayJoin(arrayFilter(x -> tupleElement(x, 8), [{elements}])) AS x "
+        f"FROM (SELECT *, {ranks} FROM ({totals}))) GROUP BY kind, a, b", params.values)
+    pairs_out: dict[tuple[str, str], tuple[int, int, int]] = {}
+    ends: dict[str, dict[str, tuple[int, int, int, int]]] = {"s": {}, "d": {}}
+    total = (0, 0, 0, 0)
+    for kind, a, b, v1, v2, v3, v4 in rows:
+        vals = (int(v1), int(v2), int(v3), int(v4))
+        if kind == "p":
+            pairs_out[(str(a), str(b))] = vals[:3]
+        elif kind == "s":
+            ends["s"][str(a)] = vals
+        elif kind == "d":
+            ends["d"][str(b)] = vals
+        else:
+            total = vals
+    return PairTotals(pairs_out, ends["s"], ends["d"], total, src.name)
+
+
+def node_traffic(store: query.Backend, q: query.FlowQuery, step: int, *,
+                 now: Callable[[], float] = time.time) -> tuple[dict[tuple[str, int], list[tuple[int, ...]]], str]:
+    """Per Node and ``step`` bucket, per flow type: the bytes the Node sent and received and its
+    records, counting each record for both its Nodes (each row read once, its two ends
+    spread by ``arrayJoin`` once grouped), Nodes without a name left out. One row per Node and bucket
+    comes back. Returns {(Node, bucket): [(flow type, sent, received, records)]} and the table."""
+    src, where, params, _, _ = query._where(
+        store, q, frozenset(("flowType", "sourceNodeName", "destinationNodeName")), now, step)
+    # Grouped by both Nodes first (the table's own LowCardinality columns; a few tens of
+    # thousands of Node pairs and buckets), then each group spread to its two ends.
+    inner = query._aggregate(store, src, where, [
+        "flowType", "sourceNodeName", "destinationNodeName", f"intDiv({query._TIME}, {int(step):d}) * {int(step):d} AS t"],
+        ["sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro", f"{query._RECORDS} AS n"])
+    ends = ("SELECT flowType, t, arrayJoin([(0, toString(sourceNodeName), o, ro, n), "
+            f"(1, toString(destinationNodeName), ro, o, n)]) AS e FROM ({inner})")
+    rows = store.rows(
+        "SELECT node, t, groupArray((toUInt8(flowType), sent, received, n)) FROM (SELECT tupleElement(e, 2) AS node, "
+        "flowType, t, sum(tupleElement(e, 3)) AS sent, sum(tupleElement(e, 4)) AS received, sum(tupleElement(e, 5)) AS n "
+        f"FROM ({ends}) WHERE node != '' GROUP BY node, flowType, t) GROUP BY node, t", params.values)
+    return {(str(r[0]), int(r[1])): [tuple(c) for c in r[2]] for r in rows}, src.name
+
+
+def pods_either_end(store: query.Backend, q: query.FlowQuery, n: int, *, now: Callable[[], float] = time.time
+                    ) -> tuple[list[tuple[str, tuple[int, int, int, int]]], tuple[int, int, int, int], int, str]:
+    """The ``n`` Pods that sent and received most as either end (what a Pod sent is its forward
+    bytes as the source and its reverse bytes as the destination), ranked in the store
+    from each end's own narrow roll-up (the source Pods' and the destination Pods'), one
+    round trip: ``n`` rows back, not every Pod. Returns [(Pod, (sent, received, packets,
+    records))], the totals over every Pod, how many Pods there are, and the tables."""
+    sides = []
+    params: dict[str, Any] = {}
+    tables = []
+    for dim, sent, received in (("srcPod", "o", "ro"), ("dstPod", "ro", "o")):
+        d = DIMENSIONS[dim]
+        src, where, p, _, _ = query._where(store, q, frozenset(d.columns), now, 0)
+        for k, v in p.values.items():  # both ends bind the same filter, in the same order
+            if params.setdefault(k, v) != v:
+                raise query.QueryError(f"filter: the two ends bound {k} differently")
+        tables.append(src.name)
+        inner = query._aggregate(store, src, where, list(d.columns), [
+            "sum(octetDeltaCount) AS o", "sum(reverseOctetDeltaCount) AS ro",
+            "sum(packetDeltaCount + reversePacketDeltaCount) AS p", f"{query._RECORDS} AS n"])
+        sides.append(f"SELECT CAST({d.sql} AS String) AS pod, {sent} AS s, {received} AS r, p, n FROM ({inner})")
+    pods = (f"SELECT pod, sum(s) AS s, sum(r) AS r, sum(p) AS p, sum(n) AS n FROM ({' UNION ALL '.join(sides)}) "
+            "WHERE pod != '' GROUP BY pod")
+    rank = _rank_lambda_both()
+    rows = store.rows(f"SELECT sum(s), sum(r), sum(p), sum(n), count(), arraySlice(arraySort({rank}, "
+                      f"groupArray((pod, s, r, p, n))), 1, {int(n):d}) FROM ({pods})", params)
+    if not rows:
+        return [], (0, 0, 0, 0), 0, ",".join(sorted(set(tables)))
+    r = rows[0]
+    top = [(str(e[0]), (int(e[1]), int(e[2]), int(e[3]), int(e[4]))) for e in r[5]]
+    return top, (int(r[0] or 0), int(r[1] or 0), int(r[2] or 0), int(r[3] or 0)), int(r[4]), ",".join(sorted(set(tables)))
+
+
+def _rank_lambda_both() -> str:
+    """Groups (key, sent, received, ...) by sent plus received descending, then the key."""
+    return "x -> (-toInt64(tupleElement(x, 2) + tupleElement(x, 3)), tupleElement(x, 1))"
+
+
+def _recent_server(store: query.Backend) -> bool:
+    """Whether the server runs window functions and sums maps of text keys (ClickHouse 21.9 on,
+    chDB; not Debian's 18.16, whose answers are then summed here from plainer questions)."""
+    features = getattr(store, "features", None)
+    return features is None or tuple(features.version) >= (21, 9)
+
+
+def _pair_totals_here(rows: Sequence[Sequence[Any]], table: str) -> PairTotals:
+    """:func:`pair_totals` from every grouped pair, summed here (a server without window
+    functions): the same totals and, as the panels read them, the same pairs."""
+    pairs: dict[tuple[str, str], tuple[int, int, int]] = {}
+    ends: dict[str, dict[str, list[int]]] = {"s": {}, "d": {}}
+    total = [0, 0, 0, 0]
+    for s_key, d_key, o, ro, n in rows:
+        o, ro, n = int(o or 0), int(ro or 0), int(n or 0)
+        pairs[(str(s_key), str(d_key))] = (o, ro, n)
+        for acc in (ends["s"].setdefault(str(s_key), [0, 0, 0, 0]), ends["d"].setdefault(str(d_key), [0, 0, 0, 0]), total):
+            acc[0] += o
+            acc[1] += ro
+            acc[2] += n if o else 0
+            acc[3] += n if ro else 0
+    return PairTotals(pairs, {k: (v[0], v[1], v[2], v[3]) for k, v in ends["s"].items()},
+                      {k: (v[0], v[1], v[2], v[3]) for k, v in ends["d"].items()},
+                      (total[0], total[1], total[2], total[3]), table)
+
+
+def _ranked(keys: Mapping[str, tuple[int, int, int, int]], value: Callable[[tuple[int, int, int, int]], int],
+            n: int, *, nonzero: bool = True) -> list[str]:
+    """The ``n`` first keys by ``value`` descending, then the key (the store's rank order)."""
+    chosen = [k for k, v in keys.items() if value(v) > 0 or not nonzero]
+    return sorted(chosen, key=lambda k: (-value(keys[k]), k))[:n]
+
+
+def _fold(pt: PairTotals, direction: str, n: int) -> tuple[dict[tuple[str, str], list[int]], list[str], list[str]]:
+    """A sankey's links in one direction: pairs between the ``n`` largest sources and the ``n``
+    largest targets, each end's remainder to "other" and "other" to "other", from the
+    totals (what a pair row would add to them is the end's total less its shown pairs).
+    Returns the links ({(source, target): [bytes, records]}) and the shown keys."""
+    i = 0 if direction == "tx" else 1
+    keep_s = _ranked(pt.sources, lambda v: v[i], n)
+    keep_d = _ranked(pt.targets, lambda v: v[i], n)
+    ks, kd = set(keep_s), set(keep_d)
+    merged: dict[tuple[str, str], list[int]] = {}
+    shown_s = {k: [0, 0] for k in keep_s}
+    shown_d = {k: [0, 0] for k in keep_d}
+
+    def add(s: str, d: str, v: int, recs: int) -> None:
+        if v > 0:
+            m = merged.setdefault((s, d), [0, 0])
+            m[0] += v
+            m[1] += recs
+
+    for (s, d), pair in sorted(pt.pairs.items()):
+        v = pair[i]
+        if s in ks and d in kd and v > 0:
+            add(s, d, v, pair[2])
+            for acc in (shown_s[s], shown_d[d]):
+                acc[0] += v
+                acc[1] += pair[2]
+    for k in keep_s:
+        add(k, OTHER, pt.sources[k][i] - shown_s[k][0], pt.sources[k][2 + i] - shown_s[k][1])
+    for k in keep_d:
+        add(OTHER, k, pt.targets[k][i] - shown_d[k][0], pt.targets[k][2 + i] - shown_d[k][1])
+    add(OTHER, OTHER, pt.total[i] - sum(m[0] for m in merged.values()),
+        pt.total[2 + i] - sum(m[1] for m in merged.values()))
+    return merged, keep_s, keep_d
+
+
+def pair_lines(store: query.Backend, q: query.FlowQuery, w: Window, ends: Mapping[str, Sequence[str]], *,
+               now: Callable[[], float] = time.time) -> tuple[list[int], list[int], dict[str, dict[str, list[int]]], str]:
+    """Per bucket of ``w.step``, the bytes (both directions) of a scope in total and of each of
+    the given keys of each dimension (``ends``: {"srcPod": [...], "dstPod": [...]}), in one
+    GROUP BY by bucket over one scan: the lines of a sankey page's two series. Returns
+    (buckets, totals, {dimension: {key: values}}, table)."""
+    dims = sorted(ends)
+    step = int(w.step)
+    first = w.start - w.start % step
+    buckets = list(range(first, w.end, step))
+    index = {t: i for i, t in enumerate(buckets)}
+    totals = [0] * len(buckets)
+    lines: dict[str, dict[str, list[int]]] = {d: {k: [0] * len(buckets) for k in ends[d]} for d in dims}
+    if not _recent_server(store):  # an old server (18.16): one GROUP BY for the total and one per end
+        table = ""
+        for r in grouped(store, q, [], step=step, now=now)[0]:
+            if r.bucket in index:
+                totals[index[r.bucket]] += r.octets + r.reverse_octets
+        for d in dims:
+            rows_d, table = grouped(store, q, [d], step=step, only={d: ends[d]}, now=now)
+            for r in rows_d:
+                if r.bucket in index and r.keys[0] in lines[d]:
+                    lines[d][r.keys[0]][index[r.bucket]] += r.octets + r.reverse_octets
+        return buckets, totals, lines, table
+    columns = frozenset(c for d in dims for c in DIMENSIONS[d].columns)
+    src, where, params, start, end = query._where(store, q, columns, now, w.step)
+    bytes_ = "(octetDeltaCount + reverseOctetDeltaCount)"
+    maps = [f"sumMapIf([CAST({DIMENSIONS[d].sql} AS String)], [toUInt64({bytes_})], {_key_in(d, ends[d], params)}) "
+            f"AS m{i}" for i, d in enumerate(dims)]
+    inner = query._aggregate(store, src, where, [f"intDiv({query._TIME}, {step:d}) * {step:d} AS t"],
+                             [f"sum({bytes_}) AS b", *maps])
+    outer = ", ".join(f"sumMap(m{i})" for i in range(len(dims)))
+    rows = store.rows(f"SELECT t, sum(b){', ' + outer if outer else ''} FROM ({inner}) GROUP BY t", params.values)
+    for r in rows:
+        i = index.get(int(r[0]))
+        if i is None:
+            continue
+        totals[i] += int(r[1] or 0)
+        for j, d in enumerate(dims):
+            keys, values = r[2 + j]
+            for k, v in zip(keys, values):
+                if k in lines[d]:
+                    lines[d][k][i] += int(v)
+    return buckets, totals, lines, src.name
+
+
 # --------------------------------------------------------------------------- the panels
 
 class _Shared:
     """One page load's questions to the store, each asked once. A page's panels ask some
-    questions twice (the Tx and Rx sankeys read one GROUP BY, the two heatmaps another, the
-    top Pods and the tooltips a third) and run concurrently: the first asks, the others
-    wait for its answer. It lives as long as one request, so nothing it holds is older
+    questions twice or more (a sankey page's sankeys and series read one ranked question,
+    the Node page's four charts another, the Overview's series and summary a third) and run
+    concurrently: the first asks, the others wait for its answer. It lives as long as one request, so nothing it holds is older
     than the request that asked: no answer outlives the page load (or panel) it was for."""
 
     def __init__(self, store: query.Backend) -> None:
@@ -320,6 +582,11 @@ class _Shared:
         self._answers: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
         self._flights: dict[tuple[Any, ...], threading.Lock] = {}
         self.asked = 0  # questions that reached the store (the tests and the benchmark read it)
+
+    @property
+    def features(self) -> Any:
+        """The store's server features (set when it opened): what SQL it runs."""
+        return getattr(self.store, "features", None)
 
     def rows(self, sql: str, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         key = (sql, tuple(sorted(params.items())))
@@ -438,13 +705,34 @@ class Dashboards:
     def summary(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("summary", params)
         q, w = self._query(params)
-        ov = self._run(lambda: query.overview(self.store, q, now=self.now))
+        # Records, bytes and packets from the page's verdict grid (the question its series ask
+        # too); the distinct connections, Pods, Nodes, Services and namespaces from the
+        # connection states, as query.overview reads them.
+        rows, _ = self._verdict_grid(params, w)
+        n = sum(r.records for r in rows)
+        b = sum(r.octets + r.reverse_octets for r in rows)
+        packets = sum(r.packets + r.reverse_packets for r in rows)
+        names = ("srcPods", "dstPods", "srcNodes", "dstNodes", "services", "srcNamespaces", "dstNamespaces")
+        counts = ("connections", "ended", "denied")
+        start, end = w.start, w.end
+        from flowscope.collector.filter import parse_filter
+
+        if parse_filter(q.filter).sql == "1":  # no filter: the conn roll-ups hold the names' states too (one read)
+            conns = found = self._run(lambda: query._states(self.store, q, start, end, counts + names + ("namespaces",),
+                                                            "connections", self.now))[0]
+        else:
+            conns = self._run(lambda: query._states(self.store, q, start, end, counts, "connections", self.now))[0]
+            found = self._run(lambda: query._states(self.store, q, start, end, names + ("namespaces",), "sums",
+                                                    self.now))[0]
+        c, ended, denied = (int(conns[k]) for k in counts)
+        seconds = max(end - start, 1)
         return {
-            "start": w.start, "end": w.end,
-            "flows": ov.records, "flowsPerSecond": ov.records_per_second,
-            "octets": ov.bytes, "octetsPerSecond": ov.throughput / 8, "packets": ov.packets,
-            "connections": ov.connections, "active": ov.active, "ended": ov.ended, "denied": ov.denied,
-            "namespaces": ov.namespaces, "pods": ov.pods, "nodes": ov.nodes, "services": ov.services,
+            "start": start, "end": end,
+            "flows": n, "flowsPerSecond": round(n / seconds, 3),
+            "octets": b, "octetsPerSecond": round(b * 8 / seconds, 3) / 8, "packets": packets,
+            "connections": c, "active": max(c - ended, 0), "ended": ended, "denied": denied,
+            "namespaces": found["namespaces"], "pods": found["srcPods"] + found["dstPods"],
+            "nodes": max(found["srcNodes"], found["dstNodes"]), "services": found["services"],
         }
 
     def series(self, params: Mapping[str, str]) -> dict[str, Any]:
@@ -456,8 +744,11 @@ class Dashboards:
         if group is not None and group != "node" and group not in DIMENSIONS:
             raise PanelError("group", f"group: {group!r} is not node or one of {', '.join(DIMENSIONS)}")
         by = "throughput" if metric == "throughput" else "records"
+        scope = params.get("scope") or "all"
         if group == "node":
             s = self._node_series(params, by, top, w)
+        elif metric == "throughput" and scope in SANKEY_ENDS and group in SANKEY_ENDS[scope]:
+            s = self._pair_series(params, group, top, w)
         elif group is None or group in _VERDICT_DIMS:
             s = self._verdict_series(params, metric, group, top, w)
         else:
@@ -519,17 +810,22 @@ class Dashboards:
         by = "throughput" if metric == "throughput" else "records"
         return query.Series(group, by, w.step, buckets, lines, table)
 
-    def _node_rows(self, params: Mapping[str, str], dim: str, w: Window) -> tuple[list[GroupRow], str]:
-        """Per bucket, the traffic of each Node at one end (``dim``), in the page's scope: for
-        every type, inter-Node or intra-Node, read from one GROUP BY per flow type and Node, the
-        question the Node Throughput page's lines and heatmaps all share (one scan per end,
-        not one per chart). Rows' keys: (flow type, Node)."""
+    def _node_cells(self, params: Mapping[str, str], w: Window) -> tuple[dict[tuple[str, int], list[tuple[int, ...]]], str]:
+        """Per Node and bucket, what it sent and received and its records, as either end (an
+        inter-Node flow counts for both Nodes), per flow type, in the page's scope: for every
+        type, inter-Node or intra-Node; the one question the Node Throughput page's lines and
+        heatmaps all share (one scan of the table, both ends at once). Returns
+        {(Node, bucket): [(flow type, sent, received, records), ...]} and the table, and keeps
+        only the flow types of the scope."""
         scope = _choice(params, "scope", "all", tuple(SCOPES))
         types = _NODE_SCOPES.get(scope)
         keep = {k: v for k, v in params.items() if k in _COMMON and (k != "scope" or scope not in _NODE_SCOPES)}
         q, _ = self._query(keep)
-        rows, table = self._run(lambda: grouped(self.store, q, ["flowType", dim], step=w.step, now=self.now))
-        return [r for r in rows if r.keys[1] and (types is None or r.keys[0] in types)], table
+        cells, table = self._run(lambda: node_traffic(self.store, q, w.step, now=self.now))
+        if types is None:
+            return cells, table
+        wanted = {int(t) for t in types}
+        return {k: [c for c in v if c[0] in wanted] for k, v in cells.items()}, table
 
     def _node_series(self, params: Mapping[str, str], by: str, top: int, w: Window) -> query.Series:
         """What went through each Node, as either end (an inter-Node flow counts for both)."""
@@ -537,15 +833,14 @@ class Dashboards:
         buckets = list(range(first, w.end, w.step))
         index = {t: i for i, t in enumerate(buckets)}
         merged: dict[str, list[float]] = {}
-        table = ""
-        for dim in ("srcNode", "dstNode"):
-            rows, table = self._node_rows(params, dim, w)
-            for r in rows:
-                i = index.get(r.bucket)
-                if i is None:
-                    continue
-                acc = merged.setdefault(r.keys[1], [0.0] * len(buckets))
-                acc[i] += (r.octets + r.reverse_octets) * 8 / w.step if by == "throughput" else r.records
+        cells, table = self._node_cells(params, w)
+        for (node, t), parts in cells.items():
+            i = index.get(t)
+            if i is None or not parts:
+                continue
+            acc = merged.setdefault(node, [0.0] * len(buckets))
+            for _, sent, received, records in parts:
+                acc[i] += (sent + received) * 8 / w.step if by == "throughput" else records
         ranked = sorted(merged, key=lambda k: (-sum(merged[k]), k))
         lines = [query.SeriesLine(k, k, merged[k]) for k in ranked[:top]]
         if len(ranked) > top:
@@ -568,22 +863,16 @@ class Dashboards:
         return _top_json(entries, n, table)
 
     def _top_pods(self, q: query.FlowQuery, n: int) -> dict[str, Any]:
-        acc: dict[str, list[int]] = {}
-        tables = set()
-        for dim, swap in (("srcPod", False), ("dstPod", True)):
-            rows, table = self._run(lambda dim=dim: grouped(self.store, q, [dim], now=self.now))
-            tables.add(table)
-            for r in rows:
-                if not r.keys[0]:
-                    continue
-                a = acc.setdefault(r.keys[0], [0, 0, 0, 0])
-                sent, received = (r.reverse_octets, r.octets) if swap else (r.octets, r.reverse_octets)
-                a[0] += sent
-                a[1] += received
-                a[2] += r.packets + r.reverse_packets
-                a[3] += r.records
-        entries = [(k, k, v[0], v[1], v[2], v[3]) for k, v in acc.items()]
-        return _top_json(entries, n, ",".join(sorted(tables)))
+        top, total, groups, table = self._run(lambda: pods_either_end(self.store, q, n, now=self.now))
+
+        def row(name: str, v: Sequence[int]) -> dict[str, Any]:
+            return {"name": name, "key": name, "octets": v[0], "reverseOctets": v[1], "packets": v[2], "flows": v[3]}
+
+        other = None
+        if groups > len(top):
+            other = {**row("other", [t - sum(e[1][i] for e in top) for i, t in enumerate(total)]),
+                     "key": OTHER, "groups": groups - len(top)}
+        return {"rows": [row(k, v) for k, v in top], "other": other, "table": table}
 
     def sankey(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("sankey", params)
@@ -593,26 +882,60 @@ class Dashboards:
         q, w = self._query(params)
         if scope == "policy":
             return self._policy_sankey(q, n)
-        target = {"pod-to-pod": "dstPod", "pod-to-service": "service", "pod-to-external": "dstIP"}[scope]
-        rows, table = self._run(lambda: grouped(self.store, q, ["srcPod", target], now=self.now))
-        value = (lambda r: r.octets) if direction == "tx" else (lambda r: r.reverse_octets)
-        links = [(r.keys[0], r.keys[1], value(r), r.records) for r in rows if value(r) > 0]
-        ips = self._ips(q, scope)
-        return _sankey_json(links, n, "srcPod", target, ips, table)
+        target = SANKEY_ENDS[scope][1]
+        pt = self._pair_totals(q, scope)
+        links, keep_s, keep_d = _fold(pt, direction, n)
+        # The tooltips' addresses: of the Pods (and Services) either direction's sankey shows,
+        # so that the Tx and Rx sankeys of a page ask one question.
+        shown = [_fold(pt, d, n)[1:] for d in ("tx", "rx")]
+        ips = self._ips(q, scope, sorted({k for s, _ in shown for k in s}), sorted({k for _, d in shown for k in d}))
+        return _sankey_json(links, "srcPod", target, ips, pt.table)
 
-    def _ips(self, q: query.FlowQuery, scope: str) -> dict[tuple[str, str], list[str]]:
-        """IP addresses behind the sankey's nodes, for the tooltips (from the raw table: the
-        roll-ups keep no addresses)."""
+    def _pair_totals(self, q: query.FlowQuery, scope: str) -> PairTotals:
+        """The question a sankey page's sankeys and series share (:func:`pair_totals`)."""
+        source, target = SANKEY_ENDS[scope]
+        return self._run(lambda: pair_totals(self.store, q, source, target, now=self.now))  # type: ignore[no-any-return]
+
+    def _pair_series(self, params: Mapping[str, str], group: str, top: int, w: Window) -> query.Series:
+        """A series of a sankey page (throughput per source or per target in its scope): the
+        keys ranked by :meth:`_pair_totals` (the sankeys' question), then one GROUP BY by
+        bucket for the top keys of both ends and the total (shared by the page's two series)."""
+        scope = params.get("scope") or "all"
+        q, _ = self._query({k: v for k, v in params.items() if k in _COMMON})
+        pt = self._pair_totals(q, scope)
+        source, target = SANKEY_ENDS[scope]
+        both = lambda v: v[0] + v[1]  # noqa: E731
+        ranked = {source: _ranked(pt.sources, both, top + 1, nonzero=False),
+                  target: _ranked(pt.targets, both, top + 1, nonzero=False)}
+        ends = {d: keys[:top] for d, keys in ranked.items()}
+        buckets, totals, lines, table = self._run(
+            lambda: pair_lines(self.store, q, w, ends, now=self.now))
+        out = [query.SeriesLine(k, query.label(group, k), [float(v) for v in lines[group][k]]) for k in ends[group]]
+        if len(ranked[group]) > top:
+            out.append(query.SeriesLine(OTHER, "(other)", [float(t - sum(line.values[i] for line in out))
+                                                           for i, t in enumerate(totals)]))
+        for line in out:  # bytes per bucket -> bits/s, as query.series gives them
+            line.values[:] = [round(v * 8 / w.step, 3) for v in line.values]
+        return query.Series(group, "throughput", w.step, buckets, out, table)
+
+    def _ips(self, q: query.FlowQuery, scope: str, sources: Sequence[str], targets: Sequence[str]
+             ) -> dict[tuple[str, str], list[str]]:
+        """IP addresses behind the sankey's shown nodes, for the tooltips (from the address
+        roll-ups: the main ones keep no addresses)."""
         out: dict[tuple[str, str], set[str]] = {}
         if q.start is not None and q.end is not None and q.end - q.start > IP_WINDOW:
-            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately: the raw table keeps them
-        pairs = [("srcPod", "srcIP", "s")]
+            q = q.with_(start=q.end - IP_WINDOW)  # addresses seen lately
+        pairs = [("srcPod", "srcIP", "s", sources)]
         if scope == "pod-to-pod":
-            pairs.append(("dstPod", "dstIP", "d"))
+            pairs.append(("dstPod", "dstIP", "d", targets))
         elif scope == "pod-to-service":
-            pairs.append(("service", "dstIP", "d"))
-        for dim, ip_dim, side in pairs:
-            rows, _ = self._run(lambda dim=dim, ip_dim=ip_dim: grouped(self.store, q, [dim, ip_dim], now=self.now))
+            pairs.append(("service", "dstIP", "d", targets))
+        for dim, ip_dim, side, keys in pairs:
+            keys = [k for k in keys if k and k != OTHER]
+            if not keys:
+                continue
+            rows, _ = self._run(lambda dim=dim, ip_dim=ip_dim, keys=keys: grouped(
+                self.store, q, [dim, ip_dim], only={dim: keys}, now=self.now))
             for r in rows:
                 if r.keys[0] and r.keys[1]:
                     out.setdefault((side, r.keys[0]), set()).add(r.keys[1])
@@ -670,7 +993,8 @@ class Dashboards:
 
     def pairs(self, params: Mapping[str, str]) -> dict[str, Any]:
         """The largest Pod pairs of one link of the policy sankey (``egress`` policy to
-        ``ingress`` policy, "" for none), with their rule actions: the link's tooltip."""
+        ``ingress`` policy, "" for none), with their bytes (both directions), records and
+        rule actions: the link's tooltip."""
         self.check("pairs", params)
         sides = {}
         for side in ("egress", "ingress"):
@@ -682,42 +1006,43 @@ class Dashboards:
                            extra=" and ".join(sides.values()))
         dims = ["egressPolicy", "srcPod", "dstPod", "egressAction", "ingressAction"]
         rows, table = self._run(lambda: grouped(self.store, q, dims, limit_by=(8, 1), now=self.now))
-        detail = []
+        pairs = []
         for r in sorted(rows, key=lambda r: (-(r.octets + r.reverse_octets), r.keys))[:8]:
             _, sp, dp, ea, ia = r.keys
-            acts = f"egress {_label('egressAction', ea)}, ingress {_label('ingressAction', ia)}"
-            detail.append(f"{sp or '(external)'} \u2192 {dp or '(external)'}: {_si_bytes(r.octets + r.reverse_octets)}, "
-                          f"{r.records} records ({acts})")
-        return {"detail": detail, "table": table}
+            # numbers, not text: the page formats bytes with the one formatter it uses everywhere
+            pairs.append({"source": sp or "(external)", "destination": dp or "(external)",
+                          "octets": r.octets + r.reverse_octets, "records": r.records,
+                          "egressAction": _label("egressAction", ea), "ingressAction": _label("ingressAction", ia)})
+        return {"pairs": pairs, "table": table}
 
     def heatmap(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("heatmap", params)
         direction = _choice(params, "dir", "tx", ("tx", "rx"))
         _, w = self._query(params)
+        parts, table = self._node_cells(params, w)
+        # At most HEATMAP_COLUMNS columns: whole multiples of the page's step (the question the
+        # lines ask too), so that a Node's row stays a few dozen cells a browser draws at once.
+        step = w.step * -(-len(range(w.start - w.start % w.step, w.end, w.step)) // HEATMAP_COLUMNS)
         cells: dict[tuple[str, int], int] = {}
-        table = ""
-        for dim, forward in (("srcNode", True), ("dstNode", False)):
-            rows, table = self._node_rows(params, dim, w)
-            for r in rows:
-                # what the Node sent: forward octets where it is the source, reverse where the destination
-                sent = r.octets if forward else r.reverse_octets
-                received = r.reverse_octets if forward else r.octets
-                key = (r.keys[1], r.bucket)
-                cells[key] = cells.get(key, 0) + (sent if direction == "tx" else received)
+        for (node, t), v in parts.items():
+            if v:
+                key = (node, t - t % step)
+                cells[key] = cells.get(key, 0) + sum(p[1] if direction == "tx" else p[2] for p in v)
         nodes = sorted({k[0] for k in cells})
-        first = w.start - w.start % w.step
-        buckets = list(range(first, w.end, w.step))
+        first = w.start - w.start % step
+        buckets = list(range(first, w.end, step))
         index = {t: i for i, t in enumerate(buckets)}
+        row_of = {n: i for i, n in enumerate(nodes)}
         out = []
         peak = 0.0
         for (node, t), octets in cells.items():
             if t not in index:
                 continue
-            mbps = round(octets * 8 / w.step / 1e6, 6)
+            mbps = round(octets * 8 / step / 1e6, 6)
             peak = max(peak, mbps)
-            out.append([index[t], nodes.index(node), mbps])
+            out.append([index[t], row_of[node], mbps])
         return {"times": [t * 1000 for t in buckets], "nodes": nodes, "cells": sorted(out), "max": peak,
-                "step": w.step, "unit": "Mbps", "table": table}
+                "step": step, "unit": "Mbps", "table": table}
 
     def flows(self, params: Mapping[str, str]) -> dict[str, Any]:
         self.check("flows", params)
@@ -795,22 +1120,9 @@ def _top_json(entries: list[tuple[str, str, int, int, int, int]], n: int, table:
     return {"rows": [row(e) for e in entries[:n]], "other": other, "table": table}
 
 
-def _sankey_json(links: list[tuple[str, str, int, int]], n: int, source_dim: str, target_dim: str,
+def _sankey_json(merged: Mapping[tuple[str, str], list[int]], source_dim: str, target_dim: str,
                  ips: Mapping[tuple[str, str], list[str]], table: str) -> dict[str, Any]:
-    """Top ``n`` sources and targets by volume; the rest fold into "other" on each side."""
-    src_total: dict[str, int] = {}
-    dst_total: dict[str, int] = {}
-    for s, d, v, _ in links:
-        src_total[s] = src_total.get(s, 0) + v
-        dst_total[d] = dst_total.get(d, 0) + v
-    keep_s = set(sorted(src_total, key=lambda k: (-src_total[k], k))[:n])
-    keep_d = set(sorted(dst_total, key=lambda k: (-dst_total[k], k))[:n])
-    merged: dict[tuple[str, str], list[int]] = {}
-    for s, d, v, recs in links:
-        key = (s if s in keep_s else OTHER, d if d in keep_d else OTHER)
-        m = merged.setdefault(key, [0, 0])
-        m[0] += v
-        m[1] += recs
+    """The nodes and links of a sankey from its folded links (:func:`_fold`), largest first."""
     field = {"srcPod": "srcPod", "dstPod": "dstPod", "service": "service", "dstIP": "dstIP"}
     nodes: dict[str, dict[str, Any]] = {}
 
@@ -825,7 +1137,7 @@ def _sankey_json(links: list[tuple[str, str, int, int]], n: int, source_dim: str
         return name
 
     out = []
-    for (s, d), (v, recs) in sorted(merged.items(), key=lambda kv: -kv[1][0]):
+    for (s, d), (v, recs) in sorted(merged.items(), key=lambda kv: (-kv[1][0], kv[0])):
         a, b = node("s", source_dim, s), node("d", target_dim, d)
         conds = [nodes[a]["filter"], nodes[b]["filter"]]
         out.append({"source": a, "target": b, "value": v, "records": recs,

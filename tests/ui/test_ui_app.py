@@ -22,7 +22,7 @@ from ui_cluster import EXT, FLOWS, NOW, RECORDS, BrokenStore, filled_store, ui_c
 from flowscope.collector.rows import flows_to_columns
 from flowscope.collector.store import open_store
 from flowscope.collector.ui.app import ASSETS, CSP, build_app
-from flowscope.collector.ui.dashboards import _si_bytes, window_from_params
+from flowscope.collector.ui.dashboards import window_from_params
 from flowscope.webauth import WebAuth
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,11 @@ async def test_panels_answer_what_the_records_add_up_to(store) -> None:
         # the link's Pod pairs, asked when its tooltip opens
         status, tip = await _get(client, "/ui/v1/pairs", since="15m", **denied[0]["pairs"])
         assert status == 200, tip
-        (pair,) = [d for d in tip["detail"] if "shop/frontend-6d4f8 \u2192 data/db-0" in d]
+        (pair,) = [d for d in tip["pairs"] if (d["source"], d["destination"]) == ("shop/frontend-6d4f8", "data/db-0")]
         sent = [r for r in RECORDS if r["sourcePodName"] == "frontend-6d4f8" and r.get("destinationPodName") == "db-0"]
         octets = sum(r["octetDeltaCount"] + r["reverseOctetDeltaCount"] for r in sent)
-        assert pair.endswith(f": {_si_bytes(octets)}, {len(sent)} records (egress Allow, ingress Drop)"), pair
+        assert pair == {"source": "shop/frontend-6d4f8", "destination": "data/db-0", "octets": octets,
+                        "records": len(sent), "egressAction": "Allow", "ingressAction": "Drop"}, pair
 
         status, hm = await _get(client, "/ui/v1/heatmap", dir="tx", since="15m")
         assert hm["nodes"] == ["node-a", "node-b"]
@@ -115,6 +116,115 @@ async def test_panels_answer_what_the_records_add_up_to(store) -> None:
         assert summary["octets"] == sum(r["octetDeltaCount"] + r["reverseOctetDeltaCount"] for r in RECORDS)
     finally:
         await client.close()
+
+
+def _pod(r, end):
+    ns, name = r.get(f"{end}PodNamespace", ""), r.get(f"{end}PodName", "")
+    return f"{ns}/{name}" if name and ns else name
+
+
+def _folded(pairs, n):
+    """A sankey's links the plain way: every pair, the top ``n`` of each end kept (by the
+    direction's bytes, then the name), the rest folded into "other"."""
+    src, dst = {}, {}
+    for (s, d), v in pairs.items():
+        src[s] = src.get(s, 0) + v[0]
+        dst[d] = dst.get(d, 0) + v[0]
+    keep_s = sorted((k for k in src if src[k]), key=lambda k: (-src[k], k))[:n]
+    keep_d = sorted((k for k in dst if dst[k]), key=lambda k: (-dst[k], k))[:n]
+    out = {}
+    for (s, d), (v, recs) in pairs.items():
+        if v:
+            key = (s if s in keep_s else "(other)", d if d in keep_d else "(other)")
+            acc = out.setdefault(key, [0, 0])
+            acc[0] += v
+            acc[1] += recs
+    return {k: tuple(v) for k, v in out.items()}
+
+
+async def test_a_sankey_page_past_its_top_n_folds_the_rest_and_nodes_count_both_ends(store) -> None:
+    """The sankeys and series of a Pod page with fewer shown than there are: every pair of
+    the scope summed in Python, folded to the top N, against what the store ranked; the
+    Node Throughput page's lines and received heatmap against sums over both ends."""
+    scoped = [r for r in RECORDS if r["flowType"] in (1, 2) and not r.get("destinationServicePortName")
+              and _pod(r, "source") and _pod(r, "destination")]
+    client = await _client(store)
+    try:
+        for direction, key in (("tx", "octetDeltaCount"), ("rx", "reverseOctetDeltaCount")):
+            pairs = {}
+            for r in scoped:
+                acc = pairs.setdefault((_pod(r, "source"), _pod(r, "destination")), [0, 0])
+                acc[0] += r[key]
+                acc[1] += 1 if r[key] else 0
+            status, sk = await _get(client, "/ui/v1/sankey", scope="pod-to-pod", dir=direction, n="1", since="15m")
+            assert status == 200, sk
+            label = {n["name"]: n["label"] for n in sk["nodes"]}
+            got = {(label[x["source"]], label[x["target"]]): (x["value"], x["records"]) for x in sk["links"]}
+            want = _folded(pairs, 1)
+            assert got == want and len(want) >= 2, (direction, got, want)
+        for group, end in (("srcPod", "source"), ("dstPod", "destination")):
+            status, ser = await _get(client, "/ui/v1/series", metric="throughput", group=group, scope="pod-to-pod",
+                                      top="1", since="15m")
+            assert status == 200, ser
+            sums = {}
+            for r in scoped:
+                sums[_pod(r, end)] = sums.get(_pod(r, end), 0) + r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+            first = min(sums, key=lambda k: (-sums[k], k))
+            assert [x["name"] for x in ser["series"]] == [first, "other"]
+            for line, want in zip(ser["series"], (sums[first], sum(v for k, v in sums.items() if k != first))):
+                assert sum(line["data"]) * ser["step"] == pytest.approx(want)
+        # The top Pods as either end: the two largest, the other two as "other"
+        sent = {}
+        for r in RECORDS:
+            for end, out, back in (("source", "octetDeltaCount", "reverseOctetDeltaCount"),
+                                   ("destination", "reverseOctetDeltaCount", "octetDeltaCount")):
+                if _pod(r, end):
+                    acc = sent.setdefault(_pod(r, end), [0, 0])
+                    acc[0] += r[out]
+                    acc[1] += r[back]
+        ranked = sorted(sent, key=lambda k: (-sum(sent[k]), k))
+        status, top = await _get(client, "/ui/v1/top", group="pod", n="2", since="15m")
+        assert [(x["name"], x["octets"], x["reverseOctets"]) for x in top["rows"]] == \
+            [(k, *sent[k]) for k in ranked[:2]]
+        assert (top["other"]["octets"], top["other"]["reverseOctets"], top["other"]["groups"]) == \
+            (sum(sent[k][0] for k in ranked[2:]), sum(sent[k][1] for k in ranked[2:]), len(ranked) - 2)
+        # A Node's lines count a record at both its ends (an intra-Node one twice for its Node);
+        # the received heatmap is the reverse of the sent one.
+        for scope, flow_type in (("inter-node", 2), ("intra-node", 1)):
+            status, ser = await _get(client, "/ui/v1/series", metric="throughput", group="node", scope=scope,
+                                      since="15m")
+            got = {x["name"]: sum(x["data"]) * ser["step"] for x in ser["series"]}
+            want = {}
+            for r in RECORDS:
+                if r["flowType"] == flow_type:
+                    for end in ("sourceNodeName", "destinationNodeName"):
+                        want[r[end]] = want.get(r[end], 0) + r["octetDeltaCount"] + r["reverseOctetDeltaCount"]
+            assert got == pytest.approx(want), scope
+        status, hm = await _get(client, "/ui/v1/heatmap", dir="rx", since="15m")
+        assert len(hm["times"]) <= 40 and hm["step"] % 10 == 0  # whole multiples of the lines' 10 s buckets
+        got_b = sum(c[2] for c in hm["cells"] if c[1] == hm["nodes"].index("node-b")) * hm["step"] * 1e6 / 8
+        want_b = sum(r["reverseOctetDeltaCount"] for r in RECORDS if r["sourceNodeName"] == "node-b") + \
+            sum(r["octetDeltaCount"] for r in RECORDS if r.get("destinationNodeName") == "node-b")
+        assert got_b == pytest.approx(want_b, rel=1e-4)
+    finally:
+        await client.close()
+
+
+def test_the_summary_reads_the_pages_grid_and_answers_what_the_query_layers_overview_does(store) -> None:
+    from flowscope.collector import query
+    from flowscope.collector.ui.dashboards import Dashboards
+
+    dash = Dashboards(store, now=lambda: float(NOW))
+    for params in ({"since": "15m"}, {"since": "15m", "filter": "action = drop"}, {"since": "15m", "scope": "inter-node"}):
+        scope = dash.scoped()
+        got = scope.summary(params)
+        q, w = dash._query(params)
+        ov = query.overview(store, q, now=lambda: float(NOW))
+        assert got == {"start": w.start, "end": w.end, "flows": ov.records, "flowsPerSecond": ov.records_per_second,
+                       "octets": ov.bytes, "octetsPerSecond": ov.throughput / 8, "packets": ov.packets,
+                       "connections": ov.connections, "active": ov.active, "ended": ov.ended, "denied": ov.denied,
+                       "namespaces": ov.namespaces, "pods": ov.pods, "nodes": ov.nodes, "services": ov.services}, params
+        assert got["flows"] > 0
 
 
 async def test_flow_records_page_export_and_scopes(store) -> None:

@@ -173,6 +173,8 @@ def test_in_chromium_every_page_draws_from_one_request_and_a_policy_link_asks_it
             tip = page.evaluate("""() => [...document.querySelectorAll("div")].map((d) => d.textContent)
                 .filter((t) => t.startsWith("shop/frontend-egress \u2192"))[0]""")
             assert tip.startswith("shop/frontend-egress \u2192 data/db-from-backend-only: 2.40 kB"), tip  # its bytes, not the floored width
+            # the link's bytes and its one Pod pair's (the same 2,400 bytes) in the one format
+            assert "shop/frontend-6d4f8 \u2192 data/db-0: 2.40 kB, 40 records (egress Allow, ingress Drop)" in tip, tip
             page.screenshot(path=str(shots / "page-policy-link-tooltip.png"))
             b.close()
     assert not errors, errors

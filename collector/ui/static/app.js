@@ -111,10 +111,13 @@ const UNIT = { "B/s": fmt.rate, "B": fmt.bytes, "1/s": fmt.perSecond, "count": f
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
+// Made once: toLocaleTimeString builds a formatter per call, and an axis asks for hundreds.
+const TIME_FORMAT = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+const DATE_FORMAT = new Intl.DateTimeFormat([], { month: "short", day: "numeric" });
 function timeLabel(ms, withDate) {
   const d = new Date(ms);
-  const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
-  return withDate ? `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${t}` : t;
+  const t = TIME_FORMAT.format(d);
+  return withDate ? `${DATE_FORMAT.format(d)} ${t}` : t;
 }
 
 // ------------------------------------------------------------------ API
@@ -265,6 +268,12 @@ function barOption(data, opts = {}) {
   };
 }
 
+// One of a policy link's Pod pairs (ui/v1/pairs), in the units of the link's own line.
+function pairText(p) {
+  return `${p.source} \u2192 ${p.destination}: ${fmt.bytes(p.octets)}, ${fmt.count(p.records)} records ` +
+    `(egress ${p.egressAction}, ingress ${p.ingressAction})`;
+}
+
 function sankeyOption(data, opts = {}) {
   const f = opts.unit === "count" ? fmt.count : fmt.bytes;
   const byName = new Map(data.nodes.map((n) => [n.name, n]));
@@ -290,11 +299,11 @@ function sankeyOption(data, opts = {}) {
           const key = `${l.pairs.egress}\u0000${l.pairs.ingress}`;
           if (pairs.get(key)?.detail) return text(pairs.get(key).detail);
           if (!pairs.has(key)) {
-            const entry = { asked: api("pairs", l.pairs) };
+            const entry = { asked: api("pairs", l.pairs).then((r) => r.pairs.map(pairText)) };
             pairs.set(key, entry);
-            entry.asked.then((r) => { entry.detail = r.detail; }, () => pairs.delete(key));
+            entry.asked.then((detail) => { entry.detail = detail; }, () => pairs.delete(key));
           }
-          pairs.get(key).asked.then((r) => callback(ticket, text(r.detail)),
+          pairs.get(key).asked.then((detail) => callback(ticket, text(detail)),
             (e) => callback(ticket, text([`Pod pairs not loaded: ${e.message}`])));
           return text(["Pod pairs\u2026"]);
         }
@@ -338,7 +347,8 @@ function heatmapOption(data) {
       itemHeight: 180, itemWidth: 12, text: [fmt.mbps(data.max || 0), "0"], textStyle: { fontSize: 11 },
       inRange: { color: ["#f1f5f9", "#93c5fd", "#2563eb", "#1e3a8a"] },
     },
-    series: [{ type: "heatmap", data: data.cells, emphasis: { itemStyle: { borderColor: "#111", borderWidth: 1 } } }],
+    // progressive: 0 draws every cell in the first frame (not in chunks after the page says it is loaded)
+    series: [{ type: "heatmap", data: data.cells, progressive: 0, emphasis: { itemStyle: { borderColor: "#111", borderWidth: 1 } } }],
   };
 }
 
@@ -938,6 +948,11 @@ async function loadPage(gen, failed) {
     throw new ApiError((body && body.error) || `${resp.status} ${resp.statusText}`, body);
   }
   await chartsLoaded();
+  // The charts' instances are made while the server still computes (the page is idle then),
+  // so that drawing an answer is only setOption.
+  for (const div of document.querySelectorAll("#main [data-chart]")) {
+    if (!charts.has(div) && !div.dataset.empty) charts.set(div, echarts.init(div, null, { renderer: "canvas" }));
+  }
   const reader = resp.body.getReader();
   const decoder = new TextDecoder();
   const answered = new Set();
