@@ -594,7 +594,7 @@ intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference *
  * values' identities finds the tuple made for the previous such record without building,
  * hashing or comparing a 27-item tuple (twice for the cost cache, once for the shared
  * one). A miss builds the tuple as the twin does (its cost from the process's cache or
- * proc._cost, interned in proc._shared). The table keeps only tuples whose strings are
+ * proc._cost), interned in proc._shared by side_adopt once a flow takes it. The table keeps only tuples whose strings are
  * short (CACHED_COST): bounded, and never the keeper of a peer's 60 KB names. */
 #define MC_SIZE 2048
 static struct {
@@ -603,20 +603,24 @@ static struct {
 } mcache[MC_SIZE];
 
 static PyObject *
-side_tuple(Ctx *x, PyObject **mv, long long *cost) /* a new reference, or NULL */
+side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new reference, or NULL */
 {
+    /* *at: MC_SIZE when the tuple is the shared one already (a hit), else the table's slot
+     * for side_adopt, which shares it once a flow takes it: a record dropped (flow cap,
+     * byte budget) leaves nothing behind in proc._shared, as with the twin. */
     Py_ssize_t n = n_meta + 2;
     uint64_t h = 0;
     for (Py_ssize_t i = 0; i < n; i++)
         h = (h ^ ((uintptr_t)mv[i] >> 4)) * 0x9E3779B97F4A7C15ULL;
-    size_t at = (size_t)(h >> 53) & (MC_SIZE - 1);
-    PyObject *t = mcache[at].t;
+    *at = (size_t)(h >> 53) & (MC_SIZE - 1);
+    PyObject *t = mcache[*at].t;
     if (t != NULL) {
         Py_ssize_t i = 0;
         while (i < n && PyTuple_GET_ITEM(t, i) == mv[i])
             i++;
         if (i == n) {
-            *cost = mcache[at].cost;
+            *cost = mcache[*at].cost;
+            *at = MC_SIZE;
             Py_INCREF(t);
             return t;
         }
@@ -633,12 +637,23 @@ side_tuple(Ctx *x, PyObject **mv, long long *cost) /* a new reference, or NULL *
         Py_DECREF(meta);
         return NULL;
     }
+    return meta;
+}
+
+/* The tuple side_tuple made, shared now that a flow holds it (interned in proc._shared as
+ * the twin does, and remembered in the table when its strings are short): steals ``meta``,
+ * returns a new reference or NULL. */
+static PyObject *
+side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
+{
+    if (at == MC_SIZE)
+        return meta;
     PyObject *sm = intern_shared(x, meta);
     Py_DECREF(meta);
-    if (sm != NULL && *cost <= CACHED_COST && PyTuple_CheckExact(sm) && PyTuple_GET_SIZE(sm) == n) {
+    if (sm != NULL && cost <= CACHED_COST && PyTuple_CheckExact(sm) && PyTuple_GET_SIZE(sm) == n_meta + 2) {
         Py_INCREF(sm);
         Py_XSETREF(mcache[at].t, sm);
-        mcache[at].cost = *cost;
+        mcache[at].cost = cost;
     }
     return sm;
 }
@@ -712,6 +727,7 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     int status = ERROR;
     PyObject *meta = NULL;
+    size_t meta_at = MC_SIZE;
     Py_buffer cview, swview;
     int have_c = 0, have_sw = 0;
     uint64_t cz[NC];
@@ -726,7 +742,7 @@ one(Ctx *x, PyObject *rec, int *taken)
             Py_DECREF(key);
             return DONE;
         }
-        meta = side_tuple(x, mv, &new_cost);
+        meta = side_tuple(x, mv, &new_cost, &meta_at);
         if (meta == NULL)
             goto out;
         if (x->flow_bytes + FLOW_COST + new_cost > x->max_flow_bytes) {
@@ -943,13 +959,17 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     if (eq == -1)
         goto out;
-    if (eq <= 0 && meta == NULL && (meta = side_tuple(x, mv, &new_cost)) == NULL)
+    if (eq <= 0 && meta == NULL && (meta = side_tuple(x, mv, &new_cost, &meta_at)) == NULL)
         goto out;
     if (eq == -2 && (eq = PyObject_RichCompareBool(old, meta, Py_EQ)) < 0)
         goto out;
-    if (!eq) { /* meta: the shared tuple (side_tuple's), its cost new_cost */
+    if (!eq) { /* meta: side_tuple's, its cost new_cost: shared now that this flow takes it */
         long long b;
         if (meta_cost(x, old, &b) < 0)
+            goto out;
+        meta = side_adopt(x, meta, new_cost, meta_at);
+        meta_at = MC_SIZE;
+        if (meta == NULL)
             goto out;
         set_slot_borrowed(flow, ms, meta);
         x->flow_bytes += new_cost - b;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 T0 = 1_780_000_000
@@ -30,9 +31,12 @@ def agent_record(
     """A record like the agent's: the 34 design IEs and Antrea v2.7's six more; deltas default to the totals (first export)."""
     v6 = ":" in src
     fam = "IPv6" if v6 else "IPv4"
+    # the keys are the same string objects record after record, as a decoder's (its
+    # template's names) are: the aggregator's C loop caches field names by identity
+    name = sys.intern
     rec: dict[str, Any] = {
         "flowStartSeconds": start, "flowEndSeconds": end, "flowEndReason": reason,
-        f"source{fam}Address": src, f"destination{fam}Address": dst,
+        name(f"source{fam}Address"): src, name(f"destination{fam}Address"): dst,
         "sourceTransportPort": sport, "destinationTransportPort": dport, "protocolIdentifier": proto,
         "packetTotalCount": pkts, "octetTotalCount": octets,
         "packetDeltaCount": pkts if dpkts is None else dpkts,
@@ -41,8 +45,8 @@ def agent_record(
         "reversePacketDeltaCount": rpkts if drpkts is None else drpkts,
         "reverseOctetDeltaCount": roctets if droctets is None else droctets,
         ("destinationClusterIPv6" if v6 else "destinationClusterIPv4"): "::" if v6 else "0.0.0.0",
-        f"destinationServiceIP{'v6' if v6 else 'v4'}": "::" if v6 else "0.0.0.0",
-        f"proxySnatIP{'v6' if v6 else 'v4'}": "::" if v6 else "0.0.0.0",
+        name(f"destinationServiceIP{'v6' if v6 else 'v4'}"): "::" if v6 else "0.0.0.0",
+        name(f"proxySnatIP{'v6' if v6 else 'v4'}"): "::" if v6 else "0.0.0.0",
         "tcpState": tcp, "flowType": flow_type,
     }
     rec.update(_K8S_EMPTY)

@@ -254,3 +254,22 @@ def test_a_periodic_scan_in_slices_agrees() -> None:
         assert native.scan_pending == twin.scan_pending
     assert native.stats.records_exported == twin.stats.records_exported
     assert sliced >= 10 and native.stats.flows_expired == twin.stats.flows_expired > 0  # both branches were taken
+
+
+def test_records_past_the_byte_budget_leave_nothing_in_the_shared_values() -> None:
+    """A new flow refused by the byte budget (a peer's long Pod names) is not interned: the
+    shared values hold what the held flows hold, in C as in the twin, so refused names
+    cannot pile up there (RSS grew by every refused name once, tests/hostile test_5)."""
+    from agg_records import source_half
+
+    kw = dict(max_flow_bytes=200_000)
+    native, twin = AggregationProcess(**kw), _twin(**kw)  # type: ignore[arg-type]
+    batch = [source_half(sport=20000 + i, sourcePodName="é" + f"{i:06d}" * 2000) for i in range(40)]
+    assert native.ingest_many(batch, "192.168.10.1", 1, 0.0) == twin.ingest_many(batch, "192.168.10.1", 1, 0.0)
+    assert 0 < len(native.flows) < 40 and native.stats.dropped_flow_bytes == 40 - len(native.flows)
+    assert _state(native) == _state(twin)
+    held = {f.smeta[1] for f in native.flows.values()}
+    shared = {v[1] for v in native._shared if isinstance(v, tuple) and len(v) > 1 and isinstance(v[1], str)
+              and v[1].startswith("é")}
+    assert shared == held
+    assert len(native._shared) == len(twin._shared)
