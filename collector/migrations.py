@@ -9,19 +9,32 @@ version). Theory of operation:
   columns, no roll-ups), else 0 (an empty database).
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
-* **0 -> 4**: the tables, the roll-ups and their views are created.
-* **3 -> 4, in place**: the 10-minute roll-ups and the narrow families (``ns``, ``src``,
+* **0 -> 5**: the tables, the roll-ups and their views are created.
+* **2..4 -> 5, in place, rows kept**: the raw table is rebuilt with version 5's sort key
+  (:data:`~flowscope.collector.schema.RAW_SORT_KEY`: the minute first, where version 4's
+  began with the hour), after the steps below brought everything else to the current
+  version: a copy ``<table>__v5`` is created without a TTL, every row copied into it,
+  the counts compared, the tables swapped by ``RENAME`` (the old one kept as
+  ``<table>__v4``); then the views that read the raw table are dropped and created again
+  (a materialized view follows the table it was created on through a rename, not the
+  name), the old table's retention applied to the new one (or the opener's, when it
+  gave one), the version recorded and ``<table>__v4`` dropped. A start interrupted
+  anywhere in between repeats the step it was in: a leftover ``__v5`` beside the
+  old-keyed table is dropped and the copy redone; a leftover ``__v4`` means the swap was
+  done, and its views are made again first (before anything looks for missing views:
+  a roll-up without its view would be backfilled). The roll-ups are not touched.
+* **3 -> 4, in place** (then on to 5): the 10-minute roll-ups and the narrow families (``ns``, ``src``,
   ``dst``) are created and backfilled from the coarsest roll-up already filled that keeps
   their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
   history the raw table's retention already removed; then their views. Nothing else
   changes (version 3's views, fed as they were, stay: their sums are exact either way).
-* **2 -> 4, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
+* **2 -> 4, in place** (then on to 5): the roll-up families added in version 3 (``<table>_addr_1m/1h``:
   Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
   :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
   rows the store holds (so they know what the raw table knows: buckets the raw table's
   retention removed are in the version-2 roll-ups only, which the query layer prefers
   where they answer), then their views; nothing else changes.
-* **1 -> 4, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
+* **1 -> 5, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
   every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
   are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
   kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the
@@ -50,6 +63,7 @@ from .schema import (
     COLUMNS,
     DERIVED,
     FAMILIES,
+    RAW_SORT_KEY,
     SCHEMA_VERSION,
     Retention,
     features_for_version,
@@ -57,6 +71,7 @@ from .schema import (
     backfill_source,
     raw_table_sql,
     rollup_backfill_sql,
+    rollup_source,
     rollup_table_sql,
     rollup_view_sql,
 )
@@ -120,13 +135,17 @@ def migrate(store: FlowStore) -> None:
                    "applied DateTime DEFAULT now(), note String) ENGINE = MergeTree() ORDER BY version")
     if have == 1:
         _from_v1(store)
+    _finish_rekey(store)  # a start interrupted after the raw table's swap: its views first
     _ensure(store)
+    if not _raw_key_current(store):
+        _rekey(store)
     if have < SCHEMA_VERSION:
         _record(store, SCHEMA_VERSION, "created" if have == 0 else f"migrated from {have}")
         log.info("flow store %s: schema version %d (was %d)", store.database, SCHEMA_VERSION, have)
-    old = f"{store.table}__v1"
-    if old in _tables(store):
-        store._execute(f"DROP TABLE {db}.{quote(old)}")
+    tables = _tables(store)
+    for old in (f"{store.table}__v1", f"{store.table}__v4"):
+        if old in tables:
+            store._execute(f"DROP TABLE {db}.{quote(old)}")
     store.schema_version = SCHEMA_VERSION
     log.debug("flow store %s on ClickHouse %s (LowCardinality %s, TTL %s)", store.database, features.label,
               features.low_cardinality, features.ttl)
@@ -158,6 +177,73 @@ def _from_v1(store: FlowStore) -> None:
     store._execute(f"RENAME TABLE {quote(db)}.{quote(table)} TO {quote(db)}.{quote(old)}, "
                    f"{quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
     log.info("flow store %s.%s: %d rows migrated to schema version 2", db, table, after)
+
+
+def _raw_key_current(store: FlowStore) -> bool:
+    """Whether the raw table is sorted by :data:`RAW_SORT_KEY` (its CREATE statement says so)."""
+    create = str(store._select(f"SHOW CREATE TABLE {quote(store.database)}.{quote(store.table)}")[0][0])
+    return f"ORDERBY({RAW_SORT_KEY})".replace(" ", "") in re.sub(r"\s", "", create)
+
+
+def _rekey(store: FlowStore) -> None:
+    """Rebuild the raw table with :data:`RAW_SORT_KEY`, every row kept (see the module's
+    docstring): copy, compare the counts, swap, then :func:`_finish_rekey`."""
+    from .store import SchemaError
+
+    assert store.features is not None
+    db, table = store.database, store.table
+    new, old = f"{table}__v5", f"{table}__v4"
+    if new in _tables(store):
+        store._execute(f"DROP TABLE {quote(db)}.{quote(new)}")  # a copy that did not finish
+    have = _columns(store, table)
+    common = [c.name for c in COLUMNS if c.name in have]
+    store._execute(raw_table_sql(db, new, store.features, _no_ttl(store)))
+    cols = ", ".join(quote(c) for c in common)
+    store._execute(f"INSERT INTO {quote(db)}.{quote(new)} ({cols}) SELECT {cols} FROM {quote(db)}.{quote(table)}")
+    before, after = _count(store, table), _count(store, new)
+    if before != after:
+        raise SchemaError(f"rebuilding {db}.{table} with the sort key of version 5 copied {after} of {before} rows; "
+                          f"the table is unchanged ({db}.{new} holds the partial copy)")
+    store._execute(f"RENAME TABLE {quote(db)}.{quote(table)} TO {quote(db)}.{quote(old)}, "
+                   f"{quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
+    log.info("flow store %s.%s: %d rows rebuilt with the sort key (%s)", db, table, after, RAW_SORT_KEY)
+    _finish_rekey(store)
+
+
+def _finish_rekey(store: FlowStore) -> None:
+    """After the raw table's swap (:func:`_rekey`, or a start interrupted after it): the
+    views that read the raw table made again on the new one, the old table's retention
+    given to it. Nothing to do when no ``<table>__v4`` is there."""
+    from .schema import rollup_source
+
+    assert store.features is not None
+    f, db, table = store.features, store.database, store.table
+    new, old = f"{table}__v5", f"{table}__v4"
+    tables = _tables(store)
+    if old not in tables:
+        return
+    if table not in tables and new in tables:  # interrupted between the two renames
+        store._execute(f"RENAME TABLE {quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
+        tables = _tables(store)
+    for family in FAMILIES:
+        for r in family.rollups:
+            name = family.table(table, r)
+            if name in tables and rollup_source(r, f, family) is None:  # its view reads the raw table
+                store._execute(f"DROP TABLE IF EXISTS {quote(db)}.{quote(name + '_mv')}")
+                store._execute(rollup_view_sql(db, table, r, f, family))
+    if f.ttl:
+        seconds = store.retention.raw if store.retention_given else _ttl_seconds(store, old)
+        if seconds and seconds != _ttl_seconds(store, table):
+            store._execute(f"ALTER TABLE {quote(db)}.{quote(table)} MODIFY TTL timeInserted + "
+                           f"INTERVAL {int(seconds)} SECOND")
+
+
+def _ttl_seconds(store: FlowStore, table: str) -> int:
+    """A table's TTL in seconds (0: none)."""
+    rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
+                         f"AND name = '{table}'")
+    m = re.search(r"TTL .*?(?:INTERVAL (\d+) SECOND|toIntervalSecond\((\d+)\))", str(rows[0][0]) if rows else "")
+    return int(m.group(1) or m.group(2)) if m else 0
 
 
 def _no_ttl(store: FlowStore) -> Retention:
