@@ -10,19 +10,21 @@ version). Theory of operation:
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
 * **0 -> 5**: the tables, the roll-ups and their views are created.
-* **2..4 -> 5, in place, rows kept**: the raw table is rebuilt with version 5's sort key
-  (:data:`~flowscope.collector.schema.RAW_SORT_KEY`: the minute first, where version 4's
-  began with the hour), after the steps below brought everything else to the current
-  version: a copy ``<table>__v5`` is created without a TTL, every row copied into it,
-  the counts compared, the tables swapped by ``RENAME`` (the old one kept as
-  ``<table>__v4``); then the views that read the raw table are dropped and created again
-  (a materialized view follows the table it was created on through a rename, not the
-  name), the old table's retention applied to the new one (or the opener's, when it
-  gave one), the version recorded and ``<table>__v4`` dropped. A start interrupted
-  anywhere in between repeats the step it was in: a leftover ``__v5`` beside the
-  old-keyed table is dropped and the copy redone; a leftover ``__v4`` means the swap was
-  done, and its views are made again first (before anything looks for missing views:
-  a roll-up without its view would be backfilled). The roll-ups are not touched.
+* **2..4 -> 5, in place, rows kept**: after the steps below brought everything else to
+  the current version, the tables of an older layout are rebuilt: the raw table with
+  version 5's sort key (:data:`~flowscope.collector.schema.RAW_SORT_KEY`: the minute
+  first, where version 4's began with the hour) and the connection-state roll-ups in
+  granules of :data:`~flowscope.collector.schema.CONN_GRANULARITY` rows (a table setting
+  fixed at creation). For each, a copy ``<name>__v5`` is created without a TTL, every row
+  copied into it and the counts compared; then all are swapped by one ``RENAME`` (the old
+  ones kept as ``<name>__v4``); then the views that read a swapped table are dropped and
+  created again (a materialized view follows the table it reads through a rename, not
+  its name; the table it writes to it finds by name), each old table's TTL given to its
+  successor, the version recorded and the ``__v4`` tables dropped. A start interrupted
+  anywhere in between repeats the step it was in: leftover ``__v5`` copies beside
+  old-layout tables are dropped and the copies redone; a leftover ``__v4`` means the swap
+  was done, and the views are made again first (before anything looks for missing views:
+  a roll-up without its view would be backfilled). The sums' roll-ups are not touched.
 * **3 -> 4, in place** (then on to 5): the 10-minute roll-ups and the narrow families (``ns``, ``src``,
   ``dst``) are created and backfilled from the coarsest roll-up already filled that keeps
   their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING
 
 from .schema import (
     COLUMNS,
+    CONN_GRANULARITY,
     DERIVED,
     FAMILIES,
     RAW_SORT_KEY,
@@ -135,15 +138,15 @@ def migrate(store: FlowStore) -> None:
                    "applied DateTime DEFAULT now(), note String) ENGINE = MergeTree() ORDER BY version")
     if have == 1:
         _from_v1(store)
-    _finish_rekey(store)  # a start interrupted after the raw table's swap: its views first
+    _finish_rebuild(store)  # a start interrupted after a rebuild's swap: its views first
     _ensure(store)
-    if not _raw_key_current(store):
-        _rekey(store)
+    _rebuild(store)
     if have < SCHEMA_VERSION:
         _record(store, SCHEMA_VERSION, "created" if have == 0 else f"migrated from {have}")
         log.info("flow store %s: schema version %d (was %d)", store.database, SCHEMA_VERSION, have)
     tables = _tables(store)
-    for old in (f"{store.table}__v1", f"{store.table}__v4"):
+    ours = [store.table] + [fam.table(store.table, r) for fam in FAMILIES for r in fam.rollups]
+    for old in [f"{store.table}__v1"] + [n + _OLD for n in ours]:
         if old in tables:
             store._execute(f"DROP TABLE {db}.{quote(old)}")
     store.schema_version = SCHEMA_VERSION
@@ -181,75 +184,108 @@ def _from_v1(store: FlowStore) -> None:
 
 def _raw_key_current(store: FlowStore) -> bool:
     """Whether the raw table is sorted by :data:`RAW_SORT_KEY` (its CREATE statement says so)."""
-    create = str(store._select(f"SHOW CREATE TABLE {quote(store.database)}.{quote(store.table)}")[0][0])
-    return f"ORDERBY({RAW_SORT_KEY})".replace(" ", "") in re.sub(r"\s", "", create)
+    return f"ORDERBY({RAW_SORT_KEY})".replace(" ", "") in re.sub(r"\s", "", _create(store, store.table))
 
 
-def _rekey(store: FlowStore) -> None:
-    """Rebuild the raw table with :data:`RAW_SORT_KEY`, every row kept (see the module's
-    docstring): copy, compare the counts, swap, then :func:`_finish_rekey`."""
-    from .store import SchemaError
-
-    assert store.features is not None
-    db, table = store.database, store.table
-    new, old = f"{table}__v5", f"{table}__v4"
-    if new in _tables(store):
-        store._execute(f"DROP TABLE {quote(db)}.{quote(new)}")  # a copy that did not finish
-    have = _columns(store, table)
-    common = [c.name for c in COLUMNS if c.name in have]
-    store._execute(raw_table_sql(db, new, store.features, _no_ttl(store)))
-    cols = ", ".join(quote(c) for c in common)
-    store._execute(f"INSERT INTO {quote(db)}.{quote(new)} ({cols}) SELECT {cols} FROM {quote(db)}.{quote(table)}")
-    before, after = _count(store, table), _count(store, new)
-    if before != after:
-        raise SchemaError(f"rebuilding {db}.{table} with the sort key of version 5 copied {after} of {before} rows; "
-                          f"the table is unchanged ({db}.{new} holds the partial copy)")
-    store._execute(f"RENAME TABLE {quote(db)}.{quote(table)} TO {quote(db)}.{quote(old)}, "
-                   f"{quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
-    log.info("flow store %s.%s: %d rows rebuilt with the sort key (%s)", db, table, after, RAW_SORT_KEY)
-    _finish_rekey(store)
+def _create(store: FlowStore, table: str) -> str:
+    return str(store._select(f"SHOW CREATE TABLE {quote(store.database)}.{quote(table)}")[0][0])
 
 
-def _finish_rekey(store: FlowStore) -> None:
-    """After the raw table's swap (:func:`_rekey`, or a start interrupted after it): the
-    views that read the raw table made again on the new one, the old table's retention
-    given to it. Nothing to do when no ``<table>__v4`` is there."""
-    from .schema import rollup_source
+_OLD, _COPY = "__v4", "__v5"  # the tables a version-5 rebuild leaves while it runs
 
+
+def _stale(store: FlowStore) -> list[tuple[str, str]]:
+    """The tables whose layout is older than version 5's, each with the CREATE of its copy:
+    the raw table sorted by the hour first, connection states in default-sized granules."""
     assert store.features is not None
     f, db, table = store.features, store.database, store.table
-    new, old = f"{table}__v5", f"{table}__v4"
-    tables = _tables(store)
-    if old not in tables:
+    out = []
+    if not _raw_key_current(store):
+        out.append((table, raw_table_sql(db, table + _COPY, f, _no_ttl(store))))
+    for family in FAMILIES:
+        if family.kind != "connections":
+            continue
+        for r in family.rollups:
+            name = family.table(table, r)
+            if not re.search(rf"index_granularity = {CONN_GRANULARITY}\b", _create(store, name)):
+                out.append((name, rollup_table_sql(db, table, r, f, _no_ttl(store), family, name=name + _COPY)))
+    return out
+
+
+def _rebuild(store: FlowStore) -> None:
+    """Rebuild the tables of an older layout (:func:`_stale`), every row kept (see the
+    module's docstring): copy each, compare the counts, swap them all in one ``RENAME``,
+    then :func:`_finish_rebuild`."""
+    from .store import SchemaError
+
+    db = store.database
+    stale = _stale(store)
+    if not stale:
         return
-    if table not in tables and new in tables:  # interrupted between the two renames
-        store._execute(f"RENAME TABLE {quote(db)}.{quote(new)} TO {quote(db)}.{quote(table)}")
-        tables = _tables(store)
+    for name, create in stale:
+        copy = name + _COPY
+        store._execute(f"DROP TABLE IF EXISTS {quote(db)}.{quote(copy)}")  # a copy that did not finish
+        store._execute(create)
+        have, new = _columns(store, name), _columns(store, copy)
+        cols = ", ".join(quote(c) for c in new if c in have and c not in _DERIVED_NAMES)
+        store._execute(f"INSERT INTO {quote(db)}.{quote(copy)} ({cols}) SELECT {cols} FROM {quote(db)}.{quote(name)}")
+        before, after = _count(store, name), _count(store, copy)
+        if before != after:
+            raise SchemaError(f"rebuilding {db}.{name} for schema version 5 copied {after} of {before} rows; "
+                              f"the table is unchanged ({db}.{copy} holds the partial copy)")
+    store._execute("RENAME TABLE " + ", ".join(
+        f"{quote(db)}.{quote(n)} TO {quote(db)}.{quote(n + _OLD)}, {quote(db)}.{quote(n + _COPY)} TO {quote(db)}.{quote(n)}"
+        for n, _ in stale))
+    log.info("flow store %s: rebuilt for schema version 5 (%s), every row kept", db, ", ".join(n for n, _ in stale))
+    _finish_rebuild(store)
+
+
+def _finish_rebuild(store: FlowStore) -> None:
+    """After the swap of :func:`_rebuild` (or a start interrupted after it): the views that
+    read a swapped table made again on the new one (a view follows the table it reads
+    through a rename; the table it writes to it finds by name), each old table's retention
+    given to its successor. Nothing to do when no ``__v4`` table is there."""
+    assert store.features is not None
+    f, db, table = store.features, store.database, store.table
+    tables = _tables(store)
+    ours = [table] + [fam.table(table, r) for fam in FAMILIES for r in fam.rollups]
+    swapped = {n for n in ours if n + _OLD in tables}
+    if not swapped:
+        return
+    for n in swapped:
+        if n not in tables and n + _COPY in tables:  # interrupted between the renames
+            store._execute(f"RENAME TABLE {quote(db)}.{quote(n + _COPY)} TO {quote(db)}.{quote(n)}")
+    tables = _tables(store)
     for family in FAMILIES:
         for r in family.rollups:
             name = family.table(table, r)
-            if name in tables and rollup_source(r, f, family) is None:  # its view reads the raw table
+            finer = rollup_source(r, f, family)
+            source = table if finer is None else family.table(table, finer)
+            if name in tables and source in swapped:
                 store._execute(f"DROP TABLE IF EXISTS {quote(db)}.{quote(name + '_mv')}")
                 store._execute(rollup_view_sql(db, table, r, f, family))
     if f.ttl:
-        seconds = store.retention.raw if store.retention_given else _ttl_seconds(store, old)
-        if seconds and seconds != _ttl_seconds(store, table):
-            store._execute(f"ALTER TABLE {quote(db)}.{quote(table)} MODIFY TTL timeInserted + "
-                           f"INTERVAL {int(seconds)} SECOND")
+        for n in swapped:
+            old, new = _ttl_clause(store, n + _OLD), _ttl_clause(store, n)
+            if old and old != new:
+                store._execute(f"ALTER TABLE {quote(db)}.{quote(n)} MODIFY TTL {old}")
 
 
-def _ttl_seconds(store: FlowStore, table: str) -> int:
-    """A table's TTL in seconds (0: none)."""
+def _ttl_clause(store: FlowStore, table: str) -> str:
+    """A table's TTL expression as the server shows it ("" when none)."""
     rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
                          f"AND name = '{table}'")
-    m = re.search(r"TTL .*?(?:INTERVAL (\d+) SECOND|toIntervalSecond\((\d+)\))", str(rows[0][0]) if rows else "")
-    return int(m.group(1) or m.group(2)) if m else 0
+    m = re.search(r" TTL (.*?)(?: SETTINGS |$)", str(rows[0][0]) if rows else "")
+    return m.group(1).strip() if m else ""
 
 
 def _no_ttl(store: FlowStore) -> Retention:
     # The copy must keep every row: the TTL is applied after the swap (a row older than the
     # retention goes when the server's TTL would have removed it anyway).
     return Retention(0, 0, 0)
+
+
+_DERIVED_NAMES = frozenset(d.name for d in DERIVED)
 
 
 def _ensure(store: FlowStore) -> None:

@@ -69,6 +69,7 @@ from flowscope.ipfix.antrea import DENY_ACTIONS, ENDED_REASONS, aggregator_field
 __all__ = [
     "COLUMNS",
     "COLUMN_NAMES",
+    "CONN_GRANULARITY",
     "CONNECTION_STATES",
     "FAMILIES",
     "MAIN",
@@ -480,9 +481,17 @@ def raw_table_sql(database: str, table: str, features: Features, retention: Rete
             + _ttl("timeInserted", retention.raw, features))
 
 
+#: Rows per granule of the connection-state tables. A state is large (a 1-minute bucket's
+#: holds its thousands of connections, an hour's a 80 kB sketch), so ClickHouse's default
+#: granules (up to 10 MB) hold a hundred buckets and a range's edge of a few minutes read
+#: (and decoded) them all; at 8 rows it decodes at most 7 buckets more than it needs.
+CONN_GRANULARITY: Final = 8
+
+
 def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Features, retention: Retention,
-                     family: Family = MAIN) -> str:
-    """``CREATE TABLE IF NOT EXISTS`` for one roll-up table."""
+                     family: Family = MAIN, name: str | None = None) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` for one roll-up table (``name``: another table of
+    its layout, as a migration's copy)."""
     cols = ["`timeBucket` UInt32"]
     cols += [f"{quote(k)} {_key_type(k, features)}" for k in family.keys]
     if family.kind == "connections":
@@ -495,9 +504,10 @@ def rollup_table_sql(database: str, table: str, rollup: Rollup, features: Featur
         engine = "AggregatingMergeTree()"
     else:
         engine = f"SummingMergeTree(({', '.join(ROLLUP_SUMS + ROLLUP_COUNTS)}))"
-    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(family.table(table, rollup))} (\n    {body}\n) "
+    settings = f" SETTINGS index_granularity = {CONN_GRANULARITY}" if family.kind == "connections" else ""
+    return (f"CREATE TABLE IF NOT EXISTS {quote(database)}.{quote(name or family.table(table, rollup))} (\n    {body}\n) "
             f"ENGINE = {engine} PARTITION BY {rollup.partition} ORDER BY ({keys})"
-            + _ttl(family.ttl_column, retention.for_table(rollup.seconds), features))
+            + _ttl(family.ttl_column, retention.for_table(rollup.seconds), features) + settings)
 
 
 def rollup_source(rollup: Rollup, features: Features, family: Family | None = None) -> Rollup | None:

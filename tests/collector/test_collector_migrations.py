@@ -177,23 +177,40 @@ _V4_KEY = "toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodName
 
 def _as_version_4(store) -> None:
     """Make a current store what version 4 wrote: its raw table sorted by the hour first
-    (the same rows), the views that read the raw table created on that table."""
-    from flowscope.collector.schema import FAMILIES, RAW_SORT_KEY, Retention, raw_table_sql, rollup_source, \
-        rollup_view_sql
+    and its connection states in default-sized granules (the same rows), the views made
+    on those tables."""
+    from flowscope.collector.schema import CONN_GRANULARITY, FAMILIES, RAW_SORT_KEY, Retention, raw_table_sql, \
+        rollup_table_sql, rollup_view_sql
 
     f = store.features
-    raw_views = [(fam, r) for fam in FAMILIES for r in fam.rollups if rollup_source(r, f, fam) is None]
-    store.execute(raw_table_sql("flowscope", "flows_h", f, Retention()).replace(RAW_SORT_KEY, _V4_KEY))
-    cols = ", ".join(f"`{c.name}`" for c in COLUMNS)
-    store.execute(f"INSERT INTO flowscope.flows_h ({cols}) SELECT {cols} FROM flowscope.flows")
-    for fam, r in raw_views:
+    fine = f" SETTINGS index_granularity = {CONN_GRANULARITY}"
+    old = {"flows": raw_table_sql("flowscope", "flows_h", f, Retention()).replace(RAW_SORT_KEY, _V4_KEY)}
+    for fam in FAMILIES:
+        if fam.kind == "connections":
+            for r in fam.rollups:
+                name = fam.table("flows", r)
+                old[name] = rollup_table_sql("flowscope", "flows", r, f, Retention(), fam, name=name + "_h")
+                assert fine in old[name]
+                old[name] = old[name].replace(fine, "")
+    views = [(fam, r) for fam in FAMILIES for r in fam.rollups]
+    for fam, r in views:
         store.execute(f"DROP TABLE flowscope.{fam.table('flows', r)}_mv")
-    store.execute("DROP TABLE flowscope.flows")
-    store.execute("RENAME TABLE flowscope.flows_h TO flowscope.flows")
-    for fam, r in raw_views:
+    for name, create in old.items():
+        store.execute(create)
+        cols = ", ".join(f"`{c}`" for c, in store.select(
+            f"SELECT name FROM system.columns WHERE database = 'flowscope' AND table = '{name}' "
+            "AND default_kind != 'MATERIALIZED'"))
+        store.execute(f"INSERT INTO flowscope.{name}_h ({cols}) SELECT {cols} FROM flowscope.{name}")
+        store.execute(f"DROP TABLE flowscope.{name}")
+        store.execute(f"RENAME TABLE flowscope.{name}_h TO flowscope.{name}")
+    for fam, r in views:
         store.execute(rollup_view_sql("flowscope", "flows", r, f, fam))
     store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
     store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'version 4'")
+
+
+def _granularity(store, name: str) -> str:
+    return store.select(f"SHOW CREATE TABLE flowscope.{name}")[0][0].rsplit("index_granularity = ", 1)[1].split(",")[0]
 
 
 def _sorting_key(store) -> str:
@@ -207,16 +224,17 @@ def _rollup_sums(store) -> dict:
 
 
 def test_a_version_4_store_is_rebuilt_minute_first_every_row_kept_its_views_on_the_new_table(tmp_path):
-    """Version 5 sorts the raw table by the minute first: a version-4 store (hour first)
-    is rebuilt in place, every row kept, the roll-ups untouched, the retention kept, and
-    the views that read the raw table fire on the new one (a view follows the table it
-    was made on through a rename: left alone, new rows would reach no roll-up)."""
+    """Version 5 sorts the raw table by the minute first and keeps connection states in
+    granules of 8 rows: a version-4 store is rebuilt in place, every row kept, the sums'
+    roll-ups untouched, the retention kept, and the views that read a rebuilt table fire
+    on the new one (a view follows the table it reads through a rename: left alone, new
+    rows would reach no roll-up)."""
     path = tmp_path / "store"
     store = open_store(f"chdb://{path}")
     store.open()
     store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
     _as_version_4(store)
-    assert _sorting_key(store) == _V4_KEY
+    assert _sorting_key(store) == _V4_KEY and _granularity(store, "flows_conn_1m") == "8192"
     raw = store.select("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, flowEndSeconds),"
                        " sum(cityHash64(sourcePodWorkload, connectionHash)) FROM flowscope.flows")
     rollups = _rollup_sums(store)
@@ -226,6 +244,7 @@ def test_a_version_4_store_is_rebuilt_minute_first_every_row_kept_its_views_on_t
     again.open()
     try:
         assert again.schema_version == 5 and _sorting_key(again).startswith("toStartOfMinute(flowEndSeconds), ")
+        assert [_granularity(again, f"flows_conn_{s}") for s in ("1m", "10m", "1h")] == ["8"] * 3
         assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
             == [4, 5]
         assert again.select("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
