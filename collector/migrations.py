@@ -9,8 +9,23 @@ version). Theory of operation:
   columns, no roll-ups), else 0 (an empty database).
 * **Newer than the code**: refused with :class:`SchemaError` naming both versions; nothing
   is touched.
-* **0 -> 4**: the tables, the roll-ups and their views are created.
-* **3 -> 4, in place**: the 10-minute roll-ups and the narrow families (``ns``, ``src``,
+* **0 -> 5**: the tables, the roll-ups and their views are created.
+* **2..4 -> 5, in place, rows kept**: after the steps below brought everything else to
+  the current version, the tables of an older layout are rebuilt: the raw table with
+  version 5's sort key (:data:`~flowscope.collector.schema.RAW_SORT_KEY`: the minute
+  first, where version 4's began with the hour) and the connection-state roll-ups in
+  granules of :data:`~flowscope.collector.schema.CONN_GRANULARITY` rows (a table setting
+  fixed at creation). For each, a copy ``<name>__v5`` is created without a TTL, every row
+  copied into it and the counts compared; then all are swapped by one ``RENAME`` (the old
+  ones kept as ``<name>__v4``); then the views that read a swapped table are dropped and
+  created again (a materialized view follows the table it reads through a rename, not
+  its name; the table it writes to it finds by name), each old table's TTL given to its
+  successor, the version recorded and the ``__v4`` tables dropped. A start interrupted
+  anywhere in between repeats the step it was in: leftover ``__v5`` copies beside
+  old-layout tables are dropped and the copies redone; a leftover ``__v4`` means the swap
+  was done, and the views are made again first (before anything looks for missing views:
+  a roll-up without its view would be backfilled). The sums' roll-ups are not touched.
+* **3 -> 4, in place** (then on to 5): the 10-minute roll-ups and the narrow families (``ns``, ``src``,
   ``dst``) are created and backfilled from the coarsest roll-up already filled that keeps
   their keys (:func:`~flowscope.collector.schema.backfill_source`), so they hold the
   history the raw table's retention already removed; then their views. Nothing else
@@ -22,13 +37,13 @@ version). Theory of operation:
   :func:`~flowscope.collector.schema.rollup_source` names (an earlier flowscope fed the
   narrow families from the raw insert) is dropped and created again reading the new one,
   before any insert: the sums are the same, the new source cheaper.
-* **2 -> 4, in place**: the roll-up families added in version 3 (``<table>_addr_1m/1h``:
+* **2 -> 4, in place** (then on to 5): the roll-up families added in version 3 (``<table>_addr_1m/1h``:
   Pods with their addresses; ``<table>_conn_1m/1h``: connection states, see
   :class:`~flowscope.collector.schema.Family`) are created and backfilled from the raw
   rows the store holds (so they know what the raw table knows: buckets the raw table's
   retention removed are in the version-2 roll-ups only, which the query layer prefers
   where they answer), then their views; nothing else changes.
-* **1 -> 4, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
+* **1 -> 5, in place, rows kept**: a new table ``<table>__v2`` is created at the current version,
   every row copied into it (``INSERT ... SELECT``, the derived columns computed as they
   are on insert), the counts compared, then the tables swapped by ``RENAME`` (the old one
   kept as ``<table>__v1`` until the roll-ups are backfilled from the new table and the
@@ -55,8 +70,10 @@ from typing import TYPE_CHECKING
 
 from .schema import (
     COLUMNS,
+    CONN_GRANULARITY,
     DERIVED,
     FAMILIES,
+    RAW_SORT_KEY,
     RAW_WIDE_PART_ROWS,
     SCHEMA_VERSION,
     Family,
@@ -132,13 +149,17 @@ def migrate(store: FlowStore) -> None:
                    "applied DateTime DEFAULT now(), note String) ENGINE = MergeTree() ORDER BY version")
     if have == 1:
         _from_v1(store)
+    _finish_rebuild(store)  # a start interrupted after a rebuild's swap: its views first
     _ensure(store)
+    _rebuild(store)
     if have < SCHEMA_VERSION:
         _record(store, SCHEMA_VERSION, "created" if have == 0 else f"migrated from {have}")
         log.info("flow store %s: schema version %d (was %d)", store.database, SCHEMA_VERSION, have)
-    old = f"{store.table}__v1"
-    if old in _tables(store):
-        store._execute(f"DROP TABLE {db}.{quote(old)}")
+    tables = _tables(store)
+    ours = [store.table] + [fam.table(store.table, r) for fam in FAMILIES for r in fam.rollups]
+    for old in [f"{store.table}__v1"] + [n + _OLD for n in ours]:
+        if old in tables:
+            store._execute(f"DROP TABLE {db}.{quote(old)}")
     store.schema_version = SCHEMA_VERSION
     log.debug("flow store %s on ClickHouse %s (LowCardinality %s, TTL %s)", store.database, features.label,
               features.low_cardinality, features.ttl)
@@ -172,10 +193,108 @@ def _from_v1(store: FlowStore) -> None:
     log.info("flow store %s.%s: %d rows migrated to schema version 2", db, table, after)
 
 
+def _raw_key_current(store: FlowStore) -> bool:
+    """Whether the raw table is sorted by :data:`RAW_SORT_KEY` (its CREATE statement says so)."""
+    return f"ORDERBY({RAW_SORT_KEY})".replace(" ", "") in re.sub(r"\s", "", _create(store, store.table))
+
+
+def _create(store: FlowStore, table: str) -> str:
+    return str(store._select(f"SHOW CREATE TABLE {quote(store.database)}.{quote(table)}")[0][0])
+
+
+_OLD, _COPY = "__v4", "__v5"  # the tables a version-5 rebuild leaves while it runs
+
+
+def _stale(store: FlowStore) -> list[tuple[str, str]]:
+    """The tables whose layout is older than version 5's, each with the CREATE of its copy:
+    the raw table sorted by the hour first, connection states in default-sized granules."""
+    assert store.features is not None
+    f, db, table = store.features, store.database, store.table
+    out = []
+    if not _raw_key_current(store):
+        out.append((table, raw_table_sql(db, table + _COPY, f, _no_ttl(store))))
+    for family in FAMILIES:
+        if family.kind != "connections":
+            continue
+        for r in family.rollups:
+            name = family.table(table, r)
+            if not re.search(rf"index_granularity = {CONN_GRANULARITY}\b", _create(store, name)):
+                out.append((name, rollup_table_sql(db, table, r, f, _no_ttl(store), family, name=name + _COPY)))
+    return out
+
+
+def _rebuild(store: FlowStore) -> None:
+    """Rebuild the tables of an older layout (:func:`_stale`), every row kept (see the
+    module's docstring): copy each, compare the counts, swap them all in one ``RENAME``,
+    then :func:`_finish_rebuild`."""
+    from .store import SchemaError
+
+    db = store.database
+    stale = _stale(store)
+    if not stale:
+        return
+    for name, create in stale:
+        copy = name + _COPY
+        store._execute(f"DROP TABLE IF EXISTS {quote(db)}.{quote(copy)}")  # a copy that did not finish
+        store._execute(create)
+        have, new = _columns(store, name), _columns(store, copy)
+        cols = ", ".join(quote(c) for c in new if c in have and c not in _DERIVED_NAMES)
+        store._execute(f"INSERT INTO {quote(db)}.{quote(copy)} ({cols}) SELECT {cols} FROM {quote(db)}.{quote(name)}")
+        before, after = _count(store, name), _count(store, copy)
+        if before != after:
+            raise SchemaError(f"rebuilding {db}.{name} for schema version 5 copied {after} of {before} rows; "
+                              f"the table is unchanged ({db}.{copy} holds the partial copy)")
+    store._execute("RENAME TABLE " + ", ".join(
+        f"{quote(db)}.{quote(n)} TO {quote(db)}.{quote(n + _OLD)}, {quote(db)}.{quote(n + _COPY)} TO {quote(db)}.{quote(n)}"
+        for n, _ in stale))
+    log.info("flow store %s: rebuilt for schema version 5 (%s), every row kept", db, ", ".join(n for n, _ in stale))
+    _finish_rebuild(store)
+
+
+def _finish_rebuild(store: FlowStore) -> None:
+    """After the swap of :func:`_rebuild` (or a start interrupted after it): the views that
+    read a swapped table made again on the new one (a view follows the table it reads
+    through a rename; the table it writes to it finds by name), each old table's retention
+    given to its successor. Nothing to do when no ``__v4`` table is there."""
+    assert store.features is not None
+    f, db, table = store.features, store.database, store.table
+    tables = _tables(store)
+    ours = [table] + [fam.table(table, r) for fam in FAMILIES for r in fam.rollups]
+    swapped = {n for n in ours if n + _OLD in tables}
+    if not swapped:
+        return
+    for n in swapped:
+        if n not in tables and n + _COPY in tables:  # interrupted between the renames
+            store._execute(f"RENAME TABLE {quote(db)}.{quote(n + _COPY)} TO {quote(db)}.{quote(n)}")
+    tables = _tables(store)
+    for family in FAMILIES:
+        for r in family.rollups:
+            name = family.table(table, r)
+            if name in tables and _wanted_source(table, r, f, family) in swapped:
+                store._execute(f"DROP TABLE IF EXISTS {quote(db)}.{quote(name + '_mv')}")
+                store._execute(rollup_view_sql(db, table, r, f, family))
+    if f.ttl:
+        for n in swapped:
+            old, new = _ttl_clause(store, n + _OLD), _ttl_clause(store, n)
+            if old and old != new:
+                store._execute(f"ALTER TABLE {quote(db)}.{quote(n)} MODIFY TTL {old}")
+
+
+def _ttl_clause(store: FlowStore, table: str) -> str:
+    """A table's TTL expression as the server shows it ("" when none)."""
+    rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
+                         f"AND name = '{table}'")
+    m = re.search(r" TTL (.*?)(?: SETTINGS |$)", str(rows[0][0]) if rows else "")
+    return m.group(1).strip() if m else ""
+
+
 def _no_ttl(store: FlowStore) -> Retention:
     # The copy must keep every row: the TTL is applied after the swap (a row older than the
     # retention goes when the server's TTL would have removed it anyway).
     return Retention(0, 0, 0)
+
+
+_DERIVED_NAMES = frozenset(d.name for d in DERIVED)
 
 
 def _ensure(store: FlowStore) -> None:

@@ -333,12 +333,12 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
                              f"buckets on {r.seconds}s boundaries and only the dimensions it keeps)")
         return _Source(table, r.seconds, "sum(records)")
     segs = _pieces(start, end, levels, store.table)
-    # The raw table is read by whole hours (its sort key's first part): when its edges touch
-    # every hour of the range (a quarter of an hour to the second), the raw rows of the
-    # whole range cost what the edges alone do, and one table answers.
-    raw_hours = {h for t, s, a, b in segs if s == 0 for h in range(a // 3600, (b - 1) // 3600 + 1)}
-    span = (end - 1) // 3600 - start // 3600 + 1
-    if raw_hours and span <= len(raw_hours) and set(range(start // 3600, (end - 1) // 3600 + 1)) <= raw_hours:
+    # The raw table is read by whole minutes (its sort key's first part): when its edges touch
+    # every minute of the range (a minute or two to the second), the raw rows of the whole
+    # range cost what the edges alone do, and one table answers.
+    g = _RAW_GRAIN
+    raw_grains = {m for t, s, a, b in segs if s == 0 for m in range(a // g, (b - 1) // g + 1)}
+    if raw_grains and set(range(start // g, (end - 1) // g + 1)) <= raw_grains:
         return raw
     if len(segs) == 1:
         table, seconds, _, _ = segs[0]
@@ -349,18 +349,20 @@ def _source(store: Backend, columns: frozenset[str], start: int, end: int, step:
     return _Source(name, finest, "sum(records)" if finest else "count()", tuple(segs))
 
 
-#: The raw table's sort key starts with the hour of flowEndSeconds, and a condition on the
-#: seconds alone is pruned only by partition (a whole day read for a minute's edge): the
-#: hour's condition is stated too (implied by the seconds', so the rows are the same).
-_RAW_HOUR: Final = "toStartOfHour(flowEndSeconds)"
+#: The raw table's sort key starts with the minute of flowEndSeconds (schema.RAW_SORT_KEY),
+#: and a condition on the seconds alone is pruned only by partition (a whole day read for a
+#: minute's edge): the minute's condition is stated too (implied by the seconds', so the
+#: rows are the same), and a range to the second reads the granules of its minutes.
+_RAW_MINUTE: Final = "toStartOfMinute(flowEndSeconds)"
+_RAW_GRAIN: Final = 60  # seconds: what the raw table's sort key reads together
 
 
 def _raw_range(start: str | None, end: str) -> list[str]:
     """The conditions of a raw-table range [start, end) (SQL of UInt32 epoch seconds)."""
     conds = []
     if start is not None:
-        conds += [f"toUInt32(flowEndSeconds) >= {start}", f"{_RAW_HOUR} >= toStartOfHour(toDateTime({start}))"]
-    conds += [f"toUInt32(flowEndSeconds) < {end}", f"{_RAW_HOUR} <= toStartOfHour(toDateTime({end}))"]
+        conds += [f"toUInt32(flowEndSeconds) >= {start}", f"{_RAW_MINUTE} >= toStartOfMinute(toDateTime({start}))"]
+    conds += [f"toUInt32(flowEndSeconds) < {end}", f"{_RAW_MINUTE} <= toStartOfMinute(toDateTime({end}))"]
     return conds
 
 
@@ -486,10 +488,10 @@ def flows(store: Backend, q: FlowQuery, *, now: Callable[[], float] = time.time)
     filt = f" AND ({w.sql})" if w.sql != "1" else ""
     where = _time_where(src, start, end, params) + filt
     # First the end time of the page's last row, reading one column; then whole rows only
-    # from that time on (the sort key's hour prunes the rest), not every matching row. The
+    # from that time on (the sort key's minute prunes the rest), not every matching row. The
     # newest rows are looked for in the last minute first, then in longer spans back: a
     # span that holds the page's last row holds every row after it, so its answer is the
-    # whole range's, and a busy store's first page reads an hour's rows, not a day's.
+    # whole range's, and a busy store's first page reads a minute or two of rows, not a day's.
     edge: list[tuple[Any, ...]] = []
     for span in (*_PAGE_SPANS, 0):
         a = max(start, end - span) if span else start
@@ -656,6 +658,11 @@ def _series_of_ranked(store: Backend, q: FlowQuery, dim: Any, start: int, end: i
         return store.rows(totals, params.values)
     chosen = ", ".join(params.add(k, "String") for k in keys)
     lines_where += f" AND (CAST({dim.sql} AS String) IN ({chosen}))"
+    if dim.name_column:
+        # the names first, on their own column (implied by the keys' condition, which still
+        # decides): the rows of other Pods are left without building their keys' text
+        names = ", ".join(params.add(n, "String") for n in sorted(dim.names_of(keys)))
+        lines_where += f" AND {quote(dim.name_column)} IN ({names})"
     inner = _inner(dim.columns, lines_src, store, lines_where, (f"{bucket} AS t",))
     rows = store.rows(
         f"SELECT 0 AS part, k, groupArray(t) AS ts, groupArray(v) AS vs FROM (SELECT CAST({dim.sql} AS String) AS k, "

@@ -138,7 +138,7 @@ async def test_rows_survive_in_a_chdb_directory_field_for_field(tmp_path):
         f = by_key[(d["flowStartSeconds"], d["sourceTransportPort"])]
         assert row_to_record(d) == f.record
         assert (d["correlation"], d["final"]) == (f.correlation, int(f.final))
-    assert engine.strip().startswith('"MergeTree","toStartOfHour(flowEndSeconds), sourcePodNamespace')
+    assert engine.strip().startswith('"MergeTree","toStartOfMinute(flowEndSeconds), sourcePodNamespace')
 
 
 async def test_query_api_on_chdb_in_memory():

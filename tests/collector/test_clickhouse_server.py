@@ -196,7 +196,7 @@ async def test_rows_read_back_field_for_field_with_the_driver_and_clickhouse_cli
         assert row_to_record(d) == f.record
     # The table is the one the docs describe: MergeTree, ordered by time.
     engine = server.cli(f"SELECT engine_full FROM system.tables WHERE database = '{db}' AND name = 'flows'")
-    assert engine.startswith("MergeTree() PARTITION BY toYYYYMMDD(flowEndSeconds) ORDER BY (toStartOfHour(flowEndSeconds)")
+    assert engine.startswith("MergeTree() PARTITION BY toYYYYMMDD(flowEndSeconds) ORDER BY (toStartOfMinute(flowEndSeconds)")
 
 
 async def test_query_api_numbers_equal_what_was_written(server, env):

@@ -1,8 +1,10 @@
 """Migrations of the flow store on chDB: the version-1 table (what flowscope wrote before
 migrations existed) migrates in place with every row kept and the roll-ups backfilled; a
 version-2 store gains the roll-ups of version 3, backfilled from its raw rows; a
-second start changes nothing; a store of a newer schema is refused, untouched; views an
-earlier flowscope fed from another table are re-pointed without counting a backfill twice; a column the
+version-4 raw table is rebuilt with version 5's sort key, every row and roll-up kept, its
+views on the new table (also after an interrupted start); a second start changes nothing; a store
+of a newer schema is refused, untouched; views an earlier flowscope fed from another table are
+re-pointed without counting a backfill twice; a column the
 table lacks (a new element of the aggregated record) is added in place.
 
 (A separate module from test_collector_store.py: chDB holds one directory per process, and
@@ -44,7 +46,7 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
 
     store = open_store(f"chdb://{path}")
     store.open()
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert store.schema_version == SCHEMA_VERSION == 5
     after = store._conn().query("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
                                 "flowEndSeconds) FROM flowscope.flows", "CSV").bytes()
     assert after == before and int(after.split(b",")[0]) == len(FLOWS)
@@ -62,11 +64,11 @@ def test_the_version_1_table_migrates_in_place_every_row_kept(tmp_path):
     again = open_store(f"chdb://{path}")  # idempotent: nothing changes on the next start
     again.open()
     assert again.count() == len(FLOWS) and again.count("flows_1h") == store_rollup_rows(again)
-    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [4]
-    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 5, 'from the future'")
+    assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema")] == [5]
+    again.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 6, 'from the future'")
     again.close()
     newer = open_store(f"chdb://{path}")
-    with pytest.raises(SchemaError, match="has schema version 5, newer than this flowscope's 4; upgrade flowscope"):
+    with pytest.raises(SchemaError, match="has schema version 6, newer than this flowscope's 5; upgrade flowscope"):
         newer.open()
     newer.close()
     s2 = chs.Session(str(path))
@@ -100,9 +102,9 @@ def test_a_version_2_store_gains_the_new_rollups_backfilled_from_its_raw_rows(tm
     again = open_store(f"chdb://{path}")
     again.open()
     try:
-        assert again.schema_version == 4
+        assert again.schema_version == 5
         assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
-            == [2, 4]
+            == [2, 5]
         assert again.select("SELECT count(), sum(octetDeltaCount) FROM flowscope.flows_1h") == main_1h
         for name in ("flows_addr_1m", "flows_addr_1h"):
             assert again.select(f"SELECT sum(records), sum(octetDeltaCount) FROM flowscope.{name}") == \
@@ -145,9 +147,9 @@ def test_a_version_3_store_gains_the_narrow_rollups_from_its_rollups_not_its_raw
     again = open_store(f"chdb://{path}")
     again.open()
     try:
-        assert again.schema_version == 4 and again.count() == 0
+        assert again.schema_version == 5 and again.count() == 0
         assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
-            == [3, 4]
+            == [3, 5]
         assert {n: again.count(n) for n in kept} == kept  # the old roll-ups as they were
         sums = ", ".join(f"sum({c})" for c in ROLLUP_SUMS + ("records", "ended"))
         for fam in FAMILIES:
@@ -168,6 +170,133 @@ def test_a_version_3_store_gains_the_narrow_rollups_from_its_rollups_not_its_raw
         q = query.FlowQuery(start=T_START, end=T_END, group="srcPod", top=5)
         top = query.top(again, q)
         assert top.table == "flows_src_1h" and top.total.records == len(FLOWS)
+    finally:
+        again.close()
+
+
+_V4_KEY = "toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodNamespace, flowEndSeconds"
+
+
+def _as_version_4(store) -> None:
+    """Make a current store what version 4 wrote: its raw table sorted by the hour first
+    and its connection states in default-sized granules (the same rows), the views made
+    on those tables."""
+    from flowscope.collector.schema import CONN_GRANULARITY, FAMILIES, RAW_SORT_KEY, Retention, raw_table_sql, \
+        rollup_table_sql, rollup_view_sql
+
+    f = store.features
+    fine = f" SETTINGS index_granularity = {CONN_GRANULARITY}"
+    old = {"flows": raw_table_sql("flowscope", "flows_h", f, Retention()).replace(RAW_SORT_KEY, _V4_KEY)}
+    for fam in FAMILIES:
+        if fam.kind == "connections":
+            for r in fam.rollups:
+                name = fam.table("flows", r)
+                old[name] = rollup_table_sql("flowscope", "flows", r, f, Retention(), fam, name=name + "_h")
+                assert fine in old[name]
+                old[name] = old[name].replace(fine, "")
+    views = [(fam, r) for fam in FAMILIES for r in fam.rollups]
+    for fam, r in views:
+        store.execute(f"DROP TABLE flowscope.{fam.table('flows', r)}_mv")
+    for name, create in old.items():
+        store.execute(create)
+        cols = ", ".join(f"`{c}`" for c, in store.select(
+            f"SELECT name FROM system.columns WHERE database = 'flowscope' AND table = '{name}' "
+            "AND default_kind != 'MATERIALIZED'"))
+        store.execute(f"INSERT INTO flowscope.{name}_h ({cols}) SELECT {cols} FROM flowscope.{name}")
+        store.execute(f"DROP TABLE flowscope.{name}")
+        store.execute(f"RENAME TABLE flowscope.{name}_h TO flowscope.{name}")
+    for fam, r in views:
+        store.execute(rollup_view_sql("flowscope", "flows", r, f, fam))
+    store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
+    store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'version 4'")
+
+
+def _granularity(store, name: str) -> str:
+    return store.select(f"SHOW CREATE TABLE flowscope.{name}")[0][0].rsplit("index_granularity = ", 1)[1].split(",")[0]
+
+
+def _sorting_key(store) -> str:
+    return store.select("SELECT sorting_key FROM system.tables WHERE database = 'flowscope' AND name = 'flows'")[0][0]
+
+
+def _rollup_sums(store) -> dict:
+    return {n: store.select(f"SELECT count(), sum(records) FROM flowscope.{n}" if "conn" not in n else
+                            f"SELECT count(), uniqCombinedMerge(connections) FROM flowscope.{n}")[0]
+            for n in rollup_tables("flows")}
+
+
+def test_a_version_4_store_is_rebuilt_minute_first_every_row_kept_its_views_on_the_new_table(tmp_path):
+    """Version 5 sorts the raw table by the minute first and keeps connection states in
+    granules of 8 rows: a version-4 store is rebuilt in place, every row kept, the sums'
+    roll-ups untouched, the retention kept, and the views that read a rebuilt table fire
+    on the new one (a view follows the table it reads through a rename: left alone, new
+    rows would reach no roll-up)."""
+    path = tmp_path / "store"
+    store = open_store(f"chdb://{path}")
+    store.open()
+    store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
+    _as_version_4(store)
+    assert _sorting_key(store) == _V4_KEY and _granularity(store, "flows_conn_1m") == "8192"
+    raw = store.select("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, flowEndSeconds),"
+                       " sum(cityHash64(sourcePodWorkload, connectionHash)) FROM flowscope.flows")
+    rollups = _rollup_sums(store)
+    store.close()
+
+    again = open_store(f"chdb://{path}")
+    again.open()
+    try:
+        assert again.schema_version == 5 and _sorting_key(again).startswith("toStartOfMinute(flowEndSeconds), ")
+        assert [_granularity(again, f"flows_conn_{s}") for s in ("1m", "10m", "1h")] == ["8"] * 3
+        assert [int(r[0]) for r in again.select("SELECT version FROM flowscope.flowscope_schema ORDER BY version")] \
+            == [4, 5]
+        assert again.select("SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
+                            "flowEndSeconds), sum(cityHash64(sourcePodWorkload, connectionHash)) "
+                            "FROM flowscope.flows") == raw
+        assert _rollup_sums(again) == rollups
+        tables = {r[0] for r in again.select("SELECT name FROM system.tables WHERE database = 'flowscope'")}
+        assert not any(t.endswith(("__v4", "__v5")) for t in tables)
+        assert " TTL timeInserted + toIntervalSecond(604800)" in again.select(
+            "SELECT engine_full FROM system.tables WHERE database = 'flowscope' AND name = 'flows'")[0][0]
+        # new rows reach every roll-up (the views on the raw table and those after them)
+        again.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=4)[0]))
+        for name in rollup_tables("flows"):
+            if "conn" not in name:
+                assert again.select(f"SELECT sum(records) FROM flowscope.{name}")[0][0] == 2 * len(FLOWS), name
+        assert again.select("SELECT uniqCombinedMerge(connections) FROM flowscope.flows_conn_1h") == \
+            again.select("SELECT uniqCombined(connectionHash) FROM flowscope.flows")
+    finally:
+        again.close()
+
+
+def test_a_rebuild_interrupted_after_the_swap_makes_its_views_again_and_backfills_nothing(tmp_path):
+    """A start interrupted after the raw table's swap (the old table left as flows__v4, a
+    view dropped and not yet made again): the next start makes the views again before
+    anything looks for a roll-up without its view (which it would refill from the raw
+    rows: here the raw rows' retention has passed, so a refill would empty it)."""
+    path = tmp_path / "store"
+    store = open_store(f"chdb://{path}")
+    store.open()
+    store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
+    store.execute("TRUNCATE TABLE flowscope.flows")  # the raw rows' retention has passed
+    store.execute("CREATE TABLE flowscope.flows__v4 AS flowscope.flows")
+    store.execute("DROP TABLE flowscope.flows_1m_mv")
+    store.execute("DROP TABLE flowscope.flows_src_10m_mv")
+    store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
+    store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'version 4'")
+    rollups = _rollup_sums(store)
+    assert rollups["flows_1m"][1] == len(FLOWS)
+    store.close()
+
+    again = open_store(f"chdb://{path}")
+    again.open()
+    try:
+        assert again.schema_version == 5 and again.count() == 0
+        assert _rollup_sums(again) == rollups
+        tables = {r[0] for r in again.select("SELECT name FROM system.tables WHERE database = 'flowscope'")}
+        assert {"flows_1m_mv", "flows_src_10m_mv"} <= tables and "flows__v4" not in tables
+        again.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=4)[0]))
+        assert again.select("SELECT sum(records) FROM flowscope.flows_1m")[0][0] == 2 * len(FLOWS)
+        assert again.select("SELECT sum(records) FROM flowscope.flows_src_1h")[0][0] == 2 * len(FLOWS)
     finally:
         again.close()
 

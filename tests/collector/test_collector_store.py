@@ -157,6 +157,14 @@ def rollup_answers_equal_raw(store) -> int:
             auto_s, raw_s = query.series(store, q), query.series(store, q.with_(source="raw"))
             assert auto_s.lines == raw_s.lines and auto_s.buckets == raw_s.buckets, (f, res)
             checked += auto_s.table.startswith("flows_addr_")
+    # a many-keyed group's series: its keys ranked, then only their rows' buckets (the Pods'
+    # names matched on their own column first), the rest "other"
+    for f in ("", "type = from-external", 'namespace = "ns-1"'):
+        for g in ("srcPod", "dstWorkload"):
+            q = base.with_(group=g, filter=f, by="throughput", resolution=1800, top=4)
+            auto_s, raw_s = query.series(store, q), query.series(store, q.with_(source="raw"))
+            assert auto_s.lines == raw_s.lines and auto_s.lines and auto_s.buckets == raw_s.buckets, (f, g)
+            checked += auto_s.table != "flows"
     assert query.top(store, base.with_(group="dstIP", filter="type = to-external")).table == "flows_addr_1h"
     assert query.top(store, base.with_(group="srcPod", filter="ip = 10.0.1.11")).table == "flows_addr_1h"
     assert query.top(store, base.with_(group="policy", filter="ip = 10.0.1.11")).table == "flows"  # no policies there
@@ -368,6 +376,21 @@ def test_filter_injection_attempts_are_refused_or_stay_values(chdb_store, text, 
     with pytest.raises(ValueError):
         query.top(chdb_store, query.FlowQuery(start=T_START, end=T_END, filter=text, group="srcPod"))
     assert chdb_store.count() == len(FLOWS)
+
+
+def test_a_namespaced_keys_names_are_every_name_a_row_of_that_key_can_hold():
+    """The names a series looks for first (Dimension.names_of) hold the name of every row
+    whose key is one of the keys, whatever '/' the namespace or the name hold."""
+    dim = DIMENSIONS["srcPod"]
+    assert dim.name_column == "sourcePodName" and DIMENSIONS["srcNode"].name_column is None
+
+    def key(ns: str, name: str) -> str:  # what the dimension's SQL builds
+        return "" if name == "" else name if ns == "" else f"{ns}/{name}"
+
+    rows = [(ns, name) for ns in ("", "a", "a/b", "x/") for name in ("", "b", "b/c", "/", "a/b")]
+    for ns, name in rows:
+        assert name in dim.names_of({key(ns, name)}), (ns, name)
+    assert dim.names_of({"ns-1/web-1", ""}) == {"ns-1/web-1", "web-1", ""}
 
 
 def test_filters_read_as_documented():
