@@ -21,14 +21,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from flowscope.ipfix.accel import optional_extension
+from flowscope.ipfix.accel import optional_extension, say_once
 
 log = logging.getLogger(__name__)
 
 PURE_ENV = "FLOWSCOPE_CONNTRACK_PURE"
 
 _ctparse, _why_not = optional_extension(f"{__package__}._ctparse", PURE_ENV)
-_said = False
 
 
 def available() -> bool:
@@ -128,11 +127,7 @@ class NativeParser:
 
 def native_parser(entry_type: type, key_type: type, learn: Callable[[Any, int, int], Any], max_layouts: int) -> NativeParser | None:
     """The C parser, or None (then conntrack.py parses in Python); says which, once."""
-    global _said
-    if not _said:
-        _said = True
-        if _ctparse is None:
-            log.info("conntrack parser: pure Python, %s", _why_not)
+    say_once(log, "conntrack parser", _ctparse, _why_not, "C parser", "pure Python")
     if _ctparse is None:
         return None
     return NativeParser(entry_type, key_type, learn, max_layouts)

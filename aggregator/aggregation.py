@@ -83,7 +83,6 @@ compiler, or with ``FLOWSCOPE_AGGREGATOR_PURE=1``, the twin serves, and says so 
 
 from __future__ import annotations
 
-import functools
 import logging
 from array import array
 from collections import deque
@@ -93,7 +92,7 @@ from operator import itemgetter
 from typing import Any
 
 from flowscope.ipfix import antrea
-from flowscope.ipfix.accel import optional_extension
+from flowscope.ipfix.accel import optional_extension, say_once
 
 __all__ = [
     "AggregationProcess", "ExportedFlow", "Flow", "FlowFilter", "AggregationStats",
@@ -388,14 +387,6 @@ def accelerated() -> bool:
     return _aggr is not None
 
 
-@functools.cache
-def _say_once() -> None:
-    if _aggr is None:
-        log.info("aggregation: pure-Python ingest loop, %s", _why_not)
-    else:
-        log.debug("aggregation: C ingest loop %s", _aggr.__file__)
-
-
 def _empty(v: Any) -> bool:
     return v is None or v == "" or v == 0 or v == "0.0.0.0" or v == "::"
 
@@ -475,7 +466,7 @@ class AggregationProcess:
         """Take the records of one message (one exporter, one observation domain); returns how
         many were kept. The hot path: the C accelerator's loop (aggregator/_aggr.c) where it
         is built, else :meth:`_ingest_py`, its pure-Python twin; both do the same."""
-        _say_once()
+        say_once(log, "aggregation", _aggr, _why_not, "C ingest loop", "pure-Python ingest loop")
         if self._accel is not None:
             return self._accel.ingest_many(self, records, exporter, domain, now, self._ingest_py)  # type: ignore[no-any-return]
         return self._ingest_py(records, exporter, domain, now)

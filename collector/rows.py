@@ -25,16 +25,14 @@ flow's addresses is the family of ``sourceIP`` (a ``:`` is IPv6), the exporter's
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from array import array
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from operator import attrgetter, methodcaller
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from flowscope.ipfix.accel import optional_extension
+from flowscope.ipfix.accel import optional_extension, say_once
 from flowscope.ipfix import columnar as _ipfix_columnar
 from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
@@ -77,12 +75,8 @@ def accelerated() -> bool:
     return _rowcols is not None
 
 
-@functools.cache
 def _say_once() -> None:
-    if _rowcols is None:
-        log.info("store columns: pure-Python transposition, %s", _why_not)
-    else:
-        log.info("store columns: C transposition (%s)", os.path.basename(_rowcols.__file__))
+    say_once(log, "store columns", _rowcols, _why_not, "C transposition", "pure-Python transposition")
 
 
 class TextColumn(Sequence[str]):

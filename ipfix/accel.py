@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from .registry import VARIABLE_LENGTH, DataType, InformationElement
 
-__all__ = ["NativeCodec", "native_codec", "available", "optional_extension", "PURE_ENV"]
+__all__ = ["NativeCodec", "native_codec", "available", "optional_extension", "say_once", "PURE_ENV"]
 
 log = logging.getLogger("flowscope.ipfix")
 
@@ -65,20 +65,23 @@ def optional_extension(module: str, pure_env: str) -> tuple[Any, str | None]:
         return None, f"the C extension is not built ({exc})"
 
 
+@functools.cache
+def say_once(logger: logging.Logger, what: str, extension: Any, why_not: str | None, native: str, twin: str) -> None:
+    """Say once which implementation of ``what`` serves: the pure-Python ``twin`` (at INFO,
+    with ``why_not`` from :func:`optional_extension`) or the C ``extension`` (at DEBUG).
+    Every accelerator of flowscope says it this way, the first time it is used."""
+    if extension is None:
+        logger.info("%s: %s, %s", what, twin, why_not)
+    else:
+        logger.debug("%s: %s (%s)", what, native, os.path.basename(extension.__file__))
+
+
 _speedups, _why_not = optional_extension(f"{__package__}._speedups", PURE_ENV)
 
 
 def available() -> bool:
     """Whether records are encoded and decoded by the C accelerator."""
     return _speedups is not None
-
-
-@functools.cache
-def _say_once() -> None:
-    if _speedups is None:
-        log.info("IPFIX codec: pure Python, %s", _why_not)
-    else:
-        log.debug("IPFIX codec: C accelerator %s", _speedups.__file__)
 
 
 _UNSIGNED = {DataType.unsigned8, DataType.unsigned16, DataType.unsigned32, DataType.unsigned64}
@@ -144,7 +147,7 @@ def native_codec(
     ``helpers`` are template.py's conversion helpers and caches, shared so that both
     codecs convert the rare types with the very same code.
     """
-    _say_once()
+    say_once(log, "IPFIX codec", _speedups, _why_not, "C accelerator", "pure Python")
     if _speedups is None:
         return None
     fields = []

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import struct
 from array import array
 from collections import defaultdict
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from typing import Any, Union, cast, overload
 
-from .accel import _kind, optional_extension
+from .accel import _kind, optional_extension, say_once
 from .codec import Decoder, Message
 from .errors import MalformedMessage
 from .registry import VARIABLE_LENGTH, DataType
@@ -82,14 +81,6 @@ for _c, _n in (*_UCODES.items(), *_SCODES.items(), (8, "d")):  # the C extension
 def accelerated() -> bool:
     """Whether data sets are decoded into columns by the C extension."""
     return _columnar is not None
-
-
-@functools.cache
-def _say_once() -> None:
-    if _columnar is None:
-        log.info("IPFIX columns: pure-Python twin, %s", _why_not)
-    else:
-        log.info("IPFIX columns: C decoder (%s)", os.path.basename(_columnar.__file__))
 
 
 # --------------------------------------------------------------------------- columns
@@ -336,6 +327,10 @@ class ColumnarDecoder(Decoder):
     only a data set is decoded by :func:`decode_set` instead of into records."""
 
     message_class = ColumnarMessage
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        say_once(log, "IPFIX columns", _columnar, _why_not, "C decoder", "pure-Python twin")
 
     def decode(self, data: bytes, now: float = 0.0) -> ColumnarMessage:
         return cast(ColumnarMessage, super().decode(data, now))

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from flowscope.collector import rows
 from flowscope.collector.rows import TextColumn, records_to_columns, row_to_record, transpose
 from flowscope.collector.schema import COLUMN_NAMES, RECORD_COLUMNS
+from flowscope.ipfix.accel import say_once
 from store_records import aggregated_record
 
 needs_c = pytest.mark.skipif(rows._rowcols is None, reason="the C extension is not built")  # CI builds it
@@ -129,8 +130,8 @@ def test_a_bad_correlation_constant_is_a_callers_mistake():
 
 
 def test_one_log_line_says_which_transposition_serves(caplog):
-    rows._say_once.cache_clear()
-    with caplog.at_level("INFO", logger="flowscope.collector.rows"):
+    say_once.cache_clear()
+    with caplog.at_level("DEBUG", logger="flowscope.collector.rows"):
         transpose([{}], "x")
         transpose([{}], "x")
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store columns:")]
