@@ -280,11 +280,17 @@ def _finish_rebuild(store: FlowStore) -> None:
                 store._execute(f"ALTER TABLE {quote(db)}.{quote(n)} MODIFY TTL {old}")
 
 
-def _ttl_clause(store: FlowStore, table: str) -> str:
-    """A table's TTL expression as the server shows it ("" when none)."""
+def _engine_full(store: FlowStore, table: str) -> str:
+    """A table's engine clause as the server shows it (TTL and SETTINGS included; "" when
+    there is no such table)."""
     rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
                          f"AND name = '{table}'")
-    m = re.search(r" TTL (.*?)(?: SETTINGS |$)", str(rows[0][0]) if rows else "")
+    return str(rows[0][0]) if rows else ""
+
+
+def _ttl_clause(store: FlowStore, table: str) -> str:
+    """A table's TTL expression as the server shows it ("" when none)."""
+    m = re.search(r" TTL (.*?)(?: SETTINGS |$)", _engine_full(store, table))
     return m.group(1).strip() if m else ""
 
 
@@ -366,9 +372,8 @@ def _ensure(store: FlowStore) -> None:
 def _part_format(store: FlowStore) -> None:
     """A raw table created before it had its part-format setting gets it (new parts only)."""
     wanted = f"min_rows_for_wide_part = {RAW_WIDE_PART_ROWS}"
-    rows = store._select(f"SELECT engine_full FROM system.tables WHERE database = '{store.database}' "
-                         f"AND name = '{store.table}'")
-    if rows and wanted not in str(rows[0][0]):
+    engine = _engine_full(store, store.table)
+    if engine and wanted not in engine:
         store._execute(f"ALTER TABLE {quote(store.database)}.{quote(store.table)} MODIFY SETTING {wanted}")
         log.info("flow store %s.%s: parts below %d rows written Compact", store.database, store.table,
                  RAW_WIDE_PART_ROWS)
