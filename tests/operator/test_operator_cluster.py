@@ -649,7 +649,9 @@ async def test_the_collector_sample_deploys_keeps_its_token_and_is_pruned_when_s
     c = operator
     ns = "flowscope-flows"
     await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/05-aggregator-with-collector.yaml"))
-    dep = await eventually(lambda: c.get("apps/v1", "Deployment", ns, "flows-collector"))
+    # the status says Deploying once every object is written; one found earlier may be the first of many
+    await eventually(lambda: _reason_is(c, "FlowAggregator", ns, "flows", "Deploying"))
+    dep = await c.get("apps/v1", "Deployment", ns, "flows-collector")
     assert dep["spec"]["template"]["spec"]["containers"][0]["args"][:3] == ["collector", "--listen", "0.0.0.0:4740:tcp"]
     assert await c.get("v1", "Service", ns, "flows-collector") is not None
     assert await c.get("v1", "PersistentVolumeClaim", ns, "flows-collector-store") is not None
@@ -705,7 +707,10 @@ async def test_the_grpc_sample_reaches_the_agents_config_and_the_aggregators_ser
     c = operator
     ns = "flowscope-grpc"
     await c.kubectl("apply", "--validate=false", "-f", str(ROOT / "config/samples/06-aggregator-grpc.yaml"))
-    cm = await eventually(lambda: c.get("v1", "ConfigMap", ns, "grpc-agents-config"))
+    # Deploying is said once every object is written: the ConfigMap alone may precede the Secret
+    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, "grpc-agents", "Deploying"))
+    await eventually(lambda: _reason_is(c, "FlowAggregator", ns, "grpc-aggregator", "Deploying"))
+    cm = await c.get("v1", "ConfigMap", ns, "grpc-agents-config")
     agent = yaml.safe_load(cm["data"]["agent.yaml"])
     assert agent["flowCollectorAddr"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"
     assert agent["recordContents"] == {"podLabels": True}
@@ -716,5 +721,4 @@ async def test_the_grpc_sample_reaches_the_agents_config_and_the_aggregators_ser
     assert raw["aggregatorTransportProtocol"] == "grpc" and raw["listenPort"] == 14739 and raw["tls"]
     client = await c.get("v1", "Secret", ns, "grpc-agents-client-tls")
     assert b64(client, "tls.crt").startswith(b"-----BEGIN CERTIFICATE-----")
-    fec = await eventually(lambda: _reason_is(c, "FlowExporterConfig", ns, "grpc-agents", "Deploying"))
     assert fec["status"]["collectorAddress"] == "grpc-aggregator.flowscope-grpc.svc:14739:grpc"
