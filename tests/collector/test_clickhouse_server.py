@@ -6,7 +6,7 @@ field with clickhouse-driver and with clickhouse-client; the query API's numbers
 was written; the real aggregator fed by two agents over IPFIX/TCP ends with correlated rows
 whose per-Node counters are what each agent sent; a server killed and restarted loses no
 row and duplicates none; an aggregator whose ClickHouse is unreachable starts, counts the
-failures and what it could not store.
+failures and what it could not store; a version-4 store is rebuilt to version 5 in place.
 """
 
 from __future__ import annotations
@@ -350,6 +350,51 @@ async def test_the_docs_example_queries_run_on_18_16(server, env):
         await check_doc_queries(sink)
     finally:
         await sink.close()
+
+
+def test_a_version_4_store_is_rebuilt_on_18_16_every_row_kept_and_new_rows_reach_each_rollup(server, env):
+    """Schema version 5's in-place rebuild (the raw table sorted by the minute first, connection
+    states in 8-row granules) on the old server, which has no TTL and no cascading views (every
+    view reads the raw table): every row and roll-up is kept and the views fire on the rebuilt
+    table."""
+    from flowscope.collector.rows import flows_to_columns, typed_columns
+    from flowscope.collector.schema import rollup_tables
+    from flowscope.collector.store import open_store
+    from test_collector_migrations import _V4_KEY, _as_version_4, _granularity, _rollup_sums, _sorting_key
+    from test_collector_store import FLOWS
+
+    db = unique_db()
+    url = f"{server.address}/{db}"
+    store = open_store(url)
+    store.open()
+    try:
+        assert store.features.version[:2] == (18, 16) and not store.features.cascading_views
+        store.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=3)[0]))
+        _as_version_4(store, db)
+        assert _sorting_key(store, db) == _V4_KEY and _granularity(store, "flows_conn_1m", db) == "8192"
+        raw = store.select(f"SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
+                           f"flowEndSeconds) FROM {db}.flows")
+        rollups = _rollup_sums(store, db)
+    finally:
+        store.close()
+    again = open_store(url)
+    again.open()
+    try:
+        assert again.schema_version == 5 and _sorting_key(again, db).startswith("toStartOfMinute(flowEndSeconds), ")
+        assert [_granularity(again, f"flows_conn_{s}", db) for s in ("1m", "10m", "1h")] == ["8"] * 3
+        assert again.select(f"SELECT count(), sum(octetDeltaCount), uniqExact(sourceIP, sourceTransportPort, "
+                            f"flowEndSeconds) FROM {db}.flows") == raw
+        assert _rollup_sums(again, db) == rollups
+        tables = {r[0] for r in again.select(f"SELECT name FROM system.tables WHERE database = '{db}'")}
+        assert not any(t.endswith(("__v4", "__v5")) for t in tables)
+        again.insert(typed_columns(flows_to_columns(FLOWS, time_inserted=int(time.time()), commit_id=4)[0]))
+        for name in rollup_tables("flows"):
+            if "conn" not in name:
+                assert again.select(f"SELECT sum(records) FROM {db}.{name}")[0][0] == 2 * len(FLOWS), name
+        assert again.select(f"SELECT uniqCombinedMerge(connections) FROM {db}.flows_conn_1h") == \
+            again.select(f"SELECT uniqCombined(connectionHash) FROM {db}.flows")
+    finally:
+        again.close()
 
 
 async def test_the_operators_sample_config_runs_the_aggregator_process_into_clickhouse(server, tmp_path):

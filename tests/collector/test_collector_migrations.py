@@ -177,7 +177,7 @@ def test_a_version_3_store_gains_the_narrow_rollups_from_its_rollups_not_its_raw
 _V4_KEY = "toStartOfHour(flowEndSeconds), sourcePodNamespace, destinationPodNamespace, flowEndSeconds"
 
 
-def _as_version_4(store) -> None:
+def _as_version_4(store, db: str = "flowscope") -> None:
     """Make a current store what version 4 wrote: its raw table sorted by the hour first
     and its connection states in default-sized granules (the same rows), the views made
     on those tables."""
@@ -186,42 +186,42 @@ def _as_version_4(store) -> None:
 
     f = store.features
     fine = f" SETTINGS index_granularity = {CONN_GRANULARITY}"
-    old = {"flows": raw_table_sql("flowscope", "flows_h", f, Retention()).replace(RAW_SORT_KEY, _V4_KEY)}
+    old = {"flows": raw_table_sql(db, "flows_h", f, Retention()).replace(RAW_SORT_KEY, _V4_KEY)}
     for fam in FAMILIES:
         if fam.kind == "connections":
             for r in fam.rollups:
                 name = fam.table("flows", r)
-                old[name] = rollup_table_sql("flowscope", "flows", r, f, Retention(), fam, name=name + "_h")
+                old[name] = rollup_table_sql(db, "flows", r, f, Retention(), fam, name=name + "_h")
                 assert fine in old[name]
                 old[name] = old[name].replace(fine, "")
     views = [(fam, r) for fam in FAMILIES for r in fam.rollups]
     for fam, r in views:
-        store.execute(f"DROP TABLE flowscope.{fam.table('flows', r)}_mv")
+        store.execute(f"DROP TABLE {db}.{fam.table('flows', r)}_mv")
     for name, create in old.items():
         store.execute(create)
         cols = ", ".join(f"`{c}`" for c, in store.select(
-            f"SELECT name FROM system.columns WHERE database = 'flowscope' AND table = '{name}' "
+            f"SELECT name FROM system.columns WHERE database = '{db}' AND table = '{name}' "
             "AND default_kind != 'MATERIALIZED'"))
-        store.execute(f"INSERT INTO flowscope.{name}_h ({cols}) SELECT {cols} FROM flowscope.{name}")
-        store.execute(f"DROP TABLE flowscope.{name}")
-        store.execute(f"RENAME TABLE flowscope.{name}_h TO flowscope.{name}")
+        store.execute(f"INSERT INTO {db}.{name}_h ({cols}) SELECT {cols} FROM {db}.{name}")
+        store.execute(f"DROP TABLE {db}.{name}")
+        store.execute(f"RENAME TABLE {db}.{name}_h TO {db}.{name}")
     for fam, r in views:
-        store.execute(rollup_view_sql("flowscope", "flows", r, f, fam))
-    store.execute("TRUNCATE TABLE flowscope.flowscope_schema")
-    store.execute("INSERT INTO flowscope.flowscope_schema (version, note) SELECT 4, 'version 4'")
+        store.execute(rollup_view_sql(db, "flows", r, f, fam))
+    store.execute(f"TRUNCATE TABLE {db}.flowscope_schema")
+    store.execute(f"INSERT INTO {db}.flowscope_schema (version, note) SELECT 4, 'version 4'")
 
 
-def _granularity(store, name: str) -> str:
-    return store.select(f"SHOW CREATE TABLE flowscope.{name}")[0][0].rsplit("index_granularity = ", 1)[1].split(",")[0]
+def _granularity(store, name: str, db: str = "flowscope") -> str:
+    return store.select(f"SHOW CREATE TABLE {db}.{name}")[0][0].rsplit("index_granularity = ", 1)[1].split(",")[0]
 
 
-def _sorting_key(store) -> str:
-    return store.select("SELECT sorting_key FROM system.tables WHERE database = 'flowscope' AND name = 'flows'")[0][0]
+def _sorting_key(store, db: str = "flowscope") -> str:
+    return store.select(f"SELECT sorting_key FROM system.tables WHERE database = '{db}' AND name = 'flows'")[0][0]
 
 
-def _rollup_sums(store) -> dict:
-    return {n: store.select(f"SELECT count(), sum(records) FROM flowscope.{n}" if "conn" not in n else
-                            f"SELECT count(), uniqCombinedMerge(connections) FROM flowscope.{n}")[0]
+def _rollup_sums(store, db: str = "flowscope") -> dict:
+    return {n: store.select(f"SELECT count(), sum(records) FROM {db}.{n}" if "conn" not in n else
+                            f"SELECT count(), uniqCombinedMerge(connections) FROM {db}.{n}")[0]
             for n in rollup_tables("flows")}
 
 
