@@ -6,7 +6,7 @@ records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes):
 * ``sink``: ``ClickHouseSink.write`` of the ExportedFlows then one ``commit`` of an
   open sink (its first commit, which opens and migrates the store, before the clock) -
   the whole path the aggregator pays: record dicts to typed, checked columns (in the form the
-  backend takes: Arrow text for chDB, lists for the driver), then the insert. Rows/s over
+  backend takes: Arrow-layout text for chDB, sent as a Native block; lists for the driver), then the insert. Rows/s over
   wall time, and over this process's CPU time (every thread: chDB runs in-process, so
   this is the rate on one core whatever else the machine runs); CPU ms per 1,000 rows of
   the conversion (the committing thread) and of the insert/commit (the rest of the
@@ -190,8 +190,8 @@ def views_cost(flows_by_round: list[list[ExportedFlow]]) -> dict[str, object]:
     own insert (its settings), background merges stopped (they are paid later, by every
     layout alike), medians of the rounds:
 
-    * ``read_only``: a ``Null``-engine table of the stored columns: the ``Python()`` table
-      function reading the Arrow block, nothing written;
+    * ``read_only``: a ``Null``-engine table of the stored columns: the Native block built
+      from the columns and read by chDB's streaming insert, nothing written;
     * ``raw_table``: the raw table (its derived columns), no roll-up;
       ``raw_table_wide_parts``: the same with every part Wide (ClickHouse's default
       for parts over 10 MB, before the raw table wrote its insert-sized parts Compact);

@@ -2,12 +2,16 @@
 
 ``chdb:///DIR`` keeps the database in a directory that survives restarts (one process at a
 time may hold it); ``chdb://`` uses a temporary one, removed on close. Inserts hand chDB
-a pyarrow table through its ``Python()`` table function: the integer columns arrive as
-``array``s or typed ``memoryview``s (collector.rows.sets_to_columns), which become arrow
-arrays without a per-value conversion (a zero-copy numpy view of the buffer), the text
-columns as :class:`~flowscope.collector.rows.TextColumn` (Arrow's offsets and UTF-8 data,
-built once by the transposition or joined from the decoder's columns) or lists;
-ClickHouse reads the block columnar. Reads come back as JSONCompact.
+one block in ClickHouse's Native format through a streaming insert: the integer columns
+arrive as ``array``s or typed ``memoryview``s (collector.rows.sets_to_columns), written as
+their little-endian bytes without a per-value conversion, the text columns as
+:class:`~flowscope.collector.rows.TextColumn` (Arrow's offsets and UTF-8 data, built once
+by the transposition or joined from the decoder's columns) or lists, rewritten in one pass
+as Native's length-prefixed strings (collector.rows.native_text). chDB reads a Native
+block for about half the CPU its ``Python()`` table function takes over the same columns
+as a pyarrow table (docs/clickhouse.md); text goes in as ``String`` and ClickHouse turns
+it into the table's LowCardinality where the column has one. Reads come back as
+JSONCompact.
 """
 
 from __future__ import annotations
@@ -15,17 +19,15 @@ from __future__ import annotations
 import json
 import os
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .rows import TextColumn
+from .rows import TextColumn, native_text
 from .schema import COLUMN_NAMES, COLUMNS, Retention, quote
 from .store import FlowStore, StoreAddress
 
-__all__ = ["ChdbStore"]
+__all__ = ["ChdbStore", "native_parts"]
 
-_ARROW_TYPES = {"UInt8": "uint8", "UInt16": "uint16", "UInt32": "uint32", "UInt64": "uint64", "DateTime": "uint32",
-                "String": "string", "Float64": "float64"}
 _NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "DateTime": "u4"}
 
 #: Settings of every insert. ``optimize_on_insert = 0``: a roll-up's view already groups
@@ -35,6 +37,84 @@ _NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "
 #: are summed by the background merges and by every query's GROUP BY either way).
 #: Measured in benchmarks/clickhouse_sink.py (docs/clickhouse.md).
 INSERT_SETTINGS = "optimize_on_insert = 0"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _header(name: str, type_name: str) -> bytes:
+    raw_name, raw_type = name.encode(), type_name.encode()
+    return _varint(len(raw_name)) + raw_name + _varint(len(raw_type)) + raw_type
+
+
+#: Each column's Native header (its name and the type its bytes are in).
+_HEADERS = tuple(_header(c.name, c.type if c.is_int else "String") for c in COLUMNS)
+
+
+_WIDTHS = {"UInt8": 1, "UInt16": 2, "UInt32": 4, "UInt64": 8, "DateTime": 4}
+
+
+def _int_bytes(v: Any, type_name: str, n: int) -> bytes | memoryview:
+    """An integer column of ``n`` values as little-endian values of its width: a typed
+    buffer as it is (it must hold exactly ``n`` values of that width), anything else
+    (a list, a numpy or pyarrow array) converted."""
+    import numpy as np
+
+    width = _WIDTHS[type_name]
+    if isinstance(v, (array, memoryview, bytes)):
+        view = memoryview(v).cast("B")
+        if len(view) != n * width:
+            raise ValueError(f"a {type_name} column of {n} values takes {n * width} bytes, not {len(view)}")
+        return view
+    out = np.asarray(v, dtype=_NUMPY_TYPES[type_name]).tobytes()
+    if len(out) != n * width:
+        raise ValueError(f"a {type_name} column of {n} values takes {n * width} bytes, not {len(out)}")
+    return out
+
+
+def _as_text(v: Any) -> TextColumn | list[str]:
+    """A text column as :func:`~flowscope.collector.rows.native_text` takes it: as it is
+    (TextColumn, list of str), or from a pyarrow string array (the benchmarks' generator)
+    by its buffers."""
+    if isinstance(v, (TextColumn, list)):
+        return v
+    if hasattr(v, "combine_chunks"):
+        v = v.combine_chunks()
+    if hasattr(v, "buffers") and str(v.type) == "string" and not v.null_count:
+        import numpy as np
+
+        _, offsets, data = v.buffers()
+        off = np.frombuffer(offsets, dtype="<i4")[v.offset:v.offset + len(v) + 1]
+        return TextColumn(off.tobytes(), data.to_pybytes() if data is not None else b"")
+    return [str(x) for x in (v.to_pylist() if hasattr(v, "to_pylist") else v)]
+
+
+def native_parts(columns: Sequence[Any]) -> Iterator[bytes | memoryview]:
+    """One insert block in ClickHouse's Native format, piece by piece (the streaming insert
+    takes them in turn; joined they are the block): the column and row counts, then each
+    column in :data:`~flowscope.collector.schema.COLUMNS` order (its name, its type, its
+    values). Checked first: one column per table column, each as long as the first."""
+    if len(columns) != len(COLUMNS):
+        raise ValueError(f"{len(columns)} columns, the table has {len(COLUMNS)}")
+    n = _values(COLUMNS[0], columns[0])
+    for c, v in zip(COLUMNS, columns):
+        if _values(c, v) != n:
+            raise ValueError(f"column {c.name} has {_values(c, v)} values, the block {n}")
+    yield _varint(len(COLUMNS)) + _varint(n)
+    for c, head, v in zip(COLUMNS, _HEADERS, columns):
+        yield head
+        yield _int_bytes(v, c.type, n) if c.is_int else native_text(_as_text(v))
+
+
+def _values(c: Any, v: Any) -> int:
+    """How many values a column holds (bytes of an integer column: whole values of its width)."""
+    return len(v) // _WIDTHS[c.type] if isinstance(v, bytes) and c.is_int else len(v)
 
 
 class ChdbStore(FlowStore):
@@ -48,7 +128,7 @@ class ChdbStore(FlowStore):
         super().__init__(address, database, table, retention=retention)
         self._session: Any = None
         self._insert_sql = (f"INSERT INTO {self.qualified} ({', '.join(quote(n) for n in COLUMN_NAMES)}) "
-                            f"SELECT * FROM Python(flowscope_block) SETTINGS {INSERT_SETTINGS}")
+                            f"SETTINGS {INSERT_SETTINGS}")
 
     def _conn(self) -> Any:
         if self._session is None:
@@ -71,27 +151,12 @@ class ChdbStore(FlowStore):
         return [tuple(r) for r in json.loads(data)["data"]]
 
     def _insert(self, columns: Sequence[Any]) -> None:
-        import numpy as np
-        import pyarrow as pa
-
-        # LowCardinality columns take a dictionary-encoded Arrow array for less than a plain
-        # one (ClickHouse maps the dictionary once instead of hashing every value): measured
-        # 12-16% less CPU for the whole insert, the encoding included
-        low_cardinality = self.features is not None and self.features.low_cardinality
-        arrays = {}
-        for c, v in zip(COLUMNS, columns):
-            if not c.is_int and not isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
-                # Arrow's layout already (offsets and data as built), or a list of str
-                text = v.arrow() if isinstance(v, TextColumn) else pa.array(v, type=pa.string())
-                arrays[c.name] = text.dictionary_encode() if c.repeats and low_cardinality else text
-            elif isinstance(v, (array, memoryview)):  # a numpy view of the buffer, no per-value conversion
-                arrays[c.name] = pa.array(np.frombuffer(v, dtype=_NUMPY_TYPES[c.type]))
-            elif isinstance(v, (np.ndarray, pa.Array, pa.ChunkedArray)):
-                arrays[c.name] = v if not isinstance(v, np.ndarray) else pa.array(v)
-            else:
-                arrays[c.name] = pa.array(v, type=getattr(pa, _ARROW_TYPES[c.type])())
-        flowscope_block = pa.table(arrays)  # noqa: F841 - chDB's Python() table function finds it by name
-        self._conn().query(self._insert_sql)
+        # the pieces one after another: measured cheaper than one joined block (docs/clickhouse.md)
+        parts = list(native_parts(columns))  # every column checked before anything is sent
+        with self._conn().send_insert(self._insert_sql, "Native") as inserter:
+            for part in parts:
+                inserter.append(part)
+            inserter.finish()
 
     def close(self) -> None:
         with self._lock:

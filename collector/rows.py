@@ -3,11 +3,11 @@
 Ingest's hot path: :func:`records_to_columns` (the collector's decoded records) and
 :func:`flows_to_columns` (the aggregator's ExportedFlows) turn a batch into one typed
 column per column of :data:`~flowscope.collector.schema.COLUMNS`, built once: every
-integer column an ``array`` of the column's width (chDB reads it as a numpy view, no
-per-value conversion), every text column either a :class:`TextColumn` (Arrow's string
-layout, int32 offsets and UTF-8 data, which chDB's ``Python()`` table function reads as
-is) or a list of str (what the server's driver takes). Each backend says which it wants
-(``text_form``).
+integer column an ``array`` of the column's width (its bytes are what chDB's Native insert
+takes, no per-value conversion), every text column either a :class:`TextColumn` (Arrow's
+string layout, int32 offsets and UTF-8 data, rewritten in one C pass as Native's
+length-prefixed strings by :func:`native_text`) or a list of str (what the server's driver
+takes). Each backend says which it wants (``text_form``).
 
 The transposition is :func:`transpose`: the C extension ``_rowcols``
 (collector/_rowcols.c, built by setup.py when a compiler is at hand) or its pure-Python
@@ -38,8 +38,8 @@ from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
-__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "records_to_columns",
-           "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
+__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "native_text",
+           "records_to_columns", "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
 
 log = logging.getLogger("flowscope.collector.rows")
 
@@ -424,6 +424,51 @@ def _text_part(v: Any) -> tuple[bytes, bytes]:
         at += len(d)
         offsets.append(at)
     return offsets.tobytes(), b"".join(datas)
+
+
+def native_text(v: Any) -> bytes:
+    """A text column (a :class:`TextColumn` or a list of str) in ClickHouse's Native layout:
+    each value's UTF-8 length as an unsigned LEB128 varint, then its bytes. The chDB store
+    inserts Native blocks (collector.chdb_store); the C extension writes it in one pass, the
+    twin (:func:`_native_text_py`) gives the same bytes."""
+    offsets, data = _text_part(v)
+    if _rowcols is not None:
+        return bytes(_rowcols.native_text(offsets, data))
+    return _native_text_py(offsets, data)
+
+
+def _native_text_py(offsets: bytes, data: bytes) -> bytes:
+    """The pure-Python twin of ``_rowcols.native_text``: the same bytes, the same refusals
+    (offsets not n + 1 int32 values, going backwards or past the data). Vectorised with
+    numpy when every value is under 128 bytes (one length byte each, the usual case)."""
+    import numpy as np
+
+    if len(offsets) < 4 or len(offsets) % 4:
+        raise ValueError("offsets must be n + 1 int32 values")
+    off = np.frombuffer(offsets, dtype="<i4").astype(np.int64)
+    lengths = np.diff(off)
+    if off[0] < 0 or off[-1] > len(data) or (lengths < 0).any():
+        raise ValueError("offsets go backwards or past the data")
+    n = len(lengths)
+    payload = np.frombuffer(data, dtype=np.uint8)[off[0]:off[-1]]
+    if not n or lengths.max() < 0x80:
+        out = np.empty(n + len(payload), dtype=np.uint8)
+        at = off[:-1] - off[0] + np.arange(n)  # where each value's length byte goes
+        out[at] = lengths
+        body = np.ones(len(out), dtype=bool)
+        body[at] = False
+        out[body] = payload
+        return out.tobytes()
+    chunks = bytearray()
+    for i in range(n):
+        a, b = int(off[i]), int(off[i + 1])
+        size = b - a
+        while size >= 0x80:
+            chunks.append((size & 0x7F) | 0x80)
+            size >>= 7
+        chunks.append(size)
+        chunks += data[a:b]
+    return bytes(chunks)
 
 
 def _join_text(parts: list[tuple[bytes, bytes]]) -> TextColumn:

@@ -1,7 +1,10 @@
 """The store's records-to-columns transposition: the C extension (collector/_rowcols.c)
 against its pure-Python twin (collector/rows.py), value for value, on valid and malformed
 records (hypothesis); and what either keeps: every valid record exactly, every record
-with a value its column cannot hold left out and counted, nothing stored wrong."""
+with a value its column cannot hold left out and counted, nothing stored wrong. The same
+for the text columns' Native layout (native_text): the same bytes from both on any text,
+the same refusals of offsets that go backwards or past the data, and the layout
+ClickHouse documents (a LEB128 length, then the UTF-8 bytes)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowscope.collector import rows
-from flowscope.collector.rows import TextColumn, records_to_columns, row_to_record, transpose
+from flowscope.collector.rows import TextColumn, native_text, records_to_columns, row_to_record, transpose
 from flowscope.collector.schema import COLUMN_NAMES, RECORD_COLUMNS
 from flowscope.ipfix.accel import say_once
 from store_records import aggregated_record
@@ -137,3 +140,40 @@ def test_one_log_line_says_which_transposition_serves(caplog):
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store columns:")]
     assert len(said) == 1
     assert ("C transposition" if rows.accelerated() else "pure-Python transposition") in said[0]
+
+
+def leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n >= 0x80 else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=6), st.text(min_size=120, max_size=300), st.just("ü" * 70)), max_size=30))
+def test_native_text_is_each_values_length_then_its_bytes_from_c_and_twin_alike(values):
+    offsets, data = rows._text_part(values)
+    want = b"".join(leb128(len(v.encode())) + v.encode() for v in values)
+    assert rows._rowcols.native_text(offsets, data) == rows._native_text_py(offsets, data) == want
+    assert native_text(values) == native_text(TextColumn(offsets, data)) == want
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-5, 40), max_size=8), st.binary(max_size=32), st.integers(0, 3))
+def test_native_text_refuses_offsets_that_go_backwards_or_past_the_data_in_c_and_twin_alike(offs, data, cut):
+    raw = array("i", offs).tobytes()
+    raw = raw[:len(raw) - cut] if cut and len(raw) > cut else raw
+    outcomes = []
+    for fn in (rows._rowcols.native_text, rows._native_text_py):
+        try:
+            outcomes.append(fn(raw, data))
+        except ValueError:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
+    valid = (len(raw) >= 4 and len(raw) % 4 == 0 and offs and 0 <= offs[0] and offs[-1] <= len(data)
+             and all(a <= b for a, b in zip(offs, offs[1:])))
+    assert (outcomes[0] != "refused") == bool(valid)
