@@ -81,8 +81,9 @@ def _say_once() -> None:
 
 class TextColumn(Sequence[str]):
     """A text column in Arrow's string layout: ``offsets`` (n + 1 int32, little-endian)
-    into ``data`` (UTF-8). chDB reads :meth:`arrow` without a per-value conversion;
-    indexing decodes one value (tests and the server's fallback)."""
+    into ``data`` (UTF-8), as the transposition and the decoder's columns build it; the chDB
+    store rewrites it in one pass as Native's strings (:func:`native_text`); indexing
+    decodes one value (tests and the server's fallback)."""
 
     __slots__ = ("offsets", "data", "_n")
 
@@ -114,11 +115,6 @@ class TextColumn(Sequence[str]):
 
     def tolist(self) -> list[str]:
         return list(self)
-
-    def arrow(self) -> Any:
-        import pyarrow as pa
-
-        return pa.Array.from_buffers(pa.string(), self._n, [None, pa.py_buffer(self.offsets), pa.py_buffer(self.data)])
 
 
 # --------------------------------------------------------------------------- the twin
