@@ -75,6 +75,7 @@ typedef struct {
     int fresh;               /* records are made by fresh_split, not copied from split */
     struct Step *plan;       /* fixed-length records made by fresh_split: decode_fixed's steps */
     struct EStep *eplan;     /* fixed-length records: encode_fixed_messages' steps, or NULL */
+    Py_ssize_t plan_ends[6]; /* the plan's steps of each code end at these (sorted by code) */
     int nip4;                /* the plan's IPv4 fields, at these offsets in the record */
     Py_ssize_t ip4_offset[IP4_AHEAD_MAX];
 } CodecObject;
@@ -639,6 +640,24 @@ make_plan(CodecObject *self)
         offset += op->length;
     }
     self->nip4 = nip4;
+    /* Steps of one code together, in field order within each (a stable sort by code):
+     * the values are independent of one another, and decode_fixed's switch then changes
+     * its target a few times a record, not at nearly every field, so it is predicted. */
+    for (Py_ssize_t i = 1; i < self->nops; i++) {
+        Step st = plan[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && plan[j - 1].code > st.code; j--) {
+            plan[j] = plan[j - 1];
+        }
+        plan[j] = st;
+    }
+    for (int c = S_U8; c <= S_OTHER; c++) {
+        Py_ssize_t e = 0;
+        for (Py_ssize_t i = 0; i < self->nops; i++) {
+            e += plan[i].code <= c;
+        }
+        self->plan_ends[c] = e;
+    }
     /* decode_fixed fills value slots 0..nops-1 itself: each field's must be one of them, once */
     uint8_t seen[PLAN_MAX] = {0};
     for (Py_ssize_t i = 0; i < self->nops; i++) {
@@ -698,8 +717,11 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
             __builtin_prefetch(&ip4_cache[at[r & 3][j]]);
         }
     }
+    const Py_ssize_t *ends = self->plan_ends; /* where each code's steps end */
+    PyObject *d;
+    Py_ssize_t i;
     for (Py_ssize_t r = 0; r < count; r++, off += size) {
-        PyObject *d = fresh_split_filled(self, nops);
+        d = fresh_split_filled(self, nops);
         if (d == NULL) {
             return -1;
         }
@@ -717,39 +739,56 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
                 }
             }
         }
-        for (Py_ssize_t i = 0; i < nops; i++) {
-            const Step *st = &plan[i];
-            const unsigned char *p = rec + st->offset;
-            PyObject *v;
-            switch (st->code) {
-            case S_U8:
-                v = Py_NewRef(small_ints[p[0]]);
-                break;
-            case S_U16:
-                v = new_unsigned(be16(p));
-                break;
-            case S_U32:
-                v = new_unsigned(be32(p));
-                break;
-            case S_U64:
-                v = new_unsigned(load_be(p, 8));
-                break;
-            case S_IP4:
-                v = decode_ip4_at(p, here[st->ip4]);
-                break;
-            default:
-                v = decode_value(st->op, p, st->op->length);
-                break;
-            }
+        /* One loop per code, in the plan's order (sorted by code): no switch per field. */
+        Py_ssize_t e = ends[S_U8];
+        for (i = 0; i < e; i++) {
+            slots[plan[i].slot] = Py_NewRef(small_ints[rec[plan[i].offset]]);
+        }
+        PyObject *v = NULL;
+        for (e = ends[S_U16]; i < e; i++) {
+            const uint32_t x = be16(rec + plan[i].offset);
+#if FAST_INTS
+            v = x <= 256 ? Py_NewRef(small_ints[x]) : long_of_digits(x, 1); /* one 30-bit digit */
+#else
+            v = new_unsigned(x);
+#endif
             if (v == NULL) {
-                give_up(d, plan, i, nops);
-                if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-                    PyErr_Clear();
-                    return 0;
-                }
-                return -1;
+                goto failed;
             }
-            slots[st->slot] = v;
+            slots[plan[i].slot] = v;
+        }
+        for (e = ends[S_U32]; i < e; i++) {
+            const uint32_t x = be32(rec + plan[i].offset);
+#if FAST_INTS
+            v = x <= 256 ? Py_NewRef(small_ints[x]) : long_of_digits(x, x >> 30 ? 2 : 1);
+#else
+            v = new_unsigned(x);
+#endif
+            if (v == NULL) {
+                goto failed;
+            }
+            slots[plan[i].slot] = v;
+        }
+        for (e = ends[S_U64]; i < e; i++) {
+            v = new_unsigned(load_be(rec + plan[i].offset, 8));
+            if (v == NULL) {
+                goto failed;
+            }
+            slots[plan[i].slot] = v;
+        }
+        for (e = ends[S_IP4]; i < e; i++) {
+            v = decode_ip4_at(rec + plan[i].offset, here[plan[i].ip4]);
+            if (v == NULL) {
+                goto failed;
+            }
+            slots[plan[i].slot] = v;
+        }
+        for (; i < nops; i++) {
+            v = decode_value(plan[i].op, rec + plan[i].offset, plan[i].op->length);
+            if (v == NULL) {
+                goto failed;
+            }
+            slots[plan[i].slot] = v;
         }
         PyList_SET_ITEM(out, r, d);
         if (r + 3 < count) {
@@ -761,6 +800,13 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
         }
     }
     return 1;
+failed: /* step i of record d made no value */
+    give_up(d, plan, i, nops);
+    if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
 }
 #endif
 
@@ -2358,6 +2404,134 @@ static PyTypeObject CodecType = {
     .tp_new = codec_new,
 };
 
+/* ------------------------------------------------------------------ data_records
+ *
+ * DataRecords(sets): the iterator of Message.data_records, every (template, record) of
+ * `sets` (a list of (template, records list) tuples), in order. What the twin's
+ * chain.from_iterable(zip(repeat(template), records) ...) gives, in one call per record
+ * instead of four (chain, zip, repeat, the list's iterator). Each records list is read
+ * as it is at each step, as a list iterator reads it; as zip does, the result tuple is
+ * reused when no one else holds it. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *sets;  /* list of (template, list) tuples */
+    Py_ssize_t set;  /* the set being read */
+    Py_ssize_t next; /* its next record */
+    PyObject *result;
+} DataRecordsObject;
+
+static PyTypeObject DataRecordsType;
+
+static PyObject *
+data_records_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *sets;
+    if ((kwds != NULL && PyDict_GET_SIZE(kwds) != 0) || !PyArg_ParseTuple(args, "O!:DataRecords", &PyList_Type, &sets)) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "DataRecords takes no keyword arguments");
+        }
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(sets); i++) {
+        PyObject *t = PyList_GET_ITEM(sets, i);
+        if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 2 || !PyList_CheckExact(PyTuple_GET_ITEM(t, 1))) {
+            PyErr_SetString(PyExc_TypeError, "DataRecords takes a list of (template, list of records)");
+            return NULL;
+        }
+    }
+    PyObject *result = PyTuple_Pack(2, Py_None, Py_None);
+    if (result == NULL) {
+        return NULL;
+    }
+    DataRecordsObject *self = PyObject_GC_New(DataRecordsObject, type);
+    if (self == NULL) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    /* a copy: the sets iterated are the sets as they were passed */
+    self->sets = PyList_GetSlice(sets, 0, PyList_GET_SIZE(sets));
+    if (self->sets == NULL) {
+        Py_DECREF(result);
+        self->result = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->set = 0;
+    self->next = 0;
+    self->result = result;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+data_records_next(DataRecordsObject *self)
+{
+    PyObject *sets = self->sets;
+    while (self->set < PyList_GET_SIZE(sets)) {
+        PyObject *pair = PyList_GET_ITEM(sets, self->set);
+        PyObject *records = PyTuple_GET_ITEM(pair, 1);
+        if (self->next < PyList_GET_SIZE(records)) {
+            PyObject *template = PyTuple_GET_ITEM(pair, 0);
+            PyObject *record = PyList_GET_ITEM(records, self->next);
+            self->next++;
+            PyObject *result = self->result;
+            if (Py_REFCNT(result) == 1) {
+                Py_INCREF(result);
+                PyObject *old0 = PyTuple_GET_ITEM(result, 0), *old1 = PyTuple_GET_ITEM(result, 1);
+                PyTuple_SET_ITEM(result, 0, Py_NewRef(template));
+                PyTuple_SET_ITEM(result, 1, Py_NewRef(record));
+                Py_DECREF(old0);
+                Py_DECREF(old1);
+                if (!PyObject_GC_IsTracked(result)) { /* the collector may untrack a tuple of atoms */
+                    PyObject_GC_Track(result);
+                }
+                return result;
+            }
+            return PyTuple_Pack(2, template, record);
+        }
+        self->set++;
+        self->next = 0;
+    }
+    return NULL;
+}
+
+static int
+data_records_traverse(DataRecordsObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->sets);
+    Py_VISIT(self->result);
+    return 0;
+}
+
+static int
+data_records_clear(DataRecordsObject *self)
+{
+    Py_CLEAR(self->sets);
+    Py_CLEAR(self->result);
+    return 0;
+}
+
+static void
+data_records_dealloc(DataRecordsObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    data_records_clear(self);
+    PyObject_GC_Del(self);
+}
+
+static PyTypeObject DataRecordsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.ipfix._speedups.DataRecords",
+    .tp_basicsize = sizeof(DataRecordsObject),
+    .tp_dealloc = (destructor)data_records_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "DataRecords(sets): every (template, record) of a list of (template, records), in order.",
+    .tp_traverse = (traverseproc)data_records_traverse,
+    .tp_clear = (inquiry)data_records_clear,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)data_records_next,
+    .tp_new = data_records_new,
+};
+
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "flowscope.ipfix._speedups",
@@ -2368,7 +2542,7 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&CodecType) < 0) {
+    if (PyType_Ready(&CodecType) < 0 || PyType_Ready(&DataRecordsType) < 0) {
         return NULL;
     }
     init_octet_text();
@@ -2381,7 +2555,8 @@ PyInit__speedups(void)
     if (m == NULL) {
         return NULL;
     }
-    if (PyModule_AddObjectRef(m, "Codec", (PyObject *)&CodecType) < 0) {
+    if (PyModule_AddObjectRef(m, "Codec", (PyObject *)&CodecType) < 0 ||
+        PyModule_AddObjectRef(m, "DataRecords", (PyObject *)&DataRecordsType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

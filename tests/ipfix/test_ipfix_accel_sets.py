@@ -19,7 +19,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flowscope.ipfix import ExportSession, accel
+from flowscope.ipfix import ExportSession, Template, accel
+from flowscope.ipfix import codec as codec_module
+from flowscope.ipfix.codec import DataSet, Message, TemplateSet
 from flowscope.ipfix.registry import VARIABLE_LENGTH, DataType
 
 from test_ipfix_accel import FIELDS, _outcome, _pair, _same_records, _value, mangled
@@ -159,3 +161,55 @@ def test_the_fixed_length_plan_writes_only_what_the_twin_accepts(field: tuple[st
             session.add_template(template)
             outcomes.append(_outcome(lambda: session.encode_records(256, records, 0)))
         assert outcomes[0] == outcomes[1], (value, outcomes)
+
+
+def _pairs(msg: Any, native: bool, mutate: int | None) -> list[tuple[Any, Any]]:
+    """Message.data_records() by the accelerator's iterator or the twin's chain of zips,
+    every pair kept (so no result tuple is reused under us); ``mutate``: after that many
+    pairs, append a record to the first data set's list and empty the last's."""
+    saved = codec_module._data_records
+    codec_module._data_records = saved if native else None
+    try:
+        out = []
+        for n, pair in enumerate(msg.data_records()):
+            out.append(pair)
+            data_sets = [s for s in msg.sets if isinstance(s, DataSet) and isinstance(s.records, list)]
+            if n == mutate and data_sets:
+                data_sets[0].records.append({"added": n})
+                data_sets[-1].records.clear()
+        return out
+    finally:
+        codec_module._data_records = saved
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 40), st.none(), st.just("tuple")), max_size=6), st.one_of(st.none(), st.integers(0, 30)))
+def test_data_records_gives_the_twins_pairs(sizes: list[int | str | None], mutate: int | None) -> None:
+    """Message.data_records through the accelerator's own iterator (one call per record,
+    its result tuple reused when no one holds it) against the twin's chain of zips: the
+    same (template, record) objects in the same order, template sets skipped, data sets
+    changed while they are read (a record appended, a set emptied) read as the twin
+    reads them, records that are not a list left to the twin."""
+    assert codec_module._data_records is not None
+    template = Template.build(300, ["protocolIdentifier"])
+    def sets() -> list[Any]:
+        out: list[Any] = []
+        for i, n in enumerate(sizes):
+            if n is None:
+                out.append(TemplateSet(2, [template]))
+            elif n == "tuple":
+                out.append(DataSet(template, ({"t": i}, {"t": i + 1})))  # type: ignore[arg-type]
+            else:
+                out.append(DataSet(Template.build(256 + i, ["protocolIdentifier"]), [{"r": (i, j)} for j in range(n)]))
+        return out
+    got = _pairs(Message(0, 0, 0, sets()), True, mutate)
+    want = _pairs(Message(0, 0, 0, sets()), False, mutate)
+    assert [(t.template_id, r) for t, r in got] == [(t.template_id, r) for t, r in want]
+    msg = Message(0, 0, 0, sets())
+    flat = [(s.template, r) for s in msg.sets if isinstance(s, DataSet) for r in s.records]
+    assert all(a is c and b is d for (a, b), (c, d) in zip([p for p in msg.data_records()], flat))
+    n = 0
+    for t, r in msg.data_records():  # pairs not kept: the tuple is reused, the values still right
+        assert t is flat[n][0] and r is flat[n][1]
+        n += 1
+    assert n == len(flat)
