@@ -2478,9 +2478,11 @@ data_records_next(DataRecordsObject *self)
             if (Py_REFCNT(result) == 1) {
                 Py_INCREF(result);
                 PyObject *old0 = PyTuple_GET_ITEM(result, 0), *old1 = PyTuple_GET_ITEM(result, 1);
-                PyTuple_SET_ITEM(result, 0, Py_NewRef(template));
+                if (old0 != template) { /* the set's template stays in place record after record */
+                    PyTuple_SET_ITEM(result, 0, Py_NewRef(template));
+                    Py_DECREF(old0);
+                }
                 PyTuple_SET_ITEM(result, 1, Py_NewRef(record));
-                Py_DECREF(old0);
                 Py_DECREF(old1);
                 if (!PyObject_GC_IsTracked(result)) { /* the collector may untrack a tuple of atoms */
                     PyObject_GC_Track(result);
