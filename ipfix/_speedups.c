@@ -777,7 +777,12 @@ decode_fixed(const CodecObject *self, const unsigned char *buf, Py_ssize_t off, 
             slots[plan[i].slot] = v;
         }
         for (e = ends[S_IP4]; i < e; i++) {
-            v = decode_ip4_at(rec + plan[i].offset, here[plan[i].ip4]);
+            const unsigned char *p = rec + plan[i].offset;
+            const Ip4Slot *slot = &ip4_cache[here[plan[i].ip4]];
+            uint32_t a;
+            memcpy(&a, p, 4);
+            /* a cached address here, a new one (made and cached) in decode_ip4_at */
+            v = slot->value != NULL && slot->addr == a ? Py_NewRef(slot->value) : decode_ip4_at(p, here[plan[i].ip4]);
             if (v == NULL) {
                 goto failed;
             }
