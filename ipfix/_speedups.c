@@ -15,7 +15,9 @@
  *   twin would accept (int, float, str, bytes, bool) and in range; otherwise the whole
  *   record is encoded by the twin's function (the `fallback` argument), which either
  *   gives the same bytes or raises its precise UsageError.
- * tests/ipfix/test_ipfix_accel.py checks both claims with hypothesis.
+ * - DataRecords (Message.data_records) yields the very pairs the twin's chain of zips does.
+ * tests/ipfix/test_ipfix_accel*.py check these claims with hypothesis; the per-template
+ * plans of fixed-length sets and batches in test_ipfix_accel_sets.py.
  *
  * Values the twin converts with Python helpers that are not hot (MAC addresses, and
  * millisecond and NTP timestamps on the way out) are converted by calling those very
