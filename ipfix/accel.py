@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from .registry import VARIABLE_LENGTH, DataType, InformationElement
 
-__all__ = ["NativeCodec", "native_codec", "available", "optional_extension", "say_once", "PURE_ENV"]
+__all__ = ["NativeCodec", "native_codec", "available", "data_records_iterator", "optional_extension", "say_once", "PURE_ENV"]
 
 log = logging.getLogger("flowscope.ipfix")
 
@@ -82,6 +82,11 @@ _speedups, _why_not = optional_extension(f"{__package__}._speedups", PURE_ENV)
 def available() -> bool:
     """Whether records are encoded and decoded by the C accelerator."""
     return _speedups is not None
+
+
+#: ``DataRecords(sets)``: the C iterator of ``Message.data_records`` over a list of
+#: (template, records list) pairs, or None (the twin's chain of zips serves).
+data_records_iterator: Any = getattr(_speedups, "DataRecords", None)
 
 
 _UNSIGNED = {DataType.unsigned8, DataType.unsigned16, DataType.unsigned32, DataType.unsigned64}

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from typing import Literal
 
+from .accel import data_records_iterator as _data_records
 from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
 from .registry import Registry, default_registry
 from .template import CompileBudget, FieldSpecifier, Record, Template, is_compiled
@@ -98,8 +99,17 @@ class Message:
 
     def data_records(self) -> Iterator[tuple[Template, Record]]:
         """Every data record with its template, in message order. Iterators chained in C
-        rather than a generator: no Python frame is resumed per record."""
-        return chain.from_iterable([zip(repeat(s.template), s.records) for s in self.sets if isinstance(s, DataSet)])
+        rather than a generator: no Python frame is resumed per record; with the
+        accelerator one iterator of its own (accel.data_records_iterator), one call per
+        record instead of four, which gives the very same pairs."""
+        pairs = [(s.template, s.records) for s in self.sets if isinstance(s, DataSet)]
+        if _data_records is not None:
+            try:
+                it: Iterator[tuple[Template, Record]] = _data_records(pairs)
+                return it
+            except TypeError:  # records that are not a list (a caller's own): the twin's way
+                pass
+        return chain.from_iterable([zip(repeat(template), records) for template, records in pairs])
 
     @property
     def record_count(self) -> int:

@@ -28,6 +28,7 @@ import collections
 import functools
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -469,14 +470,16 @@ def _build(layout: Layout, mode: str = FAST) -> _Codec:
 
 def layout_of(fields: Sequence[FieldSpecifier]) -> Layout:
     """The (key, element, length) of each field: what a compiled codec is cached by.
-    Keys are the element names, with "#2", "#3" appended to repeated elements."""
+    Keys are the element names, with "#2", "#3" appended to repeated elements, interned:
+    the very key objects of the accelerator's codec (which interns them), so that a record
+    built with a template's keys is read by the accelerator entry by entry, not by lookups."""
     seen: dict[str, int] = {}
     out = []
     for f in fields:
         name = f.ie.name
         count = seen.get(name, 0) + 1
         seen[name] = count
-        out.append((name if count == 1 else f"{name}#{count}", f.ie, f.length))
+        out.append((sys.intern(name if count == 1 else f"{name}#{count}"), f.ie, f.length))
     return tuple(out)
 
 
