@@ -412,7 +412,10 @@ class AggregationProcess:
         self.max_flows = max_flows
         self.max_flow_bytes = max_flow_bytes
         self.flow_bytes = 0  # estimated bytes the flows hold (Flow.cost summed)
-        self.flows: dict[tuple[Any, ...], Flow] = {}
+        # Keyed by the 5-tuple. The C accelerator's Flows (_aggr.Flow) are their own keys: a
+        # Flow hashes and compares as its key tuple, so ``flows.get(key)`` finds it and no
+        # key tuple is held (see the Memory note in the module docstring).
+        self.flows: dict[Any, Flow] = {}
         self.stats = AggregationStats()
         # Timers in groups (deadline, what, flows): every wait has the same length, so
         # deadlines arrive in order; the flows of one ingest call share one (no tuple per flow).
@@ -491,6 +494,10 @@ class AggregationProcess:
         corr_timeout = self.correlation_timeout
         max_flows = self.max_flows
         get_v4, get_v6, get_meta = _GET_V4, _GET_V6, _GET_META
+        # the accelerator's Flow type where it serves (the C loop hands this twin the records
+        # it does not take, for flows of that type), else this module's
+        native = self._accel is not None
+        flow_class = self._accel.Flow if native else Flow
         taken = 0
         n = 0
         for rec in records:
@@ -530,13 +537,13 @@ class AggregationProcess:
                        shared.setdefault(dport, dport), proto)
                 if not ft:  # flowType 0 (or none, a foreign exporter): guess from what the record knows
                     ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
-                    flow = Flow(key, ft, now)
+                    flow = flow_class(key, ft, now)
                     flow.flags = UNTYPED | IPV6 if v6 else UNTYPED
                 else:
-                    flow = Flow(key, ft, now)
+                    flow = flow_class(key, ft, now)
                     if v6:
                         flow.flags = IPV6
-                flows[key] = flow
+                flows[flow if native else key] = flow
                 self.flow_bytes += FLOW_COST
                 stats.flows_created += 1
                 new_flow = True
