@@ -4,9 +4,9 @@
  * dict lookups, tuple building, integer objects and attribute traffic, the biggest stage
  * of the Flow Aggregator. This module runs the same loop (aggregator/aggregation.py,
  * AggregationProcess._ingest_py, is its pure-Python twin and the reference) over the same
- * objects: the flows dict, the Flow instances (their slots read and written in place, their
- * counters through the array's buffer), the process's shared-value and cost caches, its
- * urgent list and timer groups.
+ * objects: the flows dict, the Flows (this module's Flow type, below: their C fields read
+ * and written in place), the process's shared-value and cost caches, its urgent list and
+ * timer groups. A flow holding a value its C fields cannot (Flow.odd) is the twin's.
  *
  * Theory: compute, then commit. For each record it first checks every value is of the
  * type an agent sends (exact str / int / None where the twin would accept it, unsigned
@@ -22,13 +22,14 @@
  *
  * build_record does aggregation.build_record's work for a flow (both sides' Kubernetes
  * fields merged through the process's merge cache, keyed by the two tuples' identity):
- * the values straight from the counters' buffer into a copy of the layout's dict of
+ * the values straight from the flow's fields into a copy of the layout's dict of
  * names (template order, str keys, as a dict built in Python). export does _export's:
- * that record, the counters reset, the flags, the ExportedFlow. New Flows and
- * ExportedFlows are made by their types' allocators with their slots set here; configure
- * checks that this gives what their __init__ gives.
+ * that record, the counters reset, the flags, the ExportedFlow. ExportedFlows are made by
+ * their type's allocator with their slots set here; configure_export checks that this
+ * gives what their __init__ gives.
  *
- * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
+ * Flow(key, flow_type, now): a flow (see below; aggregation.Flow is the twin's)
+ * configure(twin_flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
  *           end_reasons, deny_actions, meta_index, constants, layouts, empty, defaults,
  *           owners, zero26)
  * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
@@ -152,6 +153,84 @@ static int configured;
  * order, and for each the position of its value in build_record's slot order. */
 #define N_OUT_MAX 96
 static PyObject *out_names[4], *out_proto[4]; /* out_proto: dict.fromkeys(names), copied per record */
+
+/* A record is a copy of its layout's out_proto with the values replaced. PyDict_SetItem
+ * would find each of its 71 keys by hash again; on CPython 3.11 and 3.12, where a copied
+ * dict of str keys is a "combined" table whose entries are (key, value) pairs in
+ * insertion order, the values are written straight into those entries instead (as
+ * ipfix/_speedups.c does for decoded records). The layout mirrored here is checked by
+ * configure for each layout (out_direct) and on every copy; anything else takes the
+ * PyDict_SetItem way. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define DIRECT_DICTS 1
+typedef struct {
+    Py_ssize_t dk_refcnt;
+    uint8_t dk_log2_size;
+    uint8_t dk_log2_index_bytes;
+    uint8_t dk_kind;
+    uint32_t dk_version;
+    Py_ssize_t dk_usable;
+    Py_ssize_t dk_nentries;
+    char dk_indices[];
+} KeysMirror;
+typedef struct {
+    PyObject *me_key;
+    PyObject *me_value;
+} UnicodeEntryMirror;
+#define DICT_KEYS_UNICODE_KIND 1
+
+/* The entries of a fresh copy of a prototype of n keys, or NULL when its layout is not the expected one. */
+static inline UnicodeEntryMirror *
+direct_entries(PyObject *d, Py_ssize_t n)
+{
+    PyDictObject *mp = (PyDictObject *)d;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND || k->dk_nentries != n || k->dk_refcnt != 1 ||
+        mp->ma_used != n)
+        return NULL;
+    return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+}
+#else
+#define DIRECT_DICTS 0
+typedef struct {
+    PyObject *me_key;
+    PyObject *me_value;
+} UnicodeEntryMirror;
+static inline UnicodeEntryMirror *
+direct_entries(PyObject *d, Py_ssize_t n)
+{
+    return NULL;
+}
+#endif
+static int out_direct[4];
+
+/* Whether layout i's copies can be written in place: the entries hold its names in order,
+ * each value None, and a value written there is what a lookup then finds. */
+static int
+check_direct(int i)
+{
+    PyObject *d = PyDict_Copy(out_proto[i]);
+    if (d == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(out_names[i]);
+    UnicodeEntryMirror *e = direct_entries(d, n);
+    int ok = e != NULL && n > 0;
+    for (Py_ssize_t j = 0; ok && j < n; j++)
+        ok = e[j].me_key == PyTuple_GET_ITEM(out_names[i], j) && e[j].me_value == Py_None;
+    if (ok) {
+        PyObject *probe = PyLong_FromLong(12345);
+        if (probe == NULL) {
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(e[n - 1].me_value);
+        e[n - 1].me_value = probe;
+        ok = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(out_names[i], n - 1)) == probe && PyDict_GET_SIZE(d) == n;
+        PyErr_Clear();
+    }
+    Py_DECREF(d);
+    return ok;
+}
 static Py_ssize_t out_order[4][N_OUT_MAX], n_out;
 static PyObject *zero_addr; /* "0.0.0.0": a flow's exporter when it has none */
 static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_DEFAULTS */
@@ -473,16 +552,28 @@ flow_get_key(PyObject *self, void *closure)
 }
 
 static PyObject *correlation_of(long ft, long f);
+static PyObject *corr_names[7];
 static PyObject *correlation_py; /* aggregation.Flow.correlation's getter: for a flow with odd values */
 
 static PyObject *
 flow_get_correlation(PyObject *self, void *closure)
 {
     FlowObject *f = FL(self);
-    if (f->odd == NULL) {
+    if (f->odd == NULL && corr_names[0] != NULL) { /* configure_export gave the names */
         PyObject *r = correlation_of(f->flow_type, (long)f->flags);
         Py_INCREF(r);
         return r;
+    }
+    if (correlation_py == NULL) { /* not configured (the twin serves): the twin's rule, found here */
+        PyObject *m = PyImport_ImportModule("flowscope.aggregator.aggregation");
+        PyObject *cls = m ? PyObject_GetAttrString(m, "Flow") : NULL;
+        PyObject *prop = cls ? PyObject_GetAttrString(cls, "correlation") : NULL;
+        Py_XDECREF(m);
+        Py_XDECREF(cls);
+        correlation_py = prop ? PyObject_GetAttrString(prop, "fget") : NULL;
+        Py_XDECREF(prop);
+        if (correlation_py == NULL)
+            return NULL;
     }
     return PyObject_CallOneArg(correlation_py, self);
 }
@@ -1009,6 +1100,8 @@ configure(PyObject *self, PyObject *args)
                 return NULL;
             }
         Py_XSETREF(out_proto[i], proto);
+        if ((out_direct[i] = check_direct(i)) < 0)
+            return NULL;
     }
     if (PyTuple_GET_SIZE(f4) != N_FIELDS || PyTuple_GET_SIZE(f6) != N_FIELDS || PyTuple_GET_SIZE(lab) != 2 ||
         PyTuple_GET_SIZE(dl) != 4 || PyTuple_GET_SIZE(m4) != PyTuple_GET_SIZE(m6) ||
@@ -2029,7 +2122,22 @@ record_of(PyObject *flow, PyObject *cache)
     /* A copy of the layout's dict of names: its keys table comes whole (str keys, the
      * template's order, the size it needs), and each value is then set in place. */
     PyObject *rec = PyDict_Copy(out_proto[li]);
-    for (Py_ssize_t j = 0; rec != NULL && j < n; j++) {
+    UnicodeEntryMirror *e = rec != NULL && out_direct[li] ? direct_entries(rec, n) : NULL;
+    for (Py_ssize_t j = 0; e != NULL && j < n; j++) { /* in place (see check_direct) */
+        Py_ssize_t at = out_order[li][j];
+        PyObject *v = obj[at];
+        if (v == NULL) {
+            v = PyLong_FromUnsignedLongLong(num[at]);
+            if (v == NULL) {
+                Py_CLEAR(rec);
+                break;
+            }
+        } else {
+            Py_INCREF(v);
+        }
+        Py_SETREF(e[j].me_value, v);
+    }
+    for (Py_ssize_t j = 0; e == NULL && rec != NULL && j < n; j++) {
         Py_ssize_t at = out_order[li][j];
         PyObject *v = obj[at];
         int r;
@@ -2064,7 +2172,6 @@ build_record(PyObject *self, PyObject *args)
  * without running its __init__ (configure checks both agree). */
 static PyObject *exported_class;
 static Py_ssize_t ex_off[3]; /* record, correlation, final */
-static PyObject *corr_names[7];
 enum { C_INTRA, C_EXTERNAL, C_CORRELATED, C_DENIED, C_UNATTRIBUTED, C_UNCORRELATED, C_PENDING };
 
 static PyObject *

@@ -21,9 +21,9 @@ one IPFIX message in one call (the hot path); ``ingest`` takes one.
 *Sides.* Each agent record comes from the source node (it has ``sourcePodName``, or
 ``sourceNodeName``) or the destination node (``destinationPodName`` /
 ``destinationNodeName``). A flow keeps the statistics of each side apart, 8 numbers per
-side (4 totals, 4 accumulated deltas) in one flat ``array('Q')``, and each side's
+side (4 totals, 4 accumulated deltas) among its 26 counters (``Flow.c``), and each side's
 Kubernetes fields as one interned tuple (the same Pod talks on many connections, so the
-tuples are shared), which is what keeps a flow under a kilobyte.
+tuples are shared), which is what keeps a flow small.
 
 *Correlation.* flowType 1 (intra-node), 3 (to-external) and 4 (from-external) records are
 complete on arrival: one node saw both ends. An inter-node flow (flowType 2) waits for
@@ -71,6 +71,18 @@ records for ``inactive_timeout`` is exported a last time (if it changed) and dro
 Timers are a FIFO: every wait has the same length, so deadlines arrive in order and the
 tick only looks at the head; the periodic scan is the one O(flows) step, once per
 interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
+
+*Memory.* Where the C accelerator serves, a flow is an ``_aggr.Flow`` (aggregator/_aggr.c):
+one object of 312 bytes, not tracked by the cycle collector, with its counters inline
+(the four seconds among them in 32 bits, as IPFIX carries them), its ports, protocol,
+flags, reason, type and observation domains as C integers, and no key tuple: the flows
+dict is keyed by the Flow itself, which hashes and compares as its 5-tuple, so
+``flows.get(key)`` finds it. About 376 bytes a held flow in all (dict entry and timer
+included), against 576 for this module's :class:`Flow` (slots, an ``array('Q')``, a key
+tuple). Both types read and write alike (``Flow.c`` indexes, slices and assigns as the
+array does), so the twin's code runs on either; a value outside a C field's range (a
+port past 65535, a second past 2^32: only a malformed record the twin takes brings one)
+is kept exactly, as an object (``Flow.odd``), and the C loops leave such a flow to the twin.
 
 *Accelerator.* aggregator/_aggr.c runs the per-record loops in C over these same objects:
 ``ingest_many`` (:meth:`AggregationProcess._ingest_py` is its twin), the export of a flow
@@ -281,7 +293,9 @@ _CORRELATIONS = ("intra-node", "external", "correlated", "denied", "unattributed
 
 
 class Flow:
-    """The state of one connection. Slots only; counters in one flat unsigned array."""
+    """The state of one connection. Slots only; counters in one flat unsigned array. The
+    pure-Python twin's; where the C accelerator serves, flows are ``_aggr.Flow`` (the same
+    attributes, held compactly: see *Memory* above)."""
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
