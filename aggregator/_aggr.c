@@ -78,6 +78,7 @@ enum { F_SRC, F_DST, F_SPORT, F_DPORT, F_PROTO, F_PT, F_OT, F_RPT, F_ROT, F_STAR
 
 static PyObject *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
 static PyObject *labels[2], *deltas[4], *zero4, *zero26, *end_reasons, *deny_actions;
+static char end_reason[256], deny_action[256]; /* the two sets, for 0..255 */
 static Py_ssize_t n_meta;
 
 /* Every field name the loop reads gets an id; a record's items are walked once and each
@@ -1158,6 +1159,15 @@ configure(PyObject *self, PyObject *args)
     Py_XSETREF(end_reasons, ends);
     Py_INCREF(deny);
     Py_XSETREF(deny_actions, deny);
+    for (int i = 0; i < 256; i++) {
+        PyObject *v = PyLong_FromLong(i);
+        int e = v ? PySet_Contains(ends, v) : -1, d = e < 0 ? -1 : PySet_Contains(deny, v);
+        Py_XDECREF(v);
+        if (d < 0)
+            return NULL; /* not sets: an error, or a SystemError from PySet_Contains */
+        end_reason[i] = (char)e;
+        deny_action[i] = (char)d;
+    }
     Py_ssize_t *ix[6] = {&i_src_pod, &i_src_node, &i_egress, &i_dst_pod, &i_dst_node, &i_ingress};
     for (int i = 0; i < 6; i++) {
         *ix[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(idx, i));
@@ -1403,6 +1413,26 @@ side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
 
 enum { DONE, FALLBACK, ERROR };
 
+/* The flows dict's lookup and insertion by a hash computed once (CPython's own, exported
+ * on 3.11 and 3.12), else the public calls that hash again. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define KNOWN_HASH_GET(d, k, h) _PyDict_GetItem_KnownHash((d), (k), (h))
+#define KNOWN_HASH_SET(d, k, v, h) _PyDict_SetItem_KnownHash((d), (k), (v), (h))
+#else
+#define KNOWN_HASH_GET(d, k, h) PyDict_GetItemWithError((d), (k))
+#define KNOWN_HASH_SET(d, k, v, h) PyDict_SetItem((d), (k), (v))
+#endif
+
+/* Whether a rule action denies (in deny_actions): a table for the small ints agents send. */
+static inline int
+denies(PyObject *v)
+{
+    unsigned long a;
+    if (small_uint(v, 255, &a))
+        return deny_action[a];
+    return PySet_Contains(deny_actions, v);
+}
+
 /* One record: DONE (taken or dropped, *taken says), FALLBACK (the twin must take it) or ERROR. */
 static int
 one(Ctx *x, PyObject *rec, int *taken)
@@ -1470,7 +1500,9 @@ one(Ctx *x, PyObject *rec, int *taken)
     PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
     if (key == NULL)
         return ERROR;
-    PyObject *flow = PyDict_GetItemWithError(x->flows, key);
+    /* its hash, once: the lookup's, and a new flow's insertion (a Flow hashes as its key) */
+    Py_hash_t hash = PyObject_Hash(key);
+    PyObject *flow = hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, hash);
     if (flow == NULL && PyErr_Occurred()) {
         Py_DECREF(key);
         return ERROR;
@@ -1644,7 +1676,7 @@ one(Ctx *x, PyObject *rec, int *taken)
             flow = flow_native(k0, k1, (uint16_t)sp_, (uint16_t)dp_, (uint8_t)pr_, (uint8_t)flow_type, x->now);
         Py_XDECREF(k0);
         Py_XDECREF(k1);
-        if (flow == NULL || PyDict_SetItem(x->flows, flow, flow) < 0) /* keyed by itself: its hash is its key's */
+        if (flow == NULL || KNOWN_HASH_SET(x->flows, flow, flow, hash) < 0) /* keyed by itself: its hash is its key's */
             goto out;
         x->flow_bytes += FLOW_COST;
         x->created++;
@@ -1706,9 +1738,7 @@ one(Ctx *x, PyObject *rec, int *taken)
     *(side ? &FL(flow)->ddom : &FL(flow)->sdom) = x->dom;
 
     /* Times and state from the newest record. */
-    int ended = PySet_Contains(end_reasons, val[F_REASON]);
-    if (ended < 0)
-        goto out;
+    int ended = end_reason[reason]; /* reason: 0..255 here */
     if (end >= c[25]) {
         c[25] = end;
         if (start)
@@ -1756,8 +1786,7 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     if ((flags & NO_TWIN) && !(flags & READY))
         flags |= READY;
-    int ea = PySet_Contains(deny_actions, mv[i_egress]);
-    int ia = ea < 0 ? -1 : PySet_Contains(deny_actions, mv[i_ingress]);
+    int ea = denies(mv[i_egress]), ia = ea < 0 ? -1 : denies(mv[i_ingress]);
     if (ea < 0 || ia < 0)
         goto out;
     if ((ea || ia) && !(flags & DENIED)) {
