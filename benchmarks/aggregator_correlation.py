@@ -23,7 +23,9 @@ input is ingested. The input's own objects (the IP strings, ports and times the 
 carry) are the benchmark's, frozen, and not counted; in the daemon the flow key's ports
 and the times are the decoder's int objects (32 bytes each above 256), which a flow keeps:
 ``bytes_per_flow_decoded_input`` counts them (the records decoded from IPFIX in the same
-process, transient; it includes the decoder's bounded caches).
+process, transient; it includes the decoder's bounded caches). ``twin_bytes_per_flow`` is
+the same for the pure-Python twin's flows (its Flow class: slots, an array('Q'), a key
+tuple), measured in the same run; ``..._parts`` say where each one's bytes go.
 
 Prints one JSON object. ``--flows N`` and ``--rounds R`` change the size.
 """
