@@ -4,9 +4,9 @@
  * dict lookups, tuple building, integer objects and attribute traffic, the biggest stage
  * of the Flow Aggregator. This module runs the same loop (aggregator/aggregation.py,
  * AggregationProcess._ingest_py, is its pure-Python twin and the reference) over the same
- * objects: the flows dict, the Flow instances (their slots read and written in place, their
- * counters through the array's buffer), the process's shared-value and cost caches, its
- * urgent list and timer groups.
+ * objects: the flows dict, the Flows (this module's Flow type, below: their C fields read
+ * and written in place), the process's shared-value and cost caches, its urgent list and
+ * timer groups. A flow holding a value its C fields cannot (Flow.odd) is the twin's.
  *
  * Theory: compute, then commit. For each record it first checks every value is of the
  * type an agent sends (exact str / int / None where the twin would accept it, unsigned
@@ -22,13 +22,14 @@
  *
  * build_record does aggregation.build_record's work for a flow (both sides' Kubernetes
  * fields merged through the process's merge cache, keyed by the two tuples' identity):
- * the values straight from the counters' buffer into a copy of the layout's dict of
+ * the values straight from the flow's fields into a copy of the layout's dict of
  * names (template order, str keys, as a dict built in Python). export does _export's:
- * that record, the counters reset, the flags, the ExportedFlow. New Flows and
- * ExportedFlows are made by their types' allocators with their slots set here; configure
- * checks that this gives what their __init__ gives.
+ * that record, the counters reset, the flags, the ExportedFlow. ExportedFlows are made by
+ * their type's allocator with their slots set here; configure_export checks that this
+ * gives what their __init__ gives.
  *
- * configure(flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
+ * Flow(key, flow_type, now): a flow (see below; aggregation.Flow is the twin's)
+ * configure(twin_flow_class, v4_fields, v6_fields, meta_v4, meta_v6, labels, deltas, zero4,
  *           end_reasons, deny_actions, meta_index, constants, layouts, empty, defaults,
  *           owners, zero26)
  * ingest_many(proc, records, exporter, domain, now, fallback) -> records kept
@@ -41,6 +42,7 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -70,19 +72,13 @@
 #define FLOW_COST 1024
 #define NC 26 /* counters of a flow */
 
-enum { S_KEY, S_FLOW_TYPE, S_FLAGS, S_C, S_SMETA, S_DMETA, S_SEXP, S_DEXP, S_SDOM, S_DDOM, S_REASON, S_TCP,
-       S_LAST_SEEN, S_SW, N_SLOTS };
-static const char *slot_names[N_SLOTS] = {"key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp",
-                                          "sdom", "ddom", "reason", "tcp_state", "last_seen", "sw"};
-static Py_ssize_t slot_off[N_SLOTS];
-#define SLOT(o, i) (*(PyObject **)((char *)(o) + slot_off[i]))
-
 enum { F_SRC, F_DST, F_SPORT, F_DPORT, F_PROTO, F_PT, F_OT, F_RPT, F_ROT, F_START, F_END, F_REASON, F_FT, F_TCP,
        N_FIELDS };
 #define N_META_MAX 64
 
-static PyObject *flow_class, *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
-static PyObject *labels[2], *deltas[4], *zero4, *zero26, *end_reasons, *deny_actions, *empty_str, *int_zero;
+static PyObject *fields4[N_FIELDS], *fields6[N_FIELDS], *meta4[N_META_MAX], *meta6[N_META_MAX];
+static PyObject *labels[2], *deltas[4], *zero4, *zero26, *end_reasons, *deny_actions;
+static char end_reason[256], deny_action[256]; /* the two sets, for 0..255 */
 static Py_ssize_t n_meta;
 
 /* Every field name the loop reads gets an id; a record's items are walked once and each
@@ -158,26 +154,89 @@ static int configured;
  * order, and for each the position of its value in build_record's slot order. */
 #define N_OUT_MAX 96
 static PyObject *out_names[4], *out_proto[4]; /* out_proto: dict.fromkeys(names), copied per record */
+
+/* A record is a copy of its layout's out_proto with the values replaced. PyDict_SetItem
+ * would find each of its 71 keys by hash again; on CPython 3.11 and 3.12, where a copied
+ * dict of str keys is a "combined" table whose entries are (key, value) pairs in
+ * insertion order, the values are written straight into those entries instead (as
+ * ipfix/_speedups.c does for decoded records). The layout mirrored here is checked by
+ * configure for each layout (out_direct) and on every copy; anything else takes the
+ * PyDict_SetItem way. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define DIRECT_DICTS 1
+typedef struct {
+    Py_ssize_t dk_refcnt;
+    uint8_t dk_log2_size;
+    uint8_t dk_log2_index_bytes;
+    uint8_t dk_kind;
+    uint32_t dk_version;
+    Py_ssize_t dk_usable;
+    Py_ssize_t dk_nentries;
+    char dk_indices[];
+} KeysMirror;
+typedef struct {
+    PyObject *me_key;
+    PyObject *me_value;
+} UnicodeEntryMirror;
+#define DICT_KEYS_UNICODE_KIND 1
+
+/* The entries of a fresh copy of a prototype of n keys, or NULL when its layout is not the expected one. */
+static inline UnicodeEntryMirror *
+direct_entries(PyObject *d, Py_ssize_t n)
+{
+    PyDictObject *mp = (PyDictObject *)d;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND || k->dk_nentries != n || k->dk_refcnt != 1 ||
+        mp->ma_used != n)
+        return NULL;
+    return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+}
+#else
+#define DIRECT_DICTS 0
+typedef struct {
+    PyObject *me_key;
+    PyObject *me_value;
+} UnicodeEntryMirror;
+static inline UnicodeEntryMirror *
+direct_entries(PyObject *d, Py_ssize_t n)
+{
+    return NULL;
+}
+#endif
+static int out_direct[4];
+
+/* Whether layout i's copies can be written in place: the entries hold its names in order,
+ * each value None, and a value written there is what a lookup then finds. */
+static int
+check_direct(int i)
+{
+    PyObject *d = PyDict_Copy(out_proto[i]);
+    if (d == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(out_names[i]);
+    UnicodeEntryMirror *e = direct_entries(d, n);
+    int ok = e != NULL && n > 0;
+    for (Py_ssize_t j = 0; ok && j < n; j++)
+        ok = e[j].me_key == PyTuple_GET_ITEM(out_names[i], j) && e[j].me_value == Py_None;
+    if (ok) {
+        PyObject *probe = PyLong_FromLong(12345);
+        if (probe == NULL) {
+            Py_DECREF(d);
+            return -1;
+        }
+        Py_DECREF(e[n - 1].me_value);
+        e[n - 1].me_value = probe;
+        ok = PyDict_GetItemWithError(d, PyTuple_GET_ITEM(out_names[i], n - 1)) == probe && PyDict_GET_SIZE(d) == n;
+        PyErr_Clear();
+    }
+    Py_DECREF(d);
+    return ok;
+}
 static Py_ssize_t out_order[4][N_OUT_MAX], n_out;
 static PyObject *zero_addr; /* "0.0.0.0": a flow's exporter when it has none */
 static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_DEFAULTS */
 static int owner_of[N_META_MAX + 2];
 #define CACHED_COST 1024
-
-static void
-set_slot(PyObject *o, int i, PyObject *v) /* v: a new reference, stolen */
-{
-    PyObject *old = SLOT(o, i);
-    SLOT(o, i) = v;
-    Py_XDECREF(old);
-}
-
-static void
-set_slot_borrowed(PyObject *o, int i, PyObject *v)
-{
-    Py_INCREF(v);
-    set_slot(o, i, v);
-}
 
 /* An exact int in 0..2^64-1 into *out; 0 when it is anything else (no error set). */
 static int
@@ -222,62 +281,762 @@ truthy(PyObject *v)
 
 static uint64_t *u64_buffer(PyObject *o, Py_buffer *view, Py_ssize_t n);
 
-/* A new Flow as Flow.__init__(key, flow_type, now) makes it, without running Python:
- * allocated by its type, its slots set here (configure checks both agree). Not tracked
- * by the cycle collector: what a Flow refers to (tuples of str and int, str, int, float,
- * arrays) never refers back to it, so it is never part of a cycle, and a store of 100k
- * flows is not walked by every full collection. A new reference, or NULL. */
-static PyObject *
-new_flow(PyObject *key, PyObject *flow_type, PyObject *now)
+/* The Flow type: one connection's state, with its counters inline.
+ *
+ * What aggregation.Flow (the pure-Python twin's class, slots and an array('Q')) holds,
+ * in one object of some 310 bytes: no GC header (it is not tracked: what it refers to
+ * never refers back), no counter array object, no key tuple (the flows dict is keyed by
+ * the Flow itself: its hash and equality are its 5-tuple's, so a lookup by a key tuple
+ * finds it), the ports, protocol, flags, reasons, types and observation domains as C
+ * integers, the seconds in 32 bits. Every attribute reads and writes as the twin's do
+ * (``key``, ``flow_type``, ``flags``, ``c`` (a view of the 26 counters that indexes,
+ * slices, assigns and lists like the array), ``smeta``, ``dmeta``, ``sexp``, ``dexp``,
+ * ``sdom``, ``ddom``, ``reason``, ``tcp_state``, ``last_seen``, ``sw``, ``correlation``),
+ * so the twin's code runs on it unchanged. A value that is not what an agent sends (an
+ * int of another range or type, a second past 2^32: only the twin, taking a malformed
+ * record, writes one) is kept exactly, in the ``odd`` dict, and the C loops hand a flow
+ * that has one to the twin: the compact form is used only where it is provably exact. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *src, *dst; /* the key's addresses (exact str); with sport, dport, proto the key */
+    PyObject *smeta, *dmeta, *sexp, *dexp, *tcp, *last_seen, *sw;
+    PyObject *odd; /* NULL, or a dict of the attributes held as objects (see above) */
+    uint64_t n[22]; /* the counters at positions 0-15 and 18-23 */
+    uint32_t s[4];  /* positions 16, 17, 24, 25: seconds (flowEndSeconds per side, the newest start, end) */
+    uint32_t sdom, ddom, flags;
+    uint16_t sport, dport;
+    uint8_t proto, reason, flow_type;
+} FlowObject;
+
+static PyTypeObject FlowType;
+#define IS_FLOW(o) Py_IS_TYPE((o), &FlowType)
+#define FL(o) ((FlowObject *)(o))
+
+enum { A_KEY, A_FLOW_TYPE, A_FLAGS, A_SDOM, A_SDOM_D, A_REASON, N_ODD_NAMES };
+static const char *odd_name_s[N_ODD_NAMES] = {"key", "flow_type", "flags", "sdom", "ddom", "reason"};
+static PyObject *odd_name[N_ODD_NAMES];
+
+static inline int
+c_is32(Py_ssize_t i)
 {
-    PyTypeObject *tp = (PyTypeObject *)flow_class;
-    PyObject *c = PySequence_GetSlice(zero26, 0, NC);
-    if (c == NULL)
-        return NULL;
-    PyObject *flow = tp->tp_alloc(tp, 0);
-    if (flow == NULL) {
-        Py_DECREF(c);
-        return NULL;
-    }
-    PyObject *init[N_SLOTS] = {
-        [S_KEY] = key, [S_FLOW_TYPE] = flow_type, [S_FLAGS] = int_zero, [S_C] = c, [S_SMETA] = Py_None,
-        [S_DMETA] = Py_None, [S_SEXP] = Py_None, [S_DEXP] = Py_None, [S_SDOM] = int_zero, [S_DDOM] = int_zero,
-        [S_REASON] = int_zero, [S_TCP] = empty_str, [S_LAST_SEEN] = now, [S_SW] = Py_None,
-    };
-    for (int i = 0; i < N_SLOTS; i++) {
-        if (i != S_C)
-            Py_INCREF(init[i]);
-        SLOT(flow, i) = init[i];
-    }
-    if (PyType_IS_GC(tp))
-        PyObject_GC_UnTrack(flow);
-    return flow;
+    return i == 16 || i == 17 || i == 24 || i == 25;
 }
 
-/* Whether new_flow makes what Flow.__init__ makes (slot by slot, the counters by value). */
-static int
-check_new_flow(void)
+/* The raw slot of counter i: in n (64 bits) or s (32). */
+static inline uint64_t
+c_raw(const FlowObject *f, Py_ssize_t i)
 {
-    PyObject *key = Py_BuildValue("(ssiii)", "10.0.0.1", "10.0.0.2", 40000, 80, 6), *ft = PyLong_FromLong(2),
-             *now = PyFloat_FromDouble(5.0);
-    PyObject *a = key && ft && now ? PyObject_CallFunctionObjArgs(flow_class, key, ft, now, NULL) : NULL;
-    PyObject *b = a ? new_flow(key, ft, now) : NULL;
-    int ok = b != NULL;
-    for (int i = 0; ok && i < N_SLOTS; i++) {
-        PyObject *x = SLOT(a, i), *y = SLOT(b, i);
-        ok = x != NULL && y != NULL && Py_TYPE(x) == Py_TYPE(y) && PyObject_RichCompareBool(x, y, Py_EQ) == 1;
-    }
-    Py_XDECREF(key);
-    Py_XDECREF(ft);
-    Py_XDECREF(now);
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    if (PyErr_Occurred())
-        return -1;
-    if (!ok)
-        PyErr_SetString(PyExc_ValueError, "configure: Flow.__init__ sets its slots otherwise than the C constructor");
-    return ok ? 0 : -1;
+    if (i < 16)
+        return f->n[i];
+    if (i < 18)
+        return f->s[i - 16];
+    if (i < 24)
+        return f->n[i - 2];
+    return f->s[i - 22];
 }
+
+/* The 26 counters as the twin's array holds them (a flow without odd values). */
+static inline void
+load_c(const FlowObject *f, uint64_t *c)
+{
+    memcpy(c, f->n, 16 * 8);
+    c[16] = f->s[0];
+    c[17] = f->s[1];
+    memcpy(c + 18, f->n + 16, 6 * 8);
+    c[24] = f->s[2];
+    c[25] = f->s[3];
+}
+
+/* ...and back: the caller checked the seconds fit in 32 bits. */
+static inline void
+store_c(FlowObject *f, const uint64_t *c)
+{
+    memcpy(f->n, c, 16 * 8);
+    f->s[0] = (uint32_t)c[16];
+    f->s[1] = (uint32_t)c[17];
+    memcpy(f->n + 16, c + 18, 6 * 8);
+    f->s[2] = (uint32_t)c[24];
+    f->s[3] = (uint32_t)c[25];
+}
+
+static int
+odd_set(FlowObject *f, PyObject *name, PyObject *v)
+{
+    if (f->odd == NULL && (f->odd = PyDict_New()) == NULL)
+        return -1;
+    return PyDict_SetItem(f->odd, name, v);
+}
+
+static int
+odd_del(FlowObject *f, PyObject *name)
+{
+    if (f->odd == NULL)
+        return 0;
+    PyObject *v = PyDict_GetItemWithError(f->odd, name);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (PyDict_DelItem(f->odd, name) < 0)
+        return -1;
+    if (PyDict_GET_SIZE(f->odd) == 0)
+        Py_CLEAR(f->odd);
+    return 0;
+}
+
+/* odd[name] if the flow holds that attribute as an object: a borrowed reference, NULL
+ * when it does not (no error), or NULL with an error. */
+static inline PyObject *
+odd_get(const FlowObject *f, PyObject *name)
+{
+    return f->odd == NULL ? NULL : PyDict_GetItemWithError(f->odd, name);
+}
+
+/* The key tuple (src, dst, sport, dport, proto): a new reference. */
+static PyObject *
+flow_key(FlowObject *f)
+{
+    PyObject *k = odd_get(f, odd_name[A_KEY]);
+    if (k != NULL) {
+        Py_INCREF(k);
+        return k;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *sp = PyLong_FromLong(f->sport), *dp = PyLong_FromLong(f->dport), *pr = PyLong_FromLong(f->proto);
+    PyObject *t = sp && dp && pr ? PyTuple_Pack(5, f->src, f->dst, sp, dp, pr) : NULL;
+    Py_XDECREF(sp);
+    Py_XDECREF(dp);
+    Py_XDECREF(pr);
+    return t;
+}
+
+/* An exact int in 0..max into *out; 0 (no error set) when it is anything else. */
+static int
+small_uint(PyObject *v, unsigned long max, unsigned long *out)
+{
+    if (!PyLong_CheckExact(v))
+        return 0;
+    int overflow;
+    long x = PyLong_AsLongAndOverflow(v, &overflow);
+    if (overflow || x < 0 || (unsigned long)x > max) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = (unsigned long)x;
+    return 1;
+}
+
+/* Set the key: native when it is what the C loop makes (exact str addresses, exact int
+ * ports and protocol in range), else held whole in odd. */
+static int
+flow_set_key(FlowObject *f, PyObject *key)
+{
+    unsigned long sp, dp, pr;
+    if (PyTuple_CheckExact(key) && PyTuple_GET_SIZE(key) == 5 && PyUnicode_CheckExact(PyTuple_GET_ITEM(key, 0)) &&
+        PyUnicode_CheckExact(PyTuple_GET_ITEM(key, 1)) && small_uint(PyTuple_GET_ITEM(key, 2), 65535, &sp) &&
+        small_uint(PyTuple_GET_ITEM(key, 3), 65535, &dp) && small_uint(PyTuple_GET_ITEM(key, 4), 255, &pr)) {
+        Py_INCREF(PyTuple_GET_ITEM(key, 0));
+        Py_INCREF(PyTuple_GET_ITEM(key, 1));
+        Py_XSETREF(f->src, PyTuple_GET_ITEM(key, 0));
+        Py_XSETREF(f->dst, PyTuple_GET_ITEM(key, 1));
+        f->sport = (uint16_t)sp;
+        f->dport = (uint16_t)dp;
+        f->proto = (uint8_t)pr;
+        return odd_del(f, odd_name[A_KEY]);
+    }
+    if (PyObject_Hash(key) == -1) /* a dict key: unhashable is refused here, as the dict would */
+        return -1;
+    Py_INCREF(Py_None);
+    Py_XSETREF(f->src, Py_None);
+    Py_INCREF(Py_None);
+    Py_XSETREF(f->dst, Py_None);
+    return odd_set(f, odd_name[A_KEY], key);
+}
+
+/* The small integer attributes: their native field, its range and its odd name. */
+static void *
+int_field(FlowObject *f, int which, unsigned long *max, int *width)
+{
+    switch (which) {
+    case A_FLOW_TYPE: *max = 255; *width = 1; return &f->flow_type;
+    case A_REASON: *max = 255; *width = 1; return &f->reason;
+    case A_FLAGS: *max = UINT32_MAX; *width = 4; return &f->flags;
+    case A_SDOM: *max = UINT32_MAX; *width = 4; return &f->sdom;
+    default: *max = UINT32_MAX; *width = 4; return &f->ddom;
+    }
+}
+
+static PyObject *
+flow_get_int(PyObject *self, void *closure)
+{
+    FlowObject *f = FL(self);
+    int which = (int)(intptr_t)closure;
+    PyObject *v = odd_get(f, odd_name[which]);
+    if (v != NULL) {
+        Py_INCREF(v);
+        return v;
+    }
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned long max;
+    int width;
+    void *p = int_field(f, which, &max, &width);
+    return PyLong_FromUnsignedLong(width == 1 ? *(uint8_t *)p : *(uint32_t *)p);
+}
+
+static int
+flow_set_int(PyObject *self, PyObject *v, void *closure)
+{
+    FlowObject *f = FL(self);
+    int which = (int)(intptr_t)closure;
+    if (v == NULL) {
+        PyErr_Format(PyExc_AttributeError, "Flow.%s cannot be deleted", odd_name_s[which]);
+        return -1;
+    }
+    unsigned long max, x;
+    int width;
+    void *p = int_field(f, which, &max, &width);
+    if (small_uint(v, max, &x)) {
+        if (width == 1)
+            *(uint8_t *)p = (uint8_t)x;
+        else
+            *(uint32_t *)p = (uint32_t)x;
+        return odd_del(f, odd_name[which]);
+    }
+    if (width == 1)
+        *(uint8_t *)p = 0;
+    else
+        *(uint32_t *)p = 0;
+    return odd_set(f, odd_name[which], v);
+}
+
+enum { O_SMETA, O_DMETA, O_SEXP, O_DEXP, O_TCP, O_LAST_SEEN, O_SW };
+
+static PyObject **
+obj_field(FlowObject *f, int which)
+{
+    switch (which) {
+    case O_SMETA: return &f->smeta;
+    case O_DMETA: return &f->dmeta;
+    case O_SEXP: return &f->sexp;
+    case O_DEXP: return &f->dexp;
+    case O_TCP: return &f->tcp;
+    case O_LAST_SEEN: return &f->last_seen;
+    default: return &f->sw;
+    }
+}
+
+static PyObject *
+flow_get_obj(PyObject *self, void *closure)
+{
+    PyObject *v = *obj_field(FL(self), (int)(intptr_t)closure);
+    Py_INCREF(v);
+    return v;
+}
+
+static int
+flow_set_obj(PyObject *self, PyObject *v, void *closure)
+{
+    if (v == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a Flow's attributes cannot be deleted");
+        return -1;
+    }
+    PyObject **p = obj_field(FL(self), (int)(intptr_t)closure);
+    Py_INCREF(v);
+    Py_SETREF(*p, v);
+    return 0;
+}
+
+static PyObject *
+flow_get_key(PyObject *self, void *closure)
+{
+    return flow_key(FL(self));
+}
+
+static PyObject *correlation_of(long ft, long f);
+static PyObject *corr_names[7];
+static PyObject *correlation_py; /* aggregation.Flow.correlation's getter: for a flow with odd values */
+
+static PyObject *
+flow_get_correlation(PyObject *self, void *closure)
+{
+    FlowObject *f = FL(self);
+    if (f->odd == NULL && corr_names[0] != NULL) { /* configure_export gave the names */
+        PyObject *r = correlation_of(f->flow_type, (long)f->flags);
+        Py_INCREF(r);
+        return r;
+    }
+    if (correlation_py == NULL) { /* not configured (the twin serves): the twin's rule, found here */
+        PyObject *m = PyImport_ImportModule("flowscope.aggregator.aggregation");
+        PyObject *cls = m ? PyObject_GetAttrString(m, "Flow") : NULL;
+        PyObject *prop = cls ? PyObject_GetAttrString(cls, "correlation") : NULL;
+        Py_XDECREF(m);
+        Py_XDECREF(cls);
+        correlation_py = prop ? PyObject_GetAttrString(prop, "fget") : NULL;
+        Py_XDECREF(prop);
+        if (correlation_py == NULL)
+            return NULL;
+    }
+    return PyObject_CallOneArg(correlation_py, self);
+}
+
+/* ---- the counters' view: Flow.c -------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    FlowObject *flow;
+} CountersObject;
+
+static PyTypeObject CountersType;
+
+static PyObject *
+c_get(FlowObject *f, Py_ssize_t i)
+{
+    if (c_is32(i) && f->odd != NULL) {
+        PyObject *k = PyLong_FromSsize_t(i), *v = k ? PyDict_GetItemWithError(f->odd, k) : NULL;
+        Py_XDECREF(k);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(c_raw(f, i));
+}
+
+/* Counter i = v, as array('Q') takes it: an integer (or __index__) in 0..2^64-1, else
+ * TypeError / OverflowError; a second past 2^32 is kept in odd. */
+static int
+c_set(FlowObject *f, Py_ssize_t i, PyObject *v)
+{
+    PyObject *iv = PyNumber_Index(v);
+    if (iv == NULL)
+        return -1;
+    unsigned long long x = PyLong_AsUnsignedLongLong(iv);
+    Py_DECREF(iv);
+    if (x == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (i < 16) {
+        f->n[i] = x;
+        return 0;
+    }
+    if (i >= 18 && i < 24) {
+        f->n[i - 2] = x;
+        return 0;
+    }
+    uint32_t *p = &f->s[i < 18 ? i - 16 : i - 22];
+    PyObject *k = PyLong_FromSsize_t(i);
+    if (k == NULL)
+        return -1;
+    int r;
+    if (x <= UINT32_MAX) {
+        *p = (uint32_t)x;
+        r = odd_del(f, k);
+    } else {
+        *p = 0;
+        PyObject *xv = PyLong_FromUnsignedLongLong(x);
+        r = xv ? odd_set(f, k, xv) : -1;
+        Py_XDECREF(xv);
+    }
+    Py_DECREF(k);
+    return r;
+}
+
+static Py_ssize_t
+counters_len(PyObject *self)
+{
+    return NC;
+}
+
+static PyObject *
+counters_list(FlowObject *f, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t step, Py_ssize_t n)
+{
+    PyObject *l = PyList_New(n);
+    if (l == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0, i = start; j < n; j++, i += step) {
+        PyObject *v = c_get(f, i);
+        if (v == NULL) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, j, v);
+    }
+    return l;
+}
+
+static PyObject *
+counters_item(PyObject *self, Py_ssize_t i)
+{
+    if (i < 0 || i >= NC) {
+        PyErr_SetString(PyExc_IndexError, "array index out of range");
+        return NULL;
+    }
+    return c_get(((CountersObject *)self)->flow, i);
+}
+
+static PyObject *
+counters_subscript(PyObject *self, PyObject *item)
+{
+    FlowObject *f = ((CountersObject *)self)->flow;
+    if (PyIndex_Check(item)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(item, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i < 0)
+            i += NC;
+        return counters_item(self, i);
+    }
+    if (PySlice_Check(item)) { /* a list of the values (the twin's code lists, never keeps, slices) */
+        Py_ssize_t start, stop, step;
+        if (PySlice_Unpack(item, &start, &stop, &step) < 0)
+            return NULL;
+        Py_ssize_t n = PySlice_AdjustIndices(NC, &start, &stop, step);
+        return counters_list(f, start, stop, step, n);
+    }
+    PyErr_SetString(PyExc_TypeError, "array indices must be integers");
+    return NULL;
+}
+
+static int
+counters_ass_subscript(PyObject *self, PyObject *item, PyObject *value)
+{
+    FlowObject *f = ((CountersObject *)self)->flow;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "a Flow's counters cannot be deleted");
+        return -1;
+    }
+    if (PyIndex_Check(item)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(item, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred())
+            return -1;
+        if (i < 0)
+            i += NC;
+        if (i < 0 || i >= NC) {
+            PyErr_SetString(PyExc_IndexError, "array assignment index out of range");
+            return -1;
+        }
+        return c_set(f, i, value);
+    }
+    if (!PySlice_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "array indices must be integers");
+        return -1;
+    }
+    Py_ssize_t start, stop, step;
+    if (PySlice_Unpack(item, &start, &stop, &step) < 0)
+        return -1;
+    Py_ssize_t n = PySlice_AdjustIndices(NC, &start, &stop, step);
+    PyObject *seq = PySequence_Fast(value, "can only assign a sequence to a Flow's counters");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != n) { /* the array would change size: a Flow's cannot */
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "a Flow has 26 counters: a slice assignment must keep their number");
+        return -1;
+    }
+    for (Py_ssize_t j = 0, i = start; j < n; j++, i += step) {
+        if (c_set(f, i, PySequence_Fast_GET_ITEM(seq, j)) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *
+counters_tolist(PyObject *self, PyObject *unused)
+{
+    return counters_list(((CountersObject *)self)->flow, 0, NC, 1, NC);
+}
+
+static PyObject *
+counters_iter(PyObject *self)
+{
+    PyObject *l = counters_tolist(self, NULL);
+    if (l == NULL)
+        return NULL;
+    PyObject *it = PyObject_GetIter(l);
+    Py_DECREF(l);
+    return it;
+}
+
+static PyObject *
+counters_richcompare(PyObject *self, PyObject *other, int op)
+{
+    PyObject *a = counters_tolist(self, NULL);
+    if (a == NULL)
+        return NULL;
+    PyObject *b = Py_IS_TYPE(other, &CountersType) ? counters_tolist(other, NULL) : PySequence_List(other);
+    if (b == NULL) {
+        PyErr_Clear();
+        Py_DECREF(a);
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *r = PyObject_RichCompare(a, b, op);
+    Py_DECREF(a);
+    Py_DECREF(b);
+    return r;
+}
+
+static void
+counters_dealloc(PyObject *self)
+{
+    Py_XDECREF(((CountersObject *)self)->flow);
+    PyObject_Free(self);
+}
+
+static PyObject *
+counters_repr(PyObject *self)
+{
+    PyObject *l = counters_tolist(self, NULL);
+    if (l == NULL)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("Flow.c(%R)", l);
+    Py_DECREF(l);
+    return r;
+}
+
+static PyMethodDef counters_methods[] = {
+    {"tolist", counters_tolist, METH_NOARGS, "The 26 counters as a list of ints (as array.tolist)."},
+    {NULL, NULL, 0, NULL},
+};
+static PySequenceMethods counters_as_sequence = {.sq_length = counters_len, .sq_item = counters_item};
+static PyMappingMethods counters_as_mapping = {.mp_length = counters_len, .mp_subscript = counters_subscript,
+                                               .mp_ass_subscript = counters_ass_subscript};
+static PyTypeObject CountersType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.aggregator._aggr.Counters",
+    .tp_basicsize = sizeof(CountersObject),
+    .tp_dealloc = counters_dealloc,
+    .tp_repr = counters_repr,
+    .tp_as_sequence = &counters_as_sequence,
+    .tp_as_mapping = &counters_as_mapping,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A view of a Flow's 26 counters that reads and writes as array('Q') does.",
+    .tp_richcompare = counters_richcompare,
+    .tp_iter = counters_iter,
+    .tp_methods = counters_methods,
+};
+
+static PyObject *
+flow_get_c(PyObject *self, void *closure)
+{
+    CountersObject *v = PyObject_New(CountersObject, &CountersType);
+    if (v == NULL)
+        return NULL;
+    Py_INCREF(self);
+    v->flow = FL(self);
+    return (PyObject *)v;
+}
+
+/* ---- the Flow type --------------------------------------------------------------- */
+static PyObject *empty_str, *int_zero;
+
+/* A new Flow as aggregation.Flow(key, flow_type, now) makes one. */
+static PyObject *
+flow_make(PyObject *key, PyObject *flow_type, PyObject *now)
+{
+    FlowObject *f = (FlowObject *)PyObject_Malloc(sizeof(FlowObject));
+    if (f == NULL)
+        return PyErr_NoMemory();
+    memset((char *)f + sizeof(PyObject), 0, sizeof(FlowObject) - sizeof(PyObject));
+    PyObject_Init((PyObject *)f, &FlowType);
+    PyObject **objs[] = {&f->src, &f->dst, &f->smeta, &f->dmeta, &f->sexp, &f->dexp, &f->sw};
+    for (size_t i = 0; i < sizeof objs / sizeof objs[0]; i++) {
+        Py_INCREF(Py_None);
+        *objs[i] = Py_None;
+    }
+    Py_INCREF(empty_str);
+    f->tcp = empty_str;
+    Py_INCREF(now);
+    f->last_seen = now;
+    if (flow_set_key(f, key) < 0 || flow_set_int((PyObject *)f, flow_type, (void *)(intptr_t)A_FLOW_TYPE) < 0) {
+        Py_DECREF(f);
+        return NULL;
+    }
+    return (PyObject *)f;
+}
+
+/* A new Flow of a key the C loop validated (what flow_make gives for that key). */
+static PyObject *
+flow_native(PyObject *src, PyObject *dst, uint16_t sport, uint16_t dport, uint8_t proto, uint8_t flow_type,
+            PyObject *now)
+{
+    FlowObject *f = (FlowObject *)PyObject_Malloc(sizeof(FlowObject));
+    if (f == NULL)
+        return PyErr_NoMemory();
+    memset((char *)f + sizeof(PyObject), 0, sizeof(FlowObject) - sizeof(PyObject));
+    PyObject_Init((PyObject *)f, &FlowType);
+    Py_INCREF(src);
+    f->src = src;
+    Py_INCREF(dst);
+    f->dst = dst;
+    PyObject **objs[] = {&f->smeta, &f->dmeta, &f->sexp, &f->dexp, &f->sw};
+    for (size_t i = 0; i < sizeof objs / sizeof objs[0]; i++) {
+        Py_INCREF(Py_None);
+        *objs[i] = Py_None;
+    }
+    Py_INCREF(empty_str);
+    f->tcp = empty_str;
+    Py_INCREF(now);
+    f->last_seen = now;
+    f->sport = sport;
+    f->dport = dport;
+    f->proto = proto;
+    f->flow_type = flow_type;
+    return (PyObject *)f;
+}
+
+static PyObject *
+flow_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
+{
+    PyObject *key, *flow_type, *now;
+    static char *kwlist[] = {"key", "flow_type", "now", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:Flow", kwlist, &key, &flow_type, &now))
+        return NULL;
+    return flow_make(key, flow_type, now);
+}
+
+static void
+flow_dealloc(PyObject *self)
+{
+    FlowObject *f = FL(self);
+    Py_XDECREF(f->src);
+    Py_XDECREF(f->dst);
+    Py_XDECREF(f->smeta);
+    Py_XDECREF(f->dmeta);
+    Py_XDECREF(f->sexp);
+    Py_XDECREF(f->dexp);
+    Py_XDECREF(f->tcp);
+    Py_XDECREF(f->last_seen);
+    Py_XDECREF(f->sw);
+    Py_XDECREF(f->odd);
+    PyObject_Free(self);
+}
+
+/* Hashed and compared as its key tuple (the flows dict is keyed by the Flow). */
+static Py_hash_t
+flow_hash(PyObject *self)
+{
+    PyObject *k = flow_key(FL(self));
+    if (k == NULL)
+        return -1;
+    Py_hash_t h = PyObject_Hash(k);
+    Py_DECREF(k);
+    return h;
+}
+
+static inline int
+eq_uint(unsigned long mine, PyObject *theirs) /* 1, 0, -1 */
+{
+    unsigned long x;
+    if (small_uint(theirs, ULONG_MAX >> 1, &x))
+        return x == mine;
+    PyObject *m = PyLong_FromUnsignedLong(mine);
+    if (m == NULL)
+        return -1;
+    int r = PyObject_RichCompareBool(m, theirs, Py_EQ);
+    Py_DECREF(m);
+    return r;
+}
+
+static PyObject *
+flow_richcompare(PyObject *self, PyObject *other, int op)
+{
+    if (op != Py_EQ && op != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    FlowObject *f = FL(self);
+    int eq;
+    if (IS_FLOW(other) || f->odd != NULL || !PyTuple_CheckExact(other) || PyTuple_GET_SIZE(other) != 5) {
+        if (!IS_FLOW(other) && !PyTuple_Check(other))
+            Py_RETURN_NOTIMPLEMENTED;
+        PyObject *a = flow_key(f), *b = IS_FLOW(other) ? flow_key(FL(other)) : (Py_INCREF(other), other);
+        eq = a && b ? PyObject_RichCompareBool(a, b, Py_EQ) : -1;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+    } else { /* the lookup of a key tuple: compared item by item, as tuples compare */
+        eq = PyObject_RichCompareBool(f->src, PyTuple_GET_ITEM(other, 0), Py_EQ);
+        if (eq > 0)
+            eq = PyObject_RichCompareBool(f->dst, PyTuple_GET_ITEM(other, 1), Py_EQ);
+        if (eq > 0)
+            eq = eq_uint(f->sport, PyTuple_GET_ITEM(other, 2));
+        if (eq > 0)
+            eq = eq_uint(f->dport, PyTuple_GET_ITEM(other, 3));
+        if (eq > 0)
+            eq = eq_uint(f->proto, PyTuple_GET_ITEM(other, 4));
+    }
+    if (eq < 0)
+        return NULL;
+    if ((op == Py_EQ) == (eq > 0))
+        Py_RETURN_TRUE;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+flow_repr(PyObject *self)
+{
+    PyObject *k = flow_key(FL(self));
+    if (k == NULL)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("Flow(%R, flags=%u)", k, (unsigned)FL(self)->flags);
+    Py_DECREF(k);
+    return r;
+}
+
+static PyObject *
+flow_sizeof(PyObject *self, PyObject *unused)
+{
+    Py_ssize_t n = sizeof(FlowObject);
+    if (FL(self)->odd != NULL)
+        n += _PyObject_SIZE(Py_TYPE(FL(self)->odd));
+    return PyLong_FromSsize_t(n);
+}
+
+static PyObject *
+flow_odd(PyObject *self, void *closure)
+{
+    /* the attributes held as objects (a copy), for the tests */
+    return FL(self)->odd == NULL ? PyDict_New() : PyDict_Copy(FL(self)->odd);
+}
+
+#define INT_ATTR(name, which, doc) {name, flow_get_int, flow_set_int, doc, (void *)(intptr_t)(which)}
+#define OBJ_ATTR(name, which, doc) {name, flow_get_obj, flow_set_obj, doc, (void *)(intptr_t)(which)}
+static PyGetSetDef flow_getset[] = {
+    {"key", flow_get_key, NULL, "The 5-tuple (source IP, destination IP, source port, destination port, protocol).", NULL},
+    INT_ATTR("flow_type", A_FLOW_TYPE, "flowType"),
+    INT_ATTR("flags", A_FLAGS, "aggregation's flag bits"),
+    {"c", flow_get_c, NULL, "The 26 counters (a view that reads and writes as aggregation.Flow's array).", NULL},
+    OBJ_ATTR("smeta", O_SMETA, "the source side's Kubernetes fields (a shared tuple) or None"),
+    OBJ_ATTR("dmeta", O_DMETA, "the destination side's Kubernetes fields (a shared tuple) or None"),
+    OBJ_ATTR("sexp", O_SEXP, "the source side's exporter address or None"),
+    OBJ_ATTR("dexp", O_DEXP, "the destination side's exporter address or None"),
+    INT_ATTR("sdom", A_SDOM, "the source side's observation domain"),
+    INT_ATTR("ddom", A_SDOM_D, "the destination side's observation domain"),
+    INT_ATTR("reason", A_REASON, "the newest record's flowEndReason"),
+    OBJ_ATTR("tcp_state", O_TCP, "the newest record's tcpState"),
+    OBJ_ATTR("last_seen", O_LAST_SEEN, "when the last record came (the caller's clock)"),
+    OBJ_ATTR("sw", O_SW, "the switched correction (array('Q') of 4) or None"),
+    {"correlation", flow_get_correlation, NULL, "How complete the record is (aggregation.Flow.correlation).", NULL},
+    {"odd", flow_odd, NULL, "The attributes held as objects, not in C fields (a copy).", NULL},
+    {NULL},
+};
+static PyMethodDef flow_methods[] = {
+    {"__sizeof__", flow_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+static PyTypeObject FlowType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.aggregator._aggr.Flow",
+    .tp_basicsize = sizeof(FlowObject),
+    .tp_dealloc = flow_dealloc,
+    .tp_repr = flow_repr,
+    .tp_hash = flow_hash,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Flow(key, flow_type, now): one connection's state, counters inline (see aggregation.Flow).",
+    .tp_richcompare = flow_richcompare,
+    .tp_methods = flow_methods,
+    .tp_getset = flow_getset,
+    .tp_new = flow_new,
+};
 
 static PyObject *
 configure(PyObject *self, PyObject *args)
@@ -291,8 +1050,6 @@ configure(PyObject *self, PyObject *args)
         return NULL;
     Py_INCREF(z26);
     Py_XSETREF(zero26, z26);
-    if (empty_str == NULL && ((empty_str = PyUnicode_New(0, 0)) == NULL || (int_zero = PyLong_FromLong(0)) == NULL))
-        return NULL;
     if (!PyFrozenSet_CheckExact(empty) || PyTuple_GET_SIZE(defaults) != 2 ||
         PyTuple_GET_SIZE(owners) != PyTuple_GET_SIZE(m4) + 2) {
         PyErr_SetString(PyExc_ValueError, "configure: merge tables of unexpected shapes");
@@ -344,6 +1101,8 @@ configure(PyObject *self, PyObject *args)
                 return NULL;
             }
         Py_XSETREF(out_proto[i], proto);
+        if ((out_direct[i] = check_direct(i)) < 0)
+            return NULL;
     }
     if (PyTuple_GET_SIZE(f4) != N_FIELDS || PyTuple_GET_SIZE(f6) != N_FIELDS || PyTuple_GET_SIZE(lab) != 2 ||
         PyTuple_GET_SIZE(dl) != 4 || PyTuple_GET_SIZE(m4) != PyTuple_GET_SIZE(m6) ||
@@ -367,27 +1126,12 @@ configure(PyObject *self, PyObject *args)
             return NULL;
         }
     }
-    PyObject *cdict = PyObject_GetAttrString(cls, "__dict__");
-    if (cdict == NULL)
+    /* the twin's Flow.correlation, for a Flow holding odd values */
+    PyObject *prop = PyObject_GetAttrString(cls, "correlation"), *fget = prop ? PyObject_GetAttrString(prop, "fget") : NULL;
+    Py_XDECREF(prop);
+    if (fget == NULL)
         return NULL;
-    for (int i = 0; i < N_SLOTS; i++) {
-        PyObject *d = PyMapping_GetItemString(cdict, slot_names[i]);
-        if (d == NULL) {
-            Py_DECREF(cdict);
-            return NULL;
-        }
-        if (!Py_IS_TYPE(d, &PyMemberDescr_Type) || ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX) {
-            Py_DECREF(d);
-            Py_DECREF(cdict);
-            PyErr_Format(PyExc_ValueError, "configure: Flow.%s is not a slot", slot_names[i]);
-            return NULL;
-        }
-        slot_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
-        Py_DECREF(d);
-    }
-    Py_DECREF(cdict);
-    Py_INCREF(cls);
-    Py_XSETREF(flow_class, cls);
+    Py_XSETREF(correlation_py, fget);
     for (int i = 0; i < N_FIELDS; i++) {
         Py_INCREF(PyTuple_GET_ITEM(f4, i));
         Py_XSETREF(fields4[i], PyTuple_GET_ITEM(f4, i));
@@ -415,6 +1159,15 @@ configure(PyObject *self, PyObject *args)
     Py_XSETREF(end_reasons, ends);
     Py_INCREF(deny);
     Py_XSETREF(deny_actions, deny);
+    for (int i = 0; i < 256; i++) {
+        PyObject *v = PyLong_FromLong(i);
+        int e = v ? PySet_Contains(ends, v) : -1, d = e < 0 ? -1 : PySet_Contains(deny, v);
+        Py_XDECREF(v);
+        if (d < 0)
+            return NULL; /* not sets: an error, or a SystemError from PySet_Contains */
+        end_reason[i] = (char)e;
+        deny_action[i] = (char)d;
+    }
     Py_ssize_t *ix[6] = {&i_src_pod, &i_src_node, &i_egress, &i_dst_pod, &i_dst_node, &i_ingress};
     for (int i = 0; i < 6; i++) {
         *ix[i] = PyLong_AsSsize_t(PyTuple_GET_ITEM(idx, i));
@@ -428,8 +1181,6 @@ configure(PyObject *self, PyObject *args)
         return NULL;
     }
     if (zero_addr == NULL && (zero_addr = PyUnicode_InternFromString("0.0.0.0")) == NULL)
-        return NULL;
-    if (check_new_flow() < 0)
         return NULL;
     kt_clear();
     Py_XSETREF(name_ids, PyDict_New());
@@ -480,6 +1231,8 @@ typedef struct {
     long long flow_bytes, max_flow_bytes;
     /* stats accumulated here, added at the end */
     long long received, created, correlated, late, resets, stale, cap, bytes;
+    int domain_native; /* the observation domain is an exact int of 32 bits (dom): a Flow's C field takes it */
+    uint32_t dom;
 } Ctx;
 
 static int
@@ -660,6 +1413,26 @@ side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
 
 enum { DONE, FALLBACK, ERROR };
 
+/* The flows dict's lookup and insertion by a hash computed once (CPython's own, exported
+ * on 3.11 and 3.12), else the public calls that hash again. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
+#define KNOWN_HASH_GET(d, k, h) _PyDict_GetItem_KnownHash((d), (k), (h))
+#define KNOWN_HASH_SET(d, k, v, h) _PyDict_SetItem_KnownHash((d), (k), (v), (h))
+#else
+#define KNOWN_HASH_GET(d, k, h) PyDict_GetItemWithError((d), (k))
+#define KNOWN_HASH_SET(d, k, v, h) PyDict_SetItem((d), (k), (v))
+#endif
+
+/* Whether a rule action denies (in deny_actions): a table for the small ints agents send. */
+static inline int
+denies(PyObject *v)
+{
+    unsigned long a;
+    if (small_uint(v, 255, &a))
+        return deny_action[a];
+    return PySet_Contains(deny_actions, v);
+}
+
 /* One record: DONE (taken or dropped, *taken says), FALLBACK (the twin must take it) or ERROR. */
 static int
 one(Ctx *x, PyObject *rec, int *taken)
@@ -695,6 +1468,13 @@ one(Ctx *x, PyObject *rec, int *taken)
         !as_u64(val[F_ROT], &rot) || !as_u64(val[F_START], &start) || !as_u64(val[F_END], &end) ||
         !as_long(val[F_REASON], &reason) || !as_long(val[F_FT], &ft))
         return FALLBACK;
+    /* What a Flow holds in C fields: ports, protocol, reason and type as agents send them,
+     * the seconds in 32 bits (an IPFIX dateTimeSeconds is); anything else is the twin's. */
+    unsigned long sp_, dp_, pr_;
+    if (!small_uint(val[F_SPORT], 65535, &sp_) || !small_uint(val[F_DPORT], 65535, &dp_) ||
+        !small_uint(val[F_PROTO], 255, &pr_) || start > UINT32_MAX || end > UINT32_MAX || reason < 0 ||
+        reason > 255 || ft < 0 || ft > 255 || !x->domain_native)
+        return FALLBACK;
     PyObject *tcp = val[F_TCP];
     if (tcp != Py_None && !PyUnicode_CheckExact(tcp))
         return FALLBACK;
@@ -720,7 +1500,9 @@ one(Ctx *x, PyObject *rec, int *taken)
     PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
     if (key == NULL)
         return ERROR;
-    PyObject *flow = PyDict_GetItemWithError(x->flows, key);
+    /* its hash, once: the lookup's, and a new flow's insertion (a Flow hashes as its key) */
+    Py_hash_t hash = PyObject_Hash(key);
+    PyObject *flow = hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, hash);
     if (flow == NULL && PyErr_Occurred()) {
         Py_DECREF(key);
         return ERROR;
@@ -728,10 +1510,10 @@ one(Ctx *x, PyObject *rec, int *taken)
     int status = ERROR;
     PyObject *meta = NULL;
     size_t meta_at = MC_SIZE;
-    Py_buffer cview, swview;
-    int have_c = 0, have_sw = 0;
-    uint64_t cz[NC];
-    uint64_t *c, *sw = NULL; /* sw: the flow's correction, NULL when None */
+    Py_buffer swview;
+    int have_sw = 0;
+    uint64_t c[NC]; /* the flow's counters (a new flow's: zero), written back at the end */
+    uint64_t *sw = NULL; /* sw: the flow's correction, NULL when None */
     long flags, flow_type;
     int is_new = flow == NULL;
     long long new_cost = 0;
@@ -751,8 +1533,7 @@ one(Ctx *x, PyObject *rec, int *taken)
             status = DONE;
             goto out;
         }
-        memset(cz, 0, sizeof cz);
-        c = cz;
+        memset(c, 0, sizeof c);
         if (!ft) {
             ft = truthy(mv[i_src_pod]) && truthy(mv[i_dst_pod]) ? INTRA_NODE : INTER_NODE;
             flags = v6 ? (UNTYPED | IPV6) : UNTYPED;
@@ -762,19 +1543,14 @@ one(Ctx *x, PyObject *rec, int *taken)
         flow_type = ft;
     } else {
         Py_INCREF(flow);
-        PyObject *fo = SLOT(flow, S_FLAGS), *to = SLOT(flow, S_FLOW_TYPE), *co = SLOT(flow, S_C),
-                 *so = SLOT(flow, S_SW);
-        if (!Py_IS_TYPE(flow, (PyTypeObject *)flow_class) || fo == NULL || to == NULL || co == NULL || so == NULL ||
-            !as_long(fo, &flags) || !as_long(to, &flow_type)) {
+        if (!IS_FLOW(flow) || FL(flow)->odd != NULL) { /* a flow holding odd values: the twin's */
             status = FALLBACK;
             goto out;
         }
-        c = u64_buffer(co, &cview, NC);
-        if (c == NULL) {
-            status = FALLBACK;
-            goto out;
-        }
-        have_c = 1;
+        flags = FL(flow)->flags;
+        flow_type = FL(flow)->flow_type;
+        load_c(FL(flow), c);
+        PyObject *so = FL(flow)->sw;
         if (so != Py_None) {
             sw = u64_buffer(so, &swview, 4);
             if (sw == NULL) {
@@ -836,10 +1612,7 @@ one(Ctx *x, PyObject *rec, int *taken)
     } else {
         if (pt < c[o] || ot < c[o + 1] || rpt < c[o + 2] || rot < c[o + 3]) {
             if (end < c[16 + side]) { /* an older report overtaken by a newer one */
-                PyObject *t = PyLong_FromLong(flow_type);
-                if (t == NULL)
-                    goto out;
-                set_slot(flow, S_FLOW_TYPE, t);
+                FL(flow)->flow_type = (uint8_t)flow_type;
                 x->received++;
                 x->stale++;
                 status = DONE;
@@ -895,36 +1668,20 @@ one(Ctx *x, PyObject *rec, int *taken)
     if (is_new) {
         if (PyDict_GET_SIZE(x->shared) >= x->shared_limit)
             PyDict_Clear(x->shared);
+        /* the addresses (and the destination port, as the twin does) shared by many flows */
         PyObject *k0 = intern_shared(x, val[F_SRC]), *k1 = intern_shared(x, val[F_DST]),
                  *k3 = intern_shared(x, val[F_DPORT]);
-        PyObject *ikey = (k0 && k1 && k3) ? PyTuple_Pack(5, k0, k1, val[F_SPORT], k3, val[F_PROTO]) : NULL;
+        Py_XDECREF(k3);
+        if (k0 != NULL && k1 != NULL && k3 != NULL)
+            flow = flow_native(k0, k1, (uint16_t)sp_, (uint16_t)dp_, (uint8_t)pr_, (uint8_t)flow_type, x->now);
         Py_XDECREF(k0);
         Py_XDECREF(k1);
-        Py_XDECREF(k3);
-        if (ikey == NULL)
+        if (flow == NULL || KNOWN_HASH_SET(x->flows, flow, flow, hash) < 0) /* keyed by itself: its hash is its key's */
             goto out;
-        PyObject_GC_UnTrack(ikey); /* str and int only: what the collector would find and do */
-        PyObject *fto = PyLong_FromLong(flow_type);
-        flow = fto ? new_flow(ikey, fto, x->now) : NULL;
-        Py_XDECREF(fto);
-        if (flow == NULL || PyDict_SetItem(x->flows, ikey, flow) < 0) {
-            Py_DECREF(ikey);
-            goto out;
-        }
-        Py_DECREF(ikey);
         x->flow_bytes += FLOW_COST;
         x->created++;
-        c = u64_buffer(SLOT(flow, S_C), &cview, NC);
-        if (c == NULL) {
-            PyErr_SetString(PyExc_SystemError, "a new Flow's counters are not an array('Q') of 26");
-            goto out;
-        }
-        have_c = 1;
     } else {
-        PyObject *t = PyLong_FromLong(flow_type);
-        if (t == NULL)
-            goto out;
-        set_slot(flow, S_FLOW_TYPE, t);
+        FL(flow)->flow_type = (uint8_t)flow_type;
     }
     if (reset)
         x->resets++;
@@ -933,7 +1690,7 @@ one(Ctx *x, PyObject *rec, int *taken)
             PyObject *nw = PySequence_GetSlice(zero4, 0, 4);
             if (nw == NULL)
                 goto out;
-            set_slot(flow, S_SW, nw);
+            Py_SETREF(FL(flow)->sw, nw);
             sw = u64_buffer(nw, &swview, 4);
             if (sw == NULL) {
                 PyErr_SetString(PyExc_SystemError, "zero4 is not an array('Q') of 4");
@@ -947,8 +1704,8 @@ one(Ctx *x, PyObject *rec, int *taken)
 
     /* Kubernetes fields: intern a side's tuple only when it changed (compared item by
      * item as tuples compare, without building the record's tuple when it did not). */
-    int ms = side ? S_DMETA : S_SMETA;
-    PyObject *old = SLOT(flow, ms);
+    PyObject **ms = side ? &FL(flow)->dmeta : &FL(flow)->smeta;
+    PyObject *old = *ms;
     int eq;
     if (meta == NULL && PyTuple_CheckExact(old) && PyTuple_GET_SIZE(old) == n_meta + 2) {
         eq = 1;
@@ -971,34 +1728,28 @@ one(Ctx *x, PyObject *rec, int *taken)
         meta_at = MC_SIZE;
         if (meta == NULL)
             goto out;
-        set_slot_borrowed(flow, ms, meta);
+        Py_INCREF(meta);
+        Py_SETREF(*ms, meta);
         x->flow_bytes += new_cost - b;
         changed = 1;
     }
-    set_slot_borrowed(flow, side ? S_DEXP : S_SEXP, x->exporter);
-    set_slot_borrowed(flow, side ? S_DDOM : S_SDOM, x->domain);
+    Py_INCREF(x->exporter);
+    Py_SETREF(*(side ? &FL(flow)->dexp : &FL(flow)->sexp), x->exporter);
+    *(side ? &FL(flow)->ddom : &FL(flow)->sdom) = x->dom;
 
     /* Times and state from the newest record. */
-    int ended = PySet_Contains(end_reasons, val[F_REASON]);
-    if (ended < 0)
-        goto out;
+    int ended = end_reason[reason]; /* reason: 0..255 here */
     if (end >= c[25]) {
         c[25] = end;
         if (start)
             c[24] = start;
-        long old_reason;
-        PyObject *ro = SLOT(flow, S_REASON);
-        int differs = PyLong_CheckExact(ro) && as_long(ro, &old_reason) ? old_reason != reason
-                                                                           : PyObject_RichCompareBool(val[F_REASON], ro, Py_NE);
-        if (differs < 0)
-            goto out;
-        if (differs) {
+        if (FL(flow)->reason != reason) {
             if (ended)
                 changed = 1;
-            set_slot_borrowed(flow, S_REASON, val[F_REASON]);
+            FL(flow)->reason = (uint8_t)reason;
         }
         if (tcp != Py_None) {
-            PyObject *ot_ = SLOT(flow, S_TCP);
+            PyObject *ot_ = FL(flow)->tcp;
             int same = ot_ == tcp ? 1 : PyObject_RichCompareBool(tcp, ot_, Py_EQ);
             if (same < 0)
                 goto out;
@@ -1006,12 +1757,14 @@ one(Ctx *x, PyObject *rec, int *taken)
                 PyObject *st = intern_shared(x, tcp);
                 if (st == NULL)
                     goto out;
-                set_slot(flow, S_TCP, st);
+                Py_SETREF(FL(flow)->tcp, st);
                 changed = 1;
             }
         }
     }
-    set_slot_borrowed(flow, S_LAST_SEEN, x->now);
+    store_c(FL(flow), c); /* the seconds were checked to fit */
+    Py_INCREF(x->now);
+    Py_SETREF(FL(flow)->last_seen, x->now);
     flags |= seen;
     if (changed)
         flags |= DIRTY;
@@ -1033,8 +1786,7 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
     if ((flags & NO_TWIN) && !(flags & READY))
         flags |= READY;
-    int ea = PySet_Contains(deny_actions, mv[i_egress]);
-    int ia = ea < 0 ? -1 : PySet_Contains(deny_actions, mv[i_ingress]);
+    int ea = denies(mv[i_egress]), ia = ea < 0 ? -1 : denies(mv[i_ingress]);
     if (ea < 0 || ia < 0)
         goto out;
     if ((ea || ia) && !(flags & DENIED)) {
@@ -1061,16 +1813,11 @@ one(Ctx *x, PyObject *rec, int *taken)
                 goto out;
         }
     }
-    PyObject *fl = PyLong_FromLong(flags);
-    if (fl == NULL)
-        goto out;
-    set_slot(flow, S_FLAGS, fl);
+    FL(flow)->flags = (uint32_t)flags;
     x->received++;
     *taken = 1;
     status = DONE;
 out:
-    if (have_c)
-        PyBuffer_Release(&cview);
     if (have_sw)
         PyBuffer_Release(&swview);
     Py_XDECREF(flow);
@@ -1128,6 +1875,9 @@ ingest_many(PyObject *self, PyObject *args)
     x.max_flow_bytes = PyLong_AsLongLong(mfb);
     if (PyErr_Occurred() || load_flow_bytes(&x) < 0)
         goto done;
+    unsigned long dom;
+    x.domain_native = small_uint(domain, UINT32_MAX, &dom);
+    x.dom = x.domain_native ? (uint32_t)dom : 0;
     x.deadline = PyNumber_Add(now, ct);
     if (x.deadline == NULL)
         goto done;
@@ -1275,17 +2025,11 @@ merged_meta(PyObject *cache, PyObject *smeta, PyObject *dmeta, int v6)
 static PyObject *
 record_of(PyObject *flow, PyObject *cache)
 {
-    if (!configured || !Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
-        Py_RETURN_NONE;
-    for (int i = 0; i < N_SLOTS; i++)
-        if (SLOT(flow, i) == NULL)
-            Py_RETURN_NONE;
-    long f, flow_type;
-    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &flow_type) || flow_type < 0)
-        Py_RETURN_NONE; /* a negative flowType (a malformed record the twin took) is the twin's to lay out */
-    PyObject *key = SLOT(flow, S_KEY), *sm = SLOT(flow, S_SMETA), *dm = SLOT(flow, S_DMETA);
-    if (!PyTuple_CheckExact(key) || PyTuple_GET_SIZE(key) != 5)
-        Py_RETURN_NONE;
+    if (!configured || !IS_FLOW(flow) || FL(flow)->odd != NULL)
+        Py_RETURN_NONE; /* odd values (a malformed record the twin took) are the twin's to lay out */
+    FlowObject *fo = FL(flow);
+    long f = fo->flags, flow_type = fo->flow_type;
+    PyObject *sm = fo->smeta, *dm = fo->dmeta;
     if ((sm != Py_None && (!PyTuple_CheckExact(sm) || PyTuple_GET_SIZE(sm) != n_meta + 2)) ||
         (dm != Py_None && (!PyTuple_CheckExact(dm) || PyTuple_GET_SIZE(dm) != n_meta + 2)))
         Py_RETURN_NONE;
@@ -1296,7 +2040,7 @@ record_of(PyObject *flow, PyObject *cache)
         Py_RETURN_NONE;
     }
     int has_src = (f & HAS_SRC) != 0, has_dst = (f & HAS_DST) != 0, v6 = (f & IPV6) != 0;
-    PyObject *exporter = has_src ? SLOT(flow, S_SEXP) : SLOT(flow, S_DEXP);
+    PyObject *exporter = has_src ? fo->sexp : fo->dexp;
     int t = PyObject_IsTrue(exporter);
     if (t < 0) {
         Py_DECREF(merged);
@@ -1309,21 +2053,29 @@ record_of(PyObject *flow, PyObject *cache)
         Py_RETURN_NONE;
     }
     int e6 = PyUnicode_FindChar(exporter, ':', 0, PyUnicode_GET_LENGTH(exporter), 1) >= 0;
-    Py_buffer cv, sv;
-    uint64_t *c = u64_buffer(SLOT(flow, S_C), &cv, NC), *sw = NULL;
-    if (c == NULL) {
-        Py_DECREF(merged);
-        Py_RETURN_NONE;
-    }
-    PyObject *swo = SLOT(flow, S_SW);
+    Py_buffer sv;
+    uint64_t c[NC], *sw = NULL;
+    load_c(fo, c);
+    PyObject *swo = fo->sw;
     if (swo != Py_None) {
         sw = u64_buffer(swo, &sv, 4);
         if (sw == NULL) {
-            PyBuffer_Release(&cv);
             Py_DECREF(merged);
             Py_RETURN_NONE;
         }
     }
+    /* the key's ports and protocol, the reason and the domain as int objects (small ones cached) */
+    PyObject *ints[5] = {PyLong_FromLong(fo->sport), PyLong_FromLong(fo->dport), PyLong_FromLong(fo->proto),
+                         PyLong_FromLong(fo->reason), PyLong_FromUnsignedLong(has_src ? fo->sdom : fo->ddom)};
+    for (int i = 0; i < 5; i++)
+        if (ints[i] == NULL) {
+            for (int j = 0; j < 5; j++)
+                Py_XDECREF(ints[j]);
+            if (sw != NULL)
+                PyBuffer_Release(&sv);
+            Py_DECREF(merged);
+            return NULL;
+        }
     /* The values in build_record's slot order, as (new reference) objects; NULL: a C number. */
     PyObject *obj[N_OUT_MAX];
     uint64_t num[N_OUT_MAX];
@@ -1332,9 +2084,12 @@ record_of(PyObject *flow, PyObject *cache)
 #define OBJ(o) (obj[n] = (o), n++)
     NUM(c[24]);
     NUM(c[25]);
-    OBJ(SLOT(flow, S_REASON));
-    for (int i = 0; i < 5; i++)
-        OBJ(PyTuple_GET_ITEM(key, i));
+    OBJ(ints[3]);
+    OBJ(fo->src);
+    OBJ(fo->dst);
+    OBJ(ints[0]);
+    OBJ(ints[1]);
+    OBJ(ints[2]);
     const uint64_t *own = has_src ? c : c + 8;
     for (int k = 0; k < 4; k++)
         NUM(own[k]);
@@ -1343,9 +2098,9 @@ record_of(PyObject *flow, PyObject *cache)
     for (Py_ssize_t i = 0; i < n_meta + 2; i++)
         OBJ(PyTuple_GET_ITEM(merged, i));
     NUM((uint64_t)((f & UNTYPED) && (f & NO_TWIN) && !(f & DENIED) ? 0 : flow_type));
-    OBJ(SLOT(flow, S_TCP));
+    OBJ(fo->tcp);
     OBJ(exporter);
-    OBJ(has_src ? SLOT(flow, S_SDOM) : SLOT(flow, S_DDOM));
+    OBJ(ints[4]);
     static const uint64_t zero8[8] = {0};
     const uint64_t *srcc = has_src ? c : NULL, *dstc = has_dst ? c + 8 : NULL;
     uint64_t ends[2] = {has_src ? c[16] : 0, has_dst ? c[17] : 0};
@@ -1384,8 +2139,9 @@ record_of(PyObject *flow, PyObject *cache)
 #undef OBJ
     if (sw != NULL)
         PyBuffer_Release(&sv);
-    PyBuffer_Release(&cv);
     if (n != n_out) {
+        for (int j = 0; j < 5; j++)
+            Py_DECREF(ints[j]);
         Py_DECREF(merged);
         PyErr_SetString(PyExc_SystemError, "build_record: values and layout differ in length");
         return NULL;
@@ -1395,32 +2151,37 @@ record_of(PyObject *flow, PyObject *cache)
     /* A copy of the layout's dict of names: its keys table comes whole (str keys, the
      * template's order, the size it needs), and each value is then set in place. */
     PyObject *rec = PyDict_Copy(out_proto[li]);
-    if (rec == NULL) {
-        Py_DECREF(merged);
-        return NULL;
+    UnicodeEntryMirror *e = rec != NULL && out_direct[li] ? direct_entries(rec, n) : NULL;
+    for (Py_ssize_t j = 0; e != NULL && j < n; j++) { /* in place (see check_direct) */
+        Py_ssize_t at = out_order[li][j];
+        PyObject *v = obj[at];
+        if (v == NULL) {
+            v = PyLong_FromUnsignedLongLong(num[at]);
+            if (v == NULL) {
+                Py_CLEAR(rec);
+                break;
+            }
+        } else {
+            Py_INCREF(v);
+        }
+        Py_SETREF(e[j].me_value, v);
     }
-    for (Py_ssize_t j = 0; j < n; j++) {
+    for (Py_ssize_t j = 0; e == NULL && rec != NULL && j < n; j++) {
         Py_ssize_t at = out_order[li][j];
         PyObject *v = obj[at];
         int r;
         if (v == NULL) {
             v = PyLong_FromUnsignedLongLong(num[at]);
-            if (v == NULL) {
-                Py_DECREF(rec);
-                Py_DECREF(merged);
-                return NULL;
-            }
-            r = PyDict_SetItem(rec, PyTuple_GET_ITEM(names, j), v);
-            Py_DECREF(v);
+            r = v == NULL ? -1 : PyDict_SetItem(rec, PyTuple_GET_ITEM(names, j), v);
+            Py_XDECREF(v);
         } else {
             r = PyDict_SetItem(rec, PyTuple_GET_ITEM(names, j), v);
         }
-        if (r < 0) {
-            Py_DECREF(rec);
-            Py_DECREF(merged);
-            return NULL;
-        }
+        if (r < 0)
+            Py_CLEAR(rec);
     }
+    for (int j = 0; j < 5; j++)
+        Py_DECREF(ints[j]);
     Py_DECREF(merged);
     return rec;
 }
@@ -1440,7 +2201,6 @@ build_record(PyObject *self, PyObject *args)
  * without running its __init__ (configure checks both agree). */
 static PyObject *exported_class;
 static Py_ssize_t ex_off[3]; /* record, correlation, final */
-static PyObject *corr_names[7];
 enum { C_INTRA, C_EXTERNAL, C_CORRELATED, C_DENIED, C_UNATTRIBUTED, C_UNCORRELATED, C_PENDING };
 
 static PyObject *
@@ -1489,17 +2249,12 @@ export_flow(PyObject *flow, PyObject *cache, PyObject *final)
     PyObject *rec = record_of(flow, cache); /* checks the flow's slots */
     if (rec == NULL || rec == Py_None)
         return rec;
-    long f, ft;
-    Py_buffer cv, sv;
-    uint64_t *c = NULL, *sw = NULL;
-    PyObject *swo = SLOT(flow, S_SW);
-    if (!as_long(SLOT(flow, S_FLAGS), &f) || !as_long(SLOT(flow, S_FLOW_TYPE), &ft) ||
-        (c = u64_buffer(SLOT(flow, S_C), &cv, NC)) == NULL) {
-        Py_DECREF(rec);
-        Py_RETURN_NONE;
-    }
+    FlowObject *fo = FL(flow); /* record_of took it: a Flow without odd values */
+    long f = fo->flags, ft = fo->flow_type;
+    Py_buffer sv;
+    uint64_t *sw = NULL, *c = fo->n; /* the deltas are at 4-7 and 12-15 in n as in the array */
+    PyObject *swo = fo->sw;
     if (swo != Py_None && (sw = u64_buffer(swo, &sv, 4)) == NULL) {
-        PyBuffer_Release(&cv);
         Py_DECREF(rec);
         Py_RETURN_NONE;
     }
@@ -1511,19 +2266,15 @@ export_flow(PyObject *flow, PyObject *cache, PyObject *final)
         }
         PyBuffer_Release(&sv);
     }
-    memset(c + 4, 0, 4 * 8); /* the deltas, the throughputs */
+    memset(c + 4, 0, 4 * 8); /* the deltas, the throughputs (counters 18-23: n[16..21]) */
     memset(c + 12, 0, 4 * 8);
-    memset(c + 18, 0, 6 * 8);
-    PyBuffer_Release(&cv);
-    if (sw != NULL && !sw_left)
-        set_slot_borrowed(flow, S_SW, Py_None);
-    f = (f & ~DIRTY) | EXPORTED;
-    PyObject *fl = PyLong_FromLong(f);
-    if (fl == NULL) {
-        Py_DECREF(rec);
-        return NULL;
+    memset(c + 16, 0, 6 * 8);
+    if (sw != NULL && !sw_left) {
+        Py_INCREF(Py_None);
+        Py_SETREF(fo->sw, Py_None);
     }
-    set_slot(flow, S_FLAGS, fl);
+    f = (f & ~DIRTY) | EXPORTED;
+    fo->flags = (uint32_t)f;
     return new_exported(rec, correlation_of(ft, f), final);
 }
 
@@ -1555,12 +2306,10 @@ scan(PyObject *self, PyObject *args)
     Py_ssize_t i = start < 0 ? 0 : start, n = 0;
     for (; i < stop; i++) {
         PyObject *flow = PyList_GET_ITEM(flows, i);
-        if (!Py_IS_TYPE(flow, (PyTypeObject *)flow_class))
+        if (!IS_FLOW(flow) || FL(flow)->odd != NULL)
             break;
-        PyObject *fo = SLOT(flow, S_FLAGS), *ls = SLOT(flow, S_LAST_SEEN);
-        long f;
-        if (fo == NULL || ls == NULL || !as_long(fo, &f))
-            break;
+        PyObject *ls = FL(flow)->last_seen;
+        long f = FL(flow)->flags;
         if (f & REMOVED)
             continue;
         double seen;
@@ -1673,5 +2422,20 @@ PyInit__aggr(void)
         if (*names[i].slot == NULL)
             return NULL;
     }
-    return PyModule_Create(&module);
+    for (int i = 0; i < N_ODD_NAMES; i++)
+        if ((odd_name[i] = PyUnicode_InternFromString(odd_name_s[i])) == NULL)
+            return NULL;
+    if ((empty_str = PyUnicode_New(0, 0)) == NULL || (int_zero = PyLong_FromLong(0)) == NULL ||
+        PyType_Ready(&FlowType) < 0 || PyType_Ready(&CountersType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FlowType);
+    if (PyModule_AddObject(m, "Flow", (PyObject *)&FlowType) < 0) {
+        Py_DECREF(&FlowType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -21,9 +21,9 @@ one IPFIX message in one call (the hot path); ``ingest`` takes one.
 *Sides.* Each agent record comes from the source node (it has ``sourcePodName``, or
 ``sourceNodeName``) or the destination node (``destinationPodName`` /
 ``destinationNodeName``). A flow keeps the statistics of each side apart, 8 numbers per
-side (4 totals, 4 accumulated deltas) in one flat ``array('Q')``, and each side's
+side (4 totals, 4 accumulated deltas) among its 26 counters (``Flow.c``), and each side's
 Kubernetes fields as one interned tuple (the same Pod talks on many connections, so the
-tuples are shared), which is what keeps a flow under a kilobyte.
+tuples are shared), which is what keeps a flow small.
 
 *Correlation.* flowType 1 (intra-node), 3 (to-external) and 4 (from-external) records are
 complete on arrival: one node saw both ends. An inter-node flow (flowType 2) waits for
@@ -71,6 +71,18 @@ records for ``inactive_timeout`` is exported a last time (if it changed) and dro
 Timers are a FIFO: every wait has the same length, so deadlines arrive in order and the
 tick only looks at the head; the periodic scan is the one O(flows) step, once per
 interval, and ``tick(now, max_scan=N)`` spreads it over several calls.
+
+*Memory.* Where the C accelerator serves, a flow is an ``_aggr.Flow`` (aggregator/_aggr.c):
+one object of 312 bytes, not tracked by the cycle collector, with its counters inline
+(the four seconds among them in 32 bits, as IPFIX carries them), its ports, protocol,
+flags, reason, type and observation domains as C integers, and no key tuple: the flows
+dict is keyed by the Flow itself, which hashes and compares as its 5-tuple, so
+``flows.get(key)`` finds it. About 376 bytes a held flow in all (dict entry and timer
+included), against 576 for this module's :class:`Flow` (slots, an ``array('Q')``, a key
+tuple). Both types read and write alike (``Flow.c`` indexes, slices and assigns as the
+array does), so the twin's code runs on either; a value outside a C field's range (a
+port past 65535, a second past 2^32: only a malformed record the twin takes brings one)
+is kept exactly, as an object (``Flow.odd``), and the C loops leave such a flow to the twin.
 
 *Accelerator.* aggregator/_aggr.c runs the per-record loops in C over these same objects:
 ``ingest_many`` (:meth:`AggregationProcess._ingest_py` is its twin), the export of a flow
@@ -281,7 +293,9 @@ _CORRELATIONS = ("intra-node", "external", "correlated", "denied", "unattributed
 
 
 class Flow:
-    """The state of one connection. Slots only; counters in one flat unsigned array."""
+    """The state of one connection. Slots only; counters in one flat unsigned array. The
+    pure-Python twin's; where the C accelerator serves, flows are ``_aggr.Flow`` (the same
+    attributes, held compactly: see *Memory* above)."""
 
     __slots__ = (
         "key", "flow_type", "flags", "c", "smeta", "dmeta", "sexp", "dexp", "sdom", "ddom",
@@ -412,7 +426,10 @@ class AggregationProcess:
         self.max_flows = max_flows
         self.max_flow_bytes = max_flow_bytes
         self.flow_bytes = 0  # estimated bytes the flows hold (Flow.cost summed)
-        self.flows: dict[tuple[Any, ...], Flow] = {}
+        # Keyed by the 5-tuple. The C accelerator's Flows (_aggr.Flow) are their own keys: a
+        # Flow hashes and compares as its key tuple, so ``flows.get(key)`` finds it and no
+        # key tuple is held (see the Memory note in the module docstring).
+        self.flows: dict[Any, Flow] = {}
         self.stats = AggregationStats()
         # Timers in groups (deadline, what, flows): every wait has the same length, so
         # deadlines arrive in order; the flows of one ingest call share one (no tuple per flow).
@@ -491,6 +508,10 @@ class AggregationProcess:
         corr_timeout = self.correlation_timeout
         max_flows = self.max_flows
         get_v4, get_v6, get_meta = _GET_V4, _GET_V6, _GET_META
+        # the accelerator's Flow type where it serves (the C loop hands this twin the records
+        # it does not take, for flows of that type), else this module's
+        native = self._accel is not None
+        flow_class = self._accel.Flow if native else Flow
         taken = 0
         n = 0
         for rec in records:
@@ -530,13 +551,13 @@ class AggregationProcess:
                        shared.setdefault(dport, dport), proto)
                 if not ft:  # flowType 0 (or none, a foreign exporter): guess from what the record knows
                     ft = INTRA_NODE if meta[_I_SRC_POD] and meta[_I_DST_POD] else INTER_NODE
-                    flow = Flow(key, ft, now)
+                    flow = flow_class(key, ft, now)
                     flow.flags = UNTYPED | IPV6 if v6 else UNTYPED
                 else:
-                    flow = Flow(key, ft, now)
+                    flow = flow_class(key, ft, now)
                     if v6:
                         flow.flags = IPV6
-                flows[key] = flow
+                flows[flow if native else key] = flow
                 self.flow_bytes += FLOW_COST
                 stats.flows_created += 1
                 new_flow = True

@@ -23,7 +23,9 @@ input is ingested. The input's own objects (the IP strings, ports and times the 
 carry) are the benchmark's, frozen, and not counted; in the daemon the flow key's ports
 and the times are the decoder's int objects (32 bytes each above 256), which a flow keeps:
 ``bytes_per_flow_decoded_input`` counts them (the records decoded from IPFIX in the same
-process, transient; it includes the decoder's bounded caches).
+process, transient; it includes the decoder's bounded caches). ``twin_bytes_per_flow`` is
+the same for the pure-Python twin's flows (its Flow class: slots, an array('Q'), a key
+tuple), measured in the same run; ``..._parts`` say where each one's bytes go.
 
 Prints one JSON object. ``--flows N`` and ``--rounds R`` change the size.
 """
@@ -37,6 +39,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+from array import array
 
 from flowscope.aggregator import aggregation
 from flowscope.aggregator.aggregation import AggregationProcess
@@ -152,14 +155,17 @@ def feed(proc, messages: list[tuple[str, list[dict]]], now: float) -> None:
 def held_parts(proc: AggregationProcess) -> dict[str, float]:
     """Where a held flow's bytes go (sys.getsizeof, GC headers included), per flow: what a
     design for fewer bytes has to remove. Objects shared by many flows (addresses, Pod
-    tuples, small ints) are not counted; a key's ints are counted once per object."""
+    tuples, small ints) are not counted; a key's ints are counted once per object. The C
+    accelerator's Flow holds its counters, ports and flags inline and is its own dict key
+    (no counter array, no key tuple, no port ints); the twin's has all three."""
     flows = list(proc.flows.values())
+    keys = [k for k in proc.flows if type(k) is tuple]
     n = len(flows)
-    key_ints = {id(v): sys.getsizeof(v) for f in flows for v in f.key[2:] if type(v) is int and not -5 <= v <= 256}
+    key_ints = {id(v): sys.getsizeof(v) for k in keys for v in k[2:] if type(v) is int and not -5 <= v <= 256}
     return {
         "flow_object": sum(map(sys.getsizeof, flows)) / n,
-        "counters_array": sum(sys.getsizeof(f.c) for f in flows) / n,
-        "key_tuple": sum(sys.getsizeof(f.key) for f in flows) / n,
+        "counters_array": sum(sys.getsizeof(f.c) for f in flows if type(f.c) is array) / n,
+        "key_tuple": sum(map(sys.getsizeof, keys)) / n,
         "key_ints": sum(key_ints.values()) / n,
         "flows_dict_entry": sys.getsizeof(proc.flows) / n,
         "timer_references": 8 * sum(len(due) for _, _, due in proc._timers) / n,
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ours_t = statistics.median(ours_times)
     peer_t = statistics.median(peer_times)
     twin_t = statistics.median(twin_times)
+    _, twin_mem = run(twin, batches, n_flows=args.flows)
+    twin_parts = dict(PARTS)
     _, ours_mem = run(ours, batches, n_flows=args.flows)
     _, peer_mem = run(NaiveCorrelator, batches, n_flows=args.flows)
 
@@ -298,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_per_flow": round(ours_mem),
         "bytes_per_flow_decoded_input": round(decoded_mem),
         "bytes_per_flow_parts": {k: round(v, 1) for k, v in PARTS.items()},
+        "twin_bytes_per_flow": round(twin_mem),
+        "twin_bytes_per_flow_parts": {k: round(v, 1) for k, v in twin_parts.items()},
         "export_scan_s": round(scan_s, 3),
         "export_records_per_s": round(len(exported) / scan_s),
         "decode_plus_ingest_records_per_s_median": round(n_records / path_t),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from array import array
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,10 @@ from flowscope.aggregator.aggregation import AggregationProcess
 
 IPS = ("10.0.1.5", "10.0.2.7", "fd00::5")
 EXPORTERS = ("192.168.10.1", "192.168.10.2", "fd00::1")
-BAD_VALUES = (None, "7", 7.0, True, -1, 1 << 64, (1 << 64) - 1, 1 << 70, b"x", (1,), "")
+# ...and values past what a C Flow holds in its fields (a port past 16 bits, a protocol,
+# reason or type past 8, a second past 32): the twin takes those and the Flow keeps them
+# as objects (Flow.odd), so they must come out exactly as the twin's array and slots keep them.
+BAD_VALUES = (None, "7", 7.0, True, -1, 1 << 64, (1 << 64) - 1, 1 << 70, b"x", (1,), "", 65536, 256, (1 << 32) + 5)
 INT_FIELDS = (
     "packetTotalCount", "octetTotalCount", "reversePacketTotalCount", "reverseOctetTotalCount",
     "packetDeltaCount", "octetDeltaCount", "reversePacketDeltaCount", "reverseOctetDeltaCount",
@@ -112,17 +116,25 @@ class _NotADict(Mapping[str, Any]):
 
 
 streams = st.lists(
-    st.tuples(st.lists(records(), min_size=1, max_size=6), st.sampled_from(EXPORTERS), st.integers(0, 3),
+    st.tuples(st.lists(records(), min_size=1, max_size=6), st.sampled_from(EXPORTERS),
+              st.sampled_from((0, 1, 2, 3, 3, 1 << 32, -1)),
               st.sampled_from((0.0, 1.0, 5.0, 31.0, 61.0, 95.0))),
     min_size=1, max_size=12,
 )
 
 
+def _typed(v: Any) -> Any:
+    return (type(v).__name__, v)
+
+
 def _state(proc: AggregationProcess) -> Any:
+    for k, f in proc.flows.items():  # the C Flow is its own key: it finds itself by its key tuple
+        assert k == f.key and hash(k) == hash(f.key) and proc.flows.get(f.key) is f
     flows = [
-        (k, f.key, f.flow_type, f.flags, f.c.tolist(), f.smeta, f.dmeta, f.sexp, f.dexp, f.sdom, f.ddom,
-         f.reason, f.tcp_state, f.last_seen, None if f.sw is None else f.sw.tolist())
-        for k, f in proc.flows.items()
+        (tuple(map(_typed, f.key)), _typed(f.flow_type), _typed(f.flags), f.c.tolist(), f.smeta, f.dmeta, f.sexp, f.dexp,
+         _typed(f.sdom), _typed(f.ddom), _typed(f.reason), f.tcp_state, f.last_seen,
+         None if f.sw is None else f.sw.tolist(), f.correlation)
+        for f in proc.flows.values()
     ]
     timers = [(d, w, [f.key for f in due]) for d, w, due in proc._timers]
     return flows, timers, [f.key for f in proc._urgent], proc.flow_bytes, proc.stats.as_dict()
@@ -273,3 +285,93 @@ def test_records_past_the_byte_budget_leave_nothing_in_the_shared_values() -> No
               and v[1].startswith("é")}
     assert shared == held
     assert len(native._shared) == len(twin._shared)
+
+
+# What the twin's code writes into a Flow, and the values a malformed record can bring.
+FLOW_VALUES = st.one_of(
+    st.integers(-2, 3), st.sampled_from((255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 64) - 1, 1 << 64)),
+    st.sampled_from((None, "", "x", 7.0, True, False, b"x", (1,), ("a", 2))),
+)
+INT_ATTRS = ("flow_type", "flags", "sdom", "ddom", "reason")
+OBJ_ATTRS = ("smeta", "dmeta", "sexp", "dexp", "tcp_state", "last_seen", "sw")
+flow_ops = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(INT_ATTRS + OBJ_ATTRS), FLOW_VALUES),
+    st.tuples(st.just("c="), st.integers(-26, 25), FLOW_VALUES),
+    st.tuples(st.just("c+="), st.integers(0, 25), FLOW_VALUES),
+    st.tuples(st.just("c[:]="), st.integers(0, 24), st.lists(st.integers(0, 1 << 40), min_size=1, max_size=6)),
+)
+KEYS = st.tuples(
+    st.sampled_from(("10.0.1.5", "fd00::5", b"x", None)), st.sampled_from(("10.0.2.7",)),
+    st.sampled_from((0, 80, 65535, 65536, -1, True, 80.0, "80")), st.sampled_from((80, 1 << 20)),
+    st.sampled_from((6, 17, 255, 256, -6)),
+)
+
+
+def _correlation(flow: Any) -> str:
+    try:
+        return str(flow.correlation)
+    except Exception as exc:  # noqa: BLE001 - odd flags: the same error
+        return type(exc).__name__
+
+
+def _read(flow: Any) -> Any:
+    values = [_typed(getattr(flow, n)) for n in INT_ATTRS] + [getattr(flow, n) for n in OBJ_ATTRS]
+    return (tuple(map(_typed, flow.key)), values, flow.c.tolist(), [_typed(v) for v in flow.c],
+            list(flow.c[3:9]), list(flow.c[::-5]), len(flow.c), flow.c[-1], _correlation(flow))
+
+
+def _apply(flow: Any, op: tuple[str, Any, Any]) -> Any:
+    what, at, value = op
+    try:
+        if what == "set":
+            setattr(flow, at, value)
+        elif what == "c=":
+            flow.c[at] = value
+        elif what == "c+=":
+            flow.c[at] += value
+        else:
+            flow.c[at:at + len(value)] = array("Q", value[:26 - at])
+    except Exception as exc:  # noqa: BLE001 - the kind of error is what is compared
+        return type(exc).__name__
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(KEYS, FLOW_VALUES, st.lists(flow_ops, max_size=12))
+def test_the_c_flow_reads_and_writes_as_the_twins(key: Any, flow_type: Any, ops: Any) -> None:
+    """The C Flow (counters, ports, flags, reasons, domains and seconds in C fields) holds
+    whatever the twin's code writes into it exactly as the twin's slots-and-array Flow does:
+    the same values of the same types read back, the same errors raised (an array('Q')'s
+    TypeError / OverflowError), values past its fields' ranges kept as objects; it hashes
+    and compares as its key, which is how the flows dict finds it by a key tuple."""
+    _aggr = pytest.importorskip("flowscope.aggregator._aggr")
+    try:
+        hash(flow_type)
+    except TypeError:
+        return
+    c_flow, py_flow = _aggr.Flow(key, flow_type, 5.0), aggregation.Flow(key, flow_type, 5.0)
+    assert _read(c_flow) == _read(py_flow)
+    assert hash(c_flow) == hash(key) and c_flow == key and not c_flow != key and {key: 1}[c_flow] == 1
+    for op in ops:
+        assert _apply(c_flow, op) == _apply(py_flow, op), op
+        assert _read(c_flow) == _read(py_flow), op
+    if tuple(map(type, key)) == (str, str, int, int, int) and 0 <= key[2] <= 65535 and 0 <= key[4] <= 255 and key[3] == 80:
+        assert "key" not in c_flow.odd  # a key an agent sends is held in C fields
+
+
+def test_a_c_flow_is_small_and_untracked() -> None:
+    """What keeps a held flow under 400 bytes (benchmarks/aggregator_correlation.py): one
+    object of at most 320 bytes, not tracked by the cycle collector, its own dict key."""
+    _aggr = pytest.importorskip("flowscope.aggregator._aggr")
+    import gc
+
+    flow = _aggr.Flow(("10.0.1.5", "10.0.2.7", 40000, 80, 6), 2, 5.0)
+    assert sys.getsizeof(flow) <= 320 and not gc.is_tracked(flow)
+    native = AggregationProcess()
+    if native._accel is None:
+        return
+    from agg_records import destination_half, source_half
+
+    native.ingest_many([source_half(sport=30000), destination_half(sport=30000)], "192.168.10.1", 1, 0.0)
+    (k, f), = native.flows.items()
+    assert k is f and type(f) is _aggr.Flow and f.odd == {} and not gc.is_tracked(f)
