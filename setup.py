@@ -16,6 +16,7 @@ setup(
         Extension(
             "flowscope.ipfix._speedups",
             sources=["ipfix/_speedups.c"],
+            depends=["ipfix/_dictmirror.h"],
             extra_compile_args=["-O2"],
             optional=True,
         ),
@@ -40,6 +41,8 @@ setup(
         Extension(
             "flowscope.aggregator._aggr",
             sources=["aggregator/_aggr.c"],
+            depends=["ipfix/_dictmirror.h"],
+            include_dirs=["ipfix"],  # the dict layout mirror it shares with the codec
             extra_compile_args=["-O2"],
             optional=True,
         ),

@@ -159,50 +159,10 @@ static PyObject *out_names[4], *out_proto[4]; /* out_proto: dict.fromkeys(names)
  * would find each of its 71 keys by hash again; on CPython 3.11 and 3.12, where a copied
  * dict of str keys is a "combined" table whose entries are (key, value) pairs in
  * insertion order, the values are written straight into those entries instead (as
- * ipfix/_speedups.c does for decoded records). The layout mirrored here is checked by
+ * ipfix/_speedups.c does for decoded records). The layout, mirrored in ipfix/_dictmirror.h, is checked by
  * configure for each layout (out_direct) and on every copy; anything else takes the
  * PyDict_SetItem way. */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
-#define DIRECT_DICTS 1
-typedef struct {
-    Py_ssize_t dk_refcnt;
-    uint8_t dk_log2_size;
-    uint8_t dk_log2_index_bytes;
-    uint8_t dk_kind;
-    uint32_t dk_version;
-    Py_ssize_t dk_usable;
-    Py_ssize_t dk_nentries;
-    char dk_indices[];
-} KeysMirror;
-typedef struct {
-    PyObject *me_key;
-    PyObject *me_value;
-} UnicodeEntryMirror;
-#define DICT_KEYS_UNICODE_KIND 1
-
-/* The entries of a fresh copy of a prototype of n keys, or NULL when its layout is not the expected one. */
-static inline UnicodeEntryMirror *
-direct_entries(PyObject *d, Py_ssize_t n)
-{
-    PyDictObject *mp = (PyDictObject *)d;
-    KeysMirror *k = (KeysMirror *)mp->ma_keys;
-    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND || k->dk_nentries != n || k->dk_refcnt != 1 ||
-        mp->ma_used != n)
-        return NULL;
-    return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
-}
-#else
-#define DIRECT_DICTS 0
-typedef struct {
-    PyObject *me_key;
-    PyObject *me_value;
-} UnicodeEntryMirror;
-static inline UnicodeEntryMirror *
-direct_entries(PyObject *d, Py_ssize_t n)
-{
-    return NULL;
-}
-#endif
+#include "_dictmirror.h"
 static int out_direct[4];
 
 /* Whether layout i's copies can be written in place: the entries hold its names in order,
@@ -833,12 +793,15 @@ flow_get_c(PyObject *self, void *closure)
 static PyObject *empty_str, *int_zero;
 
 /* A new Flow as aggregation.Flow(key, flow_type, now) makes one. */
-static PyObject *
-flow_make(PyObject *key, PyObject *flow_type, PyObject *now)
+/* A fresh Flow: no counters, every object field None (tcp ""), last seen ``now``. */
+static FlowObject *
+flow_alloc(PyObject *now)
 {
     FlowObject *f = (FlowObject *)PyObject_Malloc(sizeof(FlowObject));
-    if (f == NULL)
-        return PyErr_NoMemory();
+    if (f == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
     memset((char *)f + sizeof(PyObject), 0, sizeof(FlowObject) - sizeof(PyObject));
     PyObject_Init((PyObject *)f, &FlowType);
     PyObject **objs[] = {&f->src, &f->dst, &f->smeta, &f->dmeta, &f->sexp, &f->dexp, &f->sw};
@@ -850,6 +813,15 @@ flow_make(PyObject *key, PyObject *flow_type, PyObject *now)
     f->tcp = empty_str;
     Py_INCREF(now);
     f->last_seen = now;
+    return f;
+}
+
+static PyObject *
+flow_make(PyObject *key, PyObject *flow_type, PyObject *now)
+{
+    FlowObject *f = flow_alloc(now);
+    if (f == NULL)
+        return NULL;
     if (flow_set_key(f, key) < 0 || flow_set_int((PyObject *)f, flow_type, (void *)(intptr_t)A_FLOW_TYPE) < 0) {
         Py_DECREF(f);
         return NULL;
@@ -862,24 +834,13 @@ static PyObject *
 flow_native(PyObject *src, PyObject *dst, uint16_t sport, uint16_t dport, uint8_t proto, uint8_t flow_type,
             PyObject *now)
 {
-    FlowObject *f = (FlowObject *)PyObject_Malloc(sizeof(FlowObject));
+    FlowObject *f = flow_alloc(now);
     if (f == NULL)
-        return PyErr_NoMemory();
-    memset((char *)f + sizeof(PyObject), 0, sizeof(FlowObject) - sizeof(PyObject));
-    PyObject_Init((PyObject *)f, &FlowType);
+        return NULL;
     Py_INCREF(src);
-    f->src = src;
+    Py_SETREF(f->src, src);
     Py_INCREF(dst);
-    f->dst = dst;
-    PyObject **objs[] = {&f->smeta, &f->dmeta, &f->sexp, &f->dexp, &f->sw};
-    for (size_t i = 0; i < sizeof objs / sizeof objs[0]; i++) {
-        Py_INCREF(Py_None);
-        *objs[i] = Py_None;
-    }
-    Py_INCREF(empty_str);
-    f->tcp = empty_str;
-    Py_INCREF(now);
-    f->last_seen = now;
+    Py_SETREF(f->dst, dst);
     f->sport = sport;
     f->dport = dport;
     f->proto = proto;

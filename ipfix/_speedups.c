@@ -96,36 +96,8 @@ typedef struct {
  * made directly (fresh_split: no placeholders at all), for templates of any width up to
  * 100 fields (crafted_split makes the keys table past CPython's 30; check_fresh).
  */
-#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030D0000
-#define DIRECT_DICTS 1
-typedef struct {
-    Py_ssize_t dk_refcnt;
-    uint8_t dk_log2_size;
-    uint8_t dk_log2_index_bytes;
-    uint8_t dk_kind;
-    uint32_t dk_version;
-    Py_ssize_t dk_usable;
-    Py_ssize_t dk_nentries;
-    char dk_indices[];
-} KeysMirror;
-typedef struct {
-    PyObject *me_key;
-    PyObject *me_value;
-} UnicodeEntryMirror;
-#define DICT_KEYS_UNICODE_KIND 1
-
-/* The entries of a fresh copy of proto, or NULL when its layout is not the expected one. */
-static inline UnicodeEntryMirror *
-direct_entries(PyObject *d, Py_ssize_t n)
-{
-    PyDictObject *mp = (PyDictObject *)d;
-    KeysMirror *k = (KeysMirror *)mp->ma_keys;
-    if (mp->ma_values != NULL || k->dk_kind != DICT_KEYS_UNICODE_KIND || k->dk_nentries != n || k->dk_refcnt != 1 ||
-        mp->ma_used != n) {
-        return NULL;
-    }
-    return (UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
-}
+#include "_dictmirror.h"
+#if DIRECT_DICTS
 typedef struct {
     PyObject *values[1];
 } ValuesMirror;
@@ -140,8 +112,6 @@ split_values(PyObject *d, PyObject *proto)
     }
     return ((ValuesMirror *)mp->ma_values)->values;
 }
-#else
-#define DIRECT_DICTS 0
 #endif
 
 /* ------------------------------------------------------------------ value caches */

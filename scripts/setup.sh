@@ -214,9 +214,9 @@ fi
 
 # --- 3. flowscope and its Python dependencies ----------------------------------------
 STAMP="$VENV/.flowscope-setup"
-# The C accelerators (setup.py: ipfix/*.c, agent/_ctparse.c, aggregator/_aggr.c, collector/_rowcols.c) are
-# compiled by the editable install, so a change to them reinstalls too.
-want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/agent/*.c "$REPO"/aggregator/*.c "$REPO"/collector/*.c <("$VENV/bin/python" -V 2>&1) |
+# The C accelerators (setup.py: ipfix/*.c and the header they share with aggregator/_aggr.c, agent/_ctparse.c,
+# aggregator/_aggr.c, collector/_rowcols.c) are compiled by the editable install, so a change to them reinstalls too.
+want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/ipfix/*.h "$REPO"/agent/*.c "$REPO"/aggregator/*.c "$REPO"/collector/*.c <("$VENV/bin/python" -V 2>&1) |
     sha256sum | cut -d' ' -f1) $EXTRAS"
 if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]] &&
     "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
