@@ -22,13 +22,12 @@ from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .rows import TextColumn, native_text
-from .schema import COLUMN_NAMES, COLUMNS, Retention, quote
+from .rows import TextColumn, leb128, native_text
+from .schema import COLUMN_NAMES, COLUMNS, Column, Retention, quote
 from .store import FlowStore, StoreAddress
 
 __all__ = ["ChdbStore", "native_parts"]
 
-_NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "DateTime": "u4"}
 
 #: Settings of every insert. ``optimize_on_insert = 0``: a roll-up's view already groups
 #: each block by the table's whole sort key (timeBucket and the family's keys), so the
@@ -39,42 +38,27 @@ _NUMPY_TYPES = {"UInt8": "u1", "UInt16": "u2", "UInt32": "u4", "UInt64": "u8", "
 INSERT_SETTINGS = "optimize_on_insert = 0"
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _header(name: str, type_name: str) -> bytes:
     raw_name, raw_type = name.encode(), type_name.encode()
-    return _varint(len(raw_name)) + raw_name + _varint(len(raw_type)) + raw_type
+    return leb128(len(raw_name)) + raw_name + leb128(len(raw_type)) + raw_type
 
 
 #: Each column's Native header (its name and the type its bytes are in).
 _HEADERS = tuple(_header(c.name, c.type if c.is_int else "String") for c in COLUMNS)
 
 
-_WIDTHS = {"UInt8": 1, "UInt16": 2, "UInt32": 4, "UInt64": 8, "DateTime": 4}
-
-
-def _int_bytes(v: Any, type_name: str, n: int) -> bytes | memoryview:
+def _int_bytes(v: Any, c: Column, n: int) -> bytes | memoryview:
     """An integer column of ``n`` values as little-endian values of its width: a typed
     buffer as it is (it must hold exactly ``n`` values of that width), anything else
     (a list, a numpy or pyarrow array) converted."""
-    import numpy as np
-
-    width = _WIDTHS[type_name]
     if isinstance(v, (array, memoryview, bytes)):
-        view = memoryview(v).cast("B")
-        if len(view) != n * width:
-            raise ValueError(f"a {type_name} column of {n} values takes {n * width} bytes, not {len(view)}")
-        return view
-    out = np.asarray(v, dtype=_NUMPY_TYPES[type_name]).tobytes()
-    if len(out) != n * width:
-        raise ValueError(f"a {type_name} column of {n} values takes {n * width} bytes, not {len(out)}")
+        out: bytes | memoryview = memoryview(v).cast("B")
+    else:
+        import numpy as np
+
+        out = np.asarray(v, dtype=f"<u{c.width}").tobytes()
+    if len(out) != n * c.width:
+        raise ValueError(f"a {c.type} column of {n} values takes {n * c.width} bytes, not {len(out)}")
     return out
 
 
@@ -106,15 +90,15 @@ def native_parts(columns: Sequence[Any]) -> Iterator[bytes | memoryview]:
     for c, v in zip(COLUMNS, columns):
         if _values(c, v) != n:
             raise ValueError(f"column {c.name} has {_values(c, v)} values, the block {n}")
-    yield _varint(len(COLUMNS)) + _varint(n)
+    yield leb128(len(COLUMNS)) + leb128(n)
     for c, head, v in zip(COLUMNS, _HEADERS, columns):
         yield head
-        yield _int_bytes(v, c.type, n) if c.is_int else native_text(_as_text(v))
+        yield _int_bytes(v, c, n) if c.is_int else native_text(_as_text(v))
 
 
-def _values(c: Any, v: Any) -> int:
+def _values(c: Column, v: Any) -> int:
     """How many values a column holds (bytes of an integer column: whole values of its width)."""
-    return len(v) // _WIDTHS[c.type] if isinstance(v, bytes) and c.is_int else len(v)
+    return len(v) // c.width if isinstance(v, bytes) and c.is_int else len(v)
 
 
 class ChdbStore(FlowStore):

@@ -38,8 +38,8 @@ from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
-__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "native_text",
-           "records_to_columns", "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
+__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "leb128",
+           "native_text", "records_to_columns", "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
 
 log = logging.getLogger("flowscope.collector.rows")
 
@@ -51,7 +51,6 @@ TextForm = Literal["list", "arrow"]
 _RECORD_COLUMNS = RECORD_COLUMNS
 ARRAY_CODES = {"UInt8": "B", "UInt16": "H", "UInt32": "I", "UInt64": "Q", "DateTime": "I"}
 _ARRAY_CODES = ARRAY_CODES
-_BITS = {"UInt8": 8, "UInt16": 16, "UInt32": 32, "UInt64": 64, "DateTime": 32}
 for _code in set(_ARRAY_CODES.values()):  # the C extension writes the column's width; array must read it
     assert array(_code).itemsize * 8 == {"B": 8, "H": 16, "I": 32, "Q": 64}[_code], _code
 
@@ -61,7 +60,7 @@ for _col in _RECORD_COLUMNS:
     for _el in _col.elements:
         _SLOT_OF.setdefault(_el, len(_SLOT_OF))
 _PLAN: tuple[tuple[int, int, int, int], ...] = tuple(
-    (0 if c.is_int else 1, _BITS[c.type] // 8 if c.is_int else 0, _SLOT_OF[c.elements[0]],
+    (0 if c.is_int else 1, c.width, _SLOT_OF[c.elements[0]],
      _SLOT_OF[c.elements[1]] if len(c.elements) == 2 else -1)
     for c in _RECORD_COLUMNS)
 
@@ -422,23 +421,35 @@ def _text_part(v: Any) -> tuple[bytes, bytes]:
     return offsets.tobytes(), b"".join(datas)
 
 
+def leb128(n: int) -> bytes:
+    """An unsigned integer as ClickHouse's Native format writes lengths and counts: LEB128,
+    seven bits a byte, low first, the high bit set on every byte but the last."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def native_text(v: Any) -> bytes:
     """A text column (a :class:`TextColumn` or a list of str) in ClickHouse's Native layout:
-    each value's UTF-8 length as an unsigned LEB128 varint, then its bytes. The chDB store
-    inserts Native blocks (collector.chdb_store); the C extension writes it in one pass, the
-    twin (:func:`_native_text_py`) gives the same bytes."""
-    offsets, data = _text_part(v)
+    each value's UTF-8 length as :func:`leb128`, then its bytes. The chDB store inserts
+    Native blocks (collector.chdb_store); the C extension writes it in one pass, the twin
+    (:func:`_native_text_py`) gives the same bytes."""
+    offsets, data = (v.offsets, v.data) if isinstance(v, TextColumn) else _text_part(v)
     if _rowcols is not None:
         return bytes(_rowcols.native_text(offsets, data))
     return _native_text_py(offsets, data)
 
 
-def _native_text_py(offsets: bytes, data: bytes) -> bytes:
+def _native_text_py(offsets: bytes | memoryview, data: bytes) -> bytes:
     """The pure-Python twin of ``_rowcols.native_text``: the same bytes, the same refusals
     (offsets not n + 1 int32 values, going backwards or past the data). Vectorised with
     numpy when every value is under 128 bytes (one length byte each, the usual case)."""
     import numpy as np
 
+    offsets = memoryview(offsets).cast("B")
     if len(offsets) < 4 or len(offsets) % 4:
         raise ValueError("offsets must be n + 1 int32 values")
     off = np.frombuffer(offsets, dtype="<i4").astype(np.int64)
@@ -455,16 +466,7 @@ def _native_text_py(offsets: bytes, data: bytes) -> bytes:
         body[at] = False
         out[body] = payload
         return out.tobytes()
-    chunks = bytearray()
-    for i in range(n):
-        a, b = int(off[i]), int(off[i + 1])
-        size = b - a
-        while size >= 0x80:
-            chunks.append((size & 0x7F) | 0x80)
-            size >>= 7
-        chunks.append(size)
-        chunks += data[a:b]
-    return bytes(chunks)
+    return b"".join(leb128(int(b - a)) + data[a:b] for a, b in zip(off[:-1].tolist(), off[1:].tolist()))
 
 
 def _join_text(parts: list[tuple[bytes, bytes]]) -> TextColumn:
@@ -484,7 +486,7 @@ def _join_ints(code: str, parts: list[Any]) -> Any:
 
 
 _IS_INT = tuple(c.is_int for c in _RECORD_COLUMNS)
-_WIDTHS = tuple(_BITS[c.type] // 8 if c.is_int else 0 for c in _RECORD_COLUMNS)
+_WIDTHS = tuple(c.width for c in _RECORD_COLUMNS)
 _CODES = tuple(_ARRAY_CODES[c.type] if c.is_int else "" for c in _RECORD_COLUMNS)
 
 

@@ -198,6 +198,11 @@ class Column:
     def maximum(self) -> int:
         return (1 << _BITS[self.type]) - 1
 
+    @property
+    def width(self) -> int:
+        """Bytes a value of an integer column takes (little-endian, unsigned); 0 for text."""
+        return _BITS[self.type] // 8 if self.is_int else 0
+
     def sql_type(self, features: Features) -> str:
         if self.repeats and features.low_cardinality:
             return f"LowCardinality({self.type})"
