@@ -224,6 +224,34 @@ def record_to_json(flow: ExportedFlow) -> dict[str, Any]:
     return out
 
 
+def _cut_torn_tail(path: str) -> int:
+    """Cut off a last line that has no newline and return its length: what a process killed
+    in the middle of a write (kill -9, a lost node) leaves. Appended to as it is, the next
+    record would be glued onto the fragment and both lines would be unreadable."""
+    try:
+        fh = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with fh:
+        end = fh.seek(0, os.SEEK_END)
+        if end == 0:
+            return 0
+        fh.seek(end - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        keep, pos = 0, end
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            fh.seek(pos)
+            at = fh.read(step).rfind(b"\n")
+            if at >= 0:
+                keep = pos + at + 1
+                break
+        fh.truncate(keep)
+        return end - keep
+
+
 class FlowLogWriter:
     """Append JSON lines to a file, rotating by size: ``flows.jsonl`` -> ``.1`` -> ... ``.N``.
 
@@ -246,6 +274,10 @@ class FlowLogWriter:
         parent = os.path.dirname(self.path)
         if parent:
             os.makedirs(parent, exist_ok=True)
+        cut = _cut_torn_tail(self.path)
+        if cut:
+            log.warning("flow log %s ended in %d bytes of a line cut short (a crash mid-write); "
+                        "they are removed so the next record starts a line of its own", self.path, cut)
         self._fh = open(self.path, "ab")
         self._size = self._fh.tell()
 

@@ -112,6 +112,22 @@ def test_flow_log_writer_rotates_by_size_and_keeps_backups(tmp_path):
     assert w.rotations == 3
 
 
+@pytest.mark.parametrize("before", [b"", b'{"a": 1}\n', b'{"a": 1}\n{"b": 2}\n{"c": 3, "d', b'{"torn', b"x" * 70_000])
+def test_a_line_a_crash_cut_short_is_removed_before_the_next_record_is_appended(tmp_path, caplog, before):
+    """kill -9 in the middle of a write leaves a last line without its newline; a restarted
+    aggregator appending to it would glue its first record onto the fragment (seen in the
+    hostile kill -9 test: one unreadable line). The fragment is cut, the whole lines kept."""
+    path = tmp_path / "flows.jsonl"
+    path.write_bytes(before)
+    whole = before[:before.rfind(b"\n") + 1]
+    w = FlowLogWriter(str(path), max_bytes=10_000_000, max_backups=1)
+    w.write_lines(['{"e": 5}'])
+    w.close()
+    assert path.read_bytes() == whole + b'{"e": 5}\n'
+    assert [json.loads(line) for line in path.read_text().splitlines()][-1] == {"e": 5}
+    assert ("cut short" in caplog.text) == (before != whole)
+
+
 def test_flow_log_writer_without_backups_restarts_the_file(tmp_path):
     path = str(tmp_path / "flows.jsonl")
     w = FlowLogWriter(path, max_bytes=50, max_backups=0)
