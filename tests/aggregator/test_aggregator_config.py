@@ -26,6 +26,9 @@ def test_defaults_are_the_designs():
     assert (c.sinks.clickhouse.address, c.sinks.clickhouse.database, c.sinks.clickhouse.table,
             c.sinks.clickhouse.commit_interval) == ("tcp://clickhouse:9000", "flowscope", "flows", 8.0)
     assert c.sinks.ipfix.queue_size == c.sinks.flow_log.queue_size == 10_000
+    # the ClickHouse sink holds more, so that its inserts carry 100,000 rows (ClickHouse's cost per INSERT)
+    assert c.sinks.clickhouse.queue_size == 200_000
+    assert parse_config({"sinks": {"clickhouse": {"queueSize": 5000}}}).sinks.clickhouse.queue_size == 5000
 
 
 def test_full_file(tmp_path):
