@@ -126,7 +126,6 @@ class StoreWriter:
         self._open = _Batch()
         self._opened_at = 0.0
         self._queue: deque[_Batch] = deque()
-        self._text_form = getattr(store, "text_form", "list")
         self.queue_cpu = self.convert_cpu = self.insert_cpu = self.convert_wall = self.insert_wall = 0.0
         self._held = 0
         self._cond = threading.Condition()
@@ -232,7 +231,7 @@ class StoreWriter:
                     else:
                         cols, bad = records_to_columns(batch.records, correlation="collected", ended=_ENDED,
                                                        time_inserted=int(self.wall()), commit_id=self._commit_id,
-                                                       text=self._text_form)
+                                                       text=getattr(self.store, "text_form", "list"))
                     batch.sets, batch.records = [], []  # the columns hold them now
                     self.convert_cpu += time.thread_time() - t
                     self.convert_wall += time.perf_counter() - w

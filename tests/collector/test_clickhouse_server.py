@@ -6,7 +6,10 @@ field with clickhouse-driver and with clickhouse-client; the query API's numbers
 was written; the real aggregator fed by two agents over IPFIX/TCP ends with correlated rows
 whose per-Node counters are what each agent sent; a server killed and restarted loses no
 row and duplicates none; an aggregator whose ClickHouse is unreachable starts, counts the
-failures and what it could not store; a version-4 store is rebuilt to version 5 in place.
+failures and what it could not store; a version-4 store is rebuilt to version 5 in place;
+the insert blocks flowscope writes itself over the driver's connection store exactly what the
+driver's own columnar insert stores (both text forms, a LowCardinality column left to the
+driver's writer), and a malformed block is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from flowscope.aggregator.aggregation import ExportedFlow
 from flowscope.aggregator.config import parse_config
 from flowscope.aggregator.service import FlowAggregator
 from flowscope.aggregator.clickhouse_sink import make_sink
-from flowscope.collector.rows import row_to_record
+from flowscope.collector.rows import flows_to_columns, row_to_record
 from flowscope.collector.schema import COLUMN_NAMES, COLUMNS
+from flowscope.collector.server_store import send_block
+from flowscope.collector.store import open_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "aggregator"))  # agg_records
 
@@ -631,3 +636,96 @@ def test_the_operators_collector_command_stores_into_clickhouse_with_the_secrets
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+def _flows_for_blocks(n: int) -> list[ExportedFlow]:
+    flows = [ExportedFlow(full_record(i, v6=bool(i & 1), e6=bool(i & 2)), ("correlated", "external", "denied")[i % 3],
+                          i % 2 == 0) for i in range(n)]
+    flows[0].record["sourcePodName"] = ""  # empty text, and text of several bytes a character
+    flows[1].record["destinationPodName"] = "p\u00f6d-\u2603-\U0001f600" * 9  # over 127 bytes: a 2-byte length
+    return flows
+
+
+def _rows_by_commit(server, db: str, table: str = "flows") -> dict[int, list[tuple]]:
+    cols = _select_all()
+    out: dict[int, list[tuple]] = {}
+    for row in server.client().execute(f"SELECT commitId, {cols} FROM {db}.{table} ORDER BY commitId, sourceTransportPort, "
+                                       "flowStartSeconds, sourceIP"):
+        out.setdefault(row[0], []).append(row[1:])
+    return out
+
+
+def test_blocks_written_by_flowscope_store_what_the_drivers_insert_stores(server, env):
+    """The same rows through send_block (Arrow-layout text as Native bytes, and lists of str
+    through the driver's string writer) and through the driver's own columnar insert:
+    every value read back the same, commit by commit."""
+    db = unique_db()
+    store = open_store(server.address, db, "flows", user=USER, password=PASSWORD)
+    store.open()
+    try:
+        assert store.text_form == "arrow"  # 18.16: every text column a String
+        flows, now = _flows_for_blocks(300), int(time.time())
+        for commit, text, how in [(1, "arrow", "native"), (2, "list", "native"), (3, "list", "driver"),
+                                  (4, "arrow", "driver")]:
+            cols, invalid = flows_to_columns(flows, time_inserted=now, commit_id=commit, text=text)
+            assert invalid == 0
+            if how == "native":
+                store.insert(cols)
+            else:
+                with store._lock:
+                    store._driver_insert(cols)
+        rows = _rows_by_commit(server, db)
+        assert sorted(rows) == [1, 2, 3, 4] and len(rows[1]) == 300
+        commit_at = COLUMN_NAMES.index("commitId")
+        strip = [[r[:commit_at] + r[commit_at + 1:] for r in rows[c]] for c in (1, 2, 3, 4)]
+        assert strip[0] == strip[1] == strip[2] == strip[3]
+        by_key = {(f.record["flowStartSeconds"], f.record["sourceTransportPort"]): f for f in flows}
+        for row in rows[1]:
+            d = dict(zip(COLUMN_NAMES, row))
+            assert row_to_record(d) == by_key[(d["flowStartSeconds"], d["sourceTransportPort"])].record
+    finally:
+        store.close()
+
+
+def test_a_malformed_block_is_refused_before_anything_is_sent_and_the_connection_still_works(server, env):
+    db = unique_db()
+    store = open_store(server.address, db, "flows", user=USER, password=PASSWORD)
+    store.open()
+    try:
+        cols, _ = flows_to_columns(_flows_for_blocks(10), time_inserted=int(time.time()), commit_id=1, text="arrow")
+        short = list(cols)
+        at = COLUMN_NAMES.index("sourcePodName")
+        short[at] = flows_to_columns(_flows_for_blocks(9), time_inserted=0, commit_id=1, text="arrow")[0][at]
+        with pytest.raises(ValueError, match="column sourcePodName: 9 values, the block 10"):
+            store.insert(short)
+        with pytest.raises(ValueError, match="74 columns, the table has"):
+            store.insert(cols[:-1])
+        store.insert(cols)  # the same connection (or a fresh one) takes the next block
+        assert store.count() == 10
+    finally:
+        store.close()
+
+
+def test_a_column_the_server_types_lowcardinality_goes_through_the_drivers_writer(server, env):
+    """18.16 has LowCardinality behind a setting: a table whose sourcePodName is one gets that
+    column from the driver's writer and every other column from flowscope's, in one block."""
+    db = unique_db()
+    store = open_store(server.address, db, "flows", user=USER, password=PASSWORD)
+    store.open()
+    try:
+        client = server.client()
+        client.execute(f"CREATE TABLE {db}.flows_lc AS {db}.flows")
+        client.execute(f"ALTER TABLE {db}.flows_lc MODIFY COLUMN sourcePodName LowCardinality(String)",
+                       settings={"allow_experimental_low_cardinality_type": 1})
+        types = dict(client.execute(f"SELECT name, type FROM system.columns WHERE database = '{db}' "
+                                    "AND table = 'flows_lc'"))
+        assert types["sourcePodName"] == "LowCardinality(String)"
+        flows = _flows_for_blocks(50)
+        cols, _ = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=7, text="arrow")
+        sql = store._insert_sql.replace(f"{store.qualified} ", f"`{db}`.`flows_lc` ", 1)
+        assert send_block(store._conn(), sql, cols) == 50
+        store.insert(cols)
+        got = _rows_by_commit(server, db, "flows_lc")[7]
+        assert got == _rows_by_commit(server, db)[7]
+    finally:
+        store.close()
