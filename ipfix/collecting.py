@@ -506,6 +506,11 @@ class _DatagramListener(asyncio.DatagramProtocol):
         log.debug("UDP socket error on the collecting process: %s", exc)
 
 
+#: At most this much TLS application data is kept while the handshake completes (what one
+#: read of asyncio's TLS layer can hand over with it: 256 KiB); more fails the session.
+EARLY_DATA_MAX = 1 << 20
+
+
 class _StreamSession(asyncio.Protocol):
     """One TCP or TLS connection of the collecting process.
 
@@ -529,6 +534,10 @@ class _StreamSession(asyncio.Protocol):
         self.failed = False
         self.paused = False
         self.handshake: asyncio.Future[None] | None = None  # referenced, so it is not collected mid-flight
+        # TLS: what arrived right behind the client's Finished, which asyncio's TLS layer hands
+        # over as it completes the handshake, before start_tls returns and the session exists
+        self.early: list[bytes] = []
+        self.early_octets = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         process = self.process
@@ -593,10 +602,22 @@ class _StreamSession(asyncio.Protocol):
         if not self._begin():
             tls.abort()
             self._end()
+            return
+        early, self.early = self.early, []
+        if self.early_octets > EARLY_DATA_MAX:
+            self._fail(MalformedMessage(f"more than {EARLY_DATA_MAX} octets arrived with the TLS handshake"))
+        elif early:
+            self.data_received(b"".join(early))
 
     def data_received(self, data: bytes) -> None:
         session = self.session
-        if session is None or self.failed:
+        if session is None:
+            if self.pending and not self.ended:  # TLS data behind the client's Finished: kept for the session
+                self.early_octets += len(data)
+                if self.early_octets <= EARLY_DATA_MAX:
+                    self.early.append(data)
+            return
+        if self.failed:
             return
         session.last_seen = self.process.clock()
         try:

@@ -169,3 +169,45 @@ async def test_tls_export_keeps_flowing_over_many_submit_and_flush_rounds(pki: d
         assert [r for _, r in sink] == sent
         assert e.stats.records_sent == len(sent) and e.stats.records_lost == 0
         await e.close()
+
+
+async def test_messages_sent_in_the_same_write_as_the_clients_finished_are_all_decoded(pki: dict[str, Any]) -> None:
+    """TLS 1.3 lets a client send application data right behind its Finished message, and
+    agents do: their templates and first records go out as soon as the handshake is done.
+    asyncio's TLS layer hands such data to the protocol as it completes the handshake,
+    before ``start_tls`` returns: none of it may be lost (a lost first octet threw the
+    stream out of sync: "version 0 where an IPFIX header should start", the session
+    closed). The client here writes its Finished and three messages in one send."""
+    sink = Sink()
+    server_tls = TLSConfig(pki["server"].cert, pki["server"].key, pki["good"].path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(pki["client"].cert, pki["client"].key)
+    ctx.load_verify_locations(pki["good"].path)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    s = ExportSession()
+    s.add_template(T4)
+    payload = b"".join(s.encode_templates(1) + s.encode_records(256, [agent_record(i) for i in range(30)], 1)
+                       + s.encode_records(256, [agent_record(i) for i in range(30, 60)], 1))
+    async with CollectingProcess(Address("127.0.0.1", 0, "tls"), tls=server_tls, on_message=sink) as collector:
+        reader, writer = await asyncio.open_connection("127.0.0.1", collector.port)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="collector")
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(outgoing.read())
+                    await writer.drain()
+                    data = await asyncio.wait_for(reader.read(65536), 5)
+                    assert data, "the collector closed the connection during the handshake"
+                    incoming.write(data)
+            tls.write(payload)  # behind the client's Finished, still in the outgoing buffer
+            writer.write(outgoing.read())  # one write: Finished and the messages together
+            await writer.drain()
+            await until(lambda: len(sink) == 60)
+            assert collector.stats.malformed == 0 and collector.stats.records == 60
+            assert [r["sourceTransportPort"] for _, r in sink] == [agent_record(i)["sourceTransportPort"] for i in range(60)]
+        finally:
+            writer.close()
