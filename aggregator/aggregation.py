@@ -343,9 +343,13 @@ class Flow:
 
 @dataclass(frozen=True, slots=True)
 class ExportedFlow:
-    """One aggregated record handed to the sinks."""
+    """One aggregated record handed to the sinks.
 
-    record: dict[str, Any]
+    ``record`` is a Mapping of IE names in template order: a dict from the twin, an
+    ``_aggr.Record`` (a read-only snapshot of the flow at export, ``dict(record)`` the
+    twin's dict) from the C export; the sinks read a Record's values without names."""
+
+    record: Mapping[str, Any]
     # intra-node | external | correlated | uncorrelated (the twin never came) | denied (dropped by the
     # source's egress policy: no twin exists) | unattributed (no Pod or Node on either end)
     # | pending (denied at the destination, source half not yet seen)
@@ -1049,5 +1053,9 @@ if _aggr is not None:
             _EMPTY, _META_DEFAULTS, _OWNER, _ZERO26,
         )
         _aggr.configure_export(ExportedFlow, _CORRELATIONS)
+        # export() then gives an _aggr.Record per flow: a read-only Mapping of the record's
+        # names (dict(record) is build_record's dict) that the sinks read without names
+        _aggr.configure_snapshots()
+        Mapping.register(_aggr.Record)
     except ValueError as exc:  # built from another version of this module: the twin serves
         _aggr, _why_not = None, f"the C extension does not match this module ({exc})"
