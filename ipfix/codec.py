@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from typing import Literal
+from typing import Any, Literal
 
 from .accel import data_records_iterator as _data_records
 from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
@@ -224,15 +224,22 @@ class ExportSession:
             raise UsageError(f"template {template_id} was never added to this export session") from None
 
     def encode_records(
-        self, template_id: int, records: Sequence[Record], export_time: int, *, max_message_size: int | None = None
+        self, template_id: int, records: Sequence[Record] | Sequence[bytes], export_time: int, *,
+        max_message_size: int | None = None, encoded: bool = False,
     ) -> list[bytes]:
         """Data records in as few messages as fit ``max_message_size`` (the session's unless
         given for this call); each message's sequence number counts the data records sent
-        before it. A record too long for one message raises :class:`RecordTooLarge`."""
+        before it. A record too long for one message raises :class:`RecordTooLarge`.
+        ``encoded``: the records are data records already encoded for this template, one
+        ``bytes`` each (anything else raises UsageError), framed as encoded ones are."""
         t = self._template(template_id)
         if not records:
             return []
-        encode = t.encode_record
+        encode: Callable[[Any], bytes] = t.encode_record
+        if encoded:
+            if set(map(type, records)) != {bytes}:
+                raise UsageError("encode_records(encoded=True) takes data records as bytes")
+            encode = bytes  # the very object back, for a bytes
         msg_size = self.max_message_size if max_message_size is None else max_message_size
         if not HEADER.size + SET_HEADER.size + 1 <= msg_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {msg_size} is outside 21..{MAX_MESSAGE_SIZE}")

@@ -46,6 +46,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 from .address import Address
@@ -258,7 +259,8 @@ class ExportingProcess:
         self._ssl = tls.client_context() if tls is not None else None
         self._server_name = (tls.server_name if tls is not None else None) or address.host
         self._limiter = LogLimiter(time.monotonic)
-        self._queue: collections.deque[tuple[int, list[Record]]] = collections.deque()
+        # (template id, records, whether they are data records already encoded: submit(encoded=True))
+        self._queue: collections.deque[tuple[int, list[Any], bool]] = collections.deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -281,13 +283,20 @@ class ExportingProcess:
         await self._open()
         self._task = asyncio.create_task(self._run(), name=f"ipfix-export-{self.address}")
 
-    def submit(self, template_id: int, records: Sequence[Record]) -> bool:
-        """Queue records for export without blocking; False (and counted) if they do not fit."""
+    def submit(self, template_id: int, records: Sequence[Record] | Sequence[bytes], *, encoded: bool = False) -> bool:
+        """Queue records for export without blocking; False (and counted) if they do not fit.
+
+        ``encoded``: the records are data records already encoded for this template (one
+        ``bytes`` each, what the codec's ``encode_record`` gives: a caller with its own
+        encoder, such as the Flow Aggregator's C export); they are framed into messages
+        as encoded records are."""
         if template_id not in self.templates:
             raise UsageError(f"template {template_id} is not one of this exporting process's templates {sorted(self.templates)}")
         n = len(records)
         if n == 0:
             return True
+        if encoded and set(map(type, records)) != {bytes}:
+            raise UsageError("submit(encoded=True) takes data records as bytes")
         if self._closing or self.stats.queued + n > self.queue_size:
             self.stats.records_dropped += n
             if not self._closing:
@@ -295,7 +304,7 @@ class ExportingProcess:
                     "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
                 )
             return False
-        self._queue.append((template_id, list(records)))
+        self._queue.append((template_id, list(records), encoded))
         self.stats.queued += n
         self.stats.records_submitted += n
         self._idle.clear()
@@ -562,17 +571,17 @@ class ExportingProcess:
         self._send_batch()
         await asyncio.sleep(0)  # let submitters and the socket run
 
-    def _take(self) -> Iterator[tuple[int, list[Record]]]:
+    def _take(self) -> Iterator[tuple[int, list[Any], bool]]:
         """Queued batches, merged by template, up to max_batch records."""
         taken = 0
         queue = self._queue
         while queue and taken < self.max_batch:
-            tid, records = queue.popleft()
-            while queue and queue[0][0] == tid and taken + len(records) < self.max_batch:
+            tid, records, encoded = queue.popleft()
+            while queue and queue[0][0] == tid and queue[0][2] == encoded and taken + len(records) < self.max_batch:
                 records.extend(queue.popleft()[1])  # our own copy, made by submit()
             taken += len(records)
             self.stats.queued -= len(records)
-            yield tid, records
+            yield tid, records, encoded
 
     def _send_batch(self) -> None:
         session = self._session
@@ -597,8 +606,8 @@ class ExportingProcess:
                 self._stream.write(templates, 0)
                 self.stats.octets_sent += sum(map(len, templates))
         count = 0
-        for tid, records in list(self._take()):
-            encoded, n = self._encode(session, tid, records, export_time)
+        for tid, records, pre in list(self._take()):
+            encoded, n = self._encode(session, tid, records, export_time, pre)
             messages += encoded
             count += n
         if not messages:
@@ -621,9 +630,10 @@ class ExportingProcess:
             self.stats.messages_sent += len(messages)
             self.stats.records_sent += records
 
-    def _encode(self, session: ExportSession, tid: int, records: list[Record], export_time: int) -> tuple[list[bytes], int]:
+    def _encode(self, session: ExportSession, tid: int, records: list[Any], export_time: int,
+                encoded: bool = False) -> tuple[list[bytes], int]:
         try:
-            return session.encode_records(tid, records, export_time), len(records)
+            return session.encode_records(tid, records, export_time, encoded=encoded), len(records)
         except UsageError:
             pass
         # One record at a time: keep the good ones, count and log the bad ones (the error
@@ -632,12 +642,13 @@ class ExportingProcess:
         good = 0
         for record in records:
             try:
-                out += session.encode_records(tid, [record], export_time)
+                out += session.encode_records(tid, [record], export_time, encoded=encoded)
                 good += 1
                 continue
             except RecordTooLarge:
                 try:  # alone, in a message as large as IPFIX allows (IP fragments it)
-                    out += session.encode_records(tid, [record], export_time, max_message_size=MAX_MESSAGE_SIZE)
+                    out += session.encode_records(tid, [record], export_time, max_message_size=MAX_MESSAGE_SIZE,
+                                                  encoded=encoded)
                     good += 1
                     self.stats.oversize_messages += 1
                     continue
