@@ -2391,7 +2391,7 @@ configure_export(PyObject *self, PyObject *args)
  *
  * configure_snapshots() -> None: binds the Record layout to configure's (call after it)
  * columns(flows, plan, objects) -> (columns, bad, final) or None
- * configure_ipfix(codes) / encode_records(flows) -> ([bytes per layout] x 4, [left flows]) or None
+ * configure_ipfix(codes) / encode_sets(flows, limit) -> ([(payload, records)] x 4 layouts, [left flows]) or None
  */
 enum { K_SRC = -1, K_DST = -2, K_TCP = -3, K_EXP = -4, K_META = -16 }; /* K_META - i: merged[i] */
 static Py_ssize_t slot_kind[N_OUT_MAX], n_num;
@@ -2697,6 +2697,11 @@ snap_text(PyObject *v, const char **ptr, Py_ssize_t *len)
 {
     if (!PyUnicode_CheckExact(v))
         return 0;
+    if (PyUnicode_IS_COMPACT_ASCII(v)) { /* its UTF-8 is its data */
+        *ptr = (const char *)PyUnicode_DATA(v);
+        *len = PyUnicode_GET_LENGTH(v);
+        return 1;
+    }
     *ptr = PyUnicode_AsUTF8AndSize(v, len);
     if (*ptr == NULL) {
         PyErr_Clear();
@@ -2990,7 +2995,11 @@ done:
  * variable-length string: how flowscope.ipfix's codec encodes each (template.py's
  * plans). A value the codec would take some other way (an int subclass, a str that is
  * no address for inet_pton, a string past 65535 octets) leaves the record to the codec. */
-static char ipfix_codes[4][N_OUT_MAX];
+typedef struct {
+    char code;
+    Py_ssize_t kind; /* slot_kind of the field's slot */
+} IpfixOp;
+static IpfixOp ipfix_ops[4][N_OUT_MAX];
 static int ipfix_on;
 
 static PyObject *
@@ -3015,7 +3024,8 @@ configure_ipfix(PyObject *self, PyObject *args)
                 PyErr_Format(PyExc_ValueError, "configure_ipfix: unknown code %d", (int)c);
                 return NULL;
             }
-            ipfix_codes[li][j] = c;
+            ipfix_ops[li][j].code = c;
+            ipfix_ops[li][j].kind = slot_kind[out_order[li][j]];
         }
     }
     ipfix_on = 1;
@@ -3043,41 +3053,87 @@ enc_room(EncBuf *b, Py_ssize_t need)
     return 0;
 }
 
+/* An address str as inet_pton reads it, cached by the str object (the decoder interns
+ * the addresses it reads, so the same objects come back): a reference is held, so no
+ * other object can take a cached one's address. */
+#define ADDR_CACHE 4096
+static struct {
+    PyObject *key;
+    unsigned char addr[16];
+} addr_cache[ADDR_CACHE];
+
+static int
+enc_addr(PyObject *o, int v6, unsigned char *out) /* 1 ok, 0 the codec's */
+{
+    size_t h = ((uintptr_t)o >> 4) % ADDR_CACHE;
+    int w = v6 ? 16 : 4;
+    if (addr_cache[h].key == o) {
+        memcpy(out, addr_cache[h].addr, w);
+        return 1;
+    }
+    const char *s;
+    Py_ssize_t n;
+    if (!snap_text(o, &s, &n) || (Py_ssize_t)strlen(s) != n || n > 63) /* an embedded NUL: inet_pton would stop there */
+        return 0;
+    if (inet_pton(v6 ? AF_INET6 : AF_INET, s, out) != 1)
+        return 0;
+    /* a str can be an address of one family only: keyed by the object, the family is its own */
+    Py_INCREF(o);
+    Py_XSETREF(addr_cache[h].key, o);
+    memcpy(addr_cache[h].addr, out, w);
+    return 1;
+}
+
 /* One data record of r into b: 1 done, 0 the codec's (b->len unchanged by the caller), -1 error. */
 static int
 enc_record(const RecordObject *r, EncBuf *b)
 {
-    const char *codes = ipfix_codes[r->li];
+    const IpfixOp *ops = ipfix_ops[r->li];
+    /* the fixed part first: at most 16 octets a field */
+    if (enc_room(b, n_out * 16) < 0)
+        return -1;
     for (Py_ssize_t j = 0; j < n_out; j++) {
-        PyObject *o;
-        uint64_t x;
-        rec_slot(r, out_order[r->li][j], &o, &x);
-        char c = codes[j];
+        const IpfixOp *op = &ops[j];
+        Py_ssize_t k = op->kind;
+        char c = op->code;
+        if (k >= 0 && (c == 8 || c == 4 || c == 'T' || c == 2 || c == 1)) { /* a C number */
+            uint64_t x = r->v[k];
+            int w = c == 'T' ? 4 : c;
+            if (w < 8 && x >> (8 * w))
+                return 0;
+            x = __builtin_bswap64(x);
+            if (enc_room(b, 8) < 0)
+                return -1;
+            memcpy(b->p + b->len, (char *)&x + (8 - w), w);
+            b->len += w;
+            continue;
+        }
+        if (k >= 0)
+            return 0; /* a number where the template has an address or a string */
+        PyObject *o = k == K_SRC ? r->src : k == K_DST ? r->dst : k == K_TCP ? r->tcp : k == K_EXP ? r->exporter
+                      : PyTuple_GET_ITEM(r->merged, K_META - k);
         if (c == 1 || c == 2 || c == 4 || c == 8 || c == 'T') {
             int w = c == 'T' ? 4 : c;
-            if (o != NULL) {
-                if (!PyLong_CheckExact(o))
-                    return 0;
-                x = PyLong_AsUnsignedLongLong(o);
-                if (x == (uint64_t)-1 && PyErr_Occurred()) {
-                    PyErr_Clear();
-                    return 0;
-                }
+            if (!PyLong_CheckExact(o))
+                return 0;
+            uint64_t x = PyLong_AsUnsignedLongLong(o);
+            if (x == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return 0;
             }
             if (w < 8 && x >> (8 * w))
                 return 0;
-            if (enc_room(b, w) < 0)
+            x = __builtin_bswap64(x);
+            if (enc_room(b, 8) < 0)
                 return -1;
-            for (int k = w - 1; k >= 0; k--)
-                b->p[b->len++] = (char)(x >> (8 * k));
+            memcpy(b->p + b->len, (char *)&x + (8 - w), w);
+            b->len += w;
             continue;
         }
-        const char *s;
-        Py_ssize_t n;
-        if (o == NULL || !snap_text(o, &s, &n))
-            return 0;
         if (c == 'S') {
-            if (n > 65535)
+            const char *s;
+            Py_ssize_t n;
+            if (!snap_text(o, &s, &n) || n > 65535)
                 return 0;
             if (enc_room(b, n + 3) < 0)
                 return -1;
@@ -3092,64 +3148,85 @@ enc_record(const RecordObject *r, EncBuf *b)
             b->len += n;
             continue;
         }
-        if ((Py_ssize_t)strlen(s) != n || n > 63) /* an embedded NUL: inet_pton would stop there */
-            return 0;
-        unsigned char addr[16];
-        int af = c == '4' ? AF_INET : AF_INET6, w = c == '4' ? 4 : 16;
-        if (inet_pton(af, s, addr) != 1)
-            return 0;
-        if (enc_room(b, w) < 0)
-            return -1;
-        memcpy(b->p + b->len, addr, w);
-        b->len += w;
+        int v6 = c == '6';
+        if (enc_room(b, 16) < 0 || !enc_addr(o, v6, (unsigned char *)b->p + b->len))
+            return PyErr_Occurred() ? -1 : 0;
+        b->len += v6 ? 16 : 4;
     }
     return 1;
 }
 
-/* encode_records(flows) -> (per layout a list of data records' bytes, the flows left) or None
- * The IPFIX sink's records of a batch of ExportedFlows, each as the codec encodes its
- * dict; a flow whose record is no Record, or that holds a value the codec takes some
- * other way, is left for the codec (the second list, in batch order). */
+/* encode_sets(flows, limit) -> (per layout a list of (payload, records), the flows left) or None
+ * The IPFIX sink's data sets of a batch of ExportedFlows: each layout's records, as the
+ * codec encodes their dicts, back to back in payloads of at most limit octets, filled
+ * greedily as the codec fills a message (so the same records share a message); a flow
+ * whose record is no Record, that holds a value the codec takes some other way, or that
+ * alone exceeds limit, is left for the codec (the second list, in batch order). */
+static int
+flush_set(EncBuf *b, Py_ssize_t *count, PyObject *list)
+{
+    if (*count == 0)
+        return 0;
+    PyObject *item = Py_BuildValue("(y#n)", b->p, b->len, *count);
+    if (item == NULL || PyList_Append(list, item) < 0) {
+        Py_XDECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    b->len = 0;
+    *count = 0;
+    return 0;
+}
+
 static PyObject *
-encode_records(PyObject *self, PyObject *args)
+encode_sets(PyObject *self, PyObject *args)
 {
     PyObject *flows;
-    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &flows))
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &flows, &limit))
         return NULL;
     if (!ipfix_on)
         Py_RETURN_NONE;
     PyObject *per[4] = {PyList_New(0), PyList_New(0), PyList_New(0), PyList_New(0)}, *left = PyList_New(0);
     PyObject *result = NULL;
-    EncBuf b = {PyMem_Malloc(1024), 0, 1024};
-    if (!per[0] || !per[1] || !per[2] || !per[3] || !left || b.p == NULL) {
-        if (b.p == NULL)
+    EncBuf bufs[4] = {{0}}, one = {PyMem_Malloc(1024), 0, 1024};
+    Py_ssize_t counts[4] = {0};
+    if (!per[0] || !per[1] || !per[2] || !per[3] || !left || one.p == NULL) {
+        if (one.p == NULL)
             PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(flows); i++) {
         PyObject *e = PyList_GET_ITEM(flows, i), *corr, *fin;
         RecordObject *r;
-        b.len = 0;
-        int rc = exported_parts(e, &r, &corr, &fin) ? enc_record(r, &b) : 0;
+        one.len = 0;
+        int rc = exported_parts(e, &r, &corr, &fin) ? enc_record(r, &one) : 0;
         if (rc < 0)
             goto done;
-        if (rc == 0) {
+        if (rc == 0 || one.len > limit) {
             if (PyList_Append(left, e) < 0)
                 goto done;
             continue;
         }
-        PyObject *bytes = PyBytes_FromStringAndSize(b.p, b.len);
-        if (bytes == NULL || PyList_Append(per[r->li], bytes) < 0) {
-            Py_XDECREF(bytes);
+        EncBuf *b = &bufs[r->li];
+        if (b->len + one.len > limit && flush_set(b, &counts[r->li], per[r->li]) < 0)
             goto done;
-        }
-        Py_DECREF(bytes);
+        if (enc_room(b, one.len) < 0)
+            goto done;
+        memcpy(b->p + b->len, one.p, one.len);
+        b->len += one.len;
+        counts[r->li]++;
     }
+    for (int li = 0; li < 4; li++)
+        if (flush_set(&bufs[li], &counts[li], per[li]) < 0)
+            goto done;
     result = Py_BuildValue("([OOOO]O)", per[0], per[1], per[2], per[3], left);
 done:
-    PyMem_Free(b.p);
-    for (int li = 0; li < 4; li++)
+    PyMem_Free(one.p);
+    for (int li = 0; li < 4; li++) {
+        PyMem_Free(bufs[li].p);
         Py_XDECREF(per[li]);
+    }
     Py_XDECREF(left);
     return result;
 }
@@ -3164,7 +3241,7 @@ static PyMethodDef methods[] = {
     {"configure_snapshots", configure_snapshots, METH_NOARGS, "Make export() give Records (see the snapshots' section)."},
     {"columns", columns, METH_VARARGS, "The ClickHouse sink's columns of ExportedFlows with Records, or None."},
     {"configure_ipfix", configure_ipfix, METH_VARARGS, "The IPFIX sink's field codes per layout."},
-    {"encode_records", encode_records, METH_VARARGS, "The IPFIX sink's data records of ExportedFlows with Records."},
+    {"encode_sets", encode_sets, METH_VARARGS, "The IPFIX sink's data sets of ExportedFlows with Records."},
     {NULL, NULL, 0, NULL},
 };
 

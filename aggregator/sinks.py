@@ -393,19 +393,21 @@ def _native_encoder() -> Any:
     return _ipfix_native or None
 
 
-def data_records(batch: Sequence[ExportedFlow]) -> list[tuple[int, list[Any], bool]]:
-    """The IPFIX sink's submissions for a batch: (template id, records, encoded) by template.
-    The C export's Records are encoded straight from their values (encoded: data records as
-    bytes, what the codec makes of their dicts); any other record, and a Record holding a
-    value the codec takes some other way, goes to the codec as a dict."""
+def data_records(batch: Sequence[ExportedFlow], limit: int) -> list[tuple[int, list[Any], bool]]:
+    """The IPFIX sink's submissions for a batch: (template id, items, data sets or not).
+    The C export's Records are encoded straight from their values into data sets of at
+    most ``limit`` octets (items ``(payload, records)``: the bytes the codec makes of their
+    dicts, split where the codec would split them); any other record, and a Record
+    holding a value the codec takes some other way, goes to the codec as a dict (items:
+    records, by template)."""
     out: list[tuple[int, list[Any], bool]] = []
     rest: Sequence[ExportedFlow] = batch
     native = _native_encoder()
     if native is not None:
-        got = native.encode_records(batch if type(batch) is list else list(batch))
+        got = native.encode_sets(batch if type(batch) is list else list(batch), limit)
         if got is not None:
             per, rest = got
-            out += [(TEMPLATE_IDS[_LAYOUTS[i]], recs, True) for i, recs in enumerate(per) if recs]
+            out += [(TEMPLATE_IDS[_LAYOUTS[i]], sets, True) for i, sets in enumerate(per) if sets]
     groups: dict[int, list[Any]] = {}
     for f in rest:
         rec = f.record
@@ -448,15 +450,19 @@ class IPFIXSink:
 
     async def write(self, batch: Sequence[ExportedFlow]) -> None:
         loop = asyncio.get_running_loop()
-        for tid, records, encoded in data_records(batch):
+        for tid, items, sets in data_records(batch, self.process.data_set_limit):
+            n = sum(count for _payload, count in items) if sets else len(items)
             # Backpressure: wait (a bounded time) for the exporting process's queue to take the
             # batch, so that this sink's own queue absorbs bursts and counts what overflows.
             deadline = loop.time() + self.submit_wait
             st = self.process.stats
-            while st.queued + len(records) > self.process.queue_size and loop.time() < deadline:
+            while st.queued + n > self.process.queue_size and loop.time() < deadline:
                 await asyncio.sleep(0.005)
             # a refusal is counted by the process (records_dropped)
-            self.process.submit(tid, records, encoded=encoded)
+            if sets:
+                self.process.submit_data_sets(tid, items)
+            else:
+                self.process.submit(tid, items)
 
     async def close(self) -> None:
         if self.process is not None:

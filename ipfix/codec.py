@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, repeat
-from typing import Any, Literal
+from typing import Literal
 
 from .accel import data_records_iterator as _data_records
 from .errors import Deferred, MalformedMessage, RecordTooLarge, UsageError
@@ -224,22 +224,15 @@ class ExportSession:
             raise UsageError(f"template {template_id} was never added to this export session") from None
 
     def encode_records(
-        self, template_id: int, records: Sequence[Record] | Sequence[bytes], export_time: int, *,
-        max_message_size: int | None = None, encoded: bool = False,
+        self, template_id: int, records: Sequence[Record], export_time: int, *, max_message_size: int | None = None
     ) -> list[bytes]:
         """Data records in as few messages as fit ``max_message_size`` (the session's unless
         given for this call); each message's sequence number counts the data records sent
-        before it. A record too long for one message raises :class:`RecordTooLarge`.
-        ``encoded``: the records are data records already encoded for this template, one
-        ``bytes`` each (anything else raises UsageError), framed as encoded ones are."""
+        before it. A record too long for one message raises :class:`RecordTooLarge`."""
         t = self._template(template_id)
         if not records:
             return []
-        encode: Callable[[Any], bytes] = t.encode_record
-        if encoded:
-            if set(map(type, records)) != {bytes}:
-                raise UsageError("encode_records(encoded=True) takes data records as bytes")
-            encode = bytes  # the very object back, for a bytes
+        encode = t.encode_record
         msg_size = self.max_message_size if max_message_size is None else max_message_size
         if not HEADER.size + SET_HEADER.size + 1 <= msg_size <= MAX_MESSAGE_SIZE:
             raise UsageError(f"max message size {msg_size} is outside 21..{MAX_MESSAGE_SIZE}")
@@ -264,6 +257,37 @@ class ExportSession:
             )
         # Counted once all are encoded: a record that fails to encode sends none of them.
         self.sequence_number = (self.sequence_number + len(records)) & 0xFFFFFFFF
+        return messages
+
+    @property
+    def data_set_limit(self) -> int:
+        """The most octets of data records one message of this session carries (its size
+        less the message and set headers): what :meth:`encode_data_sets` takes a set of."""
+        return self.max_message_size - HEADER.size - SET_HEADER.size
+
+    def encode_data_sets(self, template_id: int, sets: Sequence[tuple[bytes, int]], export_time: int) -> list[bytes]:
+        """One message per data set already encoded: ``(payload, records)``, the data
+        records of ``template_id`` back to back (what ``encode_record`` gives for each,
+        at most :attr:`data_set_limit` octets, for a caller with its own encoder, such as
+        the Flow Aggregator's C export). Each message's sequence number counts the data
+        records sent before it; a set that does not fit raises :class:`RecordTooLarge`,
+        anything else that is not such a pair UsageError, and then none is sent."""
+        self._template(template_id)
+        if not 0 <= export_time <= 0xFFFFFFFF:
+            raise UsageError(f"export time {export_time} is outside the 32-bit range of seconds")
+        limit = self.data_set_limit
+        messages: list[bytes] = []
+        sequence = self.sequence_number
+        for payload, count in sets:
+            if type(payload) is not bytes or type(count) is not int or count < 1:
+                raise UsageError("a data set is (payload bytes, number of records >= 1)")
+            if len(payload) > limit:
+                raise RecordTooLarge(f"a data set of template {template_id} is {len(payload)} octets, "
+                                     f"more than fits in a {self.max_message_size}-octet message")
+            messages.append(self._data_message(SET_HEADER.pack(template_id, SET_HEADER.size + len(payload)), payload,
+                                               export_time, sequence))
+            sequence = (sequence + count) & 0xFFFFFFFF
+        self.sequence_number = sequence
         return messages
 
     def _encode_messages_py(
