@@ -37,6 +37,9 @@
  * configure_export(exported_flow_class, correlation_names)
  * export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case)
  * scan(flows, start, stop, horizon, merge_cache, out) -> (where it stopped, exported)
+ * configure_snapshots(); Record; columns(flows, plan, objects); configure_ipfix(codes);
+ * encode_sets(flows, limit): the export's snapshots and the sinks' reads of them (their
+ * section, near the end)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
