@@ -2767,21 +2767,46 @@ columns(PyObject *self, PyObject *args)
         return NULL;
     if (!snapshots_on)
         Py_RETURN_NONE;
-    Py_ssize_t n = PyList_GET_SIZE(flows), nplan = PyTuple_GET_SIZE(plan), ncols = nplan + 1;
+    Py_ssize_t n = PyList_GET_SIZE(flows), nplan = PyTuple_GET_SIZE(plan), ncols = nplan + 1, held = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         RecordObject *r;
         PyObject *c, *f;
         if (!exported_parts(PyList_GET_ITEM(flows, i), &r, &c, &f))
             Py_RETURN_NONE;
     }
+    /* Each flow's record and correlation held, and its final flag read, before anything
+     * else: a final flag's __bool__ (not what export() sets, but any object) may run code
+     * that changes the list or the flows. */
+    RecordObject **recs = PyMem_Calloc(n ? n : 1, sizeof(RecordObject *));
+    PyObject **corrs = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    char *fins = PyMem_Calloc(n ? n : 1, 1);
     SnapCol *cols = PyMem_Calloc(ncols, sizeof(SnapCol));
     const char **tptr = PyMem_Calloc(ncols, sizeof(char *));
     Py_ssize_t *tlen = PyMem_Calloc(ncols, sizeof(Py_ssize_t));
     PyObject **tobj = PyMem_Calloc(ncols, sizeof(PyObject *));
     uint64_t *ival = PyMem_Calloc(ncols, sizeof(uint64_t));
     PyObject *bad = PyList_New(0), *final = PyBytes_FromStringAndSize(NULL, n), *result = NULL;
-    if (!cols || !tptr || !tlen || !tobj || !ival || !bad || !final) {
+    if (!recs || !corrs || !fins || !cols || !tptr || !tlen || !tobj || !ival || !bad || !final) {
         PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n && held < PyList_GET_SIZE(flows); held++) {
+        PyObject *f;
+        if (!exported_parts(PyList_GET_ITEM(flows, held), &recs[held], &corrs[held], &f)) {
+            PyErr_SetString(PyExc_RuntimeError, "columns: the batch changed while it was read");
+            goto done;
+        }
+        Py_INCREF(recs[held]);
+        Py_INCREF(corrs[held]);
+        int t = PyBool_Check(f) ? f == Py_True : PyObject_IsTrue(f);
+        if (t < 0) {
+            held++;
+            goto done;
+        }
+        fins[held] = (char)t;
+    }
+    if (held < n) {
+        PyErr_SetString(PyExc_RuntimeError, "columns: the batch changed while it was read");
         goto done;
     }
     for (Py_ssize_t j = 0; j < ncols; j++) {
@@ -2835,9 +2860,8 @@ columns(PyObject *self, PyObject *args)
         goto done;
     Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        RecordObject *r;
-        PyObject *corr, *fin;
-        exported_parts(PyList_GET_ITEM(flows, i), &r, &corr, &fin);
+        RecordObject *r = recs[i];
+        PyObject *corr = corrs[i];
         int li = r->li, ok = 1;
         for (Py_ssize_t j = 0; ok && j < nplan; j++) {
             SnapCol *c = &cols[j];
@@ -2900,10 +2924,7 @@ columns(PyObject *self, PyObject *args)
             Py_DECREF(idx);
             continue;
         }
-        int t = PyObject_IsTrue(fin);
-        if (t < 0)
-            goto done;
-        PyBytes_AS_STRING(final)[kept] = (char)t;
+        PyBytes_AS_STRING(final)[kept] = fins[i];
         for (Py_ssize_t j = 0; j < ncols; j++) {
             SnapCol *c = &cols[j];
             if (c->kind == 0) {
@@ -2982,6 +3003,13 @@ done:
             Py_XDECREF(cols[j].list); /* unfinished: unset items are NULL, which list dealloc skips */
         }
     }
+    for (Py_ssize_t i = 0; i < held; i++) {
+        Py_XDECREF(recs[i]);
+        Py_XDECREF(corrs[i]);
+    }
+    PyMem_Free(recs);
+    PyMem_Free(corrs);
+    PyMem_Free(fins);
     PyMem_Free(cols);
     PyMem_Free(tptr);
     PyMem_Free(tlen);
@@ -3062,6 +3090,7 @@ enc_room(EncBuf *b, Py_ssize_t need)
 #define ADDR_CACHE 4096
 static struct {
     PyObject *key;
+    int v6;
     unsigned char addr[16];
 } addr_cache[ADDR_CACHE];
 
@@ -3070,7 +3099,7 @@ enc_addr(PyObject *o, int v6, unsigned char *out) /* 1 ok, 0 the codec's */
 {
     size_t h = ((uintptr_t)o >> 4) % ADDR_CACHE;
     int w = v6 ? 16 : 4;
-    if (addr_cache[h].key == o) {
+    if (addr_cache[h].key == o && addr_cache[h].v6 == v6) {
         memcpy(out, addr_cache[h].addr, w);
         return 1;
     }
@@ -3080,9 +3109,9 @@ enc_addr(PyObject *o, int v6, unsigned char *out) /* 1 ok, 0 the codec's */
         return 0;
     if (inet_pton(v6 ? AF_INET6 : AF_INET, s, out) != 1)
         return 0;
-    /* a str can be an address of one family only: keyed by the object, the family is its own */
-    Py_INCREF(o);
+    Py_INCREF(o); /* keyed by the object and the family asked for ("0.0.0.0" may come in an IPv6 field) */
     Py_XSETREF(addr_cache[h].key, o);
+    addr_cache[h].v6 = v6;
     memcpy(addr_cache[h].addr, out, w);
     return 1;
 }

@@ -74,7 +74,8 @@ def agent_records(n: int, seed: int) -> dict[str, list[dict[str, object]]]:
         rec.update({
             "flowStartSeconds": T0 + i % 3600, "flowEndSeconds": T0 + i % 3600 + 30, "flowEndReason": 3 if i % 10 == 0 else 2,
             "sourceIPv4Address": f"10.244.{node}.{pod % 250}", "destinationIPv4Address": f"10.244.{node}.9",
-            "sourceTransportPort": 10000 + i % 50000, "destinationTransportPort": 8080, "protocolIdentifier": 6,
+            # one connection each: the source (its Pod, i % 200) and port (i // 200) tell them apart
+            "sourceTransportPort": 1024 + (i // 200) % 64000, "destinationTransportPort": 8080, "protocolIdentifier": 6,
             "destinationClusterIPv4": "10.96.0.10",
             "sourcePodNamespace": f"ns-{pod % 10}", "sourcePodName": f"frontend-{pod}", "sourceNodeName": f"node-{node}",
             "destinationPodNamespace": "shop", "destinationPodName": f"backend-{pod % 20}",

@@ -41,7 +41,8 @@ from flowscope.collector.rows import flows_to_columns
 from flowscope.ipfix import Decoder, ExportSession, Template, UsageError
 
 TEMPLATES = {tid: Template.build(tid, template_names(v6, e6)) for (v6, e6), tid in TEMPLATE_IDS.items()}
-ODD_TEXT = ("\ud800", "é" * 200, "x" * 300, "y" * 70_000, 7, "not-an-ip", "1.2.3.4\x00", "")
+ODD_TEXT = ("\ud800", "é" * 200, "x" * 300, "y" * 70_000, 7, "not-an-ip", "1.2.3.4\x00", "",
+            "10.9.9.9", "0.0.0.0", "::1", "::")  # addresses of the other family, too
 
 
 @st.composite
@@ -52,7 +53,8 @@ def sink_records(draw: Any) -> Any:
     if isinstance(rec, dict) and draw(st.integers(0, 2)) == 0:
         field = draw(st.sampled_from(("sourcePodName", "destinationPodName", "tcpState", "sourcePodLabels",
                                       "egressName", "sourceIPv4Address", "destinationServicePortName",
-                                      "destinationClusterIPv4", "egressIP")))
+                                      "destinationClusterIPv4", "egressIP", "sourceIPv6Address",
+                                      "destinationClusterIPv6", "proxySnatIPv6")))
         rec[field] = draw(st.sampled_from(ODD_TEXT))
     return rec
 
@@ -355,3 +357,23 @@ def test_the_ipfix_sink_sends_records_as_data_sets_a_collector_decodes(protocol:
     chunks = asyncio.run(run())
     got = sorted(_decode(chunks, protocol), key=repr)
     assert got == want
+
+
+def test_an_address_string_is_read_for_the_family_its_field_has() -> None:
+    """The encoder caches what inet_pton makes of an address by the str object: the very
+    same object in an IPv4 field and then in an IPv6 one (or the reverse) is each time
+    what the codec makes of it there (for one of the two, a refusal)."""
+    v4, v6 = "10.9.9.9", "fd00::99"  # one object each, used in both families' fields
+    proc, twin = AggregationProcess(export_interval=60.0), _twin(export_interval=60.0)
+    recs = []
+    for i, (a, b) in enumerate(((v4, v4), (v6, v6), (v4, v6), (v6, v4))):
+        recs.append(agent_record(sport=30000 + i, flow_type=1, destinationClusterIPv4=a))
+        recs.append(agent_record(src="fd00::1", dst="fd00::2", sport=30000 + i, flow_type=1, destinationClusterIPv6=b))
+    for p in (proc, twin):
+        for r in recs:
+            p.ingest_many([dict(r)], "192.168.10.1", 1, 1.0)
+    native, dicts = proc.tick(60.0), twin.tick(60.0)
+    assert len(native) == len(dicts) == 8
+    for n, t in zip(native, dicts):
+        assert _sink_bytes(n) == _codec_bytes(t.record)
+    assert sum(_codec_bytes(t.record) is None for t in dicts) == 4
