@@ -46,8 +46,8 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from .address import Address
 from .codec import HEADER, MAX_MESSAGE_SIZE, SET_HEADER, ExportSession, Transport
