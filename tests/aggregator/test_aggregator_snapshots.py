@@ -9,7 +9,8 @@ is built, one the twin alone. For every tick's exports:
 
 - the Record reads as the twin's dict: ``dict(rec)``, key order, ``rec[k]``, ``get``,
   ``in``, ``len``, ``items()``, ``==`` (a value the C Flow cannot hold makes the flow the
-  twin's, Flow.odd, and its record a dict: that path must agree too);
+  twin's, Flow.odd, and its record a dict: that path must agree too), and the flow log
+  writes the same JSON line for it;
 - the ClickHouse sink's columns from the Records (clickhouse_sink.flows_columns, C) equal
   collector.rows.flows_to_columns of the twin's dicts, column for column and type for
   type, with the same records refused, in both text forms;
@@ -22,6 +23,7 @@ With FLOWSCOPE_AGGREGATOR_PURE=1 both sides are the twin (dicts) and the same ch
 
 from __future__ import annotations
 
+import json
 import sys
 import tracemalloc
 from collections.abc import Mapping
@@ -36,7 +38,7 @@ from test_aggregator_accel import records as accel_records
 from flowscope.aggregator import aggregation
 from flowscope.aggregator.aggregation import AggregationProcess, ExportedFlow
 from flowscope.aggregator.clickhouse_sink import flows_columns
-from flowscope.aggregator.sinks import TEMPLATE_IDS, data_records, template_names
+from flowscope.aggregator.sinks import TEMPLATE_IDS, data_records, record_to_json, template_names
 from flowscope.collector.rows import flows_to_columns
 from flowscope.ipfix import Decoder, ExportSession, Template, UsageError
 
@@ -149,6 +151,7 @@ def _agree(native: list[ExportedFlow], twin: list[ExportedFlow]) -> None:
         if aggregation.accelerated() and type(n.record) is not dict:
             assert type(n.record) is aggregation._aggr.Record
         _reads_as(n.record, t.record)  # type: ignore[arg-type]
+        assert json.dumps(record_to_json(n)) == json.dumps(record_to_json(t))  # the flow log's line
         assert _sink_bytes(n) == _codec_bytes(t.record)
     for text in ("list", "arrow"):
         _same_columns(flows_columns(native, time_inserted=T0, commit_id=9, text=text),
