@@ -37,6 +37,9 @@
  * configure_export(exported_flow_class, correlation_names)
  * export(flow, merge_cache, final) -> ExportedFlow, or None (the twin's case)
  * scan(flows, start, stop, horizon, merge_cache, out) -> (where it stopped, exported)
+ * configure_snapshots(); Record; columns(flows, plan, objects); configure_ipfix(codes);
+ * encode_sets(flows, limit): the export's snapshots and the sinks' reads of them (their
+ * section, near the end)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -45,6 +48,8 @@
 #include <limits.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <stddef.h>
 
 /* Flow.flags bits, as aggregation.py defines them (checked by configure's constants). */
 #define HAS_SRC 1
@@ -1981,37 +1986,43 @@ merged_meta(PyObject *cache, PyObject *smeta, PyObject *dmeta, int v6)
     return m;
 }
 
-/* build_record(flow, merge_cache) -> dict: aggregation.build_record's record of a flow.
- * None when the flow holds something the twin alone handles (the caller then uses it). */
-static PyObject *
-record_of(PyObject *flow, PyObject *cache)
+/* A flow's aggregated values, in build_record's slot order (see _slot_names): obj[j] a
+ * borrowed reference (held by the flow or by merged), or NULL when the value is the C
+ * number num[j]; li the layout (flow family x exporter family); merged a new reference. */
+typedef struct {
+    PyObject *obj[N_OUT_MAX];
+    uint64_t num[N_OUT_MAX];
+    PyObject *merged;
+    int li;
+} Gathered;
+
+/* 1: g filled; 0: the twin's flow (no error set); -1: an error. */
+static int
+gather(PyObject *flow, PyObject *cache, Gathered *g)
 {
     if (!configured || !IS_FLOW(flow) || FL(flow)->odd != NULL)
-        Py_RETURN_NONE; /* odd values (a malformed record the twin took) are the twin's to lay out */
+        return 0; /* odd values (a malformed record the twin took) are the twin's to lay out */
     FlowObject *fo = FL(flow);
     long f = fo->flags, flow_type = fo->flow_type;
     PyObject *sm = fo->smeta, *dm = fo->dmeta;
     if ((sm != Py_None && (!PyTuple_CheckExact(sm) || PyTuple_GET_SIZE(sm) != n_meta + 2)) ||
         (dm != Py_None && (!PyTuple_CheckExact(dm) || PyTuple_GET_SIZE(dm) != n_meta + 2)))
-        Py_RETURN_NONE;
+        return 0;
     PyObject *merged = merged_meta(cache, sm, dm, (f & IPV6) != 0);
-    if (merged == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
+    if (merged == NULL)
+        return PyErr_Occurred() ? -1 : 0;
     int has_src = (f & HAS_SRC) != 0, has_dst = (f & HAS_DST) != 0, v6 = (f & IPV6) != 0;
     PyObject *exporter = has_src ? fo->sexp : fo->dexp;
     int t = PyObject_IsTrue(exporter);
     if (t < 0) {
         Py_DECREF(merged);
-        return NULL;
+        return -1;
     }
     if (!t)
         exporter = zero_addr;
     if (!PyUnicode_CheckExact(exporter)) {
         Py_DECREF(merged);
-        Py_RETURN_NONE;
+        return 0;
     }
     int e6 = PyUnicode_FindChar(exporter, ':', 0, PyUnicode_GET_LENGTH(exporter), 1) >= 0;
     Py_buffer sv;
@@ -2022,35 +2033,22 @@ record_of(PyObject *flow, PyObject *cache)
         sw = u64_buffer(swo, &sv, 4);
         if (sw == NULL) {
             Py_DECREF(merged);
-            Py_RETURN_NONE;
+            return 0;
         }
     }
-    /* the key's ports and protocol, the reason and the domain as int objects (small ones cached) */
-    PyObject *ints[5] = {PyLong_FromLong(fo->sport), PyLong_FromLong(fo->dport), PyLong_FromLong(fo->proto),
-                         PyLong_FromLong(fo->reason), PyLong_FromUnsignedLong(has_src ? fo->sdom : fo->ddom)};
-    for (int i = 0; i < 5; i++)
-        if (ints[i] == NULL) {
-            for (int j = 0; j < 5; j++)
-                Py_XDECREF(ints[j]);
-            if (sw != NULL)
-                PyBuffer_Release(&sv);
-            Py_DECREF(merged);
-            return NULL;
-        }
-    /* The values in build_record's slot order, as (new reference) objects; NULL: a C number. */
-    PyObject *obj[N_OUT_MAX];
-    uint64_t num[N_OUT_MAX];
+    PyObject **obj = g->obj;
+    uint64_t *num = g->num;
     Py_ssize_t n = 0;
 #define NUM(v) (obj[n] = NULL, num[n++] = (v))
 #define OBJ(o) (obj[n] = (o), n++)
     NUM(c[24]);
     NUM(c[25]);
-    OBJ(ints[3]);
+    NUM(fo->reason);
     OBJ(fo->src);
     OBJ(fo->dst);
-    OBJ(ints[0]);
-    OBJ(ints[1]);
-    OBJ(ints[2]);
+    NUM(fo->sport);
+    NUM(fo->dport);
+    NUM(fo->proto);
     const uint64_t *own = has_src ? c : c + 8;
     for (int k = 0; k < 4; k++)
         NUM(own[k]);
@@ -2061,7 +2059,7 @@ record_of(PyObject *flow, PyObject *cache)
     NUM((uint64_t)((f & UNTYPED) && (f & NO_TWIN) && !(f & DENIED) ? 0 : flow_type));
     OBJ(fo->tcp);
     OBJ(exporter);
-    OBJ(ints[4]);
+    NUM(has_src ? fo->sdom : fo->ddom);
     static const uint64_t zero8[8] = {0};
     const uint64_t *srcc = has_src ? c : NULL, *dstc = has_dst ? c + 8 : NULL;
     uint64_t ends[2] = {has_src ? c[16] : 0, has_dst ? c[17] : 0};
@@ -2101,13 +2099,20 @@ record_of(PyObject *flow, PyObject *cache)
     if (sw != NULL)
         PyBuffer_Release(&sv);
     if (n != n_out) {
-        for (int j = 0; j < 5; j++)
-            Py_DECREF(ints[j]);
         Py_DECREF(merged);
         PyErr_SetString(PyExc_SystemError, "build_record: values and layout differ in length");
-        return NULL;
+        return -1;
     }
-    int li = v6 * 2 + e6;
+    g->merged = merged;
+    g->li = v6 * 2 + e6;
+    return 1;
+}
+
+/* The record dict of layout li's values (build_record's slot order; NULL obj: the number). */
+static PyObject *
+dict_of(int li, PyObject *const *obj, const uint64_t *num)
+{
+    Py_ssize_t n = n_out;
     PyObject *names = out_names[li];
     /* A copy of the layout's dict of names: its keys table comes whole (str keys, the
      * template's order, the size it needs), and each value is then set in place. */
@@ -2141,9 +2146,23 @@ record_of(PyObject *flow, PyObject *cache)
         if (r < 0)
             Py_CLEAR(rec);
     }
-    for (int j = 0; j < 5; j++)
-        Py_DECREF(ints[j]);
-    Py_DECREF(merged);
+    return rec;
+}
+
+/* build_record(flow, merge_cache) -> dict: aggregation.build_record's record of a flow.
+ * None when the flow holds something the twin alone handles (the caller then uses it). */
+static PyObject *
+record_of(PyObject *flow, PyObject *cache)
+{
+    Gathered g;
+    int r = gather(flow, cache, &g);
+    if (r <= 0) {
+        if (r < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *rec = dict_of(g.li, g.obj, g.num);
+    Py_DECREF(g.merged);
     return rec;
 }
 
@@ -2202,12 +2221,16 @@ new_exported(PyObject *record, PyObject *correlation, PyObject *final) /* steals
     return e;
 }
 
+static int snapshots_on; /* configure_snapshots ran: export makes Records */
+static PyObject *snapshot_of(PyObject *flow, PyObject *cache);
+
 static PyObject *
 export_flow(PyObject *flow, PyObject *cache, PyObject *final)
 {
     if (exported_class == NULL)
         Py_RETURN_NONE;
-    PyObject *rec = record_of(flow, cache); /* checks the flow's slots */
+    /* the record: a snapshot (below) once configure_snapshots ran, else a dict; either checks the flow's slots */
+    PyObject *rec = snapshots_on ? snapshot_of(flow, cache) : record_of(flow, cache);
     if (rec == NULL || rec == Py_None)
         return rec;
     FlowObject *fo = FL(flow); /* record_of took it: a Flow without odd values */
@@ -2356,6 +2379,890 @@ configure_export(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ==== the export's snapshots: Record, and what the sinks read from it ================
+ *
+ * Why: a dict of 71 values per exported flow (about 40 of them new int objects), which
+ * the IPFIX sink and the ClickHouse sink then read back value by value, cost more than
+ * the export itself. export() makes a Record instead: one object holding a copy of the
+ * flow's numbers at export time (C integers, in build_record's slot order) and
+ * references to its str objects and merged Kubernetes tuple (immutable, shared). It is
+ * a read-only Mapping of the record's IE names (aggregation.py registers it with
+ * collections.abc.Mapping): rec[name], len, iter (template order), in, get, keys,
+ * values, items, == (as its dict), and dict(rec) is build_record's dict exactly. The sinks
+ * do not ask it for names: columns() writes the ClickHouse sink's columns straight from
+ * the C values, encode_records() the IPFIX sink's data records.
+ *
+ * configure_snapshots() -> None: binds the Record layout to configure's (call after it)
+ * columns(flows, plan, objects) -> (columns, bad, final) or None
+ * configure_ipfix(codes) / encode_sets(flows, limit) -> ([(payload, records)] x 4 layouts, [left flows]) or None
+ */
+enum { K_SRC = -1, K_DST = -2, K_TCP = -3, K_EXP = -4, K_META = -16 }; /* K_META - i: merged[i] */
+static Py_ssize_t slot_kind[N_OUT_MAX], n_num;
+static PyObject *name_pos[4]; /* per layout: dict name -> template position */
+
+typedef struct {
+    PyObject_VAR_HEAD
+    PyObject *src, *dst, *merged, *tcp, *exporter;
+    int li;
+    uint64_t v[1]; /* n_num numbers: the slots whose slot_kind is >= 0 */
+} RecordObject;
+
+static PyTypeObject RecordType;
+#define IS_RECORD(o) Py_IS_TYPE((o), &RecordType)
+#define RC(o) ((RecordObject *)(o))
+
+/* The value of slot s (a borrowed reference in *obj, or the number in *num with *obj NULL). */
+static inline void
+rec_slot(const RecordObject *r, Py_ssize_t s, PyObject **obj, uint64_t *num)
+{
+    Py_ssize_t k = slot_kind[s];
+    *obj = k >= 0 ? NULL
+           : k == K_SRC ? r->src
+           : k == K_DST ? r->dst
+           : k == K_TCP ? r->tcp
+           : k == K_EXP ? r->exporter
+                        : PyTuple_GET_ITEM(r->merged, K_META - k);
+    *num = k >= 0 ? r->v[k] : 0;
+}
+
+static PyObject *
+rec_value(const RecordObject *r, Py_ssize_t s) /* a new reference */
+{
+    PyObject *o;
+    uint64_t x;
+    rec_slot(r, s, &o, &x);
+    if (o == NULL)
+        return PyLong_FromUnsignedLongLong(x);
+    Py_INCREF(o);
+    return o;
+}
+
+static PyObject *
+rec_dict(PyObject *self, PyObject *unused)
+{
+    RecordObject *r = RC(self);
+    PyObject *obj[N_OUT_MAX];
+    uint64_t num[N_OUT_MAX];
+    for (Py_ssize_t s = 0; s < n_out; s++)
+        rec_slot(r, s, &obj[s], &num[s]);
+    return dict_of(r->li, obj, num);
+}
+
+static PyObject *
+snapshot_of(PyObject *flow, PyObject *cache)
+{
+    Gathered g;
+    int ok = gather(flow, cache, &g);
+    if (ok <= 0) {
+        if (ok < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    RecordObject *r = PyObject_NewVar(RecordObject, &RecordType, n_num);
+    if (r == NULL) {
+        Py_DECREF(g.merged);
+        return NULL;
+    }
+    r->merged = g.merged; /* gather's reference */
+    r->li = g.li;
+    r->src = r->dst = r->tcp = r->exporter = NULL;
+    for (Py_ssize_t s = 0; s < n_out; s++) {
+        Py_ssize_t k = slot_kind[s];
+        PyObject *o = g.obj[s];
+        if ((k >= 0) != (o == NULL)) { /* gather and configure_snapshots disagree: a bug */
+            Py_DECREF(r);
+            PyErr_SetString(PyExc_SystemError, "Record: slot kinds differ from build_record's values");
+            return NULL;
+        }
+        if (k >= 0) {
+            r->v[k] = g.num[s];
+        } else if (k > K_META) {
+            PyObject **at = k == K_SRC ? &r->src : k == K_DST ? &r->dst : k == K_TCP ? &r->tcp : &r->exporter;
+            Py_INCREF(o);
+            *at = o;
+        }
+    }
+    return (PyObject *)r;
+}
+
+static void
+rec_dealloc(PyObject *self)
+{
+    RecordObject *r = RC(self);
+    Py_XDECREF(r->src);
+    Py_XDECREF(r->dst);
+    Py_XDECREF(r->merged);
+    Py_XDECREF(r->tcp);
+    Py_XDECREF(r->exporter);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static Py_ssize_t
+rec_len(PyObject *self)
+{
+    return n_out;
+}
+
+/* The slot of name in r's layout: >= 0, -1 not there (no error), -2 error. */
+static Py_ssize_t
+rec_find(const RecordObject *r, PyObject *name)
+{
+    PyObject *j = PyDict_GetItemWithError(name_pos[r->li], name);
+    if (j == NULL)
+        return PyErr_Occurred() ? -2 : -1;
+    return out_order[r->li][PyLong_AsSsize_t(j)];
+}
+
+static PyObject *
+rec_getitem(PyObject *self, PyObject *name)
+{
+    Py_ssize_t s = rec_find(RC(self), name);
+    if (s < 0) {
+        if (s == -1)
+            PyErr_SetObject(PyExc_KeyError, name);
+        return NULL;
+    }
+    return rec_value(RC(self), s);
+}
+
+static int
+rec_contains(PyObject *self, PyObject *name)
+{
+    Py_ssize_t s = rec_find(RC(self), name);
+    return s == -2 ? -1 : s >= 0;
+}
+
+static PyObject *
+rec_get(PyObject *self, PyObject *args)
+{
+    PyObject *name, *dflt = Py_None;
+    if (!PyArg_UnpackTuple(args, "get", 1, 2, &name, &dflt))
+        return NULL;
+    Py_ssize_t s = rec_find(RC(self), name);
+    if (s == -2)
+        return NULL;
+    if (s == -1) {
+        Py_INCREF(dflt);
+        return dflt;
+    }
+    return rec_value(RC(self), s);
+}
+
+static PyObject *
+rec_iter(PyObject *self)
+{
+    return PyObject_GetIter(out_names[RC(self)->li]);
+}
+
+static PyObject *
+rec_view(PyObject *self, const char *which)
+{
+    PyObject *d = rec_dict(self, NULL);
+    if (d == NULL)
+        return NULL;
+    PyObject *v = PyObject_CallMethod(d, which, NULL);
+    Py_DECREF(d);
+    return v;
+}
+
+static PyObject *rec_keys(PyObject *self, PyObject *unused) { return rec_view(self, "keys"); }
+static PyObject *rec_values(PyObject *self, PyObject *unused) { return rec_view(self, "values"); }
+static PyObject *rec_items(PyObject *self, PyObject *unused) { return rec_view(self, "items"); }
+
+static PyObject *
+rec_richcompare(PyObject *self, PyObject *other, int op)
+{
+    if (op != Py_EQ && op != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *a = rec_dict(self, NULL);
+    PyObject *b = a == NULL ? NULL : IS_RECORD(other) ? rec_dict(other, NULL) : (Py_INCREF(other), other);
+    PyObject *res = b == NULL ? NULL : PyObject_RichCompare(a, b, op);
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    return res;
+}
+
+static PyObject *
+rec_repr(PyObject *self)
+{
+    PyObject *d = rec_dict(self, NULL);
+    if (d == NULL)
+        return NULL;
+    PyObject *s = PyUnicode_FromFormat("Record(%R)", d);
+    Py_DECREF(d);
+    return s;
+}
+
+static PyObject *
+rec_reduce(PyObject *self, PyObject *unused) /* pickles (and copies) as its dict */
+{
+    PyObject *d = rec_dict(self, NULL);
+    return d == NULL ? NULL : Py_BuildValue("O(N)", (PyObject *)&PyDict_Type, d);
+}
+
+static PyObject *
+rec_sizeof(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(RecordType.tp_basicsize + n_num * (Py_ssize_t)sizeof(uint64_t));
+}
+
+static PyMethodDef rec_methods[] = {
+    {"get", rec_get, METH_VARARGS, "rec.get(name[, default])"},
+    {"keys", rec_keys, METH_NOARGS, "The IE names, in template order (a view of dict(rec))."},
+    {"values", rec_values, METH_NOARGS, "The values, in template order."},
+    {"items", rec_items, METH_NOARGS, "(name, value) pairs, in template order."},
+    {"copy", rec_dict, METH_NOARGS, "The record as a dict (build_record's)."},
+    {"__reduce__", rec_reduce, METH_NOARGS, NULL},
+    {"__sizeof__", rec_sizeof, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+static PyMappingMethods rec_as_mapping = {.mp_length = rec_len, .mp_subscript = rec_getitem};
+static PySequenceMethods rec_as_sequence = {.sq_contains = rec_contains};
+
+static PyTypeObject RecordType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "flowscope.aggregator._aggr.Record",
+    .tp_basicsize = offsetof(RecordObject, v),
+    .tp_itemsize = sizeof(uint64_t),
+    .tp_dealloc = rec_dealloc,
+    .tp_repr = rec_repr,
+    .tp_as_mapping = &rec_as_mapping,
+    .tp_as_sequence = &rec_as_sequence,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_MAPPING,
+    .tp_doc = "An aggregated record as export() made it: a read-only Mapping of IE names (see _aggr.c).",
+    .tp_richcompare = rec_richcompare,
+    .tp_iter = rec_iter,
+    .tp_methods = rec_methods,
+};
+
+/* configure_snapshots(): the Record's slot kinds from build_record's slot order (gather),
+ * and a name -> position dict per layout. Called after configure and configure_export. */
+static PyObject *
+configure_snapshots(PyObject *self, PyObject *unused)
+{
+    if (!configured || exported_class == NULL || n_out <= 0) {
+        PyErr_SetString(PyExc_ValueError, "configure_snapshots: configure and configure_export first");
+        return NULL;
+    }
+    Py_ssize_t meta0 = 16, ft = meta0 + n_meta + 2, k = 0;
+    for (Py_ssize_t s = 0; s < n_out; s++) {
+        if (s == 3)
+            slot_kind[s] = K_SRC;
+        else if (s == 4)
+            slot_kind[s] = K_DST;
+        else if (s >= meta0 && s < ft)
+            slot_kind[s] = K_META - (s - meta0);
+        else if (s == ft + 1)
+            slot_kind[s] = K_TCP;
+        else if (s == ft + 2)
+            slot_kind[s] = K_EXP;
+        else
+            slot_kind[s] = k++;
+    }
+    n_num = k;
+    for (int li = 0; li < 4; li++) {
+        PyObject *d = PyDict_New();
+        if (d == NULL)
+            return NULL;
+        for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(out_names[li]); j++) {
+            PyObject *pos = PyLong_FromSsize_t(j);
+            if (pos == NULL || PyDict_SetItem(d, PyTuple_GET_ITEM(out_names[li], j), pos) < 0) {
+                Py_XDECREF(pos);
+                Py_DECREF(d);
+                return NULL;
+            }
+            Py_DECREF(pos);
+        }
+        Py_XSETREF(name_pos[li], d);
+    }
+    snapshots_on = 1;
+    Py_RETURN_NONE;
+}
+
+/* The record and correlation of an ExportedFlow as export() makes it (borrowed), or 0. */
+static inline int
+exported_parts(PyObject *e, RecordObject **rec, PyObject **corr, PyObject **final)
+{
+    if (exported_class == NULL || (PyObject *)Py_TYPE(e) != exported_class)
+        return 0;
+    PyObject *r = *(PyObject **)((char *)e + ex_off[0]);
+    *corr = *(PyObject **)((char *)e + ex_off[1]);
+    *final = *(PyObject **)((char *)e + ex_off[2]);
+    if (r == NULL || !IS_RECORD(r) || *corr == NULL || *final == NULL)
+        return 0;
+    *rec = RC(r);
+    return 1;
+}
+
+/* A text value of a str (exact, UTF-8): 1 with ptr/len, 0 not text (no error set). */
+static inline int
+snap_text(PyObject *v, const char **ptr, Py_ssize_t *len)
+{
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    if (PyUnicode_IS_COMPACT_ASCII(v)) { /* its UTF-8 is its data */
+        *ptr = (const char *)PyUnicode_DATA(v);
+        *len = PyUnicode_GET_LENGTH(v);
+        return 1;
+    }
+    *ptr = PyUnicode_AsUTF8AndSize(v, len);
+    if (*ptr == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* Truth as collector/_rowcols.c's transpose tells it (the Record holds its values). */
+static inline int
+snap_truth(PyObject *o, uint64_t x)
+{
+    if (o == NULL)
+        return x != 0;
+    if (o == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(o))
+        return PyUnicode_GET_LENGTH(o) != 0;
+    int t = PyObject_IsTrue(o);
+    if (t < 0)
+        PyErr_Clear();
+    return t;
+}
+
+typedef struct {
+    int kind, width, folded; /* 0 integer (1, 2, 4, 8 bytes), 1 text; folded: `a or b or ""` */
+    unsigned long long maximum;
+    Py_ssize_t a[4], b[4]; /* per layout: the slot of the element(s), -1 none */
+    PyObject *ints, *offsets, *data, *list;
+    Py_ssize_t used;
+} SnapCol;
+
+static void
+put_uint(char *p, int width, uint64_t v) /* little-endian, as the store's arrays */
+{
+    switch (width) {
+    case 1: { uint8_t x = (uint8_t)v; memcpy(p, &x, 1); break; }
+    case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); break; }
+    case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); break; }
+    default: memcpy(p, &v, 8); break;
+    }
+}
+
+/* columns(flows, plan, objects) -> (columns, bad, final) or None
+ *
+ * collector/_rowcols.c's transpose of the ExportedFlows' records and correlations, read
+ * from the Records' C values instead of dicts: plan is (kind, width, element, element2
+ * or None) per record column (collector.rows' plan, by name); columns as transpose's
+ * (an integer column bytes of its width, a text column (offsets, data) or, objects true,
+ * a list of str; the correlation column last); bad the left-out flows' indices (a value
+ * its column cannot hold: the same checks as transpose); final the kept flows' final
+ * flags as bytes of 0/1. None when a flow is not one export() made (the caller converts
+ * the batch the dict way). */
+static PyObject *
+columns(PyObject *self, PyObject *args)
+{
+    PyObject *flows, *plan;
+    int objects;
+    if (!PyArg_ParseTuple(args, "O!O!p", &PyList_Type, &flows, &PyTuple_Type, &plan, &objects))
+        return NULL;
+    if (!snapshots_on)
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(flows), nplan = PyTuple_GET_SIZE(plan), ncols = nplan + 1, held = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RecordObject *r;
+        PyObject *c, *f;
+        if (!exported_parts(PyList_GET_ITEM(flows, i), &r, &c, &f))
+            Py_RETURN_NONE;
+    }
+    /* Each flow's record and correlation held, and its final flag read, before anything
+     * else: a final flag's __bool__ (not what export() sets, but any object) may run code
+     * that changes the list or the flows. */
+    RecordObject **recs = PyMem_Calloc(n ? n : 1, sizeof(RecordObject *));
+    PyObject **corrs = PyMem_Calloc(n ? n : 1, sizeof(PyObject *));
+    char *fins = PyMem_Calloc(n ? n : 1, 1);
+    SnapCol *cols = PyMem_Calloc(ncols, sizeof(SnapCol));
+    const char **tptr = PyMem_Calloc(ncols, sizeof(char *));
+    Py_ssize_t *tlen = PyMem_Calloc(ncols, sizeof(Py_ssize_t));
+    PyObject **tobj = PyMem_Calloc(ncols, sizeof(PyObject *));
+    uint64_t *ival = PyMem_Calloc(ncols, sizeof(uint64_t));
+    PyObject *bad = PyList_New(0), *final = PyBytes_FromStringAndSize(NULL, n), *result = NULL;
+    if (!recs || !corrs || !fins || !cols || !tptr || !tlen || !tobj || !ival || !bad || !final) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < n && held < PyList_GET_SIZE(flows); held++) {
+        PyObject *f;
+        if (!exported_parts(PyList_GET_ITEM(flows, held), &recs[held], &corrs[held], &f)) {
+            PyErr_SetString(PyExc_RuntimeError, "columns: the batch changed while it was read");
+            goto done;
+        }
+        Py_INCREF(recs[held]);
+        Py_INCREF(corrs[held]);
+        int t = PyBool_Check(f) ? f == Py_True : PyObject_IsTrue(f);
+        if (t < 0) {
+            held++;
+            goto done;
+        }
+        fins[held] = (char)t;
+    }
+    if (held < n) {
+        PyErr_SetString(PyExc_RuntimeError, "columns: the batch changed while it was read");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        SnapCol *c = &cols[j];
+        if (j < nplan) {
+            PyObject *spec = PyTuple_GET_ITEM(plan, j);
+            if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+                PyErr_SetString(PyExc_ValueError, "plan entries are (kind, width, element, element2 or None)");
+                goto done;
+            }
+            c->kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 0));
+            c->width = (int)PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
+            if (PyErr_Occurred())
+                goto done;
+            if ((c->kind != 0 && c->kind != 1) ||
+                (c->kind == 0 && c->width != 1 && c->width != 2 && c->width != 4 && c->width != 8)) {
+                PyErr_SetString(PyExc_ValueError, "bad plan entry");
+                goto done;
+            }
+            for (int li = 0; li < 4; li++) {
+                RecordObject probe = {.li = li};
+                PyObject *na = PyTuple_GET_ITEM(spec, 2), *nb = PyTuple_GET_ITEM(spec, 3);
+                c->a[li] = rec_find(&probe, na);
+                c->b[li] = nb == Py_None ? -1 : rec_find(&probe, nb);
+                c->folded = nb != Py_None;
+                if (c->a[li] == -2 || c->b[li] == -2)
+                    goto done;
+            }
+        } else {
+            c->kind = 1;
+            for (int li = 0; li < 4; li++)
+                c->a[li] = c->b[li] = -1;
+        }
+        if (c->kind == 0) {
+            c->maximum = c->width == 8 ? ~0ULL : ((1ULL << (8 * c->width)) - 1);
+            if ((c->ints = PyBytes_FromStringAndSize(NULL, n * c->width)) == NULL)
+                goto done;
+        } else if (objects) {
+            if ((c->list = PyList_New(n)) == NULL)
+                goto done;
+        } else {
+            c->offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 4);
+            c->data = PyBytes_FromStringAndSize(NULL, n * 8 + 64);
+            if (!c->offsets || !c->data)
+                goto done;
+            memset(PyBytes_AS_STRING(c->offsets), 0, 4);
+        }
+    }
+    static PyObject *empty;
+    if (empty == NULL && (empty = PyUnicode_New(0, 0)) == NULL)
+        goto done;
+    Py_ssize_t kept = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RecordObject *r = recs[i];
+        PyObject *corr = corrs[i];
+        int li = r->li, ok = 1;
+        for (Py_ssize_t j = 0; ok && j < nplan; j++) {
+            SnapCol *c = &cols[j];
+            PyObject *o = NULL;
+            uint64_t x = 0;
+            int present = c->a[li] >= 0;
+            if (present)
+                rec_slot(r, c->a[li], &o, &x);
+            if (c->kind == 0) {
+                if (!present) {
+                    ival[j] = 0;
+                } else if (o == NULL) {
+                    ok = x <= c->maximum;
+                    ival[j] = x;
+                } else if (!PyLong_Check(o)) {
+                    ok = 0;
+                } else {
+                    unsigned long long y = PyLong_AsUnsignedLongLong(o);
+                    if (y == (unsigned long long)-1 && PyErr_Occurred()) {
+                        PyErr_Clear();
+                        ok = 0;
+                    } else {
+                        ok = y <= c->maximum;
+                        ival[j] = y;
+                    }
+                }
+                continue;
+            }
+            if (c->folded) { /* v4 or v6 or "" */
+                if (!present || !snap_truth(o, x)) {
+                    present = c->b[li] >= 0;
+                    o = NULL;
+                    x = 0;
+                    if (present)
+                        rec_slot(r, c->b[li], &o, &x);
+                    if (present && !snap_truth(o, x))
+                        present = 0;
+                }
+            }
+            if (!present) {
+                o = empty;
+            } else if (o == NULL) { /* a number in a text column */
+                ok = 0;
+                break;
+            }
+            if (!snap_text(o, &tptr[j], &tlen[j]))
+                ok = 0;
+            tobj[j] = o;
+        }
+        if (ok) {
+            ok = snap_text(corr, &tptr[nplan], &tlen[nplan]);
+            tobj[nplan] = corr;
+        }
+        if (!ok) {
+            PyObject *idx = PyLong_FromSsize_t(i);
+            if (idx == NULL || PyList_Append(bad, idx) < 0) {
+                Py_XDECREF(idx);
+                goto done;
+            }
+            Py_DECREF(idx);
+            continue;
+        }
+        PyBytes_AS_STRING(final)[kept] = fins[i];
+        for (Py_ssize_t j = 0; j < ncols; j++) {
+            SnapCol *c = &cols[j];
+            if (c->kind == 0) {
+                put_uint(PyBytes_AS_STRING(c->ints) + kept * c->width, c->width, ival[j]);
+            } else if (objects) {
+                Py_INCREF(tobj[j]);
+                PyList_SET_ITEM(c->list, kept, tobj[j]);
+            } else {
+                if (c->used + tlen[j] > INT32_MAX) {
+                    PyErr_SetString(PyExc_OverflowError, "a text column holds more than 2 GiB");
+                    goto done;
+                }
+                Py_ssize_t cap = PyBytes_GET_SIZE(c->data);
+                if (c->used + tlen[j] > cap) {
+                    Py_ssize_t ncap = cap * 2 > c->used + tlen[j] ? cap * 2 : c->used + tlen[j] + 1024;
+                    if (_PyBytes_Resize(&c->data, ncap) < 0)
+                        goto done;
+                }
+                memcpy(PyBytes_AS_STRING(c->data) + c->used, tptr[j], tlen[j]);
+                c->used += tlen[j];
+                int32_t off = (int32_t)c->used;
+                memcpy(PyBytes_AS_STRING(c->offsets) + (kept + 1) * 4, &off, 4);
+            }
+        }
+        kept++;
+    }
+    PyObject *out = PyList_New(ncols);
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < ncols; j++) {
+        SnapCol *c = &cols[j];
+        PyObject *item;
+        if (c->kind == 0) {
+            if (_PyBytes_Resize(&c->ints, kept * c->width) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = c->ints;
+            c->ints = NULL;
+        } else if (objects) {
+            for (Py_ssize_t k = kept; k < n; k++) {
+                Py_INCREF(Py_None);
+                PyList_SET_ITEM(c->list, k, Py_None);
+            }
+            if (kept < n && PyList_SetSlice(c->list, kept, n, NULL) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = c->list;
+            c->list = NULL;
+        } else {
+            if (_PyBytes_Resize(&c->offsets, (kept + 1) * 4) < 0 || _PyBytes_Resize(&c->data, c->used) < 0) {
+                Py_DECREF(out);
+                goto done;
+            }
+            item = PyTuple_Pack(2, c->offsets, c->data);
+            if (item == NULL) {
+                Py_DECREF(out);
+                goto done;
+            }
+        }
+        PyList_SET_ITEM(out, j, item);
+    }
+    if (_PyBytes_Resize(&final, kept) < 0) {
+        Py_DECREF(out);
+        goto done;
+    }
+    result = Py_BuildValue("(NOO)", out, bad, final);
+
+done:
+    if (cols) {
+        for (Py_ssize_t j = 0; j < ncols; j++) {
+            Py_XDECREF(cols[j].ints);
+            Py_XDECREF(cols[j].offsets);
+            Py_XDECREF(cols[j].data);
+            Py_XDECREF(cols[j].list); /* unfinished: unset items are NULL, which list dealloc skips */
+        }
+    }
+    for (Py_ssize_t i = 0; i < held; i++) {
+        Py_XDECREF(recs[i]);
+        Py_XDECREF(corrs[i]);
+    }
+    PyMem_Free(recs);
+    PyMem_Free(corrs);
+    PyMem_Free(fins);
+    PyMem_Free(cols);
+    PyMem_Free(tptr);
+    PyMem_Free(tlen);
+    PyMem_Free(tobj);
+    PyMem_Free(ival);
+    Py_XDECREF(bad);
+    Py_XDECREF(final);
+    return result;
+}
+
+/* ---- the IPFIX sink's data records ----
+ * Per layout, one code per template field (configure_ipfix): 1, 2, 4, 8 an unsigned
+ * integer of that many octets, 'T' dateTimeSeconds, '4' / '6' an address, 'S' a
+ * variable-length string: how flowscope.ipfix's codec encodes each (template.py's
+ * plans). A value the codec would take some other way (an int subclass, a str that is
+ * no address for inet_pton, a string past 65535 octets) leaves the record to the codec. */
+typedef struct {
+    char code;
+    Py_ssize_t kind; /* slot_kind of the field's slot */
+} IpfixOp;
+static IpfixOp ipfix_ops[4][N_OUT_MAX];
+static int ipfix_on;
+
+static PyObject *
+configure_ipfix(PyObject *self, PyObject *args)
+{
+    PyObject *codes;
+    if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &codes))
+        return NULL;
+    if (!snapshots_on || PyTuple_GET_SIZE(codes) != 4) {
+        PyErr_SetString(PyExc_ValueError, "configure_ipfix: configure_snapshots first; 4 layouts' codes");
+        return NULL;
+    }
+    for (int li = 0; li < 4; li++) {
+        PyObject *b = PyTuple_GET_ITEM(codes, li);
+        if (!PyBytes_Check(b) || PyBytes_GET_SIZE(b) != n_out) {
+            PyErr_SetString(PyExc_ValueError, "configure_ipfix: one code per field of each layout");
+            return NULL;
+        }
+        for (Py_ssize_t j = 0; j < n_out; j++) {
+            char c = PyBytes_AS_STRING(b)[j];
+            if (!(c == 1 || c == 2 || c == 4 || c == 8 || c == 'T' || c == '4' || c == '6' || c == 'S')) {
+                PyErr_Format(PyExc_ValueError, "configure_ipfix: unknown code %d", (int)c);
+                return NULL;
+            }
+            ipfix_ops[li][j].code = c;
+            ipfix_ops[li][j].kind = slot_kind[out_order[li][j]];
+        }
+    }
+    ipfix_on = 1;
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    char *p;
+    Py_ssize_t len, cap;
+} EncBuf;
+
+static int
+enc_room(EncBuf *b, Py_ssize_t need)
+{
+    if (b->len + need <= b->cap)
+        return 0;
+    Py_ssize_t ncap = b->cap * 2 > b->len + need ? b->cap * 2 : b->len + need + 256;
+    char *np = PyMem_Realloc(b->p, ncap);
+    if (np == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->p = np;
+    b->cap = ncap;
+    return 0;
+}
+
+/* An address str as inet_pton reads it, cached by the str object (the decoder interns
+ * the addresses it reads, so the same objects come back): a reference is held, so no
+ * other object can take a cached one's address. */
+#define ADDR_CACHE 4096
+static struct {
+    PyObject *key;
+    int v6;
+    unsigned char addr[16];
+} addr_cache[ADDR_CACHE];
+
+static int
+enc_addr(PyObject *o, int v6, unsigned char *out) /* 1 ok, 0 the codec's */
+{
+    size_t h = ((uintptr_t)o >> 4) % ADDR_CACHE;
+    int w = v6 ? 16 : 4;
+    if (addr_cache[h].key == o && addr_cache[h].v6 == v6) {
+        memcpy(out, addr_cache[h].addr, w);
+        return 1;
+    }
+    const char *s;
+    Py_ssize_t n;
+    if (!snap_text(o, &s, &n) || (Py_ssize_t)strlen(s) != n || n > 63) /* an embedded NUL: inet_pton would stop there */
+        return 0;
+    if (inet_pton(v6 ? AF_INET6 : AF_INET, s, out) != 1)
+        return 0;
+    Py_INCREF(o); /* keyed by the object and the family asked for ("0.0.0.0" may come in an IPv6 field) */
+    Py_XSETREF(addr_cache[h].key, o);
+    addr_cache[h].v6 = v6;
+    memcpy(addr_cache[h].addr, out, w);
+    return 1;
+}
+
+/* One data record of r into b: 1 done, 0 the codec's (b->len unchanged by the caller), -1 error. */
+static int
+enc_record(const RecordObject *r, EncBuf *b)
+{
+    const IpfixOp *ops = ipfix_ops[r->li];
+    /* the fixed part first: at most 16 octets a field */
+    if (enc_room(b, n_out * 16) < 0)
+        return -1;
+    for (Py_ssize_t j = 0; j < n_out; j++) {
+        const IpfixOp *op = &ops[j];
+        Py_ssize_t k = op->kind;
+        char c = op->code;
+        if (k >= 0 && (c == 8 || c == 4 || c == 'T' || c == 2 || c == 1)) { /* a C number */
+            uint64_t x = r->v[k];
+            int w = c == 'T' ? 4 : c;
+            if (w < 8 && x >> (8 * w))
+                return 0;
+            x = __builtin_bswap64(x);
+            if (enc_room(b, 8) < 0)
+                return -1;
+            memcpy(b->p + b->len, (char *)&x + (8 - w), w);
+            b->len += w;
+            continue;
+        }
+        if (k >= 0)
+            return 0; /* a number where the template has an address or a string */
+        PyObject *o = k == K_SRC ? r->src : k == K_DST ? r->dst : k == K_TCP ? r->tcp : k == K_EXP ? r->exporter
+                      : PyTuple_GET_ITEM(r->merged, K_META - k);
+        if (c == 1 || c == 2 || c == 4 || c == 8 || c == 'T') {
+            int w = c == 'T' ? 4 : c;
+            if (!PyLong_CheckExact(o))
+                return 0;
+            uint64_t x = PyLong_AsUnsignedLongLong(o);
+            if (x == (uint64_t)-1 && PyErr_Occurred()) {
+                PyErr_Clear();
+                return 0;
+            }
+            if (w < 8 && x >> (8 * w))
+                return 0;
+            x = __builtin_bswap64(x);
+            if (enc_room(b, 8) < 0)
+                return -1;
+            memcpy(b->p + b->len, (char *)&x + (8 - w), w);
+            b->len += w;
+            continue;
+        }
+        if (c == 'S') {
+            const char *s;
+            Py_ssize_t n;
+            if (!snap_text(o, &s, &n) || n > 65535)
+                return 0;
+            if (enc_room(b, n + 3) < 0)
+                return -1;
+            if (n < 255) {
+                b->p[b->len++] = (char)n;
+            } else {
+                b->p[b->len++] = (char)0xFF;
+                b->p[b->len++] = (char)(n >> 8);
+                b->p[b->len++] = (char)n;
+            }
+            memcpy(b->p + b->len, s, n);
+            b->len += n;
+            continue;
+        }
+        int v6 = c == '6';
+        if (enc_room(b, 16) < 0 || !enc_addr(o, v6, (unsigned char *)b->p + b->len))
+            return PyErr_Occurred() ? -1 : 0;
+        b->len += v6 ? 16 : 4;
+    }
+    return 1;
+}
+
+/* encode_sets(flows, limit) -> (per layout a list of (payload, records), the flows left) or None
+ * The IPFIX sink's data sets of a batch of ExportedFlows: each layout's records, as the
+ * codec encodes their dicts, back to back in payloads of at most limit octets, filled
+ * greedily as the codec fills a message (so the same records share a message); a flow
+ * whose record is no Record, that holds a value the codec takes some other way, or that
+ * alone exceeds limit, is left for the codec (the second list, in batch order). */
+static int
+flush_set(EncBuf *b, Py_ssize_t *count, PyObject *list)
+{
+    if (*count == 0)
+        return 0;
+    PyObject *item = Py_BuildValue("(y#n)", b->p, b->len, *count);
+    if (item == NULL || PyList_Append(list, item) < 0) {
+        Py_XDECREF(item);
+        return -1;
+    }
+    Py_DECREF(item);
+    b->len = 0;
+    *count = 0;
+    return 0;
+}
+
+static PyObject *
+encode_sets(PyObject *self, PyObject *args)
+{
+    PyObject *flows;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &flows, &limit))
+        return NULL;
+    if (!ipfix_on)
+        Py_RETURN_NONE;
+    PyObject *per[4] = {PyList_New(0), PyList_New(0), PyList_New(0), PyList_New(0)}, *left = PyList_New(0);
+    PyObject *result = NULL;
+    EncBuf bufs[4] = {{0}}, one = {PyMem_Malloc(1024), 0, 1024};
+    Py_ssize_t counts[4] = {0};
+    if (!per[0] || !per[1] || !per[2] || !per[3] || !left || one.p == NULL) {
+        if (one.p == NULL)
+            PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(flows); i++) {
+        PyObject *e = PyList_GET_ITEM(flows, i), *corr, *fin;
+        RecordObject *r;
+        one.len = 0;
+        int rc = exported_parts(e, &r, &corr, &fin) ? enc_record(r, &one) : 0;
+        if (rc < 0)
+            goto done;
+        if (rc == 0 || one.len > limit) {
+            if (PyList_Append(left, e) < 0)
+                goto done;
+            continue;
+        }
+        EncBuf *b = &bufs[r->li];
+        if (b->len + one.len > limit && flush_set(b, &counts[r->li], per[r->li]) < 0)
+            goto done;
+        if (enc_room(b, one.len) < 0)
+            goto done;
+        memcpy(b->p + b->len, one.p, one.len);
+        b->len += one.len;
+        counts[r->li]++;
+    }
+    for (int li = 0; li < 4; li++)
+        if (flush_set(&bufs[li], &counts[li], per[li]) < 0)
+            goto done;
+    result = Py_BuildValue("([OOOO]O)", per[0], per[1], per[2], per[3], left);
+done:
+    PyMem_Free(one.p);
+    for (int li = 0; li < 4; li++) {
+        PyMem_Free(bufs[li].p);
+        Py_XDECREF(per[li]);
+    }
+    Py_XDECREF(left);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "Bind the module to aggregation.py's Flow class, field names and constants."},
     {"ingest_many", ingest_many, METH_VARARGS, "AggregationProcess.ingest_many's loop (see the module docstring)."},
@@ -2363,6 +3270,10 @@ static PyMethodDef methods[] = {
     {"export", export, METH_VARARGS, "AggregationProcess._export of a flow, or None."},
     {"scan", scan, METH_VARARGS, "AggregationProcess._scan's loop where it only exports or skips flows."},
     {"configure_export", configure_export, METH_VARARGS, "Bind export() to ExportedFlow and the correlation names."},
+    {"configure_snapshots", configure_snapshots, METH_NOARGS, "Make export() give Records (see the snapshots' section)."},
+    {"columns", columns, METH_VARARGS, "The ClickHouse sink's columns of ExportedFlows with Records, or None."},
+    {"configure_ipfix", configure_ipfix, METH_VARARGS, "The IPFIX sink's field codes per layout."},
+    {"encode_sets", encode_sets, METH_VARARGS, "The IPFIX sink's data sets of ExportedFlows with Records."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2387,7 +3298,7 @@ PyInit__aggr(void)
         if ((odd_name[i] = PyUnicode_InternFromString(odd_name_s[i])) == NULL)
             return NULL;
     if ((empty_str = PyUnicode_New(0, 0)) == NULL || (int_zero = PyLong_FromLong(0)) == NULL ||
-        PyType_Ready(&FlowType) < 0 || PyType_Ready(&CountersType) < 0)
+        PyType_Ready(&FlowType) < 0 || PyType_Ready(&CountersType) < 0 || PyType_Ready(&RecordType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
@@ -2395,6 +3306,12 @@ PyInit__aggr(void)
     Py_INCREF(&FlowType);
     if (PyModule_AddObject(m, "Flow", (PyObject *)&FlowType) < 0) {
         Py_DECREF(&FlowType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&RecordType);
+    if (PyModule_AddObject(m, "Record", (PyObject *)&RecordType) < 0) {
+        Py_DECREF(&RecordType);
         Py_DECREF(m);
         return NULL;
     }

@@ -44,6 +44,7 @@ import os
 import random
 import threading
 import time
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,13 @@ from typing import Any
 from .aggregation import ExportedFlow
 from .config import ClickHouseSinkConfig, ConfigError
 
-from flowscope.collector.rows import flows_to_columns
+from flowscope.collector.rows import ARRAY_CODES, TextColumn, flows_to_columns
+from flowscope.collector.schema import RECORD_COLUMNS
 from flowscope.collector.store import FlowStore, StoreError, check_identifier, open_store, parse_store_address
 
-__all__ = ["BufferFull", "ClickHouseSink", "backoff_delay", "make_sink"]
+from . import aggregation
+
+__all__ = ["BufferFull", "ClickHouseSink", "backoff_delay", "flows_columns", "make_sink"]
 
 log = logging.getLogger("flowscope.aggregator.clickhouse")
 
@@ -62,6 +66,39 @@ BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 30.0
 CHUNK_ROWS = 100_000
 CLOSE_TIMEOUT = 15.0
+
+
+# The store's record columns as the C export's columns() reads them: (kind, width in
+# octets, element, the folded IPv6 element or None), collector.rows' plan by name.
+_PLAN = tuple((0 if c.is_int else 1, c.width, c.elements[0], c.elements[1] if len(c.elements) == 2 else None)
+              for c in RECORD_COLUMNS)
+
+
+def flows_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int,
+                  text: str = "list") -> tuple[list[Any], int]:
+    """:func:`flowscope.collector.rows.flows_to_columns` of a batch of ExportedFlows, the
+    same columns and the same records left out, read straight from the C export's Records
+    (aggregator/_aggr.c ``columns``: no dict per record, no int object per value) when the
+    whole batch is what the C export made; any other batch goes to flows_to_columns."""
+    native = aggregation._aggr
+    got = None
+    if native is not None and text in ("list", "arrow"):
+        got = native.columns(flows if type(flows) is list else list(flows), _PLAN, text == "list")
+    if got is None:
+        return flows_to_columns(flows, time_inserted=time_inserted, commit_id=commit_id, text=text)  # type: ignore[arg-type]
+    raw, bad, final = got
+    cols: list[Any] = []
+    for col, v in zip((*RECORD_COLUMNS, None), raw):
+        if col is not None and col.is_int:
+            a = array(ARRAY_CODES[col.type])
+            a.frombytes(v)
+            cols.append(a)
+        elif isinstance(v, tuple):
+            cols.append(TextColumn(*v))
+        else:
+            cols.append(v)
+    n = len(final)
+    return [array("I", (time_inserted,)) * n, *cols, array("B", final), array("Q", (commit_id,)) * n], len(bad)
 
 
 class BufferFull(Exception):
@@ -255,7 +292,7 @@ class ClickHouseSink:
     def _send_locked(self, chunk: _Chunk) -> int:
         if chunk.columns is None:
             t = time.thread_time()
-            chunk.columns, chunk.invalid = flows_to_columns(
+            chunk.columns, chunk.invalid = flows_columns(
                 chunk.flows or (), time_inserted=chunk.time_inserted, commit_id=chunk.commit_id,
                 text=getattr(self.store, "text_form", "list"))
             self.convert_cpu += time.thread_time() - t

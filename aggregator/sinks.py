@@ -32,7 +32,8 @@ from flowscope.ipfix.antrea import aggregator_fields
 
 from .aggregation import ExportedFlow
 
-__all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "record_to_json", "TEMPLATE_IDS", "template_names"]
+__all__ = ["Sink", "QueuedSink", "FlowLogWriter", "FlowLogSink", "IPFIXSink", "data_records", "record_to_json", "TEMPLATE_IDS",
+           "template_names"]
 
 log = logging.getLogger("flowscope.aggregator.sinks")
 
@@ -354,6 +355,70 @@ def template_names(ipv6: bool, exporter_ipv6: bool) -> tuple[str, ...]:
 TEMPLATE_IDS: dict[tuple[bool, bool], int] = {(False, False): 256, (True, False): 257, (False, True): 258, (True, True): 259}
 
 
+_LAYOUTS = ((False, False), (False, True), (True, False), (True, True))  # _aggr's layout i: (flow v6, exporter v6)
+_IPFIX_CODES = {"unsigned8": 1, "unsigned16": 2, "unsigned32": 4, "unsigned64": 8}
+_ipfix_native: Any = None  # _aggr, once its IPFIX codes are configured; False: not available
+
+
+def _native_encoder() -> Any:
+    """The C export's data record encoder (aggregator/_aggr.c encode_records), configured
+    with each template's field codes on first use; None where the twin serves or a field
+    is of a type it does not write (the codec then encodes every record)."""
+    global _ipfix_native
+    if _ipfix_native is None:
+        from flowscope.ipfix import Template
+        from flowscope.ipfix.template import VARIABLE_LENGTH
+
+        from .aggregation import _aggr, output_names
+
+        _ipfix_native = False
+        codes = []
+        for v6, e6 in _LAYOUTS:
+            t = Template.build(TEMPLATE_IDS[(v6, e6)], template_names(v6, e6))
+            if _aggr is None or t.keys != output_names(v6, e6):
+                return None
+            out = bytearray()
+            for f in t.fields:
+                dt, n = f.ie.data_type.name, f.length
+                code = {
+                    **{(k, w): w for k, w in _IPFIX_CODES.items()}, ("dateTimeSeconds", 4): ord("T"),
+                    ("ipv4Address", 4): ord("4"), ("ipv6Address", 16): ord("6"), ("string", VARIABLE_LENGTH): ord("S"),
+                }.get((dt, n))
+                if code is None:
+                    return None
+                out.append(code)
+            codes.append(bytes(out))
+        _aggr.configure_ipfix(tuple(codes))
+        _ipfix_native = _aggr
+    return _ipfix_native or None
+
+
+def data_records(batch: Sequence[ExportedFlow], limit: int) -> list[tuple[int, list[Any], bool]]:
+    """The IPFIX sink's submissions for a batch: (template id, items, data sets or not).
+    The C export's Records are encoded straight from their values into data sets of at
+    most ``limit`` octets (items ``(payload, records)``: the bytes the codec makes of their
+    dicts, split where the codec would split them); any other record, and a Record
+    holding a value the codec takes some other way, goes to the codec as a dict (items:
+    records, by template)."""
+    out: list[tuple[int, list[Any], bool]] = []
+    rest: Sequence[ExportedFlow] = batch
+    native = _native_encoder()
+    if native is not None:
+        got = native.encode_sets(batch if type(batch) is list else list(batch), limit)
+        if got is not None:
+            per, rest = got
+            out += [(TEMPLATE_IDS[_LAYOUTS[i]], sets, True) for i, sets in enumerate(per) if sets]
+    groups: dict[int, list[Any]] = {}
+    for f in rest:
+        rec = f.record
+        if type(rec) is not dict:
+            rec = dict(rec)
+        tid = TEMPLATE_IDS[("sourceIPv6Address" in rec, "originalExporterIPv6Address" in rec)]
+        groups.setdefault(tid, []).append(rec)
+    out += [(tid, recs, False) for tid, recs in groups.items()]
+    return out
+
+
 class IPFIXSink:
     """The design's exporting process: aggregated records over IPFIX to the external collector.
 
@@ -384,20 +449,20 @@ class IPFIXSink:
         await self.process.start()
 
     async def write(self, batch: Sequence[ExportedFlow]) -> None:
-        groups: dict[int, list[dict[str, Any]]] = {}
-        for f in batch:
-            rec = f.record
-            tid = TEMPLATE_IDS[("sourceIPv6Address" in rec, "originalExporterIPv6Address" in rec)]
-            groups.setdefault(tid, []).append(rec)
         loop = asyncio.get_running_loop()
-        for tid, records in groups.items():
+        for tid, items, sets in data_records(batch, self.process.data_set_limit):
+            n = sum(count for _payload, count in items) if sets else len(items)
             # Backpressure: wait (a bounded time) for the exporting process's queue to take the
             # batch, so that this sink's own queue absorbs bursts and counts what overflows.
             deadline = loop.time() + self.submit_wait
             st = self.process.stats
-            while st.queued + len(records) > self.process.queue_size and loop.time() < deadline:
+            while st.queued + n > self.process.queue_size and loop.time() < deadline:
                 await asyncio.sleep(0.005)
-            self.process.submit(tid, records)  # a refusal is counted by the process (records_dropped)
+            # a refusal is counted by the process (records_dropped)
+            if sets:
+                self.process.submit_data_sets(tid, items)
+            else:
+                self.process.submit(tid, items)
 
     async def close(self) -> None:
         if self.process is not None:

@@ -8,12 +8,19 @@ sockets or an event loop (each stage is the same code the daemon runs, fed in me
   session);
 - ``decode``: MessageFramer + Decoder (flowscope.ipfix) over the plaintext;
 - ``ingest``: correlation and aggregation (AggregationProcess.ingest_many);
-- ``export``: one export scan (``tick``) building the aggregated records;
-- ``ipfix_out``: encoding them for the IPFIX sink (the aggregator's templates) and
-  encrypting the stream (``tls_out``);
+- ``export``: one export scan (``tick``) building the aggregated records (the C
+  export's Records, snapshots of the flows; the twin's dicts);
+- ``ipfix_out``: encoding them for the IPFIX sink (the aggregator's templates: the sink's
+  ``data_records``, for Records the C encoder's data sets, which the session frames as
+  messages; the twin's dicts by the codec) and encrypting the stream (``tls_out``);
 - ``clickhouse_columns``: the ClickHouse sink's conversion to insert columns
-  (collector.rows.flows_to_columns; the insert itself is ClickHouse's CPU, see
+  (aggregator.clickhouse_sink.flows_columns: straight from Records in C, else
+  collector.rows.flows_to_columns; the insert itself is ClickHouse's CPU, see
   benchmarks/clickhouse_sink.py).
+
+``held_bytes_per_exported_record`` is what one exported record (its ExportedFlow and
+record, values included) holds while it waits in a sink queue, measured with tracemalloc
+on a smaller run (``--held-flows``): a Record against the twin's dict.
 
 The input is aggregator_correlation.py's: 100k inter-node flows, each reported by both
 nodes, then updated by both (400k records). ``per_1000_records_ms`` divides each stage's
@@ -56,8 +63,8 @@ from aggregator_correlation import make_records, to_messages  # noqa: E402
 
 from flowscope.aggregator import aggregation  # noqa: E402
 from flowscope.aggregator.aggregation import AggregationProcess  # noqa: E402
-from flowscope.aggregator.sinks import TEMPLATE_IDS, template_names  # noqa: E402
-from flowscope.collector.rows import flows_to_columns  # noqa: E402
+from flowscope.aggregator.clickhouse_sink import flows_columns  # noqa: E402
+from flowscope.aggregator.sinks import TEMPLATE_IDS, data_records, template_names  # noqa: E402
 from flowscope.ipfix import Decoder, ExportSession, MessageFramer, Template, accel  # noqa: E402
 from flowscope.ipfix.antrea import agent_fields  # noqa: E402
 
@@ -200,11 +207,17 @@ def run_once(n_flows: int, tmp: str, twin: bool = False) -> dict[str, float]:
     out_session = ExportSession(1)
     for (v6, e6), tid in TEMPLATE_IDS.items():
         out_session.add_template(Template.build(tid, template_names(v6, e6)))
-    records = [f.record for f in exported]
-    out_msgs = stage("ipfix_out", lambda: out_session.encode_records(TEMPLATE_IDS[(False, False)], records, 60))
+
+    def ipfix_out() -> list[bytes]:
+        msgs: list[bytes] = []
+        for tid, items, sets in data_records(exported, out_session.data_set_limit):
+            msgs += out_session.encode_data_sets(tid, items, 60) if sets else out_session.encode_records(tid, items, 60)
+        return msgs
+
+    out_msgs = stage("ipfix_out", ipfix_out)
     out_pair = TLSPair(tmp)
     stage("tls_out", lambda: out_pair.encrypt(out_msgs))
-    columns, invalid = stage("clickhouse_columns", lambda: flows_to_columns(exported, time_inserted=60, commit_id=1))
+    columns, invalid = stage("clickhouse_columns", lambda: flows_columns(exported, time_inserted=60, commit_id=1))
     assert invalid == 0 and len(columns[0]) == n_flows
     gc.unfreeze()
     cpu["records_in"] = n_in
@@ -212,10 +225,35 @@ def run_once(n_flows: int, tmp: str, twin: bool = False) -> dict[str, float]:
     return cpu
 
 
+def held_bytes(n_flows: int, twin: bool) -> float:
+    """Bytes one exported record holds (ExportedFlow, record, its own values) while queued."""
+    import tracemalloc
+
+    proc = AggregationProcess(export_interval=60.0, correlation_timeout=30.0, inactive_timeout=90.0, max_flows=n_flows * 2)
+    if twin:
+        proc._accel = None
+    for records in (make_records(n_flows, 0),):
+        for exporter, recs in to_messages(records):
+            proc.ingest_many(recs, exporter, 1, 5.0)
+    proc.tick(60.0)  # the merge cache filled, as in a running aggregator
+    for records in (make_records(n_flows, 1),):
+        for exporter, recs in to_messages(records):
+            proc.ingest_many(recs, exporter, 1, 65.0)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    exported = proc.tick(120.0)
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(exported) == n_flows
+    return (after - before) / n_flows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--held-flows", type=int, default=20_000)
     args = ap.parse_args(argv)
     runs, twin_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_per_1000_records_ms": {g: round(sum(twin_med[k] for k in ks) / n_in * 1e6, 3)
                                         for g, ks in groups.items()},
             "records_per_s": round(n_in / twin_total),
+            "held_bytes_per_exported_record": round(held_bytes(args.held_flows, True)),
             "ratio_records_per_s": round(twin_total / total, 2),
             "ratio_correlation_aggregation_cpu": round(
                 sum(med[k] for k in groups["correlation_aggregation"])
@@ -272,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer": "go-ipfix aggregation, documented (issue 12): 6.3 us a record; not runnable here (no Go toolchain, no go-ipfix pkg/intermediate sources)",
         "peer_per_1000_records_ms": peer_us,
         "ratio_correlation_aggregation_vs_peer": round(corr_ms / peer_us, 2),
+        "held_bytes_per_exported_record": round(held_bytes(args.held_flows, False)),
         "twin": twin_out,
         "target": {"records_per_s": 300_000},
     }, indent=2))

@@ -1,7 +1,11 @@
 """Rows per second through the aggregator's ClickHouse sink, into chDB and into a ClickHouse server.
 
 What it measures, per backend, median of ``--rounds`` runs of ``--rows`` aggregated
-records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes):
+records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes), as the
+aggregator's export really hands them to the sink: agent records (one intra-node record
+per connection, every agent IE) fed to an AggregationProcess, whose export scan gives the
+ExportedFlows (their records the C export's Records where it is built, else the twin's
+dicts):
 
 * ``sink``: ``ClickHouseSink.write`` of the ExportedFlows then one ``commit`` of an
   open sink (its first commit, which opens and migrates the store, before the clock) -
@@ -16,8 +20,11 @@ records (IPv4, every element of the aggregated record set, 200 Pods on 8 Nodes):
 * peer, server only: clickhouse-driver's usual row-oriented insert (a list of tuples,
   ``execute("INSERT ... VALUES", rows)``), the obvious implementation, in the same run;
   ``chdb_sink_vs_server_peer`` is our chDB sink's wall rate over it.
-* ``convert``: ``flows_to_columns`` alone, both text forms (CPU time of this process),
-  and which transposition served (the C extension or the pure-Python twin).
+* ``convert``: the sink's conversion alone (``clickhouse_sink.flows_columns``), both text
+  forms (CPU time of this process), and which transposition served (the C extension or
+  the pure-Python twin); ``convert_cpu_ms_per_1k_rows`` gives it per 1,000 rows for the
+  export's records (``export``: Records, read in C without names) and for the same
+  records as dicts (``dict``: collector.rows.flows_to_columns, the path before Records).
 * ``chdb_views``: chDB's insert CPU per 1,000 rows into the same columns read and
   dropped, into the raw table alone, and with the roll-up families added one at a time,
   in the same session: what the reading, the raw part and each family's views cost
@@ -43,41 +50,61 @@ import subprocess
 import tempfile
 import time
 
-from flowscope.aggregator.aggregation import ExportedFlow, output_names
-from flowscope.aggregator.clickhouse_sink import ClickHouseSink
+from flowscope.aggregator.aggregation import AggregationProcess, ExportedFlow, accelerated as aggregation_accelerated
+from flowscope.aggregator.clickhouse_sink import ClickHouseSink, flows_columns
 from flowscope.collector.rows import accelerated, flows_to_columns, typed_columns
 from flowscope.collector.schema import COLUMN_NAMES
 from flowscope.collector.store import FlowStore, open_store
 from flowscope.ipfix import DataType, default_registry
+from flowscope.ipfix.antrea import agent_fields
 
 T0 = (int(time.time()) // 3600 - 2) * 3600  # recent: older rows would fall to the raw TTL
 
 
-def make_flows(n: int, seed: int) -> list[ExportedFlow]:
-    names = output_names(False, False)
+def agent_records(n: int, seed: int) -> dict[str, list[dict[str, object]]]:
+    """One intra-node agent record per connection (every agent IE), by the node's agent."""
+    names = agent_fields(4)
     reg = default_registry()
     blank = {name: "" if reg.get(name).data_type in (DataType.string, DataType.ipv4Address) else 0 for name in names}
-    out = []
+    blank.update(destinationClusterIPv4="0.0.0.0", destinationServiceIPv4="0.0.0.0", proxySnatIPv4="0.0.0.0")
+    out: dict[str, list[dict[str, object]]] = {}
     for i in range(n):
         pod, node = i % 200, i % 8
         rec = dict(blank)
         rec.update({
-            "flowStartSeconds": T0 + i % 3600, "flowEndSeconds": T0 + i % 3600 + 30, "flowEndReason": 2,
-            "sourceIPv4Address": f"10.244.{node}.{pod % 250}", "destinationIPv4Address": f"10.244.{(node + 1) % 8}.9",
-            "sourceTransportPort": 10000 + i % 50000, "destinationTransportPort": 8080, "protocolIdentifier": 6,
-            "destinationClusterIPv4": "10.96.0.10", "originalExporterIPv4Address": f"192.168.0.{node + 1}",
+            "flowStartSeconds": T0 + i % 3600, "flowEndSeconds": T0 + i % 3600 + 30, "flowEndReason": 3 if i % 10 == 0 else 2,
+            "sourceIPv4Address": f"10.244.{node}.{pod % 250}", "destinationIPv4Address": f"10.244.{node}.9",
+            # one connection each: the source (its Pod, i % 200) and port (i // 200) tell them apart
+            "sourceTransportPort": 1024 + (i // 200) % 64000, "destinationTransportPort": 8080, "protocolIdentifier": 6,
+            "destinationClusterIPv4": "10.96.0.10",
             "sourcePodNamespace": f"ns-{pod % 10}", "sourcePodName": f"frontend-{pod}", "sourceNodeName": f"node-{node}",
             "destinationPodNamespace": "shop", "destinationPodName": f"backend-{pod % 20}",
-            "destinationNodeName": f"node-{(node + 1) % 8}", "destinationServicePortName": "shop/backend:http",
+            "destinationNodeName": f"node-{node}", "destinationServicePortName": "shop/backend:http",
             "ingressNetworkPolicyName": "allow-web", "ingressNetworkPolicyNamespace": "shop",
-            "ingressNetworkPolicyRuleName": "r1", "egressNetworkPolicyName": "", "egressNetworkPolicyNamespace": "",
-            "egressNetworkPolicyRuleName": "", "tcpState": "ESTABLISHED",
+            "ingressNetworkPolicyRuleName": "r1", "tcpState": "ESTABLISHED", "flowType": 1,
         })
         for k in names:
             if "Count" in k:
                 rec[k] = (i * 31 + seed + len(k)) % 1_000_000
-        out.append(ExportedFlow(rec, "correlated", i % 10 == 0))
+        out.setdefault(f"192.168.0.{node + 1}", []).append(rec)
     return out
+
+
+def make_flows(n: int, seed: int) -> list[ExportedFlow]:
+    """What the aggregator's export hands its sinks for ``n`` connections: the agents'
+    records through an AggregationProcess, then its export scan (every tenth one ended)."""
+    proc = AggregationProcess(export_interval=60.0, max_flows=2 * n, max_flow_bytes=1 << 40)
+    for exporter, recs in agent_records(n, seed).items():
+        for at in range(0, len(recs), 100):  # an IPFIX message's worth at a time
+            proc.ingest_many(recs[at:at + 100], exporter, 1, 1.0)
+    out = proc.tick(60.0)
+    assert len(out) == n, (len(out), proc.stats)
+    return out
+
+
+def as_dicts(flows: list[ExportedFlow]) -> list[ExportedFlow]:
+    """The same ExportedFlows with their records as dicts (what the export made before Records)."""
+    return [ExportedFlow(dict(f.record), f.correlation, f.final) for f in flows]
 
 
 def free_port() -> int:
@@ -146,12 +173,12 @@ def measure(address: str, flows_by_round: list[list[ExportedFlow]], peer_rows: b
     try:
         for flows in flows_by_round:
             sink_r.append(asyncio.run(sink_round(store, flows)))
-            cols = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1, text=text)[0]
+            cols = flows_columns(flows, time_inserted=int(time.time()), commit_id=1, text=text)[0]
             t = time.perf_counter()
             store.insert(cols)
             raw_t.append(time.perf_counter() - t)
             if peer_rows:
-                rows = list(zip(*typed_columns(flows_to_columns(flows, time_inserted=int(time.time()),
+                rows = list(zip(*typed_columns(flows_columns(flows, time_inserted=int(time.time()),
                                                                 commit_id=1)[0])))
                 client = store._conn()  # type: ignore[attr-defined]
                 sql = f"INSERT INTO {store.qualified} ({', '.join(COLUMN_NAMES)}) VALUES"
@@ -251,7 +278,7 @@ def views_cost(flows_by_round: list[list[ExportedFlow]]) -> dict[str, object]:
     cpu: dict[str, list[float]] = {k: [] for k in targets}
     try:
         for i, flows in enumerate(flows_by_round):
-            cols = flows_to_columns(flows, time_inserted=int(time.time()), commit_id=1, text="arrow")[0]
+            cols = flows_columns(flows, time_inserted=int(time.time()), commit_id=1, text="arrow")[0]
             keys = list(targets)
             for k in keys[i % len(keys):] + keys[: i % len(keys)]:  # each round starts elsewhere
                 store._insert_sql = targets[k]  # type: ignore[attr-defined]
@@ -276,15 +303,27 @@ def main() -> None:
     rounds = [make_flows(args.rows, r) for r in range(args.rounds)]
 
     conv: dict[str, list[float]] = {"arrow": [], "list": []}
+    conv_dict: dict[str, list[float]] = {"arrow": [], "list": []}
     for flows in rounds:
-        for text in conv:
+        dicts = as_dicts(flows)
+        for text in conv:  # alternating: the export's records, then the same as dicts
             t = time.process_time()
-            flows_to_columns(flows, time_inserted=T0, commit_id=1, text=text)  # type: ignore[arg-type]
+            got = flows_columns(flows, time_inserted=T0, commit_id=1, text=text)
             conv[text].append(time.process_time() - t)
+            t = time.process_time()
+            want = flows_to_columns(dicts, time_inserted=T0, commit_id=1, text=text)  # type: ignore[arg-type]
+            conv_dict[text].append(time.process_time() - t)
+            assert got[1] == want[1] == 0 and all(list(a) == list(b) for a, b in zip(got[0], want[0]))
+        del dicts
     result: dict[str, object] = {
         "rows": args.rows, "rounds": args.rounds,
         "transposition": "C extension" if accelerated() else "pure Python",
+        "records": "the C export's Records" if aggregation_accelerated() else "the twin's dicts",
         "convert_rows_per_cpu_s_median": {k: round(args.rows / statistics.median(v)) for k, v in conv.items()},
+        "convert_cpu_ms_per_1k_rows": {
+            "export": {k: round(statistics.median(v) / args.rows * 1e6, 3) for k, v in conv.items()},
+            "dict": {k: round(statistics.median(v) / args.rows * 1e6, 3) for k, v in conv_dict.items()},
+        },
         "chdb": measure("chdb://", rounds, peer_rows=False),
         "chdb_views": views_cost(rounds),
     }

@@ -259,6 +259,37 @@ class ExportSession:
         self.sequence_number = (self.sequence_number + len(records)) & 0xFFFFFFFF
         return messages
 
+    @property
+    def data_set_limit(self) -> int:
+        """The most octets of data records one message of this session carries (its size
+        less the message and set headers): what :meth:`encode_data_sets` takes a set of."""
+        return self.max_message_size - HEADER.size - SET_HEADER.size
+
+    def encode_data_sets(self, template_id: int, sets: Sequence[tuple[bytes, int]], export_time: int) -> list[bytes]:
+        """One message per data set already encoded: ``(payload, records)``, the data
+        records of ``template_id`` back to back (what ``encode_record`` gives for each,
+        at most :attr:`data_set_limit` octets, for a caller with its own encoder, such as
+        the Flow Aggregator's C export). Each message's sequence number counts the data
+        records sent before it; a set that does not fit raises :class:`RecordTooLarge`,
+        anything else that is not such a pair UsageError, and then none is sent."""
+        self._template(template_id)
+        if not 0 <= export_time <= 0xFFFFFFFF:
+            raise UsageError(f"export time {export_time} is outside the 32-bit range of seconds")
+        limit = self.data_set_limit
+        messages: list[bytes] = []
+        sequence = self.sequence_number
+        for payload, count in sets:
+            if type(payload) is not bytes or type(count) is not int or count < 1:
+                raise UsageError("a data set is (payload bytes, number of records >= 1)")
+            if len(payload) > limit:
+                raise RecordTooLarge(f"a data set of template {template_id} is {len(payload)} octets, "
+                                     f"more than fits in a {self.max_message_size}-octet message")
+            messages.append(self._data_message(SET_HEADER.pack(template_id, SET_HEADER.size + len(payload)), payload,
+                                               export_time, sequence))
+            sequence = (sequence + count) & 0xFFFFFFFF
+        self.sequence_number = sequence
+        return messages
+
     def _encode_messages_py(
         self, template_id: int, records: Sequence[Record], limit: int, encode: Callable[[Record], bytes], export_time: int
     ) -> tuple[list[bytes], int]:

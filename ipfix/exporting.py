@@ -47,9 +47,10 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .address import Address
-from .codec import MAX_MESSAGE_SIZE, ExportSession, Transport
+from .codec import HEADER, MAX_MESSAGE_SIZE, SET_HEADER, ExportSession, Transport
 from .errors import RecordTooLarge, UsageError
 from .registry import Registry
 from .template import Record, Template
@@ -258,7 +259,8 @@ class ExportingProcess:
         self._ssl = tls.client_context() if tls is not None else None
         self._server_name = (tls.server_name if tls is not None else None) or address.host
         self._limiter = LogLimiter(time.monotonic)
-        self._queue: collections.deque[tuple[int, list[Record]]] = collections.deque()
+        # (template id, records or data sets (submit_data_sets: (payload, records) pairs), data sets or not)
+        self._queue: collections.deque[tuple[int, list[Any], bool]] = collections.deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -295,7 +297,45 @@ class ExportingProcess:
                     "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
                 )
             return False
-        self._queue.append((template_id, list(records)))
+        self._queue.append((template_id, list(records), False))
+        self.stats.queued += n
+        self.stats.records_submitted += n
+        self._idle.clear()
+        self._wake.set()
+        return True
+
+    @property
+    def data_set_limit(self) -> int:
+        """The most octets of data records a message to this collector carries, on any
+        session (for UDP the path MTU less the larger of the IPv4 and IPv6 headers): the
+        size :meth:`submit_data_sets` takes a set of."""
+        size = self.path_mtu - max(IPV4_UDP_OVERHEAD, IPV6_UDP_OVERHEAD) if self.address.protocol == "udp" \
+            else MAX_MESSAGE_SIZE
+        return size - HEADER.size - SET_HEADER.size
+
+    def submit_data_sets(self, template_id: int, sets: Sequence[tuple[bytes, int]]) -> bool:
+        """Queue data sets already encoded, ``(payload, records)`` of at most
+        :attr:`data_set_limit` octets each (see ExportSession.encode_data_sets), as
+        :meth:`submit` queues records: each set goes in a message of its own; False (and
+        its records counted as dropped) if they do not fit the queue."""
+        if template_id not in self.templates:
+            raise UsageError(f"template {template_id} is not one of this exporting process's templates {sorted(self.templates)}")
+        sets = list(sets)
+        limit = self.data_set_limit
+        for payload, count in sets:
+            if type(payload) is not bytes or type(count) is not int or count < 1 or len(payload) > limit:
+                raise UsageError(f"a data set is (payload bytes of at most {limit} octets, number of records >= 1)")
+        n = sum(count for _payload, count in sets)
+        if n == 0:
+            return True
+        if self._closing or self.stats.queued + n > self.queue_size:
+            self.stats.records_dropped += n
+            if not self._closing:
+                self._limiter.warn(
+                    "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
+                )
+            return False
+        self._queue.append((template_id, sets, True))
         self.stats.queued += n
         self.stats.records_submitted += n
         self._idle.clear()
@@ -562,17 +602,23 @@ class ExportingProcess:
         self._send_batch()
         await asyncio.sleep(0)  # let submitters and the socket run
 
-    def _take(self) -> Iterator[tuple[int, list[Record]]]:
-        """Queued batches, merged by template, up to max_batch records."""
+    def _take(self) -> Iterator[tuple[int, list[Any], bool]]:
+        """Queued batches, merged by template, up to max_batch records (data sets whole)."""
         taken = 0
         queue = self._queue
         while queue and taken < self.max_batch:
-            tid, records = queue.popleft()
-            while queue and queue[0][0] == tid and taken + len(records) < self.max_batch:
+            tid, records, sets = queue.popleft()
+            if sets:
+                n = sum(count for _payload, count in records)
+                taken += n
+                self.stats.queued -= n
+                yield tid, records, True
+                continue
+            while queue and queue[0][0] == tid and not queue[0][2] and taken + len(records) < self.max_batch:
                 records.extend(queue.popleft()[1])  # our own copy, made by submit()
             taken += len(records)
             self.stats.queued -= len(records)
-            yield tid, records
+            yield tid, records, False
 
     def _send_batch(self) -> None:
         session = self._session
@@ -597,8 +643,9 @@ class ExportingProcess:
                 self._stream.write(templates, 0)
                 self.stats.octets_sent += sum(map(len, templates))
         count = 0
-        for tid, records in list(self._take()):
-            encoded, n = self._encode(session, tid, records, export_time)
+        for tid, records, sets in list(self._take()):
+            encoded, n = self._encode_sets(session, tid, records, export_time) if sets else \
+                self._encode(session, tid, records, export_time)
             messages += encoded
             count += n
         if not messages:
@@ -620,6 +667,16 @@ class ExportingProcess:
         if records:
             self.stats.messages_sent += len(messages)
             self.stats.records_sent += records
+
+    def _encode_sets(self, session: ExportSession, tid: int, sets: list[tuple[bytes, int]],
+                     export_time: int) -> tuple[list[bytes], int]:
+        try:
+            return session.encode_data_sets(tid, sets, export_time), sum(count for _payload, count in sets)
+        except UsageError as exc:  # submit_data_sets checked them against any session's limit: not expected
+            lost = sum(count for _payload, count in sets)
+            self.stats.records_invalid += lost
+            self._limiter.warn("%d records in data sets not exported to %s: %s", lost, self.address, exc)
+            return [], 0
 
     def _encode(self, session: ExportSession, tid: int, records: list[Record], export_time: int) -> tuple[list[bytes], int]:
         try:
