@@ -52,7 +52,7 @@ from typing import Any
 from .aggregation import ExportedFlow
 from .config import ClickHouseSinkConfig, ConfigError
 
-from flowscope.collector.rows import ARRAY_CODES, TextColumn, flows_to_columns
+from flowscope.collector.rows import columns_of, flows_to_columns
 from flowscope.collector.schema import RECORD_COLUMNS
 from flowscope.collector.store import FlowStore, StoreError, check_identifier, open_store, parse_store_address
 
@@ -87,16 +87,7 @@ def flows_columns(flows: Sequence[Any], *, time_inserted: int, commit_id: int,
     if got is None:
         return flows_to_columns(flows, time_inserted=time_inserted, commit_id=commit_id, text=text)  # type: ignore[arg-type]
     raw, bad, final = got
-    cols: list[Any] = []
-    for col, v in zip((*RECORD_COLUMNS, None), raw):
-        if col is not None and col.is_int:
-            a = array(ARRAY_CODES[col.type])
-            a.frombytes(v)
-            cols.append(a)
-        elif isinstance(v, tuple):
-            cols.append(TextColumn(*v))
-        else:
-            cols.append(v)
+    cols = columns_of(raw)
     n = len(final)
     return [array("I", (time_inserted,)) * n, *cols, array("B", final), array("Q", (commit_id,)) * n], len(bad)
 

@@ -38,7 +38,7 @@ from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
-__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "flows_to_columns", "leb128",
+__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "columns_of", "flows_to_columns", "leb128",
            "native_text", "records_to_columns", "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
 
 log = logging.getLogger("flowscope.collector.rows")
@@ -250,6 +250,15 @@ def transpose(records: Sequence[Any], correlation: str | Sequence[Any], *,
     if _rowcols is None:
         return _transpose_py(records, correlation)
     raw, bad = _rowcols.transpose(records, _SLOT_OF, len(_SLOT_OF), _PLAN, correlation, text == "list")
+    return columns_of(raw), bad
+
+
+def columns_of(raw: Sequence[Any]) -> list[Any]:
+    """A C transposition's columns (the record columns, then the correlation) as the store
+    takes them: an integer column's bytes as an ``array`` of its type, text as a
+    :class:`TextColumn` from ``(offsets, data)``, a list of str as it is. Shared by
+    collector/_rowcols.c's ``transpose`` and aggregator/_aggr.c's ``columns``, which lay
+    their output out alike."""
     out: list[Any] = []
     for col, v in zip((*_RECORD_COLUMNS, None), raw):
         if col is not None and col.is_int:
@@ -260,7 +269,7 @@ def transpose(records: Sequence[Any], correlation: str | Sequence[Any], *,
             out.append(TextColumn(*v))
         else:
             out.append(v)
-    return out, bad
+    return out
 
 
 # --------------------------------------------------------------------------- batches

@@ -287,7 +287,11 @@ class ExportingProcess:
         """Queue records for export without blocking; False (and counted) if they do not fit."""
         if template_id not in self.templates:
             raise UsageError(f"template {template_id} is not one of this exporting process's templates {sorted(self.templates)}")
-        n = len(records)
+        return self._enqueue(template_id, list(records), len(records), False)
+
+    def _enqueue(self, template_id: int, entry: list[Any], n: int, encoded: bool) -> bool:
+        """Queue ``entry`` (``n`` records: the records, or their encoded data sets) unless
+        the queue is full or the process closing, which drops and counts all ``n``."""
         if n == 0:
             return True
         if self._closing or self.stats.queued + n > self.queue_size:
@@ -297,7 +301,7 @@ class ExportingProcess:
                     "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
                 )
             return False
-        self._queue.append((template_id, list(records), False))
+        self._queue.append((template_id, entry, encoded))
         self.stats.queued += n
         self.stats.records_submitted += n
         self._idle.clear()
@@ -325,22 +329,7 @@ class ExportingProcess:
         for payload, count in sets:
             if type(payload) is not bytes or type(count) is not int or count < 1 or len(payload) > limit:
                 raise UsageError(f"a data set is (payload bytes of at most {limit} octets, number of records >= 1)")
-        n = sum(count for _payload, count in sets)
-        if n == 0:
-            return True
-        if self._closing or self.stats.queued + n > self.queue_size:
-            self.stats.records_dropped += n
-            if not self._closing:
-                self._limiter.warn(
-                    "export queue to %s is full (%d records): %d records dropped", self.address, self.queue_size, n
-                )
-            return False
-        self._queue.append((template_id, sets, True))
-        self.stats.queued += n
-        self.stats.records_submitted += n
-        self._idle.clear()
-        self._wake.set()
-        return True
+        return self._enqueue(template_id, sets, sum(count for _payload, count in sets), True)
 
     def add_template(self, template: Template) -> None:
         """Add a template after start; it is announced before the next data that uses it."""
