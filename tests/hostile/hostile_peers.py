@@ -120,6 +120,29 @@ class Aggregator:
         self.log = self.dir / "aggregator.log"
 
     def start(self, timeout: float = 30.0) -> Aggregator:
+        """Start it; ports picked free in __init__ that another process took meanwhile
+        ("address already in use") are picked again, up to three times."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except AssertionError as exc:
+                if "already in use" not in str(exc) or attempt == 2:
+                    raise
+                self._new_ports()
+        raise AssertionError("unreachable")
+
+    def _new_ports(self) -> None:
+        old = (self.port, self.api_port, self.metrics_port)
+        self.port = free_port(socket.SOCK_DGRAM if self.transport == "udp" else socket.SOCK_STREAM)
+        self.api_port, self.metrics_port = free_port(), free_port()
+        c = self.config
+        c["listenPort"] = self.port if c.get("listenPort") == old[0] else c.get("listenPort")
+        for key, before, after in (("apiAddress", old[1], self.api_port), ("metricsAddress", old[2], self.metrics_port)):
+            value = c.get(key)
+            if isinstance(value, str) and value.endswith(f":{before}"):
+                c[key] = value[: -len(str(before))] + str(after)
+
+    def _start(self, timeout: float) -> Aggregator:
         path = self.dir / "aggregator.yaml"
         path.write_text(yaml.safe_dump(self.config))
         nofile = self.nofile
