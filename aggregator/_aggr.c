@@ -1194,6 +1194,7 @@ typedef struct {
     long long received, created, correlated, late, resets, stale, cap, bytes;
     int domain_native; /* the observation domain is an exact int of 32 bits (dom): a Flow's C field takes it */
     uint32_t dom;
+    uint64_t meta_hash; /* side_tuple's hash of the tuple it made last, for side_adopt */
 } Ctx;
 
 static int
@@ -1303,18 +1304,56 @@ intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference *
 }
 
 /* A side's Kubernetes fields as the shared tuple the flows hold, and its string cost.
- * The values of a record come from the decoder's caches, so the records of one Pod's
- * connections carry the very same objects: a small direct-mapped table keyed by the
- * values' identities finds the tuple made for the previous such record without building,
- * hashing or comparing a 27-item tuple (twice for the cost cache, once for the shared
- * one). A miss builds the tuple as the twin does (its cost from the process's cache or
- * proc._cost), interned in proc._shared by side_adopt once a flow takes it. The table keeps only tuples whose strings are
- * short (CACHED_COST): bounded, and never the keeper of a peer's 60 KB names. */
-#define MC_SIZE 2048
+ * The records of one Pod's connections carry equal values (the same Pod, Service and
+ * policy): a small direct-mapped table keyed by the values finds the tuple made for the
+ * previous such record without building, hashing or comparing a 27-item tuple (twice
+ * for the cost cache, once for the shared one). Keyed by value, not identity: the
+ * decoder's bounded caches hand out a new str when a colliding value evicted the old one
+ * (every Pod's tuple then missed, measured: 98% misses on the pipeline benchmark's
+ * records, all for "0.0.0.0"), and a Service port above 256 is a new int in every
+ * record. The hash is made of the items' own hashes (a str caches its own; an int's is
+ * its value), the comparison is by identity first, then by value (the items are exact
+ * str, exact int or None, checked by the caller: no user code runs). A hit gives the
+ * equal tuple a flow already shares, which is what the twin's shared.setdefault gives.
+ * A miss builds the tuple as the twin does (its cost from the process's cache or
+ * proc._cost), interned in proc._shared by side_adopt once a flow takes it. The table
+ * keeps only tuples whose strings are short (CACHED_COST): bounded, and never the keeper
+ * of a peer's 60 KB names. */
+#define MC_SIZE 4096
 static struct {
     PyObject *t;
+    uint64_t h;
     long long cost;
 } mcache[MC_SIZE];
+
+/* The hash of a validated meta value (None, exact str, exact int); -1 on an error. */
+static inline Py_hash_t
+meta_hash(PyObject *v)
+{
+    if (v == Py_None)
+        return 0x345678;
+    if (PyUnicode_CheckExact(v)) {
+        Py_hash_t h = ((PyASCIIObject *)v)->hash;
+        return h != -1 ? h : PyObject_Hash(v);
+    }
+    return PyObject_Hash(v);
+}
+
+/* Whether two validated meta values are equal (no user code: exact str, int or None). */
+static inline int
+meta_same(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    if (Py_TYPE(a) != Py_TYPE(b) || a == Py_None || b == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(a)) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+        return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+               memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+    }
+    return PyObject_RichCompareBool(a, b, Py_EQ) > 0; /* exact ints: cannot fail */
+}
 
 static PyObject *
 side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new reference, or NULL */
@@ -1324,13 +1363,18 @@ side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new referenc
      * byte budget) leaves nothing behind in proc._shared, as with the twin. */
     Py_ssize_t n = n_meta + 2;
     uint64_t h = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        h = (h ^ ((uintptr_t)mv[i] >> 4)) * 0x9E3779B97F4A7C15ULL;
-    *at = (size_t)(h >> 53) & (MC_SIZE - 1);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t vh = meta_hash(mv[i]);
+        if (vh == -1 && PyErr_Occurred())
+            return NULL;
+        h = (h ^ (uint64_t)vh) * 0x9E3779B97F4A7C15ULL;
+    }
+    h ^= h >> 29;
+    *at = (size_t)(h >> 52) & (MC_SIZE - 1);
     PyObject *t = mcache[*at].t;
-    if (t != NULL) {
+    if (t != NULL && mcache[*at].h == h) {
         Py_ssize_t i = 0;
-        while (i < n && PyTuple_GET_ITEM(t, i) == mv[i])
+        while (i < n && meta_same(PyTuple_GET_ITEM(t, i), mv[i]))
             i++;
         if (i == n) {
             *cost = mcache[*at].cost;
@@ -1339,6 +1383,7 @@ side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new referenc
             return t;
         }
     }
+    x->meta_hash = h; /* for side_adopt */
     PyObject *meta = PyTuple_New(n);
     if (meta == NULL)
         return NULL;
@@ -1368,6 +1413,7 @@ side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
         Py_INCREF(sm);
         Py_XSETREF(mcache[at].t, sm);
         mcache[at].cost = cost;
+        mcache[at].h = x->meta_hash;
     }
     return sm;
 }
