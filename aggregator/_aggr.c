@@ -102,6 +102,8 @@ kt_clear(void)
     kt_used = 0;
 }
 
+static void rl_clear(void); /* the maps of records read by position (below) */
+
 /* The id of a record's key (-1: a field the loop does not read), or -2 on an error. */
 static int
 key_id(PyObject *k)
@@ -198,12 +200,47 @@ static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_D
 static int owner_of[N_META_MAX + 2];
 #define CACHED_COST 1024
 
+/* A non-negative exact int of at most two 30-bit digits read straight from its digits
+ * (CPython 3.11's layout, longintrepr.h): 1 and *out set, or 0 for any other (the
+ * caller then asks the C API). The ingest reads some 20 ints a record this way. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+static inline int
+digits_u60(PyObject *v, uint64_t *out)
+{
+    Py_ssize_t n = Py_SIZE(v);
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    if (n == 0) {
+        *out = 0;
+        return 1;
+    }
+    if (n == 1) {
+        *out = d[0];
+        return 1;
+    }
+    if (n == 2) {
+        *out = (uint64_t)d[0] | ((uint64_t)d[1] << PyLong_SHIFT);
+        return 1;
+    }
+    return 0;
+}
+#else
+static inline int
+digits_u60(PyObject *v, uint64_t *out)
+{
+    (void)v;
+    (void)out;
+    return 0;
+}
+#endif
+
 /* An exact int in 0..2^64-1 into *out; 0 when it is anything else (no error set). */
 static int
 as_u64(PyObject *v, uint64_t *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    if (digits_u60(v, out))
+        return 1;
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
     if (x == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -218,6 +255,11 @@ as_long(PyObject *v, long *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    uint64_t u;
+    if (digits_u60(v, &u)) {
+        *out = (long)u;
+        return 1;
+    }
     int overflow;
     long x = PyLong_AsLongAndOverflow(v, &overflow);
     if (overflow || (x == -1 && PyErr_Occurred())) {
@@ -375,6 +417,13 @@ small_uint(PyObject *v, unsigned long max, unsigned long *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    uint64_t u;
+    if (digits_u60(v, &u)) {
+        if (u > max)
+            return 0;
+        *out = (unsigned long)u;
+        return 1;
+    }
     int overflow;
     long x = PyLong_AsLongAndOverflow(v, &overflow);
     if (overflow || x < 0 || (unsigned long)x > max) {
@@ -908,6 +957,20 @@ flow_richcompare(PyObject *self, PyObject *other, int op)
         Py_RETURN_NOTIMPLEMENTED;
     FlowObject *f = FL(self);
     int eq;
+    if (IS_FLOW(other) && f->odd == NULL && FL(other)->odd == NULL) {
+        /* two keys of C fields (the ingest's lookup: flows.get with its probe Flow) */
+        FlowObject *g = FL(other);
+        eq = f->sport == g->sport && f->dport == g->dport && f->proto == g->proto;
+        if (eq > 0)
+            eq = PyObject_RichCompareBool(f->src, g->src, Py_EQ);
+        if (eq > 0)
+            eq = PyObject_RichCompareBool(f->dst, g->dst, Py_EQ);
+        if (eq < 0)
+            return NULL;
+        if ((op == Py_EQ) == (eq > 0))
+            Py_RETURN_TRUE;
+        Py_RETURN_FALSE;
+    }
     if (IS_FLOW(other) || f->odd != NULL || !PyTuple_CheckExact(other) || PyTuple_GET_SIZE(other) != 5) {
         if (!IS_FLOW(other) && !PyTuple_Check(other))
             Py_RETURN_NOTIMPLEMENTED;
@@ -1144,6 +1207,7 @@ configure(PyObject *self, PyObject *args)
     if (zero_addr == NULL && (zero_addr = PyUnicode_InternFromString("0.0.0.0")) == NULL)
         return NULL;
     kt_clear();
+    rl_clear();
     Py_XSETREF(name_ids, PyDict_New());
     if (name_ids == NULL)
         return NULL;
@@ -1418,6 +1482,97 @@ side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
     return sm;
 }
 
+/* ---- a record's values by position (ingest side) ----------------------------------
+ *
+ * The decoder's records of one template are split-table dicts that share one keys table
+ * (ipfix/_speedups.c, fresh_split): every record has its values at the same positions.
+ * The first record of a keys table seen is read entry by entry (each key mapped to its
+ * field id by key_id) into a map from field id to value position; every later record of
+ * that table is read through the map, about 50 loads instead of a PyDict_Next walk and a
+ * key_id lookup per item. A split table only grows (a new key appended: dk_nentries
+ * rises, and the map is made again), and a deleted value is an empty slot, read as
+ * absent, so the map gives what the walk gives. A map holds a reference to its first
+ * record, which keeps the keys table (and so its address) alive. CPython 3.11 and 3.12
+ * only (ipfix/_dictmirror.h); elsewhere, or for any other dict, the walk serves. */
+#define RL_SLOTS 8
+#define DICT_KEYS_SPLIT_KIND 2
+static struct {
+    PyObject *sample; /* the first record read with this map: holds the keys table */
+    const void *keys;
+    Py_ssize_t nentries;
+    int16_t pos[N_IDS_MAX]; /* value position of each field id, -1 when the table lacks it */
+} rlayout[RL_SLOTS];
+
+static void
+rl_clear(void)
+{
+    for (int i = 0; i < RL_SLOTS; i++) {
+        Py_CLEAR(rlayout[i].sample);
+        rlayout[i].keys = NULL;
+    }
+}
+
+#if DIRECT_DICTS
+typedef struct {
+    PyObject *values[1];
+} RecValuesMirror;
+
+/* Fill by_id[0..n_ids) from rec's values by position: 1 done, 0 not a split table of a
+ * known layout (the caller walks it), -1 an error. */
+static int
+read_by_position(PyObject *rec, PyObject **by_id)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    if (mp->ma_values == NULL)
+        return 0;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    PyObject **values = ((RecValuesMirror *)mp->ma_values)->values;
+    size_t slot = (((uintptr_t)k >> 6) * 0x9E3779B97F4A7C15ULL) >> 61; /* 3 bits */
+    if (rlayout[slot].keys != k || rlayout[slot].nentries != k->dk_nentries) {
+        if (k->dk_kind != DICT_KEYS_SPLIT_KIND || k->dk_nentries > 4 * N_IDS_MAX)
+            return 0;
+        const UnicodeEntryMirror *entries =
+            (const UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+        int16_t pos[N_IDS_MAX];
+        for (Py_ssize_t i = 0; i < n_ids; i++)
+            pos[i] = -1;
+        for (Py_ssize_t j = 0; j < k->dk_nentries; j++) {
+            PyObject *key = entries[j].me_key;
+            if (key == NULL || !PyUnicode_CheckExact(key))
+                return 0;
+            /* the mirror's check: what a lookup finds is this position's value */
+            PyObject *v = PyDict_GetItemWithError(rec, key);
+            if (v == NULL && PyErr_Occurred())
+                return -1;
+            if (v != values[j])
+                return 0;
+            int id = key_id(key);
+            if (id == -2)
+                return -1;
+            if (id >= 0)
+                pos[id] = (int16_t)j;
+        }
+        Py_INCREF(rec);
+        Py_XSETREF(rlayout[slot].sample, rec);
+        rlayout[slot].keys = k;
+        rlayout[slot].nentries = k->dk_nentries;
+        memcpy(rlayout[slot].pos, pos, sizeof pos);
+    }
+    const int16_t *pos = rlayout[slot].pos;
+    for (Py_ssize_t i = 0; i < n_ids; i++)
+        by_id[i] = pos[i] >= 0 ? values[pos[i]] : NULL;
+    return 1;
+}
+#else
+static int
+read_by_position(PyObject *rec, PyObject **by_id)
+{
+    (void)rec;
+    (void)by_id;
+    return 0;
+}
+#endif
+
 enum { DONE, FALLBACK, ERROR };
 
 /* The flows dict's lookup and insertion by a hash computed once (CPython's own, exported
@@ -1429,6 +1584,121 @@ enum { DONE, FALLBACK, ERROR };
 #define KNOWN_HASH_GET(d, k, h) PyDict_GetItemWithError((d), (k))
 #define KNOWN_HASH_SET(d, k, v, h) PyDict_SetItem((d), (k), (v))
 #endif
+
+/* ---- the flows dict's lookup without a key tuple (ingest side) ---------------------
+ *
+ * A Flow hashes as its key tuple (src, dst, sport, dport, proto). The lookup of a record's
+ * flow used to build that tuple, hash it and compare it item by item with the Flow found;
+ * here the hash is CPython's tuple hash (Objects/tupleobject.c, xxHash-based, the same on
+ * 3.8 to 3.13) computed from the items' hashes (an address's str caches its own; an int
+ * below 2^61 hashes as itself), checked against hash() of a real tuple once, and the
+ * lookup's key is a Flow of this module's kept for the purpose (its fields set to the
+ * record's, its addresses borrowed for the lookup only), which a stored Flow compares
+ * with field by field (flow_richcompare). Where the check fails, the tuple serves. */
+#if SIZEOF_VOID_P == 8
+#define XXPRIME_1 ((Py_uhash_t)11400714785074694791ULL)
+#define XXPRIME_2 ((Py_uhash_t)14029467366897019727ULL)
+#define XXPRIME_5 ((Py_uhash_t)2870177450012600261ULL)
+#define XXROTATE(x) ((x << 31) | (x >> 33))
+#else
+#define XXPRIME_1 ((Py_uhash_t)2654435761UL)
+#define XXPRIME_2 ((Py_uhash_t)2246822519UL)
+#define XXPRIME_5 ((Py_uhash_t)374761393UL)
+#define XXROTATE(x) ((x << 13) | (x >> 19))
+#endif
+static FlowObject *probe;   /* the lookup's key */
+static int key_hash_ok = 0; /* 1: key_hash5 is tuple's hash (checked), -1: it is not, 0: not checked yet */
+
+static inline Py_hash_t
+key_hash5(PyObject *src, PyObject *dst, unsigned long sp, unsigned long dp, unsigned long pr)
+{
+    Py_uhash_t lanes[5];
+    Py_hash_t h0 = PyObject_Hash(src), h1 = h0 == -1 ? -1 : PyObject_Hash(dst);
+    if (h1 == -1)
+        return -1;
+    lanes[0] = (Py_uhash_t)h0;
+    lanes[1] = (Py_uhash_t)h1;
+    lanes[2] = sp; /* 0..65535: an int's hash is itself */
+    lanes[3] = dp;
+    lanes[4] = pr;
+    Py_uhash_t acc = XXPRIME_5;
+    for (int i = 0; i < 5; i++) {
+        acc += lanes[i] * XXPRIME_2;
+        acc = XXROTATE(acc);
+        acc *= XXPRIME_1;
+    }
+    acc += 5 ^ (XXPRIME_5 ^ 3527539UL);
+    if (acc == (Py_uhash_t)-1)
+        return 1546275796;
+    return (Py_hash_t)acc;
+}
+
+/* Whether key_hash5 gives hash() of the tuple, on a few keys: 1, 0 or -1 on an error. */
+static int
+check_key_hash(void)
+{
+    static const char *addrs[] = {"10.0.0.1", "192.168.7.254", "fd00::1", ""};
+    static const unsigned long ports[][3] = {{0, 0, 0}, {32768, 8080, 6}, {65535, 53, 17}, {1, 256, 255}};
+    for (int i = 0; i < 4; i++) {
+        PyObject *a = PyUnicode_FromString(addrs[i]), *b = PyUnicode_FromString(addrs[(i + 1) % 4]);
+        PyObject *sp = PyLong_FromUnsignedLong(ports[i][0]), *dp = PyLong_FromUnsignedLong(ports[i][1]),
+                 *pr = PyLong_FromUnsignedLong(ports[i][2]);
+        PyObject *t = a && b && sp && dp && pr ? PyTuple_Pack(5, a, b, sp, dp, pr) : NULL;
+        Py_hash_t want = t ? PyObject_Hash(t) : -1;
+        Py_hash_t got = want == -1 ? -1 : key_hash5(a, b, ports[i][0], ports[i][1], ports[i][2]);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(sp);
+        Py_XDECREF(dp);
+        Py_XDECREF(pr);
+        Py_XDECREF(t);
+        if (got == -1 && PyErr_Occurred())
+            return -1;
+        if (got != want)
+            return 0;
+    }
+    return 1;
+}
+
+/* The flow of a validated key (exact str addresses, ports and protocol in range), a new
+ * reference or NULL (an error set, or none: no error); *hash its hash. */
+static PyObject *
+find_flow(Ctx *x, PyObject **val, unsigned long sp, unsigned long dp, unsigned long pr, Py_hash_t *hash)
+{
+    *hash = -1;
+    if (key_hash_ok == 0) {
+        int ok = check_key_hash();
+        if (ok < 0)
+            return NULL;
+        key_hash_ok = ok ? 1 : -1;
+        if (ok && probe == NULL && (probe = flow_alloc(Py_None)) == NULL)
+            return NULL;
+    }
+    PyObject *flow;
+    if (key_hash_ok > 0) {
+        *hash = key_hash5(val[F_SRC], val[F_DST], sp, dp, pr);
+        if (*hash == -1)
+            return NULL;
+        PyObject *s0 = probe->src, *d0 = probe->dst; /* None, held by the probe */
+        probe->src = val[F_SRC];
+        probe->dst = val[F_DST];
+        probe->sport = (uint16_t)sp;
+        probe->dport = (uint16_t)dp;
+        probe->proto = (uint8_t)pr;
+        flow = KNOWN_HASH_GET(x->flows, (PyObject *)probe, *hash);
+        probe->src = s0;
+        probe->dst = d0;
+    } else {
+        PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
+        if (key == NULL)
+            return NULL;
+        *hash = PyObject_Hash(key);
+        flow = *hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, *hash);
+        Py_DECREF(key);
+    }
+    Py_XINCREF(flow);
+    return flow;
+}
 
 /* Whether a rule action denies (in deny_actions): a table for the small ints agents send. */
 static inline int
@@ -1448,15 +1718,20 @@ one(Ctx *x, PyObject *rec, int *taken)
     if (!PyDict_CheckExact(rec))
         return FALLBACK;
     PyObject *by_id[N_IDS_MAX];
-    memset(by_id, 0, sizeof(PyObject *) * n_ids);
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(rec, &pos, &k, &v)) {
-        int id = key_id(k);
-        if (id >= 0)
-            by_id[id] = v;
-        else if (id == -2)
-            return ERROR;
+    int by_pos = read_by_position(rec, by_id);
+    if (by_pos < 0)
+        return ERROR;
+    if (!by_pos) {
+        memset(by_id, 0, sizeof(PyObject *) * n_ids);
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(rec, &pos, &k, &v)) {
+            int id = key_id(k);
+            if (id >= 0)
+                by_id[id] = v;
+            else if (id == -2)
+                return ERROR;
+        }
     }
     int v6 = by_id[id4[F_SRC]] == NULL; /* "sourceIPv4Address" not in rec */
     const int *fid = v6 ? id6 : id4, *mid = v6 ? mid6 : mid4;
@@ -1504,16 +1779,11 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
 
     /* The flow, or the state a new one starts with. */
-    PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
-    if (key == NULL)
-        return ERROR;
     /* its hash, once: the lookup's, and a new flow's insertion (a Flow hashes as its key) */
-    Py_hash_t hash = PyObject_Hash(key);
-    PyObject *flow = hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, hash);
-    if (flow == NULL && PyErr_Occurred()) {
-        Py_DECREF(key);
+    Py_hash_t hash;
+    PyObject *flow = find_flow(x, val, sp_, dp_, pr_, &hash); /* a new reference */
+    if (flow == NULL && PyErr_Occurred())
         return ERROR;
-    }
     int status = ERROR;
     PyObject *meta = NULL;
     size_t meta_at = MC_SIZE;
@@ -1528,7 +1798,6 @@ one(Ctx *x, PyObject *rec, int *taken)
         if (PyDict_GET_SIZE(x->flows) >= x->max_flows) {
             x->received++;
             x->cap++;
-            Py_DECREF(key);
             return DONE;
         }
         meta = side_tuple(x, mv, &new_cost, &meta_at);
@@ -1549,7 +1818,6 @@ one(Ctx *x, PyObject *rec, int *taken)
         }
         flow_type = ft;
     } else {
-        Py_INCREF(flow);
         if (!IS_FLOW(flow) || FL(flow)->odd != NULL) { /* a flow holding odd values: the twin's */
             status = FALLBACK;
             goto out;
@@ -1829,7 +2097,6 @@ out:
         PyBuffer_Release(&swview);
     Py_XDECREF(flow);
     Py_XDECREF(meta);
-    Py_DECREF(key);
     return status;
 }
 
