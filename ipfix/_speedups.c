@@ -197,11 +197,13 @@ same_octets(const unsigned char *a, const unsigned char *b, Py_ssize_t n)
 
 /* Strict UTF-8, as bytes.decode(); NULL with UnicodeDecodeError set on invalid input.
  * ASCII results are kept in a direct-mapped cache (Kubernetes names are ASCII). */
+static PyObject *empty_text; /* "": the interpreter's own empty str, held from module init */
+
 static PyObject *
 decode_str(const unsigned char *p, Py_ssize_t n)
 {
-    if (n == 0) {
-        return PyUnicode_New(0, 0);
+    if (n == 0) { /* most of an agent record's strings (no Service, no policy, no Egress) */
+        return Py_NewRef(empty_text);
     }
     uint64_t h = hash_bytes(p, n);
     StrSlot *slot = &str_cache[h & (SCACHE_SLOTS - 1)];
@@ -2529,6 +2531,9 @@ PyInit__speedups(void)
         return NULL;
     }
     init_octet_text();
+    if (empty_text == NULL && (empty_text = PyUnicode_New(0, 0)) == NULL) {
+        return NULL;
+    }
     for (int i = 0; i <= 256; i++) {
         if (small_ints[i] == NULL && (small_ints[i] = PyLong_FromLong(i)) == NULL) {
             return NULL;
