@@ -1993,7 +1993,8 @@ one(Ctx *x, PyObject *rec, int *taken)
     if (meta == NULL && PyTuple_CheckExact(old) && PyTuple_GET_SIZE(old) == n_meta + 2) {
         eq = 1;
         for (Py_ssize_t i = 0; i < n_meta + 2 && eq > 0; i++)
-            eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(old, i), mv[i], Py_EQ);
+            eq = PyTuple_GET_ITEM(old, i) == mv[i] ? 1 /* the same object, mostly: no call */
+                                                   : PyObject_RichCompareBool(PyTuple_GET_ITEM(old, i), mv[i], Py_EQ);
     } else {
         eq = old == Py_None ? 0 : -2; /* -2: something the twin put there, compared as it does */
     }
