@@ -1683,7 +1683,8 @@ find_flow(Ctx *x, PyObject **val, unsigned long sp, unsigned long dp, unsigned l
             return NULL;
     }
     PyObject *flow;
-    if (key_hash_ok > 0) {
+    static int probe_busy; /* a lookup that ran code which ingests (a key of a foreign type in flows) */
+    if (key_hash_ok > 0 && !probe_busy) {
         *hash = key_hash5(val[F_SRC], val[F_DST], sp, dp, pr);
         if (*hash == -1)
             return NULL;
@@ -1693,7 +1694,9 @@ find_flow(Ctx *x, PyObject **val, unsigned long sp, unsigned long dp, unsigned l
         probe->sport = (uint16_t)sp;
         probe->dport = (uint16_t)dp;
         probe->proto = (uint8_t)pr;
+        probe_busy = 1;
         flow = KNOWN_HASH_GET(x->flows, (PyObject *)probe, *hash);
+        probe_busy = 0;
         probe->src = s0;
         probe->dst = d0;
     } else {
