@@ -23,8 +23,9 @@
  * millisecond and NTP timestamps on the way out) are converted by calling those very
  * helpers, and addresses on the way out go through the twin's own caches.
  *
- * Decoded strings and addresses come from small direct-mapped caches (bounded: a fixed
- * number of slots, a colliding value replaces the old one), as the twin interns them.
+ * Decoded strings and addresses come from small caches (bounded: a fixed number of slots,
+ * a colliding value replaces an old one; two ways a set for strings, direct-mapped for
+ * addresses), as the twin interns them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -210,7 +211,7 @@ same_octets(const unsigned char *a, const unsigned char *b, Py_ssize_t n)
 }
 
 /* Strict UTF-8, as bytes.decode(); NULL with UnicodeDecodeError set on invalid input.
- * ASCII results are kept in a direct-mapped cache (Kubernetes names are ASCII). */
+ * ASCII results are kept in a cache of two ways a set (Kubernetes names are ASCII). */
 static PyObject *empty_text; /* "": the interpreter's own empty str, held from module init */
 
 static PyObject *
