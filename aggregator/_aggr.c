@@ -107,6 +107,8 @@ kt_clear(void)
     kt_used = 0;
 }
 
+static void rl_clear(void); /* the maps of records read by position (below) */
+
 /* The id of a record's key (-1: a field the loop does not read), or -2 on an error. */
 static int
 key_id(PyObject *k)
@@ -203,12 +205,47 @@ static PyObject *empty_values, *meta_defaults[2]; /* aggregation._EMPTY, _META_D
 static int owner_of[N_META_MAX + 2];
 #define CACHED_COST 1024
 
+/* A non-negative exact int of at most two 30-bit digits read straight from its digits
+ * (CPython 3.11's layout, longintrepr.h): 1 and *out set, or 0 for any other (the
+ * caller then asks the C API). The ingest reads some 20 ints a record this way. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030C0000 && PYLONG_BITS_IN_DIGIT == 30
+static inline int
+digits_u60(PyObject *v, uint64_t *out)
+{
+    Py_ssize_t n = Py_SIZE(v);
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    if (n == 0) {
+        *out = 0;
+        return 1;
+    }
+    if (n == 1) {
+        *out = d[0];
+        return 1;
+    }
+    if (n == 2) {
+        *out = (uint64_t)d[0] | ((uint64_t)d[1] << PyLong_SHIFT);
+        return 1;
+    }
+    return 0;
+}
+#else
+static inline int
+digits_u60(PyObject *v, uint64_t *out)
+{
+    (void)v;
+    (void)out;
+    return 0;
+}
+#endif
+
 /* An exact int in 0..2^64-1 into *out; 0 when it is anything else (no error set). */
 static int
 as_u64(PyObject *v, uint64_t *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    if (digits_u60(v, out))
+        return 1;
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
     if (x == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -223,6 +260,11 @@ as_long(PyObject *v, long *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    uint64_t u;
+    if (digits_u60(v, &u)) {
+        *out = (long)u;
+        return 1;
+    }
     int overflow;
     long x = PyLong_AsLongAndOverflow(v, &overflow);
     if (overflow || (x == -1 && PyErr_Occurred())) {
@@ -380,6 +422,13 @@ small_uint(PyObject *v, unsigned long max, unsigned long *out)
 {
     if (!PyLong_CheckExact(v))
         return 0;
+    uint64_t u;
+    if (digits_u60(v, &u)) {
+        if (u > max)
+            return 0;
+        *out = (unsigned long)u;
+        return 1;
+    }
     int overflow;
     long x = PyLong_AsLongAndOverflow(v, &overflow);
     if (overflow || x < 0 || (unsigned long)x > max) {
@@ -913,6 +962,20 @@ flow_richcompare(PyObject *self, PyObject *other, int op)
         Py_RETURN_NOTIMPLEMENTED;
     FlowObject *f = FL(self);
     int eq;
+    if (IS_FLOW(other) && f->odd == NULL && FL(other)->odd == NULL) {
+        /* two keys of C fields (the ingest's lookup: flows.get with its probe Flow) */
+        FlowObject *g = FL(other);
+        eq = f->sport == g->sport && f->dport == g->dport && f->proto == g->proto;
+        if (eq > 0)
+            eq = PyObject_RichCompareBool(f->src, g->src, Py_EQ);
+        if (eq > 0)
+            eq = PyObject_RichCompareBool(f->dst, g->dst, Py_EQ);
+        if (eq < 0)
+            return NULL;
+        if ((op == Py_EQ) == (eq > 0))
+            Py_RETURN_TRUE;
+        Py_RETURN_FALSE;
+    }
     if (IS_FLOW(other) || f->odd != NULL || !PyTuple_CheckExact(other) || PyTuple_GET_SIZE(other) != 5) {
         if (!IS_FLOW(other) && !PyTuple_Check(other))
             Py_RETURN_NOTIMPLEMENTED;
@@ -1149,6 +1212,7 @@ configure(PyObject *self, PyObject *args)
     if (zero_addr == NULL && (zero_addr = PyUnicode_InternFromString("0.0.0.0")) == NULL)
         return NULL;
     kt_clear();
+    rl_clear();
     Py_XSETREF(name_ids, PyDict_New());
     if (name_ids == NULL)
         return NULL;
@@ -1199,6 +1263,7 @@ typedef struct {
     long long received, created, correlated, late, resets, stale, cap, bytes;
     int domain_native; /* the observation domain is an exact int of 32 bits (dom): a Flow's C field takes it */
     uint32_t dom;
+    uint64_t meta_hash; /* side_tuple's hash of the tuple it made last, for side_adopt */
 } Ctx;
 
 static int
@@ -1308,18 +1373,57 @@ intern_shared(Ctx *x, PyObject *v) /* shared.setdefault(v, v): a new reference *
 }
 
 /* A side's Kubernetes fields as the shared tuple the flows hold, and its string cost.
- * The values of a record come from the decoder's caches, so the records of one Pod's
- * connections carry the very same objects: a small direct-mapped table keyed by the
- * values' identities finds the tuple made for the previous such record without building,
- * hashing or comparing a 27-item tuple (twice for the cost cache, once for the shared
- * one). A miss builds the tuple as the twin does (its cost from the process's cache or
- * proc._cost), interned in proc._shared by side_adopt once a flow takes it. The table keeps only tuples whose strings are
- * short (CACHED_COST): bounded, and never the keeper of a peer's 60 KB names. */
-#define MC_SIZE 2048
+ * The records of one Pod's connections carry equal values (the same Pod, Service and
+ * policy): a small direct-mapped table keyed by the values finds the tuple made for the
+ * previous such record without building, hashing or comparing a 27-item tuple (twice
+ * for the cost cache, once for the shared one). Keyed by value, not identity: the
+ * decoder's bounded caches hand out a new str when a colliding value evicted the old one
+ * (every Pod's tuple then missed, measured: 98% misses on the pipeline benchmark's
+ * records, all for "0.0.0.0"), and a Service port above 256 is a new int in every
+ * record. The hash is made of the items' own hashes (a str caches its own; an int's is
+ * its value), the comparison is by identity first, then by value (the items are exact
+ * str, exact int or None, checked by the caller: no user code runs). A hit gives the
+ * equal tuple a flow already shares, which is what the twin's shared.setdefault gives.
+ * A miss builds the tuple as the twin does (its cost from the process's cache or
+ * proc._cost), interned in proc._shared by side_adopt once a flow takes it. The table
+ * has two ways per set (one way, 800 tuples in 4096 slots missed 12% of lookups on the
+ * benchmark's 400 Pods); it keeps only tuples whose strings are short (CACHED_COST):
+ * bounded, and never the keeper of a peer's 60 KB names. */
+#define MC_SIZE 4096
 static struct {
     PyObject *t;
+    uint64_t h;
     long long cost;
 } mcache[MC_SIZE];
+
+/* The hash of a validated meta value (None, exact str, exact int); -1 on an error. */
+static inline Py_hash_t
+meta_hash(PyObject *v)
+{
+    if (v == Py_None)
+        return 0x345678;
+    if (PyUnicode_CheckExact(v)) {
+        Py_hash_t h = ((PyASCIIObject *)v)->hash;
+        return h != -1 ? h : PyObject_Hash(v);
+    }
+    return PyObject_Hash(v);
+}
+
+/* Whether two validated meta values are equal (no user code: exact str, int or None). */
+static inline int
+meta_same(PyObject *a, PyObject *b)
+{
+    if (a == b)
+        return 1;
+    if (Py_TYPE(a) != Py_TYPE(b) || a == Py_None || b == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(a)) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+        return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+               memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+    }
+    return PyObject_RichCompareBool(a, b, Py_EQ) > 0; /* exact ints: cannot fail */
+}
 
 static PyObject *
 side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new reference, or NULL */
@@ -1329,21 +1433,30 @@ side_tuple(Ctx *x, PyObject **mv, long long *cost, size_t *at) /* a new referenc
      * byte budget) leaves nothing behind in proc._shared, as with the twin. */
     Py_ssize_t n = n_meta + 2;
     uint64_t h = 0;
-    for (Py_ssize_t i = 0; i < n; i++)
-        h = (h ^ ((uintptr_t)mv[i] >> 4)) * 0x9E3779B97F4A7C15ULL;
-    *at = (size_t)(h >> 53) & (MC_SIZE - 1);
-    PyObject *t = mcache[*at].t;
-    if (t != NULL) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_hash_t vh = meta_hash(mv[i]);
+        if (vh == -1 && PyErr_Occurred())
+            return NULL;
+        h = (h ^ (uint64_t)vh) * 0x9E3779B97F4A7C15ULL;
+    }
+    h ^= h >> 29;
+    size_t set = (size_t)(h >> 52) & (MC_SIZE - 2); /* two ways: set, set + 1 (the newer first) */
+    for (size_t w = set; w < set + 2; w++) {
+        PyObject *t = mcache[w].t;
+        if (t == NULL || mcache[w].h != h)
+            continue;
         Py_ssize_t i = 0;
-        while (i < n && PyTuple_GET_ITEM(t, i) == mv[i])
+        while (i < n && meta_same(PyTuple_GET_ITEM(t, i), mv[i]))
             i++;
         if (i == n) {
-            *cost = mcache[*at].cost;
+            *cost = mcache[w].cost;
             *at = MC_SIZE;
             Py_INCREF(t);
             return t;
         }
     }
+    *at = set;
+    x->meta_hash = h; /* for side_adopt */
     PyObject *meta = PyTuple_New(n);
     if (meta == NULL)
         return NULL;
@@ -1370,12 +1483,108 @@ side_adopt(Ctx *x, PyObject *meta, long long cost, size_t at)
     PyObject *sm = intern_shared(x, meta);
     Py_DECREF(meta);
     if (sm != NULL && cost <= CACHED_COST && PyTuple_CheckExact(sm) && PyTuple_GET_SIZE(sm) == n_meta + 2) {
+        /* the set's newer way moves to the older one, whose tuple is let go */
+        Py_XSETREF(mcache[at + 1].t, mcache[at].t);
+        mcache[at + 1].cost = mcache[at].cost;
+        mcache[at + 1].h = mcache[at].h;
         Py_INCREF(sm);
-        Py_XSETREF(mcache[at].t, sm);
+        mcache[at].t = sm;
         mcache[at].cost = cost;
+        mcache[at].h = x->meta_hash;
     }
     return sm;
 }
+
+/* ---- a record's values by position (ingest side) ----------------------------------
+ *
+ * The decoder's records of one template are split-table dicts that share one keys table
+ * (ipfix/_speedups.c, fresh_split): every record has its values at the same positions.
+ * The first record of a keys table seen is read entry by entry (each key mapped to its
+ * field id by key_id) into a map from field id to value position; every later record of
+ * that table is read through the map, about 50 loads instead of a PyDict_Next walk and a
+ * key_id lookup per item. A split table only grows (a new key appended: dk_nentries
+ * rises, and the map is made again), and a deleted value is an empty slot, read as
+ * absent, so the map gives what the walk gives. A map holds a reference to its first
+ * record, which keeps the keys table (and so its address) alive. CPython 3.11 and 3.12
+ * only (ipfix/_dictmirror.h); elsewhere, or for any other dict, the walk serves. */
+#define RL_SLOTS 8
+#define DICT_KEYS_SPLIT_KIND 2
+static struct {
+    PyObject *sample; /* the first record read with this map: holds the keys table */
+    const void *keys;
+    Py_ssize_t nentries;
+    int16_t pos[N_IDS_MAX]; /* value position of each field id, -1 when the table lacks it */
+} rlayout[RL_SLOTS];
+
+static void
+rl_clear(void)
+{
+    for (int i = 0; i < RL_SLOTS; i++) {
+        Py_CLEAR(rlayout[i].sample);
+        rlayout[i].keys = NULL;
+    }
+}
+
+#if DIRECT_DICTS
+typedef struct {
+    PyObject *values[1];
+} RecValuesMirror;
+
+/* Fill by_id[0..n_ids) from rec's values by position: 1 done, 0 not a split table of a
+ * known layout (the caller walks it), -1 an error. */
+static int
+read_by_position(PyObject *rec, PyObject **by_id)
+{
+    PyDictObject *mp = (PyDictObject *)rec;
+    if (mp->ma_values == NULL)
+        return 0;
+    KeysMirror *k = (KeysMirror *)mp->ma_keys;
+    PyObject **values = ((RecValuesMirror *)mp->ma_values)->values;
+    size_t slot = (((uintptr_t)k >> 6) * 0x9E3779B97F4A7C15ULL) >> 61; /* 3 bits */
+    if (rlayout[slot].keys != k || rlayout[slot].nentries != k->dk_nentries) {
+        if (k->dk_kind != DICT_KEYS_SPLIT_KIND || k->dk_nentries > 4 * N_IDS_MAX)
+            return 0;
+        const UnicodeEntryMirror *entries =
+            (const UnicodeEntryMirror *)(k->dk_indices + ((size_t)1 << k->dk_log2_index_bytes));
+        int16_t pos[N_IDS_MAX];
+        for (Py_ssize_t i = 0; i < n_ids; i++)
+            pos[i] = -1;
+        for (Py_ssize_t j = 0; j < k->dk_nentries; j++) {
+            PyObject *key = entries[j].me_key;
+            if (key == NULL || !PyUnicode_CheckExact(key))
+                return 0;
+            /* the mirror's check: what a lookup finds is this position's value */
+            PyObject *v = PyDict_GetItemWithError(rec, key);
+            if (v == NULL && PyErr_Occurred())
+                return -1;
+            if (v != values[j])
+                return 0;
+            int id = key_id(key);
+            if (id == -2)
+                return -1;
+            if (id >= 0)
+                pos[id] = (int16_t)j;
+        }
+        Py_INCREF(rec);
+        Py_XSETREF(rlayout[slot].sample, rec);
+        rlayout[slot].keys = k;
+        rlayout[slot].nentries = k->dk_nentries;
+        memcpy(rlayout[slot].pos, pos, sizeof pos);
+    }
+    const int16_t *pos = rlayout[slot].pos;
+    for (Py_ssize_t i = 0; i < n_ids; i++)
+        by_id[i] = pos[i] >= 0 ? values[pos[i]] : NULL;
+    return 1;
+}
+#else
+static int
+read_by_position(PyObject *rec, PyObject **by_id)
+{
+    (void)rec;
+    (void)by_id;
+    return 0;
+}
+#endif
 
 enum { DONE, FALLBACK, ERROR };
 
@@ -1388,6 +1597,124 @@ enum { DONE, FALLBACK, ERROR };
 #define KNOWN_HASH_GET(d, k, h) PyDict_GetItemWithError((d), (k))
 #define KNOWN_HASH_SET(d, k, v, h) PyDict_SetItem((d), (k), (v))
 #endif
+
+/* ---- the flows dict's lookup without a key tuple (ingest side) ---------------------
+ *
+ * A Flow hashes as its key tuple (src, dst, sport, dport, proto). The lookup of a record's
+ * flow used to build that tuple, hash it and compare it item by item with the Flow found;
+ * here the hash is CPython's tuple hash (Objects/tupleobject.c, xxHash-based, the same on
+ * 3.8 to 3.13) computed from the items' hashes (an address's str caches its own; an int
+ * below 2^61 hashes as itself), checked against hash() of a real tuple once, and the
+ * lookup's key is a Flow of this module's kept for the purpose (its fields set to the
+ * record's, its addresses borrowed for the lookup only), which a stored Flow compares
+ * with field by field (flow_richcompare). Where the check fails, the tuple serves. */
+#if SIZEOF_VOID_P == 8
+#define XXPRIME_1 ((Py_uhash_t)11400714785074694791ULL)
+#define XXPRIME_2 ((Py_uhash_t)14029467366897019727ULL)
+#define XXPRIME_5 ((Py_uhash_t)2870177450012600261ULL)
+#define XXROTATE(x) ((x << 31) | (x >> 33))
+#else
+#define XXPRIME_1 ((Py_uhash_t)2654435761UL)
+#define XXPRIME_2 ((Py_uhash_t)2246822519UL)
+#define XXPRIME_5 ((Py_uhash_t)374761393UL)
+#define XXROTATE(x) ((x << 13) | (x >> 19))
+#endif
+static FlowObject *probe;   /* the lookup's key */
+static int key_hash_ok = 0; /* 1: key_hash5 is tuple's hash (checked), -1: it is not, 0: not checked yet */
+
+static inline Py_hash_t
+key_hash5(PyObject *src, PyObject *dst, unsigned long sp, unsigned long dp, unsigned long pr)
+{
+    Py_uhash_t lanes[5];
+    Py_hash_t h0 = PyObject_Hash(src), h1 = h0 == -1 ? -1 : PyObject_Hash(dst);
+    if (h1 == -1)
+        return -1;
+    lanes[0] = (Py_uhash_t)h0;
+    lanes[1] = (Py_uhash_t)h1;
+    lanes[2] = sp; /* 0..65535: an int's hash is itself */
+    lanes[3] = dp;
+    lanes[4] = pr;
+    Py_uhash_t acc = XXPRIME_5;
+    for (int i = 0; i < 5; i++) {
+        acc += lanes[i] * XXPRIME_2;
+        acc = XXROTATE(acc);
+        acc *= XXPRIME_1;
+    }
+    acc += 5 ^ (XXPRIME_5 ^ 3527539UL);
+    if (acc == (Py_uhash_t)-1)
+        return 1546275796;
+    return (Py_hash_t)acc;
+}
+
+/* Whether key_hash5 gives hash() of the tuple, on a few keys: 1, 0 or -1 on an error. */
+static int
+check_key_hash(void)
+{
+    static const char *addrs[] = {"10.0.0.1", "192.168.7.254", "fd00::1", ""};
+    static const unsigned long ports[][3] = {{0, 0, 0}, {32768, 8080, 6}, {65535, 53, 17}, {1, 256, 255}};
+    for (int i = 0; i < 4; i++) {
+        PyObject *a = PyUnicode_FromString(addrs[i]), *b = PyUnicode_FromString(addrs[(i + 1) % 4]);
+        PyObject *sp = PyLong_FromUnsignedLong(ports[i][0]), *dp = PyLong_FromUnsignedLong(ports[i][1]),
+                 *pr = PyLong_FromUnsignedLong(ports[i][2]);
+        PyObject *t = a && b && sp && dp && pr ? PyTuple_Pack(5, a, b, sp, dp, pr) : NULL;
+        Py_hash_t want = t ? PyObject_Hash(t) : -1;
+        Py_hash_t got = want == -1 ? -1 : key_hash5(a, b, ports[i][0], ports[i][1], ports[i][2]);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(sp);
+        Py_XDECREF(dp);
+        Py_XDECREF(pr);
+        Py_XDECREF(t);
+        if (got == -1 && PyErr_Occurred())
+            return -1;
+        if (got != want)
+            return 0;
+    }
+    return 1;
+}
+
+/* The flow of a validated key (exact str addresses, ports and protocol in range), a new
+ * reference or NULL (an error set, or none: no error); *hash its hash. */
+static PyObject *
+find_flow(Ctx *x, PyObject **val, unsigned long sp, unsigned long dp, unsigned long pr, Py_hash_t *hash)
+{
+    *hash = -1;
+    if (key_hash_ok == 0) {
+        int ok = check_key_hash();
+        if (ok < 0)
+            return NULL;
+        key_hash_ok = ok ? 1 : -1;
+        if (ok && probe == NULL && (probe = flow_alloc(Py_None)) == NULL)
+            return NULL;
+    }
+    PyObject *flow;
+    static int probe_busy; /* a lookup that ran code which ingests (a key of a foreign type in flows) */
+    if (key_hash_ok > 0 && !probe_busy) {
+        *hash = key_hash5(val[F_SRC], val[F_DST], sp, dp, pr);
+        if (*hash == -1)
+            return NULL;
+        PyObject *s0 = probe->src, *d0 = probe->dst; /* None, held by the probe */
+        probe->src = val[F_SRC];
+        probe->dst = val[F_DST];
+        probe->sport = (uint16_t)sp;
+        probe->dport = (uint16_t)dp;
+        probe->proto = (uint8_t)pr;
+        probe_busy = 1;
+        flow = KNOWN_HASH_GET(x->flows, (PyObject *)probe, *hash);
+        probe_busy = 0;
+        probe->src = s0;
+        probe->dst = d0;
+    } else {
+        PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
+        if (key == NULL)
+            return NULL;
+        *hash = PyObject_Hash(key);
+        flow = *hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, *hash);
+        Py_DECREF(key);
+    }
+    Py_XINCREF(flow);
+    return flow;
+}
 
 /* Whether a rule action denies (in deny_actions): a table for the small ints agents send. */
 static inline int
@@ -1407,15 +1734,20 @@ one(Ctx *x, PyObject *rec, int *taken)
     if (!PyDict_CheckExact(rec))
         return FALLBACK;
     PyObject *by_id[N_IDS_MAX];
-    memset(by_id, 0, sizeof(PyObject *) * n_ids);
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
-    while (PyDict_Next(rec, &pos, &k, &v)) {
-        int id = key_id(k);
-        if (id >= 0)
-            by_id[id] = v;
-        else if (id == -2)
-            return ERROR;
+    int by_pos = read_by_position(rec, by_id);
+    if (by_pos < 0)
+        return ERROR;
+    if (!by_pos) {
+        memset(by_id, 0, sizeof(PyObject *) * n_ids);
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(rec, &pos, &k, &v)) {
+            int id = key_id(k);
+            if (id >= 0)
+                by_id[id] = v;
+            else if (id == -2)
+                return ERROR;
+        }
     }
     int v6 = by_id[id4[F_SRC]] == NULL; /* "sourceIPv4Address" not in rec */
     const int *fid = v6 ? id6 : id4, *mid = v6 ? mid6 : mid4;
@@ -1463,16 +1795,11 @@ one(Ctx *x, PyObject *rec, int *taken)
     }
 
     /* The flow, or the state a new one starts with. */
-    PyObject *key = PyTuple_Pack(5, val[F_SRC], val[F_DST], val[F_SPORT], val[F_DPORT], val[F_PROTO]);
-    if (key == NULL)
-        return ERROR;
     /* its hash, once: the lookup's, and a new flow's insertion (a Flow hashes as its key) */
-    Py_hash_t hash = PyObject_Hash(key);
-    PyObject *flow = hash == -1 ? NULL : KNOWN_HASH_GET(x->flows, key, hash);
-    if (flow == NULL && PyErr_Occurred()) {
-        Py_DECREF(key);
+    Py_hash_t hash;
+    PyObject *flow = find_flow(x, val, sp_, dp_, pr_, &hash); /* a new reference */
+    if (flow == NULL && PyErr_Occurred())
         return ERROR;
-    }
     int status = ERROR;
     PyObject *meta = NULL;
     size_t meta_at = MC_SIZE;
@@ -1487,7 +1814,6 @@ one(Ctx *x, PyObject *rec, int *taken)
         if (PyDict_GET_SIZE(x->flows) >= x->max_flows) {
             x->received++;
             x->cap++;
-            Py_DECREF(key);
             return DONE;
         }
         meta = side_tuple(x, mv, &new_cost, &meta_at);
@@ -1508,7 +1834,6 @@ one(Ctx *x, PyObject *rec, int *taken)
         }
         flow_type = ft;
     } else {
-        Py_INCREF(flow);
         if (!IS_FLOW(flow) || FL(flow)->odd != NULL) { /* a flow holding odd values: the twin's */
             status = FALLBACK;
             goto out;
@@ -1676,7 +2001,8 @@ one(Ctx *x, PyObject *rec, int *taken)
     if (meta == NULL && PyTuple_CheckExact(old) && PyTuple_GET_SIZE(old) == n_meta + 2) {
         eq = 1;
         for (Py_ssize_t i = 0; i < n_meta + 2 && eq > 0; i++)
-            eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(old, i), mv[i], Py_EQ);
+            eq = PyTuple_GET_ITEM(old, i) == mv[i] ? 1 /* the same object, mostly: no call */
+                                                   : PyObject_RichCompareBool(PyTuple_GET_ITEM(old, i), mv[i], Py_EQ);
     } else {
         eq = old == Py_None ? 0 : -2; /* -2: something the twin put there, compared as it does */
     }
@@ -1788,7 +2114,6 @@ out:
         PyBuffer_Release(&swview);
     Py_XDECREF(flow);
     Py_XDECREF(meta);
-    Py_DECREF(key);
     return status;
 }
 

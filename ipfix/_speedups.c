@@ -23,8 +23,9 @@
  * millisecond and NTP timestamps on the way out) are converted by calling those very
  * helpers, and addresses on the way out go through the twin's own caches.
  *
- * Decoded strings and addresses come from small direct-mapped caches (bounded: a fixed
- * number of slots, a colliding value replaces the old one), as the twin interns them.
+ * Decoded strings and addresses come from small caches (bounded: a fixed number of slots,
+ * a colliding value replaces an old one; two ways a set for strings, direct-mapped for
+ * addresses), as the twin interns them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -116,7 +117,7 @@ split_values(PyObject *d, PyObject *proto)
 
 /* ------------------------------------------------------------------ value caches */
 
-#define SCACHE_SLOTS 8192
+#define SCACHE_SLOTS 8192 /* in sets of two ways */
 typedef struct {
     uint64_t hash;
     PyObject *value; /* an ASCII str: its characters are its UTF-8 octets */
@@ -176,16 +177,30 @@ hash_bytes(const unsigned char *p, Py_ssize_t n)
     return mix(h);
 }
 
+static inline uint32_t
+load32(const unsigned char *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Whether a[0:n] == b[0:n]: whole words, the last one overlapping (as hash_bytes reads),
+ * so a name of 9-16 octets is two loads a side, not one and a byte loop. */
 static inline int
 same_octets(const unsigned char *a, const unsigned char *b, Py_ssize_t n)
 {
-    while (n >= 8) {
-        if (load64(a) != load64(b)) {
-            return 0;
+    if (n >= 8) {
+        const Py_ssize_t last = n - 8;
+        for (Py_ssize_t i = 0; i < last; i += 8) {
+            if (load64(a + i) != load64(b + i)) {
+                return 0;
+            }
         }
-        a += 8;
-        b += 8;
-        n -= 8;
+        return load64(a + last) == load64(b + last);
+    }
+    if (n >= 4) {
+        return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
     }
     while (n-- > 0) {
         if (*a++ != *b++) {
@@ -196,28 +211,36 @@ same_octets(const unsigned char *a, const unsigned char *b, Py_ssize_t n)
 }
 
 /* Strict UTF-8, as bytes.decode(); NULL with UnicodeDecodeError set on invalid input.
- * ASCII results are kept in a direct-mapped cache (Kubernetes names are ASCII). */
+ * ASCII results are kept in a cache of two ways a set (Kubernetes names are ASCII). */
+static PyObject *empty_text; /* "": the interpreter's own empty str, held from module init */
+
 static PyObject *
 decode_str(const unsigned char *p, Py_ssize_t n)
 {
-    if (n == 0) {
-        return PyUnicode_New(0, 0);
+    if (n == 0) { /* most of an agent record's strings (no Service, no policy, no Egress) */
+        return Py_NewRef(empty_text);
     }
     uint64_t h = hash_bytes(p, n);
-    StrSlot *slot = &str_cache[h & (SCACHE_SLOTS - 1)];
-    PyObject *v = slot->value;
-    if (v != NULL && slot->hash == h && PyUnicode_GET_LENGTH(v) == n &&
-        same_octets(PyUnicode_1BYTE_DATA(v), p, n)) {
-        Py_INCREF(v);
-        return v;
+    /* two ways a set, the newer first: a name does not lose its slot to the one other
+     * name of its set (a cluster's thousands of Pod names in 8192 slots) */
+    StrSlot *slot = &str_cache[h & (SCACHE_SLOTS - 2)];
+    for (int w = 0; w < 2; w++) {
+        PyObject *v = slot[w].value;
+        if (v != NULL && slot[w].hash == h && PyUnicode_GET_LENGTH(v) == n &&
+            same_octets(PyUnicode_1BYTE_DATA(v), p, n)) {
+            Py_INCREF(v);
+            return v;
+        }
     }
     PyObject *s = PyUnicode_DecodeUTF8((const char *)p, n, NULL);
     if (s == NULL) {
         return NULL;
     }
     if (PyUnicode_IS_COMPACT_ASCII(s)) {
-        Py_XSETREF(slot->value, Py_NewRef(s));
-        slot->hash = h;
+        Py_XSETREF(slot[1].value, slot[0].value); /* the older way's str is let go */
+        slot[1].hash = slot[0].hash;
+        slot[0].value = Py_NewRef(s);
+        slot[0].hash = h;
     }
     return s;
 }
@@ -2529,6 +2552,9 @@ PyInit__speedups(void)
         return NULL;
     }
     init_octet_text();
+    if (empty_text == NULL && (empty_text = PyUnicode_New(0, 0)) == NULL) {
+        return NULL;
+    }
     for (int i = 0; i <= 256; i++) {
         if (small_ints[i] == NULL && (small_ints[i] = PyLong_FromLong(i)) == NULL) {
             return NULL;
