@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .rows import TextColumn, leb128, native_text
-from .schema import COLUMN_NAMES, COLUMNS, Column, Retention, quote
+from .rows import TextColumn, block_rows, int_bytes, leb128, native_text
+from .schema import COLUMN_NAMES, COLUMNS, Retention, quote
 from .store import FlowStore, StoreAddress
 
 __all__ = ["ChdbStore", "native_parts"]
@@ -45,21 +44,6 @@ def _header(name: str, type_name: str) -> bytes:
 
 #: Each column's Native header (its name and the type its bytes are in).
 _HEADERS = tuple(_header(c.name, c.type if c.is_int else "String") for c in COLUMNS)
-
-
-def _int_bytes(v: Any, c: Column, n: int) -> bytes | memoryview:
-    """An integer column of ``n`` values as little-endian values of its width: a typed
-    buffer as it is (it must hold exactly ``n`` values of that width), anything else
-    (a list, a numpy or pyarrow array) converted."""
-    if isinstance(v, (array, memoryview, bytes)):
-        out: bytes | memoryview = memoryview(v).cast("B")
-    else:
-        import numpy as np
-
-        out = np.asarray(v, dtype=f"<u{c.width}").tobytes()
-    if len(out) != n * c.width:
-        raise ValueError(f"a {c.type} column of {n} values takes {n * c.width} bytes, not {len(out)}")
-    return out
 
 
 def _as_text(v: Any) -> TextColumn | list[str]:
@@ -84,21 +68,11 @@ def native_parts(columns: Sequence[Any]) -> Iterator[bytes | memoryview]:
     takes them in turn; joined they are the block): the column and row counts, then each
     column in :data:`~flowscope.collector.schema.COLUMNS` order (its name, its type, its
     values). Checked first: one column per table column, each as long as the first."""
-    if len(columns) != len(COLUMNS):
-        raise ValueError(f"{len(columns)} columns, the table has {len(COLUMNS)}")
-    n = _values(COLUMNS[0], columns[0])
-    for c, v in zip(COLUMNS, columns):
-        if _values(c, v) != n:
-            raise ValueError(f"column {c.name} has {_values(c, v)} values, the block {n}")
+    n = block_rows(columns)
     yield leb128(len(COLUMNS)) + leb128(n)
     for c, head, v in zip(COLUMNS, _HEADERS, columns):
         yield head
-        yield _int_bytes(v, c, n) if c.is_int else native_text(_as_text(v))
-
-
-def _values(c: Column, v: Any) -> int:
-    """How many values a column holds (bytes of an integer column: whole values of its width)."""
-    return len(v) // c.width if isinstance(v, bytes) and c.is_int else len(v)
+        yield int_bytes(v, c, n) if c.is_int else native_text(_as_text(v))
 
 
 class ChdbStore(FlowStore):

@@ -38,7 +38,7 @@ from flowscope.ipfix.columnar import ColumnSet, VarColumn, concat
 
 from .schema import COLUMNS, RECORD_COLUMNS, Column
 
-__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "columns_of", "flows_to_columns", "leb128",
+__all__ = ["ARRAY_CODES", "PURE_ENV", "TextColumn", "accelerated", "block_rows", "columns_of", "flows_to_columns", "int_bytes", "leb128",
            "native_text", "records_to_columns", "row_to_record", "sets_to_columns", "transpose", "typed_columns"]
 
 log = logging.getLogger("flowscope.collector.rows")
@@ -439,6 +439,38 @@ def leb128(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def block_rows(columns: Sequence[Any]) -> int:
+    """The rows of an insert block in :data:`~flowscope.collector.schema.COLUMNS` order,
+    checked before anything is sent: one column per table column, each as long as the
+    first (an integer column given as ``bytes``: whole values of its width)."""
+    if len(columns) != len(COLUMNS):
+        raise ValueError(f"{len(columns)} columns, the table has {len(COLUMNS)}")
+    n = _column_length(COLUMNS[0], columns[0])
+    for c, v in zip(COLUMNS, columns):
+        if _column_length(c, v) != n:
+            raise ValueError(f"column {c.name} has {_column_length(c, v)} values, the block {n}")
+    return n
+
+
+def _column_length(c: Column, v: Any) -> int:
+    return len(v) // c.width if isinstance(v, bytes) and c.is_int else len(v)
+
+
+def int_bytes(v: Any, c: Column, n: int) -> bytes | memoryview:
+    """An integer column of ``n`` values in Native's layout, little-endian values of its
+    width: a typed buffer as it is (it must hold exactly ``n`` values of that width),
+    anything else (a list, a numpy or pyarrow array) converted."""
+    if isinstance(v, (array, memoryview, bytes)):
+        out: bytes | memoryview = memoryview(v).cast("B")
+    else:
+        import numpy as np
+
+        out = np.asarray(v, dtype=f"<u{c.width}").tobytes()
+    if len(out) != n * c.width:
+        raise ValueError(f"a {c.type} column of {n} values takes {n * c.width} bytes, not {len(out)}")
+    return out
 
 
 def native_text(v: Any) -> bytes:

@@ -16,13 +16,14 @@ serves, said once in the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 from array import array
 from collections.abc import Sequence
 from typing import Any
 
-from .rows import TextColumn, native_text
-from .schema import COLUMN_NAMES, COLUMNS, Column, Retention, quote
+from .rows import TextColumn, block_rows, int_bytes, native_text
+from .schema import COLUMN_NAMES, COLUMNS, Retention, quote
 from .store import FlowStore, StoreAddress
 
 __all__ = ["ServerStore", "send_block"]
@@ -95,7 +96,7 @@ class ServerStore(FlowStore):
         try:
             import numpy as np
         except ImportError:  # the driver's plain columnar insert: lists per column
-            cols = [c.tolist() if isinstance(c, (array, memoryview, TextColumn)) else c for c in columns]
+            cols = [_as_list(c) for c in columns]
             self._conn().execute(self._insert_sql, cols, columnar=True)
             return
         # The driver's NumPy columns write an integer column as its buffer (one tobytes, no
@@ -155,6 +156,7 @@ def _driver_version() -> str:
         return "?"
 
 
+@functools.cache
 def _driver_internals() -> Any:
     """The driver's pieces :func:`send_block` uses (its protocol constants, varint and
     string writers, block info, the generic column writer), or None if this driver lacks
@@ -176,18 +178,8 @@ def _driver_internals() -> Any:
             write_binary_str, write_binary_uint8)
 
 
-def _int_bytes(v: Any, c: Column, n: int) -> bytes | memoryview:
-    """An integer column's ``n`` values as little-endian integers of its width."""
-    if isinstance(v, (array, memoryview, bytes)):
-        out: bytes | memoryview = memoryview(v).cast("B")
-    else:
-        out = array({1: "B", 2: "H", 4: "I", 8: "Q"}[c.width], v).tobytes()
-    if len(out) != n * c.width:
-        raise ValueError(f"column {c.name}: {len(out) // max(c.width, 1)} values, the block {n}")
-    return out
-
-
 def _as_list(v: Any) -> list[Any]:
+    """A column as the driver's writers take it: a list of its values."""
     return v.tolist() if isinstance(v, (array, memoryview, TextColumn)) else list(v)
 
 
@@ -200,9 +192,7 @@ def send_block(client: Any, insert_sql: str, columns: Sequence[Any]) -> int:
     is unknown)."""
     (defines, BlockInfo, ColumnOrientedBlock, write_column, ClientPacketTypes, write_varint,
      write_binary_str, write_binary_uint8) = _driver_internals()
-    if len(columns) != len(COLUMNS):
-        raise ValueError(f"{len(columns)} columns, the table has {len(COLUMNS)}")
-    n = len(columns[0]) // COLUMNS[0].width if isinstance(columns[0], bytes) else len(columns[0])
+    n = block_rows(columns)
     with client.disconnect_on_error(insert_sql, None):
         conn = client.connection
         conn.send_query(insert_sql)
@@ -215,17 +205,12 @@ def send_block(client: Any, insert_sql: str, columns: Sequence[Any]) -> int:
             if server_type is None:
                 raise ValueError(f"the server's table {insert_sql.split()[2]} has no column {c.name}")
             if c.is_int and server_type == c.type:
-                pieces.append((c.name, server_type, _int_bytes(v, c, n)))
+                pieces.append((c.name, server_type, int_bytes(v, c, n)))
             elif server_type == "String" and isinstance(v, TextColumn):
-                if len(v) != n:
-                    raise ValueError(f"column {c.name}: {len(v)} values, the block {n}")
                 pieces.append((c.name, server_type, native_text(v)))
             else:  # str objects (the driver's writer encodes them in C), or a type this writer does
                 # not lay out (LowCardinality): the driver's writer
-                items = _as_list(v)
-                if len(items) != n:
-                    raise ValueError(f"column {c.name}: {len(items)} values, the block {n}")
-                pieces.append((c.name, server_type, items))
+                pieces.append((c.name, server_type, _as_list(v)))
         revision = conn.server_info.used_revision
         write_varint(ClientPacketTypes.DATA, conn.fout)
         if revision >= defines.DBMS_MIN_REVISION_WITH_TEMPORARY_TABLES:

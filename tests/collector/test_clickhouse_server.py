@@ -696,7 +696,7 @@ def test_a_malformed_block_is_refused_before_anything_is_sent_and_the_connection
         short = list(cols)
         at = COLUMN_NAMES.index("sourcePodName")
         short[at] = flows_to_columns(_flows_for_blocks(9), time_inserted=0, commit_id=1, text="arrow")[0][at]
-        with pytest.raises(ValueError, match="column sourcePodName: 9 values, the block 10"):
+        with pytest.raises(ValueError, match="column sourcePodName has 9 values, the block 10"):
             store.insert(short)
         with pytest.raises(ValueError, match="74 columns, the table has"):
             store.insert(cols[:-1])
