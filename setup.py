@@ -35,14 +35,16 @@ setup(
         Extension(
             "flowscope.collector._rowcols",
             sources=["collector/_rowcols.c"],
+            depends=["collector/_colout.h"],
             extra_compile_args=["-O2"],
             optional=True,
         ),
         Extension(
             "flowscope.aggregator._aggr",
             sources=["aggregator/_aggr.c"],
-            depends=["ipfix/_dictmirror.h"],
-            include_dirs=["ipfix"],  # the dict layout mirror it shares with the codec
+            depends=["ipfix/_dictmirror.h", "collector/_colout.h"],
+            # the dict layout mirror it shares with the codec, the output columns with the store
+            include_dirs=["ipfix", "collector"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

@@ -170,6 +170,7 @@ static PyObject *out_names[4], *out_proto[4]; /* out_proto: dict.fromkeys(names)
  * configure for each layout (out_direct) and on every copy; anything else takes the
  * PyDict_SetItem way. */
 #include "_dictmirror.h"
+#include "_colout.h" /* columns(): the output columns, as collector/_rowcols.c fills them */
 static int out_direct[4];
 
 /* Whether layout i's copies can be written in place: the entries hold its names in order,
@@ -3055,23 +3056,11 @@ snap_truth(PyObject *o, uint64_t x)
 }
 
 typedef struct {
-    int kind, width, folded; /* 0 integer (1, 2, 4, 8 bytes), 1 text; folded: `a or b or ""` */
+    COLOUT_HEAD /* kind 0 integer (1, 2, 4, 8 bytes), 1 text */
+    int folded; /* `a or b or ""` */
     unsigned long long maximum;
     Py_ssize_t a[4], b[4]; /* per layout: the slot of the element(s), -1 none */
-    PyObject *ints, *offsets, *data, *list;
-    Py_ssize_t used;
 } SnapCol;
-
-static void
-put_uint(char *p, int width, uint64_t v) /* little-endian, as the store's arrays */
-{
-    switch (width) {
-    case 1: { uint8_t x = (uint8_t)v; memcpy(p, &x, 1); break; }
-    case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); break; }
-    case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); break; }
-    default: memcpy(p, &v, 8); break;
-    }
-}
 
 /* columns(flows, plan, objects) -> (columns, bad, final) or None
  *
@@ -3165,20 +3154,10 @@ columns(PyObject *self, PyObject *args)
             for (int li = 0; li < 4; li++)
                 c->a[li] = c->b[li] = -1;
         }
-        if (c->kind == 0) {
+        if (c->kind == 0)
             c->maximum = c->width == 8 ? ~0ULL : ((1ULL << (8 * c->width)) - 1);
-            if ((c->ints = PyBytes_FromStringAndSize(NULL, n * c->width)) == NULL)
-                goto done;
-        } else if (objects) {
-            if ((c->list = PyList_New(n)) == NULL)
-                goto done;
-        } else {
-            c->offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 4);
-            c->data = PyBytes_FromStringAndSize(NULL, n * 8 + 64);
-            if (!c->offsets || !c->data)
-                goto done;
-            memset(PyBytes_AS_STRING(c->offsets), 0, 4);
-        }
+        if (colout_alloc((ColOut *)c, n, objects) < 0)
+            goto done;
     }
     static PyObject *empty;
     if (empty == NULL && (empty = PyUnicode_New(0, 0)) == NULL)
@@ -3253,25 +3232,11 @@ columns(PyObject *self, PyObject *args)
         for (Py_ssize_t j = 0; j < ncols; j++) {
             SnapCol *c = &cols[j];
             if (c->kind == 0) {
-                put_uint(PyBytes_AS_STRING(c->ints) + kept * c->width, c->width, ival[j]);
+                colout_put_int((ColOut *)c, kept, ival[j]);
             } else if (objects) {
-                Py_INCREF(tobj[j]);
-                PyList_SET_ITEM(c->list, kept, tobj[j]);
-            } else {
-                if (c->used + tlen[j] > INT32_MAX) {
-                    PyErr_SetString(PyExc_OverflowError, "a text column holds more than 2 GiB");
-                    goto done;
-                }
-                Py_ssize_t cap = PyBytes_GET_SIZE(c->data);
-                if (c->used + tlen[j] > cap) {
-                    Py_ssize_t ncap = cap * 2 > c->used + tlen[j] ? cap * 2 : c->used + tlen[j] + 1024;
-                    if (_PyBytes_Resize(&c->data, ncap) < 0)
-                        goto done;
-                }
-                memcpy(PyBytes_AS_STRING(c->data) + c->used, tptr[j], tlen[j]);
-                c->used += tlen[j];
-                int32_t off = (int32_t)c->used;
-                memcpy(PyBytes_AS_STRING(c->offsets) + (kept + 1) * 4, &off, 4);
+                colout_put_obj((ColOut *)c, kept, tobj[j]);
+            } else if (colout_put_text((ColOut *)c, kept, tptr[j], tlen[j]) < 0) {
+                goto done;
             }
         }
         kept++;
@@ -3280,36 +3245,10 @@ columns(PyObject *self, PyObject *args)
     if (out == NULL)
         goto done;
     for (Py_ssize_t j = 0; j < ncols; j++) {
-        SnapCol *c = &cols[j];
-        PyObject *item;
-        if (c->kind == 0) {
-            if (_PyBytes_Resize(&c->ints, kept * c->width) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = c->ints;
-            c->ints = NULL;
-        } else if (objects) {
-            for (Py_ssize_t k = kept; k < n; k++) {
-                Py_INCREF(Py_None);
-                PyList_SET_ITEM(c->list, k, Py_None);
-            }
-            if (kept < n && PyList_SetSlice(c->list, kept, n, NULL) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = c->list;
-            c->list = NULL;
-        } else {
-            if (_PyBytes_Resize(&c->offsets, (kept + 1) * 4) < 0 || _PyBytes_Resize(&c->data, c->used) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = PyTuple_Pack(2, c->offsets, c->data);
-            if (item == NULL) {
-                Py_DECREF(out);
-                goto done;
-            }
+        PyObject *item = colout_finish((ColOut *)&cols[j], kept, n, objects);
+        if (item == NULL) {
+            Py_DECREF(out);
+            goto done;
         }
         PyList_SET_ITEM(out, j, item);
     }
@@ -3322,10 +3261,7 @@ columns(PyObject *self, PyObject *args)
 done:
     if (cols) {
         for (Py_ssize_t j = 0; j < ncols; j++) {
-            Py_XDECREF(cols[j].ints);
-            Py_XDECREF(cols[j].offsets);
-            Py_XDECREF(cols[j].data);
-            Py_XDECREF(cols[j].list); /* unfinished: unset items are NULL, which list dealloc skips */
+            colout_clear((ColOut *)&cols[j]);
         }
     }
     for (Py_ssize_t i = 0; i < held; i++) {

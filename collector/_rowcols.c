@@ -37,43 +37,15 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_colout.h"
+
 #define KEY_CACHE 256
 
 typedef struct {
-    int kind;
-    int width;
+    COLOUT_HEAD /* the output column (collector/_colout.h) */
     Py_ssize_t a, b;
     unsigned long long maximum;
-    /* output */
-    PyObject *ints;    /* bytes, n * width */
-    PyObject *offsets; /* bytes, (n + 1) * 4 */
-    PyObject *data;    /* bytes, grown */
-    Py_ssize_t used;   /* data bytes used */
-    PyObject *list;    /* objects mode */
 } Col;
-
-static int
-grow(Col *c, Py_ssize_t need)
-{
-    Py_ssize_t cap = PyBytes_GET_SIZE(c->data);
-    if (c->used + need <= cap)
-        return 0;
-    Py_ssize_t ncap = cap * 2;
-    if (ncap < c->used + need)
-        ncap = c->used + need + 1024;
-    return _PyBytes_Resize(&c->data, ncap);
-}
-
-static void
-put_int(char *p, int width, unsigned long long v)
-{
-    switch (width) {
-    case 1: { uint8_t x = (uint8_t)v; memcpy(p, &x, 1); break; }
-    case 2: { uint16_t x = (uint16_t)v; memcpy(p, &x, 2); break; }
-    case 4: { uint32_t x = (uint32_t)v; memcpy(p, &x, 4); break; }
-    default: { uint64_t x = (uint64_t)v; memcpy(p, &x, 8); break; }
-    }
-}
 
 /* A text value: 1 ok (ptr/len/obj set), 0 bad. */
 static int
@@ -205,22 +177,10 @@ transpose(PyObject *self, PyObject *args)
             c->kind = 1;
             c->a = c->b = -1;
         }
-        if (c->kind == 0) {
+        if (c->kind == 0)
             c->maximum = c->width == 8 ? ~0ULL : ((1ULL << (8 * c->width)) - 1);
-            c->ints = PyBytes_FromStringAndSize(NULL, n * c->width);
-            if (!c->ints)
-                goto done;
-        } else if (objects) {
-            c->list = PyList_New(n);
-            if (!c->list)
-                goto done;
-        } else {
-            c->offsets = PyBytes_FromStringAndSize(NULL, (n + 1) * 4);
-            c->data = PyBytes_FromStringAndSize(NULL, n * 8 + 64);
-            if (!c->offsets || !c->data)
-                goto done;
-            memset(PyBytes_AS_STRING(c->offsets), 0, 4);
-        }
+        if (colout_alloc((ColOut *)c, n, objects) < 0)
+            goto done;
     }
 
     Py_ssize_t kept = 0;
@@ -334,26 +294,13 @@ transpose(PyObject *self, PyObject *args)
             for (Py_ssize_t j = 0; j < ncols; j++) {
                 Col *c = &cols[j];
                 if (c->kind == 0) {
-                    put_int(PyBytes_AS_STRING(c->ints) + kept * c->width, c->width, ival[j]);
+                    colout_put_int((ColOut *)c, kept, ival[j]);
                 } else if (objects) {
-                    Py_INCREF(tobj[j]);
-                    PyList_SET_ITEM(c->list, kept, tobj[j]);
-                } else {
-                    if (c->used + tlen[j] > INT32_MAX) {
-                        release(slots, nslots, &held);
-                        Py_XDECREF(tmp);
-                        PyErr_SetString(PyExc_OverflowError, "a text column holds more than 2 GiB");
-                        goto done;
-                    }
-                    if (grow(c, tlen[j]) < 0) {
-                        release(slots, nslots, &held);
-                        Py_XDECREF(tmp);
-                        goto done;
-                    }
-                    memcpy(PyBytes_AS_STRING(c->data) + c->used, tptr[j], tlen[j]);
-                    c->used += tlen[j];
-                    int32_t off = (int32_t)c->used;
-                    memcpy(PyBytes_AS_STRING(c->offsets) + (kept + 1) * 4, &off, 4);
+                    colout_put_obj((ColOut *)c, kept, tobj[j]);
+                } else if (colout_put_text((ColOut *)c, kept, tptr[j], tlen[j]) < 0) {
+                    release(slots, nslots, &held);
+                    Py_XDECREF(tmp);
+                    goto done;
                 }
             }
             kept++;
@@ -375,36 +322,10 @@ transpose(PyObject *self, PyObject *args)
     if (out == NULL)
         goto done;
     for (Py_ssize_t j = 0; j < ncols; j++) {
-        Col *c = &cols[j];
-        PyObject *item;
-        if (c->kind == 0) {
-            if (_PyBytes_Resize(&c->ints, kept * c->width) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = c->ints;
-            c->ints = NULL;
-        } else if (objects) {
-            for (Py_ssize_t r = kept; r < n; r++) { /* unused tail: filled, then cut */
-                Py_INCREF(Py_None);
-                PyList_SET_ITEM(c->list, r, Py_None);
-            }
-            if (kept < n && PyList_SetSlice(c->list, kept, n, NULL) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = c->list;
-            c->list = NULL;
-        } else {
-            if (_PyBytes_Resize(&c->offsets, (kept + 1) * 4) < 0 || _PyBytes_Resize(&c->data, c->used) < 0) {
-                Py_DECREF(out);
-                goto done;
-            }
-            item = PyTuple_Pack(2, c->offsets, c->data);
-            if (item == NULL) {
-                Py_DECREF(out);
-                goto done;
-            }
+        PyObject *item = colout_finish((ColOut *)&cols[j], kept, n, objects);
+        if (item == NULL) {
+            Py_DECREF(out);
+            goto done;
         }
         PyList_SET_ITEM(out, j, item);
     }
@@ -415,12 +336,7 @@ done:
         Py_DECREF(cache_key[k]);
     if (cols) {
         for (Py_ssize_t j = 0; j < ncols; j++) {
-            Py_XDECREF(cols[j].ints);
-            Py_XDECREF(cols[j].offsets);
-            Py_XDECREF(cols[j].data);
-            if (cols[j].list) { /* unfinished: unset items are NULL, which list dealloc skips */
-                Py_DECREF(cols[j].list);
-            }
+            colout_clear((ColOut *)&cols[j]);
         }
     }
     PyMem_Free(cols);

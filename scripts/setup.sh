@@ -216,7 +216,7 @@ fi
 STAMP="$VENV/.flowscope-setup"
 # The C accelerators (setup.py: ipfix/*.c and the header they share with aggregator/_aggr.c, agent/_ctparse.c,
 # aggregator/_aggr.c, collector/_rowcols.c) are compiled by the editable install, so a change to them reinstalls too.
-want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/ipfix/*.h "$REPO"/agent/*.c "$REPO"/aggregator/*.c "$REPO"/collector/*.c <("$VENV/bin/python" -V 2>&1) |
+want_stamp="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO"/ipfix/*.c "$REPO"/ipfix/*.h "$REPO"/agent/*.c "$REPO"/aggregator/*.c "$REPO"/collector/*.c "$REPO"/collector/*.h <("$VENV/bin/python" -V 2>&1) |
     sha256sum | cut -d' ' -f1) $EXTRAS"
 if [[ ${FLOWSCOPE_SETUP_FORCE:-0} != 1 && -f $STAMP && "$(cat "$STAMP")" == "$want_stamp" ]] &&
     "$VENV/bin/python" -c 'import flowscope.cli' >/dev/null 2>&1; then
